@@ -1,0 +1,1 @@
+//! The `motley` command line.

@@ -1,0 +1,1 @@
+//! JLCM weight compression and its baselines (RTN, k-means).

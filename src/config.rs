@@ -1,0 +1,1 @@
+//! TOML configuration: sections, validation, dotted-key overrides.

@@ -1,0 +1,1 @@
+//! Data: tokenizer and token shards.

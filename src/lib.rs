@@ -1,0 +1,24 @@
+//! motley: train, scale and compress heterogeneous Mixture-of-Experts language models.
+//!
+//! One home per concern:
+//! - [`backend`]: the `Backend` trait (every op as a forward/backward pair) and its CPU implementation.
+//! - [`model`]: the LLaMA-style decoder with heterogeneous MoE layers (HMoE), router and aux losses.
+//! - [`memory`]: the activation store (MEMO keep / offload / recompute), memory planning, arena.
+//! - [`parallel`]: MoE Parallel Folding: rank mapping, token dispatcher, communicators, cluster planner.
+//! - [`compress`]: JLCM codebook compression and its baselines.
+//! - [`train`]: optimizer, schedule, checkpoints, metrics.
+//! - [`data`]: tokenizer and token shards.
+//! - [`cli`]: the `motley` command line.
+
+pub mod backend;
+pub mod cli;
+pub mod compress;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod memory;
+pub mod model;
+pub mod parallel;
+pub mod train;
+
+pub use error::{Error, Result};

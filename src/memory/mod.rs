@@ -1,0 +1,1 @@
+//! MEMO: the activation store, swap/recompute policies, memory planning and the arena.

@@ -1,0 +1,2 @@
+//! The heterogeneous-MoE decoder (HMoE): layers, router, losses.
+pub mod config;

@@ -1,0 +1,1 @@
+//! MoE Parallel Folding: rank mapping, token dispatcher, communicators, cluster planner.
