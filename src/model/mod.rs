@@ -1,2 +1,3 @@
 //! The heterogeneous-MoE decoder (HMoE): layers, router, losses.
 pub mod config;
+pub mod routing;

@@ -1,0 +1,76 @@
+//! `Routing`: which tokens go to which experts with which gate, in expert-major slot order.
+//! The router produces it; the local permute, the EP dispatcher and the aux losses consume it.
+
+/// One token's choice of an expert: the renormalised gate that weights the expert's output.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Choice {
+    pub token: u32,
+    pub expert: u32,
+    pub gate: f32,
+}
+
+/// Token→expert assignments laid out as slots in expert-major order, ascending token index
+/// within an expert (the order experts consume and the dispatcher exchanges).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Routing {
+    pub n_tokens: usize,
+    pub n_experts: usize,
+    /// Token of each slot.
+    pub token: Vec<u32>,
+    /// Gate of each slot.
+    pub gate: Vec<f32>,
+    /// Expert `e` owns slots `offsets[e]..offsets[e + 1]`; `offsets.len() == n_experts + 1`.
+    pub offsets: Vec<usize>,
+}
+
+impl Routing {
+    /// Lays out `choices` (any order) in expert-major slot order with a stable counting sort:
+    /// choices given in ascending token order stay in ascending token order within each expert.
+    pub fn from_choices(n_tokens: usize, n_experts: usize, choices: &[Choice]) -> Self {
+        let mut offsets = vec![0usize; n_experts + 1];
+        for c in choices {
+            offsets[c.expert as usize + 1] += 1;
+        }
+        for e in 0..n_experts {
+            offsets[e + 1] += offsets[e];
+        }
+        let mut next = offsets[..n_experts].to_vec();
+        let mut token = vec![0u32; choices.len()];
+        let mut gate = vec![0f32; choices.len()];
+        for c in choices {
+            let slot = &mut next[c.expert as usize];
+            token[*slot] = c.token;
+            gate[*slot] = c.gate;
+            *slot += 1;
+        }
+        Routing { n_tokens, n_experts, token, gate, offsets }
+    }
+
+    pub fn n_slots(&self) -> usize {
+        self.token.len()
+    }
+
+    /// Tokens routed to each expert.
+    pub fn counts(&self) -> Vec<usize> {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// Slot range of expert `e`.
+    pub fn slots_of(&self, e: usize) -> std::ops::Range<usize> {
+        self.offsets[e]..self.offsets[e + 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_major_with_ascending_tokens() {
+        let c = |token, expert| Choice { token, expert, gate: 0.5 };
+        let r = Routing::from_choices(3, 3, &[c(0, 2), c(0, 0), c(1, 2), c(1, 1), c(2, 0), c(2, 2)]);
+        assert_eq!(r.offsets, vec![0, 2, 3, 6]);
+        assert_eq!(r.token, vec![0, 2, 1, 0, 1, 2]);
+        assert_eq!(r.counts(), vec![2, 1, 3]);
+    }
+}
