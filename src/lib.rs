@@ -19,6 +19,7 @@ pub mod error;
 pub mod memory;
 pub mod model;
 pub mod parallel;
+pub mod rng;
 pub mod train;
 
 pub use error::{Error, Result};

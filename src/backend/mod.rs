@@ -1,1 +1,173 @@
-//! The `Backend` trait and its implementations.
+//! The `Backend` trait: every op the model needs, each as a forward/backward pair over views
+//! into buffers the caller owns (no hidden allocation on the hot path).
+//!
+//! Layout conventions (row-major everywhere):
+//! - token activations are `(N, C)` with `N = B·T` tokens, row `b·T + t`;
+//! - a linear layer's weight is `(out, in)` and computes `y = x Wᵀ`;
+//! - the fused attention input `qkv` is `(N, (H + 2·Hkv)·D)`: q heads, then k heads, then v heads.
+//!
+//! Index data (tokens, routing slots) is passed as host slices: routing decisions are made on the
+//! host from the router probabilities, which are small (`N × E`).
+//!
+//! Ops whose doc says "accumulates" add into their output (`+=`); all others overwrite it.
+
+pub mod cpu;
+
+use std::ops::Range;
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    /// Width of one `qkv` row.
+    pub fn qkv_width(&self) -> usize {
+        (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+    }
+    /// Width of one attention-output row.
+    pub fn out_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// AdamW hyper-parameters for one update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step, for bias correction.
+    pub step: u64,
+}
+
+/// Token-to-slot incidence of a routing, by token: token `t` owns slots
+/// `slots[offsets[t]..offsets[t + 1]]` in ascending slot order. Used to combine expert outputs
+/// (and gradients) per token deterministically, without atomics.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenSlots<'a> {
+    pub offsets: &'a [u32],
+    pub slots: &'a [u32],
+}
+
+pub trait Backend: Send + Sync {
+    /// Device memory holding activation-typed elements.
+    type Buf: Send + Sync;
+    type View<'a>: Copy
+    where
+        Self: 'a;
+    type ViewMut<'a>
+    where
+        Self: 'a;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory -------------------------------------------------------------------------------
+    /// A zeroed buffer of `len` elements.
+    fn alloc(&self, len: usize) -> Self::Buf;
+    fn len(buf: &Self::Buf) -> usize;
+    fn view(buf: &Self::Buf, range: Range<usize>) -> Self::View<'_>;
+    fn view_mut(buf: &mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'_>;
+    fn full(buf: &Self::Buf) -> Self::View<'_> {
+        Self::view(buf, 0..Self::len(buf))
+    }
+    fn full_mut(buf: &mut Self::Buf) -> Self::ViewMut<'_> {
+        let n = Self::len(buf);
+        Self::view_mut(buf, 0..n)
+    }
+    fn upload(&self, dst: Self::ViewMut<'_>, src: &[f32]);
+    fn download(&self, src: Self::View<'_>) -> Vec<f32>;
+    fn fill(&self, dst: Self::ViewMut<'_>, value: f32);
+    fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
+
+    // ---- elementwise ----------------------------------------------------------------------------
+    /// `dst += src`.
+    fn add_assign(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
+    /// `out = a + b`.
+    fn add(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>);
+    /// `dst *= s`.
+    fn scale(&self, dst: Self::ViewMut<'_>, s: f32);
+    /// Σ x², summed in a fixed order (f64) so the result does not depend on thread count.
+    fn sum_squares(&self, x: Self::View<'_>) -> f64;
+
+    // ---- matmul ---------------------------------------------------------------------------------
+    /// `out (m×n) [+]= op(a) (m×k) · op(b) (k×n)`; `op` transposes when `ta`/`tb`;
+    /// accumulates when `accumulate`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool);
+
+    // ---- embedding ------------------------------------------------------------------------------
+    /// `out (N, C) = table[tokens]`.
+    fn embedding_fwd(&self, out: Self::ViewMut<'_>, table: Self::View<'_>, tokens: &[u32], c: usize);
+    /// Accumulates `dtable[tokens[i]] += dout[i]`.
+    fn embedding_bwd(&self, dtable: Self::ViewMut<'_>, dout: Self::View<'_>, tokens: &[u32], c: usize);
+
+    // ---- RMSNorm --------------------------------------------------------------------------------
+    /// `out = x · rstd · w` per row, `rstd = 1/sqrt(mean(x²) + eps)` saved per row (N).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_fwd(&self, out: Self::ViewMut<'_>, rstd: Self::ViewMut<'_>, x: Self::View<'_>, w: Self::View<'_>, n: usize, c: usize, eps: f32);
+    /// Accumulates into `dx` and `dw`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(&self, dx: Self::ViewMut<'_>, dw: Self::ViewMut<'_>, dout: Self::View<'_>, x: Self::View<'_>, w: Self::View<'_>, rstd: Self::View<'_>, n: usize, c: usize);
+
+    // ---- rotary position embedding --------------------------------------------------------------
+    /// Rotates the q and k heads of `qkv` in place by the angles of `table` (`seq × head_dim/2`
+    /// pairs of cos, sin); `inverse` rotates back (the backward of a rotation).
+    fn rope(&self, qkv: Self::ViewMut<'_>, table: Self::View<'_>, shape: AttnShape, inverse: bool);
+
+    // ---- causal attention -----------------------------------------------------------------------
+    /// Tiled causal attention with an online softmax: `out (N, H·D)`, `lse (B·H·T)` saved.
+    fn attention_fwd(&self, out: Self::ViewMut<'_>, lse: Self::ViewMut<'_>, qkv: Self::View<'_>, shape: AttnShape);
+    /// Overwrites `dqkv`; recomputes the probabilities tile by tile from `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(&self, dqkv: Self::ViewMut<'_>, dout: Self::View<'_>, out: Self::View<'_>, lse: Self::View<'_>, qkv: Self::View<'_>, shape: AttnShape);
+
+    // ---- SwiGLU ---------------------------------------------------------------------------------
+    /// `out (rows, h) = SiLU(g) ⊙ u` where each `gu` row is `[g (h) | u (h)]`.
+    fn swiglu_fwd(&self, out: Self::ViewMut<'_>, gu: Self::View<'_>, rows: usize, h: usize);
+    fn swiglu_bwd(&self, dgu: Self::ViewMut<'_>, dout: Self::View<'_>, gu: Self::View<'_>, rows: usize, h: usize);
+
+    // ---- router ---------------------------------------------------------------------------------
+    /// Row-wise softmax, `(rows, cols)`.
+    fn softmax_rows(&self, out: Self::ViewMut<'_>, logits: Self::View<'_>, rows: usize, cols: usize);
+    /// Softmax backward: `dlogits = P ⊙ (dP − Σ_j dP_j P_j)` per row.
+    fn softmax_rows_bwd(&self, dlogits: Self::ViewMut<'_>, dprobs: Self::View<'_>, probs: Self::View<'_>, rows: usize, cols: usize);
+
+    // ---- permute / unpermute --------------------------------------------------------------------
+    /// Permute: `out[s] = x[index[s]]` (rows of width `c`).
+    fn gather_rows(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, index: &[u32], c: usize);
+    /// Unpermute: accumulates `out[t] += Σ_{s ∈ slots(t)} weight[s] · y[s]` (weight 1 when `None`),
+    /// summing each token's slots in ascending order.
+    fn combine_rows(&self, out: Self::ViewMut<'_>, y: Self::View<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize);
+    /// `dots[s] = ⟨a[index[s]], b[s]⟩`: the gradient of each slot's gate.
+    fn gathered_dots(&self, a: Self::View<'_>, b: Self::View<'_>, index: &[u32], c: usize) -> Vec<f32>;
+    /// `out[s] = weight[s] · x[index[s]]`: gradient of the expert outputs from the combined one.
+    fn gather_rows_scaled(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, index: &[u32], weight: &[f32], c: usize);
+
+    // ---- output head + cross-entropy ------------------------------------------------------------
+    /// Fused classifier: logits `x Wᵀ` are formed a chunk of rows at a time, never the whole
+    /// `(N, V)`. Returns the per-token losses. With `grads = Some((dx, dw))` it also writes
+    /// `dx = dloss · ∂L/∂x` and accumulates `dw += dloss · ∂L/∂W`, `L = mean loss`.
+    #[allow(clippy::too_many_arguments)]
+    fn classifier(&self, x: Self::View<'_>, w: Self::View<'_>, targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(Self::ViewMut<'_>, Self::ViewMut<'_>, f32)>) -> Vec<f32>;
+    /// Logits of a few rows `(rows, V)` for generation.
+    fn logits(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, w: Self::View<'_>, rows: usize, c: usize, v: usize) {
+        self.matmul(out, x, w, rows, c, v, false, true, false);
+    }
+
+    // ---- optimizer ------------------------------------------------------------------------------
+    /// One AdamW step over a parameter range: `m, v` updated, `p` moved; the gradient is scaled
+    /// by `grad_scale` first (global-norm clipping); decay applied when `decay`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(&self, p: Self::ViewMut<'_>, m: Self::ViewMut<'_>, v: Self::ViewMut<'_>, g: Self::View<'_>, hp: AdamW, grad_scale: f32, decay: bool);
+}

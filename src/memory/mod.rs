@@ -1,1 +1,2 @@
 //! MEMO: the activation store, swap/recompute policies, memory planning and the arena.
+pub mod store;

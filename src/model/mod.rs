@@ -1,3 +1,229 @@
-//! The heterogeneous-MoE decoder (HMoE): layers, router, losses.
+//! The heterogeneous-MoE decoder (HMoE): embedding → blocks (attention + MoE FFN with experts of
+//! unequal widths) → final RMSNorm → output head with a fused cross-entropy.
+
+pub mod block;
 pub mod config;
+pub mod params;
+pub mod router;
 pub mod routing;
+
+use block::{BlockCtx, BlockStats, INVENTORY};
+use config::{ModelConfig, MoeConfig};
+use params::ParamLayout;
+use router::AuxLosses;
+
+use crate::backend::{AttnShape, Backend};
+use crate::memory::store::ActivationStore;
+use crate::{Error, Result};
+
+/// What one forward (and backward) reports.
+#[derive(Clone, Debug, Default)]
+pub struct StepStats {
+    pub tokens: usize,
+    /// Mean next-token cross-entropy.
+    pub lm_loss: f64,
+    /// Unweighted aux losses summed over layers.
+    pub aux: AuxLosses,
+    /// Weighted aux losses summed over layers (what enters `loss`).
+    pub aux_loss: f64,
+    /// `lm_loss + aux_loss`, the trained objective.
+    pub loss: f64,
+    /// Tokens per expert, per layer.
+    pub counts: Vec<Vec<usize>>,
+    /// Mean parameters activated per token (all but the embedding table).
+    pub activated_params: f64,
+    /// Matmul + attention FLOPs of a training step on these tokens (3× forward, routed counts).
+    pub train_flops: f64,
+}
+
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    pub moe: MoeConfig,
+    pub layout: ParamLayout,
+    pub params: B::Buf,
+    pub grads: B::Buf,
+    /// `(seq_len, head_dim/2, 2)` cos/sin of the rotary angles.
+    rope: B::Buf,
+}
+
+fn rope_table(m: &ModelConfig) -> Vec<f32> {
+    let (d, half) = (m.head_dim(), m.head_dim() / 2);
+    let mut t = vec![0f32; m.seq_len * d];
+    for pos in 0..m.seq_len {
+        for i in 0..half {
+            let freq = (m.rope_theta as f64).powf(-((2 * i) as f64) / d as f64);
+            let angle = pos as f64 * freq;
+            t[pos * d + 2 * i] = angle.cos() as f32;
+            t[pos * d + 2 * i + 1] = angle.sin() as f32;
+        }
+    }
+    t
+}
+
+impl<B: Backend> Model<B> {
+    /// A freshly initialised model (deterministic in `seed`).
+    pub fn new(be: &B, config: ModelConfig, moe: MoeConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        moe.validate()?;
+        let layout = ParamLayout::new(&config, &moe);
+        let values = layout.init_values(seed);
+        Self::from_values(be, config, moe, &values)
+    }
+
+    /// A model with the given parameter values (layout order).
+    pub fn from_values(be: &B, config: ModelConfig, moe: MoeConfig, values: &[f32]) -> Result<Self> {
+        let layout = ParamLayout::new(&config, &moe);
+        if values.len() != layout.total {
+            return Err(Error::Invalid(format!("expected {} parameter values, got {}", layout.total, values.len())));
+        }
+        let mut params = be.alloc(layout.total);
+        be.upload(B::full_mut(&mut params), values);
+        let grads = be.alloc(layout.total);
+        let mut rope = be.alloc(config.seq_len * config.head_dim());
+        be.upload(B::full_mut(&mut rope), &rope_table(&config));
+        Ok(Model { config, moe, layout, params, grads, rope })
+    }
+
+    pub fn n_params(&self) -> usize {
+        self.layout.total
+    }
+
+    /// A store sized for this model's blocks.
+    pub fn new_store(&self) -> ActivationStore<B> {
+        ActivationStore::new(INVENTORY, self.config.n_layers)
+    }
+
+    pub fn zero_grads(&mut self, be: &B) {
+        be.fill(B::full_mut(&mut self.grads), 0.0);
+    }
+
+    fn shape(&self, batch: usize, seq: usize) -> Result<AttnShape> {
+        if seq == 0 || seq > self.config.seq_len {
+            return Err(Error::Invalid(format!("sequence length {seq} outside 1..={} (model.seq_len)", self.config.seq_len)));
+        }
+        Ok(AttnShape { batch, seq, n_heads: self.config.n_heads, n_kv_heads: self.config.n_kv_heads, head_dim: self.config.head_dim() })
+    }
+
+    fn check_tokens(&self, tokens: &[u32], what: &str) -> Result<()> {
+        match tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            Some(t) => Err(Error::Invalid(format!("{what} token {t} is outside the vocabulary (model.vocab_size = {})", self.config.vocab_size))),
+            None => Ok(()),
+        }
+    }
+
+    /// Forward through embedding and blocks; returns the last hidden state `(N, C)`.
+    fn hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, mut store: Option<&mut ActivationStore<B>>, stats: &mut StepStats) -> B::Buf {
+        let (n, c) = (shape.tokens(), self.config.d_model);
+        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope };
+        let mut x = be.alloc(n * c);
+        be.embedding_fwd(B::full_mut(&mut x), B::view(&self.params, self.layout.embedding..self.layout.embedding + self.config.vocab_size * c), inputs, c);
+        for (l, bp) in self.layout.blocks.iter().enumerate() {
+            let mut out = be.alloc(n * c);
+            let s: BlockStats = ctx.forward(bp, x, &mut out, store.as_deref_mut().map(|st| (st, l)));
+            stats.aux.add(&s.aux);
+            stats.aux_loss += s.aux_weighted as f64;
+            stats.activated_params += s.expert_params_per_token;
+            stats.counts.push(s.counts);
+            x = out;
+        }
+        x
+    }
+
+    /// Non-expert parameters a token always activates (attention, norms, routers, head).
+    fn dense_params_per_token(&self) -> f64 {
+        let c = self.config.d_model;
+        let w = (self.config.n_heads + 2 * self.config.n_kv_heads) * self.config.head_dim();
+        let a = self.config.n_heads * self.config.head_dim();
+        let per_layer = 2 * c + w * c + c * a + self.moe.n_experts() * c;
+        (self.config.n_layers * per_layer + c + self.config.vocab_size * c) as f64
+    }
+
+    fn finish_stats(&self, stats: &mut StepStats, shape: AttnShape, losses: &[f32]) {
+        let n = shape.tokens();
+        stats.tokens = n;
+        stats.lm_loss = losses.iter().map(|&l| l as f64).sum::<f64>() / n as f64;
+        stats.loss = stats.lm_loss + stats.aux_loss;
+        stats.activated_params += self.dense_params_per_token();
+        stats.train_flops = 3.0 * self.forward_flops(shape, &stats.counts);
+    }
+
+    /// Forward matmul and attention FLOPs with the experts' real token counts.
+    pub fn forward_flops(&self, shape: AttnShape, counts: &[Vec<usize>]) -> f64 {
+        let (n, c) = (shape.tokens() as f64, self.config.d_model as f64);
+        let (w, a) = (shape.qkv_width() as f64, shape.out_width() as f64);
+        let per_layer = 2.0 * n * c * (w + a) + 2.0 * 2.0 * shape.seq as f64 * a * n * 0.5 + 2.0 * n * c * self.moe.n_experts() as f64;
+        let experts: f64 = counts.iter().map(|cnt| cnt.iter().zip(&self.moe.expert_widths).map(|(&k, &h)| 6.0 * c * h as f64 * k as f64).sum::<f64>()).sum();
+        self.config.n_layers as f64 * per_layer + experts + 2.0 * n * c * self.config.vocab_size as f64
+    }
+
+    /// One training forward and backward over `inputs`/`targets` (`batch × seq`, row-major).
+    /// Gradients of `loss` are accumulated into `self.grads`.
+    pub fn forward_backward(&mut self, be: &B, store: &mut ActivationStore<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
+        let shape = self.shape(batch, seq)?;
+        self.check_tokens(inputs, "input")?;
+        self.check_tokens(targets, "target")?;
+        let (n, c, v) = (shape.tokens(), self.config.d_model, self.config.vocab_size);
+        let mut stats = StepStats::default();
+        let x = self.hidden(be, inputs, shape, Some(store), &mut stats);
+
+        // Final norm and fused head: loss, dxf and dW_head in one pass.
+        let (fnorm, head) = (self.layout.final_norm, self.layout.lm_head);
+        let mut xf = be.alloc(n * c);
+        let mut rstd = be.alloc(n);
+        be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(&self.params, fnorm..fnorm + c), n, c, self.config.norm_eps);
+        let mut dxf = be.alloc(n * c);
+        let losses = be.classifier(B::full(&xf), B::view(&self.params, head..head + v * c), targets, n, c, v, Some((B::full_mut(&mut dxf), B::view_mut(&mut self.grads, head..head + v * c), 1.0)));
+        self.finish_stats(&mut stats, shape, &losses);
+
+        let mut dx = be.alloc(n * c);
+        be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(&self.params, fnorm..fnorm + c), B::full(&rstd), n, c);
+        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope };
+        for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
+            let mut dprev = be.alloc(n * c);
+            ctx.backward(bp, &mut self.grads, store, l, &dx, &mut dprev);
+            store.release(l);
+            dx = dprev;
+        }
+        let emb = self.layout.embedding;
+        be.embedding_bwd(B::view_mut(&mut self.grads, emb..emb + v * c), B::full(&dx), inputs, c);
+        Ok(stats)
+    }
+
+    /// Forward only: the loss and statistics, no gradients.
+    pub fn evaluate(&self, be: &B, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
+        let shape = self.shape(batch, seq)?;
+        self.check_tokens(inputs, "input")?;
+        self.check_tokens(targets, "target")?;
+        let (n, c, v) = (shape.tokens(), self.config.d_model, self.config.vocab_size);
+        let mut stats = StepStats::default();
+        let xf = self.final_hidden(be, inputs, shape, &mut stats);
+        let head = self.layout.lm_head;
+        let losses = be.classifier(B::full(&xf), B::view(&self.params, head..head + v * c), targets, n, c, v, None);
+        self.finish_stats(&mut stats, shape, &losses);
+        Ok(stats)
+    }
+
+    fn final_hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, stats: &mut StepStats) -> B::Buf {
+        let (n, c) = (shape.tokens(), self.config.d_model);
+        let x = self.hidden(be, inputs, shape, None, stats);
+        let fnorm = self.layout.final_norm;
+        let mut xf = be.alloc(n * c);
+        let mut rstd = be.alloc(n);
+        be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(&self.params, fnorm..fnorm + c), n, c, self.config.norm_eps);
+        xf
+    }
+
+    /// Logits `(V)` of the token that follows `context` (the last `seq_len` tokens are used).
+    pub fn next_token_logits(&self, be: &B, context: &[u32]) -> Result<Vec<f32>> {
+        let ctx = &context[context.len().saturating_sub(self.config.seq_len)..];
+        self.check_tokens(ctx, "context")?;
+        let shape = self.shape(1, ctx.len())?;
+        let (c, v) = (self.config.d_model, self.config.vocab_size);
+        let xf = self.final_hidden(be, ctx, shape, &mut StepStats::default());
+        let last = (ctx.len() - 1) * c;
+        let mut out = be.alloc(v);
+        let head = self.layout.lm_head;
+        be.logits(B::full_mut(&mut out), B::view(&xf, last..last + c), B::view(&self.params, head..head + v * c), 1, c, v);
+        Ok(be.download(B::full(&out)))
+    }
+}

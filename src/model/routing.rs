@@ -55,6 +55,30 @@ impl Routing {
         self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
     }
 
+    /// Slots of each token in ascending slot order, as CSR: token `t` owns
+    /// `slots[offsets[t]..offsets[t + 1]]`.
+    pub fn by_token(&self) -> (Vec<u32>, Vec<u32>) {
+        let mut offsets = vec![0u32; self.n_tokens + 1];
+        for &t in &self.token {
+            offsets[t as usize + 1] += 1;
+        }
+        for t in 0..self.n_tokens {
+            offsets[t + 1] += offsets[t];
+        }
+        let mut next: Vec<u32> = offsets[..self.n_tokens].to_vec();
+        let mut slots = vec![0u32; self.n_slots()];
+        for (s, &t) in self.token.iter().enumerate() {
+            slots[next[t as usize] as usize] = s as u32;
+            next[t as usize] += 1;
+        }
+        (offsets, slots)
+    }
+
+    /// Expert of each slot.
+    pub fn expert_of_slots(&self) -> Vec<u32> {
+        (0..self.n_experts).flat_map(|e| std::iter::repeat_n(e as u32, self.offsets[e + 1] - self.offsets[e])).collect()
+    }
+
     /// Slot range of expert `e`.
     pub fn slots_of(&self, e: usize) -> std::ops::Range<usize> {
         self.offsets[e]..self.offsets[e + 1]
@@ -72,5 +96,9 @@ mod tests {
         assert_eq!(r.offsets, vec![0, 2, 3, 6]);
         assert_eq!(r.token, vec![0, 2, 1, 0, 1, 2]);
         assert_eq!(r.counts(), vec![2, 1, 3]);
+        let (off, slots) = r.by_token();
+        assert_eq!(off, vec![0, 2, 4, 6]);
+        assert_eq!(slots, vec![0, 3, 2, 4, 1, 5]);
+        assert_eq!(r.expert_of_slots(), vec![0, 0, 1, 2, 2, 2]);
     }
 }

@@ -1,1 +1,2 @@
 //! Training: optimizer, schedule, checkpoints, metrics.
+pub mod optim;

@@ -1,0 +1,39 @@
+//! The fused classifier: output projection, softmax cross-entropy and (optionally) its backward,
+//! one chunk of rows at a time so the full `(N, V)` logits never exist.
+
+use rayon::prelude::*;
+
+use super::matmul::matmul;
+
+/// Rows of logits alive at once.
+const ROWS: usize = 256;
+
+/// x: (N, C), w: (V, C), targets: (N). Returns per-token losses; with grads writes dx and
+/// accumulates dw for `dloss · mean loss`.
+#[allow(clippy::too_many_arguments)]
+pub fn classifier(x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: usize, mut grads: Option<(&mut [f32], &mut [f32], f32)>, threads: usize) -> Vec<f32> {
+    let mut losses = vec![0f32; n];
+    let mut logits = vec![0f32; ROWS.min(n) * v];
+    for r0 in (0..n).step_by(ROWS) {
+        let rows = ROWS.min(n - r0);
+        let xs = &x[r0 * c..(r0 + rows) * c];
+        let lg = &mut logits[..rows * v];
+        matmul(lg, xs, w, rows, c, v, false, true, false, threads);
+        let grad_scale = grads.as_ref().map(|g| g.2 / n as f32);
+        lg.par_chunks_mut(v).zip(losses[r0..r0 + rows].par_iter_mut()).zip(&targets[r0..r0 + rows]).for_each(|((z, loss), &t)| {
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+            let sum: f32 = z.iter().map(|&a| (a - max).exp()).sum();
+            let lse = max + sum.ln();
+            *loss = lse - z[t as usize];
+            if let Some(gs) = grad_scale {
+                z.iter_mut().for_each(|a| *a = (*a - lse).exp() * gs);
+                z[t as usize] -= gs;
+            }
+        });
+        if let Some((dx, dw, _)) = grads.as_mut() {
+            matmul(&mut dx[r0 * c..(r0 + rows) * c], lg, w, rows, v, c, false, false, false, threads);
+            matmul(dw, lg, xs, v, rows, c, true, false, true, threads);
+        }
+    }
+    losses
+}

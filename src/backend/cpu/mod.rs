@@ -1,0 +1,167 @@
+//! The CPU backend: f32, multi-threaded with rayon, matmuls on the `gemm` crate.
+//!
+//! Every reduction runs over fixed-size chunks whose partial results are combined in a fixed
+//! order, so results are bitwise identical whatever the thread count.
+
+mod attention;
+mod elementwise;
+mod embed;
+mod loss;
+mod matmul;
+mod norm;
+mod optim;
+mod permute;
+mod rope;
+mod softmax;
+mod swiglu;
+
+use std::ops::Range;
+
+use super::{AdamW, AttnShape, Backend, TokenSlots};
+
+/// Rows handled by one task in row-parallel ops; fixed so reductions do not depend on threads.
+pub(crate) const ROW_CHUNK: usize = 64;
+
+pub struct Cpu {
+    pool: rayon::ThreadPool,
+}
+
+impl Cpu {
+    /// A backend on `threads` worker threads (0 = one per core).
+    pub fn new(threads: usize) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("motley-cpu-{i}"))
+            .build()
+            .expect("rayon thread pool");
+        Cpu { pool }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}
+
+/// A raw pointer that parallel tasks may share because each writes a disjoint region.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub *mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type View<'a> = &'a [f32];
+    type ViewMut<'a> = &'a mut [f32];
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn alloc(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn len(buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn view(buf: &Vec<f32>, range: Range<usize>) -> &[f32] {
+        &buf[range]
+    }
+    fn view_mut(buf: &mut Vec<f32>, range: Range<usize>) -> &mut [f32] {
+        &mut buf[range]
+    }
+    fn upload(&self, dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn download(&self, src: &[f32]) -> Vec<f32> {
+        src.to_vec()
+    }
+    fn fill(&self, dst: &mut [f32], value: f32) {
+        dst.fill(value);
+    }
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+
+    fn add_assign(&self, dst: &mut [f32], src: &[f32]) {
+        self.run(|| elementwise::add_assign(dst, src))
+    }
+    fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        self.run(|| elementwise::add(out, a, b))
+    }
+    fn scale(&self, dst: &mut [f32], s: f32) {
+        self.run(|| elementwise::scale(dst, s))
+    }
+    fn sum_squares(&self, x: &[f32]) -> f64 {
+        self.run(|| elementwise::sum_squares(x))
+    }
+
+    fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
+        let threads = self.threads();
+        self.run(|| matmul::matmul(out, a, b, m, k, n, ta, tb, accumulate, threads))
+    }
+
+    fn embedding_fwd(&self, out: &mut [f32], table: &[f32], tokens: &[u32], c: usize) {
+        self.run(|| embed::forward(out, table, tokens, c))
+    }
+    fn embedding_bwd(&self, dtable: &mut [f32], dout: &[f32], tokens: &[u32], c: usize) {
+        self.run(|| embed::backward(dtable, dout, tokens, c))
+    }
+
+    fn rmsnorm_fwd(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], n: usize, c: usize, eps: f32) {
+        self.run(|| norm::forward(out, rstd, x, w, n, c, eps))
+    }
+    fn rmsnorm_bwd(&self, dx: &mut [f32], dw: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], rstd: &[f32], n: usize, c: usize) {
+        self.run(|| norm::backward(dx, dw, dout, x, w, rstd, n, c))
+    }
+
+    fn rope(&self, qkv: &mut [f32], table: &[f32], shape: AttnShape, inverse: bool) {
+        self.run(|| rope::apply(qkv, table, shape, inverse))
+    }
+
+    fn attention_fwd(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], shape: AttnShape) {
+        self.run(|| attention::forward(out, lse, qkv, shape))
+    }
+    fn attention_bwd(&self, dqkv: &mut [f32], dout: &[f32], out: &[f32], lse: &[f32], qkv: &[f32], shape: AttnShape) {
+        self.run(|| attention::backward(dqkv, dout, out, lse, qkv, shape))
+    }
+
+    fn swiglu_fwd(&self, out: &mut [f32], gu: &[f32], rows: usize, h: usize) {
+        self.run(|| swiglu::forward(out, gu, rows, h))
+    }
+    fn swiglu_bwd(&self, dgu: &mut [f32], dout: &[f32], gu: &[f32], rows: usize, h: usize) {
+        self.run(|| swiglu::backward(dgu, dout, gu, rows, h))
+    }
+
+    fn softmax_rows(&self, out: &mut [f32], logits: &[f32], rows: usize, cols: usize) {
+        self.run(|| softmax::forward(out, logits, rows, cols))
+    }
+    fn softmax_rows_bwd(&self, dlogits: &mut [f32], dprobs: &[f32], probs: &[f32], rows: usize, cols: usize) {
+        self.run(|| softmax::backward(dlogits, dprobs, probs, rows, cols))
+    }
+
+    fn gather_rows(&self, out: &mut [f32], x: &[f32], index: &[u32], c: usize) {
+        self.run(|| permute::gather(out, x, index, None, c))
+    }
+    fn combine_rows(&self, out: &mut [f32], y: &[f32], by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
+        self.run(|| permute::combine(out, y, by_token, weight, c))
+    }
+    fn gathered_dots(&self, a: &[f32], b: &[f32], index: &[u32], c: usize) -> Vec<f32> {
+        self.run(|| permute::gathered_dots(a, b, index, c))
+    }
+    fn gather_rows_scaled(&self, out: &mut [f32], x: &[f32], index: &[u32], weight: &[f32], c: usize) {
+        self.run(|| permute::gather(out, x, index, Some(weight), c))
+    }
+
+    fn classifier(&self, x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(&mut [f32], &mut [f32], f32)>) -> Vec<f32> {
+        let threads = self.threads();
+        self.run(|| loss::classifier(x, w, targets, n, c, v, grads, threads))
+    }
+
+    fn adamw(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW, grad_scale: f32, decay: bool) {
+        self.run(|| optim::adamw(p, m, v, g, hp, grad_scale, decay))
+    }
+}

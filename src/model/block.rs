@@ -1,0 +1,247 @@
+//! One decoder block: pre-norm causal attention, then a pre-norm heterogeneous MoE FFN.
+//! Forward and backward side by side; every tensor the backward reads is saved through the
+//! activation store under a name declared in [`INVENTORY`].
+//!
+//! Shapes: N tokens, C = d_model, W = (H + 2·Hkv)·D (fused qkv), A = H·D, E experts,
+//! S routed slots, h_e the width of expert e.
+
+use super::config::{ModelConfig, MoeConfig};
+use super::params::BlockParams;
+use super::router::{self, AuxLosses};
+use super::routing::Routing;
+use crate::backend::{AttnShape, Backend, TokenSlots};
+use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec};
+
+/// The skeletal activations of a block: what its backward reads.
+pub const INVENTORY: &[TensorSpec] = &[
+    TensorSpec { name: "input", extent: Extent::PerToken(1), class: Class::Whole },
+    TensorSpec { name: "attn_out", extent: Extent::PerToken(1), class: Class::Whole },
+    TensorSpec { name: "attn_lse", extent: Extent::PerHeadToken(1), class: Class::Whole },
+    TensorSpec { name: "attn_norm_out", extent: Extent::PerToken(1), class: Class::TokenSplit },
+    TensorSpec { name: "attn_norm_rstd", extent: Extent::PerToken(1), class: Class::TokenSplit },
+    TensorSpec { name: "qkv", extent: Extent::PerToken(1), class: Class::TokenSplit },
+    TensorSpec { name: "resid_mid", extent: Extent::PerToken(1), class: Class::TokenSplit },
+    TensorSpec { name: "ffn_norm_out", extent: Extent::PerToken(1), class: Class::TokenSplit },
+    TensorSpec { name: "ffn_norm_rstd", extent: Extent::PerToken(1), class: Class::TokenSplit },
+    TensorSpec { name: "router_logits", extent: Extent::PerToken(1), class: Class::TokenSplit },
+    TensorSpec { name: "router_probs", extent: Extent::PerToken(1), class: Class::TokenSplit },
+    TensorSpec { name: "expert_gate_up", extent: Extent::PerSlotWidth(2), class: Class::TokenSplit },
+    TensorSpec { name: "expert_out", extent: Extent::PerSlot(1), class: Class::TokenSplit },
+];
+
+/// Everything a block needs besides its parameters.
+pub struct BlockCtx<'a, B: Backend> {
+    pub be: &'a B,
+    pub model: &'a ModelConfig,
+    pub moe: &'a MoeConfig,
+    pub shape: AttnShape,
+    pub params: &'a B::Buf,
+    pub rope: &'a B::Buf,
+}
+
+/// What one block's forward reports.
+#[derive(Clone, Debug, Default)]
+pub struct BlockStats {
+    pub counts: Vec<usize>,
+    pub aux: AuxLosses,
+    /// Weighted aux loss that entered the training loss.
+    pub aux_weighted: f32,
+    /// Mean expert parameters activated per token.
+    pub expert_params_per_token: f64,
+}
+
+/// Offsets of each expert's `(rows, 2h)` block inside the concatenated gate/up buffer.
+/// A parameter's gradient view.
+fn g<B: Backend>(grads: &mut B::Buf, off: usize, len: usize) -> B::ViewMut<'_> {
+    B::view_mut(grads, off..off + len)
+}
+
+fn gate_up_offsets(routing: &Routing, widths: &[usize]) -> Vec<usize> {
+    let mut off = vec![0];
+    for (e, &h) in widths.iter().enumerate() {
+        off.push(off[e] + routing.counts()[e] * 2 * h);
+    }
+    off
+}
+
+impl<B: Backend> BlockCtx<'_, B> {
+    fn n(&self) -> usize {
+        self.shape.tokens()
+    }
+    fn c(&self) -> usize {
+        self.model.d_model
+    }
+    fn w(&self, offset: usize, len: usize) -> B::View<'_> {
+        B::view(self.params, offset..offset + len)
+    }
+
+    /// Forward of one block: `out = x2 + MoE(norm(x2))`, `x2 = x + Attn(norm(x))`.
+    /// Saves the inventory into `store` under `layer` when given (training).
+    pub fn forward(&self, p: &BlockParams, x: B::Buf, out: &mut B::Buf, store: Option<(&mut ActivationStore<B>, usize)>) -> BlockStats {
+        let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
+        let (wq, a, e) = (s.qkv_width(), s.out_width(), self.moe.n_experts());
+        let eps = self.model.norm_eps;
+
+        // Attention: xn1 = norm(x); qkv = rope(xn1 Wqkvᵀ); att = attn(qkv); x2 = x + att Woᵀ.
+        let mut xn1 = be.alloc(n * c);
+        let mut rstd1 = be.alloc(n);
+        be.rmsnorm_fwd(B::full_mut(&mut xn1), B::full_mut(&mut rstd1), B::full(&x), self.w(p.attn_norm, c), n, c, eps);
+        let mut qkv = be.alloc(n * wq);
+        be.matmul(B::full_mut(&mut qkv), B::full(&xn1), self.w(p.wqkv, wq * c), n, c, wq, false, true, false);
+        be.rope(B::full_mut(&mut qkv), B::full(self.rope), s, false);
+        let mut att = be.alloc(n * a);
+        let mut lse = be.alloc(s.batch * s.n_heads * s.seq);
+        be.attention_fwd(B::full_mut(&mut att), B::full_mut(&mut lse), B::full(&qkv), s);
+        let mut x2 = be.alloc(n * c);
+        be.copy(B::full_mut(&mut x2), B::full(&x));
+        be.matmul(B::full_mut(&mut x2), B::full(&att), self.w(p.wo, c * a), n, a, c, false, true, true);
+
+        // MoE: xn2 = norm(x2); P = softmax(xn2 Wrᵀ); route; experts; out = x2 + Σ gate · expert.
+        let mut xn2 = be.alloc(n * c);
+        let mut rstd2 = be.alloc(n);
+        be.rmsnorm_fwd(B::full_mut(&mut xn2), B::full_mut(&mut rstd2), B::full(&x2), self.w(p.ffn_norm, c), n, c, eps);
+        let mut logits = be.alloc(n * e);
+        be.matmul(B::full_mut(&mut logits), B::full(&xn2), self.w(p.router, e * c), n, c, e, false, true, false);
+        let mut probs = be.alloc(n * e);
+        be.softmax_rows(B::full_mut(&mut probs), B::full(&logits), n, e);
+        let (probs_h, logits_h) = (be.download(B::full(&probs)), be.download(B::full(&logits)));
+        let routing = router::select(&probs_h, n, e, self.moe);
+        let aux = router::aux_losses(&probs_h, &logits_h, &routing, self.moe);
+
+        let widths = &self.moe.expert_widths;
+        let gu_off = gate_up_offsets(&routing, widths);
+        let mut xe = be.alloc(routing.n_slots() * c);
+        be.gather_rows(B::full_mut(&mut xe), B::full(&xn2), &routing.token, c);
+        let mut gu = be.alloc(gu_off[e]);
+        let mut y = be.alloc(routing.n_slots() * c);
+        for (ex, &h) in widths.iter().enumerate() {
+            let slots = routing.slots_of(ex);
+            let rows = slots.len();
+            if rows == 0 {
+                continue;
+            }
+            let (w_gu, w_down) = p.experts[ex];
+            let gu_e = B::view_mut(&mut gu, gu_off[ex]..gu_off[ex + 1]);
+            be.matmul(gu_e, B::view(&xe, slots.start * c..slots.end * c), self.w(w_gu, 2 * h * c), rows, c, 2 * h, false, true, false);
+            let mut act = be.alloc(rows * h);
+            be.swiglu_fwd(B::full_mut(&mut act), B::view(&gu, gu_off[ex]..gu_off[ex + 1]), rows, h);
+            let y_e = B::view_mut(&mut y, slots.start * c..slots.end * c);
+            be.matmul(y_e, B::full(&act), self.w(w_down, c * h), rows, h, c, false, true, false);
+        }
+        be.copy(B::full_mut(out), B::full(&x2));
+        let (tok_off, tok_slots) = routing.by_token();
+        be.combine_rows(B::full_mut(out), B::full(&y), TokenSlots { offsets: &tok_off, slots: &tok_slots }, Some(&routing.gate), c);
+
+        let counts = routing.counts();
+        let expert_params: f64 = counts.iter().zip(widths).map(|(&k, &h)| (k * 3 * c * h) as f64).sum();
+        let stats = BlockStats {
+            aux_weighted: aux.weighted(self.moe),
+            aux,
+            expert_params_per_token: expert_params / n as f64,
+            counts,
+        };
+        if let Some((store, l)) = store {
+            for (name, buf) in [
+                ("input", x),
+                ("attn_out", att),
+                ("attn_lse", lse),
+                ("attn_norm_out", xn1),
+                ("attn_norm_rstd", rstd1),
+                ("qkv", qkv),
+                ("resid_mid", x2),
+                ("ffn_norm_out", xn2),
+                ("ffn_norm_rstd", rstd2),
+                ("router_logits", logits),
+                ("router_probs", probs),
+                ("expert_gate_up", gu),
+                ("expert_out", y),
+            ] {
+                store.save(l, name, buf);
+            }
+            store.save_routing(l, routing);
+        }
+        stats
+    }
+
+    /// Backward of one block: `dx` (overwritten) from `dout`, parameter gradients accumulated
+    /// into `grads` (same layout as the parameters).
+    pub fn backward(&self, p: &BlockParams, grads: &mut B::Buf, store: &ActivationStore<B>, layer: usize, dout: &B::Buf, dx: &mut B::Buf) {
+        let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
+        let (wq, a, e) = (s.qkv_width(), s.out_width(), self.moe.n_experts());
+        let saved = |name: &str| B::full(store.load(layer, name));
+        let routing = store.routing(layer);
+        let (tok_off, tok_slots) = routing.by_token();
+        let by_token = TokenSlots { offsets: &tok_off, slots: &tok_slots };
+        let widths = &self.moe.expert_widths;
+        let gu_off = gate_up_offsets(routing, widths);
+        let slots = routing.n_slots();
+
+        // Combine: out[t] = x2[t] + Σ gate_s y_s  →  dy_s = gate_s dout[t], dgate_s = ⟨dout[t], y_s⟩.
+        let mut dy = be.alloc(slots * c);
+        be.gather_rows_scaled(B::full_mut(&mut dy), B::full(dout), &routing.token, &routing.gate, c);
+        let dgate = be.gathered_dots(B::full(dout), saved("expert_out"), &routing.token, c);
+
+        // Experts, each on its own slots.
+        let mut xe = be.alloc(slots * c);
+        be.gather_rows(B::full_mut(&mut xe), saved("ffn_norm_out"), &routing.token, c);
+        let mut dxe = be.alloc(slots * c);
+        let gu = store.load(layer, "expert_gate_up");
+        for (ex, &h) in widths.iter().enumerate() {
+            let sl = routing.slots_of(ex);
+            let rows = sl.len();
+            if rows == 0 {
+                continue;
+            }
+            let (w_gu, w_down) = p.experts[ex];
+            let gu_e = B::view(gu, gu_off[ex]..gu_off[ex + 1]);
+            let dy_e = B::view(&dy, sl.start * c..sl.end * c);
+            let mut act = be.alloc(rows * h);
+            be.swiglu_fwd(B::full_mut(&mut act), gu_e, rows, h);
+            let mut dact = be.alloc(rows * h);
+            be.matmul(B::full_mut(&mut dact), dy_e, self.w(w_down, c * h), rows, c, h, false, false, false);
+            be.matmul(g::<B>(grads, w_down, c * h), dy_e, B::full(&act), c, rows, h, true, false, true);
+            let mut dgu = be.alloc(rows * 2 * h);
+            be.swiglu_bwd(B::full_mut(&mut dgu), B::full(&dact), gu_e, rows, h);
+            let xe_e = B::view(&xe, sl.start * c..sl.end * c);
+            be.matmul(B::view_mut(&mut dxe, sl.start * c..sl.end * c), B::full(&dgu), self.w(w_gu, 2 * h * c), rows, 2 * h, c, false, false, false);
+            be.matmul(g::<B>(grads, w_gu, 2 * h * c), B::full(&dgu), xe_e, 2 * h, rows, c, true, false, true);
+        }
+        let mut dxn2 = be.alloc(n * c);
+        be.combine_rows(B::full_mut(&mut dxn2), B::full(&dxe), by_token, None, c);
+
+        // Router: gate path and aux losses → dP → dlogits (+ z-loss) → dxn2, dWr.
+        let probs_h = be.download(saved("router_probs"));
+        let logits_h = be.download(saved("router_logits"));
+        let (dprobs_h, dz_h) = router::backward(&probs_h, &logits_h, routing, &dgate, self.moe);
+        let mut dprobs = be.alloc(n * e);
+        be.upload(B::full_mut(&mut dprobs), &dprobs_h);
+        let mut dlogits = be.alloc(n * e);
+        be.softmax_rows_bwd(B::full_mut(&mut dlogits), B::full(&dprobs), saved("router_probs"), n, e);
+        if self.moe.z_loss > 0.0 {
+            be.upload(B::full_mut(&mut dprobs), &dz_h);
+            be.add_assign(B::full_mut(&mut dlogits), B::full(&dprobs));
+        }
+        be.matmul(B::full_mut(&mut dxn2), B::full(&dlogits), self.w(p.router, e * c), n, e, c, false, false, true);
+        be.matmul(g::<B>(grads, p.router, e * c), B::full(&dlogits), saved("ffn_norm_out"), e, n, c, true, false, true);
+
+        // FFN norm and residual: dx2 = dout + norm_bwd(dxn2).
+        let mut dx2 = be.alloc(n * c);
+        be.copy(B::full_mut(&mut dx2), B::full(dout));
+        be.rmsnorm_bwd(B::full_mut(&mut dx2), g::<B>(grads, p.ffn_norm, c), B::full(&dxn2), saved("resid_mid"), self.w(p.ffn_norm, c), saved("ffn_norm_rstd"), n, c);
+
+        // Attention: datt = dx2 Wo, dWo += dx2ᵀ att; dqkv; un-rotate; dxn1; dWqkv.
+        let mut datt = be.alloc(n * a);
+        be.matmul(B::full_mut(&mut datt), B::full(&dx2), self.w(p.wo, c * a), n, c, a, false, false, false);
+        be.matmul(g::<B>(grads, p.wo, c * a), B::full(&dx2), saved("attn_out"), c, n, a, true, false, true);
+        let mut dqkv = be.alloc(n * wq);
+        be.attention_bwd(B::full_mut(&mut dqkv), B::full(&datt), saved("attn_out"), saved("attn_lse"), saved("qkv"), s);
+        be.rope(B::full_mut(&mut dqkv), B::full(self.rope), s, true);
+        let mut dxn1 = be.alloc(n * c);
+        be.matmul(B::full_mut(&mut dxn1), B::full(&dqkv), self.w(p.wqkv, wq * c), n, wq, c, false, false, false);
+        be.matmul(g::<B>(grads, p.wqkv, wq * c), B::full(&dqkv), saved("attn_norm_out"), wq, n, c, true, false, true);
+
+        // Attention norm and residual: dx = dx2 + norm_bwd(dxn1).
+        be.copy(B::full_mut(dx), B::full(&dx2));
+        be.rmsnorm_bwd(B::full_mut(dx), g::<B>(grads, p.attn_norm, c), B::full(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), n, c);
+    }
+}

@@ -1,0 +1,122 @@
+//! Parameters as one contiguous block with named views (safetensors-friendly), and their
+//! deterministic initialisation.
+
+use super::config::{ModelConfig, MoeConfig};
+use crate::rng::Rng;
+
+/// How a tensor is initialised.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Ones,
+    Normal(f32),
+}
+
+/// One named tensor inside the parameter block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub init: Init,
+    /// Whether AdamW's weight decay applies (matrices yes, norm gains no).
+    pub decay: bool,
+}
+
+impl ParamSpec {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Offsets of one block's tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockParams {
+    pub attn_norm: usize,
+    pub wqkv: usize,
+    pub wo: usize,
+    pub ffn_norm: usize,
+    pub router: usize,
+    /// Per expert: (gate_up `(2h, C)`, down `(C, h)`).
+    pub experts: Vec<(usize, usize)>,
+}
+
+/// The layout of every parameter in one block, in a fixed order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamLayout {
+    pub specs: Vec<ParamSpec>,
+    pub total: usize,
+    pub embedding: usize,
+    pub blocks: Vec<BlockParams>,
+    pub final_norm: usize,
+    pub lm_head: usize,
+}
+
+impl ParamLayout {
+    pub fn new(m: &ModelConfig, moe: &MoeConfig) -> Self {
+        let mut specs = Vec::new();
+        let mut total = 0;
+        let mut push = |name: String, shape: Vec<usize>, init: Init| {
+            let decay = shape.len() > 1;
+            let offset = total;
+            total += shape.iter().product::<usize>();
+            specs.push(ParamSpec { name, shape, offset, init, decay });
+            offset
+        };
+        let (c, d) = (m.d_model, m.head_dim());
+        let std = m.init_std;
+        // Residual-branch outputs are scaled down so the residual stream's variance stays O(1).
+        let out_std = std / (2.0 * m.n_layers as f32).sqrt();
+        let embedding = push("tok_embedding".into(), vec![m.vocab_size, c], Init::Normal(std));
+        let blocks = (0..m.n_layers)
+            .map(|l| {
+                let p = |s: &str| format!("layers.{l}.{s}");
+                let attn_norm = push(p("attn_norm"), vec![c], Init::Ones);
+                let wqkv = push(p("wqkv"), vec![(m.n_heads + 2 * m.n_kv_heads) * d, c], Init::Normal(std));
+                let wo = push(p("wo"), vec![c, m.n_heads * d], Init::Normal(out_std));
+                let ffn_norm = push(p("ffn_norm"), vec![c], Init::Ones);
+                let router = push(p("router"), vec![moe.n_experts(), c], Init::Normal(std));
+                let experts = moe
+                    .expert_widths
+                    .iter()
+                    .enumerate()
+                    .map(|(e, &h)| {
+                        let gu = push(p(&format!("experts.{e}.w_gate_up")), vec![2 * h, c], Init::Normal(std));
+                        let down = push(p(&format!("experts.{e}.w_down")), vec![c, h], Init::Normal(out_std));
+                        (gu, down)
+                    })
+                    .collect();
+                BlockParams { attn_norm, wqkv, wo, ffn_norm, router, experts }
+            })
+            .collect();
+        let final_norm = push("final_norm".into(), vec![c], Init::Ones);
+        let lm_head = push("lm_head".into(), vec![m.vocab_size, c], Init::Normal(std));
+        ParamLayout { specs, total, embedding, blocks, final_norm, lm_head }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ParamSpec> {
+        self.specs.iter().find(|s| s.name == name)
+    }
+
+    /// Host values of every parameter; each tensor draws from its own named stream, so a
+    /// tensor's values do not depend on the others.
+    pub fn init_values(&self, seed: u64) -> Vec<f32> {
+        let mut values = vec![0f32; self.total];
+        for spec in &self.specs {
+            let dst = &mut values[spec.range()];
+            match spec.init {
+                Init::Ones => dst.fill(1.0),
+                Init::Normal(std) => {
+                    let mut rng = Rng::for_stream(seed, &spec.name);
+                    dst.iter_mut().for_each(|v| *v = (rng.normal() * std as f64) as f32);
+                }
+            }
+        }
+        values
+    }
+}
