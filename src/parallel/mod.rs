@@ -1,1 +1,3 @@
 //! MoE Parallel Folding: rank mapping, token dispatcher, communicators, cluster planner.
+
+pub mod ranks;
