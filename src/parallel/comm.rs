@@ -83,7 +83,7 @@ fn check_counts(send_len: usize, send_counts: &[usize], size: usize) -> Result<(
 }
 
 fn check_chunked(what: &str, len: usize, size: usize) -> Result<()> {
-    if len % size != 0 {
+    if !len.is_multiple_of(size) {
         return Err(Error::config(what, len, format!("a multiple of the communicator size {size}")));
     }
     Ok(())

@@ -44,10 +44,6 @@ impl Axis {
     fn parse(s: &str) -> Option<Axis> {
         Axis::ALL.into_iter().find(|a| a.name() == s)
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// Parses a `-`-separated list of distinct axis names, e.g. `tp-ep-pp`.
@@ -335,7 +331,7 @@ pub struct ParallelLayout {
 
 /// Divides `world` by `denominator`, or names the sizes that do not divide it.
 fn derive_dp(field: &str, world: usize, denominator: usize, what: &str) -> Result<usize> {
-    if denominator == 0 || world == 0 || world % denominator != 0 {
+    if denominator == 0 || world == 0 || !world.is_multiple_of(denominator) {
         return Err(Error::config(
             field,
             format!("world {world} / ({what} = {denominator})"),
@@ -456,6 +452,7 @@ impl ParallelLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parallel::test_rng::Rng;
 
     fn cfg(world: usize, tp: usize, cp: usize, pp: usize, ep: usize, etp: usize, order: &str) -> ParallelConfig {
         ParallelConfig { world, tp, cp, pp, ep, etp, order: order.to_string() }
@@ -546,26 +543,8 @@ mod tests {
         assert!(g.groups("tp-zz").is_err());
     }
 
-    /// splitmix64: a tiny deterministic generator for the property tests.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-            xs[self.below(xs.len())]
-        }
-    }
-
     fn divisors(n: usize) -> Vec<usize> {
-        (1..=n).filter(|d| n % d == 0).collect()
+        (1..=n).filter(|&d| n.is_multiple_of(d)).collect()
     }
 
     /// Coordinates of `rank` recomputed from scratch (mixed radix over `order`), to check against.
@@ -573,7 +552,7 @@ mod tests {
         let mut c = [0; 5];
         let mut rest = rank;
         for a in order.axes() {
-            c[a.index()] = rest % sizes.get(a);
+            c[a as usize] = rest % sizes.get(a);
             rest /= sizes.get(a);
         }
         c
@@ -594,7 +573,7 @@ mod tests {
                 seen[r] = true;
                 let c = coords(r, g.order(), g.sizes());
                 for a in Axis::ALL.into_iter().filter(|a| !masked.contains(a)) {
-                    assert_eq!(c[a.index()], c0[a.index()], "{token}: {r} moves along {}", a.name());
+                    assert_eq!(c[a as usize], c0[a as usize], "{token}: {r} moves along {}", a.name());
                 }
             }
             assert!(group.windows(2).all(|w| w[0] < w[1]), "{token}: group not ascending");
@@ -621,13 +600,7 @@ mod tests {
             let order = match rng.below(3) {
                 0 => "tp-cp-ep-dp-pp".to_string(),
                 1 => "tp-cp-ep-pp-dp".to_string(),
-                _ => {
-                    let mut axes = Axis::ALL;
-                    for i in (1..5).rev() {
-                        axes.swap(i, rng.below(i + 1));
-                    }
-                    axes.iter().map(|a| a.name()).collect::<Vec<_>>().join("-")
-                }
+                _ => rng.permutation(5).into_iter().map(|i| Axis::ALL[i].name()).collect::<Vec<_>>().join("-"),
             };
             let edp = world / (etp * ep * pp);
             let o = Order::parse(&order).unwrap();
