@@ -1,1 +1,11 @@
 //! MoE Parallel Folding: rank mapping, token dispatcher, communicators, cluster planner.
+//!
+//! - [`ranks`]: Megatron `RankGenerator` semantics; the attention and MoE layouts of one world.
+//! - [`comm`]: the `Communicator` trait, a single-process one and simulated ranks on threads.
+//! - [`dispatch`]: the MoE token dispatcher (permute → all-to-all over EP → experts → back).
+
+pub mod comm;
+pub mod dispatch;
+pub mod ranks;
+#[cfg(test)]
+mod test_rng;
