@@ -1,1 +1,3 @@
 //! MEMO: the activation store, swap/recompute policies, memory planning and the arena.
+
+pub mod alpha;
