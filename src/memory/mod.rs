@@ -1,3 +1,4 @@
 //! MEMO: the activation store, swap/recompute policies, memory planning and the arena.
 
 pub mod alpha;
+pub mod plan;
