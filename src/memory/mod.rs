@@ -1,2 +1,5 @@
 //! MEMO: the activation store, swap/recompute policies, memory planning and the arena.
+
+pub mod alpha;
+pub mod plan;
 pub mod store;
