@@ -1,26 +1,17 @@
-//! Causal multi-head attention (grouped-query optional), computed in key tiles with an online
-//! softmax: the `T × T` score matrix is never materialised. The backward recomputes each
-//! probability from the saved log-sum-exp (FlashAttention-2 style).
+//! Causal multi-head attention (grouped-query optional), FlashAttention-style on the CPU:
+//! query tiles × key tiles, tile products on gemm, an online softmax, so the `T × T` score
+//! matrix never exists. The backward recomputes each probability tile from the saved
+//! log-sum-exp (FlashAttention-2).
 
 use rayon::prelude::*;
 
+use super::mathfn::exp;
+use super::matmul::{gemm_strided, Strided};
 use super::SharedMut;
 use crate::backend::AttnShape;
 
-/// Keys per tile of the online softmax.
-const KEY_TILE: usize = 64;
-/// Query rows per parallel task.
-const QUERY_TILE: usize = 32;
-
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-#[inline]
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
-}
+/// Query rows and key columns of one tile.
+const TILE: usize = 64;
 
 /// Column offsets of query head `h`, and of the key and value heads it reads.
 fn head_cols(s: &AttnShape, h: usize) -> (usize, usize, usize) {
@@ -29,57 +20,74 @@ fn head_cols(s: &AttnShape, h: usize) -> (usize, usize, usize) {
     (h * d, (s.n_heads + kvh) * d, (s.n_heads + s.n_kv_heads + kvh) * d)
 }
 
+/// A `rows × d` block of a row-major matrix with row stride `ld`, starting at `ptr`.
+fn block(ptr: *const f32, ld: usize, transposed: bool) -> Strided {
+    let (rs, cs) = if transposed { (1, ld as isize) } else { (ld as isize, 1) };
+    Strided { ptr, rs, cs }
+}
+
+fn dense(buf: &[f32], cols: usize) -> Strided {
+    Strided::rows(buf, cols, false)
+}
+
 /// qkv: (N, (H+2Hkv)·D); out: (N, H·D); lse: (B, H, T).
 pub fn forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
-    let (t_len, d, w) = (s.seq, s.head_dim, s.qkv_width());
+    let (t_len, d, w, ow) = (s.seq, s.head_dim, s.qkv_width(), s.out_width());
     let scale = 1.0 / (d as f32).sqrt();
-    let q_tiles = t_len.div_ceil(QUERY_TILE);
+    let q_tiles = t_len.div_ceil(TILE);
     let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
-    let ow = s.out_width();
     (0..s.batch * s.n_heads * q_tiles).into_par_iter().for_each(|task| {
         let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
-        let (bh, tile) = (task / q_tiles, task % q_tiles);
+        let (bh, qt) = (task / q_tiles, task % q_tiles);
         let (b, h) = (bh / s.n_heads, bh % s.n_heads);
         let (qc, kc, vc) = head_cols(&s, h);
-        let row = |t: usize| (b * t_len + t) * w;
-        let mut scores = [0f32; KEY_TILE];
-        let mut acc = vec![0f32; d];
-        for i in tile * QUERY_TILE..((tile + 1) * QUERY_TILE).min(t_len) {
-            let q = &qkv[row(i) + qc..row(i) + qc + d];
-            let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
-            acc.fill(0.0);
-            for j0 in (0..=i).step_by(KEY_TILE) {
-                let j1 = (j0 + KEY_TILE).min(i + 1);
-                let mut tile_max = f32::NEG_INFINITY;
-                for j in j0..j1 {
-                    let sc = dot(q, &qkv[row(j) + kc..row(j) + kc + d]) * scale;
-                    scores[j - j0] = sc;
-                    tile_max = tile_max.max(sc);
+        let at = |t: usize, col: usize| qkv[(b * s.seq + t) * w + col..].as_ptr();
+        let (i0, i1) = (qt * TILE, ((qt + 1) * TILE).min(t_len));
+        let rows = i1 - i0;
+        let mut scores = vec![0f32; rows * TILE];
+        let mut acc = vec![0f32; rows * d];
+        let mut m = vec![f32::NEG_INFINITY; rows];
+        let mut l = vec![0f32; rows];
+        for j0 in (0..i1).step_by(TILE) {
+            let cols = TILE.min(i1 - j0);
+            // S = scale · Q Kᵀ for this tile.
+            // SAFETY: the blocks lie inside qkv; `scores` is a private buffer.
+            unsafe { gemm_strided(rows, cols, d, scores.as_mut_ptr(), TILE, false, block(at(i0, qc), w, false), block(at(j0, kc), w, true), scale, 1) };
+            for r in 0..rows {
+                let i = i0 + r;
+                let row = &mut scores[r * TILE..r * TILE + cols];
+                let valid = (i + 1).saturating_sub(j0).min(cols);
+                let tile_max = row[..valid].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let m_new = m[r].max(tile_max);
+                let correction = exp(m[r] - m_new);
+                let mut sum = 0.0;
+                for (jj, p) in row.iter_mut().enumerate() {
+                    *p = if jj < valid { exp(*p - m_new) } else { 0.0 };
+                    sum += *p;
                 }
-                let m_new = m.max(tile_max);
-                let correction = (m - m_new).exp();
-                l *= correction;
-                acc.iter_mut().for_each(|a| *a *= correction);
-                for j in j0..j1 {
-                    let p = (scores[j - j0] - m_new).exp();
-                    l += p;
-                    axpy(&mut acc, p, &qkv[row(j) + vc..row(j) + vc + d]);
-                }
-                m = m_new;
+                l[r] = l[r] * correction + sum;
+                m[r] = m_new;
+                acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= correction);
             }
-            let inv = 1.0 / l;
-            // SAFETY: this task alone writes rows of batch b, head h, query tile `tile`.
+            // acc += P V.
+            // SAFETY: as above; `acc` is private.
+            unsafe { gemm_strided(rows, d, cols, acc.as_mut_ptr(), d, true, dense(&scores, TILE), block(at(j0, vc), w, false), 1.0, 1) };
+        }
+        for r in 0..rows {
+            let i = i0 + r;
+            let inv = 1.0 / l[r];
+            // SAFETY: this task alone writes rows i0..i1 of batch b, head h.
             unsafe {
                 let o = std::slice::from_raw_parts_mut(out_ptr.0.add((b * t_len + i) * ow + h * d), d);
-                o.iter_mut().zip(&acc).for_each(|(o, a)| *o = a * inv);
-                *lse_ptr.0.add(bh * t_len + i) = m + l.ln();
+                o.iter_mut().zip(&acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
+                *lse_ptr.0.add(bh * t_len + i) = m[r] + l[r].ln();
             }
         }
     });
 }
 
 /// Overwrites dqkv. Parallel over (batch, kv head): each task owns its k/v columns and the q
-/// columns of the heads that share them, and walks query rows in order (deterministic).
+/// columns of the heads that share them, and walks the tiles in a fixed order (deterministic).
 pub fn backward(dqkv: &mut [f32], dout: &[f32], out: &[f32], lse: &[f32], qkv: &[f32], s: AttnShape) {
     let (t_len, d, w, ow) = (s.seq, s.head_dim, s.qkv_width(), s.out_width());
     let scale = 1.0 / (d as f32).sqrt();
@@ -89,31 +97,56 @@ pub fn backward(dqkv: &mut [f32], dout: &[f32], out: &[f32], lse: &[f32], qkv: &
         let dptr = dptr;
         let (b, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
         let row = |t: usize| (b * t_len + t) * w;
-        // SAFETY: rows of batch b, columns of kv head kvh and of its query heads belong to this task.
-        let dslice = |off: usize| unsafe { std::slice::from_raw_parts_mut(dptr.0.add(off), d) };
+        let at = |t: usize, col: usize| qkv[row(t) + col..].as_ptr();
+        // SAFETY (all raw accesses below): rows of batch b in the columns of kv head kvh and of
+        // its query heads belong to this task alone.
+        let dat = |t: usize, col: usize| unsafe { dptr.0.add(row(t) + col) };
+        let (_, kc0, vc0) = head_cols(&s, kvh * group);
         for t in 0..t_len {
-            let (_, kc, vc) = head_cols(&s, kvh * group);
-            dslice(row(t) + kc).fill(0.0);
-            dslice(row(t) + vc).fill(0.0);
+            unsafe {
+                std::slice::from_raw_parts_mut(dat(t, kc0), d).fill(0.0);
+                std::slice::from_raw_parts_mut(dat(t, vc0), d).fill(0.0);
+            }
         }
+        let mut p = vec![0f32; TILE * TILE];
+        let mut dp = vec![0f32; TILE * TILE];
+        let mut delta = vec![0f32; TILE];
         for h in kvh * group..(kvh + 1) * group {
             let (qc, kc, vc) = head_cols(&s, h);
-            for i in 0..t_len {
-                let o_off = (b * t_len + i) * ow + h * d;
-                let (o, dout_i) = (&out[o_off..o_off + d], &dout[o_off..o_off + d]);
-                let delta = dot(dout_i, o);
-                let l = lse[(b * s.n_heads + h) * t_len + i];
-                let q = &qkv[row(i) + qc..row(i) + qc + d];
-                let dq = dslice(row(i) + qc);
-                dq.fill(0.0);
-                for j in 0..=i {
-                    let k = &qkv[row(j) + kc..row(j) + kc + d];
-                    let v = &qkv[row(j) + vc..row(j) + vc + d];
-                    let p = (dot(q, k) * scale - l).exp();
-                    let ds = p * (dot(dout_i, v) - delta) * scale;
-                    axpy(dq, ds, k);
-                    axpy(dslice(row(j) + kc), ds, q);
-                    axpy(dslice(row(j) + vc), p, dout_i);
+            for i0 in (0..t_len).step_by(TILE) {
+                let rows = TILE.min(t_len - i0);
+                let o_at = |i: usize| (b * t_len + i) * ow + h * d;
+                for r in 0..rows {
+                    let (o, g) = (&out[o_at(i0 + r)..o_at(i0 + r) + d], &dout[o_at(i0 + r)..o_at(i0 + r) + d]);
+                    delta[r] = o.iter().zip(g).map(|(a, b)| a * b).sum();
+                    unsafe { std::slice::from_raw_parts_mut(dat(i0 + r, qc), d).fill(0.0) };
+                }
+                let do_blk = block(dout[o_at(i0)..].as_ptr(), ow, false);
+                let lse_row = &lse[(b * s.n_heads + h) * t_len + i0..];
+                for j0 in (0..i0 + rows).step_by(TILE) {
+                    let cols = TILE.min(i0 + rows - j0);
+                    unsafe {
+                        // P = exp(scale · Q Kᵀ − lse), zero above the diagonal.
+                        gemm_strided(rows, cols, d, p.as_mut_ptr(), TILE, false, block(at(i0, qc), w, false), block(at(j0, kc), w, true), scale, 1);
+                        // dP = dO Vᵀ.
+                        gemm_strided(rows, cols, d, dp.as_mut_ptr(), TILE, false, do_blk, block(at(j0, vc), w, true), 1.0, 1);
+                    }
+                    for r in 0..rows {
+                        let valid = (i0 + r + 1).saturating_sub(j0).min(cols);
+                        let (pr, dpr) = (&mut p[r * TILE..r * TILE + cols], &mut dp[r * TILE..r * TILE + cols]);
+                        for jj in 0..cols {
+                            let pv = if jj < valid { exp(pr[jj] - lse_row[r]) } else { 0.0 };
+                            pr[jj] = pv;
+                            // dS = P ⊙ (dP − Δ) · scale, kept in `dp`.
+                            dpr[jj] = pv * (dpr[jj] - delta[r]) * scale;
+                        }
+                    }
+                    unsafe {
+                        // dV += Pᵀ dO; dK += dSᵀ Q; dQ += dS K.
+                        gemm_strided(cols, d, rows, dat(j0, vc), w, true, block(p.as_ptr(), TILE, true), do_blk, 1.0, 1);
+                        gemm_strided(cols, d, rows, dat(j0, kc), w, true, block(dp.as_ptr(), TILE, true), block(at(i0, qc), w, false), 1.0, 1);
+                        gemm_strided(rows, d, cols, dat(i0, qc), w, true, dense(&dp, TILE), block(at(j0, kc), w, false), 1.0, 1);
+                    }
                 }
             }
         }

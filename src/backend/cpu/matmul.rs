@@ -3,38 +3,53 @@
 
 use gemm::{gemm, Parallelism};
 
+/// A strided matrix operand: element (i, j) lives at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub struct Strided {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Strided {
+    /// Row-major with row stride `ld`, transposed when `t`.
+    pub fn rows(s: &[f32], ld: usize, t: bool) -> Self {
+        let (rs, cs) = if t { (1, ld as isize) } else { (ld as isize, 1) };
+        Strided { ptr: s.as_ptr(), rs, cs }
+    }
+}
+
+/// `dst (m×n, row stride ld_dst) [+]= scale · a (m×k) · b (k×n)` on one thread (or `threads`).
+///
+/// # Safety
+/// Every element the strides address must lie inside live allocations, and `dst` must not
+/// alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(m: usize, n: usize, k: usize, dst: *mut f32, ld_dst: usize, accumulate: bool, a: Strided, b: Strided, scale: f32, threads: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    gemm(m, n, k, dst, 1, ld_dst as isize, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0, scale, false, false, false, parallelism);
+}
+
 /// `out (m×n) [+]= op(a) · op(b)` with row-major storage; `op(a)` is `m×k`, `op(b)` is `k×n`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool, threads: usize) {
     assert_eq!(out.len(), m * n, "matmul out");
     assert_eq!(a.len(), m * k, "matmul a");
     assert_eq!(b.len(), k * n, "matmul b");
-    if m == 0 || n == 0 {
-        return;
-    }
     if k == 0 {
         if !accumulate {
             out.fill(0.0);
         }
         return;
     }
-    // Strides (column stride, row stride) of the row-major operands, transposed when asked.
-    let (a_cs, a_rs) = if ta { (m as isize, 1) } else { (1, k as isize) };
-    let (b_cs, b_rs) = if tb { (k as isize, 1) } else { (1, n as isize) };
-    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    let a = Strided::rows(a, if ta { m } else { k }, ta);
+    let b = Strided::rows(b, if tb { k } else { n }, tb);
     // SAFETY: the asserts above bound every index gemm touches by the slice lengths.
-    unsafe {
-        gemm(
-            m, n, k,
-            out.as_mut_ptr(), 1, n as isize, accumulate,
-            a.as_ptr(), a_cs, a_rs,
-            b.as_ptr(), b_cs, b_rs,
-            1.0, 1.0, false, false, false,
-            parallelism,
-        );
-    }
+    unsafe { gemm_strided(m, n, k, out.as_mut_ptr(), n, accumulate, a, b, 1.0, threads) }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

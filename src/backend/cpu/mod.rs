@@ -7,6 +7,7 @@ mod attention;
 mod elementwise;
 mod embed;
 mod loss;
+mod mathfn;
 mod matmul;
 mod norm;
 mod optim;
