@@ -1,1 +1,7 @@
-//! Training: optimizer, schedule, checkpoints, metrics.
+//! Training support: LR schedule, checkpoints, metrics, plots and progress reporting.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod plot;
+pub mod progress;
+pub mod schedule;
