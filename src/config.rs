@@ -303,7 +303,7 @@ impl Config {
             return Err(Error::config("data.corpus", "\"\"", "\"embedded:austen\", \"embedded:kjv\" or a path to a text file"));
         }
         if let Some(name) = d.corpus.strip_prefix("embedded:") {
-            crate::data::corpus::embedded(name)?;
+            crate::data::corpus::check_embedded(name)?;
         }
         match d.tokenizer.as_str() {
             "" => return Err(Error::config("data.tokenizer", "\"\"", "\"byte\", \"bpe\" or a path to a tokenizer.json")),

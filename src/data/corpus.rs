@@ -14,19 +14,22 @@ const KJV_GZ: &[u8] = include_bytes!("../../data/kjv.txt.gz");
 /// Names accepted after `embedded:` in `data.corpus`.
 pub const EMBEDDED: [&str; 2] = ["austen", "kjv"];
 
+/// Checks that `name` is an embedded corpus, without decompressing it.
+pub fn check_embedded(name: &str) -> Result<()> {
+    if EMBEDDED.contains(&name) {
+        return Ok(());
+    }
+    Err(Error::config(
+        "data.corpus",
+        format!("\"embedded:{name}\""),
+        format!("an embedded corpus ({}) or a path to a text file", EMBEDDED.map(|n| format!("embedded:{n}")).join(", ")),
+    ))
+}
+
 /// The text of the embedded corpus `name` (`"austen"` or `"kjv"`).
 pub fn embedded(name: &str) -> Result<String> {
-    let gz = match name {
-        "austen" => AUSTEN_GZ,
-        "kjv" => KJV_GZ,
-        other => {
-            return Err(Error::config(
-                "data.corpus",
-                format!("\"embedded:{other}\""),
-                format!("an embedded corpus ({}) or a path to a text file", EMBEDDED.map(|n| format!("embedded:{n}")).join(", ")),
-            ))
-        }
-    };
+    check_embedded(name)?;
+    let gz = if name == "austen" { AUSTEN_GZ } else { KJV_GZ };
     let mut text = String::new();
     flate2::read::GzDecoder::new(gz)
         .read_to_string(&mut text)

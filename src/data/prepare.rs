@@ -222,7 +222,7 @@ mod tests {
         let input = out.with_extension("txt");
         let text = "the quick brown fox jumps over the lazy dog\nthe dog sleeps\n".repeat(200);
         std::fs::write(&input, &text).unwrap();
-        let p = tokenize_files(&[input.clone()], 300, 0.1, &out).unwrap();
+        let p = tokenize_files(std::slice::from_ref(&input), 300, 0.1, &out).unwrap();
         for f in ["tokenizer.json", "train.bin", "val.bin"] {
             assert!(out.join(f).is_file(), "{f} missing");
         }
@@ -231,7 +231,7 @@ mod tests {
         let val = Shard::open(&p.val).unwrap().to_vec();
         assert!(train.len() + val.len() < text.len() / 2, "BPE should compress repetitive text");
         assert_eq!(t.decode(&train).unwrap() + &t.decode(&val).unwrap(), text);
-        let again = tokenize_files(&[input.clone()], 300, 0.1, &out).err().unwrap().to_string();
+        let again = tokenize_files(std::slice::from_ref(&input), 300, 0.1, &out).err().unwrap().to_string();
         assert!(again.contains("already holds"), "{again}");
         std::fs::remove_dir_all(&out).unwrap();
         std::fs::remove_file(&input).unwrap();
@@ -243,7 +243,7 @@ mod tests {
         let out = dir.join("tok");
         let input = dir.with_extension("txt");
         std::fs::write(&input, "abc abd abe abf abg abh\n".repeat(300)).unwrap();
-        tokenize_files(&[input.clone()], 280, 0.1, &out).unwrap();
+        tokenize_files(std::slice::from_ref(&input), 280, 0.1, &out).unwrap();
         let config = Config::default_with(&[
             format!("data.tokenizer=\"{}\"", out.join("tokenizer.json").display()),
             format!("data.corpus=\"{}\"", input.display()),

@@ -24,7 +24,8 @@ pub struct ByteTokenizer;
 /// A byte-level BPE (GPT-2 style pre-tokenization, no prefix space).
 #[derive(Clone)]
 pub struct BpeTokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Boxed: the HF tokenizer is large and `Tokenizer` is passed around by value.
+    inner: Box<tokenizers::Tokenizer>,
 }
 
 /// The tokenizer a run uses: the training loop only needs `encode`, `decode`, `vocab_size`.
@@ -65,13 +66,13 @@ impl BpeTokenizer {
         inner
             .train(&mut trainer, chunks)
             .map_err(|e| Error::Invalid(format!("BPE training failed: {e}")))?;
-        Ok(Self { inner })
+        Ok(Self { inner: Box::new(inner) })
     }
 
     pub fn load(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::bad_file(path, format!("not a readable tokenizer.json: {e}")))?;
-        Ok(Self { inner })
+        Ok(Self { inner: Box::new(inner) })
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {

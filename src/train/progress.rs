@@ -65,7 +65,7 @@ impl Progress {
 
     /// The plain line for `step`, if one is due (every `log_every` steps, the first and the last).
     fn log_line(&self, step: u64, loss: f32, tokens_per_s: f32, elapsed: Duration) -> Option<String> {
-        let due = step % self.log_every == 0 || step == self.first_step + 1 || step == self.total_steps;
+        let due = step.is_multiple_of(self.log_every) || step == self.first_step + 1 || step == self.total_steps;
         if !due {
             return None;
         }
