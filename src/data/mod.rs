@@ -1,1 +1,8 @@
-//! Data: tokenizer and token shards.
+//! Data: the embedded corpora, tokenizers, llm.c-format token shards and the batch loader.
+
+pub mod corpus;
+pub mod loader;
+pub mod prepare;
+pub mod rng;
+pub mod shard;
+pub mod tokenizer;
