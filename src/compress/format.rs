@@ -153,7 +153,7 @@ impl CompressedMatrix {
                 return Err(format!("group {g}: scale {} is not finite", grp.scale));
             }
         }
-        if self.indices.len() != self.rows * self.cols {
+        if Some(self.indices.len()) != self.rows.checked_mul(self.cols) {
             return Err(format!("{} indices for {}×{} weights", self.indices.len(), self.rows, self.cols));
         }
         let mut row = 0;
@@ -405,9 +405,19 @@ impl CompressedFile {
         let mut out = CompressedFile::default();
         for (name, mm) in meta.matrices {
             let bad = |e: String| format!("matrix `{name}`: {e}");
-            let index_bits: usize = mm.groups.iter().map(|g| g.rows.saturating_mul(mm.cols).saturating_mul(g.bits as usize)).sum();
+            // Shape checks come before any allocation sized by the metadata: once the packed
+            // length matches, rows · cols is bounded by the file size.
+            let group_rows = mm.groups.iter().try_fold(0usize, |acc, g| acc.checked_add(g.rows));
+            if group_rows != Some(mm.rows) || mm.groups.iter().any(|g| !(1..=MAX_BITS).contains(&g.bits)) {
+                return Err(bad(format!("row groups do not cover the {} rows exactly or use widths outside 1..={MAX_BITS}", mm.rows)));
+            }
+            let index_bits = mm
+                .groups
+                .iter()
+                .try_fold(0usize, |acc, g| g.rows.checked_mul(mm.cols)?.checked_mul(g.bits as usize)?.checked_add(acc))
+                .ok_or_else(|| bad(format!("shape {}×{} is too large", mm.rows, mm.cols)))?;
             let packed = get(format!("{name}{INDICES}"), Dtype::U8, index_bits.div_ceil(8), "packed indices")?;
-            let total: usize = mm.codebook_sizes.iter().sum();
+            let total = mm.codebook_sizes.iter().try_fold(0usize, |acc, &s| acc.checked_add(s)).ok_or_else(|| bad("codebook sizes overflow".into()))?;
             let (dtype, width) = match mm.codebook_dtype {
                 CodebookDtype::F32 => (Dtype::F32, 4),
                 CodebookDtype::F16 => (Dtype::F16, 2),
@@ -442,10 +452,6 @@ impl CompressedFile {
                 }
                 other => return Err(bad(format!("row order `{other}` (expected original, stored or folded)"))),
             };
-            let group_rows: usize = groups.iter().map(|g| g.rows).sum();
-            if group_rows != mm.rows || groups.iter().any(|g| !(1..=MAX_BITS).contains(&g.bits)) {
-                return Err(bad(format!("row groups cover {group_rows} of {} rows or use widths outside 1..={MAX_BITS}", mm.rows)));
-            }
             let mut reader = BitReader::new(&packed);
             let mut indices = Vec::with_capacity(mm.rows * mm.cols);
             for g in &groups {
@@ -498,4 +504,144 @@ pub fn bits_per_weight(file_bytes: u64, n_weights: u64) -> f64 {
         return f64::INFINITY;
     }
     8.0 * file_bytes as f64 / n_weights as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A matrix exercising everything: two widths, a 3-entry codebook (so index 3 is invalid at
+    /// 2 bits), scales, a stored permutation and an odd number of index bits.
+    fn sample() -> CompressedMatrix {
+        let (rows, cols) = (5, 7);
+        let groups = vec![
+            RowGroup { rows: 2, bits: 2, codebook: 0, scale: 0.5 },
+            RowGroup { rows: 3, bits: 3, codebook: 1, scale: 2.0 },
+        ];
+        let codebooks = vec![vec![-1.0, 0.25, 1.5], vec![-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]];
+        let indices: Vec<u8> = (0..rows * cols).map(|i| if i < 2 * cols { (i % 3) as u8 } else { (i * 5 % 8) as u8 }).collect();
+        CompressedMatrix::new(rows, cols, Method::Jlcm, groups, codebooks, CodebookDtype::F16, indices, RowOrder::Stored(vec![3, 0, 4, 1, 2])).unwrap()
+    }
+
+    fn sample_file() -> CompressedFile {
+        let mut f = CompressedFile::default();
+        f.matrices.insert("layers.0.mlp.w1".into(), sample());
+        let mut plain = sample();
+        plain.row_order = RowOrder::Folded;
+        plain.groups.iter_mut().for_each(|g| g.scale = 1.0);
+        plain.codebook_dtype = CodebookDtype::F32;
+        f.matrices.insert("layers.0.mlp.w2".into(), plain);
+        f.dense.insert("layers.0.norm.weight".into(), DenseTensor { shape: vec![3], data: vec![1.0, 0.5, -2.0] });
+        f
+    }
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("motley-compress-{}-{name}.safetensors", std::process::id()))
+    }
+
+    /// Byte range of tensor `name` inside the file.
+    fn data_range(bytes: &[u8], name: &str) -> std::ops::Range<usize> {
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+        let off = &header[name]["data_offsets"];
+        8 + n + off[0].as_u64().unwrap() as usize..8 + n + off[1].as_u64().unwrap() as usize
+    }
+
+    #[test]
+    fn decode_applies_scales_codebooks_and_permutation() {
+        let m = sample();
+        let d = m.decode().unwrap();
+        // Stored row 0 (group 0, scale 0.5) is original row 3; its first index is 0 → −1 · 0.5.
+        assert_eq!(d.row(3)[0], -0.5);
+        // Stored row 2 (group 1, scale 2) is original row 4; index (14·5) % 8 = 6 → 3 · 2.
+        assert_eq!(d.row(4)[0], 6.0);
+    }
+
+    #[test]
+    fn file_round_trip_is_exact_and_size_matches_the_formula() {
+        let f = sample_file();
+        let path = temp("roundtrip");
+        let size = f.save(&path).unwrap();
+        let back = CompressedFile::load(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        assert_eq!(back, f);
+        let bytes = f.to_bytes().unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+        let payload: usize = f.matrices.values().map(CompressedMatrix::payload_bytes).sum::<usize>() + 3 * 4;
+        assert_eq!(size, 8 + header + payload as u64);
+        // w1: 2·7·2 + 3·7·3 = 91 index bits → 12 bytes; 11 f16 entries; 2 scales; 5-entry perm.
+        assert_eq!(f.matrices["layers.0.mlp.w1"].payload_bytes(), 12 + 22 + 8 + 20);
+        // w2: no scales, folded permutation, f32 codebooks.
+        assert_eq!(f.matrices["layers.0.mlp.w2"].payload_bytes(), 12 + 44);
+        assert_eq!(bits_per_weight(size, f.compressed_weights() as u64), 8.0 * size as f64 / 70.0);
+    }
+
+    #[test]
+    fn corrupt_files_give_errors_naming_the_tensor() {
+        let good = sample_file().to_bytes().unwrap();
+        let err = |bytes: &[u8]| CompressedFile::from_bytes(bytes).unwrap_err();
+
+        // safetensors orders data by dtype, so find the tensor stored last.
+        let names = ["layers.0.mlp.w1:indices", "layers.0.mlp.w1:codebooks", "layers.0.mlp.w1:scales", "layers.0.mlp.w1:perm"];
+        let names = names.into_iter().chain(["layers.0.mlp.w2:indices", "layers.0.mlp.w2:codebooks", "layers.0.norm.weight"]);
+        let last = names.max_by_key(|n| data_range(&good, n).end).unwrap();
+        let e = err(&good[..good.len() - 5]);
+        assert!(e.contains("truncated") && e.contains(&format!("`{last}`")), "{e}");
+        assert!(err(&good[..4]).contains("not a valid safetensors file"));
+
+        // Index 3 in the 2-bit group whose codebook has 3 entries.
+        let mut bad = good.clone();
+        bad[data_range(&good, "layers.0.mlp.w1:indices").start] |= 0b11;
+        let e = err(&bad);
+        assert!(e.contains("layers.0.mlp.w1") && e.contains("index 3 at stored row 0, col 0") && e.contains("3 entries"), "{e}");
+
+        // Metadata claims 4 entries in codebook 0 (same byte length, so the header still parses).
+        let needle = br#"codebook_sizes\":[3,8]"#;
+        let at = good.windows(needle.len()).position(|w| w == needle).expect("metadata holds the sizes");
+        let mut bad = good.clone();
+        bad[at + needle.len() - 4] = b'4';
+        let e = err(&bad);
+        assert!(e.contains("layers.0.mlp.w1:codebooks") && e.contains("shape [12]") && e.contains("shape [11]"), "{e}");
+
+        // A repeated permutation entry.
+        let mut bad = good.clone();
+        let perm = data_range(&good, "layers.0.mlp.w1:perm");
+        bad[perm.start..perm.start + 4].copy_from_slice(&0u32.to_le_bytes());
+        let e = err(&bad);
+        assert!(e.contains("layers.0.mlp.w1") && e.contains("permutation"), "{e}");
+
+        // Non-zero padding after the last index.
+        let mut bad = good.clone();
+        bad[data_range(&good, "layers.0.mlp.w2:indices").end - 1] |= 0x80;
+        assert!(err(&bad).contains("padding"));
+
+        // A non-finite codebook entry.
+        let mut bad = good.clone();
+        let cb = data_range(&good, "layers.0.mlp.w2:codebooks");
+        bad[cb.start..cb.start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let e = err(&bad);
+        assert!(e.contains("layers.0.mlp.w2") && e.contains("not a finite"), "{e}");
+
+        // Through `load`, the path is named too.
+        let path = temp("corrupt");
+        std::fs::write(&path, &good[..good.len() - 5]).unwrap();
+        let e = CompressedFile::load(&path).unwrap_err().to_string();
+        std::fs::remove_file(&path).ok();
+        assert!(e.contains("motley-compress") && e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn constructor_rejects_inconsistent_matrices() {
+        let m = sample();
+        let bad = |f: &dyn Fn(&mut CompressedMatrix)| {
+            let mut c = m.clone();
+            f(&mut c);
+            CompressedMatrix::new(c.rows, c.cols, c.method, c.groups, c.codebooks, c.codebook_dtype, c.indices, c.row_order).unwrap_err().to_string()
+        };
+        assert!(bad(&|c| c.groups[0].rows = 3).contains("cover 6 rows"));
+        assert!(bad(&|c| c.indices.pop().map(drop).unwrap_or(())).contains("34 indices"));
+        assert!(bad(&|c| c.codebooks[0][0] = 0.1).contains("not a finite F16"));
+        assert!(bad(&|c| c.groups[1].codebook = 2).contains("codebook 2 of 2"));
+        assert!(bad(&|c| c.groups[0].bits = 1).contains("more than 1 bits"));
+    }
 }
