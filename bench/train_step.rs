@@ -93,8 +93,8 @@ fn main() {
         let mut opt = Optimizer::new(&be, opt_cfg, model.n_params());
         let mut rng = Rng::new(0);
         let n = s.B * s.T;
-        let inputs: Vec<u32> = (0..n).map(|_| rng.below(s.V as u64) as u32).collect();
-        let targets: Vec<u32> = (0..n).map(|_| rng.below(s.V as u64) as u32).collect();
+        let inputs: Vec<u32> = (0..n).map(|_| rng.below(s.V) as u32).collect();
+        let targets: Vec<u32> = (0..n).map(|_| rng.below(s.V) as u32).collect();
         let mut step = |model: &mut Model<Cpu>| {
             model.zero_grads(&be);
             let st = model.forward_backward(&be, &mut store, &inputs, &targets, s.B, s.T).expect("step");

@@ -12,12 +12,13 @@ use motley::train::optim::{AdamWConfig, Optimizer};
 
 fn batch(seed: u64, vocab: usize, batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
     let mut rng = Rng::new(seed);
-    let stream: Vec<u32> = (0..batch * seq + 1).map(|_| rng.below(vocab as u64) as u32).collect();
+    let stream: Vec<u32> = (0..batch * seq + 1).map(|_| rng.below(vocab) as u32).collect();
     (stream[..batch * seq].to_vec(), stream[1..].to_vec())
 }
 
 /// Directional finite differences of the full training loss (LM + weighted aux losses) with
-/// respect to every parameter tensor. Tolerance: relative error < 2e-2 (f32 forward).
+/// respect to every parameter tensor. Tolerance: |fd − an| / max(|an|, 1e-2) < 2e-2. The floor
+/// is there because an f32 forward leaves ~1e-4 of noise in a central difference at h = 2e-3.
 fn model_gradients(kind: Kind) {
     let be = Cpu::new(2);
     let (cfg, moe) = tiny_model(kind);
@@ -48,7 +49,7 @@ fn model_gradients(kind: Kind) {
                 dir[r].copy_from_slice(&randn(&mut rng, spec.len(), 1.0));
             } else {
                 for _ in 0..nnz {
-                    dir[r.start + rng.below(spec.len() as u64) as usize] = rng.normal() as f32;
+                    dir[r.start + rng.below(spec.len())] = rng.normal() as f32;
                 }
             }
             let plus: Vec<f32> = params.iter().zip(&dir).map(|(p, d)| p + h * d).collect();
@@ -59,7 +60,7 @@ fn model_gradients(kind: Kind) {
             }
             let fd = (sp.loss - sm.loss) / (2.0 * h as f64);
             let an = dot64(&grads, &dir);
-            let err = rel_err(fd, an, 1e-3);
+            let err = rel_err(fd, an, 1e-2);
             assert!(err < 2e-2, "{kind:?} {}: finite difference {fd:.6e} vs analytic {an:.6e} (relative error {err:.2e}, h {h})", spec.name);
             checked = true;
             break;

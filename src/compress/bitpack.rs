@@ -118,7 +118,7 @@ pub fn unpack(bytes: &[u8], count: usize, bits: u8) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::rng::Rng;
+    use crate::rng::Rng;
 
     #[test]
     fn round_trip_is_exact_for_every_width_and_odd_lengths() {

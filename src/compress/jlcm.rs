@@ -34,7 +34,7 @@ use super::bits;
 use super::format::{CodebookDtype, CompressedMatrix, Method, RowGroup, RowOrder};
 use super::kmeans::{kmeans, KMeansConfig};
 use super::matrix::{Hessian, Matrix};
-use super::rng::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 use rayon::prelude::*;
 

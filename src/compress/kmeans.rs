@@ -8,7 +8,7 @@
 use super::bits;
 use super::format::{CodebookDtype, CompressedMatrix, Method, RowGroup, RowOrder};
 use super::matrix::Matrix;
-use super::rng::Rng;
+use crate::rng::Rng;
 use crate::{Error, Result};
 use rayon::prelude::*;
 

@@ -12,7 +12,6 @@ pub mod format;
 pub mod jlcm;
 pub mod kmeans;
 pub mod matrix;
-pub mod rng;
 pub mod rtn;
 pub mod synth;
 

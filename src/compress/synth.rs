@@ -6,7 +6,7 @@
 //! from plain weight-space k-means.
 
 use super::matrix::Matrix;
-use super::rng::Rng;
+use crate::rng::Rng;
 use crate::Result;
 
 /// The row families of [`clustered_rows`].

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::rng::SplitMix64;
+use crate::rng::Rng;
 use super::shard::Shard;
 use crate::{Error, Result};
 
@@ -102,15 +102,12 @@ impl Loader {
     fn start_epoch(&mut self, epoch: u64) {
         let t = self.seq_len;
         let len = self.shard.len();
-        let mut rng = SplitMix64::new(self.seed ^ epoch.wrapping_mul(0xd1b5_4a32_d192_ed03));
-        let phase = rng.below(t.min(len - t) as u64) as usize;
+        let mut rng = Rng::new(self.seed).derive(epoch);
+        let phase = rng.below(t.min(len - t));
         let count = (len - 1 - phase) / t;
         self.order.clear();
         self.order.extend((0..count).map(|i| phase + i * t));
-        for i in (1..self.order.len()).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
-            self.order.swap(i, j);
-        }
+        rng.shuffle(&mut self.order);
         self.state = LoaderState { epoch, position: 0 };
     }
 }

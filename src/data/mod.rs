@@ -3,6 +3,5 @@
 pub mod corpus;
 pub mod loader;
 pub mod prepare;
-pub mod rng;
 pub mod shard;
 pub mod tokenizer;

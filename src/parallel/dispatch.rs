@@ -406,7 +406,7 @@ mod tests {
     use super::*;
     use crate::model::routing::Choice;
     use crate::parallel::comm::{LocalGroup, SingleProcess};
-    use crate::parallel::test_rng::Rng;
+    use crate::rng::Rng;
 
     /// Random top-k routing of `n` tokens over `e` experts with the given gate, and random probs.
     fn random_routing(rng: &mut Rng, n: usize, e: usize, k: usize, gate: Option<f32>) -> (Routing, Vec<f32>) {
@@ -487,7 +487,7 @@ mod tests {
 
     #[test]
     fn dropless_identity_round_trip_restores_the_input() {
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         for (k, ep) in [(1, 1), (2, 2), (4, 4), (2, 1)] {
             let (n, e, c) = (9, 8, 3);
             let per_rank: Vec<_> = (0..ep)
@@ -513,7 +513,7 @@ mod tests {
     /// mode (with drops: dropped slots must get zero gradient).
     #[test]
     fn gradients_match_finite_differences() {
-        let mut rng = Rng(2);
+        let mut rng = Rng::new(2);
         let (n, e, c, k) = (5, 4, 3, 2);
         let lin = Linear::new(&mut rng, e, c);
         let x: Vec<f32> = (0..n * c).map(|_| rng.sym()).collect();
@@ -586,7 +586,7 @@ mod tests {
 
     #[test]
     fn random_capacity_plans_respect_cap_and_policy() {
-        let mut rng = Rng(3);
+        let mut rng = Rng::new(3);
         for _ in 0..200 {
             let (n, e) = (1 + rng.below(20), rng.pick(&[2, 4, 8]));
             let k = 1 + rng.below(e.min(3));
@@ -622,7 +622,7 @@ mod tests {
 
     #[test]
     fn padded_mode_matches_capacity_mode() {
-        let mut rng = Rng(4);
+        let mut rng = Rng::new(4);
         let (n, e, c, k) = (11, 4, 3, 2);
         let lin = Linear::new(&mut rng, e, c);
         let x: Vec<f32> = (0..n * c).map(|_| rng.sym()).collect();
@@ -651,7 +651,7 @@ mod tests {
     /// bit, what each rank computes alone with all experts (EP = 1), forward and backward.
     #[test]
     fn expert_parallel_matches_single_rank() {
-        let mut rng = Rng(5);
+        let mut rng = Rng::new(5);
         let (n, e, c, k) = (7, 8, 4, 2);
         let lin = Linear::new(&mut rng, e, c);
         let data: Vec<_> = (0..4)
@@ -687,7 +687,7 @@ mod tests {
 
     #[test]
     fn aux_counts_are_before_dropping_and_summed_over_the_group() {
-        let mut rng = Rng(6);
+        let mut rng = Rng::new(6);
         let routings: Vec<_> = (0..2).map(|_| random_routing(&mut rng, 6, 4, 2, None).0).collect();
         let got = LocalGroup::run(2, |comm| tokens_per_expert(&routings[comm.rank()], &comm)).unwrap();
         let want: Vec<f32> = (0..4).map(|x| (routings[0].counts()[x] + routings[1].counts()[x]) as f32).collect();
@@ -698,7 +698,7 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_errors() {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let (routing, probs) = random_routing(&mut rng, 4, 4, 2, None);
         let ok = |_: usize, rows: &[f32], _: usize| Ok(rows.to_vec());
         let err = |r: Result<Vec<f32>>| r.unwrap_err().to_string();

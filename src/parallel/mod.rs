@@ -7,5 +7,3 @@
 pub mod comm;
 pub mod dispatch;
 pub mod ranks;
-#[cfg(test)]
-mod test_rng;

@@ -452,7 +452,7 @@ impl ParallelLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parallel::test_rng::Rng;
+    use crate::rng::Rng;
 
     fn cfg(world: usize, tp: usize, cp: usize, pp: usize, ep: usize, etp: usize, order: &str) -> ParallelConfig {
         ParallelConfig { world, tp, cp, pp, ep, etp, order: order.to_string() }
@@ -589,7 +589,7 @@ mod tests {
 
     #[test]
     fn random_sizes_partition_the_world_and_fold() {
-        let mut rng = Rng(0x5EED);
+        let mut rng = Rng::new(0x5EED);
         let (mut n_valid, mut n_invalid) = (0, 0);
         for _ in 0..600 {
             let (tp, cp, dp, pp) =

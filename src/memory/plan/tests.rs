@@ -9,28 +9,14 @@ use std::time::{Duration, Instant};
 
 use super::heuristic::place_in_order;
 use super::*;
-
-/// xorshift64*: enough randomness for instance generation, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use crate::rng::Rng;
 
 fn random_instance(rng: &mut Rng, n: usize, horizon: u64, max_size: u64) -> Vec<Request> {
     (0..n)
         .map(|i| {
-            let start = rng.below(horizon);
-            let len = 1 + rng.below((horizon - start).min(horizon / 2).max(1));
-            Request::new(format!("r{i}"), 1 + rng.below(max_size), start as usize, (start + len) as usize)
+            let start = rng.below(horizon as usize) as u64;
+            let len = 1 + (rng.below(((horizon - start).min(horizon / 2).max(1)) as usize) as u64);
+            Request::new(format!("r{i}"), 1 + (rng.below(max_size as usize) as u64), start as usize, (start + len) as usize)
         })
         .collect()
 }
@@ -40,10 +26,10 @@ fn laminar_instance(rng: &mut Rng, n: usize) -> Vec<Request> {
     fn grow(rng: &mut Rng, out: &mut Vec<Request>, budget: usize, clock: &mut usize) {
         let mut left = budget;
         while left > 0 {
-            let size = 1 + rng.below(5000);
-            let children = rng.below(left as u64) as usize; // requests nested inside this one
+            let size = 1 + (rng.below(5000 as usize) as u64);
+            let children = (rng.below((left as u64) as usize) as u64) as usize; // requests nested inside this one
             let start = *clock;
-            *clock += 1 + rng.below(2) as usize;
+            *clock += 1 + (rng.below(2 as usize) as u64) as usize;
             let index = out.len();
             out.push(Request::new(format!("r{index}"), size, start, start));
             grow(rng, out, children, clock);
@@ -117,7 +103,7 @@ fn mip_beats_heuristic_on_a_known_gap_instance() {
 
 #[test]
 fn random_instances_verify_and_mip_reaches_exact_optimum() {
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::new(0x5eed);
     let (mut heur_ratio, mut mip_ratio, mut runs) = (0.0, 0.0, 0);
     let (mut above_lb, mut improved) = (0, 0); // optimum above the bound; MIP better than greedy
     for case in 0..400 {
@@ -157,7 +143,7 @@ fn random_instances_verify_and_mip_reaches_exact_optimum() {
 
 #[test]
 fn nested_or_disjoint_lifetimes_reach_the_lower_bound() {
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     for case in 0..200 {
         let reqs = laminar_instance(&mut rng, 1 + case % 150);
         let p = plan(&reqs, 256, Strategy::Heuristic).unwrap();
@@ -168,7 +154,7 @@ fn nested_or_disjoint_lifetimes_reach_the_lower_bound() {
 
 #[test]
 fn equal_sizes_reach_the_lower_bound() {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     for case in 0..100 {
         let mut reqs = random_instance(&mut rng, 5 + case * 3, 60, 1);
         reqs.iter_mut().for_each(|r| r.size = 4096);
@@ -180,7 +166,7 @@ fn equal_sizes_reach_the_lower_bound() {
 
 #[test]
 fn heuristic_handles_thousands_of_requests_quickly() {
-    let mut rng = Rng(11);
+    let mut rng = Rng::new(11);
     let reqs = random_instance(&mut rng, 3000, 2000, 1 << 24);
     let began = Instant::now();
     let p = plan(&reqs, 256, Strategy::Heuristic).unwrap();
@@ -191,7 +177,7 @@ fn heuristic_handles_thousands_of_requests_quickly() {
 
 #[test]
 fn mip_limits_fall_back_to_the_heuristic_and_say_why() {
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let reqs = random_instance(&mut rng, 60, 20, 1000);
     let p = plan(&reqs, 64, Strategy::Mip(MipLimits { max_pairs: 10, time_limit: Duration::from_secs(1) })).unwrap();
     assert_eq!(p.method, Method::Heuristic(Fallback::TooManyPairs { limit: 10 }));
@@ -351,18 +337,18 @@ fn plan_table() {
     };
     let limits = MipLimits { max_pairs: 2000, time_limit: Duration::from_secs(10) };
     for &(n, horizon) in &[(10usize, 10u64), (20, 16), (40, 30), (80, 60)] {
-        let reqs = random_instance(&mut Rng(n as u64), n, horizon, 1 << 20);
+        let reqs = random_instance(&mut Rng::new(n as u64), n, horizon, 1 << 20);
         row(&format!("random n={n} heuristic"), &reqs, Strategy::Heuristic);
         row(&format!("random n={n} mip"), &reqs, Strategy::Mip(limits));
     }
     // Few small sizes over a short horizon: where greedy misses the bound most often.
     for &n in &[8usize, 12, 16, 24] {
-        let reqs = random_instance(&mut Rng(n as u64 + 1), n, 8, 9);
+        let reqs = random_instance(&mut Rng::new(n as u64 + 1), n, 8, 9);
         row(&format!("small-size n={n} heuristic"), &reqs, Strategy::Heuristic);
         row(&format!("small-size n={n} mip"), &reqs, Strategy::Mip(limits));
     }
     for &n in &[1000usize, 5000] {
-        let reqs = random_instance(&mut Rng(n as u64), n, n as u64, 1 << 24);
+        let reqs = random_instance(&mut Rng::new(n as u64), n, n as u64, 1 << 24);
         row(&format!("random n={n} heuristic"), &reqs, Strategy::Heuristic);
     }
     let (phases, runs, long_lived) = toy_iteration(32);
