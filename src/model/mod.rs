@@ -189,6 +189,16 @@ impl<B: Backend> Model<B> {
         Ok(stats)
     }
 
+    /// Forward only, saving every block's inventory into `store` (for calibration and memory
+    /// profiling); returns the statistics without a loss.
+    pub fn forward_saving(&self, be: &B, store: &mut ActivationStore<B>, inputs: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
+        let shape = self.shape(batch, seq)?;
+        self.check_tokens(inputs, "input")?;
+        let mut stats = StepStats::default();
+        self.hidden(be, inputs, shape, Some(store), &mut stats);
+        Ok(stats)
+    }
+
     /// Forward only: the loss and statistics, no gradients.
     pub fn evaluate(&self, be: &B, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
         let shape = self.shape(batch, seq)?;
