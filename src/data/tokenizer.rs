@@ -92,6 +92,25 @@ impl Tokenizer {
         }
     }
 
+    /// The tokenizer as text to embed in a checkpoint: `None` for bytes, else tokenizer.json.
+    pub fn to_json(&self) -> Result<Option<String>> {
+        match self {
+            Self::Byte(_) => Ok(None),
+            Self::Bpe(b) => b.inner.to_string(false).map(Some).map_err(|e| Error::Invalid(format!("cannot serialise tokenizer: {e}"))),
+        }
+    }
+
+    /// The inverse of [`Tokenizer::to_json`]; `origin` names where the text came from.
+    pub fn from_json(json: Option<&str>, origin: &Path) -> Result<Self> {
+        match json {
+            None => Ok(Self::Byte(ByteTokenizer)),
+            Some(text) => {
+                let inner: tokenizers::Tokenizer = text.parse().map_err(|e| Error::bad_file(origin, format!("embedded tokenizer is unreadable: {e}")))?;
+                Ok(Self::Bpe(BpeTokenizer { inner: Box::new(inner) }))
+            }
+        }
+    }
+
     /// Number of distinct token ids; every id `encode` returns is below this.
     pub fn vocab_size(&self) -> usize {
         match self {

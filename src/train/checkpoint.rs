@@ -38,6 +38,9 @@ pub struct TrainState {
     pub config_hash: String,
     /// `Config::to_toml()` of that run.
     pub config_toml: String,
+    /// The run's tokenizer.json (None: byte tokenizer), so a checkpoint is self-contained.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
 }
 
 /// Named tensors read from one safetensors file.
@@ -260,6 +263,7 @@ mod tests {
             loader: LoaderState { epoch: 2, position: 17 },
             config_hash: "00112233deadbeef".into(),
             config_toml: "device = \"cpu\"\n".into(),
+            tokenizer: Some("{}".into()),
         }
     }
 

@@ -6,3 +6,4 @@ pub mod optim;
 pub mod plot;
 pub mod progress;
 pub mod schedule;
+pub mod trainer;

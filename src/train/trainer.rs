@@ -1,0 +1,265 @@
+//! The training loop: data → forward/backward → clip → AdamW → metrics, evaluation,
+//! checkpoints (atomic, resumable bit for bit), a loss plot and a text sample at the end.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Map, Value};
+
+use super::checkpoint::{self, TensorRef, TrainState};
+use super::metrics::{EvalRecord, MetricsWriter, TrainRecord};
+use super::optim::{AdamWConfig, Optimizer};
+use super::plot;
+use super::progress::Progress;
+use super::schedule::LrSchedule;
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::data::loader::Loader;
+use crate::data::prepare::{prepare, Prepared};
+use crate::data::shard::Shard;
+use crate::data::tokenizer::Tokenizer;
+use crate::model::params::ParamLayout;
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Seed of the validation loader: every evaluation sees the same batches.
+const VAL_SEED: u64 = 0x5eed_0fa1;
+
+/// What `motley train` was asked for beyond the config.
+pub struct TrainOptions {
+    pub out: PathBuf,
+    pub resume: bool,
+    /// Text to continue at the end of the run (empty: no sample).
+    pub sample_prompt: String,
+    pub sample_tokens: usize,
+}
+
+/// What a finished run reports.
+pub struct TrainSummary {
+    pub steps: u64,
+    pub seconds: f64,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub checkpoint: PathBuf,
+    pub sample: Option<String>,
+}
+
+/// The optimizer's hyper-parameters from `[train]`.
+fn adamw_config(c: &Config) -> AdamWConfig {
+    let t = &c.train;
+    AdamWConfig { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, grad_clip: t.grad_clip }
+}
+
+/// Mean validation loss over up to `batches` fixed batches of the validation shard.
+pub fn validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Path, batch: usize, seq: usize, batches: usize) -> Result<f64> {
+    let mut loader = Loader::new(Shard::open(val)?, batch, seq, VAL_SEED)?;
+    let n = batches.min(loader.sequences_per_epoch() / batch).max(1);
+    let mut total = 0.0;
+    for _ in 0..n {
+        let b = loader.next_batch();
+        total += model.evaluate(be, &b.inputs, &b.targets, batch, seq)?.lm_loss;
+    }
+    Ok(total / n as f64)
+}
+
+/// Samples `max_tokens` continuations of `prompt` (temperature, top-k; seeded).
+pub fn generate<B: Backend>(be: &B, model: &Model<B>, tokenizer: &Tokenizer, prompt: &str, max_tokens: usize, temperature: f32, top_k: usize, seed: u64) -> Result<String> {
+    let mut ids = tokenizer.encode(prompt)?;
+    if ids.is_empty() {
+        return Err(Error::Invalid("the prompt is empty; give some text to continue".into()));
+    }
+    let start = ids.len();
+    let mut rng = Rng::new(seed);
+    for _ in 0..max_tokens {
+        let logits = model.next_token_logits(be, &ids)?;
+        ids.push(sample(&logits, temperature, top_k, &mut rng) as u32);
+    }
+    tokenizer.decode(&ids[start..])
+}
+
+fn sample(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> usize {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if temperature <= 0.0 {
+        return order[0];
+    }
+    let keep = if top_k == 0 { logits.len() } else { top_k.min(logits.len()) };
+    let top = &order[..keep];
+    let max = logits[top[0]];
+    let weights: Vec<f64> = top.iter().map(|&i| (((logits[i] - max) / temperature) as f64).exp()).collect();
+    let mut u = rng.uniform() * weights.iter().sum::<f64>();
+    for (w, &i) in weights.iter().zip(top) {
+        if u < *w {
+            return i;
+        }
+        u -= w;
+    }
+    top[keep - 1]
+}
+
+/// Tensors of one buffer laid out like the parameters, named `prefix + param name`.
+fn named<'a>(model: &Model<Cpu>, buf: &'a [f32], prefix: &str) -> Vec<TensorRef<'a>> {
+    model.layout.specs.iter().map(|s| (format!("{prefix}{}", s.name), s.shape.clone(), &buf[s.range()])).collect()
+}
+
+/// Copies named tensors of a checkpoint back into a buffer laid out like the parameters.
+fn restore(model_layout: &ParamLayout, set: &checkpoint::TensorSet, prefix: &str, dst: &mut [f32]) -> Result<()> {
+    for s in &model_layout.specs {
+        dst[s.range()].copy_from_slice(set.get(&format!("{prefix}{}", s.name), &s.shape)?);
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Trains `config` into `opts.out`. Refuses to touch an output directory that already holds
+/// checkpoints unless resuming, so a good run is never overwritten.
+pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
+    config.validate()?;
+    if config.device != "cpu" {
+        return Err(Error::config("device", format!("\"{}\"", config.device), "\"cpu\" (the CUDA engine is not built into this binary yet)"));
+    }
+    let out = &opts.out;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let existing = checkpoint::latest(out)?;
+    if existing.is_some() && !opts.resume {
+        return Err(Error::Invalid(format!(
+            "{} already holds checkpoints; pass --resume to continue that run, or choose another --out",
+            out.display()
+        )));
+    }
+    let t = &config.train;
+    let be = Cpu::new(t.threads);
+    let data: Prepared = prepare(config, &out.join("data"))?;
+    let mut model = Model::new(&be, config.model.clone(), config.moe.clone(), t.seed)?;
+    let mut opt = Optimizer::new(&be, adamw_config(config), model.n_params());
+    let mut loader = Loader::new(Shard::open(&data.train)?, t.batch_size, t.seq_len, t.seed)?;
+    let hash = config.config_hash();
+    let metrics_path = out.join("metrics.jsonl");
+
+    let mut metrics = match (&existing, opts.resume) {
+        (Some(dir), true) => {
+            let ck = checkpoint::load(dir, &hash)?;
+            restore(&model.layout, &ck.model, "", &mut model.params)?;
+            restore(&model.layout, &ck.optimizer, "m.", &mut opt.m)?;
+            restore(&model.layout, &ck.optimizer, "v.", &mut opt.v)?;
+            opt.step = ck.state.step;
+            loader.restore(ck.state.loader)?;
+            MetricsWriter::resume(&metrics_path, ck.state.step)?
+        }
+        _ => MetricsWriter::create(&metrics_path)?,
+    };
+    write_atomic(&out.join("config.toml"), &config.to_toml()?)?;
+    let tokenizer_json = data.tokenizer.to_json()?;
+    let schedule = LrSchedule::from_config(t);
+    let first = opt.step;
+    let mut store = model.new_store();
+    let progress = Progress::new(first, t.steps, (t.steps / 20).max(1));
+    let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader| -> Result<PathBuf> {
+        let state = TrainState {
+            step: opt.step,
+            rng: vec![t.seed],
+            loader: loader.state(),
+            config_hash: hash.clone(),
+            config_toml: config.to_toml()?,
+            tokenizer: tokenizer_json.clone(),
+        };
+        let mut moments = named(model, &opt.m, "m.");
+        moments.extend(named(model, &opt.v, "v."));
+        checkpoint::save(out, &state, &named(model, &model.params, ""), &moments, config.checkpoint.keep_last)
+    };
+
+    let started = Instant::now();
+    let mut last = None;
+    let mut val_loss = None;
+    let mut last_checkpoint = existing.clone().unwrap_or_default();
+    for step in first..t.steps {
+        let step_start = Instant::now();
+        let batch = loader.next_batch();
+        model.zero_grads(&be);
+        let stats = model.forward_backward(&be, &mut store, &batch.inputs, &batch.targets, t.batch_size, t.seq_len)?;
+        if !stats.loss.is_finite() {
+            return Err(Error::NonFinite { step: step + 1, what: "loss".into(), value: stats.loss as f32 });
+        }
+        let lr = schedule.lr_at(step);
+        let grad_norm = opt.update(&be, &model.layout, &mut model.params, &model.grads, lr);
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite { step: step + 1, what: "gradient norm".into(), value: grad_norm });
+        }
+        let seconds = step_start.elapsed().as_secs_f64();
+        let tokens_per_s = stats.tokens as f64 / seconds;
+        let mut extra = Map::new();
+        extra.insert("gflops".into(), json!(stats.train_flops / seconds / 1e9));
+        extra.insert("load_balance".into(), json!(stats.aux.load_balance));
+        extra.insert("p_penalty".into(), json!(stats.aux.p_penalty));
+        extra.insert("entropy".into(), json!(stats.aux.entropy));
+        extra.insert("z_loss".into(), json!(stats.aux.z_loss));
+        extra.insert("expert_counts".into(), Value::from(stats.counts.clone()));
+        metrics.train(&TrainRecord {
+            step: step + 1,
+            loss: stats.loss as f32,
+            lm_loss: stats.lm_loss as f32,
+            aux_loss: stats.aux_loss as f32,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens_per_s as f32,
+            activated_params: stats.activated_params,
+            extra,
+        })?;
+        progress.step(step + 1, stats.loss as f32, tokens_per_s as f32);
+        last = Some(stats.lm_loss);
+        let done = step + 1 == t.steps;
+        if (t.eval_every > 0 && (step + 1) % t.eval_every == 0) || done {
+            let v = validation_loss(&be, &model, &data.val, t.batch_size, t.seq_len, t.eval_batches)?;
+            metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra: Map::new() })?;
+            progress.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2})", step + 1, v.exp()));
+            val_loss = Some(v);
+        }
+        if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || done {
+            last_checkpoint = save(&model, &opt, &loader)?;
+        }
+    }
+    progress.finish();
+    plot::plot_loss(&metrics_path, &out.join("loss.png"))?;
+    let sample = if opts.sample_prompt.is_empty() || opts.sample_tokens == 0 {
+        None
+    } else {
+        Some(generate(&be, &model, &data.tokenizer, &opts.sample_prompt, opts.sample_tokens, 0.8, 40, t.seed)?)
+    };
+    Ok(TrainSummary {
+        steps: opt.step,
+        seconds: started.elapsed().as_secs_f64(),
+        train_loss: last.unwrap_or(f64::NAN),
+        val_loss,
+        checkpoint: last_checkpoint,
+        sample,
+    })
+}
+
+/// A model, its config and tokenizer, loaded from a checkpoint directory or a run directory
+/// (its latest checkpoint).
+pub fn load_checkpoint(path: &Path, be: &Cpu) -> Result<(Model<Cpu>, Config, Tokenizer, PathBuf)> {
+    let dir = if path.join("state.json").exists() {
+        path.to_path_buf()
+    } else {
+        checkpoint::latest(path)?.ok_or_else(|| Error::bad_file(path, "no checkpoint here (expected state.json or checkpoints/step_*)"))?
+    };
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| Error::bad_file(&state_path, e.to_string()))?;
+    let config = Config::from_toml_str(&state.config_toml, &state_path.display().to_string(), &[])?;
+    let ck = checkpoint::load(&dir, &config.config_hash())?;
+    let layout = ParamLayout::new(&config.model, &config.moe);
+    let mut values = vec![0f32; layout.total];
+    restore(&layout, &ck.model, "", &mut values)?;
+    let model = Model::from_values(be, config.model.clone(), config.moe.clone(), &values)?;
+    let tokenizer = Tokenizer::from_json(state.tokenizer.as_deref(), &state_path)?;
+    Ok((model, config, tokenizer, dir))
+}
