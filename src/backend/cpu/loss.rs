@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::mathfn::exp;
 use super::matmul::matmul;
 
 /// Rows of logits alive at once.
@@ -22,11 +23,11 @@ pub fn classifier(x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: 
         let grad_scale = grads.as_ref().map(|g| g.2 / n as f32);
         lg.par_chunks_mut(v).zip(losses[r0..r0 + rows].par_iter_mut()).zip(&targets[r0..r0 + rows]).for_each(|((z, loss), &t)| {
             let max = z.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-            let sum: f32 = z.iter().map(|&a| (a - max).exp()).sum();
+            let sum: f32 = z.iter().map(|&a| exp(a - max)).sum();
             let lse = max + sum.ln();
             *loss = lse - z[t as usize];
             if let Some(gs) = grad_scale {
-                z.iter_mut().for_each(|a| *a = (*a - lse).exp() * gs);
+                z.iter_mut().for_each(|a| *a = exp(*a - lse) * gs);
                 z[t as usize] -= gs;
             }
         });

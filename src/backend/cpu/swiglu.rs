@@ -2,11 +2,12 @@
 
 use rayon::prelude::*;
 
+use super::mathfn::exp;
 use super::ROW_CHUNK;
 
 #[inline]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 pub fn forward(out: &mut [f32], gu: &[f32], rows: usize, h: usize) {
