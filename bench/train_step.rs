@@ -2,7 +2,7 @@
 //! Prints tokens/s and model GFLOP/s (the peer's FLOP accounting: 3× forward matmuls with the
 //! experts' routed counts, plus causal attention) next to the machine's single-GEMM GFLOP/s.
 //!
-//! Run: `cargo bench --bench train_step [-- --threads 2 --steps 10]`
+//! Run: `cargo bench --bench train_step [-- --threads 2 --steps 10 --profile]`
 
 use std::time::Instant;
 
@@ -58,7 +58,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let threads = arg(&args, "--threads", 2);
     let steps = arg(&args, "--steps", 10);
-    let be = Cpu::new(threads);
+    let profile = args.iter().any(|a| a == "--profile");
+    let be = if profile { Cpu::new(threads).with_profile() } else { Cpu::new(threads) };
     let shapes: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(include_str!("cpu_configs.json")).expect("bench/cpu_configs.json");
     println!("motley CPU training step, {threads} threads, f32, {steps} timed steps after 2 warm-up steps");
@@ -104,6 +105,7 @@ fn main() {
         for _ in 0..2 {
             step(&mut model);
         }
+        be.take_profile();
         let t = Instant::now();
         let flops: f64 = (0..steps).map(|_| step(&mut model)).sum();
         let secs = t.elapsed().as_secs_f64();
@@ -120,5 +122,14 @@ fn main() {
             secs / steps as f64 * 1e3,
             100.0 * gflops / gemm
         );
+        let ops = be.take_profile();
+        if !ops.is_empty() {
+            println!("\n{name}: time per op over {steps} steps (wall, inside the backend)\n| op | calls/step | ms/step | share |\n|---|---|---|---|");
+            let total: f64 = ops.iter().map(|o| o.2).sum();
+            for (op, calls, secs) in ops {
+                println!("| {op} | {} | {:.1} | {:.0}% |", calls / steps as u64, secs / steps as f64 * 1e3, 100.0 * secs / total);
+            }
+            println!("| (step total) | | {:.1} | |\n", secs / steps as f64 * 1e3);
+        }
     }
 }

@@ -23,12 +23,24 @@ pub fn classifier(x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: 
         let grad_scale = grads.as_ref().map(|g| g.2 / n as f32);
         lg.par_chunks_mut(v).zip(losses[r0..r0 + rows].par_iter_mut()).zip(&targets[r0..r0 + rows]).for_each(|((z, loss), &t)| {
             let max = z.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
-            let sum: f32 = z.iter().map(|&a| exp(a - max)).sum();
-            let lse = max + sum.ln();
-            *loss = lse - z[t as usize];
-            if let Some(gs) = grad_scale {
-                z.iter_mut().for_each(|a| *a = exp(*a - lse) * gs);
-                z[t as usize] -= gs;
+            let target = z[t as usize];
+            match grad_scale {
+                None => {
+                    let sum: f32 = z.iter().map(|&a| exp(a - max)).sum();
+                    *loss = max + sum.ln() - target;
+                }
+                Some(gs) => {
+                    // One exp per logit: keep e^(z − max), then scale it into the gradient.
+                    let mut sum = 0.0;
+                    for a in z.iter_mut() {
+                        *a = exp(*a - max);
+                        sum += *a;
+                    }
+                    *loss = max + sum.ln() - target;
+                    let k = gs / sum;
+                    z.iter_mut().for_each(|a| *a *= k);
+                    z[t as usize] -= gs;
+                }
             }
         });
         if let Some((dx, dw, _)) = grads.as_mut() {

@@ -25,6 +25,8 @@ pub(crate) const ROW_CHUNK: usize = 64;
 
 pub struct Cpu {
     pool: rayon::ThreadPool,
+    /// Per-op call counts and wall time, when profiling.
+    profile: Option<std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>>,
 }
 
 impl Cpu {
@@ -36,15 +38,36 @@ impl Cpu {
             .thread_name(|i| format!("motley-cpu-{i}"))
             .build()
             .expect("rayon thread pool");
-        Cpu { pool }
+        Cpu { pool, profile: None }
+    }
+
+    /// Records the wall time of every op (see [`Cpu::profile`]).
+    pub fn with_profile(mut self) -> Self {
+        self.profile = Some(Default::default());
+        self
+    }
+
+    /// (op, calls, seconds) since the start or the last call, slowest first; empty when not profiling.
+    pub fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+        let Some(p) = &self.profile else { return Vec::new() };
+        let mut rows: Vec<_> = std::mem::take(&mut *p.lock().expect("profile lock")).into_iter().map(|(k, (n, d))| (k, n, d.as_secs_f64())).collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
     }
 
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }
 
-    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+    fn run<R: Send>(&self, op: &'static str, f: impl FnOnce() -> R + Send) -> R {
+        let Some(p) = &self.profile else { return self.pool.install(f) };
+        let start = std::time::Instant::now();
+        let r = self.pool.install(f);
+        let mut p = p.lock().expect("profile lock");
+        let e = p.entry(op).or_default();
+        e.0 += 1;
+        e.1 += start.elapsed();
+        r
     }
 }
 
@@ -104,81 +127,81 @@ impl Backend for Cpu {
     }
 
     fn add_assign(&self, dst: &mut [f32], src: &[f32]) {
-        self.run(|| elementwise::add_assign(dst, src))
+        self.run("add_assign", || elementwise::add_assign(dst, src))
     }
     fn add(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
-        self.run(|| elementwise::add(out, a, b))
+        self.run("add", || elementwise::add(out, a, b))
     }
     fn scale(&self, dst: &mut [f32], s: f32) {
-        self.run(|| elementwise::scale(dst, s))
+        self.run("scale", || elementwise::scale(dst, s))
     }
     fn sum_squares(&self, x: &[f32]) -> f64 {
-        self.run(|| elementwise::sum_squares(x))
+        self.run("sum_squares", || elementwise::sum_squares(x))
     }
 
     fn matmul(&self, out: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
         let threads = self.threads();
-        self.run(|| matmul::matmul(out, a, b, m, k, n, ta, tb, accumulate, threads))
+        self.run("matmul", || matmul::matmul(out, a, b, m, k, n, ta, tb, accumulate, threads))
     }
 
     fn embedding_fwd(&self, out: &mut [f32], table: &[f32], tokens: &[u32], c: usize) {
-        self.run(|| embed::forward(out, table, tokens, c))
+        self.run("embedding_fwd", || embed::forward(out, table, tokens, c))
     }
     fn embedding_bwd(&self, dtable: &mut [f32], dout: &[f32], tokens: &[u32], c: usize) {
-        self.run(|| embed::backward(dtable, dout, tokens, c))
+        self.run("embedding_bwd", || embed::backward(dtable, dout, tokens, c))
     }
 
     fn rmsnorm_fwd(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], n: usize, c: usize, eps: f32) {
-        self.run(|| norm::forward(out, rstd, x, w, n, c, eps))
+        self.run("rmsnorm_fwd", || norm::forward(out, rstd, x, w, n, c, eps))
     }
     fn rmsnorm_bwd(&self, dx: &mut [f32], dw: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], rstd: &[f32], n: usize, c: usize) {
-        self.run(|| norm::backward(dx, dw, dout, x, w, rstd, n, c))
+        self.run("rmsnorm_bwd", || norm::backward(dx, dw, dout, x, w, rstd, n, c))
     }
 
     fn rope(&self, qkv: &mut [f32], table: &[f32], shape: AttnShape, inverse: bool) {
-        self.run(|| rope::apply(qkv, table, shape, inverse))
+        self.run("rope", || rope::apply(qkv, table, shape, inverse))
     }
 
     fn attention_fwd(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], shape: AttnShape) {
-        self.run(|| attention::forward(out, lse, qkv, shape))
+        self.run("attention_fwd", || attention::forward(out, lse, qkv, shape))
     }
     fn attention_bwd(&self, dqkv: &mut [f32], dout: &[f32], out: &[f32], lse: &[f32], qkv: &[f32], shape: AttnShape) {
-        self.run(|| attention::backward(dqkv, dout, out, lse, qkv, shape))
+        self.run("attention_bwd", || attention::backward(dqkv, dout, out, lse, qkv, shape))
     }
 
     fn swiglu_fwd(&self, out: &mut [f32], gu: &[f32], rows: usize, h: usize) {
-        self.run(|| swiglu::forward(out, gu, rows, h))
+        self.run("swiglu_fwd", || swiglu::forward(out, gu, rows, h))
     }
     fn swiglu_bwd(&self, dgu: &mut [f32], dout: &[f32], gu: &[f32], rows: usize, h: usize) {
-        self.run(|| swiglu::backward(dgu, dout, gu, rows, h))
+        self.run("swiglu_bwd", || swiglu::backward(dgu, dout, gu, rows, h))
     }
 
     fn softmax_rows(&self, out: &mut [f32], logits: &[f32], rows: usize, cols: usize) {
-        self.run(|| softmax::forward(out, logits, rows, cols))
+        self.run("softmax_rows", || softmax::forward(out, logits, rows, cols))
     }
     fn softmax_rows_bwd(&self, dlogits: &mut [f32], dprobs: &[f32], probs: &[f32], rows: usize, cols: usize) {
-        self.run(|| softmax::backward(dlogits, dprobs, probs, rows, cols))
+        self.run("softmax_rows_bwd", || softmax::backward(dlogits, dprobs, probs, rows, cols))
     }
 
     fn gather_rows(&self, out: &mut [f32], x: &[f32], index: &[u32], c: usize) {
-        self.run(|| permute::gather(out, x, index, None, c))
+        self.run("gather_rows", || permute::gather(out, x, index, None, c))
     }
     fn combine_rows(&self, out: &mut [f32], y: &[f32], by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
-        self.run(|| permute::combine(out, y, by_token, weight, c))
+        self.run("combine_rows", || permute::combine(out, y, by_token, weight, c))
     }
     fn gathered_dots(&self, a: &[f32], b: &[f32], index: &[u32], c: usize) -> Vec<f32> {
-        self.run(|| permute::gathered_dots(a, b, index, c))
+        self.run("gathered_dots", || permute::gathered_dots(a, b, index, c))
     }
     fn gather_rows_scaled(&self, out: &mut [f32], x: &[f32], index: &[u32], weight: &[f32], c: usize) {
-        self.run(|| permute::gather(out, x, index, Some(weight), c))
+        self.run("gather_rows_scaled", || permute::gather(out, x, index, Some(weight), c))
     }
 
     fn classifier(&self, x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(&mut [f32], &mut [f32], f32)>) -> Vec<f32> {
         let threads = self.threads();
-        self.run(|| loss::classifier(x, w, targets, n, c, v, grads, threads))
+        self.run("classifier", || loss::classifier(x, w, targets, n, c, v, grads, threads))
     }
 
     fn adamw(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW, grad_scale: f32, decay: bool) {
-        self.run(|| optim::adamw(p, m, v, g, hp, grad_scale, decay))
+        self.run("adamw", || optim::adamw(p, m, v, g, hp, grad_scale, decay))
     }
 }
