@@ -15,12 +15,12 @@ pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW, 
         .zip(v.par_chunks_mut(CHUNK))
         .zip(g.par_chunks(CHUNK))
         .for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let gi = g[i] * grad_scale;
-                m[i] = hp.beta1 * m[i] + (1.0 - hp.beta1) * gi;
-                v[i] = hp.beta2 * v[i] + (1.0 - hp.beta2) * gi * gi;
-                let update = (m[i] / bc1) / ((v[i] / bc2).sqrt() + hp.eps);
-                p[i] -= hp.lr * (update + wd * p[i]);
+            for ((p, m), (v, &g)) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut().zip(g)) {
+                let g = g * grad_scale;
+                *m = hp.beta1 * *m + (1.0 - hp.beta1) * g;
+                *v = hp.beta2 * *v + (1.0 - hp.beta2) * g * g;
+                let update = (*m / bc1) / ((*v / bc2).sqrt() + hp.eps);
+                *p -= hp.lr * (update + wd * *p);
             }
         });
 }

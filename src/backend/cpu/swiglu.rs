@@ -15,9 +15,7 @@ pub fn forward(out: &mut [f32], gu: &[f32], rows: usize, h: usize) {
     out.par_chunks_mut(ROW_CHUNK * h).zip(gu.par_chunks(ROW_CHUNK * 2 * h)).for_each(|(o, gu)| {
         for (o, gu) in o.chunks_mut(h).zip(gu.chunks(2 * h)) {
             let (g, u) = gu.split_at(h);
-            for i in 0..h {
-                o[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
+            o.iter_mut().zip(g.iter().zip(u)).for_each(|(o, (&g, &u))| *o = g * sigmoid(g) * u);
         }
     });
 }
@@ -29,11 +27,10 @@ pub fn backward(dgu: &mut [f32], dout: &[f32], gu: &[f32], rows: usize, h: usize
             for ((dgu, gu), da) in dgu.chunks_mut(2 * h).zip(gu.chunks(2 * h)).zip(dout.chunks(h)) {
                 let (g, u) = gu.split_at(h);
                 let (dg, du) = dgu.split_at_mut(h);
-                for i in 0..h {
-                    let s = sigmoid(g[i]);
-                    let silu = g[i] * s;
-                    du[i] = da[i] * silu;
-                    dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                for ((dg, du), ((&g, &u), &da)) in dg.iter_mut().zip(du.iter_mut()).zip(g.iter().zip(u).zip(da)) {
+                    let s = sigmoid(g);
+                    *du = da * g * s;
+                    *dg = da * u * s * (1.0 + g * (1.0 - s));
                 }
             }
         },
