@@ -10,6 +10,7 @@ use crate::backend::cpu::Cpu;
 use crate::config::Config;
 use crate::data::prepare::{prepare, tokenize_files};
 use crate::data::shard::Shard;
+use crate::parallel::comm::{Communicator, SingleProcess};
 use crate::train::trainer::{self, TrainOptions};
 use crate::Result;
 
@@ -99,7 +100,10 @@ pub fn run() -> Result<()> {
             let config = Config::load(config.as_deref(), &set)?;
             let out = out.unwrap_or_else(default_out);
             let opts = TrainOptions { out: out.clone(), resume, sample_prompt: prompt, sample_tokens: 120 };
-            let s = trainer::train(&config, &opts)?;
+            let s = with_data_parallel(|dp| trainer::train(&config, &opts, dp))?;
+            if s.sample.is_none() && s.val_loss.is_none() {
+                return Ok(()); // a follower rank: rank 0 reports
+            }
             println!("trained {} steps in {:.1} s; final train loss {:.4}", s.steps, s.seconds, s.train_loss);
             if let Some(v) = s.val_loss {
                 println!("validation loss {v:.4} (perplexity {:.2}); ln(vocab) = {:.2}", v.exp(), (config.model.vocab_size as f64).ln());
@@ -146,6 +150,27 @@ pub fn run() -> Result<()> {
         }
         Command::PlanParallel { command } => plan::run(command),
     }
+}
+
+/// Runs `f` over the data-parallel ranks: the MPI world when launched by `mpirun` (and built
+/// with the `mpi` feature), else this process alone. An error on any MPI rank aborts the job,
+/// so no rank is left waiting in a collective.
+fn with_data_parallel<T>(f: impl FnOnce(&dyn Communicator) -> Result<T>) -> Result<T> {
+    let launched_by_mpi = std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some() || std::env::var_os("PMI_SIZE").is_some();
+    #[cfg(feature = "mpi")]
+    if launched_by_mpi {
+        let runtime = crate::parallel::mpi::MpiRuntime::init()?;
+        let world = runtime.world();
+        return f(&world).map_err(|e| {
+            eprintln!("error (rank {}): {e}", world.rank());
+            runtime.abort(1)
+        });
+    }
+    #[cfg(not(feature = "mpi"))]
+    if launched_by_mpi {
+        return Err(crate::Error::Invalid("launched by mpirun, but this motley was built without MPI; rebuild with `--features mpi`".into()));
+    }
+    f(&SingleProcess)
 }
 
 fn default_out() -> PathBuf {

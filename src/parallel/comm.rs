@@ -45,7 +45,7 @@ pub trait Communicator: Send {
 
 /// Checks that `groups` partitions `0..size` and returns the group holding `rank` and the
 /// position of `rank` in it.
-fn find_group(groups: &[Vec<usize>], size: usize, rank: usize) -> Result<(usize, usize)> {
+pub(crate) fn find_group(groups: &[Vec<usize>], size: usize, rank: usize) -> Result<(usize, usize)> {
     let mut seen = vec![false; size];
     for g in groups {
         if g.is_empty() {
@@ -71,7 +71,7 @@ fn find_group(groups: &[Vec<usize>], size: usize, rank: usize) -> Result<(usize,
 }
 
 /// Checks that `send_counts` has one count per rank and sums to `send.len()`.
-fn check_counts(send_len: usize, send_counts: &[usize], size: usize) -> Result<()> {
+pub(crate) fn check_counts(send_len: usize, send_counts: &[usize], size: usize) -> Result<()> {
     if send_counts.len() != size {
         return Err(Error::config("send_counts.len()", send_counts.len(), format!("one count per rank ({size})")));
     }

@@ -6,4 +6,6 @@
 
 pub mod comm;
 pub mod dispatch;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod ranks;

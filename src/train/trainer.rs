@@ -20,6 +20,7 @@ use crate::data::prepare::{prepare, Prepared};
 use crate::data::shard::Shard;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::params::ParamLayout;
+use crate::parallel::comm::Communicator;
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -119,10 +120,21 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Trains `config` into `opts.out`. Refuses to touch an output directory that already holds
-/// checkpoints unless resuming, so a good run is never overwritten.
-pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
+/// Trains `config` into `opts.out` with data parallelism over `dp` (a single process or MPI
+/// ranks): every rank draws the same global batch and keeps its own slice of rows, gradients are
+/// summed over the ranks and averaged, and rank 0 alone writes metrics, checkpoints and plots.
+/// Aux losses use each rank's local routing statistics (as Megatron does per data-parallel rank).
+///
+/// Refuses to touch an output directory that already holds checkpoints unless resuming, so a
+/// good run is never overwritten.
+pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Result<TrainSummary> {
     config.validate()?;
+    let (rank, ranks) = (dp.rank(), dp.size());
+    let leader = rank == 0;
+    if config.train.batch_size % ranks != 0 {
+        return Err(Error::config("train.batch_size", config.train.batch_size, format!("a multiple of the number of data-parallel ranks ({ranks})")));
+    }
+    let local_batch = config.train.batch_size / ranks;
     if config.device != "cpu" {
         return Err(Error::config("device", format!("\"{}\"", config.device), "\"cpu\" (the CUDA engine is not built into this binary yet)"));
     }
@@ -137,31 +149,38 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let t = &config.train;
     let be = Cpu::new(t.threads);
-    let data: Prepared = prepare(config, &out.join("data"))?;
+    // Rank 0 tokenizes first; the others then find its cache.
+    let data: Prepared = if leader { prepare(config, &out.join("data"))? } else { dp.barrier()?; prepare(config, &out.join("data"))? };
+    if leader {
+        dp.barrier()?;
+    }
     let mut model = Model::new(&be, config.model.clone(), config.moe.clone(), t.seed)?;
     let mut opt = Optimizer::new(&be, adamw_config(config), model.n_params());
     let mut loader = Loader::new(Shard::open(&data.train)?, t.batch_size, t.seq_len, t.seed)?;
     let hash = config.config_hash();
     let metrics_path = out.join("metrics.jsonl");
 
-    let mut metrics = match (&existing, opts.resume) {
-        (Some(dir), true) => {
-            let ck = checkpoint::load(dir, &hash)?;
-            restore(&model.layout, &ck.model, "", &mut model.params)?;
-            restore(&model.layout, &ck.optimizer, "m.", &mut opt.m)?;
-            restore(&model.layout, &ck.optimizer, "v.", &mut opt.v)?;
-            opt.step = ck.state.step;
-            loader.restore(ck.state.loader)?;
-            MetricsWriter::resume(&metrics_path, ck.state.step)?
-        }
-        _ => MetricsWriter::create(&metrics_path)?,
+    if let (Some(dir), true) = (&existing, opts.resume) {
+        let ck = checkpoint::load(dir, &hash)?;
+        restore(&model.layout, &ck.model, "", &mut model.params)?;
+        restore(&model.layout, &ck.optimizer, "m.", &mut opt.m)?;
+        restore(&model.layout, &ck.optimizer, "v.", &mut opt.v)?;
+        opt.step = ck.state.step;
+        loader.restore(ck.state.loader)?;
+    }
+    let mut metrics = match (leader, opts.resume) {
+        (false, _) => None,
+        (true, true) => Some(MetricsWriter::resume(&metrics_path, opt.step)?),
+        (true, false) => Some(MetricsWriter::create(&metrics_path)?),
     };
-    write_atomic(&out.join("config.toml"), &config.to_toml()?)?;
+    if leader {
+        write_atomic(&out.join("config.toml"), &config.to_toml()?)?;
+    }
     let tokenizer_json = data.tokenizer.to_json()?;
     let schedule = LrSchedule::from_config(t);
     let first = opt.step;
     let mut store = model.new_store();
-    let progress = Progress::new(first, t.steps, (t.steps / 20).max(1));
+    let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
     let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader| -> Result<PathBuf> {
         let state = TrainState {
             step: opt.step,
@@ -183,8 +202,19 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     for step in first..t.steps {
         let step_start = Instant::now();
         let batch = loader.next_batch();
+        let rows = rank * local_batch * t.seq_len..(rank + 1) * local_batch * t.seq_len;
         model.zero_grads(&be);
-        let stats = model.forward_backward(&be, &mut store, &batch.inputs, &batch.targets, t.batch_size, t.seq_len)?;
+        let mut stats = model.forward_backward(&be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], local_batch, t.seq_len)?;
+        if ranks > 1 {
+            dp.all_reduce_sum(&mut model.grads)?;
+            be.scale(&mut model.grads, 1.0 / ranks as f32);
+            let mut losses = [stats.lm_loss as f32, stats.aux_loss as f32];
+            dp.all_reduce_sum(&mut losses)?;
+            stats.lm_loss = losses[0] as f64 / ranks as f64;
+            stats.aux_loss = losses[1] as f64 / ranks as f64;
+            stats.loss = stats.lm_loss + stats.aux_loss;
+            stats.tokens *= ranks;
+        }
         if !stats.loss.is_finite() {
             return Err(Error::NonFinite { step: step + 1, what: "loss".into(), value: stats.loss as f32 });
         }
@@ -202,6 +232,11 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         extra.insert("entropy".into(), json!(stats.aux.entropy));
         extra.insert("z_loss".into(), json!(stats.aux.z_loss));
         extra.insert("expert_counts".into(), Value::from(stats.counts.clone()));
+        let Some(metrics) = metrics.as_mut() else {
+            last = Some(stats.lm_loss);
+            continue_checkpointing(dp, config, step, t.steps)?;
+            continue;
+        };
         metrics.train(&TrainRecord {
             step: step + 1,
             loss: stats.loss as f32,
@@ -213,20 +248,30 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             activated_params: stats.activated_params,
             extra,
         })?;
-        progress.step(step + 1, stats.loss as f32, tokens_per_s as f32);
+        if let Some(p) = &progress {
+            p.step(step + 1, stats.loss as f32, tokens_per_s as f32);
+        }
         last = Some(stats.lm_loss);
         let done = step + 1 == t.steps;
         if (t.eval_every > 0 && (step + 1) % t.eval_every == 0) || done {
             let v = validation_loss(&be, &model, &data.val, t.batch_size, t.seq_len, t.eval_batches)?;
             metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra: Map::new() })?;
-            progress.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2})", step + 1, v.exp()));
+            if let Some(p) = &progress {
+                p.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2})", step + 1, v.exp()));
+            }
             val_loss = Some(v);
         }
-        if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || done {
+        if checkpoint_due(config, step, t.steps) {
             last_checkpoint = save(&model, &opt, &loader)?;
+            dp.barrier()?;
         }
     }
-    progress.finish();
+    if !leader {
+        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, checkpoint: last_checkpoint, sample: None });
+    }
+    if let Some(p) = &progress {
+        p.finish();
+    }
     plot::plot_loss(&metrics_path, &out.join("loss.png"))?;
     let sample = if opts.sample_prompt.is_empty() || opts.sample_tokens == 0 {
         None
@@ -241,6 +286,18 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         checkpoint: last_checkpoint,
         sample,
     })
+}
+
+fn checkpoint_due(config: &Config, step: u64, steps: u64) -> bool {
+    (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || step + 1 == steps
+}
+
+/// A follower rank's side of a checkpoint: wait until rank 0 has written it.
+fn continue_checkpointing(dp: &dyn Communicator, config: &Config, step: u64, steps: u64) -> Result<()> {
+    if checkpoint_due(config, step, steps) {
+        dp.barrier()?;
+    }
+    Ok(())
 }
 
 /// A model, its config and tokenizer, loaded from a checkpoint directory or a run directory
