@@ -29,10 +29,10 @@ struct Heads {
 unsafe impl DeviceRepr for Heads {}
 
 pub fn check(s: AttnShape) -> Result<()> {
-    if s.head_dim == 0 || s.head_dim % 16 != 0 || s.head_dim > MAX_HEAD_DIM {
+    if s.head_dim == 0 || !s.head_dim.is_multiple_of(16) || s.head_dim > MAX_HEAD_DIM {
         return Err(Error::Invalid(format!("CUDA attention needs head_dim a multiple of 16 and at most {MAX_HEAD_DIM}; got {}", s.head_dim)));
     }
-    if s.n_kv_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+    if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
         return Err(Error::Invalid(format!("attention: n_heads ({}) must be a multiple of n_kv_heads ({})", s.n_heads, s.n_kv_heads)));
     }
     Ok(())
