@@ -12,6 +12,8 @@
 //! Ops whose doc says "accumulates" add into their output (`+=`); all others overwrite it.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use std::ops::Range;
 

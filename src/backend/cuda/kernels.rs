@@ -1,0 +1,188 @@
+//! Loading the compiled kernels into the context, with an on-disk PTX cache, and the small
+//! host-side helpers whose output the kernels consume.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
+use cudarc::nvrtc::Ptx;
+
+use super::attention::max_smem_bytes;
+use super::nvrtc::{compile, full_source, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
+use crate::backend::AdamW;
+use crate::{Error, Result};
+
+/// Every entry point of `nvrtc::KERNEL_FILES`, by name.
+pub struct Kernels {
+    pub add_assign: CudaFunction,
+    pub add: CudaFunction,
+    pub scale: CudaFunction,
+    pub fill: CudaFunction,
+    pub sum_squares_partial: CudaFunction,
+    pub sum_squares_final: CudaFunction,
+    pub embedding_fwd: CudaFunction,
+    pub embedding_bwd: CudaFunction,
+    pub rmsnorm_fwd: CudaFunction,
+    pub rmsnorm_bwd_dx: CudaFunction,
+    pub rmsnorm_dw_partial: CudaFunction,
+    pub rmsnorm_dw_reduce: CudaFunction,
+    pub rope: CudaFunction,
+    pub swiglu_fwd: CudaFunction,
+    pub swiglu_bwd: CudaFunction,
+    pub softmax_rows_fwd: CudaFunction,
+    pub softmax_rows_bwd: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub combine_rows: CudaFunction,
+    pub gathered_dots: CudaFunction,
+    pub softmax_xent: CudaFunction,
+    pub adamw: CudaFunction,
+    pub attn_fwd: CudaFunction,
+    pub attn_bwd_delta: CudaFunction,
+    pub attn_bwd_dkv: CudaFunction,
+    pub attn_bwd_dq: CudaFunction,
+}
+
+impl Kernels {
+    /// Compiles every kernel file for the device's architecture (or reads the cached PTX) and
+    /// loads its entry points; the attention kernels get their shared-memory limit raised.
+    pub fn load(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> Result<Self> {
+        // Hopper's arch-specific features need the `a` suffix; other GPUs use the plain target.
+        let arch = if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") };
+        let includes = include_dirs_from_env();
+        let mut f: HashMap<&'static str, CudaFunction> = HashMap::new();
+        for file in KERNEL_FILES {
+            let ptx = cached_ptx(file, &arch, &includes)?;
+            let module = ctx.load_module(ptx).map_err(|e| Error::Invalid(format!("loading kernels/{}.cu: {e:?}", file.name)))?;
+            for &name in file.functions {
+                let func = module.load_function(name).map_err(|e| Error::Invalid(format!("kernel `{name}` missing from kernels/{}.cu: {e:?}", file.name)))?;
+                f.insert(name, func);
+            }
+        }
+        let smem = max_smem_bytes();
+        for name in ["attn_fwd", "attn_bwd_dkv", "attn_bwd_dq"] {
+            f[name]
+                .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| Error::Invalid(format!("{name}: cannot allow {smem} bytes of shared memory: {e:?}")))?;
+        }
+        // Every name below is listed in KERNEL_FILES and was inserted above.
+        let mut take = |name: &str| f.remove(name).expect("kernel listed in KERNEL_FILES");
+        Ok(Kernels {
+            add_assign: take("add_assign"),
+            add: take("add"),
+            scale: take("scale"),
+            fill: take("fill"),
+            sum_squares_partial: take("sum_squares_partial"),
+            sum_squares_final: take("sum_squares_final"),
+            embedding_fwd: take("embedding_fwd"),
+            embedding_bwd: take("embedding_bwd"),
+            rmsnorm_fwd: take("rmsnorm_fwd"),
+            rmsnorm_bwd_dx: take("rmsnorm_bwd_dx"),
+            rmsnorm_dw_partial: take("rmsnorm_dw_partial"),
+            rmsnorm_dw_reduce: take("rmsnorm_dw_reduce"),
+            rope: take("rope"),
+            swiglu_fwd: take("swiglu_fwd"),
+            swiglu_bwd: take("swiglu_bwd"),
+            softmax_rows_fwd: take("softmax_rows_fwd"),
+            softmax_rows_bwd: take("softmax_rows_bwd"),
+            gather_rows: take("gather_rows"),
+            combine_rows: take("combine_rows"),
+            gathered_dots: take("gathered_dots"),
+            softmax_xent: take("softmax_xent"),
+            adamw: take("adamw"),
+            attn_fwd: take("attn_fwd"),
+            attn_bwd_delta: take("attn_bwd_delta"),
+            attn_bwd_dkv: take("attn_bwd_dkv"),
+            attn_bwd_dq: take("attn_bwd_dq"),
+        })
+    }
+}
+
+/// PTX from `~/.cache/motley/ptx/<file>-<hash>.ptx`, keyed by the source, the architecture, the
+/// include folders and the crate version; compiled and stored on a miss. NVRTC takes seconds
+/// per file, so the cache saves that at every start after the first. A cache that cannot be
+/// written only costs the next start a recompile, so write errors are ignored.
+fn cached_ptx(file: &KernelFile, arch: &str, includes: &[PathBuf]) -> Result<Ptx> {
+    let mut h = DefaultHasher::new();
+    (full_source(file), arch, includes, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    let path = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(format!(".cache/motley/ptx/{}-{:016x}.ptx", file.name, h.finish())));
+    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        return Ok(Ptx::from_src(text));
+    }
+    let ptx = compile(file, arch, includes, Storage::F32).map_err(Error::Invalid)?;
+    if let Some(p) = &path {
+        let _ = p.parent().map(std::fs::create_dir_all);
+        let _ = std::fs::write(p, ptx.to_src());
+    }
+    Ok(ptx)
+}
+
+/// Token positions grouped by token id, for the deterministic embedding backward: group `g` is
+/// token `ids[g]` at `positions[offsets[g]..offsets[g + 1]]`, positions ascending.
+pub struct Groups {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<u32>,
+    pub positions: Vec<u32>,
+}
+
+pub fn group_positions(tokens: &[u32]) -> Groups {
+    let mut positions: Vec<u32> = (0..tokens.len() as u32).collect();
+    positions.sort_by_key(|&i| tokens[i as usize]); // stable: ascending positions within a token
+    let (mut ids, mut offsets) = (Vec::new(), Vec::new());
+    for (k, &i) in positions.iter().enumerate() {
+        let t = tokens[i as usize];
+        if ids.last() != Some(&t) {
+            ids.push(t);
+            offsets.push(k as u32);
+        }
+    }
+    offsets.push(positions.len() as u32);
+    Groups { ids, offsets, positions }
+}
+
+/// `struct AdamW` of optim.cu: hyper-parameters with the bias corrections precomputed on the
+/// host exactly as the CPU backend computes them.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct AdamWArgs {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+    bc1: f32,
+    bc2: f32,
+}
+
+// SAFETY: plain #[repr(C)] f32 fields, the same layout as the CUDA struct.
+unsafe impl DeviceRepr for AdamWArgs {}
+
+impl AdamWArgs {
+    pub fn new(hp: AdamW, decay: bool) -> Self {
+        AdamWArgs {
+            lr: hp.lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            weight_decay: if decay { hp.weight_decay } else { 0.0 },
+            bc1: 1.0 - hp.beta1.powi(hp.step as i32),
+            bc2: 1.0 - hp.beta2.powi(hp.step as i32),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_positions;
+
+    #[test]
+    fn groups_positions_by_token_in_order() {
+        let g = group_positions(&[3, 1, 3, 9, 1, 3]);
+        assert_eq!(g.ids, [1, 3, 9]);
+        assert_eq!(g.offsets, [0, 2, 5, 6]);
+        assert_eq!(g.positions, [1, 4, 0, 2, 5, 3]);
+    }
+}

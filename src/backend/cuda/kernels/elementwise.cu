@@ -1,0 +1,50 @@
+// Elementwise ops and the deterministic sum of squares (global gradient norm).
+// Grid-stride loops; every launch covers `n` elements.
+
+extern "C" __global__ void add_assign(act_t* dst, const act_t* src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        st(dst + i, ld(dst + i) + ld(src + i));
+}
+
+extern "C" __global__ void add(act_t* out, const act_t* a, const act_t* b, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        st(out + i, ld(a + i) + ld(b + i));
+}
+
+extern "C" __global__ void scale(act_t* dst, float s, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        st(dst + i, ld(dst + i) * s);
+}
+
+extern "C" __global__ void fill(act_t* dst, float value, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        st(dst + i, value);
+}
+
+// Pass 1 of Σ x²: block b sums elements b, b + grid, ... (f64) into partial[b]. The grid size is
+// fixed by the caller, so the summation order depends only on n.
+extern "C" __global__ void sum_squares_partial(double* partial, const act_t* x, size_t n) {
+    __shared__ double scratch[32];
+    double acc = 0.0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        double v = ld(x + i);
+        acc += v * v;
+    }
+    acc = warp_sum_f64(acc);
+    int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    if (lane == 0) scratch[warp] = acc;
+    __syncthreads();
+    if (warp == 0) {
+        acc = lane < blockDim.x / WARP ? scratch[lane] : 0.0;
+        acc = warp_sum_f64(acc);
+        if (lane == 0) partial[blockIdx.x] = acc;
+    }
+}
+
+// Pass 2: one warp adds the partials in a fixed order into out[0].
+extern "C" __global__ void sum_squares_final(double* out, const double* partial, int count) {
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < count; i += WARP) acc += partial[i];
+    acc = warp_sum_f64(acc);
+    if (threadIdx.x == 0) out[0] = acc;
+}

@@ -1,0 +1,48 @@
+// RMSNorm: y = x · rstd · w, rstd = 1/sqrt(mean(x²) + eps). x, out, dout, dx: (N, C); w, dw: (C).
+// rstd (N) is a statistic and stays f32 whatever the activation storage type.
+
+// Grid (N), one block per row; rstd (N) saved for the backward.
+extern "C" __global__ void rmsnorm_fwd(act_t* out, float* rstd, const act_t* x, const act_t* w, int c, float eps) {
+    __shared__ float scratch[32];
+    const act_t* xr = x + (size_t)blockIdx.x * c;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) { float v = ld(xr + j); ss += v * v; }
+    float s = rsqrtf(block_sum(ss, scratch) / c + eps);
+    if (threadIdx.x == 0) rstd[blockIdx.x] = s;
+    act_t* o = out + (size_t)blockIdx.x * c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) st(o + j, ld(xr + j) * s * ld(w + j));
+}
+
+// dx += s·w·dy − s³·⟨dy·w, x⟩/C · x. Grid (N).
+extern "C" __global__ void rmsnorm_bwd_dx(act_t* dx, const act_t* dout, const act_t* x, const act_t* w,
+                                          const float* rstd, int c) {
+    __shared__ float scratch[32];
+    size_t base = (size_t)blockIdx.x * c;
+    float dot = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) dot += ld(dout + base + j) * ld(w + j) * ld(x + base + j);
+    float s = rstd[blockIdx.x];
+    float k = s * s * s * block_sum(dot, scratch) / c;
+    for (int j = threadIdx.x; j < c; j += blockDim.x)
+        st(dx + base + j, ld(dx + base + j) + s * ld(w + j) * ld(dout + base + j) - k * ld(x + base + j));
+}
+
+// dw partials per chunk of `rows_per_chunk` rows: part[chunk, j] = Σ_rows dy·x·rstd, rows in order.
+// Grid (chunks, ceil(C / blockDim)); one thread per column.
+extern "C" __global__ void rmsnorm_dw_partial(float* part, const act_t* dout, const act_t* x, const float* rstd,
+                                              int n, int c, int rows_per_chunk) {
+    int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    int r0 = blockIdx.x * rows_per_chunk, r1 = min(n, r0 + rows_per_chunk);
+    float acc = 0.0f;
+    for (int r = r0; r < r1; r++) acc += ld(dout + (size_t)r * c + j) * ld(x + (size_t)r * c + j) * rstd[r];
+    part[(size_t)blockIdx.x * c + j] = acc;
+}
+
+// dw[j] += Σ_chunks part[chunk, j], chunks in order (deterministic, no atomics).
+extern "C" __global__ void rmsnorm_dw_reduce(act_t* dw, const float* part, int chunks, int c) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= c) return;
+    float acc = ld(dw + j);
+    for (int k = 0; k < chunks; k++) acc += part[(size_t)k * c + j];
+    st(dw + j, acc);
+}

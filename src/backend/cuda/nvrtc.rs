@@ -1,0 +1,115 @@
+//! Kernel sources and their NVRTC compilation.
+//!
+//! Every op family is one `.cu` file under `kernels/`, embedded with `include_str!` and prefixed
+//! with `kernels/common.cuh`. The same function compiles them for the device at start-up and for
+//! the CI test (`tests/cuda_nvrtc.rs`), which has no GPU and targets `sm_90a`.
+
+use std::path::{Path, PathBuf};
+
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
+
+/// One kernel file: its name, its source (without the common prefix) and the `extern "C"`
+/// entry points the backend loads from it.
+pub struct KernelFile {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub functions: &'static [&'static str],
+}
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+
+pub const KERNEL_FILES: &[KernelFile] = &[
+    KernelFile {
+        name: "elementwise",
+        source: include_str!("kernels/elementwise.cu"),
+        functions: &["add_assign", "add", "scale", "fill", "sum_squares_partial", "sum_squares_final"],
+    },
+    KernelFile { name: "embed", source: include_str!("kernels/embed.cu"), functions: &["embedding_fwd", "embedding_bwd"] },
+    KernelFile {
+        name: "norm",
+        source: include_str!("kernels/norm.cu"),
+        functions: &["rmsnorm_fwd", "rmsnorm_bwd_dx", "rmsnorm_dw_partial", "rmsnorm_dw_reduce"],
+    },
+    KernelFile { name: "rope", source: include_str!("kernels/rope.cu"), functions: &["rope"] },
+    KernelFile { name: "swiglu", source: include_str!("kernels/swiglu.cu"), functions: &["swiglu_fwd", "swiglu_bwd"] },
+    KernelFile { name: "softmax", source: include_str!("kernels/softmax.cu"), functions: &["softmax_rows_fwd", "softmax_rows_bwd"] },
+    KernelFile {
+        name: "permute",
+        source: include_str!("kernels/permute.cu"),
+        functions: &["gather_rows", "combine_rows", "gathered_dots"],
+    },
+    KernelFile { name: "loss", source: include_str!("kernels/loss.cu"), functions: &["softmax_xent"] },
+    KernelFile { name: "optim", source: include_str!("kernels/optim.cu"), functions: &["adamw"] },
+    KernelFile {
+        name: "attention",
+        source: include_str!("kernels/attention.cu"),
+        functions: &["attn_fwd", "attn_bwd_delta", "attn_bwd_dkv", "attn_bwd_dq"],
+    },
+];
+
+/// Storage type of the trait's buffers inside the kernels (`act_t` in `common.cuh`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Storage {
+    /// What the backend runs today: the trait has one buffer type, and parameters need f32.
+    F32,
+    /// bf16 activations; compiled by the CI test, not yet launched (needs split buffer types).
+    Bf16,
+}
+
+/// The full translation unit NVRTC compiles for `file`.
+pub fn full_source(file: &KernelFile) -> String {
+    format!("{COMMON}\n// ---- {}.cu ----\n{}", file.name, file.source)
+}
+
+/// Compiles one kernel file to PTX for `arch` (e.g. `sm_90a`), with `include_dirs` holding
+/// `cuda_bf16.h` and `mma.h`.
+pub fn compile(file: &KernelFile, arch: &str, include_dirs: &[PathBuf], storage: Storage) -> Result<Ptx, String> {
+    let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    if storage == Storage::Bf16 {
+        options.push("-DMOTLEY_ACT_BF16".to_string());
+    }
+    let opts = CompileOptions {
+        include_paths: include_dirs.iter().map(|p| p.display().to_string()).collect(),
+        options,
+        name: Some(format!("{}.cu", file.name)),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(full_source(file), opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+            format!("NVRTC failed on kernels/{}.cu for {arch} ({storage:?}):\n{}", file.name, log.to_string_lossy())
+        }
+        other => format!("NVRTC failed on kernels/{}.cu: {other:?}", file.name),
+    })
+}
+
+/// Whether the NVRTC shared library can be loaded (cudarc would panic on first use otherwise).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library by its candidate names.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Include directories for NVRTC: `MOTLEY_CUDA_INCLUDE` (colon-separated), else the
+/// `nvidia/cu13/include` folder of the Python virtualenv at `MOTLEY_CUDA_HOME`, else
+/// `/usr/local/cuda/include`. Only existing folders are returned.
+pub fn include_dirs_from_env() -> Vec<PathBuf> {
+    if let Ok(list) = std::env::var("MOTLEY_CUDA_INCLUDE") {
+        return std::env::split_paths(&list).filter(|p| p.is_dir()).collect();
+    }
+    if let Ok(home) = std::env::var("MOTLEY_CUDA_HOME") {
+        return venv_include(Path::new(&home)).into_iter().collect();
+    }
+    let system = PathBuf::from("/usr/local/cuda/include");
+    if system.is_dir() {
+        vec![system]
+    } else {
+        Vec::new()
+    }
+}
+
+/// `<venv>/lib/python3.*/site-packages/nvidia/cu13/include`, if it holds `cuda_bf16.h`.
+fn venv_include(venv: &Path) -> Option<PathBuf> {
+    let lib = std::fs::read_dir(venv.join("lib")).ok()?;
+    lib.flatten()
+        .map(|e| e.path().join("site-packages/nvidia/cu13/include"))
+        .find(|p| p.join("cuda_bf16.h").is_file())
+}

@@ -1,0 +1,58 @@
+//! Compiles every CUDA kernel with NVRTC for `sm_90a`, without a GPU, so that a kernel that does
+//! not compile fails CI. Both storage variants are compiled: f32 (what runs today) and bf16.
+//!
+//! Needs libnvrtc on the library path and the CUDA headers (cuda_bf16.h, mma.h) in
+//! `MOTLEY_CUDA_INCLUDE`, or a Python venv with NVIDIA's wheels in `MOTLEY_CUDA_HOME`;
+//! `.ci/cuda-nvrtc.sh` sets both up. Without NVRTC the test fails when `CI=true` and prints a
+//! skip notice otherwise.
+#![cfg(feature = "cuda")]
+
+use motley::backend::cuda::nvrtc::{compile, include_dirs_from_env, nvrtc_present, Storage, KERNEL_FILES};
+
+const ARCH: &str = "sm_90a";
+const INSTALL: &str = "pip install \"nvidia-cuda-nvrtc==13.0.*\" \"nvidia-cuda-runtime==13.0.*\" \"nvidia-cuda-cccl==13.0.*\" \
+into a venv, put <site-packages>/nvidia/cu13/lib on LD_LIBRARY_PATH and set MOTLEY_CUDA_INCLUDE=<site-packages>/nvidia/cu13/include \
+(or run .ci/cuda-nvrtc.sh)";
+
+/// `Some(reason)` when the toolchain is missing: a failure under CI, a skip elsewhere.
+fn missing_toolchain() -> Option<String> {
+    if !nvrtc_present() {
+        return Some("libnvrtc not loadable".into());
+    }
+    if !include_dirs_from_env().iter().any(|d| d.join("cuda_bf16.h").is_file()) {
+        return Some("cuda_bf16.h not found in MOTLEY_CUDA_INCLUDE / MOTLEY_CUDA_HOME / /usr/local/cuda/include".into());
+    }
+    None
+}
+
+#[test]
+fn every_kernel_compiles_for_sm90a() {
+    if let Some(reason) = missing_toolchain() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("CUDA kernel check cannot run: {reason}. {INSTALL}");
+        }
+        eprintln!("SKIPPED cuda_nvrtc: {reason}. To run it: {INSTALL}");
+        return;
+    }
+    let includes = include_dirs_from_env();
+    let mut failures = Vec::new();
+    for storage in [Storage::F32, Storage::Bf16] {
+        for file in KERNEL_FILES {
+            let t = std::time::Instant::now();
+            match compile(file, ARCH, &includes, storage) {
+                Ok(ptx) => {
+                    let text = ptx.to_src();
+                    // The names the backend loads must be entry points of the PTX.
+                    for f in file.functions {
+                        if !text.contains(&format!(".entry {f}(")) {
+                            failures.push(format!("kernels/{}.cu ({storage:?}): no entry point `{f}`", file.name));
+                        }
+                    }
+                    eprintln!("compiled kernels/{}.cu ({storage:?}) for {ARCH} in {:.2}s", file.name, t.elapsed().as_secs_f64());
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
