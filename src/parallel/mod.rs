@@ -3,9 +3,11 @@
 //! - [`ranks`]: Megatron `RankGenerator` semantics; the attention and MoE layouts of one world.
 //! - [`comm`]: the `Communicator` trait, a single-process one and simulated ranks on threads.
 //! - [`dispatch`]: the MoE token dispatcher (permute → all-to-all over EP → experts → back).
+//! - [`planner`]: costs and ranks parallel mappings at cluster scale from the same rank mapping.
 
 pub mod comm;
 pub mod dispatch;
+pub mod planner;
 pub mod ranks;
 #[cfg(test)]
 mod test_rng;
