@@ -101,15 +101,15 @@ fn rope_backward_is_the_inverse_rotation() {
     let r = randn(&mut rng, x.len(), 1.0);
     let mut f = |x: &[f32]| {
         let mut y = x.to_vec();
-        be.rope(&mut y, &table, s, false);
+        be.rope(&mut y, &table, s, 0, false);
         dot64(&r, &y)
     };
     let mut dx = r.clone();
-    be.rope(&mut dx, &table, s, true);
+    be.rope(&mut dx, &table, s, 0, true);
     check_directions("rope", &mut f, &x, &dx, 1e-2, TOL, 10);
     // v columns are untouched.
     let mut y = x.clone();
-    be.rope(&mut y, &table, s, false);
+    be.rope(&mut y, &table, s, 0, false);
     let v0 = (s.n_heads + s.n_kv_heads) * s.head_dim;
     assert_eq!(y[v0..s.qkv_width()], x[v0..s.qkv_width()]);
 }

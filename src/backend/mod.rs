@@ -89,6 +89,10 @@ pub trait Backend: Send + Sync {
     }
     fn upload(&self, dst: Self::ViewMut<'_>, src: &[f32]);
     fn download(&self, src: Self::View<'_>) -> Vec<f32>;
+    /// Copies `src` into host memory the caller owns (the activation store's host tier).
+    fn download_into(&self, dst: &mut [f32], src: Self::View<'_>) {
+        dst.copy_from_slice(&self.download(src));
+    }
     fn fill(&self, dst: Self::ViewMut<'_>, value: f32);
     fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
 
@@ -104,7 +108,9 @@ pub trait Backend: Send + Sync {
 
     // ---- matmul ---------------------------------------------------------------------------------
     /// `out (m×n) [+]= op(a) (m×k) · op(b) (k×n)`; `op` transposes when `ta`/`tb`;
-    /// accumulates when `accumulate`.
+    /// accumulates when `accumulate`. Row stability: when `!ta`, every output row must be
+    /// bitwise the same whatever `m` and wherever the row sits, so that recomputing a subset of
+    /// rows (MEMO's dropped tokens) reproduces the full call.
     #[allow(clippy::too_many_arguments)]
     fn matmul(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool);
 
@@ -124,8 +130,9 @@ pub trait Backend: Send + Sync {
 
     // ---- rotary position embedding --------------------------------------------------------------
     /// Rotates the q and k heads of `qkv` in place by the angles of `table` (`seq × head_dim/2`
-    /// pairs of cos, sin); `inverse` rotates back (the backward of a rotation).
-    fn rope(&self, qkv: Self::ViewMut<'_>, table: Self::View<'_>, shape: AttnShape, inverse: bool);
+    /// pairs of cos, sin); `inverse` rotates back (the backward of a rotation). `qkv`'s first row
+    /// is token `first_row` of the `(B·T)` layout, so a token range can be recomputed alone.
+    fn rope(&self, qkv: Self::ViewMut<'_>, table: Self::View<'_>, shape: AttnShape, first_row: usize, inverse: bool);
 
     // ---- causal attention -----------------------------------------------------------------------
     /// Tiled causal attention with an online softmax: `out (N, H·D)`, `lse (B·H·T)` saved.

@@ -1,5 +1,11 @@
-//! MEMO: the activation store, swap/recompute policies, memory planning and the arena.
+//! MEMO: the activation store with per-layer keep / offload α / recompute policies, the host
+//! tier, skeletal inventories, the α LP, transient memory planning and the `plan-memory` report.
 
 pub mod alpha;
+pub mod host;
+pub mod inventory;
 pub mod plan;
+pub mod policy;
+pub mod report;
 pub mod store;
+pub mod transients;

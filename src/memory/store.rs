@@ -1,62 +1,256 @@
 //! The activation store: every tensor a layer's backward needs is saved here, under a name the
-//! layer declared in its inventory. This is where keep / offload / recompute policies act
-//! (MEMO): the inventory says which tensors are kept or offloaded whole and which can be split
-//! along tokens and recomputed.
+//! layer declared in its inventory, and here MEMO's per-layer policies act.
+//!
+//! - `Keep`: everything stays on the device until the backward.
+//! - `Offload { alpha }`: after the forward ([`ActivationStore::seal`]) the `Whole` tensors go to
+//!   the host tier whole; of every `TokenSplit` tensor the rows of the first ⌈α·N⌉ tokens follow
+//!   them and the rest are dropped. Before the backward ([`ActivationStore::restore`]) the host
+//!   rows come back and the layer recomputes the dropped ones.
+//! - `Recompute`: the `Whole` tensors stay on the device and every `TokenSplit` tensor is dropped
+//!   (α = 0 without the copies). Attention is not recomputed: by MEMO's rule its output (and the
+//!   softmax statistics) are `Whole`, so "full recompute" here means everything but attention.
+//!
+//! Rows are token-major: a per-token tensor has one row per token; a per-slot tensor has, per
+//! expert, one row per routed slot in ascending token order, so a token prefix is a row prefix of
+//! every expert's block.
 
+use super::host::{HostSeg, HostTier, ELEM_BYTES};
 use crate::backend::Backend;
+use crate::model::config::{ModelConfig, MoeConfig};
 use crate::model::routing::Routing;
+use crate::{Error, Result};
 
-/// How many elements a saved tensor has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Row width of a saved tensor, named by what it is a width of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Width {
+    /// `d_model`.
+    Model,
+    /// The fused q, k, v row: `(H + 2·Hkv)·D`.
+    Qkv,
+    /// The attention output row: `H·D`.
+    AttnOut,
+    /// One entry per expert (router logits and probabilities).
+    Experts,
+    /// A single element (per-row statistics such as RMSNorm's rstd).
+    One,
+}
+
+/// How many rows a saved tensor has and how wide they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Extent {
-    /// `n` elements per token.
-    PerToken(usize),
-    /// `n` elements per routed slot (token copy sent to an expert).
-    PerSlot(usize),
-    /// `n × h_e` elements per slot routed to expert `e` of width `h_e`.
-    PerSlotWidth(usize),
-    /// `n` elements per (sequence, head, position), independent of routing.
-    PerHeadToken(usize),
+    /// One row of the width per token.
+    PerToken(Width),
+    /// One element per (sequence, head, position), independent of routing.
+    PerHeadToken,
+    /// One row of the width per routed slot (token copy sent to an expert).
+    PerSlot(Width),
+    /// `n · h_e` elements per slot routed to expert `e` of width `h_e`.
+    PerSlotExpertWidth(usize),
 }
 
 /// MEMO's tensor rule: the layer input and the attention output (with its softmax statistics)
 /// are kept or offloaded whole; every other tensor is per token and may be split and recomputed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Class {
     Whole,
     TokenSplit,
 }
 
 /// One entry of a layer's skeletal inventory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct TensorSpec {
     pub name: &'static str,
     pub extent: Extent,
     pub class: Class,
 }
 
+/// The dimensions that turn an [`Extent`] into element counts for one block call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockDims {
+    pub batch: usize,
+    pub seq: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub qkv_width: usize,
+    pub attn_width: usize,
+    pub expert_widths: Vec<usize>,
+}
+
+impl BlockDims {
+    pub fn new(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize) -> Self {
+        let d = model.head_dim();
+        BlockDims {
+            batch,
+            seq,
+            d_model: model.d_model,
+            n_heads: model.n_heads,
+            qkv_width: (model.n_heads + 2 * model.n_kv_heads) * d,
+            attn_width: model.n_heads * d,
+            expert_widths: moe.expert_widths.clone(),
+        }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    pub fn width(&self, w: Width) -> usize {
+        match w {
+            Width::Model => self.d_model,
+            Width::Qkv => self.qkv_width,
+            Width::AttnOut => self.attn_width,
+            Width::Experts => self.expert_widths.len(),
+            Width::One => 1,
+        }
+    }
+
+    /// Elements of `spec` with `slots[e]` slots routed to expert `e`.
+    pub fn elements(&self, spec: &TensorSpec, slots: &[usize]) -> usize {
+        match spec.extent {
+            Extent::PerToken(w) => self.tokens() * self.width(w),
+            Extent::PerHeadToken => self.tokens() * self.n_heads,
+            Extent::PerSlot(w) => slots.iter().sum::<usize>() * self.width(w),
+            Extent::PerSlotExpertWidth(k) => slots.iter().zip(&self.expert_widths).map(|(&s, &h)| s * k * h).sum(),
+        }
+    }
+}
+
+/// A block of rows inside a saved tensor, rows in ascending token order: `rows` rows of `width`
+/// elements starting at element `start`, of which the first `kept` belong to tokens below the
+/// split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowRun {
+    pub start: usize,
+    pub rows: usize,
+    pub width: usize,
+    pub kept: usize,
+}
+
+/// The row runs of a `TokenSplit` tensor for a split at token `split` (tokens `< split` kept).
+pub fn row_runs(spec: &TensorSpec, dims: &BlockDims, routing: &Routing, split: usize) -> Vec<RowRun> {
+    let per_expert = |row_width: &dyn Fn(usize) -> usize| {
+        let mut start = 0;
+        (0..routing.n_experts)
+            .map(|e| {
+                let slots = routing.slots_of(e);
+                let kept = routing.token[slots.clone()].partition_point(|&t| (t as usize) < split);
+                let run = RowRun { start, rows: slots.len(), width: row_width(e), kept };
+                start += slots.len() * run.width;
+                run
+            })
+            .collect()
+    };
+    match spec.extent {
+        Extent::PerToken(w) => vec![RowRun { start: 0, rows: dims.tokens(), width: dims.width(w), kept: split.min(dims.tokens()) }],
+        Extent::PerHeadToken => vec![RowRun { start: 0, rows: dims.tokens() * dims.n_heads, width: 1, kept: dims.tokens() * dims.n_heads }],
+        Extent::PerSlot(w) => per_expert(&|_| dims.width(w)),
+        Extent::PerSlotExpertWidth(k) => per_expert(&|e| k * dims.expert_widths[e]),
+    }
+}
+
+/// What happens to one layer's skeletal activations between its forward and its backward.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum LayerPolicy {
+    Keep,
+    Offload { alpha: f32 },
+    Recompute,
+}
+
+impl LayerPolicy {
+    /// First token whose `TokenSplit` rows are dropped, or `None` when nothing is.
+    pub fn split_token(&self, tokens: usize) -> Option<usize> {
+        match *self {
+            LayerPolicy::Keep => None,
+            LayerPolicy::Recompute => Some(0),
+            LayerPolicy::Offload { alpha } => Some(((alpha as f64 * tokens as f64).ceil() as usize).min(tokens)),
+        }
+    }
+
+    fn check(&self, layer: usize) -> Result<()> {
+        match *self {
+            LayerPolicy::Offload { alpha } if !(0.0..=1.0).contains(&alpha) => {
+                Err(Error::config(format!("layer {layer} alpha"), alpha, "a number in [0, 1]"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Bytes of one layer's skeletal activations by where they spend the time between forward and
+/// backward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LayerTraffic {
+    /// Stayed on the device.
+    pub kept: u64,
+    /// Copied to the host tier and back.
+    pub offloaded: u64,
+    /// Dropped and recomputed before the backward.
+    pub recomputed: u64,
+}
+
 /// The saved state of one layer.
 struct LayerSlots<B: Backend> {
     tensors: Vec<Option<B::Buf>>,
+    /// Length of each saved tensor, kept while its device buffer is dropped.
+    lens: Vec<usize>,
+    /// Host segment of each offloaded tensor (whole, or its kept rows run after run).
+    host: Vec<Option<HostSeg>>,
     routing: Option<Routing>,
+    /// Set by `seal` when rows were dropped: the first dropped token.
+    split: Option<usize>,
+    traffic: LayerTraffic,
 }
 
 /// Saved activations of every layer, checked against the declared inventory.
 pub struct ActivationStore<B: Backend> {
     inventory: &'static [TensorSpec],
     layers: Vec<LayerSlots<B>>,
+    policies: Vec<LayerPolicy>,
+    host: HostTier,
+    device_bytes: u64,
+    device_peak: u64,
 }
 
 impl<B: Backend> ActivationStore<B> {
+    /// A store that keeps everything on the device.
     pub fn new(inventory: &'static [TensorSpec], n_layers: usize) -> Self {
         let layers = (0..n_layers)
-            .map(|_| LayerSlots { tensors: (0..inventory.len()).map(|_| None).collect(), routing: None })
+            .map(|_| LayerSlots {
+                tensors: (0..inventory.len()).map(|_| None).collect(),
+                lens: vec![0; inventory.len()],
+                host: vec![None; inventory.len()],
+                routing: None,
+                split: None,
+                traffic: LayerTraffic::default(),
+            })
             .collect();
-        ActivationStore { inventory, layers }
+        ActivationStore {
+            inventory,
+            layers,
+            policies: vec![LayerPolicy::Keep; n_layers],
+            host: HostTier::new(0),
+            device_bytes: 0,
+            device_peak: 0,
+        }
+    }
+
+    /// A store applying `policies` (one per layer) with `host_bytes` of host tier.
+    pub fn with_policies(inventory: &'static [TensorSpec], policies: Vec<LayerPolicy>, host_bytes: u64) -> Result<Self> {
+        for (l, p) in policies.iter().enumerate() {
+            p.check(l)?;
+        }
+        let mut store = Self::new(inventory, policies.len());
+        store.policies = policies;
+        store.host = HostTier::new(host_bytes);
+        Ok(store)
     }
 
     pub fn inventory(&self) -> &'static [TensorSpec] {
         self.inventory
+    }
+
+    pub fn policies(&self) -> &[LayerPolicy] {
+        &self.policies
     }
 
     fn index(&self, name: &str) -> usize {
@@ -66,14 +260,31 @@ impl<B: Backend> ActivationStore<B> {
             .unwrap_or_else(|| panic!("activation `{name}` is not in the layer inventory"))
     }
 
+    fn track(&mut self, added: u64, removed: u64) {
+        self.device_bytes = self.device_bytes + added - removed;
+        self.device_peak = self.device_peak.max(self.device_bytes);
+    }
+
     pub fn save(&mut self, layer: usize, name: &str, buf: B::Buf) {
         let i = self.index(name);
-        self.layers[layer].tensors[i] = Some(buf);
+        let added = B::len(&buf) as u64 * ELEM_BYTES;
+        let slots = &mut self.layers[layer];
+        slots.lens[i] = B::len(&buf);
+        let old = slots.tensors[i].replace(buf).map_or(0, |b| B::len(&b) as u64 * ELEM_BYTES);
+        self.track(added, old);
     }
 
     pub fn load(&self, layer: usize, name: &str) -> &B::Buf {
         let i = self.index(name);
-        self.layers[layer].tensors[i].as_ref().unwrap_or_else(|| panic!("activation `{name}` of layer {layer} was not saved"))
+        self.layers[layer].tensors[i].as_ref().unwrap_or_else(|| panic!("activation `{name}` of layer {layer} is not on the device"))
+    }
+
+    /// Moves a saved tensor out (to fill rows in place); give it back with [`Self::save`].
+    pub fn take(&mut self, layer: usize, name: &str) -> B::Buf {
+        let i = self.index(name);
+        let buf = self.layers[layer].tensors[i].take().unwrap_or_else(|| panic!("activation `{name}` of layer {layer} is not on the device"));
+        self.track(0, B::len(&buf) as u64 * ELEM_BYTES);
+        buf
     }
 
     pub fn save_routing(&mut self, layer: usize, routing: Routing) {
@@ -84,15 +295,116 @@ impl<B: Backend> ActivationStore<B> {
         self.layers[layer].routing.as_ref().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"))
     }
 
-    /// Frees a layer's activations once its backward is done.
-    pub fn release(&mut self, layer: usize) {
+    /// Applies the layer's policy once its forward has saved everything: offloads to the host
+    /// tier and drops what will be recomputed. Errors when the host tier is full.
+    pub fn seal(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Result<()> {
+        self.free_host(layer);
+        let policy = self.policies[layer];
+        let split = policy.split_token(dims.tokens());
+        let mut traffic = LayerTraffic::default();
+        let routing = self.layers[layer].routing.take().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"));
+        for (i, spec) in self.inventory.iter().enumerate() {
+            let bytes = self.layers[layer].lens[i] as u64 * ELEM_BYTES;
+            let (to_host, dropped): (Vec<(usize, usize)>, u64) = match (policy, spec.class, split) {
+                (LayerPolicy::Keep, ..) | (LayerPolicy::Recompute, Class::Whole, _) | (_, _, None) => {
+                    traffic.kept += bytes;
+                    continue;
+                }
+                (_, Class::Whole, _) => (vec![(0, self.layers[layer].lens[i])], 0),
+                (_, Class::TokenSplit, Some(a)) => {
+                    let runs = row_runs(spec, dims, &routing, a);
+                    let kept: Vec<(usize, usize)> = runs.iter().map(|r| (r.start, r.kept * r.width)).filter(|&(_, n)| n > 0).collect();
+                    let dropped = runs.iter().map(|r| ((r.rows - r.kept) * r.width) as u64).sum::<u64>() * ELEM_BYTES;
+                    (kept, dropped)
+                }
+            };
+            let buf = self.take(layer, spec.name);
+            let total: usize = to_host.iter().map(|&(_, n)| n).sum();
+            if total > 0 {
+                let (seg, dst) = self.host.push(total)?;
+                let mut at = 0;
+                for &(start, n) in &to_host {
+                    be.download_into(&mut dst[at..at + n], B::view(&buf, start..start + n));
+                    at += n;
+                }
+                self.layers[layer].host[i] = Some(seg);
+            }
+            traffic.offloaded += total as u64 * ELEM_BYTES;
+            traffic.recomputed += dropped;
+        }
         let slots = &mut self.layers[layer];
-        slots.tensors.iter_mut().for_each(|t| *t = None);
-        slots.routing = None;
+        slots.routing = Some(routing);
+        slots.split = split;
+        slots.traffic = traffic;
+        Ok(())
     }
 
-    /// Elements currently held for `layer`.
+    /// Brings a sealed layer back onto the device before its backward: host rows are copied
+    /// back into full-size buffers. Returns the first token whose rows the layer must recompute
+    /// (through `N`), or `None` when nothing was dropped.
+    pub fn restore(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Option<usize> {
+        let split = self.layers[layer].split.take();
+        let routing = self.layers[layer].routing.take().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"));
+        for (i, spec) in self.inventory.iter().enumerate() {
+            if self.layers[layer].tensors[i].is_some() {
+                continue;
+            }
+            let mut buf = be.alloc(self.layers[layer].lens[i]);
+            if let Some(seg) = self.layers[layer].host[i].take() {
+                let host = self.host.get(seg);
+                let runs = match (spec.class, split) {
+                    (Class::TokenSplit, Some(a)) => row_runs(spec, dims, &routing, a),
+                    _ => vec![RowRun { start: 0, rows: 1, width: host.len(), kept: 1 }],
+                };
+                let mut at = 0;
+                for r in runs {
+                    let n = r.kept * r.width;
+                    be.upload(B::view_mut(&mut buf, r.start..r.start + n), &host[at..at + n]);
+                    at += n;
+                }
+                self.host.free(seg);
+            }
+            self.save(layer, spec.name, buf);
+        }
+        self.layers[layer].routing = Some(routing);
+        split
+    }
+
+    fn free_host(&mut self, layer: usize) {
+        for i in 0..self.inventory.len() {
+            if let Some(seg) = self.layers[layer].host[i].take() {
+                self.host.free(seg);
+            }
+        }
+    }
+
+    /// Frees a layer's activations once its backward is done.
+    pub fn release(&mut self, layer: usize) {
+        self.free_host(layer);
+        let freed: u64 = self.layers[layer].tensors.iter_mut().filter_map(|t| t.take()).map(|b| B::len(&b) as u64 * ELEM_BYTES).sum();
+        self.track(0, freed);
+        let slots = &mut self.layers[layer];
+        slots.routing = None;
+        slots.split = None;
+    }
+
+    /// Elements currently held on the device for `layer`.
     pub fn held_elements(&self, layer: usize) -> usize {
         self.layers[layer].tensors.iter().flatten().map(B::len).sum()
+    }
+
+    /// Where the layer's bytes went at its last seal (all kept for an unsealed layer).
+    pub fn traffic(&self, layer: usize) -> LayerTraffic {
+        self.layers[layer].traffic
+    }
+
+    /// Most bytes the store has held on the device at once, and the host tier's peak.
+    pub fn peaks(&self) -> (u64, u64) {
+        (self.device_peak, self.host.peak_bytes())
+    }
+
+    /// Forgets the peaks (e.g. between a warm-up and a measured step).
+    pub fn reset_peaks(&mut self) {
+        self.device_peak = self.device_bytes;
     }
 }

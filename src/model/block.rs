@@ -10,23 +10,23 @@ use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
 use crate::backend::{AttnShape, Backend, TokenSlots};
-use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec};
+use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
 
 /// The skeletal activations of a block: what its backward reads.
 pub const INVENTORY: &[TensorSpec] = &[
-    TensorSpec { name: "input", extent: Extent::PerToken(1), class: Class::Whole },
-    TensorSpec { name: "attn_out", extent: Extent::PerToken(1), class: Class::Whole },
-    TensorSpec { name: "attn_lse", extent: Extent::PerHeadToken(1), class: Class::Whole },
-    TensorSpec { name: "attn_norm_out", extent: Extent::PerToken(1), class: Class::TokenSplit },
-    TensorSpec { name: "attn_norm_rstd", extent: Extent::PerToken(1), class: Class::TokenSplit },
-    TensorSpec { name: "qkv", extent: Extent::PerToken(1), class: Class::TokenSplit },
-    TensorSpec { name: "resid_mid", extent: Extent::PerToken(1), class: Class::TokenSplit },
-    TensorSpec { name: "ffn_norm_out", extent: Extent::PerToken(1), class: Class::TokenSplit },
-    TensorSpec { name: "ffn_norm_rstd", extent: Extent::PerToken(1), class: Class::TokenSplit },
-    TensorSpec { name: "router_logits", extent: Extent::PerToken(1), class: Class::TokenSplit },
-    TensorSpec { name: "router_probs", extent: Extent::PerToken(1), class: Class::TokenSplit },
-    TensorSpec { name: "expert_gate_up", extent: Extent::PerSlotWidth(2), class: Class::TokenSplit },
-    TensorSpec { name: "expert_out", extent: Extent::PerSlot(1), class: Class::TokenSplit },
+    TensorSpec { name: "input", extent: Extent::PerToken(Width::Model), class: Class::Whole },
+    TensorSpec { name: "attn_out", extent: Extent::PerToken(Width::AttnOut), class: Class::Whole },
+    TensorSpec { name: "attn_lse", extent: Extent::PerHeadToken, class: Class::Whole },
+    TensorSpec { name: "attn_norm_out", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit },
+    TensorSpec { name: "attn_norm_rstd", extent: Extent::PerToken(Width::One), class: Class::TokenSplit },
+    TensorSpec { name: "qkv", extent: Extent::PerToken(Width::Qkv), class: Class::TokenSplit },
+    TensorSpec { name: "resid_mid", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit },
+    TensorSpec { name: "ffn_norm_out", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit },
+    TensorSpec { name: "ffn_norm_rstd", extent: Extent::PerToken(Width::One), class: Class::TokenSplit },
+    TensorSpec { name: "router_logits", extent: Extent::PerToken(Width::Experts), class: Class::TokenSplit },
+    TensorSpec { name: "router_probs", extent: Extent::PerToken(Width::Experts), class: Class::TokenSplit },
+    TensorSpec { name: "expert_gate_up", extent: Extent::PerSlotExpertWidth(2), class: Class::TokenSplit },
+    TensorSpec { name: "expert_out", extent: Extent::PerSlot(Width::Model), class: Class::TokenSplit },
 ];
 
 /// Everything a block needs besides its parameters.
@@ -50,12 +50,21 @@ pub struct BlockStats {
     pub expert_params_per_token: f64,
 }
 
-/// Offsets of each expert's `(rows, 2h)` block inside the concatenated gate/up buffer.
 /// A parameter's gradient view.
 fn g<B: Backend>(grads: &mut B::Buf, off: usize, len: usize) -> B::ViewMut<'_> {
     B::view_mut(grads, off..off + len)
 }
 
+/// Rows `from..n` of a row-major buffer of `width`-element rows.
+fn tail<B: Backend>(buf: &B::Buf, from: usize, n: usize, width: usize) -> B::View<'_> {
+    B::view(buf, from * width..n * width)
+}
+
+fn tail_mut<B: Backend>(buf: &mut B::Buf, from: usize, n: usize, width: usize) -> B::ViewMut<'_> {
+    B::view_mut(buf, from * width..n * width)
+}
+
+/// Offsets of each expert's `(rows, 2h)` block inside the concatenated gate/up buffer.
 fn gate_up_offsets(routing: &Routing, widths: &[usize]) -> Vec<usize> {
     let mut off = vec![0];
     for (e, &h) in widths.iter().enumerate() {
@@ -88,7 +97,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.rmsnorm_fwd(B::full_mut(&mut xn1), B::full_mut(&mut rstd1), B::full(&x), self.w(p.attn_norm, c), n, c, eps);
         let mut qkv = be.alloc(n * wq);
         be.matmul(B::full_mut(&mut qkv), B::full(&xn1), self.w(p.wqkv, wq * c), n, c, wq, false, true, false);
-        be.rope(B::full_mut(&mut qkv), B::full(self.rope), s, false);
+        be.rope(B::full_mut(&mut qkv), B::full(self.rope), s, 0, false);
         let mut att = be.alloc(n * a);
         let mut lse = be.alloc(s.batch * s.n_heads * s.seq);
         be.attention_fwd(B::full_mut(&mut att), B::full_mut(&mut lse), B::full(&qkv), s);
@@ -163,6 +172,57 @@ impl<B: Backend> BlockCtx<'_, B> {
         stats
     }
 
+    /// Recomputes the rows of tokens `from..N` of every `TokenSplit` tensor of `layer` from the
+    /// kept input and attention output, through the same ops as [`Self::forward`]. Every op on
+    /// the way is per row and bitwise independent of how many rows it is given (matmul's row
+    /// stability, see `Backend::matmul`), so the rows come out exactly as the forward wrote them.
+    /// The routing stays in the store (host index data needed for the kept tokens' slots and the
+    /// aux losses over all tokens); each expert's dropped slots are the tail of its slot range
+    /// because slots are in ascending token order within an expert.
+    pub fn recompute(&self, p: &BlockParams, store: &mut ActivationStore<B>, layer: usize, from: usize) {
+        let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
+        if from >= n {
+            return;
+        }
+        let (wq, a, e, m) = (s.qkv_width(), s.out_width(), self.moe.n_experts(), n - from);
+        let eps = self.model.norm_eps;
+        let names = ["attn_norm_out", "attn_norm_rstd", "qkv", "resid_mid", "ffn_norm_out", "ffn_norm_rstd", "router_logits", "router_probs", "expert_gate_up", "expert_out"];
+        let mut t: Vec<B::Buf> = names.iter().map(|name| store.take(layer, name)).collect();
+        let [xn1, rstd1, qkv, x2, xn2, rstd2, logits, probs, gu, y] = &mut t[..] else { unreachable!("ten names") };
+        let (x, att) = (store.load(layer, "input"), store.load(layer, "attn_out"));
+
+        be.rmsnorm_fwd(tail_mut::<B>(xn1, from, n, c), tail_mut::<B>(rstd1, from, n, 1), tail::<B>(x, from, n, c), self.w(p.attn_norm, c), m, c, eps);
+        be.matmul(tail_mut::<B>(qkv, from, n, wq), tail::<B>(xn1, from, n, c), self.w(p.wqkv, wq * c), m, c, wq, false, true, false);
+        be.rope(tail_mut::<B>(qkv, from, n, wq), B::full(self.rope), s, from, false);
+        be.copy(tail_mut::<B>(x2, from, n, c), tail::<B>(x, from, n, c));
+        be.matmul(tail_mut::<B>(x2, from, n, c), tail::<B>(att, from, n, a), self.w(p.wo, c * a), m, a, c, false, true, true);
+        be.rmsnorm_fwd(tail_mut::<B>(xn2, from, n, c), tail_mut::<B>(rstd2, from, n, 1), tail::<B>(x2, from, n, c), self.w(p.ffn_norm, c), m, c, eps);
+        be.matmul(tail_mut::<B>(logits, from, n, e), tail::<B>(xn2, from, n, c), self.w(p.router, e * c), m, c, e, false, true, false);
+        be.softmax_rows(tail_mut::<B>(probs, from, n, e), tail::<B>(logits, from, n, e), m, e);
+
+        let routing = store.routing(layer);
+        let gu_off = gate_up_offsets(routing, &self.moe.expert_widths);
+        for (ex, &h) in self.moe.expert_widths.iter().enumerate() {
+            let sl = routing.slots_of(ex);
+            let kept = routing.token[sl.clone()].partition_point(|&tok| (tok as usize) < from);
+            let (first, r) = (sl.start + kept, sl.len() - kept);
+            if r == 0 {
+                continue;
+            }
+            let (w_gu, w_down) = p.experts[ex];
+            let mut xe = be.alloc(r * c);
+            be.gather_rows(B::full_mut(&mut xe), B::full(xn2), &routing.token[first..sl.end], c);
+            let gu_rows = gu_off[ex] + kept * 2 * h..gu_off[ex + 1];
+            be.matmul(B::view_mut(gu, gu_rows.clone()), B::full(&xe), self.w(w_gu, 2 * h * c), r, c, 2 * h, false, true, false);
+            let mut act = be.alloc(r * h);
+            be.swiglu_fwd(B::full_mut(&mut act), B::view(gu, gu_rows), r, h);
+            be.matmul(B::view_mut(y, first * c..sl.end * c), B::full(&act), self.w(w_down, c * h), r, h, c, false, true, false);
+        }
+        for (name, buf) in names.iter().zip(t) {
+            store.save(layer, name, buf);
+        }
+    }
+
     /// Backward of one block: `dx` (overwritten) from `dout`, parameter gradients accumulated
     /// into `grads` (same layout as the parameters).
     pub fn backward(&self, p: &BlockParams, grads: &mut B::Buf, store: &ActivationStore<B>, layer: usize, dout: &B::Buf, dx: &mut B::Buf) {
@@ -235,7 +295,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.matmul(g::<B>(grads, p.wo, c * a), B::full(&dx2), saved("attn_out"), c, n, a, true, false, true);
         let mut dqkv = be.alloc(n * wq);
         be.attention_bwd(B::full_mut(&mut dqkv), B::full(&datt), saved("attn_out"), saved("attn_lse"), saved("qkv"), s);
-        be.rope(B::full_mut(&mut dqkv), B::full(self.rope), s, true);
+        be.rope(B::full_mut(&mut dqkv), B::full(self.rope), s, 0, true);
         let mut dxn1 = be.alloc(n * c);
         be.matmul(B::full_mut(&mut dxn1), B::full(&dqkv), self.w(p.wqkv, wq * c), n, wq, c, false, false, false);
         be.matmul(g::<B>(grads, p.wqkv, wq * c), B::full(&dqkv), saved("attn_norm_out"), wq, n, c, true, false, true);

@@ -13,7 +13,7 @@ use params::ParamLayout;
 use router::AuxLosses;
 
 use crate::backend::{AttnShape, Backend};
-use crate::memory::store::ActivationStore;
+use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
 use crate::{Error, Result};
 
 /// What one forward (and backward) reports.
@@ -88,9 +88,17 @@ impl<B: Backend> Model<B> {
         self.layout.total
     }
 
-    /// A store sized for this model's blocks.
+    /// A store sized for this model's blocks that keeps everything on the device.
     pub fn new_store(&self) -> ActivationStore<B> {
         ActivationStore::new(INVENTORY, self.config.n_layers)
+    }
+
+    /// A store applying one policy per block, with `host_bytes` of host tier for offloads.
+    pub fn new_store_with(&self, policies: Vec<LayerPolicy>, host_bytes: u64) -> Result<ActivationStore<B>> {
+        if policies.len() != self.config.n_layers {
+            return Err(Error::Invalid(format!("{} layer policies for a model of {} layers", policies.len(), self.config.n_layers)));
+        }
+        ActivationStore::with_policies(INVENTORY, policies, host_bytes)
     }
 
     pub fn zero_grads(&mut self, be: &B) {
@@ -112,21 +120,27 @@ impl<B: Backend> Model<B> {
     }
 
     /// Forward through embedding and blocks; returns the last hidden state `(N, C)`.
-    fn hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, mut store: Option<&mut ActivationStore<B>>, stats: &mut StepStats) -> B::Buf {
+    /// With a store, each block's activations are sealed (its policy applied) right after its
+    /// forward, as MEMO's executor offloads layer `i` while layer `i + 1` computes.
+    fn hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, mut store: Option<&mut ActivationStore<B>>, stats: &mut StepStats) -> Result<B::Buf> {
         let (n, c) = (shape.tokens(), self.config.d_model);
         let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope };
+        let dims = BlockDims::new(&self.config, &self.moe, shape.batch, shape.seq);
         let mut x = be.alloc(n * c);
         be.embedding_fwd(B::full_mut(&mut x), B::view(&self.params, self.layout.embedding..self.layout.embedding + self.config.vocab_size * c), inputs, c);
         for (l, bp) in self.layout.blocks.iter().enumerate() {
             let mut out = be.alloc(n * c);
             let s: BlockStats = ctx.forward(bp, x, &mut out, store.as_deref_mut().map(|st| (st, l)));
+            if let Some(st) = store.as_deref_mut() {
+                st.seal(be, l, &dims)?;
+            }
             stats.aux.add(&s.aux);
             stats.aux_loss += s.aux_weighted as f64;
             stats.activated_params += s.expert_params_per_token;
             stats.counts.push(s.counts);
             x = out;
         }
-        x
+        Ok(x)
     }
 
     /// Non-expert parameters a token always activates (attention, norms, routers, head).
@@ -164,7 +178,7 @@ impl<B: Backend> Model<B> {
         self.check_tokens(targets, "target")?;
         let (n, c, v) = (shape.tokens(), self.config.d_model, self.config.vocab_size);
         let mut stats = StepStats::default();
-        let x = self.hidden(be, inputs, shape, Some(store), &mut stats);
+        let x = self.hidden(be, inputs, shape, Some(store), &mut stats)?;
 
         // Final norm and fused head: loss, dxf and dW_head in one pass.
         let (fnorm, head) = (self.layout.final_norm, self.layout.lm_head);
@@ -178,7 +192,11 @@ impl<B: Backend> Model<B> {
         let mut dx = be.alloc(n * c);
         be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(&self.params, fnorm..fnorm + c), B::full(&rstd), n, c);
         let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope };
+        let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
+            if let Some(from) = store.restore(be, l, &dims) {
+                ctx.recompute(bp, store, l, from);
+            }
             let mut dprev = be.alloc(n * c);
             ctx.backward(bp, &mut self.grads, store, l, &dx, &mut dprev);
             store.release(l);
@@ -195,7 +213,7 @@ impl<B: Backend> Model<B> {
         let shape = self.shape(batch, seq)?;
         self.check_tokens(inputs, "input")?;
         let mut stats = StepStats::default();
-        self.hidden(be, inputs, shape, Some(store), &mut stats);
+        self.hidden(be, inputs, shape, Some(store), &mut stats)?;
         Ok(stats)
     }
 
@@ -206,21 +224,21 @@ impl<B: Backend> Model<B> {
         self.check_tokens(targets, "target")?;
         let (n, c, v) = (shape.tokens(), self.config.d_model, self.config.vocab_size);
         let mut stats = StepStats::default();
-        let xf = self.final_hidden(be, inputs, shape, &mut stats);
+        let xf = self.final_hidden(be, inputs, shape, &mut stats)?;
         let head = self.layout.lm_head;
         let losses = be.classifier(B::full(&xf), B::view(&self.params, head..head + v * c), targets, n, c, v, None);
         self.finish_stats(&mut stats, shape, &losses);
         Ok(stats)
     }
 
-    fn final_hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, stats: &mut StepStats) -> B::Buf {
+    fn final_hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, stats: &mut StepStats) -> Result<B::Buf> {
         let (n, c) = (shape.tokens(), self.config.d_model);
-        let x = self.hidden(be, inputs, shape, None, stats);
+        let x = self.hidden(be, inputs, shape, None, stats)?;
         let fnorm = self.layout.final_norm;
         let mut xf = be.alloc(n * c);
         let mut rstd = be.alloc(n);
         be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(&self.params, fnorm..fnorm + c), n, c, self.config.norm_eps);
-        xf
+        Ok(xf)
     }
 
     /// Logits `(V)` of the token that follows `context` (the last `seq_len` tokens are used).
@@ -229,7 +247,7 @@ impl<B: Backend> Model<B> {
         self.check_tokens(ctx, "context")?;
         let shape = self.shape(1, ctx.len())?;
         let (c, v) = (self.config.d_model, self.config.vocab_size);
-        let xf = self.final_hidden(be, ctx, shape, &mut StepStats::default());
+        let xf = self.final_hidden(be, ctx, shape, &mut StepStats::default())?;
         let last = (ctx.len() - 1) * c;
         let mut out = be.alloc(v);
         let head = self.layout.lm_head;

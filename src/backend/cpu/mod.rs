@@ -119,6 +119,9 @@ impl Backend for Cpu {
     fn download(&self, src: &[f32]) -> Vec<f32> {
         src.to_vec()
     }
+    fn download_into(&self, dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
     fn fill(&self, dst: &mut [f32], value: f32) {
         dst.fill(value);
     }
@@ -158,8 +161,8 @@ impl Backend for Cpu {
         self.run("rmsnorm_bwd", || norm::backward(dx, dw, dout, x, w, rstd, n, c))
     }
 
-    fn rope(&self, qkv: &mut [f32], table: &[f32], shape: AttnShape, inverse: bool) {
-        self.run("rope", || rope::apply(qkv, table, shape, inverse))
+    fn rope(&self, qkv: &mut [f32], table: &[f32], shape: AttnShape, first_row: usize, inverse: bool) {
+        self.run("rope", || rope::apply(qkv, table, shape, first_row, inverse))
     }
 
     fn attention_fwd(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], shape: AttnShape) {

@@ -334,8 +334,8 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn rope(&self, mut qkv: DevViewMut<'_>, table: DevView<'_>, shape: AttnShape, inverse: bool) {
-        let n = shape.tokens();
+    fn rope(&self, mut qkv: DevViewMut<'_>, table: DevView<'_>, shape: AttnShape, first_row: usize, inverse: bool) {
+        let n = qkv.len() / shape.qkv_width();
         assert_eq!(qkv.len(), n * shape.qkv_width(), "rope qkv");
         let rotated = shape.n_heads + shape.n_kv_heads;
         let total = n * rotated * shape.head_dim / 2;
@@ -343,11 +343,11 @@ impl Backend for CudaBackend {
             return;
         }
         let (mut q, t) = (qkv.cu(), table.cu());
-        let (ni, seq, rh, hd, wd) = (n as i32, shape.seq as i32, rotated as i32, shape.head_dim as i32, shape.qkv_width() as i32);
+        let (ni, fr, seq, rh, hd, wd) = (n as i32, first_row as i32, shape.seq as i32, rotated as i32, shape.head_dim as i32, shape.qkv_width() as i32);
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
-        // SAFETY: `rope(float*, const float*, int n, int seq, int rotated_heads, int head_dim, int row_width, float)`.
+        // SAFETY: `rope(float*, const float*, int n, int first_row, int seq, int rotated_heads, int head_dim, int row_width, float)`.
         ok(
-            unsafe { self.stream.launch_builder(&self.k.rope).arg(&mut q).arg(&t).arg(&ni).arg(&seq).arg(&rh).arg(&hd).arg(&wd).arg(&sign).launch(grid_stride(total)) },
+            unsafe { self.stream.launch_builder(&self.k.rope).arg(&mut q).arg(&t).arg(&ni).arg(&fr).arg(&seq).arg(&rh).arg(&hd).arg(&wd).arg(&sign).launch(grid_stride(total)) },
             "rope",
         );
     }

@@ -1,0 +1,252 @@
+//! `plan-memory`: what one training step of a config needs on the device and the host, layer by
+//! layer, under its `[memory]` policy — and whether that fits.
+//!
+//! Device bytes = static (parameters, gradients, two AdamW moments, f32) + skeletal activations
+//! resident between forward and backward (kept layers whole; recompute layers their `Whole`
+//! tensors; offloading layers share MEMO's two rotating skeletal buffers, each the largest such
+//! layer) + the block's planned transient peak (DSA planner, larger of forward and backward) +
+//! the block boundary tensors (input, output, incoming and outgoing gradient: 4·N·d_model).
+//! Skeletal sizes use the dropless expected routed counts (see [`Slots::Expected`]).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::alpha::HostLink;
+use super::host::ELEM_BYTES;
+use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
+use super::plan::{plan, MipLimits, Plan, Strategy};
+use super::policy::{build_policy, Profile};
+use super::store::{Class, LayerPolicy};
+use super::transients::block_phases;
+use crate::config::Config;
+use crate::model::params::ParamLayout;
+use crate::{Error, Result};
+
+/// Offsets in the transient arena are multiples of this (a GPU allocator's granule).
+const ALIGNMENT: u64 = 512;
+
+/// Forward throughput the cost model assumes when no profile is measured.
+fn assumed_flops_per_s(device: &str) -> f64 {
+    if device == "cuda" {
+        4e14
+    } else {
+        5e10
+    }
+}
+
+/// One block's row of the report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LayerRow {
+    pub layer: usize,
+    pub policy: LayerPolicy,
+    pub inventory: Vec<TensorBytes>,
+    pub kept: u64,
+    pub offloaded: u64,
+    pub recomputed: u64,
+}
+
+/// The planner's answer for one phase.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PhasePlan {
+    pub name: String,
+    pub requests: usize,
+    pub peak: u64,
+    pub lower_bound: u64,
+    pub solve_time: Duration,
+}
+
+impl PhasePlan {
+    fn of(name: &str, requests: usize, p: &Plan) -> Self {
+        PhasePlan { name: name.into(), requests, peak: p.peak, lower_bound: p.lower_bound, solve_time: p.solve_time }
+    }
+}
+
+/// The whole report (`Display` for the text table, `Serialize` for `--json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MemoryReport {
+    pub batch: usize,
+    pub seq: usize,
+    pub layers: Vec<LayerRow>,
+    pub phases: Vec<PhasePlan>,
+    pub static_bytes: u64,
+    pub skeletal_device_bytes: u64,
+    pub transient_peak: u64,
+    pub boundary_bytes: u64,
+    pub device_bytes: u64,
+    pub device_mem: u64,
+    pub host_bytes: u64,
+    pub host_mem: u64,
+    pub fits: bool,
+}
+
+/// Plans one step of `config` at `batch × seq` tokens. An error when the plan does not fit
+/// `device_mem` / `host_mem` (the message carries the numbers) or the inputs are malformed.
+pub fn memory_report(config: &Config, seq: usize, batch: usize, device_mem: u64, host_mem: u64, bandwidth: f64) -> Result<MemoryReport> {
+    let report = plan_report(config, seq, batch, device_mem, host_mem, bandwidth)?;
+    if report.fits {
+        return Ok(report);
+    }
+    Err(Error::Invalid(format!(
+        "memory plan does not fit: device needs {} (static {} + skeletal {} + transient peak {} + boundary {}) of {}, host needs {} of {}",
+        gib(report.device_bytes),
+        gib(report.static_bytes),
+        gib(report.skeletal_device_bytes),
+        gib(report.transient_peak),
+        gib(report.boundary_bytes),
+        gib(device_mem),
+        gib(report.host_bytes),
+        gib(host_mem)
+    )))
+}
+
+/// The report whether or not it fits (`fits` says).
+pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, host_mem: u64, bandwidth: f64) -> Result<MemoryReport> {
+    let (m, moe) = (&config.model, &config.moe);
+    if batch == 0 || seq == 0 || seq > m.seq_len {
+        return Err(Error::Invalid(format!("batch {batch} × seq {seq}: need batch ≥ 1 and 1 ≤ seq ≤ model.seq_len = {}", m.seq_len)));
+    }
+    let tokens = batch * seq;
+    let link = HostLink { b_pcie: bandwidth, m_host: host_mem };
+    let profile = Profile::cost_model(m, moe, batch, seq, assumed_flops_per_s(&config.device), link)?;
+    let policies = build_policy(&config.memory, m, moe, batch, seq, &profile)?;
+    let slots = Slots::Expected.per_expert(moe, tokens);
+    let inventory = block_inventory(m, moe, batch, seq, &slots);
+    let skeletal = Skeletal::of(&inventory);
+
+    let layers: Vec<LayerRow> = policies
+        .iter()
+        .enumerate()
+        .map(|(layer, &policy)| {
+            let (kept, offloaded, recomputed) = match policy {
+                LayerPolicy::Keep => (skeletal.total(), 0, 0),
+                LayerPolicy::Recompute => (skeletal.input + skeletal.attn, 0, skeletal.others),
+                LayerPolicy::Offload { .. } => {
+                    let a = policy.split_token(tokens).unwrap_or(tokens) as f64 / tokens as f64;
+                    let off = (skeletal.others as f64 * a).round() as u64;
+                    (0, skeletal.input + skeletal.attn + off, skeletal.others - off)
+                }
+            };
+            LayerRow { layer, policy, inventory: inventory.clone(), kept, offloaded, recomputed }
+        })
+        .collect();
+
+    let swapped_max = layers.iter().filter(|l| matches!(l.policy, LayerPolicy::Offload { .. })).map(|_| skeletal.total()).max().unwrap_or(0);
+    let skeletal_device_bytes = layers.iter().map(|l| l.kept).sum::<u64>() + 2 * swapped_max;
+    let host_bytes = layers.iter().map(|l| l.offloaded).sum();
+
+    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots);
+    let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
+    let mut phases = Vec::new();
+    for phase in [&fwd, &bwd] {
+        let p = plan(&phase.requests, ALIGNMENT, strategy)?;
+        phases.push(PhasePlan::of(&phase.name, phase.requests.len(), &p));
+    }
+    let transient_peak = phases.iter().map(|p| p.peak).max().unwrap_or(0);
+    let static_bytes = 4 * ParamLayout::new(m, moe).total as u64 * ELEM_BYTES;
+    let boundary_bytes = 4 * (tokens * m.d_model) as u64 * ELEM_BYTES;
+    let device_bytes = static_bytes + skeletal_device_bytes + transient_peak + boundary_bytes;
+    let fits = device_bytes <= device_mem && host_bytes <= host_mem;
+    Ok(MemoryReport {
+        batch,
+        seq,
+        layers,
+        phases,
+        static_bytes,
+        skeletal_device_bytes,
+        transient_peak,
+        boundary_bytes,
+        device_bytes,
+        device_mem,
+        host_bytes,
+        host_mem,
+        fits,
+    })
+}
+
+fn gib(bytes: u64) -> String {
+    const K: f64 = 1024.0;
+    let b = bytes as f64;
+    if b >= K * K * K {
+        format!("{:.2} GiB", b / (K * K * K))
+    } else if b >= K * K {
+        format!("{:.2} MiB", b / (K * K))
+    } else {
+        format!("{:.1} KiB", b / K)
+    }
+}
+
+impl fmt::Display for MemoryReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "memory plan: batch {} × seq {} = {} tokens", self.batch, self.seq, self.batch * self.seq)?;
+        if let Some(first) = self.layers.first() {
+            writeln!(f, "\nskeletal inventory per block (expected routed counts):")?;
+            for t in &first.inventory {
+                let class = if t.class == Class::Whole { "whole" } else { "token-split" };
+                writeln!(f, "  {:<16} {:>12}  {class}", t.name, gib(t.bytes))?;
+            }
+        }
+        writeln!(f, "\n| layer | policy | kept | offloaded | recomputed |")?;
+        writeln!(f, "|---|---|---|---|---|")?;
+        for l in &self.layers {
+            let policy = match l.policy {
+                LayerPolicy::Keep => "keep".to_string(),
+                LayerPolicy::Recompute => "recompute".to_string(),
+                LayerPolicy::Offload { alpha } => format!("offload α={alpha:.3}"),
+            };
+            writeln!(f, "| {} | {policy} | {} | {} | {} |", l.layer, gib(l.kept), gib(l.offloaded), gib(l.recomputed))?;
+        }
+        writeln!(f, "\n| phase | requests | planned peak | lower bound | solve |")?;
+        writeln!(f, "|---|---|---|---|---|")?;
+        for p in &self.phases {
+            writeln!(f, "| {} | {} | {} | {} | {:.1} ms |", p.name, p.requests, gib(p.peak), gib(p.lower_bound), p.solve_time.as_secs_f64() * 1e3)?;
+        }
+        writeln!(
+            f,
+            "\ndevice: static {} + skeletal {} + transient peak {} + boundary {} = {} of {}",
+            gib(self.static_bytes),
+            gib(self.skeletal_device_bytes),
+            gib(self.transient_peak),
+            gib(self.boundary_bytes),
+            gib(self.device_bytes),
+            gib(self.device_mem)
+        )?;
+        writeln!(f, "host: {} of {}", gib(self.host_bytes), gib(self.host_mem))?;
+        write!(f, "{}", if self.fits { "fits" } else { "does NOT fit" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Alpha, MemoryPolicy};
+
+    fn config(policy: MemoryPolicy, alpha: Alpha) -> Config {
+        let mut c = Config::default_with(&[]).unwrap();
+        c.memory.policy = policy;
+        c.memory.alpha = alpha;
+        c
+    }
+
+    #[test]
+    fn policies_trade_device_for_host_and_a_tight_budget_is_an_error() {
+        let seq = 64;
+        let keep = plan_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, u64::MAX, 1 << 30, 1e10).unwrap();
+        let rec = plan_report(&config(MemoryPolicy::Recompute, Alpha::Auto), seq, 2, u64::MAX, 1 << 30, 1e10).unwrap();
+        let off = plan_report(&config(MemoryPolicy::Offload, Alpha::Fixed(0.5)), seq, 2, u64::MAX, 1 << 30, 1e10).unwrap();
+        assert!(rec.skeletal_device_bytes < keep.skeletal_device_bytes);
+        assert_eq!(keep.host_bytes, 0);
+        assert!(off.host_bytes > 0 && off.layers.iter().any(|l| l.recomputed > 0));
+        for l in &off.layers {
+            assert_eq!(l.kept + l.offloaded + l.recomputed, keep.layers[l.layer].kept);
+        }
+        assert!(keep.phases.iter().all(|p| p.peak >= p.lower_bound && p.lower_bound > 0));
+        let text = keep.to_string();
+        assert!(text.contains("expert_gate_up") && text.contains("block backward") && text.contains("fits"), "{text}");
+        serde_json::to_string(&off).unwrap();
+        let err = memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes - 1, 1 << 30, 1e10).unwrap_err();
+        assert!(err.to_string().contains("does not fit"), "{err}");
+        assert!(memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes, 1 << 30, 1e10).is_ok());
+    }
+}

@@ -1,0 +1,85 @@
+//! The transient buffers of one block's forward and backward as planner requests, read off the
+//! op sequence of `model/block.rs` (each buffer's size and the ops during which it is live).
+//!
+//! Skeletal tensors are not here: they belong to the store (kept, or in MEMO's two rotating
+//! skeletal buffers while they are copied). Neither are the block's boundary tensors (input,
+//! output, incoming and outgoing gradient), which cross layers. The recompute before a backward
+//! needs a gather and an activation buffer per expert for the dropped slots only, smaller than
+//! the backward's own, so the backward phase bounds it.
+//!
+//! Keep this in step with `block.rs`: a new temporary there is a new request here.
+
+use super::host::ELEM_BYTES;
+use super::plan::{Phase, Request};
+use crate::model::config::{ModelConfig, MoeConfig};
+
+/// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`.
+pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize]) -> (Phase, Phase) {
+    let n = (batch * seq) as u64;
+    let c = model.d_model as u64;
+    let d = model.head_dim() as u64;
+    let (w, a, e) = ((model.n_heads + 2 * model.n_kv_heads) as u64 * d, model.n_heads as u64 * d, moe.n_experts() as u64);
+    let s: u64 = slots.iter().map(|&x| x as u64).sum();
+    let b = |elems: u64| elems * ELEM_BYTES;
+    let experts = moe.expert_widths.iter().zip(slots).enumerate();
+
+    // Forward: 0 norm, 1 qkv, 2 rope, 3 attention, 4 copy, 5 wo, 6 norm, 7 router, 8 softmax,
+    // 9 gather xe; expert e at 10 + 3e (gate_up, swiglu, down); then copy out and combine.
+    let loop_end = 10 + 3 * moe.n_experts();
+    let mut fwd = vec![Request::new("xe", b(s * c), 9, loop_end)];
+    for (ex, (&h, &se)) in experts.clone() {
+        let base = 10 + 3 * ex;
+        fwd.push(Request::new(format!("act[{ex}]"), b(se as u64 * h as u64), base + 1, base + 3));
+    }
+    let forward = Phase { name: "block forward".into(), ops: loop_end + 2, requests: fwd };
+
+    // Backward: 0 dy, 1 dgate, 2 gather xe; expert e at 3 + 6e (act, dact, dW_down, dgu, dxe,
+    // dW_gate_up); then x: combine dxn2, router (dprobs, softmax bwd, z-loss, dxn2 +=, dWr), dx2,
+    // ffn norm bwd, datt, dWo, attention bwd, rope, dxn1, dWqkv, copy dx, attn norm bwd.
+    let x = 3 + 6 * moe.n_experts();
+    let mut bwd = vec![
+        Request::new("dy", b(s * c), 0, x),
+        Request::new("xe", b(s * c), 2, x),
+        Request::new("dxe", b(s * c), 2, x + 1),
+    ];
+    for (ex, (&h, &se)) in experts {
+        let (base, rows) = (3 + 6 * ex, se as u64 * h as u64);
+        bwd.push(Request::new(format!("act[{ex}]"), b(rows), base, base + 3));
+        bwd.push(Request::new(format!("dact[{ex}]"), b(rows), base + 1, base + 4));
+        bwd.push(Request::new(format!("dgu[{ex}]"), b(2 * rows), base + 3, base + 6));
+    }
+    bwd.extend([
+        Request::new("dxn2", b(n * c), x, x + 8),
+        Request::new("dprobs", b(n * e), x + 1, x + 4),
+        Request::new("dlogits", b(n * e), x + 2, x + 6),
+        Request::new("dx2", b(n * c), x + 6, x + 16),
+        Request::new("datt", b(n * a), x + 8, x + 11),
+        Request::new("dqkv", b(n * w), x + 10, x + 14),
+        Request::new("dxn1", b(n * c), x + 12, x + 16),
+    ]);
+    let backward = Phase { name: "block backward".into(), ops: x + 16, requests: bwd };
+    (forward, backward)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::plan::{plan, verify, Strategy};
+    use crate::model::config::Routing;
+
+    #[test]
+    fn phases_are_well_formed_and_plannable() {
+        let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
+        let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Routing::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
+        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12]);
+        for phase in [&f, &b] {
+            assert!(phase.requests.iter().all(|r| r.start < r.end && r.end <= phase.ops && r.size > 0), "{}", phase.name);
+            let p = plan(&phase.requests, 64, Strategy::Heuristic).unwrap();
+            verify(&p, &phase.requests).unwrap();
+            assert!(p.peak >= p.lower_bound);
+        }
+        // The backward's widest moment holds dx2 with dxn2 (norm backward): at least 2·N·C floats.
+        let lb = crate::memory::plan::lower_bound(&b.requests, 1).unwrap();
+        assert!(lb >= 2 * 24 * 32 * 4);
+    }
+}

@@ -1,0 +1,105 @@
+//! MEMO policies: loss and every gradient must be bitwise identical whether a layer keeps its
+//! activations, offloads a fraction α of them to the host tier and recomputes the rest, or
+//! recomputes everything but attention.
+
+mod common;
+
+use common::*;
+use motley::backend::cpu::Cpu;
+use motley::memory::store::LayerPolicy;
+use motley::model::config::Routing as Kind;
+use motley::model::Model;
+use motley::rng::Rng;
+
+const HOST: u64 = 1 << 30;
+
+fn batch(seed: u64, vocab: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = Rng::new(seed);
+    let stream: Vec<u32> = (0..n + 1).map(|_| rng.below(vocab) as u32).collect();
+    (stream[..n].to_vec(), stream[1..].to_vec())
+}
+
+/// Loss bits, gradient bits and per-layer (kept, offloaded, recomputed) bytes of one step.
+fn step(kind: Kind, seed: u64, policy: LayerPolicy, b: usize, t: usize) -> (u64, Vec<u32>, Vec<(u64, u64, u64)>) {
+    let be = Cpu::new(2);
+    let (cfg, moe) = tiny_model(kind);
+    let (inputs, targets) = batch(seed + 100, cfg.vocab_size, b * t);
+    let mut model = Model::new(&be, cfg.clone(), moe, seed).unwrap();
+    let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST).unwrap();
+    model.zero_grads(&be);
+    let stats = model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
+    let traffic = (0..cfg.n_layers).map(|l| store.traffic(l)).map(|x| (x.kept, x.offloaded, x.recomputed)).collect();
+    (stats.loss.to_bits(), model.grads.iter().map(|g| g.to_bits()).collect(), traffic)
+}
+
+fn policies() -> Vec<LayerPolicy> {
+    let mut p = vec![LayerPolicy::Recompute];
+    p.extend([0.0, 0.25, 0.5, 1.0].map(|alpha| LayerPolicy::Offload { alpha }));
+    p
+}
+
+#[test]
+fn every_policy_gives_bitwise_identical_loss_and_gradients() {
+    for kind in [Kind::TopK, Kind::TopP] {
+        for seed in [1, 2, 3] {
+            // 3 × 11 tokens: α = 0.25 splits inside the first sequence, 0.5 inside the second.
+            let (b, t) = (3, 11);
+            let (loss, grads, keep) = step(kind, seed, LayerPolicy::Keep, b, t);
+            assert!(keep.iter().all(|&(k, o, r)| k > 0 && o == 0 && r == 0));
+            for policy in policies() {
+                let (l, g, traffic) = step(kind, seed, policy, b, t);
+                assert_eq!(l, loss, "{kind:?} seed {seed} {policy:?}: loss differs from keep-all");
+                let first = g.iter().zip(&grads).position(|(x, y)| x != y);
+                assert_eq!(first, None, "{kind:?} seed {seed} {policy:?}: gradient element {first:?} differs from keep-all");
+                for (l, (&(k, o, r), &(total, ..))) in traffic.iter().zip(&keep).enumerate() {
+                    assert_eq!(k + o + r, total, "layer {l} {policy:?}: bytes must add up to the keep-all total");
+                    match policy {
+                        LayerPolicy::Recompute => assert!(o == 0 && r > 0 && k > 0),
+                        LayerPolicy::Offload { alpha } if alpha == 1.0 => assert!(k == 0 && r == 0),
+                        LayerPolicy::Offload { .. } => assert!(k == 0 && o > 0 && r > 0),
+                        LayerPolicy::Keep => unreachable!(),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Several optimizer steps with a mix of policies per layer track keep-all exactly.
+#[test]
+fn mixed_policies_train_identically() {
+    use motley::train::optim::{AdamWConfig, Optimizer};
+    let run = |policies: Vec<LayerPolicy>| {
+        let be = Cpu::new(2);
+        let (cfg, moe) = tiny_model(Kind::TopP);
+        let mut model = Model::new(&be, cfg.clone(), moe, 9).unwrap();
+        let mut store = model.new_store_with(policies, HOST).unwrap();
+        let opt_cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
+        let mut opt = Optimizer::new(&be, opt_cfg, model.n_params());
+        (0..4)
+            .map(|s| {
+                let (inputs, targets) = batch(s, cfg.vocab_size, 2 * 24);
+                model.zero_grads(&be);
+                let st = model.forward_backward(&be, &mut store, &inputs, &targets, 2, 24).unwrap();
+                opt.update(&be, &model.layout, &mut model.params, &model.grads, 3e-3);
+                st.loss.to_bits()
+            })
+            .collect::<Vec<_>>()
+    };
+    let keep = run(vec![LayerPolicy::Keep; 2]);
+    assert_eq!(run(vec![LayerPolicy::Offload { alpha: 0.3 }, LayerPolicy::Recompute]), keep);
+    assert_eq!(run(vec![LayerPolicy::Recompute, LayerPolicy::Offload { alpha: 0.7 }]), keep);
+}
+
+#[test]
+fn a_full_host_tier_is_an_error_not_a_panic() {
+    let be = Cpu::new(1);
+    let (cfg, moe) = tiny_model(Kind::TopK);
+    let (inputs, targets) = batch(1, cfg.vocab_size, 24);
+    let mut model = Model::new(&be, cfg.clone(), moe, 1).unwrap();
+    let mut store = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; 2], 1024).unwrap();
+    let err = model.forward_backward(&be, &mut store, &inputs, &targets, 1, 24).unwrap_err();
+    assert!(err.to_string().contains("host tier full"), "{err}");
+    assert!(model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.5 }; 2], HOST).is_err());
+    assert!(model.new_store_with(vec![LayerPolicy::Keep; 3], HOST).is_err());
+}
