@@ -7,6 +7,7 @@
 //! checkpoint is kept under `--run` and reused by later runs with the same step count.
 //!
 //! Run: `cargo bench --bench compress [-- --steps 300 --threads 2 --calib-tokens 4096 --run DIR]`
+//! (about 2.5 min of training plus 5 min of compression and evaluation on 2 cores).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

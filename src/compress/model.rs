@@ -25,7 +25,7 @@
 //! (q/k dimensions are paired by frequency), `wo`, `w_down` and `lm_head` rows are residual-stream
 //! or vocabulary coordinates shared by the whole model.
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use super::calib::{self, Calibration};
 use super::format::{CodebookDtype, CompressedFile, CompressedMatrix, DenseTensor, Method};
@@ -119,7 +119,7 @@ pub fn compress_model_with_folds(
         for (e, &(gu_off, down_off)) in block.experts.iter().enumerate() {
             let (Some(gi), Some(di)) = (spec_at(gu_off), spec_at(down_off)) else { continue };
             let (gu, down) = (&layout.specs[gi], &layout.specs[di]);
-            if !compressible(gu) || !compressible(down) || !(method == Method::Jlcm && cfg.fold_experts) {
+            if method != Method::Jlcm || !cfg.fold_experts || !compressible(gu) || !compressible(down) {
                 continue;
             }
             let (mg, md, order) = fold_expert(values, gu, down, calibration.as_ref(), cfg)?;
@@ -266,8 +266,8 @@ pub fn decompress_to_values(file: &CompressedFile, layout: &ParamLayout) -> Resu
             (None, None) => return Err(Error::Invalid(format!("tensor `{name}` is missing from the compressed file"))),
         }
     }
-    let known: BTreeMap<&str, ()> = layout.specs.iter().map(|s| (s.name.as_str(), ())).collect();
-    if let Some(extra) = file.matrices.keys().chain(file.dense.keys()).find(|n| !known.contains_key(n.as_str())) {
+    let known: BTreeSet<&str> = layout.specs.iter().map(|s| s.name.as_str()).collect();
+    if let Some(extra) = file.matrices.keys().chain(file.dense.keys()).find(|n| !known.contains(n.as_str())) {
         return Err(Error::Invalid(format!("tensor `{extra}` in the compressed file is not part of this model")));
     }
     Ok(values)
