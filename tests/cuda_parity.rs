@@ -147,9 +147,9 @@ case!(Rope, |be| {
     let s = ATTN[0];
     let mut qkv = up(be, &data(15, s.tokens() * s.qkv_width()));
     let table = up(be, &data(16, s.seq * s.head_dim));
-    be.rope(B::full_mut(&mut qkv), B::full(&table), s, false);
+    be.rope(B::full_mut(&mut qkv), B::full(&table), s, 0, false);
     let fwd = down(be, &qkv);
-    be.rope(B::full_mut(&mut qkv), B::full(&table), s, true);
+    be.rope(B::full_mut(&mut qkv), B::full(&table), s, 0, true);
     vec![fwd, down(be, &qkv)]
 });
 

@@ -11,12 +11,20 @@
 //! - `NAME:indices` (U8): all indices in stored row order, LSB-first bit-packed, each group at its
 //!   own width, concatenated without padding ([`bitpack`](super::bitpack));
 //! - `NAME:codebooks` (F32 or F16): all codebooks concatenated;
-//! - `NAME:scales` (F32, one per group): only when some scale is not 1;
+//! - `NAME:scales` (one per group): only when some scale is not 1;
+//! - `NAME:zeros` (one per group): only when some zero is not 0 (affine codebooks, i.e. RTN);
 //! - `NAME:perm` (U32, one per row): only when the row order is [`RowOrder::Stored`].
 //!
-//! Everything else (shape, method, groups, codebook sizes, dtype, row order, the list of dense
-//! tensors) is JSON under the `__metadata__` key [`METADATA_KEY`]. Loading checks every field and
-//! every index and names the tensor in the error.
+//! Scales and zeros are F16 when every one of them is an exact f16 value (RTN rounds its
+//! (scale, zero) pairs to f16, so it pays 32 bits per row as its own accounting says), else F32.
+//! Dense tensors are F32 or F16 ([`DenseTensor::dtype`]).
+//!
+//! Everything else (shape, method, groups, codebook sizes, dtypes, row order, the list of dense
+//! tensors, free-form `attrs` such as the model config hash) is JSON under the `__metadata__` key
+//! [`METADATA_KEY`]. Consecutive identical groups are written once with a `repeat` count, so
+//! RTN's one group per row costs a few bytes of header per matrix rather than per row. Loading
+//! checks every field and every index and names the tensor in the error. Version 1 files (no
+//! zeros, repeats, F16 scales or F16 dense tensors) still load.
 
 use super::bitpack::{BitReader, BitWriter};
 use super::bits::MAX_BITS;
@@ -30,13 +38,17 @@ use std::path::Path;
 
 /// The `__metadata__` key holding this module's JSON.
 pub const METADATA_KEY: &str = "motley.compressed";
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
+/// Versions this build reads: 2 only added optional fields to 1.
+const READABLE_VERSIONS: [u32; 2] = [1, 2];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Kmeans,
     Jlcm,
+    /// Round-to-nearest on a uniform grid: an affine codebook per row (`zero + scale · q`).
+    Rtn,
 }
 
 /// Storage type of codebook entries. Compressors round their codebooks to it, so what is saved is
@@ -69,9 +81,12 @@ pub struct RowGroup {
     pub rows: usize,
     pub bits: u8,
     pub codebook: usize,
-    /// Decoded weight = `scale · codebooks[codebook][index]`. Stored in the file as f32.
+    /// Decoded weight = `zero + scale · codebooks[codebook][index]`.
     #[serde(skip, default = "one")]
     pub scale: f32,
+    /// Offset of an affine codebook (0 for the codebook methods).
+    #[serde(skip, default)]
+    pub zero: f32,
 }
 
 fn one() -> f32 {
@@ -149,8 +164,8 @@ impl CompressedMatrix {
             if cb.len() > 1 << grp.bits {
                 return Err(format!("group {g}: codebook {} has {} entries, more than {} bits can address", grp.codebook, cb.len(), grp.bits));
             }
-            if !grp.scale.is_finite() {
-                return Err(format!("group {g}: scale {} is not finite", grp.scale));
+            if !grp.scale.is_finite() || !grp.zero.is_finite() {
+                return Err(format!("group {g}: scale {} or zero {} is not finite", grp.scale, grp.zero));
             }
         }
         if Some(self.indices.len()) != self.rows.checked_mul(self.cols) {
@@ -186,7 +201,7 @@ impl CompressedMatrix {
                 };
                 let src = &self.indices[r * self.cols..(r + 1) * self.cols];
                 for (d, &i) in data[dest * self.cols..(dest + 1) * self.cols].iter_mut().zip(src) {
-                    *d = grp.scale * cb[i as usize];
+                    *d = grp.zero + grp.scale * cb[i as usize];
                 }
             }
             row += grp.rows;
@@ -203,13 +218,29 @@ impl CompressedMatrix {
         self.groups.iter().any(|g| g.scale != 1.0)
     }
 
+    fn has_zeros(&self) -> bool {
+        self.groups.iter().any(|g| g.zero != 0.0)
+    }
+
+    /// F16 when every scale and zero is an exact f16 value, else F32.
+    fn affine_dtype(&self) -> CodebookDtype {
+        let exact = |v: f32| CodebookDtype::F16.round(v) == v;
+        if self.groups.iter().all(|g| exact(g.scale) && exact(g.zero)) {
+            CodebookDtype::F16
+        } else {
+            CodebookDtype::F32
+        }
+    }
+
     /// Tensor payload bytes this matrix adds to a file (header JSON not included):
-    /// `⌈index bits / 8⌉ + codebook entries · dtype bytes + 4 · groups (if scaled) + 4 · rows (if
-    /// the permutation is stored)`.
+    /// `⌈index bits / 8⌉ + codebook entries · dtype bytes + (2 or 4) · groups (if scaled, and
+    /// again if offset) + 4 · rows (if the permutation is stored)`.
     pub fn payload_bytes(&self) -> usize {
+        let affine = self.affine_dtype().bytes() * self.groups.len();
         self.index_bits().div_ceil(8)
             + self.codebooks.iter().map(Vec::len).sum::<usize>() * self.codebook_dtype.bytes()
-            + if self.has_scales() { 4 * self.groups.len() } else { 0 }
+            + if self.has_scales() { affine } else { 0 }
+            + if self.has_zeros() { affine } else { 0 }
             + if matches!(self.row_order, RowOrder::Stored(_)) { 4 * self.rows } else { 0 }
     }
 }
@@ -228,11 +259,24 @@ fn check_permutation(perm: &[u32], rows: usize) -> std::result::Result<(), Strin
     Ok(())
 }
 
-/// A small uncompressed tensor kept alongside the matrices (norm weights, biases).
+/// An uncompressed tensor kept alongside the matrices (norm gains, routers, embeddings).
 #[derive(Clone, Debug, PartialEq)]
 pub struct DenseTensor {
     pub shape: Vec<usize>,
+    /// Exact values of `dtype` (checked when saving).
     pub data: Vec<f32>,
+    pub dtype: CodebookDtype,
+}
+
+impl DenseTensor {
+    /// Rounds `data` to `dtype`.
+    pub fn new(shape: Vec<usize>, data: &[f32], dtype: CodebookDtype) -> DenseTensor {
+        DenseTensor { shape, data: data.iter().map(|&v| dtype.round(v)).collect(), dtype }
+    }
+
+    pub fn payload_bytes(&self) -> usize {
+        self.data.len() * self.dtype.bytes()
+    }
 }
 
 /// Everything one compressed checkpoint file holds.
@@ -240,6 +284,8 @@ pub struct DenseTensor {
 pub struct CompressedFile {
     pub matrices: BTreeMap<String, CompressedMatrix>,
     pub dense: BTreeMap<String, DenseTensor>,
+    /// Free-form provenance saved in the header (e.g. the model config hash the file belongs to).
+    pub attrs: BTreeMap<String, String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -247,6 +293,37 @@ struct FileMeta {
     version: u32,
     matrices: BTreeMap<String, MatrixMeta>,
     dense: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    attrs: BTreeMap<String, String>,
+}
+
+/// `repeat` consecutive copies of one group shape (scales and zeros live in tensors).
+#[derive(Serialize, Deserialize)]
+struct GroupRun {
+    #[serde(flatten)]
+    group: RowGroup,
+    #[serde(default = "one_usize", skip_serializing_if = "is_one")]
+    repeat: usize,
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+/// Consecutive groups with equal (rows, bits, codebook) merged into runs.
+fn group_runs(groups: &[RowGroup]) -> Vec<GroupRun> {
+    let mut runs: Vec<GroupRun> = Vec::new();
+    for g in groups {
+        match runs.last_mut() {
+            Some(r) if (r.group.rows, r.group.bits, r.group.codebook) == (g.rows, g.bits, g.codebook) => r.repeat += 1,
+            _ => runs.push(GroupRun { group: RowGroup { scale: 1.0, zero: 0.0, ..g.clone() }, repeat: 1 }),
+        }
+    }
+    runs
 }
 
 #[derive(Serialize, Deserialize)]
@@ -256,16 +333,26 @@ struct MatrixMeta {
     method: Method,
     codebook_dtype: CodebookDtype,
     codebook_sizes: Vec<usize>,
-    groups: Vec<RowGroup>,
+    groups: Vec<GroupRun>,
     scales: bool,
+    #[serde(default)]
+    zeros: bool,
+    /// Storage type of scales and zeros.
+    #[serde(default = "f32_dtype")]
+    affine_dtype: CodebookDtype,
     /// "original", "stored" or "folded".
     row_order: String,
+}
+
+fn f32_dtype() -> CodebookDtype {
+    CodebookDtype::F32
 }
 
 /// Tensor-name suffixes; `:` keeps them apart from dotted parameter names.
 const INDICES: &str = ":indices";
 const CODEBOOKS: &str = ":codebooks";
 const SCALES: &str = ":scales";
+const ZEROS: &str = ":zeros";
 const PERM: &str = ":perm";
 
 /// Byte buffers in safetensors' `View` shape.
@@ -290,8 +377,27 @@ impl View for &Raw {
     }
 }
 
-fn f32_bytes(v: impl IntoIterator<Item = f32>) -> Vec<u8> {
-    v.into_iter().flat_map(f32::to_le_bytes).collect()
+/// `values` as a tensor of `dtype` (values must already be exact in it).
+fn typed(dtype: CodebookDtype, values: &[f32], shape: Vec<usize>) -> Raw {
+    match dtype {
+        CodebookDtype::F32 => Raw { dtype: Dtype::F32, shape, bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect() },
+        CodebookDtype::F16 => Raw { dtype: Dtype::F16, shape, bytes: values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect() },
+    }
+}
+
+fn safetensors_dtype(dtype: CodebookDtype) -> Dtype {
+    match dtype {
+        CodebookDtype::F32 => Dtype::F32,
+        CodebookDtype::F16 => Dtype::F16,
+    }
+}
+
+/// Little-endian F32 or F16 bytes as f32 values.
+fn untyped(dtype: CodebookDtype, raw: &[u8]) -> Vec<f32> {
+    match dtype {
+        CodebookDtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        CodebookDtype::F16 => raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+    }
 }
 
 impl CompressedFile {
@@ -306,7 +412,7 @@ impl CompressedFile {
         let mut metas = BTreeMap::new();
         for (name, m) in &self.matrices {
             m.validate().map_err(|e| Error::Invalid(format!("matrix `{name}`: {e}")))?;
-            for suffix in [INDICES, CODEBOOKS, SCALES, PERM] {
+            for suffix in [INDICES, CODEBOOKS, SCALES, ZEROS, PERM] {
                 if self.dense.contains_key(&format!("{name}{suffix}")) {
                     return Err(Error::Invalid(format!("dense tensor `{name}{suffix}` clashes with matrix `{name}`")));
                 }
@@ -320,14 +426,15 @@ impl CompressedFile {
             let packed = w.finish();
             tensors.insert(format!("{name}{INDICES}"), Raw { dtype: Dtype::U8, shape: vec![packed.len()], bytes: packed });
             let entries: Vec<f32> = m.codebooks.concat();
-            let (dtype, bytes) = match m.codebook_dtype {
-                CodebookDtype::F32 => (Dtype::F32, f32_bytes(entries.iter().copied())),
-                CodebookDtype::F16 => (Dtype::F16, entries.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect()),
-            };
-            tensors.insert(format!("{name}{CODEBOOKS}"), Raw { dtype, shape: vec![entries.len()], bytes });
+            tensors.insert(format!("{name}{CODEBOOKS}"), typed(m.codebook_dtype, &entries, vec![entries.len()]));
+            let affine = m.affine_dtype();
             if m.has_scales() {
-                let bytes = f32_bytes(m.groups.iter().map(|g| g.scale));
-                tensors.insert(format!("{name}{SCALES}"), Raw { dtype: Dtype::F32, shape: vec![m.groups.len()], bytes });
+                let scales: Vec<f32> = m.groups.iter().map(|g| g.scale).collect();
+                tensors.insert(format!("{name}{SCALES}"), typed(affine, &scales, vec![m.groups.len()]));
+            }
+            if m.has_zeros() {
+                let zeros: Vec<f32> = m.groups.iter().map(|g| g.zero).collect();
+                tensors.insert(format!("{name}{ZEROS}"), typed(affine, &zeros, vec![m.groups.len()]));
             }
             let row_order = match &m.row_order {
                 RowOrder::Original => "original",
@@ -346,8 +453,10 @@ impl CompressedFile {
                     method: m.method,
                     codebook_dtype: m.codebook_dtype,
                     codebook_sizes: m.codebooks.iter().map(Vec::len).collect(),
-                    groups: m.groups.clone(),
+                    groups: group_runs(&m.groups),
                     scales: m.has_scales(),
+                    zeros: m.has_zeros(),
+                    affine_dtype: affine,
                     row_order: row_order.into(),
                 },
             );
@@ -356,9 +465,12 @@ impl CompressedFile {
             if t.shape.iter().product::<usize>() != t.data.len() {
                 return Err(Error::Invalid(format!("dense tensor `{name}`: shape {:?} does not match {} values", t.shape, t.data.len())));
             }
-            tensors.insert(name.clone(), Raw { dtype: Dtype::F32, shape: t.shape.clone(), bytes: f32_bytes(t.data.iter().copied()) });
+            if let Some(v) = t.data.iter().find(|v| !v.is_finite() || t.dtype.round(**v) != **v) {
+                return Err(Error::Invalid(format!("dense tensor `{name}`: value {v} is not a finite {:?} value", t.dtype)));
+            }
+            tensors.insert(name.clone(), typed(t.dtype, &t.data, t.shape.clone()));
         }
-        let meta = FileMeta { version: FORMAT_VERSION, matrices: metas, dense: self.dense.keys().cloned().collect() };
+        let meta = FileMeta { version: FORMAT_VERSION, matrices: metas, dense: self.dense.keys().cloned().collect(), attrs: self.attrs.clone() };
         let json = serde_json::to_string(&meta).map_err(|e| Error::Invalid(format!("metadata: {e}")))?;
         let info = HashMap::from([(METADATA_KEY.to_string(), json)]);
         safetensors::serialize(tensors.iter().map(|(n, r)| (n.as_str(), r)), Some(info))
@@ -390,8 +502,8 @@ impl CompressedFile {
             .and_then(|m| m.get(METADATA_KEY))
             .ok_or_else(|| format!("no `{METADATA_KEY}` metadata: not a motley compressed file"))?;
         let meta: FileMeta = serde_json::from_str(json).map_err(|e| format!("metadata `{METADATA_KEY}`: {e}"))?;
-        if meta.version != FORMAT_VERSION {
-            return Err(format!("format version {} (this build reads {FORMAT_VERSION})", meta.version));
+        if !READABLE_VERSIONS.contains(&meta.version) {
+            return Err(format!("format version {} (this build reads {READABLE_VERSIONS:?})", meta.version));
         }
         let mut claimed = BTreeSet::new();
         let mut get = |name: String, dtype: Dtype, len: usize, what: &str| -> std::result::Result<Vec<u8>, String> {
@@ -405,43 +517,46 @@ impl CompressedFile {
         let mut out = CompressedFile::default();
         for (name, mm) in meta.matrices {
             let bad = |e: String| format!("matrix `{name}`: {e}");
+            // Runs are expanded only up to the row count, so a huge `repeat` cannot allocate.
+            let mut groups: Vec<RowGroup> = Vec::new();
+            let mut covered = 0usize;
+            for run in &mm.groups {
+                for _ in 0..run.repeat {
+                    covered = covered.saturating_add(run.group.rows);
+                    if covered > mm.rows || run.group.rows == 0 {
+                        return Err(bad(format!("row groups cover more than the {} rows or include an empty group", mm.rows)));
+                    }
+                    groups.push(run.group.clone());
+                }
+            }
             // Shape checks come before any allocation sized by the metadata: once the packed
             // length matches, rows · cols is bounded by the file size.
-            let group_rows = mm.groups.iter().try_fold(0usize, |acc, g| acc.checked_add(g.rows));
-            if group_rows != Some(mm.rows) || mm.groups.iter().any(|g| !(1..=MAX_BITS).contains(&g.bits)) {
+            let group_rows = groups.iter().try_fold(0usize, |acc, g| acc.checked_add(g.rows));
+            if group_rows != Some(mm.rows) || groups.iter().any(|g| !(1..=MAX_BITS).contains(&g.bits)) {
                 return Err(bad(format!("row groups do not cover the {} rows exactly or use widths outside 1..={MAX_BITS}", mm.rows)));
             }
-            let index_bits = mm
-                .groups
+            let index_bits = groups
                 .iter()
                 .try_fold(0usize, |acc, g| g.rows.checked_mul(mm.cols)?.checked_mul(g.bits as usize)?.checked_add(acc))
                 .ok_or_else(|| bad(format!("shape {}×{} is too large", mm.rows, mm.cols)))?;
             let packed = get(format!("{name}{INDICES}"), Dtype::U8, index_bits.div_ceil(8), "packed indices")?;
             let total = mm.codebook_sizes.iter().try_fold(0usize, |acc, &s| acc.checked_add(s)).ok_or_else(|| bad("codebook sizes overflow".into()))?;
-            let (dtype, width) = match mm.codebook_dtype {
-                CodebookDtype::F32 => (Dtype::F32, 4),
-                CodebookDtype::F16 => (Dtype::F16, 2),
-            };
-            let raw = get(format!("{name}{CODEBOOKS}"), dtype, total, "codebooks")?;
-            let entries: Vec<f32> = raw
-                .chunks_exact(width)
-                .map(|b| match mm.codebook_dtype {
-                    CodebookDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-                    CodebookDtype::F16 => f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                })
-                .collect();
+            let raw = get(format!("{name}{CODEBOOKS}"), safetensors_dtype(mm.codebook_dtype), total, "codebooks")?;
+            let entries = untyped(mm.codebook_dtype, &raw);
             let mut codebooks = Vec::new();
             let mut at = 0;
             for &size in &mm.codebook_sizes {
                 codebooks.push(entries[at..at + size].to_vec());
                 at += size;
             }
-            let mut groups = mm.groups;
+            let affine = safetensors_dtype(mm.affine_dtype);
             if mm.scales {
-                let raw = get(format!("{name}{SCALES}"), Dtype::F32, groups.len(), "group scales")?;
-                for (g, b) in groups.iter_mut().zip(raw.chunks_exact(4)) {
-                    g.scale = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+                let raw = get(format!("{name}{SCALES}"), affine, groups.len(), "group scales")?;
+                groups.iter_mut().zip(untyped(mm.affine_dtype, &raw)).for_each(|(g, v)| g.scale = v);
+            }
+            if mm.zeros {
+                let raw = get(format!("{name}{ZEROS}"), affine, groups.len(), "group zeros")?;
+                groups.iter_mut().zip(untyped(mm.affine_dtype, &raw)).for_each(|(g, v)| g.zero = v);
             }
             let row_order = match mm.row_order.as_str() {
                 "original" => RowOrder::Original,
@@ -466,13 +581,19 @@ impl CompressedFile {
         }
         for name in meta.dense {
             let t = st.tensor(&name).map_err(|_| format!("dense tensor `{name}` is missing"))?;
-            if t.dtype() != Dtype::F32 {
-                return Err(format!("dense tensor `{name}`: expected F32, found {:?}", t.dtype()));
+            let dtype = match t.dtype() {
+                Dtype::F32 => CodebookDtype::F32,
+                Dtype::F16 => CodebookDtype::F16,
+                other => return Err(format!("dense tensor `{name}`: expected F32 or F16, found {other:?}")),
+            };
+            let data = untyped(dtype, t.data());
+            if let Some(v) = data.iter().find(|v| !v.is_finite()) {
+                return Err(format!("dense tensor `{name}`: value {v} is not finite"));
             }
-            let data: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             claimed.insert(name.clone());
-            out.dense.insert(name, DenseTensor { shape: t.shape().to_vec(), data });
+            out.dense.insert(name, DenseTensor { shape: t.shape().to_vec(), data, dtype });
         }
+        out.attrs = meta.attrs;
         if let Some(extra) = st.names().into_iter().find(|n| !claimed.contains(*n)) {
             return Err(format!("tensor `{extra}` is not described by the metadata"));
         }
@@ -515,8 +636,8 @@ mod tests {
     fn sample() -> CompressedMatrix {
         let (rows, cols) = (5, 7);
         let groups = vec![
-            RowGroup { rows: 2, bits: 2, codebook: 0, scale: 0.5 },
-            RowGroup { rows: 3, bits: 3, codebook: 1, scale: 2.0 },
+            RowGroup { rows: 2, bits: 2, codebook: 0, scale: 0.5, zero: 0.0 },
+            RowGroup { rows: 3, bits: 3, codebook: 1, scale: 2.0, zero: 0.0 },
         ];
         let codebooks = vec![vec![-1.0, 0.25, 1.5], vec![-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0]];
         let indices: Vec<u8> = (0..rows * cols).map(|i| if i < 2 * cols { (i % 3) as u8 } else { (i * 5 % 8) as u8 }).collect();
@@ -531,7 +652,7 @@ mod tests {
         plain.groups.iter_mut().for_each(|g| g.scale = 1.0);
         plain.codebook_dtype = CodebookDtype::F32;
         f.matrices.insert("layers.0.mlp.w2".into(), plain);
-        f.dense.insert("layers.0.norm.weight".into(), DenseTensor { shape: vec![3], data: vec![1.0, 0.5, -2.0] });
+        f.dense.insert("layers.0.norm.weight".into(), DenseTensor { shape: vec![3], data: vec![1.0, 0.5, -2.0], dtype: CodebookDtype::F32 });
         f
     }
 
@@ -569,8 +690,9 @@ mod tests {
         let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
         let payload: usize = f.matrices.values().map(CompressedMatrix::payload_bytes).sum::<usize>() + 3 * 4;
         assert_eq!(size, 8 + header + payload as u64);
-        // w1: 2·7·2 + 3·7·3 = 91 index bits → 12 bytes; 11 f16 entries; 2 scales; 5-entry perm.
-        assert_eq!(f.matrices["layers.0.mlp.w1"].payload_bytes(), 12 + 22 + 8 + 20);
+        // w1: 2·7·2 + 3·7·3 = 91 index bits → 12 bytes; 11 f16 entries; 2 scales (exact in f16,
+        // so stored as f16); 5-entry perm.
+        assert_eq!(f.matrices["layers.0.mlp.w1"].payload_bytes(), 12 + 22 + 4 + 20);
         // w2: no scales, folded permutation, f32 codebooks.
         assert_eq!(f.matrices["layers.0.mlp.w2"].payload_bytes(), 12 + 44);
         assert_eq!(bits_per_weight(size, f.compressed_weights() as u64), 8.0 * size as f64 / 70.0);

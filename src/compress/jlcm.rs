@@ -492,7 +492,7 @@ fn initial_state(w: &Matrix, h: &Hessian, cfg: &JlcmConfig) -> Result<(RowGroupi
             let block = &wp.data[starts[g] * wp.cols..(starts[g] + rows) * wp.cols];
             let rms = (block.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / block.len() as f64).sqrt() as f32;
             let scale = if cfg.codebook == CodebookKind::SharedScaled && rms > 0.0 { rms } else { 1.0 };
-            RowGroup { rows, bits: lo, codebook: 0, scale }
+            RowGroup { rows, bits: lo, codebook: 0, scale, zero: 0.0 }
         })
         .collect();
     let row_group = grouping.sizes.iter().enumerate().flat_map(|(g, &s)| std::iter::repeat_n(g, s)).collect();

@@ -220,7 +220,7 @@ pub fn quantize_kmeans(w: &Matrix, cfg: &KMeansQuantConfig) -> Result<Compressed
         let fit = if b == lo { low } else { high.unwrap_or(low) };
         codebooks.push(fit.centroids.iter().map(|&c| cfg.codebook_dtype.round(c)).collect());
         indices.extend(fit.assignments.iter().map(|&a| a as u8));
-        groups.push(RowGroup { rows: block_rows[g], bits: b, codebook: g, scale: 1.0 });
+        groups.push(RowGroup { rows: block_rows[g], bits: b, codebook: g, scale: 1.0, zero: 0.0 });
     }
     CompressedMatrix::new(w.rows, w.cols, Method::Kmeans, groups, codebooks, cfg.codebook_dtype, indices, RowOrder::Original)
 }
