@@ -83,7 +83,7 @@ fn main() {
         let swapped = case.model.n_layers as u64 - 2;
         let host = swapped * (lc.s_input + lc.s_attn + lc.s_others / 2);
         let profile = Profile { link: HostLink { b_pcie: 1e10, m_host: host }, ..probe };
-        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto };
+        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
         let planned = build_policy(&auto, &case.model, &case.moe, case.batch, case.seq, &profile).unwrap();
         let label = format!("planned {:?}", planned.iter().map(|p| match p { LayerPolicy::Offload { alpha } => format!("α={alpha:.2}"), other => format!("{other:?}") }).collect::<Vec<_>>());
         for (name, policies) in [

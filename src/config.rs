@@ -135,6 +135,20 @@ pub struct MemoryConfig {
     pub policy: MemoryPolicy,
     /// A number in [0, 1] or `"auto"`.
     pub alpha: Alpha,
+    /// Host memory the offloaded activations may use, GiB (the α planner's `M_host`).
+    #[serde(default = "default_host_gib")]
+    pub host_gib: f64,
+    /// Device→host copy bandwidth, GB/s (the α planner's `B_pcie`; CPU: a memory copy).
+    #[serde(default = "default_bandwidth_gbs")]
+    pub bandwidth_gbs: f64,
+}
+
+fn default_host_gib() -> f64 {
+    8.0
+}
+
+fn default_bandwidth_gbs() -> f64 {
+    10.0
 }
 
 /// The `[parallel]` section: MoE Parallel Folding degrees. Only planned, not executed yet.
@@ -287,9 +301,6 @@ impl Config {
         if !(t.min_lr.is_finite() && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
             return Err(Error::config("train.min_lr", t.min_lr, format!("a number in [0, train.lr = {}]", t.lr)));
         }
-        if t.warmup_steps > t.steps {
-            return Err(Error::config("train.warmup_steps", t.warmup_steps, format!("at most train.steps = {}", t.steps)));
-        }
         non_negative_finite("train.weight_decay", t.weight_decay)?;
         non_negative_finite("train.grad_clip", t.grad_clip)?;
         positive_finite("train.eps", t.eps)?;
@@ -320,6 +331,11 @@ impl Config {
         }
         if self.checkpoint.keep_last == 0 {
             return Err(Error::config("checkpoint.keep_last", 0, "at least 1"));
+        }
+        for (field, v) in [("memory.host_gib", self.memory.host_gib), ("memory.bandwidth_gbs", self.memory.bandwidth_gbs)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::config(field, v, "a positive number"));
+            }
         }
         if let Alpha::Fixed(a) = self.memory.alpha {
             if !(0.0..=1.0).contains(&a) {

@@ -2,17 +2,23 @@
 
 mod plan;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
 use crate::backend::cpu::Cpu;
+use crate::compress::checkpoint::{load_compressed_model, load_compressed_tokenizer, parse_codebooks, parse_method, run_compress, CompressArgs, COMPRESSED_FILE};
+use crate::compress::{CodebookDtype, Embeddings};
+use crate::data::tokenizer::Tokenizer;
+use crate::memory::report::{memory_report, plan_report};
+use crate::model::Model;
+use crate::train::checkpoint;
 use crate::config::Config;
 use crate::data::prepare::{prepare, tokenize_files};
 use crate::data::shard::Shard;
 use crate::parallel::comm::{Communicator, SingleProcess};
 use crate::train::trainer::{self, TrainOptions};
-use crate::Result;
+use crate::{Error, Result};
 
 #[derive(Parser)]
 #[command(name = "motley", version, about = "Train, scale and compress heterogeneous Mixture-of-Experts language models")]
@@ -82,6 +88,55 @@ enum Command {
         #[arg(long, default_value_t = 0.05)]
         val_fraction: f32,
     },
+    /// Compress a trained checkpoint to a few bits per weight (RTN, k-means or JLCM).
+    Compress {
+        /// A training checkpoint or a run directory (its latest checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// jlcm, kmeans or rtn.
+        #[arg(long, default_value = "jlcm")]
+        method: String,
+        /// Bits per weight of the compressed matrices (fractions mix ⌊b⌋ and ⌈b⌉ per group).
+        #[arg(long)]
+        bits: f32,
+        /// Row groups per matrix (JLCM: grouped by weight distribution; k-means: row blocks).
+        #[arg(long, default_value_t = 8)]
+        groups: usize,
+        /// JLCM codebooks: per-group, or shared-scaled (one codebook, a scale per group).
+        #[arg(long, default_value = "per-group")]
+        codebooks: String,
+        /// Training tokens used to calibrate JLCM.
+        #[arg(long, default_value_t = 4096)]
+        calib_tokens: usize,
+        /// Validation batches for the perplexity before/after (0: skip).
+        #[arg(long, default_value_t = 8)]
+        eval_batches: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Per-layer activation inventory, MEMO α, planned peak memory and whether a config fits.
+    PlanMemory {
+        /// TOML config (default: the embedded tiny config).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Sequence length (default: train.seq_len).
+        #[arg(long)]
+        seq: Option<usize>,
+        /// Sequences per step (default: train.batch_size).
+        #[arg(long)]
+        batch: Option<usize>,
+        #[arg(long, default_value = "80GiB")]
+        device_mem: String,
+        #[arg(long, default_value = "128GiB")]
+        host_mem: String,
+        /// Device→host bandwidth, e.g. 50GB/s.
+        #[arg(long, default_value = "50GB/s")]
+        bandwidth: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Parallel layouts: the folded rank groups of a world.
     PlanParallel {
         #[command(subcommand)]
@@ -117,10 +172,10 @@ pub fn run() -> Result<()> {
         }
         Command::Eval { checkpoint, data, batches } => {
             let be = Cpu::new(0);
-            let (model, config, _, dir) = trainer::load_checkpoint(&checkpoint, &be)?;
+            let (model, config, _, dir) = load_any_checkpoint(&checkpoint, &be)?;
             let shard = match data {
                 Some(path) => path,
-                None => prepare(&config, &run_dir_of(&dir).join("data"))?.val,
+                None => prepare(&config, &data_dir_of(&dir))?.val,
             };
             Shard::open(&shard)?;
             let t = &config.train;
@@ -130,7 +185,7 @@ pub fn run() -> Result<()> {
         }
         Command::Generate { checkpoint, prompt, max_tokens, temperature, top_k, seed } => {
             let be = Cpu::new(0);
-            let (model, _, tokenizer, _) = trainer::load_checkpoint(&checkpoint, &be)?;
+            let (model, _, tokenizer, _) = load_any_checkpoint(&checkpoint, &be)?;
             let text = trainer::generate(&be, &model, &tokenizer, &prompt, max_tokens, temperature, top_k, seed)?;
             println!("{prompt}{text}");
             Ok(())
@@ -148,8 +203,102 @@ pub fn run() -> Result<()> {
             );
             Ok(())
         }
+        Command::Compress { checkpoint, method, bits, groups, codebooks, calib_tokens, eval_batches, out } => {
+            let be = Cpu::new(0);
+            let checkpoint = match checkpoint::latest(&checkpoint)? {
+                Some(dir) if !checkpoint.join("state.json").exists() => dir,
+                _ => checkpoint,
+            };
+            let args = CompressArgs {
+                checkpoint,
+                method: parse_method(&method)?,
+                bits,
+                groups,
+                codebooks: parse_codebooks(&codebooks)?,
+                calib_tokens,
+                out,
+                embeddings: Embeddings::Dense(CodebookDtype::F16),
+                eval_batches,
+            };
+            let r = run_compress(&be, &args)?;
+            println!("{}: {:?} at {} bits in {:.1} s", r.file.display(), r.method, r.bits, r.seconds);
+            println!(
+                "{} bytes: {:.3} bits per parameter (whole file), {:.3} bits per compressed weight (matrices only)",
+                r.file_bytes, r.bits_per_param, r.matrix_bits_per_weight
+            );
+            if let (Some(a), Some(b)) = (r.val_ppl_fp32, r.val_ppl) {
+                println!("validation perplexity {a:.3} → {b:.3} ({:+.3})", b - a);
+            }
+            Ok(())
+        }
+        Command::PlanMemory { config, set, seq, batch, device_mem, host_mem, bandwidth, json } => {
+            let config = Config::load(config.as_deref(), &set)?;
+            let seq = seq.unwrap_or(config.train.seq_len);
+            let batch = batch.unwrap_or(config.train.batch_size);
+            let report = plan_report(&config, seq, batch, parse_size("--device-mem", &device_mem)?, parse_size("--host-mem", &host_mem)?, parse_bandwidth(&bandwidth)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).expect("JSON of the report"));
+            } else {
+                println!("{report}");
+            }
+            // Refuse, with the numbers, a plan that does not fit.
+            memory_report(&config, seq, batch, parse_size("--device-mem", &device_mem)?, parse_size("--host-mem", &host_mem)?, parse_bandwidth(&bandwidth)?)?;
+            Ok(())
+        }
         Command::PlanParallel { command } => plan::run(command),
     }
+}
+
+/// A training checkpoint (or run directory), or a compressed checkpoint directory.
+fn load_any_checkpoint(path: &Path, be: &Cpu) -> Result<(Model<Cpu>, Config, Tokenizer, PathBuf)> {
+    if path.join(COMPRESSED_FILE).exists() {
+        let (model, config) = load_compressed_model(path, be)?;
+        let tokenizer = load_compressed_tokenizer(path, &config)?;
+        return Ok((model, config, tokenizer, path.to_path_buf()));
+    }
+    trainer::load_checkpoint(path, be)
+}
+
+/// Where a checkpoint's run tokenized its data: `RUN/data` for `RUN/checkpoints/step_N`, or
+/// `DIR/data` for a compressed checkpoint directory.
+fn data_dir_of(checkpoint: &Path) -> PathBuf {
+    if checkpoint.join(COMPRESSED_FILE).exists() {
+        return checkpoint.join("data");
+    }
+    run_dir_of(checkpoint).join("data")
+}
+
+/// `80GiB`, `512MiB`, `2TB`, or plain bytes.
+fn parse_size(flag: &str, text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        _ => f64::NAN,
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v >= 0.0 && scale.is_finite() => Ok((v * scale) as u64),
+        _ => Err(Error::config(flag, format!("\"{text}\""), "a size such as 80GiB, 512MiB or 2TB")),
+    }
+}
+
+/// `50GB/s` (or `50GiB/s`) in bytes per second.
+fn parse_bandwidth(text: &str) -> Result<f64> {
+    let per_s = text.trim().strip_suffix("/s").unwrap_or(text);
+    let bytes = parse_size("--bandwidth", per_s).map_err(|_| Error::config("--bandwidth", format!("\"{text}\""), "a rate such as 50GB/s"))?;
+    if bytes == 0 {
+        return Err(Error::config("--bandwidth", format!("\"{text}\""), "a positive rate such as 50GB/s"));
+    }
+    Ok(bytes as f64)
 }
 
 /// Runs `f` over the data-parallel ranks: the MPI world when launched by `mpirun` (and built

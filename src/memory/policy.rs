@@ -108,7 +108,7 @@ mod tests {
     #[test]
     fn auto_alpha_follows_the_host_budget_and_keeps_the_tail() {
         let (m, moe) = shape();
-        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto };
+        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
         let costs = |host| Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e12, m_host: host }).unwrap();
         let big = build_policy(&cfg, &m, &moe, 1, 256, &costs(1 << 40)).unwrap();
         assert_eq!(big[..2], [LayerPolicy::Offload { alpha: 1.0 }; 2]);
@@ -130,14 +130,14 @@ mod tests {
     fn fixed_policies_and_bad_input() {
         let (m, moe) = shape();
         let p = Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e9, m_host: 0 }).unwrap();
-        let fixed = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(0.25) };
+        let fixed = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(0.25), host_gib: 8.0, bandwidth_gbs: 10.0 };
         assert_eq!(build_policy(&fixed, &m, &moe, 1, 256, &p).unwrap()[0], LayerPolicy::Offload { alpha: 0.25 });
-        let rec = MemoryConfig { policy: MemoryPolicy::Recompute, alpha: Alpha::Auto };
+        let rec = MemoryConfig { policy: MemoryPolicy::Recompute, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
         assert_eq!(build_policy(&rec, &m, &moe, 1, 256, &p).unwrap(), vec![LayerPolicy::Recompute; 4]);
-        let bad = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(2.0) };
+        let bad = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(2.0), host_gib: 8.0, bandwidth_gbs: 10.0 };
         assert!(build_policy(&bad, &m, &moe, 1, 256, &p).is_err());
         let short = Profile::measured(vec![1.0], vec![vec![1; 4]], p.link);
-        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto };
+        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
         assert!(build_policy(&auto, &m, &moe, 1, 256, &short).is_err());
     }
 }

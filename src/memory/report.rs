@@ -28,7 +28,7 @@ use crate::{Error, Result};
 const ALIGNMENT: u64 = 512;
 
 /// Forward throughput the cost model assumes when no profile is measured.
-fn assumed_flops_per_s(device: &str) -> f64 {
+pub fn assumed_flops_per_s(device: &str) -> f64 {
     if device == "cuda" {
         4e14
     } else {

@@ -14,7 +14,11 @@ use super::progress::Progress;
 use super::schedule::LrSchedule;
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
-use crate::config::Config;
+use crate::config::{Config, MemoryPolicy};
+use crate::memory::alpha::HostLink;
+use crate::memory::policy::{build_policy, Profile};
+use crate::memory::report::assumed_flops_per_s;
+use crate::memory::store::ActivationStore;
 use crate::data::loader::Loader;
 use crate::data::prepare::{prepare, Prepared};
 use crate::data::shard::Shard;
@@ -179,7 +183,7 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     let tokenizer_json = data.tokenizer.to_json()?;
     let schedule = LrSchedule::from_config(t);
     let first = opt.step;
-    let mut store = model.new_store();
+    let mut store = activation_store(config, &model, local_batch)?;
     let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
     let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader| -> Result<PathBuf> {
         let state = TrainState {
@@ -286,6 +290,20 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         checkpoint: last_checkpoint,
         sample,
     })
+}
+
+/// The activation store under `[memory]`: keep everything, recompute, or offload a token
+/// fraction α (fixed, or from MEMO's LP on a cost-model profile of this machine).
+fn activation_store(config: &Config, model: &Model<Cpu>, batch: usize) -> Result<ActivationStore<Cpu>> {
+    let m = &config.memory;
+    if m.policy == MemoryPolicy::Keep {
+        return Ok(model.new_store());
+    }
+    let link = HostLink { b_pcie: m.bandwidth_gbs * 1e9, m_host: (m.host_gib * (1u64 << 30) as f64) as u64 };
+    let seq = config.train.seq_len;
+    let profile = Profile::cost_model(&config.model, &config.moe, batch, seq, assumed_flops_per_s(&config.device), link)?;
+    let policies = build_policy(m, &config.model, &config.moe, batch, seq, &profile)?;
+    model.new_store_with(policies, link.m_host)
 }
 
 fn checkpoint_due(config: &Config, step: u64, steps: u64) -> bool {
