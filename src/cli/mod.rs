@@ -98,7 +98,7 @@ pub fn run() -> Result<()> {
             }
             let config = Config::load(config.as_deref(), &set)?;
             let out = out.unwrap_or_else(default_out);
-            let opts = TrainOptions { out: out.clone(), resume, sample_prompt: prompt, sample_tokens: 120 };
+            let opts = TrainOptions { out: out.clone(), resume, sample_prompt: prompt, sample_tokens: 120, data_cache: None };
             let s = trainer::train(&config, &opts)?;
             println!("trained {} steps in {:.1} s; final train loss {:.4}", s.steps, s.seconds, s.train_loss);
             if let Some(v) = s.val_loss {

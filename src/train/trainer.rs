@@ -34,6 +34,9 @@ pub struct TrainOptions {
     /// Text to continue at the end of the run (empty: no sample).
     pub sample_prompt: String,
     pub sample_tokens: usize,
+    /// Where tokenized data is cached (default `out/data`): a sweep shares one cache so the
+    /// BPE is trained once and every run sees exactly the same tokens.
+    pub data_cache: Option<PathBuf>,
 }
 
 /// What a finished run reports.
@@ -42,6 +45,10 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub train_loss: f64,
     pub val_loss: Option<f64>,
+    /// Final validation loss of each source of a combined corpus (empty for one source).
+    pub val_sources: Vec<(String, f64)>,
+    /// Cumulative counted training FLOPs (routed tokens per expert), the budget `max_flops` bounds.
+    pub flops: f64,
     pub checkpoint: PathBuf,
     pub sample: Option<String>,
 }
@@ -62,6 +69,19 @@ pub fn validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Path, batch: 
         total += model.evaluate(be, &b.inputs, &b.targets, batch, seq)?.lm_loss;
     }
     Ok(total / n as f64)
+}
+
+/// Validation loss on the combined split and on each source's split (same fixed batches
+/// every time); the per-source losses are also put into `extra` as `val_<name>`.
+fn evaluate_all(be: &Cpu, model: &Model<Cpu>, data: &Prepared, t: &crate::config::TrainConfig, extra: &mut Map<String, Value>) -> Result<(f64, Vec<(String, f64)>)> {
+    let combined = validation_loss(be, model, &data.val, t.batch_size, t.seq_len, t.eval_batches)?;
+    let mut per_source = Vec::with_capacity(data.val_sources.len());
+    for (name, path) in &data.val_sources {
+        let v = validation_loss(be, model, path, t.batch_size, t.seq_len, t.eval_batches)?;
+        extra.insert(format!("val_{name}"), json!(v));
+        per_source.push((name.clone(), v));
+    }
+    Ok((combined, per_source))
 }
 
 /// Samples `max_tokens` continuations of `prompt` (temperature, top-k; seeded).
@@ -137,13 +157,14 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let t = &config.train;
     let be = Cpu::new(t.threads);
-    let data: Prepared = prepare(config, &out.join("data"))?;
+    let data: Prepared = prepare(config, opts.data_cache.as_deref().unwrap_or(&out.join("data")))?;
     let mut model = Model::new(&be, config.model.clone(), config.moe.clone(), t.seed)?;
     let mut opt = Optimizer::new(&be, adamw_config(config), model.n_params());
     let mut loader = Loader::new(Shard::open(&data.train)?, t.batch_size, t.seq_len, t.seed)?;
     let hash = config.config_hash();
     let metrics_path = out.join("metrics.jsonl");
 
+    let mut flops = 0.0;
     let mut metrics = match (&existing, opts.resume) {
         (Some(dir), true) => {
             let ck = checkpoint::load(dir, &hash)?;
@@ -151,6 +172,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
             restore(&model.layout, &ck.optimizer, "m.", &mut opt.m)?;
             restore(&model.layout, &ck.optimizer, "v.", &mut opt.v)?;
             opt.step = ck.state.step;
+            flops = ck.state.flops;
             loader.restore(ck.state.loader)?;
             MetricsWriter::resume(&metrics_path, ck.state.step)?
         }
@@ -160,10 +182,18 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let tokenizer_json = data.tokenizer.to_json()?;
     let schedule = LrSchedule::from_config(t);
     let first = opt.step;
+    if t.max_flops > 0.0 && flops >= t.max_flops {
+        return Err(Error::Invalid(format!(
+            "{}: the run already spent {flops:.3e} FLOPs, at or past train.max_flops = {:.3e}; raise the budget to continue",
+            out.display(),
+            t.max_flops
+        )));
+    }
     let mut store = model.new_store();
     let progress = Progress::new(first, t.steps, (t.steps / 20).max(1));
-    let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader| -> Result<PathBuf> {
+    let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader, flops: f64| -> Result<PathBuf> {
         let state = TrainState {
+            flops,
             step: opt.step,
             rng: vec![t.seed],
             loader: loader.state(),
@@ -179,6 +209,7 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
     let started = Instant::now();
     let mut last = None;
     let mut val_loss = None;
+    let mut val_sources = Vec::new();
     let mut last_checkpoint = existing.clone().unwrap_or_default();
     for step in first..t.steps {
         let step_start = Instant::now();
@@ -195,7 +226,9 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         }
         let seconds = step_start.elapsed().as_secs_f64();
         let tokens_per_s = stats.tokens as f64 / seconds;
+        flops += stats.train_flops;
         let mut extra = Map::new();
+        extra.insert("flops".into(), json!(flops));
         extra.insert("gflops".into(), json!(stats.train_flops / seconds / 1e9));
         extra.insert("load_balance".into(), json!(stats.aux.load_balance));
         extra.insert("p_penalty".into(), json!(stats.aux.p_penalty));
@@ -215,15 +248,23 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         })?;
         progress.step(step + 1, stats.loss as f32, tokens_per_s as f32);
         last = Some(stats.lm_loss);
-        let done = step + 1 == t.steps;
+        // The FLOP budget ends the run after the step that reaches it (overshoot < one step).
+        let done = step + 1 == t.steps || (t.max_flops > 0.0 && flops >= t.max_flops);
         if (t.eval_every > 0 && (step + 1) % t.eval_every == 0) || done {
-            let v = validation_loss(&be, &model, &data.val, t.batch_size, t.seq_len, t.eval_batches)?;
-            metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra: Map::new() })?;
-            progress.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2})", step + 1, v.exp()));
+            let mut extra = Map::new();
+            extra.insert("flops".into(), json!(flops));
+            let (v, sources) = evaluate_all(&be, &model, &data, t, &mut extra)?;
+            metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra })?;
+            let per_source: String = sources.iter().map(|(n, l)| format!(", {n} {l:.4}")).collect();
+            progress.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2}){per_source}", step + 1, v.exp()));
             val_loss = Some(v);
+            val_sources = sources;
         }
         if (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || done {
-            last_checkpoint = save(&model, &opt, &loader)?;
+            last_checkpoint = save(&model, &opt, &loader, flops)?;
+        }
+        if done {
+            break;
         }
     }
     progress.finish();
@@ -238,6 +279,8 @@ pub fn train(config: &Config, opts: &TrainOptions) -> Result<TrainSummary> {
         seconds: started.elapsed().as_secs_f64(),
         train_loss: last.unwrap_or(f64::NAN),
         val_loss,
+        val_sources,
+        flops,
         checkpoint: last_checkpoint,
         sample,
     })
