@@ -1,5 +1,6 @@
 //! The `motley` command line: clap subcommands that call into the library, nothing else.
 
+mod experiment;
 mod plan;
 
 use std::path::PathBuf;
@@ -81,6 +82,14 @@ enum Command {
         #[arg(long, default_value_t = 0.05)]
         val_fraction: f32,
     },
+    /// Experiments that test the papers' claims (e.g. `experiment hmoe --out DIR`).
+    Experiment {
+        #[command(subcommand)]
+        which: experiment::Experiment,
+    },
+    /// Routing analytics of a trained model: expert shares, experts and parameters per token,
+    /// tokens of the smallest and largest experts; JSON + PNG.
+    Routes(experiment::RoutesArgs),
     /// Parallel layouts: the folded rank groups of a world.
     PlanParallel {
         #[command(subcommand)]
@@ -144,6 +153,8 @@ pub fn run() -> Result<()> {
             );
             Ok(())
         }
+        Command::Experiment { which } => experiment::run_experiment(which),
+        Command::Routes(args) => experiment::run_routes(args),
         Command::PlanParallel { command } => plan::run(command),
     }
 }
