@@ -20,6 +20,7 @@ pub struct Row {
     /// Mean validation loss per source.
     pub sources: Vec<(String, f64)>,
     pub activated_params: f64,
+    pub activated_params_end: f64,
     pub total_params: usize,
     pub flops: f64,
     pub steps: f64,
@@ -49,6 +50,7 @@ pub fn rows(variants: &[Variant], results: &[RunResult]) -> Vec<Row> {
                 val_spread: (hi - lo) / 2.0,
                 sources,
                 activated_params: mean(runs.iter().map(|r| r.activated_params)),
+                activated_params_end: mean(runs.iter().map(|r| r.activated_params_end)),
                 total_params: first.total_params,
                 flops: mean(runs.iter().map(|r| r.flops)),
                 steps: mean(runs.iter().map(|r| r.steps as f64)),
@@ -77,16 +79,16 @@ pub fn table(rows: &[Row]) -> String {
     for n in &source_names {
         s += &format!(" {n} val |");
     }
-    s += " Δ vs moe-top2 | activated params/token | total params | FLOPs | steps | tokens |\n|---|---|---|---|";
+    s += " Δ vs moe-top2 | activated params/token (mean) | (last tenth) | total params | FLOPs | steps | tokens |\n|---|---|---|---|";
     s += &"---|".repeat(source_names.len());
-    s += "---|---|---|---|---|---|\n";
+    s += "---|---|---|---|---|---|---|\n";
     for r in rows {
         s += &format!("| {} | {} | {} | {:.4} ± {:.4} |", r.variant, r.about, r.seeds, r.val_mean, r.val_spread);
         for (_, v) in &r.sources {
             s += &format!(" {v:.4} |");
         }
         let delta = baseline.map_or("–".to_string(), |b| format!("{:+.4}", r.val_mean - b));
-        s += &format!(" {delta} | {} | {} | {:.3e} | {:.0} | {} |\n", si(r.activated_params), si(r.total_params as f64), r.flops, r.steps, si(r.tokens));
+        s += &format!(" {delta} | {} | {} | {} | {:.3e} | {:.0} | {} |\n", si(r.activated_params), si(r.activated_params_end), si(r.total_params as f64), r.flops, r.steps, si(r.tokens));
     }
     s
 }
@@ -101,7 +103,7 @@ pub fn header(opts: &SweepOptions, command: &str) -> String {
          - data: `{}` (validation: last {:.0}% of each source); batch {} × {} tokens; AdamW lr {} constant after {} warm-up steps, weight decay {}\n\
          - every run stops when its cumulative counted training FLOPs (3 × forward matmul + attention FLOPs, experts counted by the tokens actually routed to them) reach {:.3e}\n\
          - seeds {:?} (seed changes init and batch order); val loss: {} fixed validation batches per split at the end; ± is half the range over seeds\n\
-         - activated params/token: everything a token uses except the embedding table (attention, routers, chosen experts, head), averaged over all training steps\n",
+         - activated params/token: everything a token uses except the embedding table (attention, routers, chosen experts, head), averaged over all training steps and over the last tenth of them\n",
         m.n_layers, m.d_model, m.n_heads, m.vocab_size, d.tokenizer, t.seq_len, widths.len(), widths.iter().sum::<usize>(), widths,
         d.corpus, d.val_fraction * 100.0, t.batch_size, t.seq_len, t.lr, t.warmup_steps, t.weight_decay,
         opts.max_flops,
@@ -144,7 +146,13 @@ fn loss_vs_flops(path: &Path, variants: &[Variant], results: &[RunResult]) -> Re
             Some(Series { name: v.name.to_string(), points })
         })
         .collect();
-    let chart = Chart { title: "Validation loss at equal training FLOPs (mean over seeds)", x_label: "cumulative training FLOPs", y_label: "val loss (nats/token)", size: (900, 560) };
+    // Axis ticks print whole numbers in full, so FLOPs are shown in units of a power of ten.
+    let top = series.iter().flat_map(|s| &s.points).map(|p| p.0).fold(1.0f64, f64::max);
+    let exponent = top.log10().floor() as i32;
+    let scale = 10f64.powi(exponent);
+    let series: Vec<Series> = series.into_iter().map(|s| Series { points: s.points.iter().map(|&(x, y)| (x / scale, y)).collect(), ..s }).collect();
+    let x_label = format!("cumulative training FLOPs (× 1e{exponent})");
+    let chart = Chart { title: "Validation loss at equal training FLOPs (mean over seeds)", x_label: &x_label, y_label: "val loss (nats/token)", size: (900, 560) };
     plot::line_chart(path, &chart, &series)
 }
 
@@ -178,6 +186,7 @@ mod tests {
             seconds: 1.0,
             total_params: 1000,
             activated_params: 500.0,
+            activated_params_end: 450.0,
             curve: vec![(1e8, 5.0), (5e8, val + 0.2), (1.01e9, val)],
             shares: vec![vec![0.7, 0.3]],
             dir: "x".into(),

@@ -263,10 +263,10 @@ fn write(out: &Path, routes: &Routes) -> Result<()> {
         let series: Vec<Series> = (0..n_layers)
             .map(|l| Series {
                 name: format!("layer {l}"),
-                points: routes.over_training.iter().map(|p| (p.step as f64, p.expert_params_per_layer[l])).collect(),
+                points: routes.over_training.iter().map(|p| (p.step as f64, p.expert_params_per_layer[l] / 1e3)).collect(),
             })
             .collect();
-        let chart = Chart { title: "Expert parameters activated per token during training", x_label: "step", y_label: "expert params / token", size: (800, 420) };
+        let chart = Chart { title: "Expert parameters activated per token during training", x_label: "step", y_label: "expert params / token (thousands)", size: (800, 420) };
         plot::line_chart(&out.join("routes_activated.png"), &chart, &series)?;
     }
     Ok(())

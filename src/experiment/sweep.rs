@@ -50,6 +50,9 @@ pub struct RunResult {
     pub total_params: usize,
     /// Activated parameters per token, averaged over every training step.
     pub activated_params: f64,
+    /// The same over the last tenth of training (routing drifts, e.g. under P-Penalty).
+    #[serde(default)]
+    pub activated_params_end: f64,
     /// (cumulative FLOPs, validation loss) at each evaluation.
     pub curve: Vec<(f64, f64)>,
     /// Per layer: share of tokens that activate each expert, over the last tenth of training.
@@ -140,14 +143,15 @@ pub fn run(opts: &SweepOptions) -> Result<Vec<RunResult>> {
     Ok(results)
 }
 
-/// A finished run's result when it was made with the same budget.
+/// A finished run's result when it was made with the same budget. What comes from
+/// `metrics.jsonl` is read again, so a newer analysis applies to runs made before it.
 fn reuse(dir: &Path, max_flops: f64) -> Result<Option<RunResult>> {
     let path = dir.join("result.json");
     if !path.is_file() {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let r: RunResult = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?;
+    let mut r: RunResult = serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?;
     if r.max_flops != max_flops {
         return Err(Error::Invalid(format!(
             "{}: made with a budget of {:.3e} FLOPs, not {max_flops:.3e}; use another --out",
@@ -155,11 +159,22 @@ fn reuse(dir: &Path, max_flops: f64) -> Result<Option<RunResult>> {
             r.max_flops
         )));
     }
+    let config = Config::load(Some(&dir.join("config.toml")), &[])?;
+    let m = from_metrics(dir, &config)?;
+    (r.curve, r.activated_params, r.activated_params_end, r.shares) = (m.curve, m.activated_params, m.activated_params_end, m.shares);
     Ok(Some(r))
 }
 
-/// The run's result from its summary and metrics file.
-fn collect(dir: &Path, variant: &Variant, seed: u64, config: &Config, summary: &trainer::TrainSummary) -> Result<RunResult> {
+/// What a run's `metrics.jsonl` says beyond its summary.
+struct FromMetrics {
+    curve: Vec<(f64, f64)>,
+    activated_params: f64,
+    activated_params_end: f64,
+    shares: Vec<Vec<f64>>,
+}
+
+/// Curve, activated parameters and expert shares from the run's metrics file.
+fn from_metrics(dir: &Path, config: &Config) -> Result<FromMetrics> {
     let path = dir.join("metrics.jsonl");
     let records = metrics::read(&path)?;
     let train: Vec<_> = records.iter().filter_map(|r| if let Record::Train(t) = r { Some(t) } else { None }).collect();
@@ -174,6 +189,7 @@ fn collect(dir: &Path, variant: &Variant, seed: u64, config: &Config, summary: &
     }
     let activated_params = train.iter().map(|t| t.activated_params).sum::<f64>() / train.len() as f64;
     let tail = &train[train.len() - (train.len() / 10).max(1)..];
+    let activated_params_end = tail.iter().map(|t| t.activated_params).sum::<f64>() / tail.len() as f64;
     let t = &config.train;
     let tokens_per_step = (t.batch_size * t.seq_len) as f64;
     let mut shares = vec![vec![0.0; config.moe.n_experts()]; config.model.n_layers];
@@ -189,6 +205,14 @@ fn collect(dir: &Path, variant: &Variant, seed: u64, config: &Config, summary: &
             }
         }
     }
+    Ok(FromMetrics { curve, activated_params, activated_params_end, shares })
+}
+
+/// The run's result from its summary and metrics file.
+fn collect(dir: &Path, variant: &Variant, seed: u64, config: &Config, summary: &trainer::TrainSummary) -> Result<RunResult> {
+    let m = from_metrics(dir, config)?;
+    let t = &config.train;
+    let tokens_per_step = (t.batch_size * t.seq_len) as u64;
     Ok(RunResult {
         variant: variant.name.to_string(),
         seed,
@@ -198,12 +222,13 @@ fn collect(dir: &Path, variant: &Variant, seed: u64, config: &Config, summary: &
         val_sources: summary.val_sources.clone(),
         flops: summary.flops,
         steps: summary.steps,
-        tokens: summary.steps * tokens_per_step as u64,
+        tokens: summary.steps * tokens_per_step,
         seconds: summary.seconds,
         total_params: crate::model::params::ParamLayout::new(&config.model, &config.moe).total,
-        activated_params,
-        curve,
-        shares,
+        activated_params: m.activated_params,
+        activated_params_end: m.activated_params_end,
+        curve: m.curve,
+        shares: m.shares,
         dir: dir.to_path_buf(),
     })
 }
