@@ -22,7 +22,7 @@ use crate::train::trainer;
 use crate::{Error, Result};
 
 /// Seed of the analysis loader: the same batches every time.
-const SEED: u64 = 0x0070_7e5;
+const SEED: u64 = 0x0007_07e5;
 /// A token must occur this often to be ranked by how specifically it goes to an expert.
 const MIN_OCCURRENCES: usize = 20;
 
