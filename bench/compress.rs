@@ -32,7 +32,7 @@ fn trained_checkpoint(config: &Config, run: &Path) -> PathBuf {
         return dir;
     }
     let _ = std::fs::remove_dir_all(run);
-    let opts = TrainOptions { out: run.to_path_buf(), resume: false, sample_prompt: String::new(), sample_tokens: 0 };
+    let opts = TrainOptions { out: run.to_path_buf(), resume: false, sample_prompt: String::new(), sample_tokens: 0, data_cache: None };
     train(config, &opts, &SingleProcess).expect("training").checkpoint
 }
 

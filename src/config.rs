@@ -88,13 +88,20 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Worker threads; 0 uses every core.
     pub threads: usize,
+    /// Stop once the cumulative counted training FLOPs (`StepStats::train_flops`, from the
+    /// tokens actually routed to each expert) reach this; 0 = no FLOP budget. With a budget,
+    /// `steps` is only an upper bound, so runs of models with different FLOPs per token can be
+    /// compared at equal compute. Optional so configs and checkpoints written before it load.
+    #[serde(default)]
+    pub max_flops: f64,
 }
 
 /// The `[data]` section.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// `"embedded:austen"`, `"embedded:kjv"` (compiled into the binary) or a path to a UTF-8 text file.
+    /// `"embedded:austen"`, `"embedded:kjv"`, `"embedded:austen+kjv"` (several embedded corpora,
+    /// each split into train/validation on its own, then joined) or a path to a UTF-8 text file.
     pub corpus: String,
     /// `"byte"`, `"bpe"` (trained on the corpus with `model.vocab_size` entries) or a path to a tokenizer.json.
     pub tokenizer: String,
@@ -313,8 +320,9 @@ impl Config {
         if d.corpus.is_empty() {
             return Err(Error::config("data.corpus", "\"\"", "\"embedded:austen\", \"embedded:kjv\" or a path to a text file"));
         }
-        if let Some(name) = d.corpus.strip_prefix("embedded:") {
-            crate::data::corpus::check_embedded(name)?;
+        crate::data::corpus::check_spec(&d.corpus)?;
+        if !(t.max_flops.is_finite() && t.max_flops >= 0.0) {
+            return Err(Error::config("train.max_flops", t.max_flops, "a finite number ≥ 0 (0 = no FLOP budget)"));
         }
         match d.tokenizer.as_str() {
             "" => return Err(Error::config("data.tokenizer", "\"\"", "\"byte\", \"bpe\" or a path to a tokenizer.json")),
@@ -617,6 +625,11 @@ mod tests {
         assert!(err(&["train.min_lr=1.0"]).contains("train.min_lr"));
         assert!(err(&["data.val_fraction=0"]).contains("data.val_fraction"));
         assert!(err(&["data.corpus=embedded:shakespeare"]).contains("shakespeare"));
+        assert!(err(&["data.corpus=embedded:austen+shakespeare"]).contains("shakespeare"));
+        assert!(err(&["data.corpus=embedded:austen+austen"]).contains("twice"));
+        assert!(err(&["train.max_flops=-1.0"]).contains("train.max_flops"));
+        assert_eq!(with(&["train.max_flops=2e9"]).unwrap().train.max_flops, 2e9);
+        assert_eq!(with(&["train.max_flops=5"]).unwrap().train.max_flops, 5.0);
         assert!(err(&["data.tokenizer=bpe", "model.vocab_size=256"]).contains("model.vocab_size"));
         let both = Config::from_toml_str(
             &DEFAULT_TOML.replacen("[moe]", "[moe]\nexpert_widths = [8, 8]", 1),

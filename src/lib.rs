@@ -8,6 +8,7 @@
 //! - [`compress`]: JLCM codebook compression and its baselines.
 //! - [`train`]: optimizer, schedule, checkpoints, metrics.
 //! - [`data`]: tokenizer and token shards.
+//! - [`experiment`]: the HMoE sweep (equal FLOPs, several variants and seeds) and routing analytics.
 //! - [`cli`]: the `motley` command line.
 
 pub mod backend;
@@ -16,6 +17,7 @@ pub mod compress;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod experiment;
 pub mod memory;
 pub mod model;
 pub mod parallel;

@@ -1,5 +1,6 @@
 //! The `motley` command line: clap subcommands that call into the library, nothing else.
 
+mod experiment;
 mod plan;
 
 use std::path::{Path, PathBuf};
@@ -137,6 +138,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Experiments that test the papers' claims (e.g. `experiment hmoe --out DIR`).
+    Experiment {
+        #[command(subcommand)]
+        which: experiment::Experiment,
+    },
+    /// Routing analytics of a trained model: expert shares, experts and parameters per token,
+    /// tokens of the smallest and largest experts; JSON + PNG.
+    Routes(experiment::RoutesArgs),
     /// Parallel layouts: the folded rank groups of a world.
     PlanParallel {
         #[command(subcommand)]
@@ -154,7 +163,7 @@ pub fn run() -> Result<()> {
             }
             let config = Config::load(config.as_deref(), &set)?;
             let out = out.unwrap_or_else(default_out);
-            let opts = TrainOptions { out: out.clone(), resume, sample_prompt: prompt, sample_tokens: 120 };
+            let opts = TrainOptions { out: out.clone(), resume, sample_prompt: prompt, sample_tokens: 120, data_cache: None };
             let s = with_data_parallel(|dp| trainer::train(&config, &opts, dp))?;
             if s.sample.is_none() && s.val_loss.is_none() {
                 return Ok(()); // a follower rank: rank 0 reports
@@ -245,6 +254,8 @@ pub fn run() -> Result<()> {
             memory_report(&config, seq, batch, parse_size("--device-mem", &device_mem)?, parse_size("--host-mem", &host_mem)?, parse_bandwidth(&bandwidth)?)?;
             Ok(())
         }
+        Command::Experiment { which } => experiment::run_experiment(which),
+        Command::Routes(args) => experiment::run_routes(args),
         Command::PlanParallel { command } => plan::run(command),
     }
 }

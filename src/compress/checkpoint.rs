@@ -257,7 +257,7 @@ mod tests {
         let be = Cpu::new(2);
         let model = Model::new(&be, config.model.clone(), config.moe.clone(), 3).unwrap();
         let tensors: Vec<checkpoint::TensorRef> = model.layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), &model.params[s.range()])).collect();
-        let state = TrainState { step: 1, rng: vec![], loader: LoaderState::default(), config_hash: config.config_hash(), config_toml: config.to_toml().unwrap(), tokenizer: None };
+        let state = TrainState { step: 1, flops: 0.0, rng: vec![], loader: LoaderState::default(), config_hash: config.config_hash(), config_toml: config.to_toml().unwrap(), tokenizer: None };
         checkpoint::save(run, &state, &tensors, &[], 1).unwrap()
     }
 

@@ -37,6 +37,45 @@ pub fn embedded(name: &str) -> Result<String> {
     Ok(text)
 }
 
+/// The embedded corpus names of a `data.corpus` spec (`embedded:austen+kjv` → austen, kjv);
+/// `None` for a file path. Checks every name, and that none repeats (a repeated source would
+/// leak the same text into both training and validation weights twice).
+pub fn embedded_names(spec: &str) -> Result<Option<Vec<&str>>> {
+    let Some(list) = spec.strip_prefix("embedded:") else { return Ok(None) };
+    let names: Vec<&str> = list.split('+').collect();
+    for (i, name) in names.iter().enumerate() {
+        check_embedded(name)?;
+        if names[..i].contains(name) {
+            return Err(Error::config("data.corpus", format!("\"{spec}\""), format!("each corpus at most once (`{name}` is named twice)")));
+        }
+    }
+    Ok(Some(names))
+}
+
+/// Checks a `data.corpus` spec without reading any text.
+pub fn check_spec(spec: &str) -> Result<()> {
+    if spec.is_empty() {
+        return Err(Error::config("data.corpus", "\"\"", "\"embedded:austen\", \"embedded:kjv\", \"embedded:austen+kjv\" or a path to a text file"));
+    }
+    embedded_names(spec).map(|_| ())
+}
+
+/// One named text of a corpus spec; validation is split from each source separately so that
+/// every source is represented in the held-out data and can be evaluated on its own.
+pub struct Source {
+    /// The embedded name, or `"file"` for a path.
+    pub name: String,
+    pub text: String,
+}
+
+/// The sources named by `data.corpus`: one per embedded name, or the one file.
+pub fn load_sources(spec: &str) -> Result<Vec<Source>> {
+    match embedded_names(spec)? {
+        Some(names) => names.into_iter().map(|n| Ok(Source { name: n.to_string(), text: embedded(n)? })).collect(),
+        None => Ok(vec![Source { name: "file".into(), text: load(spec)? }]),
+    }
+}
+
 /// The text named by `data.corpus`: `embedded:NAME` or a path to a UTF-8 file.
 pub fn load(spec: &str) -> Result<String> {
     match spec.strip_prefix("embedded:") {
@@ -77,6 +116,19 @@ mod tests {
         assert!(embedded("kjv").unwrap().contains("In the beginning God created"));
         let e = load("embedded:dickens").unwrap_err().to_string();
         assert!(e.contains("embedded:dickens") && e.contains("embedded:austen"), "{e}");
+    }
+
+    #[test]
+    fn combined_spec_names_each_source_once() {
+        assert_eq!(embedded_names("embedded:austen+kjv").unwrap(), Some(vec!["austen", "kjv"]));
+        assert_eq!(embedded_names("some/file.txt").unwrap(), None);
+        let e = check_spec("embedded:kjv+bible").unwrap_err().to_string();
+        assert!(e.contains("data.corpus") && e.contains("embedded:bible"), "{e}");
+        assert!(check_spec("embedded:kjv+kjv").unwrap_err().to_string().contains("twice"));
+        assert!(check_spec("").is_err());
+        let s = load_sources("embedded:austen+kjv").unwrap();
+        assert_eq!(s.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["austen", "kjv"]);
+        assert!(s[1].text.contains("In the beginning God created"));
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::config::{stable_hash, Config};
 use crate::{Error, Result};
 
 /// Bump when the cache's content or layout changes, so old caches are not reused.
-const CACHE_FORMAT: u32 = 1;
+/// 2: the key hashes every source of a combined corpus; per-source validation shards.
+const CACHE_FORMAT: u32 = 2;
 
 /// Tokenized data ready for loaders.
 pub struct Prepared {
@@ -26,6 +27,9 @@ pub struct Prepared {
     pub val: PathBuf,
     pub train_tokens: usize,
     pub val_tokens: usize,
+    /// Validation shard of each source of a combined corpus (`embedded:austen+kjv`), as
+    /// (source name, `val-NAME.bin`), so a run can report a loss per source; empty for one source.
+    pub val_sources: Vec<(String, PathBuf)>,
     /// True when an earlier run's files were reused.
     pub reused: bool,
     /// Seconds spent training the BPE (0 when reused or not BPE) and encoding.
@@ -38,10 +42,13 @@ pub struct Prepared {
 pub fn prepare(config: &Config, cache_dir: &Path) -> Result<Prepared> {
     let data = &config.data;
     let vocab = config.model.vocab_size;
-    let text = corpus::load(&data.corpus)?;
+    let sources = corpus::load_sources(&data.corpus)?;
     let mut key = Vec::new();
     key.extend_from_slice(&CACHE_FORMAT.to_le_bytes());
-    key.extend_from_slice(&stable_hash(text.as_bytes()).to_le_bytes());
+    for s in &sources {
+        key.extend_from_slice(s.name.as_bytes());
+        key.extend_from_slice(&stable_hash(s.text.as_bytes()).to_le_bytes());
+    }
     key.extend_from_slice(data.tokenizer.as_bytes());
     key.extend_from_slice(&vocab.to_le_bytes());
     key.extend_from_slice(&data.val_fraction.to_le_bytes());
@@ -55,6 +62,8 @@ pub fn prepare(config: &Config, cache_dir: &Path) -> Result<Prepared> {
         }
     };
     let name = data.corpus.strip_prefix("embedded:").unwrap_or("file");
+    // Per-source validation shards only matter when there is more than one source.
+    let names: Vec<String> = if sources.len() > 1 { sources.iter().map(|s| s.name.clone()).collect() } else { Vec::new() };
     let kind = match &source {
         TokenizerSource::Byte => "byte".to_string(),
         TokenizerSource::Train(v) => format!("bpe{v}"),
@@ -62,9 +71,10 @@ pub fn prepare(config: &Config, cache_dir: &Path) -> Result<Prepared> {
     };
     let dir = cache_dir.join(format!("{}-{kind}-{:016x}", sanitize(name), stable_hash(&key)));
     let prepared = if dir.join("val.bin").is_file() {
-        reuse(&dir, &source)?
+        reuse(&dir, &source, &names)?
     } else {
-        build(&[text.as_str()], &source, data.val_fraction, &dir)?
+        let texts: Vec<&str> = sources.iter().map(|s| s.text.as_str()).collect();
+        build(&texts, &names, &source, data.val_fraction, &dir)?
     };
     if prepared.tokenizer.vocab_size() > vocab {
         return Err(Error::config(
@@ -94,7 +104,7 @@ pub fn tokenize_files(inputs: &[PathBuf], vocab_size: usize, val_fraction: f32, 
     if out.exists() && out.join("val.bin").exists() {
         return Err(Error::Invalid(format!("{}: already holds tokenized data; choose an empty --out directory", out.display())));
     }
-    build(&texts, &TokenizerSource::Train(vocab_size), val_fraction, out)
+    build(&texts, &[], &TokenizerSource::Train(vocab_size), val_fraction, out)
 }
 
 enum TokenizerSource {
@@ -103,7 +113,14 @@ enum TokenizerSource {
     File(PathBuf),
 }
 
-fn build(texts: &[&str], source: &TokenizerSource, val_fraction: f32, dir: &Path) -> Result<Prepared> {
+/// Path of the validation shard of source `name` inside a prepared directory.
+fn source_val(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("val-{}.bin", sanitize(name)))
+}
+
+/// Tokenizes `texts` into `dir`. When `names` is non-empty (one per text), each text's
+/// validation part is also written on its own as `val-NAME.bin`.
+fn build(texts: &[&str], names: &[String], source: &TokenizerSource, val_fraction: f32, dir: &Path) -> Result<Prepared> {
     let splits: Vec<(&str, &str)> = texts.iter().map(|t| corpus::split(t, val_fraction)).collect();
     let started = Instant::now();
     let tokenizer = match source {
@@ -118,9 +135,12 @@ fn build(texts: &[&str], source: &TokenizerSource, val_fraction: f32, dir: &Path
     let started = Instant::now();
     let mut train = Vec::new();
     let mut val = Vec::new();
+    let mut per_source = Vec::new();
     for (t, v) in &splits {
         train.extend(tokenizer.encode(t)?);
-        val.extend(tokenizer.encode(v)?);
+        let ids = tokenizer.encode(v)?;
+        val.extend_from_slice(&ids);
+        per_source.push(ids);
     }
     let encode_seconds = started.elapsed().as_secs_f64();
 
@@ -135,6 +155,10 @@ fn build(texts: &[&str], source: &TokenizerSource, val_fraction: f32, dir: &Path
             b.save(&tmp.join("tokenizer.json"))?;
         }
         shard::write(&tmp.join("train.bin"), &train)?;
+        for (name, ids) in names.iter().zip(&per_source) {
+            shard::write(&source_val(&tmp, name), ids)?;
+        }
+        // val.bin last: its presence marks a complete cache.
         shard::write(&tmp.join("val.bin"), &val)
     })();
     if let Err(e) = written {
@@ -160,20 +184,25 @@ fn build(texts: &[&str], source: &TokenizerSource, val_fraction: f32, dir: &Path
         val: dir.join("val.bin"),
         train_tokens: train.len(),
         val_tokens: val.len(),
+        val_sources: names.iter().map(|n| (n.clone(), source_val(dir, n))).collect(),
         reused: false,
         bpe_seconds,
         encode_seconds,
     })
 }
 
-fn reuse(dir: &Path, source: &TokenizerSource) -> Result<Prepared> {
+fn reuse(dir: &Path, source: &TokenizerSource, names: &[String]) -> Result<Prepared> {
     let tokenizer = match source {
         TokenizerSource::Byte => Tokenizer::Byte(Default::default()),
         _ => Tokenizer::Bpe(BpeTokenizer::load(&dir.join("tokenizer.json"))?),
     };
     let (train, val) = (dir.join("train.bin"), dir.join("val.bin"));
     let (train_tokens, val_tokens) = (Shard::open(&train)?.len(), Shard::open(&val)?.len());
-    Ok(Prepared { tokenizer, dir: dir.to_path_buf(), train, val, train_tokens, val_tokens, reused: true, bpe_seconds: 0.0, encode_seconds: 0.0 })
+    let val_sources: Vec<(String, PathBuf)> = names.iter().map(|n| (n.clone(), source_val(dir, n))).collect();
+    for (_, path) in &val_sources {
+        Shard::open(path)?;
+    }
+    Ok(Prepared { tokenizer, dir: dir.to_path_buf(), train, val, train_tokens, val_tokens, val_sources, reused: true, bpe_seconds: 0.0, encode_seconds: 0.0 })
 }
 
 fn sanitize(name: &str) -> String {
@@ -214,6 +243,23 @@ mod tests {
         assert_eq!(decoded, text);
         std::fs::remove_dir_all(&dir).unwrap();
         std::fs::remove_file(&text_path).unwrap();
+    }
+
+    #[test]
+    fn combined_corpus_has_a_validation_shard_per_source() {
+        let dir = tmp_dir("combined");
+        let config = Config::default_with(&["data.tokenizer=byte".into(), "data.corpus=\"embedded:austen+kjv\"".into(), "data.val_fraction=0.01".into()]).unwrap();
+        let p = prepare(&config, &dir).unwrap();
+        let names: Vec<&str> = p.val_sources.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["austen", "kjv"]);
+        let parts: Vec<Vec<u32>> = p.val_sources.iter().map(|(_, path)| Shard::open(path).unwrap().to_vec()).collect();
+        assert_eq!([parts[0].clone(), parts[1].clone()].concat(), Shard::open(&p.val).unwrap().to_vec());
+        assert!(p.tokenizer.decode(&parts[1]).unwrap().contains("Revelation") || p.tokenizer.decode(&parts[1]).unwrap().contains("Jesus"));
+        assert!(!p.tokenizer.decode(&parts[0]).unwrap().contains("Jesus"));
+        let again = prepare(&config, &dir).unwrap();
+        assert!(again.reused);
+        assert_eq!(again.val_sources, p.val_sources);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -27,7 +27,7 @@ const PREFIX: &str = "step_";
 const TMP_PREFIX: &str = ".tmp-step_";
 
 /// Everything besides tensors needed to continue a run exactly.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {
     /// Steps completed.
     pub step: u64,
@@ -41,6 +41,9 @@ pub struct TrainState {
     /// The run's tokenizer.json (None: byte tokenizer), so a checkpoint is self-contained.
     #[serde(default)]
     pub tokenizer: Option<String>,
+    /// Cumulative counted training FLOPs up to `step`, so a resumed run keeps its FLOP budget.
+    #[serde(default)]
+    pub flops: f64,
 }
 
 /// Named tensors read from one safetensors file.
@@ -264,6 +267,7 @@ mod tests {
             config_hash: "00112233deadbeef".into(),
             config_toml: "device = \"cpu\"\n".into(),
             tokenizer: Some("{}".into()),
+            flops: 1.5e12,
         }
     }
 

@@ -84,6 +84,7 @@ pub fn line_chart(out: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
             .x_desc(chart.x_label)
             .y_desc(chart.y_label)
             .x_label_formatter(&tick)
+            .y_label_formatter(&tick)
             .label_style((FAMILY, 15))
             .axis_desc_style((FAMILY, 17))
             .light_line_style(WHITE.mix(0.0))
@@ -188,12 +189,14 @@ fn draw(out: &Path, body: impl FnOnce() -> std::result::Result<(), Box<dyn std::
     body().map_err(|e| Error::Invalid(format!("{}: cannot draw chart: {e}", out.display())))
 }
 
-/// An axis tick: whole numbers (steps) without a decimal point.
+/// An axis tick: whole numbers (steps) without a decimal point, others with at most four
+/// decimals (tick positions like 0.6000000000000001 come from float steps).
 fn tick(x: &f64) -> String {
     if x.fract() == 0.0 && x.abs() < 1e15 {
         format!("{x:.0}")
     } else {
-        format!("{x}")
+        let s = format!("{x:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
     }
 }
 

@@ -39,6 +39,9 @@ pub struct TrainOptions {
     /// Text to continue at the end of the run (empty: no sample).
     pub sample_prompt: String,
     pub sample_tokens: usize,
+    /// Where tokenized data is cached (default `out/data`): a sweep shares one cache so the
+    /// BPE is trained once and every run sees exactly the same tokens.
+    pub data_cache: Option<PathBuf>,
 }
 
 /// What a finished run reports.
@@ -47,6 +50,10 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub train_loss: f64,
     pub val_loss: Option<f64>,
+    /// Final validation loss of each source of a combined corpus (empty for one source).
+    pub val_sources: Vec<(String, f64)>,
+    /// Cumulative counted training FLOPs (routed tokens per expert), the budget `max_flops` bounds.
+    pub flops: f64,
     pub checkpoint: PathBuf,
     pub sample: Option<String>,
 }
@@ -67,6 +74,19 @@ pub fn validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Path, batch: 
         total += model.evaluate(be, &b.inputs, &b.targets, batch, seq)?.lm_loss;
     }
     Ok(total / n as f64)
+}
+
+/// Validation loss on the combined split and on each source's split (same fixed batches
+/// every time); the per-source losses are also put into `extra` as `val_<name>`.
+fn evaluate_all(be: &Cpu, model: &Model<Cpu>, data: &Prepared, t: &crate::config::TrainConfig, extra: &mut Map<String, Value>) -> Result<(f64, Vec<(String, f64)>)> {
+    let combined = validation_loss(be, model, &data.val, t.batch_size, t.seq_len, t.eval_batches)?;
+    let mut per_source = Vec::with_capacity(data.val_sources.len());
+    for (name, path) in &data.val_sources {
+        let v = validation_loss(be, model, path, t.batch_size, t.seq_len, t.eval_batches)?;
+        extra.insert(format!("val_{name}"), json!(v));
+        per_source.push((name.clone(), v));
+    }
+    Ok((combined, per_source))
 }
 
 /// Samples `max_tokens` continuations of `prompt` (temperature, top-k; seeded).
@@ -154,7 +174,8 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     let t = &config.train;
     let be = Cpu::new(t.threads);
     // Rank 0 tokenizes first; the others then find its cache.
-    let data: Prepared = if leader { prepare(config, &out.join("data"))? } else { dp.barrier()?; prepare(config, &out.join("data"))? };
+    let data_dir = opts.data_cache.clone().unwrap_or_else(|| out.join("data"));
+    let data: Prepared = if leader { prepare(config, &data_dir)? } else { dp.barrier()?; prepare(config, &data_dir)? };
     if leader {
         dp.barrier()?;
     }
@@ -164,12 +185,14 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     let hash = config.config_hash();
     let metrics_path = out.join("metrics.jsonl");
 
+    let mut flops = 0.0;
     if let (Some(dir), true) = (&existing, opts.resume) {
         let ck = checkpoint::load(dir, &hash)?;
         restore(&model.layout, &ck.model, "", &mut model.params)?;
         restore(&model.layout, &ck.optimizer, "m.", &mut opt.m)?;
         restore(&model.layout, &ck.optimizer, "v.", &mut opt.v)?;
         opt.step = ck.state.step;
+        flops = ck.state.flops;
         loader.restore(ck.state.loader)?;
     }
     let mut metrics = match (leader, opts.resume) {
@@ -183,10 +206,18 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     let tokenizer_json = data.tokenizer.to_json()?;
     let schedule = LrSchedule::from_config(t);
     let first = opt.step;
+    if t.max_flops > 0.0 && flops >= t.max_flops {
+        return Err(Error::Invalid(format!(
+            "{}: the run already spent {flops:.3e} FLOPs, at or past train.max_flops = {:.3e}; raise the budget to continue",
+            out.display(),
+            t.max_flops
+        )));
+    }
     let mut store = activation_store(config, &model, local_batch)?;
     let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
-    let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader| -> Result<PathBuf> {
+    let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader, flops: f64| -> Result<PathBuf> {
         let state = TrainState {
+            flops,
             step: opt.step,
             rng: vec![t.seed],
             loader: loader.state(),
@@ -202,6 +233,7 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     let started = Instant::now();
     let mut last = None;
     let mut val_loss = None;
+    let mut val_sources = Vec::new();
     let mut last_checkpoint = existing.clone().unwrap_or_default();
     for step in first..t.steps {
         let step_start = Instant::now();
@@ -212,10 +244,13 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         if ranks > 1 {
             dp.all_reduce_sum(&mut model.grads)?;
             be.scale(&mut model.grads, 1.0 / ranks as f32);
-            let mut losses = [stats.lm_loss as f32, stats.aux_loss as f32];
-            dp.all_reduce_sum(&mut losses)?;
-            stats.lm_loss = losses[0] as f64 / ranks as f64;
-            stats.aux_loss = losses[1] as f64 / ranks as f64;
+            // Losses are averaged over the ranks; FLOPs (from each rank's routed counts) summed, so
+            // every rank sees the same budget and stops on the same step.
+            let mut sums = [stats.lm_loss as f32, stats.aux_loss as f32, stats.train_flops as f32];
+            dp.all_reduce_sum(&mut sums)?;
+            stats.lm_loss = sums[0] as f64 / ranks as f64;
+            stats.aux_loss = sums[1] as f64 / ranks as f64;
+            stats.train_flops = sums[2] as f64;
             stats.loss = stats.lm_loss + stats.aux_loss;
             stats.tokens *= ranks;
         }
@@ -229,16 +264,27 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         }
         let seconds = step_start.elapsed().as_secs_f64();
         let tokens_per_s = stats.tokens as f64 / seconds;
+        flops += stats.train_flops;
         let mut extra = Map::new();
+        extra.insert("flops".into(), json!(flops));
         extra.insert("gflops".into(), json!(stats.train_flops / seconds / 1e9));
         extra.insert("load_balance".into(), json!(stats.aux.load_balance));
         extra.insert("p_penalty".into(), json!(stats.aux.p_penalty));
         extra.insert("entropy".into(), json!(stats.aux.entropy));
         extra.insert("z_loss".into(), json!(stats.aux.z_loss));
         extra.insert("expert_counts".into(), Value::from(stats.counts.clone()));
+        // The FLOP budget ends the run after the step that reaches it (overshoot < one step).
+        let done = step + 1 == t.steps || (t.max_flops > 0.0 && flops >= t.max_flops);
+        let checkpoint_now = (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || done;
         let Some(metrics) = metrics.as_mut() else {
+            // A follower rank: wait while rank 0 writes the checkpoint.
             last = Some(stats.lm_loss);
-            continue_checkpointing(dp, config, step, t.steps)?;
+            if checkpoint_now {
+                dp.barrier()?;
+            }
+            if done {
+                break;
+            }
             continue;
         };
         metrics.train(&TrainRecord {
@@ -256,22 +302,28 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
             p.step(step + 1, stats.loss as f32, tokens_per_s as f32);
         }
         last = Some(stats.lm_loss);
-        let done = step + 1 == t.steps;
         if (t.eval_every > 0 && (step + 1) % t.eval_every == 0) || done {
-            let v = validation_loss(&be, &model, &data.val, t.batch_size, t.seq_len, t.eval_batches)?;
-            metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra: Map::new() })?;
+            let mut extra = Map::new();
+            extra.insert("flops".into(), json!(flops));
+            let (v, sources) = evaluate_all(&be, &model, &data, t, &mut extra)?;
+            metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra })?;
             if let Some(p) = &progress {
-                p.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2})", step + 1, v.exp()));
+                let per_source: String = sources.iter().map(|(n, l)| format!(", {n} {l:.4}")).collect();
+                p.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2}){per_source}", step + 1, v.exp()));
             }
             val_loss = Some(v);
+            val_sources = sources;
         }
-        if checkpoint_due(config, step, t.steps) {
-            last_checkpoint = save(&model, &opt, &loader)?;
+        if checkpoint_now {
+            last_checkpoint = save(&model, &opt, &loader, flops)?;
             dp.barrier()?;
+        }
+        if done {
+            break;
         }
     }
     if !leader {
-        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, checkpoint: last_checkpoint, sample: None });
+        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, val_sources: Vec::new(), flops, checkpoint: last_checkpoint, sample: None });
     }
     if let Some(p) = &progress {
         p.finish();
@@ -287,6 +339,8 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         seconds: started.elapsed().as_secs_f64(),
         train_loss: last.unwrap_or(f64::NAN),
         val_loss,
+        val_sources,
+        flops,
         checkpoint: last_checkpoint,
         sample,
     })
@@ -304,18 +358,6 @@ fn activation_store(config: &Config, model: &Model<Cpu>, batch: usize) -> Result
     let profile = Profile::cost_model(&config.model, &config.moe, batch, seq, assumed_flops_per_s(&config.device), link)?;
     let policies = build_policy(m, &config.model, &config.moe, batch, seq, &profile)?;
     model.new_store_with(policies, link.m_host)
-}
-
-fn checkpoint_due(config: &Config, step: u64, steps: u64) -> bool {
-    (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || step + 1 == steps
-}
-
-/// A follower rank's side of a checkpoint: wait until rank 0 has written it.
-fn continue_checkpointing(dp: &dyn Communicator, config: &Config, step: u64, steps: u64) -> Result<()> {
-    if checkpoint_due(config, step, steps) {
-        dp.barrier()?;
-    }
-    Ok(())
 }
 
 /// A model, its config and tokenizer, loaded from a checkpoint directory or a run directory
