@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A configuration field with a bad value: names the field, the value and what is allowed.
-    #[error("config field `{field}` = {value}: {allowed}")]
+    /// A configuration field or command-line flag with a bad value: names it, the value and
+    /// what is allowed (`model.d_model = 130: ...`, `--gpu = "tpu": ...`).
+    #[error("{}{field}` = {value}: {allowed}", if field.starts_with('-') { "option `" } else { "config field `" })]
     Config { field: String, value: String, allowed: String },
     /// A file that exists but whose content is wrong (bad magic, truncated, wrong shapes, ...).
     #[error("{}: {reason}", path.display())]
