@@ -68,12 +68,24 @@ fn tail_mut<B: Backend>(buf: &mut B::Buf, from: usize, n: usize, width: usize) -
 fn gate_up_offsets(routing: &Routing, widths: &[usize]) -> Vec<usize> {
     let mut off = vec![0];
     for (e, &h) in widths.iter().enumerate() {
-        off.push(off[e] + routing.counts()[e] * 2 * h);
+        off.push(off[e] + routing.slots_of(e).len() * 2 * h);
     }
     off
 }
 
 impl<B: Backend> BlockCtx<'_, B> {
+    /// Expert `ex` on `rows` routed rows `xe`: `gu = xe W_guᵀ` into `gu[gu_rows]` (saved),
+    /// `y = SwiGLU(gu) W_downᵀ`. Shared by the forward and the recompute of dropped slots.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_forward(&self, p: &BlockParams, ex: usize, rows: usize, xe: B::View<'_>, gu: &mut B::Buf, gu_rows: std::ops::Range<usize>, y: B::ViewMut<'_>) {
+        let (be, c, h) = (self.be, self.c(), self.moe.expert_widths[ex]);
+        let (w_gu, w_down) = p.experts[ex];
+        be.matmul(B::view_mut(gu, gu_rows.clone()), xe, self.w(w_gu, 2 * h * c), rows, c, 2 * h, false, true, false);
+        let mut act = be.alloc(rows * h);
+        be.swiglu_fwd(B::full_mut(&mut act), B::view(gu, gu_rows), rows, h);
+        be.matmul(y, B::full(&act), self.w(w_down, c * h), rows, h, c, false, true, false);
+    }
+
     fn n(&self) -> usize {
         self.shape.tokens()
     }
@@ -123,19 +135,12 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.gather_rows(B::full_mut(&mut xe), B::full(&xn2), &routing.token, c);
         let mut gu = be.alloc(gu_off[e]);
         let mut y = be.alloc(routing.n_slots() * c);
-        for (ex, &h) in widths.iter().enumerate() {
+        for ex in 0..e {
             let slots = routing.slots_of(ex);
-            let rows = slots.len();
-            if rows == 0 {
-                continue;
+            if !slots.is_empty() {
+                let y_e = B::view_mut(&mut y, slots.start * c..slots.end * c);
+                self.expert_forward(p, ex, slots.len(), B::view(&xe, slots.start * c..slots.end * c), &mut gu, gu_off[ex]..gu_off[ex + 1], y_e);
             }
-            let (w_gu, w_down) = p.experts[ex];
-            let gu_e = B::view_mut(&mut gu, gu_off[ex]..gu_off[ex + 1]);
-            be.matmul(gu_e, B::view(&xe, slots.start * c..slots.end * c), self.w(w_gu, 2 * h * c), rows, c, 2 * h, false, true, false);
-            let mut act = be.alloc(rows * h);
-            be.swiglu_fwd(B::full_mut(&mut act), B::view(&gu, gu_off[ex]..gu_off[ex + 1]), rows, h);
-            let y_e = B::view_mut(&mut y, slots.start * c..slots.end * c);
-            be.matmul(y_e, B::full(&act), self.w(w_down, c * h), rows, h, c, false, true, false);
         }
         be.copy(B::full_mut(out), B::full(&x2));
         let (tok_off, tok_slots) = routing.by_token();
@@ -209,14 +214,9 @@ impl<B: Backend> BlockCtx<'_, B> {
             if r == 0 {
                 continue;
             }
-            let (w_gu, w_down) = p.experts[ex];
             let mut xe = be.alloc(r * c);
             be.gather_rows(B::full_mut(&mut xe), B::full(xn2), &routing.token[first..sl.end], c);
-            let gu_rows = gu_off[ex] + kept * 2 * h..gu_off[ex + 1];
-            be.matmul(B::view_mut(gu, gu_rows.clone()), B::full(&xe), self.w(w_gu, 2 * h * c), r, c, 2 * h, false, true, false);
-            let mut act = be.alloc(r * h);
-            be.swiglu_fwd(B::full_mut(&mut act), B::view(gu, gu_rows), r, h);
-            be.matmul(B::view_mut(y, first * c..sl.end * c), B::full(&act), self.w(w_down, c * h), r, h, c, false, true, false);
+            self.expert_forward(p, ex, r, B::full(&xe), gu, gu_off[ex] + kept * 2 * h..gu_off[ex + 1], B::view_mut(y, first * c..sl.end * c));
         }
         for (name, buf) in names.iter().zip(t) {
             store.save(layer, name, buf);
