@@ -7,6 +7,8 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
@@ -50,14 +52,15 @@ pub struct BarGroup {
     pub values: Vec<f64>,
 }
 
-/// Draws `loss.png`-style chart of train and validation loss from a metrics file.
+/// Draws `loss.png`: train and validation LM loss from a metrics file.
 pub fn plot_loss(metrics_path: &Path, out: &Path) -> Result<()> {
     let records = metrics::read(metrics_path)?;
-    let mut train = Series { name: "train loss".into(), points: Vec::new() };
+    // The LM loss on both sides, so the curves compare (the trained total adds the aux losses).
+    let mut train = Series { name: "train LM loss".into(), points: Vec::new() };
     let mut val = Series { name: "val loss".into(), points: Vec::new() };
     for r in records {
         match r {
-            Record::Train(t) => train.points.push((t.step as f64, f64::from(t.loss))),
+            Record::Train(t) => train.points.push((t.step as f64, f64::from(t.lm_loss))),
             Record::Eval(e) => val.points.push((e.step as f64, f64::from(e.val_loss))),
         }
     }
@@ -73,13 +76,7 @@ pub fn line_chart(out: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
     let pad = (y1 - y0) * 0.05;
     draw(out, || {
         let root = BitMapBackend::new(out, chart.size).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut c = ChartBuilder::on(&root)
-            .caption(chart.title, (FAMILY, 26))
-            .margin(16)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
+        let mut c = frame(&root, chart, x0..x1, (y0 - pad)..(y1 + pad))?;
         c.configure_mesh()
             .x_desc(chart.x_label)
             .y_desc(chart.y_label)
@@ -99,12 +96,7 @@ pub fn line_chart(out: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
                 c.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
             }
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FAMILY, 16))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut c, 16)?;
         root.present()?;
         Ok(())
     })
@@ -130,13 +122,7 @@ pub fn bar_chart(out: &Path, chart: &Chart, categories: &[String], groups: &[Bar
     let width = 0.8 / groups.len() as f64;
     draw(out, || {
         let root = BitMapBackend::new(out, chart.size).into_drawing_area();
-        root.fill(&WHITE)?;
-        let mut c = ChartBuilder::on(&root)
-            .caption(chart.title, (FAMILY, 26))
-            .margin(16)
-            .x_label_area_size(44)
-            .y_label_area_size(64)
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0f64..top)?;
+        let mut c = frame(&root, chart, -0.5f64..(n as f64 - 0.5), 0f64..top)?;
         let label = |x: &f64| {
             let i = x.round();
             if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
@@ -165,16 +151,31 @@ pub fn bar_chart(out: &Path, chart: &Chart, categories: &[String], groups: &[Bar
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
         }
         if groups.len() > 1 {
-            c.configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .label_font((FAMILY, 15))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .draw()?;
+            legend(&mut c, 15)?;
         }
         root.present()?;
         Ok(())
     })
+}
+
+type PlotResult<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+type Frame<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// The frame every chart shares: white canvas, title, margins and label areas.
+fn frame<'a, 'b>(root: &'a DrawingArea<BitMapBackend<'b>, Shift>, chart: &Chart, x: std::ops::Range<f64>, y: std::ops::Range<f64>) -> PlotResult<Frame<'a, 'b>> {
+    root.fill(&WHITE)?;
+    Ok(ChartBuilder::on(root).caption(chart.title, (FAMILY, 26)).margin(16).x_label_area_size(44).y_label_area_size(64).build_cartesian_2d(x, y)?)
+}
+
+/// The legend box in the upper right corner.
+fn legend<'a, 'b: 'a>(c: &mut Frame<'a, 'b>, font_size: u32) -> PlotResult<()> {
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FAMILY, font_size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
 }
 
 /// Registers the embedded font once, runs `body`, and turns plotting errors into ours.
