@@ -158,7 +158,8 @@ fn default_bandwidth_gbs() -> f64 {
     10.0
 }
 
-/// The `[parallel]` section: MoE Parallel Folding degrees. Only planned, not executed yet.
+/// The `[parallel]` section: MoE Parallel Folding degrees. Data parallelism comes from the
+/// number of ranks and `ep` executes; the other degrees are only planned so far.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelConfig {
@@ -351,10 +352,17 @@ impl Config {
             }
         }
         let p = &self.parallel;
-        for (field, v) in [("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.pp", p.pp), ("parallel.etp", p.etp), ("parallel.ep", p.ep)] {
+        for (field, v) in [("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.pp", p.pp), ("parallel.etp", p.etp)] {
             if v != 1 {
-                return Err(Error::config(field, v, "1: parallel degrees above 1 can be planned but are not executable yet"));
+                return Err(Error::config(field, v, "1: TP, CP, PP and ETP above 1 can be planned (`motley plan-parallel`) but do not execute yet; data and expert parallelism do"));
             }
+        }
+        let experts = self.moe.expert_widths.len();
+        if p.ep == 0 || !experts.is_multiple_of(p.ep) {
+            return Err(Error::config("parallel.ep", p.ep, format!("a divisor of the number of experts ({experts})")));
+        }
+        if p.ep > 1 && self.memory.policy != MemoryPolicy::Keep {
+            return Err(Error::config("parallel.ep", p.ep, "1 with memory.policy = \"offload\" or \"recompute\" (recomputing expert rows would need the expert-parallel exchange again; use memory.policy = \"keep\")"));
         }
         Ok(())
     }
@@ -620,7 +628,9 @@ mod tests {
         assert!(e.contains("train.seq_len") && e.contains("model.seq_len"), "{e}");
         assert!(err(&["moe.top_k=9"]).contains("moe.top_k"));
         assert!(err(&["memory.alpha=1.5"]).contains("memory.alpha"));
-        assert!(err(&["parallel.ep=2"]).contains("not executable"));
+        assert!(err(&["parallel.tp=2"]).contains("do not execute yet"));
+        assert!(err(&["parallel.ep=3"]).contains("divisor of the number of experts"));
+        assert_eq!(with(&["parallel.ep=2"]).unwrap().parallel.ep, 2);
         assert!(err(&["device=tpu"]).contains("device"));
         assert!(err(&["train.min_lr=1.0"]).contains("train.min_lr"));
         assert!(err(&["data.val_fraction=0"]).contains("data.val_fraction"));

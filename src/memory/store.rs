@@ -196,6 +196,8 @@ struct LayerSlots<B: Backend> {
     /// Host segment of each offloaded tensor (whole, or its kept rows run after run).
     host: Vec<Option<HostSeg>>,
     routing: Option<Routing>,
+    /// With expert parallelism: rows each local expert received from each EP rank.
+    received: Option<Vec<usize>>,
     /// Set by `seal` when rows were dropped: the first dropped token.
     split: Option<usize>,
     traffic: LayerTraffic,
@@ -220,6 +222,7 @@ impl<B: Backend> ActivationStore<B> {
                 lens: vec![0; inventory.len()],
                 host: vec![None; inventory.len()],
                 routing: None,
+                received: None,
                 split: None,
                 traffic: LayerTraffic::default(),
             })
@@ -293,6 +296,15 @@ impl<B: Backend> ActivationStore<B> {
 
     pub fn routing(&self, layer: usize) -> &Routing {
         self.layers[layer].routing.as_ref().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"))
+    }
+
+    /// Saves the row counts of the expert-parallel exchange (the backward exchanges the same rows).
+    pub fn save_received(&mut self, layer: usize, recv_rows: Vec<usize>) {
+        self.layers[layer].received = Some(recv_rows);
+    }
+
+    pub fn received(&self, layer: usize) -> &[usize] {
+        self.layers[layer].received.as_deref().unwrap_or_else(|| panic!("expert-parallel row counts of layer {layer} were not saved"))
     }
 
     /// Applies the layer's policy once its forward has saved everything: offloads to the host
@@ -385,6 +397,7 @@ impl<B: Backend> ActivationStore<B> {
         self.track(0, freed);
         let slots = &mut self.layers[layer];
         slots.routing = None;
+        slots.received = None;
         slots.split = None;
     }
 

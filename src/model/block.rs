@@ -11,6 +11,9 @@ use super::router::{self, AuxLosses};
 use super::routing::Routing;
 use crate::backend::{AttnShape, Backend, TokenSlots};
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
+use crate::parallel::comm::Communicator;
+use crate::parallel::dispatch::{plan_slots, DispatchMode, SlotPlan, TokenDispatcher};
+use crate::Result;
 
 /// The skeletal activations of a block: what its backward reads.
 pub const INVENTORY: &[TensorSpec] = &[
@@ -37,6 +40,9 @@ pub struct BlockCtx<'a, B: Backend> {
     pub shape: AttnShape,
     pub params: &'a B::Buf,
     pub rope: &'a B::Buf,
+    /// The expert-parallel group when experts are sharded over ranks (`params` then holds this
+    /// rank's experts only, see `ParamLayout::sharded`); `None` when every expert is local.
+    pub ep: Option<&'a dyn Communicator>,
 }
 
 /// What one block's forward reports.
@@ -64,13 +70,18 @@ fn tail_mut<B: Backend>(buf: &mut B::Buf, from: usize, n: usize, width: usize) -
     B::view_mut(buf, from * width..n * width)
 }
 
-/// Offsets of each expert's `(rows, 2h)` block inside the concatenated gate/up buffer.
-fn gate_up_offsets(routing: &Routing, widths: &[usize]) -> Vec<usize> {
+/// Offsets of each expert's `(rows[e], 2h_e)` block inside the concatenated gate/up buffer.
+fn gate_up_offsets(rows: impl IntoIterator<Item = usize>, widths: &[usize]) -> Vec<usize> {
     let mut off = vec![0];
-    for (e, &h) in widths.iter().enumerate() {
-        off.push(off[e] + routing.slots_of(e).len() * 2 * h);
+    for (e, (r, &h)) in rows.into_iter().zip(widths).enumerate() {
+        off.push(off[e] + r * 2 * h);
     }
     off
+}
+
+/// The rows the expert-parallel exchange moves: every routed slot (training is dropless).
+fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
+    plan_slots(routing, &[], DispatchMode::Dropless)
 }
 
 impl<B: Backend> BlockCtx<'_, B> {
@@ -79,11 +90,51 @@ impl<B: Backend> BlockCtx<'_, B> {
     #[allow(clippy::too_many_arguments)]
     fn expert_forward(&self, p: &BlockParams, ex: usize, rows: usize, xe: B::View<'_>, gu: &mut B::Buf, gu_rows: std::ops::Range<usize>, y: B::ViewMut<'_>) {
         let (be, c, h) = (self.be, self.c(), self.moe.expert_widths[ex]);
-        let (w_gu, w_down) = p.experts[ex];
+        let (w_gu, w_down) = self.expert_params(p, ex);
         be.matmul(B::view_mut(gu, gu_rows.clone()), xe, self.w(w_gu, 2 * h * c), rows, c, 2 * h, false, true, false);
         let mut act = be.alloc(rows * h);
         be.swiglu_fwd(B::full_mut(&mut act), B::view(gu, gu_rows), rows, h);
         be.matmul(y, B::full(&act), self.w(w_down, c * h), rows, h, c, false, true, false);
+    }
+
+    /// Backward of [`Self::expert_forward`] on `rows` rows: recomputes SwiGLU from the saved
+    /// `gu`, writes the input gradient `dxe` and accumulates expert `ex`'s weight gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn expert_backward(&self, p: &BlockParams, ex: usize, rows: usize, gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut B::Buf) {
+        let (be, c, h) = (self.be, self.c(), self.moe.expert_widths[ex]);
+        let (w_gu, w_down) = self.expert_params(p, ex);
+        let mut act = be.alloc(rows * h);
+        be.swiglu_fwd(B::full_mut(&mut act), gu, rows, h);
+        let mut dact = be.alloc(rows * h);
+        be.matmul(B::full_mut(&mut dact), dy, self.w(w_down, c * h), rows, c, h, false, false, false);
+        be.matmul(g::<B>(grads, w_down, c * h), dy, B::full(&act), c, rows, h, true, false, true);
+        let mut dgu = be.alloc(rows * 2 * h);
+        be.swiglu_bwd(B::full_mut(&mut dgu), B::full(&dact), gu, rows, h);
+        be.matmul(dxe, B::full(&dgu), self.w(w_gu, 2 * h * c), rows, 2 * h, c, false, false, false);
+        be.matmul(g::<B>(grads, w_gu, 2 * h * c), B::full(&dgu), xe, 2 * h, rows, c, true, false, true);
+    }
+
+    /// The dispatcher over the expert-parallel group, if experts are sharded.
+    fn dispatcher(&self) -> Result<Option<TokenDispatcher<'_>>> {
+        self.ep.map(|ep| TokenDispatcher::new(ep, self.moe.n_experts(), self.c(), DispatchMode::Dropless)).transpose()
+    }
+
+    /// The first expert whose parameters `params` holds.
+    fn first_local_expert(&self) -> usize {
+        self.ep.map_or(0, |ep| ep.rank() * (self.moe.n_experts() / ep.size()))
+    }
+
+    /// Expert `ex`'s (gate_up, down) parameter offsets.
+    fn expert_params(&self, p: &BlockParams, ex: usize) -> (usize, usize) {
+        p.experts[ex - self.first_local_expert()]
+    }
+
+    /// Copies a backend buffer's values into a new one (the host-side exchange of the
+    /// dispatcher runs between them).
+    fn uploaded(&self, values: &[f32]) -> B::Buf {
+        let mut buf = self.be.alloc(values.len());
+        self.be.upload(B::full_mut(&mut buf), values);
+        buf
     }
 
     fn n(&self) -> usize {
@@ -98,7 +149,8 @@ impl<B: Backend> BlockCtx<'_, B> {
 
     /// Forward of one block: `out = x2 + MoE(norm(x2))`, `x2 = x + Attn(norm(x))`.
     /// Saves the inventory into `store` under `layer` when given (training).
-    pub fn forward(&self, p: &BlockParams, x: B::Buf, out: &mut B::Buf, store: Option<(&mut ActivationStore<B>, usize)>) -> BlockStats {
+    /// With expert parallelism it is a collective over the EP group (rows are exchanged).
+    pub fn forward(&self, p: &BlockParams, x: B::Buf, out: &mut B::Buf, store: Option<(&mut ActivationStore<B>, usize)>) -> Result<BlockStats> {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         let (wq, a, e) = (s.qkv_width(), s.out_width(), self.moe.n_experts());
         let eps = self.model.norm_eps;
@@ -130,18 +182,41 @@ impl<B: Backend> BlockCtx<'_, B> {
         let aux = router::aux_losses(&probs_h, &logits_h, &routing, self.moe);
 
         let widths = &self.moe.expert_widths;
-        let gu_off = gate_up_offsets(&routing, widths);
         let mut xe = be.alloc(routing.n_slots() * c);
         be.gather_rows(B::full_mut(&mut xe), B::full(&xn2), &routing.token, c);
-        let mut gu = be.alloc(gu_off[e]);
         let mut y = be.alloc(routing.n_slots() * c);
-        for ex in 0..e {
-            let slots = routing.slots_of(ex);
-            if !slots.is_empty() {
-                let y_e = B::view_mut(&mut y, slots.start * c..slots.end * c);
-                self.expert_forward(p, ex, slots.len(), B::view(&xe, slots.start * c..slots.end * c), &mut gu, gu_off[ex]..gu_off[ex + 1], y_e);
+        let (gu, received) = match self.dispatcher()? {
+            None => {
+                let gu_off = gate_up_offsets((0..e).map(|ex| routing.slots_of(ex).len()), widths);
+                let mut gu = be.alloc(gu_off[e]);
+                for ex in 0..e {
+                    let slots = routing.slots_of(ex);
+                    if !slots.is_empty() {
+                        let y_e = B::view_mut(&mut y, slots.start * c..slots.end * c);
+                        self.expert_forward(p, ex, slots.len(), B::view(&xe, slots.start * c..slots.end * c), &mut gu, gu_off[ex]..gu_off[ex + 1], y_e);
+                    }
+                }
+                (gu, None)
             }
-        }
+            Some(d) => {
+                // Rows travel to their experts' ranks, the local experts run on what arrived
+                // (expert-major), and the outputs travel back into the same slot layout.
+                let plan = dropless_plan(&routing)?;
+                let recv = d.receive_counts(&plan)?;
+                let spans = d.local_spans(&recv);
+                let local = d.local_experts();
+                let gu_off = gate_up_offsets(spans.iter().map(|s| s.len()), &widths[local.clone()]);
+                let mut gu = be.alloc(gu_off[spans.len()]);
+                let xg = self.uploaded(&d.to_experts(&be.download(B::full(&xe)), &plan, &recv)?);
+                let mut yg = be.alloc(B::len(&xg));
+                for (le, span) in spans.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
+                    let rows = span.start * c..span.end * c;
+                    self.expert_forward(p, local.start + le, span.len(), B::view(&xg, rows.clone()), &mut gu, gu_off[le]..gu_off[le + 1], B::view_mut(&mut yg, rows));
+                }
+                be.upload(B::full_mut(&mut y), &d.from_experts(&be.download(B::full(&yg)), &recv)?);
+                (gu, Some(recv))
+            }
+        };
         be.copy(B::full_mut(out), B::full(&x2));
         let (tok_off, tok_slots) = routing.by_token();
         be.combine_rows(B::full_mut(out), B::full(&y), TokenSlots { offsets: &tok_off, slots: &tok_slots }, Some(&routing.gate), c);
@@ -173,8 +248,11 @@ impl<B: Backend> BlockCtx<'_, B> {
                 store.save(l, name, buf);
             }
             store.save_routing(l, routing);
+            if let Some(recv) = received {
+                store.save_received(l, recv);
+            }
         }
-        stats
+        Ok(stats)
     }
 
     /// Recomputes the rows of tokens `from..N` of every `TokenSplit` tensor of `layer` from the
@@ -206,7 +284,8 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.softmax_rows(tail_mut::<B>(probs, from, n, e), tail::<B>(logits, from, n, e), m, e);
 
         let routing = store.routing(layer);
-        let gu_off = gate_up_offsets(routing, &self.moe.expert_widths);
+        assert!(self.ep.is_none(), "recomputing dropped expert rows needs the expert-parallel exchange; expert parallelism keeps every activation");
+        let gu_off = gate_up_offsets((0..e).map(|ex| routing.slots_of(ex).len()), &self.moe.expert_widths);
         for (ex, &h) in self.moe.expert_widths.iter().enumerate() {
             let sl = routing.slots_of(ex);
             let kept = routing.token[sl.clone()].partition_point(|&tok| (tok as usize) < from);
@@ -224,8 +303,9 @@ impl<B: Backend> BlockCtx<'_, B> {
     }
 
     /// Backward of one block: `dx` (overwritten) from `dout`, parameter gradients accumulated
-    /// into `grads` (same layout as the parameters).
-    pub fn backward(&self, p: &BlockParams, grads: &mut B::Buf, store: &ActivationStore<B>, layer: usize, dout: &B::Buf, dx: &mut B::Buf) {
+    /// into `grads` (same layout as the parameters). A collective with expert parallelism.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(&self, p: &BlockParams, grads: &mut B::Buf, store: &ActivationStore<B>, layer: usize, dout: &B::Buf, dx: &mut B::Buf) -> Result<()> {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         let (wq, a, e) = (s.qkv_width(), s.out_width(), self.moe.n_experts());
         let saved = |name: &str| B::full(store.load(layer, name));
@@ -233,7 +313,6 @@ impl<B: Backend> BlockCtx<'_, B> {
         let (tok_off, tok_slots) = routing.by_token();
         let by_token = TokenSlots { offsets: &tok_off, slots: &tok_slots };
         let widths = &self.moe.expert_widths;
-        let gu_off = gate_up_offsets(routing, widths);
         let slots = routing.n_slots();
 
         // Combine: out[t] = x2[t] + Σ gate_s y_s  →  dy_s = gate_s dout[t], dgate_s = ⟨dout[t], y_s⟩.
@@ -241,30 +320,39 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.gather_rows_scaled(B::full_mut(&mut dy), B::full(dout), &routing.token, &routing.gate, c);
         let dgate = be.gathered_dots(B::full(dout), saved("expert_out"), &routing.token, c);
 
-        // Experts, each on its own slots.
+        // Experts, each on its own rows.
         let mut xe = be.alloc(slots * c);
         be.gather_rows(B::full_mut(&mut xe), saved("ffn_norm_out"), &routing.token, c);
         let mut dxe = be.alloc(slots * c);
         let gu = store.load(layer, "expert_gate_up");
-        for (ex, &h) in widths.iter().enumerate() {
-            let sl = routing.slots_of(ex);
-            let rows = sl.len();
-            if rows == 0 {
-                continue;
+        match self.dispatcher()? {
+            None => {
+                let gu_off = gate_up_offsets((0..e).map(|ex| routing.slots_of(ex).len()), widths);
+                for ex in (0..e).filter(|&ex| !routing.slots_of(ex).is_empty()) {
+                    let sl = routing.slots_of(ex);
+                    let rows = sl.start * c..sl.end * c;
+                    let gu_e = B::view(gu, gu_off[ex]..gu_off[ex + 1]);
+                    self.expert_backward(p, ex, sl.len(), gu_e, B::view(&dy, rows.clone()), B::view(&xe, rows.clone()), B::view_mut(&mut dxe, rows), grads);
+                }
             }
-            let (w_gu, w_down) = p.experts[ex];
-            let gu_e = B::view(gu, gu_off[ex]..gu_off[ex + 1]);
-            let dy_e = B::view(&dy, sl.start * c..sl.end * c);
-            let mut act = be.alloc(rows * h);
-            be.swiglu_fwd(B::full_mut(&mut act), gu_e, rows, h);
-            let mut dact = be.alloc(rows * h);
-            be.matmul(B::full_mut(&mut dact), dy_e, self.w(w_down, c * h), rows, c, h, false, false, false);
-            be.matmul(g::<B>(grads, w_down, c * h), dy_e, B::full(&act), c, rows, h, true, false, true);
-            let mut dgu = be.alloc(rows * 2 * h);
-            be.swiglu_bwd(B::full_mut(&mut dgu), B::full(&dact), gu_e, rows, h);
-            let xe_e = B::view(&xe, sl.start * c..sl.end * c);
-            be.matmul(B::view_mut(&mut dxe, sl.start * c..sl.end * c), B::full(&dgu), self.w(w_gu, 2 * h * c), rows, 2 * h, c, false, false, false);
-            be.matmul(g::<B>(grads, w_gu, 2 * h * c), B::full(&dgu), xe_e, 2 * h, rows, c, true, false, true);
+            Some(d) => {
+                // The experts' inputs and output gradients travel to the experts' ranks (the
+                // inputs again rather than kept there), the input gradients travel back.
+                let plan = dropless_plan(routing)?;
+                let recv = store.received(layer);
+                let spans = d.local_spans(recv);
+                let local = d.local_experts();
+                let gu_off = gate_up_offsets(spans.iter().map(|s| s.len()), &widths[local.clone()]);
+                let xg = self.uploaded(&d.to_experts(&be.download(B::full(&xe)), &plan, recv)?);
+                let dyg = self.uploaded(&d.to_experts(&be.download(B::full(&dy)), &plan, recv)?);
+                let mut dxg = be.alloc(B::len(&xg));
+                for (le, span) in spans.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
+                    let rows = span.start * c..span.end * c;
+                    let gu_e = B::view(gu, gu_off[le]..gu_off[le + 1]);
+                    self.expert_backward(p, local.start + le, span.len(), gu_e, B::view(&dyg, rows.clone()), B::view(&xg, rows.clone()), B::view_mut(&mut dxg, rows), grads);
+                }
+                be.upload(B::full_mut(&mut dxe), &d.from_experts(&be.download(B::full(&dxg)), recv)?);
+            }
         }
         let mut dxn2 = be.alloc(n * c);
         be.combine_rows(B::full_mut(&mut dxn2), B::full(&dxe), by_token, None, c);
@@ -303,5 +391,6 @@ impl<B: Backend> BlockCtx<'_, B> {
         // Attention norm and residual: dx = dx2 + norm_bwd(dxn1).
         be.copy(B::full_mut(dx), B::full(&dx2));
         be.rmsnorm_bwd(B::full_mut(dx), g::<B>(grads, p.attn_norm, c), B::full(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), n, c);
+        Ok(())
     }
 }

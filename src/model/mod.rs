@@ -14,6 +14,7 @@ use router::AuxLosses;
 
 use crate::backend::{AttnShape, Backend};
 use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
+use crate::parallel::comm::Communicator;
 use crate::{Error, Result};
 
 /// What one forward (and backward) reports.
@@ -44,6 +45,9 @@ pub struct Model<B: Backend> {
     pub grads: B::Buf,
     /// `(seq_len, head_dim/2, 2)` cos/sin of the rotary angles.
     rope: B::Buf,
+    /// The expert-parallel group this rank's experts are sharded over (MoE Parallel Folding's
+    /// EP); `None` when this model holds every expert.
+    ep: Option<Box<dyn Communicator>>,
 }
 
 fn rope_table(m: &ModelConfig) -> Vec<f32> {
@@ -70,9 +74,32 @@ impl<B: Backend> Model<B> {
         Self::from_values(be, config, moe, &values)
     }
 
+    /// This rank's share of a model whose experts are sharded contiguously over the ranks of
+    /// `ep`: the dense parameters and experts `r·E/EP .. (r+1)·E/EP` for EP rank `r`, with the
+    /// values `Model::new` gives them (every tensor has its own random stream). Its forward and
+    /// backward are collectives over `ep`.
+    pub fn new_expert_parallel(be: &B, config: ModelConfig, moe: MoeConfig, seed: u64, ep: Box<dyn Communicator>) -> Result<Self> {
+        config.validate()?;
+        moe.validate()?;
+        let (e, size) = (moe.n_experts(), ep.size());
+        if !e.is_multiple_of(size) {
+            return Err(Error::config("parallel.ep", size, format!("a divisor of the number of experts ({e})")));
+        }
+        let local = ep.rank() * (e / size)..(ep.rank() + 1) * (e / size);
+        let layout = ParamLayout::sharded(&config, &moe, local);
+        let values = layout.init_values(seed);
+        let mut model = Self::with_layout(be, config, moe, layout, &values)?;
+        model.ep = (size > 1).then_some(ep);
+        Ok(model)
+    }
+
     /// A model with the given parameter values (layout order).
     pub fn from_values(be: &B, config: ModelConfig, moe: MoeConfig, values: &[f32]) -> Result<Self> {
         let layout = ParamLayout::new(&config, &moe);
+        Self::with_layout(be, config, moe, layout, values)
+    }
+
+    fn with_layout(be: &B, config: ModelConfig, moe: MoeConfig, layout: ParamLayout, values: &[f32]) -> Result<Self> {
         if values.len() != layout.total {
             return Err(Error::Invalid(format!("expected {} parameter values, got {}", layout.total, values.len())));
         }
@@ -81,11 +108,16 @@ impl<B: Backend> Model<B> {
         let grads = be.alloc(layout.total);
         let mut rope = be.alloc(config.seq_len * config.head_dim());
         be.upload(B::full_mut(&mut rope), &rope_table(&config));
-        Ok(Model { config, moe, layout, params, grads, rope })
+        Ok(Model { config, moe, layout, params, grads, rope, ep: None })
     }
 
     pub fn n_params(&self) -> usize {
         self.layout.total
+    }
+
+    /// The expert-parallel group, when this model holds a shard of the experts.
+    pub fn expert_parallel(&self) -> Option<&dyn Communicator> {
+        self.ep.as_deref()
     }
 
     /// A store sized for this model's blocks that keeps everything on the device.
@@ -103,6 +135,10 @@ impl<B: Backend> Model<B> {
 
     pub fn zero_grads(&mut self, be: &B) {
         be.fill(B::full_mut(&mut self.grads), 0.0);
+    }
+
+    fn block_ctx<'a>(&'a self, be: &'a B, shape: AttnShape) -> BlockCtx<'a, B> {
+        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope, ep: self.ep.as_deref() }
     }
 
     fn shape(&self, batch: usize, seq: usize) -> Result<AttnShape> {
@@ -124,13 +160,13 @@ impl<B: Backend> Model<B> {
     /// forward, as MEMO's executor offloads layer `i` while layer `i + 1` computes.
     fn hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, mut store: Option<&mut ActivationStore<B>>, stats: &mut StepStats) -> Result<B::Buf> {
         let (n, c) = (shape.tokens(), self.config.d_model);
-        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope };
+        let ctx = self.block_ctx(be, shape);
         let dims = BlockDims::new(&self.config, &self.moe, shape.batch, shape.seq);
         let mut x = be.alloc(n * c);
         be.embedding_fwd(B::full_mut(&mut x), B::view(&self.params, self.layout.embedding..self.layout.embedding + self.config.vocab_size * c), inputs, c);
         for (l, bp) in self.layout.blocks.iter().enumerate() {
             let mut out = be.alloc(n * c);
-            let s: BlockStats = ctx.forward(bp, x, &mut out, store.as_deref_mut().map(|st| (st, l)));
+            let s: BlockStats = ctx.forward(bp, x, &mut out, store.as_deref_mut().map(|st| (st, l)))?;
             if let Some(st) = store.as_deref_mut() {
                 st.seal(be, l, &dims)?;
             }
@@ -174,6 +210,9 @@ impl<B: Backend> Model<B> {
     /// Gradients of `loss` are accumulated into `self.grads`.
     pub fn forward_backward(&mut self, be: &B, store: &mut ActivationStore<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
         let shape = self.shape(batch, seq)?;
+        if self.ep.is_some() && store.policies().iter().any(|p| *p != LayerPolicy::Keep) {
+            return Err(Error::Invalid("expert parallelism keeps every activation: set memory.policy = \"keep\" (offload and recompute do not run with parallel.ep > 1 yet)".into()));
+        }
         self.check_tokens(inputs, "input")?;
         self.check_tokens(targets, "target")?;
         let (n, c, v) = (shape.tokens(), self.config.d_model, self.config.vocab_size);
@@ -191,14 +230,14 @@ impl<B: Backend> Model<B> {
 
         let mut dx = be.alloc(n * c);
         be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(&self.params, fnorm..fnorm + c), B::full(&rstd), n, c);
-        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope };
+        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope, ep: self.ep.as_deref() };
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
             if let Some(from) = store.restore(be, l, &dims) {
                 ctx.recompute(bp, store, l, from);
             }
             let mut dprev = be.alloc(n * c);
-            ctx.backward(bp, &mut self.grads, store, l, &dx, &mut dprev);
+            ctx.backward(bp, &mut self.grads, store, l, &dx, &mut dprev)?;
             store.release(l);
             dx = dprev;
         }

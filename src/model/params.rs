@@ -20,6 +20,8 @@ pub struct ParamSpec {
     pub init: Init,
     /// Whether AdamW's weight decay applies (matrices yes, norm gains no).
     pub decay: bool,
+    /// The expert this tensor belongs to; `None` for dense tensors (replicated on every rank).
+    pub expert: Option<usize>,
 }
 
 impl ParamSpec {
@@ -42,7 +44,7 @@ pub struct BlockParams {
     pub wo: usize,
     pub ffn_norm: usize,
     pub router: usize,
-    /// Per expert: (gate_up `(2h, C)`, down `(C, h)`).
+    /// Per local expert (see [`ParamLayout::local_experts`]): (gate_up `(2h, C)`, down `(C, h)`).
     pub experts: Vec<(usize, usize)>,
 }
 
@@ -55,48 +57,57 @@ pub struct ParamLayout {
     pub blocks: Vec<BlockParams>,
     pub final_norm: usize,
     pub lm_head: usize,
+    /// The experts whose tensors this layout holds (all of them unless sharded for expert
+    /// parallelism); `BlockParams::experts[i]` is expert `local_experts.start + i`.
+    pub local_experts: std::ops::Range<usize>,
 }
 
 impl ParamLayout {
+    /// Every parameter of the model.
     pub fn new(m: &ModelConfig, moe: &MoeConfig) -> Self {
+        Self::sharded(m, moe, 0..moe.n_experts())
+    }
+
+    /// The dense parameters and the experts `local` only (one expert-parallel rank's share).
+    /// Tensor names are those of the full layout, so checkpoints restore by name.
+    pub fn sharded(m: &ModelConfig, moe: &MoeConfig, local: std::ops::Range<usize>) -> Self {
         let mut specs = Vec::new();
         let mut total = 0;
-        let mut push = |name: String, shape: Vec<usize>, init: Init| {
+        let mut push = |name: String, shape: Vec<usize>, init: Init, expert: Option<usize>| {
             let decay = shape.len() > 1;
             let offset = total;
             total += shape.iter().product::<usize>();
-            specs.push(ParamSpec { name, shape, offset, init, decay });
+            specs.push(ParamSpec { name, shape, offset, init, decay, expert });
             offset
         };
         let (c, d) = (m.d_model, m.head_dim());
         let std = m.init_std;
         // Residual-branch outputs are scaled down so the residual stream's variance stays O(1).
         let out_std = std / (2.0 * m.n_layers as f32).sqrt();
-        let embedding = push("tok_embedding".into(), vec![m.vocab_size, c], Init::Normal(std));
+        let embedding = push("tok_embedding".into(), vec![m.vocab_size, c], Init::Normal(std), None);
         let blocks = (0..m.n_layers)
             .map(|l| {
                 let p = |s: &str| format!("layers.{l}.{s}");
-                let attn_norm = push(p("attn_norm"), vec![c], Init::Ones);
-                let wqkv = push(p("wqkv"), vec![(m.n_heads + 2 * m.n_kv_heads) * d, c], Init::Normal(std));
-                let wo = push(p("wo"), vec![c, m.n_heads * d], Init::Normal(out_std));
-                let ffn_norm = push(p("ffn_norm"), vec![c], Init::Ones);
-                let router = push(p("router"), vec![moe.n_experts(), c], Init::Normal(std));
-                let experts = moe
-                    .expert_widths
-                    .iter()
-                    .enumerate()
-                    .map(|(e, &h)| {
-                        let gu = push(p(&format!("experts.{e}.w_gate_up")), vec![2 * h, c], Init::Normal(std));
-                        let down = push(p(&format!("experts.{e}.w_down")), vec![c, h], Init::Normal(out_std));
+                let attn_norm = push(p("attn_norm"), vec![c], Init::Ones, None);
+                let wqkv = push(p("wqkv"), vec![(m.n_heads + 2 * m.n_kv_heads) * d, c], Init::Normal(std), None);
+                let wo = push(p("wo"), vec![c, m.n_heads * d], Init::Normal(out_std), None);
+                let ffn_norm = push(p("ffn_norm"), vec![c], Init::Ones, None);
+                let router = push(p("router"), vec![moe.n_experts(), c], Init::Normal(std), None);
+                let experts = local
+                    .clone()
+                    .map(|e| {
+                        let h = moe.expert_widths[e];
+                        let gu = push(p(&format!("experts.{e}.w_gate_up")), vec![2 * h, c], Init::Normal(std), Some(e));
+                        let down = push(p(&format!("experts.{e}.w_down")), vec![c, h], Init::Normal(out_std), Some(e));
                         (gu, down)
                     })
                     .collect();
                 BlockParams { attn_norm, wqkv, wo, ffn_norm, router, experts }
             })
             .collect();
-        let final_norm = push("final_norm".into(), vec![c], Init::Ones);
-        let lm_head = push("lm_head".into(), vec![m.vocab_size, c], Init::Normal(std));
-        ParamLayout { specs, total, embedding, blocks, final_norm, lm_head }
+        let final_norm = push("final_norm".into(), vec![c], Init::Ones, None);
+        let lm_head = push("lm_head".into(), vec![m.vocab_size, c], Init::Normal(std), None);
+        ParamLayout { specs, total, embedding, blocks, final_norm, lm_head, local_experts: local }
     }
 
     pub fn get(&self, name: &str) -> Option<&ParamSpec> {

@@ -264,7 +264,7 @@ impl<'a> TokenDispatcher<'a> {
                 rows[i * c..(i + 1) * c].copy_from_slice(&x[t * c..(t + 1) * c]);
             }
         }
-        let recv_rows = self.ep.all_to_all_counts(&plan.rows_per_expert())?;
+        let recv_rows = self.receive_counts(&plan)?;
         let y = self.through_experts(&rows, &plan, &recv_rows, &mut expert)?;
         // unpermute: out[token] += gate · y[row].
         let mut out = vec![0f32; routing.n_tokens * c];
@@ -312,21 +312,48 @@ impl<'a> TokenDispatcher<'a> {
         Ok(DispatchGrads { d_x, d_gate })
     }
 
+    /// Rows each local expert receives from each EP rank, `recv_rows[src·L + le]`, for the rows
+    /// this rank sends under `plan` (one count exchange per layer; the forward and the backward
+    /// reuse it).
+    pub fn receive_counts(&self, plan: &SlotPlan) -> Result<Vec<usize>> {
+        self.ep.all_to_all_counts(&plan.rows_per_expert())
+    }
+
+    /// Row ranges of each local expert in the expert-major layout [`Self::to_experts`] returns.
+    pub fn local_spans(&self, recv_rows: &[usize]) -> Vec<Range<usize>> {
+        let chunks = Chunks::new(recv_rows, self.ep.size(), self.n_local());
+        (0..self.n_local()).map(|le| chunks.expert_span(le)).collect()
+    }
+
+    /// Sends rows (R,C) in the local permuted layout to the ranks of their experts; returns the
+    /// rows this rank's experts received, expert-major (see [`Self::local_spans`]).
+    pub fn to_experts(&self, rows: &[f32], plan: &SlotPlan, recv_rows: &[usize]) -> Result<Vec<f32>> {
+        let (c, l) = (self.hidden, self.n_local());
+        let send_counts: Vec<usize> = plan.rows_per_expert().chunks(l).map(|ch| ch.iter().sum::<usize>() * c).collect();
+        let (recv, _) = self.ep.all_to_all_v(rows, &send_counts)?;
+        Ok(Chunks::new(recv_rows, self.ep.size(), l).regroup(&recv, c, true))
+    }
+
+    /// The inverse of [`Self::to_experts`]: per-row results of the local experts (expert-major)
+    /// go back to the ranks that sent the rows; returns (R,C) in the local permuted layout.
+    pub fn from_experts(&self, outputs: &[f32], recv_rows: &[usize]) -> Result<Vec<f32>> {
+        let (c, l) = (self.hidden, self.n_local());
+        let back = Chunks::new(recv_rows, self.ep.size(), l).regroup(outputs, c, false);
+        let return_counts: Vec<usize> = recv_rows.chunks(l).map(|ch| ch.iter().sum::<usize>() * c).collect();
+        let (y, _) = self.ep.all_to_all_v(&back, &return_counts)?;
+        Ok(y)
+    }
+
     /// rows (R,C) in the local permuted layout → exchange → per-local-expert `f` → exchange back
     /// → (R,C) in the same layout. Shared by the forward (inputs) and the backward (gradients).
     fn through_experts<F>(&self, rows: &[f32], plan: &SlotPlan, recv_rows: &[usize], f: &mut F) -> Result<Vec<f32>>
     where
         F: FnMut(usize, &[f32], usize) -> Result<Vec<f32>>,
     {
-        let (c, ep, l) = (self.hidden, self.ep.size(), self.n_local());
-        let per_expert = plan.rows_per_expert();
-        let send_counts: Vec<usize> = per_expert.chunks(l).map(|ch| ch.iter().sum::<usize>() * c).collect();
-        let (recv, _) = self.ep.all_to_all_v(rows, &send_counts)?;
-        let chunks = Chunks::new(recv_rows, ep, l);
-        let grouped = chunks.regroup(&recv, c, true);
+        let c = self.hidden;
+        let grouped = self.to_experts(rows, plan, recv_rows)?;
         let mut outputs = Vec::with_capacity(grouped.len());
-        for le in 0..l {
-            let span = chunks.expert_span(le);
+        for (le, span) in self.local_spans(recv_rows).into_iter().enumerate() {
             let n = span.len();
             let out = f(le, &grouped[span.start * c..span.end * c], n)?;
             if out.len() != n * c {
@@ -338,11 +365,7 @@ impl<'a> TokenDispatcher<'a> {
             }
             outputs.extend_from_slice(&out);
         }
-        let back = chunks.regroup(&outputs, c, false);
-        let return_counts: Vec<usize> =
-            recv_rows.chunks(l).map(|ch| ch.iter().sum::<usize>() * c).collect();
-        let (y, _) = self.ep.all_to_all_v(&back, &return_counts)?;
-        Ok(y)
+        self.from_experts(&outputs, recv_rows)
     }
 }
 

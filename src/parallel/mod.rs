@@ -4,6 +4,7 @@
 //! - [`comm`]: the `Communicator` trait, a single-process one and simulated ranks on threads;
 //!   `mpi` (feature `mpi`) implements it over MPI.
 //! - [`dispatch`]: the MoE token dispatcher (permute → all-to-all over EP → experts → back).
+//! - [`sharding`]: experts sharded over EP in training: gradient buckets, global norm, gathering.
 //! - [`planner`]: costs and ranks parallel mappings at cluster scale from the same rank mapping.
 
 pub mod comm;
@@ -12,3 +13,4 @@ pub mod dispatch;
 pub mod mpi;
 pub mod planner;
 pub mod ranks;
+pub mod sharding;

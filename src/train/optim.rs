@@ -32,6 +32,13 @@ impl<B: Backend> Optimizer<B> {
     /// Returns the gradient norm before clipping.
     pub fn update(&mut self, be: &B, layout: &ParamLayout, params: &mut B::Buf, grads: &B::Buf, lr: f32) -> f32 {
         let norm = be.sum_squares(B::full(grads)).sqrt() as f32;
+        self.update_with_norm(be, layout, params, grads, lr, norm);
+        norm
+    }
+
+    /// One update with the global gradient norm given (when `grads` is a shard of the model's
+    /// gradient, the norm covers all shards).
+    pub fn update_with_norm(&mut self, be: &B, layout: &ParamLayout, params: &mut B::Buf, grads: &B::Buf, lr: f32, norm: f32) {
         let clip = self.config.grad_clip;
         let grad_scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
         self.step += 1;
@@ -48,6 +55,5 @@ impl<B: Backend> Optimizer<B> {
                 spec.decay,
             );
         }
-        norm
     }
 }

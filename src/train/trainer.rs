@@ -1,6 +1,7 @@
 //! The training loop: data → forward/backward → clip → AdamW → metrics, evaluation,
 //! checkpoints (atomic, resumable bit for bit), a loss plot and a text sample at the end.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -24,7 +25,8 @@ use crate::data::prepare::{prepare, Prepared};
 use crate::data::shard::Shard;
 use crate::data::tokenizer::Tokenizer;
 use crate::model::params::ParamLayout;
-use crate::parallel::comm::Communicator;
+use crate::parallel::comm::{Communicator, SingleProcess};
+use crate::parallel::sharding::{gather_full, ExpertGroups, GradBuckets};
 use crate::model::Model;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -66,23 +68,36 @@ fn adamw_config(c: &Config) -> AdamWConfig {
 
 /// Mean validation loss over up to `batches` fixed batches of the validation shard.
 pub fn validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Path, batch: usize, seq: usize, batches: usize) -> Result<f64> {
+    data_parallel_validation_loss(be, model, val, batch, seq, batches, &SingleProcess)
+}
+
+/// [`validation_loss`] with each batch's rows split over the ranks of `dp` (a collective; every
+/// rank gets the mean of the whole batches).
+fn data_parallel_validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Path, batch: usize, seq: usize, batches: usize, dp: &dyn Communicator) -> Result<f64> {
     let mut loader = Loader::new(Shard::open(val)?, batch, seq, VAL_SEED)?;
     let n = batches.min(loader.sequences_per_epoch() / batch).max(1);
+    let local = batch / dp.size();
+    let rows = dp.rank() * local * seq..(dp.rank() + 1) * local * seq;
     let mut total = 0.0;
     for _ in 0..n {
         let b = loader.next_batch();
-        total += model.evaluate(be, &b.inputs, &b.targets, batch, seq)?.lm_loss;
+        total += model.evaluate(be, &b.inputs[rows.clone()], &b.targets[rows.clone()], local, seq)?.lm_loss;
     }
-    Ok(total / n as f64)
+    if dp.size() == 1 {
+        return Ok(total / n as f64);
+    }
+    let mut sum = [total as f32];
+    dp.all_reduce_sum(&mut sum)?;
+    Ok(sum[0] as f64 / (n * dp.size()) as f64)
 }
 
 /// Validation loss on the combined split and on each source's split (same fixed batches
 /// every time); the per-source losses are also put into `extra` as `val_<name>`.
-fn evaluate_all(be: &Cpu, model: &Model<Cpu>, data: &Prepared, t: &crate::config::TrainConfig, extra: &mut Map<String, Value>) -> Result<(f64, Vec<(String, f64)>)> {
-    let combined = validation_loss(be, model, &data.val, t.batch_size, t.seq_len, t.eval_batches)?;
+fn evaluate_all(be: &Cpu, model: &Model<Cpu>, data: &Prepared, t: &crate::config::TrainConfig, dp: &dyn Communicator, extra: &mut Map<String, Value>) -> Result<(f64, Vec<(String, f64)>)> {
+    let combined = data_parallel_validation_loss(be, model, &data.val, t.batch_size, t.seq_len, t.eval_batches, dp)?;
     let mut per_source = Vec::with_capacity(data.val_sources.len());
     for (name, path) in &data.val_sources {
-        let v = validation_loss(be, model, path, t.batch_size, t.seq_len, t.eval_batches)?;
+        let v = data_parallel_validation_loss(be, model, path, t.batch_size, t.seq_len, t.eval_batches, dp)?;
         extra.insert(format!("val_{name}"), json!(v));
         per_source.push((name.clone(), v));
     }
@@ -124,9 +139,19 @@ fn sample(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> usiz
     top[keep - 1]
 }
 
-/// Tensors of one buffer laid out like the parameters, named `prefix + param name`.
-fn named<'a>(model: &Model<Cpu>, buf: &'a [f32], prefix: &str) -> Vec<TensorRef<'a>> {
-    model.layout.specs.iter().map(|s| (format!("{prefix}{}", s.name), s.shape.clone(), &buf[s.range()])).collect()
+/// Tensors of one buffer laid out like `layout`, named `prefix + param name`.
+fn named<'a>(layout: &ParamLayout, buf: &'a [f32], prefix: &str) -> Vec<TensorRef<'a>> {
+    layout.specs.iter().map(|s| (format!("{prefix}{}", s.name), s.shape.clone(), &buf[s.range()])).collect()
+}
+
+/// A buffer laid out like `model`'s parameters, in the `full` layout of every expert: as it is
+/// when the model holds every expert, gathered over the expert-parallel group otherwise (a
+/// collective; `None` on the ranks that do not receive it).
+fn full_values<'a>(model: &Model<Cpu>, full: &ParamLayout, buf: &'a [f32]) -> Result<Option<Cow<'a, [f32]>>> {
+    match model.expert_parallel() {
+        None => Ok(Some(Cow::Borrowed(buf))),
+        Some(ep) => Ok(gather_full(full, &model.layout, buf, model.moe.n_experts(), ep)?.map(Cow::Owned)),
+    }
 }
 
 /// Copies named tensors of a checkpoint back into a buffer laid out like the parameters.
@@ -148,6 +173,11 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 /// ranks): every rank draws the same global batch and keeps its own slice of rows, gradients are
 /// summed over the ranks and averaged, and rank 0 alone writes metrics, checkpoints and plots.
 /// Aux losses use each rank's local routing statistics (as Megatron does per data-parallel rank).
+///
+/// With `parallel.ep > 1` the MoE layers are folded onto the same ranks as expert parallelism:
+/// each EP group of consecutive ranks shards the experts, the token dispatcher exchanges routed
+/// rows, expert gradients are averaged over the expert data-parallel group, and checkpoints
+/// gather the experts so they hold the whole model.
 ///
 /// Refuses to touch an output directory that already holds checkpoints unless resuming, so a
 /// good run is never overwritten.
@@ -179,7 +209,17 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     if leader {
         dp.barrier()?;
     }
-    let mut model = Model::new(&be, config.model.clone(), config.moe.clone(), t.seed)?;
+    let (mut model, edp) = if config.parallel.ep > 1 {
+        if !ranks.is_multiple_of(config.parallel.ep) {
+            return Err(Error::config("parallel.ep", config.parallel.ep, format!("a divisor of the number of ranks ({ranks}); launch with `mpirun -np N`, N a multiple of {}", config.parallel.ep)));
+        }
+        let groups = ExpertGroups::new(dp, config.parallel.ep)?;
+        (Model::new_expert_parallel(&be, config.model.clone(), config.moe.clone(), t.seed, groups.ep)?, Some(groups.edp))
+    } else {
+        (Model::new(&be, config.model.clone(), config.moe.clone(), t.seed)?, None)
+    };
+    let buckets = GradBuckets::new(&model.layout);
+    let full_layout = ParamLayout::new(&config.model, &config.moe);
     let mut opt = Optimizer::new(&be, adamw_config(config), model.n_params());
     let mut loader = Loader::new(Shard::open(&data.train)?, t.batch_size, t.seq_len, t.seed)?;
     let hash = config.config_hash();
@@ -215,7 +255,14 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     }
     let mut store = activation_store(config, &model, local_batch)?;
     let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
-    let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader, flops: f64| -> Result<PathBuf> {
+    // A collective with expert parallelism (the experts are gathered); rank 0 writes.
+    let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader, flops: f64| -> Result<Option<PathBuf>> {
+        let (Some(params), Some(m), Some(v)) = (full_values(model, &full_layout, &model.params)?, full_values(model, &full_layout, &opt.m)?, full_values(model, &full_layout, &opt.v)?) else {
+            return Ok(None);
+        };
+        if !leader {
+            return Ok(None);
+        }
         let state = TrainState {
             flops,
             step: opt.step,
@@ -225,9 +272,9 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
             config_toml: config.to_toml()?,
             tokenizer: tokenizer_json.clone(),
         };
-        let mut moments = named(model, &opt.m, "m.");
-        moments.extend(named(model, &opt.v, "v."));
-        checkpoint::save(out, &state, &named(model, &model.params, ""), &moments, config.checkpoint.keep_last)
+        let mut moments = named(&full_layout, &m, "m.");
+        moments.extend(named(&full_layout, &v, "v."));
+        checkpoint::save(out, &state, &named(&full_layout, &params, ""), &moments, config.checkpoint.keep_last).map(Some)
     };
 
     let started = Instant::now();
@@ -242,8 +289,7 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         model.zero_grads(&be);
         let mut stats = model.forward_backward(&be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], local_batch, t.seq_len)?;
         if ranks > 1 {
-            dp.all_reduce_sum(&mut model.grads)?;
-            be.scale(&mut model.grads, 1.0 / ranks as f32);
+            buckets.average(&mut model.grads, dp, edp.as_deref().unwrap_or(dp))?;
             // Losses are averaged over the ranks; FLOPs (from each rank's routed counts) summed, so
             // every rank sees the same budget and stops on the same step.
             let mut sums = [stats.lm_loss as f32, stats.aux_loss as f32, stats.train_flops as f32];
@@ -258,7 +304,13 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
             return Err(Error::NonFinite { step: step + 1, what: "loss".into(), value: stats.loss as f32 });
         }
         let lr = schedule.lr_at(step);
-        let grad_norm = opt.update(&be, &model.layout, &mut model.params, &model.grads, lr);
+        let grad_norm = match model.expert_parallel().map(|ep| buckets.global_norm(&model.grads, ep)).transpose()? {
+            None => opt.update(&be, &model.layout, &mut model.params, &model.grads, lr),
+            Some(norm) => {
+                opt.update_with_norm(&be, &model.layout, &mut model.params, &model.grads, lr, norm);
+                norm
+            }
+        };
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite { step: step + 1, what: "gradient norm".into(), value: grad_norm });
         }
@@ -276,37 +328,31 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         // The FLOP budget ends the run after the step that reaches it (overshoot < one step).
         let done = step + 1 == t.steps || (t.max_flops > 0.0 && flops >= t.max_flops);
         let checkpoint_now = (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || done;
-        let Some(metrics) = metrics.as_mut() else {
-            // A follower rank: wait while rank 0 writes the checkpoint.
-            last = Some(stats.lm_loss);
-            if checkpoint_now {
-                dp.barrier()?;
-            }
-            if done {
-                break;
-            }
-            continue;
-        };
-        metrics.train(&TrainRecord {
-            step: step + 1,
-            loss: stats.loss as f32,
-            lm_loss: stats.lm_loss as f32,
-            aux_loss: stats.aux_loss as f32,
-            lr,
-            grad_norm,
-            tokens_per_s: tokens_per_s as f32,
-            activated_params: stats.activated_params,
-            extra,
-        })?;
+        last = Some(stats.lm_loss);
+        if let Some(metrics) = metrics.as_mut() {
+            metrics.train(&TrainRecord {
+                step: step + 1,
+                loss: stats.loss as f32,
+                lm_loss: stats.lm_loss as f32,
+                aux_loss: stats.aux_loss as f32,
+                lr,
+                grad_norm,
+                tokens_per_s: tokens_per_s as f32,
+                activated_params: stats.activated_params,
+                extra,
+            })?;
+        }
         if let Some(p) = &progress {
             p.step(step + 1, stats.loss as f32, tokens_per_s as f32);
         }
-        last = Some(stats.lm_loss);
+        // Evaluation and checkpoints involve every rank (batch rows and experts are spread).
         if (t.eval_every > 0 && (step + 1) % t.eval_every == 0) || done {
             let mut extra = Map::new();
             extra.insert("flops".into(), json!(flops));
-            let (v, sources) = evaluate_all(&be, &model, &data, t, &mut extra)?;
-            metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra })?;
+            let (v, sources) = evaluate_all(&be, &model, &data, t, dp, &mut extra)?;
+            if let Some(metrics) = metrics.as_mut() {
+                metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra })?;
+            }
             if let Some(p) = &progress {
                 let per_source: String = sources.iter().map(|(n, l)| format!(", {n} {l:.4}")).collect();
                 p.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2}){per_source}", step + 1, v.exp()));
@@ -315,24 +361,32 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
             val_sources = sources;
         }
         if checkpoint_now {
-            last_checkpoint = save(&model, &opt, &loader, flops)?;
+            if let Some(dir) = save(&model, &opt, &loader, flops)? {
+                last_checkpoint = dir;
+            }
             dp.barrier()?;
         }
         if done {
             break;
         }
     }
+    let want_sample = !opts.sample_prompt.is_empty() && opts.sample_tokens > 0;
+    // An expert-parallel model samples on rank 0 from the gathered whole model.
+    let gathered = match (want_sample, model.expert_parallel()) {
+        (true, Some(_)) => full_values(&model, &full_layout, &model.params)?.map(|v| Model::from_values(&be, config.model.clone(), config.moe.clone(), &v)).transpose()?,
+        _ => None,
+    };
     if !leader {
-        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, val_sources: Vec::new(), flops, checkpoint: last_checkpoint, sample: None });
+        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss, val_sources, flops, checkpoint: last_checkpoint, sample: None });
     }
     if let Some(p) = &progress {
         p.finish();
     }
     plot::plot_loss(&metrics_path, &out.join("loss.png"))?;
-    let sample = if opts.sample_prompt.is_empty() || opts.sample_tokens == 0 {
-        None
+    let sample = if want_sample {
+        Some(generate(&be, gathered.as_ref().unwrap_or(&model), &data.tokenizer, &opts.sample_prompt, opts.sample_tokens, 0.8, 40, t.seed)?)
     } else {
-        Some(generate(&be, &model, &data.tokenizer, &opts.sample_prompt, opts.sample_tokens, 0.8, 40, t.seed)?)
+        None
     };
     Ok(TrainSummary {
         steps: opt.step,
