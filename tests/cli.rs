@@ -107,6 +107,18 @@ fn an_existing_run_is_not_overwritten() {
     assert_eq!(before, read(out.join("checkpoints/step_000003/model.safetensors")));
 }
 
+/// CI has no GPU: `--device cuda` says why it cannot use one and trains on the CPU.
+#[test]
+fn cuda_without_a_gpu_falls_back_to_the_cpu() {
+    let out = temp("cuda-fallback");
+    let o = train(&out, &["train.steps=2", "--device", "cuda"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("device = \"cuda\"") && err.contains("training on the CPU instead"), "{err}");
+    assert!(out.join("checkpoints/step_000002/model.safetensors").exists());
+    assert_fails_with(&train(&temp("tpu"), &["--device", "tpu"]), &["device", "tpu"]);
+}
+
 #[test]
 fn bad_config_fields_are_named() {
     let out = temp("badcfg");

@@ -41,6 +41,10 @@ enum Command {
         /// Total training steps (same as --set train.steps=N).
         #[arg(long)]
         steps: Option<u64>,
+        /// `cpu` or `cuda` (same as --set device=...); `cuda` falls back to the CPU, saying why,
+        /// when this build or machine has no usable GPU.
+        #[arg(long)]
+        device: Option<String>,
         /// Output directory (default: runs/run-<unix time>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -156,10 +160,13 @@ enum Command {
 /// Parses the command line and runs the command.
 pub fn run() -> Result<()> {
     match Cli::parse().command {
-        Command::Train { config, set, steps, out, resume, prompt } => {
+        Command::Train { config, set, steps, device, out, resume, prompt } => {
             let mut set = set;
             if let Some(n) = steps {
                 set.push(format!("train.steps={n}"));
+            }
+            if let Some(d) = device {
+                set.push(format!("device={d:?}"));
             }
             let config = Config::load(config.as_deref(), &set)?;
             let out = out.unwrap_or_else(default_out);

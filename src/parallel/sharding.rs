@@ -8,6 +8,7 @@
 
 use std::ops::Range;
 
+use crate::backend::Backend;
 use crate::model::params::{ParamLayout, ParamSpec};
 use crate::parallel::comm::Communicator;
 use crate::parallel::ranks::{MoeGroup, ParallelConfig, ParallelLayout};
@@ -45,14 +46,19 @@ fn push_merged(ranges: &mut Vec<Range<usize>>, r: Range<usize>) {
     }
 }
 
-fn pack(buf: &[f32], ranges: &[Range<usize>]) -> Vec<f32> {
-    ranges.iter().flat_map(|r| buf[r.clone()].iter().copied()).collect()
+/// The elements of `ranges` of `buf`, one after another, on the host.
+fn pack<B: Backend>(be: &B, buf: &B::Buf, ranges: &[Range<usize>]) -> Vec<f32> {
+    let mut packed = Vec::with_capacity(ranges.iter().map(|r| r.len()).sum());
+    for r in ranges {
+        packed.extend(be.download(B::view(buf, r.clone())));
+    }
+    packed
 }
 
-fn unpack(buf: &mut [f32], ranges: &[Range<usize>], packed: &[f32]) {
+fn unpack<B: Backend>(be: &B, buf: &mut B::Buf, ranges: &[Range<usize>], packed: &[f32]) {
     let mut at = 0;
     for r in ranges {
-        buf[r.clone()].copy_from_slice(&packed[at..at + r.len()]);
+        be.upload(B::view_mut(buf, r.clone()), &packed[at..at + r.len()]);
         at += r.len();
     }
 }
@@ -69,21 +75,20 @@ impl GradBuckets {
     /// Averages gradients over the `world` ranks: dense tensors summed over `dp` (every rank),
     /// expert tensors over `edp`, each group in one packed all-reduce, then scaled by 1/world
     /// (every rank's loss is a mean over its own tokens).
-    pub fn average(&self, grads: &mut [f32], dp: &dyn Communicator, edp: &dyn Communicator) -> Result<()> {
+    pub fn average<B: Backend>(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: &dyn Communicator) -> Result<()> {
         for (ranges, comm) in [(&self.dense, dp), (&self.expert, edp)] {
-            let mut packed = pack(grads, ranges);
+            let mut packed = pack(be, grads, ranges);
             comm.all_reduce_sum(&mut packed)?;
-            unpack(grads, ranges, &packed);
+            unpack(be, grads, ranges, &packed);
         }
-        let scale = 1.0 / dp.size() as f32;
-        grads.iter_mut().for_each(|g| *g *= scale);
+        be.scale(B::full_mut(grads), 1.0 / dp.size() as f32);
         Ok(())
     }
 
     /// The L2 norm of the whole model's gradient: the dense part (the same on every rank) plus
     /// the expert parts summed over `ep`, whose ranks together hold every expert once.
-    pub fn global_norm(&self, grads: &[f32], ep: &dyn Communicator) -> Result<f32> {
-        let squares = |ranges: &[Range<usize>]| -> f64 { ranges.iter().flat_map(|r| &grads[r.clone()]).map(|&g| g as f64 * g as f64).sum() };
+    pub fn global_norm<B: Backend>(&self, be: &B, grads: &B::Buf, ep: &dyn Communicator) -> Result<f32> {
+        let squares = |ranges: &[Range<usize>]| -> f64 { ranges.iter().map(|r| be.sum_squares(B::view(grads, r.clone()))).sum() };
         let mut expert = [squares(&self.expert) as f32];
         ep.all_reduce_sum(&mut expert)?;
         Ok((squares(&self.dense) + expert[0] as f64).sqrt() as f32)
@@ -127,6 +132,7 @@ pub fn gather_full(full: &ParamLayout, local: &ParamLayout, buf: &[f32], n_exper
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::Cpu;
     use crate::config::Config;
     use crate::model::config::{ModelConfig, MoeConfig};
     use crate::parallel::comm::LocalGroup;
@@ -192,7 +198,7 @@ mod tests {
             for s in &local.specs {
                 buf[s.range()].copy_from_slice(&grads[full.get(&s.name).unwrap().range()]);
             }
-            GradBuckets::new(&local).global_norm(&buf, &comm).unwrap()
+            GradBuckets::new(&local).global_norm(&Cpu::new(1), &buf, &comm).unwrap()
         })
         .unwrap();
         for n in norms {
@@ -203,7 +209,7 @@ mod tests {
             let g = ExpertGroups::new(&w, 2).unwrap();
             let local = ParamLayout::sharded(&m, &moe, 2 * g.ep.rank()..2 * g.ep.rank() + 2);
             let mut buf = vec![(w.rank() + 1) as f32; local.total];
-            GradBuckets::new(&local).average(&mut buf, &w, g.edp.as_ref()).unwrap();
+            GradBuckets::new(&local).average(&Cpu::new(1), &mut buf, &w, g.edp.as_ref()).unwrap();
             (local, buf)
         })
         .unwrap();

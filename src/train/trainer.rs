@@ -1,7 +1,6 @@
 //! The training loop: data → forward/backward → clip → AdamW → metrics, evaluation,
 //! checkpoints (atomic, resumable bit for bit), a loss plot and a text sample at the end.
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -93,7 +92,7 @@ fn data_parallel_validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Pat
 
 /// Validation loss on the combined split and on each source's split (same fixed batches
 /// every time); the per-source losses are also put into `extra` as `val_<name>`.
-fn evaluate_all(be: &Cpu, model: &Model<Cpu>, data: &Prepared, t: &crate::config::TrainConfig, dp: &dyn Communicator, extra: &mut Map<String, Value>) -> Result<(f64, Vec<(String, f64)>)> {
+fn evaluate_all<B: Backend>(be: &B, model: &Model<B>, data: &Prepared, t: &crate::config::TrainConfig, dp: &dyn Communicator, extra: &mut Map<String, Value>) -> Result<(f64, Vec<(String, f64)>)> {
     let combined = data_parallel_validation_loss(be, model, &data.val, t.batch_size, t.seq_len, t.eval_batches, dp)?;
     let mut per_source = Vec::with_capacity(data.val_sources.len());
     for (name, path) in &data.val_sources {
@@ -144,22 +143,24 @@ fn named<'a>(layout: &ParamLayout, buf: &'a [f32], prefix: &str) -> Vec<TensorRe
     layout.specs.iter().map(|s| (format!("{prefix}{}", s.name), s.shape.clone(), &buf[s.range()])).collect()
 }
 
-/// A buffer laid out like `model`'s parameters, in the `full` layout of every expert: as it is
-/// when the model holds every expert, gathered over the expert-parallel group otherwise (a
-/// collective; `None` on the ranks that do not receive it).
-fn full_values<'a>(model: &Model<Cpu>, full: &ParamLayout, buf: &'a [f32]) -> Result<Option<Cow<'a, [f32]>>> {
+/// The host values of a buffer laid out like `model`'s parameters, in the `full` layout of every
+/// expert: as they are when the model holds every expert, gathered over the expert-parallel
+/// group otherwise (a collective; `None` on the ranks that do not receive them).
+fn full_values<B: Backend>(be: &B, model: &Model<B>, full: &ParamLayout, buf: &B::Buf) -> Result<Option<Vec<f32>>> {
+    let host = be.download(B::full(buf));
     match model.expert_parallel() {
-        None => Ok(Some(Cow::Borrowed(buf))),
-        Some(ep) => Ok(gather_full(full, &model.layout, buf, model.moe.n_experts(), ep)?.map(Cow::Owned)),
+        None => Ok(Some(host)),
+        Some(ep) => gather_full(full, &model.layout, &host, model.moe.n_experts(), ep),
     }
 }
 
-/// Copies named tensors of a checkpoint back into a buffer laid out like the parameters.
-fn restore(model_layout: &ParamLayout, set: &checkpoint::TensorSet, prefix: &str, dst: &mut [f32]) -> Result<()> {
-    for s in &model_layout.specs {
-        dst[s.range()].copy_from_slice(set.get(&format!("{prefix}{}", s.name), &s.shape)?);
+/// The named tensors of a checkpoint as host values laid out like `layout`.
+fn restore(layout: &ParamLayout, set: &checkpoint::TensorSet, prefix: &str) -> Result<Vec<f32>> {
+    let mut values = vec![0f32; layout.total];
+    for s in &layout.specs {
+        values[s.range()].copy_from_slice(set.get(&format!("{prefix}{}", s.name), &s.shape)?);
     }
-    Ok(())
+    Ok(values)
 }
 
 /// Writes `text` to `path` through a temporary file and a rename.
@@ -183,15 +184,41 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
 /// good run is never overwritten.
 pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Result<TrainSummary> {
     config.validate()?;
+    let cpu = || Cpu::new(config.train.threads);
+    if config.device == "cpu" {
+        return train_on(&cpu(), config, opts, dp);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        // One GPU per rank on a node: OpenMPI's local rank picks it.
+        let ordinal = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        match crate::backend::cuda::CudaBackend::new(ordinal) {
+            Ok(gpu) => {
+                if dp.rank() == 0 {
+                    eprintln!("training on {}", gpu.device());
+                }
+                train_on(&gpu, config, opts, dp)
+            }
+            Err(e) => {
+                eprintln!("device = \"cuda\": {e}; training on the CPU instead");
+                train_on(&cpu(), config, opts, dp)
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        eprintln!("device = \"cuda\": this motley was built without the `cuda` feature (cargo build --release --features cuda); training on the CPU instead");
+        train_on(&cpu(), config, opts, dp)
+    }
+}
+
+fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Result<TrainSummary> {
     let (rank, ranks) = (dp.rank(), dp.size());
     let leader = rank == 0;
     if config.train.batch_size % ranks != 0 {
         return Err(Error::config("train.batch_size", config.train.batch_size, format!("a multiple of the number of data-parallel ranks ({ranks})")));
     }
     let local_batch = config.train.batch_size / ranks;
-    if config.device != "cpu" {
-        return Err(Error::config("device", format!("\"{}\"", config.device), "\"cpu\" (the CUDA engine is not built into this binary yet)"));
-    }
     let out = &opts.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let existing = checkpoint::latest(out)?;
@@ -202,7 +229,6 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         )));
     }
     let t = &config.train;
-    let be = Cpu::new(t.threads);
     // Rank 0 tokenizes first; the others then find its cache.
     let data_dir = opts.data_cache.clone().unwrap_or_else(|| out.join("data"));
     let data: Prepared = if leader { prepare(config, &data_dir)? } else { dp.barrier()?; prepare(config, &data_dir)? };
@@ -214,13 +240,13 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
             return Err(Error::config("parallel.ep", config.parallel.ep, format!("a divisor of the number of ranks ({ranks}); launch with `mpirun -np N`, N a multiple of {}", config.parallel.ep)));
         }
         let groups = ExpertGroups::new(dp, config.parallel.ep)?;
-        (Model::new_expert_parallel(&be, config.model.clone(), config.moe.clone(), t.seed, groups.ep)?, Some(groups.edp))
+        (Model::new_expert_parallel(be, config.model.clone(), config.moe.clone(), t.seed, groups.ep)?, Some(groups.edp))
     } else {
-        (Model::new(&be, config.model.clone(), config.moe.clone(), t.seed)?, None)
+        (Model::new(be, config.model.clone(), config.moe.clone(), t.seed)?, None)
     };
     let buckets = GradBuckets::new(&model.layout);
     let full_layout = ParamLayout::new(&config.model, &config.moe);
-    let mut opt = Optimizer::new(&be, adamw_config(config), model.n_params());
+    let mut opt = Optimizer::new(be, adamw_config(config), model.n_params());
     let mut loader = Loader::new(Shard::open(&data.train)?, t.batch_size, t.seq_len, t.seed)?;
     let hash = config.config_hash();
     let metrics_path = out.join("metrics.jsonl");
@@ -228,9 +254,9 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     let mut flops = 0.0;
     if let (Some(dir), true) = (&existing, opts.resume) {
         let ck = checkpoint::load(dir, &hash)?;
-        restore(&model.layout, &ck.model, "", &mut model.params)?;
-        restore(&model.layout, &ck.optimizer, "m.", &mut opt.m)?;
-        restore(&model.layout, &ck.optimizer, "v.", &mut opt.v)?;
+        for (set, prefix, dst) in [(&ck.model, "", &mut model.params), (&ck.optimizer, "m.", &mut opt.m), (&ck.optimizer, "v.", &mut opt.v)] {
+            be.upload(B::full_mut(dst), &restore(&model.layout, set, prefix)?);
+        }
         opt.step = ck.state.step;
         flops = ck.state.flops;
         loader.restore(ck.state.loader)?;
@@ -256,8 +282,8 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     let mut store = activation_store(config, &model, local_batch)?;
     let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
     // A collective with expert parallelism (the experts are gathered); rank 0 writes.
-    let save = |model: &Model<Cpu>, opt: &Optimizer<Cpu>, loader: &Loader, flops: f64| -> Result<Option<PathBuf>> {
-        let (Some(params), Some(m), Some(v)) = (full_values(model, &full_layout, &model.params)?, full_values(model, &full_layout, &opt.m)?, full_values(model, &full_layout, &opt.v)?) else {
+    let save = |model: &Model<B>, opt: &Optimizer<B>, loader: &Loader, flops: f64| -> Result<Option<PathBuf>> {
+        let (Some(params), Some(m), Some(v)) = (full_values(be, model, &full_layout, &model.params)?, full_values(be, model, &full_layout, &opt.m)?, full_values(be, model, &full_layout, &opt.v)?) else {
             return Ok(None);
         };
         if !leader {
@@ -286,10 +312,10 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         let step_start = Instant::now();
         let batch = loader.next_batch();
         let rows = rank * local_batch * t.seq_len..(rank + 1) * local_batch * t.seq_len;
-        model.zero_grads(&be);
-        let mut stats = model.forward_backward(&be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], local_batch, t.seq_len)?;
+        model.zero_grads(be);
+        let mut stats = model.forward_backward(be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], local_batch, t.seq_len)?;
         if ranks > 1 {
-            buckets.average(&mut model.grads, dp, edp.as_deref().unwrap_or(dp))?;
+            buckets.average(be, &mut model.grads, dp, edp.as_deref().unwrap_or(dp))?;
             // Losses are averaged over the ranks; FLOPs (from each rank's routed counts) summed, so
             // every rank sees the same budget and stops on the same step.
             let mut sums = [stats.lm_loss as f32, stats.aux_loss as f32, stats.train_flops as f32];
@@ -304,10 +330,10 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
             return Err(Error::NonFinite { step: step + 1, what: "loss".into(), value: stats.loss as f32 });
         }
         let lr = schedule.lr_at(step);
-        let grad_norm = match model.expert_parallel().map(|ep| buckets.global_norm(&model.grads, ep)).transpose()? {
-            None => opt.update(&be, &model.layout, &mut model.params, &model.grads, lr),
+        let grad_norm = match model.expert_parallel().map(|ep| buckets.global_norm(be, &model.grads, ep)).transpose()? {
+            None => opt.update(be, &model.layout, &mut model.params, &model.grads, lr),
             Some(norm) => {
-                opt.update_with_norm(&be, &model.layout, &mut model.params, &model.grads, lr, norm);
+                opt.update_with_norm(be, &model.layout, &mut model.params, &model.grads, lr, norm);
                 norm
             }
         };
@@ -349,7 +375,7 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         if (t.eval_every > 0 && (step + 1) % t.eval_every == 0) || done {
             let mut extra = Map::new();
             extra.insert("flops".into(), json!(flops));
-            let (v, sources) = evaluate_all(&be, &model, &data, t, dp, &mut extra)?;
+            let (v, sources) = evaluate_all(be, &model, &data, t, dp, &mut extra)?;
             if let Some(metrics) = metrics.as_mut() {
                 metrics.eval(&EvalRecord { step: step + 1, val_loss: v as f32, extra })?;
             }
@@ -373,18 +399,19 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     let want_sample = !opts.sample_prompt.is_empty() && opts.sample_tokens > 0;
     // An expert-parallel model samples on rank 0 from the gathered whole model.
     let gathered = match (want_sample, model.expert_parallel()) {
-        (true, Some(_)) => full_values(&model, &full_layout, &model.params)?.map(|v| Model::from_values(&be, config.model.clone(), config.moe.clone(), &v)).transpose()?,
+        (true, Some(_)) => full_values(be, &model, &full_layout, &model.params)?.map(|v| Model::from_values(be, config.model.clone(), config.moe.clone(), &v)).transpose()?,
         _ => None,
     };
     if !leader {
-        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss, val_sources, flops, checkpoint: last_checkpoint, sample: None });
+        // Followers report nothing; rank 0 reports for the run.
+        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, val_sources: Vec::new(), flops, checkpoint: last_checkpoint, sample: None });
     }
     if let Some(p) = &progress {
         p.finish();
     }
     plot::plot_loss(&metrics_path, &out.join("loss.png"))?;
     let sample = if want_sample {
-        Some(generate(&be, gathered.as_ref().unwrap_or(&model), &data.tokenizer, &opts.sample_prompt, opts.sample_tokens, 0.8, 40, t.seed)?)
+        Some(generate(be, gathered.as_ref().unwrap_or(&model), &data.tokenizer, &opts.sample_prompt, opts.sample_tokens, 0.8, 40, t.seed)?)
     } else {
         None
     };
@@ -402,7 +429,7 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
 
 /// The activation store under `[memory]`: keep everything, recompute, or offload a token
 /// fraction α (fixed, or from MEMO's LP on a cost-model profile of this machine).
-fn activation_store(config: &Config, model: &Model<Cpu>, batch: usize) -> Result<ActivationStore<Cpu>> {
+fn activation_store<B: Backend>(config: &Config, model: &Model<B>, batch: usize) -> Result<ActivationStore<B>> {
     let m = &config.memory;
     if m.policy == MemoryPolicy::Keep {
         return Ok(model.new_store());
@@ -416,7 +443,7 @@ fn activation_store(config: &Config, model: &Model<Cpu>, batch: usize) -> Result
 
 /// A model, its config and tokenizer, loaded from a checkpoint directory or a run directory
 /// (its latest checkpoint).
-pub fn load_checkpoint(path: &Path, be: &Cpu) -> Result<(Model<Cpu>, Config, Tokenizer, PathBuf)> {
+pub fn load_checkpoint<B: Backend>(path: &Path, be: &B) -> Result<(Model<B>, Config, Tokenizer, PathBuf)> {
     let dir = if path.join("state.json").exists() {
         path.to_path_buf()
     } else {
@@ -428,9 +455,7 @@ pub fn load_checkpoint(path: &Path, be: &Cpu) -> Result<(Model<Cpu>, Config, Tok
     let config = Config::from_toml_str(&state.config_toml, &state_path.display().to_string(), &[])?;
     let ck = checkpoint::load(&dir, &config.config_hash())?;
     let layout = ParamLayout::new(&config.model, &config.moe);
-    let mut values = vec![0f32; layout.total];
-    restore(&layout, &ck.model, "", &mut values)?;
-    let model = Model::from_values(be, config.model.clone(), config.moe.clone(), &values)?;
+    let model = Model::from_values(be, config.model.clone(), config.moe.clone(), &restore(&layout, &ck.model, "")?)?;
     let tokenizer = Tokenizer::from_json(state.tokenizer.as_deref(), &state_path)?;
     Ok((model, config, tokenizer, dir))
 }
