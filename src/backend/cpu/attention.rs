@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::mathfn::exp;
+use super::mathfn::{exp, exp_shifted, max};
 use super::matmul::{gemm_strided, Strided};
 use super::SharedMut;
 use crate::backend::AttnShape;
@@ -57,14 +57,11 @@ pub fn forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
                 let i = i0 + r;
                 let row = &mut scores[r * TILE..r * TILE + cols];
                 let valid = (i + 1).saturating_sub(j0).min(cols);
-                let tile_max = row[..valid].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let m_new = m[r].max(tile_max);
+                let (live, masked) = row.split_at_mut(valid);
+                let m_new = m[r].max(max(live));
                 let correction = exp(m[r] - m_new);
-                let mut sum = 0.0;
-                for (jj, p) in row.iter_mut().enumerate() {
-                    *p = if jj < valid { exp(*p - m_new) } else { 0.0 };
-                    sum += *p;
-                }
+                let sum = exp_shifted(live, m_new, true);
+                masked.fill(0.0);
                 l[r] = l[r] * correction + sum;
                 m[r] = m_new;
                 acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= correction);
@@ -133,13 +130,15 @@ pub fn backward(dqkv: &mut [f32], dout: &[f32], out: &[f32], lse: &[f32], qkv: &
                     }
                     for r in 0..rows {
                         let valid = (i0 + r + 1).saturating_sub(j0).min(cols);
-                        let (pr, dpr) = (&mut p[r * TILE..r * TILE + cols], &mut dp[r * TILE..r * TILE + cols]);
-                        for jj in 0..cols {
-                            let pv = if jj < valid { exp(pr[jj] - lse_row[r]) } else { 0.0 };
-                            pr[jj] = pv;
+                        let (pr, dpr) = (&mut p[r * TILE..r * TILE + valid], &mut dp[r * TILE..r * TILE + valid]);
+                        let (l_r, delta_r) = (lse_row[r], delta[r]);
+                        for (pv, dv) in pr.iter_mut().zip(dpr.iter_mut()) {
+                            *pv = exp(*pv - l_r);
                             // dS = P ⊙ (dP − Δ) · scale, kept in `dp`.
-                            dpr[jj] = pv * (dpr[jj] - delta[r]) * scale;
+                            *dv = *pv * (*dv - delta_r) * scale;
                         }
+                        p[r * TILE + valid..r * TILE + cols].fill(0.0);
+                        dp[r * TILE + valid..r * TILE + cols].fill(0.0);
                     }
                     unsafe {
                         // dV += Pᵀ dO; dK += dSᵀ Q; dQ += dS K.

@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::mathfn::exp;
+use super::mathfn::{exp_shifted, max};
 use super::matmul::matmul;
 
 /// Rows of logits alive at once.
@@ -22,20 +22,16 @@ pub fn classifier(x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: 
         matmul(lg, xs, w, rows, c, v, false, true, false, threads);
         let grad_scale = grads.as_ref().map(|g| g.2 / n as f32);
         lg.par_chunks_mut(v).zip(losses[r0..r0 + rows].par_iter_mut()).zip(&targets[r0..r0 + rows]).for_each(|((z, loss), &t)| {
-            let max = z.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+            let max = max(z);
             let target = z[t as usize];
             match grad_scale {
                 None => {
-                    let sum: f32 = z.iter().map(|&a| exp(a - max)).sum();
+                    let sum = exp_shifted(z, max, false);
                     *loss = max + sum.ln() - target;
                 }
                 Some(gs) => {
                     // One exp per logit: keep e^(z − max), then scale it into the gradient.
-                    let mut sum = 0.0;
-                    for a in z.iter_mut() {
-                        *a = exp(*a - max);
-                        sum += *a;
-                    }
+                    let sum = exp_shifted(z, max, true);
                     *loss = max + sum.ln() - target;
                     let k = gs / sum;
                     z.iter_mut().for_each(|a| *a *= k);
