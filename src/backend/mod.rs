@@ -93,6 +93,11 @@ pub trait Backend: Send + Sync {
     fn download_into(&self, dst: &mut [f32], src: Self::View<'_>) {
         dst.copy_from_slice(&self.download(src));
     }
+    /// The buffer itself as host memory, when it lives there (the CPU backend), so host-side
+    /// collectives work on it in place; `None` for device memory.
+    fn host_mut(_buf: &mut Self::Buf) -> Option<&mut [f32]> {
+        None
+    }
     fn fill(&self, dst: Self::ViewMut<'_>, value: f32);
     fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
 

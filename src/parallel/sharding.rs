@@ -72,14 +72,25 @@ impl GradBuckets {
         GradBuckets { dense, expert }
     }
 
-    /// Averages gradients over the `world` ranks: dense tensors summed over `dp` (every rank),
-    /// expert tensors over `edp`, each group in one packed all-reduce, then scaled by 1/world
-    /// (every rank's loss is a mean over its own tokens).
-    pub fn average<B: Backend>(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: &dyn Communicator) -> Result<()> {
-        for (ranges, comm) in [(&self.dense, dp), (&self.expert, edp)] {
-            let mut packed = pack(be, grads, ranges);
-            comm.all_reduce_sum(&mut packed)?;
-            unpack(be, grads, ranges, &packed);
+    /// Averages gradients over the ranks of `dp` (every rank's loss is a mean over its own
+    /// tokens): dense tensors summed over `dp`, expert tensors over `edp` (`None`: experts are
+    /// not sharded, so everything is summed over `dp` at once), then scaled by 1/|dp|.
+    pub fn average<B: Backend>(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<()> {
+        let whole = [0..B::len(grads)];
+        let groups: &[(&[Range<usize>], &dyn Communicator)] = match edp {
+            None => &[(&whole, dp)],
+            Some(edp) => &[(&self.dense, dp), (&self.expert, edp)],
+        };
+        for &(ranges, comm) in groups {
+            match B::host_mut(grads) {
+                // Host memory: reduce each range in place.
+                Some(host) => ranges.iter().try_for_each(|r| comm.all_reduce_sum(&mut host[r.clone()]))?,
+                None => {
+                    let mut packed = pack(be, grads, ranges);
+                    comm.all_reduce_sum(&mut packed)?;
+                    unpack(be, grads, ranges, &packed);
+                }
+            }
         }
         be.scale(B::full_mut(grads), 1.0 / dp.size() as f32);
         Ok(())
@@ -140,6 +151,20 @@ mod tests {
     fn shapes() -> (ModelConfig, MoeConfig) {
         let c = Config::default_with(&["model.n_layers=2".into(), "model.d_model=16".into(), "model.n_heads=2".into(), "model.n_kv_heads=2".into(), "model.vocab_size=300".into(), "moe.expert_widths=[8,16,24,32]".into()]).unwrap();
         (c.model, c.moe)
+    }
+
+    #[test]
+    fn pack_and_unpack_round_trip() {
+        let be = Cpu::new(1);
+        let buf: Vec<f32> = (0..20).map(|i| i as f32).collect();
+        let ranges = [2..5, 9..10, 12..20];
+        let packed = pack(&be, &buf, &ranges);
+        assert_eq!(packed, [2., 3., 4., 9., 12., 13., 14., 15., 16., 17., 18., 19.]);
+        let mut out = vec![-1f32; 20];
+        unpack(&be, &mut out, &ranges, &packed);
+        for (i, v) in out.iter().enumerate() {
+            assert_eq!(*v, if ranges.iter().any(|r| r.contains(&i)) { i as f32 } else { -1.0 });
+        }
     }
 
     #[test]
@@ -209,7 +234,7 @@ mod tests {
             let g = ExpertGroups::new(&w, 2).unwrap();
             let local = ParamLayout::sharded(&m, &moe, 2 * g.ep.rank()..2 * g.ep.rank() + 2);
             let mut buf = vec![(w.rank() + 1) as f32; local.total];
-            GradBuckets::new(&local).average(&Cpu::new(1), &mut buf, &w, g.edp.as_ref()).unwrap();
+            GradBuckets::new(&local).average(&Cpu::new(1), &mut buf, &w, Some(g.edp.as_ref())).unwrap();
             (local, buf)
         })
         .unwrap();

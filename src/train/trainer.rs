@@ -315,7 +315,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         model.zero_grads(be);
         let mut stats = model.forward_backward(be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], local_batch, t.seq_len)?;
         if ranks > 1 {
-            buckets.average(be, &mut model.grads, dp, edp.as_deref().unwrap_or(dp))?;
+            buckets.average(be, &mut model.grads, dp, edp.as_deref())?;
             // Losses are averaged over the ranks; FLOPs (from each rank's routed counts) summed, so
             // every rank sees the same budget and stops on the same step.
             let mut sums = [stats.lm_loss as f32, stats.aux_loss as f32, stats.train_flops as f32];

@@ -116,6 +116,9 @@ impl Backend for Cpu {
     fn upload(&self, dst: &mut [f32], src: &[f32]) {
         dst.copy_from_slice(src);
     }
+    fn host_mut(buf: &mut Vec<f32>) -> Option<&mut [f32]> {
+        Some(buf)
+    }
     fn download(&self, src: &[f32]) -> Vec<f32> {
         src.to_vec()
     }
