@@ -148,21 +148,21 @@ impl ModelConfig {
                 return Err(Error::config(field, v, "a positive integer"));
             }
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "model.d_model",
                 self.d_model,
                 format!("a multiple of model.n_heads = {}", self.n_heads),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::config(
                 "model.d_model",
                 self.d_model,
                 format!("d_model / n_heads must be even for rotary embeddings (got {})", self.head_dim()),
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::config(
                 "model.n_kv_heads",
                 self.n_kv_heads,

@@ -76,9 +76,9 @@ impl GradBuckets {
     /// tokens): dense tensors summed over `dp`, expert tensors over `edp` (`None`: experts are
     /// not sharded, so everything is summed over `dp` at once), then scaled by 1/|dp|.
     pub fn average<B: Backend>(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<()> {
-        let whole = [0..B::len(grads)];
+        let whole = 0..B::len(grads);
         let groups: &[(&[Range<usize>], &dyn Communicator)] = match edp {
-            None => &[(&whole, dp)],
+            None => &[(std::slice::from_ref(&whole), dp)],
             Some(edp) => &[(&self.dense, dp), (&self.expert, edp)],
         };
         for &(ranges, comm) in groups {

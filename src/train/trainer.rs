@@ -104,6 +104,7 @@ fn evaluate_all<B: Backend>(be: &B, model: &Model<B>, data: &Prepared, t: &crate
 }
 
 /// Samples `max_tokens` continuations of `prompt` (temperature, top-k; seeded).
+#[allow(clippy::too_many_arguments)]
 pub fn generate<B: Backend>(be: &B, model: &Model<B>, tokenizer: &Tokenizer, prompt: &str, max_tokens: usize, temperature: f32, top_k: usize, seed: u64) -> Result<String> {
     let mut ids = tokenizer.encode(prompt)?;
     if ids.is_empty() {
@@ -215,7 +216,7 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
 fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Result<TrainSummary> {
     let (rank, ranks) = (dp.rank(), dp.size());
     let leader = rank == 0;
-    if config.train.batch_size % ranks != 0 {
+    if !config.train.batch_size.is_multiple_of(ranks) {
         return Err(Error::config("train.batch_size", config.train.batch_size, format!("a multiple of the number of data-parallel ranks ({ranks})")));
     }
     let local_batch = config.train.batch_size / ranks;

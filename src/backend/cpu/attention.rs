@@ -37,7 +37,6 @@ pub fn forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
     let q_tiles = t_len.div_ceil(TILE);
     let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
     (0..s.batch * s.n_heads * q_tiles).into_par_iter().for_each(|task| {
-        let (out_ptr, lse_ptr) = (out_ptr, lse_ptr);
         let (bh, qt) = (task / q_tiles, task % q_tiles);
         let (b, h) = (bh / s.n_heads, bh % s.n_heads);
         let (qc, kc, vc) = head_cols(&s, h);
@@ -75,9 +74,9 @@ pub fn forward(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
             let inv = 1.0 / l[r];
             // SAFETY: this task alone writes rows i0..i1 of batch b, head h.
             unsafe {
-                let o = std::slice::from_raw_parts_mut(out_ptr.0.add((b * t_len + i) * ow + h * d), d);
+                let o = std::slice::from_raw_parts_mut(out_ptr.add((b * t_len + i) * ow + h * d), d);
                 o.iter_mut().zip(&acc[r * d..(r + 1) * d]).for_each(|(o, a)| *o = a * inv);
-                *lse_ptr.0.add(bh * t_len + i) = m[r] + l[r].ln();
+                *lse_ptr.add(bh * t_len + i) = m[r] + l[r].ln();
             }
         }
     });
@@ -91,13 +90,12 @@ pub fn backward(dqkv: &mut [f32], dout: &[f32], out: &[f32], lse: &[f32], qkv: &
     let group = s.n_heads / s.n_kv_heads;
     let dptr = SharedMut(dqkv.as_mut_ptr());
     (0..s.batch * s.n_kv_heads).into_par_iter().for_each(|task| {
-        let dptr = dptr;
         let (b, kvh) = (task / s.n_kv_heads, task % s.n_kv_heads);
         let row = |t: usize| (b * t_len + t) * w;
         let at = |t: usize, col: usize| qkv[row(t) + col..].as_ptr();
         // SAFETY (all raw accesses below): rows of batch b in the columns of kv head kvh and of
         // its query heads belong to this task alone.
-        let dat = |t: usize, col: usize| unsafe { dptr.0.add(row(t) + col) };
+        let dat = |t: usize, col: usize| dptr.add(row(t) + col);
         let (_, kc0, vc0) = head_cols(&s, kvh * group);
         for t in 0..t_len {
             unsafe {

@@ -92,6 +92,14 @@ pub(crate) struct SharedMut(pub *mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer `i` elements on. A method rather than `.0` so that closures capture the
+    /// `Sync` wrapper, not the raw pointer field (edition 2021 captures fields disjointly).
+    pub(crate) fn add(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 impl Backend for Cpu {
     type Buf = Vec<f32>;
     type View<'a> = &'a [f32];
