@@ -55,7 +55,7 @@ fn every_policy_gives_bitwise_identical_loss_and_gradients() {
                     assert_eq!(k + o + r, total, "layer {l} {policy:?}: bytes must add up to the keep-all total");
                     match policy {
                         LayerPolicy::Recompute => assert!(o == 0 && r > 0 && k > 0),
-                        LayerPolicy::Offload { alpha } if alpha == 1.0 => assert!(k == 0 && r == 0),
+                        LayerPolicy::Offload { alpha: 1.0 } => assert!(k == 0 && r == 0),
                         LayerPolicy::Offload { .. } => assert!(k == 0 && o > 0 && r > 0),
                         LayerPolicy::Keep => unreachable!(),
                     }
