@@ -21,8 +21,9 @@
 //! LP picks, among them, the plan whose smallest α is largest: no layer recomputes everything while
 //! another recomputes nothing, and identical layers get identical α again.
 
-use good_lp::{microlp, variable, variables, Expression, Solution, SolverModel, Variable};
+use good_lp::{variable, variables, Expression, Solution, SolverModel, Variable};
 
+use super::solver::solver;
 use crate::{Error, Result};
 
 /// Number of final layers that always keep their skeletal activations on the device.
@@ -175,7 +176,7 @@ fn solve(swapped: &[LayerCost], link: HostLink) -> Result<Vec<f64>> {
     let alpha = build(&mut vars);
     let first = vars
         .maximise(offloaded(&alpha))
-        .using(microlp)
+        .using(solver)
         .with(offloaded(&alpha).leq(host_row))
         .solve()
         .map_err(|e| Error::Invalid(format!("α LP (offloaded bytes) failed: {e}")))?;
@@ -184,7 +185,7 @@ fn solve(swapped: &[LayerCost], link: HostLink) -> Result<Vec<f64>> {
     let mut vars = variables!();
     let alpha = build(&mut vars);
     let floor = vars.add(variable().min(0.0).max(1.0));
-    let mut lp = vars.maximise(floor).using(microlp).with(offloaded(&alpha).leq(host_row));
+    let mut lp = vars.maximise(floor).using(solver).with(offloaded(&alpha).leq(host_row));
     lp = lp.with(offloaded(&alpha).geq(best - TOL * best.abs().max(1.0)));
     for &a in &alpha {
         lp = lp.with((a - floor).geq(0.0));

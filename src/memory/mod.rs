@@ -7,5 +7,6 @@ pub mod inventory;
 pub mod plan;
 pub mod policy;
 pub mod report;
+pub mod solver;
 pub mod store;
 pub mod transients;

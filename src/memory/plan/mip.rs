@@ -1,4 +1,5 @@
-//! The paper's MIP for Dynamic Storage Allocation, solved with good_lp's pure-Rust `microlp`.
+//! The paper's MIP for Dynamic Storage Allocation, solved through good_lp with the solver of
+//! [`crate::memory::solver`] (pure-Rust microlp by default, HiGHS with the feature `highs`).
 //!
 //! Variables: an address `A_i ≥ 0` per request, the peak `M`, and one binary `z_ij` per pair of
 //! requests whose lifetimes overlap (`z_ij = 0`: i sits below j). Minimise `M` subject to
@@ -13,17 +14,16 @@
 //! - The solver's addresses are not used as-is: only its above/below decisions are, and the
 //!   addresses are recomputed exactly as longest paths in that order. The result is integral,
 //!   aligned and overlap-free whatever the solver's tolerances did, and its peak is ≤ the MIP's.
-//! - microlp supports a wall-clock limit (it returns its best incumbent when the limit hits) but
+//! - Both solvers take a wall-clock limit (and return their best incumbent when it hits) but
 //!   the binaries grow with the square of the overlap, so instances with more than
 //!   `max_pairs` overlapping pairs are not attempted at all.
 
 use std::time::Duration;
 
-use good_lp::{
-    microlp, variable, variables, Expression, Solution, SolutionStatus, SolverModel, Variable, WithTimeLimit,
-};
+use good_lp::{variable, variables, Expression, Solution, SolutionStatus, SolverModel, Variable, WithTimeLimit};
 
 use super::heuristic::Placement;
+use crate::memory::solver::solver;
 use super::{Fallback, Method, Request};
 
 /// Bounds on the MIP attempt.
@@ -112,7 +112,7 @@ fn solve(
         })
         .collect();
 
-    let mut model = vars.minimise(peak).using(microlp).with_time_limit(time_limit.as_secs_f64());
+    let mut model = vars.minimise(peak).using(solver).with_time_limit(time_limit.as_secs_f64());
     for (i, &a) in addr.iter().enumerate() {
         if sizes[i] > 0 {
             model.add_constraint((a + unit(sizes[i])).leq(peak));

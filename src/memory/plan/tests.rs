@@ -317,6 +317,7 @@ fn bilevel_rejects_requests_outside_their_phase_and_unknown_phases() {
 #[test]
 #[ignore = "benchmark table, run by hand"]
 fn plan_table() {
+    println!("MIP solver: {}", crate::memory::solver::NAME);
     println!("{:<28} {:>6} {:>9} {:>14} {:>14} {:>7} {:>10}  method", "instance", "n", "pairs", "peak", "lower bound", "ratio", "time");
     let row = |name: &str, reqs: &[Request], strategy: Strategy| {
         // Sizes of the small-size instances are units, not bytes: no padding for them.
