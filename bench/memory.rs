@@ -1,13 +1,17 @@
-//! MEMO policies on the CPU engine: step time and activation memory for keep-all, full recompute
+//! MEMO policies on the CPU engine: step time and memory for keep-all, full recompute
 //! (everything but attention) and the planned α, on the tiny config and a long-context one.
 //!
-//! Memory is counted, not sampled: "device" is the most bytes the activation store held at once
-//! (skeletal tensors, including restored/recomputed ones), "host" the host tier's peak. Transients
-//! are reported as planned by the DSA planner (plan peak vs its lower bound) because the CPU
-//! engine still allocates them one by one.
+//! Memory two ways. Counted: "store" is the most bytes the activation store held at once
+//! (skeletal tensors, including restored/recomputed ones), "host" the host tier's peak.
+//! Measured: the process's peak resident set (`VmHWM`). Peak RSS is per process and never goes
+//! down, so every (config, policy) runs in a child process of its own: the bench re-executes
+//! itself with `--child CASE POLICY`, the child prints one `result` line, the parent parses it.
+//! "RSS before" is the child's resident set after building the model and the store, before the
+//! first step (binary, parameters, gradients, tokens); the difference is what the steps added.
 //!
-//! Run: `cargo bench --bench memory [-- --steps 3]`
+//! Run: `cargo bench --bench memory [-- --steps 3 --threads 2]`
 
+use std::process::Command;
 use std::time::Instant;
 
 use motley::backend::cpu::Cpu;
@@ -15,6 +19,7 @@ use motley::config::{Alpha, Config, MemoryConfig, MemoryPolicy};
 use motley::memory::alpha::HostLink;
 use motley::memory::policy::{build_policy, Profile};
 use motley::memory::report::plan_report;
+use motley::memory::solver;
 use motley::memory::store::LayerPolicy;
 use motley::model::config::{ModelConfig, MoeConfig};
 use motley::model::Model;
@@ -28,6 +33,15 @@ struct Case {
     seq: usize,
 }
 
+/// What one child measured.
+struct Measured {
+    step_s: f64,
+    store_peak: u64,
+    host_peak: u64,
+    rss_before_kib: u64,
+    rss_peak_kib: u64,
+}
+
 fn arg(args: &[String], flag: &str, default: usize) -> usize {
     args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -36,13 +50,63 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-/// Median step seconds and the store's (device, host) peaks over `steps` steps after one warm-up.
-fn run(be: &Cpu, case: &Case, policies: Vec<LayerPolicy>, steps: usize) -> (f64, u64, u64) {
+fn cases() -> Vec<Case> {
+    let base = Config::default_with(&[]).unwrap();
+    let long = ModelConfig { vocab_size: 256, d_model: 64, n_layers: 4, n_heads: 4, n_kv_heads: 2, seq_len: 8192, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.02 };
+    let long_moe = MoeConfig { expert_widths: vec![64, 96, 128, 160], ..base.moe.clone() };
+    vec![
+        Case { name: "tiny (configs/tiny.toml)", model: base.model.clone(), moe: base.moe.clone(), batch: 4, seq: 128 },
+        Case { name: "long context", model: long, moe: long_moe, batch: 1, seq: 8192 },
+    ]
+}
+
+/// The offload config and host budget of the planned-α row: the LP with a cost-model profile, a
+/// host budget of half what α = 1 needs and 10 GB/s, so that α lands strictly between 0 and 1.
+fn planned(case: &Case) -> (MemoryConfig, u64, Vec<LayerPolicy>) {
+    let probe = Profile::cost_model(&case.model, &case.moe, case.batch, case.seq, 5e10, HostLink { b_pcie: 1e10, m_host: 0 }).unwrap();
+    let lc = probe.layer_costs(&case.model, &case.moe, case.batch, case.seq).unwrap()[0];
+    let swapped = case.model.n_layers as u64 - 2;
+    let host = swapped * (lc.s_input + lc.s_attn + lc.s_others / 2);
+    let profile = Profile { link: HostLink { b_pcie: 1e10, m_host: host }, ..probe };
+    let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
+    let policies = build_policy(&auto, &case.model, &case.moe, case.batch, case.seq, &profile).unwrap();
+    (auto, host, policies)
+}
+
+/// The policy rows of a case: (label, one policy per layer).
+fn policies(case: &Case) -> Vec<(String, Vec<LayerPolicy>)> {
+    let planned = planned(case).2;
+    let label = planned
+        .iter()
+        .map(|p| match p {
+            LayerPolicy::Offload { alpha } => format!("α={alpha:.2}"),
+            LayerPolicy::Keep => "keep".into(),
+            LayerPolicy::Recompute => "recompute".into(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    vec![
+        ("keep".into(), vec![LayerPolicy::Keep; case.model.n_layers]),
+        ("recompute".into(), vec![LayerPolicy::Recompute; case.model.n_layers]),
+        (format!("planned ({label})"), planned),
+    ]
+}
+
+/// `VmRSS` or `VmHWM` of this process, in KiB.
+fn proc_status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    line[field.len()..].trim().trim_end_matches("kB").trim().parse().unwrap_or_else(|_| panic!("bad {line:?}"))
+}
+
+/// Median step seconds and peaks over `steps` steps after one warm-up.
+fn measure(be: &Cpu, case: &Case, policies: Vec<LayerPolicy>, steps: usize) -> Measured {
     let mut model = Model::new(be, case.model.clone(), case.moe.clone(), 1).unwrap();
     let mut store = model.new_store_with(policies, u64::MAX).unwrap();
     let n = case.batch * case.seq;
     let mut rng = Rng::new(3);
     let tokens: Vec<u32> = (0..n + 1).map(|_| rng.below(case.model.vocab_size) as u32).collect();
+    let rss_before_kib = proc_status_kib("VmRSS:");
     let mut times = Vec::new();
     for s in 0..=steps {
         model.zero_grads(be);
@@ -54,53 +118,67 @@ fn run(be: &Cpu, case: &Case, policies: Vec<LayerPolicy>, steps: usize) -> (f64,
         }
     }
     times.sort_by(f64::total_cmp);
-    let (dev, host) = store.peaks();
-    (times[times.len() / 2], dev, host)
+    let (store_peak, host_peak) = store.peaks();
+    Measured { step_s: times[times.len() / 2], store_peak, host_peak, rss_before_kib, rss_peak_kib: proc_status_kib("VmHWM:") }
+}
+
+/// Child side: measure one (case, policy) and print it on one line for the parent.
+fn child(case: usize, policy: usize, steps: usize, threads: usize) {
+    let case = &cases()[case];
+    let (_, policies) = policies(case).swap_remove(policy);
+    let m = measure(&Cpu::new(threads), case, policies, steps);
+    println!("result {} {} {} {} {}", m.step_s, m.store_peak, m.host_peak, m.rss_before_kib, m.rss_peak_kib);
+}
+
+/// Parent side: run one (case, policy) in a fresh process and parse its line.
+fn in_child(case: usize, policy: usize, steps: usize, threads: usize) -> Measured {
+    let exe = std::env::current_exe().expect("current_exe");
+    let args = ["--child", &case.to_string(), &policy.to_string(), "--steps", &steps.to_string(), "--threads", &threads.to_string()];
+    let out = Command::new(&exe).args(args).output().unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().find_map(|l| l.strip_prefix("result ")).unwrap_or_else(|| {
+        panic!("child {case}/{policy} ({}) printed no result: {}", out.status, String::from_utf8_lossy(&out.stderr))
+    });
+    let f: Vec<f64> = line.split(' ').map(|v| v.parse().unwrap_or_else(|_| panic!("child result {line:?}"))).collect();
+    Measured { step_s: f[0], store_peak: f[1] as u64, host_peak: f[2] as u64, rss_before_kib: f[3] as u64, rss_peak_kib: f[4] as u64 }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let steps = arg(&args, "--steps", 3);
     let threads = arg(&args, "--threads", 2);
-    let be = Cpu::new(threads);
-    let base = Config::default_with(&[]).unwrap();
-    let long = ModelConfig { vocab_size: 256, d_model: 64, n_layers: 4, n_heads: 4, n_kv_heads: 2, seq_len: 8192, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.02 };
-    let long_moe = MoeConfig { expert_widths: vec![64, 96, 128, 160], ..base.moe.clone() };
-    let cases = [
-        Case { name: "tiny (configs/tiny.toml)", model: base.model.clone(), moe: base.moe.clone(), batch: 4, seq: 128 },
-        Case { name: "long context", model: long, moe: long_moe, batch: 1, seq: 8192 },
-    ];
-    println!("MEMO policies, CPU, {threads} threads, median of {steps} steps after a warm-up; memory counted in the store");
-    println!("| config | tokens | policy | step ms | store device peak MiB | host tier peak MiB |");
-    println!("|---|---|---|---|---|---|");
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        let at = |k: usize| args.get(i + k).and_then(|v| v.parse().ok()).expect("--child CASE POLICY");
+        return child(at(1), at(2), steps, threads);
+    }
+    let cases = cases();
+    println!("MEMO policies, CPU, {threads} threads, median of {steps} steps after a warm-up; each row in its own process");
+    println!("| config | tokens | policy | step ms | store peak MiB | host tier peak MiB | RSS before MiB | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut plans = Vec::new();
-    for case in &cases {
-        let n = case.batch * case.seq;
-        // Planned α: the LP with a cost-model profile, a host budget of half what α = 1 needs
-        // and 10 GB/s, so that α lands strictly between 0 and 1.
-        let probe = Profile::cost_model(&case.model, &case.moe, case.batch, case.seq, 5e10, HostLink { b_pcie: 1e10, m_host: 0 }).unwrap();
-        let lc = probe.layer_costs(&case.model, &case.moe, case.batch, case.seq).unwrap()[0];
-        let swapped = case.model.n_layers as u64 - 2;
-        let host = swapped * (lc.s_input + lc.s_attn + lc.s_others / 2);
-        let profile = Profile { link: HostLink { b_pcie: 1e10, m_host: host }, ..probe };
-        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
-        let planned = build_policy(&auto, &case.model, &case.moe, case.batch, case.seq, &profile).unwrap();
-        let label = format!("planned {:?}", planned.iter().map(|p| match p { LayerPolicy::Offload { alpha } => format!("α={alpha:.2}"), other => format!("{other:?}") }).collect::<Vec<_>>());
-        for (name, policies) in [
-            ("keep".to_string(), vec![LayerPolicy::Keep; case.model.n_layers]),
-            ("recompute".to_string(), vec![LayerPolicy::Recompute; case.model.n_layers]),
-            (label, planned),
-        ] {
-            let (t, dev, hostp) = run(&be, case, policies, steps);
-            println!("| {} | {n} | {name} | {:.1} | {:.2} | {:.2} |", case.name, t * 1e3, mib(dev), mib(hostp));
+    for (c, case) in cases.iter().enumerate() {
+        for (p, (name, _)) in policies(case).iter().enumerate() {
+            let m = in_child(c, p, steps, threads);
+            println!(
+                "| {} | {} | {name} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                case.name,
+                case.batch * case.seq,
+                m.step_s * 1e3,
+                mib(m.store_peak),
+                mib(m.host_peak),
+                m.rss_before_kib as f64 / 1024.0,
+                m.rss_peak_kib as f64 / 1024.0
+            );
         }
-        let mut cfg = base.clone();
+        let (auto, host, _) = planned(case);
+        let mut cfg = Config::default_with(&[]).unwrap();
         cfg.model = case.model.clone();
         cfg.moe = case.moe.clone();
         cfg.memory = auto;
         plans.push((case.name, plan_report(&cfg, case.seq, case.batch, u64::MAX, host, 1e10).unwrap()));
     }
-    println!("\n| config | phase | requests | plan peak MiB | lower bound MiB | peak / bound | solve ms |");
+    println!("\nBlock transient plans (solver: {})", solver::NAME);
+    println!("| config | phase | requests | plan peak MiB | lower bound MiB | peak / bound | solve ms |");
     println!("|---|---|---|---|---|---|---|");
     for (name, r) in &plans {
         for p in &r.phases {
