@@ -255,18 +255,18 @@ mod tests {
     #[test]
     fn alpha_clamps_at_one_and_zero() {
         let link = HostLink { b_pcie: 10e9, m_host: 1 << 50 };
-        let plan = swap(plan_alpha(&vec![layer(100.0); 6], link).unwrap());
+        let plan = swap(plan_alpha(&[layer(100.0); 6], link).unwrap());
         assert!(plan.alpha.iter().all(|&a| a == 1.0), "{:?}", plan.alpha);
         // The forward lasts exactly as long as the whole-tensor copy: nothing per-token fits.
         let exact = (4 * GIB) as f64 / link.b_pcie;
-        let plan = swap(plan_alpha(&vec![layer(exact); 6], link).unwrap());
+        let plan = swap(plan_alpha(&[layer(exact); 6], link).unwrap());
         assert!(plan.alpha.iter().all(|&a| a.abs() < 1e-9), "{:?}", plan.alpha);
     }
 
     #[test]
     fn infeasible_reports_every_violated_limit_with_numbers() {
         let link = HostLink { b_pcie: 10e9, m_host: 10 * GIB };
-        let out = plan_alpha(&vec![layer(0.1); 5], link).unwrap();
+        let out = plan_alpha(&[layer(0.1); 5], link).unwrap();
         let AlphaOutcome::Infeasible(reasons) = out else { panic!("expected infeasible") };
         // Three swapped layers each too slow, and 3 × 4 GiB > 10 GiB.
         assert_eq!(reasons.len(), 4, "{reasons:?}");
@@ -278,7 +278,7 @@ mod tests {
     #[test]
     fn two_layers_or_fewer_swap_nothing() {
         let link = HostLink { b_pcie: 1.0, m_host: 0 };
-        let plan = swap(plan_alpha(&vec![layer(0.0); 2], link).unwrap());
+        let plan = swap(plan_alpha(&[layer(0.0); 2], link).unwrap());
         assert!(plan.alpha.is_empty() && plan.host_bytes == 0.0);
     }
 

@@ -26,10 +26,10 @@ fn laminar_instance(rng: &mut Rng, n: usize) -> Vec<Request> {
     fn grow(rng: &mut Rng, out: &mut Vec<Request>, budget: usize, clock: &mut usize) {
         let mut left = budget;
         while left > 0 {
-            let size = 1 + (rng.below(5000 as usize) as u64);
+            let size = 1 + (rng.below(5000) as u64);
             let children = (rng.below((left as u64) as usize) as u64) as usize; // requests nested inside this one
             let start = *clock;
-            *clock += 1 + (rng.below(2 as usize) as u64) as usize;
+            *clock += 1 + (rng.below(2) as u64) as usize;
             let index = out.len();
             out.push(Request::new(format!("r{index}"), size, start, start));
             grow(rng, out, children, clock);
