@@ -1,11 +1,13 @@
 //! MEMO policies on the CPU engine: step time and memory for keep-all, full recompute
-//! (everything but attention) and the planned α, on the tiny config and a long-context one.
+//! (everything but attention) and the planned α, on the tiny config and a long-context one, each
+//! with the blocks' transients in the planned arena and with one buffer per transient.
 //!
 //! Memory two ways. Counted: "store" is the most bytes the activation store held at once
 //! (skeletal tensors, including restored/recomputed ones), "host" the host tier's peak.
 //! Measured: the process's peak resident set (`VmHWM`). Peak RSS is per process and never goes
 //! down, so every (config, policy) runs in a child process of its own: the bench re-executes
-//! itself with `--child CASE POLICY`, the child prints one `result` line, the parent parses it.
+//! itself with `--child CASE POLICY ARENA`, the child prints one `result` line, the parent
+//! parses it.
 //! "RSS before" is the child's resident set after building the model and the store, before the
 //! first step (binary, parameters, gradients, tokens); the difference is what the steps added.
 //!
@@ -17,6 +19,7 @@ use std::time::Instant;
 use motley::backend::cpu::Cpu;
 use motley::config::{Alpha, Config, MemoryConfig, MemoryPolicy};
 use motley::memory::alpha::HostLink;
+use motley::memory::arena::Arena;
 use motley::memory::policy::{build_policy, Profile};
 use motley::memory::report::plan_report;
 use motley::memory::solver;
@@ -40,6 +43,8 @@ struct Measured {
     host_peak: u64,
     rss_before_kib: u64,
     rss_peak_kib: u64,
+    /// Transient buffers allocated per step (the arena's growths, or one per transient).
+    allocs_per_step: f64,
 }
 
 fn arg(args: &[String], flag: &str, default: usize) -> usize {
@@ -100,9 +105,10 @@ fn proc_status_kib(field: &str) -> u64 {
 }
 
 /// Median step seconds and peaks over `steps` steps after one warm-up.
-fn measure(be: &Cpu, case: &Case, policies: Vec<LayerPolicy>, steps: usize) -> Measured {
+fn measure(be: &Cpu, case: &Case, policies: Vec<LayerPolicy>, arena: Arena<Cpu>, steps: usize) -> Measured {
     let mut model = Model::new(be, case.model.clone(), case.moe.clone(), 1).unwrap();
     let mut store = model.new_store_with(policies, u64::MAX).unwrap();
+    store.set_arena(arena);
     let n = case.batch * case.seq;
     let mut rng = Rng::new(3);
     let tokens: Vec<u32> = (0..n + 1).map(|_| rng.below(case.model.vocab_size) as u32).collect();
@@ -119,28 +125,30 @@ fn measure(be: &Cpu, case: &Case, policies: Vec<LayerPolicy>, steps: usize) -> M
     }
     times.sort_by(f64::total_cmp);
     let (store_peak, host_peak) = store.peaks();
-    Measured { step_s: times[times.len() / 2], store_peak, host_peak, rss_before_kib, rss_peak_kib: proc_status_kib("VmHWM:") }
+    let allocs_per_step = store.arena().allocations() as f64 / (steps + 1) as f64;
+    Measured { step_s: times[times.len() / 2], store_peak, host_peak, rss_before_kib, rss_peak_kib: proc_status_kib("VmHWM:"), allocs_per_step }
 }
 
-/// Child side: measure one (case, policy) and print it on one line for the parent.
-fn child(case: usize, policy: usize, steps: usize, threads: usize) {
+/// Child side: measure one (case, policy, arena) and print it on one line for the parent.
+fn child(case: usize, policy: usize, planned: bool, steps: usize, threads: usize) {
     let case = &cases()[case];
     let (_, policies) = policies(case).swap_remove(policy);
-    let m = measure(&Cpu::new(threads), case, policies, steps);
-    println!("result {} {} {} {} {}", m.step_s, m.store_peak, m.host_peak, m.rss_before_kib, m.rss_peak_kib);
+    let arena = if planned { Arena::planned() } else { Arena::per_tensor() };
+    let m = measure(&Cpu::new(threads), case, policies, arena, steps);
+    println!("result {} {} {} {} {} {}", m.step_s, m.store_peak, m.host_peak, m.rss_before_kib, m.rss_peak_kib, m.allocs_per_step);
 }
 
-/// Parent side: run one (case, policy) in a fresh process and parse its line.
-fn in_child(case: usize, policy: usize, steps: usize, threads: usize) -> Measured {
+/// Parent side: run one (case, policy, arena) in a fresh process and parse its line.
+fn in_child(case: usize, policy: usize, planned: bool, steps: usize, threads: usize) -> Measured {
     let exe = std::env::current_exe().expect("current_exe");
-    let args = ["--child", &case.to_string(), &policy.to_string(), "--steps", &steps.to_string(), "--threads", &threads.to_string()];
+    let args = ["--child", &case.to_string(), &policy.to_string(), &(planned as u8).to_string(), "--steps", &steps.to_string(), "--threads", &threads.to_string()];
     let out = Command::new(&exe).args(args).output().unwrap_or_else(|e| panic!("run {}: {e}", exe.display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().find_map(|l| l.strip_prefix("result ")).unwrap_or_else(|| {
         panic!("child {case}/{policy} ({}) printed no result: {}", out.status, String::from_utf8_lossy(&out.stderr))
     });
     let f: Vec<f64> = line.split(' ').map(|v| v.parse().unwrap_or_else(|_| panic!("child result {line:?}"))).collect();
-    Measured { step_s: f[0], store_peak: f[1] as u64, host_peak: f[2] as u64, rss_before_kib: f[3] as u64, rss_peak_kib: f[4] as u64 }
+    Measured { step_s: f[0], store_peak: f[1] as u64, host_peak: f[2] as u64, rss_before_kib: f[3] as u64, rss_peak_kib: f[4] as u64, allocs_per_step: f[5] }
 }
 
 fn main() {
@@ -148,22 +156,24 @@ fn main() {
     let steps = arg(&args, "--steps", 3);
     let threads = arg(&args, "--threads", 2);
     if let Some(i) = args.iter().position(|a| a == "--child") {
-        let at = |k: usize| args.get(i + k).and_then(|v| v.parse().ok()).expect("--child CASE POLICY");
-        return child(at(1), at(2), steps, threads);
+        let at = |k: usize| args.get(i + k).and_then(|v| v.parse().ok()).expect("--child CASE POLICY ARENA");
+        return child(at(1), at(2), at(3) == 1, steps, threads);
     }
     let cases = cases();
     println!("MEMO policies, CPU, {threads} threads, median of {steps} steps after a warm-up; each row in its own process");
-    println!("| config | tokens | policy | step ms | store peak MiB | host tier peak MiB | RSS before MiB | peak RSS MiB |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| config | tokens | policy | transients | step ms | allocs/step | store peak MiB | host tier peak MiB | RSS before MiB | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut plans = Vec::new();
     for (c, case) in cases.iter().enumerate() {
-        for (p, (name, _)) in policies(case).iter().enumerate() {
-            let m = in_child(c, p, steps, threads);
+        for ((p, (name, _)), planned) in policies(case).iter().enumerate().flat_map(|row| [(row, true), (row, false)]) {
+            let m = in_child(c, p, planned, steps, threads);
             println!(
-                "| {} | {} | {name} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                "| {} | {} | {name} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} |",
                 case.name,
                 case.batch * case.seq,
+                if planned { "arena" } else { "per tensor" },
                 m.step_s * 1e3,
+                m.allocs_per_step,
                 mib(m.store_peak),
                 mib(m.host_peak),
                 m.rss_before_kib as f64 / 1024.0,

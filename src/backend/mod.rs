@@ -87,6 +87,18 @@ pub trait Backend: Send + Sync {
         let n = Self::len(buf);
         Self::view_mut(buf, 0..n)
     }
+    /// The whole of a writable view, read-only (a reborrow).
+    fn as_view<'b>(v: &'b Self::ViewMut<'_>) -> Self::View<'b>;
+    /// The whole of a writable view, writable again for a shorter time (a reborrow).
+    fn reborrow_mut<'b>(v: &'b mut Self::ViewMut<'_>) -> Self::ViewMut<'b>;
+    /// Elements `range` of a view.
+    fn subview<'b>(v: Self::View<'b>, range: Range<usize>) -> Self::View<'b>;
+    fn subview_mut<'b>(v: &'b mut Self::ViewMut<'_>, range: Range<usize>) -> Self::ViewMut<'b>;
+    /// Writable views of `ranges` of one buffer, in the order given, all usable at once: how the
+    /// planned transient arena hands out the tensors live at the same time. Panics when two
+    /// non-empty ranges overlap. `None` where the backend's views cannot share a buffer; the
+    /// arena then gives every transient a buffer of its own.
+    fn disjoint_views_mut<'a>(buf: &'a mut Self::Buf, ranges: &[Range<usize>]) -> Option<Vec<Self::ViewMut<'a>>>;
     fn upload(&self, dst: Self::ViewMut<'_>, src: &[f32]);
     fn download(&self, src: Self::View<'_>) -> Vec<f32>;
     /// Copies `src` into host memory the caller owns (the activation store's host tier).

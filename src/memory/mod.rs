@@ -1,7 +1,9 @@
 //! MEMO: the activation store with per-layer keep / offload α / recompute policies, the host
-//! tier, skeletal inventories, the α LP, transient memory planning and the `plan-memory` report.
+//! tier, skeletal inventories, the α LP, transient memory planning, the planned transient arena
+//! and the `plan-memory` report.
 
 pub mod alpha;
+pub mod arena;
 pub mod host;
 pub mod inventory;
 pub mod plan;

@@ -19,13 +19,10 @@ use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
 use super::plan::{plan, MipLimits, Plan, Strategy};
 use super::policy::{build_policy, Profile};
 use super::store::{Class, LayerPolicy};
-use super::transients::block_phases;
+use super::transients::{block_phases, ALIGNMENT};
 use crate::config::Config;
 use crate::model::params::ParamLayout;
 use crate::{Error, Result};
-
-/// Offsets in the transient arena are multiples of this (a GPU allocator's granule).
-const ALIGNMENT: u64 = 512;
 
 /// Forward throughput the cost model assumes when no profile is measured.
 pub fn assumed_flops_per_s(device: &str) -> f64 {

@@ -14,6 +14,7 @@
 //! expert, one row per routed slot in ascending token order, so a token prefix is a row prefix of
 //! every expert's block.
 
+use super::arena::Arena;
 use super::host::{HostSeg, HostTier, ELEM_BYTES};
 use crate::backend::Backend;
 use crate::model::config::{ModelConfig, MoeConfig};
@@ -211,6 +212,8 @@ pub struct ActivationStore<B: Backend> {
     host: HostTier,
     device_bytes: u64,
     device_peak: u64,
+    /// The blocks' transient memory, kept across steps (planned by default).
+    arena: Arena<B>,
 }
 
 impl<B: Backend> ActivationStore<B> {
@@ -234,6 +237,7 @@ impl<B: Backend> ActivationStore<B> {
             host: HostTier::new(0),
             device_bytes: 0,
             device_peak: 0,
+            arena: Arena::planned(),
         }
     }
 
@@ -246,6 +250,21 @@ impl<B: Backend> ActivationStore<B> {
         store.policies = policies;
         store.host = HostTier::new(host_bytes);
         Ok(store)
+    }
+
+    /// Where the blocks' transients live (one planned buffer, or one buffer each).
+    pub fn set_arena(&mut self, arena: Arena<B>) {
+        self.arena = arena;
+    }
+
+    pub fn arena(&self) -> &Arena<B> {
+        &self.arena
+    }
+
+    /// Moves the arena out for a step (the blocks borrow it next to the store); give it back
+    /// with [`Self::set_arena`].
+    pub fn take_arena(&mut self) -> Arena<B> {
+        std::mem::take(&mut self.arena)
     }
 
     pub fn inventory(&self) -> &'static [TensorSpec] {

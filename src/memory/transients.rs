@@ -5,15 +5,55 @@
 //! skeletal buffers while they are copied). Neither are the block's boundary tensors (input,
 //! output, incoming and outgoing gradient), which cross layers. The recompute before a backward
 //! needs a gather and an activation buffer per expert for the dropped slots only, smaller than
-//! the backward's own, so the backward phase bounds it.
+//! the backward's own: it runs from the backward phase's `xe` and `act[e]`.
 //!
-//! Keep this in step with `block.rs`: a new temporary there is a new request here.
+//! Keep this in step with `block.rs`: a new temporary there is a new request here. The block
+//! takes its transients from the arena by these requests' indices, and the arena checks that
+//! what it asks for is live and large enough by this description (`memory/arena.rs`).
 
 use super::host::ELEM_BYTES;
 use super::plan::{Phase, Request};
 use crate::model::config::{ModelConfig, MoeConfig};
 
-/// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`.
+/// Offsets in the transient arena are multiples of this many bytes (a GPU allocator's granule;
+/// on the CPU it keeps every transient on its own cache lines).
+pub const ALIGNMENT: u64 = 512;
+
+/// Indices of the forward phase's requests, for the arena.
+pub mod fwd {
+    /// The routed copies of the normalised tokens, `(S, C)`.
+    pub const XE: usize = 0;
+    /// Expert `e`'s SwiGLU output, `(S_e, h_e)`.
+    pub const fn act(e: usize) -> usize {
+        1 + e
+    }
+}
+
+/// Indices of the backward phase's requests (also used by the recompute before it).
+pub mod bwd {
+    pub const DY: usize = 0;
+    pub const XE: usize = 1;
+    pub const DXE: usize = 2;
+    pub const DXN2: usize = 3;
+    pub const DPROBS: usize = 4;
+    pub const DLOGITS: usize = 5;
+    pub const DX2: usize = 6;
+    pub const DATT: usize = 7;
+    pub const DQKV: usize = 8;
+    pub const DXN1: usize = 9;
+    pub const fn act(e: usize) -> usize {
+        10 + 3 * e
+    }
+    pub const fn dact(e: usize) -> usize {
+        11 + 3 * e
+    }
+    pub const fn dgu(e: usize) -> usize {
+        12 + 3 * e
+    }
+}
+
+/// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`;
+/// requests are in the order of the [`fwd`] and [`bwd`] indices.
 pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize]) -> (Phase, Phase) {
     let n = (batch * seq) as u64;
     let c = model.d_model as u64;
@@ -41,14 +81,6 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
         Request::new("dy", b(s * c), 0, x),
         Request::new("xe", b(s * c), 2, x),
         Request::new("dxe", b(s * c), 2, x + 1),
-    ];
-    for (ex, (&h, &se)) in experts {
-        let (base, rows) = (3 + 6 * ex, se as u64 * h as u64);
-        bwd.push(Request::new(format!("act[{ex}]"), b(rows), base, base + 3));
-        bwd.push(Request::new(format!("dact[{ex}]"), b(rows), base + 1, base + 4));
-        bwd.push(Request::new(format!("dgu[{ex}]"), b(2 * rows), base + 3, base + 6));
-    }
-    bwd.extend([
         Request::new("dxn2", b(n * c), x, x + 8),
         Request::new("dprobs", b(n * e), x + 1, x + 4),
         Request::new("dlogits", b(n * e), x + 2, x + 6),
@@ -56,7 +88,14 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
         Request::new("datt", b(n * a), x + 8, x + 11),
         Request::new("dqkv", b(n * w), x + 10, x + 14),
         Request::new("dxn1", b(n * c), x + 12, x + 16),
-    ]);
+    ];
+    // An expert's backward holds its act, dact and dgu until it ends.
+    for (ex, (&h, &se)) in experts {
+        let (base, rows) = (3 + 6 * ex, se as u64 * h as u64);
+        bwd.push(Request::new(format!("act[{ex}]"), b(rows), base, base + 6));
+        bwd.push(Request::new(format!("dact[{ex}]"), b(rows), base + 1, base + 6));
+        bwd.push(Request::new(format!("dgu[{ex}]"), b(2 * rows), base + 3, base + 6));
+    }
     let backward = Phase { name: "block backward".into(), ops: x + 16, requests: bwd };
     (forward, backward)
 }

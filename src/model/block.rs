@@ -10,7 +10,10 @@ use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
 use crate::backend::{AttnShape, Backend, TokenSlots};
+use crate::memory::arena::Arena;
+use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
+use crate::memory::transients::{block_phases, bwd, fwd};
 use crate::parallel::comm::Communicator;
 use crate::parallel::dispatch::{plan_slots, DispatchMode, SlotPlan, TokenDispatcher};
 use crate::Result;
@@ -86,32 +89,36 @@ fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
 
 impl<B: Backend> BlockCtx<'_, B> {
     /// Expert `ex` on `rows` routed rows `xe`: `gu = xe W_guᵀ` into `gu[gu_rows]` (saved),
-    /// `y = SwiGLU(gu) W_downᵀ`. Shared by the forward and the recompute of dropped slots.
+    /// `act = SwiGLU(gu)` (transient, `rows × h`), `y = act W_downᵀ`. Shared by the forward
+    /// and the recompute of dropped slots.
     #[allow(clippy::too_many_arguments)]
-    fn expert_forward(&self, p: &BlockParams, ex: usize, rows: usize, xe: B::View<'_>, gu: &mut B::Buf, gu_rows: std::ops::Range<usize>, y: B::ViewMut<'_>) {
+    fn expert_forward(&self, p: &BlockParams, ex: usize, rows: usize, xe: B::View<'_>, gu: &mut B::Buf, gu_rows: std::ops::Range<usize>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
         let (be, c, h) = (self.be, self.c(), self.moe.expert_widths[ex]);
         let (w_gu, w_down) = self.expert_params(p, ex);
         be.matmul(B::view_mut(gu, gu_rows.clone()), xe, self.w(w_gu, 2 * h * c), rows, c, 2 * h, false, true, false);
-        let mut act = be.alloc(rows * h);
-        be.swiglu_fwd(B::full_mut(&mut act), B::view(gu, gu_rows), rows, h);
-        be.matmul(y, B::full(&act), self.w(w_down, c * h), rows, h, c, false, true, false);
+        be.swiglu_fwd(B::reborrow_mut(&mut act), B::view(gu, gu_rows), rows, h);
+        be.matmul(y, B::as_view(&act), self.w(w_down, c * h), rows, h, c, false, true, false);
     }
 
     /// Backward of [`Self::expert_forward`] on `rows` rows: recomputes SwiGLU from the saved
     /// `gu`, writes the input gradient `dxe` and accumulates expert `ex`'s weight gradients.
+    /// `[act, dact, dgu]` are its transients: `rows × h`, `rows × h`, `rows × 2h`.
     #[allow(clippy::too_many_arguments)]
-    fn expert_backward(&self, p: &BlockParams, ex: usize, rows: usize, gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut B::Buf) {
+    fn expert_backward(&self, p: &BlockParams, ex: usize, rows: usize, gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut B::Buf, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
         let (be, c, h) = (self.be, self.c(), self.moe.expert_widths[ex]);
         let (w_gu, w_down) = self.expert_params(p, ex);
-        let mut act = be.alloc(rows * h);
-        be.swiglu_fwd(B::full_mut(&mut act), gu, rows, h);
-        let mut dact = be.alloc(rows * h);
-        be.matmul(B::full_mut(&mut dact), dy, self.w(w_down, c * h), rows, c, h, false, false, false);
-        be.matmul(g::<B>(grads, w_down, c * h), dy, B::full(&act), c, rows, h, true, false, true);
-        let mut dgu = be.alloc(rows * 2 * h);
-        be.swiglu_bwd(B::full_mut(&mut dgu), B::full(&dact), gu, rows, h);
-        be.matmul(dxe, B::full(&dgu), self.w(w_gu, 2 * h * c), rows, 2 * h, c, false, false, false);
-        be.matmul(g::<B>(grads, w_gu, 2 * h * c), B::full(&dgu), xe, 2 * h, rows, c, true, false, true);
+        let (rw, ro) = (B::reborrow_mut, B::as_view);
+        be.swiglu_fwd(rw(&mut act), gu, rows, h);
+        be.matmul(rw(&mut dact), dy, self.w(w_down, c * h), rows, c, h, false, false, false);
+        be.matmul(g::<B>(grads, w_down, c * h), dy, ro(&act), c, rows, h, true, false, true);
+        be.swiglu_bwd(rw(&mut dgu), ro(&dact), gu, rows, h);
+        be.matmul(dxe, ro(&dgu), self.w(w_gu, 2 * h * c), rows, 2 * h, c, false, false, false);
+        be.matmul(g::<B>(grads, w_gu, 2 * h * c), ro(&dgu), xe, 2 * h, rows, c, true, false, true);
+    }
+
+    /// The block's `(forward, backward)` transient requests under `routing`.
+    fn phases(&self, routing: &Routing) -> (Phase, Phase) {
+        block_phases(self.model, self.moe, self.shape.batch, self.shape.seq, &routing.counts())
     }
 
     /// The dispatcher over the expert-parallel group, if experts are sharded.
@@ -148,9 +155,10 @@ impl<B: Backend> BlockCtx<'_, B> {
     }
 
     /// Forward of one block: `out = x2 + MoE(norm(x2))`, `x2 = x + Attn(norm(x))`.
-    /// Saves the inventory into `store` under `layer` when given (training).
-    /// With expert parallelism it is a collective over the EP group (rows are exchanged).
-    pub fn forward(&self, p: &BlockParams, x: B::Buf, out: &mut B::Buf, store: Option<(&mut ActivationStore<B>, usize)>) -> Result<BlockStats> {
+    /// Saves the inventory into `store` under `layer` when given (training); transients come
+    /// from `tx`. With expert parallelism it is a collective over the EP group (rows are
+    /// exchanged; the exchanged rows and the local experts' transients are allocated per op).
+    pub fn forward(&self, p: &BlockParams, x: B::Buf, out: &mut B::Buf, store: Option<(&mut ActivationStore<B>, usize)>, tx: &mut Arena<B>) -> Result<BlockStats> {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         let (wq, a, e) = (s.qkv_width(), s.out_width(), self.moe.n_experts());
         let eps = self.model.norm_eps;
@@ -182,8 +190,14 @@ impl<B: Backend> BlockCtx<'_, B> {
         let aux = router::aux_losses(&probs_h, &logits_h, &routing, self.moe);
 
         let widths = &self.moe.expert_widths;
-        let mut xe = be.alloc(routing.n_slots() * c);
-        be.gather_rows(B::full_mut(&mut xe), B::full(&xn2), &routing.token, c);
+        let sc = routing.n_slots() * c;
+        let (forward, backward) = self.phases(&routing);
+        tx.reserve(be, &backward.requests);
+        tx.begin(be, forward.requests);
+        {
+            let [mut xe] = tx.views(be, [(fwd::XE, sc)]);
+            be.gather_rows(B::reborrow_mut(&mut xe), B::full(&xn2), &routing.token, c);
+        }
         let mut y = be.alloc(routing.n_slots() * c);
         let (gu, received) = match self.dispatcher()? {
             None => {
@@ -192,8 +206,9 @@ impl<B: Backend> BlockCtx<'_, B> {
                 for ex in 0..e {
                     let slots = routing.slots_of(ex);
                     if !slots.is_empty() {
-                        let y_e = B::view_mut(&mut y, slots.start * c..slots.end * c);
-                        self.expert_forward(p, ex, slots.len(), B::view(&xe, slots.start * c..slots.end * c), &mut gu, gu_off[ex]..gu_off[ex + 1], y_e);
+                        let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::act(ex), slots.len() * widths[ex])]);
+                        let (xe_e, y_e) = (B::subview(B::as_view(&xe), slots.start * c..slots.end * c), B::view_mut(&mut y, slots.start * c..slots.end * c));
+                        self.expert_forward(p, ex, slots.len(), xe_e, &mut gu, gu_off[ex]..gu_off[ex + 1], act, y_e);
                     }
                 }
                 (gu, None)
@@ -207,11 +222,13 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let local = d.local_experts();
                 let gu_off = gate_up_offsets(spans.iter().map(|s| s.len()), &widths[local.clone()]);
                 let mut gu = be.alloc(gu_off[spans.len()]);
-                let xg = self.uploaded(&d.to_experts(&be.download(B::full(&xe)), &plan, &recv)?);
+                let [xe] = tx.views(be, [(fwd::XE, sc)]);
+                let xg = self.uploaded(&d.to_experts(&be.download(B::as_view(&xe)), &plan, &recv)?);
                 let mut yg = be.alloc(B::len(&xg));
                 for (le, span) in spans.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
                     let rows = span.start * c..span.end * c;
-                    self.expert_forward(p, local.start + le, span.len(), B::view(&xg, rows.clone()), &mut gu, gu_off[le]..gu_off[le + 1], B::view_mut(&mut yg, rows));
+                    let mut act = be.alloc(span.len() * widths[local.start + le]);
+                    self.expert_forward(p, local.start + le, span.len(), B::view(&xg, rows.clone()), &mut gu, gu_off[le]..gu_off[le + 1], B::full_mut(&mut act), B::view_mut(&mut yg, rows));
                 }
                 be.upload(B::full_mut(&mut y), &d.from_experts(&be.download(B::full(&yg)), &recv)?);
                 (gu, Some(recv))
@@ -262,7 +279,7 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// The routing stays in the store (host index data needed for the kept tokens' slots and the
     /// aux losses over all tokens); each expert's dropped slots are the tail of its slot range
     /// because slots are in ascending token order within an expert.
-    pub fn recompute(&self, p: &BlockParams, store: &mut ActivationStore<B>, layer: usize, from: usize) {
+    pub fn recompute(&self, p: &BlockParams, store: &mut ActivationStore<B>, layer: usize, from: usize, tx: &mut Arena<B>) {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         if from >= n {
             return;
@@ -286,6 +303,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         let routing = store.routing(layer);
         assert!(self.ep.is_none(), "recomputing dropped expert rows needs the expert-parallel exchange; expert parallelism keeps every activation");
         let gu_off = gate_up_offsets((0..e).map(|ex| routing.slots_of(ex).len()), &self.moe.expert_widths);
+        tx.begin(be, self.phases(routing).1.requests);
         for (ex, &h) in self.moe.expert_widths.iter().enumerate() {
             let sl = routing.slots_of(ex);
             let kept = routing.token[sl.clone()].partition_point(|&tok| (tok as usize) < from);
@@ -293,9 +311,9 @@ impl<B: Backend> BlockCtx<'_, B> {
             if r == 0 {
                 continue;
             }
-            let mut xe = be.alloc(r * c);
-            be.gather_rows(B::full_mut(&mut xe), B::full(xn2), &routing.token[first..sl.end], c);
-            self.expert_forward(p, ex, r, B::full(&xe), gu, gu_off[ex] + kept * 2 * h..gu_off[ex + 1], B::view_mut(y, first * c..sl.end * c));
+            let [mut xe, act] = tx.views(be, [(bwd::XE, r * c), (bwd::act(ex), r * h)]);
+            be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &routing.token[first..sl.end], c);
+            self.expert_forward(p, ex, r, B::as_view(&xe), gu, gu_off[ex] + kept * 2 * h..gu_off[ex + 1], act, B::view_mut(y, first * c..sl.end * c));
         }
         for (name, buf) in names.iter().zip(t) {
             store.save(layer, name, buf);
@@ -303,9 +321,10 @@ impl<B: Backend> BlockCtx<'_, B> {
     }
 
     /// Backward of one block: `dx` (overwritten) from `dout`, parameter gradients accumulated
-    /// into `grads` (same layout as the parameters). A collective with expert parallelism.
+    /// into `grads` (same layout as the parameters); transients come from `tx`, a group of
+    /// views at a time (each group in its own scope). A collective with expert parallelism.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, p: &BlockParams, grads: &mut B::Buf, store: &ActivationStore<B>, layer: usize, dout: &B::Buf, dx: &mut B::Buf) -> Result<()> {
+    pub fn backward(&self, p: &BlockParams, grads: &mut B::Buf, store: &ActivationStore<B>, layer: usize, dout: &B::Buf, dx: &mut B::Buf, tx: &mut Arena<B>) -> Result<()> {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         let (wq, a, e) = (s.qkv_width(), s.out_width(), self.moe.n_experts());
         let saved = |name: &str| B::full(store.load(layer, name));
@@ -313,26 +332,30 @@ impl<B: Backend> BlockCtx<'_, B> {
         let (tok_off, tok_slots) = routing.by_token();
         let by_token = TokenSlots { offsets: &tok_off, slots: &tok_slots };
         let widths = &self.moe.expert_widths;
-        let slots = routing.n_slots();
+        let sc = routing.n_slots() * c;
+        tx.begin(be, self.phases(routing).1.requests);
+        let (rw, ro) = (B::reborrow_mut, B::as_view);
 
         // Combine: out[t] = x2[t] + Σ gate_s y_s  →  dy_s = gate_s dout[t], dgate_s = ⟨dout[t], y_s⟩.
-        let mut dy = be.alloc(slots * c);
-        be.gather_rows_scaled(B::full_mut(&mut dy), B::full(dout), &routing.token, &routing.gate, c);
-        let dgate = be.gathered_dots(B::full(dout), saved("expert_out"), &routing.token, c);
-
         // Experts, each on its own rows.
-        let mut xe = be.alloc(slots * c);
-        be.gather_rows(B::full_mut(&mut xe), saved("ffn_norm_out"), &routing.token, c);
-        let mut dxe = be.alloc(slots * c);
+        {
+            let [mut dy, mut xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc)]);
+            be.gather_rows_scaled(rw(&mut dy), B::full(dout), &routing.token, &routing.gate, c);
+            be.gather_rows(rw(&mut xe), saved("ffn_norm_out"), &routing.token, c);
+        }
+        let dgate = be.gathered_dots(B::full(dout), saved("expert_out"), &routing.token, c);
         let gu = store.load(layer, "expert_gate_up");
         match self.dispatcher()? {
             None => {
                 let gu_off = gate_up_offsets((0..e).map(|ex| routing.slots_of(ex).len()), widths);
                 for ex in (0..e).filter(|&ex| !routing.slots_of(ex).is_empty()) {
                     let sl = routing.slots_of(ex);
-                    let rows = sl.start * c..sl.end * c;
+                    let (rows, r, h) = (sl.len(), sl.start * c..sl.end * c, widths[ex]);
                     let gu_e = B::view(gu, gu_off[ex]..gu_off[ex + 1]);
-                    self.expert_backward(p, ex, sl.len(), gu_e, B::view(&dy, rows.clone()), B::view(&xe, rows.clone()), B::view_mut(&mut dxe, rows), grads);
+                    let [dy, xe, mut dxe, act, dact, dgu] =
+                        tx.views(be, [(bwd::DY, sc), (bwd::XE, sc), (bwd::DXE, sc), (bwd::act(ex), rows * h), (bwd::dact(ex), rows * h), (bwd::dgu(ex), rows * 2 * h)]);
+                    let (dy_e, xe_e) = (B::subview(ro(&dy), r.clone()), B::subview(ro(&xe), r.clone()));
+                    self.expert_backward(p, ex, rows, gu_e, dy_e, xe_e, B::subview_mut(&mut dxe, r), grads, [act, dact, dgu]);
                 }
             }
             Some(d) => {
@@ -343,54 +366,73 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let spans = d.local_spans(recv);
                 let local = d.local_experts();
                 let gu_off = gate_up_offsets(spans.iter().map(|s| s.len()), &widths[local.clone()]);
-                let xg = self.uploaded(&d.to_experts(&be.download(B::full(&xe)), &plan, recv)?);
-                let dyg = self.uploaded(&d.to_experts(&be.download(B::full(&dy)), &plan, recv)?);
+                let (xg, dyg) = {
+                    let [dy, xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc)]);
+                    (self.uploaded(&d.to_experts(&be.download(ro(&xe)), &plan, recv)?), self.uploaded(&d.to_experts(&be.download(ro(&dy)), &plan, recv)?))
+                };
                 let mut dxg = be.alloc(B::len(&xg));
                 for (le, span) in spans.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
-                    let rows = span.start * c..span.end * c;
+                    let (rows, h) = (span.start * c..span.end * c, widths[local.start + le]);
                     let gu_e = B::view(gu, gu_off[le]..gu_off[le + 1]);
-                    self.expert_backward(p, local.start + le, span.len(), gu_e, B::view(&dyg, rows.clone()), B::view(&xg, rows.clone()), B::view_mut(&mut dxg, rows), grads);
+                    let mut scratch = [1, 1, 2].map(|k| be.alloc(span.len() * k * h));
+                    let [act, dact, dgu] = scratch.each_mut().map(B::full_mut);
+                    self.expert_backward(p, local.start + le, span.len(), gu_e, B::view(&dyg, rows.clone()), B::view(&xg, rows.clone()), B::view_mut(&mut dxg, rows), grads, [act, dact, dgu]);
                 }
-                be.upload(B::full_mut(&mut dxe), &d.from_experts(&be.download(B::full(&dxg)), recv)?);
+                let [mut dxe] = tx.views(be, [(bwd::DXE, sc)]);
+                be.upload(rw(&mut dxe), &d.from_experts(&be.download(B::full(&dxg)), recv)?);
             }
         }
-        let mut dxn2 = be.alloc(n * c);
-        be.combine_rows(B::full_mut(&mut dxn2), B::full(&dxe), by_token, None, c);
+        {
+            // combine_rows accumulates; arena memory is not zeroed.
+            let [dxe, mut dxn2] = tx.views(be, [(bwd::DXE, sc), (bwd::DXN2, n * c)]);
+            be.fill(rw(&mut dxn2), 0.0);
+            be.combine_rows(rw(&mut dxn2), ro(&dxe), by_token, None, c);
+        }
 
         // Router: gate path and aux losses → dP → dlogits (+ z-loss) → dxn2, dWr.
         let probs_h = be.download(saved("router_probs"));
         let logits_h = be.download(saved("router_logits"));
         let (dprobs_h, dz_h) = router::backward(&probs_h, &logits_h, routing, &dgate, self.moe);
-        let mut dprobs = be.alloc(n * e);
-        be.upload(B::full_mut(&mut dprobs), &dprobs_h);
-        let mut dlogits = be.alloc(n * e);
-        be.softmax_rows_bwd(B::full_mut(&mut dlogits), B::full(&dprobs), saved("router_probs"), n, e);
-        if self.moe.z_loss > 0.0 {
-            be.upload(B::full_mut(&mut dprobs), &dz_h);
-            be.add_assign(B::full_mut(&mut dlogits), B::full(&dprobs));
+        {
+            let [mut dxn2, mut dprobs, mut dlogits] = tx.views(be, [(bwd::DXN2, n * c), (bwd::DPROBS, n * e), (bwd::DLOGITS, n * e)]);
+            be.upload(rw(&mut dprobs), &dprobs_h);
+            be.softmax_rows_bwd(rw(&mut dlogits), ro(&dprobs), saved("router_probs"), n, e);
+            if self.moe.z_loss > 0.0 {
+                be.upload(rw(&mut dprobs), &dz_h);
+                be.add_assign(rw(&mut dlogits), ro(&dprobs));
+            }
+            be.matmul(rw(&mut dxn2), ro(&dlogits), self.w(p.router, e * c), n, e, c, false, false, true);
+            be.matmul(g::<B>(grads, p.router, e * c), ro(&dlogits), saved("ffn_norm_out"), e, n, c, true, false, true);
         }
-        be.matmul(B::full_mut(&mut dxn2), B::full(&dlogits), self.w(p.router, e * c), n, e, c, false, false, true);
-        be.matmul(g::<B>(grads, p.router, e * c), B::full(&dlogits), saved("ffn_norm_out"), e, n, c, true, false, true);
 
         // FFN norm and residual: dx2 = dout + norm_bwd(dxn2).
-        let mut dx2 = be.alloc(n * c);
-        be.copy(B::full_mut(&mut dx2), B::full(dout));
-        be.rmsnorm_bwd(B::full_mut(&mut dx2), g::<B>(grads, p.ffn_norm, c), B::full(&dxn2), saved("resid_mid"), self.w(p.ffn_norm, c), saved("ffn_norm_rstd"), n, c);
+        {
+            let [dxn2, mut dx2] = tx.views(be, [(bwd::DXN2, n * c), (bwd::DX2, n * c)]);
+            be.copy(rw(&mut dx2), B::full(dout));
+            be.rmsnorm_bwd(rw(&mut dx2), g::<B>(grads, p.ffn_norm, c), ro(&dxn2), saved("resid_mid"), self.w(p.ffn_norm, c), saved("ffn_norm_rstd"), n, c);
+        }
 
         // Attention: datt = dx2 Wo, dWo += dx2ᵀ att; dqkv; un-rotate; dxn1; dWqkv.
-        let mut datt = be.alloc(n * a);
-        be.matmul(B::full_mut(&mut datt), B::full(&dx2), self.w(p.wo, c * a), n, c, a, false, false, false);
-        be.matmul(g::<B>(grads, p.wo, c * a), B::full(&dx2), saved("attn_out"), c, n, a, true, false, true);
-        let mut dqkv = be.alloc(n * wq);
-        be.attention_bwd(B::full_mut(&mut dqkv), B::full(&datt), saved("attn_out"), saved("attn_lse"), saved("qkv"), s);
-        be.rope(B::full_mut(&mut dqkv), B::full(self.rope), s, 0, true);
-        let mut dxn1 = be.alloc(n * c);
-        be.matmul(B::full_mut(&mut dxn1), B::full(&dqkv), self.w(p.wqkv, wq * c), n, wq, c, false, false, false);
-        be.matmul(g::<B>(grads, p.wqkv, wq * c), B::full(&dqkv), saved("attn_norm_out"), wq, n, c, true, false, true);
+        {
+            let [dx2, mut datt] = tx.views(be, [(bwd::DX2, n * c), (bwd::DATT, n * a)]);
+            be.matmul(rw(&mut datt), ro(&dx2), self.w(p.wo, c * a), n, c, a, false, false, false);
+            be.matmul(g::<B>(grads, p.wo, c * a), ro(&dx2), saved("attn_out"), c, n, a, true, false, true);
+        }
+        {
+            let [datt, mut dqkv] = tx.views(be, [(bwd::DATT, n * a), (bwd::DQKV, n * wq)]);
+            be.attention_bwd(rw(&mut dqkv), ro(&datt), saved("attn_out"), saved("attn_lse"), saved("qkv"), s);
+            be.rope(rw(&mut dqkv), B::full(self.rope), s, 0, true);
+        }
+        {
+            let [dqkv, mut dxn1] = tx.views(be, [(bwd::DQKV, n * wq), (bwd::DXN1, n * c)]);
+            be.matmul(rw(&mut dxn1), ro(&dqkv), self.w(p.wqkv, wq * c), n, wq, c, false, false, false);
+            be.matmul(g::<B>(grads, p.wqkv, wq * c), ro(&dqkv), saved("attn_norm_out"), wq, n, c, true, false, true);
+        }
 
         // Attention norm and residual: dx = dx2 + norm_bwd(dxn1).
-        be.copy(B::full_mut(dx), B::full(&dx2));
-        be.rmsnorm_bwd(B::full_mut(dx), g::<B>(grads, p.attn_norm, c), B::full(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), n, c);
+        let [dx2, dxn1] = tx.views(be, [(bwd::DX2, n * c), (bwd::DXN1, n * c)]);
+        be.copy(B::full_mut(dx), ro(&dx2));
+        be.rmsnorm_bwd(B::full_mut(dx), g::<B>(grads, p.attn_norm, c), ro(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), n, c);
         Ok(())
     }
 }

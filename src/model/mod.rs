@@ -13,6 +13,7 @@ use params::ParamLayout;
 use router::AuxLosses;
 
 use crate::backend::{AttnShape, Backend};
+use crate::memory::arena::Arena;
 use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
 use crate::parallel::comm::Communicator;
 use crate::{Error, Result};
@@ -158,7 +159,8 @@ impl<B: Backend> Model<B> {
     /// Forward through embedding and blocks; returns the last hidden state `(N, C)`.
     /// With a store, each block's activations are sealed (its policy applied) right after its
     /// forward, as MEMO's executor offloads layer `i` while layer `i + 1` computes.
-    fn hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, mut store: Option<&mut ActivationStore<B>>, stats: &mut StepStats) -> Result<B::Buf> {
+    #[allow(clippy::too_many_arguments)]
+    fn hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, mut store: Option<&mut ActivationStore<B>>, tx: &mut Arena<B>, stats: &mut StepStats) -> Result<B::Buf> {
         let (n, c) = (shape.tokens(), self.config.d_model);
         let ctx = self.block_ctx(be, shape);
         let dims = BlockDims::new(&self.config, &self.moe, shape.batch, shape.seq);
@@ -166,7 +168,7 @@ impl<B: Backend> Model<B> {
         be.embedding_fwd(B::full_mut(&mut x), B::view(&self.params, self.layout.embedding..self.layout.embedding + self.config.vocab_size * c), inputs, c);
         for (l, bp) in self.layout.blocks.iter().enumerate() {
             let mut out = be.alloc(n * c);
-            let s: BlockStats = ctx.forward(bp, x, &mut out, store.as_deref_mut().map(|st| (st, l)))?;
+            let s: BlockStats = ctx.forward(bp, x, &mut out, store.as_deref_mut().map(|st| (st, l)), tx)?;
             if let Some(st) = store.as_deref_mut() {
                 st.seal(be, l, &dims)?;
             }
@@ -207,8 +209,17 @@ impl<B: Backend> Model<B> {
     }
 
     /// One training forward and backward over `inputs`/`targets` (`batch × seq`, row-major).
-    /// Gradients of `loss` are accumulated into `self.grads`.
+    /// Gradients of `loss` are accumulated into `self.grads`; transients live in the store's
+    /// arena.
     pub fn forward_backward(&mut self, be: &B, store: &mut ActivationStore<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
+        let mut tx = store.take_arena();
+        let stats = self.forward_backward_in(be, store, &mut tx, inputs, targets, batch, seq);
+        store.set_arena(tx);
+        stats
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_backward_in(&mut self, be: &B, store: &mut ActivationStore<B>, tx: &mut Arena<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
         let shape = self.shape(batch, seq)?;
         if self.ep.is_some() && store.policies().iter().any(|p| *p != LayerPolicy::Keep) {
             return Err(Error::Invalid("expert parallelism keeps every activation: set memory.policy = \"keep\" (offload and recompute do not run with parallel.ep > 1 yet)".into()));
@@ -217,7 +228,7 @@ impl<B: Backend> Model<B> {
         self.check_tokens(targets, "target")?;
         let (n, c, v) = (shape.tokens(), self.config.d_model, self.config.vocab_size);
         let mut stats = StepStats::default();
-        let x = self.hidden(be, inputs, shape, Some(store), &mut stats)?;
+        let x = self.hidden(be, inputs, shape, Some(store), tx, &mut stats)?;
 
         // Final norm and fused head: loss, dxf and dW_head in one pass.
         let (fnorm, head) = (self.layout.final_norm, self.layout.lm_head);
@@ -234,10 +245,10 @@ impl<B: Backend> Model<B> {
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
             if let Some(from) = store.restore(be, l, &dims) {
-                ctx.recompute(bp, store, l, from);
+                ctx.recompute(bp, store, l, from, tx);
             }
             let mut dprev = be.alloc(n * c);
-            ctx.backward(bp, &mut self.grads, store, l, &dx, &mut dprev)?;
+            ctx.backward(bp, &mut self.grads, store, l, &dx, &mut dprev, tx)?;
             store.release(l);
             dx = dprev;
         }
@@ -252,8 +263,10 @@ impl<B: Backend> Model<B> {
         let shape = self.shape(batch, seq)?;
         self.check_tokens(inputs, "input")?;
         let mut stats = StepStats::default();
-        self.hidden(be, inputs, shape, Some(store), &mut stats)?;
-        Ok(stats)
+        let mut tx = store.take_arena();
+        let hidden = self.hidden(be, inputs, shape, Some(store), &mut tx, &mut stats);
+        store.set_arena(tx);
+        hidden.map(|_| stats)
     }
 
     /// Forward only: the loss and statistics, no gradients.
@@ -272,7 +285,7 @@ impl<B: Backend> Model<B> {
 
     fn final_hidden(&self, be: &B, inputs: &[u32], shape: AttnShape, stats: &mut StepStats) -> Result<B::Buf> {
         let (n, c) = (shape.tokens(), self.config.d_model);
-        let x = self.hidden(be, inputs, shape, None, stats)?;
+        let x = self.hidden(be, inputs, shape, None, &mut Arena::planned(), stats)?;
         let fnorm = self.layout.final_norm;
         let mut xf = be.alloc(n * c);
         let mut rstd = be.alloc(n);

@@ -121,6 +121,33 @@ impl Backend for Cpu {
     fn view_mut(buf: &mut Vec<f32>, range: Range<usize>) -> &mut [f32] {
         &mut buf[range]
     }
+    fn as_view<'b>(v: &'b &mut [f32]) -> &'b [f32] {
+        v
+    }
+    fn reborrow_mut<'b>(v: &'b mut &mut [f32]) -> &'b mut [f32] {
+        v
+    }
+    fn subview<'b>(v: Self::View<'b>, range: Range<usize>) -> Self::View<'b> {
+        &v[range]
+    }
+    fn subview_mut<'b>(v: &'b mut &mut [f32], range: Range<usize>) -> &'b mut [f32] {
+        &mut v[range]
+    }
+    fn disjoint_views_mut<'a>(buf: &'a mut Vec<f32>, ranges: &[Range<usize>]) -> Option<Vec<&'a mut [f32]>> {
+        let mut order: Vec<usize> = (0..ranges.len()).filter(|&i| !ranges[i].is_empty()).collect();
+        order.sort_by_key(|&i| ranges[i].start);
+        let mut out: Vec<&'a mut [f32]> = ranges.iter().map(|_| Default::default()).collect();
+        // Walk the ranges in address order, splitting each off the rest of the buffer.
+        let (mut rest, mut at): (&'a mut [f32], usize) = (buf.as_mut_slice(), 0);
+        for i in order {
+            let r = &ranges[i];
+            assert!(r.start >= at, "view {i} {r:?} overlaps another view ending at {at}");
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(r.start - at);
+            let (view, tail) = tail.split_at_mut(r.len());
+            (out[i], rest, at) = (view, tail, r.end);
+        }
+        Some(out)
+    }
     fn upload(&self, dst: &mut [f32], src: &[f32]) {
         dst.copy_from_slice(src);
     }

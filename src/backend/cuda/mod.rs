@@ -200,6 +200,25 @@ impl Backend for CudaBackend {
         assert!(range.start <= range.end && range.end <= buf.len(), "view {range:?} of {}", buf.len());
         DevViewMut { buf, range: (range.start, range.end) }
     }
+    fn as_view<'b>(v: &'b DevViewMut<'_>) -> DevView<'b> {
+        DevView { buf: v.buf, range: v.range }
+    }
+    fn reborrow_mut<'b>(v: &'b mut DevViewMut<'_>) -> DevViewMut<'b> {
+        DevViewMut { buf: v.buf, range: v.range }
+    }
+    fn subview<'b>(v: Self::View<'b>, range: Range<usize>) -> Self::View<'b> {
+        assert!(range.start <= range.end && range.end <= v.len(), "subview {range:?} of {}", v.len());
+        DevView { buf: v.buf, range: (v.range.0 + range.start, v.range.0 + range.end) }
+    }
+    fn subview_mut<'b>(v: &'b mut DevViewMut<'_>, range: Range<usize>) -> DevViewMut<'b> {
+        assert!(range.start <= range.end && range.end <= v.len(), "subview {range:?} of {}", v.len());
+        DevViewMut { buf: v.buf, range: (v.range.0 + range.start, v.range.0 + range.end) }
+    }
+    /// A `DevViewMut` borrows the whole `CudaSlice` mutably, so two cannot coexist; disjoint
+    /// views need pointer-based views (cudarc's `CudaViewMut` splits only by borrowing).
+    fn disjoint_views_mut<'a>(_buf: &'a mut CudaSlice<f32>, _ranges: &[Range<usize>]) -> Option<Vec<DevViewMut<'a>>> {
+        None
+    }
     fn upload(&self, mut dst: DevViewMut<'_>, src: &[f32]) {
         assert_eq!(dst.len(), src.len(), "upload");
         ok(self.stream.memcpy_htod(src, &mut dst.cu()), "upload");
