@@ -43,8 +43,8 @@ struct Measured {
     host_peak: u64,
     rss_before_kib: u64,
     rss_peak_kib: u64,
-    /// Transient buffers allocated per step (the arena's growths, or one per transient).
-    allocs_per_step: f64,
+    /// Transient buffers allocated over all steps (the arena's growths, or one per transient).
+    allocations: usize,
 }
 
 fn arg(args: &[String], flag: &str, default: usize) -> usize {
@@ -125,8 +125,8 @@ fn measure(be: &Cpu, case: &Case, policies: Vec<LayerPolicy>, arena: Arena<Cpu>,
     }
     times.sort_by(f64::total_cmp);
     let (store_peak, host_peak) = store.peaks();
-    let allocs_per_step = store.arena().allocations() as f64 / (steps + 1) as f64;
-    Measured { step_s: times[times.len() / 2], store_peak, host_peak, rss_before_kib, rss_peak_kib: proc_status_kib("VmHWM:"), allocs_per_step }
+    let allocations = store.arena().allocations();
+    Measured { step_s: times[times.len() / 2], store_peak, host_peak, rss_before_kib, rss_peak_kib: proc_status_kib("VmHWM:"), allocations }
 }
 
 /// Child side: measure one (case, policy, arena) and print it on one line for the parent.
@@ -135,7 +135,7 @@ fn child(case: usize, policy: usize, planned: bool, steps: usize, threads: usize
     let (_, policies) = policies(case).swap_remove(policy);
     let arena = if planned { Arena::planned() } else { Arena::per_tensor() };
     let m = measure(&Cpu::new(threads), case, policies, arena, steps);
-    println!("result {} {} {} {} {} {}", m.step_s, m.store_peak, m.host_peak, m.rss_before_kib, m.rss_peak_kib, m.allocs_per_step);
+    println!("result {} {} {} {} {} {}", m.step_s, m.store_peak, m.host_peak, m.rss_before_kib, m.rss_peak_kib, m.allocations);
 }
 
 /// Parent side: run one (case, policy, arena) in a fresh process and parse its line.
@@ -148,7 +148,7 @@ fn in_child(case: usize, policy: usize, planned: bool, steps: usize, threads: us
         panic!("child {case}/{policy} ({}) printed no result: {}", out.status, String::from_utf8_lossy(&out.stderr))
     });
     let f: Vec<f64> = line.split(' ').map(|v| v.parse().unwrap_or_else(|_| panic!("child result {line:?}"))).collect();
-    Measured { step_s: f[0], store_peak: f[1] as u64, host_peak: f[2] as u64, rss_before_kib: f[3] as u64, rss_peak_kib: f[4] as u64, allocs_per_step: f[5] }
+    Measured { step_s: f[0], store_peak: f[1] as u64, host_peak: f[2] as u64, rss_before_kib: f[3] as u64, rss_peak_kib: f[4] as u64, allocations: f[5] as usize }
 }
 
 fn main() {
@@ -161,19 +161,19 @@ fn main() {
     }
     let cases = cases();
     println!("MEMO policies, CPU, {threads} threads, median of {steps} steps after a warm-up; each row in its own process");
-    println!("| config | tokens | policy | transients | step ms | allocs/step | store peak MiB | host tier peak MiB | RSS before MiB | peak RSS MiB |");
+    println!("| config | tokens | policy | transients | step ms | transient allocations, {} steps | store peak MiB | host tier peak MiB | RSS before MiB | peak RSS MiB |", steps + 1);
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut plans = Vec::new();
     for (c, case) in cases.iter().enumerate() {
         for ((p, (name, _)), planned) in policies(case).iter().enumerate().flat_map(|row| [(row, true), (row, false)]) {
             let m = in_child(c, p, planned, steps, threads);
             println!(
-                "| {} | {} | {name} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                "| {} | {} | {name} | {} | {:.1} | {} | {:.2} | {:.2} | {:.1} | {:.1} |",
                 case.name,
                 case.batch * case.seq,
                 if planned { "arena" } else { "per tensor" },
                 m.step_s * 1e3,
-                m.allocs_per_step,
+                m.allocations,
                 mib(m.store_peak),
                 mib(m.host_peak),
                 m.rss_before_kib as f64 / 1024.0,
