@@ -12,8 +12,9 @@
 //!
 //! Run: `cargo bench --bench compress [-- --config FILE --steps N --threads 2 --calib-tokens 4096
 //! --groups 8 --run DIR --rows rtn,k-means,k-means-share,jlcm,jlcm-share --bits 2,2.5,3,4]`
-//! (`--rows`, `--bits`: which methods and rates, default all). The default model with `--steps 300`: about 2.5 min of training plus
-//! 8 min of compression and evaluation on 2 cores; `configs/small.toml`: see BENCHMARKS.md.
+//! (`--rows`, `--bits`: which methods and rates, default all). The default model with
+//! `--steps 300`: about 25 minutes on 2 shared cores; `configs/small.toml`: about 35 minutes of
+//! training and 10–15 minutes per JLCM row (BENCHMARKS.md).
 
 use std::path::{Path, PathBuf};
 
