@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 use crate::backend::cpu::Cpu;
-use crate::compress::checkpoint::{load_compressed_model, load_compressed_tokenizer, parse_codebooks, parse_method, run_compress, CompressArgs, COMPRESSED_FILE};
+use crate::compress::checkpoint::{load_compressed_model, load_compressed_tokenizer, parse_codebooks, parse_expert_bits, parse_method, run_compress, CompressArgs, COMPRESSED_FILE};
 use crate::compress::{CodebookDtype, Embeddings};
 use crate::data::tokenizer::Tokenizer;
 use crate::memory::report::{memory_report, plan_report};
@@ -110,7 +110,11 @@ enum Command {
         /// JLCM codebooks: per-group, or shared-scaled (one codebook, a scale per group).
         #[arg(long, default_value = "per-group")]
         codebooks: String,
-        /// Training tokens used to calibrate JLCM.
+        /// Expert bit widths: uniform (every expert at --bits), or share (integer bits per expert
+        /// from its routed share, same index bits in total).
+        #[arg(long, default_value = "uniform")]
+        expert_bits: String,
+        /// Training tokens used to calibrate JLCM and --expert-bits share.
         #[arg(long, default_value_t = 4096)]
         calib_tokens: usize,
         /// Validation batches for the perplexity before/after (0: skip).
@@ -219,7 +223,7 @@ pub fn run() -> Result<()> {
             );
             Ok(())
         }
-        Command::Compress { checkpoint, method, bits, groups, codebooks, calib_tokens, eval_batches, out } => {
+        Command::Compress { checkpoint, method, bits, groups, codebooks, expert_bits, calib_tokens, eval_batches, out } => {
             let be = Cpu::new(0);
             let checkpoint = match checkpoint::latest(&checkpoint)? {
                 Some(dir) if !checkpoint.join("state.json").exists() => dir,
@@ -231,6 +235,7 @@ pub fn run() -> Result<()> {
                 bits,
                 groups,
                 codebooks: parse_codebooks(&codebooks)?,
+                expert_bits: parse_expert_bits(&expert_bits)?,
                 calib_tokens,
                 out,
                 embeddings: Embeddings::Dense(CodebookDtype::F16),
@@ -242,6 +247,11 @@ pub fn run() -> Result<()> {
                 "{} bytes: {:.3} bits per parameter (whole file), {:.3} bits per compressed weight (matrices only)",
                 r.file_bytes, r.bits_per_param, r.matrix_bits_per_weight
             );
+            if let Some(widths) = &r.expert_bits {
+                for (l, layer) in widths.iter().enumerate() {
+                    println!("layer {l} expert bits {layer:?} (routed tokens {:?})", r.expert_tokens.as_ref().map_or(&[][..], |t| &t[l][..]));
+                }
+            }
             if let (Some(a), Some(b)) = (r.val_ppl_fp32, r.val_ppl) {
                 println!("validation perplexity {a:.3} → {b:.3} ({:+.3})", b - a);
             }

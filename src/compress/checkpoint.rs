@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::format::{bits_per_weight, CompressedFile, CompressedMatrix, Method};
 use super::jlcm::CodebookKind;
-use super::model::{compress_model, decompress_to_values, Embeddings, ModelCompressConfig};
+use super::model::{compress_model_detailed, decompress_to_values, Embeddings, ExpertBits, ModelCompressConfig};
 use crate::backend::cpu::Cpu;
 use crate::config::Config;
 use crate::data::loader::Loader;
@@ -63,6 +63,15 @@ pub fn parse_codebooks(name: &str) -> Result<CodebookKind> {
     }
 }
 
+/// `--expert-bits uniform|share`.
+pub fn parse_expert_bits(name: &str) -> Result<ExpertBits> {
+    match name {
+        "uniform" => Ok(ExpertBits::Uniform),
+        "share" => Ok(ExpertBits::Share),
+        other => Err(Error::config("--expert-bits", other, "uniform or share")),
+    }
+}
+
 /// Everything `motley compress` takes.
 #[derive(Clone, Debug)]
 pub struct CompressArgs {
@@ -72,7 +81,9 @@ pub struct CompressArgs {
     pub bits: f32,
     pub groups: usize,
     pub codebooks: CodebookKind,
-    /// Training tokens run through the model to calibrate JLCM (ignored by RTN and k-means).
+    pub expert_bits: ExpertBits,
+    /// Training tokens run through the model to calibrate JLCM and `ExpertBits::Share` (RTN and
+    /// k-means at uniform bits need none).
     pub calib_tokens: usize,
     pub out: PathBuf,
     pub embeddings: Embeddings,
@@ -102,6 +113,10 @@ pub struct CompressReport {
     /// compressed weight: the method's own rate.
     pub matrix_bits_per_weight: f64,
     pub calib_tokens: usize,
+    /// Calibration tokens routed to each layer's experts (when calibrated).
+    pub expert_tokens: Option<Vec<Vec<usize>>>,
+    /// Index bits of each layer's experts under `--expert-bits share` (0: left dense).
+    pub expert_bits: Option<Vec<Vec<u8>>>,
     pub seconds: f64,
     pub val_loss_fp32: Option<f64>,
     pub val_loss: Option<f64>,
@@ -184,12 +199,21 @@ pub fn run_compress(be: &Cpu, args: &CompressArgs) -> Result<CompressReport> {
     let run_dir = args.checkpoint.parent().and_then(Path::parent).unwrap_or(Path::new("."));
     let data = prepare(&config, &run_dir.join("data"))?;
     let seq = config.train.seq_len;
-    let calib = if args.method == Method::Jlcm { calibration_batches(&data.train, args.calib_tokens, seq)? } else { Vec::new() };
-    let cfg = ModelCompressConfig { bits: args.bits, groups: args.groups, codebook: args.codebooks, embeddings: args.embeddings, ..ModelCompressConfig::default() };
+    let calibrate = args.method == Method::Jlcm || args.expert_bits == ExpertBits::Share;
+    let calib = if calibrate { calibration_batches(&data.train, args.calib_tokens, seq)? } else { Vec::new() };
+    let cfg = ModelCompressConfig {
+        bits: args.bits,
+        groups: args.groups,
+        codebook: args.codebooks,
+        embeddings: args.embeddings,
+        expert_bits: args.expert_bits,
+        ..ModelCompressConfig::default()
+    };
     let started = Instant::now();
-    let file = compress_model(be, &model, &calib, args.method, &cfg)?;
+    let compression = compress_model_detailed(be, &model, &calib, args.method, &cfg)?;
     let seconds = started.elapsed().as_secs_f64();
-    let file_bytes = save_compressed(&args.out, &file, &config, &data.tokenizer)?;
+    let file = &compression.file;
+    let file_bytes = save_compressed(&args.out, file, &config, &data.tokenizer)?;
     let (compressed, _) = load_compressed_model(&args.out, be)?;
     let (val_loss_fp32, val_loss) = if args.eval_batches > 0 {
         let eval = |m: &Model<Cpu>| validation_loss(be, m, &data.val, config.train.batch_size, seq, args.eval_batches);
@@ -197,7 +221,8 @@ pub fn run_compress(be: &Cpu, args: &CompressArgs) -> Result<CompressReport> {
     } else {
         (None, None)
     };
-    let report = report(args.method, args.bits, &args.out.join(COMPRESSED_FILE), file_bytes, &file, model.n_params(), calib.iter().map(|c| c.0.len()).sum(), seconds, val_loss_fp32, val_loss);
+    let mut report = report(args.method, args.bits, &args.out.join(COMPRESSED_FILE), file_bytes, file, model.n_params(), calib.iter().map(|c| c.0.len()).sum(), seconds, val_loss_fp32, val_loss);
+    (report.expert_tokens, report.expert_bits) = (compression.expert_tokens, compression.expert_bits);
     let path = args.out.join(REPORT_FILE);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::Invalid(format!("cannot encode the report: {e}")))?;
     std::fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
@@ -220,6 +245,8 @@ pub fn report(method: Method, bits: f32, path: &Path, file_bytes: u64, file: &Co
         bits_per_weight: bits_per_weight(file_bytes, weights as u64),
         matrix_bits_per_weight: 8.0 * payload as f64 / weights.max(1) as f64,
         calib_tokens,
+        expert_tokens: None,
+        expert_bits: None,
         seconds,
         val_loss_fp32,
         val_loss,
@@ -231,6 +258,7 @@ pub fn report(method: Method, bits: f32, path: &Path, file_bytes: u64, file: &Co
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::model::compress_model;
     use crate::data::loader::LoaderState;
     use crate::train::checkpoint::{self, TrainState};
 
@@ -280,6 +308,7 @@ mod tests {
             bits: 2.5,
             groups: 4,
             codebooks: CodebookKind::SharedScaled,
+            expert_bits: ExpertBits::Uniform,
             calib_tokens: 256,
             out: out.clone(),
             embeddings: Embeddings::Dense(super::super::CodebookDtype::F16),
@@ -288,19 +317,31 @@ mod tests {
         let r = run_compress(&be, &args).unwrap();
         assert_eq!(r.file_bytes, std::fs::metadata(out.join(COMPRESSED_FILE)).unwrap().len());
         assert_eq!(r.calib_tokens, 256);
-        assert!(r.bits_per_weight > r.matrix_bits_per_weight && r.matrix_bits_per_weight > 2.5, "{r:?}");
+        assert!(r.bits_per_weight > r.matrix_bits_per_weight, "{r:?}");
         assert!(r.val_ppl.unwrap().is_finite() && r.val_ppl_fp32.unwrap() > 1.0);
         assert!(out.join(REPORT_FILE).is_file() && !out.join(TOKENIZER_FILE).exists());
         let (model, back) = load_compressed_model(&out, &be).unwrap();
         assert_eq!(back, config);
         let file = CompressedFile::load(&out.join(COMPRESSED_FILE)).unwrap();
         assert_eq!(model.params, decompress_to_values(&file, &model.layout).unwrap());
+        // The matrices' payload is their indices (at most 2.5 bits on average) plus codebooks and
+        // permutations.
+        let index_bits = file.matrices.values().map(CompressedMatrix::index_bits).sum::<usize>() as f64 / r.compressed_weights as f64;
+        assert!(index_bits <= 2.5 && r.matrix_bits_per_weight > index_bits, "{index_bits} {r:?}");
         assert!(matches!(load_compressed_tokenizer(&out, &back).unwrap(), Tokenizer::Byte(_)));
 
         // RTN goes through the same path (and needs no calibration).
-        let rtn = run_compress(&be, &CompressArgs { method: Method::Rtn, bits: 3.0, out: run.join("rtn"), eval_batches: 0, ..args }).unwrap();
-        assert_eq!((rtn.calib_tokens, rtn.val_ppl), (0, None));
+        let rtn = run_compress(&be, &CompressArgs { method: Method::Rtn, bits: 3.0, out: run.join("rtn"), eval_batches: 0, ..args.clone() }).unwrap();
+        assert_eq!((rtn.calib_tokens, rtn.val_ppl, rtn.expert_bits), (0, None, None));
         load_compressed_model(&run.join("rtn"), &be).unwrap();
+        // Bits by routed share calibrate even RTN, and report the widths and the counts.
+        let share = CompressArgs { method: Method::Rtn, bits: 3.0, out: run.join("rtn-share"), eval_batches: 0, expert_bits: ExpertBits::Share, ..args };
+        let r = run_compress(&be, &share).unwrap();
+        let (widths, tokens) = (r.expert_bits.unwrap(), r.expert_tokens.unwrap());
+        assert_eq!((r.calib_tokens, widths.len(), tokens.len()), (256, 2, 2));
+        assert!(widths.iter().flatten().all(|&b| (1..=8).contains(&b)), "{widths:?}");
+        assert_eq!(tokens.iter().map(|l| l.iter().sum::<usize>()).collect::<Vec<_>>(), vec![2 * 256; 2], "top-2 routing");
+        load_compressed_model(&run.join("rtn-share"), &be).unwrap();
         std::fs::remove_dir_all(&run).unwrap();
     }
 
@@ -352,5 +393,7 @@ mod tests {
         assert!(parse_method("gptq").unwrap_err().to_string().contains("jlcm, kmeans, rtn"));
         assert_eq!(parse_codebooks("shared-scaled").unwrap(), CodebookKind::SharedScaled);
         assert!(parse_codebooks("one").is_err());
+        assert_eq!(parse_expert_bits("share").unwrap(), ExpertBits::Share);
+        assert!(parse_expert_bits("by-width").unwrap_err().to_string().contains("uniform or share"));
     }
 }

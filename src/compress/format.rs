@@ -13,7 +13,9 @@
 //! - `NAME:codebooks` (F32 or F16): all codebooks concatenated;
 //! - `NAME:scales` (one per group): only when some scale is not 1;
 //! - `NAME:zeros` (one per group): only when some zero is not 0 (affine codebooks, i.e. RTN);
-//! - `NAME:perm` (U32, one per row): only when the row order is [`RowOrder::Stored`].
+//! - `NAME:perm` (U8): only when the row order is [`RowOrder::Stored`]: one entry per stored row,
+//!   bit-packed at `⌈log2 rows⌉` bits ([`width_for`](super::bitpack::width_for)), the least any
+//!   fixed-width code of a row number can use. Versions 1 and 2 stored it as U32.
 //!
 //! Scales and zeros are F16 when every one of them is an exact f16 value (RTN rounds its
 //! (scale, zero) pairs to f16, so it pays 32 bits per row as its own accounting says), else F32.
@@ -24,9 +26,10 @@
 //! [`METADATA_KEY`]. Consecutive identical groups are written once with a `repeat` count, so
 //! RTN's one group per row costs a few bytes of header per matrix rather than per row. Loading
 //! checks every field and every index and names the tensor in the error. Version 1 files (no
-//! zeros, repeats, F16 scales or F16 dense tensors) still load.
+//! zeros, repeats, F16 scales or F16 dense tensors) and version 2 files (U32 permutations) still
+//! load.
 
-use super::bitpack::{BitReader, BitWriter};
+use super::bitpack::{self, BitReader, BitWriter};
 use super::bits::MAX_BITS;
 use super::matrix::Matrix;
 use crate::{Error, Result};
@@ -38,9 +41,11 @@ use std::path::Path;
 
 /// The `__metadata__` key holding this module's JSON.
 pub const METADATA_KEY: &str = "motley.compressed";
-const FORMAT_VERSION: u32 = 2;
-/// Versions this build reads: 2 only added optional fields to 1.
-const READABLE_VERSIONS: [u32; 2] = [1, 2];
+const FORMAT_VERSION: u32 = 3;
+/// Versions this build reads: 2 only added optional fields to 1; 3 packs permutations.
+const READABLE_VERSIONS: [u32; 3] = [1, 2, 3];
+/// The last version that stored permutations as U32.
+const U32_PERM_VERSION: u32 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -234,14 +239,14 @@ impl CompressedMatrix {
 
     /// Tensor payload bytes this matrix adds to a file (header JSON not included):
     /// `⌈index bits / 8⌉ + codebook entries · dtype bytes + (2 or 4) · groups (if scaled, and
-    /// again if offset) + 4 · rows (if the permutation is stored)`.
+    /// again if offset) + ⌈rows · ⌈log2 rows⌉ / 8⌉ (if the permutation is stored)`.
     pub fn payload_bytes(&self) -> usize {
         let affine = self.affine_dtype().bytes() * self.groups.len();
         self.index_bits().div_ceil(8)
             + self.codebooks.iter().map(Vec::len).sum::<usize>() * self.codebook_dtype.bytes()
             + if self.has_scales() { affine } else { 0 }
             + if self.has_zeros() { affine } else { 0 }
-            + if matches!(self.row_order, RowOrder::Stored(_)) { 4 * self.rows } else { 0 }
+            + if matches!(self.row_order, RowOrder::Stored(_)) { bitpack::packed_len(self.rows, bitpack::width_for(self.rows)) } else { 0 }
     }
 }
 
@@ -440,8 +445,8 @@ impl CompressedFile {
                 RowOrder::Original => "original",
                 RowOrder::Folded => "folded",
                 RowOrder::Stored(perm) => {
-                    let bytes = perm.iter().flat_map(|p| p.to_le_bytes()).collect();
-                    tensors.insert(format!("{name}{PERM}"), Raw { dtype: Dtype::U32, shape: vec![m.rows], bytes });
+                    let bytes = bitpack::pack(&perm[..], bitpack::width_for(m.rows))?;
+                    tensors.insert(format!("{name}{PERM}"), Raw { dtype: Dtype::U8, shape: vec![bytes.len()], bytes });
                     "stored"
                 }
             };
@@ -561,16 +566,27 @@ impl CompressedFile {
             let row_order = match mm.row_order.as_str() {
                 "original" => RowOrder::Original,
                 "folded" => RowOrder::Folded,
-                "stored" => {
+                "stored" if meta.version <= U32_PERM_VERSION => {
                     let raw = get(format!("{name}{PERM}"), Dtype::U32, mm.rows, "row permutation")?;
                     RowOrder::Stored(raw.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+                }
+                "stored" => {
+                    let bits = bitpack::width_for(mm.rows);
+                    let raw = get(format!("{name}{PERM}"), Dtype::U8, bitpack::packed_len(mm.rows, bits), "packed row permutation")?;
+                    let mut reader = BitReader::new(&raw);
+                    let perm = reader.read(mm.rows, bits).map_err(|e| bad(format!("row permutation: {e}")))?;
+                    if !reader.rest_is_zero() {
+                        return Err(bad("packed row permutation has non-zero padding bits".into()));
+                    }
+                    RowOrder::Stored(perm)
                 }
                 other => return Err(bad(format!("row order `{other}` (expected original, stored or folded)"))),
             };
             let mut reader = BitReader::new(&packed);
             let mut indices = Vec::with_capacity(mm.rows * mm.cols);
             for g in &groups {
-                indices.extend(reader.read(g.rows * mm.cols, g.bits).map_err(|e| bad(e.to_string()))?);
+                // Widths were checked to be ≤ 8 above, so every value fits a byte.
+                indices.extend(reader.read(g.rows * mm.cols, g.bits).map_err(|e| bad(e.to_string()))?.into_iter().map(|v| v as u8));
             }
             if !reader.rest_is_zero() {
                 return Err(bad("packed indices have non-zero padding bits".into()));
@@ -691,8 +707,8 @@ mod tests {
         let payload: usize = f.matrices.values().map(CompressedMatrix::payload_bytes).sum::<usize>() + 3 * 4;
         assert_eq!(size, 8 + header + payload as u64);
         // w1: 2·7·2 + 3·7·3 = 91 index bits → 12 bytes; 11 f16 entries; 2 scales (exact in f16,
-        // so stored as f16); 5-entry perm.
-        assert_eq!(f.matrices["layers.0.mlp.w1"].payload_bytes(), 12 + 22 + 4 + 20);
+        // so stored as f16); 5-entry perm at ⌈log2 5⌉ = 3 bits → 15 bits → 2 bytes.
+        assert_eq!(f.matrices["layers.0.mlp.w1"].payload_bytes(), 12 + 22 + 4 + 2);
         // w2: no scales, folded permutation, f32 codebooks.
         assert_eq!(f.matrices["layers.0.mlp.w2"].payload_bytes(), 12 + 44);
         assert_eq!(bits_per_weight(size, f.compressed_weights() as u64), 8.0 * size as f64 / 70.0);
@@ -725,12 +741,24 @@ mod tests {
         let e = err(&bad);
         assert!(e.contains("layers.0.mlp.w1:codebooks") && e.contains("shape [12]") && e.contains("shape [11]"), "{e}");
 
-        // A repeated permutation entry.
-        let mut bad = good.clone();
+        // The permutation [3, 0, 4, 1, 2] at 3 bits: byte 0 holds entries 0, 1 and two bits of 2.
         let perm = data_range(&good, "layers.0.mlp.w1:perm");
-        bad[perm.start..perm.start + 4].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(perm.len(), 2);
+        // Entry 0 set to 0, repeating entry 1.
+        let mut bad = good.clone();
+        bad[perm.start] = 0;
         let e = err(&bad);
-        assert!(e.contains("layers.0.mlp.w1") && e.contains("permutation"), "{e}");
+        assert!(e.contains("layers.0.mlp.w1") && e.contains("permutation entry 1 = 0"), "{e}");
+        // Entry 0 set to 7, which 3 bits can hold but 5 rows cannot.
+        let mut bad = good.clone();
+        bad[perm.start] |= 0b111;
+        let e = err(&bad);
+        assert!(e.contains("layers.0.mlp.w1") && e.contains("permutation entry 0 = 7 is out of range"), "{e}");
+        // A set padding bit after the 15 permutation bits.
+        let mut bad = good.clone();
+        bad[perm.start + 1] |= 0x80;
+        let e = err(&bad);
+        assert!(e.contains("layers.0.mlp.w1") && e.contains("permutation has non-zero padding"), "{e}");
 
         // Non-zero padding after the last index.
         let mut bad = good.clone();
@@ -750,6 +778,45 @@ mod tests {
         let e = CompressedFile::load(&path).unwrap_err().to_string();
         std::fs::remove_file(&path).ok();
         assert!(e.contains("motley-compress") && e.contains("truncated"), "{e}");
+    }
+
+    /// `f` with its metadata claiming `version`, and with permutations as U32 of shape [rows]
+    /// (as versions 1 and 2 wrote them) when `u32_perms`.
+    fn as_version(f: &CompressedFile, version: u32, u32_perms: bool) -> Vec<u8> {
+        let bytes = f.to_bytes().unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: BTreeMap<String, Raw> =
+            st.tensors().into_iter().map(|(n, v)| (n, Raw { dtype: v.dtype(), shape: v.shape().to_vec(), bytes: v.data().to_vec() })).collect();
+        if u32_perms {
+            for (name, m) in &f.matrices {
+                if let RowOrder::Stored(perm) = &m.row_order {
+                    let bytes = perm.iter().flat_map(|p| p.to_le_bytes()).collect();
+                    tensors.insert(format!("{name}{PERM}"), Raw { dtype: Dtype::U32, shape: vec![perm.len()], bytes });
+                }
+            }
+        }
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let json = &header.metadata().as_ref().unwrap()[METADATA_KEY];
+        let current = format!("\"version\":{FORMAT_VERSION},");
+        assert!(json.contains(&current), "{json}");
+        let json = json.replace(&current, &format!("\"version\":{version},"));
+        safetensors::serialize(tensors.iter().map(|(n, r)| (n.as_str(), r)), Some(HashMap::from([(METADATA_KEY.to_string(), json)]))).unwrap()
+    }
+
+    #[test]
+    fn version_2_files_with_u32_permutations_still_load_and_unknown_versions_are_named() {
+        let f = sample_file();
+        let v2 = as_version(&f, 2, true);
+        assert_eq!(CompressedFile::from_bytes(&v2).unwrap(), f);
+        // The packed permutation saves 4 · 5 − 2 bytes of payload (the header differs only in
+        // the version digit, the dtype and the shape).
+        let v3 = f.to_bytes().unwrap();
+        assert!(v2.len() >= v3.len() + 18, "{} vs {}", v2.len(), v3.len());
+        // A version 3 file whose metadata claims version 2 expects U32 and says so.
+        let e = CompressedFile::from_bytes(&as_version(&f, 2, false)).unwrap_err();
+        assert!(e.contains("layers.0.mlp.w1:perm") && e.contains("expected U32"), "{e}");
+        let e = CompressedFile::from_bytes(&as_version(&f, 4, false)).unwrap_err();
+        assert!(e.contains("format version 4") && e.contains("[1, 2, 3]"), "{e}");
     }
 
     #[test]

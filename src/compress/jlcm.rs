@@ -242,11 +242,11 @@ fn fit_all(w: &Matrix, h: &Hessian, state: &mut State, starts: &[usize], kind: C
     state.codebooks.clear();
     match kind {
         CodebookKind::PerGroup => {
-            for g in 0..n {
+            for (g, loss) in losses.iter_mut().enumerate() {
                 let (cb, l) = fit_codebook(w, h, state, starts, &[g], state.groups[g].bits, cfg)?;
                 state.groups[g].codebook = g;
                 state.codebooks.push(cb);
-                losses[g] = l[0];
+                *loss = l[0];
             }
         }
         CodebookKind::SharedScaled => {
@@ -361,7 +361,7 @@ fn solve_spd(a: &[f64], b: &[f64]) -> Option<Vec<f64>> {
                 s -= l[i * n + p] * l[j * n + p];
             }
             if i == j {
-                if !(s > 0.0) {
+                if s.is_nan() || s <= 0.0 {
                     return None;
                 }
                 l[i * n + i] = s.sqrt();

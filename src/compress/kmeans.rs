@@ -40,7 +40,7 @@ pub struct KMeans {
 /// Clusters `points` (`n × dim`, row-major) into `cfg.k` clusters, each point weighted by
 /// `weights[i]` (all 1 when `None`). Empty clusters keep their previous centroid.
 pub fn kmeans(points: &[f32], dim: usize, weights: Option<&[f32]>, cfg: &KMeansConfig) -> Result<KMeans> {
-    if dim == 0 || points.is_empty() || points.len() % dim != 0 {
+    if dim == 0 || points.is_empty() || !points.len().is_multiple_of(dim) {
         return Err(Error::Invalid(format!("k-means needs a non-empty n × {dim} point array, got {} values", points.len())));
     }
     let n = points.len() / dim;
@@ -91,7 +91,7 @@ fn seed_plus_plus(points: &[f32], dim: usize, weight: &dyn Fn(usize) -> f64, k: 
     let point = |i: usize| &points[i * dim..(i + 1) * dim];
     let pick = |scores: &[f64], rng: &mut Rng| -> usize {
         let total: f64 = scores.iter().sum();
-        if !(total > 0.0) {
+        if total.is_nan() || total <= 0.0 {
             return rng.below(scores.len());
         }
         let mut target = rng.uniform() * total;

@@ -82,7 +82,7 @@ impl Hessian {
             out.iter_mut().for_each(|o| *o /= n as f64);
         });
         let mean_diag = (0..d).map(|i| data[i * d + i]).sum::<f64>() / d as f64;
-        if !(mean_diag > 0.0) {
+        if mean_diag.is_nan() || mean_diag <= 0.0 {
             return Err(Error::Invalid("calibration inputs are all zero: cannot weigh the output error".into()));
         }
         for i in 0..d {

@@ -21,6 +21,7 @@ pub mod kmeans;
 pub mod matrix;
 pub mod model;
 pub mod rtn;
+pub mod share;
 pub mod synth;
 
 pub use eval::relative_output_error;
@@ -28,6 +29,6 @@ pub use format::{bits_per_weight, CodebookDtype, CompressedFile, CompressedMatri
 pub use jlcm::{compress_jlcm, group_rows, CodebookKind, JlcmConfig, JlcmOutput, RowGrouping};
 pub use kmeans::{kmeans, quantize_kmeans, KMeans, KMeansConfig, KMeansQuantConfig};
 pub use matrix::{Hessian, Matrix};
-pub use model::{compress_model, decompress_to_values, Embeddings, ModelCompressConfig};
+pub use model::{compress_model, decompress_to_values, Embeddings, ExpertBits, ModelCompressConfig};
 pub use checkpoint::{load_compressed_model, run_compress, CompressArgs, CompressReport};
 pub use rtn::{quantize_rtn, RtnConfig, RtnMatrix};

@@ -24,6 +24,10 @@
 //! permutation in the file ([`RowOrder::Stored`]): the rows of `wqkv` feed RoPE and attention
 //! (q/k dimensions are paired by frequency), `wo`, `w_down` and `lm_head` rows are residual-stream
 //! or vocabulary coordinates shared by the whole model.
+//!
+//! Bits per expert ([`ExpertBits::Share`]): each expert's two matrices get an integer width from
+//! its routed share in the calibration forward ([`share`](super::share) has the rule), spending
+//! the same index bits on the experts as `bits` would; every other matrix gets `bits`.
 
 use std::collections::BTreeSet;
 
@@ -33,6 +37,7 @@ use super::jlcm::{compress_jlcm, CodebookKind, JlcmConfig};
 use super::kmeans::{quantize_kmeans, KMeansQuantConfig};
 use super::matrix::{Hessian, Matrix};
 use super::rtn::{quantize_rtn, RtnConfig};
+use super::share;
 use crate::backend::cpu::Cpu;
 use crate::config::stable_hash;
 use crate::model::params::{ParamLayout, ParamSpec};
@@ -51,6 +56,15 @@ pub enum Embeddings {
     Compress,
 }
 
+/// How the experts' bit widths are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertBits {
+    /// Every expert at `bits`, like every other matrix.
+    Uniform,
+    /// From each expert's routed share (module doc); needs calibration data, whatever the method.
+    Share,
+}
+
 /// Settings of [`compress_model`] besides the method.
 #[derive(Clone, Debug)]
 pub struct ModelCompressConfig {
@@ -64,6 +78,7 @@ pub struct ModelCompressConfig {
     pub embeddings: Embeddings,
     /// Fold JLCM's expert hidden-unit permutation into the expert (see the module doc).
     pub fold_experts: bool,
+    pub expert_bits: ExpertBits,
     pub seed: u64,
 }
 
@@ -76,6 +91,7 @@ impl Default for ModelCompressConfig {
             jlcm_steps: 20,
             embeddings: Embeddings::Dense(CodebookDtype::F16),
             fold_experts: true,
+            expert_bits: ExpertBits::Uniform,
             seed: 0,
         }
     }
@@ -90,29 +106,52 @@ pub struct ExpertFold {
 }
 
 /// Compresses every weight matrix of `model` (see the module doc for which, and how).
-/// `calib` holds `(inputs, batch, seq)` token batches; only JLCM reads them.
+/// `calib` holds `(inputs, batch, seq)` token batches; JLCM and [`ExpertBits::Share`] read them.
 pub fn compress_model(be: &Cpu, model: &Model<Cpu>, calib: &[(Vec<u32>, usize, usize)], method: Method, cfg: &ModelCompressConfig) -> Result<CompressedFile> {
-    compress_model_with_folds(be, model, calib, method, cfg).map(|(file, _)| file)
+    compress_model_detailed(be, model, calib, method, cfg).map(|c| c.file)
 }
 
-/// [`compress_model`], also returning the folded expert permutations (for tests and reports).
-pub fn compress_model_with_folds(
-    be: &Cpu,
-    model: &Model<Cpu>,
-    calib: &[(Vec<u32>, usize, usize)],
-    method: Method,
-    cfg: &ModelCompressConfig,
-) -> Result<(CompressedFile, Vec<ExpertFold>)> {
+/// [`compress_model_detailed`]'s result: the file and how it was made (for tests and reports).
+pub struct ModelCompression {
+    pub file: CompressedFile,
+    pub folds: Vec<ExpertFold>,
+    /// Calibration tokens routed to each layer's experts (when calibrated).
+    pub expert_tokens: Option<Vec<Vec<usize>>>,
+    /// Index bits of each layer's experts under [`ExpertBits::Share`]; 0 marks an expert left
+    /// dense (too small to compress).
+    pub expert_bits: Option<Vec<Vec<u8>>>,
+}
+
+/// [`compress_model`], also returning the folds, routing counts and expert widths.
+pub fn compress_model_detailed(be: &Cpu, model: &Model<Cpu>, calib: &[(Vec<u32>, usize, usize)], method: Method, cfg: &ModelCompressConfig) -> Result<ModelCompression> {
     if cfg.groups == 0 {
         return Err(Error::config("groups", 0, "at least 1 row group"));
     }
-    let calibration = if method == Method::Jlcm { Some(calib::calibrate(be, model, calib)?) } else { None };
+    let calibrate = method == Method::Jlcm || cfg.expert_bits == ExpertBits::Share;
+    let calibration = if calibrate { Some(calib::calibrate(be, model, calib)?) } else { None };
     let values: &[f32] = &model.params;
     let layout = &model.layout;
+    let spec_at = |offset: usize| spec_index(layout, offset);
+    // Target bits of each parameter tensor (only matrices read theirs).
+    let mut bits = vec![cfg.bits; layout.specs.len()];
+    let expert_bits = match (cfg.expert_bits, &calibration) {
+        (ExpertBits::Share, Some(cal)) => {
+            let widths = share_bits(layout, &cal.expert_tokens, cfg.bits)?;
+            for (block, layer) in layout.blocks.iter().zip(&widths) {
+                for (&(gu, down), &b) in block.experts.iter().zip(layer) {
+                    for i in [spec_at(gu), spec_at(down)].into_iter().flatten() {
+                        bits[i] = b as f32;
+                    }
+                }
+            }
+            Some(widths)
+        }
+        _ => None,
+    };
+    let at_bits = |i: usize| ModelCompressConfig { bits: bits[i], ..cfg.clone() };
     let mut file = CompressedFile::default();
     let mut folds = Vec::new();
     let mut done = vec![false; layout.specs.len()];
-    let spec_at = |offset: usize| layout.specs.iter().position(|s| s.offset == offset);
 
     // Experts first: a fold ties each expert's two matrices together.
     for (l, block) in layout.blocks.iter().enumerate() {
@@ -122,7 +161,7 @@ pub fn compress_model_with_folds(
             if method != Method::Jlcm || !cfg.fold_experts || !compressible(gu) || !compressible(down) {
                 continue;
             }
-            let (mg, md, order) = fold_expert(values, gu, down, calibration.as_ref(), cfg)?;
+            let (mg, md, order) = fold_expert(values, gu, down, calibration.as_ref(), &at_bits(gi))?;
             file.matrices.insert(gu.name.clone(), mg);
             file.matrices.insert(down.name.clone(), md);
             folds.push(ExpertFold { layer: l, expert: e, order });
@@ -143,7 +182,7 @@ pub fn compress_model_with_folds(
             _ if compressible(spec) && !is_router(layout, spec) => {
                 let w = Matrix::new(spec.shape[0], spec.shape[1], data.to_vec())?;
                 let h = calibration.as_ref().and_then(|c| c.hessians.get(&spec.name));
-                let m = compress_matrix(&w, h, method, cfg, seed_of(cfg.seed, &spec.name), false)?.0;
+                let m = compress_matrix(&w, h, method, &at_bits(i), seed_of(cfg.seed, &spec.name), false)?.0;
                 file.matrices.insert(spec.name.clone(), m);
             }
             _ => {
@@ -151,11 +190,39 @@ pub fn compress_model_with_folds(
             }
         }
     }
-    Ok((file, folds))
+    let expert_tokens = calibration.map(|c| c.expert_tokens);
+    Ok(ModelCompression { file, folds, expert_tokens, expert_bits })
 }
 
 fn compressible(spec: &ParamSpec) -> bool {
     spec.shape.len() == 2 && spec.len() >= MIN_COMPRESSED_WEIGHTS
+}
+
+/// Index in `layout.specs` of the tensor at `offset`.
+fn spec_index(layout: &ParamLayout, offset: usize) -> Option<usize> {
+    layout.specs.iter().position(|s| s.offset == offset)
+}
+
+/// [`share::allocate`] over every expert whose two matrices are compressed, all layers together
+/// (each layer's shares sum to 1, so layers weigh the same); 0 for the others.
+fn share_bits(layout: &ParamLayout, tokens: &[Vec<usize>], target: f32) -> Result<Vec<Vec<u8>>> {
+    let shares = share::shares(tokens);
+    let size_of = |offset: usize| spec_index(layout, offset).map(|i| &layout.specs[i]).filter(|s| compressible(s)).map(ParamSpec::len);
+    let mut units = Vec::new();
+    for (l, block) in layout.blocks.iter().enumerate() {
+        for (e, &(gu, down)) in block.experts.iter().enumerate() {
+            if let (Some(a), Some(b)) = (size_of(gu), size_of(down)) {
+                units.push((l, e, a + b, shares[l][e]));
+            }
+        }
+    }
+    let sizes: Vec<usize> = units.iter().map(|u| u.2).collect();
+    let unit_shares: Vec<f64> = units.iter().map(|u| u.3).collect();
+    let mut widths: Vec<Vec<u8>> = layout.blocks.iter().map(|b| vec![0; b.experts.len()]).collect();
+    for (u, b) in units.iter().zip(share::allocate(&sizes, &unit_shares, target)?) {
+        widths[u.0][u.1] = b;
+    }
+    Ok(widths)
 }
 
 fn is_router(layout: &ParamLayout, spec: &ParamSpec) -> bool {
@@ -349,7 +416,7 @@ mod tests {
         let be = Cpu::new(2);
         let model = small_model(&be);
         let original: Vec<f32> = model.params.clone();
-        let (file, folds) = compress_model_with_folds(&be, &model, &calib(), Method::Jlcm, &cfg(3.0)).unwrap();
+        let ModelCompression { file, folds, .. } = compress_model_detailed(&be, &model, &calib(), Method::Jlcm, &cfg(3.0)).unwrap();
         assert_eq!(folds.len(), 2 * 3, "every expert folded");
         assert!(folds.iter().any(|f| f.order.iter().enumerate().any(|(i, &o)| i != o)), "some fold is not the identity");
         let folded = decompress_to_values(&file, &model.layout).unwrap();
@@ -379,6 +446,57 @@ mod tests {
         assert!(rel(&unfolded, spec.range()) < 0.1, "{}", rel(&unfolded, spec.range()));
         assert!(rel(&folded, spec.range()) > 0.5, "{}", rel(&folded, spec.range()));
         assert!((lu - loss(&be, &model, &original)).abs() < 0.5);
+    }
+
+    /// `--expert-bits share`: the experts' average index width is within the stated bound below
+    /// the target, the file is the size of the uniform one, a busier expert of the same shape
+    /// never has fewer bits, and the matrices carry the allocated widths.
+    #[test]
+    fn bits_by_share_keep_the_budget_and_follow_the_shares() {
+        let be = Cpu::new(2);
+        let model = small_model(&be);
+        let layout = &model.layout;
+        // Same-shape experts given different bits: the share ordering was put to the test.
+        let mut split_pairs = 0;
+        for (method, target) in [(Method::Kmeans, 2.0f32), (Method::Kmeans, 2.5), (Method::Jlcm, 3.0)] {
+            let share_cfg = ModelCompressConfig { expert_bits: ExpertBits::Share, ..cfg(target) };
+            let c = compress_model_detailed(&be, &model, &calib(), method, &share_cfg).unwrap();
+            let (widths, tokens) = (c.expert_bits.unwrap(), c.expert_tokens.unwrap());
+            let shares = share::shares(&tokens);
+            let (mut index_bits, mut weights, mut smallest) = (0usize, 0usize, usize::MAX);
+            let mut experts = Vec::new();
+            for (l, block) in layout.blocks.iter().enumerate() {
+                for (e, &(gu, down)) in block.experts.iter().enumerate() {
+                    let b = widths[l][e];
+                    let mut n = 0;
+                    for off in [gu, down] {
+                        let spec = &layout.specs[spec_index(layout, off).unwrap()];
+                        let m = &c.file.matrices[&spec.name];
+                        assert!(m.groups.iter().all(|g| g.bits == b), "{method:?} {}: groups at {:?}, allocated {b}", spec.name, m.groups);
+                        index_bits += m.index_bits();
+                        n += m.rows * m.cols;
+                    }
+                    (weights, smallest) = (weights + n, smallest.min(n));
+                    experts.push((n, shares[l][e], b));
+                }
+            }
+            let avg = index_bits as f64 / weights as f64;
+            let bound = smallest as f64 / weights as f64;
+            assert!(avg <= target as f64 && avg > target as f64 - bound, "{method:?} {target}: experts average {avg} bits (bound {bound})");
+            for a in &experts {
+                for b in &experts {
+                    assert!(!(a.0 == b.0 && a.1 > b.1 && a.2 < b.2), "{method:?} {target}: share {} got {} bits, share {} got {}", a.1, a.2, b.1, b.2);
+                    split_pairs += usize::from(a.0 == b.0 && a.2 > b.2);
+                }
+            }
+            // The whole file (everything included) against uniform bits: within 1%, here and at
+            // model scale (the index bits differ by at most `bound`, codebooks by a few entries).
+            let size = |f: &CompressedFile| f.to_bytes().unwrap().len() as f64;
+            let uniform = compress_model(&be, &model, &calib(), method, &cfg(target)).unwrap();
+            let ratio = size(&c.file) / size(&uniform);
+            assert!((0.99..=1.01).contains(&ratio), "{method:?} {target}: share file / uniform file = {ratio}");
+        }
+        assert!(split_pairs > 0, "no two experts of one shape got different bits");
     }
 
     #[test]
