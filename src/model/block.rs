@@ -15,7 +15,7 @@ use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
 use crate::memory::transients::{block_phases, bwd, fwd};
 use crate::parallel::comm::Communicator;
-use crate::parallel::dispatch::{plan_slots, DispatchMode, SlotPlan, TokenDispatcher};
+use crate::parallel::dispatch::{expert_shard, plan_slots, DispatchMode, SlotPlan, TokenDispatcher};
 use crate::Result;
 
 /// The skeletal activations of a block: what its backward reads.
@@ -128,7 +128,7 @@ impl<B: Backend> BlockCtx<'_, B> {
 
     /// The first expert whose parameters `params` holds.
     fn first_local_expert(&self) -> usize {
-        self.ep.map_or(0, |ep| ep.rank() * (self.moe.n_experts() / ep.size()))
+        self.ep.map_or(0, |ep| expert_shard(self.moe.n_experts(), ep.size(), ep.rank()).start)
     }
 
     /// Expert `ex`'s (gate_up, down) parameter offsets.
@@ -192,7 +192,10 @@ impl<B: Backend> BlockCtx<'_, B> {
         let widths = &self.moe.expert_widths;
         let sc = routing.n_slots() * c;
         let (forward, backward) = self.phases(&routing);
-        tx.reserve(be, &backward.requests);
+        if store.is_some() {
+            // Training: room for this routing's backward now, so a step allocates once.
+            tx.reserve(be, &backward.requests);
+        }
         tx.begin(be, forward.requests);
         {
             let [mut xe] = tx.views(be, [(fwd::XE, sc)]);

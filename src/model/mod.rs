@@ -86,8 +86,7 @@ impl<B: Backend> Model<B> {
         if !e.is_multiple_of(size) {
             return Err(Error::config("parallel.ep", size, format!("a divisor of the number of experts ({e})")));
         }
-        let local = ep.rank() * (e / size)..(ep.rank() + 1) * (e / size);
-        let layout = ParamLayout::sharded(&config, &moe, local);
+        let layout = ParamLayout::sharded(&config, &moe, crate::parallel::dispatch::expert_shard(e, size, ep.rank()));
         let values = layout.init_values(seed);
         let mut model = Self::with_layout(be, config, moe, layout, &values)?;
         model.ep = (size > 1).then_some(ep);

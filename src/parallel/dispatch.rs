@@ -56,6 +56,13 @@ pub fn expert_capacity(n_slots: usize, n_experts: usize, factor: f64) -> usize {
     ((n_slots as f64 / n_experts as f64) * factor).ceil() as usize
 }
 
+/// The experts EP rank `rank` of `ep_size` holds: a contiguous share of `n_experts` (a multiple
+/// of `ep_size`). The one place that decides expert placement (dispatch, parameters, gathering).
+pub fn expert_shard(n_experts: usize, ep_size: usize, rank: usize) -> Range<usize> {
+    let l = n_experts / ep_size;
+    rank * l..(rank + 1) * l
+}
+
 /// The rows this rank sends, expert-major: for each row, the routing slot it carries.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlotPlan {
@@ -235,8 +242,7 @@ impl<'a> TokenDispatcher<'a> {
 
     /// Global ids of the experts this rank runs.
     pub fn local_experts(&self) -> Range<usize> {
-        let l = self.n_local();
-        self.ep.rank() * l..(self.ep.rank() + 1) * l
+        expert_shard(self.n_experts, self.ep.size(), self.ep.rank())
     }
 
     /// Runs the MoE layer's expert part: returns `out` (N,C) and what the backward needs.

@@ -11,6 +11,7 @@ use std::ops::Range;
 use crate::backend::Backend;
 use crate::model::params::{ParamLayout, ParamSpec};
 use crate::parallel::comm::Communicator;
+use crate::parallel::dispatch::expert_shard;
 use crate::parallel::ranks::{MoeGroup, ParallelConfig, ParallelLayout};
 use crate::Result;
 
@@ -108,7 +109,7 @@ impl GradBuckets {
 
 /// The expert tensors of EP rank `r` of `size`, in layout order.
 fn experts_of(full: &ParamLayout, n_experts: usize, size: usize, r: usize) -> impl Iterator<Item = &ParamSpec> {
-    let local = r * (n_experts / size)..(r + 1) * (n_experts / size);
+    let local = expert_shard(n_experts, size, r);
     full.specs.iter().filter(move |s| s.expert.is_some_and(|e| local.contains(&e)))
 }
 
@@ -185,7 +186,7 @@ mod tests {
         for ep in [1, 2, 4] {
             let gathered = LocalGroup::run(ep, |comm| {
                 let r = comm.rank();
-                let local = ParamLayout::sharded(&m, &moe, r * 4 / ep..(r + 1) * 4 / ep);
+                let local = ParamLayout::sharded(&m, &moe, expert_shard(4, ep, r));
                 let mut buf = vec![0f32; local.total];
                 for s in &local.specs {
                     buf[s.range()].copy_from_slice(&values[full.get(&s.name).unwrap().range()]);
