@@ -284,6 +284,9 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
     // A collective with expert parallelism (the experts are gathered); rank 0 writes.
     let save = |model: &Model<B>, opt: &Optimizer<B>, loader: &Loader, flops: f64| -> Result<Option<PathBuf>> {
+        if !leader && model.expert_parallel().is_none() {
+            return Ok(None); // nothing to gather: rank 0 has the whole model
+        }
         let (Some(params), Some(m), Some(v)) = (full_values(be, model, &full_layout, &model.params)?, full_values(be, model, &full_layout, &opt.m)?, full_values(be, model, &full_layout, &opt.v)?) else {
             return Ok(None);
         };
