@@ -47,7 +47,7 @@ fn train(kind: Kind, seed: u64, policies: Vec<LayerPolicy>, arena: Arena<Cpu>) -
         }
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    (losses, bits(&model.params), bits(&model.grads), (after_first, store.arena().allocations()))
+    (losses, bits(model.params.master()), bits(&model.grads), (after_first, store.arena().allocations()))
 }
 
 #[test]

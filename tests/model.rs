@@ -28,7 +28,7 @@ fn model_gradients(kind: Kind) {
     let mut store = model.new_store();
     model.zero_grads(&be);
     let base = model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
-    let params = model.params.clone();
+    let params = model.params.master().clone();
     let grads = model.grads.clone();
     let layout = model.layout.clone();
     let eval = |p: &[f32]| {
@@ -134,4 +134,44 @@ fn two_layer_model_overfits_a_small_batch() {
     // Random tokens over 64 symbols start near ln 64 ≈ 4.16; memorising 48 of them drives it near 0.
     assert!(first > 3.5, "initial loss {first}");
     assert!(last < 0.1, "loss after 150 steps on one batch: {last} (from {first})");
+}
+
+fn rounded_to_bf16(values: &[f32]) -> Vec<f32> {
+    values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+}
+
+/// Mixed precision's plumbing, on the CPU: with a bf16 working copy every op must read the
+/// working copy and never the f32 master, and AdamW must keep the copy fresh. A model whose
+/// master holds the rounded values and has no working copy is the reference: losses and
+/// gradients must match it bitwise at every step, while the master itself trains in f32.
+#[test]
+fn ops_read_the_bf16_working_copy_and_adamw_refreshes_it() {
+    for kind in [Kind::TopK, Kind::TopP] {
+        let (mixed_be, plain_be) = (Cpu::new(2).with_bf16_weights(), Cpu::new(2));
+        let (cfg, moe) = tiny_model(kind);
+        let (b, t) = (2, 12);
+        let mut model = Model::new(&mixed_be, cfg.clone(), moe.clone(), 5).unwrap();
+        let mut store = model.new_store();
+        let opt_cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
+        let mut opt = Optimizer::new(&mixed_be, opt_cfg, model.n_params());
+        for step in 0..3 {
+            let (inputs, targets) = batch(40 + step, cfg.vocab_size, b, t);
+            let master = model.params.master().clone();
+            assert_ne!(master, rounded_to_bf16(&master), "{kind:?} step {step}: the test needs values that bf16 changes");
+            let mut reference = Model::from_values(&plain_be, cfg.clone(), moe.clone(), &rounded_to_bf16(&master)).unwrap();
+            let mut ref_store = reference.new_store();
+            reference.zero_grads(&plain_be);
+            let want = reference.forward_backward(&plain_be, &mut ref_store, &inputs, &targets, b, t).unwrap();
+            model.zero_grads(&mixed_be);
+            let got = model.forward_backward(&mixed_be, &mut store, &inputs, &targets, b, t).unwrap();
+            assert_eq!(got.loss.to_bits(), want.loss.to_bits(), "{kind:?} step {step}: loss");
+            assert!(model.grads.iter().zip(&reference.grads).all(|(a, b)| a.to_bits() == b.to_bits()), "{kind:?} step {step}: gradients");
+            let eval = model.evaluate(&mixed_be, &inputs, &targets, b, t).unwrap();
+            assert_eq!(eval.lm_loss.to_bits(), reference.evaluate(&plain_be, &inputs, &targets, b, t).unwrap().lm_loss.to_bits(), "{kind:?} step {step}: evaluate");
+            opt.update(&mixed_be, &model.layout, &mut model.params, &model.grads, 3e-3);
+        }
+        // The master kept f32 precision: some values are not bf16-representable.
+        let master = model.params.master();
+        assert_ne!(*master, rounded_to_bf16(master));
+    }
 }

@@ -10,6 +10,15 @@
 //! host from the router probabilities, which are small (`N × E`).
 //!
 //! Ops whose doc says "accumulates" add into their output (`+=`); all others overwrite it.
+//!
+//! Precision: a buffer is either in activation storage ([`Backend::alloc`]: f32 on the CPU, bf16
+//! on CUDA in mixed precision) or f32 everywhere ([`Backend::alloc_f32`]). The roles are fixed:
+//! weights are read from the working copy (activation storage, see
+//! [`Backend::uses_working_copy`]); weight gradients are f32 (`rmsnorm_bwd`'s `dw`,
+//! `embedding_bwd`'s `dtable`, the classifier's `dw`, and `matmul` outputs into gradients);
+//! statistics are f32 (`rstd`, `lse`, the rotary table, router logits and probabilities with
+//! their gradients); everything else is activation storage. `matmul` writes either kind, and
+//! when `a` and `b` differ it rounds the f32 operand to activation precision first.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -62,6 +71,16 @@ pub struct TokenSlots<'a> {
     pub slots: &'a [u32],
 }
 
+/// Which allocation a tensor takes (see the module doc on precision).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// [`Backend::alloc`]: the backend's activation storage.
+    #[default]
+    Activation,
+    /// [`Backend::alloc_f32`].
+    F32,
+}
+
 pub trait Backend: Send + Sync {
     /// Device memory holding activation-typed elements.
     type Buf: Send + Sync;
@@ -75,8 +94,18 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 
     // ---- memory -------------------------------------------------------------------------------
-    /// A zeroed buffer of `len` elements.
+    /// A zeroed buffer of `len` elements in activation storage (bf16 on a GPU in mixed precision).
     fn alloc(&self, len: usize) -> Self::Buf;
+    /// A zeroed buffer of `len` elements that is f32 on every backend: master weights, gradients,
+    /// optimizer moments and statistics (RMSNorm `rstd`, attention `lse`, router logits and
+    /// probabilities, the rotary table). Which ops read or write which kind is stated per op.
+    fn alloc_f32(&self, len: usize) -> Self::Buf;
+    fn alloc_as(&self, len: usize, precision: Precision) -> Self::Buf {
+        match precision {
+            Precision::Activation => self.alloc(len),
+            Precision::F32 => self.alloc_f32(len),
+        }
+    }
     fn len(buf: &Self::Buf) -> usize;
     fn view(buf: &Self::Buf, range: Range<usize>) -> Self::View<'_>;
     fn view_mut(buf: &mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'_>;
@@ -191,9 +220,16 @@ pub trait Backend: Send + Sync {
         self.matmul(out, x, w, rows, c, v, false, true, false);
     }
 
-    // ---- optimizer ------------------------------------------------------------------------------
-    /// One AdamW step over a parameter range: `m, v` updated, `p` moved; the gradient is scaled
-    /// by `grad_scale` first (global-norm clipping); decay applied when `decay`.
+    // ---- weights and optimizer ------------------------------------------------------------------
+    /// Whether ops read the weights from a working copy in activation precision (bf16) instead
+    /// of the f32 master; the model then keeps one, written by [`Backend::adamw`] and
+    /// [`Backend::refresh_working_copy`].
+    fn uses_working_copy(&self) -> bool;
+    /// `work = master`, rounded to the working precision.
+    fn refresh_working_copy(&self, work: Self::ViewMut<'_>, master: Self::View<'_>);
+    /// One AdamW step over a parameter range: `m, v` updated, the f32 master `p` moved and, when
+    /// given, its working copy `work` rewritten; the gradient is scaled by `grad_scale` first
+    /// (global-norm clipping); decay applied when `decay`. All but `work` are f32 buffers.
     #[allow(clippy::too_many_arguments)]
-    fn adamw(&self, p: Self::ViewMut<'_>, m: Self::ViewMut<'_>, v: Self::ViewMut<'_>, g: Self::View<'_>, hp: AdamW, grad_scale: f32, decay: bool);
+    fn adamw(&self, p: Self::ViewMut<'_>, work: Option<Self::ViewMut<'_>>, m: Self::ViewMut<'_>, v: Self::ViewMut<'_>, g: Self::View<'_>, hp: AdamW, grad_scale: f32, decay: bool);
 }

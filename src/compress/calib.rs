@@ -180,7 +180,7 @@ fn final_hidden(model: &Model<Cpu>, store: &crate::memory::store::ActivationStor
         let (row, ys) = (&mut x[t as usize * c..(t as usize + 1) * c], &y[s * c..(s + 1) * c]);
         row.iter_mut().zip(ys).for_each(|(r, v)| *r += g * v);
     }
-    let gain = &model.params[model.layout.final_norm..model.layout.final_norm + c];
+    let gain = &model.params.master()[model.layout.final_norm..model.layout.final_norm + c];
     for row in x.chunks_mut(c) {
         let ms = row.iter().map(|v| v * v).sum::<f32>() / c as f32;
         let rstd = 1.0 / (ms + model.config.norm_eps).sqrt();

@@ -284,7 +284,7 @@ mod tests {
     fn training_checkpoint(run: &Path, config: &Config) -> PathBuf {
         let be = Cpu::new(2);
         let model = Model::new(&be, config.model.clone(), config.moe.clone(), 3).unwrap();
-        let tensors: Vec<checkpoint::TensorRef> = model.layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), &model.params[s.range()])).collect();
+        let tensors: Vec<checkpoint::TensorRef> = model.layout.specs.iter().map(|s| (s.name.clone(), s.shape.clone(), &model.params.master()[s.range()])).collect();
         let state = TrainState { step: 1, flops: 0.0, rng: vec![], loader: LoaderState::default(), config_hash: config.config_hash(), config_toml: config.to_toml().unwrap(), tokenizer: None };
         checkpoint::save(run, &state, &tensors, &[], 1).unwrap()
     }
@@ -323,7 +323,7 @@ mod tests {
         let (model, back) = load_compressed_model(&out, &be).unwrap();
         assert_eq!(back, config);
         let file = CompressedFile::load(&out.join(COMPRESSED_FILE)).unwrap();
-        assert_eq!(model.params, decompress_to_values(&file, &model.layout).unwrap());
+        assert_eq!(*model.params.master(), decompress_to_values(&file, &model.layout).unwrap());
         // The matrices' payload is their indices (at most 2.5 bits on average) plus codebooks and
         // permutations.
         let index_bits = file.matrices.values().map(CompressedMatrix::index_bits).sum::<usize>() as f64 / r.compressed_weights as f64;

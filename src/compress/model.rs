@@ -129,7 +129,7 @@ pub fn compress_model_detailed(be: &Cpu, model: &Model<Cpu>, calib: &[(Vec<u32>,
     }
     let calibrate = method == Method::Jlcm || cfg.expert_bits == ExpertBits::Share;
     let calibration = if calibrate { Some(calib::calibrate(be, model, calib)?) } else { None };
-    let values: &[f32] = &model.params;
+    let values: &[f32] = model.params.master();
     let layout = &model.layout;
     let spec_at = |offset: usize| spec_index(layout, offset);
     // Target bits of each parameter tensor (only matrices read theirs).
@@ -415,7 +415,7 @@ mod tests {
     fn folded_expert_permutation_preserves_the_model_function() {
         let be = Cpu::new(2);
         let model = small_model(&be);
-        let original: Vec<f32> = model.params.clone();
+        let original: Vec<f32> = model.params.master().clone();
         let ModelCompression { file, folds, .. } = compress_model_detailed(&be, &model, &calib(), Method::Jlcm, &cfg(3.0)).unwrap();
         assert_eq!(folds.len(), 2 * 3, "every expert folded");
         assert!(folds.iter().any(|f| f.order.iter().enumerate().any(|(i, &o)| i != o)), "some fold is not the identity");

@@ -163,10 +163,10 @@ impl<B: Backend> Arena<B> {
         }
         for &(r, len) in want {
             // The request's full size, so that a longer view later in the phase fits.
-            let size = (self.requests[r].size / 4) as usize;
+            let (size, precision) = ((self.requests[r].size / 4) as usize, self.requests[r].precision);
             let slot = &mut self.own[r];
             if slot.is_none() {
-                *slot = Some(be.alloc(size.max(len)));
+                *slot = Some(be.alloc_as(size.max(len), precision));
                 self.allocations += 1;
             }
         }

@@ -16,7 +16,7 @@
 
 use super::arena::Arena;
 use super::host::{HostSeg, HostTier, ELEM_BYTES};
-use crate::backend::Backend;
+use crate::backend::{Backend, Precision};
 use crate::model::config::{ModelConfig, MoeConfig};
 use crate::model::routing::Routing;
 use crate::{Error, Result};
@@ -63,6 +63,9 @@ pub struct TensorSpec {
     pub name: &'static str,
     pub extent: Extent,
     pub class: Class,
+    /// The allocation it takes when the store brings it back from the host.
+    #[serde(skip)]
+    pub precision: Precision,
 }
 
 /// The dimensions that turn an [`Extent`] into element counts for one block call.
@@ -380,7 +383,7 @@ impl<B: Backend> ActivationStore<B> {
             if self.layers[layer].tensors[i].is_some() {
                 continue;
             }
-            let mut buf = be.alloc(self.layers[layer].lens[i]);
+            let mut buf = be.alloc_as(self.layers[layer].lens[i], spec.precision);
             if let Some(seg) = self.layers[layer].host[i].take() {
                 let host = self.host.get(seg);
                 let runs = match (spec.class, split) {

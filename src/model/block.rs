@@ -9,7 +9,7 @@ use super::config::{ModelConfig, MoeConfig};
 use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
-use crate::backend::{AttnShape, Backend, TokenSlots};
+use crate::backend::{AttnShape, Backend, Precision, TokenSlots};
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
@@ -20,19 +20,19 @@ use crate::Result;
 
 /// The skeletal activations of a block: what its backward reads.
 pub const INVENTORY: &[TensorSpec] = &[
-    TensorSpec { name: "input", extent: Extent::PerToken(Width::Model), class: Class::Whole },
-    TensorSpec { name: "attn_out", extent: Extent::PerToken(Width::AttnOut), class: Class::Whole },
-    TensorSpec { name: "attn_lse", extent: Extent::PerHeadToken, class: Class::Whole },
-    TensorSpec { name: "attn_norm_out", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit },
-    TensorSpec { name: "attn_norm_rstd", extent: Extent::PerToken(Width::One), class: Class::TokenSplit },
-    TensorSpec { name: "qkv", extent: Extent::PerToken(Width::Qkv), class: Class::TokenSplit },
-    TensorSpec { name: "resid_mid", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit },
-    TensorSpec { name: "ffn_norm_out", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit },
-    TensorSpec { name: "ffn_norm_rstd", extent: Extent::PerToken(Width::One), class: Class::TokenSplit },
-    TensorSpec { name: "router_logits", extent: Extent::PerToken(Width::Experts), class: Class::TokenSplit },
-    TensorSpec { name: "router_probs", extent: Extent::PerToken(Width::Experts), class: Class::TokenSplit },
-    TensorSpec { name: "expert_gate_up", extent: Extent::PerSlotExpertWidth(2), class: Class::TokenSplit },
-    TensorSpec { name: "expert_out", extent: Extent::PerSlot(Width::Model), class: Class::TokenSplit },
+    TensorSpec { name: "input", extent: Extent::PerToken(Width::Model), class: Class::Whole, precision: Precision::Activation },
+    TensorSpec { name: "attn_out", extent: Extent::PerToken(Width::AttnOut), class: Class::Whole, precision: Precision::Activation },
+    TensorSpec { name: "attn_lse", extent: Extent::PerHeadToken, class: Class::Whole, precision: Precision::F32 },
+    TensorSpec { name: "attn_norm_out", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit, precision: Precision::Activation },
+    TensorSpec { name: "attn_norm_rstd", extent: Extent::PerToken(Width::One), class: Class::TokenSplit, precision: Precision::F32 },
+    TensorSpec { name: "qkv", extent: Extent::PerToken(Width::Qkv), class: Class::TokenSplit, precision: Precision::Activation },
+    TensorSpec { name: "resid_mid", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit, precision: Precision::Activation },
+    TensorSpec { name: "ffn_norm_out", extent: Extent::PerToken(Width::Model), class: Class::TokenSplit, precision: Precision::Activation },
+    TensorSpec { name: "ffn_norm_rstd", extent: Extent::PerToken(Width::One), class: Class::TokenSplit, precision: Precision::F32 },
+    TensorSpec { name: "router_logits", extent: Extent::PerToken(Width::Experts), class: Class::TokenSplit, precision: Precision::F32 },
+    TensorSpec { name: "router_probs", extent: Extent::PerToken(Width::Experts), class: Class::TokenSplit, precision: Precision::F32 },
+    TensorSpec { name: "expert_gate_up", extent: Extent::PerSlotExpertWidth(2), class: Class::TokenSplit, precision: Precision::Activation },
+    TensorSpec { name: "expert_out", extent: Extent::PerSlot(Width::Model), class: Class::TokenSplit, precision: Precision::Activation },
 ];
 
 /// Everything a block needs besides its parameters.
@@ -165,13 +165,13 @@ impl<B: Backend> BlockCtx<'_, B> {
 
         // Attention: xn1 = norm(x); qkv = rope(xn1 Wqkvᵀ); att = attn(qkv); x2 = x + att Woᵀ.
         let mut xn1 = be.alloc(n * c);
-        let mut rstd1 = be.alloc(n);
+        let mut rstd1 = be.alloc_f32(n);
         be.rmsnorm_fwd(B::full_mut(&mut xn1), B::full_mut(&mut rstd1), B::full(&x), self.w(p.attn_norm, c), n, c, eps);
         let mut qkv = be.alloc(n * wq);
         be.matmul(B::full_mut(&mut qkv), B::full(&xn1), self.w(p.wqkv, wq * c), n, c, wq, false, true, false);
         be.rope(B::full_mut(&mut qkv), B::full(self.rope), s, 0, false);
         let mut att = be.alloc(n * a);
-        let mut lse = be.alloc(s.batch * s.n_heads * s.seq);
+        let mut lse = be.alloc_f32(s.batch * s.n_heads * s.seq);
         be.attention_fwd(B::full_mut(&mut att), B::full_mut(&mut lse), B::full(&qkv), s);
         let mut x2 = be.alloc(n * c);
         be.copy(B::full_mut(&mut x2), B::full(&x));
@@ -179,11 +179,11 @@ impl<B: Backend> BlockCtx<'_, B> {
 
         // MoE: xn2 = norm(x2); P = softmax(xn2 Wrᵀ); route; experts; out = x2 + Σ gate · expert.
         let mut xn2 = be.alloc(n * c);
-        let mut rstd2 = be.alloc(n);
+        let mut rstd2 = be.alloc_f32(n);
         be.rmsnorm_fwd(B::full_mut(&mut xn2), B::full_mut(&mut rstd2), B::full(&x2), self.w(p.ffn_norm, c), n, c, eps);
-        let mut logits = be.alloc(n * e);
+        let mut logits = be.alloc_f32(n * e);
         be.matmul(B::full_mut(&mut logits), B::full(&xn2), self.w(p.router, e * c), n, c, e, false, true, false);
-        let mut probs = be.alloc(n * e);
+        let mut probs = be.alloc_f32(n * e);
         be.softmax_rows(B::full_mut(&mut probs), B::full(&logits), n, e);
         let (probs_h, logits_h) = (be.download(B::full(&probs)), be.download(B::full(&logits)));
         let routing = router::select(&probs_h, n, e, self.moe);

@@ -6,11 +6,13 @@ pub mod config;
 pub mod params;
 pub mod router;
 pub mod routing;
+pub mod weights;
 
 use block::{BlockCtx, BlockStats, INVENTORY};
 use config::{ModelConfig, MoeConfig};
 use params::ParamLayout;
 use router::AuxLosses;
+use weights::Weights;
 
 use crate::backend::{AttnShape, Backend};
 use crate::memory::arena::Arena;
@@ -42,7 +44,8 @@ pub struct Model<B: Backend> {
     pub config: ModelConfig,
     pub moe: MoeConfig,
     pub layout: ParamLayout,
-    pub params: B::Buf,
+    pub params: Weights<B>,
+    /// Gradients of the f32 master values (f32 on every backend).
     pub grads: B::Buf,
     /// `(seq_len, head_dim/2, 2)` cos/sin of the rotary angles.
     rope: B::Buf,
@@ -103,10 +106,9 @@ impl<B: Backend> Model<B> {
         if values.len() != layout.total {
             return Err(Error::Invalid(format!("expected {} parameter values, got {}", layout.total, values.len())));
         }
-        let mut params = be.alloc(layout.total);
-        be.upload(B::full_mut(&mut params), values);
-        let grads = be.alloc(layout.total);
-        let mut rope = be.alloc(config.seq_len * config.head_dim());
+        let params = Weights::new(be, values);
+        let grads = be.alloc_f32(layout.total);
+        let mut rope = be.alloc_f32(config.seq_len * config.head_dim());
         be.upload(B::full_mut(&mut rope), &rope_table(&config));
         Ok(Model { config, moe, layout, params, grads, rope, ep: None })
     }
@@ -138,7 +140,7 @@ impl<B: Backend> Model<B> {
     }
 
     fn block_ctx<'a>(&'a self, be: &'a B, shape: AttnShape) -> BlockCtx<'a, B> {
-        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope, ep: self.ep.as_deref() }
+        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref() }
     }
 
     fn shape(&self, batch: usize, seq: usize) -> Result<AttnShape> {
@@ -164,7 +166,7 @@ impl<B: Backend> Model<B> {
         let ctx = self.block_ctx(be, shape);
         let dims = BlockDims::new(&self.config, &self.moe, shape.batch, shape.seq);
         let mut x = be.alloc(n * c);
-        be.embedding_fwd(B::full_mut(&mut x), B::view(&self.params, self.layout.embedding..self.layout.embedding + self.config.vocab_size * c), inputs, c);
+        be.embedding_fwd(B::full_mut(&mut x), B::view(self.params.compute(), self.layout.embedding..self.layout.embedding + self.config.vocab_size * c), inputs, c);
         for (l, bp) in self.layout.blocks.iter().enumerate() {
             let mut out = be.alloc(n * c);
             let s: BlockStats = ctx.forward(bp, x, &mut out, store.as_deref_mut().map(|st| (st, l)), tx)?;
@@ -232,15 +234,15 @@ impl<B: Backend> Model<B> {
         // Final norm and fused head: loss, dxf and dW_head in one pass.
         let (fnorm, head) = (self.layout.final_norm, self.layout.lm_head);
         let mut xf = be.alloc(n * c);
-        let mut rstd = be.alloc(n);
-        be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(&self.params, fnorm..fnorm + c), n, c, self.config.norm_eps);
+        let mut rstd = be.alloc_f32(n);
+        be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), n, c, self.config.norm_eps);
         let mut dxf = be.alloc(n * c);
-        let losses = be.classifier(B::full(&xf), B::view(&self.params, head..head + v * c), targets, n, c, v, Some((B::full_mut(&mut dxf), B::view_mut(&mut self.grads, head..head + v * c), 1.0)));
+        let losses = be.classifier(B::full(&xf), B::view(self.params.compute(), head..head + v * c), targets, n, c, v, Some((B::full_mut(&mut dxf), B::view_mut(&mut self.grads, head..head + v * c), 1.0)));
         self.finish_stats(&mut stats, shape, &losses);
 
         let mut dx = be.alloc(n * c);
-        be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(&self.params, fnorm..fnorm + c), B::full(&rstd), n, c);
-        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: &self.params, rope: &self.rope, ep: self.ep.as_deref() };
+        be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), B::full(&rstd), n, c);
+        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref() };
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
             if let Some(from) = store.restore(be, l, &dims) {
@@ -277,7 +279,7 @@ impl<B: Backend> Model<B> {
         let mut stats = StepStats::default();
         let xf = self.final_hidden(be, inputs, shape, &mut stats)?;
         let head = self.layout.lm_head;
-        let losses = be.classifier(B::full(&xf), B::view(&self.params, head..head + v * c), targets, n, c, v, None);
+        let losses = be.classifier(B::full(&xf), B::view(self.params.compute(), head..head + v * c), targets, n, c, v, None);
         self.finish_stats(&mut stats, shape, &losses);
         Ok(stats)
     }
@@ -287,8 +289,8 @@ impl<B: Backend> Model<B> {
         let x = self.hidden(be, inputs, shape, None, &mut Arena::planned(), stats)?;
         let fnorm = self.layout.final_norm;
         let mut xf = be.alloc(n * c);
-        let mut rstd = be.alloc(n);
-        be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(&self.params, fnorm..fnorm + c), n, c, self.config.norm_eps);
+        let mut rstd = be.alloc_f32(n);
+        be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), n, c, self.config.norm_eps);
         Ok(xf)
     }
 
@@ -302,7 +304,7 @@ impl<B: Backend> Model<B> {
         let last = (ctx.len() - 1) * c;
         let mut out = be.alloc(v);
         let head = self.layout.lm_head;
-        be.logits(B::full_mut(&mut out), B::view(&xf, last..last + c), B::view(&self.params, head..head + v * c), 1, c, v);
+        be.logits(B::full_mut(&mut out), B::view(&xf, last..last + c), B::view(self.params.compute(), head..head + v * c), 1, c, v);
         Ok(be.download(B::full(&out)))
     }
 }

@@ -193,7 +193,7 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     {
         // One GPU per rank on a node: OpenMPI's local rank picks it.
         let ordinal = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        match crate::backend::cuda::CudaBackend::new(ordinal) {
+        match crate::backend::cuda::CudaBackend::new(ordinal, crate::backend::cuda::Storage::Bf16) {
             Ok(gpu) => {
                 if dp.rank() == 0 {
                     eprintln!("training on {}", gpu.device());
@@ -255,8 +255,9 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     let mut flops = 0.0;
     if let (Some(dir), true) = (&existing, opts.resume) {
         let ck = checkpoint::load(dir, &hash)?;
-        for (set, prefix, dst) in [(&ck.model, "", &mut model.params), (&ck.optimizer, "m.", &mut opt.m), (&ck.optimizer, "v.", &mut opt.v)] {
-            be.upload(B::full_mut(dst), &restore(&model.layout, set, prefix)?);
+        model.params.set(be, &restore(&model.layout, &ck.model, "")?);
+        for (prefix, dst) in [("m.", &mut opt.m), ("v.", &mut opt.v)] {
+            be.upload(B::full_mut(dst), &restore(&model.layout, &ck.optimizer, prefix)?);
         }
         opt.step = ck.state.step;
         flops = ck.state.flops;
@@ -287,7 +288,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         if !leader && model.expert_parallel().is_none() {
             return Ok(None); // nothing to gather: rank 0 has the whole model
         }
-        let (Some(params), Some(m), Some(v)) = (full_values(be, model, &full_layout, &model.params)?, full_values(be, model, &full_layout, &opt.m)?, full_values(be, model, &full_layout, &opt.v)?) else {
+        let (Some(params), Some(m), Some(v)) = (full_values(be, model, &full_layout, model.params.master())?, full_values(be, model, &full_layout, &opt.m)?, full_values(be, model, &full_layout, &opt.v)?) else {
             return Ok(None);
         };
         if !leader {
@@ -403,7 +404,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     let want_sample = !opts.sample_prompt.is_empty() && opts.sample_tokens > 0;
     // An expert-parallel model samples on rank 0 from the gathered whole model.
     let gathered = match (want_sample, model.expert_parallel()) {
-        (true, Some(_)) => full_values(be, &model, &full_layout, &model.params)?.map(|v| Model::from_values(be, config.model.clone(), config.moe.clone(), &v)).transpose()?,
+        (true, Some(_)) => full_values(be, &model, &full_layout, model.params.master())?.map(|v| Model::from_values(be, config.model.clone(), config.moe.clone(), &v)).transpose()?,
         _ => None,
     };
     if !leader {

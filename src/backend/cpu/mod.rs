@@ -25,6 +25,9 @@ pub(crate) const ROW_CHUNK: usize = 64;
 
 pub struct Cpu {
     pool: rayon::ThreadPool,
+    /// Ops read bf16-rounded weights from a working copy, as the CUDA backend's mixed precision
+    /// does (activations stay f32).
+    bf16_weights: bool,
     /// Per-op call counts and wall time, when profiling.
     profile: Option<std::sync::Mutex<std::collections::BTreeMap<&'static str, (u64, std::time::Duration)>>>,
 }
@@ -38,7 +41,15 @@ impl Cpu {
             .thread_name(|i| format!("motley-cpu-{i}"))
             .build()
             .expect("rayon thread pool");
-        Cpu { pool, profile: None }
+        Cpu { pool, bf16_weights: false, profile: None }
+    }
+
+    /// Ops read the weights from a bf16-rounded working copy of the f32 master, like the CUDA
+    /// backend in mixed precision: shows on the CPU what bf16 weights do to training, and lets
+    /// tests check that every op reads the working copy.
+    pub fn with_bf16_weights(mut self) -> Self {
+        self.bf16_weights = true;
+        self
     }
 
     /// Records the wall time of every op (see [`Cpu::profile`]).
@@ -53,6 +64,15 @@ impl Cpu {
         let mut rows: Vec<_> = std::mem::take(&mut *p.lock().expect("profile lock")).into_iter().map(|(k, (n, d))| (k, n, d.as_secs_f64())).collect();
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
         rows
+    }
+
+    /// `work = master` in the working precision (bf16-rounded with `with_bf16_weights`).
+    fn write_working_copy(&self, work: &mut [f32], master: &[f32]) {
+        if self.bf16_weights {
+            optim::round_to_bf16(work, master);
+        } else {
+            work.copy_from_slice(master);
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -110,6 +130,9 @@ impl Backend for Cpu {
     }
 
     fn alloc(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn alloc_f32(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }
     fn len(buf: &Vec<f32>) -> usize {
@@ -242,7 +265,19 @@ impl Backend for Cpu {
         self.run("classifier", || loss::classifier(x, w, targets, n, c, v, grads, threads))
     }
 
-    fn adamw(&self, p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW, grad_scale: f32, decay: bool) {
-        self.run("adamw", || optim::adamw(p, m, v, g, hp, grad_scale, decay))
+    fn uses_working_copy(&self) -> bool {
+        self.bf16_weights
+    }
+    fn refresh_working_copy(&self, work: &mut [f32], master: &[f32]) {
+        assert_eq!(work.len(), master.len(), "refresh_working_copy");
+        self.run("refresh_working_copy", || self.write_working_copy(work, master))
+    }
+    fn adamw(&self, p: &mut [f32], work: Option<&mut [f32]>, m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW, grad_scale: f32, decay: bool) {
+        self.run("adamw", || {
+            optim::adamw(&mut *p, m, v, g, hp, grad_scale, decay);
+            if let Some(work) = work {
+                self.write_working_copy(work, p);
+            }
+        })
     }
 }

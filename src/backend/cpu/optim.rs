@@ -24,3 +24,12 @@ pub fn adamw(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], hp: AdamW, 
             }
         });
 }
+
+/// `dst = bf16(src)` (round to nearest even), kept in f32: the CPU's bf16 working copy.
+pub fn round_to_bf16(dst: &mut [f32], src: &[f32]) {
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        for (d, &s) in d.iter_mut().zip(s) {
+            *d = half::bf16::from_f32(s).to_f32();
+        }
+    });
+}

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{ok, CudaBackend, DevView, DevViewMut};
+use super::{expect, ok, CudaBackend, DevView, DevViewMut, Storage};
 use crate::backend::AttnShape;
 use crate::{Error, Result};
 
@@ -74,39 +74,48 @@ fn assert_shapes(s: AttnShape, qkv: usize, out: usize, lse: usize) {
 }
 
 /// out (N, H·D), lse (B·H·T); one block per (query tile, batch·head).
-pub fn forward(be: &CudaBackend, mut out: DevViewMut<'_>, mut lse: DevViewMut<'_>, qkv: DevView<'_>, s: AttnShape) {
+pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: DevView<'_>, s: AttnShape) {
     assert_shapes(s, qkv.len(), out.len(), lse.len());
+    expect("attention_fwd", "out", out.storage, be.act());
+    expect("attention_fwd", "qkv", qkv.storage, be.act());
+    expect("attention_fwd", "lse", lse.storage, Storage::F32);
     if s.tokens() == 0 {
         return;
     }
-    let (mut o, mut l, q, h) = (out.cu(), lse.cu(), qkv.cu(), heads(s));
+    let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let cfg = tiles(s.batch * s.n_heads, s.seq, fwd_smem(s.head_dim));
-    // SAFETY: `attn_fwd(float* out, float* lse, const float* qkv, Heads, float)`; sizes asserted;
-    // the shared memory is within the limit set at load time.
-    ok(unsafe { be.stream.launch_builder(&be.k.attn_fwd).arg(&mut o).arg(&mut l).arg(&q).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
+    // SAFETY: `attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads, float)`; sizes and
+    // types asserted; the shared memory is within the limit set at load time.
+    ok(unsafe { be.stream.launch_builder(&be.k.attn_fwd).arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
 }
 
 /// Overwrites dqkv: Δ first, then dK/dV (k, v columns) and dQ (q columns).
-pub fn backward(be: &CudaBackend, mut dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, s: AttnShape) {
+pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, s: AttnShape) {
     assert_shapes(s, qkv.len(), out.len(), lse.len());
     assert!(dqkv.len() == qkv.len() && dout.len() == out.len(), "attention gradient sizes");
+    for (arg, st) in [("dqkv", dqkv.storage), ("dout", dout.storage), ("out", out.storage), ("qkv", qkv.storage)] {
+        expect("attention_bwd", arg, st, be.act());
+    }
+    expect("attention_bwd", "lse", lse.storage, Storage::F32);
     if s.tokens() == 0 {
         return;
     }
     let mut delta = be.scratch_f32(s.batch * s.n_heads * s.seq);
-    let (mut dq, g, o, l, q, h) = (dqkv.cu(), dout.cu(), out.cu(), lse.cu(), qkv.cu(), heads(s));
+    let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let tokens = s.tokens() as i32;
     let warps = s.tokens() * s.n_heads;
     let delta_cfg = LaunchConfig { grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (dq, g, o, l, q) = (&dqkv.ptr, &dout.ptr, &out.ptr, &lse.ptr, &qkv.ptr);
     // SAFETY: signatures of attn_bwd_delta, attn_bwd_dkv and attn_bwd_dq in attention.cu; sizes
-    // asserted; `delta` holds B·H·T floats; shared memory within the limit set at load time.
+    // and types asserted; `delta` holds B·H·T floats; shared memory within the limit set at
+    // load time.
     unsafe {
-        ok(be.stream.launch_builder(&be.k.attn_bwd_delta).arg(&mut delta).arg(&g).arg(&o).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
+        ok(be.stream.launch_builder(&be.k.attn_bwd_delta).arg(&mut delta).arg(g).arg(o).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
         let cfg = tiles(s.batch * s.n_kv_heads, s.seq, dkv_smem(s.head_dim));
-        ok(be.stream.launch_builder(&be.k.attn_bwd_dkv).arg(&mut dq).arg(&g).arg(&l).arg(&delta).arg(&q).arg(&h).arg(&scale).launch(cfg), "attn_bwd_dkv");
+        ok(be.stream.launch_builder(&be.k.attn_bwd_dkv).arg(dq).arg(g).arg(l).arg(&delta).arg(q).arg(&h).arg(&scale).launch(cfg), "attn_bwd_dkv");
         let cfg = tiles(s.batch * s.n_heads, s.seq, dq_smem(s.head_dim));
-        ok(be.stream.launch_builder(&be.k.attn_bwd_dq).arg(&mut dq).arg(&g).arg(&l).arg(&delta).arg(&q).arg(&h).arg(&scale).launch(cfg), "attn_bwd_dq");
+        ok(be.stream.launch_builder(&be.k.attn_bwd_dq).arg(dq).arg(g).arg(l).arg(&delta).arg(q).arg(&h).arg(&scale).launch(cfg), "attn_bwd_dq");
     }
 }

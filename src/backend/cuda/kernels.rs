@@ -16,14 +16,26 @@ use super::nvrtc::{compile, full_source, include_dirs_from_env, KernelFile, Stor
 use crate::backend::AdamW;
 use crate::{Error, Result};
 
-/// Every entry point of `nvrtc::KERNEL_FILES`, by name.
-pub struct Kernels {
+/// The elementwise kernels of one storage variant (`elementwise.cu`).
+pub struct Elementwise {
     pub add_assign: CudaFunction,
     pub add: CudaFunction,
     pub scale: CudaFunction,
     pub fill: CudaFunction,
     pub sum_squares_partial: CudaFunction,
     pub sum_squares_final: CudaFunction,
+}
+
+/// Every entry point of `nvrtc::KERNEL_FILES`, by name, compiled for one activation storage;
+/// the elementwise kernels also for f32 buffers (gradients, moments) when that storage is bf16.
+pub struct Kernels {
+    pub storage: Storage,
+    /// Elementwise ops on activation-storage buffers.
+    pub act: Elementwise,
+    /// Elementwise ops on f32 buffers (the same functions when the storage is f32).
+    pub f32: Elementwise,
+    pub f32_to_act: CudaFunction,
+    pub act_to_f32: CudaFunction,
     pub embedding_fwd: CudaFunction,
     pub embedding_bwd: CudaFunction,
     pub rmsnorm_fwd: CudaFunction,
@@ -46,21 +58,44 @@ pub struct Kernels {
     pub attn_bwd_dq: CudaFunction,
 }
 
+type Functions = HashMap<&'static str, CudaFunction>;
+
+/// Loads `file` compiled for `storage` (from the PTX cache when it is there).
+fn load_file(ctx: &Arc<CudaContext>, file: &KernelFile, arch: &str, includes: &[PathBuf], storage: Storage) -> Result<Functions> {
+    let ptx = cached_ptx(file, arch, includes, storage)?;
+    let module = ctx.load_module(ptx).map_err(|e| Error::Invalid(format!("loading kernels/{}.cu ({storage:?}): {e:?}", file.name)))?;
+    file.functions
+        .iter()
+        .map(|&name| {
+            let f = module.load_function(name).map_err(|e| Error::Invalid(format!("kernel `{name}` missing from kernels/{}.cu: {e:?}", file.name)))?;
+            Ok((name, f))
+        })
+        .collect()
+}
+
+fn elementwise(f: &Functions) -> Elementwise {
+    let get = |name: &str| f[name].clone();
+    Elementwise {
+        add_assign: get("add_assign"),
+        add: get("add"),
+        scale: get("scale"),
+        fill: get("fill"),
+        sum_squares_partial: get("sum_squares_partial"),
+        sum_squares_final: get("sum_squares_final"),
+    }
+}
+
 impl Kernels {
-    /// Compiles every kernel file for the device's architecture (or reads the cached PTX) and
-    /// loads its entry points; the attention kernels get their shared-memory limit raised.
-    pub fn load(ctx: &Arc<CudaContext>, major: i32, minor: i32) -> Result<Self> {
+    /// Compiles every kernel file for the device's architecture and `storage` (or reads the
+    /// cached PTX) and loads its entry points; the attention kernels get their shared-memory
+    /// limit raised.
+    pub fn load(ctx: &Arc<CudaContext>, major: i32, minor: i32, storage: Storage) -> Result<Self> {
         // Hopper's arch-specific features need the `a` suffix; other GPUs use the plain target.
         let arch = if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") };
         let includes = include_dirs_from_env();
-        let mut f: HashMap<&'static str, CudaFunction> = HashMap::new();
+        let mut f: Functions = HashMap::new();
         for file in KERNEL_FILES {
-            let ptx = cached_ptx(file, &arch, &includes)?;
-            let module = ctx.load_module(ptx).map_err(|e| Error::Invalid(format!("loading kernels/{}.cu: {e:?}", file.name)))?;
-            for &name in file.functions {
-                let func = module.load_function(name).map_err(|e| Error::Invalid(format!("kernel `{name}` missing from kernels/{}.cu: {e:?}", file.name)))?;
-                f.insert(name, func);
-            }
+            f.extend(load_file(ctx, file, &arch, &includes, storage)?);
         }
         let smem = max_smem_bytes();
         for name in ["attn_fwd", "attn_bwd_dkv", "attn_bwd_dq"] {
@@ -68,15 +103,22 @@ impl Kernels {
                 .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
                 .map_err(|e| Error::Invalid(format!("{name}: cannot allow {smem} bytes of shared memory: {e:?}")))?;
         }
+        let act = elementwise(&f);
+        let f32 = match storage {
+            Storage::F32 => elementwise(&f),
+            Storage::Bf16 => {
+                let file = KERNEL_FILES.iter().find(|k| k.name == "elementwise").expect("elementwise.cu is a kernel file");
+                elementwise(&load_file(ctx, file, &arch, &includes, Storage::F32)?)
+            }
+        };
         // Every name below is listed in KERNEL_FILES and was inserted above.
         let mut take = |name: &str| f.remove(name).expect("kernel listed in KERNEL_FILES");
         Ok(Kernels {
-            add_assign: take("add_assign"),
-            add: take("add"),
-            scale: take("scale"),
-            fill: take("fill"),
-            sum_squares_partial: take("sum_squares_partial"),
-            sum_squares_final: take("sum_squares_final"),
+            storage,
+            act,
+            f32,
+            f32_to_act: take("f32_to_act"),
+            act_to_f32: take("act_to_f32"),
             embedding_fwd: take("embedding_fwd"),
             embedding_bwd: take("embedding_bwd"),
             rmsnorm_fwd: take("rmsnorm_fwd"),
@@ -99,20 +141,29 @@ impl Kernels {
             attn_bwd_dq: take("attn_bwd_dq"),
         })
     }
+
+    /// The elementwise kernels for buffers of `storage`.
+    pub fn elementwise(&self, storage: Storage) -> &Elementwise {
+        if storage == Storage::F32 {
+            &self.f32
+        } else {
+            &self.act
+        }
+    }
 }
 
 /// PTX from `~/.cache/motley/ptx/<file>-<hash>.ptx`, keyed by the source, the architecture, the
 /// include folders and the crate version; compiled and stored on a miss. NVRTC takes seconds
 /// per file, so the cache saves that at every start after the first. A cache that cannot be
 /// written only costs the next start a recompile, so write errors are ignored.
-fn cached_ptx(file: &KernelFile, arch: &str, includes: &[PathBuf]) -> Result<Ptx> {
+fn cached_ptx(file: &KernelFile, arch: &str, includes: &[PathBuf], storage: Storage) -> Result<Ptx> {
     let mut h = DefaultHasher::new();
-    (full_source(file), arch, includes, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    (full_source(file), arch, includes, storage, env!("CARGO_PKG_VERSION")).hash(&mut h);
     let path = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(format!(".cache/motley/ptx/{}-{:016x}.ptx", file.name, h.finish())));
     if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
         return Ok(Ptx::from_src(text));
     }
-    let ptx = compile(file, arch, includes, Storage::F32).map_err(Error::Invalid)?;
+    let ptx = compile(file, arch, includes, storage).map_err(Error::Invalid)?;
     if let Some(p) = &path {
         let _ = p.parent().map(std::fs::create_dir_all);
         let _ = std::fs::write(p, ptx.to_src());

@@ -5,20 +5,24 @@
 //! has run on a GPU yet; `tests/cuda_parity.rs` holds the checks for the first GPU session.
 //! See `docs/cuda.md`.
 //!
-//! Storage: the `Backend` trait has a single buffer type for parameters, gradients, moments and
-//! activations, and AdamW needs f32 master weights and moments, so `Buf` is f32 device memory.
-//! bf16 appears where it pays: attention tiles are converted to bf16 in shared memory for the
-//! tensor cores (f32 accumulation), and matmuls run on TF32 tensor cores. The kernels are written
-//! over a storage type `act_t`; their bf16-storage variant compiles in CI and becomes live once
-//! the trait separates activation buffers from parameter buffers.
+//! Storage: every buffer knows its element type. The backend is built for one activation
+//! storage ([`Storage::Bf16`] for mixed-precision training, [`Storage::F32`] for checking against
+//! the CPU): `alloc` gives that type, `alloc_f32` always f32, and each op checks that its
+//! arguments have the types of their roles (the trait's module doc). With bf16 storage the
+//! weights are read from a bf16 working copy that AdamW writes next to the f32 master.
+//!
+//! Views are device addresses with a length, an element type and the lifetime of the buffer
+//! they borrow (not cudarc's views, which borrow the whole buffer mutably), so several
+//! writable views of one buffer can coexist when they do not overlap.
 //!
 //! Index data (tokens, routing slots) arrives as host slices, as the trait says, and is uploaded
-//! per call; scratch (row-chunk partials, attention Δ) is allocated per call from the stream's
-//! memory pool. Both are hidden allocations the memory planner does not see yet.
+//! per call; scratch (row-chunk partials, attention Δ, logits chunks) is allocated per call from
+//! the stream's memory pool. Both are hidden allocations the memory planner does not see yet.
 //!
 //! Errors: trait ops cannot return errors; a failed launch or copy means the device state is
-//! unknown, so they panic with the driver's message. Anything decided by user input (device
-//! presence, libraries, attention shape) is checked up front with a `Result`:
+//! unknown, so they panic with the driver's message, and so does an argument of the wrong
+//! element type (a bug in the caller, named in the message). Anything decided by user input
+//! (device presence, libraries, attention shape) is checked up front with a `Result`:
 //! [`cuda_available`], [`CudaBackend::new`], [`CudaBackend::check_attention`].
 
 mod attention;
@@ -27,14 +31,17 @@ mod detect;
 mod kernels;
 pub mod nvrtc;
 
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::cublaslt::CudaBlasLT;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as drv, CudaContext, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use half::bf16;
 
+use blas::Operand;
 pub use detect::cuda_available;
 use kernels::Kernels;
+pub use nvrtc::Storage;
 
 use super::{AdamW, AttnShape, Backend, TokenSlots};
 use crate::{Error, Result};
@@ -50,40 +57,63 @@ const LOGITS_BUDGET: usize = 1 << 24;
 
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
-    blas: CudaBlasLT,
+    blas: blas::Lt,
     k: Kernels,
     device: String,
 }
 
-/// A read-only range of a device buffer. `Copy`, as the trait requires (cudarc's views are not).
+/// A device buffer of `len` elements of type `storage`.
+pub struct DevBuf {
+    /// Owns the memory at `ptr`.
+    _mem: CudaSlice<u8>,
+    ptr: u64,
+    len: usize,
+    storage: Storage,
+}
+
+/// A read-only range of a device buffer.
 #[derive(Clone, Copy)]
 pub struct DevView<'a> {
-    buf: &'a CudaSlice<f32>,
-    range: (usize, usize),
+    ptr: u64,
+    len: usize,
+    storage: Storage,
+    _buf: PhantomData<&'a DevBuf>,
 }
 
 /// A writable range of a device buffer.
 pub struct DevViewMut<'a> {
-    buf: &'a mut CudaSlice<f32>,
-    range: (usize, usize),
+    ptr: u64,
+    len: usize,
+    storage: Storage,
+    _buf: PhantomData<&'a mut DevBuf>,
 }
 
-impl<'a> DevView<'a> {
-    fn cu(&self) -> CudaView<'a, f32> {
-        self.buf.slice(self.range.0..self.range.1)
-    }
+impl DevView<'_> {
     fn len(&self) -> usize {
-        self.range.1 - self.range.0
+        self.len
+    }
+    fn operand(&self) -> Operand {
+        Operand { ptr: self.ptr, storage: self.storage }
     }
 }
 
 impl DevViewMut<'_> {
-    fn cu(&mut self) -> CudaViewMut<'_, f32> {
-        self.buf.slice_mut(self.range.0..self.range.1)
-    }
     fn len(&self) -> usize {
-        self.range.1 - self.range.0
+        self.len
     }
+    fn operand(&self) -> Operand {
+        Operand { ptr: self.ptr, storage: self.storage }
+    }
+}
+
+/// Address of element `at` of a buffer starting at `ptr`.
+fn offset(ptr: u64, at: usize, storage: Storage) -> u64 {
+    ptr + (at * storage.bytes()) as u64
+}
+
+/// Panics unless an argument has the element type of its role: a caller bug, named.
+fn expect(op: &str, arg: &str, got: Storage, want: Storage) {
+    assert!(got == want, "CUDA {op}: `{arg}` must be {want:?}, got {got:?} (see the precision roles in src/backend/mod.rs)");
 }
 
 /// Unwraps a driver result; see the module doc for why a device error panics.
@@ -112,9 +142,10 @@ fn warp_per_row(rows: usize) -> LaunchConfig {
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`, compiles (or loads from the PTX cache) every kernel and creates the
-    /// cuBLASLt handle. Needs a GPU of compute capability 8.0 or newer (bf16 tensor cores).
-    pub fn new(ordinal: usize) -> Result<Self> {
+    /// Opens GPU `ordinal` with activations stored as `storage`, compiles (or loads from the PTX
+    /// cache) every kernel and creates the cuBLASLt handle. Needs a GPU of compute capability
+    /// 8.0 or newer (bf16 tensor cores).
+    pub fn new(ordinal: usize, storage: Storage) -> Result<Self> {
         cuda_available().map_err(Error::Invalid)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::Invalid(format!("cannot open GPU {ordinal}: {e:?}")))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| Error::Invalid(format!("GPU {ordinal}: {e:?}")))?;
@@ -122,15 +153,20 @@ impl CudaBackend {
             return Err(Error::Invalid(format!("GPU {ordinal} has compute capability {major}.{minor}; the CUDA backend needs 8.0 or newer (bf16 tensor cores)")));
         }
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let k = Kernels::load(&ctx, major, minor)?;
+        let k = Kernels::load(&ctx, major, minor, storage)?;
         let stream = ctx.default_stream();
-        let blas = CudaBlasLT::new(stream.clone()).map_err(|e| Error::Invalid(format!("cuBLASLt init failed: {e:?}")))?;
-        Ok(CudaBackend { stream, blas, k, device: format!("{name} (sm_{major}{minor})") })
+        let blas = blas::Lt::new(stream.clone()).map_err(Error::Invalid)?;
+        Ok(CudaBackend { stream, blas, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)") })
     }
 
-    /// The GPU's name and architecture, for logs.
+    /// The GPU's name, architecture and activation storage, for logs.
     pub fn device(&self) -> &str {
         &self.device
+    }
+
+    /// The activation storage this backend was built for.
+    pub fn storage(&self) -> Storage {
+        self.k.storage
     }
 
     /// Whether the attention kernels support `shape`: head_dim a multiple of 16 and at most
@@ -144,6 +180,17 @@ impl CudaBackend {
         self.stream.synchronize().map_err(|e| Error::Invalid(format!("CUDA synchronize failed: {e:?}")))
     }
 
+    fn act(&self) -> Storage {
+        self.k.storage
+    }
+
+    fn alloc_storage(&self, len: usize, storage: Storage) -> DevBuf {
+        // At least one byte: a zero-byte allocation has no address to hand out.
+        let mem = ok(self.stream.alloc_zeros::<u8>((len * storage.bytes()).max(1)), "alloc");
+        let ptr = mem.device_ptr(&self.stream).0;
+        DevBuf { _mem: mem, ptr, len, storage }
+    }
+
     fn upload_u32(&self, host: &[u32]) -> CudaSlice<u32> {
         ok(self.stream.clone_htod(host), "index upload")
     }
@@ -154,18 +201,39 @@ impl CudaBackend {
         ok(self.stream.alloc_zeros::<f32>(len.max(1)), "scratch alloc")
     }
 
+    /// `dst = src` converted between f32 and activation storage (`f32_to_act` / `act_to_f32`).
+    fn convert(&self, dst: u64, dst_storage: Storage, src: u64, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let f = if dst_storage == Storage::F32 { &self.k.act_to_f32 } else { &self.k.f32_to_act };
+        // SAFETY: `f32_to_act(act_t*, const float*, size_t)` / `act_to_f32(float*, const act_t*,
+        // size_t)`; both ranges hold n elements of their types.
+        ok(unsafe { self.stream.launch_builder(f).arg(&dst).arg(&src).arg(&n).launch(grid_stride(n)) }, "convert");
+    }
+
+    /// `v` in activation storage: itself, or an f32 view rounded into a new buffer.
+    fn as_act(&self, v: DevView<'_>) -> Option<DevBuf> {
+        (v.storage != self.act()).then(|| {
+            let buf = self.alloc_storage(v.len, self.act());
+            self.convert(buf.ptr, buf.storage, v.ptr, v.len);
+            buf
+        })
+    }
+
     /// The row gather shared by `gather_rows` and `gather_rows_scaled`.
-    fn gather(&self, mut out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], weight: Option<&[f32]>, c: usize) {
+    fn gather(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], weight: Option<&[f32]>, c: usize) {
         if index.is_empty() || c == 0 {
             return;
         }
         assert_eq!(out.len(), index.len() * c, "gather_rows out");
+        expect("gather_rows", "out", out.storage, self.act());
+        expect("gather_rows", "x", x.storage, self.act());
         let idx = self.upload_u32(index);
         let w = weight.map(|w| self.upload_f32(w));
-        let (mut o, x) = (out.cu(), x.cu());
         let c = c as i32;
         let mut l = self.stream.launch_builder(&self.k.gather_rows);
-        l.arg(&mut o).arg(&x).arg(&idx);
+        l.arg(&out.ptr).arg(&x.ptr).arg(&idx);
         let null = 0u64;
         match &w {
             Some(w) => l.arg(w),
@@ -175,10 +243,16 @@ impl CudaBackend {
         // SAFETY: argument types match `gather_rows` in permute.cu; sizes asserted above.
         ok(unsafe { l.launch(per_row(index.len())) }, "gather_rows");
     }
+
+    /// A grid-stride elementwise kernel of `dst`'s storage over `n` elements, with a scalar.
+    fn elementwise_scalar(&self, f: &cudarc::driver::CudaFunction, dst: u64, value: f32, n: usize, what: &str) {
+        // SAFETY: `fill`/`scale(act_t*, float, size_t)` of the variant matching dst's storage.
+        ok(unsafe { self.stream.launch_builder(f).arg(&dst).arg(&value).arg(&n).launch(grid_stride(n)) }, what);
+    }
 }
 
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
+    type Buf = DevBuf;
     type View<'a> = DevView<'a>;
     type ViewMut<'a> = DevViewMut<'a>;
 
@@ -186,107 +260,157 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
-    fn alloc(&self, len: usize) -> CudaSlice<f32> {
-        ok(self.stream.alloc_zeros::<f32>(len), "alloc")
+    fn alloc(&self, len: usize) -> DevBuf {
+        self.alloc_storage(len, self.act())
     }
-    fn len(buf: &CudaSlice<f32>) -> usize {
-        buf.len()
+    fn alloc_f32(&self, len: usize) -> DevBuf {
+        self.alloc_storage(len, Storage::F32)
     }
-    fn view(buf: &CudaSlice<f32>, range: Range<usize>) -> DevView<'_> {
-        assert!(range.start <= range.end && range.end <= buf.len(), "view {range:?} of {}", buf.len());
-        DevView { buf, range: (range.start, range.end) }
+    fn len(buf: &DevBuf) -> usize {
+        buf.len
     }
-    fn view_mut(buf: &mut CudaSlice<f32>, range: Range<usize>) -> DevViewMut<'_> {
-        assert!(range.start <= range.end && range.end <= buf.len(), "view {range:?} of {}", buf.len());
-        DevViewMut { buf, range: (range.start, range.end) }
+    fn view(buf: &DevBuf, range: Range<usize>) -> DevView<'_> {
+        assert!(range.start <= range.end && range.end <= buf.len, "view {range:?} of {}", buf.len);
+        DevView { ptr: offset(buf.ptr, range.start, buf.storage), len: range.len(), storage: buf.storage, _buf: PhantomData }
+    }
+    fn view_mut(buf: &mut DevBuf, range: Range<usize>) -> DevViewMut<'_> {
+        assert!(range.start <= range.end && range.end <= buf.len, "view {range:?} of {}", buf.len);
+        DevViewMut { ptr: offset(buf.ptr, range.start, buf.storage), len: range.len(), storage: buf.storage, _buf: PhantomData }
     }
     fn as_view<'b>(v: &'b DevViewMut<'_>) -> DevView<'b> {
-        DevView { buf: v.buf, range: v.range }
+        DevView { ptr: v.ptr, len: v.len, storage: v.storage, _buf: PhantomData }
     }
     fn reborrow_mut<'b>(v: &'b mut DevViewMut<'_>) -> DevViewMut<'b> {
-        DevViewMut { buf: v.buf, range: v.range }
+        DevViewMut { ptr: v.ptr, len: v.len, storage: v.storage, _buf: PhantomData }
     }
     fn subview<'b>(v: Self::View<'b>, range: Range<usize>) -> Self::View<'b> {
-        assert!(range.start <= range.end && range.end <= v.len(), "subview {range:?} of {}", v.len());
-        DevView { buf: v.buf, range: (v.range.0 + range.start, v.range.0 + range.end) }
+        assert!(range.start <= range.end && range.end <= v.len, "subview {range:?} of {}", v.len);
+        DevView { ptr: offset(v.ptr, range.start, v.storage), len: range.len(), storage: v.storage, _buf: PhantomData }
     }
     fn subview_mut<'b>(v: &'b mut DevViewMut<'_>, range: Range<usize>) -> DevViewMut<'b> {
-        assert!(range.start <= range.end && range.end <= v.len(), "subview {range:?} of {}", v.len());
-        DevViewMut { buf: v.buf, range: (v.range.0 + range.start, v.range.0 + range.end) }
+        assert!(range.start <= range.end && range.end <= v.len, "subview {range:?} of {}", v.len);
+        DevViewMut { ptr: offset(v.ptr, range.start, v.storage), len: range.len(), storage: v.storage, _buf: PhantomData }
     }
-    /// A `DevViewMut` borrows the whole `CudaSlice` mutably, so two cannot coexist; disjoint
-    /// views need pointer-based views (cudarc's `CudaViewMut` splits only by borrowing).
-    fn disjoint_views_mut<'a>(_buf: &'a mut CudaSlice<f32>, _ranges: &[Range<usize>]) -> Option<Vec<DevViewMut<'a>>> {
-        None
+    /// Views are addresses, so disjoint ones can coexist. Only for f32 buffers: the arena
+    /// plans every transient at 4 bytes per element in one buffer of one type, and with bf16
+    /// storage some of its transients (router gradients) are f32 while the rest are bf16; that
+    /// case answers `None` (a buffer per transient) until the planner sizes requests by type.
+    fn disjoint_views_mut<'a>(buf: &'a mut DevBuf, ranges: &[Range<usize>]) -> Option<Vec<DevViewMut<'a>>> {
+        if buf.storage != Storage::F32 {
+            return None;
+        }
+        let mut sorted: Vec<&Range<usize>> = ranges.iter().filter(|r| !r.is_empty()).collect();
+        sorted.sort_by_key(|r| r.start);
+        for w in sorted.windows(2) {
+            assert!(w[0].end <= w[1].start, "disjoint_views_mut: {:?} and {:?} overlap", w[0], w[1]);
+        }
+        Some(
+            ranges
+                .iter()
+                .map(|r| {
+                    assert!(r.start <= r.end && r.end <= buf.len, "view {r:?} of {}", buf.len);
+                    DevViewMut { ptr: offset(buf.ptr, r.start, buf.storage), len: r.len(), storage: buf.storage, _buf: PhantomData }
+                })
+                .collect(),
+        )
     }
-    fn upload(&self, mut dst: DevViewMut<'_>, src: &[f32]) {
+    fn upload(&self, dst: DevViewMut<'_>, src: &[f32]) {
         assert_eq!(dst.len(), src.len(), "upload");
-        ok(self.stream.memcpy_htod(src, &mut dst.cu()), "upload");
+        let stream = self.stream.cu_stream();
+        // SAFETY: dst holds src.len() elements of its storage type; a copy from pageable host
+        // memory has read the source by the time the call returns, so the temporary may go.
+        match dst.storage {
+            Storage::F32 => ok(unsafe { drv::memcpy_htod_async(dst.ptr, src, stream) }, "upload"),
+            Storage::Bf16 => {
+                let host: Vec<bf16> = src.iter().map(|&x| bf16::from_f32(x)).collect();
+                ok(unsafe { drv::memcpy_htod_async(dst.ptr, &host, stream) }, "upload")
+            }
+        }
     }
     fn download(&self, src: DevView<'_>) -> Vec<f32> {
-        ok(self.stream.clone_dtoh(&src.cu()), "download")
-    }
-    fn fill(&self, mut dst: DevViewMut<'_>, value: f32) {
-        let n = dst.len();
-        if n == 0 {
-            return;
+        let stream = self.stream.cu_stream();
+        // SAFETY: src holds src.len() elements of its type; the stream is synchronised before
+        // the host buffer is read.
+        match src.storage {
+            Storage::F32 => {
+                let mut host = vec![0f32; src.len()];
+                ok(unsafe { drv::memcpy_dtoh_async(&mut host, src.ptr, stream) }, "download");
+                ok(self.stream.synchronize(), "download");
+                host
+            }
+            Storage::Bf16 => {
+                let mut host = vec![bf16::ZERO; src.len()];
+                ok(unsafe { drv::memcpy_dtoh_async(&mut host, src.ptr, stream) }, "download");
+                ok(self.stream.synchronize(), "download");
+                host.iter().map(|x| x.to_f32()).collect()
+            }
         }
-        let mut d = dst.cu();
-        // SAFETY: `fill(float*, float, size_t)` in elementwise.cu.
-        ok(unsafe { self.stream.launch_builder(&self.k.fill).arg(&mut d).arg(&value).arg(&n).launch(grid_stride(n)) }, "fill");
     }
-    fn copy(&self, mut dst: DevViewMut<'_>, src: DevView<'_>) {
+    fn fill(&self, dst: DevViewMut<'_>, value: f32) {
+        let n = dst.len();
+        if n > 0 {
+            self.elementwise_scalar(&self.k.elementwise(dst.storage).fill, dst.ptr, value, n, "fill");
+        }
+    }
+    fn copy(&self, dst: DevViewMut<'_>, src: DevView<'_>) {
         assert_eq!(dst.len(), src.len(), "copy");
-        ok(self.stream.memcpy_dtod(&src.cu(), &mut dst.cu()), "copy");
+        if dst.storage == src.storage {
+            let bytes = src.len() * src.storage.bytes();
+            // SAFETY: both ranges hold `bytes` bytes; views of one buffer never overlap a
+            // writable one (the borrow rules).
+            ok(unsafe { drv::memcpy_dtod_async(dst.ptr, src.ptr, bytes, self.stream.cu_stream()) }, "copy");
+        } else {
+            self.convert(dst.ptr, dst.storage, src.ptr, src.len());
+        }
     }
 
-    fn add_assign(&self, mut dst: DevViewMut<'_>, src: DevView<'_>) {
+    fn add_assign(&self, dst: DevViewMut<'_>, src: DevView<'_>) {
         let n = dst.len();
         assert_eq!(n, src.len(), "add_assign");
+        expect("add_assign", "src", src.storage, dst.storage);
         if n == 0 {
             return;
         }
-        let (mut d, s) = (dst.cu(), src.cu());
-        // SAFETY: `add_assign(float*, const float*, size_t)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.add_assign).arg(&mut d).arg(&s).arg(&n).launch(grid_stride(n)) }, "add_assign");
+        let f = &self.k.elementwise(dst.storage).add_assign;
+        // SAFETY: `add_assign(act_t*, const act_t*, size_t)` of the variant matching both.
+        ok(unsafe { self.stream.launch_builder(f).arg(&dst.ptr).arg(&src.ptr).arg(&n).launch(grid_stride(n)) }, "add_assign");
     }
-    fn add(&self, mut out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>) {
+    fn add(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>) {
         let n = out.len();
         assert!(a.len() == n && b.len() == n, "add");
+        expect("add", "a", a.storage, out.storage);
+        expect("add", "b", b.storage, out.storage);
         if n == 0 {
             return;
         }
-        let (mut o, a, b) = (out.cu(), a.cu(), b.cu());
-        // SAFETY: `add(float*, const float*, const float*, size_t)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.add).arg(&mut o).arg(&a).arg(&b).arg(&n).launch(grid_stride(n)) }, "add");
+        let f = &self.k.elementwise(out.storage).add;
+        // SAFETY: `add(act_t*, const act_t*, const act_t*, size_t)` of the matching variant.
+        ok(unsafe { self.stream.launch_builder(f).arg(&out.ptr).arg(&a.ptr).arg(&b.ptr).arg(&n).launch(grid_stride(n)) }, "add");
     }
-    fn scale(&self, mut dst: DevViewMut<'_>, s: f32) {
+    fn scale(&self, dst: DevViewMut<'_>, s: f32) {
         let n = dst.len();
-        if n == 0 {
-            return;
+        if n > 0 {
+            self.elementwise_scalar(&self.k.elementwise(dst.storage).scale, dst.ptr, s, n, "scale");
         }
-        let mut d = dst.cu();
-        // SAFETY: `scale(float*, float, size_t)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.scale).arg(&mut d).arg(&s).arg(&n).launch(grid_stride(n)) }, "scale");
     }
     fn sum_squares(&self, x: DevView<'_>) -> f64 {
         let n = x.len();
+        let ew = self.k.elementwise(x.storage);
         let mut partial = ok(self.stream.alloc_zeros::<f64>(SUMSQ_BLOCKS), "scratch alloc");
         let mut total = ok(self.stream.alloc_zeros::<f64>(1), "scratch alloc");
-        let xv = x.cu();
         let cfg = LaunchConfig { grid_dim: (SUMSQ_BLOCKS as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let count = SUMSQ_BLOCKS as i32;
-        // SAFETY: `sum_squares_partial(double*, const float*, size_t)` with SUMSQ_BLOCKS blocks,
+        // SAFETY: `sum_squares_partial(double*, const act_t*, size_t)` with SUMSQ_BLOCKS blocks,
         // then `sum_squares_final(double*, const double*, int)` on one warp.
         unsafe {
-            ok(self.stream.launch_builder(&self.k.sum_squares_partial).arg(&mut partial).arg(&xv).arg(&n).launch(cfg), "sum_squares");
+            ok(self.stream.launch_builder(&ew.sum_squares_partial).arg(&mut partial).arg(&x.ptr).arg(&n).launch(cfg), "sum_squares");
             let one_warp = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
-            ok(self.stream.launch_builder(&self.k.sum_squares_final).arg(&mut total).arg(&partial).arg(&count).launch(one_warp), "sum_squares");
+            ok(self.stream.launch_builder(&ew.sum_squares_final).arg(&mut total).arg(&partial).arg(&count).launch(one_warp), "sum_squares");
         }
         ok(self.stream.clone_dtoh(&total), "download")[0]
     }
 
-    fn matmul(&self, mut out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
+    fn matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
         if m == 0 || n == 0 {
             return;
         }
@@ -296,77 +420,96 @@ impl Backend for CudaBackend {
             }
             return;
         }
-        blas::matmul(&self.blas, &mut out.cu(), &a.cu(), &b.cu(), m, k, n, ta, tb, accumulate);
+        assert!(out.len() == m * n && a.len() == m * k && b.len() == k * n, "matmul {m}×{k}×{n}: buffer sizes {} {} {}", a.len(), b.len(), out.len());
+        // Mixed operands (f32 router gradients against bf16 weights or activations): the f32
+        // one is rounded to activation storage, as every other activation gradient is.
+        let (a_act, b_act) = if a.storage == b.storage { (None, None) } else { (self.as_act(a), self.as_act(b)) };
+        let a_op = a_act.as_ref().map_or(a.operand(), |t| Operand { ptr: t.ptr, storage: t.storage });
+        let b_op = b_act.as_ref().map_or(b.operand(), |t| Operand { ptr: t.ptr, storage: t.storage });
+        self.blas.matmul(out.operand(), a_op, b_op, m, k, n, ta, tb, accumulate);
     }
 
-    fn embedding_fwd(&self, mut out: DevViewMut<'_>, table: DevView<'_>, tokens: &[u32], c: usize) {
+    fn embedding_fwd(&self, out: DevViewMut<'_>, table: DevView<'_>, tokens: &[u32], c: usize) {
         if tokens.is_empty() || c == 0 {
             return;
         }
         assert_eq!(out.len(), tokens.len() * c, "embedding out");
+        expect("embedding_fwd", "out", out.storage, self.act());
+        expect("embedding_fwd", "table", table.storage, self.act());
         let t = self.upload_u32(tokens);
-        let (mut o, tab, c) = (out.cu(), table.cu(), c as i32);
-        // SAFETY: `embedding_fwd(float*, const float*, const unsigned*, int)`, one block per token.
-        ok(unsafe { self.stream.launch_builder(&self.k.embedding_fwd).arg(&mut o).arg(&tab).arg(&t).arg(&c).launch(per_row(tokens.len())) }, "embedding_fwd");
+        let c = c as i32;
+        // SAFETY: `embedding_fwd(act_t*, const act_t*, const unsigned*, int)`, one block per token.
+        ok(unsafe { self.stream.launch_builder(&self.k.embedding_fwd).arg(&out.ptr).arg(&table.ptr).arg(&t).arg(&c).launch(per_row(tokens.len())) }, "embedding_fwd");
     }
-    fn embedding_bwd(&self, mut dtable: DevViewMut<'_>, dout: DevView<'_>, tokens: &[u32], c: usize) {
+    fn embedding_bwd(&self, dtable: DevViewMut<'_>, dout: DevView<'_>, tokens: &[u32], c: usize) {
         if tokens.is_empty() || c == 0 {
             return;
         }
+        expect("embedding_bwd", "dtable", dtable.storage, Storage::F32);
+        expect("embedding_bwd", "dout", dout.storage, self.act());
         let groups = kernels::group_positions(tokens);
         let (ids, offsets, pos) = (self.upload_u32(&groups.ids), self.upload_u32(&groups.offsets), self.upload_u32(&groups.positions));
-        let (mut d, g, c) = (dtable.cu(), dout.cu(), c as i32);
-        // SAFETY: `embedding_bwd(float*, const float*, const unsigned* ids, offsets, pos, int)`,
+        let c = c as i32;
+        // SAFETY: `embedding_bwd(float*, const act_t*, const unsigned* ids, offsets, pos, int)`,
         // one block per distinct token, so no two blocks write the same row.
         ok(
-            unsafe { self.stream.launch_builder(&self.k.embedding_bwd).arg(&mut d).arg(&g).arg(&ids).arg(&offsets).arg(&pos).arg(&c).launch(per_row(groups.ids.len())) },
+            unsafe { self.stream.launch_builder(&self.k.embedding_bwd).arg(&dtable.ptr).arg(&dout.ptr).arg(&ids).arg(&offsets).arg(&pos).arg(&c).launch(per_row(groups.ids.len())) },
             "embedding_bwd",
         );
     }
 
-    fn rmsnorm_fwd(&self, mut out: DevViewMut<'_>, mut rstd: DevViewMut<'_>, x: DevView<'_>, w: DevView<'_>, n: usize, c: usize, eps: f32) {
+    fn rmsnorm_fwd(&self, out: DevViewMut<'_>, rstd: DevViewMut<'_>, x: DevView<'_>, w: DevView<'_>, n: usize, c: usize, eps: f32) {
         if n == 0 {
             return;
         }
         assert!(x.len() == n * c && out.len() == n * c && rstd.len() == n, "rmsnorm_fwd shapes");
-        let (mut o, mut r, x, w, c) = (out.cu(), rstd.cu(), x.cu(), w.cu(), c as i32);
-        // SAFETY: `rmsnorm_fwd(float* out, float* rstd, const float* x, const float* w, int, float)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.rmsnorm_fwd).arg(&mut o).arg(&mut r).arg(&x).arg(&w).arg(&c).arg(&eps).launch(per_row(n)) }, "rmsnorm_fwd");
+        for (arg, st) in [("out", out.storage), ("x", x.storage), ("w", w.storage)] {
+            expect("rmsnorm_fwd", arg, st, self.act());
+        }
+        expect("rmsnorm_fwd", "rstd", rstd.storage, Storage::F32);
+        let c = c as i32;
+        // SAFETY: `rmsnorm_fwd(act_t* out, float* rstd, const act_t* x, const act_t* w, int, float)`.
+        ok(unsafe { self.stream.launch_builder(&self.k.rmsnorm_fwd).arg(&out.ptr).arg(&rstd.ptr).arg(&x.ptr).arg(&w.ptr).arg(&c).arg(&eps).launch(per_row(n)) }, "rmsnorm_fwd");
     }
-    fn rmsnorm_bwd(&self, mut dx: DevViewMut<'_>, mut dw: DevViewMut<'_>, dout: DevView<'_>, x: DevView<'_>, w: DevView<'_>, rstd: DevView<'_>, n: usize, c: usize) {
+    fn rmsnorm_bwd(&self, dx: DevViewMut<'_>, dw: DevViewMut<'_>, dout: DevView<'_>, x: DevView<'_>, w: DevView<'_>, rstd: DevView<'_>, n: usize, c: usize) {
         if n == 0 || c == 0 {
             return;
         }
         assert!(dx.len() == n * c && dout.len() == n * c && x.len() == n * c && dw.len() == c && rstd.len() == n, "rmsnorm_bwd shapes");
+        for (arg, st) in [("dx", dx.storage), ("dout", dout.storage), ("x", x.storage), ("w", w.storage)] {
+            expect("rmsnorm_bwd", arg, st, self.act());
+        }
+        expect("rmsnorm_bwd", "dw", dw.storage, Storage::F32);
+        expect("rmsnorm_bwd", "rstd", rstd.storage, Storage::F32);
         let chunks = n.div_ceil(ROW_CHUNK);
         let mut part = self.scratch_f32(chunks * c);
-        let (mut dxv, mut dwv, g, xv, wv, r) = (dx.cu(), dw.cu(), dout.cu(), x.cu(), w.cu(), rstd.cu());
         let (ni, ci, rows, ch) = (n as i32, c as i32, ROW_CHUNK as i32, chunks as i32);
         let col_blocks = c.div_ceil(THREADS as usize) as u32;
         // SAFETY: signatures of rmsnorm_bwd_dx, rmsnorm_dw_partial, rmsnorm_dw_reduce in norm.cu;
         // `part` holds chunks × c floats.
         unsafe {
-            ok(self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&mut dxv).arg(&g).arg(&xv).arg(&wv).arg(&r).arg(&ci).launch(per_row(n)), "rmsnorm_bwd_dx");
+            ok(self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&dx.ptr).arg(&dout.ptr).arg(&x.ptr).arg(&w.ptr).arg(&rstd.ptr).arg(&ci).launch(per_row(n)), "rmsnorm_bwd_dx");
             let cfg = LaunchConfig { grid_dim: (chunks as u32, col_blocks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-            ok(self.stream.launch_builder(&self.k.rmsnorm_dw_partial).arg(&mut part).arg(&g).arg(&xv).arg(&r).arg(&ni).arg(&ci).arg(&rows).launch(cfg), "rmsnorm_dw_partial");
-            ok(self.stream.launch_builder(&self.k.rmsnorm_dw_reduce).arg(&mut dwv).arg(&part).arg(&ch).arg(&ci).launch(grid_stride(c)), "rmsnorm_dw_reduce");
+            ok(self.stream.launch_builder(&self.k.rmsnorm_dw_partial).arg(&mut part).arg(&dout.ptr).arg(&x.ptr).arg(&rstd.ptr).arg(&ni).arg(&ci).arg(&rows).launch(cfg), "rmsnorm_dw_partial");
+            ok(self.stream.launch_builder(&self.k.rmsnorm_dw_reduce).arg(&dw.ptr).arg(&part).arg(&ch).arg(&ci).launch(grid_stride(c)), "rmsnorm_dw_reduce");
         }
     }
 
-    fn rope(&self, mut qkv: DevViewMut<'_>, table: DevView<'_>, shape: AttnShape, first_row: usize, inverse: bool) {
+    fn rope(&self, qkv: DevViewMut<'_>, table: DevView<'_>, shape: AttnShape, first_row: usize, inverse: bool) {
         let n = qkv.len() / shape.qkv_width();
         assert_eq!(qkv.len(), n * shape.qkv_width(), "rope qkv");
+        expect("rope", "qkv", qkv.storage, self.act());
+        expect("rope", "table", table.storage, Storage::F32);
         let rotated = shape.n_heads + shape.n_kv_heads;
         let total = n * rotated * shape.head_dim / 2;
         if total == 0 {
             return;
         }
-        let (mut q, t) = (qkv.cu(), table.cu());
         let (ni, fr, seq, rh, hd, wd) = (n as i32, first_row as i32, shape.seq as i32, rotated as i32, shape.head_dim as i32, shape.qkv_width() as i32);
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
-        // SAFETY: `rope(float*, const float*, int n, int first_row, int seq, int rotated_heads, int head_dim, int row_width, float)`.
+        // SAFETY: `rope(act_t*, const float*, int n, int first_row, int seq, int rotated_heads, int head_dim, int row_width, float)`.
         ok(
-            unsafe { self.stream.launch_builder(&self.k.rope).arg(&mut q).arg(&t).arg(&ni).arg(&fr).arg(&seq).arg(&rh).arg(&hd).arg(&wd).arg(&sign).launch(grid_stride(total)) },
+            unsafe { self.stream.launch_builder(&self.k.rope).arg(&qkv.ptr).arg(&table.ptr).arg(&ni).arg(&fr).arg(&seq).arg(&rh).arg(&hd).arg(&wd).arg(&sign).launch(grid_stride(total)) },
             "rope",
         );
     }
@@ -378,65 +521,80 @@ impl Backend for CudaBackend {
         attention::backward(self, dqkv, dout, out, lse, qkv, shape)
     }
 
-    fn swiglu_fwd(&self, mut out: DevViewMut<'_>, gu: DevView<'_>, rows: usize, h: usize) {
+    fn swiglu_fwd(&self, out: DevViewMut<'_>, gu: DevView<'_>, rows: usize, h: usize) {
         if rows * h == 0 {
             return;
         }
         assert!(out.len() == rows * h && gu.len() == rows * 2 * h, "swiglu_fwd shapes");
-        let (mut o, g, hi) = (out.cu(), gu.cu(), h as i32);
-        // SAFETY: `swiglu_fwd(float*, const float*, size_t rows, int h)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_fwd).arg(&mut o).arg(&g).arg(&rows).arg(&hi).launch(grid_stride(rows * h)) }, "swiglu_fwd");
+        expect("swiglu_fwd", "out", out.storage, self.act());
+        expect("swiglu_fwd", "gu", gu.storage, self.act());
+        let hi = h as i32;
+        // SAFETY: `swiglu_fwd(act_t*, const act_t*, size_t rows, int h)`.
+        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_fwd).arg(&out.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).launch(grid_stride(rows * h)) }, "swiglu_fwd");
     }
-    fn swiglu_bwd(&self, mut dgu: DevViewMut<'_>, dout: DevView<'_>, gu: DevView<'_>, rows: usize, h: usize) {
+    fn swiglu_bwd(&self, dgu: DevViewMut<'_>, dout: DevView<'_>, gu: DevView<'_>, rows: usize, h: usize) {
         if rows * h == 0 {
             return;
         }
         assert!(dgu.len() == rows * 2 * h && dout.len() == rows * h && gu.len() == rows * 2 * h, "swiglu_bwd shapes");
-        let (mut d, g, u, hi) = (dgu.cu(), dout.cu(), gu.cu(), h as i32);
-        // SAFETY: `swiglu_bwd(float* dgu, const float* dout, const float* gu, size_t, int)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_bwd).arg(&mut d).arg(&g).arg(&u).arg(&rows).arg(&hi).launch(grid_stride(rows * h)) }, "swiglu_bwd");
+        for (arg, st) in [("dgu", dgu.storage), ("dout", dout.storage), ("gu", gu.storage)] {
+            expect("swiglu_bwd", arg, st, self.act());
+        }
+        let hi = h as i32;
+        // SAFETY: `swiglu_bwd(act_t* dgu, const act_t* dout, const act_t* gu, size_t, int)`.
+        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_bwd).arg(&dgu.ptr).arg(&dout.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).launch(grid_stride(rows * h)) }, "swiglu_bwd");
     }
 
-    fn softmax_rows(&self, mut out: DevViewMut<'_>, logits: DevView<'_>, rows: usize, cols: usize) {
+    fn softmax_rows(&self, out: DevViewMut<'_>, logits: DevView<'_>, rows: usize, cols: usize) {
         if rows == 0 {
             return;
         }
         assert!(out.len() == rows * cols && logits.len() == rows * cols, "softmax_rows shapes");
-        let (mut o, z, r, c) = (out.cu(), logits.cu(), rows as i32, cols as i32);
+        expect("softmax_rows", "out", out.storage, Storage::F32);
+        expect("softmax_rows", "logits", logits.storage, Storage::F32);
+        let (r, c) = (rows as i32, cols as i32);
         // SAFETY: `softmax_rows_fwd(float*, const float*, int rows, int cols)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.softmax_rows_fwd).arg(&mut o).arg(&z).arg(&r).arg(&c).launch(warp_per_row(rows)) }, "softmax_rows");
+        ok(unsafe { self.stream.launch_builder(&self.k.softmax_rows_fwd).arg(&out.ptr).arg(&logits.ptr).arg(&r).arg(&c).launch(warp_per_row(rows)) }, "softmax_rows");
     }
-    fn softmax_rows_bwd(&self, mut dlogits: DevViewMut<'_>, dprobs: DevView<'_>, probs: DevView<'_>, rows: usize, cols: usize) {
+    fn softmax_rows_bwd(&self, dlogits: DevViewMut<'_>, dprobs: DevView<'_>, probs: DevView<'_>, rows: usize, cols: usize) {
         if rows == 0 {
             return;
         }
         assert!(dlogits.len() == rows * cols && dprobs.len() == rows * cols && probs.len() == rows * cols, "softmax_rows_bwd shapes");
-        let (mut d, dp, p, r, c) = (dlogits.cu(), dprobs.cu(), probs.cu(), rows as i32, cols as i32);
+        for (arg, st) in [("dlogits", dlogits.storage), ("dprobs", dprobs.storage), ("probs", probs.storage)] {
+            expect("softmax_rows_bwd", arg, st, Storage::F32);
+        }
+        let (r, c) = (rows as i32, cols as i32);
         // SAFETY: `softmax_rows_bwd(float*, const float*, const float*, int, int)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.softmax_rows_bwd).arg(&mut d).arg(&dp).arg(&p).arg(&r).arg(&c).launch(warp_per_row(rows)) }, "softmax_rows_bwd");
+        ok(
+            unsafe { self.stream.launch_builder(&self.k.softmax_rows_bwd).arg(&dlogits.ptr).arg(&dprobs.ptr).arg(&probs.ptr).arg(&r).arg(&c).launch(warp_per_row(rows)) },
+            "softmax_rows_bwd",
+        );
     }
 
     fn gather_rows(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], c: usize) {
         self.gather(out, x, index, None, c)
     }
-    fn combine_rows(&self, mut out: DevViewMut<'_>, y: DevView<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
+    fn combine_rows(&self, out: DevViewMut<'_>, y: DevView<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
         let tokens = by_token.offsets.len().saturating_sub(1);
         if tokens == 0 || c == 0 {
             return;
         }
         assert_eq!(out.len(), tokens * c, "combine_rows out");
+        expect("combine_rows", "out", out.storage, self.act());
+        expect("combine_rows", "y", y.storage, self.act());
         let (offsets, slots) = (self.upload_u32(by_token.offsets), self.upload_u32(by_token.slots));
         let w = weight.map(|w| self.upload_f32(w));
-        let (mut o, yv, ci) = (out.cu(), y.cu(), c as i32);
+        let ci = c as i32;
         let null = 0u64;
         let mut l = self.stream.launch_builder(&self.k.combine_rows);
-        l.arg(&mut o).arg(&yv).arg(&offsets).arg(&slots);
+        l.arg(&out.ptr).arg(&y.ptr).arg(&offsets).arg(&slots);
         match &w {
             Some(w) => l.arg(w),
             None => l.arg(&null),
         };
         l.arg(&ci);
-        // SAFETY: `combine_rows(float*, const float*, const unsigned*, const unsigned*, const float* /*nullable*/, int)`.
+        // SAFETY: `combine_rows(act_t*, const act_t*, const unsigned*, const unsigned*, const float* /*nullable*/, int)`.
         ok(unsafe { l.launch(per_row(tokens)) }, "combine_rows");
     }
     fn gathered_dots(&self, a: DevView<'_>, b: DevView<'_>, index: &[u32], c: usize) -> Vec<f32> {
@@ -444,11 +602,13 @@ impl Backend for CudaBackend {
             return Vec::new();
         }
         assert_eq!(b.len(), index.len() * c, "gathered_dots b");
+        expect("gathered_dots", "a", a.storage, self.act());
+        expect("gathered_dots", "b", b.storage, self.act());
         let idx = self.upload_u32(index);
         let mut dots = self.scratch_f32(index.len());
-        let (av, bv, s, ci) = (a.cu(), b.cu(), index.len() as i32, c as i32);
-        // SAFETY: `gathered_dots(float*, const float*, const float*, const unsigned*, int slots, int c)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&mut dots).arg(&av).arg(&bv).arg(&idx).arg(&s).arg(&ci).launch(warp_per_row(index.len())) }, "gathered_dots");
+        let (s, ci) = (index.len() as i32, c as i32);
+        // SAFETY: `gathered_dots(float*, const act_t*, const act_t*, const unsigned*, int slots, int c)`.
+        ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&mut dots).arg(&a.ptr).arg(&b.ptr).arg(&idx).arg(&s).arg(&ci).launch(warp_per_row(index.len())) }, "gathered_dots");
         let mut v = ok(self.stream.clone_dtoh(&dots), "download");
         v.truncate(index.len());
         v
@@ -457,60 +617,82 @@ impl Backend for CudaBackend {
         self.gather(out, x, index, Some(weight), c)
     }
 
-    fn classifier(&self, x: DevView<'_>, w: DevView<'_>, targets: &[u32], n: usize, c: usize, v: usize, mut grads: Option<(DevViewMut<'_>, DevViewMut<'_>, f32)>) -> Vec<f32> {
+    fn classifier(&self, x: DevView<'_>, w: DevView<'_>, targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(DevViewMut<'_>, DevViewMut<'_>, f32)>) -> Vec<f32> {
         if n == 0 {
             return Vec::new();
         }
         assert!(x.len() == n * c && w.len() == v * c && targets.len() == n, "classifier shapes");
+        expect("classifier", "x", x.storage, self.act());
+        expect("classifier", "w", w.storage, self.act());
+        if let Some((dx, dw, _)) = &grads {
+            expect("classifier", "dx", dx.storage, self.act());
+            expect("classifier", "dw", dw.storage, Storage::F32);
+        }
         let rows_per_chunk = (LOGITS_BUDGET / v.max(1)).clamp(1, n);
-        let mut logits = self.scratch_f32(rows_per_chunk * v);
+        // f32 logits for the softmax; their gradient in activation storage for the two GEMMs
+        // (the same buffer when that storage is f32).
+        let logits = self.alloc_storage(rows_per_chunk * v, Storage::F32);
+        let dlogits = (self.act() != Storage::F32).then(|| self.alloc_storage(rows_per_chunk * v, self.act()));
+        let dl = dlogits.as_ref().unwrap_or(&logits);
         let mut losses = self.scratch_f32(n);
         let t = self.upload_u32(targets);
         let grad_scale = grads.as_ref().map_or(0.0, |g| g.2 / n as f32);
-        let (xv, wv) = (x.cu(), w.cu());
+        let vi = v as i32;
         for r0 in (0..n).step_by(rows_per_chunk) {
             let rows = rows_per_chunk.min(n - r0);
-            let xs = xv.slice(r0 * c..(r0 + rows) * c);
-            let mut lg = logits.slice_mut(..rows * v);
-            blas::matmul(&self.blas, &mut lg, &xs, &wv, rows, c, v, false, true, false);
-            let (mut ls, ts, vi) = (losses.slice_mut(r0..r0 + rows), t.slice(r0..r0 + rows), v as i32);
-            // SAFETY: `softmax_xent(float* logits, float* losses, const unsigned* targets, int v, float)`,
-            // one block per row of this chunk.
+            let xs = Self::subview(x, r0 * c..(r0 + rows) * c);
+            let lg = Operand { ptr: logits.ptr, storage: Storage::F32 };
+            self.blas.matmul(lg, xs.operand(), w.operand(), rows, c, v, false, true, false);
+            let (mut ls, ts) = (losses.slice_mut(r0..r0 + rows), t.slice(r0..r0 + rows));
+            // SAFETY: `softmax_xent(const float* logits, act_t* dlogits, float* losses, const
+            // unsigned* targets, int v, float)`, one block per row of this chunk; both logits
+            // buffers hold rows_per_chunk × v elements.
             ok(
-                unsafe { self.stream.launch_builder(&self.k.softmax_xent).arg(&mut lg).arg(&mut ls).arg(&ts).arg(&vi).arg(&grad_scale).launch(per_row(rows)) },
+                unsafe { self.stream.launch_builder(&self.k.softmax_xent).arg(&logits.ptr).arg(&dl.ptr).arg(&mut ls).arg(&ts).arg(&vi).arg(&grad_scale).launch(per_row(rows)) },
                 "softmax_xent",
             );
-            if let Some((dx, dw, _)) = grads.as_mut() {
-                let lg = logits.slice(..rows * v);
-                let mut dxv = dx.cu();
-                let mut dxs = dxv.slice_mut(r0 * c..(r0 + rows) * c);
-                blas::matmul(&self.blas, &mut dxs, &lg, &wv, rows, v, c, false, false, false);
-                blas::matmul(&self.blas, &mut dw.cu(), &lg, &xs, v, rows, c, true, false, true);
+            if let Some((dx, dw, _)) = &grads {
+                let d = Operand { ptr: dl.ptr, storage: dl.storage };
+                let dxs = Operand { ptr: offset(dx.ptr, r0 * c, dx.storage), storage: dx.storage };
+                self.blas.matmul(dxs, d, w.operand(), rows, v, c, false, false, false);
+                self.blas.matmul(dw.operand(), d, xs.operand(), v, rows, c, true, false, true);
             }
         }
         ok(self.stream.clone_dtoh(&losses), "download")
     }
 
-    fn adamw(&self, mut p: DevViewMut<'_>, mut m: DevViewMut<'_>, mut v: DevViewMut<'_>, g: DevView<'_>, hp: AdamW, grad_scale: f32, decay: bool) {
+    fn uses_working_copy(&self) -> bool {
+        self.act() != Storage::F32
+    }
+    fn refresh_working_copy(&self, work: DevViewMut<'_>, master: DevView<'_>) {
+        expect("refresh_working_copy", "master", master.storage, Storage::F32);
+        self.copy(work, master);
+    }
+    fn adamw(&self, p: DevViewMut<'_>, work: Option<DevViewMut<'_>>, m: DevViewMut<'_>, v: DevViewMut<'_>, g: DevView<'_>, hp: AdamW, grad_scale: f32, decay: bool) {
         let n = p.len();
-        assert!(m.len() == n && v.len() == n && g.len() == n, "adamw shapes");
+        assert!(m.len() == n && v.len() == n && g.len() == n && work.as_ref().is_none_or(|w| w.len() == n), "adamw shapes");
+        for (arg, st) in [("p", p.storage), ("m", m.storage), ("v", v.storage), ("g", g.storage)] {
+            expect("adamw", arg, st, Storage::F32);
+        }
+        if let Some(w) = &work {
+            expect("adamw", "work", w.storage, self.act());
+        }
         if n == 0 {
             return;
         }
         let args = kernels::AdamWArgs::new(hp, decay);
-        let (mut pv, mut mv, mut vv, gv) = (p.cu(), m.cu(), v.cu(), g.cu());
-        let no_working_copy = 0u64;
-        // SAFETY: `adamw(float* master, act_t* work /*null*/, float* m, float* v, const float* g,
-        // size_t n, AdamW, float)`; AdamWArgs is #[repr(C)] and matches `struct AdamW`.
+        let work_ptr = work.as_ref().map_or(0u64, |w| w.ptr);
+        // SAFETY: `adamw(float* master, act_t* work /*nullable*/, float* m, float* v, const float*
+        // g, size_t n, AdamW, float)`; AdamWArgs is #[repr(C)] and matches `struct AdamW`.
         ok(
             unsafe {
                 self.stream
                     .launch_builder(&self.k.adamw)
-                    .arg(&mut pv)
-                    .arg(&no_working_copy)
-                    .arg(&mut mv)
-                    .arg(&mut vv)
-                    .arg(&gv)
+                    .arg(&p.ptr)
+                    .arg(&work_ptr)
+                    .arg(&m.ptr)
+                    .arg(&v.ptr)
+                    .arg(&g.ptr)
                     .arg(&n)
                     .arg(&args)
                     .arg(&grad_scale)

@@ -22,7 +22,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "elementwise",
         source: include_str!("kernels/elementwise.cu"),
-        functions: &["add_assign", "add", "scale", "fill", "sum_squares_partial", "sum_squares_final"],
+        functions: &["add_assign", "add", "scale", "fill", "sum_squares_partial", "sum_squares_final", "f32_to_act", "act_to_f32"],
     },
     KernelFile { name: "embed", source: include_str!("kernels/embed.cu"), functions: &["embedding_fwd", "embedding_bwd"] },
     KernelFile {
@@ -47,13 +47,22 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     },
 ];
 
-/// Storage type of the trait's buffers inside the kernels (`act_t` in `common.cuh`).
+/// Element type of a device buffer, and the activation storage (`act_t` in `common.cuh`) a
+/// kernel file is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Storage {
-    /// What the backend runs today: the trait has one buffer type, and parameters need f32.
     F32,
-    /// bf16 activations; compiled by the CI test, not yet launched (needs split buffer types).
+    /// bf16 activations and working weights; master weights, gradients and statistics stay f32.
     Bf16,
+}
+
+impl Storage {
+    pub fn bytes(self) -> usize {
+        match self {
+            Storage::F32 => 4,
+            Storage::Bf16 => 2,
+        }
+    }
 }
 
 /// The full translation unit NVRTC compiles for `file`.

@@ -24,6 +24,7 @@ mod tests;
 
 use std::time::{Duration, Instant};
 
+use crate::backend::Precision;
 use crate::{Error, Result};
 
 pub use bilevel::{plan_bilevel, BiLevelPlan, Phase, PhaseRun};
@@ -37,11 +38,19 @@ pub struct Request {
     pub size: u64,
     pub start: usize,
     pub end: usize,
+    /// The allocation a buffer of its own would take (the arena's per-tensor mode).
+    #[serde(skip)]
+    pub precision: Precision,
 }
 
 impl Request {
     pub fn new(name: impl Into<String>, size: u64, start: usize, end: usize) -> Self {
-        Request { name: name.into(), size, start, end }
+        Request { name: name.into(), size, start, end, precision: Precision::Activation }
+    }
+
+    /// The same request for an f32 tensor.
+    pub fn f32(self) -> Self {
+        Request { precision: Precision::F32, ..self }
     }
 
     /// Whether the two lifetimes share an op (half-open ranges: `end` is already free).

@@ -1,10 +1,10 @@
 // Shared by every kernel file: the activation storage type and block/warp reductions.
 // Prepended to each .cu source by the Rust loader (NVRTC sees one translation unit per file).
 //
-// `act_t` is the storage type of the Backend trait's buffers. It is `float` today because the
-// trait has one element type for parameters, moments and activations alike (see docs/cuda.md);
-// building with -DMOTLEY_ACT_BF16 gives the bf16-storage variant, which the NVRTC test compiles
-// too so that it stays ready for the split of the trait's buffers.
+// `act_t` is the activation storage: bf16 when built with -DMOTLEY_ACT_BF16 (mixed precision),
+// else float. Every kernel argument has a fixed role (see src/backend/mod.rs): activations and
+// working weights are act_t; master weights, gradients, moments and statistics are float in
+// both variants.
 #include <cuda_bf16.h>
 
 #ifdef MOTLEY_ACT_BF16

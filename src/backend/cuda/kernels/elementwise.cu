@@ -21,6 +21,18 @@ extern "C" __global__ void fill(act_t* dst, float value, size_t n) {
         st(dst + i, value);
 }
 
+// Conversions between f32 buffers and activation storage (round to nearest even into bf16):
+// the working copy of the weights, and copies between the two kinds of buffer.
+extern "C" __global__ void f32_to_act(act_t* dst, const float* src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        st(dst + i, src[i]);
+}
+
+extern "C" __global__ void act_to_f32(float* dst, const act_t* src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = ld(src + i);
+}
+
 // Pass 1 of Σ x²: block b sums elements b, b + grid, ... (f64) into partial[b]. The grid size is
 // fixed by the caller, so the summation order depends only on n.
 extern "C" __global__ void sum_squares_partial(double* partial, const act_t* x, size_t n) {

@@ -10,13 +10,14 @@ extern "C" __global__ void embedding_fwd(act_t* out, const act_t* table, const u
 // dtable[v] += Σ dout[i] over the positions i of token v, in ascending i (the CPU order).
 // The host groups positions by token: group g is token ids[g], positions
 // pos[offsets[g] .. offsets[g+1]]. Grid (groups); no two blocks touch the same row: no atomics.
-extern "C" __global__ void embedding_bwd(act_t* dtable, const act_t* dout, const unsigned* ids,
+// dtable is a weight gradient: f32.
+extern "C" __global__ void embedding_bwd(float* dtable, const act_t* dout, const unsigned* ids,
                                          const unsigned* offsets, const unsigned* pos, int c) {
     unsigned g = blockIdx.x, a = offsets[g], b = offsets[g + 1];
-    act_t* dst = dtable + (size_t)ids[g] * c;
+    float* dst = dtable + (size_t)ids[g] * c;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        float acc = ld(dst + j);
+        float acc = dst[j];
         for (unsigned k = a; k < b; k++) acc += ld(dout + (size_t)pos[k] * c + j);
-        st(dst + j, acc);
+        dst[j] = acc;
     }
 }

@@ -1,5 +1,5 @@
 // RMSNorm: y = x · rstd · w, rstd = 1/sqrt(mean(x²) + eps). x, out, dout, dx: (N, C); w, dw: (C).
-// rstd (N) is a statistic and stays f32 whatever the activation storage type.
+// rstd (N) is a statistic and dw a weight gradient: both f32 whatever the activation storage.
 
 // Grid (N), one block per row; rstd (N) saved for the backward.
 extern "C" __global__ void rmsnorm_fwd(act_t* out, float* rstd, const act_t* x, const act_t* w, int c, float eps) {
@@ -38,11 +38,12 @@ extern "C" __global__ void rmsnorm_dw_partial(float* part, const act_t* dout, co
     part[(size_t)blockIdx.x * c + j] = acc;
 }
 
-// dw[j] += Σ_chunks part[chunk, j], chunks in order (deterministic, no atomics).
-extern "C" __global__ void rmsnorm_dw_reduce(act_t* dw, const float* part, int chunks, int c) {
+// dw[j] += Σ_chunks part[chunk, j], chunks in order (deterministic, no atomics). dw is a weight
+// gradient: f32.
+extern "C" __global__ void rmsnorm_dw_reduce(float* dw, const float* part, int chunks, int c) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= c) return;
-    float acc = ld(dw + j);
+    float acc = dw[j];
     for (int k = 0; k < chunks; k++) acc += part[(size_t)k * c + j];
-    st(dw + j, acc);
+    dw[j] = acc;
 }
