@@ -94,7 +94,12 @@ fn arena_plans_of_real_routings_never_overlap_live_transients() {
                 let (requests, plan) = arena.current();
                 let plan = plan.expect("planned mode plans");
                 verify(plan, requests).unwrap();
-                assert!(plan.peak < phase.requests.iter().map(|r| r.size.next_multiple_of(plan.alignment)).sum(), "{}: no reuse at all", phase.name);
+                // Wherever two transients are never live together, the plan must share memory.
+                let rs = &phase.requests;
+                let reusable = rs.iter().enumerate().any(|(i, p)| rs[i + 1..].iter().any(|q| !p.overlaps_in_time(q)));
+                if reusable {
+                    assert!(plan.peak < rs.iter().map(|r| r.size.next_multiple_of(plan.alignment)).sum(), "{}: no reuse at all", phase.name);
+                }
                 assert!(arena.capacity() as u64 * 4 >= plan.peak);
             }
         }

@@ -22,7 +22,7 @@ mod common;
 use common::{randn, tiny_model};
 use motley::backend::cpu::Cpu;
 use motley::backend::cuda::{cuda_available, CudaBackend, Storage};
-use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
+use motley::backend::{AdamW, AttnShape, Backend, Gemm, TokenSlots};
 use motley::memory::store::LayerPolicy;
 use motley::model::config::Routing;
 use motley::model::Model;
@@ -149,6 +149,35 @@ case!(Matmul, |be| {
         outs.push(down(be, &out));
     }
     outs
+});
+
+// Three experts' worth of products of different shapes (one empty), as the model issues them:
+// forward style into activations (one grouped cuBLAS call with bf16 storage) and weight-
+// gradient style accumulated into f32 (one cuBLASLt matmul per product).
+case!(GroupedMatmul, |be| {
+    let shapes = [(19, 64, 48), (0, 64, 32), (37, 64, 80)];
+    let gemms = |ta: bool| -> Vec<Gemm> {
+        let (mut out, mut a, mut b) = (0, 0, 0);
+        shapes
+            .iter()
+            .map(|&(m, k, n)| {
+                let (m, n) = if ta { (n, m) } else { (m, n) };
+                let g = Gemm { m, k, n, out, a, b };
+                (out, a, b) = (out + m * n, a + m * k, b + k * n);
+                g
+            })
+            .collect()
+    };
+    let total = |gs: &[Gemm], f: fn(&Gemm) -> usize| gs.iter().map(f).sum::<usize>();
+    let fwd = gemms(false);
+    let (a, b) = (up(be, &data(40, total(&fwd, |g| g.m * g.k))), up(be, &data(41, total(&fwd, |g| g.k * g.n))));
+    let mut out = be.alloc(total(&fwd, |g| g.m * g.n));
+    be.grouped_matmul(B::full_mut(&mut out), B::full(&a), B::full(&b), &fwd, false, true, false);
+    let wgrad = gemms(true);
+    let (a2, b2) = (up(be, &data(42, total(&wgrad, |g| g.m * g.k))), up(be, &data(43, total(&wgrad, |g| g.k * g.n))));
+    let mut grad = up_f32(be, &data(44, total(&wgrad, |g| g.m * g.n)));
+    be.grouped_matmul(B::full_mut(&mut grad), B::full(&a2), B::full(&b2), &wgrad, true, false, true);
+    vec![down(be, &out), down(be, &grad)]
 });
 
 case!(Embedding, |be| {
@@ -282,6 +311,7 @@ macro_rules! parity_test {
 
 parity_test!(elementwise, Elementwise, F32_TOL, BF16_TOL);
 parity_test!(matmul, Matmul, TF32_TOL, BF16_GEMM_TOL);
+parity_test!(grouped_matmul, GroupedMatmul, TF32_TOL, BF16_GEMM_TOL);
 parity_test!(embedding, Embedding, F32_TOL, BF16_TOL);
 parity_test!(rmsnorm, RmsNorm, F32_TOL, BF16_TOL);
 parity_test!(rope, Rope, F32_TOL, BF16_TOL);
@@ -363,5 +393,19 @@ fn memo_policies_match_keep_all() {
         let err = error(&keep_g, &g);
         eprintln!("MEMO {policy:?}: gradients normalised max error {err:.2e} against keep-all");
         assert!(err <= 1e-2, "{policy:?}: gradients normalised max error {err:.3e} > 1e-2");
+    }
+}
+
+/// The grouped cuBLAS call against one cuBLASLt matmul per product, both bf16 on the GPU.
+#[test]
+#[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
+fn grouped_call_matches_per_product_matmuls() {
+    let (grouped, looped) = (gpu(Storage::Bf16), gpu(Storage::Bf16).without_grouped_gemm());
+    let want = Both::Cuda(&looped).run(&GroupedMatmul);
+    let got = Both::Cuda(&grouped).run(&GroupedMatmul);
+    for (k, (w, g)) in want.iter().zip(&got).enumerate() {
+        let err = error(w, g);
+        eprintln!("grouped vs per-product output {k}: normalised max error {err:.2e}");
+        assert!(err <= 1e-2, "grouped vs per-product output {k}: {err:.3e} > 1e-2");
     }
 }

@@ -81,6 +81,27 @@ pub enum Precision {
     F32,
 }
 
+/// One product of a grouped matmul: `out (m×n) [+]= op(a) (m×k) · op(b) (k×n)`, each matrix
+/// dense and row-major, starting at element `out`, `a`, `b` of the call's views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gemm {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub out: usize,
+    pub a: usize,
+    pub b: usize,
+}
+
+/// [`Backend::grouped_matmul`] as one `matmul` per product.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_each<B: Backend + ?Sized>(be: &B, mut out: B::ViewMut<'_>, a: B::View<'_>, b: B::View<'_>, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
+    for g in gemms {
+        let o = B::subview_mut(&mut out, g.out..g.out + g.m * g.n);
+        be.matmul(o, B::subview(a, g.a..g.a + g.m * g.k), B::subview(b, g.b..g.b + g.k * g.n), g.m, g.k, g.n, ta, tb, accumulate);
+    }
+}
+
 pub trait Backend: Send + Sync {
     /// Device memory holding activation-typed elements.
     type Buf: Send + Sync;
@@ -159,6 +180,15 @@ pub trait Backend: Send + Sync {
     /// rows (MEMO's dropped tokens) reproduces the full call.
     #[allow(clippy::too_many_arguments)]
     fn matmul(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool);
+
+    /// Independent matmuls sharing `ta`, `tb` and `accumulate`, their operands at offsets into
+    /// one view each: the experts of one projection, every one with its own rows and width, in
+    /// one call (one launch on a GPU). The outputs must not overlap. Same rules as `matmul`;
+    /// by default one `matmul` per product.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_matmul(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
+        matmul_each(self, out, a, b, gemms, ta, tb, accumulate)
+    }
 
     // ---- embedding ------------------------------------------------------------------------------
     /// `out (N, C) = table[tokens]`.

@@ -4,8 +4,8 @@
 //! Skeletal tensors are not here: they belong to the store (kept, or in MEMO's two rotating
 //! skeletal buffers while they are copied). Neither are the block's boundary tensors (input,
 //! output, incoming and outgoing gradient), which cross layers. The recompute before a backward
-//! needs a gather and an activation buffer per expert for the dropped slots only, smaller than
-//! the backward's own: it runs from the backward phase's `xe` and `act[e]`.
+//! needs a gather and an activation buffer for the dropped slots only, smaller than the
+//! backward's own: it runs from the backward phase's `xe` and `act`.
 //!
 //! Keep this in step with `block.rs`: a new temporary there is a new request here. The block
 //! takes its transients from the arena by these requests' indices, and the arena checks that
@@ -23,10 +23,8 @@ pub const ALIGNMENT: u64 = 512;
 pub mod fwd {
     /// The routed copies of the normalised tokens, `(S, C)`.
     pub const XE: usize = 0;
-    /// Expert `e`'s SwiGLU output, `(S_e, h_e)`.
-    pub const fn act(e: usize) -> usize {
-        1 + e
-    }
+    /// Every expert's SwiGLU output, `(S_e, h_e)` blocks one after another.
+    pub const ACT: usize = 1;
 }
 
 /// Indices of the backward phase's requests (also used by the recompute before it).
@@ -41,43 +39,36 @@ pub mod bwd {
     pub const DATT: usize = 7;
     pub const DQKV: usize = 8;
     pub const DXN1: usize = 9;
-    pub const fn act(e: usize) -> usize {
-        10 + 3 * e
-    }
-    pub const fn dact(e: usize) -> usize {
-        11 + 3 * e
-    }
-    pub const fn dgu(e: usize) -> usize {
-        12 + 3 * e
-    }
+    /// Every expert's SwiGLU output, its gradient (`(S_e, h_e)` blocks) and the gate/up
+    /// gradient (`(S_e, 2h_e)` blocks).
+    pub const ACT: usize = 10;
+    pub const DACT: usize = 11;
+    pub const DGU: usize = 12;
 }
 
 /// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`;
-/// requests are in the order of the [`fwd`] and [`bwd`] indices.
+/// requests are in the order of the [`fwd`] and [`bwd`] indices. The experts of a projection
+/// run as one grouped matmul, so all their blocks are live together.
 pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize]) -> (Phase, Phase) {
     let n = (batch * seq) as u64;
     let c = model.d_model as u64;
     let d = model.head_dim() as u64;
     let (w, a, e) = ((model.n_heads + 2 * model.n_kv_heads) as u64 * d, model.n_heads as u64 * d, moe.n_experts() as u64);
     let s: u64 = slots.iter().map(|&x| x as u64).sum();
+    let sh: u64 = slots.iter().zip(&moe.expert_widths).map(|(&se, &h)| se as u64 * h as u64).sum();
     let b = |elems: u64| elems * ELEM_BYTES;
-    let experts = moe.expert_widths.iter().zip(slots).enumerate();
 
     // Forward: 0 norm, 1 qkv, 2 rope, 3 attention, 4 copy, 5 wo, 6 norm, 7 router, 8 softmax,
-    // 9 gather xe; expert e at 10 + 3e (gate_up, swiglu, down); then copy out and combine.
-    let loop_end = 10 + 3 * moe.n_experts();
-    let mut fwd = vec![Request::new("xe", b(s * c), 9, loop_end)];
-    for (ex, (&h, &se)) in experts.clone() {
-        let base = 10 + 3 * ex;
-        fwd.push(Request::new(format!("act[{ex}]"), b(se as u64 * h as u64), base + 1, base + 3));
-    }
-    let forward = Phase { name: "block forward".into(), ops: loop_end + 2, requests: fwd };
+    // 9 gather xe, 10 gate_up (grouped), 11 SwiGLU, 12 down (grouped), 13 copy out, 14 combine.
+    let fwd = vec![Request::new("xe", b(s * c), 9, 13), Request::new("act", b(sh), 11, 13)];
+    let forward = Phase { name: "block forward".into(), ops: 15, requests: fwd };
 
-    // Backward: 0 dy, 1 dgate, 2 gather xe; expert e at 3 + 6e (act, dact, dW_down, dgu, dxe,
-    // dW_gate_up); then x: combine dxn2, router (dprobs, softmax bwd, z-loss, dxn2 +=, dWr), dx2,
-    // ffn norm bwd, datt, dWo, attention bwd, rope, dxn1, dWqkv, copy dx, attn norm bwd.
-    let x = 3 + 6 * moe.n_experts();
-    let mut bwd = vec![
+    // Backward: 0 dy, 1 dgate, 2 gather xe; experts: 3 SwiGLU again (act), 4 dact, 5 dW_down,
+    // 6 dgu, 7 dxe, 8 dW_gate_up (each matmul grouped over the experts); then x: combine dxn2,
+    // router (dprobs, softmax bwd, z-loss, dxn2 +=, dWr), dx2, ffn norm bwd, datt, dWo,
+    // attention bwd, rope, dxn1, dWqkv, copy dx, attn norm bwd.
+    let x = 9;
+    let bwd = vec![
         Request::new("dy", b(s * c), 0, x),
         Request::new("xe", b(s * c), 2, x),
         Request::new("dxe", b(s * c), 2, x + 1),
@@ -88,14 +79,10 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
         Request::new("datt", b(n * a), x + 8, x + 11),
         Request::new("dqkv", b(n * w), x + 10, x + 14),
         Request::new("dxn1", b(n * c), x + 12, x + 16),
+        Request::new("act", b(sh), 3, x),
+        Request::new("dact", b(sh), 3, x),
+        Request::new("dgu", b(2 * sh), 3, x),
     ];
-    // An expert's backward holds its act, dact and dgu until it ends.
-    for (ex, (&h, &se)) in experts {
-        let (base, rows) = (3 + 6 * ex, se as u64 * h as u64);
-        bwd.push(Request::new(format!("act[{ex}]"), b(rows), base, base + 6));
-        bwd.push(Request::new(format!("dact[{ex}]"), b(rows), base + 1, base + 6));
-        bwd.push(Request::new(format!("dgu[{ex}]"), b(2 * rows), base + 3, base + 6));
-    }
     let backward = Phase { name: "block backward".into(), ops: x + 16, requests: bwd };
     (forward, backward)
 }

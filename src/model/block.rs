@@ -9,7 +9,7 @@ use super::config::{ModelConfig, MoeConfig};
 use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
-use crate::backend::{AttnShape, Backend, Precision, TokenSlots};
+use crate::backend::{AttnShape, Backend, Gemm, Precision, TokenSlots};
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
@@ -73,13 +73,33 @@ fn tail_mut<B: Backend>(buf: &mut B::Buf, from: usize, n: usize, width: usize) -
     B::view_mut(buf, from * width..n * width)
 }
 
-/// Offsets of each expert's `(rows[e], 2h_e)` block inside the concatenated gate/up buffer.
-fn gate_up_offsets(rows: impl IntoIterator<Item = usize>, widths: &[usize]) -> Vec<usize> {
-    let mut off = vec![0];
-    for (e, (r, &h)) in rows.into_iter().zip(widths).enumerate() {
-        off.push(off[e] + r * 2 * h);
+/// One expert's share of a grouped expert call: `rows` rows of expert `ex`, read from row
+/// `x_row` on of the routed-row buffers (`xe`, `dy`, `dxe`), written from row `y_row` on of the
+/// output rows, with its blocks at element `gu` of the concatenated `(rows, 2h)` gate/up
+/// buffers and at element `act` of the concatenated `(rows, h)` ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    ex: usize,
+    rows: usize,
+    x_row: usize,
+    y_row: usize,
+    gu: usize,
+    act: usize,
+}
+
+/// Experts `first..` with `counts[i]` rows each, laid out one after another in every buffer
+/// (rows in expert-major slot order); experts without rows are left out. Also returns the
+/// total `(gate/up, act)` elements.
+fn segments(first: usize, counts: &[usize], widths: &[usize]) -> (Vec<Segment>, usize, usize) {
+    let (mut segs, mut row, mut gu, mut act) = (Vec::new(), 0, 0, 0);
+    for (i, &rows) in counts.iter().enumerate() {
+        let h = widths[first + i];
+        if rows > 0 {
+            segs.push(Segment { ex: first + i, rows, x_row: row, y_row: row, gu, act });
+        }
+        (row, gu, act) = (row + rows, gu + rows * 2 * h, act + rows * h);
     }
-    off
+    (segs, gu, act)
 }
 
 /// The rows the expert-parallel exchange moves: every routed slot (training is dropless).
@@ -88,32 +108,48 @@ fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
 }
 
 impl<B: Backend> BlockCtx<'_, B> {
-    /// Expert `ex` on `rows` routed rows `xe`: `gu = xe W_guᵀ` into `gu[gu_rows]` (saved),
-    /// `act = SwiGLU(gu)` (transient, `rows × h`), `y = act W_downᵀ`. Shared by the forward
-    /// and the recompute of dropped slots.
-    #[allow(clippy::too_many_arguments)]
-    fn expert_forward(&self, p: &BlockParams, ex: usize, rows: usize, xe: B::View<'_>, gu: &mut B::Buf, gu_rows: std::ops::Range<usize>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
-        let (be, c, h) = (self.be, self.c(), self.moe.expert_widths[ex]);
-        let (w_gu, w_down) = self.expert_params(p, ex);
-        be.matmul(B::view_mut(gu, gu_rows.clone()), xe, self.w(w_gu, 2 * h * c), rows, c, 2 * h, false, true, false);
-        be.swiglu_fwd(B::reborrow_mut(&mut act), B::view(gu, gu_rows), rows, h);
-        be.matmul(y, B::as_view(&act), self.w(w_down, c * h), rows, h, c, false, true, false);
+    /// The experts of `segs` on their routed rows `xe`: `gu = xe W_guᵀ` (saved), `act =
+    /// SwiGLU(gu)`, `y = act W_downᵀ`, each projection one grouped matmul over the experts.
+    /// Shared by the forward and the recompute of dropped slots.
+    fn experts_forward(&self, p: &BlockParams, segs: &[Segment], xe: B::View<'_>, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
+        let (be, c, params) = (self.be, self.c(), B::full(self.params));
+        let widths = &self.moe.expert_widths;
+        let up: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: c, n: 2 * widths[s.ex], out: s.gu, a: s.x_row * c, b: self.expert_params(p, s.ex).0 }).collect();
+        be.grouped_matmul(B::reborrow_mut(&mut gu), xe, params, &up, false, true, false);
+        for s in segs {
+            let h = widths[s.ex];
+            be.swiglu_fwd(B::subview_mut(&mut act, s.act..s.act + s.rows * h), B::subview(B::as_view(&gu), s.gu..s.gu + s.rows * 2 * h), s.rows, h);
+        }
+        let down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: widths[s.ex], n: c, out: s.y_row * c, a: s.act, b: self.expert_params(p, s.ex).1 }).collect();
+        be.grouped_matmul(y, B::as_view(&act), params, &down, false, true, false);
     }
 
-    /// Backward of [`Self::expert_forward`] on `rows` rows: recomputes SwiGLU from the saved
-    /// `gu`, writes the input gradient `dxe` and accumulates expert `ex`'s weight gradients.
-    /// `[act, dact, dgu]` are its transients: `rows × h`, `rows × h`, `rows × 2h`.
+    /// Backward of [`Self::experts_forward`]: recomputes SwiGLU from the saved `gu`, writes the
+    /// input gradient `dxe` and accumulates the experts' weight gradients; `[act, dact, dgu]`
+    /// are its transients, laid out as `segs` says. Every projection is one grouped matmul.
     #[allow(clippy::too_many_arguments)]
-    fn expert_backward(&self, p: &BlockParams, ex: usize, rows: usize, gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut B::Buf, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
-        let (be, c, h) = (self.be, self.c(), self.moe.expert_widths[ex]);
-        let (w_gu, w_down) = self.expert_params(p, ex);
+    fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut B::Buf, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
+        let (be, c, params) = (self.be, self.c(), B::full(self.params));
+        let widths = &self.moe.expert_widths;
         let (rw, ro) = (B::reborrow_mut, B::as_view);
-        be.swiglu_fwd(rw(&mut act), gu, rows, h);
-        be.matmul(rw(&mut dact), dy, self.w(w_down, c * h), rows, c, h, false, false, false);
-        be.matmul(g::<B>(grads, w_down, c * h), dy, ro(&act), c, rows, h, true, false, true);
-        be.swiglu_bwd(rw(&mut dgu), ro(&dact), gu, rows, h);
-        be.matmul(dxe, ro(&dgu), self.w(w_gu, 2 * h * c), rows, 2 * h, c, false, false, false);
-        be.matmul(g::<B>(grads, w_gu, 2 * h * c), ro(&dgu), xe, 2 * h, rows, c, true, false, true);
+        let h = |s: &Segment| widths[s.ex];
+        for s in segs {
+            be.swiglu_fwd(B::subview_mut(&mut act, s.act..s.act + s.rows * h(s)), B::subview(gu, s.gu..s.gu + s.rows * 2 * h(s)), s.rows, h(s));
+        }
+        let w_down = |s: &Segment| self.expert_params(p, s.ex).1;
+        let w_gu = |s: &Segment| self.expert_params(p, s.ex).0;
+        let dact_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: c, n: h(s), out: s.act, a: s.x_row * c, b: w_down(s) }).collect();
+        be.grouped_matmul(rw(&mut dact), dy, params, &dact_of, false, false, false);
+        let dw_down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: c, k: s.rows, n: h(s), out: w_down(s), a: s.x_row * c, b: s.act }).collect();
+        be.grouped_matmul(B::full_mut(grads), dy, ro(&act), &dw_down, true, false, true);
+        for s in segs {
+            let (gu_r, act_r) = (s.gu..s.gu + s.rows * 2 * h(s), s.act..s.act + s.rows * h(s));
+            be.swiglu_bwd(B::subview_mut(&mut dgu, gu_r.clone()), B::subview(ro(&dact), act_r), B::subview(gu, gu_r), s.rows, h(s));
+        }
+        let dx_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: 2 * h(s), n: c, out: s.x_row * c, a: s.gu, b: w_gu(s) }).collect();
+        be.grouped_matmul(dxe, ro(&dgu), params, &dx_of, false, false, false);
+        let dw_gu: Vec<Gemm> = segs.iter().map(|s| Gemm { m: 2 * h(s), k: s.rows, n: c, out: w_gu(s), a: s.gu, b: s.x_row * c }).collect();
+        be.grouped_matmul(B::full_mut(grads), ro(&dgu), xe, &dw_gu, true, false, true);
     }
 
     /// The block's `(forward, backward)` transient requests under `routing`.
@@ -204,16 +240,11 @@ impl<B: Backend> BlockCtx<'_, B> {
         let mut y = be.alloc(routing.n_slots() * c);
         let (gu, received) = match self.dispatcher()? {
             None => {
-                let gu_off = gate_up_offsets((0..e).map(|ex| routing.slots_of(ex).len()), widths);
-                let mut gu = be.alloc(gu_off[e]);
-                for ex in 0..e {
-                    let slots = routing.slots_of(ex);
-                    if !slots.is_empty() {
-                        let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::act(ex), slots.len() * widths[ex])]);
-                        let (xe_e, y_e) = (B::subview(B::as_view(&xe), slots.start * c..slots.end * c), B::view_mut(&mut y, slots.start * c..slots.end * c));
-                        self.expert_forward(p, ex, slots.len(), xe_e, &mut gu, gu_off[ex]..gu_off[ex + 1], act, y_e);
-                    }
-                }
+                let counts: Vec<usize> = (0..e).map(|ex| routing.slots_of(ex).len()).collect();
+                let (segs, gu_len, act_len) = segments(0, &counts, widths);
+                let mut gu = be.alloc(gu_len);
+                let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len)]);
+                self.experts_forward(p, &segs, B::as_view(&xe), B::full_mut(&mut gu), act, B::full_mut(&mut y));
                 (gu, None)
             }
             Some(d) => {
@@ -221,18 +252,13 @@ impl<B: Backend> BlockCtx<'_, B> {
                 // (expert-major), and the outputs travel back into the same slot layout.
                 let plan = dropless_plan(&routing)?;
                 let recv = d.receive_counts(&plan)?;
-                let spans = d.local_spans(&recv);
-                let local = d.local_experts();
-                let gu_off = gate_up_offsets(spans.iter().map(|s| s.len()), &widths[local.clone()]);
-                let mut gu = be.alloc(gu_off[spans.len()]);
+                let counts: Vec<usize> = d.local_spans(&recv).iter().map(|s| s.len()).collect();
+                let (segs, gu_len, act_len) = segments(d.local_experts().start, &counts, widths);
+                let (mut gu, mut act) = (be.alloc(gu_len), be.alloc(act_len));
                 let [xe] = tx.views(be, [(fwd::XE, sc)]);
                 let xg = self.uploaded(&d.to_experts(&be.download(B::as_view(&xe)), &plan, &recv)?);
                 let mut yg = be.alloc(B::len(&xg));
-                for (le, span) in spans.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
-                    let rows = span.start * c..span.end * c;
-                    let mut act = be.alloc(span.len() * widths[local.start + le]);
-                    self.expert_forward(p, local.start + le, span.len(), B::view(&xg, rows.clone()), &mut gu, gu_off[le]..gu_off[le + 1], B::full_mut(&mut act), B::view_mut(&mut yg, rows));
-                }
+                self.experts_forward(p, &segs, B::full(&xg), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
                 be.upload(B::full_mut(&mut y), &d.from_experts(&be.download(B::full(&yg)), &recv)?);
                 (gu, Some(recv))
             }
@@ -305,19 +331,25 @@ impl<B: Backend> BlockCtx<'_, B> {
 
         let routing = store.routing(layer);
         assert!(self.ep.is_none(), "recomputing dropped expert rows needs the expert-parallel exchange; expert parallelism keeps every activation");
-        let gu_off = gate_up_offsets((0..e).map(|ex| routing.slots_of(ex).len()), &self.moe.expert_widths);
-        tx.begin(be, self.phases(routing).1.requests);
-        for (ex, &h) in self.moe.expert_widths.iter().enumerate() {
+        // Each expert's dropped slots are the tail of its slot range: gather them into one
+        // block of rows and run the experts grouped, writing into the saved gu and y in place.
+        let widths = &self.moe.expert_widths;
+        let (mut segs, mut tokens, mut gu_base, mut act_len) = (Vec::new(), Vec::new(), 0, 0);
+        for (ex, &h) in widths.iter().enumerate() {
             let sl = routing.slots_of(ex);
             let kept = routing.token[sl.clone()].partition_point(|&tok| (tok as usize) < from);
-            let (first, r) = (sl.start + kept, sl.len() - kept);
-            if r == 0 {
-                continue;
+            let rows = sl.len() - kept;
+            if rows > 0 {
+                segs.push(Segment { ex, rows, x_row: tokens.len(), y_row: sl.start + kept, gu: gu_base + kept * 2 * h, act: act_len });
+                tokens.extend_from_slice(&routing.token[sl.start + kept..sl.end]);
+                act_len += rows * h;
             }
-            let [mut xe, act] = tx.views(be, [(bwd::XE, r * c), (bwd::act(ex), r * h)]);
-            be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &routing.token[first..sl.end], c);
-            self.expert_forward(p, ex, r, B::as_view(&xe), gu, gu_off[ex] + kept * 2 * h..gu_off[ex + 1], act, B::view_mut(y, first * c..sl.end * c));
+            gu_base += sl.len() * 2 * h;
         }
+        tx.begin(be, self.phases(routing).1.requests);
+        let [mut xe, act] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len)]);
+        be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &tokens, c);
+        self.experts_forward(p, &segs, B::as_view(&xe), B::full_mut(gu), act, B::full_mut(y));
         for (name, buf) in names.iter().zip(t) {
             store.save(layer, name, buf);
         }
@@ -350,37 +382,26 @@ impl<B: Backend> BlockCtx<'_, B> {
         let gu = store.load(layer, "expert_gate_up");
         match self.dispatcher()? {
             None => {
-                let gu_off = gate_up_offsets((0..e).map(|ex| routing.slots_of(ex).len()), widths);
-                for ex in (0..e).filter(|&ex| !routing.slots_of(ex).is_empty()) {
-                    let sl = routing.slots_of(ex);
-                    let (rows, r, h) = (sl.len(), sl.start * c..sl.end * c, widths[ex]);
-                    let gu_e = B::view(gu, gu_off[ex]..gu_off[ex + 1]);
-                    let [dy, xe, mut dxe, act, dact, dgu] =
-                        tx.views(be, [(bwd::DY, sc), (bwd::XE, sc), (bwd::DXE, sc), (bwd::act(ex), rows * h), (bwd::dact(ex), rows * h), (bwd::dgu(ex), rows * 2 * h)]);
-                    let (dy_e, xe_e) = (B::subview(ro(&dy), r.clone()), B::subview(ro(&xe), r.clone()));
-                    self.expert_backward(p, ex, rows, gu_e, dy_e, xe_e, B::subview_mut(&mut dxe, r), grads, [act, dact, dgu]);
-                }
+                let counts: Vec<usize> = (0..e).map(|ex| routing.slots_of(ex).len()).collect();
+                let (segs, gu_len, act_len) = segments(0, &counts, widths);
+                let [dy, xe, dxe, act, dact, dgu] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, gu_len)]);
+                self.experts_backward(p, &segs, B::full(gu), ro(&dy), ro(&xe), dxe, grads, [act, dact, dgu]);
             }
             Some(d) => {
                 // The experts' inputs and output gradients travel to the experts' ranks (the
                 // inputs again rather than kept there), the input gradients travel back.
                 let plan = dropless_plan(routing)?;
                 let recv = store.received(layer);
-                let spans = d.local_spans(recv);
-                let local = d.local_experts();
-                let gu_off = gate_up_offsets(spans.iter().map(|s| s.len()), &widths[local.clone()]);
+                let counts: Vec<usize> = d.local_spans(recv).iter().map(|s| s.len()).collect();
+                let (segs, gu_len, act_len) = segments(d.local_experts().start, &counts, widths);
                 let (xg, dyg) = {
                     let [dy, xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc)]);
                     (self.uploaded(&d.to_experts(&be.download(ro(&xe)), &plan, recv)?), self.uploaded(&d.to_experts(&be.download(ro(&dy)), &plan, recv)?))
                 };
                 let mut dxg = be.alloc(B::len(&xg));
-                for (le, span) in spans.iter().enumerate().filter(|(_, s)| !s.is_empty()) {
-                    let (rows, h) = (span.start * c..span.end * c, widths[local.start + le]);
-                    let gu_e = B::view(gu, gu_off[le]..gu_off[le + 1]);
-                    let mut scratch = [1, 1, 2].map(|k| be.alloc(span.len() * k * h));
-                    let [act, dact, dgu] = scratch.each_mut().map(B::full_mut);
-                    self.expert_backward(p, local.start + le, span.len(), gu_e, B::view(&dyg, rows.clone()), B::view(&xg, rows.clone()), B::view_mut(&mut dxg, rows), grads, [act, dact, dgu]);
-                }
+                let mut scratch = [act_len, act_len, gu_len].map(|len| be.alloc(len));
+                let [act, dact, dgu] = scratch.each_mut().map(B::full_mut);
+                self.experts_backward(p, &segs, B::full(gu), B::full(&dyg), B::full(&xg), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
                 let [mut dxe] = tx.views(be, [(bwd::DXE, sc)]);
                 be.upload(rw(&mut dxe), &d.from_experts(&be.download(B::full(&dxg)), recv)?);
             }
@@ -437,5 +458,21 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.copy(B::full_mut(dx), ro(&dx2));
         be.rmsnorm_bwd(B::full_mut(dx), g::<B>(grads, p.attn_norm, c), ro(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), n, c);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{segments, Segment};
+
+    #[test]
+    fn segments_lay_experts_out_one_after_another_and_skip_empty_ones() {
+        let widths = [8, 16, 24, 40];
+        let (segs, gu, act) = segments(1, &[3, 0, 2], &widths);
+        assert_eq!(
+            segs,
+            [Segment { ex: 1, rows: 3, x_row: 0, y_row: 0, gu: 0, act: 0 }, Segment { ex: 3, rows: 2, x_row: 3, y_row: 3, gu: 3 * 32, act: 3 * 16 }]
+        );
+        assert_eq!((gu, act), (3 * 32 + 2 * 80, 3 * 16 + 2 * 40));
     }
 }

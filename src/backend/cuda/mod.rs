@@ -28,6 +28,7 @@
 mod attention;
 mod blas;
 mod detect;
+mod grouped;
 mod kernels;
 pub mod nvrtc;
 
@@ -43,7 +44,7 @@ pub use detect::cuda_available;
 use kernels::Kernels;
 pub use nvrtc::Storage;
 
-use super::{AdamW, AttnShape, Backend, TokenSlots};
+use super::{matmul_each, AdamW, AttnShape, Backend, Gemm, TokenSlots};
 use crate::{Error, Result};
 
 /// Threads per block for row and grid-stride kernels.
@@ -58,6 +59,8 @@ const LOGITS_BUDGET: usize = 1 << 24;
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: blas::Lt,
+    /// One cuBLAS call per grouped matmul; `None`: one cuBLASLt matmul per product.
+    grouped: Option<grouped::Grouped>,
     k: Kernels,
     device: String,
 }
@@ -156,7 +159,15 @@ impl CudaBackend {
         let k = Kernels::load(&ctx, major, minor, storage)?;
         let stream = ctx.default_stream();
         let blas = blas::Lt::new(stream.clone()).map_err(Error::Invalid)?;
-        Ok(CudaBackend { stream, blas, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)") })
+        let grouped = Some(grouped::Grouped::new(stream.clone()).map_err(Error::Invalid)?);
+        Ok(CudaBackend { stream, blas, grouped, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)") })
+    }
+
+    /// Runs grouped matmuls as one cuBLASLt call per product instead of one grouped cuBLAS
+    /// call (to compare the two).
+    pub fn without_grouped_gemm(mut self) -> Self {
+        self.grouped = None;
+        self
     }
 
     /// The GPU's name, architecture and activation storage, for logs.
@@ -427,6 +438,22 @@ impl Backend for CudaBackend {
         let a_op = a_act.as_ref().map_or(a.operand(), |t| Operand { ptr: t.ptr, storage: t.storage });
         let b_op = b_act.as_ref().map_or(b.operand(), |t| Operand { ptr: t.ptr, storage: t.storage });
         self.blas.matmul(out.operand(), a_op, b_op, m, k, n, ta, tb, accumulate);
+    }
+
+    fn grouped_matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
+        let live: Vec<Gemm> = gemms.iter().copied().filter(|g| g.m * g.n > 0).collect();
+        let mut outs: Vec<(usize, usize)> = live.iter().map(|g| (g.out, g.out + g.m * g.n)).collect();
+        outs.sort_unstable();
+        assert!(outs.windows(2).all(|w| w[0].1 <= w[1].0), "grouped_matmul: outputs overlap");
+        for g in &live {
+            assert!(g.out + g.m * g.n <= out.len() && g.a + g.m * g.k <= a.len() && g.b + g.k * g.n <= b.len(), "grouped_matmul: {g:?} outside its views");
+        }
+        match &self.grouped {
+            Some(grouped) if live.iter().all(|g| g.k > 0) && grouped::Grouped::supports(out.operand(), a.operand(), b.operand()) => {
+                grouped.run(out.operand(), a.operand(), b.operand(), &live, ta, tb, accumulate)
+            }
+            _ => matmul_each(self, out, a, b, &live, ta, tb, accumulate),
+        }
     }
 
     fn embedding_fwd(&self, out: DevViewMut<'_>, table: DevView<'_>, tokens: &[u32], c: usize) {
