@@ -102,6 +102,24 @@ pub fn matmul_each<B: Backend + ?Sized>(be: &B, mut out: B::ViewMut<'_>, a: B::V
     }
 }
 
+impl Precision {
+    /// Bytes per element, given the backend's activation storage size.
+    pub fn bytes(self, activation_bytes: u64) -> u64 {
+        match self {
+            Precision::Activation => activation_bytes,
+            Precision::F32 => 4,
+        }
+    }
+}
+
+/// One view of the planned transient arena: `len` elements of kind `precision` from byte `at`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArenaPart {
+    pub at: u64,
+    pub len: usize,
+    pub precision: Precision,
+}
+
 pub trait Backend: Send + Sync {
     /// Device memory holding activation-typed elements.
     type Buf: Send + Sync;
@@ -121,6 +139,10 @@ pub trait Backend: Send + Sync {
     /// optimizer moments and statistics (RMSNorm `rstd`, attention `lse`, router logits and
     /// probabilities, the rotary table). Which ops read or write which kind is stated per op.
     fn alloc_f32(&self, len: usize) -> Self::Buf;
+    /// Bytes per element of activation storage (4 for f32, 2 for bf16).
+    fn activation_bytes(&self) -> u64;
+    /// Bytes a buffer occupies.
+    fn buf_bytes(buf: &Self::Buf) -> u64;
     fn alloc_as(&self, len: usize, precision: Precision) -> Self::Buf {
         match precision {
             Precision::Activation => self.alloc(len),
@@ -144,11 +166,12 @@ pub trait Backend: Send + Sync {
     /// Elements `range` of a view.
     fn subview<'b>(v: Self::View<'b>, range: Range<usize>) -> Self::View<'b>;
     fn subview_mut<'b>(v: &'b mut Self::ViewMut<'_>, range: Range<usize>) -> Self::ViewMut<'b>;
-    /// Writable views of `ranges` of one buffer, in the order given, all usable at once: how the
+    /// Writable views of `parts` of one buffer from `alloc_f32` (raw memory in 4-byte units),
+    /// each of its part's element type, in the order given and all usable at once: how the
     /// planned transient arena hands out the tensors live at the same time. Panics when two
-    /// non-empty ranges overlap. `None` where the backend's views cannot share a buffer; the
-    /// arena then gives every transient a buffer of its own.
-    fn disjoint_views_mut<'a>(buf: &'a mut Self::Buf, ranges: &[Range<usize>]) -> Option<Vec<Self::ViewMut<'a>>>;
+    /// non-empty parts overlap or one leaves the buffer. `None` where the backend's views cannot
+    /// share a buffer; the arena then gives every transient a buffer of its own.
+    fn arena_views<'a>(&self, buf: &'a mut Self::Buf, parts: &[ArenaPart]) -> Option<Vec<Self::ViewMut<'a>>>;
     fn upload(&self, dst: Self::ViewMut<'_>, src: &[f32]);
     fn download(&self, src: Self::View<'_>) -> Vec<f32>;
     /// Copies `src` into host memory the caller owns (the activation store's host tier).

@@ -21,14 +21,18 @@
 //! first. With expert parallelism the rows exchanged between ranks and the local experts'
 //! transients are still allocated per op (their counts come from the exchange).
 //!
-//! Without disjoint views (the CUDA backend, see `Backend::disjoint_views_mut`) or when asked
+//! Requests are sized in bytes of their own element type (`transients.rs`: bf16 activations
+//! take 2 bytes on a GPU in mixed precision, f32 statistics 4), and the one buffer is raw memory
+//! the backend hands out typed views of (`Backend::arena_views`).
+//!
+//! Where a backend cannot hand out several views of one buffer, or when asked
 //! ([`Arena::per_tensor`]), every request gets a zeroed buffer of its own instead, dropped once
 //! its lifetime is over: the engine's allocation pattern before the arena, kept as the reference
 //! the planned path is tested against.
 
 use super::plan::{plan, verify, Plan, Request, Strategy};
 use super::transients::ALIGNMENT;
-use crate::backend::Backend;
+use crate::backend::{ArenaPart, Backend};
 
 pub struct Arena<B: Backend> {
     planned: bool,
@@ -64,9 +68,9 @@ impl<B: Backend> Arena<B> {
         self.allocations
     }
 
-    /// Elements of the one buffer (0 in per-tensor mode).
-    pub fn capacity(&self) -> usize {
-        self.buf.as_ref().map_or(0, B::len)
+    /// Bytes of the one buffer (0 in per-tensor mode).
+    pub fn capacity(&self) -> u64 {
+        self.buf.as_ref().map_or(0, B::buf_bytes)
     }
 
     /// The current phase's requests and plan (`None` in per-tensor mode).
@@ -107,12 +111,12 @@ impl<B: Backend> Arena<B> {
     /// of later steps (which drifts as the router trains); falls back to per-tensor mode for good
     /// where the backend cannot share a buffer between views.
     fn grow(&mut self, be: &B, peak: u64) {
-        let need = (peak / 4) as usize;
-        if self.capacity() >= need {
+        if self.capacity() >= peak {
             return;
         }
-        let mut buf = be.alloc(need + need / 4);
-        if B::disjoint_views_mut(&mut buf, &[]).is_none() {
+        let units = peak.div_ceil(4) as usize; // alloc_f32 counts 4-byte elements
+        let mut buf = be.alloc_f32(units + units / 4);
+        if be.arena_views(&mut buf, &[]).is_none() {
             (self.planned, self.plan) = (false, None);
             return;
         }
@@ -128,19 +132,14 @@ impl<B: Backend> Arena<B> {
         for &(r, len) in &want {
             let q = self.request(r);
             assert!(q.end > now, "block.rs uses transient {} after op {now}, but transients.rs ends it at op {}", q.name, q.end);
-            assert!(len as u64 * 4 <= q.size, "block.rs needs {len} elements of transient {}, transients.rs plans {} bytes", q.name, q.size);
+            let bytes = len as u64 * q.precision.bytes(be.activation_bytes());
+            assert!(bytes <= q.size, "block.rs needs {bytes} bytes of transient {}, transients.rs plans {}", q.name, q.size);
         }
         let views = if self.planned {
             let plan = self.plan.as_ref().expect("begin() plans the phase");
-            let ranges: Vec<_> = want
-                .iter()
-                .map(|&(r, len)| {
-                    let at = (plan.offsets[r] / 4) as usize;
-                    at..at + len
-                })
-                .collect();
+            let parts: Vec<ArenaPart> = want.iter().map(|&(r, len)| ArenaPart { at: plan.offsets[r], len, precision: self.requests[r].precision }).collect();
             let buf = self.buf.as_mut().expect("begin() allocates the arena");
-            B::disjoint_views_mut(buf, &ranges).expect("checked in begin()")
+            be.arena_views(buf, &parts).expect("checked in begin()")
         } else {
             self.own_views(be, now, &want)
         };
@@ -163,7 +162,8 @@ impl<B: Backend> Arena<B> {
         }
         for &(r, len) in want {
             // The request's full size, so that a longer view later in the phase fits.
-            let (size, precision) = ((self.requests[r].size / 4) as usize, self.requests[r].precision);
+            let precision = self.requests[r].precision;
+            let size = (self.requests[r].size / precision.bytes(be.activation_bytes())) as usize;
             let slot = &mut self.own[r];
             if slot.is_none() {
                 *slot = Some(be.alloc_as(size.max(len), precision));
@@ -201,7 +201,7 @@ mod tests {
         verify(plan.unwrap(), requests).unwrap();
         // a and c never live together: c may reuse a's bytes, so two of the three suffice.
         assert_eq!(plan.unwrap().peak, 4096 + 2048);
-        assert_eq!(arena.capacity() * 4, (4096 + 2048) * 5 / 4, "a quarter of headroom");
+        assert_eq!(arena.capacity(), (4096 + 2048) * 5 / 4, "a quarter of headroom");
         {
             let [a, b] = arena.views(&be, [(0, 1024), (1, 512)]);
             a.fill(1.0);

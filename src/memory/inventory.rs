@@ -7,7 +7,6 @@
 
 use serde::Serialize;
 
-use super::host::ELEM_BYTES;
 use super::store::{BlockDims, Class, TensorSpec};
 use crate::model::block::INVENTORY;
 use crate::model::config::{ModelConfig, MoeConfig, Routing};
@@ -51,10 +50,14 @@ pub struct TensorBytes {
     pub bytes: u64,
 }
 
-/// Bytes of every inventory tensor of one block.
-pub fn block_inventory(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize]) -> Vec<TensorBytes> {
+/// Bytes of every inventory tensor of one block, with activations of `act_bytes` bytes per
+/// element (statistics are f32).
+pub fn block_inventory(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64) -> Vec<TensorBytes> {
     let dims = BlockDims::new(model, moe, batch, seq);
-    INVENTORY.iter().map(|spec: &TensorSpec| TensorBytes { name: spec.name, class: spec.class, bytes: dims.elements(spec, slots) as u64 * ELEM_BYTES }).collect()
+    INVENTORY
+        .iter()
+        .map(|spec: &TensorSpec| TensorBytes { name: spec.name, class: spec.class, bytes: dims.elements(spec, slots) as u64 * spec.precision.bytes(act_bytes) })
+        .collect()
 }
 
 /// MEMO's split of a block's bytes: input, attention output (with its statistics), the rest.
@@ -106,9 +109,9 @@ mod tests {
         let inputs: Vec<u32> = (0..2 * 12).map(|i| (i * 7 % 64) as u32).collect();
         let stats = model.forward_saving(&be, &mut store, &inputs, 2, 12).unwrap();
         for l in 0..2 {
-            let inv = block_inventory(&m, &moe, 2, 12, &stats.counts[l]);
+            let inv = block_inventory(&m, &moe, 2, 12, &stats.counts[l], 4);
             let total: u64 = inv.iter().map(|t| t.bytes).sum();
-            assert_eq!(total, store.held_elements(l) as u64 * ELEM_BYTES, "layer {l}");
+            assert_eq!(total, store.held_bytes(l), "layer {l}");
         }
         // Capacity bounds the measured counts from above when the factor covers the imbalance.
         let cap = Slots::Capacity(4.0).per_expert(&moe, 24);

@@ -23,6 +23,8 @@ pub struct Profile {
     #[serde(skip)]
     pub slots: Vec<Slots>,
     pub link: HostLink,
+    /// Bytes per activation element on the device (4 for f32, 2 for bf16).
+    pub activation_bytes: u64,
 }
 
 impl Profile {
@@ -38,12 +40,17 @@ impl Profile {
         let slots = Slots::Expected.per_expert(moe, batch * seq);
         let experts: f64 = slots.iter().zip(&moe.expert_widths).map(|(&s, &h)| 6.0 * c * h as f64 * s as f64).sum();
         let flops = 2.0 * n * c * (w + a) + 2.0 * seq as f64 * a * n + 2.0 * n * c * moe.n_experts() as f64 + experts;
-        Ok(Profile { t_fwd: vec![flops / flops_per_s; model.n_layers], slots: vec![Slots::Expected; model.n_layers], link })
+        Ok(Profile { t_fwd: vec![flops / flops_per_s; model.n_layers], slots: vec![Slots::Expected; model.n_layers], link, activation_bytes: 4 })
     }
 
     /// A measured step: per-block forward seconds and routed counts per expert.
     pub fn measured(t_fwd: Vec<f64>, counts: Vec<Vec<usize>>, link: HostLink) -> Self {
-        Profile { t_fwd, slots: counts.into_iter().map(Slots::Measured).collect(), link }
+        Profile { t_fwd, slots: counts.into_iter().map(Slots::Measured).collect(), link, activation_bytes: 4 }
+    }
+
+    /// The same profile for activations of `bytes` bytes per element (f32 by default).
+    pub fn with_activation_bytes(self, bytes: u64) -> Self {
+        Profile { activation_bytes: bytes, ..self }
     }
 
     /// Per-block costs for the α LP.
@@ -61,7 +68,7 @@ impl Profile {
             .iter()
             .zip(&self.t_fwd)
             .map(|(slots, &t_fwd)| {
-                let s = Skeletal::of(&block_inventory(model, moe, batch, seq, &slots.per_expert(moe, batch * seq)));
+                let s = Skeletal::of(&block_inventory(model, moe, batch, seq, &slots.per_expert(moe, batch * seq), self.activation_bytes));
                 LayerCost { s_input: s.input, s_attn: s.attn, s_others: s.others, t_fwd }
             })
             .collect())

@@ -14,7 +14,6 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::alpha::HostLink;
-use super::host::ELEM_BYTES;
 use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
 use super::plan::{plan, MipLimits, Plan, Strategy};
 use super::policy::{build_policy, Profile};
@@ -25,6 +24,15 @@ use crate::model::params::ParamLayout;
 use crate::{Error, Result};
 
 /// Forward throughput the cost model assumes when no profile is measured.
+/// Bytes per activation element on `device`: `cuda` trains in bf16 mixed precision.
+pub fn activation_bytes(device: &str) -> u64 {
+    if device == "cuda" {
+        2
+    } else {
+        4
+    }
+}
+
 pub fn assumed_flops_per_s(device: &str) -> f64 {
     if device == "cuda" {
         4e14
@@ -106,10 +114,11 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     }
     let tokens = batch * seq;
     let link = HostLink { b_pcie: bandwidth, m_host: host_mem };
-    let profile = Profile::cost_model(m, moe, batch, seq, assumed_flops_per_s(&config.device), link)?;
+    let act_bytes = activation_bytes(&config.device);
+    let profile = Profile::cost_model(m, moe, batch, seq, assumed_flops_per_s(&config.device), link)?.with_activation_bytes(act_bytes);
     let policies = build_policy(&config.memory, m, moe, batch, seq, &profile)?;
     let slots = Slots::Expected.per_expert(moe, tokens);
-    let inventory = block_inventory(m, moe, batch, seq, &slots);
+    let inventory = block_inventory(m, moe, batch, seq, &slots, act_bytes);
     let skeletal = Skeletal::of(&inventory);
 
     let layers: Vec<LayerRow> = policies
@@ -130,10 +139,12 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
         .collect();
 
     let swapped_max = layers.iter().filter(|l| matches!(l.policy, LayerPolicy::Offload { .. })).map(|_| skeletal.total()).max().unwrap_or(0);
-    let skeletal_device_bytes = layers.iter().map(|l| l.kept).sum::<u64>() + 2 * swapped_max;
+    // A recomputing layer's dropped tensors are back on the device during its backward.
+    let rematerialized_max = layers.iter().filter(|l| l.policy == LayerPolicy::Recompute).map(|l| l.recomputed).max().unwrap_or(0);
+    let skeletal_device_bytes = layers.iter().map(|l| l.kept).sum::<u64>() + 2 * swapped_max + rematerialized_max;
     let host_bytes = layers.iter().map(|l| l.offloaded).sum();
 
-    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots);
+    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes);
     let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
     let mut phases = Vec::new();
     for phase in [&fwd, &bwd] {
@@ -141,8 +152,11 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
         phases.push(PhasePlan::of(&phase.name, phase.requests.len(), &p));
     }
     let transient_peak = phases.iter().map(|p| p.peak).max().unwrap_or(0);
-    let static_bytes = 4 * ParamLayout::new(m, moe).total as u64 * ELEM_BYTES;
-    let boundary_bytes = 4 * (tokens * m.d_model) as u64 * ELEM_BYTES;
+    // f32 master weights, gradients and two AdamW moments, plus a working copy where the
+    // activations are narrower; four (N, C) activations cross layers at once.
+    let working_copy = if act_bytes < 4 { act_bytes } else { 0 };
+    let static_bytes = (16 + working_copy) * ParamLayout::new(m, moe).total as u64;
+    let boundary_bytes = 4 * (tokens * m.d_model) as u64 * act_bytes;
     let device_bytes = static_bytes + skeletal_device_bytes + transient_peak + boundary_bytes;
     let fits = device_bytes <= device_mem && host_bytes <= host_mem;
     Ok(MemoryReport {
@@ -233,6 +247,9 @@ mod tests {
         let rec = plan_report(&config(MemoryPolicy::Recompute, Alpha::Auto), seq, 2, u64::MAX, 1 << 30, 1e10).unwrap();
         let off = plan_report(&config(MemoryPolicy::Offload, Alpha::Fixed(0.5)), seq, 2, u64::MAX, 1 << 30, 1e10).unwrap();
         assert!(rec.skeletal_device_bytes < keep.skeletal_device_bytes);
+        // The layer in its backward holds its recomputed tensors too.
+        let rec_kept: u64 = rec.layers.iter().map(|l| l.kept).sum();
+        assert_eq!(rec.skeletal_device_bytes, rec_kept + rec.layers.iter().map(|l| l.recomputed).max().unwrap());
         assert_eq!(keep.host_bytes, 0);
         assert!(off.host_bytes > 0 && off.layers.iter().any(|l| l.recomputed > 0));
         for l in &off.layers {

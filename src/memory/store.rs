@@ -15,7 +15,7 @@
 //! every expert's block.
 
 use super::arena::Arena;
-use super::host::{HostSeg, HostTier, ELEM_BYTES};
+use super::host::{HostSeg, HostTier};
 use crate::backend::{Backend, Precision};
 use crate::model::config::{ModelConfig, MoeConfig};
 use crate::model::routing::Routing;
@@ -292,10 +292,10 @@ impl<B: Backend> ActivationStore<B> {
 
     pub fn save(&mut self, layer: usize, name: &str, buf: B::Buf) {
         let i = self.index(name);
-        let added = B::len(&buf) as u64 * ELEM_BYTES;
+        let added = B::buf_bytes(&buf);
         let slots = &mut self.layers[layer];
         slots.lens[i] = B::len(&buf);
-        let old = slots.tensors[i].replace(buf).map_or(0, |b| B::len(&b) as u64 * ELEM_BYTES);
+        let old = slots.tensors[i].replace(buf).map_or(0, |b| B::buf_bytes(&b));
         self.track(added, old);
     }
 
@@ -308,7 +308,7 @@ impl<B: Backend> ActivationStore<B> {
     pub fn take(&mut self, layer: usize, name: &str) -> B::Buf {
         let i = self.index(name);
         let buf = self.layers[layer].tensors[i].take().unwrap_or_else(|| panic!("activation `{name}` of layer {layer} is not on the device"));
-        self.track(0, B::len(&buf) as u64 * ELEM_BYTES);
+        self.track(0, B::buf_bytes(&buf));
         buf
     }
 
@@ -338,7 +338,8 @@ impl<B: Backend> ActivationStore<B> {
         let mut traffic = LayerTraffic::default();
         let routing = self.layers[layer].routing.take().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"));
         for (i, spec) in self.inventory.iter().enumerate() {
-            let bytes = self.layers[layer].lens[i] as u64 * ELEM_BYTES;
+            let elem = spec.precision.bytes(be.activation_bytes());
+            let bytes = self.layers[layer].lens[i] as u64 * elem;
             let (to_host, dropped): (Vec<(usize, usize)>, u64) = match (policy, spec.class, split) {
                 (LayerPolicy::Keep, ..) | (LayerPolicy::Recompute, Class::Whole, _) | (_, _, None) => {
                     traffic.kept += bytes;
@@ -348,7 +349,7 @@ impl<B: Backend> ActivationStore<B> {
                 (_, Class::TokenSplit, Some(a)) => {
                     let runs = row_runs(spec, dims, &routing, a);
                     let kept: Vec<(usize, usize)> = runs.iter().map(|r| (r.start, r.kept * r.width)).filter(|&(_, n)| n > 0).collect();
-                    let dropped = runs.iter().map(|r| ((r.rows - r.kept) * r.width) as u64).sum::<u64>() * ELEM_BYTES;
+                    let dropped = runs.iter().map(|r| ((r.rows - r.kept) * r.width) as u64).sum::<u64>() * elem;
                     (kept, dropped)
                 }
             };
@@ -363,7 +364,7 @@ impl<B: Backend> ActivationStore<B> {
                 }
                 self.layers[layer].host[i] = Some(seg);
             }
-            traffic.offloaded += total as u64 * ELEM_BYTES;
+            traffic.offloaded += total as u64 * elem;
             traffic.recomputed += dropped;
         }
         let slots = &mut self.layers[layer];
@@ -415,7 +416,7 @@ impl<B: Backend> ActivationStore<B> {
     /// Frees a layer's activations once its backward is done.
     pub fn release(&mut self, layer: usize) {
         self.free_host(layer);
-        let freed: u64 = self.layers[layer].tensors.iter_mut().filter_map(|t| t.take()).map(|b| B::len(&b) as u64 * ELEM_BYTES).sum();
+        let freed: u64 = self.layers[layer].tensors.iter_mut().filter_map(|t| t.take()).map(|b| B::buf_bytes(&b)).sum();
         self.track(0, freed);
         let slots = &mut self.layers[layer];
         slots.routing = None;
@@ -423,9 +424,9 @@ impl<B: Backend> ActivationStore<B> {
         slots.split = None;
     }
 
-    /// Elements currently held on the device for `layer`.
-    pub fn held_elements(&self, layer: usize) -> usize {
-        self.layers[layer].tensors.iter().flatten().map(B::len).sum()
+    /// Bytes currently held on the device for `layer`.
+    pub fn held_bytes(&self, layer: usize) -> u64 {
+        self.layers[layer].tensors.iter().flatten().map(B::buf_bytes).sum()
     }
 
     /// Where the layer's bytes went at its last seal (all kept for an unsealed layer).

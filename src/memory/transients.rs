@@ -11,7 +11,6 @@
 //! takes its transients from the arena by these requests' indices, and the arena checks that
 //! what it asks for is live and large enough by this description (`memory/arena.rs`).
 
-use super::host::ELEM_BYTES;
 use super::plan::{Phase, Request};
 use crate::model::config::{ModelConfig, MoeConfig};
 
@@ -46,17 +45,18 @@ pub mod bwd {
     pub const DGU: usize = 12;
 }
 
-/// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`;
-/// requests are in the order of the [`fwd`] and [`bwd`] indices. The experts of a projection
-/// run as one grouped matmul, so all their blocks are live together.
-pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize]) -> (Phase, Phase) {
+/// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`, sized
+/// for activations of `act_bytes` bytes per element (statistics are f32); requests are in the
+/// order of the [`fwd`] and [`bwd`] indices. The experts of a projection run as one grouped
+/// matmul, so all their blocks are live together.
+pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64) -> (Phase, Phase) {
     let n = (batch * seq) as u64;
     let c = model.d_model as u64;
     let d = model.head_dim() as u64;
     let (w, a, e) = ((model.n_heads + 2 * model.n_kv_heads) as u64 * d, model.n_heads as u64 * d, moe.n_experts() as u64);
     let s: u64 = slots.iter().map(|&x| x as u64).sum();
     let sh: u64 = slots.iter().zip(&moe.expert_widths).map(|(&se, &h)| se as u64 * h as u64).sum();
-    let b = |elems: u64| elems * ELEM_BYTES;
+    let b = |elems: u64| elems * act_bytes;
 
     // Forward: 0 norm, 1 qkv, 2 rope, 3 attention, 4 copy, 5 wo, 6 norm, 7 router, 8 softmax,
     // 9 gather xe, 10 gate_up (grouped), 11 SwiGLU, 12 down (grouped), 13 copy out, 14 combine.
@@ -73,8 +73,8 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
         Request::new("xe", b(s * c), 2, x),
         Request::new("dxe", b(s * c), 2, x + 1),
         Request::new("dxn2", b(n * c), x, x + 8),
-        Request::new("dprobs", b(n * e), x + 1, x + 4).f32(),
-        Request::new("dlogits", b(n * e), x + 2, x + 6).f32(),
+        Request::new("dprobs", 4 * n * e, x + 1, x + 4).f32(),
+        Request::new("dlogits", 4 * n * e, x + 2, x + 6).f32(),
         Request::new("dx2", b(n * c), x + 6, x + 16),
         Request::new("datt", b(n * a), x + 8, x + 11),
         Request::new("dqkv", b(n * w), x + 10, x + 14),
@@ -97,7 +97,7 @@ mod tests {
     fn phases_are_well_formed_and_plannable() {
         let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
         let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Routing::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
-        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12]);
+        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4);
         for phase in [&f, &b] {
             assert!(phase.requests.iter().all(|r| r.start < r.end && r.end <= phase.ops && r.size > 0), "{}", phase.name);
             let p = plan(&phase.requests, 64, Strategy::Heuristic).unwrap();

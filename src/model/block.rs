@@ -154,7 +154,7 @@ impl<B: Backend> BlockCtx<'_, B> {
 
     /// The block's `(forward, backward)` transient requests under `routing`.
     fn phases(&self, routing: &Routing) -> (Phase, Phase) {
-        block_phases(self.model, self.moe, self.shape.batch, self.shape.seq, &routing.counts())
+        block_phases(self.model, self.moe, self.shape.batch, self.shape.seq, &routing.counts(), self.be.activation_bytes())
     }
 
     /// The dispatcher over the expert-parallel group, if experts are sharded.

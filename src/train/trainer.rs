@@ -281,7 +281,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
             t.max_flops
         )));
     }
-    let mut store = activation_store(config, &model, local_batch)?;
+    let mut store = activation_store(be, config, &model, local_batch)?;
     let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
     // A collective with expert parallelism (the experts are gathered); rank 0 writes.
     let save = |model: &Model<B>, opt: &Optimizer<B>, loader: &Loader, flops: f64| -> Result<Option<PathBuf>> {
@@ -434,14 +434,14 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
 
 /// The activation store under `[memory]`: keep everything, recompute, or offload a token
 /// fraction α (fixed, or from MEMO's LP on a cost-model profile of this machine).
-fn activation_store<B: Backend>(config: &Config, model: &Model<B>, batch: usize) -> Result<ActivationStore<B>> {
+fn activation_store<B: Backend>(be: &B, config: &Config, model: &Model<B>, batch: usize) -> Result<ActivationStore<B>> {
     let m = &config.memory;
     if m.policy == MemoryPolicy::Keep {
         return Ok(model.new_store());
     }
     let link = HostLink { b_pcie: m.bandwidth_gbs * 1e9, m_host: (m.host_gib * (1u64 << 30) as f64) as u64 };
     let seq = config.train.seq_len;
-    let profile = Profile::cost_model(&config.model, &config.moe, batch, seq, assumed_flops_per_s(&config.device), link)?;
+    let profile = Profile::cost_model(&config.model, &config.moe, batch, seq, assumed_flops_per_s(&config.device), link)?.with_activation_bytes(be.activation_bytes());
     let policies = build_policy(m, &config.model, &config.moe, batch, seq, &profile)?;
     model.new_store_with(policies, link.m_host)
 }

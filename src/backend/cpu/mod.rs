@@ -18,7 +18,7 @@ mod swiglu;
 
 use std::ops::Range;
 
-use super::{AdamW, AttnShape, Backend, TokenSlots};
+use super::{AdamW, ArenaPart, AttnShape, Backend, TokenSlots};
 
 /// Rows handled by one task in row-parallel ops; fixed so reductions do not depend on threads.
 pub(crate) const ROW_CHUNK: usize = 64;
@@ -135,6 +135,12 @@ impl Backend for Cpu {
     fn alloc_f32(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }
+    fn activation_bytes(&self) -> u64 {
+        4
+    }
+    fn buf_bytes(buf: &Vec<f32>) -> u64 {
+        buf.len() as u64 * 4
+    }
     fn len(buf: &Vec<f32>) -> usize {
         buf.len()
     }
@@ -156,7 +162,16 @@ impl Backend for Cpu {
     fn subview_mut<'b>(v: &'b mut &mut [f32], range: Range<usize>) -> &'b mut [f32] {
         &mut v[range]
     }
-    fn disjoint_views_mut<'a>(buf: &'a mut Vec<f32>, ranges: &[Range<usize>]) -> Option<Vec<&'a mut [f32]>> {
+    /// Every kind of tensor is f32 here, so a part's bytes are 4 per element.
+    fn arena_views<'a>(&self, buf: &'a mut Vec<f32>, parts: &[ArenaPart]) -> Option<Vec<&'a mut [f32]>> {
+        let ranges: Vec<Range<usize>> = parts
+            .iter()
+            .map(|p| {
+                assert!(p.at.is_multiple_of(4), "arena part at byte {} is not f32-aligned", p.at);
+                let start = (p.at / 4) as usize;
+                start..start + p.len
+            })
+            .collect();
         let mut order: Vec<usize> = (0..ranges.len()).filter(|&i| !ranges[i].is_empty()).collect();
         order.sort_by_key(|&i| ranges[i].start);
         let mut out: Vec<&'a mut [f32]> = ranges.iter().map(|_| Default::default()).collect();

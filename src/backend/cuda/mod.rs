@@ -44,7 +44,7 @@ pub use detect::cuda_available;
 use kernels::Kernels;
 pub use nvrtc::Storage;
 
-use super::{matmul_each, AdamW, AttnShape, Backend, Gemm, TokenSlots};
+use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, Precision, TokenSlots};
 use crate::{Error, Result};
 
 /// Threads per block for row and grid-stride kernels.
@@ -277,6 +277,12 @@ impl Backend for CudaBackend {
     fn alloc_f32(&self, len: usize) -> DevBuf {
         self.alloc_storage(len, Storage::F32)
     }
+    fn activation_bytes(&self) -> u64 {
+        self.act().bytes() as u64
+    }
+    fn buf_bytes(buf: &DevBuf) -> u64 {
+        (buf.len * buf.storage.bytes()) as u64
+    }
     fn len(buf: &DevBuf) -> usize {
         buf.len
     }
@@ -302,25 +308,24 @@ impl Backend for CudaBackend {
         assert!(range.start <= range.end && range.end <= v.len, "subview {range:?} of {}", v.len);
         DevViewMut { ptr: offset(v.ptr, range.start, v.storage), len: range.len(), storage: v.storage, _buf: PhantomData }
     }
-    /// Views are addresses, so disjoint ones can coexist. Only for f32 buffers: the arena
-    /// plans every transient at 4 bytes per element in one buffer of one type, and with bf16
-    /// storage some of its transients (router gradients) are f32 while the rest are bf16; that
-    /// case answers `None` (a buffer per transient) until the planner sizes requests by type.
-    fn disjoint_views_mut<'a>(buf: &'a mut DevBuf, ranges: &[Range<usize>]) -> Option<Vec<DevViewMut<'a>>> {
-        if buf.storage != Storage::F32 {
-            return None;
+    /// Views are addresses, so disjoint ones of one buffer coexist, each of its own type.
+    fn arena_views<'a>(&self, buf: &'a mut DevBuf, parts: &[ArenaPart]) -> Option<Vec<DevViewMut<'a>>> {
+        expect("arena_views", "buf", buf.storage, Storage::F32);
+        let storage = |p: Precision| if p == Precision::F32 { Storage::F32 } else { self.act() };
+        let bytes = (buf.len * 4) as u64;
+        let mut spans: Vec<(u64, u64)> = parts.iter().filter(|p| p.len > 0).map(|p| (p.at, p.at + (p.len * storage(p.precision).bytes()) as u64)).collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "arena_views: bytes {:?} and {:?} overlap", w[0], w[1]);
         }
-        let mut sorted: Vec<&Range<usize>> = ranges.iter().filter(|r| !r.is_empty()).collect();
-        sorted.sort_by_key(|r| r.start);
-        for w in sorted.windows(2) {
-            assert!(w[0].end <= w[1].start, "disjoint_views_mut: {:?} and {:?} overlap", w[0], w[1]);
-        }
+        assert!(spans.last().is_none_or(|s| s.1 <= bytes), "arena_views: a part ends past the buffer's {bytes} bytes");
         Some(
-            ranges
+            parts
                 .iter()
-                .map(|r| {
-                    assert!(r.start <= r.end && r.end <= buf.len, "view {r:?} of {}", buf.len);
-                    DevViewMut { ptr: offset(buf.ptr, r.start, buf.storage), len: r.len(), storage: buf.storage, _buf: PhantomData }
+                .map(|p| {
+                    let st = storage(p.precision);
+                    assert!(p.at.is_multiple_of(st.bytes() as u64), "arena part at byte {} is not aligned for {st:?}", p.at);
+                    DevViewMut { ptr: buf.ptr + p.at, len: p.len, storage: st, _buf: PhantomData }
                 })
                 .collect(),
         )
