@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use motley::backend::cpu::Cpu;
 use motley::memory::store::LayerPolicy;
+use motley::memory::transients::EXPERT_CHUNK_ROWS;
 use motley::model::config::Routing as Kind;
 use motley::model::Model;
 use motley::rng::Rng;
@@ -20,11 +21,11 @@ fn batch(seed: u64, vocab: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Loss bits, gradient bits and per-layer (kept, offloaded, recomputed) bytes of one step.
-fn step(kind: Kind, seed: u64, policy: LayerPolicy, b: usize, t: usize) -> (u64, Vec<u32>, Vec<(u64, u64, u64)>) {
+fn step(kind: Kind, seed: u64, policy: LayerPolicy, b: usize, t: usize, chunk_rows: usize) -> (u64, Vec<u32>, Vec<(u64, u64, u64)>) {
     let be = Cpu::new(2);
     let (cfg, moe) = tiny_model(kind);
     let (inputs, targets) = batch(seed + 100, cfg.vocab_size, b * t);
-    let mut model = Model::new(&be, cfg.clone(), moe, seed).unwrap();
+    let mut model = Model::new(&be, cfg.clone(), moe, seed).unwrap().with_expert_chunk_rows(chunk_rows);
     let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST).unwrap();
     model.zero_grads(&be);
     let stats = model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
@@ -44,10 +45,10 @@ fn every_policy_gives_bitwise_identical_loss_and_gradients() {
         for seed in [1, 2, 3] {
             // 3 × 11 tokens: α = 0.25 splits inside the first sequence, 0.5 inside the second.
             let (b, t) = (3, 11);
-            let (loss, grads, keep) = step(kind, seed, LayerPolicy::Keep, b, t);
+            let (loss, grads, keep) = step(kind, seed, LayerPolicy::Keep, b, t, EXPERT_CHUNK_ROWS);
             assert!(keep.iter().all(|&(k, o, r)| k > 0 && o == 0 && r == 0));
             for policy in policies() {
-                let (l, g, traffic) = step(kind, seed, policy, b, t);
+                let (l, g, traffic) = step(kind, seed, policy, b, t, EXPERT_CHUNK_ROWS);
                 assert_eq!(l, loss, "{kind:?} seed {seed} {policy:?}: loss differs from keep-all");
                 let first = g.iter().zip(&grads).position(|(x, y)| x != y);
                 assert_eq!(first, None, "{kind:?} seed {seed} {policy:?}: gradient element {first:?} differs from keep-all");
@@ -102,4 +103,28 @@ fn a_full_host_tier_is_an_error_not_a_panic() {
     assert!(err.to_string().contains("host tier full"), "{err}");
     assert!(model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.5 }; 2], HOST).is_err());
     assert!(model.new_store_with(vec![LayerPolicy::Keep; 3], HOST).is_err());
+}
+
+/// Experts run on 7 rows at a time, so they straddle chunks and a recompute's chunks fall
+/// elsewhere than the forward's: every policy still matches keep-all bitwise, the loss matches
+/// unchunked experts bitwise, and gradients match them within 1e-6 of their scale (weight
+/// gradients are summed chunk by chunk, so they round differently).
+#[test]
+fn chunked_experts_match_keep_all_bitwise_and_one_chunk_closely() {
+    for kind in [Kind::TopK, Kind::TopP] {
+        let (b, t) = (3, 11);
+        let (loss, grads, _) = step(kind, 4, LayerPolicy::Keep, b, t, 7);
+        for policy in policies() {
+            let (l, g, _) = step(kind, 4, policy, b, t, 7);
+            assert_eq!(l, loss, "{kind:?} {policy:?}: loss differs from keep-all");
+            assert_eq!(g, grads, "{kind:?} {policy:?}: gradients differ from keep-all");
+        }
+        let (whole_loss, whole_grads, _) = step(kind, 4, LayerPolicy::Keep, b, t, EXPERT_CHUNK_ROWS);
+        assert_eq!(loss, whole_loss, "{kind:?}: the forward must not depend on the chunk size");
+        let (g, w): (Vec<f32>, Vec<f32>) = grads.iter().zip(&whole_grads).map(|(&a, &b)| (f32::from_bits(a), f32::from_bits(b))).unzip();
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = g.iter().zip(&w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(err < 1e-6, "{kind:?}: chunked gradients differ by {err:e} of their scale");
+        assert_ne!(grads, whole_grads, "{kind:?}: 7-row chunks should change the summation order somewhere");
+    }
 }

@@ -18,7 +18,7 @@ use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
 use super::plan::{plan, MipLimits, Plan, Strategy};
 use super::policy::{build_policy, Profile};
 use super::store::{Class, LayerPolicy};
-use super::transients::{block_phases, ALIGNMENT};
+use super::transients::{block_phases, ALIGNMENT, EXPERT_CHUNK_ROWS};
 use crate::config::Config;
 use crate::model::params::ParamLayout;
 use crate::{Error, Result};
@@ -144,7 +144,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let skeletal_device_bytes = layers.iter().map(|l| l.kept).sum::<u64>() + 2 * swapped_max + rematerialized_max;
     let host_bytes = layers.iter().map(|l| l.offloaded).sum();
 
-    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes);
+    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes, EXPERT_CHUNK_ROWS);
     let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
     let mut phases = Vec::new();
     for phase in [&fwd, &bwd] {

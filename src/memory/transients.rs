@@ -22,7 +22,7 @@ pub const ALIGNMENT: u64 = 512;
 pub mod fwd {
     /// The routed copies of the normalised tokens, `(S, C)`.
     pub const XE: usize = 0;
-    /// Every expert's SwiGLU output, `(S_e, h_e)` blocks one after another.
+    /// The SwiGLU output of a chunk of rows, `(rows, h_e)` blocks one after another.
     pub const ACT: usize = 1;
 }
 
@@ -38,24 +38,40 @@ pub mod bwd {
     pub const DATT: usize = 7;
     pub const DQKV: usize = 8;
     pub const DXN1: usize = 9;
-    /// Every expert's SwiGLU output, its gradient (`(S_e, h_e)` blocks) and the gate/up
-    /// gradient (`(S_e, 2h_e)` blocks).
+    /// A chunk's SwiGLU output, its gradient (`(rows, h_e)` blocks) and the gate/up gradient
+    /// (`(rows, 2h_e)` blocks).
     pub const ACT: usize = 10;
     pub const DACT: usize = 11;
     pub const DGU: usize = 12;
 }
 
+/// By default the experts run on at most this many routed rows at a time (chunks of their
+/// expert-major rows, each chunk a grouped matmul per projection), so the SwiGLU output and its
+/// gradients stay bounded at long context instead of growing with every routed token; large
+/// enough that a chunk's per-expert GEMMs stay efficient on a GPU.
+pub const EXPERT_CHUNK_ROWS: usize = 16384;
+
+/// Elements of the per-chunk SwiGLU buffer (`act`; `dgu` takes twice as many) for `slots[e]`
+/// rows of width `widths[e]`: a chunk holds at most `chunk_rows` rows, none wider than the
+/// widest expert with rows, and no more than all of them.
+pub fn expert_act_elements(slots: &[usize], widths: &[usize], chunk_rows: usize) -> u64 {
+    let all: u64 = slots.iter().zip(widths).map(|(&s, &h)| s as u64 * h as u64).sum();
+    let widest = slots.iter().zip(widths).filter(|(&s, _)| s > 0).map(|(_, &h)| h as u64).max().unwrap_or(0);
+    all.min(chunk_rows as u64 * widest)
+}
+
 /// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`, sized
-/// for activations of `act_bytes` bytes per element (statistics are f32); requests are in the
+/// for activations of `act_bytes` bytes per element (statistics are f32) and experts run on
+/// `chunk_rows` rows at a time; requests are in the
 /// order of the [`fwd`] and [`bwd`] indices. The experts of a projection run as one grouped
-/// matmul, so all their blocks are live together.
-pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64) -> (Phase, Phase) {
+/// matmul per chunk of rows, so a chunk's blocks of every expert are live together.
+pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize) -> (Phase, Phase) {
     let n = (batch * seq) as u64;
     let c = model.d_model as u64;
     let d = model.head_dim() as u64;
     let (w, a, e) = ((model.n_heads + 2 * model.n_kv_heads) as u64 * d, model.n_heads as u64 * d, moe.n_experts() as u64);
     let s: u64 = slots.iter().map(|&x| x as u64).sum();
-    let sh: u64 = slots.iter().zip(&moe.expert_widths).map(|(&se, &h)| se as u64 * h as u64).sum();
+    let sh = expert_act_elements(slots, &moe.expert_widths, chunk_rows);
     let b = |elems: u64| elems * act_bytes;
 
     // Forward: 0 norm, 1 qkv, 2 rope, 3 attention, 4 copy, 5 wo, 6 norm, 7 router, 8 softmax,
@@ -97,7 +113,7 @@ mod tests {
     fn phases_are_well_formed_and_plannable() {
         let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
         let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Routing::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
-        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4);
+        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS);
         for phase in [&f, &b] {
             assert!(phase.requests.iter().all(|r| r.start < r.end && r.end <= phase.ops && r.size > 0), "{}", phase.name);
             let p = plan(&phase.requests, 64, Strategy::Heuristic).unwrap();

@@ -13,7 +13,7 @@ use crate::backend::{AttnShape, Backend, Gemm, Precision, TokenSlots};
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
-use crate::memory::transients::{block_phases, bwd, fwd};
+use crate::memory::transients::{block_phases, bwd, expert_act_elements, fwd};
 use crate::parallel::comm::Communicator;
 use crate::parallel::dispatch::{expert_shard, plan_slots, DispatchMode, SlotPlan, TokenDispatcher};
 use crate::Result;
@@ -46,6 +46,8 @@ pub struct BlockCtx<'a, B: Backend> {
     /// The expert-parallel group when experts are sharded over ranks (`params` then holds this
     /// rank's experts only, see `ParamLayout::sharded`); `None` when every expert is local.
     pub ep: Option<&'a dyn Communicator>,
+    /// Most routed rows the experts run on at once (see `transients::EXPERT_CHUNK_ROWS`).
+    pub chunk_rows: usize,
 }
 
 /// What one block's forward reports.
@@ -89,8 +91,8 @@ struct Segment {
 
 /// Experts `first..` with `counts[i]` rows each, laid out one after another in every buffer
 /// (rows in expert-major slot order); experts without rows are left out. Also returns the
-/// total `(gate/up, act)` elements.
-fn segments(first: usize, counts: &[usize], widths: &[usize]) -> (Vec<Segment>, usize, usize) {
+/// elements of the concatenated gate/up buffer.
+fn segments(first: usize, counts: &[usize], widths: &[usize]) -> (Vec<Segment>, usize) {
     let (mut segs, mut row, mut gu, mut act) = (Vec::new(), 0, 0, 0);
     for (i, &rows) in counts.iter().enumerate() {
         let h = widths[first + i];
@@ -99,7 +101,30 @@ fn segments(first: usize, counts: &[usize], widths: &[usize]) -> (Vec<Segment>, 
         }
         (row, gu, act) = (row + rows, gu + rows * 2 * h, act + rows * h);
     }
-    (segs, gu, act)
+    (segs, gu)
+}
+
+/// `segs` cut into chunks of at most `max_rows` rows in row order (an expert may straddle two),
+/// their `act` offsets restarting in every chunk: the chunked expert passes of
+/// `transients::EXPERT_CHUNK_ROWS`.
+fn chunked(segs: &[Segment], max_rows: usize, widths: &[usize]) -> Vec<Vec<Segment>> {
+    let mut chunks: Vec<Vec<Segment>> = Vec::new();
+    let (mut rows_in, mut act) = (max_rows, 0);
+    for s in segs {
+        let h = widths[s.ex];
+        let mut done = 0;
+        while done < s.rows {
+            if rows_in == max_rows {
+                chunks.push(Vec::new());
+                (rows_in, act) = (0, 0);
+            }
+            let rows = (s.rows - done).min(max_rows - rows_in);
+            let part = Segment { ex: s.ex, rows, x_row: s.x_row + done, y_row: s.y_row + done, gu: s.gu + done * 2 * h, act };
+            chunks.last_mut().expect("pushed above").push(part);
+            (done, rows_in, act) = (done + rows, rows_in + rows, act + rows * h);
+        }
+    }
+    chunks
 }
 
 /// The rows the expert-parallel exchange moves: every routed slot (training is dropless).
@@ -108,9 +133,9 @@ fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
 }
 
 impl<B: Backend> BlockCtx<'_, B> {
-    /// The experts of `segs` on their routed rows `xe`: `gu = xe W_guᵀ` (saved), `act =
-    /// SwiGLU(gu)`, `y = act W_downᵀ`, each projection one grouped matmul over the experts.
-    /// Shared by the forward and the recompute of dropped slots.
+    /// The experts of one chunk `segs` on their routed rows `xe`: `gu = xe W_guᵀ` (saved),
+    /// `act = SwiGLU(gu)` (the chunk's transient), `y = act W_downᵀ`, each projection one grouped
+    /// matmul over the experts. Shared by the forward and the recompute of dropped slots.
     fn experts_forward(&self, p: &BlockParams, segs: &[Segment], xe: B::View<'_>, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));
         let widths = &self.moe.expert_widths;
@@ -124,9 +149,11 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.grouped_matmul(y, B::as_view(&act), params, &down, false, true, false);
     }
 
-    /// Backward of [`Self::experts_forward`]: recomputes SwiGLU from the saved `gu`, writes the
-    /// input gradient `dxe` and accumulates the experts' weight gradients; `[act, dact, dgu]`
-    /// are its transients, laid out as `segs` says. Every projection is one grouped matmul.
+    /// Backward of [`Self::experts_forward`] on one chunk: recomputes SwiGLU from the saved
+    /// `gu`, writes the chunk's rows of the input gradient `dxe` and accumulates the experts'
+    /// weight gradients; `[act, dact, dgu]` are its transients, `act` and `dact` laid out as
+    /// `segs` says and `dgu` likewise with rows twice as wide. Every projection is one grouped
+    /// matmul.
     #[allow(clippy::too_many_arguments)]
     fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut B::Buf, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));
@@ -142,19 +169,20 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.grouped_matmul(rw(&mut dact), dy, params, &dact_of, false, false, false);
         let dw_down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: c, k: s.rows, n: h(s), out: w_down(s), a: s.x_row * c, b: s.act }).collect();
         be.grouped_matmul(B::full_mut(grads), dy, ro(&act), &dw_down, true, false, true);
+        // dgu is laid out like act with rows twice as wide: block at 2·act.
         for s in segs {
-            let (gu_r, act_r) = (s.gu..s.gu + s.rows * 2 * h(s), s.act..s.act + s.rows * h(s));
-            be.swiglu_bwd(B::subview_mut(&mut dgu, gu_r.clone()), B::subview(ro(&dact), act_r), B::subview(gu, gu_r), s.rows, h(s));
+            let (gu_r, act_r, dgu_r) = (s.gu..s.gu + s.rows * 2 * h(s), s.act..s.act + s.rows * h(s), 2 * s.act..2 * (s.act + s.rows * h(s)));
+            be.swiglu_bwd(B::subview_mut(&mut dgu, dgu_r), B::subview(ro(&dact), act_r), B::subview(gu, gu_r), s.rows, h(s));
         }
-        let dx_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: 2 * h(s), n: c, out: s.x_row * c, a: s.gu, b: w_gu(s) }).collect();
+        let dx_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: 2 * h(s), n: c, out: s.x_row * c, a: 2 * s.act, b: w_gu(s) }).collect();
         be.grouped_matmul(dxe, ro(&dgu), params, &dx_of, false, false, false);
-        let dw_gu: Vec<Gemm> = segs.iter().map(|s| Gemm { m: 2 * h(s), k: s.rows, n: c, out: w_gu(s), a: s.gu, b: s.x_row * c }).collect();
+        let dw_gu: Vec<Gemm> = segs.iter().map(|s| Gemm { m: 2 * h(s), k: s.rows, n: c, out: w_gu(s), a: 2 * s.act, b: s.x_row * c }).collect();
         be.grouped_matmul(B::full_mut(grads), ro(&dgu), xe, &dw_gu, true, false, true);
     }
 
     /// The block's `(forward, backward)` transient requests under `routing`.
     fn phases(&self, routing: &Routing) -> (Phase, Phase) {
-        block_phases(self.model, self.moe, self.shape.batch, self.shape.seq, &routing.counts(), self.be.activation_bytes())
+        block_phases(self.model, self.moe, self.shape.batch, self.shape.seq, &routing.counts(), self.be.activation_bytes(), self.chunk_rows)
     }
 
     /// The dispatcher over the expert-parallel group, if experts are sharded.
@@ -241,10 +269,13 @@ impl<B: Backend> BlockCtx<'_, B> {
         let (gu, received) = match self.dispatcher()? {
             None => {
                 let counts: Vec<usize> = (0..e).map(|ex| routing.slots_of(ex).len()).collect();
-                let (segs, gu_len, act_len) = segments(0, &counts, widths);
+                let (segs, gu_len) = segments(0, &counts, widths);
+                let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
                 let mut gu = be.alloc(gu_len);
-                let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len)]);
-                self.experts_forward(p, &segs, B::as_view(&xe), B::full_mut(&mut gu), act, B::full_mut(&mut y));
+                for chunk in chunked(&segs, self.chunk_rows, widths) {
+                    let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len)]);
+                    self.experts_forward(p, &chunk, B::as_view(&xe), B::full_mut(&mut gu), act, B::full_mut(&mut y));
+                }
                 (gu, None)
             }
             Some(d) => {
@@ -252,13 +283,16 @@ impl<B: Backend> BlockCtx<'_, B> {
                 // (expert-major), and the outputs travel back into the same slot layout.
                 let plan = dropless_plan(&routing)?;
                 let recv = d.receive_counts(&plan)?;
+                let local = d.local_experts();
                 let counts: Vec<usize> = d.local_spans(&recv).iter().map(|s| s.len()).collect();
-                let (segs, gu_len, act_len) = segments(d.local_experts().start, &counts, widths);
-                let (mut gu, mut act) = (be.alloc(gu_len), be.alloc(act_len));
+                let (segs, gu_len) = segments(local.start, &counts, widths);
+                let (mut gu, mut act) = (be.alloc(gu_len), be.alloc(expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize));
                 let [xe] = tx.views(be, [(fwd::XE, sc)]);
                 let xg = self.uploaded(&d.to_experts(&be.download(B::as_view(&xe)), &plan, &recv)?);
                 let mut yg = be.alloc(B::len(&xg));
-                self.experts_forward(p, &segs, B::full(&xg), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
+                for chunk in chunked(&segs, self.chunk_rows, widths) {
+                    self.experts_forward(p, &chunk, B::full(&xg), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
+                }
                 be.upload(B::full_mut(&mut y), &d.from_experts(&be.download(B::full(&yg)), &recv)?);
                 (gu, Some(recv))
             }
@@ -334,22 +368,27 @@ impl<B: Backend> BlockCtx<'_, B> {
         // Each expert's dropped slots are the tail of its slot range: gather them into one
         // block of rows and run the experts grouped, writing into the saved gu and y in place.
         let widths = &self.moe.expert_widths;
-        let (mut segs, mut tokens, mut gu_base, mut act_len) = (Vec::new(), Vec::new(), 0, 0);
+        let (mut segs, mut tokens, mut gu_base) = (Vec::new(), Vec::new(), 0);
         for (ex, &h) in widths.iter().enumerate() {
             let sl = routing.slots_of(ex);
             let kept = routing.token[sl.clone()].partition_point(|&tok| (tok as usize) < from);
             let rows = sl.len() - kept;
             if rows > 0 {
-                segs.push(Segment { ex, rows, x_row: tokens.len(), y_row: sl.start + kept, gu: gu_base + kept * 2 * h, act: act_len });
+                segs.push(Segment { ex, rows, x_row: tokens.len(), y_row: sl.start + kept, gu: gu_base + kept * 2 * h, act: 0 });
                 tokens.extend_from_slice(&routing.token[sl.start + kept..sl.end]);
-                act_len += rows * h;
             }
             gu_base += sl.len() * 2 * h;
         }
         tx.begin(be, self.phases(routing).1.requests);
-        let [mut xe, act] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len)]);
-        be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &tokens, c);
-        self.experts_forward(p, &segs, B::as_view(&xe), B::full_mut(gu), act, B::full_mut(y));
+        {
+            let [mut xe] = tx.views(be, [(bwd::XE, tokens.len() * c)]);
+            be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &tokens, c);
+        }
+        let act_len = expert_act_elements(&routing.counts(), widths, self.chunk_rows) as usize;
+        for chunk in chunked(&segs, self.chunk_rows, widths) {
+            let [xe, act] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len)]);
+            self.experts_forward(p, &chunk, B::as_view(&xe), B::full_mut(gu), act, B::full_mut(y));
+        }
         for (name, buf) in names.iter().zip(t) {
             store.save(layer, name, buf);
         }
@@ -383,25 +422,33 @@ impl<B: Backend> BlockCtx<'_, B> {
         match self.dispatcher()? {
             None => {
                 let counts: Vec<usize> = (0..e).map(|ex| routing.slots_of(ex).len()).collect();
-                let (segs, gu_len, act_len) = segments(0, &counts, widths);
-                let [dy, xe, dxe, act, dact, dgu] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, gu_len)]);
-                self.experts_backward(p, &segs, B::full(gu), ro(&dy), ro(&xe), dxe, grads, [act, dact, dgu]);
+                let (segs, _) = segments(0, &counts, widths);
+                let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
+                for chunk in chunked(&segs, self.chunk_rows, widths) {
+                    let [dy, xe, dxe, act, dact, dgu] =
+                        tx.views(be, [(bwd::DY, sc), (bwd::XE, sc), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, 2 * act_len)]);
+                    self.experts_backward(p, &chunk, B::full(gu), ro(&dy), ro(&xe), dxe, grads, [act, dact, dgu]);
+                }
             }
             Some(d) => {
                 // The experts' inputs and output gradients travel to the experts' ranks (the
                 // inputs again rather than kept there), the input gradients travel back.
                 let plan = dropless_plan(routing)?;
                 let recv = store.received(layer);
+                let local = d.local_experts();
                 let counts: Vec<usize> = d.local_spans(recv).iter().map(|s| s.len()).collect();
-                let (segs, gu_len, act_len) = segments(d.local_experts().start, &counts, widths);
+                let (segs, _) = segments(local.start, &counts, widths);
+                let act_len = expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize;
                 let (xg, dyg) = {
                     let [dy, xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc)]);
                     (self.uploaded(&d.to_experts(&be.download(ro(&xe)), &plan, recv)?), self.uploaded(&d.to_experts(&be.download(ro(&dy)), &plan, recv)?))
                 };
                 let mut dxg = be.alloc(B::len(&xg));
-                let mut scratch = [act_len, act_len, gu_len].map(|len| be.alloc(len));
-                let [act, dact, dgu] = scratch.each_mut().map(B::full_mut);
-                self.experts_backward(p, &segs, B::full(gu), B::full(&dyg), B::full(&xg), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
+                let mut scratch = [act_len, act_len, 2 * act_len].map(|len| be.alloc(len));
+                for chunk in chunked(&segs, self.chunk_rows, widths) {
+                    let [act, dact, dgu] = scratch.each_mut().map(B::full_mut);
+                    self.experts_backward(p, &chunk, B::full(gu), B::full(&dyg), B::full(&xg), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
+                }
                 let [mut dxe] = tx.views(be, [(bwd::DXE, sc)]);
                 be.upload(rw(&mut dxe), &d.from_experts(&be.download(B::full(&dxg)), recv)?);
             }
@@ -463,16 +510,39 @@ impl<B: Backend> BlockCtx<'_, B> {
 
 #[cfg(test)]
 mod tests {
-    use super::{segments, Segment};
+    use super::{chunked, segments, Segment};
 
     #[test]
     fn segments_lay_experts_out_one_after_another_and_skip_empty_ones() {
         let widths = [8, 16, 24, 40];
-        let (segs, gu, act) = segments(1, &[3, 0, 2], &widths);
+        let (segs, gu) = segments(1, &[3, 0, 2], &widths);
         assert_eq!(
             segs,
             [Segment { ex: 1, rows: 3, x_row: 0, y_row: 0, gu: 0, act: 0 }, Segment { ex: 3, rows: 2, x_row: 3, y_row: 3, gu: 3 * 32, act: 3 * 16 }]
         );
-        assert_eq!((gu, act), (3 * 32 + 2 * 80, 3 * 16 + 2 * 40));
+        assert_eq!(gu, 3 * 32 + 2 * 80);
+    }
+
+    /// Chunks cover every row once, in order, hold at most `max_rows` rows, restart `act`, and
+    /// never need more than `expert_act_elements` plans.
+    #[test]
+    fn chunks_split_experts_at_row_boundaries_within_the_planned_act() {
+        use crate::memory::transients::expert_act_elements;
+        let widths = [8, 16, 24, 40];
+        let counts = [5, 0, 7, 4];
+        let (segs, _) = segments(0, &counts, &widths);
+        let chunks = chunked(&segs, 6, &widths);
+        assert_eq!(chunks.len(), 3);
+        let rows: Vec<(usize, usize, usize)> = chunks.iter().flatten().map(|s| (s.ex, s.x_row, s.rows)).collect();
+        assert_eq!(rows, [(0, 0, 5), (2, 5, 1), (2, 6, 6), (3, 12, 4)]);
+        assert_eq!(chunks[1][0], Segment { ex: 2, rows: 6, x_row: 6, y_row: 6, gu: 5 * 16 + 48, act: 0 });
+        for chunk in &chunks {
+            assert!(chunk.iter().map(|s| s.rows).sum::<usize>() <= 6);
+            let need: usize = chunk.iter().map(|s| s.rows * widths[s.ex]).sum();
+            assert_eq!(chunk.last().map(|s| s.act + s.rows * widths[s.ex]), Some(need));
+            assert!(need as u64 <= 6 * 40, "bounded by rows × the widest expert");
+        }
+        assert_eq!(expert_act_elements(&counts, &widths, 6), 6 * 40, "a chunk of the widest");
+        assert_eq!(expert_act_elements(&counts, &widths, 100), 5 * 8 + 7 * 24 + 4 * 40, "everything");
     }
 }

@@ -17,6 +17,7 @@ use weights::Weights;
 use crate::backend::{AttnShape, Backend};
 use crate::memory::arena::Arena;
 use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
+use crate::memory::transients::EXPERT_CHUNK_ROWS;
 use crate::parallel::comm::Communicator;
 use crate::{Error, Result};
 
@@ -52,6 +53,8 @@ pub struct Model<B: Backend> {
     /// The expert-parallel group this rank's experts are sharded over (MoE Parallel Folding's
     /// EP); `None` when this model holds every expert.
     ep: Option<Box<dyn Communicator>>,
+    /// Most routed rows the experts run on at once.
+    expert_chunk_rows: usize,
 }
 
 fn rope_table(m: &ModelConfig) -> Vec<f32> {
@@ -110,7 +113,16 @@ impl<B: Backend> Model<B> {
         let grads = be.alloc_f32(layout.total);
         let mut rope = be.alloc_f32(config.seq_len * config.head_dim());
         be.upload(B::full_mut(&mut rope), &rope_table(&config));
-        Ok(Model { config, moe, layout, params, grads, rope, ep: None })
+        Ok(Model { config, moe, layout, params, grads, rope, ep: None, expert_chunk_rows: EXPERT_CHUNK_ROWS })
+    }
+
+    /// Runs the experts on at most `rows` routed rows at a time (default
+    /// `transients::EXPERT_CHUNK_ROWS`): smaller bounds their transient memory, larger makes
+    /// bigger GEMMs. The forward is bitwise the same for any value; weight gradients are summed
+    /// over the chunks, so they round differently.
+    pub fn with_expert_chunk_rows(mut self, rows: usize) -> Self {
+        self.expert_chunk_rows = rows.max(1);
+        self
     }
 
     pub fn n_params(&self) -> usize {
@@ -140,7 +152,7 @@ impl<B: Backend> Model<B> {
     }
 
     fn block_ctx<'a>(&'a self, be: &'a B, shape: AttnShape) -> BlockCtx<'a, B> {
-        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref() }
+        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), chunk_rows: self.expert_chunk_rows }
     }
 
     fn shape(&self, batch: usize, seq: usize) -> Result<AttnShape> {
@@ -242,7 +254,7 @@ impl<B: Backend> Model<B> {
 
         let mut dx = be.alloc(n * c);
         be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), B::full(&rstd), n, c);
-        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref() };
+        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), chunk_rows: self.expert_chunk_rows };
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
             if let Some(from) = store.restore(be, l, &dims) {
