@@ -1,18 +1,14 @@
 //! Loading the compiled kernels into the context, with an on-disk PTX cache, and the small
 //! host-side helpers whose output the kernels consume.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
-use cudarc::nvrtc::Ptx;
 
 use super::attention::max_smem_bytes;
-use super::nvrtc::{compile, full_source, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
+use super::nvrtc::{cached_ptx, include_dirs_from_env, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
 
@@ -55,7 +51,7 @@ impl Kernels {
         let includes = include_dirs_from_env();
         let mut f: HashMap<&'static str, CudaFunction> = HashMap::new();
         for file in KERNEL_FILES {
-            let ptx = cached_ptx(file, &arch, &includes)?;
+            let ptx = cached_ptx(file, &arch, &includes).map_err(Error::Invalid)?;
             let module = ctx.load_module(ptx).map_err(|e| Error::Invalid(format!("loading kernels/{}.cu: {e:?}", file.name)))?;
             for &name in file.functions {
                 let func = module.load_function(name).map_err(|e| Error::Invalid(format!("kernel `{name}` missing from kernels/{}.cu: {e:?}", file.name)))?;
@@ -99,25 +95,6 @@ impl Kernels {
             attn_bwd_dq: take("attn_bwd_dq"),
         })
     }
-}
-
-/// PTX from `~/.cache/motley/ptx/<file>-<hash>.ptx`, keyed by the source, the architecture, the
-/// include folders and the crate version; compiled and stored on a miss. NVRTC takes seconds
-/// per file, so the cache saves that at every start after the first. A cache that cannot be
-/// written only costs the next start a recompile, so write errors are ignored.
-fn cached_ptx(file: &KernelFile, arch: &str, includes: &[PathBuf]) -> Result<Ptx> {
-    let mut h = DefaultHasher::new();
-    (full_source(file), arch, includes, env!("CARGO_PKG_VERSION")).hash(&mut h);
-    let path = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(format!(".cache/motley/ptx/{}-{:016x}.ptx", file.name, h.finish())));
-    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        return Ok(Ptx::from_src(text));
-    }
-    let ptx = compile(file, arch, includes, Storage::F32).map_err(Error::Invalid)?;
-    if let Some(p) = &path {
-        let _ = p.parent().map(std::fs::create_dir_all);
-        let _ = std::fs::write(p, ptx.to_src());
-    }
-    Ok(ptx)
 }
 
 /// Token positions grouped by token id, for the deterministic embedding backward: group `g` is

@@ -175,7 +175,39 @@ impl CudaBackend {
         // SAFETY: argument types match `gather_rows` in permute.cu; sizes asserted above.
         ok(unsafe { l.launch(per_row(index.len())) }, "gather_rows");
     }
+
+    /// Most bytes allocated from the device's memory pool at once since the pool was created or
+    /// [`Self::reset_peak_device_bytes`] last ran: every buffer and scratch of this backend (they
+    /// come from the stream's pool), not the context, kernels or cuBLASLt's own workspace.
+    pub fn peak_device_bytes(&self) -> Result<u64> {
+        let mut high = 0u64;
+        // SAFETY: the attribute is a u64 (cuuint64_t); the pool is the device's current one.
+        self.mem_pool_attribute(|pool, attr| unsafe { cudarc::driver::result::mem_pool::get_attribute(pool, attr, (&mut high as *mut u64).cast()) })?;
+        Ok(high)
+    }
+
+    /// Starts a new high-water mark for [`Self::peak_device_bytes`] (the driver accepts only 0).
+    pub fn reset_peak_device_bytes(&self) -> Result<()> {
+        let mut zero = 0u64;
+        // SAFETY: as above; setting USED_MEM_HIGH to 0 resets it to the current use.
+        self.mem_pool_attribute(|pool, attr| unsafe { cudarc::driver::result::mem_pool::set_attribute(pool, attr, (&mut zero as *mut u64).cast()) })
+    }
+
+    /// Runs `f` on the device's current memory pool (the one the stream allocates from) and its
+    /// used-memory high-water attribute.
+    fn mem_pool_attribute(&self, f: impl FnOnce(PoolHandle, PoolAttribute) -> std::result::Result<(), DriverError>) -> Result<()> {
+        let ctx = self.stream.context();
+        let fail = |e: DriverError| Error::Invalid(format!("CUDA memory pool query failed: {e:?}"));
+        ctx.bind_to_thread().map_err(fail)?;
+        // SAFETY: the device handle comes from the live context.
+        let pool = unsafe { cudarc::driver::result::device::get_mem_pool(ctx.cu_device()) }.map_err(fail)?;
+        f(pool, PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH).map_err(fail)
+    }
 }
+
+type PoolHandle = cudarc::driver::sys::CUmemoryPool;
+type PoolAttribute = cudarc::driver::sys::CUmemPool_attribute;
+type DriverError = cudarc::driver::result::DriverError;
 
 impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
