@@ -7,7 +7,11 @@
 //! Error measure: max |gpu − cpu| / max |cpu| per output. Tolerances:
 //! - f32 elementwise and row ops (norm, rope, swiglu, softmax, permute, embedding, AdamW): 1e-4;
 //! - matmul and the classifier (cuBLASLt TF32 tensor cores, 10-bit mantissa): 1e-2;
-//! - attention (bf16 Q, K, V, P, dS tiles, f32 accumulation): 3e-2.
+//! - attention (bf16 Q, K, V, P, dS tiles, f32 accumulation): 3e-2;
+//! - a whole model step (loss relative 1e-3, every gradient 5e-2: the errors above compound over
+//!   two layers);
+//! - MEMO policies on the GPU against keep-all on the GPU (same kernels, recomputed rows only):
+//!   1e-5, and the test says whether they are bitwise equal (on the CPU they are).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -16,11 +20,17 @@ use common::randn;
 use motley::backend::cpu::Cpu;
 use motley::backend::cuda::{cuda_available, CudaBackend};
 use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
+use motley::memory::store::LayerPolicy;
+use motley::model::config::{ModelConfig, MoeConfig, Routing};
+use motley::model::Model;
 use motley::rng::Rng;
 
 const F32_TOL: f64 = 1e-4;
 const TF32_TOL: f64 = 1e-2;
 const ATTN_TOL: f64 = 3e-2;
+const MODEL_LOSS_TOL: f64 = 1e-3;
+const MODEL_GRAD_TOL: f64 = 5e-2;
+const MEMO_TOL: f64 = 1e-5;
 
 fn gpu() -> CudaBackend {
     if let Err(e) = cuda_available() {
@@ -46,11 +56,16 @@ fn compare(name: &str, tol: f64, case: impl Fn(&dyn Any2) -> Vec<Vec<f32>>) {
     assert_eq!(want.len(), got.len());
     for (k, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_eq!(w.len(), g.len(), "{name} output {k} length");
-        let scale = w.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-6);
-        let err = w.iter().zip(g).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale;
+        let err = normalised_error(w, g);
         eprintln!("{name} output {k}: normalised max error {err:.2e} (tol {tol:.0e})");
         assert!(err <= tol, "{name} output {k}: normalised max error {err:.3e} > {tol:.0e}");
     }
+}
+
+/// max |got − want| / max |want|.
+fn normalised_error(want: &[f32], got: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-6);
+    want.iter().zip(got).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
 }
 
 /// The two backends behind one object, so each case is written once as a generic function.
@@ -245,3 +260,49 @@ parity_test!(softmax_rows, SoftmaxRows, F32_TOL);
 parity_test!(permute, Permute, F32_TOL);
 parity_test!(classifier, Classifier, TF32_TOL);
 parity_test!(adamw, AdamWStep, F32_TOL);
+
+/// A 2-layer heterogeneous model the CUDA attention supports (head_dim 16, GQA 4:2), every token
+/// routed to every expert, so that TF32 rounding of the router cannot flip a top-k choice between
+/// the backends (gates still differ per token and expert).
+fn step_model() -> (ModelConfig, MoeConfig) {
+    let model = ModelConfig { vocab_size: 96, d_model: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, seq_len: 32, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.05 };
+    let moe = MoeConfig { expert_widths: vec![16, 32, 48, 64], routing: Routing::TopK, top_k: 4, top_p: 1.0, load_balance: 0.01, p_penalty: 0.1, entropy: 0.0, z_loss: 0.001 };
+    (model, moe)
+}
+
+/// Loss and gradients of one step of [`step_model`] on 2 × 32 tokens under `policy`.
+fn model_step<B: Backend>(be: &B, policy: LayerPolicy) -> (f64, Vec<f32>) {
+    let (cfg, moe) = step_model();
+    let mut model = Model::new(be, cfg.clone(), moe, 4).unwrap();
+    let mut store = model.new_store_with(vec![policy; cfg.n_layers], 1 << 30).unwrap();
+    let mut rng = Rng::new(8);
+    let tokens: Vec<u32> = (0..2 * 32 + 1).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    model.zero_grads(be);
+    let stats = model.forward_backward(be, &mut store, &tokens[..64], &tokens[1..], 2, 32).unwrap();
+    (stats.loss, be.download(B::full(&model.grads)))
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
+fn model_step_matches_the_cpu() {
+    let (cpu_loss, cpu_grads) = model_step(&Cpu::new(2), LayerPolicy::Keep);
+    let (gpu_loss, gpu_grads) = model_step(&gpu(), LayerPolicy::Keep);
+    let loss_err = (gpu_loss - cpu_loss).abs() / cpu_loss.abs();
+    let grad_err = normalised_error(&cpu_grads, &gpu_grads);
+    eprintln!("model step: loss {cpu_loss:.6} (CPU) vs {gpu_loss:.6} (GPU), relative {loss_err:.2e} (tol {MODEL_LOSS_TOL:.0e}); gradients normalised max error {grad_err:.2e} (tol {MODEL_GRAD_TOL:.0e})");
+    assert!(loss_err <= MODEL_LOSS_TOL && grad_err <= MODEL_GRAD_TOL, "model step differs from the CPU: loss {loss_err:.2e}, gradients {grad_err:.2e}");
+}
+
+#[test]
+#[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
+fn memo_policies_match_keep_on_the_gpu() {
+    let be = gpu();
+    let (loss, grads) = model_step(&be, LayerPolicy::Keep);
+    for policy in [LayerPolicy::Recompute, LayerPolicy::Offload { alpha: 0.5 }, LayerPolicy::Offload { alpha: 1.0 }] {
+        let (l, g) = model_step(&be, policy);
+        let (loss_err, grad_err) = ((l - loss).abs() / loss.abs(), normalised_error(&grads, &g));
+        let bitwise = l.to_bits() == loss.to_bits() && g.iter().zip(&grads).all(|(a, b)| a.to_bits() == b.to_bits());
+        eprintln!("{policy:?} vs keep on the GPU: loss relative {loss_err:.2e}, gradients {grad_err:.2e} (tol {MEMO_TOL:.0e}), bitwise equal: {bitwise}");
+        assert!(loss_err <= MEMO_TOL && grad_err <= MEMO_TOL, "{policy:?} differs from keep on the GPU: loss {loss_err:.2e}, gradients {grad_err:.2e}");
+    }
+}
