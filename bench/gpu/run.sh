@@ -8,6 +8,7 @@
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
 #   bench/gpu/run.sh long-max   B=1 T=512K, 1M: motley
 #   bench/gpu/run.sh all        every part in that order, as many as the call budget allows
+#   bench/gpu/run.sh step attention   several parts, in the order given
 #
 # Each part writes logs, JSON lines and a markdown table under $OUT/<part>/ (default ./gpu-out),
 # and a line per command into $OUT/summary.md; a command that fails or runs out of time is
@@ -118,7 +119,11 @@ part_check() {
     run_limited "check: motley train --device cuda, $steps steps" "$(grant 240)" "$d/train-cuda.log" \
         "${gpu[@]}" "$bin/motley" train --device cuda --steps "$steps" --out "$d/train-cuda"
     if ! grep -q '^training on ' "$d/train-cuda.log"; then
-        record "check: where the cuda run trained" "not on the GPU: $({ grep -m 1 -i 'cuda' "$d/train-cuda.log" || tail -n 1 "$d/train-cuda.log"; } | cut -c1-200 | tr '|' '/')" 0
+        local why
+        why=$({ grep -m 1 -i 'cuda' "$d/train-cuda.log" || tail -n 1 "$d/train-cuda.log"; } | cut -c1-200 | tr '|' '/')
+        record "check: loss curves CPU vs CUDA" "not compared: the cuda run did not train on the GPU: $why" 0
+        echo "not compared: the cuda run did not train on the GPU: $why" > "$d/losses.md"
+        return
     fi
     run_limited "check: motley train --device cpu, $steps steps" "$(grant 180)" "$d/train-cpu.log" \
         "$bin/motley" train --device cpu --steps "$steps" --out "$d/train-cpu"
@@ -189,14 +194,17 @@ part_long_max() {
 }
 
 parts=()
-case "${1:-}" in
-    check | step | attention | long | long-max) parts=("$1") ;;
-    all) parts=(check step attention long long-max) ;;
-    *)
-        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
-        exit 2
-        ;;
-esac
+for arg in "$@"; do
+    case $arg in
+        check | step | attention | long | long-max) parts+=("$arg") ;;
+        all) parts+=(check step attention long long-max) ;;
+        *) parts=() && break ;;
+    esac
+done
+if [ ${#parts[@]} -eq 0 ]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 2
+fi
 [ -x "$bin/motley" ] || { echo "run.sh: $bin/motley missing: run bench/gpu/build.sh where cargo is, and carry gpu-carry" >&2; exit 2; }
 [ -f "$summary" ] || printf '| command | result | seconds |\n|---|---|---|\n' > "$summary"
 for p in "${parts[@]}"; do
