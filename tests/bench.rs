@@ -150,6 +150,8 @@ fn how_a_child_ends() {
     assert_eq!((slow.outcome, slow.stdout), (Outcome::TimedOut, vec!["step 1".to_string()]));
     assert!(slow.seconds < 4.0, "killed at the limit, not after the sleep: {}", slow.seconds);
     assert_eq!(sh("echo oops >&2; echo >&2; exit 3", 10.0).outcome, Outcome::Failed("oops".into()));
+    let panic = "echo \"thread 'main' panicked at src/x.rs:1:1:\" >&2; echo 'CUDA attn_fwd failed: launch' >&2; echo 'note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace' >&2; exit 101";
+    assert_eq!(sh(panic, 10.0).outcome, Outcome::Failed("CUDA attn_fwd failed: launch".into()));
 }
 
 #[test]

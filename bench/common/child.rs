@@ -40,6 +40,11 @@ pub struct ChildRun {
 /// Rust's allocation-failure abort (host).
 const OOM_MARKS: [&str; 3] = ["OUT_OF_MEMORY", "out of memory", "memory allocation of"];
 
+/// The last line of `stderr` that says something: not blank, not the panic's backtrace hint.
+fn last_message(stderr: &str) -> Option<String> {
+    stderr.lines().map(str::trim).rev().find(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE")).map(String::from)
+}
+
 /// Runs this executable with `args`, killing it after `limit`. Its stderr goes to ours as well
 /// (progress stays visible in logs) and is scanned for out-of-memory messages.
 pub fn run_self(args: &[String], limit: Duration) -> ChildRun {
@@ -91,7 +96,7 @@ pub fn run(command: &mut Command, limit: Duration) -> ChildRun {
         _ if timed_out => Outcome::TimedOut,
         Some(s) if s.success() => Outcome::Done,
         _ if OOM_MARKS.iter().any(|m| stderr.contains(m)) => Outcome::OutOfMemory,
-        Some(s) => Outcome::Failed(stderr.lines().rev().find(|l| !l.trim().is_empty()).map_or_else(|| s.to_string(), |l| l.trim().to_string())),
+        Some(s) => Outcome::Failed(last_message(&stderr).unwrap_or_else(|| s.to_string())),
         None => unreachable!("no status only after a kill"),
     };
     ChildRun { outcome, stdout, seconds: started.elapsed().as_secs_f64() }

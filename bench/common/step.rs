@@ -115,12 +115,17 @@ pub struct StepTime {
 }
 
 /// Runs `warmup` then `steps` steps, reporting each to `each` as it finishes (a child of the
-/// long-context sweep prints it at once, so a step that ends before a kill is not lost).
-pub fn measure<B: BenchBackend>(be: &B, run: &mut Run<B>, warmup: usize, steps: usize, mut each: impl FnMut(&StepTime)) -> motley::Result<Vec<StepTime>> {
+/// long-context sweep prints it at once, so a step that ends before a kill is not lost). Stops
+/// early, after at least one timed step, once the steps have taken `max_seconds`.
+pub fn measure<B: BenchBackend>(be: &B, run: &mut Run<B>, warmup: usize, steps: usize, max_seconds: f64, mut each: impl FnMut(&StepTime)) -> motley::Result<Vec<StepTime>> {
     be.sync();
     be.reset_peak();
+    let started = Instant::now();
     let mut times = Vec::with_capacity(warmup + steps);
     for i in 0..warmup + steps {
+        if i > warmup && started.elapsed().as_secs_f64() >= max_seconds {
+            break;
+        }
         let t = Instant::now();
         let stats = run.step(be)?;
         be.sync();

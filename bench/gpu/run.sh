@@ -81,7 +81,7 @@ run_limited() {
     case $rc in
         0) result=ok ;;
         124 | 137) result="timed out after ${limit}s" ;;
-        *) result="failed (exit $rc): $(grep -v '^\s*$' "$logf" | tail -n 1 | cut -c1-160 | tr '|' '/')" ;;
+        *) result="failed (exit $rc): $(grep -v -e '^\s*$' -e 'RUST_BACKTRACE' "$logf" | tail -n 1 | cut -c1-160 | tr '|' '/')" ;;
     esac
     record "$label" "$result" $((SECONDS - t0))
     log "$label: $result"
@@ -136,7 +136,7 @@ part_step() {
     mkdir -p "$d"
     rm -f "$d/motley.jsonl"
     run_limited "step: motley H100-ref B=8 T=4096 (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
-        "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --json "$d/motley.jsonl"
+        "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
     run_limited "step: PyTorch eager + torch.compile, same shape" "$(grant 360)" "$d/torch.log" \
         python3 bench/peer/torch_hmoe.py --suite custom --config "$(h100_ref_json)" --modes eager,compile
     {

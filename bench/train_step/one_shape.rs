@@ -1,5 +1,6 @@
 //! One shape on one device: `--device cpu|cuda --shape NAME [--batch B --seq T --policy P
-//! --steps N --warmup W --host-gib G --bandwidth-gbs X --threads N --json FILE]`.
+//! --steps N --warmup W --max-seconds S --host-gib G --bandwidth-gbs X --threads N --json FILE]`
+//! (`--max-seconds`: fewer timed steps when they take longer than that, at least one).
 
 use motley::backend::cpu::Cpu;
 use motley::config::MemoryConfig;
@@ -119,9 +120,10 @@ fn measure_and_print<B: BenchBackend>(be: &B, case: &Case, args: &Args) {
     eprintln!("building {} (B={} T={}) on {}", case.shape_name, case.batch, case.seq, be.label());
     let mut run = Run::new(be, &case.shape, case.batch, case.seq, &case.memory, case.device.name()).unwrap_or_else(|e| fail(&format!("{e}")));
     let policy = run.policy_label();
-    let times = measure(be, &mut run, case.warmup, case.steps, |t| eprintln!("{} step: {:.3} s", if t.warmup { "warm-up" } else { "timed" }, t.seconds)).unwrap_or_else(|e| fail(&format!("{e}")));
+    let max_seconds = args.get("--max-seconds", f64::INFINITY);
+    let times = measure(be, &mut run, case.warmup, case.steps, max_seconds, |t| eprintln!("{} step: {:.3} s", if t.warmup { "warm-up" } else { "timed" }, t.seconds)).unwrap_or_else(|e| fail(&format!("{e}")));
     let Some(summary) = Summary::of(&times) else { fail("--steps 0: nothing timed") };
-    println!("motley training step on {}, f32 storage, {} timed steps after {} warm-up; peak memory: {}", be.label(), case.steps, case.warmup, be.memory_kind());
+    println!("motley training step on {}, f32 storage, {} timed steps after {} warm-up; peak memory: {}", be.label(), summary.steps, case.warmup, be.memory_kind());
     println!("{HEADER}\n{}", row(case, &policy, run.n_params(), &summary));
     args.append_json(&json_line(case, &policy, run.n_params(), "ok", Some(&summary)));
 }

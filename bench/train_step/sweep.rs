@@ -140,5 +140,5 @@ fn child_on<B: BenchBackend>(be: &B, case: &Case) {
     let mut run = Run::new(be, &case.shape, case.batch, case.seq, &case.memory, case.device.name()).unwrap_or_else(|e| fail(&format!("{e}")));
     println!("policy {}", run.policy_label());
     println!("params {}", run.n_params());
-    measure(be, &mut run, case.warmup, case.steps, |t| println!("step {} {} {} {} {}", t.warmup as u8, t.seconds, t.flops, t.tokens, t.peak_bytes)).unwrap_or_else(|e| fail(&format!("{e}")));
+    measure(be, &mut run, case.warmup, case.steps, f64::INFINITY, |t| println!("step {} {} {} {} {}", t.warmup as u8, t.seconds, t.flops, t.tokens, t.peak_bytes)).unwrap_or_else(|e| fail(&format!("{e}")));
 }
