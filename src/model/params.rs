@@ -1,9 +1,9 @@
 //! Parameters as one contiguous block with named views (safetensors-friendly), and their
 //! deterministic initialisation.
 
-use super::config::{ModelConfig, MoeConfig};
 use rayon::prelude::*;
 
+use super::config::{ModelConfig, MoeConfig};
 use crate::rng::Rng;
 
 /// How a tensor is initialised.
@@ -117,9 +117,8 @@ impl ParamLayout {
     }
 
     /// Host values of every parameter; each tensor draws from its own named stream, so a
-    /// tensor's values do not depend on the others.
-    /// The tensors are filled in parallel (a 1B-parameter model takes half a minute on one
-    /// core), with the same values: streams are per tensor.
+    /// tensor's values do not depend on the others, and the tensors are filled in parallel
+    /// (a 1B-parameter model takes half a minute on one core).
     pub fn init_values(&self, seed: u64) -> Vec<f32> {
         let mut values = vec![0f32; self.total];
         let mut rest = values.as_mut_slice();

@@ -431,11 +431,9 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     })
 }
 
-/// The activation store under `[memory]`: keep everything, recompute, or offload a token
-/// fraction α (fixed, or from MEMO's LP on a cost-model profile of this machine).
-/// The activation store of `model` under the `[memory]` policy `memory`, for steps of
-/// `batch × seq` on `device` (`"cpu"` or `"cuda"`: the α LP's assumed throughput). Used by the
-/// trainer and the benchmarks.
+/// The activation store of `model` under the `[memory]` policy `memory`: keep everything,
+/// recompute, or offload a token fraction α (fixed, or from MEMO's LP on a cost-model profile of
+/// `device`, `"cpu"` or `"cuda"`), for steps of `batch × seq`. The trainer's and the benchmarks'.
 pub fn activation_store<B: Backend>(model: &Model<B>, memory: &MemoryConfig, device: &str, batch: usize, seq: usize) -> Result<ActivationStore<B>> {
     if memory.policy == MemoryPolicy::Keep {
         return Ok(model.new_store());
