@@ -16,13 +16,15 @@
 # RUN_BUDGET seconds (default 570: the device tool stops a call at 600 s). The summary and the
 # tables are printed at the end.
 #
-# Environment: OUT, RUN_BUDGET; CHECK_STEPS (300), STEP_POLICY (keep), LONG_POLICY (recompute).
+# Environment: OUT, RUN_BUDGET; PYTHON (python3: the one with PyTorch); CHECK_STEPS (300),
+# STEP_POLICY (keep), LONG_POLICY (recompute).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 root=$PWD
 OUT="${OUT:-$root/gpu-out}"
 mkdir -p "$OUT"
 bin=$root/gpu-carry/bin
+py=${PYTHON:-python3}
 budget=${RUN_BUDGET:-570}
 start=$SECONDS
 summary=$OUT/summary.md
@@ -36,7 +38,7 @@ record() { echo "| $1 | $2 | $3 |" >> "$summary"; }
 cuda_lib_path() {
     local dirs=() d
     [ -d /usr/local/cuda/lib64 ] && dirs+=(/usr/local/cuda/lib64)
-    while IFS= read -r d; do dirs+=("$d"); done < <(python3 -c '
+    while IFS= read -r d; do dirs+=("$d"); done < <("$py" -c '
 import glob, os, nvidia
 for p in nvidia.__path__:
     for d in sorted(glob.glob(os.path.join(p, "*", "lib"))):
@@ -89,7 +91,7 @@ run_limited() {
 }
 
 h100_ref_json() {
-    python3 -c 'import json; print(json.dumps(json.load(open("bench/gpu_configs.json"))["h100-ref"]))'
+    "$py" -c 'import json; print(json.dumps(json.load(open("bench/gpu_configs.json"))["h100-ref"]))'
 }
 
 part_check() {
@@ -101,8 +103,8 @@ part_check() {
         echo "cores: $(nproc); memory: $(free -g | awk '/^Mem:/ { print $2 " GiB" }')"
         timeout 30 nvidia-smi
         timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
-        echo "python: $(python3 --version 2>&1); nvidia packages: $(python3 -c 'import nvidia; print(list(nvidia.__path__))' 2>&1)"
-        timeout 60 python3 -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name())' 2>&1
+        echo "python: $("$py" --version 2>&1); nvidia packages: $("$py" -c 'import nvidia; print(list(nvidia.__path__))' 2>&1)"
+        timeout 60 "$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name())' 2>&1
         echo "LD_LIBRARY_PATH for motley: $CUDA_LD"
         local dir lib
         for dir in ${CUDA_LD//:/ }; do
@@ -127,7 +129,7 @@ part_check() {
     fi
     run_limited "check: motley train --device cpu, $steps steps" "$(grant 180)" "$d/train-cpu.log" \
         "$bin/motley" train --device cpu --steps "$steps" --out "$d/train-cpu"
-    python3 bench/gpu/compare_losses.py "$d/train-cpu/metrics.jsonl" "$d/train-cuda/metrics.jsonl" > "$d/losses.md" 2>&1
+    "$py" bench/gpu/compare_losses.py "$d/train-cpu/metrics.jsonl" "$d/train-cuda/metrics.jsonl" > "$d/losses.md" 2>&1
     record "check: loss curves CPU vs CUDA" "$(tail -n 1 "$d/losses.md" | cut -c1-200 | tr '|' '/')" 0
 }
 
@@ -138,10 +140,10 @@ part_step() {
     run_limited "step: motley H100-ref B=8 T=4096 (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
     run_limited "step: PyTorch eager + torch.compile, same shape" "$(grant 360)" "$d/torch.log" \
-        python3 bench/peer/torch_hmoe.py --suite custom --config "$(h100_ref_json)" --modes eager,compile
+        "$py" bench/peer/torch_hmoe.py --suite custom --config "$(h100_ref_json)" --modes eager,compile
     {
         echo "H100-ref training step, B=8 × T=4096 (motley: f32 storage, TF32 matmuls, bf16 attention tiles; PyTorch: bf16 autocast). MFU over 989 TFLOP/s."
-        python3 bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
+        "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
     } > "$d/table.md"
 }
 
@@ -152,10 +154,10 @@ part_attention() {
     run_limited "attention: motley fwd, fwd+bwd" "$(grant 240)" "$d/motley.log" \
         "${gpu[@]}" "$bin/attention" --device cuda --lengths 4K,32K,128K --json "$d/motley.jsonl"
     run_limited "attention: PyTorch SDPA (flash)" "$(grant 180)" "$d/sdpa.log" \
-        python3 bench/peer/sdpa_attention.py --lengths 4K,32K,128K --backend flash
+        "$py" bench/peer/sdpa_attention.py --lengths 4K,32K,128K --backend flash
     {
         echo "Causal attention, 16 heads of 64, B = 32K / T; TFLOP/s with forward 2·2·B·H·T²·D/2 and backward 2.5× forward (motley f32 buffers, bf16 tiles; SDPA bf16)."
-        python3 bench/gpu/table.py attention "$d/motley.jsonl" "$d/sdpa.log"
+        "$py" bench/gpu/table.py attention "$d/motley.jsonl" "$d/sdpa.log"
         echo
         sed -n '/^Convention check/,$p' "$d/sdpa.log"
     } > "$d/table.md"
@@ -176,10 +178,10 @@ part_long() {
     mkdir -p "$d"
     long_sweep "$d" "long: motley B=1 T=16K…256K (${LONG_POLICY:-recompute})" 16K,32K,64K,128K,256K 330
     run_limited "long: PyTorch --suite long (eager and checkpointed, T=16K…256K)" "$(grant 200)" "$d/torch.log" \
-        python3 bench/peer/torch_hmoe.py --suite long --steps 3
+        "$py" bench/peer/torch_hmoe.py --suite long --steps 3
     {
         echo "H100-ref at B=1, long context. MFU over 989 TFLOP/s; motley's rows in its logs also give the planned memory."
-        python3 bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
+        "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
     } > "$d/table.md"
 }
 
@@ -189,7 +191,7 @@ part_long_max() {
     long_sweep "$d" "long-max: motley B=1 T=512K, 1M (${LONG_POLICY:-recompute})" 512K,1M 560
     {
         echo "H100-ref at B=1, long context. MFU over 989 TFLOP/s; motley's rows in its logs also give the planned memory."
-        python3 bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
+        "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
     } > "$d/table.md"
 }
 
@@ -205,7 +207,8 @@ if [ ${#parts[@]} -eq 0 ]; then
     awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
     exit 2
 fi
-[ -x "$bin/motley" ] || { echo "run.sh: $bin/motley missing: run bench/gpu/build.sh where cargo is, and carry gpu-carry" >&2; exit 2; }
+[ -f "$bin/motley" ] || { echo "run.sh: $bin/motley missing: run bench/gpu/build.sh where cargo is, and carry gpu-carry" >&2; exit 2; }
+chmod +x "$bin"/* 2> /dev/null # in case the copy lost the modes
 [ -f "$summary" ] || printf '| command | result | seconds |\n|---|---|---|\n' > "$summary"
 for p in "${parts[@]}"; do
     log "== $p"

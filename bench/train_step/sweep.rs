@@ -37,6 +37,7 @@ pub fn parent(args: &Args) {
         if budget.is_finite() { format!(", sweep budget {budget:.0} s") } else { String::new() }
     );
     println!("| T | policy | status | step s | tokens/s | model TFLOP/s | MFU | peak memory GiB | planned GiB | wall s |\n|---|---|---|---|---|---|---|---|---|---|");
+    let mut measured = 0;
     for seq in lengths {
         let case = Case { seq, ..Case::from_args(args, Some(1), policy, 1, 1) };
         let planned = planned_bytes(&case).map_or("—".into(), |b| format!("{:.1}", gib(b)));
@@ -54,6 +55,7 @@ pub fn parent(args: &Args) {
         let policy_label = report.policy.clone().unwrap_or_else(|| policy.to_string());
         let cells = match report.summary() {
             Some(s) => {
+                measured += 1;
                 let mfu = if case.device == DeviceKind::Cuda { format!("{:.1}%", s.mfu_pct()) } else { "—".into() };
                 format!("{:.2} | {:.0} | {:.1} | {mfu} | {:.2}", s.step_s(), s.tokens_per_s(), s.flops_per_s() / 1e12, gib(s.peak_bytes))
             }
@@ -61,6 +63,9 @@ pub fn parent(args: &Args) {
         };
         println!("| {} | {policy_label} | {status} | {cells} | {planned} | {:.0} |", show_size(seq), run.seconds);
         args.append_json(&json_line(&case, &policy_label, report.params, &status, report.summary().as_ref()));
+    }
+    if measured == 0 {
+        fail("no sequence length finished a step");
     }
 }
 
