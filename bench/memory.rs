@@ -13,6 +13,9 @@
 //!
 //! Run: `cargo bench --bench memory [-- --steps 3 --threads 2]`
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -27,6 +30,8 @@ use motley::memory::store::LayerPolicy;
 use motley::model::config::{ModelConfig, MoeConfig};
 use motley::model::Model;
 use motley::rng::Rng;
+
+use common::device::proc_status_kib;
 
 struct Case {
     name: &'static str,
@@ -45,10 +50,6 @@ struct Measured {
     rss_peak_kib: u64,
     /// Transient buffers allocated over all steps (the arena's growths, or one per transient).
     allocations: usize,
-}
-
-fn arg(args: &[String], flag: &str, default: usize) -> usize {
-    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn mib(b: u64) -> f64 {
@@ -95,13 +96,6 @@ fn policies(case: &Case) -> Vec<(String, Vec<LayerPolicy>)> {
         ("recompute".into(), vec![LayerPolicy::Recompute; case.model.n_layers]),
         (format!("planned ({label})"), planned),
     ]
-}
-
-/// `VmRSS` or `VmHWM` of this process, in KiB.
-fn proc_status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
-    line[field.len()..].trim().trim_end_matches("kB").trim().parse().unwrap_or_else(|_| panic!("bad {line:?}"))
 }
 
 /// Median step seconds and peaks over `steps` steps after one warm-up.
@@ -153,8 +147,9 @@ fn in_child(case: usize, policy: usize, planned: bool, steps: usize, threads: us
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let steps = arg(&args, "--steps", 3);
-    let threads = arg(&args, "--threads", 2);
+    let flags = common::args::Args::from_env();
+    let steps = flags.get("--steps", 3);
+    let threads = flags.get("--threads", 2);
     if let Some(i) = args.iter().position(|a| a == "--child") {
         let at = |k: usize| args.get(i + k).and_then(|v| v.parse().ok()).expect("--child CASE POLICY ARENA");
         return child(at(1), at(2), at(3) == 1, steps, threads);

@@ -12,9 +12,11 @@
 //!
 //! bf16 storage rounds every activation to 8 significant bits (relative error up to 2⁻⁹ per
 //! stored value, inputs included, against the CPU's f32): 2e-2 for row ops, 3e-2 for GEMMs,
-//! 5e-2 for attention. Ops whose arguments are all f32 by role (router softmax, AdamW) keep
-//! 1e-4. The CPU reference for bf16 storage reads bf16-rounded weights
-//! (`Cpu::with_bf16_weights`), as the CUDA backend's working copy does.
+//! 5e-2 for attention. The router softmax, all f32 by role, keeps 1e-4; AdamW gets 4e-3 for its
+//! bf16 working copy (one element may round the other way). The CPU reference for bf16
+//! storage reads bf16-rounded weights (`Cpu::with_bf16_weights`), as the CUDA backend's working
+//! copy does. Whole training steps: loss 1e-3 (f32) or 1e-2 (bf16) relative, gradients 3e-2 or
+//! 5e-2, weights 1e-2 or 2e-2; MEMO on the GPU against keep-all on the GPU: 1e-2.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -35,6 +37,7 @@ const ATTN_TOL: f64 = 3e-2;
 const BF16_TOL: f64 = 2e-2;
 const BF16_GEMM_TOL: f64 = 3e-2;
 const BF16_ATTN_TOL: f64 = 5e-2;
+const BF16_ROUNDING_TOL: f64 = 4e-3;
 
 fn gpu(storage: Storage) -> CudaBackend {
     if let Err(e) = cuda_available() {
@@ -80,11 +83,16 @@ fn compare(name: &str, storage: Storage, tol: f64, case: impl Fn(&dyn Any2) -> V
     let want = case(&Both::Cpu(&cpu));
     let got = case(&Both::Cuda(&cuda));
     assert_eq!(want.len(), got.len());
+    let mut failures = Vec::new();
     for (k, (w, g)) in want.iter().zip(&got).enumerate() {
         let err = error(w, g);
         eprintln!("{name} ({storage:?}) output {k}: normalised max error {err:.2e} (tol {tol:.0e})");
-        assert!(err <= tol, "{name} ({storage:?}) output {k}: normalised max error {err:.3e} > {tol:.0e}");
+        if err > tol {
+            failures.push(format!("output {k}: {err:.3e} > {tol:.0e}"));
+        }
     }
+    // Every output is reported before failing: a GPU session is short.
+    assert!(failures.is_empty(), "{name} ({storage:?}): {}", failures.join("; "));
 }
 
 /// The two backends behind one object, so each case is written once as a generic function.
@@ -269,13 +277,32 @@ case!(Permute, |be| {
     vec![down(be, &g), down(be, &out), dots, down(be, &gs)]
 });
 
-case!(Classifier, |be| {
-    let (n, c, v) = (70, 64, 1000);
+/// The fused classifier on `n` rows of width `c` over `v` classes. dW starts from a base of the
+/// gradient's own size, so both a missing and an overwriting dW show.
+fn classifier_case<B: Backend>(be: &B, n: usize, c: usize, v: usize) -> Vec<Vec<f32>> {
     let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
     let (x, w) = (up(be, &data(28, n * c)), up(be, &data(29, v * c)));
-    let (mut dx, mut dw) = (be.alloc(n * c), up_f32(be, &data(30, v * c)));
+    let base: Vec<f32> = data(30, v * c).iter().map(|x| x * 0.01).collect();
+    let (mut dx, mut dw) = (be.alloc(n * c), up_f32(be, &base));
     let losses = be.classifier(B::full(&x), B::full(&w), &targets, n, c, v, Some((B::full_mut(&mut dx), B::full_mut(&mut dw), 1.0)));
     vec![losses, down(be, &dx), down(be, &dw)]
+}
+
+case!(Classifier, |be| { classifier_case(be, 70, 64, 1000) });
+
+// 400 × 50,000 logits exceed the 2²⁴ budget of one chunk: two chunks, dx rows at an offset and
+// dW accumulated across them.
+case!(ClassifierChunks, |be| { classifier_case(be, 400, 64, 50_000) });
+
+// An f32 operand against one in activation storage (the router's backward), into an output of
+// each kind: with bf16 storage the f32 operand is rounded first.
+case!(MixedMatmul, |be| {
+    let (m, k, n) = (40, 24, 33);
+    let (a, b) = (up_f32(be, &data(35, m * k)), up(be, &data(36, k * n)));
+    let (mut act, mut f32_out) = (be.alloc(m * n), be.alloc_f32(m * n));
+    be.matmul(B::full_mut(&mut act), B::full(&a), B::full(&b), m, k, n, false, false, false);
+    be.matmul(B::full_mut(&mut f32_out), B::full(&a), B::full(&b), m, k, n, false, false, false);
+    vec![down(be, &act), down(be, &f32_out)]
 });
 
 case!(AdamWStep, |be| {
@@ -320,17 +347,24 @@ parity_test!(swiglu, SwiGlu, F32_TOL, BF16_TOL);
 parity_test!(softmax_rows, SoftmaxRows, F32_TOL, F32_TOL);
 parity_test!(permute, Permute, F32_TOL, BF16_TOL);
 parity_test!(classifier, Classifier, TF32_TOL, BF16_GEMM_TOL);
-parity_test!(adamw, AdamWStep, F32_TOL, F32_TOL);
+parity_test!(classifier_chunks, ClassifierChunks, TF32_TOL, BF16_GEMM_TOL);
+parity_test!(mixed_matmul, MixedMatmul, TF32_TOL, BF16_GEMM_TOL);
+// bf16: the GPU's f32 update may differ from the CPU's by an ulp (FMA contraction), which can
+// round one element of the bf16 working copy the other way: 2⁻⁸ of the scale.
+parity_test!(adamw, AdamWStep, F32_TOL, BF16_ROUNDING_TOL);
 
 // ---- whole training steps ------------------------------------------------------------------
 
 const HOST_BYTES: u64 = 1 << 30;
 
 /// Per-step losses and the final gradients and master weights of `steps` AdamW steps of a
-/// 2-layer model (head_dim 16, as the attention kernels need) under `policy`.
-fn train<B: Backend>(be: &B, routing: Routing, policy: LayerPolicy, steps: usize) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
-    let (mut cfg, moe) = tiny_model(routing);
+/// 2-layer model (head_dim 16, as the attention kernels need) under `policy`. Every token goes
+/// to every expert (top-k = all), so rounding differences cannot flip a routing decision and
+/// move a token's gradient between experts; the routing itself is host code, the same for both.
+fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
+    let (mut cfg, mut moe) = tiny_model(Routing::TopK);
     cfg.d_model = 64;
+    moe.top_k = moe.n_experts();
     let (b, t) = (3, cfg.seq_len);
     let mut model = Model::new(be, cfg.clone(), moe, 4).unwrap();
     let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST_BYTES).unwrap();
@@ -348,29 +382,35 @@ fn train<B: Backend>(be: &B, routing: Routing, policy: LayerPolicy, steps: usize
     (losses, be.download(B::full(&model.grads)), be.download(B::full(model.params.master())))
 }
 
-/// Whole steps against the CPU: per-step loss (relative), last gradients and weights (normalised).
+/// Whole steps against the CPU: per-step loss (relative), last gradients and weights
+/// (normalised); every error is reported before failing.
 fn model_parity(storage: Storage, loss_tol: f64, grad_tol: f64, weight_tol: f64) {
     let (cpu, cuda) = (cpu_for(storage), gpu(storage));
-    for routing in [Routing::TopK, Routing::TopP] {
-        let (want_l, want_g, want_w) = train(&cpu, routing, LayerPolicy::Keep, 3);
-        let (got_l, got_g, got_w) = train(&cuda, routing, LayerPolicy::Keep, 3);
-        for (s, (w, g)) in want_l.iter().zip(&got_l).enumerate() {
-            let err = (w - g).abs() / w.abs();
-            eprintln!("model {routing:?} ({storage:?}) step {s}: loss {w:.6} vs {g:.6}, relative error {err:.2e}");
-            assert!(err <= loss_tol, "model {routing:?} ({storage:?}) step {s}: loss relative error {err:.3e} > {loss_tol:.0e}");
-        }
-        for (what, want, got, tol) in [("gradients", &want_g, &got_g, grad_tol), ("weights", &want_w, &got_w, weight_tol)] {
-            let err = error(want, got);
-            eprintln!("model {routing:?} ({storage:?}) {what}: normalised max error {err:.2e} (tol {tol:.0e})");
-            assert!(err <= tol, "model {routing:?} ({storage:?}) {what}: normalised max error {err:.3e} > {tol:.0e}");
+    let (want_l, want_g, want_w) = train(&cpu, LayerPolicy::Keep, 3);
+    let (got_l, got_g, got_w) = train(&cuda, LayerPolicy::Keep, 3);
+    let mut failures = Vec::new();
+    for (s, (w, g)) in want_l.iter().zip(&got_l).enumerate() {
+        let err = (w - g).abs() / w.abs();
+        eprintln!("model ({storage:?}) step {s}: loss {w:.6} vs {g:.6}, relative error {err:.2e}");
+        if err > loss_tol {
+            failures.push(format!("step {s} loss {err:.3e} > {loss_tol:.0e}"));
         }
     }
+    for (what, want, got, tol) in [("gradients", &want_g, &got_g, grad_tol), ("weights", &want_w, &got_w, weight_tol)] {
+        let err = error(want, got);
+        eprintln!("model ({storage:?}) {what}: normalised max error {err:.2e} (tol {tol:.0e})");
+        if err > tol {
+            failures.push(format!("{what} {err:.3e} > {tol:.0e}"));
+        }
+    }
+    assert!(failures.is_empty(), "model ({storage:?}): {}", failures.join("; "));
 }
 
 #[test]
 #[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
 fn model_step_f32() {
-    model_parity(Storage::F32, 1e-3, 2e-2, 1e-2);
+    // Gradients as loose as attention alone (its tiles are bf16 in both storages).
+    model_parity(Storage::F32, 1e-3, ATTN_TOL, 1e-2);
 }
 
 #[test]
@@ -386,9 +426,9 @@ fn model_step_bf16() {
 #[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
 fn memo_policies_match_keep_all() {
     let cuda = gpu(Storage::Bf16);
-    let (keep_l, keep_g, _) = train(&cuda, Routing::TopK, LayerPolicy::Keep, 1);
+    let (keep_l, keep_g, _) = train(&cuda, LayerPolicy::Keep, 1);
     for policy in [LayerPolicy::Recompute, LayerPolicy::Offload { alpha: 0.5 }, LayerPolicy::Offload { alpha: 1.0 }] {
-        let (l, g, _) = train(&cuda, Routing::TopK, policy, 1);
+        let (l, g, _) = train(&cuda, policy, 1);
         assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "{policy:?}: forward loss differs from keep-all");
         let err = error(&keep_g, &g);
         eprintln!("MEMO {policy:?}: gradients normalised max error {err:.2e} against keep-all");

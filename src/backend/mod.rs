@@ -48,6 +48,12 @@ impl AttnShape {
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
     }
+    /// Matmul FLOPs of a causal attention forward, `QKᵀ` and `PV` over the lower triangle:
+    /// `2 · 2 · B · H · T² · D / 2`. MFU counts this (the PyTorch peer's and FlashAttention's
+    /// convention); the attention benchmark takes the backward as 2.5× this.
+    pub fn causal_attention_flops(&self) -> f64 {
+        2.0 * 2.0 * self.batch as f64 * self.n_heads as f64 * (self.seq as f64).powi(2) * self.head_dim as f64 / 2.0
+    }
 }
 
 /// AdamW hyper-parameters for one update.

@@ -216,7 +216,7 @@ impl<B: Backend> Model<B> {
     pub fn forward_flops(&self, shape: AttnShape, counts: &[Vec<usize>]) -> f64 {
         let (n, c) = (shape.tokens() as f64, self.config.d_model as f64);
         let (w, a) = (shape.qkv_width() as f64, shape.out_width() as f64);
-        let per_layer = 2.0 * n * c * (w + a) + 2.0 * 2.0 * shape.seq as f64 * a * n * 0.5 + 2.0 * n * c * self.moe.n_experts() as f64;
+        let per_layer = 2.0 * n * c * (w + a) + shape.causal_attention_flops() + 2.0 * n * c * self.moe.n_experts() as f64;
         let experts: f64 = counts.iter().map(|cnt| cnt.iter().zip(&self.moe.expert_widths).map(|(&k, &h)| 6.0 * c * h as f64 * k as f64).sum::<f64>()).sum();
         self.config.n_layers as f64 * per_layer + experts + 2.0 * n * c * self.config.vocab_size as f64
     }

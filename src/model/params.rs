@@ -1,6 +1,8 @@
 //! Parameters as one contiguous block with named views (safetensors-friendly), and their
 //! deterministic initialisation.
 
+use rayon::prelude::*;
+
 use super::config::{ModelConfig, MoeConfig};
 use crate::rng::Rng;
 
@@ -115,19 +117,49 @@ impl ParamLayout {
     }
 
     /// Host values of every parameter; each tensor draws from its own named stream, so a
-    /// tensor's values do not depend on the others.
+    /// tensor's values do not depend on the others, and the tensors are filled in parallel
+    /// (a 1B-parameter model takes half a minute on one core).
     pub fn init_values(&self, seed: u64) -> Vec<f32> {
         let mut values = vec![0f32; self.total];
+        let mut rest = values.as_mut_slice();
+        let mut tensors = Vec::with_capacity(self.specs.len());
         for spec in &self.specs {
-            let dst = &mut values[spec.range()];
-            match spec.init {
-                Init::Ones => dst.fill(1.0),
-                Init::Normal(std) => {
-                    let mut rng = Rng::for_stream(seed, &spec.name);
-                    dst.iter_mut().for_each(|v| *v = (rng.normal() * std as f64) as f32);
-                }
-            }
+            debug_assert_eq!(spec.offset, self.total - rest.len(), "specs are laid out back to back");
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(spec.len());
+            tensors.push((spec, dst));
+            rest = tail;
         }
+        tensors.into_par_iter().for_each(|(spec, dst)| match spec.init {
+            Init::Ones => dst.fill(1.0),
+            Init::Normal(std) => {
+                let mut rng = Rng::for_stream(seed, &spec.name);
+                dst.iter_mut().for_each(|v| *v = (rng.normal() * std as f64) as f32);
+            }
+        });
         values
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Routing;
+
+    #[test]
+    fn parallel_init_draws_each_tensor_from_its_own_stream() {
+        let m = ModelConfig { vocab_size: 40, d_model: 16, n_layers: 2, n_heads: 2, n_kv_heads: 1, seq_len: 8, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
+        let moe = MoeConfig { expert_widths: vec![8, 24], routing: Routing::TopK, top_k: 1, top_p: 1.0, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
+        let layout = ParamLayout::new(&m, &moe);
+        let values = layout.init_values(7);
+        for spec in &layout.specs {
+            let want: Vec<f32> = match spec.init {
+                Init::Ones => vec![1.0; spec.len()],
+                Init::Normal(std) => {
+                    let mut rng = Rng::for_stream(7, &spec.name);
+                    (0..spec.len()).map(|_| (rng.normal() * std as f64) as f32).collect()
+                }
+            };
+            assert_eq!(values[spec.range()], want[..], "{}", spec.name);
+        }
     }
 }

@@ -14,7 +14,7 @@ use super::progress::Progress;
 use super::schedule::LrSchedule;
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
-use crate::config::{Config, MemoryPolicy};
+use crate::config::{Config, MemoryConfig, MemoryPolicy};
 use crate::memory::alpha::HostLink;
 use crate::memory::policy::{build_policy, Profile};
 use crate::memory::report::assumed_flops_per_s;
@@ -281,7 +281,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
             t.max_flops
         )));
     }
-    let mut store = activation_store(be, config, &model, local_batch)?;
+    let mut store = activation_store(be, &model, &config.memory, &config.device, local_batch, t.seq_len)?;
     let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
     // A collective with expert parallelism (the experts are gathered); rank 0 writes.
     let save = |model: &Model<B>, opt: &Optimizer<B>, loader: &Loader, flops: f64| -> Result<Option<PathBuf>> {
@@ -432,17 +432,17 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     })
 }
 
-/// The activation store under `[memory]`: keep everything, recompute, or offload a token
-/// fraction α (fixed, or from MEMO's LP on a cost-model profile of this machine).
-fn activation_store<B: Backend>(be: &B, config: &Config, model: &Model<B>, batch: usize) -> Result<ActivationStore<B>> {
-    let m = &config.memory;
-    if m.policy == MemoryPolicy::Keep {
+/// The activation store of `model` under the `[memory]` policy `memory`: keep everything,
+/// recompute, or offload a token fraction α (fixed, or from MEMO's LP on a cost-model profile of
+/// `device`, `"cpu"` or `"cuda"`, with `be`'s activation size), for steps of `batch × seq`. The
+/// trainer's and the benchmarks'.
+pub fn activation_store<B: Backend>(be: &B, model: &Model<B>, memory: &MemoryConfig, device: &str, batch: usize, seq: usize) -> Result<ActivationStore<B>> {
+    if memory.policy == MemoryPolicy::Keep {
         return Ok(model.new_store());
     }
-    let link = HostLink { b_pcie: m.bandwidth_gbs * 1e9, m_host: (m.host_gib * (1u64 << 30) as f64) as u64 };
-    let seq = config.train.seq_len;
-    let profile = Profile::cost_model(&config.model, &config.moe, batch, seq, assumed_flops_per_s(&config.device), link)?.with_activation_bytes(be.activation_bytes());
-    let policies = build_policy(m, &config.model, &config.moe, batch, seq, &profile)?;
+    let link = HostLink { b_pcie: memory.bandwidth_gbs * 1e9, m_host: (memory.host_gib * (1u64 << 30) as f64) as u64 };
+    let profile = Profile::cost_model(&model.config, &model.moe, batch, seq, assumed_flops_per_s(device), link)?.with_activation_bytes(be.activation_bytes());
+    let policies = build_policy(memory, &model.config, &model.moe, batch, seq, &profile)?;
     model.new_store_with(policies, link.m_host)
 }
 

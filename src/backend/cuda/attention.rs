@@ -62,7 +62,11 @@ fn heads(s: AttnShape) -> Heads {
     Heads { seq: s.seq as i32, n_heads: s.n_heads as i32, n_kv_heads: s.n_kv_heads as i32, d: s.head_dim as i32 }
 }
 
-fn tiles(grid_y: usize, seq: usize, smem: usize) -> LaunchConfig {
+/// A launch of tiles over the sequence; panics, naming the shape, when the GPU does not allow a
+/// block the shared memory this head_dim needs (GPUs before Hopper at head_dim 128).
+fn tiles(be: &CudaBackend, grid_y: usize, seq: usize, smem: usize) -> LaunchConfig {
+    assert!(smem <= be.k.attn_smem, "attention needs {smem} bytes of shared memory per block at this head_dim; this GPU allows {}", be.k.attn_smem);
+    assert!(grid_y <= 65_535, "attention: batch × heads = {grid_y} exceeds the grid's 65535 in y");
     LaunchConfig { grid_dim: (seq.div_ceil(TILE) as u32, grid_y as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
@@ -84,7 +88,7 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
     }
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let cfg = tiles(s.batch * s.n_heads, s.seq, fwd_smem(s.head_dim));
+    let cfg = tiles(be, s.batch * s.n_heads, s.seq, fwd_smem(s.head_dim));
     // SAFETY: `attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads, float)`; sizes and
     // types asserted; the shared memory is within the limit set at load time.
     ok(unsafe { be.stream.launch_builder(&be.k.attn_fwd).arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
@@ -113,9 +117,9 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     // load time.
     unsafe {
         ok(be.stream.launch_builder(&be.k.attn_bwd_delta).arg(&mut delta).arg(g).arg(o).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
-        let cfg = tiles(s.batch * s.n_kv_heads, s.seq, dkv_smem(s.head_dim));
+        let cfg = tiles(be, s.batch * s.n_kv_heads, s.seq, dkv_smem(s.head_dim));
         ok(be.stream.launch_builder(&be.k.attn_bwd_dkv).arg(dq).arg(g).arg(l).arg(&delta).arg(q).arg(&h).arg(&scale).launch(cfg), "attn_bwd_dkv");
-        let cfg = tiles(s.batch * s.n_heads, s.seq, dq_smem(s.head_dim));
+        let cfg = tiles(be, s.batch * s.n_heads, s.seq, dq_smem(s.head_dim));
         ok(be.stream.launch_builder(&be.k.attn_bwd_dq).arg(dq).arg(g).arg(l).arg(&delta).arg(q).arg(&h).arg(&scale).launch(cfg), "attn_bwd_dq");
     }
 }

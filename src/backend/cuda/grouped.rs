@@ -27,9 +27,23 @@ impl Grouped {
         Ok(Grouped { blas, stream })
     }
 
-    /// Whether one grouped call takes these operand types.
-    pub fn supports(out: Operand, a: Operand, b: Operand) -> bool {
-        [out.storage, a.storage, b.storage].iter().all(|&s| s == Storage::Bf16)
+    /// Whether one grouped call takes these products: bf16 operands and output, every matrix
+    /// at a 16-byte-aligned address with leading dimensions of whole 16-byte lines (cuBLAS's
+    /// requirement for bf16; a misaligned pointer would fault the whole context), and no empty
+    /// inner dimension.
+    pub fn supports(out: Operand, a: Operand, b: Operand, gemms: &[Gemm], ta: bool, tb: bool) -> bool {
+        let bf16 = [out.storage, a.storage, b.storage].iter().all(|&s| s == Storage::Bf16);
+        let aligned = |base: u64, elems: usize| (base + 2 * elems as u64).is_multiple_of(16);
+        let lines = |ld: usize| ld.is_multiple_of(8);
+        bf16 && gemms.iter().all(|g| {
+            g.k > 0
+                && aligned(out.ptr, g.out)
+                && aligned(a.ptr, g.a)
+                && aligned(b.ptr, g.b)
+                && lines(g.n)
+                && lines(if ta { g.m } else { g.k })
+                && lines(if tb { g.k } else { g.n })
+        })
     }
 
     /// `out[g] [+]= op(a[g]) · op(b[g])` for every product, at the element offsets of `gemms`

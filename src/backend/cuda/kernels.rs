@@ -1,18 +1,15 @@
 //! Loading the compiled kernels into the context, with an on-disk PTX cache, and the small
 //! host-side helpers whose output the kernels consume.
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
-use cudarc::nvrtc::Ptx;
 
 use super::attention::max_smem_bytes;
-use super::nvrtc::{compile, full_source, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
+use super::nvrtc::{cached_ptx, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
 
@@ -30,6 +27,8 @@ pub struct Elementwise {
 /// the elementwise kernels also for f32 buffers (gradients, moments) when that storage is bf16.
 pub struct Kernels {
     pub storage: Storage,
+    /// Dynamic shared memory the attention kernels may use on this GPU.
+    pub attn_smem: usize,
     /// Elementwise ops on activation-storage buffers.
     pub act: Elementwise,
     /// Elementwise ops on f32 buffers (the same functions when the storage is f32).
@@ -62,7 +61,7 @@ type Functions = HashMap<&'static str, CudaFunction>;
 
 /// Loads `file` compiled for `storage` (from the PTX cache when it is there).
 fn load_file(ctx: &Arc<CudaContext>, file: &KernelFile, arch: &str, includes: &[PathBuf], storage: Storage) -> Result<Functions> {
-    let ptx = cached_ptx(file, arch, includes, storage)?;
+    let ptx = cached_ptx(file, arch, includes, storage).map_err(Error::Invalid)?;
     let module = ctx.load_module(ptx).map_err(|e| Error::Invalid(format!("loading kernels/{}.cu ({storage:?}): {e:?}", file.name)))?;
     file.functions
         .iter()
@@ -97,7 +96,12 @@ impl Kernels {
         for file in KERNEL_FILES {
             f.extend(load_file(ctx, file, &arch, &includes, storage)?);
         }
-        let smem = max_smem_bytes();
+        // As much shared memory as the largest head_dim needs, or what the GPU allows a block
+        // (less than that before Hopper; the launches check each shape against it).
+        let optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| Error::Invalid(format!("shared memory per block: {e:?}")))?;
+        let smem = max_smem_bytes().min(optin.max(0) as usize);
         for name in ["attn_fwd", "attn_bwd_dkv", "attn_bwd_dq"] {
             f[name]
                 .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
@@ -115,6 +119,7 @@ impl Kernels {
         let mut take = |name: &str| f.remove(name).expect("kernel listed in KERNEL_FILES");
         Ok(Kernels {
             storage,
+            attn_smem: smem,
             act,
             f32,
             f32_to_act: take("f32_to_act"),
@@ -150,25 +155,6 @@ impl Kernels {
             &self.act
         }
     }
-}
-
-/// PTX from `~/.cache/motley/ptx/<file>-<hash>.ptx`, keyed by the source, the architecture, the
-/// include folders and the crate version; compiled and stored on a miss. NVRTC takes seconds
-/// per file, so the cache saves that at every start after the first. A cache that cannot be
-/// written only costs the next start a recompile, so write errors are ignored.
-fn cached_ptx(file: &KernelFile, arch: &str, includes: &[PathBuf], storage: Storage) -> Result<Ptx> {
-    let mut h = DefaultHasher::new();
-    (full_source(file), arch, includes, storage, env!("CARGO_PKG_VERSION")).hash(&mut h);
-    let path = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(format!(".cache/motley/ptx/{}-{:016x}.ptx", file.name, h.finish())));
-    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-        return Ok(Ptx::from_src(text));
-    }
-    let ptx = compile(file, arch, includes, storage).map_err(Error::Invalid)?;
-    if let Some(p) = &path {
-        let _ = p.parent().map(std::fs::create_dir_all);
-        let _ = std::fs::write(p, ptx.to_src());
-    }
-    Ok(ptx)
 }
 
 /// Token positions grouped by token id, for the deterministic embedding backward: group `g` is

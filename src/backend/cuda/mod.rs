@@ -155,12 +155,24 @@ impl CudaBackend {
         if major < 8 {
             return Err(Error::Invalid(format!("GPU {ordinal} has compute capability {major}.{minor}; the CUDA backend needs 8.0 or newer (bf16 tensor cores)")));
         }
+        // Everything runs on one stream, so cudarc's per-allocation events (for ordering across
+        // streams) are pure overhead; the raw-pointer views bypass them anyway.
+        // SAFETY: no buffer of this context is used on a second stream.
+        unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let k = Kernels::load(&ctx, major, minor, storage)?;
         let stream = ctx.default_stream();
         let blas = blas::Lt::new(stream.clone()).map_err(Error::Invalid)?;
         let grouped = Some(grouped::Grouped::new(stream.clone()).map_err(Error::Invalid)?);
-        Ok(CudaBackend { stream, blas, grouped, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)") })
+        let be = CudaBackend { stream, blas, grouped, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)") };
+        be.keep_freed_memory()?;
+        Ok(be)
+    }
+
+    /// Makes this backend's context current on the calling thread: calls that bypass cudarc's
+    /// wrappers (raw copies, cuBLAS) need it, and a rank's thread may not have it yet.
+    fn bind(&self) {
+        ok(self.stream.context().bind_to_thread(), "binding the context");
     }
 
     /// Runs grouped matmuls as one cuBLASLt call per product instead of one grouped cuBLAS
@@ -260,7 +272,50 @@ impl CudaBackend {
         // SAFETY: `fill`/`scale(act_t*, float, size_t)` of the variant matching dst's storage.
         ok(unsafe { self.stream.launch_builder(f).arg(&dst).arg(&value).arg(&n).launch(grid_stride(n)) }, what);
     }
+
+    /// Most bytes allocated from the device's memory pool at once since the pool was created or
+    /// [`Self::reset_peak_device_bytes`] last ran: every buffer and scratch of this backend (they
+    /// come from the stream's pool), not the context, kernels or cuBLASLt's own workspace.
+    pub fn peak_device_bytes(&self) -> Result<u64> {
+        let mut high = 0u64;
+        // SAFETY: the attribute is a u64 (cuuint64_t); the pool is the device's current one.
+        self.mem_pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, |pool, attr| unsafe { cudarc::driver::result::mem_pool::get_attribute(pool, attr, (&mut high as *mut u64).cast()) })?;
+        Ok(high)
+    }
+
+    /// Starts a new high-water mark for [`Self::peak_device_bytes`] (the driver accepts only 0).
+    pub fn reset_peak_device_bytes(&self) -> Result<()> {
+        let mut zero = 0u64;
+        // SAFETY: as above; setting USED_MEM_HIGH to 0 resets it to the current use.
+        self.mem_pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, |pool, attr| unsafe { cudarc::driver::result::mem_pool::set_attribute(pool, attr, (&mut zero as *mut u64).cast()) })
+    }
+
+    /// Keeps freed memory in the device's pool instead of handing it back to the driver at every
+    /// synchronisation (the default release threshold is 0): the engine frees and allocates
+    /// per block, and the router's download synchronises once per layer.
+    fn keep_freed_memory(&self) -> Result<()> {
+        let mut keep = u64::MAX;
+        // SAFETY: the release threshold is a u64 (cuuint64_t).
+        self.mem_pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, |pool, attr| unsafe {
+            cudarc::driver::result::mem_pool::set_attribute(pool, attr, (&mut keep as *mut u64).cast())
+        })
+    }
+
+    /// Runs `f` on the device's current memory pool (the one the stream allocates from) and
+    /// the attribute `attr`.
+    fn mem_pool_attribute(&self, attr: PoolAttribute, f: impl FnOnce(PoolHandle, PoolAttribute) -> std::result::Result<(), DriverError>) -> Result<()> {
+        let ctx = self.stream.context();
+        let fail = |e: DriverError| Error::Invalid(format!("CUDA memory pool query failed: {e:?}"));
+        ctx.bind_to_thread().map_err(fail)?;
+        // SAFETY: the device handle comes from the live context.
+        let pool = unsafe { cudarc::driver::result::device::get_mem_pool(ctx.cu_device()) }.map_err(fail)?;
+        f(pool, attr).map_err(fail)
+    }
 }
+
+type PoolHandle = cudarc::driver::sys::CUmemoryPool;
+type PoolAttribute = cudarc::driver::sys::CUmemPool_attribute;
+type DriverError = cudarc::driver::result::DriverError;
 
 impl Backend for CudaBackend {
     type Buf = DevBuf;
@@ -332,6 +387,7 @@ impl Backend for CudaBackend {
     }
     fn upload(&self, dst: DevViewMut<'_>, src: &[f32]) {
         assert_eq!(dst.len(), src.len(), "upload");
+        self.bind();
         let stream = self.stream.cu_stream();
         // SAFETY: dst holds src.len() elements of its storage type; a copy from pageable host
         // memory has read the source by the time the call returns, so the temporary may go.
@@ -344,6 +400,7 @@ impl Backend for CudaBackend {
         }
     }
     fn download(&self, src: DevView<'_>) -> Vec<f32> {
+        self.bind();
         let stream = self.stream.cu_stream();
         // SAFETY: src holds src.len() elements of its type; the stream is synchronised before
         // the host buffer is read.
@@ -370,6 +427,7 @@ impl Backend for CudaBackend {
     }
     fn copy(&self, dst: DevViewMut<'_>, src: DevView<'_>) {
         assert_eq!(dst.len(), src.len(), "copy");
+        self.bind();
         if dst.storage == src.storage {
             let bytes = src.len() * src.storage.bytes();
             // SAFETY: both ranges hold `bytes` bytes; views of one buffer never overlap a
@@ -440,6 +498,7 @@ impl Backend for CudaBackend {
         // Mixed operands (f32 router gradients against bf16 weights or activations): the f32
         // one is rounded to activation storage, as every other activation gradient is.
         let (a_act, b_act) = if a.storage == b.storage { (None, None) } else { (self.as_act(a), self.as_act(b)) };
+        self.bind();
         let a_op = a_act.as_ref().map_or(a.operand(), |t| Operand { ptr: t.ptr, storage: t.storage });
         let b_op = b_act.as_ref().map_or(b.operand(), |t| Operand { ptr: t.ptr, storage: t.storage });
         self.blas.matmul(out.operand(), a_op, b_op, m, k, n, ta, tb, accumulate);
@@ -454,7 +513,8 @@ impl Backend for CudaBackend {
             assert!(g.out + g.m * g.n <= out.len() && g.a + g.m * g.k <= a.len() && g.b + g.k * g.n <= b.len(), "grouped_matmul: {g:?} outside its views");
         }
         match &self.grouped {
-            Some(grouped) if live.iter().all(|g| g.k > 0) && grouped::Grouped::supports(out.operand(), a.operand(), b.operand()) => {
+            Some(grouped) if grouped::Grouped::supports(out.operand(), a.operand(), b.operand(), &live, ta, tb) => {
+                self.bind();
                 grouped.run(out.operand(), a.operand(), b.operand(), &live, ta, tb, accumulate)
             }
             _ => matmul_each(self, out, a, b, &live, ta, tb, accumulate),
@@ -660,6 +720,7 @@ impl Backend for CudaBackend {
             expect("classifier", "dx", dx.storage, self.act());
             expect("classifier", "dw", dw.storage, Storage::F32);
         }
+        self.bind();
         let rows_per_chunk = (LOGITS_BUDGET / v.max(1)).clamp(1, n);
         // f32 logits for the softmax; their gradient in activation storage for the two GEMMs
         // (the same buffer when that storage is f32).
@@ -683,12 +744,15 @@ impl Backend for CudaBackend {
                 unsafe { self.stream.launch_builder(&self.k.softmax_xent).arg(&logits.ptr).arg(&dl.ptr).arg(&mut ls).arg(&ts).arg(&vi).arg(&grad_scale).launch(per_row(rows)) },
                 "softmax_xent",
             );
-            if let Some((dx, dw, _)) = &grads {
+            if let Some((dx, dw, _)) = grads.as_ref().filter(|_| grad_scale != 0.0) {
                 let d = Operand { ptr: dl.ptr, storage: dl.storage };
                 let dxs = Operand { ptr: offset(dx.ptr, r0 * c, dx.storage), storage: dx.storage };
                 self.blas.matmul(dxs, d, w.operand(), rows, v, c, false, false, false);
                 self.blas.matmul(dw.operand(), d, xs.operand(), v, rows, c, true, false, true);
             }
+        }
+        if let Some((dx, _, _)) = grads.filter(|_| grad_scale == 0.0) {
+            self.fill(dx, 0.0); // a zero loss weight: no gradient (softxent wrote no dlogits)
         }
         ok(self.stream.clone_dtoh(&losses), "download")
     }

@@ -1,9 +1,11 @@
-//! Kernel sources and their NVRTC compilation.
+//! Kernel sources, their NVRTC compilation and the on-disk PTX cache.
 //!
 //! Every op family is one `.cu` file under `kernels/`, embedded with `include_str!` and prefixed
 //! with `kernels/common.cuh`. The same function compiles them for the device at start-up and for
 //! the CI test (`tests/cuda_nvrtc.rs`), which has no GPU and targets `sm_90a`.
 
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
@@ -121,4 +123,65 @@ fn venv_include(venv: &Path) -> Option<PathBuf> {
     lib.flatten()
         .map(|e| e.path().join("site-packages/nvidia/cu13/include"))
         .find(|p| p.join("cuda_bf16.h").is_file())
+}
+
+/// The PTX cache folder: `MOTLEY_PTX_CACHE` when set (e.g. PTX compiled on another machine by
+/// `bench/gpu/build.sh`, carried to a GPU machine without the CUDA headers), else
+/// `~/.cache/motley/ptx`.
+pub fn ptx_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("MOTLEY_PTX_CACHE") {
+        return Some(PathBuf::from(dir));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/motley/ptx"))
+}
+
+/// `<file>-<storage>-<hash>.ptx`, keyed by the full source, the architecture, the storage
+/// variant and the crate version. The headers' location is not part of the key, so PTX compiled
+/// elsewhere is found; the headers come from the CUDA release the crate pins (`cuda-13000`).
+fn ptx_file_name(file: &KernelFile, arch: &str, storage: Storage) -> String {
+    let mut h = DefaultHasher::new();
+    (full_source(file), arch, storage, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    format!("{}-{storage:?}-{:016x}.ptx", file.name, h.finish()).to_lowercase()
+}
+
+/// The PTX of `file` for `arch` and `storage` from the cache, compiled and stored on a miss.
+/// NVRTC takes seconds per file, so the cache saves that at every start after the first. The
+/// file is written under a temporary name and renamed, so a process starting at the same time
+/// never reads half of it; a cache that cannot be written only costs the next start a
+/// recompile, so write errors are ignored.
+pub fn cached_ptx(file: &KernelFile, arch: &str, includes: &[PathBuf], storage: Storage) -> Result<Ptx, String> {
+    let path = ptx_cache_dir().map(|dir| dir.join(ptx_file_name(file, arch, storage)));
+    if let Some(text) = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        return Ok(Ptx::from_src(text));
+    }
+    let ptx = compile(file, arch, includes, storage)?;
+    if let Some(p) = &path {
+        let tmp = p.with_extension(format!("tmp.{}", std::process::id()));
+        let _ = p.parent().map(std::fs::create_dir_all);
+        if std::fs::write(&tmp, ptx.to_src()).is_ok() {
+            let _ = std::fs::rename(&tmp, p);
+        }
+    }
+    Ok(ptx)
+}
+
+/// Compiles every kernel file for `arch`, in both storage variants, into the PTX cache
+/// ([`ptx_cache_dir`]) without a GPU,
+/// so that a GPU machine given the folder starts without NVRTC compiling anything. Returns the
+/// cache files.
+pub fn precompile(arch: &str) -> Result<Vec<PathBuf>, String> {
+    if !nvrtc_present() {
+        return Err("libnvrtc not loadable: put its folder on LD_LIBRARY_PATH (see .ci/cuda-nvrtc.sh)".into());
+    }
+    let dir = ptx_cache_dir().ok_or("no PTX cache folder: set MOTLEY_PTX_CACHE or HOME")?;
+    let includes = include_dirs_from_env();
+    let mut written = Vec::new();
+    for storage in [Storage::F32, Storage::Bf16] {
+        for file in KERNEL_FILES {
+            cached_ptx(file, arch, &includes, storage)?;
+            let path = dir.join(ptx_file_name(file, arch, storage));
+            written.push(path.is_file().then_some(path.clone()).ok_or_else(|| format!("{} was not written", path.display()))?);
+        }
+    }
+    Ok(written)
 }

@@ -1,0 +1,107 @@
+//! The backends a bench runs on, with what a benchmark needs beyond the `Backend` trait: waiting
+//! for queued work, and the peak memory of a measurement.
+
+use motley::backend::cpu::Cpu;
+use motley::backend::Backend;
+
+use super::args::fail;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn parse(name: &str) -> DeviceKind {
+        match name {
+            "cpu" => DeviceKind::Cpu,
+            "cuda" => DeviceKind::Cuda,
+            other => fail(&format!("--device {other}: expected cpu or cuda")),
+        }
+    }
+    /// The name `motley` uses (`device = "cuda"`), which also picks the α LP's assumed speed.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
+pub trait BenchBackend: Backend {
+    /// For table captions, e.g. `NVIDIA H100 80GB HBM3 (sm_90)`.
+    fn label(&self) -> String;
+    /// What [`Self::peak_bytes`] measures.
+    fn memory_kind(&self) -> &'static str;
+    /// Waits until all queued work is done (before reading a clock).
+    fn sync(&self);
+    /// Starts a new peak-memory measurement.
+    fn reset_peak(&self);
+    fn peak_bytes(&self) -> u64;
+}
+
+impl BenchBackend for Cpu {
+    fn label(&self) -> String {
+        "CPU".into()
+    }
+    fn memory_kind(&self) -> &'static str {
+        "process peak RSS"
+    }
+    fn sync(&self) {}
+    /// Writing 5 to `clear_refs` resets the kernel's peak RSS (`VmHWM`) to the current RSS.
+    fn reset_peak(&self) {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+    }
+    fn peak_bytes(&self) -> u64 {
+        proc_status_kib("VmHWM:") * 1024
+    }
+}
+
+/// `VmRSS` or `VmHWM` of this process, in KiB.
+pub fn proc_status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in /proc/self/status"));
+    line[field.len()..].trim().trim_end_matches("kB").trim().parse().unwrap_or_else(|_| panic!("bad {line:?}"))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use motley::backend::cuda::CudaBackend;
+
+    use super::BenchBackend;
+
+    impl BenchBackend for CudaBackend {
+        fn label(&self) -> String {
+            self.device().to_string()
+        }
+        fn memory_kind(&self) -> &'static str {
+            "device pool high-water"
+        }
+        fn sync(&self) {
+            self.synchronize().unwrap_or_else(|e| panic!("{e}"));
+        }
+        fn reset_peak(&self) {
+            self.reset_peak_device_bytes().unwrap_or_else(|e| panic!("{e}"));
+        }
+        fn peak_bytes(&self) -> u64 {
+            self.peak_device_bytes().unwrap_or_else(|e| panic!("{e}"))
+        }
+    }
+}
+
+/// GPU 0 in bf16 mixed precision (what `motley train --device cuda` runs), or exit 2 saying
+/// what is missing (driver, GPU, NVRTC, cuBLAS).
+#[cfg(feature = "cuda")]
+pub fn open_cuda() -> motley::backend::cuda::CudaBackend {
+    use motley::backend::cuda::{cuda_available, CudaBackend, Storage};
+    if let Err(why) = cuda_available() {
+        fail(&format!("--device cuda: {why}"));
+    }
+    CudaBackend::new(0, Storage::Bf16).unwrap_or_else(|e| fail(&format!("--device cuda: {e}")))
+}
+
+/// Exit 2: `--device cuda` in a build without the feature.
+pub fn no_cuda_feature() -> ! {
+    fail("--device cuda: this bench was built without the `cuda` feature; run it with `cargo bench --features cuda --bench …`, or use bench/gpu/build.sh")
+}

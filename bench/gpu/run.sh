@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# The GPU session's harness. Runs on the device machine, from the repository root, with the
+# gpu-carry/ folder that bench/gpu/build.sh made here (no Rust toolchain needed there):
+#
+#   bench/gpu/run.sh check      environment; GPU parity tests; `motley train` on CUDA vs CPU
+#   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley, then PyTorch eager and compile
+#   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley, then PyTorch SDPA (flash)
+#   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
+#   bench/gpu/run.sh long-max   B=1 T=512K, 1M: motley
+#   bench/gpu/run.sh all        every part in that order, as many as the call budget allows
+#   bench/gpu/run.sh step attention   several parts, in the order given
+#
+# Each part writes logs, JSON lines and a markdown table under $OUT/<part>/ (default ./gpu-out),
+# and a line per command into $OUT/summary.md; a command that fails or runs out of time is
+# recorded and the next one runs. Every command has a time limit, and the whole call ends within
+# RUN_BUDGET seconds (default 570: the device tool stops a call at 600 s). The summary and the
+# tables are printed at the end.
+#
+# Environment: OUT, RUN_BUDGET; PYTHON (python3: the one with PyTorch); CHECK_STEPS (300),
+# STEP_POLICY (keep), LONG_POLICY (recompute).
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 2
+root=$PWD
+OUT="${OUT:-$root/gpu-out}"
+mkdir -p "$OUT"
+bin=$root/gpu-carry/bin
+py=${PYTHON:-python3}
+budget=${RUN_BUDGET:-570}
+start=$SECONDS
+summary=$OUT/summary.md
+
+log() { echo "[$(date +%T) +$((SECONDS - start))s] $*" >&2; }
+record() { echo "| $1 | $2 | $3 |" >> "$summary"; }
+
+# Library folders for motley's CUDA libraries (NVRTC, cuBLASLt): /usr/local/cuda/lib64 and the
+# nvidia/*/lib folders of the Python environment (issue #6). Only motley's commands get them
+# (prefixed with "${gpu[@]}"): PyTorch keeps loading its own wheels' libraries.
+cuda_lib_path() {
+    local dirs=() d
+    [ -d /usr/local/cuda/lib64 ] && dirs+=(/usr/local/cuda/lib64)
+    while IFS= read -r d; do dirs+=("$d"); done < <("$py" -c '
+import glob, os, nvidia
+for p in nvidia.__path__:
+    for d in sorted(glob.glob(os.path.join(p, "*", "lib"))):
+        print(d)' 2> /dev/null)
+    local IFS=:
+    echo "${dirs[*]}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+CUDA_LD=$(cuda_lib_path)
+gpu=(env "LD_LIBRARY_PATH=$CUDA_LD")
+
+# The carried PTX comes from NVRTC 13 (PTX ISA 9.0): a driver older than CUDA 13 cannot load it,
+# so then the kernels are compiled here instead, with this machine's NVRTC and headers.
+driver_cuda=$(timeout 30 nvidia-smi 2> /dev/null | grep -o 'CUDA Version: [0-9]*' | grep -o '[0-9]*$')
+if [ -n "$driver_cuda" ] && [ "$driver_cuda" -lt 13 ]; then
+    log "driver supports CUDA $driver_cuda < 13: compiling kernels here instead of the carried PTX"
+    export MOTLEY_PTX_CACHE=$OUT/ptx-cache
+else
+    export MOTLEY_PTX_CACHE=$root/gpu-carry/ptx
+fi
+
+# Seconds a command may take: `want`, cut to what the call budget leaves (15 s kept for the
+# tables); 0 when under 20 s are left.
+grant() {
+    local left=$((budget - (SECONDS - start) - 15))
+    if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -gt "$left" ]; then echo "$left"; else echo "$1"; fi
+}
+
+# run_limited LABEL SECONDS LOG CMD...: CMD with stdout and stderr into LOG, killed after SECONDS
+# (0: skipped); its result goes into the summary. Returns CMD's status (124: timed out).
+run_limited() {
+    local label=$1 limit=$2 logf=$3
+    shift 3
+    if [ "$limit" -le 0 ]; then
+        record "$label" "skipped: the call's time budget is spent" 0
+        log "skipped $label"
+        return 125
+    fi
+    log "$label (limit ${limit}s) > ${logf#"$OUT"/}"
+    local t0=$SECONDS rc result
+    timeout -k 10 "$limit" "$@" > "$logf" 2>&1
+    rc=$?
+    case $rc in
+        0) result=ok ;;
+        124 | 137) result="timed out after ${limit}s" ;;
+        *) result="failed (exit $rc): $(grep -v -e '^\s*$' -e 'RUST_BACKTRACE' "$logf" | tail -n 1 | cut -c1-160 | tr '|' '/')" ;;
+    esac
+    record "$label" "$result" $((SECONDS - t0))
+    log "$label: $result"
+    return "$rc"
+}
+
+h100_ref_json() {
+    "$py" -c 'import json; print(json.dumps(json.load(open("bench/gpu_configs.json"))["h100-ref"]))'
+}
+
+part_check() {
+    local d=$OUT/check steps=${CHECK_STEPS:-300}
+    mkdir -p "$d"
+    {
+        echo "# Environment, $(date -u +%Y-%m-%dT%H:%MZ)"
+        uname -a
+        echo "cores: $(nproc); memory: $(free -g | awk '/^Mem:/ { print $2 " GiB" }')"
+        timeout 30 nvidia-smi
+        timeout 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
+        echo "python: $("$py" --version 2>&1); nvidia packages: $("$py" -c 'import nvidia; print(list(nvidia.__path__))' 2>&1)"
+        timeout 60 "$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name())' 2>&1
+        echo "LD_LIBRARY_PATH for motley: $CUDA_LD"
+        local dir lib
+        for dir in ${CUDA_LD//:/ }; do
+            for lib in "$dir"/libnvrtc.so* "$dir"/libcublasLt.so* "$dir"/libcudart.so*; do
+                [ -e "$lib" ] && echo "  $lib"
+            done
+        done
+        echo "MOTLEY_PTX_CACHE=$MOTLEY_PTX_CACHE"
+        cat gpu-carry/BUILD.txt
+    } > "$d/env.txt" 2>&1
+    run_limited "check: GPU parity tests (cuda_parity --ignored)" "$(grant 180)" "$d/parity.log" \
+        "${gpu[@]}" "$bin/cuda_parity" --ignored --test-threads 1 --nocapture
+    rm -rf "$d/train-cuda" "$d/train-cpu"
+    run_limited "check: motley train --device cuda, $steps steps" "$(grant 240)" "$d/train-cuda.log" \
+        "${gpu[@]}" "$bin/motley" train --device cuda --steps "$steps" --out "$d/train-cuda"
+    if ! grep -q '^training on ' "$d/train-cuda.log"; then
+        local why
+        why=$({ grep -m 1 -i 'cuda' "$d/train-cuda.log" || tail -n 1 "$d/train-cuda.log"; } | cut -c1-200 | tr '|' '/')
+        record "check: loss curves CPU vs CUDA" "not compared: the cuda run did not train on the GPU: $why" 0
+        echo "not compared: the cuda run did not train on the GPU: $why" > "$d/losses.md"
+        return
+    fi
+    run_limited "check: motley train --device cpu, $steps steps" "$(grant 180)" "$d/train-cpu.log" \
+        "$bin/motley" train --device cpu --steps "$steps" --out "$d/train-cpu"
+    "$py" bench/gpu/compare_losses.py "$d/train-cpu/metrics.jsonl" "$d/train-cuda/metrics.jsonl" > "$d/losses.md" 2>&1
+    record "check: loss curves CPU vs CUDA" "$(tail -n 1 "$d/losses.md" | cut -c1-200 | tr '|' '/')" 0
+}
+
+part_step() {
+    local d=$OUT/step
+    mkdir -p "$d"
+    rm -f "$d/motley.jsonl"
+    run_limited "step: motley H100-ref B=8 T=4096 (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
+        "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
+    run_limited "step: PyTorch eager + torch.compile, same shape" "$(grant 360)" "$d/torch.log" \
+        "$py" bench/peer/torch_hmoe.py --suite custom --config "$(h100_ref_json)" --modes eager,compile
+    {
+        echo "H100-ref training step, B=8 × T=4096 (motley: f32 storage, TF32 matmuls, bf16 attention tiles; PyTorch: bf16 autocast). MFU over 989 TFLOP/s."
+        "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
+    } > "$d/table.md"
+}
+
+part_attention() {
+    local d=$OUT/attention
+    mkdir -p "$d"
+    rm -f "$d/motley.jsonl"
+    run_limited "attention: motley fwd, fwd+bwd" "$(grant 240)" "$d/motley.log" \
+        "${gpu[@]}" "$bin/attention" --device cuda --lengths 4K,32K,128K --json "$d/motley.jsonl"
+    run_limited "attention: PyTorch SDPA (flash)" "$(grant 180)" "$d/sdpa.log" \
+        "$py" bench/peer/sdpa_attention.py --lengths 4K,32K,128K --backend flash
+    {
+        echo "Causal attention, 16 heads of 64, B = 32K / T; TFLOP/s with forward 2·2·B·H·T²·D/2 and backward 2.5× forward (motley f32 buffers, bf16 tiles; SDPA bf16)."
+        "$py" bench/gpu/table.py attention "$d/motley.jsonl" "$d/sdpa.log"
+        echo
+        sed -n '/^Convention check/,$p' "$d/sdpa.log"
+    } > "$d/table.md"
+}
+
+# long_sweep DIR LABEL LENGTHS SECONDS: motley's sweep, its own budget a little under the limit
+# so that it prints its table before being killed.
+long_sweep() {
+    local d=$1 label=$2 lengths=$3 s
+    s=$(grant "$4")
+    run_limited "$label" "$s" "$d/motley-$lengths.log" \
+        "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${LONG_POLICY:-recompute}" --sweep "$lengths" \
+        --time-limit $((s * 2 / 3)) --budget $((s - 20)) --json "$d/motley.jsonl"
+}
+
+part_long() {
+    local d=$OUT/long
+    mkdir -p "$d"
+    long_sweep "$d" "long: motley B=1 T=16K…256K (${LONG_POLICY:-recompute})" 16K,32K,64K,128K,256K 330
+    run_limited "long: PyTorch --suite long (eager and checkpointed, T=16K…256K)" "$(grant 200)" "$d/torch.log" \
+        "$py" bench/peer/torch_hmoe.py --suite long --steps 3
+    {
+        echo "H100-ref at B=1, long context. MFU over 989 TFLOP/s; motley's rows in its logs also give the planned memory."
+        "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
+    } > "$d/table.md"
+}
+
+part_long_max() {
+    local d=$OUT/long
+    mkdir -p "$d"
+    long_sweep "$d" "long-max: motley B=1 T=512K, 1M (${LONG_POLICY:-recompute})" 512K,1M 560
+    {
+        echo "H100-ref at B=1, long context. MFU over 989 TFLOP/s; motley's rows in its logs also give the planned memory."
+        "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
+    } > "$d/table.md"
+}
+
+parts=()
+for arg in "$@"; do
+    case $arg in
+        check | step | attention | long | long-max) parts+=("$arg") ;;
+        all) parts+=(check step attention long long-max) ;;
+        *) parts=() && break ;;
+    esac
+done
+if [ ${#parts[@]} -eq 0 ]; then
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit 2
+fi
+[ -f "$bin/motley" ] || { echo "run.sh: $bin/motley missing: run bench/gpu/build.sh where cargo is, and carry gpu-carry" >&2; exit 2; }
+chmod +x "$bin"/* 2> /dev/null # in case the copy lost the modes
+[ -f "$summary" ] || printf '| command | result | seconds |\n|---|---|---|\n' > "$summary"
+for p in "${parts[@]}"; do
+    log "== $p"
+    case $p in
+        check) part_check ;;
+        step) part_step ;;
+        attention) part_attention ;;
+        long) part_long ;;
+        long-max) part_long_max ;;
+    esac
+done
+echo "# Summary ($OUT/summary.md, all calls so far)"
+cat "$summary"
+for p in "${parts[@]}"; do
+    case $p in
+        check) f=$OUT/check/losses.md ;;
+        long-max) f=$OUT/long/table.md ;;
+        *) f=$OUT/$p/table.md ;;
+    esac
+    [ -f "$f" ] && { echo; echo "## $p"; cat "$f"; }
+done
+if [ -f "$OUT/check/parity.log" ] && [[ " ${parts[*]} " == *" check "* ]]; then
+    echo; echo "## parity errors"; grep -E 'normalised max error|test result|panicked' "$OUT/check/parity.log" | head -n 60
+fi
+exit 0
