@@ -290,9 +290,9 @@ fn classifier_case<B: Backend>(be: &B, n: usize, c: usize, v: usize) -> Vec<Vec<
 
 case!(Classifier, |be| { classifier_case(be, 70, 64, 1000) });
 
-// 400 × 50,000 logits exceed the 2²⁴ budget of one chunk: two chunks, dx rows at an offset and
+// 1400 × 50,000 logits exceed the 2²⁶ budget of one chunk: two chunks, dx rows at an offset and
 // dW accumulated across them.
-case!(ClassifierChunks, |be| { classifier_case(be, 400, 64, 50_000) });
+case!(ClassifierChunks, |be| { classifier_case(be, 1400, 64, 50_000) });
 
 // An f32 operand against one in activation storage (the router's backward), into an output of
 // each kind: with bf16 storage the f32 operand is rounded first.

@@ -53,8 +53,10 @@ const THREADS: u32 = 256;
 const ROW_CHUNK: usize = 64;
 /// Blocks of the first pass of `sum_squares`; fixed so the summation order depends only on n.
 const SUMSQ_BLOCKS: usize = 256;
-/// Most logits alive at once in the fused classifier (elements).
-const LOGITS_BUDGET: usize = 1 << 24;
+/// Most logits alive at once in the fused classifier (elements: 256 MiB of f32 logits plus their
+/// bf16 gradient). Every chunk reads and writes the whole f32 dW (V × C), so chunks must be
+/// large: at V = 32768 this is 2048 rows, 16 chunks for H100-ref's 32768-token step.
+const LOGITS_BUDGET: usize = 1 << 26;
 
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
