@@ -71,14 +71,14 @@ fn run<B: BenchBackend>(be: &B, args: &Args) {
     let (heads, head_dim) = (args.get("--heads", 16), args.get("--head-dim", 64));
     let tokens = args.size("--tokens", 32 << 10);
     let min_seconds = args.get("--min-seconds", 1.0);
-    println!("motley causal attention on {}, f32 buffers (the CUDA kernels stage bf16 tiles), {heads} heads of {head_dim}; FLOPs: forward 2·2·B·H·T²·D/2, backward 2.5× forward", be.label());
+    println!("motley causal attention on {}, bf16 q/k/v and output with f32 lse, {heads} heads of {head_dim}; FLOPs: forward 2·2·B·H·T²·D/2, backward 2.5× forward", be.label());
     println!("| T | B | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |\n|---|---|---|---|---|---|");
     for seq in lengths {
         let shape = AttnShape { batch: (tokens / seq).max(1), seq, n_heads: heads, n_kv_heads: heads, head_dim };
         let n = shape.tokens();
         let qkv = random(be, n * shape.qkv_width(), 1);
         let dout = random(be, n * shape.out_width(), 2);
-        let (mut out, mut lse, mut dqkv) = (be.alloc(n * shape.out_width()), be.alloc(shape.batch * heads * seq), be.alloc(n * shape.qkv_width()));
+        let (mut out, mut lse, mut dqkv) = (be.alloc(n * shape.out_width()), be.alloc_f32(shape.batch * heads * seq), be.alloc(n * shape.qkv_width()));
         let forward = |out: &mut B::Buf, lse: &mut B::Buf| be.attention_fwd(B::full_mut(out), B::full_mut(lse), B::full(&qkv), shape);
         let fwd = time_per_call(be, min_seconds, || forward(&mut out, &mut lse));
         let fwd_bwd = time_per_call(be, min_seconds, || {

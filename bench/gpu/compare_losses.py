@@ -4,10 +4,10 @@
   compare_losses.py CPU_RUN/metrics.jsonl CUDA_RUN/metrics.jsonl
 
 Prints a markdown table of training loss and gradient norm at a few steps and every validation
-loss, both runs side by side, then a verdict. The CUDA backend's matmuls run on TF32 tensor cores
-and attention on bf16 tiles, so the runs are not bitwise equal and drift apart over many steps;
-the verdict looks at the first 10 steps: loss within 2e-3 and gradient norm within 2e-2
-(relative). For scale, two CPU runs of the default config with seeds 1 and 2 differ by up to 1e-2
+loss, both runs side by side, then a verdict. The CUDA backend trains in bf16 mixed precision
+(bf16 activations and working weights, f32 master weights), so the runs are not bitwise equal and
+drift apart over many steps; the verdict looks at the first 10 steps: loss within 5e-3 and
+gradient norm within 5e-2 (relative). For scale, two CPU runs of the default config with seeds 1 and 2 differ by up to 1e-2
 in loss and 2-60% in gradient norm over their first 10 steps (measured on the development
 machine), so the check tells a right backend from a wrong one. The last validation losses are
 shown, not judged. Exit status 0 when they agree, 1 when not, 2 when a file is missing or holds no
@@ -16,7 +16,7 @@ training record.
 import json
 import sys
 
-EARLY_STEPS, LOSS_TOL, NORM_TOL = 10, 2e-3, 2e-2
+EARLY_STEPS, LOSS_TOL, NORM_TOL = 10, 5e-3, 5e-2
 
 
 def records(path):

@@ -142,7 +142,7 @@ part_step() {
     run_limited "step: PyTorch eager + torch.compile, same shape" "$(grant 360)" "$d/torch.log" \
         "$py" bench/peer/torch_hmoe.py --suite custom --config "$(h100_ref_json)" --modes eager,compile
     {
-        echo "H100-ref training step, B=8 × T=4096 (motley: f32 storage, TF32 matmuls, bf16 attention tiles; PyTorch: bf16 autocast). MFU over 989 TFLOP/s."
+        echo "H100-ref training step, B=8 × T=4096 (motley: bf16 activations and working weights, f32 master weights; PyTorch: bf16 autocast). MFU over 989 TFLOP/s."
         "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
     } > "$d/table.md"
 }
@@ -156,7 +156,7 @@ part_attention() {
     run_limited "attention: PyTorch SDPA (flash)" "$(grant 180)" "$d/sdpa.log" \
         "$py" bench/peer/sdpa_attention.py --lengths 4K,32K,128K --backend flash
     {
-        echo "Causal attention, 16 heads of 64, B = 32K / T; TFLOP/s with forward 2·2·B·H·T²·D/2 and backward 2.5× forward (motley f32 buffers, bf16 tiles; SDPA bf16)."
+        echo "Causal attention, 16 heads of 64, B = 32K / T; TFLOP/s with forward 2·2·B·H·T²·D/2 and backward 2.5× forward (motley bf16 buffers, f32 lse; SDPA bf16)."
         "$py" bench/gpu/table.py attention "$d/motley.jsonl" "$d/sdpa.log"
         echo
         sed -n '/^Convention check/,$p' "$d/sdpa.log"
@@ -173,26 +173,28 @@ long_sweep() {
         --time-limit $((s * 2 / 3)) --budget $((s - 20)) --json "$d/motley.jsonl"
 }
 
+# long_table DIR: motley's and the peer's long-context rows in one table.
+long_table() {
+    {
+        echo "H100-ref at B=1, long context. MFU over 989 TFLOP/s; motley's rows in its logs also give the planned memory."
+        "$py" bench/gpu/table.py step "$1/motley.jsonl" "$1/torch.log"
+    } > "$1/table.md"
+}
+
 part_long() {
     local d=$OUT/long
     mkdir -p "$d"
     long_sweep "$d" "long: motley B=1 T=16K…256K (${LONG_POLICY:-recompute})" 16K,32K,64K,128K,256K 330
     run_limited "long: PyTorch --suite long (eager and checkpointed, T=16K…256K)" "$(grant 200)" "$d/torch.log" \
         "$py" bench/peer/torch_hmoe.py --suite long --steps 3
-    {
-        echo "H100-ref at B=1, long context. MFU over 989 TFLOP/s; motley's rows in its logs also give the planned memory."
-        "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
-    } > "$d/table.md"
+    long_table "$d"
 }
 
 part_long_max() {
     local d=$OUT/long
     mkdir -p "$d"
     long_sweep "$d" "long-max: motley B=1 T=512K, 1M (${LONG_POLICY:-recompute})" 512K,1M 560
-    {
-        echo "H100-ref at B=1, long context. MFU over 989 TFLOP/s; motley's rows in its logs also give the planned memory."
-        "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
-    } > "$d/table.md"
+    long_table "$d"
 }
 
 parts=()
