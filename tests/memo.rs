@@ -128,3 +128,28 @@ fn chunked_experts_match_keep_all_bitwise_and_one_chunk_closely() {
         assert_ne!(grads, whole_grads, "{kind:?}: 7-row chunks should change the summation order somewhere");
     }
 }
+
+/// Offloaded tensors stay on the device while their copies may run, until the next layer's
+/// seal: with every layer offloading everything (α = 1), the device peak is exactly the largest
+/// pair of consecutive layers (MEMO's two rotating skeletal buffers), and a forward-only pass
+/// leaves nothing in flight.
+#[test]
+fn offloads_stay_in_flight_for_one_layer() {
+    let be = Cpu::new(2);
+    let (mut cfg, moe) = tiny_model(Kind::TopK);
+    cfg.n_layers = 4;
+    let (b, t) = (3, 11);
+    let (inputs, _) = batch(7, cfg.vocab_size, b * t);
+    let model = Model::new(&be, cfg.clone(), moe, 7).unwrap();
+    let mut keep = model.new_store();
+    model.forward_saving(&be, &mut keep, &inputs, b, t).unwrap();
+    let layer: Vec<u64> = (0..cfg.n_layers).map(|l| keep.held_bytes(l)).collect();
+    let mut off = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; cfg.n_layers], HOST).unwrap();
+    model.forward_saving(&be, &mut off, &inputs, b, t).unwrap();
+    let pairs = layer.windows(2).map(|w| w[0] + w[1]).max().unwrap();
+    assert_eq!(off.peaks().0, pairs, "device peak with everything offloaded");
+    assert!(pairs < layer.iter().sum::<u64>(), "two layers hold less than all four");
+    assert!((0..cfg.n_layers).all(|l| off.held_bytes(l) == 0), "everything went to the host");
+    off.reset_peaks();
+    assert_eq!(off.peaks().0, 0, "the forward-only pass settled its last layer's offloads");
+}

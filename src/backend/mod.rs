@@ -135,6 +135,8 @@ pub trait Backend: Send + Sync {
     type ViewMut<'a>
     where
         Self: 'a;
+    /// Host memory of the activation store's host tier (see [`Backend::alloc_host`]).
+    type HostBuf: Send + Sync;
 
     fn name(&self) -> &'static str;
 
@@ -180,10 +182,21 @@ pub trait Backend: Send + Sync {
     fn arena_views<'a>(&self, buf: &'a mut Self::Buf, parts: &[ArenaPart]) -> Option<Vec<Self::ViewMut<'a>>>;
     fn upload(&self, dst: Self::ViewMut<'_>, src: &[f32]);
     fn download(&self, src: Self::View<'_>) -> Vec<f32>;
-    /// Copies `src` into host memory the caller owns (the activation store's host tier).
-    fn download_into(&self, dst: &mut [f32], src: Self::View<'_>) {
-        dst.copy_from_slice(&self.download(src));
-    }
+
+    // ---- the host tier (MEMO's offloads) --------------------------------------------------------
+    /// `bytes` of host memory for offloaded activations: page-locked on a GPU, so that copies
+    /// run asynchronously at full PCIe bandwidth. Values are kept in their device element type.
+    fn alloc_host(&self, bytes: u64) -> Self::HostBuf;
+    /// Starts copying `src` (elements of kind `precision`) into `dst` from byte `at`. The copy
+    /// may still be running when this returns (on a GPU it runs on a copy stream, after the work
+    /// queued so far, overlapping what comes next): the buffer `src` views must live until an
+    /// [`Backend::offload_fence`].
+    fn offload(&self, dst: &mut Self::HostBuf, at: u64, src: Self::View<'_>, precision: Precision);
+    /// Orders everything queued after it after every offload started before it: past the fence
+    /// the offloaded device buffers may be freed and the host bytes read back.
+    fn offload_fence(&self);
+    /// Copies `dst`'s elements (of kind `precision`) back from `src` at byte `at`.
+    fn reload(&self, dst: Self::ViewMut<'_>, src: &Self::HostBuf, at: u64, precision: Precision);
     /// The buffer itself as host memory, when it lives there (the CPU backend), so host-side
     /// collectives work on it in place; `None` for device memory.
     fn host_mut(_buf: &mut Self::Buf) -> Option<&mut [f32]> {

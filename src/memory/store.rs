@@ -4,8 +4,10 @@
 //! - `Keep`: everything stays on the device until the backward.
 //! - `Offload { alpha }`: after the forward ([`ActivationStore::seal`]) the `Whole` tensors go to
 //!   the host tier whole; of every `TokenSplit` tensor the rows of the first ⌈α·N⌉ tokens follow
-//!   them and the rest are dropped. Before the backward ([`ActivationStore::restore`]) the host
-//!   rows come back and the layer recomputes the dropped ones.
+//!   them and the rest are dropped. The copies may run while the next layer computes (a GPU's
+//!   copy stream): the buffers stay in flight until the next seal or restore. Before the
+//!   backward ([`ActivationStore::restore`]) the host rows come back and the layer recomputes
+//!   the dropped ones.
 //! - `Recompute`: the `Whole` tensors stay on the device and every `TokenSplit` tensor is dropped
 //!   (α = 0 without the copies). Attention is not recomputed: by MEMO's rule its output (and the
 //!   softmax statistics) are `Whole`, so "full recompute" here means everything but attention.
@@ -213,6 +215,10 @@ pub struct ActivationStore<B: Backend> {
     layers: Vec<LayerSlots<B>>,
     policies: Vec<LayerPolicy>,
     host: HostTier,
+    /// The host tier's memory, allocated at the first offload.
+    host_mem: Option<B::HostBuf>,
+    /// Offloaded device buffers whose copies may still be running (until the next fence).
+    in_flight: Vec<B::Buf>,
     device_bytes: u64,
     device_peak: u64,
     /// The blocks' transient memory, kept across steps (planned by default).
@@ -238,6 +244,8 @@ impl<B: Backend> ActivationStore<B> {
             layers,
             policies: vec![LayerPolicy::Keep; n_layers],
             host: HostTier::new(0),
+            host_mem: None,
+            in_flight: Vec::new(),
             device_bytes: 0,
             device_peak: 0,
             arena: Arena::planned(),
@@ -331,7 +339,13 @@ impl<B: Backend> ActivationStore<B> {
 
     /// Applies the layer's policy once its forward has saved everything: offloads to the host
     /// tier and drops what will be recomputed. Errors when the host tier is full.
+    ///
+    /// The copies run while the next layer computes (on a GPU): the offloaded buffers stay
+    /// alive, in flight, until the next seal, restore or [`Self::settle`] puts a fence after
+    /// them. So at most two layers' offloaded tensors are on the device at once, MEMO's two
+    /// rotating skeletal buffers.
     pub fn seal(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Result<()> {
+        self.settle(be);
         self.free_host(layer);
         let policy = self.policies[layer];
         let split = policy.split_token(dims.tokens());
@@ -356,13 +370,18 @@ impl<B: Backend> ActivationStore<B> {
             let buf = self.take(layer, spec.name);
             let total: usize = to_host.iter().map(|&(_, n)| n).sum();
             if total > 0 {
-                let (seg, dst) = self.host.push(total)?;
-                let mut at = 0;
+                let seg = self.host.push(total as u64 * elem)?;
+                let limit = self.host.limit_bytes();
+                let pool = self.host_mem.get_or_insert_with(|| be.alloc_host(limit));
+                let mut at = seg.start;
                 for &(start, n) in &to_host {
-                    be.download_into(&mut dst[at..at + n], B::view(&buf, start..start + n));
-                    at += n;
+                    be.offload(pool, at, B::view(&buf, start..start + n), spec.precision);
+                    at += n as u64 * elem;
                 }
                 self.layers[layer].host[i] = Some(seg);
+                // Still being read by the copy: counted on the device until the fence.
+                self.track(B::buf_bytes(&buf), 0);
+                self.in_flight.push(buf);
             }
             traffic.offloaded += total as u64 * elem;
             traffic.recomputed += dropped;
@@ -374,28 +393,42 @@ impl<B: Backend> ActivationStore<B> {
         Ok(())
     }
 
+    /// Puts a fence after every offload started so far and frees the buffers they read. Seal
+    /// and restore do it; call it after a forward that no backward follows.
+    pub fn settle(&mut self, be: &B) {
+        if self.in_flight.is_empty() {
+            return;
+        }
+        be.offload_fence();
+        let freed: u64 = self.in_flight.drain(..).map(|b| B::buf_bytes(&b)).sum();
+        self.track(0, freed);
+    }
+
     /// Brings a sealed layer back onto the device before its backward: host rows are copied
     /// back into full-size buffers. Returns the first token whose rows the layer must recompute
     /// (through `N`), or `None` when nothing was dropped.
     pub fn restore(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Option<usize> {
+        self.settle(be);
         let split = self.layers[layer].split.take();
         let routing = self.layers[layer].routing.take().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"));
         for (i, spec) in self.inventory.iter().enumerate() {
             if self.layers[layer].tensors[i].is_some() {
                 continue;
             }
-            let mut buf = be.alloc_as(self.layers[layer].lens[i], spec.precision);
+            let len = self.layers[layer].lens[i];
+            let mut buf = be.alloc_as(len, spec.precision);
             if let Some(seg) = self.layers[layer].host[i].take() {
-                let host = self.host.get(seg);
+                let elem = spec.precision.bytes(be.activation_bytes());
+                let pool = self.host_mem.as_ref().expect("an offloaded tensor has a host pool");
                 let runs = match (spec.class, split) {
                     (Class::TokenSplit, Some(a)) => row_runs(spec, dims, &routing, a),
-                    _ => vec![RowRun { start: 0, rows: 1, width: host.len(), kept: 1 }],
+                    _ => vec![RowRun { start: 0, rows: 1, width: len, kept: 1 }],
                 };
-                let mut at = 0;
+                let mut at = seg.start;
                 for r in runs {
                     let n = r.kept * r.width;
-                    be.upload(B::view_mut(&mut buf, r.start..r.start + n), &host[at..at + n]);
-                    at += n;
+                    be.reload(B::view_mut(&mut buf, r.start..r.start + n), pool, at, spec.precision);
+                    at += n as u64 * elem;
                 }
                 self.host.free(seg);
             }

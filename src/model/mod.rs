@@ -277,8 +277,9 @@ impl<B: Backend> Model<B> {
         self.check_tokens(inputs, "input")?;
         let mut stats = StepStats::default();
         let mut tx = store.take_arena();
-        let hidden = self.hidden(be, inputs, shape, Some(store), &mut tx, &mut stats);
+        let hidden = self.hidden(be, inputs, shape, Some(&mut *store), &mut tx, &mut stats);
         store.set_arena(tx);
+        store.settle(be); // no backward follows to wait for the last offloads
         hidden.map(|_| stats)
     }
 

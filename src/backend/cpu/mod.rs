@@ -18,7 +18,7 @@ mod swiglu;
 
 use std::ops::Range;
 
-use super::{AdamW, ArenaPart, AttnShape, Backend, TokenSlots};
+use super::{AdamW, ArenaPart, AttnShape, Backend, Precision, TokenSlots};
 
 /// Rows handled by one task in row-parallel ops; fixed so reductions do not depend on threads.
 pub(crate) const ROW_CHUNK: usize = 64;
@@ -124,6 +124,7 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
     type View<'a> = &'a [f32];
     type ViewMut<'a> = &'a mut [f32];
+    type HostBuf = Vec<f32>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -186,6 +187,21 @@ impl Backend for Cpu {
         }
         Some(out)
     }
+    /// Plain memory: every kind of tensor is f32 here, 4 bytes per element. Zeroed lazily by the
+    /// OS, so a large limit costs only what is used.
+    fn alloc_host(&self, bytes: u64) -> Vec<f32> {
+        vec![0.0; bytes.div_ceil(4) as usize]
+    }
+    fn offload(&self, dst: &mut Vec<f32>, at: u64, src: &[f32], _precision: Precision) {
+        let at = (at / 4) as usize;
+        dst[at..at + src.len()].copy_from_slice(src);
+    }
+    /// Offloads are done when `offload` returns.
+    fn offload_fence(&self) {}
+    fn reload(&self, dst: &mut [f32], src: &Vec<f32>, at: u64, _precision: Precision) {
+        let at = (at / 4) as usize;
+        dst.copy_from_slice(&src[at..at + dst.len()]);
+    }
     fn upload(&self, dst: &mut [f32], src: &[f32]) {
         dst.copy_from_slice(src);
     }
@@ -194,9 +210,6 @@ impl Backend for Cpu {
     }
     fn download(&self, src: &[f32]) -> Vec<f32> {
         src.to_vec()
-    }
-    fn download_into(&self, dst: &mut [f32], src: &[f32]) {
-        dst.copy_from_slice(src);
     }
     fn fill(&self, dst: &mut [f32], value: f32) {
         dst.fill(value);

@@ -31,6 +31,7 @@ mod detect;
 mod grouped;
 mod kernels;
 pub mod nvrtc;
+mod offload;
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -63,6 +64,8 @@ pub struct CudaBackend {
     blas: blas::Lt,
     /// One cuBLAS call per grouped matmul; `None`: one cuBLASLt matmul per product.
     grouped: Option<grouped::Grouped>,
+    /// MEMO's copy stream and host tier.
+    offload: offload::Offloader,
     k: Kernels,
     device: String,
 }
@@ -166,7 +169,8 @@ impl CudaBackend {
         let stream = ctx.default_stream();
         let blas = blas::Lt::new(stream.clone()).map_err(Error::Invalid)?;
         let grouped = Some(grouped::Grouped::new(stream.clone()).map_err(Error::Invalid)?);
-        let be = CudaBackend { stream, blas, grouped, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)") };
+        let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
+        let be = CudaBackend { stream, blas, grouped, offload, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)") };
         be.keep_freed_memory()?;
         Ok(be)
     }
@@ -207,6 +211,15 @@ impl CudaBackend {
 
     fn act(&self) -> Storage {
         self.k.storage
+    }
+
+    /// The element type of a tensor of kind `p`.
+    fn storage_of(&self, p: Precision) -> Storage {
+        if p == Precision::F32 {
+            Storage::F32
+        } else {
+            self.act()
+        }
     }
 
     fn alloc_storage(&self, len: usize, storage: Storage) -> DevBuf {
@@ -323,6 +336,7 @@ impl Backend for CudaBackend {
     type Buf = DevBuf;
     type View<'a> = DevView<'a>;
     type ViewMut<'a> = DevViewMut<'a>;
+    type HostBuf = offload::PinnedHost;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -368,7 +382,7 @@ impl Backend for CudaBackend {
     /// Views are addresses, so disjoint ones of one buffer coexist, each of its own type.
     fn arena_views<'a>(&self, buf: &'a mut DevBuf, parts: &[ArenaPart]) -> Option<Vec<DevViewMut<'a>>> {
         expect("arena_views", "buf", buf.storage, Storage::F32);
-        let storage = |p: Precision| if p == Precision::F32 { Storage::F32 } else { self.act() };
+        let storage = |p: Precision| self.storage_of(p);
         let bytes = (buf.len * 4) as u64;
         let mut spans: Vec<(u64, u64)> = parts.iter().filter(|p| p.len > 0).map(|p| (p.at, p.at + (p.len * storage(p.precision).bytes()) as u64)).collect();
         spans.sort_unstable();
@@ -420,6 +434,23 @@ impl Backend for CudaBackend {
                 host.iter().map(|x| x.to_f32()).collect()
             }
         }
+    }
+    fn alloc_host(&self, bytes: u64) -> offload::PinnedHost {
+        self.bind();
+        self.offload.alloc(self.stream.context(), bytes)
+    }
+    fn offload(&self, dst: &mut offload::PinnedHost, at: u64, src: DevView<'_>, precision: Precision) {
+        expect("offload", "src", src.storage, self.storage_of(precision));
+        self.offload.offload(&self.stream, dst, at, src, src.len * src.storage.bytes());
+    }
+    fn offload_fence(&self) {
+        self.offload.fence(&self.stream);
+    }
+    fn reload(&self, dst: DevViewMut<'_>, src: &offload::PinnedHost, at: u64, precision: Precision) {
+        expect("reload", "dst", dst.storage, self.storage_of(precision));
+        self.bind();
+        let bytes = dst.len * dst.storage.bytes();
+        self.offload.reload(&self.stream, dst, src, at, bytes);
     }
     fn fill(&self, dst: DevViewMut<'_>, value: f32) {
         let n = dst.len();
