@@ -82,7 +82,7 @@ impl Communicator for MpiComm {
 
     fn reduce_scatter_sum(&self, send: &[f32]) -> Result<Vec<f32>> {
         let size = self.size();
-        if send.len() % size != 0 {
+        if !send.len().is_multiple_of(size) {
             return Err(Error::config("reduce_scatter_sum send length", send.len(), format!("a multiple of the communicator size {size}")));
         }
         let mut out = vec![0f32; send.len() / size];
@@ -106,7 +106,7 @@ impl Communicator for MpiComm {
 
     fn all_to_all_counts(&self, send: &[usize]) -> Result<Vec<usize>> {
         let size = self.size();
-        if send.len() % size != 0 {
+        if !send.len().is_multiple_of(size) {
             return Err(Error::config("all_to_all_counts length", send.len(), format!("a multiple of the communicator size {size}")));
         }
         let send: Vec<u64> = send.iter().map(|&c| c as u64).collect();
