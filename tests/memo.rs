@@ -130,8 +130,9 @@ fn chunked_experts_match_keep_all_bitwise_and_one_chunk_closely() {
 }
 
 /// Offloaded tensors stay on the device while their copies may run, until the next layer's
-/// seal: with every layer offloading everything (α = 1), the device peak is exactly the largest
-/// pair of consecutive layers (MEMO's two rotating skeletal buffers), and a forward-only pass
+/// seal, and the backward brings a layer back one ahead (prefetch): with every layer offloading
+/// everything (α = 1), the device peak is exactly the largest pair of consecutive layers in the
+/// forward and in the whole step (MEMO's two rotating skeletal buffers), and a forward-only pass
 /// leaves nothing in flight.
 #[test]
 fn offloads_stay_in_flight_for_one_layer() {
@@ -152,4 +153,10 @@ fn offloads_stay_in_flight_for_one_layer() {
     assert!((0..cfg.n_layers).all(|l| off.held_bytes(l) == 0), "everything went to the host");
     off.reset_peaks();
     assert_eq!(off.peaks().0, 0, "the forward-only pass settled its last layer's offloads");
+
+    let mut model = model;
+    let mut step = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; cfg.n_layers], HOST).unwrap();
+    let (inputs, targets) = batch(7, cfg.vocab_size, b * t);
+    model.forward_backward(&be, &mut step, &inputs, &targets, b, t).unwrap();
+    assert_eq!(step.peaks().0, pairs, "device peak over a whole step, prefetch included");
 }

@@ -137,6 +137,8 @@ pub trait Backend: Send + Sync {
         Self: 'a;
     /// Host memory of the activation store's host tier (see [`Backend::alloc_host`]).
     type HostBuf: Send + Sync;
+    /// A point in the stream of host-tier copies (see [`Backend::copy_mark`]).
+    type CopyMark: Send;
 
     fn name(&self) -> &'static str;
 
@@ -189,14 +191,18 @@ pub trait Backend: Send + Sync {
     fn alloc_host(&self, bytes: u64) -> Self::HostBuf;
     /// Starts copying `src` (elements of kind `precision`) into `dst` from byte `at`. The copy
     /// may still be running when this returns (on a GPU it runs on a copy stream, after the work
-    /// queued so far, overlapping what comes next): the buffer `src` views must live until an
-    /// [`Backend::offload_fence`].
+    /// queued so far, overlapping what comes next): the buffer `src` views must live until a
+    /// [`Backend::copy_wait`] on a later mark.
     fn offload(&self, dst: &mut Self::HostBuf, at: u64, src: Self::View<'_>, precision: Precision);
-    /// Orders everything queued after it after every offload started before it: past the fence
-    /// the offloaded device buffers may be freed and the host bytes read back.
-    fn offload_fence(&self);
-    /// Copies `dst`'s elements (of kind `precision`) back from `src` at byte `at`.
+    /// Starts copying `dst`'s elements (of kind `precision`) back from `src` at byte `at`, on the
+    /// same copy stream, after the work queued so far; `dst` is usable after a
+    /// [`Backend::copy_wait`] on a later mark.
     fn reload(&self, dst: Self::ViewMut<'_>, src: &Self::HostBuf, at: u64, precision: Precision);
+    /// Marks every copy started so far.
+    fn copy_mark(&self) -> Self::CopyMark;
+    /// Orders everything queued after it after the copies up to `mark`: offloaded buffers may
+    /// be freed, reloaded ones read.
+    fn copy_wait(&self, mark: Self::CopyMark);
     /// The buffer itself as host memory, when it lives there (the CPU backend), so host-side
     /// collectives work on it in place; `None` for device memory.
     fn host_mut(_buf: &mut Self::Buf) -> Option<&mut [f32]> {

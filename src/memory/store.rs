@@ -209,6 +209,14 @@ struct LayerSlots<B: Backend> {
     traffic: LayerTraffic,
 }
 
+/// A layer being brought back ahead of its backward: its new buffers by inventory index, and
+/// the mark after their copies.
+struct Prefetch<B: Backend> {
+    layer: usize,
+    bufs: Vec<(usize, B::Buf)>,
+    mark: B::CopyMark,
+}
+
 /// Saved activations of every layer, checked against the declared inventory.
 pub struct ActivationStore<B: Backend> {
     inventory: &'static [TensorSpec],
@@ -217,8 +225,10 @@ pub struct ActivationStore<B: Backend> {
     host: HostTier,
     /// The host tier's memory, allocated at the first offload.
     host_mem: Option<B::HostBuf>,
-    /// Offloaded device buffers whose copies may still be running (until the next fence).
+    /// Offloaded device buffers whose copies may still be running (until the next wait).
     in_flight: Vec<B::Buf>,
+    /// A layer being brought back ahead of its backward.
+    prefetched: Option<Prefetch<B>>,
     device_bytes: u64,
     device_peak: u64,
     /// The blocks' transient memory, kept across steps (planned by default).
@@ -246,6 +256,7 @@ impl<B: Backend> ActivationStore<B> {
             host: HostTier::new(0),
             host_mem: None,
             in_flight: Vec::new(),
+            prefetched: None,
             device_bytes: 0,
             device_peak: 0,
             arena: Arena::planned(),
@@ -346,6 +357,11 @@ impl<B: Backend> ActivationStore<B> {
     /// rotating skeletal buffers.
     pub fn seal(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Result<()> {
         self.settle(be);
+        if let Some(stale) = self.prefetched.take() {
+            // Left by a step that stopped before its backward reached the layer.
+            be.copy_wait(stale.mark);
+            self.track(0, stale.bufs.iter().map(|(_, b)| B::buf_bytes(b)).sum());
+        }
         self.free_host(layer);
         let policy = self.policies[layer];
         let split = policy.split_token(dims.tokens());
@@ -393,13 +409,13 @@ impl<B: Backend> ActivationStore<B> {
         Ok(())
     }
 
-    /// Puts a fence after every offload started so far and frees the buffers they read. Seal
-    /// and restore do it; call it after a forward that no backward follows.
+    /// Waits (on the device) for every offload started so far and frees the buffers they read.
+    /// Seal and restore do it; call it after a forward that no backward follows.
     pub fn settle(&mut self, be: &B) {
         if self.in_flight.is_empty() {
             return;
         }
-        be.offload_fence();
+        be.copy_wait(be.copy_mark());
         let freed: u64 = self.in_flight.drain(..).map(|b| B::buf_bytes(&b)).sum();
         self.track(0, freed);
     }
@@ -407,10 +423,41 @@ impl<B: Backend> ActivationStore<B> {
     /// Brings a sealed layer back onto the device before its backward: host rows are copied
     /// back into full-size buffers. Returns the first token whose rows the layer must recompute
     /// (through `N`), or `None` when nothing was dropped.
+    ///
+    /// It also starts bringing back the layer before it (the next backward), whose copies then
+    /// run while this layer's backward computes: MEMO's prefetch. So the offloaded tensors of
+    /// at most two layers are on the device at once here too.
     pub fn restore(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Option<usize> {
         self.settle(be);
-        let split = self.layers[layer].split.take();
+        let bufs = match self.prefetched.take() {
+            Some(p) if p.layer == layer => {
+                be.copy_wait(p.mark);
+                p.bufs
+            }
+            other => {
+                assert!(other.is_none(), "layer {} was prefetched, but layer {layer} is restored", other.map_or(0, |p| p.layer));
+                let bufs = self.reload_layer(be, layer, dims);
+                be.copy_wait(be.copy_mark());
+                bufs
+            }
+        };
+        for (i, buf) in bufs {
+            self.track(0, B::buf_bytes(&buf)); // counted when reloaded; `save` counts it again
+            self.save(layer, self.inventory[i].name, buf);
+        }
+        if let Some(prev) = layer.checked_sub(1).filter(|&l| self.layers[l].host.iter().any(Option::is_some)) {
+            let bufs = self.reload_layer(be, prev, dims);
+            self.prefetched = Some(Prefetch { layer: prev, bufs, mark: be.copy_mark() });
+        }
+        self.layers[layer].split.take()
+    }
+
+    /// New buffers for every tensor of `layer` that is not on the device, with the copies of
+    /// its host rows started (usable after a wait on a later mark); frees their host segments.
+    fn reload_layer(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Vec<(usize, B::Buf)> {
+        let split = self.layers[layer].split;
         let routing = self.layers[layer].routing.take().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"));
+        let mut bufs = Vec::new();
         for (i, spec) in self.inventory.iter().enumerate() {
             if self.layers[layer].tensors[i].is_some() {
                 continue;
@@ -430,12 +477,14 @@ impl<B: Backend> ActivationStore<B> {
                     be.reload(B::view_mut(&mut buf, r.start..r.start + n), pool, at, spec.precision);
                     at += n as u64 * elem;
                 }
+                // Reused only by offloads, which queue behind these copies on the same stream.
                 self.host.free(seg);
             }
-            self.save(layer, spec.name, buf);
+            self.track(B::buf_bytes(&buf), 0);
+            bufs.push((i, buf));
         }
         self.layers[layer].routing = Some(routing);
-        split
+        bufs
     }
 
     fn free_host(&mut self, layer: usize) {
@@ -475,5 +524,34 @@ impl<B: Backend> ActivationStore<B> {
     /// Forgets the peaks (e.g. between a warm-up and a measured step).
     pub fn reset_peaks(&mut self) {
         self.device_peak = self.device_bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+    use crate::model::config::Routing as Kind;
+    use crate::model::Model;
+
+    /// Restoring a layer starts bringing back the one before it, and restoring that one takes
+    /// the prefetched buffers (the values are checked bitwise by tests/memo.rs).
+    #[test]
+    fn restore_prefetches_the_previous_layer() {
+        let be = Cpu::new(1);
+        let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 3, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
+        let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Kind::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
+        let model = Model::new(&be, m.clone(), moe.clone(), 1).unwrap();
+        let mut store = model.new_store_with(vec![LayerPolicy::Offload { alpha: 0.5 }; 3], 1 << 30).unwrap();
+        let inputs: Vec<u32> = (0..24).map(|i| (i * 7 % 64) as u32).collect();
+        model.forward_saving(&be, &mut store, &inputs, 1, 24).unwrap();
+        let dims = BlockDims::new(&m, &moe, 1, 24);
+        assert_eq!(store.restore(&be, 2, &dims), Some(12), "α = 0.5 of 24 tokens");
+        assert_eq!(store.prefetched.as_ref().map(|p| p.layer), Some(1));
+        assert!(store.layers[1].host.iter().all(Option::is_none), "layer 1's host rows are on their way back");
+        store.release(2);
+        assert_eq!(store.restore(&be, 1, &dims), Some(12));
+        assert_eq!(store.prefetched.as_ref().map(|p| p.layer), Some(0));
+        assert!(store.inventory.iter().all(|spec| store.layers[1].tensors[store.index(spec.name)].is_some()), "layer 1 is whole again");
     }
 }

@@ -125,6 +125,7 @@ impl Backend for Cpu {
     type View<'a> = &'a [f32];
     type ViewMut<'a> = &'a mut [f32];
     type HostBuf = Vec<f32>;
+    type CopyMark = ();
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -196,8 +197,9 @@ impl Backend for Cpu {
         let at = (at / 4) as usize;
         dst[at..at + src.len()].copy_from_slice(src);
     }
-    /// Offloads are done when `offload` returns.
-    fn offload_fence(&self) {}
+    /// Copies are done when `offload` and `reload` return.
+    fn copy_mark(&self) {}
+    fn copy_wait(&self, _mark: ()) {}
     fn reload(&self, dst: &mut [f32], src: &Vec<f32>, at: u64, _precision: Precision) {
         let at = (at / 4) as usize;
         dst.copy_from_slice(&src[at..at + dst.len()]);

@@ -337,6 +337,7 @@ impl Backend for CudaBackend {
     type View<'a> = DevView<'a>;
     type ViewMut<'a> = DevViewMut<'a>;
     type HostBuf = offload::PinnedHost;
+    type CopyMark = cudarc::driver::CudaEvent;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -443,14 +444,17 @@ impl Backend for CudaBackend {
         expect("offload", "src", src.storage, self.storage_of(precision));
         self.offload.offload(&self.stream, dst, at, src, src.len * src.storage.bytes());
     }
-    fn offload_fence(&self) {
-        self.offload.fence(&self.stream);
-    }
     fn reload(&self, dst: DevViewMut<'_>, src: &offload::PinnedHost, at: u64, precision: Precision) {
         expect("reload", "dst", dst.storage, self.storage_of(precision));
         self.bind();
         let bytes = dst.len * dst.storage.bytes();
         self.offload.reload(&self.stream, dst, src, at, bytes);
+    }
+    fn copy_mark(&self) -> cudarc::driver::CudaEvent {
+        self.offload.mark()
+    }
+    fn copy_wait(&self, mark: cudarc::driver::CudaEvent) {
+        self.offload.wait(&self.stream, mark);
     }
     fn fill(&self, dst: DevViewMut<'_>, value: f32) {
         let n = dst.len();

@@ -2,13 +2,13 @@
 //! stream of their own, so a layer's skeletal tensors travel to the host while the next layer
 //! computes.
 //!
-//! An offload waits (on the device) for the work queued before it, copies on the copy stream
-//! and marks its end with an event; the fence makes the compute stream wait for the latest such
-//! event, so buffers freed after it (stream-ordered frees on the compute stream) and reloads
-//! read after it are safe. Reloads run on the compute stream: the layer's backward needs them
-//! next anyway.
+//! Every copy, offload or reload, waits (on the device) for the work queued before it and runs
+//! on the copy stream; a mark is an event recorded there, and waiting on a mark makes the compute
+//! stream wait for it, so buffers freed after it (stream-ordered frees on the compute stream) and
+//! reloaded tensors read after it are safe. Reloading the layer before the current one while the
+//! current one's backward computes is MEMO's prefetch.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cudarc::driver::{result as drv, CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
 
@@ -33,16 +33,15 @@ impl Drop for PinnedHost {
     }
 }
 
-/// The copy stream and the end of the latest offload on it.
+/// The copy stream.
 pub struct Offloader {
     copies: Arc<CudaStream>,
-    last: Mutex<Option<CudaEvent>>,
 }
 
 impl Offloader {
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self, String> {
         let copies = ctx.new_stream().map_err(|e| format!("CUDA copy stream: {e:?}"))?;
-        Ok(Offloader { copies, last: Mutex::new(None) })
+        Ok(Offloader { copies })
     }
 
     /// `bytes` of page-locked host memory (not write-combined: the tier is read back by DMA,
@@ -54,33 +53,43 @@ impl Offloader {
         PinnedHost { mem, ptr, copies: self.copies.clone() }
     }
 
+    /// Makes the copy stream wait for everything `compute` has queued.
+    fn after(&self, compute: &CudaStream) {
+        let ready = ok(compute.record_event(None), "copy event");
+        ok(self.copies.wait(&ready), "copy wait");
+    }
+
     /// Queues `src` (`bytes` long) to `dst` at byte `at` on the copy stream, after everything
     /// `compute` has queued.
     pub fn offload(&self, compute: &CudaStream, dst: &mut PinnedHost, at: u64, src: DevView<'_>, bytes: usize) {
         assert!(at as usize + bytes <= dst.mem.num_bytes(), "offload past the host tier's {} bytes", dst.mem.num_bytes());
-        let ready = ok(compute.record_event(None), "offload event");
-        ok(self.copies.wait(&ready), "offload wait");
+        self.after(compute);
         // SAFETY: the destination range lies in the pinned allocation (asserted), which outlives
-        // the copy (its drop synchronises the copy stream); the source buffer lives until the
-        // fence that follows (ActivationStore keeps it in flight).
+        // the copy (its drop synchronises the copy stream); the source buffer lives until a wait
+        // on a later mark (ActivationStore keeps it in flight).
         let host = unsafe { std::slice::from_raw_parts_mut(dst.ptr.add(at as usize), bytes) };
         ok(unsafe { drv::memcpy_dtoh_async(host, src.ptr, self.copies.cu_stream()) }, "offload copy");
-        *self.last.lock().expect("offload event lock") = Some(ok(self.copies.record_event(None), "offload event"));
     }
 
-    /// Makes `compute` wait for every offload queued so far.
-    pub fn fence(&self, compute: &CudaStream) {
-        if let Some(done) = self.last.lock().expect("offload event lock").take() {
-            ok(compute.wait(&done), "offload fence");
-        }
-    }
-
-    /// Copies `bytes` back from `src` at byte `at` into `dst`, in `compute`'s order.
+    /// Queues `bytes` from `src` at byte `at` into `dst` on the copy stream, after everything
+    /// `compute` has queued (which allocated `dst`).
     pub fn reload(&self, compute: &CudaStream, dst: DevViewMut<'_>, src: &PinnedHost, at: u64, bytes: usize) {
         assert!(at as usize + bytes <= src.mem.num_bytes(), "reload past the host tier's {} bytes", src.mem.num_bytes());
-        // SAFETY: the source range lies in the pinned allocation (asserted) and its offload
-        // finished before the fence that preceded this call; dst holds `bytes`.
+        self.after(compute);
+        // SAFETY: the source range lies in the pinned allocation (asserted); its offload was
+        // queued earlier on this same stream; dst holds `bytes` and is not read before a wait
+        // on a later mark.
         let host = unsafe { std::slice::from_raw_parts(src.ptr.add(at as usize) as *const u8, bytes) };
-        ok(unsafe { drv::memcpy_htod_async(dst.ptr, host, compute.cu_stream()) }, "reload copy");
+        ok(unsafe { drv::memcpy_htod_async(dst.ptr, host, self.copies.cu_stream()) }, "reload copy");
+    }
+
+    /// An event after every copy queued so far.
+    pub fn mark(&self) -> CudaEvent {
+        ok(self.copies.record_event(None), "copy mark")
+    }
+
+    /// Makes `compute` wait for the copies up to `mark`.
+    pub fn wait(&self, compute: &CudaStream, mark: CudaEvent) {
+        ok(compute.wait(&mark), "copy wait");
     }
 }
