@@ -10,9 +10,6 @@
 
 use crate::{Error, Result};
 
-/// Bytes of one f32 element.
-pub const ELEM_BYTES: u64 = std::mem::size_of::<f32>() as u64;
-
 /// Segments start at multiples of this many bytes, so every element type stays aligned and DMA
 /// runs on whole lines.
 const SEG_ALIGN: u64 = 256;

@@ -395,7 +395,7 @@ impl<B: Backend> ActivationStore<B> {
                     at += n as u64 * elem;
                 }
                 self.layers[layer].host[i] = Some(seg);
-                // Still being read by the copy: counted on the device until the fence.
+                // Still being read by the copy: counted on the device until the next wait.
                 self.track(B::buf_bytes(&buf), 0);
                 self.in_flight.push(buf);
             }
@@ -442,8 +442,7 @@ impl<B: Backend> ActivationStore<B> {
             }
         };
         for (i, buf) in bufs {
-            self.track(0, B::buf_bytes(&buf)); // counted when reloaded; `save` counts it again
-            self.save(layer, self.inventory[i].name, buf);
+            self.layers[layer].tensors[i] = Some(buf); // counted since `reload_layer` made it
         }
         if let Some(prev) = layer.checked_sub(1).filter(|&l| self.layers[l].host.iter().any(Option::is_some)) {
             let bufs = self.reload_layer(be, prev, dims);

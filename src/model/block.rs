@@ -268,7 +268,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         let mut y = be.alloc(routing.n_slots() * c);
         let (gu, received) = match self.dispatcher()? {
             None => {
-                let counts: Vec<usize> = (0..e).map(|ex| routing.slots_of(ex).len()).collect();
+                let counts = routing.counts();
                 let (segs, gu_len) = segments(0, &counts, widths);
                 let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
                 let mut gu = be.alloc(gu_len);
@@ -421,7 +421,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         let gu = store.load(layer, "expert_gate_up");
         match self.dispatcher()? {
             None => {
-                let counts: Vec<usize> = (0..e).map(|ex| routing.slots_of(ex).len()).collect();
+                let counts = routing.counts();
                 let (segs, _) = segments(0, &counts, widths);
                 let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
