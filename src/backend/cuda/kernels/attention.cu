@@ -37,13 +37,6 @@ __device__ void load_tile(bf16* dst, const act_t* src, size_t row0, int t0, int 
 // q = lane % 4: A (16×16) registers hold rows g, g+8 × column pairs 2q, 2q+8; B (16×8) holds
 // k-pairs 2q, 2q+8 of column g; C (16×8, f32) holds rows g, g+8 × columns 2q, 2q+1.
 
-__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
 // Two consecutive bf16 of a row as one register (lower column in the low half).
 __device__ __forceinline__ unsigned pair(const bf16* p) { return *(const unsigned*)p; }
 __device__ __forceinline__ unsigned pack(bf16 lo, bf16 hi) {
@@ -104,7 +97,7 @@ __device__ void mma_ab_acc(float* c, int ldc, const bf16* a, int lda, const bf16
 // Grid (ceil(T / TILE), B·H), THREADS threads, dynamic shared memory attn_fwd_smem(d) bytes:
 // Q, K, V tiles (bf16), S (f32) and P (bf16) score tiles, O accumulator (f32), m and l (f32).
 extern "C" __global__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {
-    extern __shared__ __align__(128) unsigned char smem[];
+    DYNAMIC_SMEM(smem);
     const int d = s.d;
     bf16* Qs = (bf16*)smem;
     bf16* Ks = Qs + TILE * d;
@@ -206,7 +199,7 @@ __device__ void load_stats(float* L, float* D, const float* lse, const float* de
 // columns of dqkv.
 extern "C" __global__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, const float* delta,
                                         const act_t* qkv, Heads s, float scale) {
-    extern __shared__ __align__(128) unsigned char smem[];
+    DYNAMIC_SMEM(smem);
     const int d = s.d;
     bf16* Ks = (bf16*)smem;
     bf16* Vs = Ks + TILE * d;
@@ -267,7 +260,7 @@ extern "C" __global__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const fl
 // of dqkv.
 extern "C" __global__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, const float* delta,
                                        const act_t* qkv, Heads s, float scale) {
-    extern __shared__ __align__(128) unsigned char smem[];
+    DYNAMIC_SMEM(smem);
     const int d = s.d;
     bf16* Qs = (bf16*)smem;
     bf16* dOs = Qs + TILE * d;

@@ -17,6 +17,9 @@ __device__ __forceinline__ float ld(const act_t* p) { return *p; }
 __device__ __forceinline__ void st(act_t* p, float v) { *p = v; }
 #endif
 
+// A kernel's dynamic shared memory (the size is the launch's `shared_mem_bytes`).
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+
 #define WARP 32
 // NVRTC has no <math.h>; the float infinity by its bit pattern.
 #ifndef INFINITY
@@ -56,3 +59,47 @@ __device__ float block_max(float v, float* scratch) {
     v = lane < warps ? scratch[lane] : -INFINITY;
     return warp_max(v);
 }
+
+// ---- tensor-core and async-copy primitives (inline PTX, sm_80+) -------------------------------
+// The only inline assembly of the kernels lives here, behind these functions, so that the CPU
+// emulator of the kernel tests (tests/cuda_emu) can stand in for exactly this set.
+//
+// Fragments of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4,
+// q = lane % 4: A (16×16, bf16 pairs) registers 0..3 hold (row g, cols 2q..2q+1), (row g+8,
+// cols 2q..), (row g, cols 2q+8..), (row g+8, cols 2q+8..); B (16×8) registers 0, 1 hold (rows
+// 2q..2q+1, col g), (rows 2q+8.., col g); C (16×8, f32) holds (g, 2q), (g, 2q+1), (g+8, 2q),
+// (g+8, 2q+1). A pair's lower index is the low half of its register.
+
+// c += a · b, bf16 × bf16 → f32.
+__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four 8×8 bf16 matrices from shared memory: lanes 8i..8i+7 give the row addresses (16 bytes
+// each) of matrix i; register i of lane t gets matrix i's (row t/4, cols 2(t%4), 2(t%4)+1).
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* row) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// The same, transposed: register i of lane t gets matrix i's (rows 2(t%4), 2(t%4)+1, col t/4).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const void* row) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// 16 bytes global → shared without going through registers; zero-fills when !valid (the source
+// is then not read). Completes at the next cp_async_wait_* after its cp_async_commit.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
+    int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" :: "r"(addr), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits for all but the most recently committed group.
+__device__ __forceinline__ void cp_async_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
