@@ -17,8 +17,11 @@ __device__ __forceinline__ float ld(const act_t* p) { return *p; }
 __device__ __forceinline__ void st(act_t* p, float v) { *p = v; }
 #endif
 
-// A kernel's dynamic shared memory (the size is the launch's `shared_mem_bytes`).
+// A kernel's dynamic shared memory (the size is the launch's `shared_mem_bytes`). The CPU
+// emulator of the kernel tests (MOTLEY_EMU) defines it, and the primitives below, itself.
+#ifndef MOTLEY_EMU
 #define DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 #define WARP 32
 // NVRTC has no <math.h>; the float infinity by its bit pattern.
@@ -70,6 +73,7 @@ __device__ float block_max(float v, float* scratch) {
 // 2q..2q+1, col g), (rows 2q+8.., col g); C (16×8, f32) holds (g, 2q), (g, 2q+1), (g+8, 2q),
 // (g+8, 2q+1). A pair's lower index is the low half of its register.
 
+#ifndef MOTLEY_EMU
 // c += a · b, bf16 × bf16 → f32.
 __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
     asm volatile(
@@ -103,3 +107,4 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // Waits for all but the most recently committed group.
 __device__ __forceinline__ void cp_async_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+#endif  // MOTLEY_EMU
