@@ -8,12 +8,72 @@ use super::{expect, ok, CudaBackend, DevView, DevViewMut, Storage};
 use crate::backend::AttnShape;
 use crate::{Error, Result};
 
-/// `TILE` of attention.cu: query rows and key columns per tile.
-const TILE: usize = 64;
+/// `BLOCK` of attention.cu: rows of every tile.
+const BLOCK: usize = 64;
 /// `THREADS` of attention.cu: 4 warps of 16 rows.
 const THREADS: u32 = 128;
-/// Largest head_dim the shared-memory layout is sized for.
-const MAX_HEAD_DIM: usize = 128;
+/// `PAD` of attention.cu: bf16 of padding per shared-memory row.
+const PAD: usize = 8;
+/// Largest head_dim with compiled kernels (`ATTENTION_ENTRIES` of attention.cu: every multiple
+/// of 16 up to this).
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// The entry points of attention.cu: Δ, then forward, dK/dV and dQ for each head_dim.
+pub const FUNCTIONS: &[&str] = &[
+    "attn_bwd_delta",
+    "attn_fwd_d16", "attn_bwd_dkv_d16", "attn_bwd_dq_d16",
+    "attn_fwd_d32", "attn_bwd_dkv_d32", "attn_bwd_dq_d32",
+    "attn_fwd_d48", "attn_bwd_dkv_d48", "attn_bwd_dq_d48",
+    "attn_fwd_d64", "attn_bwd_dkv_d64", "attn_bwd_dq_d64",
+    "attn_fwd_d80", "attn_bwd_dkv_d80", "attn_bwd_dq_d80",
+    "attn_fwd_d96", "attn_bwd_dkv_d96", "attn_bwd_dq_d96",
+    "attn_fwd_d112", "attn_bwd_dkv_d112", "attn_bwd_dq_d112",
+    "attn_fwd_d128", "attn_bwd_dkv_d128", "attn_bwd_dq_d128",
+];
+
+/// One head_dim's kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    GradKv,
+    GradQ,
+}
+
+impl Pass {
+    pub const ALL: [Pass; 3] = [Pass::Forward, Pass::GradKv, Pass::GradQ];
+
+    /// The entry point of this pass for head_dim `d`.
+    pub fn function(self, d: usize) -> String {
+        let stem = match self {
+            Pass::Forward => "attn_fwd",
+            Pass::GradKv => "attn_bwd_dkv",
+            Pass::GradQ => "attn_bwd_dq",
+        };
+        format!("{stem}_d{d}")
+    }
+
+    /// Bytes of dynamic shared memory at head_dim `d`, as the kernel carves it: bf16 tiles of
+    /// BLOCK rows × (d + PAD), plus f32 query statistics for dK/dV.
+    pub fn smem_bytes(self, d: usize) -> usize {
+        let tile = BLOCK * (d + PAD) * 2;
+        match self {
+            Pass::Forward => 5 * tile,                  // Q, 2 × (K, V)
+            Pass::GradKv => 6 * tile + 4 * BLOCK * 4,   // K, V, 2 × (Q, dO), 2 × (lse, Δ)
+            Pass::GradQ => 6 * tile,                    // Q, dO, 2 × (K, V)
+        }
+    }
+
+    /// Grid of this pass: tiles along the sequence × (batch · heads), kv heads for dK/dV.
+    pub fn grid(self, s: AttnShape) -> (u32, u32, u32) {
+        let heads = if self == Pass::GradKv { s.n_kv_heads } else { s.n_heads };
+        (s.seq.div_ceil(BLOCK) as u32, (s.batch * heads) as u32, 1)
+    }
+}
+
+/// Head dims with kernels: the multiples of 16 up to [`MAX_HEAD_DIM`].
+pub fn head_dims() -> impl Iterator<Item = usize> {
+    (16..=MAX_HEAD_DIM).step_by(16)
+}
 
 /// `struct Heads` of attention.cu.
 #[repr(C)]
@@ -38,36 +98,18 @@ pub fn check(s: AttnShape) -> Result<()> {
     Ok(())
 }
 
-/// Bytes of dynamic shared memory of `attn_fwd`: Q, K, V tiles (bf16), S (f32), P (bf16),
-/// O (f32), m and l (f32).
-fn fwd_smem(d: usize) -> usize {
-    3 * TILE * d * 2 + TILE * TILE * (4 + 2) + TILE * d * 4 + 2 * TILE * 4
-}
-/// `attn_bwd_dkv`: K, V, Q, dO (bf16), dK, dV (f32), Sᵀ, dPᵀ (f32), Pᵀ, dSᵀ (bf16), lse, Δ.
-fn dkv_smem(d: usize) -> usize {
-    4 * TILE * d * 2 + 2 * TILE * d * 4 + 2 * TILE * TILE * 4 + 2 * TILE * TILE * 2 + 2 * TILE * 4
-}
-/// `attn_bwd_dq`: Q, dO, K, V (bf16), dQ (f32), S, dP (f32), dS (bf16), lse, Δ.
-fn dq_smem(d: usize) -> usize {
-    4 * TILE * d * 2 + TILE * d * 4 + 2 * TILE * TILE * 4 + TILE * TILE * 2 + 2 * TILE * 4
-}
-
-/// The opt-in shared-memory limit set on the attention kernels (the largest any shape needs,
-/// 177 KiB at head_dim 128: within Hopper's 227 KiB per block).
-pub fn max_smem_bytes() -> usize {
-    fwd_smem(MAX_HEAD_DIM).max(dkv_smem(MAX_HEAD_DIM)).max(dq_smem(MAX_HEAD_DIM))
-}
-
 fn heads(s: AttnShape) -> Heads {
     Heads { seq: s.seq as i32, n_heads: s.n_heads as i32, n_kv_heads: s.n_kv_heads as i32, d: s.head_dim as i32 }
 }
 
-/// A launch of tiles over the sequence; panics, naming the shape, when the GPU does not allow a
-/// block the shared memory this head_dim needs (GPUs before Hopper at head_dim 128).
-fn tiles(be: &CudaBackend, grid_y: usize, seq: usize, smem: usize) -> LaunchConfig {
-    assert!(smem <= be.k.attn_smem, "attention needs {smem} bytes of shared memory per block at this head_dim; this GPU allows {}", be.k.attn_smem);
-    assert!(grid_y <= 65_535, "attention: batch × heads = {grid_y} exceeds the grid's 65535 in y");
-    LaunchConfig { grid_dim: (seq.div_ceil(TILE) as u32, grid_y as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 }
+/// The launch of `pass` for `s`; panics, naming the shape, when the GPU does not allow a block
+/// the shared memory this head_dim needs (GPUs before Hopper at head_dim 128).
+pub fn launch_config(be_smem_limit: usize, pass: Pass, s: AttnShape) -> LaunchConfig {
+    let smem = pass.smem_bytes(s.head_dim);
+    assert!(smem <= be_smem_limit, "attention ({pass:?}) needs {smem} bytes of shared memory per block at head_dim {}; this GPU allows {be_smem_limit}", s.head_dim);
+    let grid = pass.grid(s);
+    assert!(grid.1 <= 65_535, "attention: batch × heads = {} exceeds the grid's 65535 in y", grid.1);
+    LaunchConfig { grid_dim: grid, block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
 fn assert_shapes(s: AttnShape, qkv: usize, out: usize, lse: usize) {
@@ -75,6 +117,14 @@ fn assert_shapes(s: AttnShape, qkv: usize, out: usize, lse: usize) {
         panic!("{e}");
     }
     assert!(qkv == s.tokens() * s.qkv_width() && out == s.tokens() * s.out_width() && lse == s.batch * s.n_heads * s.seq, "attention buffer sizes for {s:?}");
+}
+
+/// Tiles are copied in 16-byte pieces (cp.async) and results stored in pairs: every activation
+/// must start 16-byte aligned (row strides are multiples of 16 bf16 for any head_dim allowed).
+fn assert_aligned(op: &str, args: &[(&str, u64)]) {
+    for &(arg, ptr) in args {
+        assert!(ptr.is_multiple_of(16), "{op}: `{arg}` at {ptr:#x} is not 16-byte aligned");
+    }
 }
 
 /// out (N, H·D), lse (B·H·T); one block per (query tile, batch·head).
@@ -86,12 +136,13 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
     if s.tokens() == 0 {
         return;
     }
+    assert_aligned("attention_fwd", &[("out", out.ptr), ("qkv", qkv.ptr)]);
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let cfg = tiles(be, s.batch * s.n_heads, s.seq, fwd_smem(s.head_dim));
-    // SAFETY: `attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads, float)`; sizes and
-    // types asserted; the shared memory is within the limit set at load time.
-    ok(unsafe { be.stream.launch_builder(&be.k.attn_fwd).arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
+    let cfg = launch_config(be.k.attn_smem, Pass::Forward, s);
+    // SAFETY: `attn_fwd_dD(act_t* out, float* lse, const act_t* qkv, Heads, float)`; sizes,
+    // types and alignment asserted; the shared memory is within the limit set at load time.
+    ok(unsafe { be.stream.launch_builder(be.k.attention(Pass::Forward, s.head_dim)).arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
 }
 
 /// Overwrites dqkv: Δ first, then dK/dV (k, v columns) and dQ (q columns).
@@ -105,6 +156,7 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     if s.tokens() == 0 {
         return;
     }
+    assert_aligned("attention_bwd", &[("dqkv", dqkv.ptr), ("dout", dout.ptr), ("qkv", qkv.ptr)]);
     let mut delta = be.scratch_f32(s.batch * s.n_heads * s.seq);
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
@@ -112,14 +164,14 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     let warps = s.tokens() * s.n_heads;
     let delta_cfg = LaunchConfig { grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (dq, g, o, l, q) = (&dqkv.ptr, &dout.ptr, &out.ptr, &lse.ptr, &qkv.ptr);
-    // SAFETY: signatures of attn_bwd_delta, attn_bwd_dkv and attn_bwd_dq in attention.cu; sizes
-    // and types asserted; `delta` holds B·H·T floats; shared memory within the limit set at
-    // load time.
+    // SAFETY: signatures of attn_bwd_delta, attn_bwd_dkv_dD and attn_bwd_dq_dD in attention.cu;
+    // sizes, types and alignment asserted; `delta` holds B·H·T floats; shared memory within the
+    // limit set at load time.
     unsafe {
-        ok(be.stream.launch_builder(&be.k.attn_bwd_delta).arg(&mut delta).arg(g).arg(o).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
-        let cfg = tiles(be, s.batch * s.n_kv_heads, s.seq, dkv_smem(s.head_dim));
-        ok(be.stream.launch_builder(&be.k.attn_bwd_dkv).arg(dq).arg(g).arg(l).arg(&delta).arg(q).arg(&h).arg(&scale).launch(cfg), "attn_bwd_dkv");
-        let cfg = tiles(be, s.batch * s.n_heads, s.seq, dq_smem(s.head_dim));
-        ok(be.stream.launch_builder(&be.k.attn_bwd_dq).arg(dq).arg(g).arg(l).arg(&delta).arg(q).arg(&h).arg(&scale).launch(cfg), "attn_bwd_dq");
+        ok(be.stream.launch_builder(&be.k.attn_delta).arg(&mut delta).arg(g).arg(o).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
+        for pass in [Pass::GradKv, Pass::GradQ] {
+            let cfg = launch_config(be.k.attn_smem, pass, s);
+            ok(be.stream.launch_builder(be.k.attention(pass, s.head_dim)).arg(dq).arg(g).arg(l).arg(&delta).arg(q).arg(&h).arg(&scale).launch(cfg), "attn_bwd");
+        }
     }
 }

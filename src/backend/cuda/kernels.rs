@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 
-use super::attention::max_smem_bytes;
+use super::attention::{head_dims, Pass, MAX_HEAD_DIM};
 use super::nvrtc::{cached_ptx, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
@@ -51,10 +51,9 @@ pub struct Kernels {
     pub gathered_dots: CudaFunction,
     pub softmax_xent: CudaFunction,
     pub adamw: CudaFunction,
-    pub attn_fwd: CudaFunction,
-    pub attn_bwd_delta: CudaFunction,
-    pub attn_bwd_dkv: CudaFunction,
-    pub attn_bwd_dq: CudaFunction,
+    pub attn_delta: CudaFunction,
+    /// Forward, dK/dV and dQ kernels (`Pass::ALL` order) of each head_dim in `head_dims()`.
+    attn: Vec<[CudaFunction; 3]>,
 }
 
 type Functions = HashMap<&'static str, CudaFunction>;
@@ -96,16 +95,19 @@ impl Kernels {
         for file in KERNEL_FILES {
             f.extend(load_file(ctx, file, &arch, &includes, storage)?);
         }
-        // As much shared memory as the largest head_dim needs, or what the GPU allows a block
-        // (less than that before Hopper; the launches check each shape against it).
+        // Each attention kernel may use the shared memory its head_dim needs, up to what the GPU
+        // allows a block (less than head_dim 128 needs before Hopper; launches check each shape).
         let optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| Error::Invalid(format!("shared memory per block: {e:?}")))?;
-        let smem = max_smem_bytes().min(optin.max(0) as usize);
-        for name in ["attn_fwd", "attn_bwd_dkv", "attn_bwd_dq"] {
-            f[name]
-                .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(|e| Error::Invalid(format!("{name}: cannot allow {smem} bytes of shared memory: {e:?}")))?;
+        let smem_limit = optin.max(0) as usize;
+        for d in head_dims() {
+            for pass in Pass::ALL {
+                let (name, smem) = (pass.function(d), pass.smem_bytes(d).min(smem_limit));
+                f[name.as_str()]
+                    .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .map_err(|e| Error::Invalid(format!("{name}: cannot allow {smem} bytes of shared memory: {e:?}")))?;
+            }
         }
         let act = elementwise(&f);
         let f32 = match storage {
@@ -119,7 +121,7 @@ impl Kernels {
         let mut take = |name: &str| f.remove(name).expect("kernel listed in KERNEL_FILES");
         Ok(Kernels {
             storage,
-            attn_smem: smem,
+            attn_smem: smem_limit,
             act,
             f32,
             f32_to_act: take("f32_to_act"),
@@ -140,11 +142,16 @@ impl Kernels {
             gathered_dots: take("gathered_dots"),
             softmax_xent: take("softmax_xent"),
             adamw: take("adamw"),
-            attn_fwd: take("attn_fwd"),
-            attn_bwd_delta: take("attn_bwd_delta"),
-            attn_bwd_dkv: take("attn_bwd_dkv"),
-            attn_bwd_dq: take("attn_bwd_dq"),
+            attn_delta: take("attn_bwd_delta"),
+            attn: head_dims().map(|d| Pass::ALL.map(|pass| take(&pass.function(d)))).collect(),
         })
+    }
+
+    /// The attention kernel of `pass` for `head_dim` (a multiple of 16 up to MAX_HEAD_DIM,
+    /// checked by `attention::check`).
+    pub fn attention(&self, pass: Pass, head_dim: usize) -> &CudaFunction {
+        debug_assert!(head_dim.is_multiple_of(16) && head_dim <= MAX_HEAD_DIM);
+        &self.attn[head_dim / 16 - 1][pass as usize]
     }
 
     /// The elementwise kernels for buffers of `storage`.

@@ -45,7 +45,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "attention",
         source: include_str!("kernels/attention.cu"),
-        functions: &["attn_fwd", "attn_bwd_delta", "attn_bwd_dkv", "attn_bwd_dq"],
+        functions: super::attention::FUNCTIONS,
     },
 ];
 

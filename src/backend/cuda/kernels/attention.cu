@@ -1,20 +1,25 @@
 // Causal flash attention (FlashAttention-2 schedule) with grouped-query heads, for sm_80+.
 //
-// First, correctness-oriented version: tiles are staged in shared memory as bf16, products run on
-// tensor cores through warp-level `mma.sync.m16n8k16` (bf16 × bf16 → f32, inline PTX, so no
-// CUDA header beyond cuda_bf16.h is needed), the online softmax and all accumulators are f32.
-// A Hopper-specific version (wgmma, TMA loads, warp specialisation, register-resident
-// accumulators) is a later optimisation; this one keeps O and dK/dV in shared memory so that
-// the row-wise rescaling is plain indexing.
+// Every tile product runs on tensor cores (mma.m16n8k16, bf16 × bf16 → f32) with operands
+// fetched by ldmatrix from shared memory; scores and every accumulator (O, dK, dV, dQ) stay in
+// registers. A warp owns 16 rows of its block's tile, so the online softmax needs only shuffles
+// within a quad, and P / dS go from accumulator registers straight into the next product's A
+// operand. The tiles a block walks (K, V in the forward and dQ; Q, dO in dK/dV) stream through
+// two shared-memory buffers with cp.async, the next tile's copy overlapping this tile's math
+// (f32 storage converts to bf16 on load instead). Shared rows are padded by 16 bytes: a row is
+// then an odd number of 16-byte chunks, so ldmatrix's eight row addresses hit distinct banks.
 //
-// Layout (see backend/mod.rs): qkv (N, (H + 2Hkv)·D) with N = B·T, q heads then k then v;
-// out, dout (N, H·D); lse, delta (B·H·T) f32. D must be a multiple of 16 and at most 128.
-// Each block has 4 warps; a warp owns 16 rows of every tile it computes, so only the loads of
-// shared tiles need block-wide barriers.
+// Layout (see backend/mod.rs): qkv (N, (H + 2Hkv)·D), N = B·T, q heads then k then v;
+// out, dout (N, H·D); lse, delta (B·H·T) f32. Entry points per head_dim D ∈ {16, 32, …, 128}
+// (attn_fwd_dD, attn_bwd_dkv_dD, attn_bwd_dq_dD, see the end of the file) and attn_bwd_delta.
+// Blocks have 4 warps; their shared memory is `attention.rs`'s fwd_smem / dkv_smem / dq_smem.
 
 typedef __nv_bfloat16 bf16;
-#define TILE 64          // query rows and key columns per tile (BR = BC)
-#define THREADS 128      // 4 warps × 16 rows
+#define BLOCK 64     // rows of every tile: query rows and key rows alike
+#define THREADS 128  // 4 warps × 16 rows
+#define PAD 8        // bf16 of padding per shared row
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
 
 struct Heads {
     int seq, n_heads, n_kv_heads, d;
@@ -24,142 +29,190 @@ struct Heads {
     __device__ int v_col(int kvh) const { return (n_heads + n_kv_heads + kvh) * d; }
 };
 
-// dst[r][c] (TILE × d, bf16) = src rows t0 + r of batch row base, columns col..col+d; zero past seq.
-__device__ void load_tile(bf16* dst, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col, int d) {
-    for (int idx = threadIdx.x; idx < TILE * d; idx += blockDim.x) {
-        int r = idx / d, c = idx % d, t = t0 + r;
-        dst[idx] = __float2bfloat16(t < seq ? ld(src + (row0 + t) * ld_src + col + c) : 0.0f);
+// dst (BLOCK × D, row stride D + PAD) = rows t0.. of the sequence at row0 of src, columns
+// col..col + D; zero rows past seq. bf16 storage queues cp.async copies (the caller commits and
+// waits); f32 storage converts synchronously.
+template <int D>
+__device__ void load_tile(bf16* dst, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
+    constexpr int CHUNKS = D / 8;  // 8 values = 16 bytes of bf16
+    for (int idx = threadIdx.x; idx < BLOCK * CHUNKS; idx += THREADS) {
+        const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8, t = t0 + r;
+        const bool valid = t < seq;
+        const act_t* from = src + (row0 + (valid ? t : 0)) * ld_src + col + c;
+        bf16* to = dst + r * (D + PAD) + c;
+#ifdef MOTLEY_ACT_BF16
+        cp_async16(to, from, valid);
+#else
+        for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(valid ? from[k] : 0.0f);
+#endif
     }
 }
 
-// ---- warp-level MMA on shared-memory tiles --------------------------------------------------
-// m16n8k16 fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16"), with g = lane / 4 and
-// q = lane % 4: A (16×16) registers hold rows g, g+8 × column pairs 2q, 2q+8; B (16×8) holds
-// k-pairs 2q, 2q+8 of column g; C (16×8, f32) holds rows g, g+8 × columns 2q, 2q+1.
+// ---- operand fragments (layouts in common.cuh) ------------------------------------------------
+// Tiles are row-major with row stride ld; m = lane / 8 picks the 8×8 matrix a lane addresses.
 
-// Two consecutive bf16 of a row as one register (lower column in the low half).
-__device__ __forceinline__ unsigned pair(const bf16* p) { return *(const unsigned*)p; }
-__device__ __forceinline__ unsigned pack(bf16 lo, bf16 hi) {
-    return (unsigned)__bfloat16_as_ushort(lo) | ((unsigned)__bfloat16_as_ushort(hi) << 16);
+// A fragment of the 16×16 block at rows r0.., cols c0...
+__device__ __forceinline__ void frag_a(unsigned f[4], const bf16* t, int ld, int r0, int c0) {
+    const int lane = threadIdx.x % WARP, m = lane / 8;
+    ldmatrix_x4(f, t + (r0 + (m % 2) * 8 + lane % 8) * ld + c0 + (m / 2) * 8);
+}
+// B fragments of the n-tiles n0 and n0 + 8 (f[0..1], f[2..3]) at k-step k0.. from a tile that
+// stores B transposed, one row per n (K in Q·Kᵀ).
+__device__ __forceinline__ void frag_bt(unsigned f[4], const bf16* t, int ld, int n0, int k0) {
+    const int lane = threadIdx.x % WARP, m = lane / 8;
+    ldmatrix_x4(f, t + (n0 + (m / 2) * 8 + lane % 8) * ld + k0 + (m % 2) * 8);
+}
+// The same from a tile that stores B as is, one row per k (V in P·V).
+__device__ __forceinline__ void frag_b(unsigned f[4], const bf16* t, int ld, int k0, int n0) {
+    const int lane = threadIdx.x % WARP, m = lane / 8;
+    ldmatrix_x4_trans(f, t + (k0 + (m % 2) * 8 + lane % 8) * ld + n0 + (m / 2) * 8);
 }
 
-// A fragment of the 16×16 block at `a` (row-major, row stride lda).
-__device__ __forceinline__ void load_a(unsigned f[4], const bf16* a, int lda, int g, int q) {
-    f[0] = pair(a + g * lda + 2 * q);
-    f[1] = pair(a + (g + 8) * lda + 2 * q);
-    f[2] = pair(a + g * lda + 2 * q + 8);
-    f[3] = pair(a + (g + 8) * lda + 2 * q + 8);
+// Two floats as a bf16 pair register (lo in the low half).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) | ((unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+}
+// The A fragment of k-step kk (columns 16kk..) of a 16 × BLOCK accumulator held as C fragments.
+__device__ __forceinline__ void acc_to_a(unsigned f[4], const float c[BLOCK / 8][4], int kk) {
+    f[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    f[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    f[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    f[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// c (16 × n, f32, row stride ldc) = a (16 × k) · bᵀ, with b stored row-major (n × k, stride ldb):
-// the score products Q Kᵀ, dO Vᵀ, K Qᵀ, V dOᵀ. n and k are multiples of 16.
-__device__ void mma_abt(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int n, int k) {
-    const int lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
-    for (int n0 = 0; n0 < n; n0 += 8) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int k0 = 0; k0 < k; k0 += 16) {
-            unsigned fa[4], fb[2];
-            load_a(fa, a + k0, lda, g, q);
-            const bf16* bn = b + (n0 + g) * ldb + k0 + 2 * q;  // Bᵀ's column g is b's row n0 + g
-            fb[0] = pair(bn);
-            fb[1] = pair(bn + 8);
-            mma16816(acc, fa, fb);
+// c (16 × BLOCK) += a (16 rows at r0 of ta) · bᵀ (BLOCK rows of tb), over D columns.
+template <int D>
+__device__ __forceinline__ void product_abt(float c[BLOCK / 8][4], const bf16* ta, int r0, const bf16* tb) {
+    for (int kk = 0; kk < D / 16; kk++) {
+        unsigned a[4];
+        frag_a(a, ta, D + PAD, r0, kk * 16);
+        for (int np = 0; np < BLOCK / 16; np++) {
+            unsigned b[4];
+            frag_bt(b, tb, D + PAD, np * 16, kk * 16);
+            mma16816(c[2 * np], a, b);
+            mma16816(c[2 * np + 1], a, b + 2);
         }
-        c[g * ldc + n0 + 2 * q] = acc[0];
-        c[g * ldc + n0 + 2 * q + 1] = acc[1];
-        c[(g + 8) * ldc + n0 + 2 * q] = acc[2];
-        c[(g + 8) * ldc + n0 + 2 * q + 1] = acc[3];
     }
 }
 
-// c (16 × n, f32, in place) += a (16 × k) · b (k × n, row-major, stride ldb): P V, dS K, Pᵀ dO, dSᵀ Q.
-__device__ void mma_ab_acc(float* c, int ldc, const bf16* a, int lda, const bf16* b, int ldb, int n, int k) {
-    const int lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
-    for (int n0 = 0; n0 < n; n0 += 8) {
-        float acc[4] = {c[g * ldc + n0 + 2 * q], c[g * ldc + n0 + 2 * q + 1],
-                        c[(g + 8) * ldc + n0 + 2 * q], c[(g + 8) * ldc + n0 + 2 * q + 1]};
-        for (int k0 = 0; k0 < k; k0 += 16) {
-            unsigned fa[4], fb[2];
-            load_a(fa, a + k0, lda, g, q);
-            const bf16* bk = b + (k0 + 2 * q) * ldb + n0 + g;
-            fb[0] = pack(bk[0], bk[ldb]);
-            fb[1] = pack(bk[8 * ldb], bk[9 * ldb]);
-            mma16816(acc, fa, fb);
+// c (16 × D) += p (16 × BLOCK, C fragments) · tb (BLOCK × D tile).
+template <int D>
+__device__ __forceinline__ void product_pb(float c[D / 8][4], const float p[BLOCK / 8][4], const bf16* tb) {
+    for (int kk = 0; kk < BLOCK / 16; kk++) {
+        unsigned a[4];
+        acc_to_a(a, p, kk);
+        for (int np = 0; np < D / 16; np++) {
+            unsigned b[4];
+            frag_b(b, tb, D + PAD, kk * 16, np * 16);
+            mma16816(c[2 * np], a, b);
+            mma16816(c[2 * np + 1], a, b + 2);
         }
-        c[g * ldc + n0 + 2 * q] = acc[0];
-        c[g * ldc + n0 + 2 * q + 1] = acc[1];
-        c[(g + 8) * ldc + n0 + 2 * q] = acc[2];
-        c[(g + 8) * ldc + n0 + 2 * q + 1] = acc[3];
     }
+}
+
+// Writes a 16 × D accumulator's row r (0: g, 1: g + 8) of this lane to dst + columns 2q, 2q+1
+// of each n-tile, times k.
+template <int D>
+__device__ __forceinline__ void store_row(act_t* dst, const float c[D / 8][4], int r, float k) {
+    const int q = threadIdx.x % 4;
+    for (int nt = 0; nt < D / 8; nt++) {
+        act_t* p = dst + nt * 8 + 2 * q;
+#ifdef MOTLEY_ACT_BF16
+        *(unsigned*)p = pack_bf16(c[nt][2 * r] * k, c[nt][2 * r + 1] * k);
+#else
+        *(float2*)p = make_float2(c[nt][2 * r] * k, c[nt][2 * r + 1] * k);
+#endif
+    }
+}
+
+// Max and sum over the quad of lanes that share an accumulator row.
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
 // ---- forward ----------------------------------------------------------------------------------
-// Grid (ceil(T / TILE), B·H), THREADS threads, dynamic shared memory attn_fwd_smem(d) bytes:
-// Q, K, V tiles (bf16), S (f32) and P (bf16) score tiles, O accumulator (f32), m and l (f32).
-extern "C" __global__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {
+// Grid (ceil(T / BLOCK), B·H). Shared: Q, then two buffers of K, V. Query tiles run longest
+// first (the causal walk of the last tile is the longest).
+template <int D>
+__device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {
+    constexpr int TE = BLOCK * (D + PAD);
     DYNAMIC_SMEM(smem);
-    const int d = s.d;
     bf16* Qs = (bf16*)smem;
-    bf16* Ks = Qs + TILE * d;
-    bf16* Vs = Ks + TILE * d;
-    float* S = (float*)(Vs + TILE * d);
-    bf16* P = (bf16*)(S + TILE * TILE);
-    float* O = (float*)(P + TILE * TILE);
-    float* row_m = O + TILE * d;
-    float* row_l = row_m + TILE;
+    bf16* KV = Qs + TE;  // buffer k: K at KV + 2k·TE, V after it
 
     const int b = blockIdx.y / s.n_heads, h = blockIdx.y % s.n_heads;
     const int kvh = h / (s.n_heads / s.n_kv_heads), w = s.width();
     const size_t row0 = (size_t)b * s.seq;
-    const int i0 = blockIdx.x * TILE, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, wr = warp * 16;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * BLOCK, tiles = i0 / BLOCK + 1;
+    const int lane = threadIdx.x % WARP, wr = (threadIdx.x / WARP) * 16, g = lane / 4, q = lane % 4;
+    const float scale2 = scale * LOG2E;  // scores in log2 units: exp2 instead of exp
 
-    load_tile(Qs, qkv, row0, i0, s.seq, w, s.q_col(h), d);
-    for (int idx = threadIdx.x; idx < TILE * d; idx += blockDim.x) O[idx] = 0.0f;
-    for (int r = threadIdx.x; r < TILE; r += blockDim.x) { row_m[r] = -INFINITY; row_l[r] = 0.0f; }
+    load_tile<D>(Qs, qkv, row0, i0, s.seq, w, s.q_col(h));
+    load_tile<D>(KV, qkv, row0, 0, s.seq, w, s.k_col(kvh));
+    load_tile<D>(KV + TE, qkv, row0, 0, s.seq, w, s.v_col(kvh));
+    cp_async_commit();
 
-    const int i_end = min(s.seq, i0 + TILE);  // keys j < i_end can be seen by this tile's rows
-    for (int j0 = 0; j0 < i_end; j0 += TILE) {
-        __syncthreads();  // every warp is done with the previous K, V (and the Q/O init is visible)
-        load_tile(Ks, qkv, row0, j0, s.seq, w, s.k_col(kvh), d);
-        load_tile(Vs, qkv, row0, j0, s.seq, w, s.v_col(kvh), d);
-        __syncthreads();
-        mma_abt(S + wr * TILE, TILE, Qs + wr * d, d, Ks, d, TILE, d);
-        __syncwarp();
-        for (int r = 0; r < 16; r++) {
-            const int row = wr + r, i = i0 + row;
-            const float m_old = row_m[row];
-            float x[TILE / WARP];
-            float tile_max = -INFINITY;
-            for (int k = 0; k < TILE / WARP; k++) {
-                int c = lane + k * WARP, j = j0 + c;
-                x[k] = (j <= i && j < s.seq) ? S[row * TILE + c] * scale : -INFINITY;
-                tile_max = fmaxf(tile_max, x[k]);
-            }
-            const float m_new = fmaxf(m_old, warp_max(tile_max));
-            // A row with no visible key yet (only padding rows) keeps m = -inf: use 0 as the base.
-            const float base = m_new == -INFINITY ? 0.0f : m_new;
-            float psum = 0.0f;
-            for (int k = 0; k < TILE / WARP; k++) {
-                float p = x[k] == -INFINITY ? 0.0f : __expf(x[k] - base);
-                P[row * TILE + lane + k * WARP] = __float2bfloat16(p);
-                psum += p;
-            }
-            const float corr = m_old == -INFINITY ? 0.0f : __expf(m_old - base);
-            psum = warp_sum(psum);  // also orders every lane's read of row_m before lane 0's write
-            for (int c = lane; c < d; c += WARP) O[row * d + c] *= corr;
-            if (lane == 0) { row_m[row] = m_new; row_l[row] = row_l[row] * corr + psum; }
+    float o[D / 8][4] = {};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g, g + 8; l per lane
+    for (int t = 0; t < tiles; t++) {
+        const int j0 = t * BLOCK;
+        const bf16* Ks = KV + 2 * (t % 2) * TE;
+        const bf16* Vs = Ks + TE;
+        if (t + 1 < tiles) {
+            bf16* next = KV + 2 * ((t + 1) % 2) * TE;
+            load_tile<D>(next, qkv, row0, j0 + BLOCK, s.seq, w, s.k_col(kvh));
+            load_tile<D>(next + TE, qkv, row0, j0 + BLOCK, s.seq, w, s.v_col(kvh));
+            cp_async_commit();
+            cp_async_wait_prior();
+        } else {
+            cp_async_wait_all();
         }
-        __syncwarp();
-        mma_ab_acc(O + wr * d, d, P + wr * TILE, TILE, Vs, d, d, TILE);
+        __syncthreads();
+
+        float sc[BLOCK / 8][4] = {};
+        product_abt<D>(sc, Qs, wr, Ks);
+        // Only the diagonal tile has keys after some of its rows. Key 0 is visible to every
+        // row, so after the first tile each row's max is finite.
+        const bool diagonal = j0 == i0;
+        float mx[2] = {m[0], m[1]};
+        for (int nt = 0; nt < BLOCK / 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                const int r = e / 2, i = i0 + wr + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
+                const float x = diagonal && j > i ? -INFINITY : sc[nt][e] * scale2;
+                sc[nt][e] = x;
+                mx[r] = fmaxf(mx[r], x);
+            }
+        float corr[2];
+        for (int r = 0; r < 2; r++) {
+            mx[r] = quad_max(mx[r]);
+            corr[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = −inf)
+            m[r] = mx[r];
+            l[r] *= corr[r];
+        }
+        for (int nt = 0; nt < BLOCK / 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                const float p = exp2f(sc[nt][e] - m[e / 2]);
+                sc[nt][e] = p;
+                l[e / 2] += p;
+            }
+        for (int nt = 0; nt < D / 8; nt++)
+            for (int e = 0; e < 4; e++) o[nt][e] *= corr[e / 2];
+        product_pb<D>(o, sc, Vs);
+        __syncthreads();  // every warp is done with this buffer before the next tile refills it
     }
-    __syncwarp();
-    const int ow = s.n_heads * d;
-    for (int r = 0; r < 16; r++) {
-        const int row = wr + r, i = i0 + row;
-        if (i >= s.seq) break;
-        const float inv = 1.0f / row_l[row];
-        for (int c = lane; c < d; c += WARP) st(out + (row0 + i) * ow + h * d + c, O[row * d + c] * inv);
-        if (lane == 0) lse[(size_t)blockIdx.y * s.seq + i] = row_m[row] + logf(row_l[row]);
+
+    const int ow = s.n_heads * D;
+    for (int r = 0; r < 2; r++) {
+        const float sum = quad_sum(l[r]);
+        const int i = i0 + wr + g + 8 * r;
+        if (i >= s.seq) continue;
+        store_row<D>(out + (row0 + i) * ow + h * D, o, r, 1.0f / sum);
+        if (q == 0) lse[(size_t)blockIdx.y * s.seq + i] = m[r] * LN2 + logf(sum);
     }
 }
 
@@ -186,125 +239,179 @@ extern "C" __global__ void attn_bwd_delta(float* delta, const act_t* dout, const
     if (lane == 0) delta[(b * s.n_heads + h) * s.seq + t] = acc;
 }
 
-// Loads lse and Δ of query rows i0.. for head bh (0 past seq).
-__device__ void load_stats(float* L, float* D, const float* lse, const float* delta, size_t bh, int i0, int seq) {
-    for (int r = threadIdx.x; r < TILE; r += blockDim.x) {
-        int i = i0 + r;
-        L[r] = i < seq ? lse[bh * seq + i] : 0.0f;
-        D[r] = i < seq ? delta[bh * seq + i] : 0.0f;
-    }
-}
-
-// Grid (ceil(T / TILE), B·Hkv), THREADS threads, attn_bwd_dkv_smem(d) bytes. Writes the k and v
-// columns of dqkv.
-extern "C" __global__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, const float* delta,
-                                        const act_t* qkv, Heads s, float scale) {
+// Grid (ceil(T / BLOCK), B·Hkv). Shared: K, V, then two buffers of Q, dO, and two of the query
+// rows' lse (in log2 units) and Δ. Writes the k and v columns of dqkv. Key tile 0 has the most
+// query tiles to walk and is launched first.
+template <int D>
+__device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, const float* delta, const act_t* qkv, Heads s,
+                             float scale) {
+    constexpr int TE = BLOCK * (D + PAD);
     DYNAMIC_SMEM(smem);
-    const int d = s.d;
     bf16* Ks = (bf16*)smem;
-    bf16* Vs = Ks + TILE * d;
-    bf16* Qs = Vs + TILE * d;
-    bf16* dOs = Qs + TILE * d;
-    float* dK = (float*)(dOs + TILE * d);
-    float* dV = dK + TILE * d;
-    float* St = dV + TILE * d;   // (keys × queries): K Qᵀ
-    float* dPt = St + TILE * TILE;  // V dOᵀ
-    bf16* Pt = (bf16*)(dPt + TILE * TILE);
-    bf16* dSt = Pt + TILE * TILE;
-    float* L = (float*)(dSt + TILE * TILE);
-    float* D = L + TILE;
+    bf16* Vs = Ks + TE;
+    bf16* QO = Vs + TE;                   // buffer k: Q at QO + 2k·TE, dO after it
+    float* stats = (float*)(QO + 4 * TE);  // buffer k: lse·log2e at stats + 2k·BLOCK, Δ after it
 
     const int b = blockIdx.y / s.n_kv_heads, kvh = blockIdx.y % s.n_kv_heads;
-    const int group = s.n_heads / s.n_kv_heads, w = s.width(), ow = s.n_heads * d;
+    const int group = s.n_heads / s.n_kv_heads, w = s.width(), ow = s.n_heads * D;
     const size_t row0 = (size_t)b * s.seq;
-    const int j0 = blockIdx.x * TILE, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, wk = warp * 16;
+    const int j0 = blockIdx.x * BLOCK;
+    const int lane = threadIdx.x % WARP, wk = (threadIdx.x / WARP) * 16, g = lane / 4, q = lane % 4;
+    const float scale2 = scale * LOG2E;
+    // Steps: every q head of the group × the query tiles at or below the diagonal.
+    const int qtiles = (s.seq + BLOCK - 1) / BLOCK - blockIdx.x, steps = group * qtiles;
 
-    load_tile(Ks, qkv, row0, j0, s.seq, w, s.k_col(kvh), d);
-    load_tile(Vs, qkv, row0, j0, s.seq, w, s.v_col(kvh), d);
-    for (int idx = threadIdx.x; idx < TILE * d; idx += blockDim.x) { dK[idx] = 0.0f; dV[idx] = 0.0f; }
-
-    for (int g = 0; g < group; g++) {
-        const int h = kvh * group + g;
+    // Queues the Q, dO tiles of step t into buffer t % 2 and writes its lse and Δ there.
+    auto load_step = [&](int t) {
+        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * BLOCK;
+        bf16* buf = QO + 2 * (t % 2) * TE;
+        load_tile<D>(buf, qkv, row0, i0, s.seq, w, s.q_col(h));
+        load_tile<D>(buf + TE, dout, row0, i0, s.seq, ow, h * D);
+        float* st = stats + 2 * (t % 2) * BLOCK;
         const size_t bh = (size_t)b * s.n_heads + h;
-        for (int i0 = j0; i0 < s.seq; i0 += TILE) {  // query tiles at or below the diagonal
-            __syncthreads();
-            load_tile(Qs, qkv, row0, i0, s.seq, w, s.q_col(h), d);
-            load_tile(dOs, dout, row0, i0, s.seq, ow, h * d, d);
-            load_stats(L, D, lse, delta, bh, i0, s.seq);
-            __syncthreads();
-            mma_abt(St + wk * TILE, TILE, Ks + wk * d, d, Qs, d, TILE, d);
-            mma_abt(dPt + wk * TILE, TILE, Vs + wk * d, d, dOs, d, TILE, d);
-            __syncwarp();
-            for (int idx = lane; idx < 16 * TILE; idx += WARP) {
-                const int r = wk + idx / TILE, c = idx % TILE, j = j0 + r, i = i0 + c;
-                const bool visible = i < s.seq && j <= i;
-                const float p = visible ? __expf(St[r * TILE + c] * scale - L[c]) : 0.0f;
-                Pt[r * TILE + c] = __float2bfloat16(p);
-                dSt[r * TILE + c] = __float2bfloat16(p * (dPt[r * TILE + c] - D[c]) * scale);
-            }
-            __syncwarp();
-            mma_ab_acc(dV + wk * d, d, Pt + wk * TILE, TILE, dOs, d, d, TILE);
-            mma_ab_acc(dK + wk * d, d, dSt + wk * TILE, TILE, Qs, d, d, TILE);
+        for (int r = threadIdx.x; r < 2 * BLOCK; r += THREADS) {
+            const int i = i0 + r % BLOCK;
+            if (r < BLOCK) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
+            else st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
         }
+    };
+
+    load_tile<D>(Ks, qkv, row0, j0, s.seq, w, s.k_col(kvh));
+    load_tile<D>(Vs, qkv, row0, j0, s.seq, w, s.v_col(kvh));
+    load_step(0);
+    cp_async_commit();
+
+    float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+    for (int t = 0; t < steps; t++) {
+        const int i0 = j0 + (t % qtiles) * BLOCK;
+        const bf16* Qs = QO + 2 * (t % 2) * TE;
+        const bf16* dOs = Qs + TE;
+        const float* L2 = stats + 2 * (t % 2) * BLOCK;
+        const float* Dl = L2 + BLOCK;
+        if (t + 1 < steps) {
+            load_step(t + 1);
+            cp_async_commit();
+            cp_async_wait_prior();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+
+        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys × BLOCK queries.
+        float pt[BLOCK / 8][4] = {}, dst[BLOCK / 8][4] = {};
+        product_abt<D>(pt, Ks, wk, Qs);
+        product_abt<D>(dst, Vs, wk, dOs);
+        // The diagonal tile has queries before some keys; the last one, rows past the sequence.
+        const bool edge = i0 == j0 || i0 + BLOCK > s.seq;
+        for (int nt = 0; nt < BLOCK / 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = j0 + wk + g + 8 * (e / 2);
+                const float p = edge && (j > i || i >= s.seq) ? 0.0f : exp2f(pt[nt][e] * scale2 - L2[c]);
+                pt[nt][e] = p;
+                dst[nt][e] = p * (dst[nt][e] - Dl[c]) * scale;
+            }
+        product_pb<D>(dv, pt, dOs);
+        product_pb<D>(dk, dst, Qs);
+        __syncthreads();  // every warp is done with this buffer before the next step refills it
     }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < TILE * d; idx += blockDim.x) {
-        const int r = idx / d, c = idx % d, j = j0 + r;
+
+    for (int r = 0; r < 2; r++) {
+        const int j = j0 + wk + g + 8 * r;
         if (j >= s.seq) continue;
-        st(dqkv + (row0 + j) * w + s.k_col(kvh) + c, dK[idx]);
-        st(dqkv + (row0 + j) * w + s.v_col(kvh) + c, dV[idx]);
+        store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk, r, 1.0f);
+        store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv, r, 1.0f);
     }
 }
 
-// Grid (ceil(T / TILE), B·H), THREADS threads, attn_bwd_dq_smem(d) bytes. Writes the q columns
-// of dqkv.
-extern "C" __global__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, const float* delta,
-                                       const act_t* qkv, Heads s, float scale) {
+// Grid (ceil(T / BLOCK), B·H). Shared: Q, dO, then two buffers of K, V. Writes the q columns of
+// dqkv. Query tiles run longest first.
+template <int D>
+__device__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, const float* delta, const act_t* qkv, Heads s,
+                            float scale) {
+    constexpr int TE = BLOCK * (D + PAD);
     DYNAMIC_SMEM(smem);
-    const int d = s.d;
     bf16* Qs = (bf16*)smem;
-    bf16* dOs = Qs + TILE * d;
-    bf16* Ks = dOs + TILE * d;
-    bf16* Vs = Ks + TILE * d;
-    float* dQ = (float*)(Vs + TILE * d);
-    float* S = dQ + TILE * d;
-    float* dP = S + TILE * TILE;
-    bf16* dS = (bf16*)(dP + TILE * TILE);
-    float* L = (float*)(dS + TILE * TILE);
-    float* D = L + TILE;
+    bf16* dOs = Qs + TE;
+    bf16* KV = dOs + TE;  // buffer k: K at KV + 2k·TE, V after it
 
     const int b = blockIdx.y / s.n_heads, h = blockIdx.y % s.n_heads;
-    const int kvh = h / (s.n_heads / s.n_kv_heads), w = s.width(), ow = s.n_heads * d;
+    const int kvh = h / (s.n_heads / s.n_kv_heads), w = s.width(), ow = s.n_heads * D;
     const size_t row0 = (size_t)b * s.seq;
-    const int i0 = blockIdx.x * TILE, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, wr = warp * 16;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * BLOCK, tiles = i0 / BLOCK + 1;
+    const int lane = threadIdx.x % WARP, wr = (threadIdx.x / WARP) * 16, g = lane / 4, q = lane % 4;
+    const float scale2 = scale * LOG2E;
 
-    load_tile(Qs, qkv, row0, i0, s.seq, w, s.q_col(h), d);
-    load_tile(dOs, dout, row0, i0, s.seq, ow, h * d, d);
-    load_stats(L, D, lse, delta, blockIdx.y, i0, s.seq);
-    for (int idx = threadIdx.x; idx < TILE * d; idx += blockDim.x) dQ[idx] = 0.0f;
-
-    const int i_end = min(s.seq, i0 + TILE);
-    for (int j0 = 0; j0 < i_end; j0 += TILE) {
-        __syncthreads();
-        load_tile(Ks, qkv, row0, j0, s.seq, w, s.k_col(kvh), d);
-        load_tile(Vs, qkv, row0, j0, s.seq, w, s.v_col(kvh), d);
-        __syncthreads();
-        mma_abt(S + wr * TILE, TILE, Qs + wr * d, d, Ks, d, TILE, d);
-        mma_abt(dP + wr * TILE, TILE, dOs + wr * d, d, Vs, d, TILE, d);
-        __syncwarp();
-        for (int idx = lane; idx < 16 * TILE; idx += WARP) {
-            const int r = wr + idx / TILE, c = idx % TILE, i = i0 + r, j = j0 + c;
-            const bool visible = i < s.seq && j <= i;
-            const float p = visible ? __expf(S[r * TILE + c] * scale - L[r]) : 0.0f;
-            dS[r * TILE + c] = __float2bfloat16(p * (dP[r * TILE + c] - D[r]) * scale);
-        }
-        __syncwarp();
-        mma_ab_acc(dQ + wr * d, d, dS + wr * TILE, TILE, Ks, d, d, TILE);
+    // lse (log2 units) and Δ of this lane's rows g and g + 8. Rows past the sequence see zero
+    // Q and dO, so their P is 1 and their dS 0: nothing to mask.
+    float L2[2], Dl[2];
+    for (int r = 0; r < 2; r++) {
+        const int i = i0 + wr + g + 8 * r;
+        L2[r] = i < s.seq ? lse[(size_t)blockIdx.y * s.seq + i] * LOG2E : 0.0f;
+        Dl[r] = i < s.seq ? delta[(size_t)blockIdx.y * s.seq + i] : 0.0f;
     }
-    __syncwarp();
-    for (int r = 0; r < 16; r++) {
-        const int row = wr + r, i = i0 + row;
-        if (i >= s.seq) break;
-        for (int c = lane; c < d; c += WARP) st(dqkv + (row0 + i) * w + s.q_col(h) + c, dQ[row * d + c]);
+
+    load_tile<D>(Qs, qkv, row0, i0, s.seq, w, s.q_col(h));
+    load_tile<D>(dOs, dout, row0, i0, s.seq, ow, h * D);
+    load_tile<D>(KV, qkv, row0, 0, s.seq, w, s.k_col(kvh));
+    load_tile<D>(KV + TE, qkv, row0, 0, s.seq, w, s.v_col(kvh));
+    cp_async_commit();
+
+    float dq[D / 8][4] = {};
+    for (int t = 0; t < tiles; t++) {
+        const int j0 = t * BLOCK;
+        const bf16* Ks = KV + 2 * (t % 2) * TE;
+        const bf16* Vs = Ks + TE;
+        if (t + 1 < tiles) {
+            bf16* next = KV + 2 * ((t + 1) % 2) * TE;
+            load_tile<D>(next, qkv, row0, j0 + BLOCK, s.seq, w, s.k_col(kvh));
+            load_tile<D>(next + TE, qkv, row0, j0 + BLOCK, s.seq, w, s.v_col(kvh));
+            cp_async_commit();
+            cp_async_wait_prior();
+        } else {
+            cp_async_wait_all();
+        }
+        __syncthreads();
+
+        float ds[BLOCK / 8][4] = {}, dp[BLOCK / 8][4] = {};
+        product_abt<D>(ds, Qs, wr, Ks);
+        product_abt<D>(dp, dOs, wr, Vs);
+        const bool diagonal = j0 == i0;
+        for (int nt = 0; nt < BLOCK / 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                const int r = e / 2, i = i0 + wr + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
+                const float p = diagonal && j > i ? 0.0f : exp2f(ds[nt][e] * scale2 - L2[r]);
+                ds[nt][e] = p * (dp[nt][e] - Dl[r]) * scale;
+            }
+        product_pb<D>(dq, ds, Ks);
+        __syncthreads();  // every warp is done with this buffer before the next tile refills it
+    }
+
+    for (int r = 0; r < 2; r++) {
+        const int i = i0 + wr + g + 8 * r;
+        if (i < s.seq) store_row<D>(dqkv + (row0 + i) * w + s.q_col(h), dq, r, 1.0f);
     }
 }
+
+// ---- entry points -----------------------------------------------------------------------------
+// Register arrays need the head_dim at compile time: one set of kernels per multiple of 16.
+#define ATTENTION_ENTRIES(D)                                                                                     \
+    extern "C" __global__ void attn_fwd_d##D(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {     \
+        attn_fwd<D>(out, lse, qkv, s, scale);                                                                    \
+    }                                                                                                            \
+    extern "C" __global__ void attn_bwd_dkv_d##D(act_t* dqkv, const act_t* dout, const float* lse, const float* delta, \
+                                                 const act_t* qkv, Heads s, float scale) {                       \
+        attn_bwd_dkv<D>(dqkv, dout, lse, delta, qkv, s, scale);                                                  \
+    }                                                                                                            \
+    extern "C" __global__ void attn_bwd_dq_d##D(act_t* dqkv, const act_t* dout, const float* lse, const float* delta,  \
+                                                const act_t* qkv, Heads s, float scale) {                        \
+        attn_bwd_dq<D>(dqkv, dout, lse, delta, qkv, s, scale);                                                   \
+    }
+
+ATTENTION_ENTRIES(16)
+ATTENTION_ENTRIES(32)
+ATTENTION_ENTRIES(48)
+ATTENTION_ENTRIES(64)
+ATTENTION_ENTRIES(80)
+ATTENTION_ENTRIES(96)
+ATTENTION_ENTRIES(112)
+ATTENTION_ENTRIES(128)
