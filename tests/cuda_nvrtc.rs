@@ -1,5 +1,8 @@
 //! Compiles every CUDA kernel with NVRTC for `sm_90a`, without a GPU, so that a kernel that does
 //! not compile fails CI. Both storage variants are compiled: f32 (what runs today) and bf16.
+//! With `MOTLEY_PTXAS` naming NVIDIA's `ptxas`, each PTX file is also assembled for `sm_90a`, as
+//! the driver does at load time (inline PTX that NVRTC passes through is only checked there),
+//! and the register and spill counts of the attention kernels are printed.
 //!
 //! Needs libnvrtc on the library path and the CUDA headers (cuda_bf16.h, mma.h) in
 //! `MOTLEY_CUDA_INCLUDE`, or a Python venv with NVIDIA's wheels in `MOTLEY_CUDA_HOME`;
@@ -49,10 +52,42 @@ fn every_kernel_compiles_for_sm90a() {
                         }
                     }
                     eprintln!("compiled kernels/{}.cu ({storage:?}) for {ARCH} in {:.2}s", file.name, t.elapsed().as_secs_f64());
+                    if let Err(e) = assemble(&text, &format!("{}-{storage:?}", file.name), file.name == "attention") {
+                        failures.push(e);
+                    }
                 }
                 Err(e) => failures.push(e),
             }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Assembles `ptx` with the `ptxas` named by `MOTLEY_PTXAS` (nothing when unset: CI sets it);
+/// with `report`, prints each kernel's registers and spills.
+fn assemble(ptx: &str, name: &str, report: bool) -> Result<(), String> {
+    let Some(ptxas) = std::env::var_os("MOTLEY_PTXAS") else { return Ok(()) };
+    let dir = std::env::temp_dir().join(format!("motley-ptxas-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (src, out) = (dir.join(format!("{name}.ptx")), dir.join(format!("{name}.cubin")));
+    std::fs::write(&src, ptx).map_err(|e| format!("{}: {e}", src.display()))?;
+    let run = std::process::Command::new(&ptxas).args([&format!("-arch={ARCH}"), "-v"]).arg(&src).arg("-o").arg(&out).output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = run.map_err(|e| format!("running {}: {e}", ptxas.to_string_lossy()))?;
+    let log = String::from_utf8_lossy(&run.stderr);
+    if !run.status.success() {
+        return Err(format!("ptxas rejected the PTX of {name}:\n{log}"));
+    }
+    if report {
+        // "Compiling entry function 'f'", then its stack/spill line, then "Used N registers".
+        let mut entry = "";
+        for line in log.lines() {
+            if let Some(f) = line.split("entry function '").nth(1) {
+                entry = f.trim_end_matches(&['\'', ' '][..]).split('\'').next().unwrap_or(f);
+            } else if line.contains("spill stores") || line.contains("Used ") {
+                eprintln!("  {name} {entry}: {}", line.trim().trim_start_matches("ptxas info    : "));
+            }
+        }
+    }
+    Ok(())
 }
