@@ -34,7 +34,7 @@ fn main() {
         DeviceKind::Cpu => run(&Cpu::new(args.get("--threads", 0)), &args),
         DeviceKind::Cuda => {
             #[cfg(feature = "cuda")]
-            return run(&common::device::open_cuda(), &args);
+            return run(&common::device::open_cuda(false), &args);
             #[cfg(not(feature = "cuda"))]
             common::device::no_cuda_feature();
         }

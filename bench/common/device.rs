@@ -39,11 +39,14 @@ pub trait BenchBackend: Backend {
     /// Starts a new peak-memory measurement.
     fn reset_peak(&self);
     fn peak_bytes(&self) -> u64;
+    /// (op, calls, seconds) recorded since the last call, slowest first; empty unless the
+    /// backend was built with its profile on.
+    fn take_profile(&self) -> Vec<(&'static str, u64, f64)>;
 }
 
 impl BenchBackend for Cpu {
     fn label(&self) -> String {
-        "CPU".into()
+        "CPU (f32)".into()
     }
     fn memory_kind(&self) -> &'static str {
         "process peak RSS"
@@ -55,6 +58,9 @@ impl BenchBackend for Cpu {
     }
     fn peak_bytes(&self) -> u64 {
         proc_status_kib("VmHWM:") * 1024
+    }
+    fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+        Cpu::take_profile(self)
     }
 }
 
@@ -87,18 +93,44 @@ mod cuda {
         fn peak_bytes(&self) -> u64 {
             self.peak_device_bytes().unwrap_or_else(|e| panic!("{e}"))
         }
+        fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+            CudaBackend::take_profile(self)
+        }
     }
 }
 
 /// GPU 0 in bf16 mixed precision (what `motley train --device cuda` runs), or exit 2 saying
 /// what is missing (driver, GPU, NVRTC, cuBLAS).
 #[cfg(feature = "cuda")]
-pub fn open_cuda() -> motley::backend::cuda::CudaBackend {
+pub fn open_cuda(profile: bool) -> motley::backend::cuda::CudaBackend {
     use motley::backend::cuda::{cuda_available, CudaBackend, Storage};
     if let Err(why) = cuda_available() {
         fail(&format!("--device cuda: {why}"));
     }
-    CudaBackend::new(0, Storage::Bf16).unwrap_or_else(|e| fail(&format!("--device cuda: {e}")))
+    let be = CudaBackend::new(0, Storage::Bf16).unwrap_or_else(|e| fail(&format!("--device cuda: {e}")));
+    if profile {
+        be.with_profile()
+    } else {
+        be
+    }
+}
+
+/// The table of `take_profile` rows over `steps` steps of `step_seconds` each: per op, calls and
+/// milliseconds per step and share of the step; the rest of the step is time outside every op.
+pub fn print_profile(title: &str, ops: &[(&'static str, u64, f64)], steps: usize, step_seconds: f64) {
+    if ops.is_empty() {
+        return;
+    }
+    let steps = steps.max(1) as f64;
+    println!("\n{title}\n| op | calls/step | ms/step | share of step |\n|---|---|---|---|");
+    let per_step = |secs: f64| secs / steps * 1e3;
+    let step_ms = step_seconds * 1e3;
+    for &(op, calls, secs) in ops {
+        println!("| {op} | {} | {:.2} | {:.1}% |", (calls as f64 / steps).round(), per_step(secs), 100.0 * per_step(secs) / step_ms);
+    }
+    let inside: f64 = ops.iter().map(|o| per_step(o.2)).sum();
+    println!("| (outside any op) | | {:.2} | {:.1}% |", step_ms - inside, 100.0 * (step_ms - inside) / step_ms);
+    println!("| (step) | | {step_ms:.2} | 100% |\n");
 }
 
 /// Exit 2: `--device cuda` in a build without the feature.

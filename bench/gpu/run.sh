@@ -139,11 +139,16 @@ part_step() {
     rm -f "$d/motley.jsonl"
     run_limited "step: motley H100-ref B=8 T=4096 (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
+    # Where the step's time goes: GPU time per op (events around each op perturb the timing a
+    # little, so this is a separate run and not the table's number).
+    run_limited "step: motley time per op (profile)" "$(grant 120)" "$d/profile.log" \
+        "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${STEP_POLICY:-keep}" --warmup 1 --steps 3 --max-seconds 60 --profile
     run_limited "step: PyTorch eager + torch.compile, same shape" "$(grant 360)" "$d/torch.log" \
         "$py" bench/peer/torch_hmoe.py --suite custom --config "$(h100_ref_json)" --modes eager,compile
     {
         echo "H100-ref training step, B=8 × T=4096 (motley: bf16 activations and working weights, f32 master weights; PyTorch: bf16 autocast). MFU over 989 TFLOP/s."
         "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
+        sed -n '/^time per op/,$p' "$d/profile.log"
     } > "$d/table.md"
 }
 

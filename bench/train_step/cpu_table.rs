@@ -8,6 +8,7 @@ use motley::backend::Backend;
 use motley::config::{Alpha, MemoryConfig, MemoryPolicy};
 
 use crate::common::args::Args;
+use crate::common::device::print_profile;
 use crate::common::shapes::cpu_shapes;
 use crate::common::step::Run;
 
@@ -66,14 +67,6 @@ pub fn run(args: &Args) {
             secs / steps as f64 * 1e3,
             100.0 * gflops / gemm
         );
-        let ops = be.take_profile();
-        if !ops.is_empty() {
-            println!("\n{name}: time per op over {steps} steps (wall, inside the backend)\n| op | calls/step | ms/step | share |\n|---|---|---|---|");
-            let total: f64 = ops.iter().map(|o| o.2).sum();
-            for (op, calls, secs) in ops {
-                println!("| {op} | {} | {:.1} | {:.0}% |", calls / steps as u64, secs / steps as f64 * 1e3, 100.0 * secs / total);
-            }
-            println!("| (step total) | | {:.1} | |\n", secs / steps as f64 * 1e3);
-        }
+        print_profile(&format!("{name}: time per op over {steps} steps (wall, inside the backend)"), &be.take_profile(), steps, secs / steps as f64);
     }
 }

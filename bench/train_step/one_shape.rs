@@ -1,13 +1,15 @@
 //! One shape on one device: `--device cpu|cuda --shape NAME [--batch B --seq T --policy P
-//! --steps N --warmup W --max-seconds S --host-gib G --bandwidth-gbs X --threads N --json FILE]`
-//! (`--max-seconds`: fewer timed steps when they take longer than that, at least one).
+//! --steps N --warmup W --max-seconds S --host-gib G --bandwidth-gbs X --threads N --json FILE
+//! --profile]`
+//! (`--max-seconds`: fewer timed steps when they take longer than that, at least one;
+//! `--profile`: a table of time per op over the timed steps).
 
 use motley::backend::cpu::Cpu;
 use motley::config::MemoryConfig;
 use serde_json::json;
 
 use crate::common::args::{fail, show_size, Args};
-use crate::common::device::{BenchBackend, DeviceKind};
+use crate::common::device::{print_profile, BenchBackend, DeviceKind};
 use crate::common::shapes::{find, Shape};
 use crate::common::step::{gib, gpu_link_gbs, measure, parse_policy, Run, Summary};
 
@@ -107,11 +109,15 @@ pub fn json_line(case: &Case, policy: &str, params: usize, status: &str, s: Opti
 
 pub fn run(args: &Args) {
     let case = Case::from_args(args, None, "keep", 10, 2);
+    let profile = args.has("--profile");
     match case.device {
-        DeviceKind::Cpu => measure_and_print(&Cpu::new(case.threads), &case, args),
+        DeviceKind::Cpu => {
+            let be = Cpu::new(case.threads);
+            measure_and_print(&if profile { be.with_profile() } else { be }, &case, args)
+        }
         DeviceKind::Cuda => {
             #[cfg(feature = "cuda")]
-            return measure_and_print(&crate::common::device::open_cuda(), &case, args);
+            return measure_and_print(&crate::common::device::open_cuda(profile), &case, args);
             #[cfg(not(feature = "cuda"))]
             crate::common::device::no_cuda_feature();
         }
@@ -123,9 +129,17 @@ fn measure_and_print<B: BenchBackend>(be: &B, case: &Case, args: &Args) {
     let mut run = Run::new(be, &case.shape, case.batch, case.seq, &case.memory, case.device.name()).unwrap_or_else(|e| fail(&format!("{e}")));
     let policy = run.policy_label();
     let max_seconds = args.get("--max-seconds", f64::INFINITY);
-    let times = measure(be, &mut run, case.warmup, case.steps, max_seconds, |t| eprintln!("{} step: {:.3} s", if t.warmup { "warm-up" } else { "timed" }, t.seconds)).unwrap_or_else(|e| fail(&format!("{e}")));
+    let times = measure(be, &mut run, case.warmup, case.steps, max_seconds, |t| {
+        eprintln!("{} step: {:.3} s", if t.warmup { "warm-up" } else { "timed" }, t.seconds);
+        if t.warmup {
+            be.take_profile(); // the profile covers the timed steps only
+        }
+    })
+    .unwrap_or_else(|e| fail(&format!("{e}")));
     let Some(summary) = Summary::of(&times) else { fail("--steps 0: nothing timed") };
-    println!("motley training step on {}, f32 storage, {} timed steps after {} warm-up; peak memory: {}", be.label(), summary.steps, case.warmup, be.memory_kind());
+    println!("motley training step on {}, {} timed steps after {} warm-up; peak memory: {}", be.label(), summary.steps, case.warmup, be.memory_kind());
     println!("{HEADER}\n{}", row(case, &policy, run.n_params(), &summary));
+    let title = format!("time per op over {} steps ({})", summary.steps, if case.device == DeviceKind::Cuda { "GPU stream time between events around each op" } else { "wall time inside the backend" });
+    print_profile(&title, &be.take_profile(), summary.steps, summary.seconds / summary.steps as f64);
     args.append_json(&json_line(case, &policy, run.n_params(), "ok", Some(&summary)));
 }

@@ -32,6 +32,7 @@ mod grouped;
 mod kernels;
 pub mod nvrtc;
 mod offload;
+mod profile;
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -68,6 +69,8 @@ pub struct CudaBackend {
     offload: offload::Offloader,
     k: Kernels,
     device: String,
+    /// GPU time per op, when asked for ([`CudaBackend::with_profile`]).
+    profile: Option<profile::Profiler>,
 }
 
 /// A device buffer of `len` elements of type `storage`.
@@ -170,7 +173,7 @@ impl CudaBackend {
         let blas = blas::Lt::new(stream.clone()).map_err(Error::Invalid)?;
         let grouped = Some(grouped::Grouped::new(stream.clone()).map_err(Error::Invalid)?);
         let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
-        let be = CudaBackend { stream, blas, grouped, offload, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)") };
+        let be = CudaBackend { stream, blas, grouped, offload, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
         Ok(be)
     }
@@ -186,6 +189,23 @@ impl CudaBackend {
     pub fn without_grouped_gemm(mut self) -> Self {
         self.grouped = None;
         self
+    }
+
+    /// Records the GPU time of every op (see [`CudaBackend::take_profile`]).
+    pub fn with_profile(mut self) -> Self {
+        self.profile = Some(profile::Profiler::default());
+        self
+    }
+
+    /// (op, calls, seconds of stream time) since the start or the last call, slowest first;
+    /// empty when not profiling. Waits for the recorded work to finish.
+    pub fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+        self.profile.as_ref().map_or_else(Vec::new, |p| p.take())
+    }
+
+    /// Brackets an op for the profile; a no-op when not profiling.
+    fn span(&self, op: &'static str) -> Option<profile::Span<'_>> {
+        self.profile.as_ref().map(|p| p.span(&self.stream, op))
     }
 
     /// The GPU's name, architecture and activation storage, for logs.
@@ -403,6 +423,7 @@ impl Backend for CudaBackend {
         )
     }
     fn upload(&self, dst: DevViewMut<'_>, src: &[f32]) {
+        let _span = self.span("upload");
         assert_eq!(dst.len(), src.len(), "upload");
         self.bind();
         let stream = self.stream.cu_stream();
@@ -417,6 +438,7 @@ impl Backend for CudaBackend {
         }
     }
     fn download(&self, src: DevView<'_>) -> Vec<f32> {
+        let _span = self.span("download");
         self.bind();
         let stream = self.stream.cu_stream();
         // SAFETY: src holds src.len() elements of its type; the stream is synchronised before
@@ -445,6 +467,7 @@ impl Backend for CudaBackend {
         self.offload.offload(&self.stream, dst, at, src, src.len * src.storage.bytes());
     }
     fn reload(&self, dst: DevViewMut<'_>, src: &offload::PinnedHost, at: u64, precision: Precision) {
+        let _span = self.span("reload");
         expect("reload", "dst", dst.storage, self.storage_of(precision));
         self.bind();
         let bytes = dst.len * dst.storage.bytes();
@@ -457,12 +480,14 @@ impl Backend for CudaBackend {
         self.offload.wait(&self.stream, mark);
     }
     fn fill(&self, dst: DevViewMut<'_>, value: f32) {
+        let _span = self.span("fill");
         let n = dst.len();
         if n > 0 {
             self.elementwise_scalar(&self.k.elementwise(dst.storage).fill, dst.ptr, value, n, "fill");
         }
     }
     fn copy(&self, dst: DevViewMut<'_>, src: DevView<'_>) {
+        let _span = self.span("copy");
         assert_eq!(dst.len(), src.len(), "copy");
         self.bind();
         if dst.storage == src.storage {
@@ -476,6 +501,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, dst: DevViewMut<'_>, src: DevView<'_>) {
+        let _span = self.span("add_assign");
         let n = dst.len();
         assert_eq!(n, src.len(), "add_assign");
         expect("add_assign", "src", src.storage, dst.storage);
@@ -487,6 +513,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(f).arg(&dst.ptr).arg(&src.ptr).arg(&n).launch(grid_stride(n)) }, "add_assign");
     }
     fn add(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>) {
+        let _span = self.span("add");
         let n = out.len();
         assert!(a.len() == n && b.len() == n, "add");
         expect("add", "a", a.storage, out.storage);
@@ -499,12 +526,14 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(f).arg(&out.ptr).arg(&a.ptr).arg(&b.ptr).arg(&n).launch(grid_stride(n)) }, "add");
     }
     fn scale(&self, dst: DevViewMut<'_>, s: f32) {
+        let _span = self.span("scale");
         let n = dst.len();
         if n > 0 {
             self.elementwise_scalar(&self.k.elementwise(dst.storage).scale, dst.ptr, s, n, "scale");
         }
     }
     fn sum_squares(&self, x: DevView<'_>) -> f64 {
+        let _span = self.span("sum_squares");
         let n = x.len();
         let ew = self.k.elementwise(x.storage);
         let mut partial = ok(self.stream.alloc_zeros::<f64>(SUMSQ_BLOCKS), "scratch alloc");
@@ -522,6 +551,7 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
+        let _span = self.span("matmul");
         if m == 0 || n == 0 {
             return;
         }
@@ -542,6 +572,7 @@ impl Backend for CudaBackend {
     }
 
     fn grouped_matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
+        let _span = self.span("grouped_matmul");
         let live: Vec<Gemm> = gemms.iter().copied().filter(|g| g.m * g.n > 0).collect();
         let mut outs: Vec<(usize, usize)> = live.iter().map(|g| (g.out, g.out + g.m * g.n)).collect();
         outs.sort_unstable();
@@ -559,6 +590,7 @@ impl Backend for CudaBackend {
     }
 
     fn embedding_fwd(&self, out: DevViewMut<'_>, table: DevView<'_>, tokens: &[u32], c: usize) {
+        let _span = self.span("embedding_fwd");
         if tokens.is_empty() || c == 0 {
             return;
         }
@@ -571,6 +603,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.embedding_fwd).arg(&out.ptr).arg(&table.ptr).arg(&t).arg(&c).launch(per_row(tokens.len())) }, "embedding_fwd");
     }
     fn embedding_bwd(&self, dtable: DevViewMut<'_>, dout: DevView<'_>, tokens: &[u32], c: usize) {
+        let _span = self.span("embedding_bwd");
         if tokens.is_empty() || c == 0 {
             return;
         }
@@ -588,6 +621,7 @@ impl Backend for CudaBackend {
     }
 
     fn rmsnorm_fwd(&self, out: DevViewMut<'_>, rstd: DevViewMut<'_>, x: DevView<'_>, w: DevView<'_>, n: usize, c: usize, eps: f32) {
+        let _span = self.span("rmsnorm_fwd");
         if n == 0 {
             return;
         }
@@ -601,6 +635,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.rmsnorm_fwd).arg(&out.ptr).arg(&rstd.ptr).arg(&x.ptr).arg(&w.ptr).arg(&c).arg(&eps).launch(per_row(n)) }, "rmsnorm_fwd");
     }
     fn rmsnorm_bwd(&self, dx: DevViewMut<'_>, dw: DevViewMut<'_>, dout: DevView<'_>, x: DevView<'_>, w: DevView<'_>, rstd: DevView<'_>, n: usize, c: usize) {
+        let _span = self.span("rmsnorm_bwd");
         if n == 0 || c == 0 {
             return;
         }
@@ -625,6 +660,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, qkv: DevViewMut<'_>, table: DevView<'_>, shape: AttnShape, first_row: usize, inverse: bool) {
+        let _span = self.span("rope");
         let n = qkv.len() / shape.qkv_width();
         assert_eq!(qkv.len(), n * shape.qkv_width(), "rope qkv");
         expect("rope", "qkv", qkv.storage, self.act());
@@ -644,13 +680,16 @@ impl Backend for CudaBackend {
     }
 
     fn attention_fwd(&self, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: DevView<'_>, shape: AttnShape) {
+        let _span = self.span("attention_fwd");
         attention::forward(self, out, lse, qkv, shape)
     }
     fn attention_bwd(&self, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, shape: AttnShape) {
+        let _span = self.span("attention_bwd");
         attention::backward(self, dqkv, dout, out, lse, qkv, shape)
     }
 
     fn swiglu_fwd(&self, out: DevViewMut<'_>, gu: DevView<'_>, rows: usize, h: usize) {
+        let _span = self.span("swiglu_fwd");
         if rows * h == 0 {
             return;
         }
@@ -662,6 +701,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.swiglu_fwd).arg(&out.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).launch(grid_stride(rows * h)) }, "swiglu_fwd");
     }
     fn swiglu_bwd(&self, dgu: DevViewMut<'_>, dout: DevView<'_>, gu: DevView<'_>, rows: usize, h: usize) {
+        let _span = self.span("swiglu_bwd");
         if rows * h == 0 {
             return;
         }
@@ -675,6 +715,7 @@ impl Backend for CudaBackend {
     }
 
     fn softmax_rows(&self, out: DevViewMut<'_>, logits: DevView<'_>, rows: usize, cols: usize) {
+        let _span = self.span("softmax_rows");
         if rows == 0 {
             return;
         }
@@ -686,6 +727,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.softmax_rows_fwd).arg(&out.ptr).arg(&logits.ptr).arg(&r).arg(&c).launch(warp_per_row(rows)) }, "softmax_rows");
     }
     fn softmax_rows_bwd(&self, dlogits: DevViewMut<'_>, dprobs: DevView<'_>, probs: DevView<'_>, rows: usize, cols: usize) {
+        let _span = self.span("softmax_rows_bwd");
         if rows == 0 {
             return;
         }
@@ -702,9 +744,11 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], c: usize) {
+        let _span = self.span("gather_rows");
         self.gather(out, x, index, None, c)
     }
     fn combine_rows(&self, out: DevViewMut<'_>, y: DevView<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
+        let _span = self.span("combine_rows");
         let tokens = by_token.offsets.len().saturating_sub(1);
         if tokens == 0 || c == 0 {
             return;
@@ -727,6 +771,7 @@ impl Backend for CudaBackend {
         ok(unsafe { l.launch(per_row(tokens)) }, "combine_rows");
     }
     fn gathered_dots(&self, a: DevView<'_>, b: DevView<'_>, index: &[u32], c: usize) -> Vec<f32> {
+        let _span = self.span("gathered_dots");
         if index.is_empty() {
             return Vec::new();
         }
@@ -743,10 +788,12 @@ impl Backend for CudaBackend {
         v
     }
     fn gather_rows_scaled(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], weight: &[f32], c: usize) {
+        let _span = self.span("gather_rows_scaled");
         self.gather(out, x, index, Some(weight), c)
     }
 
     fn classifier(&self, x: DevView<'_>, w: DevView<'_>, targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(DevViewMut<'_>, DevViewMut<'_>, f32)>) -> Vec<f32> {
+        let _span = self.span("classifier");
         if n == 0 {
             return Vec::new();
         }
@@ -798,10 +845,12 @@ impl Backend for CudaBackend {
         self.act() != Storage::F32
     }
     fn refresh_working_copy(&self, work: DevViewMut<'_>, master: DevView<'_>) {
+        let _span = self.span("refresh_working_copy");
         expect("refresh_working_copy", "master", master.storage, Storage::F32);
         self.copy(work, master);
     }
     fn adamw(&self, p: DevViewMut<'_>, work: Option<DevViewMut<'_>>, m: DevViewMut<'_>, v: DevViewMut<'_>, g: DevView<'_>, hp: AdamW, grad_scale: f32, decay: bool) {
+        let _span = self.span("adamw");
         let n = p.len();
         assert!(m.len() == n && v.len() == n && g.len() == n && work.as_ref().is_none_or(|w| w.len() == n), "adamw shapes");
         for (arg, st) in [("p", p.storage), ("m", m.storage), ("v", v.storage), ("g", g.storage)] {
