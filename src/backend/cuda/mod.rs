@@ -243,6 +243,8 @@ impl CudaBackend {
     }
 
     fn alloc_storage(&self, len: usize, storage: Storage) -> DevBuf {
+        // alloc_zeros queues a memset: the profile shows what zeroing costs.
+        let _span = self.span("alloc");
         // At least one byte: a zero-byte allocation has no address to hand out.
         let mem = ok(self.stream.alloc_zeros::<u8>((len * storage.bytes()).max(1)), "alloc");
         let ptr = mem.device_ptr(&self.stream).0;
