@@ -384,6 +384,8 @@ struct Gpu {
     emu: &'static Emulator,
     storage: Storage,
     schedule: i32,
+    /// Grid-stride launches get at most 2 blocks.
+    capped: bool,
 }
 
 impl Gpu {
@@ -407,6 +409,15 @@ impl Gpu {
     fn nan(&self, name: &'static str, elem: Elem, len: usize) -> Buf {
         Buf::from_f64(name, elem, &vec![f64::NAN; len])
     }
+    /// The backend's grid-stride launch over `n` elements; capped, what it becomes past 2²⁴
+    /// elements (65536 blocks), where every thread takes several elements.
+    fn grid_stride(&self, n: usize) -> LaunchConfig {
+        let mut cfg = grid_stride(n);
+        if self.capped {
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(2);
+        }
+        cfg
+    }
     fn run(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) {
         if let Err(e) = self.emu.launch(kernel, cfg, args, self.schedule) {
             panic!("{:?} storage: {e}", self.storage);
@@ -414,19 +425,17 @@ impl Gpu {
     }
 }
 
-/// Runs `case` on the emulator under both schedules; every buffer it returns must come out
-/// bitwise the same. The values of the first run; `None` when the emulator is unavailable.
+/// Runs `case` on the emulator under both schedules, and with grid-stride grids capped; every
+/// buffer it returns must come out bitwise the same. The values of the first run; `None` when
+/// the emulator is unavailable.
 fn emulate(storage: Storage, case: impl Fn(&Gpu) -> Vec<Buf>) -> Option<Vec<Vec<f64>>> {
     let emu = emulator(storage)?;
-    let [asc, desc] = [0, 1].map(|schedule| case(&Gpu { emu, storage, schedule }));
-    for (a, d) in asc.iter().zip(&desc) {
-        if let Some(i) = a.bytes().chunks(a.elem.bytes()).zip(d.bytes().chunks(d.elem.bytes())).position(|(x, y)| x != y) {
-            panic!(
-                "{storage:?}: `{}` differs between the ascending and descending schedules at element {i}: {} vs {} (a race: a missing barrier?)",
-                a.name,
-                a.values()[i],
-                d.values()[i]
-            );
+    let asc = case(&Gpu { emu, storage, schedule: 0, capped: false });
+    for (other, why) in [(Gpu { emu, storage, schedule: 1, capped: false }, "the descending schedule (a race: a missing barrier?)"), (Gpu { emu, storage, schedule: 0, capped: true }, "a 2-block grid-stride grid")] {
+        for (a, o) in asc.iter().zip(&case(&other)) {
+            if let Some(i) = a.bytes().chunks(a.elem.bytes()).zip(o.bytes().chunks(o.elem.bytes())).position(|(x, y)| x != y) {
+                panic!("{storage:?}: `{}` differs under {why} at element {i}: {} instead of {}", a.name, o.values()[i], a.values()[i]);
+            }
         }
     }
     Some(asc.iter().map(Buf::values).collect())
@@ -515,23 +524,23 @@ fn elementwise(s: Storage) {
     let Some(got) = emulate(s, |g| {
         let (ab, bb) = (g.act("a", &a), g.act("b", &b));
         let sum = g.nan("sum", g.act_elem(), n);
-        g.run("add", grid_stride(n), &[sum.arg(), ab.arg(), bb.arg(), Arg::Size(n)]);
+        g.run("add", g.grid_stride(n), &[sum.arg(), ab.arg(), bb.arg(), Arg::Size(n)]);
         let acc = g.act("acc", &c);
-        g.run("add_assign", grid_stride(n), &[acc.arg(), ab.arg(), Arg::Size(n)]);
+        g.run("add_assign", g.grid_stride(n), &[acc.arg(), ab.arg(), Arg::Size(n)]);
         let scaled = g.act("scaled", &c);
-        g.run("scale", grid_stride(n), &[scaled.arg(), Arg::F32(0.37), Arg::Size(n)]);
+        g.run("scale", g.grid_stride(n), &[scaled.arg(), Arg::F32(0.37), Arg::Size(n)]);
         // A view from element 5 to n − 5, as `fill` of a subview launches.
         let filled = g.act("filled", &c);
-        g.run("fill", grid_stride(n - 10), &[filled.at(5), Arg::F32(2.5), Arg::Size(n - 10)]);
+        g.run("fill", g.grid_stride(n - 10), &[filled.at(5), Arg::F32(2.5), Arg::Size(n - 10)]);
         let (partial_cfg, final_cfg) = launch::sum_squares();
         let (partial, total) = (g.nan("partial", Elem::F64, SUMSQ_BLOCKS), g.nan("total", Elem::F64, 1));
         g.run("sum_squares_partial", partial_cfg, &[partial.arg(), ab.arg(), Arg::Size(n)]);
         g.run("sum_squares_final", final_cfg, &[total.arg(), partial.arg(), Arg::I32(SUMSQ_BLOCKS as i32)]);
         // CudaBackend::convert, both ways.
         let (f, rounded) = (g.f32("specials", &specials), g.nan("rounded", g.act_elem(), m));
-        g.run("f32_to_act", grid_stride(m), &[rounded.arg(), f.arg(), Arg::Size(m)]);
+        g.run("f32_to_act", g.grid_stride(m), &[rounded.arg(), f.arg(), Arg::Size(m)]);
         let widened = g.nan("widened", Elem::F32, n);
-        g.run("act_to_f32", grid_stride(n), &[widened.arg(), ab.arg(), Arg::Size(n)]);
+        g.run("act_to_f32", g.grid_stride(n), &[widened.arg(), ab.arg(), Arg::Size(n)]);
         vec![sum, acc, scaled, filled, total, rounded, widened]
     }) else {
         return;
@@ -589,8 +598,8 @@ fn embed(s: Storage) {
 }
 
 fn norm(s: Storage) {
-    // 150 rows: three row chunks, the last partial; 320 columns: two column blocks.
-    let (n, c, eps) = (150, 320, 1e-5);
+    // 150 rows: three row chunks, the last partial; 600 columns: three column blocks.
+    let (n, c, eps) = (150, 600, 1e-5);
     let (x, w, dy, dx0, dw0) = (act(s, &data(10, n * c)), act(s, &data(11, c)), act(s, &data(12, n * c)), act(s, &data(13, n * c)), data(14, c));
     let cpu = cpu_for(s);
     let (mut want_out, mut want_rstd) = (vec![0.0; n * c], vec![0.0; n]);
@@ -606,7 +615,7 @@ fn norm(s: Storage) {
         let (ni, ci) = (n as i32, c as i32);
         g.run("rmsnorm_bwd_dx", per_row(n), &[dx.arg(), dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci)]);
         g.run("rmsnorm_dw_partial", partial_cfg, &[part.arg(), dyb.arg(), xb.arg(), rsb.arg(), Arg::I32(ni), Arg::I32(ci), Arg::I32(ROW_CHUNK as i32)]);
-        g.run("rmsnorm_dw_reduce", grid_stride(c), &[dw.arg(), part.arg(), Arg::I32(chunks as i32), Arg::I32(ci)]);
+        g.run("rmsnorm_dw_reduce", g.grid_stride(c), &[dw.arg(), part.arg(), Arg::I32(chunks as i32), Arg::I32(ci)]);
         vec![out, rs, dx, dw]
     }) else {
         return;
@@ -641,7 +650,7 @@ fn rope(s: Storage) {
                 let mut args = vec![q.arg(), tb.arg()];
                 args.extend(ints);
                 args.push(Arg::F32(sign));
-                g.run("rope", grid_stride(total), &args);
+                g.run("rope", g.grid_stride(total), &args);
                 outs.push(q);
             }
         }
@@ -669,8 +678,8 @@ fn swiglu(s: Storage) {
     let Some(got) = emulate(s, |g| {
         let (gub, db) = (g.act("gu", &gu), g.act("dout", &dout));
         let (out, dgu) = (g.nan("out", g.act_elem(), rows * h), g.nan("dgu", g.act_elem(), rows * 2 * h));
-        g.run("swiglu_fwd", grid_stride(rows * h), &[out.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32)]);
-        g.run("swiglu_bwd", grid_stride(rows * h), &[dgu.arg(), db.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32)]);
+        g.run("swiglu_fwd", g.grid_stride(rows * h), &[out.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32)]);
+        g.run("swiglu_bwd", g.grid_stride(rows * h), &[dgu.arg(), db.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32)]);
         vec![out, dgu]
     }) else {
         return;
@@ -815,7 +824,7 @@ fn optim(s: Storage) {
             let w = if with_work { work.arg() } else { Arg::Null };
             let args = AdamWArgs::new(hp, decay);
             let list = [pb.arg(), w, mb.arg(), vb.arg(), gb.arg(), Arg::Size(n), Arg::Bytes(bytes_of(&args)), Arg::F32(grad_scale)];
-            gpu.run("adamw", grid_stride(n), &list);
+            gpu.run("adamw", gpu.grid_stride(n), &list);
             outs.extend([pb, mb, vb, work]);
         }
         outs
