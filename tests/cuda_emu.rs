@@ -16,7 +16,8 @@
 //! while `attention.rs` is being rewritten. For every kernel file and both storages:
 //! - the two schedules give bitwise-identical outputs: a block's warps, and each warp's lanes,
 //!   resumed in ascending, then in descending order, each warp running as far as it can before
-//!   the next, so a missing `__syncthreads` or `__syncwarp` shows as a mismatch;
+//!   the next, so a missing `__syncthreads` or `__syncwarp` shows as a mismatch; and so does a
+//!   third run with grid-stride grids capped at 2 blocks (the backend's grid past 2²⁴ elements);
 //! - no write lands outside a buffer (guards of signalling NaNs around each, which arithmetic
 //!   changes) or outside shared memory, and outputs the op overwrites start as NaN, so an element
 //!   left unwritten shows, as does a read of unwritten shared memory (poisoned with NaN);
@@ -33,11 +34,12 @@
 //! - [`BF16_TOL`] 4e-3 where the kernel rounds such a result into bf16 once: half a bf16 ulp,
 //!   at most 2⁻⁸ of the element (measured ≤ 3.1e-3);
 //! - [`SUMSQ_TOL`] 1e-12 for Σx² in f64 in another order (measured ≤ 2e-14);
-//! - attention, [`ATTN_TOL`] 3e-3 with f32 storage: the CPU gets the bf16 values of q, k, v and
+//! - attention, [`ATTN_TOL`] 5e-3 with f32 storage: the CPU gets the bf16 values of q, k, v and
 //!   dO, which the kernels stage as bf16 tiles in either storage, so what is left is the kernels'
-//!   rounding of P and dS to bf16 before their products (measured ≤ 1.2e-3);
-//!   [`BF16_ATTN_TOL`] 6e-3 with bf16 storage, which also rounds out and dqkv once (2⁻⁸) and
-//!   reads O as bf16 for Δ (measured ≤ 2.8e-3).
+//!   rounding of P and dS to bf16 (up to 2⁻⁸ each) before their products, which average it out
+//!   least with few keys (measured ≤ 2.6e-3, at head_dim 16 and T = 70);
+//!   [`BF16_ATTN_TOL`] 8e-3 with bf16 storage, which also rounds out and dqkv once (2⁻⁸) and
+//!   reads O as bf16 for Δ (measured ≤ 3.4e-3).
 //!
 //! The primitives are checked against the PTX ISA: `mma16816` against a plain matmul (exactly
 //! on small integers, to f32 rounding on random bf16), `ldmatrix_x4(_trans)` against the
@@ -69,8 +71,8 @@ use motley::rng::Rng;
 const F32_TOL: f64 = 2e-6;
 const BF16_TOL: f64 = 4e-3;
 const SUMSQ_TOL: f64 = 1e-12;
-const ATTN_TOL: f64 = 3e-3;
-const BF16_ATTN_TOL: f64 = 6e-3;
+const ATTN_TOL: f64 = 5e-3;
+const BF16_ATTN_TOL: f64 = 8e-3;
 
 // ---- building and loading the emulator -------------------------------------------------------
 
@@ -879,9 +881,12 @@ fn attention_launches(s: AttnShape) -> AttnLaunches {
     }
 }
 
-const ATTN: [AttnShape; 2] = [
+/// Partial last tiles; groups of 2 and 4 query heads per kv head; head_dim 16 (the smallest,
+/// narrower than a warp), 64 and 128 (the largest).
+const ATTN: [AttnShape; 3] = [
     AttnShape { batch: 2, seq: 100, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
     AttnShape { batch: 2, seq: 160, n_heads: 4, n_kv_heads: 2, head_dim: 128 },
+    AttnShape { batch: 1, seq: 70, n_heads: 4, n_kv_heads: 1, head_dim: 16 },
 ];
 
 fn attention(s: Storage) {
