@@ -1,7 +1,8 @@
 //! The CUDA backend: kernels compiled with NVRTC at start-up, matmuls on cuBLASLt, one stream.
 //!
 //! **Status: compiled, never executed.** Every kernel compiles for `sm_90a` in CI
-//! (`tests/cuda_nvrtc.rs`) and this Rust code type-checks against cudarc 0.19, but no line of it
+//! (`tests/cuda_nvrtc.rs`) and runs on a CPU emulator against the CPU backend
+//! (`tests/cuda_emu.rs`), and this Rust code type-checks against cudarc 0.19, but no line of it
 //! has run on a GPU yet; `tests/cuda_parity.rs` holds the checks for the first GPU session.
 //! See `docs/cuda.md`.
 //!
