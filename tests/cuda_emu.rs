@@ -20,7 +20,8 @@
 //!   third run with grid-stride grids capped at 2 blocks (the backend's grid past 2²⁴ elements);
 //! - no write lands outside a buffer (guards of signalling NaNs around each, which arithmetic
 //!   changes) or outside shared memory, and outputs the op overwrites start as NaN, so an element
-//!   left unwritten shows, as does a read of unwritten shared memory (poisoned with NaN);
+//!   left unwritten shows, as does a read of unwritten shared memory (poisoned with NaN); a
+//!   misaligned access or an index past a fixed-size array stops the run (UBSan, with the line);
 //! - outputs match the CPU backend run on the same inputs (rounded to bf16 where the kernel
 //!   reads bf16, so the tolerance is the kernel's own error).
 //!
@@ -78,8 +79,21 @@ const BF16_ATTN_TOL: f64 = 8e-3;
 
 const EMU_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda_emu");
 /// `-fno-strict-aliasing`: the kernels read bf16 pairs through `unsigned*`, as CUDA allows;
-/// `-ffp-contract=off`: no fused multiply-adds, so the exact comparisons hold on any machine.
-const FLAGS: &[&str] = &["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off", "-DMOTLEY_EMU"];
+/// `-ffp-contract=off`: no fused multiply-adds, so the exact comparisons hold on any machine;
+/// UBSan's alignment and bounds checks: a misaligned access (an error on the GPU) or an index
+/// past a fixed-size array (`__shared__ float scratch[32]`) stops the test with the source line.
+const FLAGS: &[&str] = &[
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-fvisibility=hidden",
+    "-fno-strict-aliasing",
+    "-ffp-contract=off",
+    "-fsanitize=alignment,bounds",
+    "-fno-sanitize-recover=all",
+    "-DMOTLEY_EMU",
+];
 
 /// The emulator's own kernel file: compiled into the emulator only.
 const PRIMITIVES: KernelFile = KernelFile {
@@ -170,11 +184,11 @@ fn build(cxx: &str, version: &[u8]) -> Result<[PathBuf; 2], String> {
         }
         std::fs::rename(&tmp, lib).map_err(|e| format!("{}: {e}", lib.display()))?;
     }
-    let _ = std::fs::remove_dir_all(&src);
-    // Libraries of older sources go.
+    // The sources stay, for the file and line of a UBSan message; those of older sources go.
+    let current = format!("{hash:016x}");
     for old in std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()) {
-        if old.extension().is_some_and(|e| e == "so") && !libs.iter().any(|(_, lib)| *lib == old) {
-            let _ = std::fs::remove_file(old);
+        if !old.to_string_lossy().contains(&current) {
+            let _ = if old.is_dir() { std::fs::remove_dir_all(old) } else { std::fs::remove_file(old) };
         }
     }
     Ok(libs.map(|(_, lib)| lib))
