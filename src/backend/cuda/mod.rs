@@ -1,7 +1,8 @@
 //! The CUDA backend: kernels compiled with NVRTC at start-up, matmuls on cuBLASLt, one stream.
 //!
 //! **Status: compiled, never executed.** Every kernel compiles for `sm_90a` in CI
-//! (`tests/cuda_nvrtc.rs`) and this Rust code type-checks against cudarc 0.19, but no line of it
+//! (`tests/cuda_nvrtc.rs`) and runs on a CPU emulator against the CPU backend
+//! (`tests/cuda_emu.rs`), and this Rust code type-checks against cudarc 0.19, but no line of it
 //! has run on a GPU yet; `tests/cuda_parity.rs` holds the checks for the first GPU session.
 //! See `docs/cuda.md`.
 //!
@@ -30,6 +31,7 @@ mod blas;
 mod detect;
 mod grouped;
 mod kernels;
+pub mod launch;
 pub mod nvrtc;
 mod offload;
 mod profile;
@@ -38,23 +40,19 @@ use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::driver::{result as drv, CudaContext, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as drv, CudaContext, CudaSlice, CudaStream, DevicePtr, PushKernelArg};
 use half::bf16;
 
 use blas::Operand;
 pub use detect::cuda_available;
+pub use kernels::{group_positions, AdamWArgs};
 use kernels::Kernels;
+use launch::{grid_stride, per_row, warp_per_row, SUMSQ_BLOCKS};
 pub use nvrtc::Storage;
 
 use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, Precision, TokenSlots};
 use crate::{Error, Result};
 
-/// Threads per block for row and grid-stride kernels.
-const THREADS: u32 = 256;
-/// Rows per partial sum in the deterministic column reductions (RMSNorm dw), as on the CPU.
-const ROW_CHUNK: usize = 64;
-/// Blocks of the first pass of `sum_squares`; fixed so the summation order depends only on n.
-const SUMSQ_BLOCKS: usize = 256;
 /// Most logits alive at once in the fused classifier (elements: 256 MiB of f32 logits plus their
 /// bf16 gradient). Every chunk reads and writes the whole f32 dW (V × C), so chunks must be
 /// large: at V = 32768 this is 2048 rows, 16 chunks for H100-ref's 32768-token step.
@@ -130,26 +128,6 @@ fn expect(op: &str, arg: &str, got: Storage, want: Storage) {
 /// Unwraps a driver result; see the module doc for why a device error panics.
 fn ok<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA {what} failed: {e:?}"))
-}
-
-fn blocks_for(n: usize) -> u32 {
-    n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32
-}
-
-/// Grid-stride launch over `n` elements.
-fn grid_stride(n: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (blocks_for(n), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// One block of `THREADS` per row (`rows ≥ 1`).
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// One warp per row, `THREADS / 32` rows per block.
-fn warp_per_row(rows: usize) -> LaunchConfig {
-    let per_block = THREADS as usize / 32;
-    LaunchConfig { grid_dim: (rows.div_ceil(per_block) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 impl CudaBackend {
@@ -540,13 +518,12 @@ impl Backend for CudaBackend {
         let ew = self.k.elementwise(x.storage);
         let mut partial = ok(self.stream.alloc_zeros::<f64>(SUMSQ_BLOCKS), "scratch alloc");
         let mut total = ok(self.stream.alloc_zeros::<f64>(1), "scratch alloc");
-        let cfg = LaunchConfig { grid_dim: (SUMSQ_BLOCKS as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (cfg, one_warp) = launch::sum_squares();
         let count = SUMSQ_BLOCKS as i32;
         // SAFETY: `sum_squares_partial(double*, const act_t*, size_t)` with SUMSQ_BLOCKS blocks,
         // then `sum_squares_final(double*, const double*, int)` on one warp.
         unsafe {
             ok(self.stream.launch_builder(&ew.sum_squares_partial).arg(&mut partial).arg(&x.ptr).arg(&n).launch(cfg), "sum_squares");
-            let one_warp = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
             ok(self.stream.launch_builder(&ew.sum_squares_final).arg(&mut total).arg(&partial).arg(&count).launch(one_warp), "sum_squares");
         }
         ok(self.stream.clone_dtoh(&total), "download")[0]
@@ -647,15 +624,13 @@ impl Backend for CudaBackend {
         }
         expect("rmsnorm_bwd", "dw", dw.storage, Storage::F32);
         expect("rmsnorm_bwd", "rstd", rstd.storage, Storage::F32);
-        let chunks = n.div_ceil(ROW_CHUNK);
+        let (cfg, chunks) = launch::rmsnorm_dw_partial(n, c);
         let mut part = self.scratch_f32(chunks * c);
-        let (ni, ci, rows, ch) = (n as i32, c as i32, ROW_CHUNK as i32, chunks as i32);
-        let col_blocks = c.div_ceil(THREADS as usize) as u32;
+        let (ni, ci, rows, ch) = (n as i32, c as i32, launch::ROW_CHUNK as i32, chunks as i32);
         // SAFETY: signatures of rmsnorm_bwd_dx, rmsnorm_dw_partial, rmsnorm_dw_reduce in norm.cu;
         // `part` holds chunks × c floats.
         unsafe {
             ok(self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&dx.ptr).arg(&dout.ptr).arg(&x.ptr).arg(&w.ptr).arg(&rstd.ptr).arg(&ci).launch(per_row(n)), "rmsnorm_bwd_dx");
-            let cfg = LaunchConfig { grid_dim: (chunks as u32, col_blocks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
             ok(self.stream.launch_builder(&self.k.rmsnorm_dw_partial).arg(&mut part).arg(&dout.ptr).arg(&x.ptr).arg(&rstd.ptr).arg(&ni).arg(&ci).arg(&rows).launch(cfg), "rmsnorm_dw_partial");
             ok(self.stream.launch_builder(&self.k.rmsnorm_dw_reduce).arg(&dw.ptr).arg(&part).arg(&ch).arg(&ci).launch(grid_stride(c)), "rmsnorm_dw_reduce");
         }

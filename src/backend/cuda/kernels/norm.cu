@@ -39,11 +39,11 @@ extern "C" __global__ void rmsnorm_dw_partial(float* part, const act_t* dout, co
 }
 
 // dw[j] += Σ_chunks part[chunk, j], chunks in order (deterministic, no atomics). dw is a weight
-// gradient: f32.
+// gradient: f32. A grid-stride loop over the columns.
 extern "C" __global__ void rmsnorm_dw_reduce(float* dw, const float* part, int chunks, int c) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= c) return;
-    float acc = dw[j];
-    for (int k = 0; k < chunks; k++) acc += part[(size_t)k * c + j];
-    dw[j] = acc;
+    for (size_t j = blockIdx.x * (size_t)blockDim.x + threadIdx.x; j < (size_t)c; j += (size_t)gridDim.x * blockDim.x) {
+        float acc = dw[j];
+        for (int k = 0; k < chunks; k++) acc += part[(size_t)k * c + j];
+        dw[j] = acc;
+    }
 }

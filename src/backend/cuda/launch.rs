@@ -1,0 +1,48 @@
+//! Launch geometry of the kernels other than attention: grid, block and shared memory per
+//! launch. Public so that the kernel emulator's test (`tests/cuda_emu.rs`) launches each kernel
+//! exactly as the backend does.
+
+pub use cudarc::driver::LaunchConfig;
+
+/// Threads per block for row and grid-stride kernels.
+pub const THREADS: u32 = 256;
+/// Rows per partial sum in the deterministic column reductions (RMSNorm dw), as on the CPU.
+pub const ROW_CHUNK: usize = 64;
+/// Blocks of the first pass of `sum_squares`; fixed so the summation order depends only on n.
+pub const SUMSQ_BLOCKS: usize = 256;
+
+fn blocks_for(n: usize) -> u32 {
+    n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32
+}
+
+/// Grid-stride launch over `n` elements.
+pub fn grid_stride(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks_for(n), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One block of `THREADS` per row (`rows ≥ 1`).
+pub fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// One warp per row, `THREADS / 32` rows per block.
+pub fn warp_per_row(rows: usize) -> LaunchConfig {
+    let per_block = THREADS as usize / 32;
+    LaunchConfig { grid_dim: (rows.div_ceil(per_block) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// `sum_squares_partial` (`SUMSQ_BLOCKS` blocks) and `sum_squares_final` (one warp).
+pub fn sum_squares() -> (LaunchConfig, LaunchConfig) {
+    let partial = LaunchConfig { grid_dim: (SUMSQ_BLOCKS as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let one_warp = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    (partial, one_warp)
+}
+
+/// `rmsnorm_dw_partial` over `n` rows of width `c`: one block per (chunk of `ROW_CHUNK` rows,
+/// `THREADS` columns); also returns the number of chunks (`rmsnorm_dw_reduce` sums them over
+/// `grid_stride(c)`).
+pub fn rmsnorm_dw_partial(n: usize, c: usize) -> (LaunchConfig, usize) {
+    let chunks = n.div_ceil(ROW_CHUNK);
+    let col_blocks = c.div_ceil(THREADS as usize) as u32;
+    (LaunchConfig { grid_dim: (chunks as u32, col_blocks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }, chunks)
+}

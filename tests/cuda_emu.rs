@@ -1,0 +1,1084 @@
+//! Every CUDA kernel on a CPU emulator, against the CPU backend: kernel logic checked without a
+//! GPU.
+//!
+//! The emulator (`tests/cuda_emu/`): `emu.h` is force-included before each kernel file, which
+//! is compiled unchanged (the exact `nvrtc::full_source` text) with `-DMOTLEY_EMU` (and
+//! `-DMOTLEY_ACT_BF16` for bf16 storage), each file inside a namespace of its own; `emu.cpp`
+//! runs a launch with every CUDA thread a fiber on one OS thread, the blocks one after another,
+//! warp collectives (shuffles, `__syncwarp`, `mma.sync`, `ldmatrix`) executed once all 32 lanes
+//! wait at one, `cp.async` copies landing at their wait, and dynamic shared memory between
+//! guards. `include/cuda_bf16.h` stands in for CUDA's; `primitives.cu` holds test kernels for
+//! the emulator itself. This test builds one shared library per storage with g++ (cached under
+//! `CARGO_TARGET_TMPDIR`, named by a hash of every input) and loads it.
+//!
+//! Each kernel is launched as the backend launches it: the geometry of `backend::cuda::launch`,
+//! the argument order of `backend/cuda/mod.rs`; attention's, mirrored in [`attention_launches`]
+//! while `attention.rs` is being rewritten. For every kernel file and both storages:
+//! - the two schedules give bitwise-identical outputs: a block's warps, and each warp's lanes,
+//!   resumed in ascending, then in descending order, each warp running as far as it can before
+//!   the next, so a missing `__syncthreads` or `__syncwarp` shows as a mismatch; and so does a
+//!   third run with grid-stride grids capped at 2 blocks (the backend's grid past 2²⁴ elements);
+//! - no write lands outside a buffer (guards of signalling NaNs around each, which arithmetic
+//!   changes) or outside shared memory, and outputs the op overwrites start as NaN, so an element
+//!   left unwritten shows, as does a read of unwritten shared memory (poisoned with NaN); a
+//!   misaligned access or an index past a fixed-size array stops the run (UBSan, with the line);
+//! - outputs match the CPU backend run on the same inputs (rounded to bf16 where the kernel
+//!   reads bf16, so the tolerance is the kernel's own error).
+//!
+//! Comparisons with the CPU. Exact (bitwise, after rounding the CPU's f32 result to the
+//! output's storage) where the kernel does the CPU's f32 operations in the CPU's order: copies,
+//! conversions, add/scale/fill, embedding, gather/combine, RoPE, RMSNorm dw, AdamW. Elsewhere
+//! max |emu − cpu| / max |cpu| per output:
+//! - [`F32_TOL`] 2e-6 (16 f32 ulps of the largest value) for reductions summed in another order
+//!   (block and warp trees) and the kernels' `expf`/`__expf`/`rsqrtf` against the CPU's own
+//!   functions (measured ≤ 6e-7);
+//! - [`BF16_TOL`] 4e-3 where the kernel rounds such a result into bf16 once: half a bf16 ulp,
+//!   at most 2⁻⁸ of the element (measured ≤ 3.1e-3);
+//! - [`SUMSQ_TOL`] 1e-12 for Σx² in f64 in another order (measured ≤ 2e-14);
+//! - attention, [`ATTN_TOL`] 5e-3 with f32 storage: the CPU gets the bf16 values of q, k, v and
+//!   dO, which the kernels stage as bf16 tiles in either storage, so what is left is the kernels'
+//!   rounding of P and dS to bf16 (up to 2⁻⁸ each) before their products, which average it out
+//!   least with few keys (measured ≤ 2.6e-3, at head_dim 16 and T = 70);
+//!   [`BF16_ATTN_TOL`] 8e-3 with bf16 storage, which also rounds out and dqkv once (2⁻⁸) and
+//!   reads O as bf16 for Δ (measured ≤ 3.4e-3).
+//!
+//! The primitives are checked against the PTX ISA: `mma16816` against a plain matmul (exactly
+//! on small integers, to f32 rounding on random bf16), `ldmatrix_x4(_trans)` against the
+//! documented distribution of rows to lanes, `cp_async16` against its zero-fill and wait-group
+//! semantics; and the emulator must report a deadlock, a shared-memory overflow, a race and an
+//! out-of-bounds global write.
+//!
+//! Needs g++ (`CXX` overrides it): without it the test fails when `CI=true` and prints a skip
+//! otherwise.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use common::randn;
+use motley::backend::cpu::Cpu;
+use motley::backend::cuda::launch::{self, grid_stride, per_row, warp_per_row, LaunchConfig, ROW_CHUNK, SUMSQ_BLOCKS};
+use motley::backend::cuda::nvrtc::{full_source, KernelFile, Storage, KERNEL_FILES};
+use motley::backend::cuda::{group_positions, AdamWArgs};
+use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
+use motley::rng::Rng;
+
+const F32_TOL: f64 = 2e-6;
+const BF16_TOL: f64 = 4e-3;
+const SUMSQ_TOL: f64 = 1e-12;
+const ATTN_TOL: f64 = 5e-3;
+const BF16_ATTN_TOL: f64 = 8e-3;
+
+// ---- building and loading the emulator -------------------------------------------------------
+
+const EMU_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda_emu");
+/// `-fno-strict-aliasing`: the kernels read bf16 pairs through `unsigned*`, as CUDA allows;
+/// `-ffp-contract=off`: no fused multiply-adds, so the exact comparisons hold on any machine;
+/// UBSan's alignment and bounds checks: a misaligned access (an error on the GPU) or an index
+/// past a fixed-size array (`__shared__ float scratch[32]`) stops the test with the source line.
+const FLAGS: &[&str] = &[
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-fvisibility=hidden",
+    "-fno-strict-aliasing",
+    "-ffp-contract=off",
+    "-fsanitize=alignment,bounds",
+    "-fno-sanitize-recover=all",
+    "-DMOTLEY_EMU",
+];
+
+/// The emulator's own kernel file: compiled into the emulator only.
+const PRIMITIVES: KernelFile = KernelFile {
+    name: "primitives",
+    source: include_str!("cuda_emu/primitives.cu"),
+    functions: &["test_mma", "test_ldmatrix", "test_cp_async", "bad_divergent_shuffle", "bad_smem_overflow", "racy_neighbour"],
+};
+
+type LaunchFn = unsafe extern "C" fn(*const c_char, *const u32, *const u32, usize, usize, *const *mut c_void, *const usize, i32) -> i32;
+type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
+
+/// The emulator built for one storage.
+struct Emulator {
+    _lib: libloading::Library,
+    launch: LaunchFn,
+    last_error: LastErrorFn,
+}
+
+/// The emulators for f32 and bf16 storage, built once per test run; `None` when g++ is missing.
+fn emulator(storage: Storage) -> Option<&'static Emulator> {
+    static EMULATORS: OnceLock<Option<[Emulator; 2]>> = OnceLock::new();
+    let both = EMULATORS.get_or_init(|| {
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+        let version = match Command::new(&cxx).arg("--version").output() {
+            Ok(out) if out.status.success() => out.stdout,
+            _ => {
+                let why = format!("`{cxx} --version` failed: the kernel emulator needs g++ (apt-get install g++, or set CXX)");
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "cuda_emu cannot run: {why}");
+                eprintln!("SKIPPED cuda_emu: {why}");
+                return None;
+            }
+        };
+        let libs = build(&cxx, &version).unwrap_or_else(|e| panic!("building the kernel emulator: {e}"));
+        Some(libs.map(|path| load(&path)))
+    });
+    both.as_ref().map(|e| &e[(storage == Storage::Bf16) as usize])
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Builds (or finds in the cache) the emulator libraries for f32 and bf16 storage, in parallel.
+fn build(cxx: &str, version: &[u8]) -> Result<[PathBuf; 2], String> {
+    let emu = Path::new(EMU_DIR);
+    let files: Vec<&KernelFile> = KERNEL_FILES.iter().chain([&PRIMITIVES]).collect();
+    let mut h = DefaultHasher::new();
+    (read(&emu.join("emu.h")), read(&emu.join("emu.cpp")), read(&emu.join("include/cuda_bf16.h")), FLAGS, version).hash(&mut h);
+    for f in &files {
+        (f.name, full_source(f), f.functions).hash(&mut h);
+    }
+    let hash = h.finish();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_emu");
+    let libs = [Storage::F32, Storage::Bf16].map(|st| (st, dir.join(format!("libemu-{st:?}-{hash:016x}.so").to_lowercase())));
+    if libs.iter().all(|(_, lib)| lib.is_file()) {
+        return Ok(libs.map(|(_, lib)| lib));
+    }
+    // Each kernel file as NVRTC sees it, and a wrapper that includes it inside a namespace of its
+    // own (common.cuh has non-inline functions) and registers its entry points by name.
+    let src = dir.join(format!("src-{hash:016x}-{}", std::process::id()));
+    std::fs::create_dir_all(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let mut wrappers = Vec::new();
+    for f in &files {
+        let mut wrapper = format!("namespace k_{0} {{\n#include \"{0}.cu\"\n}}\n", f.name);
+        for (i, func) in f.functions.iter().enumerate() {
+            wrapper += &format!("static const emu::Registration r{i}(\"{func}\", &k_{}::{func});\n", f.name);
+        }
+        wrappers.push(src.join(format!("k_{}.cpp", f.name)));
+        for (path, text) in [(src.join(format!("{}.cu", f.name)), full_source(f)), (wrappers[wrappers.len() - 1].clone(), wrapper)] {
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let mut jobs = Vec::new();
+    for (storage, lib) in libs.iter().filter(|(_, lib)| !lib.is_file()) {
+        // Written under a temporary name and renamed: a concurrent run never loads half a file.
+        let tmp = lib.with_extension(format!("tmp{}", std::process::id()));
+        let mut cmd = Command::new(cxx);
+        cmd.args(FLAGS).args((*storage == Storage::Bf16).then_some("-DMOTLEY_ACT_BF16"));
+        cmd.arg("-I").arg(emu.join("include")).arg("-I").arg(&src).arg("-include").arg(emu.join("emu.h"));
+        cmd.arg(emu.join("emu.cpp")).args(&wrappers).arg("-o").arg(&tmp);
+        let child = cmd.stderr(std::process::Stdio::piped()).spawn().map_err(|e| format!("{cxx}: {e}"))?;
+        jobs.push((lib, tmp, child));
+    }
+    for (lib, tmp, child) in jobs {
+        let out = child.wait_with_output().map_err(|e| format!("{cxx}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{cxx} failed for {} (sources in {}):\n{}", lib.display(), src.display(), String::from_utf8_lossy(&out.stderr)));
+        }
+        std::fs::rename(&tmp, lib).map_err(|e| format!("{}: {e}", lib.display()))?;
+    }
+    // The sources stay, for the file and line of a UBSan message; those of older sources go.
+    let current = format!("{hash:016x}");
+    for old in std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()) {
+        if !old.to_string_lossy().contains(&current) {
+            let _ = if old.is_dir() { std::fs::remove_dir_all(old) } else { std::fs::remove_file(old) };
+        }
+    }
+    Ok(libs.map(|(_, lib)| lib))
+}
+
+fn load(path: &Path) -> Emulator {
+    // SAFETY: our own library, whose static initialisers only register kernels; the symbols
+    // have the C signatures of emu.cpp's `emu_launch` and `emu_last_error`.
+    unsafe {
+        let lib = libloading::Library::new(path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
+        let launch = *lib.get::<LaunchFn>(b"emu_launch").expect("emu_launch");
+        let last_error = *lib.get::<LastErrorFn>(b"emu_last_error").expect("emu_last_error");
+        Emulator { _lib: lib, launch, last_error }
+    }
+}
+
+// ---- device buffers ----------------------------------------------------------------------------
+
+/// Bytes of guard before and after each buffer.
+const GUARD: usize = 256;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Elem {
+    F32,
+    Bf16,
+    F64,
+    U32,
+}
+
+impl Elem {
+    fn bytes(self) -> usize {
+        match self {
+            Elem::Bf16 => 2,
+            Elem::F32 | Elem::U32 => 4,
+            Elem::F64 => 8,
+        }
+    }
+    /// One element of the guards of buffer number `id`: a signalling NaN whose payload is the
+    /// buffer's, so that reading a guard makes the result NaN, arithmetic on it writes back a
+    /// quiet NaN (other bits), and a copy from another buffer's guard other bits too. Indices
+    /// get an absurdly large value.
+    fn canary(self, id: u64) -> Vec<u8> {
+        let payload = 1 + id % 63;
+        match self {
+            Elem::Bf16 => (0x7f80 | payload as u16).to_le_bytes().to_vec(),
+            Elem::F32 => (0x7f80_0000 | payload as u32).to_le_bytes().to_vec(),
+            Elem::F64 => (0x7ff0_0000_0000_0000 | payload).to_le_bytes().to_vec(),
+            Elem::U32 => (0xdead_0000 | payload as u32).to_le_bytes().to_vec(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(256))]
+struct Chunk([u8; 256]);
+
+/// A device buffer in host memory: `len` elements of `elem`, 256-byte aligned like a CUDA
+/// allocation, between two guards.
+struct Buf {
+    name: &'static str,
+    elem: Elem,
+    len: usize,
+    /// The guard pattern, one element long.
+    canary: Vec<u8>,
+    mem: Vec<Chunk>,
+    /// Start of the memory: every access goes through it (kernels write while we hold `&Buf`).
+    base: *mut u8,
+}
+
+impl Buf {
+    fn new(name: &'static str, elem: Elem, len: usize) -> Buf {
+        let total = (2 * GUARD + len * elem.bytes()).div_ceil(256) * 256;
+        let mut mem = vec![Chunk([0; 256]); total / 256];
+        let base = mem.as_mut_ptr() as *mut u8;
+        static BUFFERS: AtomicU64 = AtomicU64::new(0);
+        let canary = elem.canary(BUFFERS.fetch_add(1, Ordering::Relaxed));
+        // SAFETY: `total` bytes from `base` belong to `mem`.
+        let all = unsafe { std::slice::from_raw_parts_mut(base, total) };
+        all.iter_mut().enumerate().for_each(|(i, b)| *b = canary[i % canary.len()]);
+        Buf { name, elem, len, canary, mem, base }
+    }
+    fn total(&self) -> usize {
+        self.mem.len() * 256
+    }
+    fn data_ptr(&self) -> *mut u8 {
+        // SAFETY: within the allocation (GUARD < total).
+        unsafe { self.base.add(GUARD) }
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the data region lies inside the allocation; no launch runs meanwhile.
+        unsafe { std::slice::from_raw_parts(self.data_ptr(), self.len * self.elem.bytes()) }
+    }
+    fn write(&self, values: impl Iterator<Item = Vec<u8>>) {
+        let mut at = self.data_ptr();
+        for v in values.take(self.len) {
+            // SAFETY: at most `len` elements of `elem.bytes()` bytes each, inside the data region.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.as_ptr(), at, v.len());
+                at = at.add(v.len());
+            }
+        }
+    }
+    fn from_f64(name: &'static str, elem: Elem, values: &[f64]) -> Buf {
+        let buf = Buf::new(name, elem, values.len());
+        buf.write(values.iter().map(|&v| match elem {
+            Elem::F32 => (v as f32).to_le_bytes().to_vec(),
+            Elem::Bf16 => half::bf16::from_f32(v as f32).to_le_bytes().to_vec(),
+            Elem::F64 => v.to_le_bytes().to_vec(),
+            Elem::U32 => (v as u32).to_le_bytes().to_vec(),
+        }));
+        buf
+    }
+    fn values(&self) -> Vec<f64> {
+        self.bytes()
+            .chunks(self.elem.bytes())
+            .map(|b| match self.elem {
+                Elem::F32 => f32::from_le_bytes(b.try_into().unwrap()) as f64,
+                Elem::Bf16 => half::bf16::from_le_bytes(b.try_into().unwrap()).to_f64(),
+                Elem::F64 => f64::from_le_bytes(b.try_into().unwrap()),
+                Elem::U32 => u32::from_le_bytes(b.try_into().unwrap()) as f64,
+            })
+            .collect()
+    }
+    /// Names the first guard byte a kernel overwrote.
+    fn check_guards(&self) -> Result<(), String> {
+        let end = GUARD + self.len * self.elem.bytes();
+        // SAFETY: the whole allocation.
+        let all = unsafe { std::slice::from_raw_parts(self.base, self.total()) };
+        match (0..GUARD).chain(end..self.total()).find(|&i| all[i] != self.canary[i % self.canary.len()]) {
+            None => Ok(()),
+            Some(i) if i < GUARD => Err(format!("wrote before buffer `{}` (guard byte {} before it changed)", self.name, GUARD - i)),
+            Some(i) => Err(format!("wrote past the end of buffer `{}` of {} elements (guard byte {} after it changed)", self.name, self.len, i - end)),
+        }
+    }
+    fn arg(&self) -> Arg<'_> {
+        Arg::Buf(self, 0)
+    }
+    fn at(&self, element: usize) -> Arg<'_> {
+        Arg::Buf(self, element)
+    }
+}
+
+/// A kernel argument; `args[i]` of the launch points at its value's bytes.
+enum Arg<'a> {
+    /// The address of element `.1` of a buffer.
+    Buf(&'a Buf, usize),
+    Null,
+    I32(i32),
+    /// `size_t`.
+    Size(usize),
+    F32(f32),
+    /// A struct by value.
+    Bytes(Vec<u8>),
+}
+
+impl Arg<'_> {
+    fn bytes(&self) -> Vec<u8> {
+        match self {
+            Arg::Buf(b, at) => (b.data_ptr() as u64 + (at * b.elem.bytes()) as u64).to_le_bytes().to_vec(),
+            Arg::Null => 0u64.to_le_bytes().to_vec(),
+            Arg::I32(v) => v.to_le_bytes().to_vec(),
+            Arg::Size(v) => (*v as u64).to_le_bytes().to_vec(),
+            Arg::F32(v) => v.to_le_bytes().to_vec(),
+            Arg::Bytes(v) => v.clone(),
+        }
+    }
+}
+
+/// The bytes of a `#[repr(C)]` value passed to a kernel by value.
+fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+    // SAFETY: reads the value's own size_of::<T>() bytes; the types used are padding-free.
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }.to_vec()
+}
+
+/// Kernels whose dynamic shared memory limit the backend raises (`kernels.rs`); every other
+/// launch gets CUDA's default 48 KiB.
+const RAISED_SMEM: &[&str] = &["attn_fwd", "attn_bwd_dkv", "attn_bwd_dq"];
+
+impl Emulator {
+    /// Runs `kernel`; then every buffer argument's guards must be intact.
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg], schedule: i32) -> Result<(), String> {
+        if cfg.shared_mem_bytes > 48 << 10 && !RAISED_SMEM.contains(&kernel) {
+            return Err(format!("kernel `{kernel}`: {} bytes of dynamic shared memory without a raised limit", cfg.shared_mem_bytes));
+        }
+        let values: Vec<Vec<u8>> = args.iter().map(Arg::bytes).collect();
+        let ptrs: Vec<*mut c_void> = values.iter().map(|v| v.as_ptr() as *mut c_void).collect();
+        let sizes: Vec<usize> = values.iter().map(Vec::len).collect();
+        let name = CString::new(kernel).expect("kernel name");
+        let grid = [cfg.grid_dim.0, cfg.grid_dim.1, cfg.grid_dim.2];
+        let block = [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2];
+        // SAFETY: the arrays outlive the call and have the lengths passed; buffer arguments point
+        // into live buffers (the kernels' bounds are what the guards check).
+        let rc = unsafe { (self.launch)(name.as_ptr(), grid.as_ptr(), block.as_ptr(), cfg.shared_mem_bytes as usize, ptrs.len(), ptrs.as_ptr(), sizes.as_ptr(), schedule) };
+        if rc != 0 {
+            // SAFETY: emu_last_error returns a NUL-terminated string owned by the library.
+            return Err(unsafe { CStr::from_ptr((self.last_error)()) }.to_string_lossy().into_owned());
+        }
+        for a in args {
+            if let Arg::Buf(b, _) = a {
+                b.check_guards().map_err(|e| format!("kernel `{kernel}` {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The emulator of one storage under one schedule, for a case to launch kernels on.
+struct Gpu {
+    emu: &'static Emulator,
+    storage: Storage,
+    schedule: i32,
+    /// Grid-stride launches get at most 2 blocks.
+    capped: bool,
+}
+
+impl Gpu {
+    fn act_elem(&self) -> Elem {
+        match self.storage {
+            Storage::F32 => Elem::F32,
+            Storage::Bf16 => Elem::Bf16,
+        }
+    }
+    /// `v` in activation storage.
+    fn act(&self, name: &'static str, v: &[f32]) -> Buf {
+        Buf::from_f64(name, self.act_elem(), &v.iter().map(|&x| x as f64).collect::<Vec<_>>())
+    }
+    fn f32(&self, name: &'static str, v: &[f32]) -> Buf {
+        Buf::from_f64(name, Elem::F32, &v.iter().map(|&x| x as f64).collect::<Vec<_>>())
+    }
+    fn u32(&self, name: &'static str, v: &[u32]) -> Buf {
+        Buf::from_f64(name, Elem::U32, &v.iter().map(|&x| x as f64).collect::<Vec<_>>())
+    }
+    /// An output the kernel overwrites, all NaN until then.
+    fn nan(&self, name: &'static str, elem: Elem, len: usize) -> Buf {
+        Buf::from_f64(name, elem, &vec![f64::NAN; len])
+    }
+    /// The backend's grid-stride launch over `n` elements; capped, what it becomes past 2²⁴
+    /// elements (65536 blocks), where every thread takes several elements.
+    fn grid_stride(&self, n: usize) -> LaunchConfig {
+        let mut cfg = grid_stride(n);
+        if self.capped {
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(2);
+        }
+        cfg
+    }
+    fn run(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) {
+        if let Err(e) = self.emu.launch(kernel, cfg, args, self.schedule) {
+            panic!("{:?} storage: {e}", self.storage);
+        }
+    }
+}
+
+/// Runs `case` on the emulator under both schedules, and with grid-stride grids capped; every
+/// buffer it returns must come out bitwise the same. The values of the first run; `None` when
+/// the emulator is unavailable.
+fn emulate(storage: Storage, case: impl Fn(&Gpu) -> Vec<Buf>) -> Option<Vec<Vec<f64>>> {
+    let emu = emulator(storage)?;
+    let asc = case(&Gpu { emu, storage, schedule: 0, capped: false });
+    for (other, why) in [(Gpu { emu, storage, schedule: 1, capped: false }, "the descending schedule (a race: a missing barrier?)"), (Gpu { emu, storage, schedule: 0, capped: true }, "a 2-block grid-stride grid")] {
+        for (a, o) in asc.iter().zip(&case(&other)) {
+            if let Some(i) = a.bytes().chunks(a.elem.bytes()).zip(o.bytes().chunks(o.elem.bytes())).position(|(x, y)| x != y) {
+                panic!("{storage:?}: `{}` differs under {why} at element {i}: {} instead of {}", a.name, o.values()[i], a.values()[i]);
+            }
+        }
+    }
+    Some(asc.iter().map(Buf::values).collect())
+}
+
+// ---- comparisons with the CPU backend ---------------------------------------------------------
+
+/// The CPU reference for `storage`: with bf16 storage, AdamW writes a bf16-rounded working copy.
+fn cpu_for(storage: Storage) -> Cpu {
+    match storage {
+        Storage::F32 => Cpu::new(2),
+        Storage::Bf16 => Cpu::new(2).with_bf16_weights(),
+    }
+}
+
+fn data(seed: u64, n: usize) -> Vec<f32> {
+    randn(&mut Rng::new(seed), n, 1.0)
+}
+
+/// `v` as activation storage holds it: rounded to bf16 (nearest even) for bf16 storage.
+fn act(storage: Storage, v: &[f32]) -> Vec<f32> {
+    match storage {
+        Storage::F32 => v.to_vec(),
+        Storage::Bf16 => v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+    }
+}
+
+/// Collects every comparison of a case, then fails naming all that are off.
+struct Checks {
+    case: String,
+    failures: Vec<String>,
+}
+
+impl Checks {
+    fn new(case: &str, storage: Storage) -> Checks {
+        Checks { case: format!("{case} ({storage:?})"), failures: Vec::new() }
+    }
+    /// Bitwise equality.
+    fn exact(&mut self, what: &str, want: &[f32], got: &[f64]) {
+        assert_eq!(want.len(), got.len(), "{}: `{what}` lengths", self.case);
+        match want.iter().zip(got).position(|(&w, &g)| w.to_bits() != (g as f32).to_bits()) {
+            None => eprintln!("{}: {what} exact", self.case),
+            Some(i) => self.failures.push(format!("{what}: element {i} is {} instead of {}", got[i], want[i])),
+        }
+    }
+    /// max |got − want| / max |want| within `tol`.
+    fn close(&mut self, what: &str, want: &[f64], got: &[f64], tol: f64) {
+        assert_eq!(want.len(), got.len(), "{}: `{what}` lengths", self.case);
+        if let Some(i) = got.iter().position(|g| !g.is_finite()) {
+            self.failures.push(format!("{what}: element {i} is {}", got[i]));
+            return;
+        }
+        let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-30);
+        let err = want.iter().zip(got).fold(0f64, |m, (w, g)| m.max((w - g).abs())) / scale;
+        eprintln!("{}: {what} normalised max error {err:.2e} (tol {tol:.0e})", self.case);
+        if err > tol {
+            self.failures.push(format!("{what}: normalised max error {err:.3e} > {tol:.0e}"));
+        }
+    }
+    fn close32(&mut self, what: &str, want: &[f32], got: &[f64], tol: f64) {
+        self.close(what, &want.iter().map(|&w| w as f64).collect::<Vec<_>>(), got, tol);
+    }
+    fn finish(self) {
+        assert!(self.failures.is_empty(), "{}: {}", self.case, self.failures.join("; "));
+    }
+}
+
+/// The tolerance of a result computed in f32 and stored in `storage`.
+fn tol(storage: Storage) -> f64 {
+    match storage {
+        Storage::F32 => F32_TOL,
+        Storage::Bf16 => BF16_TOL,
+    }
+}
+
+// ---- the kernel files, against the CPU backend -----------------------------------------------
+
+fn elementwise(s: Storage) {
+    let n = 70_001;
+    let (a, b, c) = (act(s, &data(1, n)), act(s, &data(2, n)), act(s, &data(3, n)));
+    // Conversions: random values plus the special ones (a tie to even, overflow to infinity,
+    // a subnormal, infinities, NaN).
+    let mut specials = data(4, 1000);
+    specials.extend([1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, f32::MAX, 1e-40, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+    let m = specials.len();
+    let Some(got) = emulate(s, |g| {
+        let (ab, bb) = (g.act("a", &a), g.act("b", &b));
+        let sum = g.nan("sum", g.act_elem(), n);
+        g.run("add", g.grid_stride(n), &[sum.arg(), ab.arg(), bb.arg(), Arg::Size(n)]);
+        let acc = g.act("acc", &c);
+        g.run("add_assign", g.grid_stride(n), &[acc.arg(), ab.arg(), Arg::Size(n)]);
+        let scaled = g.act("scaled", &c);
+        g.run("scale", g.grid_stride(n), &[scaled.arg(), Arg::F32(0.37), Arg::Size(n)]);
+        // A view from element 5 to n − 5, as `fill` of a subview launches.
+        let filled = g.act("filled", &c);
+        g.run("fill", g.grid_stride(n - 10), &[filled.at(5), Arg::F32(2.5), Arg::Size(n - 10)]);
+        let (partial_cfg, final_cfg) = launch::sum_squares();
+        let (partial, total) = (g.nan("partial", Elem::F64, SUMSQ_BLOCKS), g.nan("total", Elem::F64, 1));
+        g.run("sum_squares_partial", partial_cfg, &[partial.arg(), ab.arg(), Arg::Size(n)]);
+        g.run("sum_squares_final", final_cfg, &[total.arg(), partial.arg(), Arg::I32(SUMSQ_BLOCKS as i32)]);
+        // CudaBackend::convert, both ways.
+        let (f, rounded) = (g.f32("specials", &specials), g.nan("rounded", g.act_elem(), m));
+        g.run("f32_to_act", g.grid_stride(m), &[rounded.arg(), f.arg(), Arg::Size(m)]);
+        let widened = g.nan("widened", Elem::F32, n);
+        g.run("act_to_f32", g.grid_stride(n), &[widened.arg(), ab.arg(), Arg::Size(n)]);
+        vec![sum, acc, scaled, filled, total, rounded, widened]
+    }) else {
+        return;
+    };
+    let cpu = cpu_for(s);
+    let mut want_sum = vec![0.0; n];
+    cpu.add(&mut want_sum, &a, &b);
+    let mut want_acc = c.clone();
+    cpu.add_assign(&mut want_acc, &a);
+    let mut want_scaled = c.clone();
+    cpu.scale(&mut want_scaled, 0.37);
+    let mut want_filled = c.clone();
+    cpu.fill(&mut want_filled[5..n - 5], 2.5);
+    let want_ss = cpu.sum_squares(&a);
+    let mut ch = Checks::new("elementwise", s);
+    ch.exact("add", &act(s, &want_sum), &got[0]);
+    ch.exact("add_assign", &act(s, &want_acc), &got[1]);
+    ch.exact("scale", &act(s, &want_scaled), &got[2]);
+    ch.exact("fill", &act(s, &want_filled), &got[3]);
+    ch.close("sum_squares", &[want_ss], &got[4], SUMSQ_TOL);
+    // f32_to_act rounds to nearest even like `half`, except that a NaN stays a NaN (CUDA's
+    // canonical one, not half's).
+    let nan = specials.iter().position(|x| x.is_nan()).expect("a NaN");
+    assert!(got[5][nan].is_nan(), "{s:?}: f32_to_act turned NaN into {}", got[5][nan]);
+    ch.exact("f32_to_act", &act(s, &specials[..nan]), &got[5][..nan]);
+    ch.exact("act_to_f32", &a, &got[6]);
+    ch.finish();
+}
+
+fn embed(s: Storage) {
+    let (v, c, tokens) = (50, 300, [3u32, 7, 3, 49, 0, 7, 3, 11]);
+    let n = tokens.len();
+    let (table, dout, base) = (act(s, &data(7, v * c)), act(s, &data(8, n * c)), data(9, v * c));
+    let groups = group_positions(&tokens);
+    let Some(got) = emulate(s, |g| {
+        let (tb, tk) = (g.act("table", &table), g.u32("tokens", &tokens));
+        let out = g.nan("out", g.act_elem(), n * c);
+        g.run("embedding_fwd", per_row(n), &[out.arg(), tb.arg(), tk.arg(), Arg::I32(c as i32)]);
+        let (dtable, db) = (g.f32("dtable", &base), g.act("dout", &dout));
+        let (ids, offsets, pos) = (g.u32("ids", &groups.ids), g.u32("offsets", &groups.offsets), g.u32("positions", &groups.positions));
+        g.run("embedding_bwd", per_row(groups.ids.len()), &[dtable.arg(), db.arg(), ids.arg(), offsets.arg(), pos.arg(), Arg::I32(c as i32)]);
+        vec![out, dtable]
+    }) else {
+        return;
+    };
+    let cpu = cpu_for(s);
+    let mut want_out = vec![0.0; n * c];
+    cpu.embedding_fwd(&mut want_out, &table, &tokens, c);
+    let mut want_dtable = base.clone();
+    cpu.embedding_bwd(&mut want_dtable, &dout, &tokens, c);
+    let mut ch = Checks::new("embed", s);
+    ch.exact("embedding_fwd", &want_out, &got[0]);
+    ch.exact("embedding_bwd", &want_dtable, &got[1]);
+    ch.finish();
+}
+
+fn norm(s: Storage) {
+    // 150 rows: three row chunks, the last partial; 600 columns: three column blocks.
+    let (n, c, eps) = (150, 600, 1e-5);
+    let (x, w, dy, dx0, dw0) = (act(s, &data(10, n * c)), act(s, &data(11, c)), act(s, &data(12, n * c)), act(s, &data(13, n * c)), data(14, c));
+    let cpu = cpu_for(s);
+    let (mut want_out, mut want_rstd) = (vec![0.0; n * c], vec![0.0; n]);
+    cpu.rmsnorm_fwd(&mut want_out, &mut want_rstd, &x, &w, n, c, eps);
+    let Some(got) = emulate(s, |g| {
+        let (xb, wb) = (g.act("x", &x), g.act("w", &w));
+        let (out, rs) = (g.nan("out", g.act_elem(), n * c), g.nan("rstd", Elem::F32, n));
+        g.run("rmsnorm_fwd", per_row(n), &[out.arg(), rs.arg(), xb.arg(), wb.arg(), Arg::I32(c as i32), Arg::F32(eps)]);
+        // The backward reads the CPU's rstd, as the CPU's backward does.
+        let (dx, dw, dyb, rsb) = (g.act("dx", &dx0), g.f32("dw", &dw0), g.act("dout", &dy), g.f32("rstd_in", &want_rstd));
+        let (partial_cfg, chunks) = launch::rmsnorm_dw_partial(n, c);
+        let part = g.nan("part", Elem::F32, chunks * c);
+        let (ni, ci) = (n as i32, c as i32);
+        g.run("rmsnorm_bwd_dx", per_row(n), &[dx.arg(), dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci)]);
+        g.run("rmsnorm_dw_partial", partial_cfg, &[part.arg(), dyb.arg(), xb.arg(), rsb.arg(), Arg::I32(ni), Arg::I32(ci), Arg::I32(ROW_CHUNK as i32)]);
+        g.run("rmsnorm_dw_reduce", g.grid_stride(c), &[dw.arg(), part.arg(), Arg::I32(chunks as i32), Arg::I32(ci)]);
+        vec![out, rs, dx, dw]
+    }) else {
+        return;
+    };
+    let (mut want_dx, mut want_dw) = (dx0.clone(), dw0.clone());
+    cpu.rmsnorm_bwd(&mut want_dx, &mut want_dw, &dy, &x, &w, &want_rstd, n, c);
+    let mut ch = Checks::new("norm", s);
+    ch.close32("rmsnorm_fwd out", &want_out, &got[0], tol(s));
+    ch.close32("rmsnorm_fwd rstd", &want_rstd, &got[1], F32_TOL);
+    ch.close32("rmsnorm_bwd dx", &want_dx, &got[2], tol(s));
+    ch.exact("rmsnorm_bwd dw", &want_dw, &got[3]);
+    ch.finish();
+}
+
+const ROPE: AttnShape = AttnShape { batch: 2, seq: 50, n_heads: 4, n_kv_heads: 2, head_dim: 32 };
+
+fn rope(s: Storage) {
+    let sh = ROPE;
+    let w = sh.qkv_width();
+    let (qkv, table) = (act(s, &data(15, sh.tokens() * w)), data(16, sh.seq * sh.head_dim));
+    // The whole (B·T) layout, and rows 37.. alone (a recomputed token range).
+    let cases = [(0, sh.tokens()), (37, sh.tokens() - 37)];
+    let Some(got) = emulate(s, |g| {
+        let tb = g.f32("table", &table);
+        let mut outs = Vec::new();
+        for (first, rows) in cases {
+            for sign in [1.0f32, -1.0] {
+                let q = g.act("qkv", &qkv[first * w..]);
+                let rotated = sh.n_heads + sh.n_kv_heads;
+                let total = rows * rotated * sh.head_dim / 2;
+                let ints = [rows, first, sh.seq, rotated, sh.head_dim, w].map(|v| Arg::I32(v as i32));
+                let mut args = vec![q.arg(), tb.arg()];
+                args.extend(ints);
+                args.push(Arg::F32(sign));
+                g.run("rope", g.grid_stride(total), &args);
+                outs.push(q);
+            }
+        }
+        outs
+    }) else {
+        return;
+    };
+    let cpu = cpu_for(s);
+    let mut ch = Checks::new("rope", s);
+    let mut k = 0;
+    for (first, _) in cases {
+        for inverse in [false, true] {
+            let mut want = qkv[first * w..].to_vec();
+            cpu.rope(&mut want, &table, sh, first, inverse);
+            ch.exact(&format!("rope from row {first}, inverse {inverse}"), &act(s, &want), &got[k]);
+            k += 1;
+        }
+    }
+    ch.finish();
+}
+
+fn swiglu(s: Storage) {
+    let (rows, h) = (77, 130);
+    let (gu, dout) = (act(s, &data(21, rows * 2 * h)), act(s, &data(22, rows * h)));
+    let Some(got) = emulate(s, |g| {
+        let (gub, db) = (g.act("gu", &gu), g.act("dout", &dout));
+        let (out, dgu) = (g.nan("out", g.act_elem(), rows * h), g.nan("dgu", g.act_elem(), rows * 2 * h));
+        g.run("swiglu_fwd", g.grid_stride(rows * h), &[out.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32)]);
+        g.run("swiglu_bwd", g.grid_stride(rows * h), &[dgu.arg(), db.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32)]);
+        vec![out, dgu]
+    }) else {
+        return;
+    };
+    let cpu = cpu_for(s);
+    let (mut want_out, mut want_dgu) = (vec![0.0; rows * h], vec![0.0; rows * 2 * h]);
+    cpu.swiglu_fwd(&mut want_out, &gu, rows, h);
+    cpu.swiglu_bwd(&mut want_dgu, &dout, &gu, rows, h);
+    let mut ch = Checks::new("swiglu", s);
+    ch.close32("swiglu_fwd", &want_out, &got[0], tol(s));
+    ch.close32("swiglu_bwd", &want_dgu, &got[1], tol(s));
+    ch.finish();
+}
+
+fn softmax(s: Storage) {
+    // Router rows are f32 in both storages; 40 columns take a warp two passes, and 91 rows leave
+    // the last block's warps partly without a row.
+    let (rows, cols) = (91, 40);
+    let (z, dp) = (data(23, rows * cols), data(24, rows * cols));
+    let cpu = cpu_for(s);
+    let mut want_p = vec![0.0; rows * cols];
+    cpu.softmax_rows(&mut want_p, &z, rows, cols);
+    let Some(got) = emulate(s, |g| {
+        // The backward reads the CPU's probabilities, as the CPU's backward does.
+        let (zb, dpb, pb) = (g.f32("logits", &z), g.f32("dprobs", &dp), g.f32("probs", &want_p));
+        let (out, dz) = (g.nan("out", Elem::F32, rows * cols), g.nan("dlogits", Elem::F32, rows * cols));
+        let (r, c) = (rows as i32, cols as i32);
+        g.run("softmax_rows_fwd", warp_per_row(rows), &[out.arg(), zb.arg(), Arg::I32(r), Arg::I32(c)]);
+        g.run("softmax_rows_bwd", warp_per_row(rows), &[dz.arg(), dpb.arg(), pb.arg(), Arg::I32(r), Arg::I32(c)]);
+        vec![out, dz]
+    }) else {
+        return;
+    };
+    let mut want_dz = vec![0.0; rows * cols];
+    cpu.softmax_rows_bwd(&mut want_dz, &dp, &want_p, rows, cols);
+    let mut ch = Checks::new("softmax", s);
+    ch.close32("softmax_rows_fwd", &want_p, &got[0], F32_TOL);
+    ch.close32("softmax_rows_bwd", &want_dz, &got[1], F32_TOL);
+    ch.finish();
+}
+
+fn permute(s: Storage) {
+    // 5 tokens, 7 slots (top-k varies per token, one token has none), rows of width 300.
+    let c = 300;
+    let index = [0u32, 2, 4, 1, 2, 4, 0];
+    let offsets = [0u32, 2, 3, 5, 5, 7];
+    let slots = [0u32, 6, 3, 1, 4, 2, 5];
+    let weight: Vec<f32> = data(25, index.len()).iter().map(|w| w.abs()).collect();
+    let (x, y, base) = (act(s, &data(26, 5 * c)), act(s, &data(27, index.len() * c)), act(s, &data(28, 5 * c)));
+    let Some(got) = emulate(s, |g| {
+        let (xb, yb, idx, wb) = (g.act("x", &x), g.act("y", &y), g.u32("index", &index), g.f32("weight", &weight));
+        let (off, sl) = (g.u32("offsets", &offsets), g.u32("slots", &slots));
+        let mut outs = Vec::new();
+        for weighted in [false, true] {
+            let w = if weighted { wb.arg() } else { Arg::Null };
+            let gathered = g.nan("gathered", g.act_elem(), index.len() * c);
+            g.run("gather_rows", per_row(index.len()), &[gathered.arg(), xb.arg(), idx.arg(), w, Arg::I32(c as i32)]);
+            let w = if weighted { wb.arg() } else { Arg::Null };
+            let combined = g.act("combined", &base);
+            g.run("combine_rows", per_row(5), &[combined.arg(), yb.arg(), off.arg(), sl.arg(), w, Arg::I32(c as i32)]);
+            outs.extend([gathered, combined]);
+        }
+        let dots = g.nan("dots", Elem::F32, index.len());
+        g.run("gathered_dots", warp_per_row(index.len()), &[dots.arg(), xb.arg(), yb.arg(), idx.arg(), Arg::I32(index.len() as i32), Arg::I32(c as i32)]);
+        outs.push(dots);
+        outs
+    }) else {
+        return;
+    };
+    let cpu = cpu_for(s);
+    let by_token = TokenSlots { offsets: &offsets, slots: &slots };
+    let mut ch = Checks::new("permute", s);
+    for (k, weighted) in [false, true].into_iter().enumerate() {
+        let mut gathered = vec![0.0; index.len() * c];
+        let mut combined = base.clone();
+        if weighted {
+            cpu.gather_rows_scaled(&mut gathered, &x, &index, &weight, c);
+            cpu.combine_rows(&mut combined, &y, by_token, Some(&weight), c);
+        } else {
+            cpu.gather_rows(&mut gathered, &x, &index, c);
+            cpu.combine_rows(&mut combined, &y, by_token, None, c);
+        }
+        ch.exact(&format!("gather_rows (weighted {weighted})"), &act(s, &gathered), &got[2 * k]);
+        ch.exact(&format!("combine_rows (weighted {weighted})"), &act(s, &combined), &got[2 * k + 1]);
+    }
+    ch.close32("gathered_dots", &cpu.gathered_dots(&x, &y, &index, c), &got[4], F32_TOL);
+    ch.finish();
+}
+
+fn loss(s: Storage) {
+    // The CPU reference is the classifier with W = I (c = v): its logits are x itself and its
+    // dx is dlogits.
+    let (n, v) = (20, 1000);
+    let logits: Vec<f32> = data(30, n * v).iter().map(|z| 3.0 * z).collect();
+    let targets: Vec<u32> = (0..n as u32).map(|i| (i * 37) % v as u32).collect();
+    let (dloss, grad_scale) = (1.5f32, 1.5 / n as f32);
+    let Some(got) = emulate(s, |g| {
+        let tb = g.u32("targets", &targets);
+        let mut outs = Vec::new();
+        for scale in [grad_scale, 0.0] {
+            let lb = g.f32("logits", &logits);
+            let losses = g.nan("losses", Elem::F32, n);
+            // As CudaBackend::classifier: in f32 storage dlogits is the logits buffer itself.
+            let separate = (s == Storage::Bf16).then(|| g.nan("dlogits", g.act_elem(), n * v));
+            let dl = separate.as_ref().unwrap_or(&lb);
+            g.run("softmax_xent", per_row(n), &[lb.arg(), dl.arg(), losses.arg(), tb.arg(), Arg::I32(v as i32), Arg::F32(scale)]);
+            outs.push(losses);
+            outs.push(separate.unwrap_or(lb));
+        }
+        outs
+    }) else {
+        return;
+    };
+    let cpu = cpu_for(s);
+    let eye: Vec<f32> = (0..v * v).map(|i| if i % (v + 1) == 0 { 1.0 } else { 0.0 }).collect();
+    let (mut dx, mut dw) = (vec![0.0; n * v], vec![0.0; v * v]);
+    let want_losses = cpu.classifier(&logits, &eye, &targets, n, v, v, Some((dx.as_mut_slice(), dw.as_mut_slice(), dloss)));
+    let mut ch = Checks::new("loss", s);
+    ch.close32("softmax_xent losses", &want_losses, &got[0], F32_TOL);
+    ch.close32("softmax_xent dlogits", &dx, &got[1], tol(s));
+    ch.close32("softmax_xent losses (no gradient)", &want_losses, &got[2], F32_TOL);
+    // Without a gradient dlogits is left alone: the logits themselves in f32 storage, NaN in bf16.
+    match s {
+        Storage::F32 => ch.exact("softmax_xent leaves the logits", &logits, &got[3]),
+        Storage::Bf16 => assert!(got[3].iter().all(|x| x.is_nan()), "softmax_xent wrote dlogits with grad_scale 0"),
+    }
+    ch.finish();
+}
+
+fn optim(s: Storage) {
+    let n = 10_007;
+    let (p, m, g) = (data(31, n), data(32, n), data(34, n));
+    let v: Vec<f32> = data(33, n).iter().map(|x| x.abs()).collect();
+    let hp = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 7 };
+    let (grad_scale, decay) = (0.5, true);
+    let Some(got) = emulate(s, |gpu| {
+        let mut outs = Vec::new();
+        // Without a working copy (null, as with f32 storage) and with one.
+        for with_work in [false, true] {
+            let (pb, mb, vb, gb) = (gpu.f32("master", &p), gpu.f32("m", &m), gpu.f32("v", &v), gpu.f32("g", &g));
+            let work = gpu.nan("work", gpu.act_elem(), n);
+            let w = if with_work { work.arg() } else { Arg::Null };
+            let args = AdamWArgs::new(hp, decay);
+            let list = [pb.arg(), w, mb.arg(), vb.arg(), gb.arg(), Arg::Size(n), Arg::Bytes(bytes_of(&args)), Arg::F32(grad_scale)];
+            gpu.run("adamw", gpu.grid_stride(n), &list);
+            outs.extend([pb, mb, vb, work]);
+        }
+        outs
+    }) else {
+        return;
+    };
+    let cpu = cpu_for(s);
+    let (mut wp, mut wm, mut wv, mut work) = (p.clone(), m.clone(), v.clone(), vec![0.0; n]);
+    cpu.adamw(&mut wp, Some(work.as_mut_slice()), &mut wm, &mut wv, &g, hp, grad_scale, decay);
+    let mut ch = Checks::new("optim", s);
+    for k in 0..2 {
+        ch.exact("adamw master", &wp, &got[4 * k]);
+        ch.exact("adamw m", &wm, &got[4 * k + 1]);
+        ch.exact("adamw v", &wv, &got[4 * k + 2]);
+    }
+    assert!(got[3].iter().all(|x| x.is_nan()), "adamw wrote a null working copy");
+    ch.exact("adamw working copy", &work, &got[7]);
+    ch.finish();
+}
+
+// ---- attention ---------------------------------------------------------------------------------
+
+/// `struct Heads` of attention.cu.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Heads {
+    seq: i32,
+    n_heads: i32,
+    n_kv_heads: i32,
+    d: i32,
+}
+
+struct AttnLaunches {
+    fwd: LaunchConfig,
+    delta: LaunchConfig,
+    dkv: LaunchConfig,
+    dq: LaunchConfig,
+}
+
+/// The launches of `backend/cuda/attention.rs`, mirrored in this one place while that file is
+/// rewritten: 64-row tiles, 128 threads, each kernel's shared memory as the kernel carves it.
+fn attention_launches(s: AttnShape) -> AttnLaunches {
+    const TILE: usize = 64;
+    let d = s.head_dim;
+    let tiles = |grid_y: usize, smem: usize| LaunchConfig { grid_dim: (s.seq.div_ceil(TILE) as u32, grid_y as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let warps = s.tokens() * s.n_heads;
+    AttnLaunches {
+        fwd: tiles(s.batch * s.n_heads, 3 * TILE * d * 2 + TILE * TILE * (4 + 2) + TILE * d * 4 + 2 * TILE * 4),
+        delta: LaunchConfig { grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
+        dkv: tiles(s.batch * s.n_kv_heads, 4 * TILE * d * 2 + 2 * TILE * d * 4 + 2 * TILE * TILE * 4 + 2 * TILE * TILE * 2 + 2 * TILE * 4),
+        dq: tiles(s.batch * s.n_heads, 4 * TILE * d * 2 + TILE * d * 4 + 2 * TILE * TILE * 4 + TILE * TILE * 2 + 2 * TILE * 4),
+    }
+}
+
+/// Partial last tiles; groups of 2 and 4 query heads per kv head; head_dim 16 (the smallest,
+/// narrower than a warp), 64 and 128 (the largest).
+const ATTN: [AttnShape; 3] = [
+    AttnShape { batch: 2, seq: 100, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
+    AttnShape { batch: 2, seq: 160, n_heads: 4, n_kv_heads: 2, head_dim: 128 },
+    AttnShape { batch: 1, seq: 70, n_heads: 4, n_kv_heads: 1, head_dim: 16 },
+];
+
+fn attention(s: Storage) {
+    let mut ch = Checks::new("attention", s);
+    for (k, sh) in ATTN.into_iter().enumerate() {
+        let seed = 40 + 10 * k as u64;
+        // bf16 values for what the kernels stage as bf16 tiles in either storage.
+        let bf = |v: &[f32]| act(Storage::Bf16, v);
+        let (qkv, dout) = (bf(&data(seed, sh.tokens() * sh.qkv_width())), bf(&data(seed + 1, sh.tokens() * sh.out_width())));
+        let cpu = cpu_for(s);
+        let (mut want_out, mut lse) = (vec![0.0; sh.tokens() * sh.out_width()], vec![0.0; sh.batch * sh.n_heads * sh.seq]);
+        cpu.attention_fwd(&mut want_out, &mut lse, &qkv, sh);
+        // The backward's inputs, the same on both sides: O as stored, the CPU's lse.
+        let out = act(s, &want_out);
+        let mut want_dqkv = vec![0.0; qkv.len()];
+        cpu.attention_bwd(&mut want_dqkv, &dout, &out, &lse, &qkv, sh);
+        let l = attention_launches(sh);
+        let heads = bytes_of(&Heads { seq: sh.seq as i32, n_heads: sh.n_heads as i32, n_kv_heads: sh.n_kv_heads as i32, d: sh.head_dim as i32 });
+        let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        let Some(got) = emulate(s, |g| {
+            let (q, o, lb, db) = (g.act("qkv", &qkv), g.act("out_in", &out), g.f32("lse_in", &lse), g.act("dout", &dout));
+            let (fwd_out, fwd_lse) = (g.nan("out", g.act_elem(), want_out.len()), g.nan("lse", Elem::F32, lse.len()));
+            g.run("attn_fwd", l.fwd, &[fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
+            let delta = g.nan("delta", Elem::F32, lse.len());
+            let dqkv = g.nan("dqkv", g.act_elem(), qkv.len());
+            let mut runs = Vec::new();
+            // Twice into the same dqkv: the backward overwrites it, bitwise the same.
+            for _ in 0..2 {
+                g.run("attn_bwd_delta", l.delta, &[delta.arg(), db.arg(), o.arg(), Arg::Bytes(heads.clone()), Arg::I32(sh.tokens() as i32)]);
+                let args = || [dqkv.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)];
+                g.run("attn_bwd_dkv", l.dkv, &args());
+                g.run("attn_bwd_dq", l.dq, &args());
+                runs.push(dqkv.values());
+            }
+            assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{s:?} {sh:?}: a second backward into dqkv differs");
+            vec![fwd_out, fwd_lse, dqkv]
+        }) else {
+            return;
+        };
+        let tol = if s == Storage::F32 { ATTN_TOL } else { BF16_ATTN_TOL };
+        ch.close32(&format!("{sh:?} out"), &want_out, &got[0], tol);
+        ch.close32(&format!("{sh:?} lse"), &lse, &got[1], F32_TOL);
+        ch.close32(&format!("{sh:?} dqkv"), &want_dqkv, &got[2], tol);
+    }
+    ch.finish();
+}
+
+/// One test per kernel file and storage: `<file>::f32` and `<file>::bf16`.
+macro_rules! per_storage {
+    ($($file:ident),*) => {$(
+        mod $file {
+            use super::*;
+            #[test]
+            fn f32() {
+                super::$file(Storage::F32)
+            }
+            #[test]
+            fn bf16() {
+                super::$file(Storage::Bf16)
+            }
+        }
+    )*};
+}
+
+per_storage!(elementwise, embed, norm, rope, swiglu, softmax, permute, loss, optim, attention);
+
+/// Every entry point the backend loads is launched somewhere above (by its quoted name).
+#[test]
+fn every_kernel_is_launched() {
+    let this = include_str!("cuda_emu.rs");
+    for f in KERNEL_FILES {
+        for func in f.functions {
+            assert!(this.contains(&format!("run(\"{func}\"")), "kernels/{}.cu: `{func}` is never launched in tests/cuda_emu.rs", f.name);
+        }
+    }
+}
+
+// ---- the primitives, against the PTX ISA, and the emulator's own checks ---------------------
+
+fn bf16_bits(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+fn u16s(values: &[u16]) -> Buf {
+    Buf::from_f64("u16", Elem::Bf16, &values.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect::<Vec<_>>())
+}
+
+fn one_block(threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem }
+}
+
+#[test]
+fn mma_is_a_matmul() {
+    let Some(emu) = emulator(Storage::F32) else { return };
+    let mut rng = Rng::new(60);
+    // Small integers (every sum exact: the fragment layout bit for bit), then random values
+    // (f32 accumulation of exact bf16 products).
+    let small = |rng: &mut Rng, n| (0..n).map(|_| rng.below(9) as f32 - 4.0).collect::<Vec<f32>>();
+    for exact in [true, false] {
+        let (a, b, c) = if exact { (small(&mut rng, 256), small(&mut rng, 128), small(&mut rng, 128)) } else { (randn(&mut rng, 256, 1.0), randn(&mut rng, 128, 1.0), randn(&mut rng, 128, 1.0)) };
+        let (a, b) = (act(Storage::Bf16, &a), act(Storage::Bf16, &b));
+        let ab = u16s(&a.iter().map(|&x| bf16_bits(x)).collect::<Vec<_>>());
+        let bb = u16s(&b.iter().map(|&x| bf16_bits(x)).collect::<Vec<_>>());
+        let cb = Buf::from_f64("c", Elem::F32, &c.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        let d = Buf::new("d", Elem::F32, 128);
+        emu.launch("test_mma", one_block(32, 0), &[d.arg(), ab.arg(), bb.arg(), cb.arg()], 0).unwrap();
+        let got = d.values();
+        for i in 0..16 {
+            for j in 0..8 {
+                let want = c[i * 8 + j] as f64 + (0..16).map(|k| a[i * 16 + k] as f64 * b[k * 8 + j] as f64).sum::<f64>();
+                let err = (got[i * 8 + j] - want).abs();
+                assert!(if exact { err == 0.0 } else { err <= 1e-5 * (1.0 + want.abs()) }, "mma d[{i}][{j}] = {} instead of {want}", got[i * 8 + j]);
+            }
+        }
+    }
+}
+
+#[test]
+fn ldmatrix_distributes_rows_as_documented() {
+    let Some(emu) = emulator(Storage::F32) else { return };
+    // m[i][r][c] = 1 + 64i + 8r + c, as raw 16-bit patterns.
+    let m: Vec<u16> = (0..256).map(|k| 1 + k as u16).collect();
+    let at = |i: usize, r: usize, c: usize| m[64 * i + 8 * r + c] as u32;
+    let (mb, out, out_t) = (u16s(&m), Buf::new("out", Elem::U32, 128), Buf::new("out_t", Elem::U32, 128));
+    emu.launch("test_ldmatrix", one_block(32, 1024), &[out.arg(), out_t.arg(), mb.arg()], 0).unwrap();
+    let (got, got_t) = (out.values(), out_t.values());
+    for lane in 0..32 {
+        let (row, col) = (lane / 4, 2 * (lane % 4));
+        for i in 0..4 {
+            // Thread t gets fragment t % 4 of row t / 4 (two elements, the first in the low half);
+            // .trans loads the matrix column-major: the same of its transpose.
+            let want = at(i, row, col) | at(i, row, col + 1) << 16;
+            let want_t = at(i, col, row) | at(i, col + 1, row) << 16;
+            assert_eq!(got[4 * lane + i] as u32, want, "ldmatrix_x4 lane {lane} register {i}");
+            assert_eq!(got_t[4 * lane + i] as u32, want_t, "ldmatrix_x4_trans lane {lane} register {i}");
+        }
+    }
+}
+
+#[test]
+fn cp_async_copies_zero_fills_and_lands_at_its_wait() {
+    let Some(emu) = emulator(Storage::F32) else { return };
+    let src: Vec<u32> = (1..=8).collect();
+    let (sb, out) = (Buf::from_f64("src", Elem::U32, &src.iter().map(|&x| x as f64).collect::<Vec<_>>()), Buf::new("out", Elem::U32, 16));
+    emu.launch("test_cp_async", one_block(1, 64), &[out.arg(), sb.arg()], 0).unwrap();
+    let got: Vec<u32> = out.values().iter().map(|&x| x as u32).collect();
+    assert_eq!(got[..4], src[..4], "group 0 after cp_async_wait_prior");
+    assert_eq!(got[4..8], [0; 4], "zero-fill of an invalid copy");
+    // The emulator completes a copy at the wait that covers it: read before, shared memory
+    // still holds its poison (all ones), so a missing wait shows.
+    assert_eq!(got[8..12], [u32::MAX; 4], "group 1 before its wait");
+    assert_eq!(got[12..], src[4..], "group 1 after cp_async_wait_all");
+}
+
+#[test]
+fn emulator_reports_deadlock_overflow_race_and_out_of_bounds() {
+    let Some(emu) = emulator(Storage::F32) else { return };
+    let out = Buf::new("out", Elem::F32, 64);
+    let e = emu.launch("bad_divergent_shuffle", one_block(32, 0), &[out.arg()], 0).unwrap_err();
+    assert!(e.contains("bad_divergent_shuffle") && e.contains("deadlock") && e.contains("exited"), "{e}");
+
+    let e = emu.launch("bad_smem_overflow", one_block(32, 64), &[Arg::I32(64)], 0).unwrap_err();
+    assert!(e.contains("bad_smem_overflow") && e.contains("outside its 64 bytes of dynamic shared memory"), "{e}");
+
+    // Without its __syncthreads the result depends on the schedule; with it, it does not.
+    for sync in [0, 1] {
+        let [asc, desc] = [0, 1].map(|schedule| {
+            let out = Buf::new("out", Elem::F32, 64);
+            emu.launch("racy_neighbour", one_block(64, 256), &[out.arg(), Arg::I32(sync)], schedule).unwrap();
+            out.bytes().to_vec()
+        });
+        assert_eq!(asc == desc, sync == 1, "racy_neighbour with sync = {sync}");
+    }
+
+    let small = Buf::new("small", Elem::F32, 100);
+    let e = emu.launch("fill", grid_stride(101), &[small.arg(), Arg::F32(1.0), Arg::Size(101)], 0).unwrap_err();
+    assert!(e.contains("fill") && e.contains("past the end of buffer `small`"), "{e}");
+
+    let e = emu.launch("fill", grid_stride(10), &[small.arg(), Arg::F32(1.0), Arg::I32(10)], 0).unwrap_err();
+    assert!(e.contains("argument 2 is 4 bytes"), "{e}");
+}

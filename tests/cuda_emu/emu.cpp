@@ -1,0 +1,565 @@
+// The kernel emulator's runtime (see emu.h): launches, the fiber scheduler, warp collectives,
+// asynchronous copies and dynamic shared memory, behind a C ABI for the Rust test.
+#include <sys/mman.h>
+
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace emu {
+
+thread_local const uint3* thread_idx;
+thread_local uint3 block_idx, block_dim, grid_dim;
+
+namespace {
+
+// ---- fibers ------------------------------------------------------------------------------------
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack, stores its pointer in *save and
+// continues on the stack `load` with the registers saved there (a few ns; swapcontext also
+// makes a signal-mask system call per switch, and a launch switches millions of times).
+extern "C" void emu_switch(void** save, void* load);
+asm(R"(
+    .text
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+struct Context {
+    void* sp = nullptr;
+    // A fresh context entering `entry` on the stack [base, base + size).
+    void start(char* base, size_t size, void (*entry)()) {
+        void** top = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(base + size)) & ~uintptr_t(15));
+        *--top = nullptr;                         // entry's return address: it never returns
+        *--top = reinterpret_cast<void*>(entry);  // where the first switch's `ret` goes
+        for (int i = 0; i < 6; i++) *--top = nullptr;  // rbp, rbx, r12..r15
+        sp = top;
+    }
+};
+void swap(Context& from, Context& to) { emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+    ucontext_t uc;
+    void start(char* base, size_t size, void (*entry)()) {
+        getcontext(&uc);
+        uc.uc_stack.ss_sp = base;
+        uc.uc_stack.ss_size = size;
+        uc.uc_link = nullptr;
+        makecontext(&uc, entry, 0);
+    }
+};
+void swap(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+constexpr size_t STACK = 256 << 10;
+constexpr size_t PAGE = 4096;
+
+// One fiber stack, with a PROT_NONE page below it so that an overflow faults instead of
+// corrupting the next stack. Reserved lazily by the kernel (MAP_NORESERVE).
+struct Stack {
+    char* map = nullptr;
+    Stack() {
+        void* p = mmap(nullptr, STACK + PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) {
+            perror("emu: fiber stack");
+            abort();
+        }
+        map = static_cast<char*>(p);
+        mprotect(map, PAGE, PROT_NONE);
+    }
+    Stack(Stack&& o) noexcept : map(o.map) { o.map = nullptr; }
+    ~Stack() {
+        if (map) munmap(map, STACK + PAGE);
+    }
+    char* base() const { return map + PAGE; }
+};
+
+// ---- threads and the launch ------------------------------------------------------------------
+
+enum class State { Ready, AtSyncthreads, AtWarpOp, Exited, Faulted };
+enum class Op { Syncwarp, Shuffle, Mma, Ldmatrix, LdmatrixTrans };
+
+const char* op_name(Op op) {
+    switch (op) {
+        case Op::Syncwarp: return "__syncwarp";
+        case Op::Shuffle: return "a shuffle";
+        case Op::Mma: return "mma16816";
+        case Op::Ldmatrix: return "ldmatrix_x4";
+        case Op::LdmatrixTrans: return "ldmatrix_x4_trans";
+    }
+    return "?";
+}
+
+// A cp.async copy issued but not complete: its 16 bytes (read at issue, zeros when !valid)
+// land in shared memory at the wait that covers its group.
+struct Copy {
+    unsigned char* dst;
+    unsigned char data[16];
+    unsigned group;
+};
+
+struct Thread {
+    uint3 idx;
+    unsigned lane, warp;
+    Context ctx;
+    State state;
+    // The warp collective it waits at: its operands stay on its stack meanwhile.
+    Op op;
+    const void* in[2];
+    void* out;
+    unsigned bytes;
+    Shfl kind;
+    int arg, width;
+    // cp.async: copies not complete yet, and the number of groups committed so far (the
+    // group of a new copy).
+    std::vector<Copy> copies;
+    unsigned committed;
+};
+
+struct Kernel {
+    std::string name;
+    void* fn;
+    Invoke invoke;
+    std::vector<size_t> sizes;
+};
+
+std::vector<Kernel>& registry() {
+    static std::vector<Kernel> kernels;
+    return kernels;
+}
+
+constexpr size_t GUARD = 256;
+constexpr unsigned char SMEM_POISON = 0xff;  // NaN as f32 and bf16: reading unwritten shared memory shows
+constexpr unsigned char CANARY = 0xa5;
+// Hopper's opt-in limit of dynamic shared memory per block (227 KiB).
+constexpr size_t MAX_SMEM = 232448;
+
+struct Launch {
+    const Kernel* kernel;
+    void* const* args;
+    std::vector<Thread> threads;
+    Thread* current = nullptr;
+    Context scheduler;
+    unsigned char* smem;
+    size_t smem_bytes;
+    std::string error;
+};
+
+thread_local Launch* L;
+thread_local std::vector<Stack> stacks;
+thread_local std::vector<unsigned char> smem_storage;
+thread_local std::string last_error;
+
+std::string format(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string format(const char* fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+std::string where(const Launch& l) {
+    return format("kernel `%s` block (%u,%u,%u)", l.kernel->name.c_str(), block_idx.x, block_idx.y, block_idx.z);
+}
+std::string who(const Thread& t) { return format("thread (%u,%u,%u) (warp %u lane %u)", t.idx.x, t.idx.y, t.idx.z, t.warp, t.lane); }
+
+Thread& self() { return *L->current; }
+
+void yield(State s) {
+    Thread& t = self();
+    t.state = s;
+    swap(t.ctx, L->scheduler);
+}
+
+// Stops the launch with an error raised by the running thread; never returns.
+[[noreturn]] void fault(const std::string& what) {
+    Thread& t = self();
+    if (L->error.empty()) L->error = where(*L) + " " + who(t) + ": " + what;
+    yield(State::Faulted);
+    __builtin_unreachable();
+}
+
+void fiber_main() {
+    Launch& l = *L;
+    l.kernel->invoke(l.kernel->fn, l.args);
+    yield(State::Exited);
+    __builtin_unreachable();
+}
+
+unsigned lanes_in_warp(const Launch& l, unsigned warp) {
+    unsigned n = l.threads.size() - warp * 32;
+    return n < 32 ? n : 32;
+}
+
+// Waits at warp collective `op` over the lanes of `mask`; mma and ldmatrix pass all 32, so on a
+// warp with fewer lanes they fault.
+void warp_op(Op op, unsigned mask) {
+    Thread& t = self();
+    unsigned n = lanes_in_warp(*L, t.warp);
+    unsigned full = n == 32 ? 0xffffffffu : (1u << n) - 1;
+    if (mask != full) fault(format("%s with mask %#x: only the mask of the whole warp (%#x) is emulated", op_name(op), mask, full));
+    t.op = op;
+    yield(State::AtWarpOp);
+}
+
+bool in_smem(const void* p, size_t bytes) {
+    auto a = reinterpret_cast<uintptr_t>(p), s = reinterpret_cast<uintptr_t>(L->smem);
+    return a >= s && a + bytes <= s + L->smem_bytes;
+}
+
+// ---- warp collectives, run by the scheduler once every lane of the warp waits at one ---------
+
+float bf16_lo(unsigned r) { return __bfloat162float(__ushort_as_bfloat16(r & 0xffff)); }
+float bf16_hi(unsigned r) { return __bfloat162float(__ushort_as_bfloat16(r >> 16)); }
+
+// D = A·B + C for mma.m16n8k16.row.col.f32.bf16.bf16.f32, fragments as in the PTX ISA
+// ("Matrix Fragments for mma.m16n8k16 with floating point type"): element a_i of a lane is
+// half i % 2 of register i / 2 (the lower index in the low half), likewise b_i; c_i is c[i].
+// bf16 products are exact in f32; they are accumulated in f32 in order of k after C.
+void run_mma(Thread* lanes[32]) {
+    float A[16][16], B[16][8], C[16][8];
+    for (unsigned lane = 0; lane < 32; lane++) {
+        const unsigned* a = static_cast<const unsigned*>(lanes[lane]->in[0]);
+        const unsigned* b = static_cast<const unsigned*>(lanes[lane]->in[1]);
+        const float* c = static_cast<const float*>(lanes[lane]->out);
+        unsigned group = lane >> 2, tig = lane % 4;
+        for (unsigned i = 0; i < 8; i++) {
+            unsigned row = (i < 2 || (i >= 4 && i < 6)) ? group : group + 8;
+            unsigned col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = i % 2 ? bf16_hi(a[i / 2]) : bf16_lo(a[i / 2]);
+        }
+        for (unsigned i = 0; i < 4; i++) {
+            unsigned row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+            B[row][group] = i % 2 ? bf16_hi(b[i / 2]) : bf16_lo(b[i / 2]);
+        }
+        for (unsigned i = 0; i < 4; i++) C[i < 2 ? group : group + 8][tig * 2 + (i & 1)] = c[i];
+    }
+    for (unsigned lane = 0; lane < 32; lane++) {
+        float* d = static_cast<float*>(lanes[lane]->out);
+        unsigned group = lane >> 2, tig = lane % 4;
+        for (unsigned i = 0; i < 4; i++) {
+            unsigned row = i < 2 ? group : group + 8, col = tig * 2 + (i & 1);
+            float acc = C[row][col];
+            for (unsigned k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
+            d[i] = acc;
+        }
+    }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of
+// matrix i (16 bytes each, 16-byte aligned, in shared memory); register i of lane t receives
+// matrix i's row t/4, elements 2(t%4) and 2(t%4)+1 ("fragments of a row, thread 0 the first"),
+// or with .trans the same of the transposed matrix: rows 2(t%4), 2(t%4)+1 of column t/4.
+std::string run_ldmatrix(Thread* lanes[32], bool trans) {
+    unsigned short m[4][8][8];
+    for (unsigned lane = 0; lane < 32; lane++) {
+        const void* row = lanes[lane]->in[0];
+        if (reinterpret_cast<uintptr_t>(row) % 16) return format("lane %u's row address %p is not 16-byte aligned", lane, row);
+        if (!in_smem(row, 16)) return format("lane %u's row address %p is outside dynamic shared memory", lane, row);
+        std::memcpy(m[lane / 8][lane % 8], row, 16);
+    }
+    for (unsigned lane = 0; lane < 32; lane++) {
+        unsigned* r = static_cast<unsigned*>(lanes[lane]->out);
+        unsigned a = lane / 4, b = 2 * (lane % 4);
+        for (unsigned i = 0; i < 4; i++)
+            r[i] = trans ? m[i][b][a] | (unsigned)m[i][b + 1][a] << 16 : m[i][a][b] | (unsigned)m[i][a][b + 1] << 16;
+    }
+    return "";
+}
+
+std::string run_shuffle(Thread* lanes[], unsigned n) {
+    for (unsigned lane = 0; lane < n; lane++) {
+        const Thread& t = *lanes[lane];
+        if (t.bytes != lanes[0]->bytes || t.kind != lanes[0]->kind || t.width != lanes[0]->width)
+            return format("lanes 0 and %u shuffle different types or kinds", lane);
+        if (t.width <= 0 || t.width > 32 || (t.width & (t.width - 1)))
+            return format("shuffle width %d is not a power of two up to 32", t.width);
+    }
+    for (unsigned lane = 0; lane < n; lane++) {
+        Thread& t = *lanes[lane];
+        unsigned segment = lane & ~unsigned(t.width - 1), src;
+        if (t.kind == Shfl::Idx) {
+            src = segment + (unsigned(t.arg) & unsigned(t.width - 1));
+        } else {
+            src = lane ^ unsigned(t.arg);
+            if ((src & ~unsigned(t.width - 1)) != segment) src = lane;  // outside its segment: its own value
+        }
+        if (src >= n) return format("lane %u reads lane %u, which the block does not have", lane, src);
+        std::memcpy(t.out, lanes[src]->in[0], t.bytes);
+    }
+    return "";
+}
+
+// Runs the collective every lane of a warp waits at; "" or the error.
+std::string run_warp_op(Thread* lanes[], unsigned n) {
+    Op op = lanes[0]->op;
+    for (unsigned lane = 1; lane < n; lane++)
+        if (lanes[lane]->op != op) return format("lane 0 waits at %s, lane %u at %s", op_name(op), lane, op_name(lanes[lane]->op));
+    switch (op) {
+        case Op::Syncwarp: return "";
+        case Op::Shuffle: return run_shuffle(lanes, n);
+        case Op::Mma: run_mma(lanes); return "";
+        case Op::Ldmatrix: return run_ldmatrix(lanes, false);
+        case Op::LdmatrixTrans: return run_ldmatrix(lanes, true);
+    }
+    return "unknown warp collective";
+}
+
+const char* state_name(State s) {
+    switch (s) {
+        case State::Ready: return "runs";
+        case State::AtSyncthreads: return "waits at __syncthreads";
+        case State::AtWarpOp: return "waits at a warp collective";
+        case State::Exited: return "has exited";
+        case State::Faulted: return "faulted";
+    }
+    return "?";
+}
+
+// Runs warp `w` until it cannot go on alone: its lanes, in ascending or descending order, each
+// until it reaches a barrier; whenever all of them wait at a warp collective, that runs and
+// they go on. Returns once every lane waits at __syncthreads or has exited.
+bool run_warp(Launch& l, unsigned w, bool descending) {
+    Thread* lanes[32];
+    const unsigned count = lanes_in_warp(l, w);
+    for (unsigned i = 0; i < count; i++) lanes[i] = &l.threads[w * 32 + i];
+    for (;;) {
+        for (unsigned k = 0; k < count; k++) {
+            Thread& t = *lanes[descending ? count - 1 - k : k];
+            if (t.state != State::Ready) continue;
+            l.current = &t;
+            thread_idx = &t.idx;
+            swap(l.scheduler, t.ctx);
+            if (t.state == State::Faulted) return false;
+        }
+        unsigned waiting = 0;
+        for (unsigned i = 0; i < count; i++) waiting += lanes[i]->state == State::AtWarpOp;
+        if (waiting == 0) return true;
+        if (waiting < count) {
+            unsigned at = 0, other = 0;
+            while (lanes[at]->state != State::AtWarpOp) at++;
+            while (lanes[other]->state == State::AtWarpOp) other++;
+            l.error = where(l) + format(" warp %u: deadlock: lane %u waits at %s while lane %u %s", w, at, op_name(lanes[at]->op), other,
+                                        state_name(lanes[other]->state));
+            return false;
+        }
+        std::string e = run_warp_op(lanes, count);
+        if (!e.empty()) {
+            l.error = where(l) + format(" warp %u: ", w) + e;
+            return false;
+        }
+        for (unsigned i = 0; i < count; i++) lanes[i]->state = State::Ready;
+    }
+}
+
+// Runs the current block to the end. Between two __syncthreads each warp runs as far as it can
+// before the next one starts (warps in ascending or descending order, as their lanes), so a
+// warp reading what another writes without a barrier in between sees a different value under
+// the other schedule; likewise a lane reading another lane's write without __syncwarp.
+bool run_block(Launch& l, bool descending) {
+    const size_t n = l.threads.size();
+    const unsigned warps = (n + 31) / 32;
+    std::memset(l.smem - GUARD, CANARY, GUARD);
+    std::memset(l.smem, SMEM_POISON, l.smem_bytes);
+    std::memset(l.smem + l.smem_bytes, CANARY, GUARD);
+    for (size_t i = 0; i < n; i++) {
+        Thread& t = l.threads[i];
+        t.state = State::Ready;
+        t.copies.clear();
+        t.committed = 0;
+        t.ctx.start(stacks[i].base(), STACK, fiber_main);
+    }
+    for (;;) {
+        for (unsigned k = 0; k < warps; k++)
+            if (!run_warp(l, descending ? warps - 1 - k : k, descending)) return false;
+        // Every live thread waits at __syncthreads now, or none is live.
+        bool live = false;
+        for (Thread& t : l.threads)
+            if (t.state == State::AtSyncthreads) {
+                t.state = State::Ready;
+                live = true;
+            }
+        if (!live) break;
+    }
+    for (size_t i = 0; i < GUARD; i++)
+        if (l.smem[-1 - (ptrdiff_t)i] != CANARY || l.smem[l.smem_bytes + i] != CANARY) {
+            l.error = where(l) + format(": wrote outside its %zu bytes of dynamic shared memory (%s it)", l.smem_bytes,
+                                        l.smem[-1 - (ptrdiff_t)i] != CANARY ? "before" : "past");
+            return false;
+        }
+    return true;
+}
+
+bool launch(Launch& l, const unsigned grid[3], const unsigned block[3], bool descending) {
+    size_t n = (size_t)block[0] * block[1] * block[2];
+    while (stacks.size() < n) stacks.emplace_back();
+    l.threads.assign(n, Thread{});
+    for (size_t i = 0; i < n; i++) {
+        Thread& t = l.threads[i];
+        t.idx = {unsigned(i % block[0]), unsigned(i / block[0] % block[1]), unsigned(i / block[0] / block[1])};
+        t.lane = i % 32;
+        t.warp = i / 32;
+    }
+    // 128-byte aligned, as CUDA's dynamic shared memory, with a guard on each side.
+    smem_storage.resize(l.smem_bytes + 2 * GUARD + 128);
+    uintptr_t at = reinterpret_cast<uintptr_t>(smem_storage.data()) + GUARD;
+    l.smem = reinterpret_cast<unsigned char*>((at + 127) & ~uintptr_t(127));
+    grid_dim = {grid[0], grid[1], grid[2]};
+    block_dim = {block[0], block[1], block[2]};
+    for (unsigned z = 0; z < grid[2]; z++)
+        for (unsigned y = 0; y < grid[1]; y++)
+            for (unsigned x = 0; x < grid[0]; x++) {
+                block_idx = {x, y, z};
+                if (!run_block(l, descending)) return false;
+            }
+    return true;
+}
+
+std::string check_launch(const Kernel& k, const unsigned grid[3], const unsigned block[3], size_t smem, size_t nargs, const size_t* sizes) {
+    if (nargs != k.sizes.size()) return format("takes %zu arguments, got %zu", k.sizes.size(), nargs);
+    for (size_t i = 0; i < nargs; i++)
+        if (sizes[i] != k.sizes[i]) return format("argument %zu is %zu bytes, the kernel's parameter %zu", i, sizes[i], k.sizes[i]);
+    for (int d = 0; d < 3; d++)
+        if (grid[d] == 0 || block[d] == 0) return "a grid or block dimension is 0";
+    if (grid[1] > 65535 || grid[2] > 65535) return format("grid (%u,%u,%u) exceeds 65535 in y or z", grid[0], grid[1], grid[2]);
+    if (grid[0] > 0x7fffffffu) return format("grid x %u exceeds 2^31 - 1", grid[0]);
+    if ((size_t)block[0] * block[1] * block[2] > 1024 || block[2] > 64)
+        return format("block (%u,%u,%u) exceeds 1024 threads or 64 in z", block[0], block[1], block[2]);
+    if (smem > MAX_SMEM) return format("%zu bytes of dynamic shared memory exceed the %zu a block can have", smem, MAX_SMEM);
+    return "";
+}
+
+}  // namespace
+
+// ---- what the kernels call -----------------------------------------------------------------
+
+void syncthreads() { yield(State::AtSyncthreads); }
+
+void syncwarp(unsigned mask) { warp_op(Op::Syncwarp, mask); }
+
+void shuffle(unsigned mask, const void* in, void* out, unsigned bytes, Shfl kind, int arg, int width) {
+    Thread& t = self();
+    t.in[0] = in;
+    t.out = out;
+    t.bytes = bytes;
+    t.kind = kind;
+    t.arg = arg;
+    t.width = width;
+    warp_op(Op::Shuffle, mask);
+}
+
+void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
+    Thread& t = self();
+    t.in[0] = a;
+    t.in[1] = b;
+    t.out = c;
+    warp_op(Op::Mma, 0xffffffffu);
+}
+
+void ldmatrix_x4(unsigned r[4], const void* row, bool trans) {
+    Thread& t = self();
+    t.in[0] = row;
+    t.out = r;
+    warp_op(trans ? Op::LdmatrixTrans : Op::Ldmatrix, 0xffffffffu);
+}
+
+void cp_async16(void* smem, const void* gmem, bool valid) {
+    if (reinterpret_cast<uintptr_t>(smem) % 16 || !in_smem(smem, 16)) fault(format("cp_async16 to %p: not 16 aligned bytes of dynamic shared memory", smem));
+    if (valid && reinterpret_cast<uintptr_t>(gmem) % 16) fault(format("cp_async16 from %p: not 16-byte aligned", gmem));
+    Thread& t = self();
+    Copy c{static_cast<unsigned char*>(smem), {}, t.committed};
+    if (valid) std::memcpy(c.data, gmem, 16);
+    t.copies.push_back(c);
+}
+
+void cp_async_commit() { self().committed++; }
+
+// cp.async.wait_group `pending`: completes every copy except those of the `pending` most
+// recently committed groups (and any not committed yet).
+void cp_async_wait(unsigned pending) {
+    Thread& t = self();
+    std::vector<Copy> rest;
+    for (const Copy& c : t.copies) {
+        if (c.group + pending < t.committed) std::memcpy(c.dst, c.data, 16);
+        else rest.push_back(c);
+    }
+    t.copies.swap(rest);
+}
+
+unsigned char* dynamic_smem() { return L->smem; }
+
+size_t shared_offset(const void* p) {
+    if (!in_smem(p, 1)) fault(format("address %p is not in dynamic shared memory", p));
+    return static_cast<const unsigned char*>(p) - L->smem;
+}
+
+void register_kernel(const char* name, void* fn, Invoke invoke, const size_t* sizes, size_t count) {
+    registry().push_back(Kernel{name, fn, invoke, std::vector<size_t>(sizes, sizes + count)});
+}
+
+}  // namespace emu
+
+// ---- C ABI ---------------------------------------------------------------------------------------
+
+// Runs `kernel` over the grid, as cuLaunchKernel would: args[i] points at the i-th argument's
+// value, sizes[i] is its size (checked against the kernel's parameter). schedule 0 resumes the
+// threads of a block in ascending order, 1 in descending order. Returns 0, or -1 with
+// emu_last_error() saying why.
+extern "C" __attribute__((visibility("default"))) int emu_launch(const char* kernel, const unsigned grid[3], const unsigned block[3], size_t smem_bytes,
+                                                                 size_t nargs, void* const* args, const size_t* sizes, int schedule) {
+    using namespace emu;
+    last_error.clear();
+    const Kernel* k = nullptr;
+    for (const Kernel& r : registry())
+        if (r.name == kernel) k = &r;
+    if (!k) {
+        last_error = format("no kernel named `%s`", kernel);
+        return -1;
+    }
+    std::string e = check_launch(*k, grid, block, smem_bytes, nargs, sizes);
+    if (e.empty() && schedule != 0 && schedule != 1) e = format("schedule %d is neither 0 (ascending) nor 1 (descending)", schedule);
+    if (!e.empty()) {
+        last_error = "kernel `" + k->name + "`: " + e;
+        return -1;
+    }
+    Launch l;
+    l.kernel = k;
+    l.args = args;
+    l.smem_bytes = smem_bytes;
+    L = &l;
+    bool ok = launch(l, grid, block, schedule == 1);
+    L = nullptr;
+    if (!ok) last_error = l.error;
+    return ok ? 0 : -1;
+}
+
+extern "C" __attribute__((visibility("default"))) const char* emu_last_error() { return emu::last_error.c_str(); }

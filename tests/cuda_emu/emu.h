@@ -1,0 +1,136 @@
+// CPU emulator of the CUDA subset motley's kernels use: the prelude force-included
+// (g++ -include emu.h -DMOTLEY_EMU) before each kernel file, which is compiled unchanged inside a
+// namespace of its own. emu.cpp runs launches: each CUDA thread is a fiber on the calling OS
+// thread, the blocks of a launch run one after another, and a fiber runs until it reaches a
+// barrier (__syncthreads, or a warp collective: __syncwarp, shuffles, mma, ldmatrix).
+//
+// Stands in for exactly what common.cuh leaves out under MOTLEY_EMU (DYNAMIC_SMEM and the
+// inline-PTX primitives), plus the CUDA built-ins and keywords the kernels use.
+#pragma once
+
+#include <math.h>
+
+#include <cstddef>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include <cuda_bf16.h>
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __align__(n) __attribute__((aligned(n)))
+// Blocks run one after another on the launching OS thread, so a static is the block's shared
+// memory; thread_local keeps launches on different OS threads (parallel tests) apart.
+#define __shared__ static thread_local
+
+namespace emu {
+
+struct uint3 {
+    unsigned x, y, z;
+};
+
+// The running fiber's threadIdx, and the launch's block and grid.
+extern thread_local const uint3* thread_idx;
+extern thread_local uint3 block_idx, block_dim, grid_dim;
+
+enum class Shfl { Idx, Xor };
+
+void syncthreads();
+void syncwarp(unsigned mask);
+void shuffle(unsigned mask, const void* in, void* out, unsigned bytes, Shfl kind, int arg, int width);
+void mma16816(float c[4], const unsigned a[4], const unsigned b[2]);
+void ldmatrix_x4(unsigned r[4], const void* row, bool trans);
+void cp_async16(void* smem, const void* gmem, bool valid);
+void cp_async_commit();
+void cp_async_wait(unsigned pending);
+unsigned char* dynamic_smem();
+size_t shared_offset(const void* p);
+
+// Kernel registration: a kernel's parameter types, deduced from its pointer, unmarshal the
+// cuLaunchKernel-style argument array (args[i] points at the i-th value).
+using Invoke = void (*)(void* fn, void* const* args);
+void register_kernel(const char* name, void* fn, Invoke invoke, const size_t* sizes, size_t count);
+
+template <class T>
+T arg(const void* p) {
+    T v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+template <class... A>
+struct Registration {
+    Registration(const char* name, void (*f)(A...)) {
+        static const size_t sizes[] = {sizeof(A)..., 0};
+        register_kernel(name, reinterpret_cast<void*>(f), &invoke, sizes, sizeof...(A));
+    }
+    static void invoke(void* fn, void* const* args) { call(reinterpret_cast<void (*)(A...)>(fn), args, std::index_sequence_for<A...>{}); }
+    template <size_t... I>
+    static void call(void (*f)(A...), void* const* args, std::index_sequence<I...>) {
+        f(arg<A>(args[I])...);
+    }
+};
+
+}  // namespace emu
+
+#define threadIdx (*emu::thread_idx)
+#define blockIdx emu::block_idx
+#define blockDim emu::block_dim
+#define gridDim emu::grid_dim
+
+#define DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
+
+inline void __syncthreads() { emu::syncthreads(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::syncwarp(mask); }
+
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+    static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffled value");
+    T out;
+    emu::shuffle(mask, &v, &out, sizeof(T), emu::Shfl::Idx, src_lane, width);
+    return out;
+}
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8, "shuffled value");
+    T out;
+    emu::shuffle(mask, &v, &out, sizeof(T), emu::Shfl::Xor, lane_mask, width);
+    return out;
+}
+
+// The fast intrinsics go through exp2/log2 as the hardware's ex2.approx / lg2.approx do.
+inline float __expf(float x) { return exp2f(x * 1.4426950408889634f); }
+inline float __logf(float x) { return log2f(x) * 0.6931471805599453f; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __int_as_float(int i) { return emu::arg<float>(&i); }
+inline int __float_as_int(float f) { return emu::arg<int>(&f); }
+inline size_t __cvta_generic_to_shared(const void* p) { return emu::shared_offset(p); }
+
+// CUDA's overloads of min and max: the usual arithmetic conversions, fminf/fmaxf for floats.
+template <class A, class B>
+typename std::common_type<A, B>::type min(A a, B b) {
+    using C = typename std::common_type<A, B>::type;
+    if constexpr (std::is_floating_point<C>::value) return fmin((C)a, (C)b);
+    else return (C)b < (C)a ? (C)b : (C)a;
+}
+template <class A, class B>
+typename std::common_type<A, B>::type max(A a, B b) {
+    using C = typename std::common_type<A, B>::type;
+    if constexpr (std::is_floating_point<C>::value) return fmax((C)a, (C)b);
+    else return (C)a < (C)b ? (C)b : (C)a;
+}
+
+// ---- the primitives common.cuh implements in inline PTX (see its comments) -------------------
+inline void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) { emu::mma16816(c, a, b); }
+inline void ldmatrix_x4(unsigned r[4], const void* row) { emu::ldmatrix_x4(r, row, false); }
+inline void ldmatrix_x4_trans(unsigned r[4], const void* row) { emu::ldmatrix_x4(r, row, true); }
+inline void cp_async16(void* smem, const void* gmem, bool valid) { emu::cp_async16(smem, gmem, valid); }
+inline void cp_async_commit() { emu::cp_async_commit(); }
+inline void cp_async_wait_prior() { emu::cp_async_wait(1); }
+// cp.async.wait_all is commit_group followed by wait_group 0 (PTX ISA).
+inline void cp_async_wait_all() {
+    emu::cp_async_commit();
+    emu::cp_async_wait(0);
+}
