@@ -12,8 +12,9 @@
 //! `CARGO_TARGET_TMPDIR`, named by a hash of every input) and loads it.
 //!
 //! Each kernel is launched as the backend launches it: the geometry of `backend::cuda::launch`,
-//! the argument order of `backend/cuda/mod.rs`; attention's, mirrored in [`attention_launches`]
-//! while `attention.rs` is being rewritten. For every kernel file and both storages:
+//! the argument order of `backend/cuda/mod.rs`; attention's from `backend::cuda::attention`
+//! (per-head_dim entry points, shared memory at Hopper's limit). For every kernel file and both
+//! storages:
 //! - the two schedules give bitwise-identical outputs: a block's warps, and each warp's lanes,
 //!   resumed in ascending, then in descending order, each warp running as far as it can before
 //!   the next, so a missing `__syncthreads` or `__syncwarp` shows as a mismatch; and so does a
@@ -64,6 +65,7 @@ use std::sync::OnceLock;
 use common::randn;
 use motley::backend::cpu::Cpu;
 use motley::backend::cuda::launch::{self, grid_stride, per_row, warp_per_row, LaunchConfig, ROW_CHUNK, SUMSQ_BLOCKS};
+use motley::backend::cuda::attention::{self as attn, Pass};
 use motley::backend::cuda::nvrtc::{full_source, KernelFile, Storage, KERNEL_FILES};
 use motley::backend::cuda::{group_positions, AdamWArgs};
 use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
@@ -363,14 +365,19 @@ fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }.to_vec()
 }
 
-/// Kernels whose dynamic shared memory limit the backend raises (`kernels.rs`); every other
-/// launch gets CUDA's default 48 KiB.
-const RAISED_SMEM: &[&str] = &["attn_fwd", "attn_bwd_dkv", "attn_bwd_dq"];
+/// Kernels whose dynamic shared memory limit the backend raises (`kernels.rs`: the attention
+/// passes); every other launch gets CUDA's default 48 KiB.
+fn raised_smem(kernel: &str) -> bool {
+    attn::head_dims().any(|d| Pass::ALL.iter().any(|p| p.function(d) == kernel))
+}
+
+/// Hopper's opt-in shared memory per block (227 KiB), the limit the attention launches get.
+const HOPPER_SMEM: usize = 227 << 10;
 
 impl Emulator {
     /// Runs `kernel`; then every buffer argument's guards must be intact.
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg], schedule: i32) -> Result<(), String> {
-        if cfg.shared_mem_bytes > 48 << 10 && !RAISED_SMEM.contains(&kernel) {
+        if cfg.shared_mem_bytes > 48 << 10 && !raised_smem(kernel) {
             return Err(format!("kernel `{kernel}`: {} bytes of dynamic shared memory without a raised limit", cfg.shared_mem_bytes));
         }
         let values: Vec<Vec<u8>> = args.iter().map(Arg::bytes).collect();
@@ -863,44 +870,17 @@ fn optim(s: Storage) {
 
 // ---- attention ---------------------------------------------------------------------------------
 
-/// `struct Heads` of attention.cu.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Heads {
-    seq: i32,
-    n_heads: i32,
-    n_kv_heads: i32,
-    d: i32,
-}
-
-struct AttnLaunches {
-    fwd: LaunchConfig,
-    delta: LaunchConfig,
-    dkv: LaunchConfig,
-    dq: LaunchConfig,
-}
-
-/// The launches of `backend/cuda/attention.rs`, mirrored in this one place while that file is
-/// rewritten: 64-row tiles, 128 threads, each kernel's shared memory as the kernel carves it.
-fn attention_launches(s: AttnShape) -> AttnLaunches {
-    const TILE: usize = 64;
-    let d = s.head_dim;
-    let tiles = |grid_y: usize, smem: usize| LaunchConfig { grid_dim: (s.seq.div_ceil(TILE) as u32, grid_y as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
-    let warps = s.tokens() * s.n_heads;
-    AttnLaunches {
-        fwd: tiles(s.batch * s.n_heads, 3 * TILE * d * 2 + TILE * TILE * (4 + 2) + TILE * d * 4 + 2 * TILE * 4),
-        delta: LaunchConfig { grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
-        dkv: tiles(s.batch * s.n_kv_heads, 4 * TILE * d * 2 + 2 * TILE * d * 4 + 2 * TILE * TILE * 4 + 2 * TILE * TILE * 2 + 2 * TILE * 4),
-        dq: tiles(s.batch * s.n_heads, 4 * TILE * d * 2 + TILE * d * 4 + 2 * TILE * TILE * 4 + TILE * TILE * 2 + 2 * TILE * 4),
-    }
-}
-
-/// Partial last tiles; groups of 2 and 4 query heads per kv head; head_dim 16 (the smallest,
-/// narrower than a warp), 64 and 128 (the largest).
-const ATTN: [AttnShape; 3] = [
+/// Every head_dim with kernels (16 to 128), sequences of exactly one tile (64), one row past a
+/// tile (65, 129), partial last tiles, and groups of 1, 2 and 4 query heads per kv head.
+const ATTN: [AttnShape; 8] = [
     AttnShape { batch: 2, seq: 100, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
     AttnShape { batch: 2, seq: 160, n_heads: 4, n_kv_heads: 2, head_dim: 128 },
     AttnShape { batch: 1, seq: 70, n_heads: 4, n_kv_heads: 1, head_dim: 16 },
+    AttnShape { batch: 1, seq: 130, n_heads: 2, n_kv_heads: 2, head_dim: 32 },
+    AttnShape { batch: 1, seq: 64, n_heads: 2, n_kv_heads: 1, head_dim: 48 },
+    AttnShape { batch: 1, seq: 129, n_heads: 2, n_kv_heads: 1, head_dim: 80 },
+    AttnShape { batch: 2, seq: 65, n_heads: 2, n_kv_heads: 2, head_dim: 96 },
+    AttnShape { batch: 1, seq: 90, n_heads: 4, n_kv_heads: 4, head_dim: 112 },
 ];
 
 fn attention(s: Storage) {
@@ -917,22 +897,25 @@ fn attention(s: Storage) {
         let out = act(s, &want_out);
         let mut want_dqkv = vec![0.0; qkv.len()];
         cpu.attention_bwd(&mut want_dqkv, &dout, &out, &lse, &qkv, sh);
-        let l = attention_launches(sh);
-        let heads = bytes_of(&Heads { seq: sh.seq as i32, n_heads: sh.n_heads as i32, n_kv_heads: sh.n_kv_heads as i32, d: sh.head_dim as i32 });
+        let launch = |pass: Pass| (pass.function(sh.head_dim), attn::launch_config(HOPPER_SMEM, pass, sh));
+        let heads = bytes_of(&attn::heads(sh));
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
         let Some(got) = emulate(s, |g| {
             let (q, o, lb, db) = (g.act("qkv", &qkv), g.act("out_in", &out), g.f32("lse_in", &lse), g.act("dout", &dout));
             let (fwd_out, fwd_lse) = (g.nan("out", g.act_elem(), want_out.len()), g.nan("lse", Elem::F32, lse.len()));
-            g.run("attn_fwd", l.fwd, &[fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
+            let (fwd, fwd_cfg) = launch(Pass::Forward);
+            g.run(&fwd, fwd_cfg, &[fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
             let delta = g.nan("delta", Elem::F32, lse.len());
             let dqkv = g.nan("dqkv", g.act_elem(), qkv.len());
             let mut runs = Vec::new();
             // Twice into the same dqkv: the backward overwrites it, bitwise the same.
             for _ in 0..2 {
-                g.run("attn_bwd_delta", l.delta, &[delta.arg(), db.arg(), o.arg(), Arg::Bytes(heads.clone()), Arg::I32(sh.tokens() as i32)]);
+                g.run("attn_bwd_delta", attn::delta_config(sh), &[delta.arg(), db.arg(), o.arg(), Arg::Bytes(heads.clone()), Arg::I32(sh.tokens() as i32)]);
                 let args = || [dqkv.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)];
-                g.run("attn_bwd_dkv", l.dkv, &args());
-                g.run("attn_bwd_dq", l.dq, &args());
+                for pass in [Pass::GradKv, Pass::GradQ] {
+                    let (name, cfg) = launch(pass);
+                    g.run(&name, cfg, &args());
+                }
                 runs.push(dqkv.values());
             }
             assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{s:?} {sh:?}: a second backward into dqkv differs");
@@ -967,13 +950,15 @@ macro_rules! per_storage {
 
 per_storage!(elementwise, embed, norm, rope, swiglu, softmax, permute, loss, optim, attention);
 
-/// Every entry point the backend loads is launched somewhere above (by its quoted name).
+/// Every entry point the backend loads is launched somewhere above: by its quoted name, or, for
+/// the per-head_dim attention passes, by a shape of [`ATTN`] with that head_dim.
 #[test]
 fn every_kernel_is_launched() {
     let this = include_str!("cuda_emu.rs");
+    let by_shape = |func: &str| ATTN.iter().any(|sh| Pass::ALL.iter().any(|p| p.function(sh.head_dim) == func));
     for f in KERNEL_FILES {
         for func in f.functions {
-            assert!(this.contains(&format!("run(\"{func}\"")), "kernels/{}.cu: `{func}` is never launched in tests/cuda_emu.rs", f.name);
+            assert!(this.contains(&format!("run(\"{func}\"")) || by_shape(func), "kernels/{}.cu: `{func}` is never launched in tests/cuda_emu.rs", f.name);
         }
     }
 }

@@ -108,6 +108,12 @@ inline float __int_as_float(int i) { return emu::arg<float>(&i); }
 inline int __float_as_int(float f) { return emu::arg<int>(&f); }
 inline size_t __cvta_generic_to_shared(const void* p) { return emu::shared_offset(p); }
 
+// CUDA's vector type for paired f32 stores (8-byte aligned, as the hardware requires).
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
+
 // CUDA's overloads of min and max: the usual arithmetic conversions, fminf/fmaxf for floats.
 template <class A, class B>
 typename std::common_type<A, B>::type min(A a, B b) {

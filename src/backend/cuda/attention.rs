@@ -1,6 +1,7 @@
 //! Launch code of the flash-attention kernels (`kernels/attention.cu`): shape checks, the
 //! shared-memory budget of each kernel (mirroring how the kernel carves its dynamic shared
-//! memory), grids, and the three-kernel backward.
+//! memory), grids, and the three-kernel backward. The geometry is public so that the kernel
+//! emulator's test (`tests/cuda_emu.rs`) launches exactly as the backend does.
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -78,7 +79,7 @@ pub fn head_dims() -> impl Iterator<Item = usize> {
 /// `struct Heads` of attention.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Heads {
+pub struct Heads {
     seq: i32,
     n_heads: i32,
     n_kv_heads: i32,
@@ -98,18 +99,24 @@ pub fn check(s: AttnShape) -> Result<()> {
     Ok(())
 }
 
-fn heads(s: AttnShape) -> Heads {
+pub fn heads(s: AttnShape) -> Heads {
     Heads { seq: s.seq as i32, n_heads: s.n_heads as i32, n_kv_heads: s.n_kv_heads as i32, d: s.head_dim as i32 }
 }
 
 /// The launch of `pass` for `s`; panics, naming the shape, when the GPU does not allow a block
 /// the shared memory this head_dim needs (GPUs before Hopper at head_dim 128).
-pub fn launch_config(be_smem_limit: usize, pass: Pass, s: AttnShape) -> LaunchConfig {
+pub fn launch_config(smem_limit: usize, pass: Pass, s: AttnShape) -> LaunchConfig {
     let smem = pass.smem_bytes(s.head_dim);
-    assert!(smem <= be_smem_limit, "attention ({pass:?}) needs {smem} bytes of shared memory per block at head_dim {}; this GPU allows {be_smem_limit}", s.head_dim);
+    assert!(smem <= smem_limit, "attention ({pass:?}) needs {smem} bytes of shared memory per block at head_dim {}; this GPU allows {smem_limit}", s.head_dim);
     let grid = pass.grid(s);
     assert!(grid.1 <= 65_535, "attention: batch × heads = {} exceeds the grid's 65535 in y", grid.1);
     LaunchConfig { grid_dim: grid, block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 }
+}
+
+/// `attn_bwd_delta`: one warp per (token, head), 256 threads a block.
+pub fn delta_config(s: AttnShape) -> LaunchConfig {
+    let warps = s.tokens() * s.n_heads;
+    LaunchConfig { grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 fn assert_shapes(s: AttnShape, qkv: usize, out: usize, lse: usize) {
@@ -161,8 +168,7 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let tokens = s.tokens() as i32;
-    let warps = s.tokens() * s.n_heads;
-    let delta_cfg = LaunchConfig { grid_dim: ((warps * 32).div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let delta_cfg = delta_config(s);
     let (dq, g, o, l, q) = (&dqkv.ptr, &dout.ptr, &out.ptr, &lse.ptr, &qkv.ptr);
     // SAFETY: signatures of attn_bwd_delta, attn_bwd_dkv_dD and attn_bwd_dq_dD in attention.cu;
     // sizes, types and alignment asserted; `delta` holds B·H·T floats; shared memory within the

@@ -26,7 +26,7 @@
 //! (device presence, libraries, attention shape) is checked up front with a `Result`:
 //! [`cuda_available`], [`CudaBackend::new`], [`CudaBackend::check_attention`].
 
-mod attention;
+pub mod attention;
 mod blas;
 mod detect;
 mod grouped;
