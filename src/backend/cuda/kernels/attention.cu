@@ -48,6 +48,30 @@ __device__ void load_tile(bf16* dst, const act_t* src, size_t row0, int t0, int 
     }
 }
 
+// Tiles stream through two shared buffers: step t's copies were queued one step earlier.
+// Queues step t + 1's (when there is one) and waits until step t's are complete and visible to
+// the whole block.
+template <class Queue>
+__device__ __forceinline__ void advance(int t, int steps, Queue queue) {
+    if (t + 1 < steps) {
+        queue(t + 1);
+        cp_async_commit();
+        cp_async_wait_prior();
+    } else {
+        cp_async_wait_all();
+    }
+    __syncthreads();
+}
+
+// The K and V tiles of key tile t of kv head kvh into buffer t % 2 of KV (K, then V).
+template <int D>
+__device__ void load_kv(bf16* KV, int t, const act_t* qkv, size_t row0, Heads s, int kvh) {
+    constexpr int TE = BLOCK * (D + PAD);
+    bf16* buf = KV + 2 * (t % 2) * TE;
+    load_tile<D>(buf, qkv, row0, t * BLOCK, s.seq, s.width(), s.k_col(kvh));
+    load_tile<D>(buf + TE, qkv, row0, t * BLOCK, s.seq, s.width(), s.v_col(kvh));
+}
+
 // ---- operand fragments (layouts in common.cuh) ------------------------------------------------
 // Tiles are row-major with row stride ld; m = lane / 8 picks the 8×8 matrix a lane addresses.
 
@@ -153,8 +177,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
     const float scale2 = scale * LOG2E;  // scores in log2 units: exp2 instead of exp
 
     load_tile<D>(Qs, qkv, row0, i0, s.seq, w, s.q_col(h));
-    load_tile<D>(KV, qkv, row0, 0, s.seq, w, s.k_col(kvh));
-    load_tile<D>(KV + TE, qkv, row0, 0, s.seq, w, s.v_col(kvh));
+    load_kv<D>(KV, 0, qkv, row0, s, kvh);
     cp_async_commit();
 
     float o[D / 8][4] = {};
@@ -163,16 +186,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
         const int j0 = t * BLOCK;
         const bf16* Ks = KV + 2 * (t % 2) * TE;
         const bf16* Vs = Ks + TE;
-        if (t + 1 < tiles) {
-            bf16* next = KV + 2 * ((t + 1) % 2) * TE;
-            load_tile<D>(next, qkv, row0, j0 + BLOCK, s.seq, w, s.k_col(kvh));
-            load_tile<D>(next + TE, qkv, row0, j0 + BLOCK, s.seq, w, s.v_col(kvh));
-            cp_async_commit();
-            cp_async_wait_prior();
-        } else {
-            cp_async_wait_all();
-        }
-        __syncthreads();
+        advance(t, tiles, [&](int next) { load_kv<D>(KV, next, qkv, row0, s, kvh); });
 
         float sc[BLOCK / 8][4] = {};
         product_abt<D>(sc, Qs, wr, Ks);
@@ -288,14 +302,7 @@ __device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, c
         const bf16* dOs = Qs + TE;
         const float* L2 = stats + 2 * (t % 2) * BLOCK;
         const float* Dl = L2 + BLOCK;
-        if (t + 1 < steps) {
-            load_step(t + 1);
-            cp_async_commit();
-            cp_async_wait_prior();
-        } else {
-            cp_async_wait_all();
-        }
-        __syncthreads();
+        advance(t, steps, load_step);
 
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys × BLOCK queries.
         float pt[BLOCK / 8][4] = {}, dst[BLOCK / 8][4] = {};
@@ -352,8 +359,7 @@ __device__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, co
 
     load_tile<D>(Qs, qkv, row0, i0, s.seq, w, s.q_col(h));
     load_tile<D>(dOs, dout, row0, i0, s.seq, ow, h * D);
-    load_tile<D>(KV, qkv, row0, 0, s.seq, w, s.k_col(kvh));
-    load_tile<D>(KV + TE, qkv, row0, 0, s.seq, w, s.v_col(kvh));
+    load_kv<D>(KV, 0, qkv, row0, s, kvh);
     cp_async_commit();
 
     float dq[D / 8][4] = {};
@@ -361,16 +367,7 @@ __device__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, co
         const int j0 = t * BLOCK;
         const bf16* Ks = KV + 2 * (t % 2) * TE;
         const bf16* Vs = Ks + TE;
-        if (t + 1 < tiles) {
-            bf16* next = KV + 2 * ((t + 1) % 2) * TE;
-            load_tile<D>(next, qkv, row0, j0 + BLOCK, s.seq, w, s.k_col(kvh));
-            load_tile<D>(next + TE, qkv, row0, j0 + BLOCK, s.seq, w, s.v_col(kvh));
-            cp_async_commit();
-            cp_async_wait_prior();
-        } else {
-            cp_async_wait_all();
-        }
-        __syncthreads();
+        advance(t, tiles, [&](int next) { load_kv<D>(KV, next, qkv, row0, s, kvh); });
 
         float ds[BLOCK / 8][4] = {}, dp[BLOCK / 8][4] = {};
         product_abt<D>(ds, Qs, wr, Ks);
