@@ -137,8 +137,8 @@ fn assert_aligned(op: &str, args: &[(&str, u64)]) {
 /// out (N, H·D), lse (B·H·T); one block per (query tile, batch·head).
 pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: DevView<'_>, s: AttnShape) {
     assert_shapes(s, qkv.len(), out.len(), lse.len());
-    expect("attention_fwd", "out", out.storage, be.act());
-    expect("attention_fwd", "qkv", qkv.storage, be.act());
+    expect("attention_fwd", "out", out.storage, be.storage());
+    expect("attention_fwd", "qkv", qkv.storage, be.storage());
     expect("attention_fwd", "lse", lse.storage, Storage::F32);
     if s.tokens() == 0 {
         return;
@@ -157,7 +157,7 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     assert_shapes(s, qkv.len(), out.len(), lse.len());
     assert!(dqkv.len() == qkv.len() && dout.len() == out.len(), "attention gradient sizes");
     for (arg, st) in [("dqkv", dqkv.storage), ("dout", dout.storage), ("out", out.storage), ("qkv", qkv.storage)] {
-        expect("attention_bwd", arg, st, be.act());
+        expect("attention_bwd", arg, st, be.storage());
     }
     expect("attention_bwd", "lse", lse.storage, Storage::F32);
     if s.tokens() == 0 {

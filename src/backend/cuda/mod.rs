@@ -106,6 +106,12 @@ impl DevView<'_> {
     }
 }
 
+impl DevBuf {
+    fn operand(&self) -> Operand {
+        Operand { ptr: self.ptr, storage: self.storage }
+    }
+}
+
 impl DevViewMut<'_> {
     fn len(&self) -> usize {
         self.len
@@ -141,9 +147,11 @@ impl CudaBackend {
         if major < 8 {
             return Err(Error::Invalid(format!("GPU {ordinal} has compute capability {major}.{minor}; the CUDA backend needs 8.0 or newer (bf16 tensor cores)")));
         }
-        // Everything runs on one stream, so cudarc's per-allocation events (for ordering across
-        // streams) are pure overhead; the raw-pointer views bypass them anyway.
-        // SAFETY: no buffer of this context is used on a second stream.
+        // cudarc's per-allocation events order buffers across streams; the raw-pointer views
+        // bypass them anyway, so they are pure overhead.
+        // SAFETY: compute runs on one stream; the only other, MEMO's copy stream (offload.rs),
+        // is ordered by its own events (`Offloader::after`, `mark`, `wait`), and the store keeps
+        // an offloaded buffer alive until a later `copy_wait`.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let k = Kernels::load(&ctx, major, minor, storage)?;
@@ -207,16 +215,12 @@ impl CudaBackend {
         self.stream.synchronize().map_err(|e| Error::Invalid(format!("CUDA synchronize failed: {e:?}")))
     }
 
-    fn act(&self) -> Storage {
-        self.k.storage
-    }
-
     /// The element type of a tensor of kind `p`.
     fn storage_of(&self, p: Precision) -> Storage {
         if p == Precision::F32 {
             Storage::F32
         } else {
-            self.act()
+            self.storage()
         }
     }
 
@@ -225,6 +229,17 @@ impl CudaBackend {
         let _span = self.span("alloc");
         // At least one byte: a zero-byte allocation has no address to hand out.
         let mem = ok(self.stream.alloc_zeros::<u8>((len * storage.bytes()).max(1)), "alloc");
+        let ptr = mem.device_ptr(&self.stream).0;
+        DevBuf { _mem: mem, ptr, len, storage }
+    }
+
+    /// A buffer whose every element the caller overwrites before reading: not zeroed (the
+    /// trait's `alloc` promises zeros, so it pays a memset this skips).
+    fn scratch_storage(&self, len: usize, storage: Storage) -> DevBuf {
+        let _span = self.span("alloc");
+        // SAFETY: uninitialised device memory of (len × element size) bytes; callers write all
+        // of it before any read (see each call).
+        let mem = ok(unsafe { self.stream.alloc::<u8>((len * storage.bytes()).max(1)) }, "alloc");
         let ptr = mem.device_ptr(&self.stream).0;
         DevBuf { _mem: mem, ptr, len, storage }
     }
@@ -252,8 +267,8 @@ impl CudaBackend {
 
     /// `v` in activation storage: itself, or an f32 view rounded into a new buffer.
     fn as_act(&self, v: DevView<'_>) -> Option<DevBuf> {
-        (v.storage != self.act()).then(|| {
-            let buf = self.alloc_storage(v.len, self.act());
+        (v.storage != self.storage()).then(|| {
+            let buf = self.scratch_storage(v.len, self.storage()); // convert writes all of it
             self.convert(buf.ptr, buf.storage, v.ptr, v.len);
             buf
         })
@@ -265,8 +280,8 @@ impl CudaBackend {
             return;
         }
         assert_eq!(out.len(), index.len() * c, "gather_rows out");
-        expect("gather_rows", "out", out.storage, self.act());
-        expect("gather_rows", "x", x.storage, self.act());
+        expect("gather_rows", "out", out.storage, self.storage());
+        expect("gather_rows", "x", x.storage, self.storage());
         let idx = self.upload_u32(index);
         let w = weight.map(|w| self.upload_f32(w));
         let c = c as i32;
@@ -289,8 +304,8 @@ impl CudaBackend {
     }
 
     /// Most bytes allocated from the device's memory pool at once since the pool was created or
-    /// [`Self::reset_peak_device_bytes`] last ran: every buffer and scratch of this backend (they
-    /// come from the stream's pool), not the context, kernels or cuBLASLt's own workspace.
+    /// [`Self::reset_peak_device_bytes`] last ran: every buffer and scratch of this backend and
+    /// cuBLASLt's workspace (they come from the stream's pool), not the context or the kernels.
     pub fn peak_device_bytes(&self) -> Result<u64> {
         let mut high = 0u64;
         // SAFETY: the attribute is a u64 (cuuint64_t); the pool is the device's current one.
@@ -344,13 +359,13 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> DevBuf {
-        self.alloc_storage(len, self.act())
+        self.alloc_storage(len, self.storage())
     }
     fn alloc_f32(&self, len: usize) -> DevBuf {
         self.alloc_storage(len, Storage::F32)
     }
     fn activation_bytes(&self) -> u64 {
-        self.act().bytes() as u64
+        self.storage().bytes() as u64
     }
     fn buf_bytes(buf: &DevBuf) -> u64 {
         (buf.len * buf.storage.bytes()) as u64
@@ -384,8 +399,8 @@ impl Backend for CudaBackend {
     fn arena_views<'a>(&self, buf: &'a mut DevBuf, parts: &[ArenaPart]) -> Option<Vec<DevViewMut<'a>>> {
         expect("arena_views", "buf", buf.storage, Storage::F32);
         let storage = |p: Precision| self.storage_of(p);
-        let bytes = (buf.len * 4) as u64;
-        let mut spans: Vec<(u64, u64)> = parts.iter().filter(|p| p.len > 0).map(|p| (p.at, p.at + (p.len * storage(p.precision).bytes()) as u64)).collect();
+        let bytes = Self::buf_bytes(buf);
+        let mut spans: Vec<(u64, u64)> = parts.iter().filter(|p| p.len > 0).map(|p| (p.at, p.at + p.len as u64 * p.precision.bytes(self.activation_bytes()))).collect();
         spans.sort_unstable();
         for w in spans.windows(2) {
             assert!(w[0].1 <= w[1].0, "arena_views: bytes {:?} and {:?} overlap", w[0], w[1]);
@@ -443,6 +458,8 @@ impl Backend for CudaBackend {
         self.offload.alloc(self.stream.context(), bytes)
     }
     fn offload(&self, dst: &mut offload::PinnedHost, at: u64, src: DevView<'_>, precision: Precision) {
+        let _span = self.span("offload");
+        self.bind();
         expect("offload", "src", src.storage, self.storage_of(precision));
         self.offload.offload(&self.stream, dst, at, src, src.len * src.storage.bytes());
     }
@@ -545,8 +562,8 @@ impl Backend for CudaBackend {
         // one is rounded to activation storage, as every other activation gradient is.
         let (a_act, b_act) = if a.storage == b.storage { (None, None) } else { (self.as_act(a), self.as_act(b)) };
         self.bind();
-        let a_op = a_act.as_ref().map_or(a.operand(), |t| Operand { ptr: t.ptr, storage: t.storage });
-        let b_op = b_act.as_ref().map_or(b.operand(), |t| Operand { ptr: t.ptr, storage: t.storage });
+        let a_op = a_act.as_ref().map_or(a.operand(), DevBuf::operand);
+        let b_op = b_act.as_ref().map_or(b.operand(), DevBuf::operand);
         self.blas.matmul(out.operand(), a_op, b_op, m, k, n, ta, tb, accumulate);
     }
 
@@ -574,8 +591,8 @@ impl Backend for CudaBackend {
             return;
         }
         assert_eq!(out.len(), tokens.len() * c, "embedding out");
-        expect("embedding_fwd", "out", out.storage, self.act());
-        expect("embedding_fwd", "table", table.storage, self.act());
+        expect("embedding_fwd", "out", out.storage, self.storage());
+        expect("embedding_fwd", "table", table.storage, self.storage());
         let t = self.upload_u32(tokens);
         let c = c as i32;
         // SAFETY: `embedding_fwd(act_t*, const act_t*, const unsigned*, int)`, one block per token.
@@ -587,7 +604,7 @@ impl Backend for CudaBackend {
             return;
         }
         expect("embedding_bwd", "dtable", dtable.storage, Storage::F32);
-        expect("embedding_bwd", "dout", dout.storage, self.act());
+        expect("embedding_bwd", "dout", dout.storage, self.storage());
         let groups = kernels::group_positions(tokens);
         let (ids, offsets, pos) = (self.upload_u32(&groups.ids), self.upload_u32(&groups.offsets), self.upload_u32(&groups.positions));
         let c = c as i32;
@@ -606,7 +623,7 @@ impl Backend for CudaBackend {
         }
         assert!(x.len() == n * c && out.len() == n * c && rstd.len() == n, "rmsnorm_fwd shapes");
         for (arg, st) in [("out", out.storage), ("x", x.storage), ("w", w.storage)] {
-            expect("rmsnorm_fwd", arg, st, self.act());
+            expect("rmsnorm_fwd", arg, st, self.storage());
         }
         expect("rmsnorm_fwd", "rstd", rstd.storage, Storage::F32);
         let c = c as i32;
@@ -620,7 +637,7 @@ impl Backend for CudaBackend {
         }
         assert!(dx.len() == n * c && dout.len() == n * c && x.len() == n * c && dw.len() == c && rstd.len() == n, "rmsnorm_bwd shapes");
         for (arg, st) in [("dx", dx.storage), ("dout", dout.storage), ("x", x.storage), ("w", w.storage)] {
-            expect("rmsnorm_bwd", arg, st, self.act());
+            expect("rmsnorm_bwd", arg, st, self.storage());
         }
         expect("rmsnorm_bwd", "dw", dw.storage, Storage::F32);
         expect("rmsnorm_bwd", "rstd", rstd.storage, Storage::F32);
@@ -640,7 +657,7 @@ impl Backend for CudaBackend {
         let _span = self.span("rope");
         let n = qkv.len() / shape.qkv_width();
         assert_eq!(qkv.len(), n * shape.qkv_width(), "rope qkv");
-        expect("rope", "qkv", qkv.storage, self.act());
+        expect("rope", "qkv", qkv.storage, self.storage());
         expect("rope", "table", table.storage, Storage::F32);
         let rotated = shape.n_heads + shape.n_kv_heads;
         let total = n * rotated * shape.head_dim / 2;
@@ -671,8 +688,8 @@ impl Backend for CudaBackend {
             return;
         }
         assert!(out.len() == rows * h && gu.len() == rows * 2 * h, "swiglu_fwd shapes");
-        expect("swiglu_fwd", "out", out.storage, self.act());
-        expect("swiglu_fwd", "gu", gu.storage, self.act());
+        expect("swiglu_fwd", "out", out.storage, self.storage());
+        expect("swiglu_fwd", "gu", gu.storage, self.storage());
         let hi = h as i32;
         // SAFETY: `swiglu_fwd(act_t*, const act_t*, size_t rows, int h)`.
         ok(unsafe { self.stream.launch_builder(&self.k.swiglu_fwd).arg(&out.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).launch(grid_stride(rows * h)) }, "swiglu_fwd");
@@ -684,7 +701,7 @@ impl Backend for CudaBackend {
         }
         assert!(dgu.len() == rows * 2 * h && dout.len() == rows * h && gu.len() == rows * 2 * h, "swiglu_bwd shapes");
         for (arg, st) in [("dgu", dgu.storage), ("dout", dout.storage), ("gu", gu.storage)] {
-            expect("swiglu_bwd", arg, st, self.act());
+            expect("swiglu_bwd", arg, st, self.storage());
         }
         let hi = h as i32;
         // SAFETY: `swiglu_bwd(act_t* dgu, const act_t* dout, const act_t* gu, size_t, int)`.
@@ -731,8 +748,8 @@ impl Backend for CudaBackend {
             return;
         }
         assert_eq!(out.len(), tokens * c, "combine_rows out");
-        expect("combine_rows", "out", out.storage, self.act());
-        expect("combine_rows", "y", y.storage, self.act());
+        expect("combine_rows", "out", out.storage, self.storage());
+        expect("combine_rows", "y", y.storage, self.storage());
         let (offsets, slots) = (self.upload_u32(by_token.offsets), self.upload_u32(by_token.slots));
         let w = weight.map(|w| self.upload_f32(w));
         let ci = c as i32;
@@ -753,8 +770,8 @@ impl Backend for CudaBackend {
             return Vec::new();
         }
         assert_eq!(b.len(), index.len() * c, "gathered_dots b");
-        expect("gathered_dots", "a", a.storage, self.act());
-        expect("gathered_dots", "b", b.storage, self.act());
+        expect("gathered_dots", "a", a.storage, self.storage());
+        expect("gathered_dots", "b", b.storage, self.storage());
         let idx = self.upload_u32(index);
         let mut dots = self.scratch_f32(index.len());
         let (s, ci) = (index.len() as i32, c as i32);
@@ -775,27 +792,30 @@ impl Backend for CudaBackend {
             return Vec::new();
         }
         assert!(x.len() == n * c && w.len() == v * c && targets.len() == n, "classifier shapes");
-        expect("classifier", "x", x.storage, self.act());
-        expect("classifier", "w", w.storage, self.act());
+        expect("classifier", "x", x.storage, self.storage());
+        expect("classifier", "w", w.storage, self.storage());
         if let Some((dx, dw, _)) = &grads {
-            expect("classifier", "dx", dx.storage, self.act());
+            expect("classifier", "dx", dx.storage, self.storage());
             expect("classifier", "dw", dw.storage, Storage::F32);
+            assert!(dx.len() == n * c && dw.len() == v * c, "classifier gradient sizes: dx {} (want {}), dw {} (want {})", dx.len(), n * c, dw.len(), v * c);
         }
         self.bind();
         let rows_per_chunk = (LOGITS_BUDGET / v.max(1)).clamp(1, n);
         // f32 logits for the softmax; their gradient in activation storage for the two GEMMs
-        // (the same buffer when that storage is f32).
-        let logits = self.alloc_storage(rows_per_chunk * v, Storage::F32);
-        let dlogits = (self.act() != Storage::F32).then(|| self.alloc_storage(rows_per_chunk * v, self.act()));
+        // (the same buffer when that storage is f32, or when no gradient is asked for). Each
+        // chunk's GEMM (beta = 0) writes its logits rows and softmax_xent their gradient before
+        // anything reads them: no zeroing.
+        let grad_scale = grads.as_ref().map_or(0.0, |g| g.2 / n as f32);
+        let logits = self.scratch_storage(rows_per_chunk * v, Storage::F32);
+        let dlogits = (self.storage() != Storage::F32 && grad_scale != 0.0).then(|| self.scratch_storage(rows_per_chunk * v, self.storage()));
         let dl = dlogits.as_ref().unwrap_or(&logits);
         let mut losses = self.scratch_f32(n);
         let t = self.upload_u32(targets);
-        let grad_scale = grads.as_ref().map_or(0.0, |g| g.2 / n as f32);
         let vi = v as i32;
         for r0 in (0..n).step_by(rows_per_chunk) {
             let rows = rows_per_chunk.min(n - r0);
             let xs = Self::subview(x, r0 * c..(r0 + rows) * c);
-            let lg = Operand { ptr: logits.ptr, storage: Storage::F32 };
+            let lg = logits.operand();
             self.blas.matmul(lg, xs.operand(), w.operand(), rows, c, v, false, true, false);
             let (mut ls, ts) = (losses.slice_mut(r0..r0 + rows), t.slice(r0..r0 + rows));
             // SAFETY: `softmax_xent(const float* logits, act_t* dlogits, float* losses, const
@@ -806,7 +826,7 @@ impl Backend for CudaBackend {
                 "softmax_xent",
             );
             if let Some((dx, dw, _)) = grads.as_ref().filter(|_| grad_scale != 0.0) {
-                let d = Operand { ptr: dl.ptr, storage: dl.storage };
+                let d = dl.operand();
                 let dxs = Operand { ptr: offset(dx.ptr, r0 * c, dx.storage), storage: dx.storage };
                 self.blas.matmul(dxs, d, w.operand(), rows, v, c, false, false, false);
                 self.blas.matmul(dw.operand(), d, xs.operand(), v, rows, c, true, false, true);
@@ -819,7 +839,7 @@ impl Backend for CudaBackend {
     }
 
     fn uses_working_copy(&self) -> bool {
-        self.act() != Storage::F32
+        self.storage() != Storage::F32
     }
     fn refresh_working_copy(&self, work: DevViewMut<'_>, master: DevView<'_>) {
         let _span = self.span("refresh_working_copy");
@@ -834,7 +854,7 @@ impl Backend for CudaBackend {
             expect("adamw", arg, st, Storage::F32);
         }
         if let Some(w) = &work {
-            expect("adamw", "work", w.storage, self.act());
+            expect("adamw", "work", w.storage, self.storage());
         }
         if n == 0 {
             return;
