@@ -5,7 +5,7 @@
 //! FLOPs (FlashAttention's convention, also the peer's): forward `2·2·B·H·T²·D / 2` (QKᵀ and PV
 //! over the causal half), backward 2.5× the forward (five matmuls against two), so forward +
 //! backward is 3.5× the forward. B = max(1, tokens / T) with `--tokens` 32K, the H100-ref step's
-//! tokens. Storage is f32 (the kernels stage bf16 tiles); the peer's tensors are bf16.
+//! tokens. Storage is bf16 (the kernels stage bf16 tiles); the peer's tensors are bf16.
 //!
 //! Run: `cargo bench --features cuda --bench attention [-- --device cuda --lengths 4K,32K,128K
 //! --heads 16 --head-dim 64 --tokens 32K --min-seconds 1 --json FILE]` (`--device cpu` runs the

@@ -1,5 +1,5 @@
 //! Compiles every CUDA kernel with NVRTC for `sm_90a`, without a GPU, so that a kernel that does
-//! not compile fails CI. Both storage variants are compiled: f32 (what runs today) and bf16.
+//! not compile fails CI. Both storage variants are compiled: f32 and bf16 (what `train --device cuda` uses).
 //! With `MOTLEY_PTXAS` naming NVIDIA's `ptxas`, each PTX file is also assembled for `sm_90a`, as
 //! the driver does at load time (inline PTX that NVRTC passes through is only checked there),
 //! and the register and spill counts of the attention kernels are printed.

@@ -21,7 +21,8 @@ pub struct Shape {
 const CPU: &str = include_str!("../cpu_configs.json");
 const GPU: &str = include_str!("../gpu_configs.json");
 
-/// The named shapes of one file, in file order (keys starting with `_` are comments).
+/// The named shapes of one file, by name (serde_json sorts the keys; keys starting with `_` are
+/// comments).
 fn parse(json: &str, file: &str) -> Vec<(String, Shape)> {
     let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json).unwrap_or_else(|e| panic!("bench/{file}: {e}"));
     map.into_iter()

@@ -97,8 +97,8 @@ pub fn peak_flops() -> f64 {
     Gpu::h100().peak_flops
 }
 
-/// Host↔device bandwidth measured on the H100 (pinned copies, issue #6), what the α LP plans
-/// with on the GPU by default.
+/// Host↔device bandwidth of issue #6 (pinned copies on the lent H100, measured by the issue's
+/// author, not yet by motley), what the α LP plans with on the GPU by default.
 pub fn gpu_link_gbs() -> f64 {
     Gpu::h100().pcie_bw / 1e9
 }

@@ -12,7 +12,7 @@ use crate::common::device::print_profile;
 use crate::common::shapes::cpu_shapes;
 use crate::common::step::Run;
 
-/// PyTorch eager tokens/s on the same shapes, 2 threads (DEVELOPERS.md, 2026-11-23).
+/// PyTorch eager tokens/s on the same shapes, 2 threads (the developers' guide's measured peers, 2026-11-23; not re-run here).
 fn peer_tokens_per_s(name: &str) -> Option<f64> {
     match name {
         "tiny" => Some(4845.0),

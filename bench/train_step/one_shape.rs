@@ -34,7 +34,7 @@ impl Case {
         let shape_name = args.value("--shape").unwrap_or(if device == DeviceKind::Cuda { "h100-ref" } else { "tiny" }).to_string();
         let shape = find(&shape_name).unwrap_or_else(|e| fail(&e));
         // The α LP's host tier and link: on the GPU half the device machine's 128 GiB of host
-        // memory and the copy bandwidth measured on the H100; on the CPU the config defaults.
+        // memory and the copy bandwidth issue #6 gives for the H100; on the CPU the config defaults.
         let (host_default, link_default) = match device {
             DeviceKind::Cuda => (64.0, gpu_link_gbs()),
             DeviceKind::Cpu => (8.0, 10.0),

@@ -37,7 +37,8 @@ pub struct Gpu {
 
 impl Gpu {
     /// H100 SXM. GEMM 802 TFLOP/s (81 %), SDPA fwd+bwd 394–442 TFLOP/s (we take 418, 42 %) and
-    /// pinned copies at 55 GB/s were measured on motley's H100; the rest is datasheet.
+    /// pinned copies at 55 GB/s are issue #6's figures from the lent H100 (measured by the issue's
+    /// author, not yet by motley's own benches); the rest is datasheet.
     pub fn h100() -> Gpu {
         Gpu {
             name: "h100".into(),
