@@ -117,8 +117,9 @@ pub struct ModelCompression {
     pub folds: Vec<ExpertFold>,
     /// Calibration tokens routed to each layer's experts (when calibrated).
     pub expert_tokens: Option<Vec<Vec<usize>>>,
-    /// Index bits of each layer's experts under [`ExpertBits::Share`]; 0 marks an expert left
-    /// dense (too small to compress).
+    /// Index bits of each layer's experts under [`ExpertBits::Share`]; 0 marks an expert outside
+    /// the shared budget (a matrix of it too small to compress), whose compressible matrix, if
+    /// any, gets the uniform bits.
     pub expert_bits: Option<Vec<Vec<u8>>>,
 }
 
@@ -138,7 +139,9 @@ pub fn compress_model_detailed(be: &Cpu, model: &Model<Cpu>, calib: &[(Vec<u32>,
         (ExpertBits::Share, Some(cal)) => {
             let widths = share_bits(layout, &cal.expert_tokens, cfg.bits)?;
             for (block, layer) in layout.blocks.iter().zip(&widths) {
-                for (&(gu, down), &b) in block.experts.iter().zip(layer) {
+                // Width 0: the expert is outside the shared budget (one of its matrices is too
+                // small to compress); a compressible other matrix keeps the uniform bits.
+                for (&(gu, down), &b) in block.experts.iter().zip(layer).filter(|(_, &b)| b > 0) {
                     for i in [spec_at(gu), spec_at(down)].into_iter().flatten() {
                         bits[i] = b as f32;
                     }
@@ -446,6 +449,35 @@ mod tests {
         assert!(rel(&unfolded, spec.range()) < 0.1, "{}", rel(&unfolded, spec.range()));
         assert!(rel(&folded, spec.range()) > 0.5, "{}", rel(&folded, spec.range()));
         assert!((lu - loss(&be, &model, &original)).abs() < 0.5);
+    }
+
+    /// An expert whose gate/up matrix is large enough to compress but whose down matrix is not
+    /// (2·h·C ≥ MIN_COMPRESSED_WEIGHTS > h·C) stays outside the shared budget: its gate/up is
+    /// compressed at the uniform bits, its down kept dense, and share mode does not fail.
+    #[test]
+    fn share_mode_keeps_uniform_bits_for_a_half_compressible_expert() {
+        let be = Cpu::new(2);
+        let mut model = small_model(&be);
+        let h = MIN_COMPRESSED_WEIGHTS / model.config.d_model - 16; // h·C < MIN ≤ 2·h·C
+        assert!(h * model.config.d_model < MIN_COMPRESSED_WEIGHTS && 2 * h * model.config.d_model >= MIN_COMPRESSED_WEIGHTS);
+        let mut moe = model.moe.clone();
+        moe.expert_widths.push(h);
+        model = Model::new(&be, model.config.clone(), moe, 7).unwrap();
+        let layout = &model.layout;
+        for method in [Method::Rtn, Method::Kmeans, Method::Jlcm] {
+            let share_cfg = ModelCompressConfig { expert_bits: ExpertBits::Share, ..cfg(3.0) };
+            let c = compress_model_detailed(&be, &model, &calib(), method, &share_cfg).unwrap_or_else(|e| panic!("{method:?}: {e}"));
+            let widths = c.expert_bits.unwrap();
+            for (l, block) in layout.blocks.iter().enumerate() {
+                let (gu, down) = *block.experts.last().unwrap();
+                assert_eq!(widths[l][block.experts.len() - 1], 0, "{method:?}: the half-compressible expert is outside the budget");
+                let gu_name = &layout.specs[spec_index(layout, gu).unwrap()].name;
+                let m = &c.file.matrices[gu_name];
+                assert!(m.groups.iter().all(|g| g.bits == 3), "{method:?} {gu_name}: {:?}", m.groups);
+                let down_name = &layout.specs[spec_index(layout, down).unwrap()].name;
+                assert!(!c.file.matrices.contains_key(down_name), "{method:?}: {down_name} is too small to compress");
+            }
+        }
     }
 
     /// `--expert-bits share`: the experts' average index width is within the stated bound below
