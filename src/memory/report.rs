@@ -23,7 +23,6 @@ use crate::config::Config;
 use crate::model::params::ParamLayout;
 use crate::{Error, Result};
 
-/// Forward throughput the cost model assumes when no profile is measured.
 /// Bytes per activation element on `device`: `cuda` trains in bf16 mixed precision.
 pub fn activation_bytes(device: &str) -> u64 {
     if device == "cuda" {
@@ -33,6 +32,7 @@ pub fn activation_bytes(device: &str) -> u64 {
     }
 }
 
+/// Forward throughput the cost model assumes when no profile is measured.
 pub fn assumed_flops_per_s(device: &str) -> f64 {
     if device == "cuda" {
         4e14
