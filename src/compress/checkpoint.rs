@@ -30,6 +30,7 @@ use crate::data::tokenizer::{BpeTokenizer, Tokenizer};
 use crate::model::params::ParamLayout;
 use crate::model::Model;
 use crate::train::trainer::{load_checkpoint, validation_loss};
+use crate::train::checkpoint::{replace_dir, write_atomic};
 use crate::{Error, Result};
 
 pub const COMPRESSED_FILE: &str = "model.compressed.safetensors";
@@ -125,17 +126,43 @@ pub struct CompressReport {
 }
 
 /// Writes a compressed checkpoint directory (layout in the module doc); returns the file size.
+/// The files are written into a sibling temporary folder that then replaces `dir`, so a failed
+/// write never leaves a torn file, or a file and config of different runs, in place of a good
+/// one.
 pub fn save_compressed(dir: &Path, file: &CompressedFile, config: &Config, tokenizer: &Tokenizer) -> Result<u64> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut file = file.clone();
-    file.attrs.insert(HASH_ATTR.into(), config.config_hash());
-    let bytes = file.save(&dir.join(COMPRESSED_FILE))?;
-    let config_path = dir.join(CONFIG_FILE);
-    std::fs::write(&config_path, config.to_toml()?).map_err(|e| Error::io(&config_path, e))?;
-    if let Tokenizer::Bpe(bpe) = tokenizer {
-        bpe.save(&dir.join(TOKENIZER_FILE))?;
+    let name = dir.file_name().ok_or_else(|| Error::Invalid(format!("--out {}: not a folder name", dir.display())))?;
+    // The folder is replaced whole: refuse one that holds anything but a compressed checkpoint.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let ours = [COMPRESSED_FILE, CONFIG_FILE, TOKENIZER_FILE, REPORT_FILE];
+        if let Some(other) = entries.flatten().map(|e| e.file_name()).find(|n| !ours.iter().any(|o| n.as_os_str() == *o)) {
+            return Err(Error::Invalid(format!(
+                "--out {}: holds {} besides a compressed checkpoint; give an empty or new folder, or one written by `motley compress`",
+                dir.display(),
+                other.to_string_lossy()
+            )));
+        }
     }
-    Ok(bytes)
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let tmp = parent.join(format!(".tmp-{}-{}", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let written = (|| {
+        let mut file = file.clone();
+        file.attrs.insert(HASH_ATTR.into(), config.config_hash());
+        let bytes = file.save(&tmp.join(COMPRESSED_FILE))?;
+        let config_path = tmp.join(CONFIG_FILE);
+        std::fs::write(&config_path, config.to_toml()?).map_err(|e| Error::io(&config_path, e))?;
+        if let Tokenizer::Bpe(bpe) = tokenizer {
+            bpe.save(&tmp.join(TOKENIZER_FILE))?;
+        }
+        Ok(bytes)
+    })();
+    let bytes = written.and_then(|b| replace_dir(&tmp, dir).map(|()| b));
+    if bytes.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    bytes
 }
 
 /// Loads a compressed checkpoint directory as a dense model and its config. Fails, naming the
@@ -225,7 +252,7 @@ pub fn run_compress(be: &Cpu, args: &CompressArgs) -> Result<CompressReport> {
     (report.expert_tokens, report.expert_bits) = (compression.expert_tokens, compression.expert_bits);
     let path = args.out.join(REPORT_FILE);
     let json = serde_json::to_vec_pretty(&report).map_err(|e| Error::Invalid(format!("cannot encode the report: {e}")))?;
-    std::fs::write(&path, json).map_err(|e| Error::io(&path, e))?;
+    write_atomic(&path, &json)?;
     Ok(report)
 }
 
@@ -343,6 +370,33 @@ mod tests {
         assert_eq!(tokens.iter().map(|l| l.iter().sum::<usize>()).collect::<Vec<_>>(), vec![2 * 256; 2], "top-2 routing");
         load_compressed_model(&run.join("rtn-share"), &be).unwrap();
         std::fs::remove_dir_all(&run).unwrap();
+    }
+
+    /// Saving over a compressed checkpoint replaces it whole; a folder holding anything else is
+    /// refused and left as it was.
+    #[test]
+    fn save_replaces_a_compressed_checkpoint_and_refuses_other_folders() {
+        let be = Cpu::new(2);
+        let dir = temp("replace");
+        let config = config(&[]);
+        let model = Model::new(&be, config.model.clone(), config.moe.clone(), 5).unwrap();
+        let cfg = ModelCompressConfig { bits: 2.0, ..ModelCompressConfig::default() };
+        let file = compress_model(&be, &model, &[], Method::Kmeans, &cfg).unwrap();
+        let byte = Tokenizer::Byte(Default::default());
+        save_compressed(&dir, &file, &config, &byte).unwrap();
+        std::fs::write(dir.join(REPORT_FILE), "{}").unwrap();
+        save_compressed(&dir, &file, &config, &byte).unwrap();
+        load_compressed_model(&dir, &be).unwrap();
+        let other = temp("replace-other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("notes.txt"), "keep me").unwrap();
+        let e = save_compressed(&other, &file, &config, &byte).unwrap_err().to_string();
+        assert!(e.contains("notes.txt") && e.contains("--out"), "{e}");
+        assert_eq!(std::fs::read_to_string(other.join("notes.txt")).unwrap(), "keep me");
+        assert!(!other.join(COMPRESSED_FILE).exists());
+        for d in [dir, other] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
     }
 
     #[test]

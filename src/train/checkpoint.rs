@@ -137,15 +137,8 @@ fn save_checked(
         return Err(e);
     }
     let dir = root.join(&name);
-    // Re-saving a step (after a resume): move the old copy aside rather than delete it first.
-    let displaced = root.join(format!(".old-{name}"));
-    if dir.exists() {
-        remove_dir_if_present(&displaced)?;
-        std::fs::rename(&dir, &displaced).map_err(|e| Error::io(&dir, e))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
-    sync_dir(&root)?;
-    remove_dir_if_present(&displaced)?;
+    // Re-saving a step (after a resume) replaces the old copy.
+    replace_dir(&tmp, &dir)?;
     let (older, newer): (Vec<_>, Vec<_>) = list(run_dir)?.into_iter().filter(|(s, _)| *s != state.step).partition(|(s, _)| *s < state.step);
     let surplus = older.len().saturating_sub(keep_last.saturating_sub(1));
     for (_, path) in older.iter().take(surplus).chain(&newer) {
@@ -238,6 +231,30 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Makes a directory's entries (new files, renames) durable.
+/// Puts the complete directory `tmp` at `dir` (a sibling), replacing what is there: the old
+/// copy is moved aside, not deleted, until the new one is in place, so a failure at any point
+/// leaves one whole copy at `dir` or beside it.
+pub(crate) fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    let parent = dir.parent().ok_or_else(|| Error::Invalid(format!("{}: no parent folder", dir.display())))?;
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let displaced = parent.join(format!(".old-{name}"));
+    if dir.exists() {
+        remove_dir_if_present(&displaced)?;
+        std::fs::rename(dir, &displaced).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
+    sync_dir(parent)?;
+    remove_dir_if_present(&displaced)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so `path` holds the old or
+/// the new contents, never a torn mix.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }

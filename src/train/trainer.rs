@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
-use super::checkpoint::{self, TensorRef, TrainState};
+use super::checkpoint::{self, write_atomic, TensorRef, TrainState};
 use super::metrics::{EvalRecord, MetricsWriter, TrainRecord};
 use super::optim::{AdamWConfig, Optimizer};
 use super::plot;
@@ -164,13 +164,6 @@ fn restore(layout: &ParamLayout, set: &checkpoint::TensorSet, prefix: &str) -> R
     Ok(values)
 }
 
-/// Writes `text` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
 /// Trains `config` into `opts.out` with data parallelism over `dp` (a single process or MPI
 /// ranks): every rank draws the same global batch and keeps its own slice of rows, gradients are
 /// summed over the ranks and averaged, and rank 0 alone writes metrics, checkpoints and plots.
@@ -269,7 +262,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         (true, false) => Some(MetricsWriter::create(&metrics_path)?),
     };
     if leader {
-        write_atomic(&out.join("config.toml"), &config.to_toml()?)?;
+        write_atomic(&out.join("config.toml"), config.to_toml()?.as_bytes())?;
     }
     let tokenizer_json = data.tokenizer.to_json()?;
     let schedule = LrSchedule::from_config(t);
