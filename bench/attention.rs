@@ -29,7 +29,7 @@ use common::device::{BenchBackend, DeviceKind};
 const BWD_PER_FWD: f64 = 2.5;
 
 fn main() {
-    let args = Args::from_env();
+    let args = Args::from_env_known(&["--device", "--threads", "--lengths", "--tokens", "--heads", "--head-dim", "--min-seconds"]);
     match DeviceKind::parse(args.value("--device").unwrap_or("cuda")) {
         DeviceKind::Cpu => run(&Cpu::new(args.get("--threads", 0)), &args),
         DeviceKind::Cuda => {

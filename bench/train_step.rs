@@ -27,8 +27,14 @@ mod sweep;
 
 use common::args::Args;
 
+/// Every flag of the three modes (the CPU table, one shape, the sweep and its children).
+const FLAGS: &[&str] = &[
+    "--threads", "--steps", "--profile", "--device", "--shape", "--batch", "--seq", "--policy", "--warmup", "--max-seconds",
+    "--host-gib", "--bandwidth-gbs", "--sweep", "--time-limit", "--budget", "--child",
+];
+
 fn main() {
-    let args = Args::from_env();
+    let args = Args::from_env_known(FLAGS);
     if args.has("--child") {
         sweep::child(&args);
     } else if args.has("--sweep") {

@@ -1,5 +1,7 @@
-//! The benches' command line: `--flag value` pairs, lengths with K/M suffixes. Flags the bench
-//! does not know are ignored, because `cargo bench` passes `--bench` to every bench binary.
+//! The benches' command line: `--flag value` pairs, lengths with K/M suffixes. A bench built
+//! with [`Args::from_env_known`] refuses flags it does not know (a typo would otherwise run the
+//! defaults: on a lent GPU, minutes lost); `--bench`, which `cargo bench` passes to every bench
+//! binary, and `--json` are always accepted.
 
 use std::str::FromStr;
 
@@ -35,6 +37,15 @@ pub fn show_size(n: usize) -> String {
 impl Args {
     pub fn from_env() -> Self {
         Args(std::env::args().skip(1).collect())
+    }
+
+    /// The process's arguments; exits 2 naming any `--flag` not in `known`.
+    pub fn from_env_known(known: &[&str]) -> Self {
+        let args = Self::from_env();
+        if let Some(bad) = args.0.iter().find(|a| a.starts_with("--") && !["--bench", "--json"].contains(&a.as_str()) && !known.contains(&a.as_str())) {
+            fail(&format!("unknown flag {bad}; this bench takes {} --json", known.join(" ")));
+        }
+        args
     }
 
     pub fn from(list: &[&str]) -> Self {
