@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::format::{bits_per_weight, CompressedFile, CompressedMatrix, Method};
 use super::jlcm::CodebookKind;
-use super::model::{compress_model_detailed, decompress_to_values, Embeddings, ExpertBits, ModelCompressConfig};
+use super::model::{calibrates, compress_model_detailed, decompress_to_values, Embeddings, ExpertBits, ModelCompressConfig};
 use crate::backend::cpu::Cpu;
 use crate::config::Config;
 use crate::data::loader::Loader;
@@ -226,7 +226,7 @@ pub fn run_compress(be: &Cpu, args: &CompressArgs) -> Result<CompressReport> {
     let run_dir = args.checkpoint.parent().and_then(Path::parent).unwrap_or(Path::new("."));
     let data = prepare(&config, &run_dir.join("data"))?;
     let seq = config.train.seq_len;
-    let calibrate = args.method == Method::Jlcm || args.expert_bits == ExpertBits::Share;
+    let calibrate = calibrates(args.method, args.expert_bits);
     let calib = if calibrate { calibration_batches(&data.train, args.calib_tokens, seq)? } else { Vec::new() };
     let cfg = ModelCompressConfig {
         bits: args.bits,

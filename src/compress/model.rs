@@ -123,13 +123,18 @@ pub struct ModelCompression {
     pub expert_bits: Option<Vec<Vec<u8>>>,
 }
 
+/// Whether compressing with `method` and `expert_bits` runs the calibration tokens through the
+/// model: JLCM for its Hessians, [`ExpertBits::Share`] for the routing counts.
+pub fn calibrates(method: Method, expert_bits: ExpertBits) -> bool {
+    method == Method::Jlcm || expert_bits == ExpertBits::Share
+}
+
 /// [`compress_model`], also returning the folds, routing counts and expert widths.
 pub fn compress_model_detailed(be: &Cpu, model: &Model<Cpu>, calib: &[(Vec<u32>, usize, usize)], method: Method, cfg: &ModelCompressConfig) -> Result<ModelCompression> {
     if cfg.groups == 0 {
         return Err(Error::config("groups", 0, "at least 1 row group"));
     }
-    let calibrate = method == Method::Jlcm || cfg.expert_bits == ExpertBits::Share;
-    let calibration = if calibrate { Some(calib::calibrate(be, model, calib)?) } else { None };
+    let calibration = if calibrates(method, cfg.expert_bits) { Some(calib::calibrate(be, model, calib)?) } else { None };
     let values: &[f32] = model.params.master();
     let layout = &model.layout;
     let spec_at = |offset: usize| spec_index(layout, offset);
