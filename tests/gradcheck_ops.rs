@@ -279,7 +279,8 @@ fn router_case(kind: Kind, seed: u64) {
         dot64(&r, &routing.gate) + router::aux_losses(&p, z, &routing, &moe).weighted(&moe) as f64
     };
     let p = probs_of(&logits);
-    let (dp, dz) = router::backward(&p, &logits, &base, &r, &moe);
+    let (offsets, slots) = base.by_token();
+    let (dp, dz) = router::backward(&p, &logits, &base, TokenSlots { offsets: &offsets, slots: &slots }, &r, &moe);
     let mut dlogits = vec![0.0; n * e];
     be.softmax_rows_bwd(&mut dlogits, &dp, &p, n, e);
     dlogits.iter_mut().zip(&dz).for_each(|(a, b)| *a += b);

@@ -126,6 +126,22 @@ pub struct ArenaPart {
     pub precision: Precision,
 }
 
+/// Keeps freed host memory in the heap instead of handing it back to the kernel: transient
+/// tensors (CPU backend) and the router's per-layer vectors (every backend) are allocated and
+/// freed every step, and glibc serves large blocks with fresh `mmap`s that page-fault on first
+/// touch (~10% of a tiny CPU step). Process-wide, set once.
+pub(crate) fn keep_freed_host_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only adjusts allocator thresholds; called once, before heavy allocation.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        });
+    }
+}
+
 pub trait Backend: Send + Sync {
     /// Device memory holding activation-typed elements.
     type Buf: Send + Sync;
@@ -141,6 +157,15 @@ pub trait Backend: Send + Sync {
     type CopyMark: Send;
 
     fn name(&self) -> &'static str;
+
+    /// Runs `f`, the model's host work between ops (the router's selection, aux losses and
+    /// backward), on the threads this backend computes with, profiled as `op`: the CPU
+    /// backend's pool, so that its thread count bounds this work too; by default rayon's global
+    /// pool (every core).
+    fn host_work<R: Send>(&self, op: &'static str, f: impl FnOnce() -> R + Send) -> R {
+        let _ = op;
+        f()
+    }
 
     // ---- memory -------------------------------------------------------------------------------
     /// A zeroed buffer of `len` elements in activation storage (bf16 on a GPU in mixed precision).

@@ -250,8 +250,11 @@ impl<B: Backend> BlockCtx<'_, B> {
         let mut probs = be.alloc_f32(n * e);
         be.softmax_rows(B::full_mut(&mut probs), B::full(&logits), n, e);
         let (probs_h, logits_h) = (be.download(B::full(&probs)), be.download(B::full(&logits)));
-        let routing = router::select(&probs_h, n, e, self.moe);
-        let aux = router::aux_losses(&probs_h, &logits_h, &routing, self.moe);
+        let (routing, aux) = be.host_work("route", || {
+            let routing = router::select(&probs_h, n, e, self.moe);
+            let aux = router::aux_losses(&probs_h, &logits_h, &routing, self.moe);
+            (routing, aux)
+        });
 
         let widths = &self.moe.expert_widths;
         let sc = routing.n_slots() * c;
@@ -463,7 +466,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         // Router: gate path and aux losses → dP → dlogits (+ z-loss) → dxn2, dWr.
         let probs_h = be.download(saved("router_probs"));
         let logits_h = be.download(saved("router_logits"));
-        let (dprobs_h, dz_h) = router::backward(&probs_h, &logits_h, routing, &dgate, self.moe);
+        let (dprobs_h, dz_h) = be.host_work("route_bwd", || router::backward(&probs_h, &logits_h, routing, by_token, &dgate, self.moe));
         {
             let [mut dxn2, mut dprobs, mut dlogits] = tx.views(be, [(bwd::DXN2, n * c), (bwd::DPROBS, n * e), (bwd::DLOGITS, n * e)]);
             be.upload(rw(&mut dprobs), &dprobs_h);

@@ -1,42 +1,104 @@
 //! HMoE routing: Top-K / Top-P selection with renormalised gates, the auxiliary losses
 //! (Switch load balance, P-Penalty, router entropy, z-loss) and the router's backward.
-//! Runs on the host over the `(N, E)` router probabilities.
+//! Runs on the host over the `(N, E)` router probabilities, between the backend's ops: every
+//! MoE layer waits for it twice a step, so it is data-parallel over chunks of tokens (on the
+//! calling rayon pool, see `Backend::host_work`) and allocation-free per token. Chunks have a
+//! fixed size, so every result is bitwise the same whatever the thread count.
+
+use rayon::prelude::*;
+
+use crate::backend::TokenSlots;
 
 use super::config::{MoeConfig, Routing as RoutingKind};
-use super::routing::{Choice, Routing};
+use super::routing::Routing;
+
+/// Tokens per parallel task; fixed so that sums do not depend on the thread count.
+const TOKEN_CHUNK: usize = 1024;
 
 /// Picks each token's experts from its probabilities and renormalises their gates.
 /// Top-K breaks ties toward the lower expert index; Top-P takes the smallest prefix of the
-/// descending order whose mass reaches `top_p` (at least one expert).
+/// descending order (ties: lower index first) whose mass reaches `top_p` (at least one expert).
 pub fn select(probs: &[f32], n: usize, e: usize, moe: &MoeConfig) -> Routing {
-    let mut choices = Vec::with_capacity(n * moe.top_k.max(2));
-    let mut order: Vec<usize> = (0..e).collect();
-    for t in 0..n {
-        let p = &probs[t * e..(t + 1) * e];
-        order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-        let take = match moe.routing {
-            RoutingKind::TopK => moe.top_k.min(e),
-            RoutingKind::TopP => {
-                let mut mass = 0.0f32;
-                let mut k = 0;
-                while k < e {
-                    mass += p[order[k]];
-                    k += 1;
-                    if mass >= moe.top_p {
-                        break;
-                    }
+    assert_eq!(probs.len(), n * e, "router probabilities");
+    // Per chunk of tokens, each expert's (tokens, gates) in ascending token order.
+    let chunks: Vec<Vec<(Vec<u32>, Vec<f32>)>> = probs
+        .par_chunks(TOKEN_CHUNK * e)
+        .enumerate()
+        .map(|(c, block)| {
+            let (mut keys, mut chosen) = (vec![0i32; e], Vec::with_capacity(e));
+            let tokens = block.len() / e;
+            let mut by_expert = vec![(Vec::with_capacity(tokens), Vec::with_capacity(tokens)); e];
+            for (i, p) in block.chunks_exact(e).enumerate() {
+                choose(p, moe, &mut keys, &mut chosen);
+                // Gates over the chosen experts in ascending index order.
+                chosen.sort_unstable();
+                let sum = chosen.iter().fold(0.0f32, |s, &x| s + p[x]);
+                for &x in &chosen {
+                    by_expert[x].0.push((c * TOKEN_CHUNK + i) as u32);
+                    by_expert[x].1.push(p[x] / sum);
                 }
-                k
             }
+            by_expert
+        })
+        .collect();
+    // Expert-major slots: each expert's chunks in chunk order, the experts filled in parallel.
+    let mut offsets = vec![0usize; e + 1];
+    for x in 0..e {
+        offsets[x + 1] = offsets[x] + chunks.iter().map(|c| c[x].0.len()).sum::<usize>();
+    }
+    let (mut token, mut gate) = (vec![0u32; offsets[e]], vec![0f32; offsets[e]]);
+    let mut spans = Vec::with_capacity(e);
+    let (mut rest_t, mut rest_g) = (&mut token[..], &mut gate[..]);
+    for x in 0..e {
+        let len = offsets[x + 1] - offsets[x];
+        let (tx, tr) = rest_t.split_at_mut(len);
+        let (gx, gr) = rest_g.split_at_mut(len);
+        spans.push((x, tx, gx));
+        (rest_t, rest_g) = (tr, gr);
+    }
+    spans.into_par_iter().for_each(|(x, tokens, gates)| {
+        let mut at = 0;
+        for c in &chunks {
+            let (t, g) = &c[x];
+            tokens[at..at + t.len()].copy_from_slice(t);
+            gates[at..at + g.len()].copy_from_slice(g);
+            at += t.len();
+        }
+    });
+    Routing { n_tokens: n, n_experts: e, token, gate, offsets }
+}
+
+/// Fills `chosen` with the experts token probabilities `p` route to, in descending order: the
+/// largest first, each next the largest not yet chosen (ties to the lower index), until Top-K
+/// has `top_k` or Top-P's mass reaches `top_p`. O(chosen × E) and branch-free per scan: the
+/// probabilities become integers ordered as `f32::total_cmp` orders them, a chosen one `MIN`.
+fn choose(p: &[f32], moe: &MoeConfig, keys: &mut [i32], chosen: &mut Vec<usize>) {
+    let e = p.len();
+    for (k, &v) in keys.iter_mut().zip(p) {
+        let bits = v.to_bits() as i32;
+        // MIN + 1 at least: MIN marks a chosen expert (only one negative NaN maps below).
+        *k = (bits ^ (((bits >> 31) as u32) >> 1) as i32).max(i32::MIN + 1);
+    }
+    chosen.clear();
+    let mut mass = 0.0f32;
+    loop {
+        let (mut best, mut key) = (0, keys[0]);
+        for (x, &k) in keys.iter().enumerate().skip(1) {
+            let more = k > key;
+            best = if more { x } else { best };
+            key = key.max(k);
+        }
+        keys[best] = i32::MIN;
+        chosen.push(best);
+        mass += p[best];
+        let done = match moe.routing {
+            RoutingKind::TopK => chosen.len() >= moe.top_k.min(e),
+            RoutingKind::TopP => mass >= moe.top_p || chosen.len() == e,
         };
-        let mut chosen = order[..take].to_vec();
-        chosen.sort_unstable();
-        let sum: f32 = chosen.iter().map(|&i| p[i]).sum();
-        for i in chosen {
-            choices.push(Choice { token: t as u32, expert: i as u32, gate: p[i] / sum });
+        if done {
+            return;
         }
     }
-    Routing::from_choices(n, e, &choices)
 }
 
 /// The auxiliary losses of one MoE layer, unweighted.
@@ -67,9 +129,18 @@ fn token_shares(routing: &Routing) -> Vec<f32> {
     routing.counts().iter().map(|&c| c as f32 / routing.n_tokens as f32).collect()
 }
 
-fn logsumexp(z: &[f32]) -> f32 {
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    m + z.iter().map(|&v| (v - m).exp()).sum::<f32>().ln()
+/// `ln Σ exp(z)` of one token's router logits from its probabilities `P = softmax(z)`:
+/// `z_j − ln P_j` at the most probable expert (`P_j ≥ 1/E`, so the log is well conditioned):
+/// one log where the definition takes E exponentials.
+fn logsumexp(z: &[f32], p: &[f32]) -> f32 {
+    // Branch-free arg max (the branch on random probabilities mispredicts half the time).
+    let (mut j, mut best) = (0, p[0]);
+    for (i, &v) in p.iter().enumerate().skip(1) {
+        let more = v > best;
+        j = if more { i } else { j };
+        best = best.max(v);
+    }
+    z[j] - best.ln()
 }
 
 /// Evaluates the aux losses (papers.md §1 definitions; T_i from counts, P̂_i the mean probability).
@@ -77,18 +148,30 @@ pub fn aux_losses(probs: &[f32], logits: &[f32], routing: &Routing, moe: &MoeCon
     let (n, e) = (routing.n_tokens, routing.n_experts);
     let shares = token_shares(routing);
     let sizes = moe.relative_sizes();
-    let mut mean_p = vec![0f64; e];
-    let (mut entropy, mut z) = (0f64, 0f64);
-    for t in 0..n {
-        let p = &probs[t * e..(t + 1) * e];
-        for i in 0..e {
-            mean_p[i] += p[i] as f64;
-            if p[i] > 0.0 {
-                entropy -= (p[i] * p[i].ln()) as f64;
+    // Per chunk: Σ_t P_ti per expert, Σ_t entropy_t, Σ_t lse_t²; summed in chunk order.
+    let partials: Vec<(Vec<f64>, f64, f64)> = probs
+        .par_chunks(TOKEN_CHUNK * e)
+        .zip(logits.par_chunks(TOKEN_CHUNK * e))
+        .map(|(probs, logits)| {
+            let (mut sum_p, mut entropy, mut z) = (vec![0f64; e], 0f64, 0f64);
+            for (p, l) in probs.chunks_exact(e).zip(logits.chunks_exact(e)) {
+                // −Σ P ln P with ln P_i = z_i − lse and Σ P = 1: lse − Σ P_i z_i, no log per expert.
+                let lse = logsumexp(l, p);
+                let mut dot = 0.0f32;
+                for i in 0..e {
+                    sum_p[i] += p[i] as f64;
+                    dot += p[i] * l[i];
+                }
+                entropy += (lse - dot) as f64;
+                z += lse as f64 * lse as f64;
             }
-        }
-        let lse = logsumexp(&logits[t * e..(t + 1) * e]) as f64;
-        z += lse * lse;
+            (sum_p, entropy, z)
+        })
+        .collect();
+    let (mut mean_p, mut entropy, mut z) = (vec![0f64; e], 0f64, 0f64);
+    for (sum_p, h, zz) in partials {
+        mean_p.iter_mut().zip(&sum_p).for_each(|(m, s)| *m += s);
+        (entropy, z) = (entropy + h, z + zz);
     }
     let nf = n as f64;
     let lb: f64 = (0..e).map(|i| shares[i] as f64 * mean_p[i] / nf).sum::<f64>() * e as f64;
@@ -98,41 +181,50 @@ pub fn aux_losses(probs: &[f32], logits: &[f32], routing: &Routing, moe: &MoeCon
 
 /// Gradient with respect to the router probabilities `(N, E)` of the gate path
 /// (`dgate` per slot, through the renormalisation) plus the weighted aux losses, and the
-/// z-loss gradient with respect to the logits (which bypasses the softmax).
-pub fn backward(probs: &[f32], logits: &[f32], routing: &Routing, dgate: &[f32], moe: &MoeConfig) -> (Vec<f32>, Vec<f32>) {
+/// z-loss gradient with respect to the logits (which bypasses the softmax). `by_token` is the
+/// routing's token→slot incidence ([`Routing::by_token`]), which the caller has at hand.
+pub fn backward(probs: &[f32], logits: &[f32], routing: &Routing, by_token: TokenSlots<'_>, dgate: &[f32], moe: &MoeConfig) -> (Vec<f32>, Vec<f32>) {
     let (n, e) = (routing.n_tokens, routing.n_experts);
     let mut dprobs = vec![0f32; n * e];
     let mut dlogits_z = vec![0f32; n * e];
     let experts = routing.expert_of_slots();
-    let (offsets, slots) = routing.by_token();
+    let TokenSlots { offsets, slots } = by_token;
     let shares = token_shares(routing);
     let sizes = moe.relative_sizes();
     let nf = n as f32;
-    for t in 0..n {
-        let p = &probs[t * e..(t + 1) * e];
-        let dp = &mut dprobs[t * e..(t + 1) * e];
-        // g_i = P_i / S over the selected set: dP_i = (dg_i − Σ_j dg_j g_j) / S.
-        let mine = &slots[offsets[t] as usize..offsets[t + 1] as usize];
-        let sum: f32 = mine.iter().map(|&s| p[experts[s as usize] as usize]).sum();
-        let dot: f32 = mine.iter().map(|&s| dgate[s as usize] * routing.gate[s as usize]).sum();
-        for &s in mine {
-            dp[experts[s as usize] as usize] += (dgate[s as usize] - dot) / sum;
-        }
-        for i in 0..e {
-            dp[i] += moe.load_balance * e as f32 * shares[i] / nf;
-            dp[i] += moe.p_penalty * e as f32 * shares[i] * sizes[i] / nf;
-            if moe.entropy > 0.0 && p[i] > 0.0 {
-                dp[i] -= moe.entropy * (p[i].ln() + 1.0) / nf;
+    // The load-balance and P-Penalty gradients per expert, the same for every token.
+    let lb: Vec<f32> = (0..e).map(|i| moe.load_balance * e as f32 * shares[i] / nf).collect();
+    let pp: Vec<f32> = (0..e).map(|i| moe.p_penalty * e as f32 * shares[i] * sizes[i] / nf).collect();
+    let rows = TOKEN_CHUNK * e;
+    dprobs.par_chunks_mut(rows).zip(dlogits_z.par_chunks_mut(rows)).enumerate().for_each(|(c, (dprobs, dlogits_z))| {
+        for (i, (dp, dz)) in dprobs.chunks_exact_mut(e).zip(dlogits_z.chunks_exact_mut(e)).enumerate() {
+            let t = c * TOKEN_CHUNK + i;
+            let p = &probs[t * e..(t + 1) * e];
+            // g_i = P_i / S over the selected set: dP_i = (dg_i − Σ_j dg_j g_j) / S.
+            let mine = &slots[offsets[t] as usize..offsets[t + 1] as usize];
+            let sum: f32 = mine.iter().map(|&s| p[experts[s as usize] as usize]).sum();
+            let dot: f32 = mine.iter().map(|&s| dgate[s as usize] * routing.gate[s as usize]).sum();
+            for &s in mine {
+                dp[experts[s as usize] as usize] += (dgate[s as usize] - dot) / sum;
             }
-        }
-        if moe.z_loss > 0.0 {
             let z = &logits[t * e..(t + 1) * e];
-            let lse = logsumexp(z);
+            let lse = if moe.entropy > 0.0 || moe.z_loss > 0.0 { logsumexp(z, p) } else { 0.0 };
             for i in 0..e {
-                dlogits_z[t * e + i] = moe.z_loss * 2.0 * lse * (z[i] - lse).exp() / nf;
+                dp[i] += lb[i];
+                dp[i] += pp[i];
+                // ∂(−P ln P)/∂P = −(ln P + 1), ln P_i = z_i − lse.
+                if moe.entropy > 0.0 && p[i] > 0.0 {
+                    dp[i] -= moe.entropy * ((z[i] - lse) + 1.0) / nf;
+                }
+            }
+            // ∂lse/∂z_i = softmax(z)_i = P_i (bypasses the softmax's backward).
+            if moe.z_loss > 0.0 {
+                for i in 0..e {
+                    dz[i] = moe.z_loss * 2.0 * lse * p[i] / nf;
+                }
             }
         }
-    }
+    });
     (dprobs, dlogits_z)
 }
 
@@ -140,6 +232,7 @@ pub fn backward(probs: &[f32], logits: &[f32], routing: &Routing, dgate: &[f32],
 mod tests {
     use super::*;
     use crate::model::config::Routing as Kind;
+    use crate::model::routing::Choice;
 
     fn moe(kind: Kind) -> MoeConfig {
         MoeConfig {
@@ -152,6 +245,99 @@ mod tests {
             entropy: 0.0,
             z_loss: 0.0,
         }
+    }
+
+    /// The selection as the definition states it: sort each token's experts, take the prefix,
+        /// lay the choices out with the stable counting sort. `select` must match it bit for bit.
+        fn reference_select(probs: &[f32], n: usize, e: usize, moe: &MoeConfig) -> Routing {
+        let mut choices = Vec::with_capacity(n * moe.top_k.max(2));
+        let mut order: Vec<usize> = (0..e).collect();
+        for t in 0..n {
+            let p = &probs[t * e..(t + 1) * e];
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            let take = match moe.routing {
+                RoutingKind::TopK => moe.top_k.min(e),
+                RoutingKind::TopP => {
+                    let mut mass = 0.0f32;
+                    let mut k = 0;
+                    while k < e {
+                        mass += p[order[k]];
+                        k += 1;
+                        if mass >= moe.top_p {
+                            break;
+                        }
+                    }
+                    k
+                }
+            };
+            let mut chosen = order[..take].to_vec();
+            chosen.sort_unstable();
+            let sum: f32 = chosen.iter().map(|&i| p[i]).sum();
+            for i in chosen {
+                choices.push(Choice { token: t as u32, expert: i as u32, gate: p[i] / sum });
+            }
+        }
+        Routing::from_choices(n, e, &choices)
+    }
+
+    /// Router probabilities over `e` experts for `n` tokens, with exact ties and zeros mixed in.
+    fn random_probs(n: usize, e: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut probs = Vec::with_capacity(n * e);
+        for t in 0..n {
+            let mut row: Vec<f32> = (0..e).map(|_| (2.0 * rng.normal() as f32).exp()).collect();
+            if t % 5 == 0 {
+                row[e - 1] = row[0]; // a tie
+            }
+            if t % 7 == 0 {
+                row[1] = 0.0;
+            }
+            let s: f32 = row.iter().sum();
+            probs.extend(row.iter().map(|v| v / s));
+        }
+        probs
+    }
+
+    /// The parallel, sort-free selection equals the definition bitwise, for Top-K and Top-P,
+    /// over several token chunks and a ragged last one.
+    #[test]
+    fn select_matches_the_sorting_definition_bitwise() {
+        let (n, e) = (3 * TOKEN_CHUNK + 77, 8);
+        let probs = random_probs(n, e, 5);
+        for (kind, k, p) in [(Kind::TopK, 1, 0.0), (Kind::TopK, 2, 0.0), (Kind::TopK, 8, 0.0), (Kind::TopP, 2, 0.5), (Kind::TopP, 2, 0.9), (Kind::TopP, 2, 1.0)] {
+            let mut m = moe(kind);
+            m.expert_widths = vec![16; e];
+            (m.top_k, m.top_p) = (k, p);
+            let (got, want) = (select(&probs, n, e, &m), reference_select(&probs, n, e, &m));
+            assert_eq!(got.offsets, want.offsets, "{kind:?} k={k} p={p}");
+            assert_eq!(got.token, want.token, "{kind:?} k={k} p={p}");
+            let bits = |g: &[f32]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.gate), bits(&want.gate), "{kind:?} k={k} p={p}");
+        }
+    }
+
+    /// Selection, aux losses and backward give the same bits on 1 and 3 threads.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let (n, e) = (2 * TOKEN_CHUNK + 300, 6);
+        let probs = random_probs(n, e, 9);
+        let logits: Vec<f32> = probs.iter().map(|p| p.max(1e-30).ln() + 0.5).collect();
+        let mut m = moe(Kind::TopP);
+        m.expert_widths = vec![8, 16, 24, 32, 40, 48];
+        (m.load_balance, m.p_penalty, m.entropy, m.z_loss) = (0.01, 0.1, 0.03, 1e-3);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let r = select(&probs, n, e, &m);
+                let dgate: Vec<f32> = (0..r.n_slots()).map(|s| (s % 11) as f32 - 5.0).collect();
+                let aux = aux_losses(&probs, &logits, &r, &m);
+                let (offsets, slots) = r.by_token();
+                let (dp, dz) = backward(&probs, &logits, &r, TokenSlots { offsets: &offsets, slots: &slots }, &dgate, &m);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                (r.token, bits(&r.gate), [aux.load_balance, aux.p_penalty, aux.entropy, aux.z_loss].map(f32::to_bits), bits(&dp), bits(&dz))
+            })
+        };
+        assert_eq!(run(1), run(3));
     }
 
     #[test]

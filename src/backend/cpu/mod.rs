@@ -35,7 +35,7 @@ pub struct Cpu {
 impl Cpu {
     /// A backend on `threads` worker threads (0 = one per core).
     pub fn new(threads: usize) -> Self {
-        keep_freed_memory();
+        super::keep_freed_host_memory();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("motley-cpu-{i}"))
@@ -91,21 +91,6 @@ impl Cpu {
     }
 }
 
-/// Transient tensors are allocated and freed every step. glibc serves large blocks with fresh
-/// `mmap`s that page-fault on first touch (~10% of a tiny step); keeping freed memory in the
-/// heap makes steady-state steps reuse warm pages. Process-wide, set once.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        // SAFETY: mallopt only adjusts allocator thresholds; called once, before heavy allocation.
-        ONCE.call_once(|| unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        });
-    }
-}
-
 /// A raw pointer that parallel tasks may share because each writes a disjoint region.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub *mut f32);
@@ -126,6 +111,10 @@ impl Backend for Cpu {
     type ViewMut<'a> = &'a mut [f32];
     type HostBuf = Vec<f32>;
     type CopyMark = ();
+
+    fn host_work<R: Send>(&self, op: &'static str, f: impl FnOnce() -> R + Send) -> R {
+        self.run(op, f)
+    }
 
     fn name(&self) -> &'static str {
         "cpu"

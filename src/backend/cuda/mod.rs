@@ -161,6 +161,7 @@ impl CudaBackend {
         let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
         let be = CudaBackend { stream, blas, grouped, offload, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
+        super::keep_freed_host_memory();
         Ok(be)
     }
 
@@ -356,6 +357,12 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+    /// Profiled as the stream time it spans: the stream idles while the host works, since the
+    /// work follows a download.
+    fn host_work<R: Send>(&self, op: &'static str, f: impl FnOnce() -> R + Send) -> R {
+        let _span = self.span(op);
+        f()
     }
 
     fn alloc(&self, len: usize) -> DevBuf {

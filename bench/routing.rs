@@ -1,0 +1,95 @@
+//! Host routing micro-benchmark: the router's host work per MoE layer (Top-K/Top-P selection
+//! with the slot layout, the aux losses, the token→slot incidence, and the router's backward)
+//! on the probabilities of one training step. Every MoE layer does this once forward and once
+//! backward while the GPU waits for it, so at H100-ref's 32K-token step it is time the GPU
+//! idles.
+//!
+//! It runs as training runs it, through `Backend::host_work` on a CPU backend's threads.
+//!
+//! Run: `cargo bench --bench routing [-- --tokens 32K --experts 8 --threads 0 --min-seconds 1]`
+//! (`--threads 0`: one per core).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::time::Instant;
+
+use motley::backend::cpu::Cpu;
+use motley::backend::{Backend, TokenSlots};
+use motley::model::config::{MoeConfig, Routing as Kind};
+use motley::model::router;
+use motley::rng::Rng;
+use serde_json::json;
+
+use common::args::{show_size, Args};
+
+fn main() {
+    let args = Args::from_env_known(&["--tokens", "--experts", "--threads", "--min-seconds"]);
+    let n = args.size("--tokens", 32 << 10);
+    let e: usize = args.get("--experts", 8);
+    let threads: usize = args.get("--threads", 0);
+    let min_seconds: f64 = args.get("--min-seconds", 1.0);
+    let be = Cpu::new(threads);
+    let (logits, probs) = router_outputs(n, e, 7);
+    println!("host routing, {} tokens × {e} experts, {} threads", show_size(n), be.threads());
+    println!("| routing | select (ms) | aux losses (ms) | by token (ms) | backward (ms) | per layer fwd+bwd (ms) |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, moe) in [("top-2", moe(e, Kind::TopK)), ("top-p 0.6", moe(e, Kind::TopP))] {
+        let routing = router::select(&probs, n, e, &moe);
+        let dgate: Vec<f32> = (0..routing.n_slots()).map(|s| (s % 7) as f32 * 0.1 - 0.3).collect();
+        let ms = |f: &mut (dyn FnMut() + Send)| be.host_work("bench", || 1e3 * time_per_call(min_seconds, f));
+        let select = ms(&mut || { std::hint::black_box(router::select(&probs, n, e, &moe)); });
+        let aux = ms(&mut || { std::hint::black_box(router::aux_losses(&probs, &logits, &routing, &moe)); });
+        let by_token = ms(&mut || { std::hint::black_box(routing.by_token()); });
+        let (offsets, slots) = routing.by_token();
+        let by_token_slots = TokenSlots { offsets: &offsets, slots: &slots };
+        let backward = ms(&mut || { std::hint::black_box(router::backward(&probs, &logits, &routing, by_token_slots, &dgate, &moe)); });
+        // The forward selects, evaluates the aux losses and forms the incidence (for the
+        // combine); the backward forms the incidence again for the combine and the router.
+        let layer = select + aux + 2.0 * by_token + backward;
+        println!("| {name} | {select:.3} | {aux:.3} | {by_token:.3} | {backward:.3} | {layer:.3} |");
+        args.append_json(&json!({"bench": "routing", "routing": name, "tokens": n, "experts": e, "threads": be.threads(), "select_ms": select, "aux_ms": aux, "by_token_ms": by_token, "backward_ms": backward, "layer_ms": layer}));
+    }
+}
+
+/// Router logits of `n` tokens, normal with a per-expert bias (so experts differ in load, as
+/// after training), and their row softmax.
+fn router_outputs(n: usize, e: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = Rng::new(seed);
+    let logits: Vec<f32> = (0..n * e).map(|i| 1.5 * rng.normal() as f32 + 0.1 * (i % e) as f32).collect();
+    let mut probs = logits.clone();
+    for row in probs.chunks_mut(e) {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        row.iter_mut().for_each(|v| *v = (*v - m).exp());
+        let s: f32 = row.iter().sum();
+        row.iter_mut().for_each(|v| *v /= s);
+    }
+    (logits, probs)
+}
+
+/// H100-ref's router: top-2 or top-p 0.6, every aux loss on (so the backward does all its work).
+fn moe(e: usize, routing: Kind) -> MoeConfig {
+    MoeConfig {
+        expert_widths: (0..e).map(|i| 1024 + 512 * i).collect(),
+        routing,
+        top_k: 2,
+        top_p: 0.6,
+        load_balance: 0.01,
+        p_penalty: 1e-3,
+        entropy: 1e-3,
+        z_loss: 1e-3,
+    }
+}
+
+/// Seconds per call of `f`: one call to size the repetitions, then enough to last `min_seconds`.
+fn time_per_call(min_seconds: f64, f: &mut (dyn FnMut() + Send)) -> f64 {
+    let t = Instant::now();
+    f();
+    let once = t.elapsed().as_secs_f64();
+    let reps = ((min_seconds / once.max(1e-9)).ceil() as usize).clamp(1, 1000);
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    t.elapsed().as_secs_f64() / reps as f64
+}
