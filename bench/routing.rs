@@ -1,8 +1,8 @@
 //! Host routing micro-benchmark: the router's host work per MoE layer (Top-K/Top-P selection
-//! with the slot layout, the aux losses, the token→slot incidence, and the router's backward)
-//! on the probabilities of one training step. Every MoE layer does this once forward and once
-//! backward while the GPU waits for it, so at H100-ref's 32K-token step it is time the GPU
-//! idles.
+//! with the slot layout, the aux losses, the token→slot incidence, the backward's per-expert
+//! arguments) on the probabilities of one training step, and the CPU backend's `router_bwd`.
+//! Every MoE layer's forward waits for the selection and aux losses (on a GPU, the stream
+//! idles meanwhile), so at H100-ref's 32K-token step this is time a GPU loses.
 //!
 //! It runs as training runs it, through `Backend::host_work` on a CPU backend's threads.
 //!
@@ -32,23 +32,33 @@ fn main() {
     let be = Cpu::new(threads);
     let (logits, probs) = router_outputs(n, e, 7);
     println!("host routing, {} tokens × {e} experts, {} threads", show_size(n), be.threads());
-    println!("| routing | select (ms) | aux losses (ms) | by token (ms) | backward (ms) | per layer fwd+bwd (ms) |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("| routing | select (ms) | aux losses (ms) | by token (ms) | backward args (ms) | host work per layer (ms) | CPU router_bwd (ms) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, moe) in [("top-2", moe(e, Kind::TopK)), ("top-p 0.6", moe(e, Kind::TopP))] {
         let routing = router::select(&probs, n, e, &moe);
         let dgate: Vec<f32> = (0..routing.n_slots()).map(|s| (s % 7) as f32 * 0.1 - 0.3).collect();
         let ms = |f: &mut (dyn FnMut() + Send)| be.host_work("bench", || 1e3 * time_per_call(min_seconds, f));
-        let select = ms(&mut || { std::hint::black_box(router::select(&probs, n, e, &moe)); });
-        let aux = ms(&mut || { std::hint::black_box(router::aux_losses(&probs, &logits, &routing, &moe)); });
-        let by_token = ms(&mut || { std::hint::black_box(routing.by_token()); });
+        let select = ms(&mut || {
+            std::hint::black_box(router::select(&probs, n, e, &moe));
+        });
+        let aux = ms(&mut || {
+            std::hint::black_box(router::aux_losses(&probs, &logits, &routing, &moe));
+        });
+        let by_token = ms(&mut || {
+            std::hint::black_box(routing.by_token());
+        });
+        let bwd_args = ms(&mut || {
+            std::hint::black_box(router::BackwardArgs::new(&routing, &moe));
+        });
         let (offsets, slots) = routing.by_token();
-        let by_token_slots = TokenSlots { offsets: &offsets, slots: &slots };
-        let backward = ms(&mut || { std::hint::black_box(router::backward(&probs, &logits, &routing, by_token_slots, &dgate, &moe)); });
+        let bwd = router::BackwardArgs::new(&routing, &moe);
+        let mut dlogits = vec![0f32; n * e];
+        let cpu_bwd = 1e3 * time_per_call(min_seconds, &mut || be.router_bwd(&mut dlogits, &dgate, &probs, &logits, bwd.grad(&routing, TokenSlots { offsets: &offsets, slots: &slots })));
         // The forward selects, evaluates the aux losses and forms the incidence (for the
-        // combine); the backward forms the incidence again for the combine and the router.
-        let layer = select + aux + 2.0 * by_token + backward;
-        println!("| {name} | {select:.3} | {aux:.3} | {by_token:.3} | {backward:.3} | {layer:.3} |");
-        args.append_json(&json!({"bench": "routing", "routing": name, "tokens": n, "experts": e, "threads": be.threads(), "select_ms": select, "aux_ms": aux, "by_token_ms": by_token, "backward_ms": backward, "layer_ms": layer}));
+        // combine); the backward forms the incidence again and the op's arguments.
+        let layer = select + aux + 2.0 * by_token + bwd_args;
+        println!("| {name} | {select:.3} | {aux:.3} | {by_token:.3} | {bwd_args:.3} | {layer:.3} | {cpu_bwd:.3} |");
+        args.append_json(&json!({"bench": "routing", "routing": name, "tokens": n, "experts": e, "threads": be.threads(), "select_ms": select, "aux_ms": aux, "by_token_ms": by_token, "backward_args_ms": bwd_args, "layer_ms": layer, "cpu_router_bwd_ms": cpu_bwd}));
     }
 }
 

@@ -28,7 +28,8 @@
 //!
 //! Comparisons with the CPU. Exact (bitwise, after rounding the CPU's f32 result to the
 //! output's storage) where the kernel does the CPU's f32 operations in the CPU's order: copies,
-//! conversions, add/scale/fill, embedding, gather/combine, RoPE, RMSNorm dw, AdamW. Elsewhere
+//! conversions, add/scale/fill, embedding, gather/combine, RoPE, RMSNorm dw, AdamW, the router's
+//! backward (g++ does not contract into FMAs; NVRTC does, so a GPU is not exact). Elsewhere
 //! max |emu − cpu| / max |cpu| per output:
 //! - [`F32_TOL`] 2e-6 (16 f32 ulps of the largest value) for reductions summed in another order
 //!   (block and warp trees) and the kernels' `expf`/`__expf`/`rsqrtf` against the CPU's own
@@ -721,26 +722,66 @@ fn softmax(s: Storage) {
     // Router rows are f32 in both storages; 40 columns take a warp two passes, and 91 rows leave
     // the last block's warps partly without a row.
     let (rows, cols) = (91, 40);
-    let (z, dp) = (data(23, rows * cols), data(24, rows * cols));
+    let z = data(23, rows * cols);
     let cpu = cpu_for(s);
     let mut want_p = vec![0.0; rows * cols];
     cpu.softmax_rows(&mut want_p, &z, rows, cols);
     let Some(got) = emulate(s, |g| {
-        // The backward reads the CPU's probabilities, as the CPU's backward does.
-        let (zb, dpb, pb) = (g.f32("logits", &z), g.f32("dprobs", &dp), g.f32("probs", &want_p));
-        let (out, dz) = (g.nan("out", Elem::F32, rows * cols), g.nan("dlogits", Elem::F32, rows * cols));
-        let (r, c) = (rows as i32, cols as i32);
-        g.run("softmax_rows_fwd", warp_per_row(rows), &[out.arg(), zb.arg(), Arg::I32(r), Arg::I32(c)]);
-        g.run("softmax_rows_bwd", warp_per_row(rows), &[dz.arg(), dpb.arg(), pb.arg(), Arg::I32(r), Arg::I32(c)]);
-        vec![out, dz]
+        let (zb, out) = (g.f32("logits", &z), g.nan("out", Elem::F32, rows * cols));
+        g.run("softmax_rows_fwd", warp_per_row(rows), &[out.arg(), zb.arg(), Arg::I32(rows as i32), Arg::I32(cols as i32)]);
+        vec![out]
     }) else {
         return;
     };
-    let mut want_dz = vec![0.0; rows * cols];
-    cpu.softmax_rows_bwd(&mut want_dz, &dp, &want_p, rows, cols);
     let mut ch = Checks::new("softmax", s);
     ch.close32("softmax_rows_fwd", &want_p, &got[0], F32_TOL);
-    ch.close32("softmax_rows_bwd", &want_dz, &got[1], F32_TOL);
+    ch.finish();
+}
+
+/// The router's backward (in softmax.cu) on a real routing of 600 tokens (three blocks of the
+/// grid-stride launch, so the capped grid loops): Top-P with every aux loss on (1 to 6 experts a token), and
+/// Top-K with none (the branches without the log).
+fn router_bwd(s: Storage) {
+    use motley::model::config::{MoeConfig, Routing as Kind};
+    use motley::model::router;
+    let (n, e) = (600, 6);
+    let z: Vec<f32> = data(31, n * e).iter().map(|v| 2.0 * v).collect();
+    let cpu = cpu_for(s);
+    let mut p = vec![0.0; n * e];
+    cpu.softmax_rows(&mut p, &z, n, e);
+    let moe = |routing, weights: f32| MoeConfig {
+        expert_widths: vec![16, 32, 48, 64, 80, 96],
+        routing,
+        top_k: 2,
+        top_p: 0.7,
+        load_balance: 0.01 * weights,
+        p_penalty: 0.1 * weights,
+        entropy: 0.03 * weights,
+        z_loss: 1e-3 * weights,
+    };
+    let mut ch = Checks::new("router_bwd", s);
+    for (name, moe) in [("top-p, every aux loss", moe(Kind::TopP, 1.0)), ("top-k, no aux loss", moe(Kind::TopK, 0.0))] {
+        let routing = router::select(&p, n, e, &moe);
+        let (offsets, slots) = routing.by_token();
+        let args = router::BackwardArgs::new(&routing, &moe);
+        let grad = args.grad(&routing, TokenSlots { offsets: &offsets, slots: &slots });
+        let dgate = data(32, routing.n_slots());
+        let Some(got) = emulate(s, |g| {
+            let (dg, pb, zb) = (g.f32("dgate", &dgate), g.f32("probs", &p), g.f32("logits", &z));
+            let (off, sl, ex) = (g.u32("offsets", grad.by_token.offsets), g.u32("slots", grad.by_token.slots), g.u32("slot_expert", grad.slot_expert));
+            let (gate, aux) = (g.f32("gate", grad.gate), g.f32("aux", &[grad.load_balance, grad.p_penalty].concat()));
+            let dz = g.nan("dlogits", Elem::F32, n * e);
+            let buffers = [&dz, &dg, &pb, &zb, &off, &sl, &ex, &gate, &aux].map(|b| b.arg());
+            let scalars = [Arg::F32(grad.entropy), Arg::F32(grad.z_loss), Arg::I32(n as i32), Arg::I32(e as i32)];
+            g.run("router_bwd", g.grid_stride(n), &buffers.into_iter().chain(scalars).collect::<Vec<_>>());
+            vec![dz]
+        }) else {
+            return;
+        };
+        let mut want = vec![0.0; n * e];
+        cpu.router_bwd(&mut want, &dgate, &p, &z, grad);
+        ch.exact(&format!("router_bwd ({name})"), &want, &got[0]);
+    }
     ch.finish();
 }
 
@@ -788,7 +829,9 @@ fn permute(s: Storage) {
         ch.exact(&format!("gather_rows (weighted {weighted})"), &act(s, &gathered), &got[2 * k]);
         ch.exact(&format!("combine_rows (weighted {weighted})"), &act(s, &combined), &got[2 * k + 1]);
     }
-    ch.close32("gathered_dots", &cpu.gathered_dots(&x, &y, &index, c), &got[4], F32_TOL);
+    let mut dots = vec![0.0; index.len()];
+    cpu.gathered_dots(&mut dots, &x, &y, &index, c);
+    ch.close32("gathered_dots", &dots, &got[4], F32_TOL);
     ch.finish();
 }
 
@@ -948,7 +991,7 @@ macro_rules! per_storage {
     )*};
 }
 
-per_storage!(elementwise, embed, norm, rope, swiglu, softmax, permute, loss, optim, attention);
+per_storage!(elementwise, embed, norm, rope, swiglu, softmax, router_bwd, permute, loss, optim, attention);
 
 /// Every entry point the backend loads is launched somewhere above: by its quoted name, or, for
 /// the per-head_dim attention passes, by a shape of [`ATTN`] with that head_dim.

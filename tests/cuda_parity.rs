@@ -6,13 +6,14 @@
 //! Asked to run without a usable GPU, each test fails and says what is missing.
 //!
 //! Error measure: max |gpu − cpu| / max |cpu| per output. Tolerances, f32 storage:
-//! - elementwise and row ops (norm, rope, swiglu, softmax, permute, embedding, AdamW): 1e-4;
+//! - elementwise and row ops (norm, rope, swiglu, softmax, router backward, permute, embedding,
+//!   AdamW): 1e-4;
 //! - matmul and the classifier (cuBLASLt TF32 tensor cores, 10-bit mantissa): 1e-2;
 //! - attention (bf16 Q, K, V, P, dS tiles, f32 accumulation): 3e-2.
 //!
 //! bf16 storage rounds every activation to 8 significant bits (relative error up to 2⁻⁹ per
 //! stored value, inputs included, against the CPU's f32): 2e-2 for row ops, 3e-2 for GEMMs,
-//! 5e-2 for attention. The router softmax, all f32 by role, keeps 1e-4; AdamW gets 4e-3 for its
+//! 5e-2 for attention. The router softmax and backward, all f32 by role, keep 1e-4; AdamW gets 4e-3 for its
 //! bf16 working copy (one element may round the other way). The CPU reference for bf16
 //! storage reads bf16-rounded weights (`Cpu::with_bf16_weights`), as the CUDA backend's working
 //! copy does. Whole training steps: loss 1e-3 (f32) or 1e-2 (bf16) relative, gradients 3e-2 or
@@ -252,11 +253,29 @@ case!(SwiGlu, |be| {
 
 case!(SoftmaxRows, |be| {
     let (rows, cols) = (91, 40);
-    let (z, dp) = (up_f32(be, &data(23, rows * cols)), up_f32(be, &data(24, rows * cols)));
-    let (mut p, mut dz) = (be.alloc_f32(rows * cols), be.alloc_f32(rows * cols));
+    let z = up_f32(be, &data(23, rows * cols));
+    let mut p = be.alloc_f32(rows * cols);
     be.softmax_rows(B::full_mut(&mut p), B::full(&z), rows, cols);
-    be.softmax_rows_bwd(B::full_mut(&mut dz), B::full(&dp), B::full(&p), rows, cols);
-    vec![down(be, &p), down(be, &dz)]
+    vec![down(be, &p)]
+});
+
+case!(RouterBackward, |be| {
+    // A Top-P routing of 600 tokens over 6 experts with every aux loss on, on the CPU's
+    // probabilities (the selection is host code).
+    use motley::model::config::MoeConfig;
+    use motley::model::router;
+    let (n, e) = (600, 6);
+    let z: Vec<f32> = data(31, n * e).iter().map(|v| 2.0 * v).collect();
+    let mut p = vec![0.0; n * e];
+    Cpu::new(1).softmax_rows(&mut p, &z, n, e);
+    let moe = MoeConfig { expert_widths: vec![16, 32, 48, 64, 80, 96], routing: Routing::TopP, top_k: 2, top_p: 0.7, load_balance: 0.01, p_penalty: 0.1, entropy: 0.03, z_loss: 1e-3 };
+    let routing = router::select(&p, n, e, &moe);
+    let (offsets, slots) = routing.by_token();
+    let args = router::BackwardArgs::new(&routing, &moe);
+    let (dgate, pb, zb) = (up_f32(be, &data(32, routing.n_slots())), up_f32(be, &p), up_f32(be, &z));
+    let mut dz = be.alloc_f32(n * e);
+    be.router_bwd(B::full_mut(&mut dz), B::full(&dgate), B::full(&pb), B::full(&zb), args.grad(&routing, TokenSlots { offsets: &offsets, slots: &slots }));
+    vec![down(be, &dz)]
 });
 
 case!(Permute, |be| {
@@ -271,10 +290,11 @@ case!(Permute, |be| {
     be.gather_rows(B::full_mut(&mut g), B::full(&x), &index, c);
     let mut out = up(be, &data(27, 5 * c));
     be.combine_rows(B::full_mut(&mut out), B::full(&g), TokenSlots { offsets: &offsets, slots: &slots }, Some(&weight), c);
-    let dots = be.gathered_dots(B::full(&x), B::full(&g), &index, c);
+    let mut dots = be.alloc_f32(index.len());
+    be.gathered_dots(B::full_mut(&mut dots), B::full(&x), B::full(&g), &index, c);
     let mut gs = be.alloc(index.len() * c);
     be.gather_rows_scaled(B::full_mut(&mut gs), B::full(&x), &index, &weight, c);
-    vec![down(be, &g), down(be, &out), dots, down(be, &gs)]
+    vec![down(be, &g), down(be, &out), down(be, &dots), down(be, &gs)]
 });
 
 /// The fused classifier on `n` rows of width `c` over `v` classes. dW starts from a base of the
@@ -345,6 +365,7 @@ parity_test!(rope, Rope, F32_TOL, BF16_TOL);
 parity_test!(attention, Attention, ATTN_TOL, BF16_ATTN_TOL);
 parity_test!(swiglu, SwiGlu, F32_TOL, BF16_TOL);
 parity_test!(softmax_rows, SoftmaxRows, F32_TOL, F32_TOL);
+parity_test!(router_backward, RouterBackward, F32_TOL, F32_TOL);
 parity_test!(permute, Permute, F32_TOL, BF16_TOL);
 parity_test!(classifier, Classifier, TF32_TOL, BF16_GEMM_TOL);
 parity_test!(classifier_chunks, ClassifierChunks, TF32_TOL, BF16_GEMM_TOL);

@@ -77,6 +77,33 @@ pub struct TokenSlots<'a> {
     pub slots: &'a [u32],
 }
 
+/// The routing and aux-loss weights [`Backend::router_bwd`] needs: host data, like every index.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterGrad<'a> {
+    /// Each token's slots, ascending (experts ascending).
+    pub by_token: TokenSlots<'a>,
+    /// Expert of each slot.
+    pub slot_expert: &'a [u32],
+    /// Renormalised gate of each slot.
+    pub gate: &'a [f32],
+    /// `∂/∂P_i` of the weighted load-balance and P-Penalty losses per expert (the same for every
+    /// token: they depend on the routing counts, not on the token).
+    pub load_balance: &'a [f32],
+    pub p_penalty: &'a [f32],
+    /// Weights of the entropy and z-loss terms, each a mean over the N tokens.
+    pub entropy: f32,
+    pub z_loss: f32,
+}
+
+impl RouterGrad<'_> {
+    pub fn tokens(&self) -> usize {
+        self.by_token.offsets.len().saturating_sub(1)
+    }
+    pub fn experts(&self) -> usize {
+        self.load_balance.len()
+    }
+}
+
 /// Which allocation a tensor takes (see the module doc on precision).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Precision {
@@ -298,8 +325,14 @@ pub trait Backend: Send + Sync {
     // ---- router ---------------------------------------------------------------------------------
     /// Row-wise softmax, `(rows, cols)`.
     fn softmax_rows(&self, out: Self::ViewMut<'_>, logits: Self::View<'_>, rows: usize, cols: usize);
-    /// Softmax backward: `dlogits = P ⊙ (dP − Σ_j dP_j P_j)` per row.
-    fn softmax_rows_bwd(&self, dlogits: Self::ViewMut<'_>, dprobs: Self::View<'_>, probs: Self::View<'_>, rows: usize, cols: usize);
+    /// The router's backward through its softmax: overwrites `dlogits (N, E)` from the slot
+    /// gates' gradient `dgate (S)`, the saved `probs` and `logits` and the routing in `grad`
+    /// (all f32). Per token, with `g_s = P_e(s) / Σ_{s' ∈ slots(t)} P_e(s')`, `lse = ln Σ exp z`:
+    /// `dP_i = Σ_{s: e(s) = i} (dgate_s − Σ_s' dgate_s' g_s') / Σ_s' P_e(s') + lb_i + pp_i
+    ///  − entropy · (ln P_i + 1) / N` (the entropy term only where `P_i > 0`), then
+    /// `dlogits = P ⊙ (dP − ⟨dP, P⟩) + z_loss · 2 · lse · P / N`. Runs on the device, so the
+    /// backward needs no host round trip.
+    fn router_bwd(&self, dlogits: Self::ViewMut<'_>, dgate: Self::View<'_>, probs: Self::View<'_>, logits: Self::View<'_>, grad: RouterGrad<'_>);
 
     // ---- permute / unpermute --------------------------------------------------------------------
     /// Permute: `out[s] = x[index[s]]` (rows of width `c`).
@@ -307,8 +340,8 @@ pub trait Backend: Send + Sync {
     /// Unpermute: accumulates `out[t] += Σ_{s ∈ slots(t)} weight[s] · y[s]` (weight 1 when `None`),
     /// summing each token's slots in ascending order.
     fn combine_rows(&self, out: Self::ViewMut<'_>, y: Self::View<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize);
-    /// `dots[s] = ⟨a[index[s]], b[s]⟩`: the gradient of each slot's gate.
-    fn gathered_dots(&self, a: Self::View<'_>, b: Self::View<'_>, index: &[u32], c: usize) -> Vec<f32>;
+    /// `dots[s] = ⟨a[index[s]], b[s]⟩` (f32): the gradient of each slot's gate.
+    fn gathered_dots(&self, dots: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, index: &[u32], c: usize);
     /// `out[s] = weight[s] · x[index[s]]`: gradient of the expert outputs from the combined one.
     fn gather_rows_scaled(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, index: &[u32], weight: &[f32], c: usize);
 

@@ -32,7 +32,8 @@ pub mod bwd {
     pub const XE: usize = 1;
     pub const DXE: usize = 2;
     pub const DXN2: usize = 3;
-    pub const DPROBS: usize = 4;
+    /// The slot gates' gradient, `(S)` f32.
+    pub const DGATE: usize = 4;
     pub const DLOGITS: usize = 5;
     pub const DX2: usize = 6;
     pub const DATT: usize = 7;
@@ -81,25 +82,25 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
 
     // Backward: 0 dy, 1 dgate, 2 gather xe; experts: 3 SwiGLU again (act), 4 dact, 5 dW_down,
     // 6 dgu, 7 dxe, 8 dW_gate_up (each matmul grouped over the experts); then x: combine dxn2,
-    // router (dprobs, softmax bwd, z-loss, dxn2 +=, dWr), dx2, ffn norm bwd, datt, dWo,
-    // attention bwd, rope, dxn1, dWqkv, copy dx, attn norm bwd.
+    // router bwd (dgate → dlogits), dxn2 +=, dWr, dx2, ffn norm bwd, datt, dWo, attention bwd,
+    // rope, dxn1, dWqkv, copy dx, attn norm bwd.
     let x = 9;
     let bwd = vec![
         Request::new("dy", b(s * c), 0, x),
         Request::new("xe", b(s * c), 2, x),
         Request::new("dxe", b(s * c), 2, x + 1),
-        Request::new("dxn2", b(n * c), x, x + 8),
-        Request::new("dprobs", 4 * n * e, x + 1, x + 4).f32(),
-        Request::new("dlogits", 4 * n * e, x + 2, x + 6).f32(),
-        Request::new("dx2", b(n * c), x + 6, x + 16),
-        Request::new("datt", b(n * a), x + 8, x + 11),
-        Request::new("dqkv", b(n * w), x + 10, x + 14),
-        Request::new("dxn1", b(n * c), x + 12, x + 16),
+        Request::new("dxn2", b(n * c), x, x + 6),
+        Request::new("dgate", 4 * s, 1, x + 2).f32(),
+        Request::new("dlogits", 4 * n * e, x + 1, x + 4).f32(),
+        Request::new("dx2", b(n * c), x + 4, x + 14),
+        Request::new("datt", b(n * a), x + 6, x + 9),
+        Request::new("dqkv", b(n * w), x + 8, x + 12),
+        Request::new("dxn1", b(n * c), x + 10, x + 14),
         Request::new("act", b(sh), 3, x),
         Request::new("dact", b(sh), 3, x),
         Request::new("dgu", b(2 * sh), 3, x),
     ];
-    let backward = Phase { name: "block backward".into(), ops: x + 16, requests: bwd };
+    let backward = Phase { name: "block backward".into(), ops: x + 14, requests: bwd };
     (forward, backward)
 }
 

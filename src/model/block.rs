@@ -420,7 +420,10 @@ impl<B: Backend> BlockCtx<'_, B> {
             be.gather_rows_scaled(rw(&mut dy), B::full(dout), &routing.token, &routing.gate, c);
             be.gather_rows(rw(&mut xe), saved("ffn_norm_out"), &routing.token, c);
         }
-        let dgate = be.gathered_dots(B::full(dout), saved("expert_out"), &routing.token, c);
+        {
+            let [mut dgate] = tx.views(be, [(bwd::DGATE, routing.n_slots())]);
+            be.gathered_dots(rw(&mut dgate), B::full(dout), saved("expert_out"), &routing.token, c);
+        }
         let gu = store.load(layer, "expert_gate_up");
         match self.dispatcher()? {
             None => {
@@ -463,18 +466,11 @@ impl<B: Backend> BlockCtx<'_, B> {
             be.combine_rows(rw(&mut dxn2), ro(&dxe), by_token, None, c);
         }
 
-        // Router: gate path and aux losses → dP → dlogits (+ z-loss) → dxn2, dWr.
-        let probs_h = be.download(saved("router_probs"));
-        let logits_h = be.download(saved("router_logits"));
-        let (dprobs_h, dz_h) = be.host_work("route_bwd", || router::backward(&probs_h, &logits_h, routing, by_token, &dgate, self.moe));
+        // Router: gate path and aux losses → dlogits (through the softmax, + z-loss) → dxn2, dWr.
         {
-            let [mut dxn2, mut dprobs, mut dlogits] = tx.views(be, [(bwd::DXN2, n * c), (bwd::DPROBS, n * e), (bwd::DLOGITS, n * e)]);
-            be.upload(rw(&mut dprobs), &dprobs_h);
-            be.softmax_rows_bwd(rw(&mut dlogits), ro(&dprobs), saved("router_probs"), n, e);
-            if self.moe.z_loss > 0.0 {
-                be.upload(rw(&mut dprobs), &dz_h);
-                be.add_assign(rw(&mut dlogits), ro(&dprobs));
-            }
+            let args = router::BackwardArgs::new(routing, self.moe);
+            let [dgate, mut dxn2, mut dlogits] = tx.views(be, [(bwd::DGATE, routing.n_slots()), (bwd::DXN2, n * c), (bwd::DLOGITS, n * e)]);
+            be.router_bwd(rw(&mut dlogits), ro(&dgate), saved("router_probs"), saved("router_logits"), args.grad(routing, by_token));
             be.matmul(rw(&mut dxn2), ro(&dlogits), self.w(p.router, e * c), n, e, c, false, false, true);
             be.matmul(g::<B>(grads, p.router, e * c), ro(&dlogits), saved("ffn_norm_out"), e, n, c, true, false, true);
         }

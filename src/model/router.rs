@@ -1,13 +1,16 @@
 //! HMoE routing: Top-K / Top-P selection with renormalised gates, the auxiliary losses
-//! (Switch load balance, P-Penalty, router entropy, z-loss) and the router's backward.
-//! Runs on the host over the `(N, E)` router probabilities, between the backend's ops: every
-//! MoE layer waits for it twice a step, so it is data-parallel over chunks of tokens (on the
-//! calling rayon pool, see `Backend::host_work`) and allocation-free per token. Chunks have a
-//! fixed size, so every result is bitwise the same whatever the thread count.
+//! (Switch load balance, P-Penalty, router entropy, z-loss) and their per-expert gradients;
+//! the per-token backward is a backend op (`Backend::router_bwd`, fed by [`BackwardArgs`]), so it runs on the device.
+//! Selection and aux losses run on the host over the `(N, E)` router probabilities, between
+//! the backend's ops: every MoE layer's forward waits for them, so they are data-parallel over
+//! chunks of tokens (on the calling rayon pool, see `Backend::host_work`) and allocation-free
+//! per token. Chunks have a fixed size, so every result is bitwise the same whatever the
+//! thread count.
 
 use rayon::prelude::*;
 
-use crate::backend::TokenSlots;
+use crate::backend::cpu::router::logsumexp;
+use crate::backend::{RouterGrad, TokenSlots};
 
 use super::config::{MoeConfig, Routing as RoutingKind};
 use super::routing::Routing;
@@ -129,20 +132,6 @@ fn token_shares(routing: &Routing) -> Vec<f32> {
     routing.counts().iter().map(|&c| c as f32 / routing.n_tokens as f32).collect()
 }
 
-/// `ln Σ exp(z)` of one token's router logits from its probabilities `P = softmax(z)`:
-/// `z_j − ln P_j` at the most probable expert (`P_j ≥ 1/E`, so the log is well conditioned):
-/// one log where the definition takes E exponentials.
-fn logsumexp(z: &[f32], p: &[f32]) -> f32 {
-    // Branch-free arg max (the branch on random probabilities mispredicts half the time).
-    let (mut j, mut best) = (0, p[0]);
-    for (i, &v) in p.iter().enumerate().skip(1) {
-        let more = v > best;
-        j = if more { i } else { j };
-        best = best.max(v);
-    }
-    z[j] - best.ln()
-}
-
 /// Evaluates the aux losses (papers.md §1 definitions; T_i from counts, P̂_i the mean probability).
 pub fn aux_losses(probs: &[f32], logits: &[f32], routing: &Routing, moe: &MoeConfig) -> AuxLosses {
     let (n, e) = (routing.n_tokens, routing.n_experts);
@@ -179,53 +168,43 @@ pub fn aux_losses(probs: &[f32], logits: &[f32], routing: &Routing, moe: &MoeCon
     AuxLosses { load_balance: lb as f32, p_penalty: pp as f32, entropy: (entropy / nf) as f32, z_loss: (z / nf) as f32 }
 }
 
-/// Gradient with respect to the router probabilities `(N, E)` of the gate path
-/// (`dgate` per slot, through the renormalisation) plus the weighted aux losses, and the
-/// z-loss gradient with respect to the logits (which bypasses the softmax). `by_token` is the
-/// routing's token→slot incidence ([`Routing::by_token`]), which the caller has at hand.
-pub fn backward(probs: &[f32], logits: &[f32], routing: &Routing, by_token: TokenSlots<'_>, dgate: &[f32], moe: &MoeConfig) -> (Vec<f32>, Vec<f32>) {
-    let (n, e) = (routing.n_tokens, routing.n_experts);
-    let mut dprobs = vec![0f32; n * e];
-    let mut dlogits_z = vec![0f32; n * e];
-    let experts = routing.expert_of_slots();
-    let TokenSlots { offsets, slots } = by_token;
-    let shares = token_shares(routing);
-    let sizes = moe.relative_sizes();
-    let nf = n as f32;
-    // The load-balance and P-Penalty gradients per expert, the same for every token.
-    let lb: Vec<f32> = (0..e).map(|i| moe.load_balance * e as f32 * shares[i] / nf).collect();
-    let pp: Vec<f32> = (0..e).map(|i| moe.p_penalty * e as f32 * shares[i] * sizes[i] / nf).collect();
-    let rows = TOKEN_CHUNK * e;
-    dprobs.par_chunks_mut(rows).zip(dlogits_z.par_chunks_mut(rows)).enumerate().for_each(|(c, (dprobs, dlogits_z))| {
-        for (i, (dp, dz)) in dprobs.chunks_exact_mut(e).zip(dlogits_z.chunks_exact_mut(e)).enumerate() {
-            let t = c * TOKEN_CHUNK + i;
-            let p = &probs[t * e..(t + 1) * e];
-            // g_i = P_i / S over the selected set: dP_i = (dg_i − Σ_j dg_j g_j) / S.
-            let mine = &slots[offsets[t] as usize..offsets[t + 1] as usize];
-            let sum: f32 = mine.iter().map(|&s| p[experts[s as usize] as usize]).sum();
-            let dot: f32 = mine.iter().map(|&s| dgate[s as usize] * routing.gate[s as usize]).sum();
-            for &s in mine {
-                dp[experts[s as usize] as usize] += (dgate[s as usize] - dot) / sum;
-            }
-            let z = &logits[t * e..(t + 1) * e];
-            let lse = if moe.entropy > 0.0 || moe.z_loss > 0.0 { logsumexp(z, p) } else { 0.0 };
-            for i in 0..e {
-                dp[i] += lb[i];
-                dp[i] += pp[i];
-                // ∂(−P ln P)/∂P = −(ln P + 1), ln P_i = z_i − lse.
-                if moe.entropy > 0.0 && p[i] > 0.0 {
-                    dp[i] -= moe.entropy * ((z[i] - lse) + 1.0) / nf;
-                }
-            }
-            // ∂lse/∂z_i = softmax(z)_i = P_i (bypasses the softmax's backward).
-            if moe.z_loss > 0.0 {
-                for i in 0..e {
-                    dz[i] = moe.z_loss * 2.0 * lse * p[i] / nf;
-                }
-            }
+/// The host data of one layer's `Backend::router_bwd`: each slot's expert and the per-expert
+/// gradients of the load-balance and P-Penalty losses. With the counts (`T_i`) held fixed both
+/// losses are linear in the mean probabilities, so their gradient is the same for every token.
+pub struct BackwardArgs {
+    slot_expert: Vec<u32>,
+    load_balance: Vec<f32>,
+    p_penalty: Vec<f32>,
+    entropy: f32,
+    z_loss: f32,
+}
+
+impl BackwardArgs {
+    pub fn new(routing: &Routing, moe: &MoeConfig) -> Self {
+        let (n, e) = (routing.n_tokens as f32, routing.n_experts);
+        let shares = token_shares(routing);
+        let sizes = moe.relative_sizes();
+        BackwardArgs {
+            slot_expert: routing.expert_of_slots(),
+            load_balance: (0..e).map(|i| moe.load_balance * e as f32 * shares[i] / n).collect(),
+            p_penalty: (0..e).map(|i| moe.p_penalty * e as f32 * shares[i] * sizes[i] / n).collect(),
+            entropy: moe.entropy,
+            z_loss: moe.z_loss,
         }
-    });
-    (dprobs, dlogits_z)
+    }
+
+    /// The op's argument, with `by_token` the routing's incidence ([`Routing::by_token`]).
+    pub fn grad<'a>(&'a self, routing: &'a Routing, by_token: TokenSlots<'a>) -> RouterGrad<'a> {
+        RouterGrad {
+            by_token,
+            slot_expert: &self.slot_expert,
+            gate: &routing.gate,
+            load_balance: &self.load_balance,
+            p_penalty: &self.p_penalty,
+            entropy: self.entropy,
+            z_loss: self.z_loss,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -316,7 +295,7 @@ mod tests {
         }
     }
 
-    /// Selection, aux losses and backward give the same bits on 1 and 3 threads.
+    /// Selection and aux losses give the same bits on 1 and 3 threads.
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
         let (n, e) = (2 * TOKEN_CHUNK + 300, 6);
@@ -329,12 +308,9 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             pool.install(|| {
                 let r = select(&probs, n, e, &m);
-                let dgate: Vec<f32> = (0..r.n_slots()).map(|s| (s % 11) as f32 - 5.0).collect();
                 let aux = aux_losses(&probs, &logits, &r, &m);
-                let (offsets, slots) = r.by_token();
-                let (dp, dz) = backward(&probs, &logits, &r, TokenSlots { offsets: &offsets, slots: &slots }, &dgate, &m);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                (r.token, bits(&r.gate), [aux.load_balance, aux.p_penalty, aux.entropy, aux.z_loss].map(f32::to_bits), bits(&dp), bits(&dz))
+                let gates: Vec<u32> = r.gate.iter().map(|x| x.to_bits()).collect();
+                (r.token, gates, [aux.load_balance, aux.p_penalty, aux.entropy, aux.z_loss].map(f32::to_bits))
             })
         };
         assert_eq!(run(1), run(3));

@@ -13,12 +13,13 @@ mod norm;
 mod optim;
 mod permute;
 mod rope;
+pub(crate) mod router;
 mod softmax;
 mod swiglu;
 
 use std::ops::Range;
 
-use super::{AdamW, ArenaPart, AttnShape, Backend, Precision, TokenSlots};
+use super::{AdamW, ArenaPart, AttnShape, Backend, Precision, RouterGrad, TokenSlots};
 
 /// Rows handled by one task in row-parallel ops; fixed so reductions do not depend on threads.
 pub(crate) const ROW_CHUNK: usize = 64;
@@ -262,8 +263,11 @@ impl Backend for Cpu {
     fn softmax_rows(&self, out: &mut [f32], logits: &[f32], rows: usize, cols: usize) {
         self.run("softmax_rows", || softmax::forward(out, logits, rows, cols))
     }
-    fn softmax_rows_bwd(&self, dlogits: &mut [f32], dprobs: &[f32], probs: &[f32], rows: usize, cols: usize) {
-        self.run("softmax_rows_bwd", || softmax::backward(dlogits, dprobs, probs, rows, cols))
+    fn router_bwd(&self, dlogits: &mut [f32], dgate: &[f32], probs: &[f32], logits: &[f32], grad: RouterGrad<'_>) {
+        let (n, e) = (grad.tokens(), grad.experts());
+        assert!(dlogits.len() == n * e && probs.len() == n * e && logits.len() == n * e, "router_bwd: dlogits, probs and logits must be (N = {n}, E = {e})");
+        assert!(dgate.len() == grad.gate.len() && grad.slot_expert.len() == grad.gate.len() && grad.p_penalty.len() == e, "router_bwd: slot and expert lengths");
+        self.run("router_bwd", || router::backward(dlogits, dgate, probs, logits, grad))
     }
 
     fn gather_rows(&self, out: &mut [f32], x: &[f32], index: &[u32], c: usize) {
@@ -272,8 +276,9 @@ impl Backend for Cpu {
     fn combine_rows(&self, out: &mut [f32], y: &[f32], by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
         self.run("combine_rows", || permute::combine(out, y, by_token, weight, c))
     }
-    fn gathered_dots(&self, a: &[f32], b: &[f32], index: &[u32], c: usize) -> Vec<f32> {
-        self.run("gathered_dots", || permute::gathered_dots(a, b, index, c))
+    fn gathered_dots(&self, dots: &mut [f32], a: &[f32], b: &[f32], index: &[u32], c: usize) {
+        assert_eq!(dots.len(), index.len(), "gathered_dots dots");
+        self.run("gathered_dots", || permute::gathered_dots(dots, a, b, index, c))
     }
     fn gather_rows_scaled(&self, out: &mut [f32], x: &[f32], index: &[u32], weight: &[f32], c: usize) {
         self.run("gather_rows_scaled", || permute::gather(out, x, index, Some(weight), c))

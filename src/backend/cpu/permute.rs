@@ -28,13 +28,9 @@ pub fn combine(out: &mut [f32], y: &[f32], by_token: TokenSlots<'_>, weight: Opt
 }
 
 /// `dots[s] = ⟨a[index[s]], b[s]⟩`.
-pub fn gathered_dots(a: &[f32], b: &[f32], index: &[u32], c: usize) -> Vec<f32> {
-    index
-        .par_iter()
-        .enumerate()
-        .map(|(s, &t)| {
-            let t = t as usize;
-            a[t * c..(t + 1) * c].iter().zip(&b[s * c..(s + 1) * c]).map(|(x, y)| x * y).sum()
-        })
-        .collect()
+pub fn gathered_dots(dots: &mut [f32], a: &[f32], b: &[f32], index: &[u32], c: usize) {
+    dots.par_iter_mut().zip(index).enumerate().for_each(|(s, (d, &t))| {
+        let t = t as usize;
+        *d = a[t * c..(t + 1) * c].iter().zip(&b[s * c..(s + 1) * c]).map(|(x, y)| x * y).sum();
+    });
 }

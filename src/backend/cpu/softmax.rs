@@ -1,4 +1,4 @@
-//! Row-wise softmax (router probabilities) and its backward.
+//! Row-wise softmax (router probabilities); its backward is part of the router's (`router.rs`).
 
 use rayon::prelude::*;
 
@@ -13,14 +13,5 @@ pub fn forward(out: &mut [f32], logits: &[f32], rows: usize, cols: usize) {
         }
         let inv = 1.0 / sum;
         p.iter_mut().for_each(|p| *p *= inv);
-    });
-}
-
-pub fn backward(dlogits: &mut [f32], dprobs: &[f32], probs: &[f32], _rows: usize, cols: usize) {
-    dlogits.par_chunks_mut(cols).zip(dprobs.par_chunks(cols).zip(probs.par_chunks(cols))).for_each(|(dz, (dp, p))| {
-        let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-        for j in 0..cols {
-            dz[j] = p[j] * (dp[j] - dot);
-        }
     });
 }

@@ -50,7 +50,7 @@ use kernels::Kernels;
 use launch::{grid_stride, per_row, warp_per_row, SUMSQ_BLOCKS};
 pub use nvrtc::Storage;
 
-use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, Precision, TokenSlots};
+use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, Precision, RouterGrad, TokenSlots};
 use crate::{Error, Result};
 
 /// Most logits alive at once in the fused classifier (elements: 256 MiB of f32 logits plus their
@@ -727,21 +727,29 @@ impl Backend for CudaBackend {
         // SAFETY: `softmax_rows_fwd(float*, const float*, int rows, int cols)`.
         ok(unsafe { self.stream.launch_builder(&self.k.softmax_rows_fwd).arg(&out.ptr).arg(&logits.ptr).arg(&r).arg(&c).launch(warp_per_row(rows)) }, "softmax_rows");
     }
-    fn softmax_rows_bwd(&self, dlogits: DevViewMut<'_>, dprobs: DevView<'_>, probs: DevView<'_>, rows: usize, cols: usize) {
-        let _span = self.span("softmax_rows_bwd");
-        if rows == 0 {
+    fn router_bwd(&self, dlogits: DevViewMut<'_>, dgate: DevView<'_>, probs: DevView<'_>, logits: DevView<'_>, grad: RouterGrad<'_>) {
+        let _span = self.span("router_bwd");
+        let (n, e) = (grad.tokens(), grad.experts());
+        if n == 0 {
             return;
         }
-        assert!(dlogits.len() == rows * cols && dprobs.len() == rows * cols && probs.len() == rows * cols, "softmax_rows_bwd shapes");
-        for (arg, st) in [("dlogits", dlogits.storage), ("dprobs", dprobs.storage), ("probs", probs.storage)] {
-            expect("softmax_rows_bwd", arg, st, Storage::F32);
+        assert!(dlogits.len() == n * e && probs.len() == n * e && logits.len() == n * e, "router_bwd: dlogits, probs and logits must be (N = {n}, E = {e})");
+        let s = grad.gate.len();
+        assert!(dgate.len() == s && grad.slot_expert.len() == s && grad.by_token.slots.len() == s && grad.p_penalty.len() == e, "router_bwd: slot and expert lengths");
+        for (arg, st) in [("dlogits", dlogits.storage), ("dgate", dgate.storage), ("probs", probs.storage), ("logits", logits.storage)] {
+            expect("router_bwd", arg, st, Storage::F32);
         }
-        let (r, c) = (rows as i32, cols as i32);
-        // SAFETY: `softmax_rows_bwd(float*, const float*, const float*, int, int)`.
-        ok(
-            unsafe { self.stream.launch_builder(&self.k.softmax_rows_bwd).arg(&dlogits.ptr).arg(&dprobs.ptr).arg(&probs.ptr).arg(&r).arg(&c).launch(warp_per_row(rows)) },
-            "softmax_rows_bwd",
-        );
+        let (offsets, slots, slot_expert) = (self.upload_u32(grad.by_token.offsets), self.upload_u32(grad.by_token.slots), self.upload_u32(grad.slot_expert));
+        let gate = self.upload_f32(grad.gate);
+        let aux = self.upload_f32(&[grad.load_balance, grad.p_penalty].concat());
+        let (ni, ei) = (n as i32, e as i32);
+        let mut l = self.stream.launch_builder(&self.k.router_bwd);
+        l.arg(&dlogits.ptr).arg(&dgate.ptr).arg(&probs.ptr).arg(&logits.ptr).arg(&offsets).arg(&slots).arg(&slot_expert).arg(&gate).arg(&aux);
+        l.arg(&grad.entropy).arg(&grad.z_loss).arg(&ni).arg(&ei);
+        // SAFETY: `router_bwd(float*, const float*, const float*, const float*, const unsigned*,
+        // const unsigned*, const unsigned*, const float*, const float*, float, float, int, int)`;
+        // lengths asserted above (offsets has n + 1 entries, every slot index < s).
+        ok(unsafe { l.launch(grid_stride(n)) }, "router_bwd");
     }
 
     fn gather_rows(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], c: usize) {
@@ -771,22 +779,20 @@ impl Backend for CudaBackend {
         // SAFETY: `combine_rows(act_t*, const act_t*, const unsigned*, const unsigned*, const float* /*nullable*/, int)`.
         ok(unsafe { l.launch(per_row(tokens)) }, "combine_rows");
     }
-    fn gathered_dots(&self, a: DevView<'_>, b: DevView<'_>, index: &[u32], c: usize) -> Vec<f32> {
+    fn gathered_dots(&self, dots: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, index: &[u32], c: usize) {
         let _span = self.span("gathered_dots");
         if index.is_empty() {
-            return Vec::new();
+            return;
         }
+        assert_eq!(dots.len(), index.len(), "gathered_dots dots");
         assert_eq!(b.len(), index.len() * c, "gathered_dots b");
+        expect("gathered_dots", "dots", dots.storage, Storage::F32);
         expect("gathered_dots", "a", a.storage, self.storage());
         expect("gathered_dots", "b", b.storage, self.storage());
         let idx = self.upload_u32(index);
-        let mut dots = self.scratch_f32(index.len());
         let (s, ci) = (index.len() as i32, c as i32);
         // SAFETY: `gathered_dots(float*, const act_t*, const act_t*, const unsigned*, int slots, int c)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&mut dots).arg(&a.ptr).arg(&b.ptr).arg(&idx).arg(&s).arg(&ci).launch(warp_per_row(index.len())) }, "gathered_dots");
-        let mut v = ok(self.stream.clone_dtoh(&dots), "download");
-        v.truncate(index.len());
-        v
+        ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&dots.ptr).arg(&a.ptr).arg(&b.ptr).arg(&idx).arg(&s).arg(&ci).launch(warp_per_row(index.len())) }, "gathered_dots");
     }
     fn gather_rows_scaled(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], weight: &[f32], c: usize) {
         let _span = self.span("gather_rows_scaled");

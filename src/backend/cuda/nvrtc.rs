@@ -34,7 +34,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     },
     KernelFile { name: "rope", source: include_str!("kernels/rope.cu"), functions: &["rope"] },
     KernelFile { name: "swiglu", source: include_str!("kernels/swiglu.cu"), functions: &["swiglu_fwd", "swiglu_bwd"] },
-    KernelFile { name: "softmax", source: include_str!("kernels/softmax.cu"), functions: &["softmax_rows_fwd", "softmax_rows_bwd"] },
+    KernelFile { name: "softmax", source: include_str!("kernels/softmax.cu"), functions: &["softmax_rows_fwd", "router_bwd"] },
     KernelFile {
         name: "permute",
         source: include_str!("kernels/permute.cu"),
