@@ -205,6 +205,11 @@ pub trait Backend: Send + Sync {
     fn activation_bytes(&self) -> u64;
     /// Bytes a buffer occupies.
     fn buf_bytes(buf: &Self::Buf) -> u64;
+    /// A buffer of `len` elements of kind `precision` whose values are unspecified, for a tensor
+    /// the caller overwrites whole before reading any of it: it skips `alloc`'s zeroing (a
+    /// memset per buffer on a GPU). The CPU backend fills it with NaN instead, so that a read
+    /// before the write shows in every CPU test.
+    fn alloc_scratch(&self, len: usize, precision: Precision) -> Self::Buf;
     fn alloc_as(&self, len: usize, precision: Precision) -> Self::Buf {
         match precision {
             Precision::Activation => self.alloc(len),

@@ -17,8 +17,8 @@
 //!
 //! The block asks for the views it uses together ([`Arena::views`]); the arena checks each
 //! against `transients.rs` (live at that point, no larger than planned), so the two stay in step.
-//! Arena memory is not zeroed between uses: a transient the block accumulates into is cleared
-//! first. With expert parallelism the rows exchanged between ranks and the local experts'
+//! Arena memory is never zeroed (`Backend::alloc_scratch`: NaN on the CPU, so a read before a
+//! write shows in the tests): a transient the block accumulates into is cleared first. With expert parallelism the rows exchanged between ranks and the local experts'
 //! transients are still allocated per op (their counts come from the exchange).
 //!
 //! Requests are sized in bytes of their own element type (`transients.rs`: bf16 activations
@@ -26,13 +26,13 @@
 //! the backend hands out typed views of (`Backend::arena_views`).
 //!
 //! Where a backend cannot hand out several views of one buffer, or when asked
-//! ([`Arena::per_tensor`]), every request gets a zeroed buffer of its own instead, dropped once
+//! ([`Arena::per_tensor`]), every request gets a buffer of its own instead, dropped once
 //! its lifetime is over: the engine's allocation pattern before the arena, kept as the reference
 //! the planned path is tested against.
 
 use super::plan::{plan, verify, Plan, Request, Strategy};
 use super::transients::ALIGNMENT;
-use crate::backend::{ArenaPart, Backend};
+use crate::backend::{ArenaPart, Backend, Precision};
 
 pub struct Arena<B: Backend> {
     planned: bool,
@@ -58,7 +58,7 @@ impl<B: Backend> Arena<B> {
         Arena { planned: true, buf: None, requests: Vec::new(), plan: None, own: Vec::new(), allocations: 0 }
     }
 
-    /// One zeroed buffer per transient.
+    /// One buffer per transient.
     pub fn per_tensor() -> Self {
         Arena { planned: false, ..Self::planned() }
     }
@@ -115,7 +115,7 @@ impl<B: Backend> Arena<B> {
             return;
         }
         let units = peak.div_ceil(4) as usize; // alloc_f32 counts 4-byte elements
-        let mut buf = be.alloc_f32(units + units / 4);
+        let mut buf = be.alloc_scratch(units + units / 4, Precision::F32);
         if be.arena_views(&mut buf, &[]).is_none() {
             (self.planned, self.plan) = (false, None);
             return;
@@ -166,7 +166,7 @@ impl<B: Backend> Arena<B> {
             let size = (self.requests[r].size / precision.bytes(be.activation_bytes())) as usize;
             let slot = &mut self.own[r];
             if slot.is_none() {
-                *slot = Some(be.alloc_as(size.max(len), precision));
+                *slot = Some(be.alloc_scratch(size.max(len), precision));
                 self.allocations += 1;
             }
         }
@@ -240,13 +240,13 @@ mod tests {
     }
 
     #[test]
-    fn per_tensor_mode_gives_zeroed_buffers_and_frees_dead_ones() {
+    fn per_tensor_mode_gives_fresh_buffers_and_frees_dead_ones() {
         let be = Cpu::new(1);
         let mut arena = Arena::<Cpu>::per_tensor();
         arena.begin(&be, reqs());
         {
             let [b, a] = arena.views(&be, [(1, 512), (0, 1024)]);
-            assert!(a.iter().chain(b.iter()).all(|&x| x == 0.0));
+            assert!(a.iter().chain(b.iter()).all(|&x| x.is_nan()), "scratch, poisoned on the CPU");
             a.fill(3.0);
         }
         let _ = arena.views(&be, [(2, 8)]);

@@ -462,7 +462,8 @@ impl<B: Backend> ActivationStore<B> {
                 continue;
             }
             let len = self.layers[layer].lens[i];
-            let mut buf = be.alloc_as(len, spec.precision);
+            // Written whole: reloaded rows here, the dropped ones by the recompute.
+            let mut buf = be.alloc_scratch(len, spec.precision);
             if let Some(seg) = self.layers[layer].host[i].take() {
                 let elem = spec.precision.bytes(be.activation_bytes());
                 let pool = self.host_mem.as_ref().expect("an offloaded tensor has a host pool");

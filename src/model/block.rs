@@ -203,7 +203,7 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// Copies a backend buffer's values into a new one (the host-side exchange of the
     /// dispatcher runs between them).
     fn uploaded(&self, values: &[f32]) -> B::Buf {
-        let mut buf = self.be.alloc(values.len());
+        let mut buf = self.be.alloc_scratch(values.len(), Precision::Activation);
         self.be.upload(B::full_mut(&mut buf), values);
         buf
     }
@@ -228,26 +228,29 @@ impl<B: Backend> BlockCtx<'_, B> {
         let eps = self.model.norm_eps;
 
         // Attention: xn1 = norm(x); qkv = rope(xn1 Wqkvᵀ); att = attn(qkv); x2 = x + att Woᵀ.
-        let mut xn1 = be.alloc(n * c);
-        let mut rstd1 = be.alloc_f32(n);
+        // Every tensor of the forward is written whole by its first op: no zeroing.
+        let scratch = |len| be.alloc_scratch(len, Precision::Activation);
+        let stat = |len| be.alloc_scratch(len, Precision::F32);
+        let mut xn1 = scratch(n * c);
+        let mut rstd1 = stat(n);
         be.rmsnorm_fwd(B::full_mut(&mut xn1), B::full_mut(&mut rstd1), B::full(&x), self.w(p.attn_norm, c), n, c, eps);
-        let mut qkv = be.alloc(n * wq);
+        let mut qkv = scratch(n * wq);
         be.matmul(B::full_mut(&mut qkv), B::full(&xn1), self.w(p.wqkv, wq * c), n, c, wq, false, true, false);
         be.rope(B::full_mut(&mut qkv), B::full(self.rope), s, 0, false);
-        let mut att = be.alloc(n * a);
-        let mut lse = be.alloc_f32(s.batch * s.n_heads * s.seq);
+        let mut att = scratch(n * a);
+        let mut lse = stat(s.batch * s.n_heads * s.seq);
         be.attention_fwd(B::full_mut(&mut att), B::full_mut(&mut lse), B::full(&qkv), s);
-        let mut x2 = be.alloc(n * c);
+        let mut x2 = scratch(n * c);
         be.copy(B::full_mut(&mut x2), B::full(&x));
         be.matmul(B::full_mut(&mut x2), B::full(&att), self.w(p.wo, c * a), n, a, c, false, true, true);
 
         // MoE: xn2 = norm(x2); P = softmax(xn2 Wrᵀ); route; experts; out = x2 + Σ gate · expert.
-        let mut xn2 = be.alloc(n * c);
-        let mut rstd2 = be.alloc_f32(n);
+        let mut xn2 = scratch(n * c);
+        let mut rstd2 = stat(n);
         be.rmsnorm_fwd(B::full_mut(&mut xn2), B::full_mut(&mut rstd2), B::full(&x2), self.w(p.ffn_norm, c), n, c, eps);
-        let mut logits = be.alloc_f32(n * e);
+        let mut logits = stat(n * e);
         be.matmul(B::full_mut(&mut logits), B::full(&xn2), self.w(p.router, e * c), n, c, e, false, true, false);
-        let mut probs = be.alloc_f32(n * e);
+        let mut probs = stat(n * e);
         be.softmax_rows(B::full_mut(&mut probs), B::full(&logits), n, e);
         let (probs_h, logits_h) = (be.download(B::full(&probs)), be.download(B::full(&logits)));
         let (routing, aux) = be.host_work("route", || {
@@ -268,13 +271,14 @@ impl<B: Backend> BlockCtx<'_, B> {
             let [mut xe] = tx.views(be, [(fwd::XE, sc)]);
             be.gather_rows(B::reborrow_mut(&mut xe), B::full(&xn2), &routing.token, c);
         }
-        let mut y = be.alloc(routing.n_slots() * c);
+        // Every slot row is written by its expert's down projection.
+        let mut y = scratch(routing.n_slots() * c);
         let (gu, received) = match self.dispatcher()? {
             None => {
                 let counts = routing.counts();
                 let (segs, gu_len) = segments(0, &counts, widths);
                 let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
-                let mut gu = be.alloc(gu_len);
+                let mut gu = scratch(gu_len);
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
                     let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len)]);
                     self.experts_forward(p, &chunk, B::as_view(&xe), B::full_mut(&mut gu), act, B::full_mut(&mut y));
@@ -289,10 +293,10 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let local = d.local_experts();
                 let counts: Vec<usize> = d.local_spans(&recv).iter().map(|s| s.len()).collect();
                 let (segs, gu_len) = segments(local.start, &counts, widths);
-                let (mut gu, mut act) = (be.alloc(gu_len), be.alloc(expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize));
+                let (mut gu, mut act) = (scratch(gu_len), scratch(expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize));
                 let [xe] = tx.views(be, [(fwd::XE, sc)]);
                 let xg = self.uploaded(&d.to_experts(&be.download(B::as_view(&xe)), &plan, &recv)?);
-                let mut yg = be.alloc(B::len(&xg));
+                let mut yg = scratch(B::len(&xg));
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
                     self.experts_forward(p, &chunk, B::full(&xg), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
                 }
@@ -449,8 +453,8 @@ impl<B: Backend> BlockCtx<'_, B> {
                     let [dy, xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc)]);
                     (self.uploaded(&d.to_experts(&be.download(ro(&xe)), &plan, recv)?), self.uploaded(&d.to_experts(&be.download(ro(&dy)), &plan, recv)?))
                 };
-                let mut dxg = be.alloc(B::len(&xg));
-                let mut scratch = [act_len, act_len, 2 * act_len].map(|len| be.alloc(len));
+                let mut dxg = be.alloc_scratch(B::len(&xg), Precision::Activation);
+                let mut scratch = [act_len, act_len, 2 * act_len].map(|len| be.alloc_scratch(len, Precision::Activation));
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
                     let [act, dact, dgu] = scratch.each_mut().map(B::full_mut);
                     self.experts_backward(p, &chunk, B::full(gu), B::full(&dyg), B::full(&xg), B::full_mut(&mut dxg), grads, [act, dact, dgu]);

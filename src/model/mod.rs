@@ -14,7 +14,7 @@ use params::ParamLayout;
 use router::AuxLosses;
 use weights::Weights;
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, Precision};
 use crate::memory::arena::Arena;
 use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
 use crate::memory::transients::EXPERT_CHUNK_ROWS;
@@ -177,10 +177,10 @@ impl<B: Backend> Model<B> {
         let (n, c) = (shape.tokens(), self.config.d_model);
         let ctx = self.block_ctx(be, shape);
         let dims = BlockDims::new(&self.config, &self.moe, shape.batch, shape.seq);
-        let mut x = be.alloc(n * c);
+        let mut x = be.alloc_scratch(n * c, Precision::Activation);
         be.embedding_fwd(B::full_mut(&mut x), B::view(self.params.compute(), self.layout.embedding..self.layout.embedding + self.config.vocab_size * c), inputs, c);
         for (l, bp) in self.layout.blocks.iter().enumerate() {
-            let mut out = be.alloc(n * c);
+            let mut out = be.alloc_scratch(n * c, Precision::Activation); // the block writes it whole
             let s: BlockStats = ctx.forward(bp, x, &mut out, store.as_deref_mut().map(|st| (st, l)), tx)?;
             if let Some(st) = store.as_deref_mut() {
                 st.seal(be, l, &dims)?;
@@ -245,10 +245,10 @@ impl<B: Backend> Model<B> {
 
         // Final norm and fused head: loss, dxf and dW_head in one pass.
         let (fnorm, head) = (self.layout.final_norm, self.layout.lm_head);
-        let mut xf = be.alloc(n * c);
-        let mut rstd = be.alloc_f32(n);
+        let mut xf = be.alloc_scratch(n * c, Precision::Activation);
+        let mut rstd = be.alloc_scratch(n, Precision::F32);
         be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), n, c, self.config.norm_eps);
-        let mut dxf = be.alloc(n * c);
+        let mut dxf = be.alloc_scratch(n * c, Precision::Activation);
         let losses = be.classifier(B::full(&xf), B::view(self.params.compute(), head..head + v * c), targets, n, c, v, Some((B::full_mut(&mut dxf), B::view_mut(&mut self.grads, head..head + v * c), 1.0)));
         self.finish_stats(&mut stats, shape, &losses);
 
@@ -260,7 +260,7 @@ impl<B: Backend> Model<B> {
             if let Some(from) = store.restore(be, l, &dims) {
                 ctx.recompute(bp, store, l, from, tx);
             }
-            let mut dprev = be.alloc(n * c);
+            let mut dprev = be.alloc_scratch(n * c, Precision::Activation); // the block writes it whole
             ctx.backward(bp, &mut self.grads, store, l, &dx, &mut dprev, tx)?;
             store.release(l);
             dx = dprev;

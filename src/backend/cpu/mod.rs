@@ -124,6 +124,9 @@ impl Backend for Cpu {
     fn alloc(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }
+    fn alloc_scratch(&self, len: usize, _: Precision) -> Vec<f32> {
+        vec![f32::NAN; len]
+    }
     fn alloc_f32(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }

@@ -371,6 +371,9 @@ impl Backend for CudaBackend {
     fn alloc_f32(&self, len: usize) -> DevBuf {
         self.alloc_storage(len, Storage::F32)
     }
+    fn alloc_scratch(&self, len: usize, precision: Precision) -> DevBuf {
+        self.scratch_storage(len, self.storage_of(precision))
+    }
     fn activation_bytes(&self) -> u64 {
         self.storage().bytes() as u64
     }
