@@ -1,6 +1,7 @@
 //! HMoE routing: Top-K / Top-P selection with renormalised gates, the auxiliary losses
 //! (Switch load balance, P-Penalty, router entropy, z-loss) and their per-expert gradients;
-//! the per-token backward is a backend op (`Backend::router_bwd`, fed by [`BackwardArgs`]), so it runs on the device.
+//! the per-token backward is a backend op (`Backend::router_bwd`, fed by [`BackwardArgs`]), so
+//! it runs on the device.
 //! Selection and aux losses run on the host over the `(N, E)` router probabilities, between
 //! the backend's ops: every MoE layer's forward waits for them, so they are data-parallel over
 //! chunks of tokens (on the calling rayon pool, see `Backend::host_work`) and allocation-free
@@ -13,7 +14,7 @@ use crate::backend::cpu::router::logsumexp;
 use crate::backend::{RouterGrad, TokenSlots};
 
 use super::config::{MoeConfig, Routing as RoutingKind};
-use super::routing::Routing;
+use super::routing::{ExpertLists, Routing};
 
 /// Tokens per parallel task; fixed so that sums do not depend on the thread count.
 const TOKEN_CHUNK: usize = 1024;
@@ -24,7 +25,7 @@ const TOKEN_CHUNK: usize = 1024;
 pub fn select(probs: &[f32], n: usize, e: usize, moe: &MoeConfig) -> Routing {
     assert_eq!(probs.len(), n * e, "router probabilities");
     // Per chunk of tokens, each expert's (tokens, gates) in ascending token order.
-    let chunks: Vec<Vec<(Vec<u32>, Vec<f32>)>> = probs
+    let chunks: Vec<ExpertLists> = probs
         .par_chunks(TOKEN_CHUNK * e)
         .enumerate()
         .map(|(c, block)| {
@@ -44,31 +45,7 @@ pub fn select(probs: &[f32], n: usize, e: usize, moe: &MoeConfig) -> Routing {
             by_expert
         })
         .collect();
-    // Expert-major slots: each expert's chunks in chunk order, the experts filled in parallel.
-    let mut offsets = vec![0usize; e + 1];
-    for x in 0..e {
-        offsets[x + 1] = offsets[x] + chunks.iter().map(|c| c[x].0.len()).sum::<usize>();
-    }
-    let (mut token, mut gate) = (vec![0u32; offsets[e]], vec![0f32; offsets[e]]);
-    let mut spans = Vec::with_capacity(e);
-    let (mut rest_t, mut rest_g) = (&mut token[..], &mut gate[..]);
-    for x in 0..e {
-        let len = offsets[x + 1] - offsets[x];
-        let (tx, tr) = rest_t.split_at_mut(len);
-        let (gx, gr) = rest_g.split_at_mut(len);
-        spans.push((x, tx, gx));
-        (rest_t, rest_g) = (tr, gr);
-    }
-    spans.into_par_iter().for_each(|(x, tokens, gates)| {
-        let mut at = 0;
-        for c in &chunks {
-            let (t, g) = &c[x];
-            tokens[at..at + t.len()].copy_from_slice(t);
-            gates[at..at + g.len()].copy_from_slice(g);
-            at += t.len();
-        }
-    });
-    Routing { n_tokens: n, n_experts: e, token, gate, offsets }
+    Routing::from_expert_lists(n, e, &chunks)
 }
 
 /// Fills `chosen` with the experts token probabilities `p` route to, in descending order: the

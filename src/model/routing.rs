@@ -1,6 +1,8 @@
 //! `Routing`: which tokens go to which experts with which gate, in expert-major slot order.
 //! The router produces it; the local permute, the EP dispatcher and the aux losses consume it.
 
+use rayon::prelude::*;
+
 /// One token's choice of an expert: the renormalised gate that weights the expert's output.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Choice {
@@ -8,6 +10,9 @@ pub struct Choice {
     pub expert: u32,
     pub gate: f32,
 }
+
+/// Per expert, the tokens routed to it and their gates (see [`Routing::from_expert_lists`]).
+pub type ExpertLists = Vec<(Vec<u32>, Vec<f32>)>;
 
 /// Token→expert assignments laid out as slots in expert-major order, ascending token index
 /// within an expert (the order experts consume and the dispatcher exchanges).
@@ -24,25 +29,44 @@ pub struct Routing {
 }
 
 impl Routing {
-    /// Lays out `choices` (any order) in expert-major slot order with a stable counting sort:
-    /// choices given in ascending token order stay in ascending token order within each expert.
+    /// Lays out `choices` (any order) in expert-major slot order, stably: choices given in
+    /// ascending token order stay in ascending token order within each expert.
     pub fn from_choices(n_tokens: usize, n_experts: usize, choices: &[Choice]) -> Self {
+        let mut by_expert = vec![(Vec::new(), Vec::new()); n_experts];
+        for c in choices {
+            by_expert[c.expert as usize].0.push(c.token);
+            by_expert[c.expert as usize].1.push(c.gate);
+        }
+        Self::from_expert_lists(n_tokens, n_experts, &[by_expert])
+    }
+
+    /// The layout of choices collected in `parts`, each part's `(tokens, gates)` per expert:
+    /// expert `x`'s slots are its lists of every part in part order. The experts are filled in
+    /// parallel (the router collects a part per chunk of tokens).
+    pub fn from_expert_lists(n_tokens: usize, n_experts: usize, parts: &[ExpertLists]) -> Self {
         let mut offsets = vec![0usize; n_experts + 1];
-        for c in choices {
-            offsets[c.expert as usize + 1] += 1;
+        for x in 0..n_experts {
+            offsets[x + 1] = offsets[x] + parts.iter().map(|p| p[x].0.len()).sum::<usize>();
         }
-        for e in 0..n_experts {
-            offsets[e + 1] += offsets[e];
+        let (mut token, mut gate) = (vec![0u32; offsets[n_experts]], vec![0f32; offsets[n_experts]]);
+        let mut spans = Vec::with_capacity(n_experts);
+        let (mut rest_t, mut rest_g) = (&mut token[..], &mut gate[..]);
+        for x in 0..n_experts {
+            let len = offsets[x + 1] - offsets[x];
+            let (tx, tr) = rest_t.split_at_mut(len);
+            let (gx, gr) = rest_g.split_at_mut(len);
+            spans.push((x, tx, gx));
+            (rest_t, rest_g) = (tr, gr);
         }
-        let mut next = offsets[..n_experts].to_vec();
-        let mut token = vec![0u32; choices.len()];
-        let mut gate = vec![0f32; choices.len()];
-        for c in choices {
-            let slot = &mut next[c.expert as usize];
-            token[*slot] = c.token;
-            gate[*slot] = c.gate;
-            *slot += 1;
-        }
+        spans.into_par_iter().for_each(|(x, tokens, gates)| {
+            let mut at = 0;
+            for p in parts {
+                let (t, g) = &p[x];
+                tokens[at..at + t.len()].copy_from_slice(t);
+                gates[at..at + g.len()].copy_from_slice(g);
+                at += t.len();
+            }
+        });
         Routing { n_tokens, n_experts, token, gate, offsets }
     }
 
