@@ -27,6 +27,9 @@ fn main() {
     let args = Args::from_env_known(&["--tokens", "--experts", "--threads", "--min-seconds"]);
     let n = args.size("--tokens", 32 << 10);
     let e: usize = args.get("--experts", 8);
+    if e == 0 {
+        common::args::fail("--experts 0: a router needs at least one expert");
+    }
     let threads: usize = args.get("--threads", 0);
     let min_seconds: f64 = args.get("--min-seconds", 1.0);
     let be = Cpu::new(threads);
