@@ -55,11 +55,11 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "cuda_emu/build.rs"]
+mod emu_build;
 
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -67,7 +67,7 @@ use common::randn;
 use motley::backend::cpu::Cpu;
 use motley::backend::cuda::launch::{self, grid_stride, per_row, warp_per_row, LaunchConfig, ROW_CHUNK, SUMSQ_BLOCKS};
 use motley::backend::cuda::attention::{self as attn, Pass};
-use motley::backend::cuda::nvrtc::{full_source, KernelFile, Storage, KERNEL_FILES};
+use motley::backend::cuda::nvrtc::{Storage, KERNEL_FILES};
 use motley::backend::cuda::{group_positions, AdamWArgs};
 use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
 use motley::rng::Rng;
@@ -78,32 +78,7 @@ const SUMSQ_TOL: f64 = 1e-12;
 const ATTN_TOL: f64 = 5e-3;
 const BF16_ATTN_TOL: f64 = 8e-3;
 
-// ---- building and loading the emulator -------------------------------------------------------
-
-const EMU_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda_emu");
-/// `-fno-strict-aliasing`: the kernels read bf16 pairs through `unsigned*`, as CUDA allows;
-/// `-ffp-contract=off`: no fused multiply-adds, so the exact comparisons hold on any machine;
-/// UBSan's alignment and bounds checks: a misaligned access (an error on the GPU) or an index
-/// past a fixed-size array (`__shared__ float scratch[32]`) stops the test with the source line.
-const FLAGS: &[&str] = &[
-    "-std=c++17",
-    "-O2",
-    "-fPIC",
-    "-shared",
-    "-fvisibility=hidden",
-    "-fno-strict-aliasing",
-    "-ffp-contract=off",
-    "-fsanitize=alignment,bounds",
-    "-fno-sanitize-recover=all",
-    "-DMOTLEY_EMU",
-];
-
-/// The emulator's own kernel file: compiled into the emulator only.
-const PRIMITIVES: KernelFile = KernelFile {
-    name: "primitives",
-    source: include_str!("cuda_emu/primitives.cu"),
-    functions: &["test_mma", "test_ldmatrix", "test_cp_async", "bad_divergent_shuffle", "bad_smem_overflow", "racy_neighbour"],
-};
+// ---- loading the emulator ----------------------------------------------------------------------
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, *const u32, *const u32, usize, usize, *const *mut c_void, *const usize, i32) -> i32;
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
@@ -119,82 +94,11 @@ struct Emulator {
 fn emulator(storage: Storage) -> Option<&'static Emulator> {
     static EMULATORS: OnceLock<Option<[Emulator; 2]>> = OnceLock::new();
     let both = EMULATORS.get_or_init(|| {
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-        let version = match Command::new(&cxx).arg("--version").output() {
-            Ok(out) if out.status.success() => out.stdout,
-            _ => {
-                let why = format!("`{cxx} --version` failed: the kernel emulator needs g++ (apt-get install g++, or set CXX)");
-                assert!(std::env::var("CI").as_deref() != Ok("true"), "cuda_emu cannot run: {why}");
-                eprintln!("SKIPPED cuda_emu: {why}");
-                return None;
-            }
-        };
-        let libs = build(&cxx, &version).unwrap_or_else(|e| panic!("building the kernel emulator: {e}"));
+        let cxx = emu_build::Compiler::find("cuda_emu")?;
+        let libs = emu_build::kernel_libs(&cxx).unwrap_or_else(|e| panic!("building the kernel emulator: {e}"));
         Some(libs.map(|path| load(&path)))
     });
     both.as_ref().map(|e| &e[(storage == Storage::Bf16) as usize])
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// Builds (or finds in the cache) the emulator libraries for f32 and bf16 storage, in parallel.
-fn build(cxx: &str, version: &[u8]) -> Result<[PathBuf; 2], String> {
-    let emu = Path::new(EMU_DIR);
-    let files: Vec<&KernelFile> = KERNEL_FILES.iter().chain([&PRIMITIVES]).collect();
-    let mut h = DefaultHasher::new();
-    (read(&emu.join("emu.h")), read(&emu.join("emu.cpp")), read(&emu.join("include/cuda_bf16.h")), FLAGS, version).hash(&mut h);
-    for f in &files {
-        (f.name, full_source(f), f.functions).hash(&mut h);
-    }
-    let hash = h.finish();
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_emu");
-    let libs = [Storage::F32, Storage::Bf16].map(|st| (st, dir.join(format!("libemu-{st:?}-{hash:016x}.so").to_lowercase())));
-    if libs.iter().all(|(_, lib)| lib.is_file()) {
-        return Ok(libs.map(|(_, lib)| lib));
-    }
-    // Each kernel file as NVRTC sees it, and a wrapper that includes it inside a namespace of its
-    // own (common.cuh has non-inline functions) and registers its entry points by name.
-    let src = dir.join(format!("src-{hash:016x}-{}", std::process::id()));
-    std::fs::create_dir_all(&src).map_err(|e| format!("{}: {e}", src.display()))?;
-    let mut wrappers = Vec::new();
-    for f in &files {
-        let mut wrapper = format!("namespace k_{0} {{\n#include \"{0}.cu\"\n}}\n", f.name);
-        for (i, func) in f.functions.iter().enumerate() {
-            wrapper += &format!("static const emu::Registration r{i}(\"{func}\", &k_{}::{func});\n", f.name);
-        }
-        wrappers.push(src.join(format!("k_{}.cpp", f.name)));
-        for (path, text) in [(src.join(format!("{}.cu", f.name)), full_source(f)), (wrappers[wrappers.len() - 1].clone(), wrapper)] {
-            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-    }
-    let mut jobs = Vec::new();
-    for (storage, lib) in libs.iter().filter(|(_, lib)| !lib.is_file()) {
-        // Written under a temporary name and renamed: a concurrent run never loads half a file.
-        let tmp = lib.with_extension(format!("tmp{}", std::process::id()));
-        let mut cmd = Command::new(cxx);
-        cmd.args(FLAGS).args((*storage == Storage::Bf16).then_some("-DMOTLEY_ACT_BF16"));
-        cmd.arg("-I").arg(emu.join("include")).arg("-I").arg(&src).arg("-include").arg(emu.join("emu.h"));
-        cmd.arg(emu.join("emu.cpp")).args(&wrappers).arg("-o").arg(&tmp);
-        let child = cmd.stderr(std::process::Stdio::piped()).spawn().map_err(|e| format!("{cxx}: {e}"))?;
-        jobs.push((lib, tmp, child));
-    }
-    for (lib, tmp, child) in jobs {
-        let out = child.wait_with_output().map_err(|e| format!("{cxx}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("{cxx} failed for {} (sources in {}):\n{}", lib.display(), src.display(), String::from_utf8_lossy(&out.stderr)));
-        }
-        std::fs::rename(&tmp, lib).map_err(|e| format!("{}: {e}", lib.display()))?;
-    }
-    // The sources stay, for the file and line of a UBSan message; those of older sources go.
-    let current = format!("{hash:016x}");
-    for old in std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()) {
-        if !old.to_string_lossy().contains(&current) {
-            let _ = if old.is_dir() { std::fs::remove_dir_all(old) } else { std::fs::remove_file(old) };
-        }
-    }
-    Ok(libs.map(|(_, lib)| lib))
 }
 
 fn load(path: &Path) -> Emulator {

@@ -1,9 +1,14 @@
 //! CUDA backend vs CPU backend, op by op, forward and backward, on random inputs, and whole
 //! training steps of a small model, in both activation storages of the CUDA backend.
 //!
-//! Needs a GPU: every test is `#[ignore]`d; run them on a GPU machine with
-//! `cargo test --release --features cuda --test cuda_parity -- --ignored`.
-//! Asked to run without a usable GPU, each test fails and says what is missing.
+//! Where it runs (`MOTLEY_PARITY_DEVICE`): `gpu` needs a GPU and fails without one (the GPU
+//! session's `bench/gpu/run.sh check`); `emulator` runs the CUDA backend, unchanged, on the
+//! emulated device of `tests/cuda_emu/device/` (driver, NVRTC, cuBLASLt and cuBLAS on the CPU,
+//! every kernel launched on the kernel emulator), which needs only g++; the default, `auto`,
+//! takes the GPU when a CUDA driver is installed and the emulator otherwise (CI). On the emulator
+//! the tolerances below hold with room to spare (its kernels and GEMMs do not contract FMAs and
+//! sum in f32), so what it checks is the backend's own code: launch geometry and argument order,
+//! buffer sizes and element types, the cuBLAS(Lt) descriptions, stream order of MEMO's copies.
 //!
 //! Error measure: max |gpu − cpu| / max |cpu| per output. Tolerances, f32 storage:
 //! - elementwise and row ops (norm, rope, swiglu, softmax, router backward, permute, embedding,
@@ -21,6 +26,10 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "cuda_emu/build.rs"]
+mod emu_build;
+
+use std::sync::OnceLock;
 
 use common::{randn, tiny_model};
 use motley::backend::cpu::Cpu;
@@ -40,11 +49,52 @@ const BF16_GEMM_TOL: f64 = 3e-2;
 const BF16_ATTN_TOL: f64 = 5e-2;
 const BF16_ROUNDING_TOL: f64 = 4e-3;
 
-fn gpu(storage: Storage) -> CudaBackend {
-    if let Err(e) = cuda_available() {
-        panic!("cuda_parity needs a GPU: {e}. See docs/cuda.md for the GPU session command.");
+/// The CUDA backend on the device `MOTLEY_PARITY_DEVICE` asks for; `None` (the test is skipped)
+/// only when the emulator is wanted and g++ is missing outside CI.
+fn gpu(storage: Storage) -> Option<CudaBackend> {
+    device()?;
+    Some(CudaBackend::new(0, storage).unwrap_or_else(|e| panic!("CUDA backend: {e}")))
+}
+
+/// Chooses the device once per run: `Some(description)`, or `None` to skip.
+fn device() -> Option<&'static str> {
+    static DEVICE: OnceLock<Option<&'static str>> = OnceLock::new();
+    *DEVICE.get_or_init(|| {
+        let want = std::env::var("MOTLEY_PARITY_DEVICE").unwrap_or_else(|_| "auto".into());
+        assert!(["auto", "gpu", "emulator"].contains(&want.as_str()), "MOTLEY_PARITY_DEVICE={want}: expected auto, gpu or emulator");
+        // SAFETY: only tries to dlopen the driver library by its candidate names.
+        if want != "emulator" && unsafe { cudarc::driver::sys::is_culib_present() } {
+            if let Err(e) = cuda_available() {
+                panic!("cuda_parity: {e}. See docs/cuda.md for the GPU session command.");
+            }
+            eprintln!("cuda_parity runs on the GPU");
+            return Some("GPU");
+        }
+        assert!(want != "gpu", "MOTLEY_PARITY_DEVICE=gpu, but no CUDA driver (libcuda.so) can be loaded");
+        load_emulated_device()?;
+        eprintln!("cuda_parity runs on the emulated device (tests/cuda_emu/device)");
+        Some("emulator")
+    })
+}
+
+/// Builds the kernel emulator and the emulated CUDA libraries, and loads the latter by path, so
+/// that cudarc's loads by name (`libcuda.so`, …) find them among the loaded libraries.
+fn load_emulated_device() -> Option<()> {
+    let cxx = emu_build::Compiler::find("cuda_parity")?;
+    let [f32_kernels, bf16_kernels] = emu_build::kernel_libs(&cxx).unwrap_or_else(|e| panic!("building the kernel emulator: {e}"));
+    let libs = emu_build::device_libs(&cxx).unwrap_or_else(|e| panic!("building the emulated device: {e}"));
+    // The emulated NVRTC's output is not PTX: it gets a cache folder of its own.
+    let ptx_cache = libs[0].parent().expect("library folder").join("ptx");
+    std::env::set_var("MOTLEY_PTX_CACHE", ptx_cache);
+    std::env::set_var("MOTLEY_EMU_KERNELS_F32", f32_kernels);
+    std::env::set_var("MOTLEY_EMU_KERNELS_BF16", bf16_kernels);
+    for lib in libs {
+        // SAFETY: our own libraries, with no initialisers beyond C++ statics; kept loaded for
+        // the process's life, as cudarc keeps the CUDA libraries.
+        let handle = unsafe { libloading::Library::new(&lib) }.unwrap_or_else(|e| panic!("loading {}: {e}", lib.display()));
+        std::mem::forget(handle);
     }
-    CudaBackend::new(0, storage).unwrap_or_else(|e| panic!("CUDA backend: {e}"))
+    Some(())
 }
 
 /// The CPU reference for `storage`: with bf16 storage, ops read bf16-rounded weights too.
@@ -80,7 +130,8 @@ fn down<B: Backend>(be: &B, b: &B::Buf) -> Vec<f32> {
 
 /// Runs `case` on both backends and compares every returned output.
 fn compare(name: &str, storage: Storage, tol: f64, case: impl Fn(&dyn Any2) -> Vec<Vec<f32>>) {
-    let (cpu, cuda) = (cpu_for(storage), gpu(storage));
+    let Some(cuda) = gpu(storage) else { return };
+    let cpu = cpu_for(storage);
     let want = case(&Both::Cpu(&cpu));
     let got = case(&Both::Cuda(&cuda));
     assert_eq!(want.len(), got.len());
@@ -343,12 +394,10 @@ macro_rules! parity_test {
         mod $test {
             use super::*;
             #[test]
-            #[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
             fn f32() {
                 compare(stringify!($case), Storage::F32, $f32_tol, |be| be.run(&$case));
             }
             #[test]
-            #[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
             fn bf16() {
                 compare(stringify!($case), Storage::Bf16, $bf16_tol, |be| be.run(&$case));
             }
@@ -406,7 +455,8 @@ fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize) -> (Vec<f64>, Ve
 /// Whole steps against the CPU: per-step loss (relative), last gradients and weights
 /// (normalised); every error is reported before failing.
 fn model_parity(storage: Storage, loss_tol: f64, grad_tol: f64, weight_tol: f64) {
-    let (cpu, cuda) = (cpu_for(storage), gpu(storage));
+    let Some(cuda) = gpu(storage) else { return };
+    let cpu = cpu_for(storage);
     let (want_l, want_g, want_w) = train(&cpu, LayerPolicy::Keep, 3);
     let (got_l, got_g, got_w) = train(&cuda, LayerPolicy::Keep, 3);
     let mut failures = Vec::new();
@@ -428,14 +478,12 @@ fn model_parity(storage: Storage, loss_tol: f64, grad_tol: f64, weight_tol: f64)
 }
 
 #[test]
-#[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
 fn model_step_f32() {
     // Gradients as loose as attention alone (its tiles are bf16 in both storages).
     model_parity(Storage::F32, 1e-3, ATTN_TOL, 1e-2);
 }
 
 #[test]
-#[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
 fn model_step_bf16() {
     model_parity(Storage::Bf16, 1e-2, 5e-2, 2e-2);
 }
@@ -444,9 +492,8 @@ fn model_step_bf16() {
 /// backward recomputes dropped rows with GEMMs of other shapes, which cuBLASLt does not promise
 /// to round identically, so gradients are held to 1e-2 of keep-all.
 #[test]
-#[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
 fn memo_policies_match_keep_all() {
-    let cuda = gpu(Storage::Bf16);
+    let Some(cuda) = gpu(Storage::Bf16) else { return };
     let (keep_l, keep_g, _) = train(&cuda, LayerPolicy::Keep, 1);
     for policy in [LayerPolicy::Recompute, LayerPolicy::Offload { alpha: 0.5 }, LayerPolicy::Offload { alpha: 1.0 }] {
         let (l, g, _) = train(&cuda, policy, 1);
@@ -459,9 +506,8 @@ fn memo_policies_match_keep_all() {
 
 /// The grouped cuBLAS call against one cuBLASLt matmul per product, both bf16 on the GPU.
 #[test]
-#[ignore = "needs a GPU: cargo test --release --features cuda --test cuda_parity -- --ignored"]
 fn grouped_call_matches_per_product_matmuls() {
-    let (grouped, looped) = (gpu(Storage::Bf16), gpu(Storage::Bf16).without_grouped_gemm());
+    let (Some(grouped), Some(looped)) = (gpu(Storage::Bf16), gpu(Storage::Bf16).map(CudaBackend::without_grouped_gemm)) else { return };
     let want = Both::Cuda(&looped).run(&GroupedMatmul);
     let got = Both::Cuda(&grouped).run(&GroupedMatmul);
     for (k, (w, g)) in want.iter().zip(&got).enumerate() {

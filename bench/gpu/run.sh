@@ -115,8 +115,8 @@ part_check() {
         echo "MOTLEY_PTX_CACHE=$MOTLEY_PTX_CACHE"
         cat gpu-carry/BUILD.txt
     } > "$d/env.txt" 2>&1
-    run_limited "check: GPU parity tests (cuda_parity --ignored)" "$(grant 180)" "$d/parity.log" \
-        "${gpu[@]}" "$bin/cuda_parity" --ignored --test-threads 1 --nocapture
+    run_limited "check: GPU parity tests (cuda_parity)" "$(grant 180)" "$d/parity.log" \
+        "${gpu[@]}" MOTLEY_PARITY_DEVICE=gpu "$bin/cuda_parity" --test-threads 1 --nocapture
     rm -rf "$d/train-cuda" "$d/train-cpu"
     run_limited "check: motley train --device cuda, $steps steps" "$(grant 240)" "$d/train-cuda.log" \
         "${gpu[@]}" "$bin/motley" train --device cuda --steps "$steps" --out "$d/train-cuda"

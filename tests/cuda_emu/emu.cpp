@@ -563,3 +563,15 @@ extern "C" __attribute__((visibility("default"))) int emu_launch(const char* ker
 }
 
 extern "C" __attribute__((visibility("default"))) const char* emu_last_error() { return emu::last_error.c_str(); }
+
+// The byte sizes of `kernel`'s parameters, for a caller that only has cuLaunchKernel's argument
+// array (the emulated driver, tests/cuda_emu/device): writes up to `max` of them to `sizes` and
+// returns how many parameters the kernel has, or -1 when no kernel has that name.
+extern "C" __attribute__((visibility("default"))) long emu_kernel_params(const char* kernel, size_t* sizes, size_t max) {
+    for (const emu::Kernel& r : emu::registry())
+        if (r.name == kernel) {
+            for (size_t i = 0; i < r.sizes.size() && i < max; i++) sizes[i] = r.sizes[i];
+            return (long)r.sizes.size();
+        }
+    return -1;
+}

@@ -1,0 +1,197 @@
+//! Builds the CUDA emulator with g++, for `tests/cuda_emu.rs` (every kernel against the CPU) and
+//! `tests/cuda_parity.rs` (the whole CUDA backend on the emulated device):
+//! - the kernel libraries, one per activation storage: each kernel file unchanged (the exact
+//!   `nvrtc::full_source` text) with `emu.h` force-included, plus `emu.cpp`;
+//! - the emulated device (`device/`): stand-ins for libcuda, libnvrtc, libcublasLt and libcublas
+//!   that run the backend's calls on the CPU, launching kernels from the kernel libraries.
+//!
+//! Results are cached under `CARGO_TARGET_TMPDIR/cuda_emu`, named by a hash of every input, and
+//! written under a temporary name then renamed, so a concurrent run never loads half a file.
+#![allow(dead_code)]
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use motley::backend::cuda::nvrtc::{full_source, KernelFile, Storage, KERNEL_FILES};
+
+const EMU_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda_emu");
+
+/// `-fno-strict-aliasing`: the kernels read bf16 pairs through `unsigned*`, as CUDA allows;
+/// `-ffp-contract=off`: no fused multiply-adds, so the exact comparisons hold on any machine;
+/// UBSan's alignment and bounds checks: a misaligned access (an error on the GPU) or an index
+/// past a fixed-size array (`__shared__ float scratch[32]`) stops the test with the source line.
+const FLAGS: &[&str] = &[
+    "-std=c++17",
+    "-O2",
+    "-fPIC",
+    "-shared",
+    "-fvisibility=hidden",
+    "-fno-strict-aliasing",
+    "-ffp-contract=off",
+    "-fsanitize=alignment,bounds",
+    "-fno-sanitize-recover=all",
+    "-DMOTLEY_EMU",
+];
+
+/// The emulator's own kernel file: compiled into the emulator only.
+pub const PRIMITIVES: KernelFile = KernelFile {
+    name: "primitives",
+    source: include_str!("primitives.cu"),
+    functions: &["test_mma", "test_ldmatrix", "test_cp_async", "bad_divergent_shuffle", "bad_smem_overflow", "racy_neighbour"],
+};
+
+/// The C++ compiler (`CXX`, default g++) and its version (part of every cache key).
+pub struct Compiler {
+    cxx: String,
+    version: Vec<u8>,
+}
+
+impl Compiler {
+    /// The compiler, or `None` with a skip message when it is missing; under `CI=true` a missing
+    /// compiler fails `test` instead.
+    pub fn find(test: &str) -> Option<Compiler> {
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+        match Command::new(&cxx).arg("--version").output() {
+            Ok(out) if out.status.success() => Some(Compiler { cxx, version: out.stdout }),
+            _ => {
+                let why = format!("`{cxx} --version` failed: the CUDA emulator needs g++ (apt-get install g++, or set CXX)");
+                assert!(std::env::var("CI").as_deref() != Ok("true"), "{test} cannot run: {why}");
+                eprintln!("SKIPPED {test}: {why}");
+                None
+            }
+        }
+    }
+
+    fn spawn(&self, args: impl FnOnce(&mut Command)) -> Result<Child, String> {
+        let mut cmd = Command::new(&self.cxx);
+        args(&mut cmd);
+        cmd.stderr(Stdio::piped()).spawn().map_err(|e| format!("{}: {e}", self.cxx))
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("cuda_emu")
+}
+
+/// Waits for the compiler jobs, then renames each (temporary, final) output into place.
+fn finish(cxx: &str, jobs: Vec<(PathBuf, PathBuf, Child)>, sources: &Path) -> Result<(), String> {
+    for (lib, tmp, child) in jobs {
+        let out = child.wait_with_output().map_err(|e| format!("{cxx}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{cxx} failed for {} (sources in {}):\n{}", lib.display(), sources.display(), String::from_utf8_lossy(&out.stderr)));
+        }
+        std::fs::rename(&tmp, &lib).map_err(|e| format!("{}: {e}", lib.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes cached files and folders of older inputs: those whose name has none of `current`.
+fn prune(current: &[String]) {
+    for old in std::fs::read_dir(cache_dir()).into_iter().flatten().flatten().map(|e| e.path()) {
+        let name = old.to_string_lossy().into_owned();
+        if !current.iter().any(|c| name.contains(c.as_str())) {
+            let _ = if old.is_dir() { std::fs::remove_dir_all(old) } else { std::fs::remove_file(old) };
+        }
+    }
+}
+
+fn kernel_hash(c: &Compiler) -> String {
+    let emu = Path::new(EMU_DIR);
+    let mut h = DefaultHasher::new();
+    (read(&emu.join("emu.h")), read(&emu.join("emu.cpp")), read(&emu.join("include/cuda_bf16.h")), FLAGS, &c.version).hash(&mut h);
+    for f in KERNEL_FILES.iter().chain([&PRIMITIVES]) {
+        (f.name, full_source(f), f.functions).hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+const DEVICE_SOURCES: &[&str] = &["device.h", "driver.cpp", "nvrtc.cpp", "blas.cpp"];
+
+fn device_hash(c: &Compiler) -> String {
+    let dir = Path::new(EMU_DIR).join("device");
+    let mut h = DefaultHasher::new();
+    for f in DEVICE_SOURCES {
+        read(&dir.join(f)).hash(&mut h);
+    }
+    c.version.hash(&mut h);
+    format!("device-{:016x}", h.finish())
+}
+
+/// Builds (or finds in the cache) the kernel emulator libraries for f32 and bf16 storage, in
+/// parallel.
+pub fn kernel_libs(c: &Compiler) -> Result<[PathBuf; 2], String> {
+    let emu = Path::new(EMU_DIR);
+    let hash = kernel_hash(c);
+    let dir = cache_dir();
+    let libs = [Storage::F32, Storage::Bf16].map(|st| (st, dir.join(format!("libemu-{st:?}-{hash}.so").to_lowercase())));
+    if libs.iter().all(|(_, lib)| lib.is_file()) {
+        return Ok(libs.map(|(_, lib)| lib));
+    }
+    // Each kernel file as NVRTC sees it, and a wrapper that includes it inside a namespace of its
+    // own (common.cuh has non-inline functions) and registers its entry points by name.
+    let src = dir.join(format!("src-{hash}-{}", std::process::id()));
+    std::fs::create_dir_all(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let mut wrappers = Vec::new();
+    for f in KERNEL_FILES.iter().chain([&PRIMITIVES]) {
+        let mut wrapper = format!("namespace k_{0} {{\n#include \"{0}.cu\"\n}}\n", f.name);
+        for (i, func) in f.functions.iter().enumerate() {
+            wrapper += &format!("static const emu::Registration r{i}(\"{func}\", &k_{}::{func});\n", f.name);
+        }
+        wrappers.push(src.join(format!("k_{}.cpp", f.name)));
+        for (path, text) in [(src.join(format!("{}.cu", f.name)), full_source(f)), (wrappers[wrappers.len() - 1].clone(), wrapper)] {
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    let mut jobs = Vec::new();
+    for (storage, lib) in libs.iter().filter(|(_, lib)| !lib.is_file()) {
+        let tmp = lib.with_extension(format!("tmp{}", std::process::id()));
+        let child = c.spawn(|cmd| {
+            cmd.args(FLAGS).args((*storage == Storage::Bf16).then_some("-DMOTLEY_ACT_BF16"));
+            cmd.arg("-I").arg(emu.join("include")).arg("-I").arg(&src).arg("-include").arg(emu.join("emu.h"));
+            cmd.arg(emu.join("emu.cpp")).args(&wrappers).arg("-o").arg(&tmp);
+        })?;
+        jobs.push((lib.clone(), tmp, child));
+    }
+    finish(&c.cxx, jobs, &src)?;
+    // The sources stay, for the file and line of a UBSan message; those of older inputs go.
+    prune(&[hash, device_hash(c)]);
+    Ok(libs.map(|(_, lib)| lib))
+}
+
+/// The emulated CUDA libraries, in the order to load them: each named by the soname cudarc asks
+/// for first (`libcuda.so`, …), so that once loaded by path, cudarc's loads by name find them.
+pub const DEVICE_LIBS: [&str; 4] = ["libcuda.so", "libnvrtc.so", "libcublasLt.so", "libcublas.so"];
+
+/// Builds (or finds in the cache) the emulated device's libraries, [`DEVICE_LIBS`] in order.
+pub fn device_libs(c: &Compiler) -> Result<Vec<PathBuf>, String> {
+    let src = Path::new(EMU_DIR).join("device");
+    let hash = device_hash(c);
+    let dir = cache_dir().join(&hash);
+    let libs: Vec<PathBuf> = DEVICE_LIBS.iter().map(|name| dir.join(name)).collect();
+    if libs.iter().all(|l| l.is_file()) {
+        return Ok(libs);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let common = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden", "-Wall", "-Werror"];
+    let build = |lib: &Path, source: &str, link_driver: bool| {
+        let tmp = lib.with_extension(format!("tmp{}", std::process::id()));
+        let soname = lib.file_name().expect("library name").to_string_lossy().into_owned();
+        let child = c.spawn(|cmd| {
+            cmd.args(common).arg(format!("-Wl,-soname,{soname}")).arg(src.join(source)).arg("-o").arg(&tmp);
+            if link_driver {
+                // The others call the driver's exports (device.h); it is loaded first, by soname.
+                cmd.arg(libs[0].clone()).arg("-Wl,-rpath,$ORIGIN");
+            }
+        });
+        child.map(|ch| (lib.to_path_buf(), tmp, ch))
+    };
+    finish(&c.cxx, vec![build(&libs[0], "driver.cpp", false)?], &src)?;
+    let jobs = vec![build(&libs[1], "nvrtc.cpp", true)?, build(&libs[2], "blas.cpp", true)?, build(&libs[3], "blas.cpp", true)?];
+    finish(&c.cxx, jobs, &src)?;
+    Ok(libs)
+}
