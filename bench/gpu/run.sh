@@ -17,7 +17,12 @@
 # tables are printed at the end.
 #
 # Environment: OUT, RUN_BUDGET; PYTHON (python3: the one with PyTorch); CHECK_STEPS (300),
-# STEP_POLICY (keep), LONG_POLICY (recompute).
+# STEP_POLICY (keep), LONG_POLICY (recompute). bench/gpu/rehearse.sh runs all of it here, without
+# a GPU, on the emulated device, by shrinking the work: SHAPE (h100-ref: a key of
+# bench/gpu_configs.json or cpu_configs.json), SHAPE_ARGS (train_step flags after --shape, e.g.
+# --batch), ATTN_LENGTHS (4K,32K,128K), ATTN_ARGS, LONG_LENGTHS (16K,…,256K), MAX_LENGTHS
+# (512K,1M), CHECK_ARGS (flags of the check's `motley train`), MOTLEY_CUDA_LD (the library path
+# motley's commands get) and MOTLEY_PTX_CACHE (kept when set).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 root=$PWD
@@ -28,6 +33,14 @@ py=${PYTHON:-python3}
 budget=${RUN_BUDGET:-570}
 start=$SECONDS
 summary=$OUT/summary.md
+shape=${SHAPE:-h100-ref}
+# Word-split on purpose: each holds flags.
+# shellcheck disable=SC2206
+shape_args=(--shape "$shape" ${SHAPE_ARGS:-})
+# shellcheck disable=SC2206
+attn_args=(--lengths "${ATTN_LENGTHS:-4K,32K,128K}" ${ATTN_ARGS:-})
+# shellcheck disable=SC2206
+check_args=(${CHECK_ARGS:-})
 
 log() { echo "[$(date +%T) +$((SECONDS - start))s] $*" >&2; }
 record() { echo "| $1 | $2 | $3 |" >> "$summary"; }
@@ -46,13 +59,15 @@ for p in nvidia.__path__:
     local IFS=:
     echo "${dirs[*]}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 }
-CUDA_LD=$(cuda_lib_path)
+CUDA_LD=${MOTLEY_CUDA_LD:-$(cuda_lib_path)}
 gpu=(env "LD_LIBRARY_PATH=$CUDA_LD")
 
 # The carried PTX comes from NVRTC 13 (PTX ISA 9.0): a driver older than CUDA 13 cannot load it,
 # so then the kernels are compiled here instead, with this machine's NVRTC and headers.
 driver_cuda=$(timeout 30 nvidia-smi 2> /dev/null | grep -o 'CUDA Version: [0-9]*' | grep -o '[0-9]*$')
-if [ -n "$driver_cuda" ] && [ "$driver_cuda" -lt 13 ]; then
+if [ -n "${MOTLEY_PTX_CACHE:-}" ]; then
+    log "kernels from MOTLEY_PTX_CACHE=$MOTLEY_PTX_CACHE"
+elif [ -n "$driver_cuda" ] && [ "$driver_cuda" -lt 13 ]; then
     log "driver supports CUDA $driver_cuda < 13: compiling kernels here instead of the carried PTX"
     export MOTLEY_PTX_CACHE=$OUT/ptx-cache
 else
@@ -90,8 +105,11 @@ run_limited() {
     return "$rc"
 }
 
-h100_ref_json() {
-    "$py" -c 'import json; print(json.dumps(json.load(open("bench/gpu_configs.json"))["h100-ref"]))'
+# The shape as the peer's --config JSON.
+shape_json() {
+    "$py" -c 'import json, sys
+shapes = {**json.load(open("bench/cpu_configs.json")), **json.load(open("bench/gpu_configs.json"))}
+print(json.dumps(shapes[sys.argv[1]]))' "$shape"
 }
 
 part_check() {
@@ -119,7 +137,7 @@ part_check() {
         "${gpu[@]}" MOTLEY_PARITY_DEVICE=gpu "$bin/cuda_parity" --test-threads 1 --nocapture
     rm -rf "$d/train-cuda" "$d/train-cpu"
     run_limited "check: motley train --device cuda, $steps steps" "$(grant 240)" "$d/train-cuda.log" \
-        "${gpu[@]}" "$bin/motley" train --device cuda --steps "$steps" --out "$d/train-cuda"
+        "${gpu[@]}" "$bin/motley" train --device cuda --steps "$steps" "${check_args[@]}" --out "$d/train-cuda"
     if ! grep -q '^training on ' "$d/train-cuda.log"; then
         local why
         why=$({ grep -m 1 -i 'cuda' "$d/train-cuda.log" || tail -n 1 "$d/train-cuda.log"; } | cut -c1-200 | tr '|' '/')
@@ -128,7 +146,7 @@ part_check() {
         return
     fi
     run_limited "check: motley train --device cpu, $steps steps" "$(grant 180)" "$d/train-cpu.log" \
-        "$bin/motley" train --device cpu --steps "$steps" --out "$d/train-cpu"
+        "$bin/motley" train --device cpu --steps "$steps" "${check_args[@]}" --out "$d/train-cpu"
     "$py" bench/gpu/compare_losses.py "$d/train-cpu/metrics.jsonl" "$d/train-cuda/metrics.jsonl" > "$d/losses.md" 2>&1
     record "check: loss curves CPU vs CUDA" "$(tail -n 1 "$d/losses.md" | cut -c1-200 | tr '|' '/')" 0
 }
@@ -137,14 +155,14 @@ part_step() {
     local d=$OUT/step
     mkdir -p "$d"
     rm -f "$d/motley.jsonl"
-    run_limited "step: motley H100-ref B=8 T=4096 (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
-        "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
+    run_limited "step: motley $shape (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
+        "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
     # Where the step's time goes: GPU time per op (events around each op perturb the timing a
     # little, so this is a separate run and not the table's number).
     run_limited "step: motley time per op (profile)" "$(grant 120)" "$d/profile.log" \
-        "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${STEP_POLICY:-keep}" --warmup 1 --steps 3 --max-seconds 60 --profile
+        "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --warmup 1 --steps 3 --max-seconds 60 --profile
     run_limited "step: PyTorch eager + torch.compile, same shape" "$(grant 360)" "$d/torch.log" \
-        "$py" bench/peer/torch_hmoe.py --suite custom --config "$(h100_ref_json)" --modes eager,compile
+        "$py" bench/peer/torch_hmoe.py --suite custom --config "$(shape_json)" --modes eager,compile
     {
         echo "H100-ref training step, B=8 × T=4096 (motley: bf16 activations and working weights, f32 master weights; PyTorch: bf16 autocast). MFU over 989 TFLOP/s."
         "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
@@ -157,9 +175,9 @@ part_attention() {
     mkdir -p "$d"
     rm -f "$d/motley.jsonl"
     run_limited "attention: motley fwd, fwd+bwd" "$(grant 240)" "$d/motley.log" \
-        "${gpu[@]}" "$bin/attention" --device cuda --lengths 4K,32K,128K --json "$d/motley.jsonl"
+        "${gpu[@]}" "$bin/attention" --device cuda "${attn_args[@]}" --json "$d/motley.jsonl"
     run_limited "attention: PyTorch SDPA (flash)" "$(grant 180)" "$d/sdpa.log" \
-        "$py" bench/peer/sdpa_attention.py --lengths 4K,32K,128K --backend flash
+        "$py" bench/peer/sdpa_attention.py --lengths "${ATTN_LENGTHS:-4K,32K,128K}" --backend flash
     {
         echo "Causal attention, 16 heads of 64, B = 32K / T; TFLOP/s with forward 2·2·B·H·T²·D/2 and backward 2.5× forward (motley bf16 buffers, f32 lse; SDPA bf16)."
         "$py" bench/gpu/table.py attention "$d/motley.jsonl" "$d/sdpa.log"
@@ -174,7 +192,7 @@ long_sweep() {
     local d=$1 label=$2 lengths=$3 s
     s=$(grant "$4")
     run_limited "$label" "$s" "$d/motley-$lengths.log" \
-        "${gpu[@]}" "$bin/train_step" --device cuda --shape h100-ref --policy "${LONG_POLICY:-recompute}" --sweep "$lengths" \
+        "${gpu[@]}" "$bin/train_step" --device cuda --shape "$shape" --policy "${LONG_POLICY:-recompute}" --sweep "$lengths" \
         --time-limit $((s * 2 / 3)) --budget $((s - 20)) --json "$d/motley.jsonl"
 }
 
@@ -189,7 +207,8 @@ long_table() {
 part_long() {
     local d=$OUT/long
     mkdir -p "$d"
-    long_sweep "$d" "long: motley B=1 T=16K…256K (${LONG_POLICY:-recompute})" 16K,32K,64K,128K,256K 330
+    local lengths=${LONG_LENGTHS:-16K,32K,64K,128K,256K}
+    long_sweep "$d" "long: motley $shape B=1 T=$lengths (${LONG_POLICY:-recompute})" "$lengths" 330
     run_limited "long: PyTorch --suite long (eager and checkpointed, T=16K…256K)" "$(grant 200)" "$d/torch.log" \
         "$py" bench/peer/torch_hmoe.py --suite long --steps 3
     long_table "$d"
@@ -198,7 +217,8 @@ part_long() {
 part_long_max() {
     local d=$OUT/long
     mkdir -p "$d"
-    long_sweep "$d" "long-max: motley B=1 T=512K, 1M (${LONG_POLICY:-recompute})" 512K,1M 560
+    local lengths=${MAX_LENGTHS:-512K,1M}
+    long_sweep "$d" "long-max: motley $shape B=1 T=$lengths (${LONG_POLICY:-recompute})" "$lengths" 560
     long_table "$d"
 }
 
