@@ -1,10 +1,10 @@
 //! The CUDA backend: kernels compiled with NVRTC at start-up, matmuls on cuBLASLt, one stream.
 //!
-//! **Status: compiled, never executed.** Every kernel compiles for `sm_90a` in CI
-//! (`tests/cuda_nvrtc.rs`) and runs on a CPU emulator against the CPU backend
-//! (`tests/cuda_emu.rs`), and this Rust code type-checks against cudarc 0.19, but no line of it
-//! has run on a GPU yet; `tests/cuda_parity.rs` holds the checks for the first GPU session.
-//! See `docs/cuda.md`.
+//! **Status: runs on an emulated GPU, never yet on a real one.** Every kernel compiles for
+//! `sm_90a` in CI (`tests/cuda_nvrtc.rs`) and runs on a CPU emulator against the CPU backend
+//! (`tests/cuda_emu.rs`); this whole backend runs unchanged on an emulated device (CPU stand-ins
+//! for the driver, NVRTC and cuBLAS(Lt), `tests/cuda_emu/device/`), where `tests/cuda_parity.rs`
+//! passes in CI. It has not run on a GPU yet. See `docs/cuda.md`.
 //!
 //! Storage: every buffer knows its element type. The backend is built for one activation
 //! storage ([`Storage::Bf16`] for mixed-precision training, [`Storage::F32`] for checking against
