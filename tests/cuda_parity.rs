@@ -29,11 +29,9 @@ mod common;
 #[path = "cuda_emu/build.rs"]
 mod emu_build;
 
-use std::sync::OnceLock;
-
 use common::{randn, tiny_model};
 use motley::backend::cpu::Cpu;
-use motley::backend::cuda::{cuda_available, CudaBackend, Storage};
+use motley::backend::cuda::{CudaBackend, Storage};
 use motley::backend::{AdamW, AttnShape, Backend, Gemm, TokenSlots};
 use motley::memory::store::LayerPolicy;
 use motley::model::config::Routing;
@@ -52,49 +50,8 @@ const BF16_ROUNDING_TOL: f64 = 4e-3;
 /// The CUDA backend on the device `MOTLEY_PARITY_DEVICE` asks for; `None` (the test is skipped)
 /// only when the emulator is wanted and g++ is missing outside CI.
 fn gpu(storage: Storage) -> Option<CudaBackend> {
-    device()?;
+    emu_build::device("cuda_parity")?;
     Some(CudaBackend::new(0, storage).unwrap_or_else(|e| panic!("CUDA backend: {e}")))
-}
-
-/// Chooses the device once per run: `Some(description)`, or `None` to skip.
-fn device() -> Option<&'static str> {
-    static DEVICE: OnceLock<Option<&'static str>> = OnceLock::new();
-    *DEVICE.get_or_init(|| {
-        let want = std::env::var("MOTLEY_PARITY_DEVICE").unwrap_or_else(|_| "auto".into());
-        assert!(["auto", "gpu", "emulator"].contains(&want.as_str()), "MOTLEY_PARITY_DEVICE={want}: expected auto, gpu or emulator");
-        // SAFETY: only tries to dlopen the driver library by its candidate names.
-        if want != "emulator" && unsafe { cudarc::driver::sys::is_culib_present() } {
-            if let Err(e) = cuda_available() {
-                panic!("cuda_parity: {e}. See docs/cuda.md for the GPU session command.");
-            }
-            eprintln!("cuda_parity runs on the GPU");
-            return Some("GPU");
-        }
-        assert!(want != "gpu", "MOTLEY_PARITY_DEVICE=gpu, but no CUDA driver (libcuda.so) can be loaded");
-        load_emulated_device()?;
-        eprintln!("cuda_parity runs on the emulated device (tests/cuda_emu/device)");
-        Some("emulator")
-    })
-}
-
-/// Builds the kernel emulator and the emulated CUDA libraries, and loads the latter by path, so
-/// that cudarc's loads by name (`libcuda.so`, …) find them among the loaded libraries.
-fn load_emulated_device() -> Option<()> {
-    let cxx = emu_build::Compiler::find("cuda_parity")?;
-    let [f32_kernels, bf16_kernels] = emu_build::kernel_libs(&cxx).unwrap_or_else(|e| panic!("building the kernel emulator: {e}"));
-    let libs = emu_build::device_libs(&cxx).unwrap_or_else(|e| panic!("building the emulated device: {e}"));
-    // The emulated NVRTC's output is not PTX: it gets a cache folder of its own.
-    let ptx_cache = libs[0].parent().expect("library folder").join("ptx");
-    std::env::set_var("MOTLEY_PTX_CACHE", ptx_cache);
-    std::env::set_var("MOTLEY_EMU_KERNELS_F32", f32_kernels);
-    std::env::set_var("MOTLEY_EMU_KERNELS_BF16", bf16_kernels);
-    for lib in libs {
-        // SAFETY: our own libraries, with no initialisers beyond C++ statics; kept loaded for
-        // the process's life, as cudarc keeps the CUDA libraries.
-        let handle = unsafe { libloading::Library::new(&lib) }.unwrap_or_else(|e| panic!("loading {}: {e}", lib.display()));
-        std::mem::forget(handle);
-    }
-    Some(())
 }
 
 /// The CPU reference for `storage`: with bf16 storage, ops read bf16-rounded weights too.

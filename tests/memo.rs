@@ -160,3 +160,30 @@ fn offloads_stay_in_flight_for_one_layer() {
     model.forward_backward(&be, &mut step, &inputs, &targets, b, t).unwrap();
     assert_eq!(step.peaks().0, pairs, "device peak over a whole step, prefetch included");
 }
+
+/// `plan-memory` against the store it plans for: with every token routed to every expert (the
+/// routing the plan assumes), the skeletal peak the report predicts is the one the store reaches
+/// over a step, byte for byte, and the transient arena it predicts is the one the step allocates,
+/// for each policy the α planner picks (keep, recompute, offload with kept layers after it).
+#[test]
+fn the_memory_plan_is_what_a_step_holds() {
+    use motley::config::Config;
+    use motley::memory::report::plan_report;
+    let be = Cpu::new(2);
+    let (b, t) = (3, 24);
+    for memory in [["memory.policy=keep", "memory.alpha=auto"], ["memory.policy=recompute", "memory.alpha=auto"], ["memory.policy=offload", "memory.alpha=0.5"], ["memory.policy=offload", "memory.alpha=1"]] {
+        let mut config = Config::default_with(&memory.map(String::from)).unwrap();
+        (config.model, config.moe) = tiny_model(Kind::TopK);
+        config.model.n_layers = 4;
+        config.moe.top_k = config.moe.n_experts();
+        let report = plan_report(&config, t, b, u64::MAX, HOST, 10e9).unwrap();
+        let policies: Vec<LayerPolicy> = report.layers.iter().map(|l| l.policy).collect();
+        let mut model = Model::new(&be, config.model.clone(), config.moe.clone(), 5).unwrap();
+        let mut store = model.new_store_with(policies.clone(), HOST).unwrap();
+        let (inputs, targets) = batch(5, config.model.vocab_size, b * t);
+        model.zero_grads(&be);
+        model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
+        assert_eq!(store.peaks().0, report.skeletal_device_bytes, "{memory:?} ({policies:?}): skeletal peak");
+        assert_eq!(store.arena().capacity(), report.arena_bytes, "{memory:?} ({policies:?}): transient arena");
+    }
+}

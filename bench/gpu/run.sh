@@ -135,6 +135,8 @@ part_check() {
     } > "$d/env.txt" 2>&1
     run_limited "check: GPU parity tests (cuda_parity)" "$(grant 180)" "$d/parity.log" \
         "${gpu[@]}" MOTLEY_PARITY_DEVICE=gpu "$bin/cuda_parity" --test-threads 1 --nocapture
+    run_limited "check: memory plan vs measured device peak (cuda_memory)" "$(grant 120)" "$d/memory.log" \
+        "${gpu[@]}" MOTLEY_PARITY_DEVICE=gpu "$bin/cuda_memory" --nocapture
     rm -rf "$d/train-cuda" "$d/train-cpu"
     run_limited "check: motley train --device cuda, $steps steps" "$(grant 240)" "$d/train-cuda.log" \
         "${gpu[@]}" "$bin/motley" train --device cuda --steps "$steps" "${check_args[@]}" --out "$d/train-cuda"
@@ -259,5 +261,8 @@ for p in "${parts[@]}"; do
 done
 if [ -f "$OUT/check/parity.log" ] && [[ " ${parts[*]} " == *" check "* ]]; then
     echo; echo "## parity errors"; grep -E 'normalised max error|test result|panicked' "$OUT/check/parity.log" | head -n 60
+fi
+if [ -f "$OUT/check/memory.log" ] && [[ " ${parts[*]} " == *" check "* ]]; then
+    echo; echo "## memory plan vs measured"; grep -E 'MiB|test result|panicked' "$OUT/check/memory.log" | head -n 20
 fi
 exit 0

@@ -21,6 +21,7 @@
 //! when `a` and `b` differ it rounds the f32 operand to activation precision first.
 
 pub mod cpu;
+pub mod cuda_scratch;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

@@ -114,8 +114,7 @@ impl<B: Backend> Arena<B> {
         if self.capacity() >= peak {
             return;
         }
-        let units = peak.div_ceil(4) as usize; // alloc_f32 counts 4-byte elements
-        let mut buf = be.alloc_scratch(units + units / 4, Precision::F32);
+        let mut buf = be.alloc_scratch((allocation_for(peak) / 4) as usize, Precision::F32);
         if be.arena_views(&mut buf, &[]).is_none() {
             (self.planned, self.plan) = (false, None);
             return;
@@ -181,6 +180,13 @@ impl<B: Backend> Arena<B> {
         }
         out.into_iter().map(|v| v.expect("every request found")).collect()
     }
+}
+
+/// Bytes of the buffer the arena allocates for a plan peaking at `peak` bytes: a quarter more,
+/// for the routing of later steps (which drifts as the router trains), in whole 4-byte units.
+pub fn allocation_for(peak: u64) -> u64 {
+    let units = peak.div_ceil(4);
+    4 * (units + units / 4)
 }
 
 #[cfg(test)]

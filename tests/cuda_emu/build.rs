@@ -1,5 +1,6 @@
-//! Builds the CUDA emulator with g++, for `tests/cuda_emu.rs` (every kernel against the CPU) and
-//! `tests/cuda_parity.rs` (the whole CUDA backend on the emulated device):
+//! Builds the CUDA emulator with g++, for `tests/cuda_emu.rs` (every kernel against the CPU),
+//! `tests/cuda_parity.rs` and `tests/cuda_memory.rs` (the whole CUDA backend on the emulated
+//! device, or on a GPU: [`device`] chooses):
 //! - the kernel libraries, one per activation storage: each kernel file unchanged (the exact
 //!   `nvrtc::full_source` text) with `emu.h` force-included, plus `emu.cpp`;
 //! - the emulated device (`device/`): stand-ins for libcuda, libnvrtc, libcublasLt and libcublas
@@ -12,7 +13,9 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 
+use motley::backend::cuda::cuda_available;
 use motley::backend::cuda::nvrtc::{full_source, KernelFile, Storage, KERNEL_FILES};
 
 const EMU_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda_emu");
@@ -194,4 +197,48 @@ pub fn device_libs(c: &Compiler) -> Result<Vec<PathBuf>, String> {
     let jobs = vec![build(&libs[1], "nvrtc.cpp", true)?, build(&libs[2], "blas.cpp", true)?, build(&libs[3], "blas.cpp", true)?];
     finish(&c.cxx, jobs, &src)?;
     Ok(libs)
+}
+
+/// Chooses, once per process, where the CUDA backend runs, as `MOTLEY_PARITY_DEVICE` asks: `gpu`
+/// (fails without one), `emulator`, or `auto` (the default: a GPU when a CUDA driver can be
+/// loaded, else the emulator). `Some(description)`, or `None` to skip `test` (the emulator
+/// wanted and g++ missing, outside CI).
+pub fn device(test: &str) -> Option<&'static str> {
+    static DEVICE: OnceLock<Option<&'static str>> = OnceLock::new();
+    *DEVICE.get_or_init(|| {
+        let want = std::env::var("MOTLEY_PARITY_DEVICE").unwrap_or_else(|_| "auto".into());
+        assert!(["auto", "gpu", "emulator"].contains(&want.as_str()), "MOTLEY_PARITY_DEVICE={want}: expected auto, gpu or emulator");
+        // SAFETY: only tries to dlopen the driver library by its candidate names.
+        if want != "emulator" && unsafe { cudarc::driver::sys::is_culib_present() } {
+            if let Err(e) = cuda_available() {
+                panic!("{test}: {e}. See docs/cuda.md for the GPU session command.");
+            }
+            eprintln!("{test} runs on the GPU");
+            return Some("GPU");
+        }
+        assert!(want != "gpu", "MOTLEY_PARITY_DEVICE=gpu, but no CUDA driver (libcuda.so) can be loaded");
+        load_emulated_device(test)?;
+        eprintln!("{test} runs on the emulated device (tests/cuda_emu/device)");
+        Some("emulator")
+    })
+}
+
+/// Builds the kernel emulator and the emulated CUDA libraries, and loads the latter by path, so
+/// that cudarc's loads by name (`libcuda.so`, …) find them among the loaded libraries.
+fn load_emulated_device(test: &str) -> Option<()> {
+    let cxx = Compiler::find(test)?;
+    let [f32_kernels, bf16_kernels] = kernel_libs(&cxx).unwrap_or_else(|e| panic!("building the kernel emulator: {e}"));
+    let libs = device_libs(&cxx).unwrap_or_else(|e| panic!("building the emulated device: {e}"));
+    // The emulated NVRTC's output is not PTX: it gets a cache folder of its own.
+    let ptx_cache = libs[0].parent().expect("library folder").join("ptx");
+    std::env::set_var("MOTLEY_PTX_CACHE", ptx_cache);
+    std::env::set_var("MOTLEY_EMU_KERNELS_F32", f32_kernels);
+    std::env::set_var("MOTLEY_EMU_KERNELS_BF16", bf16_kernels);
+    for lib in libs {
+        // SAFETY: our own libraries, with no initialisers beyond C++ statics; kept loaded for
+        // the process's life, as cudarc keeps the CUDA libraries.
+        let handle = unsafe { libloading::Library::new(&lib) }.unwrap_or_else(|e| panic!("loading {}: {e}", lib.display()));
+        std::mem::forget(handle);
+    }
+    Some(())
 }

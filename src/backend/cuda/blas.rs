@@ -20,6 +20,7 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::nvrtc::Storage;
+use crate::backend::cuda_scratch::BLAS_WORKSPACE_BYTES;
 
 /// One matrix: device address and element type.
 #[derive(Clone, Copy, Debug)]
@@ -92,8 +93,6 @@ pub struct Lt {
 unsafe impl Send for Lt {}
 unsafe impl Sync for Lt {}
 
-/// cuBLASLt's recommended workspace on Hopper (32 MiB; 4 MiB suffices before it).
-const WORKSPACE_BYTES: usize = 32 << 20;
 
 fn check<T>(r: Result<T, cudarc::cublaslt::result::CublasError>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("cuBLASLt {what} failed: {e:?}"))
@@ -102,7 +101,7 @@ fn check<T>(r: Result<T, cudarc::cublaslt::result::CublasError>, what: &str) -> 
 impl Lt {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self, String> {
         let handle = lt::create_handle().map_err(|e| format!("cuBLASLt init failed: {e:?}"))?;
-        let workspace = stream.alloc_zeros::<u8>(WORKSPACE_BYTES).map_err(|e| format!("cuBLASLt workspace: {e:?}"))?;
+        let workspace = stream.alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES).map_err(|e| format!("cuBLASLt workspace: {e:?}"))?;
         let workspace_ptr = workspace.device_ptr(&stream).0;
         Ok(Lt { handle, stream, _workspace: workspace, workspace_ptr, plans: Mutex::new(HashMap::new()) })
     }
@@ -142,7 +141,7 @@ impl Lt {
                 plan.c,
                 &plan.algo,
                 self.workspace_ptr as *mut c_void,
-                WORKSPACE_BYTES,
+                BLAS_WORKSPACE_BYTES,
                 self.stream.cu_stream() as *mut _,
             )
         };
@@ -173,7 +172,7 @@ impl Lt {
         // SAFETY: each attribute's value has the type the cuBLASLt documentation gives it
         // (u64 workspace bytes, u32 alignments).
         let heuristic = unsafe {
-            let ws = WORKSPACE_BYTES as u64;
+            let ws = BLAS_WORKSPACE_BYTES as u64;
             check(lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const c_void, 8), "preference");
             for (attr, v) in [(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al_a), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al_b), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al_c), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al_c)] {
                 check(lt::set_matmul_pref_attribute(pref, attr, &v as *const u32 as *const c_void, 4), "preference");

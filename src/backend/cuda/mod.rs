@@ -53,11 +53,6 @@ pub use nvrtc::Storage;
 use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, Precision, RouterGrad, TokenSlots};
 use crate::{Error, Result};
 
-/// Most logits alive at once in the fused classifier (elements: 256 MiB of f32 logits plus their
-/// bf16 gradient). Every chunk reads and writes the whole f32 dW (V × C), so chunks must be
-/// large: at V = 32768 this is 2048 rows, 16 chunks for H100-ref's 32768-token step.
-const LOGITS_BUDGET: usize = 1 << 26;
-
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: blas::Lt,
@@ -816,7 +811,7 @@ impl Backend for CudaBackend {
             assert!(dx.len() == n * c && dw.len() == v * c, "classifier gradient sizes: dx {} (want {}), dw {} (want {})", dx.len(), n * c, dw.len(), v * c);
         }
         self.bind();
-        let rows_per_chunk = (LOGITS_BUDGET / v.max(1)).clamp(1, n);
+        let rows_per_chunk = super::cuda_scratch::classifier_chunk_rows(n, v);
         // f32 logits for the softmax; their gradient in activation storage for the two GEMMs
         // (the same buffer when that storage is f32, or when no gradient is asked for). Each
         // chunk's GEMM (beta = 0) writes its logits rows and softmax_xent their gradient before

@@ -1,0 +1,25 @@
+//! Device memory the CUDA backend holds besides the tensors the memory plan places: the
+//! cuBLASLt workspace and the fused classifier's chunk of logits. Here, outside the `cuda`
+//! feature, so that `plan-memory` counts them with the same numbers the backend uses
+//! (`tests/cuda_parity.rs` holds the plan to the measured device peak).
+
+/// Most logits alive at once in the fused classifier (elements: 256 MiB of f32 logits plus their
+/// gradient in activation storage). Every chunk reads and writes the whole f32 dW (V × C), so
+/// chunks must be large: at V = 32768 this is 2048 rows, 16 chunks for H100-ref's 32768-token step.
+pub const LOGITS_BUDGET: usize = 1 << 26;
+
+/// cuBLASLt's workspace: its recommended size on Hopper (32 MiB; 4 MiB suffices before it).
+pub const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Rows of one classifier chunk for `rows` rows over `vocab` classes.
+pub fn classifier_chunk_rows(rows: usize, vocab: usize) -> usize {
+    (LOGITS_BUDGET / vocab.max(1)).clamp(1, rows.max(1))
+}
+
+/// The workspace plus one classifier chunk at `tokens` × `vocab`: f32 logits and, when the
+/// activations (`act_bytes` each) are narrower than f32, their gradient beside them.
+pub fn bytes(tokens: usize, vocab: usize, act_bytes: u64) -> u64 {
+    let logits = (classifier_chunk_rows(tokens, vocab) * vocab) as u64;
+    let gradient = if act_bytes < 4 { act_bytes } else { 0 };
+    BLAS_WORKSPACE_BYTES as u64 + logits * (4 + gradient)
+}
