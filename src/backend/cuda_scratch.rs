@@ -1,7 +1,7 @@
 //! Device memory the CUDA backend holds besides the tensors the memory plan places: the
 //! cuBLASLt workspace and the fused classifier's chunk of logits. Here, outside the `cuda`
 //! feature, so that `plan-memory` counts them with the same numbers the backend uses
-//! (`tests/cuda_parity.rs` holds the plan to the measured device peak).
+//! (`tests/cuda_memory.rs` holds the plan to the measured device peak).
 
 /// Most logits alive at once in the fused classifier (elements: 256 MiB of f32 logits plus their
 /// gradient in activation storage). Every chunk reads and writes the whole f32 dW (V × C), so
@@ -16,10 +16,10 @@ pub fn classifier_chunk_rows(rows: usize, vocab: usize) -> usize {
     (LOGITS_BUDGET / vocab.max(1)).clamp(1, rows.max(1))
 }
 
-/// The workspace plus one classifier chunk at `tokens` × `vocab`: f32 logits and, when the
-/// activations (`act_bytes` each) are narrower than f32, their gradient beside them.
-pub fn bytes(tokens: usize, vocab: usize, act_bytes: u64) -> u64 {
+/// Bytes of one classifier chunk at `tokens` × `vocab`: f32 logits and, when the activations
+/// (`act_bytes` each) are narrower than f32, their gradient beside them.
+pub fn classifier_chunk_bytes(tokens: usize, vocab: usize, act_bytes: u64) -> u64 {
     let logits = (classifier_chunk_rows(tokens, vocab) * vocab) as u64;
     let gradient = if act_bytes < 4 { act_bytes } else { 0 };
-    BLAS_WORKSPACE_BYTES as u64 + logits * (4 + gradient)
+    logits * (4 + gradient)
 }

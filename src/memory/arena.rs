@@ -84,7 +84,7 @@ impl<B: Backend> Arena<B> {
         self.own.clear();
         if self.planned {
             if self.plan.is_none() || requests != self.requests {
-                let p = plan(&requests, ALIGNMENT, Strategy::Heuristic).expect("transients.rs requests are well-formed");
+                let p = phase_plan(&requests).expect("transients.rs requests are well-formed");
                 verify(&p, &requests).expect("the heuristic's plan overlaps live requests");
                 self.plan = Some(p);
             }
@@ -102,7 +102,7 @@ impl<B: Backend> Arena<B> {
     /// so the first step allocates once instead of once per larger phase.
     pub fn reserve(&mut self, be: &B, requests: &[Request]) {
         if self.planned {
-            let p = plan(requests, ALIGNMENT, Strategy::Heuristic).expect("transients.rs requests are well-formed");
+            let p = phase_plan(requests).expect("transients.rs requests are well-formed");
             self.grow(be, p.peak);
         }
     }
@@ -180,6 +180,12 @@ impl<B: Backend> Arena<B> {
         }
         out.into_iter().map(|v| v.expect("every request found")).collect()
     }
+}
+
+/// The arena's plan of one phase: the heuristic, since a phase is re-planned whenever its
+/// routing changes, too often for the MIP.
+pub fn phase_plan(requests: &[Request]) -> crate::Result<Plan> {
+    plan(requests, ALIGNMENT, Strategy::Heuristic)
 }
 
 /// Bytes of the buffer the arena allocates for a plan peaking at `peak` bytes: a quarter more,

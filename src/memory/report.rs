@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::alpha::HostLink;
-use super::arena::allocation_for;
+use super::arena::{allocation_for, phase_plan};
 use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
 use super::plan::{plan, MipLimits, Plan, Strategy};
 use super::policy::{build_policy, Profile};
@@ -162,11 +162,10 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
         phases.push(PhasePlan::of(&phase.name, phase.requests.len(), &p));
     }
     let transient_peak = phases.iter().map(|p| p.peak).max().unwrap_or(0);
-    // The step runs on the arena's own plan (the heuristic: re-planned whenever the routing
-    // changes, too often for the MIP), in a buffer with the arena's headroom.
+    // The step runs on the arena's own plan, in a buffer with the arena's headroom.
     let mut arena_bytes = 0;
     for phase in [&fwd, &bwd] {
-        arena_bytes = arena_bytes.max(allocation_for(plan(&phase.requests, ALIGNMENT, Strategy::Heuristic)?.peak));
+        arena_bytes = arena_bytes.max(allocation_for(phase_plan(&phase.requests)?.peak));
     }
     // f32 master weights, gradients and two AdamW moments, plus a working copy where the
     // activations are narrower; four (N, C) activations cross layers at once.
@@ -176,7 +175,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     // The classifier's logits chunk lives between the forward and the backward only: it counts
     // where it adds to the skeletal bytes of that moment.
     let backend_bytes = if config.device == "cuda" {
-        let chunk = cuda_scratch::bytes(tokens, m.vocab_size, act_bytes) - cuda_scratch::BLAS_WORKSPACE_BYTES as u64;
+        let chunk = cuda_scratch::classifier_chunk_bytes(tokens, m.vocab_size, act_bytes);
         cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + skeletal_peak(&layers, skeletal.total(), chunk) - skeletal_device_bytes
     } else {
         0

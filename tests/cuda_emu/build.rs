@@ -196,6 +196,7 @@ pub fn device_libs(c: &Compiler) -> Result<Vec<PathBuf>, String> {
     finish(&c.cxx, vec![build(&libs[0], "driver.cpp", false)?], &src)?;
     let jobs = vec![build(&libs[1], "nvrtc.cpp", true)?, build(&libs[2], "blas.cpp", true)?, build(&libs[3], "blas.cpp", true)?];
     finish(&c.cxx, jobs, &src)?;
+    prune(&[kernel_hash(c), hash]);
     Ok(libs)
 }
 

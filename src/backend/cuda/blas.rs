@@ -93,7 +93,6 @@ pub struct Lt {
 unsafe impl Send for Lt {}
 unsafe impl Sync for Lt {}
 
-
 fn check<T>(r: Result<T, cudarc::cublaslt::result::CublasError>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("cuBLASLt {what} failed: {e:?}"))
 }

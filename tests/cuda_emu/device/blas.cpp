@@ -256,9 +256,6 @@ EXPORT int cublasLtMatrixLayoutDestroy(void* layout) {
     delete static_cast<Layout*>(layout);
     return SUCCESS;
 }
-EXPORT int cublasLtMatrixLayoutSetAttribute(void*, int attr, const void*, size_t) {
-    return fail(INVALID_VALUE, strprintf("matrix layout attribute %d is not emulated (column-major, one matrix)", attr));
-}
 EXPORT int cublasLtMatmulPreferenceCreate(void** pref) {
     *pref = new Pref;
     return SUCCESS;
@@ -341,10 +338,6 @@ EXPORT int cublasCreate_v2(void** handle) { return cublasLtCreate(handle); }
 EXPORT int cublasDestroy_v2(void* handle) { return cublasLtDestroy(handle); }
 EXPORT int cublasSetStream_v2(void* handle, void* stream) {
     static_cast<Handle*>(handle)->stream = stream;
-    return SUCCESS;
-}
-EXPORT int cublasGetStream_v2(void* handle, void** stream) {
-    *stream = static_cast<Handle*>(handle)->stream;
     return SUCCESS;
 }
 

@@ -8,7 +8,7 @@
 // - fresh device memory is 0xff bytes (NaN in f32 and bf16, an absurd index), so reading memory
 //   nothing wrote shows; a freed allocation is poisoned the same way and kept until no queued
 //   copy can still read it;
-// - every allocation sits between guards, checked at its free and at context synchronisation:
+// - every allocation sits between guards, checked at its free and at stream synchronisation:
 //   a kernel writing past a buffer stops the device (a sticky error, as a GPU fault);
 // - copies and cuBLAS operands must lie inside one live allocation;
 // - the compute stream (the null stream) runs each operation when it is queued, while a created
@@ -268,10 +268,6 @@ EXPORT void motley_emu_report(const char* what) { fail(0, "%s", what); }
 extern "C" {
 
 EXPORT int cuInit(unsigned) { return SUCCESS; }
-EXPORT int cuDriverGetVersion(int* v) {
-    *v = 13000;
-    return SUCCESS;
-}
 EXPORT int cuGetErrorString(int code, const char** s) {
     static const std::map<int, const char*> text = {
         {SUCCESS, "no error"}, {INVALID_VALUE, "invalid argument"}, {NOT_INITIALIZED, "initialization error"},
@@ -297,19 +293,11 @@ EXPORT int cuDeviceGetName(char* name, int len, int) {
     snprintf(name, len, "motley CPU emulator of an sm_90a GPU");
     return SUCCESS;
 }
-EXPORT int cuDeviceTotalMem_v2(size_t* bytes, int) {
-    *bytes = size_t(80) << 30;
-    return SUCCESS;
-}
 EXPORT int cuDeviceGetAttribute(int* v, int attr, int) {
     switch (attr) {
         case 75: *v = 9; return SUCCESS;                // compute capability major
         case 76: *v = 0; return SUCCESS;                // minor
         case 97: *v = MAX_SMEM_OPTIN; return SUCCESS;   // shared memory per block, opt-in
-        case 8: *v = 48 << 10; return SUCCESS;          // shared memory per block
-        case 16: *v = 132; return SUCCESS;              // multiprocessors
-        case 1: *v = 1024; return SUCCESS;              // threads per block
-        case 10: *v = 32; return SUCCESS;               // warp size
         case 115: *v = 1; return SUCCESS;               // memory pools supported
         default: return fail(INVALID_VALUE, "device attribute %d is not emulated", attr);
     }
@@ -330,15 +318,6 @@ EXPORT int cuCtxSetCurrent(void* ctx) {
 EXPORT int cuCtxGetCurrent(void** ctx) {
     *ctx = current;
     return SUCCESS;
-}
-EXPORT int cuCtxGetDevice(int* dev) {
-    *dev = 0;
-    return SUCCESS;
-}
-EXPORT int cuCtxSynchronize() {
-    GUARDED;
-    run_all();
-    return check_all_guards();
 }
 
 // ---- memory ----
@@ -362,15 +341,9 @@ EXPORT int cuMemPoolSetAttribute(void*, int attr, void* v) {
 EXPORT int cuMemPoolGetAttribute(void*, int attr, void* v) {
     GUARDED;
     switch (attr) {
-        case 7: *static_cast<uint64_t*>(v) = used; return SUCCESS;  // used now
         case 8: *static_cast<uint64_t*>(v) = high; return SUCCESS;  // the most used since a reset
         default: return fail(INVALID_VALUE, "memory pool attribute %d is not emulated", attr);
     }
-}
-EXPORT int cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
-    *total = size_t(80) << 30;
-    *free_bytes = *total - used;
-    return SUCCESS;
 }
 
 int alloc_device(uint64_t* dptr, size_t bytes) {
@@ -394,14 +367,6 @@ int free_device(uint64_t dptr) {
     release_quarantine();
     return SUCCESS;
 }
-EXPORT int cuMemAlloc_v2(uint64_t* dptr, size_t bytes) {
-    GUARDED;
-    return alloc_device(dptr, bytes);
-}
-EXPORT int cuMemFree_v2(uint64_t dptr) {
-    GUARDED;
-    return free_device(dptr);
-}
 // Stream-ordered: the allocation exists from now on (the null stream has run everything queued
 // before), and a free on a created stream happens in its order.
 EXPORT int cuMemAllocAsync(uint64_t* dptr, size_t bytes, void* stream) {
@@ -424,7 +389,6 @@ EXPORT int cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     live[reinterpret_cast<uintptr_t>(*p)] = a;
     return SUCCESS;
 }
-EXPORT int cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
 EXPORT int cuMemFreeHost(void* p) {
     GUARDED;
     run_all();  // a queued copy may still touch it
@@ -494,14 +458,6 @@ EXPORT int cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void* 
     });
     return sticky;
 }
-EXPORT int cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
-    if (int e = cuMemcpyHtoDAsync_v2(dst, src, bytes, nullptr)) return e;
-    return cuCtxSynchronize();
-}
-EXPORT int cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) {
-    if (int e = cuCtxSynchronize()) return e;
-    return cuMemcpyDtoHAsync_v2(dst, src, bytes, nullptr);
-}
 EXPORT int cuMemsetD8Async(uint64_t dst, unsigned char value, size_t n, void* stream) {
     GUARDED;
     Stream* s = stream_of(stream);
@@ -510,7 +466,6 @@ EXPORT int cuMemsetD8Async(uint64_t dst, unsigned char value, size_t n, void* st
     enqueue(s, [=] { memset(reinterpret_cast<void*>(dst), value, n); });
     return sticky;
 }
-EXPORT int cuMemsetD8_v2(uint64_t dst, unsigned char value, size_t n) { return cuMemsetD8Async(dst, value, n, nullptr); }
 
 // ---- streams and events ----
 
@@ -522,7 +477,6 @@ EXPORT int cuStreamCreate(void** stream, unsigned flags) {
     *stream = s;
     return SUCCESS;
 }
-EXPORT int cuStreamCreateWithPriority(void** stream, unsigned flags, int) { return cuStreamCreate(stream, flags); }
 EXPORT int cuStreamDestroy_v2(void* stream) {
     GUARDED;
     Stream* s = stream_of(stream);
@@ -576,12 +530,6 @@ EXPORT int cuEventRecord(void* event, void* stream) {
 }
 // Whether `e`'s work is done (an event never recorded counts as done, as in CUDA).
 bool complete(Event* e) { return !e->stream || e->stream->done >= e->seq; }
-EXPORT int cuEventQuery(void* event) {
-    GUARDED;
-    auto* e = static_cast<Event*>(event);
-    if (!events.count(e)) return fail(INVALID_HANDLE, "cuEventQuery of an unknown event");
-    return complete(e) ? SUCCESS : NOT_READY;
-}
 EXPORT int cuEventSynchronize(void* event) {
     GUARDED;
     auto* e = static_cast<Event*>(event);
@@ -657,14 +605,6 @@ EXPORT int cuFuncSetAttribute(void* function, int attr, int value) {
     if (attr != 8) return fail(INVALID_VALUE, "function attribute %d is not emulated", attr);
     if (value < 0 || value > MAX_SMEM_OPTIN) return fail(INVALID_VALUE, "`%s`: %d bytes of dynamic shared memory exceed the device's %d", f->name.c_str(), value, MAX_SMEM_OPTIN);
     f->max_dynamic_smem = value;
-    return SUCCESS;
-}
-EXPORT int cuFuncGetAttribute(int* value, int attr, void* function) {
-    GUARDED;
-    auto* f = static_cast<Function*>(function);
-    if (!functions.count(f)) return fail(INVALID_HANDLE, "cuFuncGetAttribute of an unknown function");
-    if (attr != 8) return fail(INVALID_VALUE, "function attribute %d is not emulated", attr);
-    *value = f->max_dynamic_smem;
     return SUCCESS;
 }
 

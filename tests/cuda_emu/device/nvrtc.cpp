@@ -17,12 +17,6 @@ enum { SUCCESS = 0, INVALID_INPUT = 3, INVALID_PROGRAM = 4, COMPILATION = 6 };
 
 extern "C" {
 
-EXPORT int nvrtcVersion(int* major, int* minor) {
-    *major = 13;
-    *minor = 0;
-    return SUCCESS;
-}
-
 EXPORT int nvrtcCreateProgram(void** prog, const char* src, const char* name, int headers, const char* const*, const char* const*) {
     if (!src || headers != 0) return INVALID_INPUT;
     std::string file = name ? name : "";
