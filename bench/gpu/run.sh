@@ -2,7 +2,7 @@
 # The GPU session's harness. Runs on the device machine, from the repository root, with the
 # gpu-carry/ folder that bench/gpu/build.sh made here (no Rust toolchain needed there):
 #
-#   bench/gpu/run.sh check      environment; GPU parity tests; `motley train` on CUDA vs CPU
+#   bench/gpu/run.sh check      environment; GPU parity tests; memory plan vs peak; `motley train` CUDA vs CPU
 #   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley, then PyTorch eager and compile
 #   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley, then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
