@@ -817,12 +817,14 @@ fn optim(s: Storage) {
 
 // ---- attention ---------------------------------------------------------------------------------
 
-/// Every head_dim with kernels (16 to 128), sequences of exactly one tile (64), one row past a
-/// tile (65, 129), partial last tiles, and groups of 1, 2 and 4 query heads per kv head.
+/// Every head_dim with kernels (16 to 128), sequences of exactly one tile (64) and one forward
+/// block of two row atoms (128), one row past a tile (65, 129) or a block (130), partial last
+/// tiles and blocks (with warps whose rows are all past the sequence, or all before the last
+/// tile's keys: 200), and groups of 1, 2 and 4 query heads per kv head.
 const ATTN: [AttnShape; 8] = [
-    AttnShape { batch: 2, seq: 100, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
+    AttnShape { batch: 2, seq: 200, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
     AttnShape { batch: 2, seq: 160, n_heads: 4, n_kv_heads: 2, head_dim: 128 },
-    AttnShape { batch: 1, seq: 70, n_heads: 4, n_kv_heads: 1, head_dim: 16 },
+    AttnShape { batch: 1, seq: 128, n_heads: 4, n_kv_heads: 1, head_dim: 16 },
     AttnShape { batch: 1, seq: 130, n_heads: 2, n_kv_heads: 2, head_dim: 32 },
     AttnShape { batch: 1, seq: 64, n_heads: 2, n_kv_heads: 1, head_dim: 48 },
     AttnShape { batch: 1, seq: 129, n_heads: 2, n_kv_heads: 1, head_dim: 80 },

@@ -9,9 +9,9 @@ use super::{expect, ok, CudaBackend, DevView, DevViewMut, Storage};
 use crate::backend::AttnShape;
 use crate::{Error, Result};
 
-/// `BLOCK` of attention.cu: rows of every tile.
+/// `BLOCK` of attention.cu: rows of key tiles and of the backward's query tiles.
 const BLOCK: usize = 64;
-/// `THREADS` of attention.cu: 4 warps of 16 rows.
+/// `THREADS` of attention.cu: 4 warps.
 const THREADS: u32 = 128;
 /// `PAD` of attention.cu: bf16 of padding per shared-memory row.
 const PAD: usize = 8;
@@ -53,21 +53,31 @@ impl Pass {
         format!("{stem}_d{d}")
     }
 
+    /// Rows along the sequence one block owns: query rows (the forward's `4 · 16 · FWD_ATOMS(d)`
+    /// of attention.cu, 128 at head_dim ≤ 64), or key rows for dK/dV.
+    pub fn block_rows(self, d: usize) -> usize {
+        match self {
+            Pass::Forward if d <= 64 => 2 * BLOCK,
+            _ => BLOCK,
+        }
+    }
+
     /// Bytes of dynamic shared memory at head_dim `d`, as the kernel carves it: bf16 tiles of
-    /// BLOCK rows × (d + PAD), plus f32 query statistics for dK/dV.
+    /// BLOCK rows × (d + PAD) (the forward's Q tile has `block_rows`), plus f32 query
+    /// statistics for dK/dV.
     pub fn smem_bytes(self, d: usize) -> usize {
         let tile = BLOCK * (d + PAD) * 2;
         match self {
-            Pass::Forward => 5 * tile,                  // Q, 2 × (K, V)
+            Pass::Forward => self.block_rows(d) * (d + PAD) * 2 + 4 * tile, // Q, 2 × (K, V)
             Pass::GradKv => 6 * tile + 4 * BLOCK * 4,   // K, V, 2 × (Q, dO), 2 × (lse, Δ)
             Pass::GradQ => 6 * tile,                    // Q, dO, 2 × (K, V)
         }
     }
 
-    /// Grid of this pass: tiles along the sequence × (batch · heads), kv heads for dK/dV.
+    /// Grid of this pass: blocks along the sequence × (batch · heads), kv heads for dK/dV.
     pub fn grid(self, s: AttnShape) -> (u32, u32, u32) {
         let heads = if self == Pass::GradKv { s.n_kv_heads } else { s.n_heads };
-        (s.seq.div_ceil(BLOCK) as u32, (s.batch * heads) as u32, 1)
+        (s.seq.div_ceil(self.block_rows(s.head_dim)) as u32, (s.batch * heads) as u32, 1)
     }
 }
 
@@ -134,7 +144,7 @@ fn assert_aligned(op: &str, args: &[(&str, u64)]) {
     }
 }
 
-/// out (N, H·D), lse (B·H·T); one block per (query tile, batch·head).
+/// out (N, H·D), lse (B·H·T); one block per (query rows, batch·head).
 pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: DevView<'_>, s: AttnShape) {
     assert_shapes(s, qkv.len(), out.len(), lse.len());
     expect("attention_fwd", "out", out.storage, be.storage());

@@ -2,21 +2,27 @@
 //
 // Every tile product runs on tensor cores (mma.m16n8k16, bf16 × bf16 → f32) with operands
 // fetched by ldmatrix from shared memory; scores and every accumulator (O, dK, dV, dQ) stay in
-// registers. A warp owns 16 rows of its block's tile, so the online softmax needs only shuffles
-// within a quad, and P / dS go from accumulator registers straight into the next product's A
-// operand. The tiles a block walks (K, V in the forward and dQ; Q, dO in dK/dV) stream through
-// two shared-memory buffers with cp.async, the next tile's copy overlapping this tile's math
-// (f32 storage converts to bf16 on load instead). Shared rows are padded by 16 bytes: a row is
-// then an odd number of 16-byte chunks, so ldmatrix's eight row addresses hit distinct banks.
+// registers. A warp owns whole rows of its block's tile (16 per row atom), so the online softmax
+// needs only shuffles within a quad, and P / dS go from accumulator registers straight into the
+// next product's A operand. The forward keeps its Q fragments in registers for the whole walk
+// and, at head_dim ≤ 64, gives each warp two row atoms (32 rows; FlashAttention-2's 128-row
+// forward tile), so every K or V fragment it reads from shared memory feeds two products. dQ
+// keeps Q and dO in registers at head_dim ≤ 64. The tiles a block walks (K, V in the forward and
+// dQ; Q, dO in dK/dV) stream through two shared-memory buffers with cp.async, the next tile's
+// copy overlapping this tile's math (f32 storage converts to bf16 on load instead). Shared rows
+// are padded by 16 bytes: a row is then an odd number of 16-byte chunks, so ldmatrix's eight row
+// addresses hit distinct banks.
 //
 // Layout (see backend/mod.rs): qkv (N, (H + 2Hkv)·D), N = B·T, q heads then k then v;
 // out, dout (N, H·D); lse, delta (B·H·T) f32. Entry points per head_dim D ∈ {16, 32, …, 128}
 // (attn_fwd_dD, attn_bwd_dkv_dD, attn_bwd_dq_dD, see the end of the file) and attn_bwd_delta.
-// Blocks have 4 warps; their shared memory is `attention.rs`'s fwd_smem / dkv_smem / dq_smem.
+// Blocks have 4 warps; their shared memory is `attention.rs`'s `Pass::smem_bytes`.
 
 typedef __nv_bfloat16 bf16;
-#define BLOCK 64     // rows of every tile: query rows and key rows alike
-#define THREADS 128  // 4 warps × 16 rows
+#define BLOCK 64     // rows of every tile (key tiles, and the backward's query tiles)
+#define THREADS 128  // 4 warps of 16 rows per row atom
+// Row atoms per warp of the forward: two while the accumulators fit the registers (head_dim ≤ 64).
+#define FWD_ATOMS(D) ((D) <= 64 ? 2 : 1)
 #define PAD 8        // bf16 of padding per shared row
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -80,6 +86,27 @@ __device__ __forceinline__ void frag_a(unsigned f[4], const bf16* t, int ld, int
     const int lane = threadIdx.x % WARP, m = lane / 8;
     ldmatrix_x4(f, t + (r0 + (m % 2) * 8 + lane % 8) * ld + c0 + (m / 2) * 8);
 }
+// A-operand sources of product_abt: `a(f, at, kk)` gives the fragment of row atom `at` at
+// k-step kk. From shared memory (read when needed: fewest live registers), or from fragments
+// held in registers.
+template <int D>
+__device__ __forceinline__ auto shared_a(const bf16* t, int r0) {
+    return [=](unsigned f[4], int at, int kk) { frag_a(f, t, D + PAD, r0 + 16 * at, kk * 16); };
+}
+template <int D, int ATOMS>
+__device__ __forceinline__ auto held_a(const unsigned (&frags)[ATOMS][D / 16][4]) {
+    return [&](unsigned f[4], int at, int kk) {
+        for (int i = 0; i < 4; i++) f[i] = frags[at][kk][i];
+    };
+}
+// Fills `frags` with the A fragments of ATOMS row atoms from row r0 of tile t, all D columns.
+template <int D, int ATOMS>
+__device__ __forceinline__ void hold_a(unsigned (&frags)[ATOMS][D / 16][4], const bf16* t, int r0) {
+#pragma unroll
+    for (int at = 0; at < ATOMS; at++)
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) frag_a(frags[at][kk], t, D + PAD, r0 + 16 * at, kk * 16);
+}
 // B fragments of the n-tiles n0 and n0 + 8 (f[0..1], f[2..3]) at k-step k0.. from a tile that
 // stores B transposed, one row per n (K in Q·Kᵀ).
 __device__ __forceinline__ void frag_bt(unsigned f[4], const bf16* t, int ld, int n0, int k0) {
@@ -104,32 +131,45 @@ __device__ __forceinline__ void acc_to_a(unsigned f[4], const float c[BLOCK / 8]
     f[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// c (16 × BLOCK) += a (16 rows at r0 of ta) · bᵀ (BLOCK rows of tb), over D columns.
-template <int D>
-__device__ __forceinline__ void product_abt(float c[BLOCK / 8][4], const bf16* ta, int r0, const bf16* tb) {
+// c (16·ATOMS × BLOCK) += a (16·ATOMS × D, from an A source above) · bᵀ (BLOCK rows of tb).
+// Each B fragment read from shared memory feeds every atom.
+template <int D, int ATOMS, class A>
+__device__ __forceinline__ void product_abt(float c[ATOMS][BLOCK / 8][4], A a, const bf16* tb) {
+#pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
-        unsigned a[4];
-        frag_a(a, ta, D + PAD, r0, kk * 16);
+        unsigned af[ATOMS][4];
+#pragma unroll
+        for (int at = 0; at < ATOMS; at++) a(af[at], at, kk);
+#pragma unroll
         for (int np = 0; np < BLOCK / 16; np++) {
             unsigned b[4];
             frag_bt(b, tb, D + PAD, np * 16, kk * 16);
-            mma16816(c[2 * np], a, b);
-            mma16816(c[2 * np + 1], a, b + 2);
+#pragma unroll
+            for (int at = 0; at < ATOMS; at++) {
+                mma16816(c[at][2 * np], af[at], b);
+                mma16816(c[at][2 * np + 1], af[at], b + 2);
+            }
         }
     }
 }
 
-// c (16 × D) += p (16 × BLOCK, C fragments) · tb (BLOCK × D tile).
-template <int D>
-__device__ __forceinline__ void product_pb(float c[D / 8][4], const float p[BLOCK / 8][4], const bf16* tb) {
+// c (16·ATOMS × D) += p (16·ATOMS × BLOCK, C fragments) · tb (BLOCK × D tile).
+template <int D, int ATOMS>
+__device__ __forceinline__ void product_pb(float c[ATOMS][D / 8][4], const float p[ATOMS][BLOCK / 8][4], const bf16* tb) {
+#pragma unroll
     for (int kk = 0; kk < BLOCK / 16; kk++) {
-        unsigned a[4];
-        acc_to_a(a, p, kk);
+        unsigned a[ATOMS][4];
+#pragma unroll
+        for (int at = 0; at < ATOMS; at++) acc_to_a(a[at], p[at], kk);
+#pragma unroll
         for (int np = 0; np < D / 16; np++) {
             unsigned b[4];
             frag_b(b, tb, D + PAD, kk * 16, np * 16);
-            mma16816(c[2 * np], a, b);
-            mma16816(c[2 * np + 1], a, b + 2);
+#pragma unroll
+            for (int at = 0; at < ATOMS; at++) {
+                mma16816(c[at][2 * np], a[at], b);
+                mma16816(c[at][2 * np + 1], a[at], b + 2);
+            }
         }
     }
 }
@@ -160,74 +200,89 @@ __device__ __forceinline__ float quad_sum(float v) {
 }
 
 // ---- forward ----------------------------------------------------------------------------------
-// Grid (ceil(T / BLOCK), B·H). Shared: Q, then two buffers of K, V. Query tiles run longest
-// first (the causal walk of the last tile is the longest).
+// Grid (ceil(T / (64·ATOMS)), B·H): a block's 4 warps own 16·ATOMS query rows each. Shared: Q,
+// then two buffers of K, V. Query blocks run longest first (the causal walk of the last one is
+// the longest).
 template <int D>
 __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {
-    constexpr int TE = BLOCK * (D + PAD);
+    constexpr int ATOMS = FWD_ATOMS(D), ROWS = 4 * 16 * ATOMS, TE = BLOCK * (D + PAD);
     DYNAMIC_SMEM(smem);
     bf16* Qs = (bf16*)smem;
-    bf16* KV = Qs + TE;  // buffer k: K at KV + 2k·TE, V after it
+    bf16* KV = Qs + ROWS * (D + PAD);  // buffer k: K at KV + 2k·TE, V after it
 
     const int b = blockIdx.y / s.n_heads, h = blockIdx.y % s.n_heads;
     const int kvh = h / (s.n_heads / s.n_kv_heads), w = s.width();
     const size_t row0 = (size_t)b * s.seq;
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * BLOCK, tiles = i0 / BLOCK + 1;
-    const int lane = threadIdx.x % WARP, wr = (threadIdx.x / WARP) * 16, g = lane / 4, q = lane % 4;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, tiles = (i0 + ROWS - 1) / BLOCK + 1;
+    const int lane = threadIdx.x % WARP, wr = (threadIdx.x / WARP) * 16 * ATOMS, g = lane / 4, q = lane % 4;
     const float scale2 = scale * LOG2E;  // scores in log2 units: exp2 instead of exp
 
-    load_tile<D>(Qs, qkv, row0, i0, s.seq, w, s.q_col(h));
+    for (int r = 0; r < ROWS; r += BLOCK) load_tile<D>(Qs + r * (D + PAD), qkv, row0, i0 + r, s.seq, w, s.q_col(h));
     load_kv<D>(KV, 0, qkv, row0, s, kvh);
     cp_async_commit();
 
-    float o[D / 8][4] = {};
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows g, g + 8; l per lane
+    unsigned qf[ATOMS][D / 16][4];  // read once, when the first tiles have arrived
+    float o[ATOMS][D / 8][4] = {};
+    // Rows g and g + 8 of each atom; l per lane.
+    float m[ATOMS][2], l[ATOMS][2] = {};
+#pragma unroll
+    for (int at = 0; at < ATOMS; at++) m[at][0] = m[at][1] = -INFINITY;
     for (int t = 0; t < tiles; t++) {
         const int j0 = t * BLOCK;
         const bf16* Ks = KV + 2 * (t % 2) * TE;
         const bf16* Vs = Ks + TE;
         advance(t, tiles, [&](int next) { load_kv<D>(KV, next, qkv, row0, s, kvh); });
+        if (t == 0) hold_a<D, ATOMS>(qf, Qs, wr);
 
-        float sc[BLOCK / 8][4] = {};
-        product_abt<D>(sc, Qs, wr, Ks);
-        // Only the diagonal tile has keys after some of its rows. Key 0 is visible to every
-        // row, so after the first tile each row's max is finite.
-        const bool diagonal = j0 == i0;
-        float mx[2] = {m[0], m[1]};
-        for (int nt = 0; nt < BLOCK / 8; nt++)
-            for (int e = 0; e < 4; e++) {
-                const int r = e / 2, i = i0 + wr + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
-                const float x = diagonal && j > i ? -INFINITY : sc[nt][e] * scale2;
-                sc[nt][e] = x;
-                mx[r] = fmaxf(mx[r], x);
+        // A warp whose rows all come before this tile's keys has nothing to add (the block's
+        // last tile, for its first warps).
+        if (j0 <= i0 + wr + 16 * ATOMS - 1) {
+            float sc[ATOMS][BLOCK / 8][4] = {};
+            product_abt<D, ATOMS>(sc, held_a<D, ATOMS>(qf), Ks);
+            // Only tiles reaching past the warp's first row have keys after some of its rows.
+            // Key 0 is visible to every row, so after the first tile each row's max is finite.
+            const bool masked = j0 + BLOCK - 1 > i0 + wr;
+#pragma unroll
+            for (int at = 0; at < ATOMS; at++) {
+                float mx[2] = {m[at][0], m[at][1]};
+                for (int nt = 0; nt < BLOCK / 8; nt++)
+                    for (int e = 0; e < 4; e++) {
+                        const int r = e / 2, i = i0 + wr + 16 * at + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
+                        const float x = masked && j > i ? -INFINITY : sc[at][nt][e] * scale2;
+                        sc[at][nt][e] = x;
+                        mx[r] = fmaxf(mx[r], x);
+                    }
+                float corr[2];
+                for (int r = 0; r < 2; r++) {
+                    mx[r] = quad_max(mx[r]);
+                    corr[r] = exp2f(m[at][r] - mx[r]);  // 0 on the first tile (m = −inf)
+                    m[at][r] = mx[r];
+                    l[at][r] *= corr[r];
+                }
+                for (int nt = 0; nt < BLOCK / 8; nt++)
+                    for (int e = 0; e < 4; e++) {
+                        const float p = exp2f(sc[at][nt][e] - m[at][e / 2]);
+                        sc[at][nt][e] = p;
+                        l[at][e / 2] += p;
+                    }
+                for (int nt = 0; nt < D / 8; nt++)
+                    for (int e = 0; e < 4; e++) o[at][nt][e] *= corr[e / 2];
             }
-        float corr[2];
-        for (int r = 0; r < 2; r++) {
-            mx[r] = quad_max(mx[r]);
-            corr[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = −inf)
-            m[r] = mx[r];
-            l[r] *= corr[r];
+            product_pb<D, ATOMS>(o, sc, Vs);
         }
-        for (int nt = 0; nt < BLOCK / 8; nt++)
-            for (int e = 0; e < 4; e++) {
-                const float p = exp2f(sc[nt][e] - m[e / 2]);
-                sc[nt][e] = p;
-                l[e / 2] += p;
-            }
-        for (int nt = 0; nt < D / 8; nt++)
-            for (int e = 0; e < 4; e++) o[nt][e] *= corr[e / 2];
-        product_pb<D>(o, sc, Vs);
         __syncthreads();  // every warp is done with this buffer before the next tile refills it
     }
 
     const int ow = s.n_heads * D;
-    for (int r = 0; r < 2; r++) {
-        const float sum = quad_sum(l[r]);
-        const int i = i0 + wr + g + 8 * r;
-        if (i >= s.seq) continue;
-        store_row<D>(out + (row0 + i) * ow + h * D, o, r, 1.0f / sum);
-        if (q == 0) lse[(size_t)blockIdx.y * s.seq + i] = m[r] * LN2 + logf(sum);
-    }
+#pragma unroll
+    for (int at = 0; at < ATOMS; at++)
+        for (int r = 0; r < 2; r++) {
+            const float sum = quad_sum(l[at][r]);
+            const int i = i0 + wr + 16 * at + g + 8 * r;
+            if (i >= s.seq) continue;
+            store_row<D>(out + (row0 + i) * ow + h * D, o[at], r, 1.0f / sum);
+            if (q == 0) lse[(size_t)blockIdx.y * s.seq + i] = m[at][r] * LN2 + logf(sum);
+        }
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -295,7 +350,7 @@ __device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, c
     load_step(0);
     cp_async_commit();
 
-    float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+    float dk[1][D / 8][4] = {}, dv[1][D / 8][4] = {};
     for (int t = 0; t < steps; t++) {
         const int i0 = j0 + (t % qtiles) * BLOCK;
         const bf16* Qs = QO + 2 * (t % 2) * TE;
@@ -305,28 +360,28 @@ __device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, c
         advance(t, steps, load_step);
 
         // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys × BLOCK queries.
-        float pt[BLOCK / 8][4] = {}, dst[BLOCK / 8][4] = {};
-        product_abt<D>(pt, Ks, wk, Qs);
-        product_abt<D>(dst, Vs, wk, dOs);
+        float pt[1][BLOCK / 8][4] = {}, dst[1][BLOCK / 8][4] = {};
+        product_abt<D, 1>(pt, shared_a<D>(Ks, wk), Qs);
+        product_abt<D, 1>(dst, shared_a<D>(Vs, wk), dOs);
         // The diagonal tile has queries before some keys; the last one, rows past the sequence.
         const bool edge = i0 == j0 || i0 + BLOCK > s.seq;
         for (int nt = 0; nt < BLOCK / 8; nt++)
             for (int e = 0; e < 4; e++) {
                 const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = j0 + wk + g + 8 * (e / 2);
-                const float p = edge && (j > i || i >= s.seq) ? 0.0f : exp2f(pt[nt][e] * scale2 - L2[c]);
-                pt[nt][e] = p;
-                dst[nt][e] = p * (dst[nt][e] - Dl[c]) * scale;
+                const float p = edge && (j > i || i >= s.seq) ? 0.0f : exp2f(pt[0][nt][e] * scale2 - L2[c]);
+                pt[0][nt][e] = p;
+                dst[0][nt][e] = p * (dst[0][nt][e] - Dl[c]) * scale;
             }
-        product_pb<D>(dv, pt, dOs);
-        product_pb<D>(dk, dst, Qs);
+        product_pb<D, 1>(dv, pt, dOs);
+        product_pb<D, 1>(dk, dst, Qs);
         __syncthreads();  // every warp is done with this buffer before the next step refills it
     }
 
     for (int r = 0; r < 2; r++) {
         const int j = j0 + wk + g + 8 * r;
         if (j >= s.seq) continue;
-        store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk, r, 1.0f);
-        store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv, r, 1.0f);
+        store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk[0], r, 1.0f);
+        store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv[0], r, 1.0f);
     }
 }
 
@@ -362,30 +417,39 @@ __device__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, co
     load_kv<D>(KV, 0, qkv, row0, s, kvh);
     cp_async_commit();
 
-    float dq[D / 8][4] = {};
+    unsigned qf[1][D / 16][4], of[1][D / 16][4];
+    float dq[1][D / 8][4] = {};
     for (int t = 0; t < tiles; t++) {
         const int j0 = t * BLOCK;
         const bf16* Ks = KV + 2 * (t % 2) * TE;
         const bf16* Vs = Ks + TE;
         advance(t, tiles, [&](int next) { load_kv<D>(KV, next, qkv, row0, s, kvh); });
-
-        float ds[BLOCK / 8][4] = {}, dp[BLOCK / 8][4] = {};
-        product_abt<D>(ds, Qs, wr, Ks);
-        product_abt<D>(dp, dOs, wr, Vs);
+        float ds[1][BLOCK / 8][4] = {}, dp[1][BLOCK / 8][4] = {};
+        if (D <= 64) {  // Q and dO fragments fit in registers beside the accumulators: read once
+            if (t == 0) {
+                hold_a<D, 1>(qf, Qs, wr);
+                hold_a<D, 1>(of, dOs, wr);
+            }
+            product_abt<D, 1>(ds, held_a<D, 1>(qf), Ks);
+            product_abt<D, 1>(dp, held_a<D, 1>(of), Vs);
+        } else {
+            product_abt<D, 1>(ds, shared_a<D>(Qs, wr), Ks);
+            product_abt<D, 1>(dp, shared_a<D>(dOs, wr), Vs);
+        }
         const bool diagonal = j0 == i0;
         for (int nt = 0; nt < BLOCK / 8; nt++)
             for (int e = 0; e < 4; e++) {
                 const int r = e / 2, i = i0 + wr + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
-                const float p = diagonal && j > i ? 0.0f : exp2f(ds[nt][e] * scale2 - L2[r]);
-                ds[nt][e] = p * (dp[nt][e] - Dl[r]) * scale;
+                const float p = diagonal && j > i ? 0.0f : exp2f(ds[0][nt][e] * scale2 - L2[r]);
+                ds[0][nt][e] = p * (dp[0][nt][e] - Dl[r]) * scale;
             }
-        product_pb<D>(dq, ds, Ks);
+        product_pb<D, 1>(dq, ds, Ks);
         __syncthreads();  // every warp is done with this buffer before the next tile refills it
     }
 
     for (int r = 0; r < 2; r++) {
         const int i = i0 + wr + g + 8 * r;
-        if (i < s.seq) store_row<D>(dqkv + (row0 + i) * w + s.q_col(h), dq, r, 1.0f);
+        if (i < s.seq) store_row<D>(dqkv + (row0 + i) * w + s.q_col(h), dq[0], r, 1.0f);
     }
 }
 
