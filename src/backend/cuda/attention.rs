@@ -53,24 +53,31 @@ impl Pass {
         format!("{stem}_d{d}")
     }
 
-    /// Rows along the sequence one block owns: query rows (the forward's `4 · 16 · FWD_ATOMS(d)`
-    /// of attention.cu, 128 at head_dim ≤ 64), or key rows for dK/dV.
-    pub fn block_rows(self, d: usize) -> usize {
+    /// Row atoms of 16 rows per warp: two at head_dim ≤ 64 for the forward (query rows) and
+    /// dK/dV (key rows), `FWD_ATOMS` and `DKV_ATOMS` of attention.cu.
+    fn atoms(self, d: usize) -> usize {
         match self {
-            Pass::Forward if d <= 64 => 2 * BLOCK,
-            _ => BLOCK,
+            Pass::Forward | Pass::GradKv if d <= 64 => 2,
+            _ => 1,
         }
     }
 
+    /// Rows along the sequence one block owns: query rows, or key rows for dK/dV (4 warps).
+    pub fn block_rows(self, d: usize) -> usize {
+        4 * 16 * self.atoms(d)
+    }
+
     /// Bytes of dynamic shared memory at head_dim `d`, as the kernel carves it: bf16 tiles of
-    /// BLOCK rows × (d + PAD) (the forward's Q tile has `block_rows`), plus f32 query
-    /// statistics for dK/dV.
+    /// rows × (d + PAD), plus f32 query statistics for dK/dV.
     pub fn smem_bytes(self, d: usize) -> usize {
-        let tile = BLOCK * (d + PAD) * 2;
+        let rows = |n: usize| n * (d + PAD) * 2;
         match self {
-            Pass::Forward => self.block_rows(d) * (d + PAD) * 2 + 4 * tile, // Q, 2 × (K, V)
-            Pass::GradKv => 6 * tile + 4 * BLOCK * 4,   // K, V, 2 × (Q, dO), 2 × (lse, Δ)
-            Pass::GradQ => 6 * tile,                    // Q, dO, 2 × (K, V)
+            Pass::Forward => rows(self.block_rows(d)) + 4 * rows(BLOCK), // Q, 2 × (K, V)
+            Pass::GradKv => {
+                let query_tile = BLOCK / self.atoms(d); // QT: the scores of one 16 × 64 atom pair
+                2 * rows(self.block_rows(d)) + 4 * rows(query_tile) + 4 * query_tile * 4 // K, V, 2 × (Q, dO), 2 × (lse, Δ)
+            }
+            Pass::GradQ => 6 * rows(BLOCK), // Q, dO, 2 × (K, V)
         }
     }
 

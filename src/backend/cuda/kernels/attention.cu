@@ -6,8 +6,9 @@
 // needs only shuffles within a quad, and P / dS go from accumulator registers straight into the
 // next product's A operand. The forward keeps its Q fragments in registers for the whole walk
 // and, at head_dim ≤ 64, gives each warp two row atoms (32 rows; FlashAttention-2's 128-row
-// forward tile), so every K or V fragment it reads from shared memory feeds two products. dQ
-// keeps Q and dO in registers at head_dim ≤ 64. The tiles a block walks (K, V in the forward and
+// forward tile), so every K or V fragment it reads from shared memory feeds two products. dK/dV
+// likewise gives each warp 32 keys at head_dim ≤ 64 (over query tiles of 32), and dQ keeps Q and
+// dO in registers there. The tiles a block walks (K, V in the forward and
 // dQ; Q, dO in dK/dV) stream through two shared-memory buffers with cp.async, the next tile's
 // copy overlapping this tile's math (f32 storage converts to bf16 on load instead). Shared rows
 // are padded by 16 bytes: a row is then an odd number of 16-byte chunks, so ldmatrix's eight row
@@ -19,10 +20,13 @@
 // Blocks have 4 warps; their shared memory is `attention.rs`'s `Pass::smem_bytes`.
 
 typedef __nv_bfloat16 bf16;
-#define BLOCK 64     // rows of every tile (key tiles, and the backward's query tiles)
+#define BLOCK 64     // rows of the key tiles of the forward and dQ, and of dQ's query tiles
 #define THREADS 128  // 4 warps of 16 rows per row atom
 // Row atoms per warp of the forward: two while the accumulators fit the registers (head_dim ≤ 64).
 #define FWD_ATOMS(D) ((D) <= 64 ? 2 : 1)
+// Key-row atoms per warp of dK/dV, the same; its query tiles then have 64 / DKV_ATOMS rows, so
+// that the scores take the registers of one 16 × 64 atom pair.
+#define DKV_ATOMS(D) ((D) <= 64 ? 2 : 1)
 #define PAD 8        // bf16 of padding per shared row
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -35,13 +39,13 @@ struct Heads {
     __device__ int v_col(int kvh) const { return (n_heads + n_kv_heads + kvh) * d; }
 };
 
-// dst (BLOCK × D, row stride D + PAD) = rows t0.. of the sequence at row0 of src, columns
+// dst (ROWS × D, row stride D + PAD) = rows t0.. of the sequence at row0 of src, columns
 // col..col + D; zero rows past seq. bf16 storage queues cp.async copies (the caller commits and
 // waits); f32 storage converts synchronously.
-template <int D>
+template <int D, int ROWS = BLOCK>
 __device__ void load_tile(bf16* dst, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
     constexpr int CHUNKS = D / 8;  // 8 values = 16 bytes of bf16
-    for (int idx = threadIdx.x; idx < BLOCK * CHUNKS; idx += THREADS) {
+    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
         const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8, t = t0 + r;
         const bool valid = t < seq;
         const act_t* from = src + (row0 + (valid ? t : 0)) * ld_src + col + c;
@@ -123,25 +127,26 @@ __device__ __forceinline__ void frag_b(unsigned f[4], const bf16* t, int ld, int
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) | ((unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
 }
-// The A fragment of k-step kk (columns 16kk..) of a 16 × BLOCK accumulator held as C fragments.
-__device__ __forceinline__ void acc_to_a(unsigned f[4], const float c[BLOCK / 8][4], int kk) {
+// The A fragment of k-step kk (columns 16kk..) of a 16 × N accumulator held as C fragments.
+template <int N>
+__device__ __forceinline__ void acc_to_a(unsigned f[4], const float c[N / 8][4], int kk) {
     f[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
     f[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
     f[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
     f[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// c (16·ATOMS × BLOCK) += a (16·ATOMS × D, from an A source above) · bᵀ (BLOCK rows of tb).
-// Each B fragment read from shared memory feeds every atom.
-template <int D, int ATOMS, class A>
-__device__ __forceinline__ void product_abt(float c[ATOMS][BLOCK / 8][4], A a, const bf16* tb) {
+// c (16·ATOMS × N) += a (16·ATOMS × D, from an A source above) · bᵀ (N rows of tb). Each B
+// fragment read from shared memory feeds every atom.
+template <int D, int N, int ATOMS, class A>
+__device__ __forceinline__ void product_abt(float c[ATOMS][N / 8][4], A a, const bf16* tb) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         unsigned af[ATOMS][4];
 #pragma unroll
         for (int at = 0; at < ATOMS; at++) a(af[at], at, kk);
 #pragma unroll
-        for (int np = 0; np < BLOCK / 16; np++) {
+        for (int np = 0; np < N / 16; np++) {
             unsigned b[4];
             frag_bt(b, tb, D + PAD, np * 16, kk * 16);
 #pragma unroll
@@ -153,14 +158,14 @@ __device__ __forceinline__ void product_abt(float c[ATOMS][BLOCK / 8][4], A a, c
     }
 }
 
-// c (16·ATOMS × D) += p (16·ATOMS × BLOCK, C fragments) · tb (BLOCK × D tile).
-template <int D, int ATOMS>
-__device__ __forceinline__ void product_pb(float c[ATOMS][D / 8][4], const float p[ATOMS][BLOCK / 8][4], const bf16* tb) {
+// c (16·ATOMS × D) += p (16·ATOMS × N, C fragments) · tb (N × D tile).
+template <int D, int N, int ATOMS>
+__device__ __forceinline__ void product_pb(float c[ATOMS][D / 8][4], const float p[ATOMS][N / 8][4], const bf16* tb) {
 #pragma unroll
-    for (int kk = 0; kk < BLOCK / 16; kk++) {
+    for (int kk = 0; kk < N / 16; kk++) {
         unsigned a[ATOMS][4];
 #pragma unroll
-        for (int at = 0; at < ATOMS; at++) acc_to_a(a[at], p[at], kk);
+        for (int at = 0; at < ATOMS; at++) acc_to_a<N>(a[at], p[at], kk);
 #pragma unroll
         for (int np = 0; np < D / 16; np++) {
             unsigned b[4];
@@ -217,7 +222,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
     const int lane = threadIdx.x % WARP, wr = (threadIdx.x / WARP) * 16 * ATOMS, g = lane / 4, q = lane % 4;
     const float scale2 = scale * LOG2E;  // scores in log2 units: exp2 instead of exp
 
-    for (int r = 0; r < ROWS; r += BLOCK) load_tile<D>(Qs + r * (D + PAD), qkv, row0, i0 + r, s.seq, w, s.q_col(h));
+    load_tile<D, ROWS>(Qs, qkv, row0, i0, s.seq, w, s.q_col(h));
     load_kv<D>(KV, 0, qkv, row0, s, kvh);
     cp_async_commit();
 
@@ -238,7 +243,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
         // last tile, for its first warps).
         if (j0 <= i0 + wr + 16 * ATOMS - 1) {
             float sc[ATOMS][BLOCK / 8][4] = {};
-            product_abt<D, ATOMS>(sc, held_a<D, ATOMS>(qf), Ks);
+            product_abt<D, BLOCK, ATOMS>(sc, held_a<D, ATOMS>(qf), Ks);
             // Only tiles reaching past the warp's first row have keys after some of its rows.
             // Key 0 is visible to every row, so after the first tile each row's max is finite.
             const bool masked = j0 + BLOCK - 1 > i0 + wr;
@@ -268,7 +273,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
                 for (int nt = 0; nt < D / 8; nt++)
                     for (int e = 0; e < 4; e++) o[at][nt][e] *= corr[e / 2];
             }
-            product_pb<D, ATOMS>(o, sc, Vs);
+            product_pb<D, BLOCK, ATOMS>(o, sc, Vs);
         }
         __syncthreads();  // every warp is done with this buffer before the next tile refills it
     }
@@ -288,8 +293,8 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
 // ---- backward ---------------------------------------------------------------------------------
 // Three kernels, none with atomics, so dqkv is bitwise reproducible:
 //   attn_bwd_delta: Δ_i = ⟨dO_i, O_i⟩ per (b, h, i);
-//   attn_bwd_dkv:   one block per (key tile, b, kv head) walks the query tiles of every q head of
-//                   its group: dV = Σ Pᵀ dO, dK = Σ dSᵀ Q (computed transposed: warps own keys);
+//   attn_bwd_dkv:   one block per (key block, b, kv head) walks the query tiles of every q head
+//                   of its group: dV = Σ Pᵀ dO, dK = Σ dSᵀ Q (computed transposed: warps own keys);
 //   attn_bwd_dq:    one block per (query tile, b, h) walks its key tiles: dQ = Σ dS K.
 // P = exp(scale·QKᵀ − lse) is recomputed in both; dS = P ⊙ (dP − Δ)·scale, dP = dO Vᵀ.
 
@@ -308,81 +313,100 @@ extern "C" __global__ void attn_bwd_delta(float* delta, const act_t* dout, const
     if (lane == 0) delta[(b * s.n_heads + h) * s.seq + t] = acc;
 }
 
-// Grid (ceil(T / BLOCK), B·Hkv). Shared: K, V, then two buffers of Q, dO, and two of the query
-// rows' lse (in log2 units) and Δ. Writes the k and v columns of dqkv. Key tile 0 has the most
-// query tiles to walk and is launched first.
+// Grid (ceil(T / KEYS), B·Hkv), KEYS = 64·ATOMS: a block's 4 warps own 16·ATOMS key rows each.
+// Shared: K, V (KEYS rows), then two buffers of Q, dO (QT rows), and two of the query rows' lse
+// (in log2 units) and Δ. Writes the k and v columns of dqkv. Key block 0 has the most query
+// tiles to walk and is launched first.
 template <int D>
 __device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, const float* delta, const act_t* qkv, Heads s,
                              float scale) {
-    constexpr int TE = BLOCK * (D + PAD);
+    constexpr int ATOMS = DKV_ATOMS(D), KEYS = 4 * 16 * ATOMS, QT = BLOCK / ATOMS;
+    constexpr int KE = KEYS * (D + PAD), QE = QT * (D + PAD);
     DYNAMIC_SMEM(smem);
     bf16* Ks = (bf16*)smem;
-    bf16* Vs = Ks + TE;
-    bf16* QO = Vs + TE;                   // buffer k: Q at QO + 2k·TE, dO after it
-    float* stats = (float*)(QO + 4 * TE);  // buffer k: lse·log2e at stats + 2k·BLOCK, Δ after it
+    bf16* Vs = Ks + KE;
+    bf16* QO = Vs + KE;                   // buffer k: Q at QO + 2k·QE, dO after it
+    float* stats = (float*)(QO + 4 * QE);  // buffer k: lse·log2e at stats + 2k·QT, Δ after it
 
     const int b = blockIdx.y / s.n_kv_heads, kvh = blockIdx.y % s.n_kv_heads;
     const int group = s.n_heads / s.n_kv_heads, w = s.width(), ow = s.n_heads * D;
     const size_t row0 = (size_t)b * s.seq;
-    const int j0 = blockIdx.x * BLOCK;
-    const int lane = threadIdx.x % WARP, wk = (threadIdx.x / WARP) * 16, g = lane / 4, q = lane % 4;
+    const int j0 = blockIdx.x * KEYS;
+    const int lane = threadIdx.x % WARP, wk = (threadIdx.x / WARP) * 16 * ATOMS, g = lane / 4, q = lane % 4;
     const float scale2 = scale * LOG2E;
-    // Steps: every q head of the group × the query tiles at or below the diagonal.
-    const int qtiles = (s.seq + BLOCK - 1) / BLOCK - blockIdx.x, steps = group * qtiles;
+    // Steps: every q head of the group × the query tiles from the block's first key on.
+    const int qtiles = (s.seq - j0 + QT - 1) / QT, steps = group * qtiles;
 
     // Queues the Q, dO tiles of step t into buffer t % 2 and writes its lse and Δ there.
     auto load_step = [&](int t) {
-        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * BLOCK;
-        bf16* buf = QO + 2 * (t % 2) * TE;
-        load_tile<D>(buf, qkv, row0, i0, s.seq, w, s.q_col(h));
-        load_tile<D>(buf + TE, dout, row0, i0, s.seq, ow, h * D);
-        float* st = stats + 2 * (t % 2) * BLOCK;
+        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
+        bf16* buf = QO + 2 * (t % 2) * QE;
+        load_tile<D, QT>(buf, qkv, row0, i0, s.seq, w, s.q_col(h));
+        load_tile<D, QT>(buf + QE, dout, row0, i0, s.seq, ow, h * D);
+        float* st = stats + 2 * (t % 2) * QT;
         const size_t bh = (size_t)b * s.n_heads + h;
-        for (int r = threadIdx.x; r < 2 * BLOCK; r += THREADS) {
-            const int i = i0 + r % BLOCK;
-            if (r < BLOCK) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
+        for (int r = threadIdx.x; r < 2 * QT; r += THREADS) {
+            const int i = i0 + r % QT;
+            if (r < QT) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
             else st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
         }
     };
 
-    load_tile<D>(Ks, qkv, row0, j0, s.seq, w, s.k_col(kvh));
-    load_tile<D>(Vs, qkv, row0, j0, s.seq, w, s.v_col(kvh));
+    load_tile<D, KEYS>(Ks, qkv, row0, j0, s.seq, w, s.k_col(kvh));
+    load_tile<D, KEYS>(Vs, qkv, row0, j0, s.seq, w, s.v_col(kvh));
     load_step(0);
     cp_async_commit();
 
-    float dk[1][D / 8][4] = {}, dv[1][D / 8][4] = {};
+    float dk[ATOMS][D / 8][4] = {}, dv[ATOMS][D / 8][4] = {};
     for (int t = 0; t < steps; t++) {
-        const int i0 = j0 + (t % qtiles) * BLOCK;
-        const bf16* Qs = QO + 2 * (t % 2) * TE;
-        const bf16* dOs = Qs + TE;
-        const float* L2 = stats + 2 * (t % 2) * BLOCK;
-        const float* Dl = L2 + BLOCK;
+        const int i0 = j0 + (t % qtiles) * QT;
+        const bf16* Qs = QO + 2 * (t % 2) * QE;
+        const bf16* dOs = Qs + QE;
+        const float* L2 = stats + 2 * (t % 2) * QT;
+        const float* Dl = L2 + QT;
         advance(t, steps, load_step);
 
-        // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ: this warp's 16 keys × BLOCK queries.
-        float pt[1][BLOCK / 8][4] = {}, dst[1][BLOCK / 8][4] = {};
-        product_abt<D, 1>(pt, shared_a<D>(Ks, wk), Qs);
-        product_abt<D, 1>(dst, shared_a<D>(Vs, wk), dOs);
-        // The diagonal tile has queries before some keys; the last one, rows past the sequence.
-        const bool edge = i0 == j0 || i0 + BLOCK > s.seq;
-        for (int nt = 0; nt < BLOCK / 8; nt++)
-            for (int e = 0; e < 4; e++) {
-                const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = j0 + wk + g + 8 * (e / 2);
-                const float p = edge && (j > i || i >= s.seq) ? 0.0f : exp2f(pt[0][nt][e] * scale2 - L2[c]);
-                pt[0][nt][e] = p;
-                dst[0][nt][e] = p * (dst[0][nt][e] - Dl[c]) * scale;
-            }
-        product_pb<D, 1>(dv, pt, dOs);
-        product_pb<D, 1>(dk, dst, Qs);
+        // A warp whose keys all come after this tile's queries has nothing to add (the block's
+        // first tiles, for its last warps).
+        if (i0 + QT - 1 >= j0 + wk) {
+            // Pᵀ from Sᵀ = K Qᵀ, then dSᵀ from dPᵀ = V dOᵀ (one after the other: fewer live
+            // registers), for this warp's 16·ATOMS keys × QT queries.
+            float pt[ATOMS][QT / 8][4] = {};
+            product_abt<D, QT, ATOMS>(pt, shared_a<D>(Ks, wk), Qs);
+            // Tiles before the block's last key have queries before some of its keys. Query rows
+            // past the sequence see zero Q and dO (and lse, Δ): their P is 1 but their dS and dO
+            // are 0, so they add nothing and need no mask.
+            const bool diagonal = i0 < j0 + KEYS;
+#pragma unroll
+            for (int at = 0; at < ATOMS; at++)
+                for (int nt = 0; nt < QT / 8; nt++)
+                    for (int e = 0; e < 4; e++) {
+                        const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = j0 + wk + 16 * at + g + 8 * (e / 2);
+                        pt[at][nt][e] = diagonal && j > i ? 0.0f : exp2f(pt[at][nt][e] * scale2 - L2[c]);
+                    }
+            float dst[ATOMS][QT / 8][4] = {};
+            product_abt<D, QT, ATOMS>(dst, shared_a<D>(Vs, wk), dOs);
+#pragma unroll
+            for (int at = 0; at < ATOMS; at++)
+                for (int nt = 0; nt < QT / 8; nt++)
+                    for (int e = 0; e < 4; e++) {
+                        const int c = nt * 8 + 2 * q + e % 2;
+                        dst[at][nt][e] = pt[at][nt][e] * (dst[at][nt][e] - Dl[c]) * scale;
+                    }
+            product_pb<D, QT, ATOMS>(dv, pt, dOs);
+            product_pb<D, QT, ATOMS>(dk, dst, Qs);
+        }
         __syncthreads();  // every warp is done with this buffer before the next step refills it
     }
 
-    for (int r = 0; r < 2; r++) {
-        const int j = j0 + wk + g + 8 * r;
-        if (j >= s.seq) continue;
-        store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk[0], r, 1.0f);
-        store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv[0], r, 1.0f);
-    }
+#pragma unroll
+    for (int at = 0; at < ATOMS; at++)
+        for (int r = 0; r < 2; r++) {
+            const int j = j0 + wk + 16 * at + g + 8 * r;
+            if (j >= s.seq) continue;
+            store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk[at], r, 1.0f);
+            store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv[at], r, 1.0f);
+        }
 }
 
 // Grid (ceil(T / BLOCK), B·H). Shared: Q, dO, then two buffers of K, V. Writes the q columns of
@@ -430,11 +454,11 @@ __device__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, co
                 hold_a<D, 1>(qf, Qs, wr);
                 hold_a<D, 1>(of, dOs, wr);
             }
-            product_abt<D, 1>(ds, held_a<D, 1>(qf), Ks);
-            product_abt<D, 1>(dp, held_a<D, 1>(of), Vs);
+            product_abt<D, BLOCK, 1>(ds, held_a<D, 1>(qf), Ks);
+            product_abt<D, BLOCK, 1>(dp, held_a<D, 1>(of), Vs);
         } else {
-            product_abt<D, 1>(ds, shared_a<D>(Qs, wr), Ks);
-            product_abt<D, 1>(dp, shared_a<D>(dOs, wr), Vs);
+            product_abt<D, BLOCK, 1>(ds, shared_a<D>(Qs, wr), Ks);
+            product_abt<D, BLOCK, 1>(dp, shared_a<D>(dOs, wr), Vs);
         }
         const bool diagonal = j0 == i0;
         for (int nt = 0; nt < BLOCK / 8; nt++)
@@ -443,7 +467,7 @@ __device__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, co
                 const float p = diagonal && j > i ? 0.0f : exp2f(ds[0][nt][e] * scale2 - L2[r]);
                 ds[0][nt][e] = p * (dp[0][nt][e] - Dl[r]) * scale;
             }
-        product_pb<D, 1>(dq, ds, Ks);
+        product_pb<D, BLOCK, 1>(dq, ds, Ks);
         __syncthreads();  // every warp is done with this buffer before the next tile refills it
     }
 
