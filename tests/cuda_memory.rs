@@ -1,7 +1,7 @@
 //! The memory plan against the CUDA backend's measured device memory, per MEMO policy: what a
 //! training step adds to the device pool's high-water mark over what lives before it (weights,
 //! gradients, optimizer state, cuBLASLt's workspace), against what `plan-memory` plans for it
-//! (skeletal + transient peak + boundary + the classifier's chunk).
+//! (skeletal peak + transient arena + boundary + the classifier's chunk).
 //!
 //! The ≥ 512K-token target rests on this plan: it decides α and whether a length fits. On the
 //! emulated device (CI) the pool's high-water is exact bookkeeping of the backend's allocations;

@@ -18,8 +18,8 @@
 //!
 //! bf16 storage rounds every activation to 8 significant bits (relative error up to 2⁻⁹ per
 //! stored value, inputs included, against the CPU's f32): 2e-2 for row ops, 3e-2 for GEMMs,
-//! 5e-2 for attention. The router softmax and backward, all f32 by role, keep 1e-4; AdamW gets 4e-3 for its
-//! bf16 working copy (one element may round the other way). The CPU reference for bf16
+//! 5e-2 for attention. The router softmax and backward, all f32 by role, keep 1e-4; AdamW gets
+//! 4e-3 for its bf16 working copy (one element may round the other way). The CPU reference for bf16
 //! storage reads bf16-rounded weights (`Cpu::with_bf16_weights`), as the CUDA backend's working
 //! copy does. Whole training steps: loss 1e-3 (f32) or 1e-2 (bf16) relative, gradients 3e-2 or
 //! 5e-2, weights 1e-2 or 2e-2; MEMO on the GPU against keep-all on the GPU: 1e-2.

@@ -42,6 +42,17 @@ attn_args=(--lengths "${ATTN_LENGTHS:-4K,32K,128K}" ${ATTN_ARGS:-})
 # shellcheck disable=SC2206
 check_args=(${CHECK_ARGS:-})
 
+# The shape as the peer's --config JSON; an unknown SHAPE is an error naming the known ones.
+shape_json() {
+    "$py" -c 'import json, sys
+shapes = {k: v for f in ("bench/cpu_configs.json", "bench/gpu_configs.json") for k, v in json.load(open(f)).items() if not k.startswith("_")}
+if sys.argv[1] not in shapes:
+    sys.exit("run.sh: SHAPE=%s is in neither bench/gpu_configs.json nor bench/cpu_configs.json; known: %s" % (sys.argv[1], ", ".join(sorted(shapes))))
+print(json.dumps(shapes[sys.argv[1]]))' "$shape"
+}
+# Checked before any device time is spent.
+shape_json > /dev/null || exit 2
+
 log() { echo "[$(date +%T) +$((SECONDS - start))s] $*" >&2; }
 record() { echo "| $1 | $2 | $3 |" >> "$summary"; }
 
@@ -103,13 +114,6 @@ run_limited() {
     record "$label" "$result" $((SECONDS - t0))
     log "$label: $result"
     return "$rc"
-}
-
-# The shape as the peer's --config JSON.
-shape_json() {
-    "$py" -c 'import json, sys
-shapes = {**json.load(open("bench/cpu_configs.json")), **json.load(open("bench/gpu_configs.json"))}
-print(json.dumps(shapes[sys.argv[1]]))' "$shape"
 }
 
 part_check() {

@@ -18,8 +18,9 @@
 //! The block asks for the views it uses together ([`Arena::views`]); the arena checks each
 //! against `transients.rs` (live at that point, no larger than planned), so the two stay in step.
 //! Arena memory is never zeroed (`Backend::alloc_scratch`: NaN on the CPU, so a read before a
-//! write shows in the tests): a transient the block accumulates into is cleared first. With expert parallelism the rows exchanged between ranks and the local experts'
-//! transients are still allocated per op (their counts come from the exchange).
+//! write shows in the tests): a transient the block accumulates into is cleared first. With
+//! expert parallelism the rows exchanged between ranks and the local experts' transients are
+//! still allocated per op (their counts come from the exchange).
 //!
 //! Requests are sized in bytes of their own element type (`transients.rs`: bf16 activations
 //! take 2 bytes on a GPU in mixed precision, f32 statistics 4), and the one buffer is raw memory

@@ -204,8 +204,8 @@ mod tests {
     }
 
     /// The selection as the definition states it: sort each token's experts, take the prefix,
-        /// lay the choices out with the stable counting sort. `select` must match it bit for bit.
-        fn reference_select(probs: &[f32], n: usize, e: usize, moe: &MoeConfig) -> Routing {
+    /// lay the choices out with `Routing::from_choices`. `select` must match it bit for bit.
+    fn reference_select(probs: &[f32], n: usize, e: usize, moe: &MoeConfig) -> Routing {
         let mut choices = Vec::with_capacity(n * moe.top_k.max(2));
         let mut order: Vec<usize> = (0..e).collect();
         for t in 0..n {
