@@ -47,8 +47,8 @@
 //! The primitives are checked against the PTX ISA: `mma16816` against a plain matmul (exactly
 //! on small integers, to f32 rounding on random bf16), `ldmatrix_x4(_trans)` against the
 //! documented distribution of rows to lanes, `cp_async16` against its zero-fill and wait-group
-//! semantics; and the emulator must report a deadlock, a shared-memory overflow, a race and an
-//! out-of-bounds global write.
+//! semantics; and the emulator must report a deadlock, a shared-memory overflow, a race, a block
+//! waiting for a turn that only a later block could pass, and an out-of-bounds global write.
 //!
 //! Needs g++ (`CXX` overrides it): without it the test fails when `CI=true` and prints a skip
 //! otherwise.
@@ -856,15 +856,15 @@ fn attention(s: Storage) {
             g.run(&fwd, fwd_cfg, &[fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
             let delta = g.nan("delta", Elem::F32, lse.len());
             let dqkv = g.nan("dqkv", g.act_elem(), qkv.len());
+            // The dQ accumulator as the backend allocates it (not zeroed: NaN until written).
+            let dq_acc = g.nan("dq_acc", Elem::F32, want_out.len());
             let mut runs = Vec::new();
             // Twice into the same dqkv: the backward overwrites it, bitwise the same.
             for _ in 0..2 {
                 g.run("attn_bwd_delta", attn::delta_config(sh), &[delta.arg(), db.arg(), o.arg(), Arg::Bytes(heads.clone()), Arg::I32(sh.tokens() as i32)]);
-                let args = || [dqkv.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)];
-                for pass in [Pass::GradKv, Pass::GradQ] {
-                    let (name, cfg) = launch(pass);
-                    g.run(&name, cfg, &args());
-                }
+                let turns = g.u32("turns", &vec![0; attn::turns_len(sh)]);
+                let (name, cfg) = launch(Pass::Backward);
+                g.run(&name, cfg, &[dqkv.arg(), dq_acc.arg(), turns.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
                 runs.push(dqkv.values());
             }
             assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{s:?} {sh:?}: a second backward into dqkv differs");
@@ -990,7 +990,7 @@ fn cp_async_copies_zero_fills_and_lands_at_its_wait() {
 }
 
 #[test]
-fn emulator_reports_deadlock_overflow_race_and_out_of_bounds() {
+fn emulator_reports_deadlock_overflow_race_hang_and_out_of_bounds() {
     let Some(emu) = emulator(Storage::F32) else { return };
     let out = Buf::new("out", Elem::F32, 64);
     let e = emu.launch("bad_divergent_shuffle", one_block(32, 0), &[out.arg()], 0).unwrap_err();
@@ -1007,6 +1007,20 @@ fn emulator_reports_deadlock_overflow_race_and_out_of_bounds() {
             out.bytes().to_vec()
         });
         assert_eq!(asc == desc, sync == 1, "racy_neighbour with sync = {sync}");
+    }
+
+    // Turns taken in launch order pass; waiting for a block launched later hangs a GPU.
+    for reversed in [0, 1] {
+        let (order, turn) = (Buf::new("order", Elem::U32, 4), Buf::from_f64("turn", Elem::U32, &[0.0]));
+        let cfg = LaunchConfig { grid_dim: (4, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+        let run = emu.launch("turns_in_order", cfg, &[order.arg(), turn.arg(), Arg::I32(reversed)], 0);
+        if reversed == 0 {
+            run.unwrap();
+            assert_eq!((order.values(), turn.values()), (vec![0.0, 1.0, 2.0, 3.0], vec![4.0]), "turns in launch order");
+        } else {
+            let e = run.unwrap_err();
+            assert!(e.contains("turns_in_order") && e.contains("block (0,0,0)") && e.contains("wait forever"), "{e}");
+        }
     }
 
     let small = Buf::new("small", Elem::F32, 100);

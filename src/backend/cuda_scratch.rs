@@ -1,5 +1,6 @@
 //! Device memory the CUDA backend holds besides the tensors the memory plan places: the
-//! cuBLASLt workspace and the fused classifier's chunk of logits. Here, outside the `cuda`
+//! cuBLASLt workspace, the fused classifier's chunk of logits and the attention backward's
+//! scratch. Here, outside the `cuda`
 //! feature, so that `plan-memory` counts them with the same numbers the backend uses
 //! (`tests/cuda_memory.rs` holds the plan to the measured device peak).
 
@@ -10,6 +11,8 @@ pub const LOGITS_BUDGET: usize = 1 << 26;
 
 /// cuBLASLt's workspace: its recommended size on Hopper (32 MiB; 4 MiB suffices before it).
 pub const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+use super::AttnShape;
 
 /// Rows of one classifier chunk for `rows` rows over `vocab` classes.
 pub fn classifier_chunk_rows(rows: usize, vocab: usize) -> usize {
@@ -22,4 +25,13 @@ pub fn classifier_chunk_bytes(tokens: usize, vocab: usize, act_bytes: u64) -> u6
     let logits = (classifier_chunk_rows(tokens, vocab) * vocab) as u64;
     let gradient = if act_bytes < 4 { act_bytes } else { 0 };
     logits * (4 + gradient)
+}
+
+/// Bytes of the attention backward's scratch, live during it: Δ (B·H·T f32), the dQ
+/// accumulator (B·T·H·D f32) and the turn counters (B·H per query tile, u32; counted at the
+/// smallest tile, 32 rows).
+pub fn attention_bwd_bytes(s: AttnShape) -> u64 {
+    let delta = s.batch * s.n_heads * s.seq;
+    let turns = s.batch * s.n_heads * s.seq.div_ceil(32);
+    4 * (delta + s.tokens() * s.out_width() + turns) as u64
 }

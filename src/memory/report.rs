@@ -25,7 +25,7 @@ use super::plan::{plan, MipLimits, Plan, Strategy};
 use super::policy::{build_policy, Profile};
 use super::store::{Class, LayerPolicy};
 use super::transients::{block_phases, ALIGNMENT, EXPERT_CHUNK_ROWS};
-use crate::backend::cuda_scratch;
+use crate::backend::{cuda_scratch, AttnShape};
 use crate::config::Config;
 use crate::model::params::ParamLayout;
 use crate::{Error, Result};
@@ -172,11 +172,15 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let working_copy = if act_bytes < 4 { act_bytes } else { 0 };
     let static_bytes = (16 + working_copy) * ParamLayout::new(m, moe).total as u64;
     let boundary_bytes = 4 * (tokens * m.d_model) as u64 * act_bytes;
-    // The classifier's logits chunk lives between the forward and the backward only: it counts
-    // where it adds to the skeletal bytes of that moment.
+    // The classifier's logits chunk lives between the forward and the backward only, the
+    // attention backward's scratch during a layer's backward: each counts where it adds to the
+    // skeletal bytes of its moment.
     let backend_bytes = if config.device == "cuda" {
         let chunk = cuda_scratch::classifier_chunk_bytes(tokens, m.vocab_size, act_bytes);
-        cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + skeletal_peak(&layers, skeletal.total(), chunk) - skeletal_device_bytes
+        let shape = AttnShape { batch, seq, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
+        let attention = cuda_scratch::attention_bwd_bytes(shape);
+        let peak = skeletal_peak(&layers, skeletal.total(), chunk).max(skeletal_peak(&layers, skeletal.total() + attention, 0));
+        cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + peak - skeletal_device_bytes
     } else {
         0
     };
@@ -305,6 +309,22 @@ mod tests {
         let err = memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes - 1, 1 << 30, 1e10).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
         assert!(memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes, 1 << 30, 1e10).is_ok());
+    }
+
+    /// On CUDA the backend's bytes hold the attention backward's scratch where it is the larger
+    /// of the backend's moments: beside a layer's backward, at long context with a small vocabulary.
+    #[test]
+    fn cuda_counts_the_attention_backward_scratch() {
+        let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
+        c.device = "cuda".into();
+        c.model.seq_len = 4096;
+        c.model.vocab_size = 64;
+        let m = &c.model;
+        let shape = AttnShape { batch: 2, seq: 4096, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
+        let attention = cuda_scratch::attention_bwd_bytes(shape);
+        assert!(attention > cuda_scratch::classifier_chunk_bytes(shape.tokens(), m.vocab_size, 2), "the case must make attention the larger");
+        let r = plan_report(&c, 4096, 2, u64::MAX, 1 << 30, 1e10).unwrap();
+        assert_eq!(r.backend_bytes, cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + attention);
     }
 
     /// The store's timeline (checked against real steps in tests/memo.rs, whose α-planned

@@ -41,7 +41,7 @@ const FLAGS: &[&str] = &[
 pub const PRIMITIVES: KernelFile = KernelFile {
     name: "primitives",
     source: include_str!("primitives.cu"),
-    functions: &["test_mma", "test_ldmatrix", "test_cp_async", "bad_divergent_shuffle", "bad_smem_overflow", "racy_neighbour"],
+    functions: &["test_mma", "test_ldmatrix", "test_cp_async", "bad_divergent_shuffle", "bad_smem_overflow", "racy_neighbour", "turns_in_order"],
 };
 
 /// The C++ compiler (`CXX`, default g++) and its version (part of every cache key).

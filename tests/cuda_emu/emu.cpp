@@ -517,6 +517,8 @@ void cp_async_wait(unsigned pending) {
 
 unsigned char* dynamic_smem() { return L->smem; }
 
+void spin_forever() { fault("polls a flag that no block launched before it set: on a GPU it would wait forever"); }
+
 size_t shared_offset(const void* p) {
     if (!in_smem(p, 1)) fault(format("address %p is not in dynamic shared memory", p));
     return static_cast<const unsigned char*>(p) - L->smem;

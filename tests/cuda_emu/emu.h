@@ -46,6 +46,7 @@ void cp_async16(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
 void cp_async_wait(unsigned pending);
 unsigned char* dynamic_smem();
+[[noreturn]] void spin_forever();
 size_t shared_offset(const void* p);
 
 // Kernel registration: a kernel's parameter types, deduced from its pointer, unmarshal the
@@ -140,3 +141,12 @@ inline void cp_async_wait_all() {
     emu::cp_async_commit();
     emu::cp_async_wait(0);
 }
+// Blocks run one after another in launch order, so a flag that is not set yet when a block polls
+// it would never be set by the blocks launched before it: on a GPU that block would hang.
+inline unsigned load_acquire(const unsigned* p) { return *p; }
+inline void store_release(unsigned* p, unsigned v) { *p = v; }
+[[noreturn]] inline void spin_pause() { emu::spin_forever(); }
+inline void __threadfence() {}
+// L2-only loads and stores: on the emulator, plain ones.
+inline float2 __ldcg(const float2* p) { return *p; }
+inline void __stcg(float2* p, float2 v) { *p = v; }

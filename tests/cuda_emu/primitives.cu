@@ -1,6 +1,7 @@
 // Test-only kernels for the emulator itself (tests/cuda_emu.rs), compiled into the emulator
 // only, never into the product: the primitives of common.cuh on global inputs, and small
-// kernels with the bugs the emulator must report (a deadlock, a shared-memory overflow, a race).
+// kernels with the bugs the emulator must report (a deadlock, a shared-memory overflow, a race,
+// a block waiting for a turn no earlier block passes).
 
 typedef __nv_bfloat16 bf16;
 
@@ -79,4 +80,14 @@ extern "C" __global__ void racy_neighbour(float* out, int sync) {
     s[threadIdx.x] = threadIdx.x;
     if (sync) __syncthreads();
     out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Each block takes its turn on one counter and writes its index at its place in the order:
+// place = blockIdx.x (reversed = 0), or the reverse, where the first block launched waits for
+// blocks launched after it (a hang on the GPU).
+extern "C" __global__ void turns_in_order(unsigned* order, unsigned* turn, int reversed) {
+    const unsigned place = reversed ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    wait_turn(turn, place);
+    if (threadIdx.x == 0) order[place] = blockIdx.x;
+    pass_turn(turn, place + 1);
 }

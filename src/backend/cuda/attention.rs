@@ -1,6 +1,6 @@
 //! Launch code of the flash-attention kernels (`kernels/attention.cu`): shape checks, the
 //! shared-memory budget of each kernel (mirroring how the kernel carves its dynamic shared
-//! memory), grids, and the three-kernel backward. The geometry is public so that the kernel
+//! memory), grids, and the backward (Δ, then one kernel for dQ, dK and dV). The geometry is public so that the kernel
 //! emulator's test (`tests/cuda_emu.rs`) launches exactly as the backend does.
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
@@ -9,7 +9,7 @@ use super::{expect, ok, CudaBackend, DevView, DevViewMut, Storage};
 use crate::backend::AttnShape;
 use crate::{Error, Result};
 
-/// `BLOCK` of attention.cu: rows of key tiles and of the backward's query tiles.
+/// `BLOCK` of attention.cu: rows of the forward's key tiles; the backward's query tiles have BLOCK / atoms.
 const BLOCK: usize = 64;
 /// `THREADS` of attention.cu: 4 warps.
 const THREADS: u32 = 128;
@@ -19,73 +19,82 @@ const PAD: usize = 8;
 /// of 16 up to this).
 pub const MAX_HEAD_DIM: usize = 128;
 
-/// The entry points of attention.cu: Δ, then forward, dK/dV and dQ for each head_dim.
+/// The entry points of attention.cu: Δ, then forward and backward for each head_dim.
 pub const FUNCTIONS: &[&str] = &[
     "attn_bwd_delta",
-    "attn_fwd_d16", "attn_bwd_dkv_d16", "attn_bwd_dq_d16",
-    "attn_fwd_d32", "attn_bwd_dkv_d32", "attn_bwd_dq_d32",
-    "attn_fwd_d48", "attn_bwd_dkv_d48", "attn_bwd_dq_d48",
-    "attn_fwd_d64", "attn_bwd_dkv_d64", "attn_bwd_dq_d64",
-    "attn_fwd_d80", "attn_bwd_dkv_d80", "attn_bwd_dq_d80",
-    "attn_fwd_d96", "attn_bwd_dkv_d96", "attn_bwd_dq_d96",
-    "attn_fwd_d112", "attn_bwd_dkv_d112", "attn_bwd_dq_d112",
-    "attn_fwd_d128", "attn_bwd_dkv_d128", "attn_bwd_dq_d128",
+    "attn_fwd_d16", "attn_bwd_d16",
+    "attn_fwd_d32", "attn_bwd_d32",
+    "attn_fwd_d48", "attn_bwd_d48",
+    "attn_fwd_d64", "attn_bwd_d64",
+    "attn_fwd_d80", "attn_bwd_d80",
+    "attn_fwd_d96", "attn_bwd_d96",
+    "attn_fwd_d112", "attn_bwd_d112",
+    "attn_fwd_d128", "attn_bwd_d128",
 ];
 
 /// One head_dim's kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
     Forward,
-    GradKv,
-    GradQ,
+    Backward,
 }
 
 impl Pass {
-    pub const ALL: [Pass; 3] = [Pass::Forward, Pass::GradKv, Pass::GradQ];
+    pub const ALL: [Pass; 2] = [Pass::Forward, Pass::Backward];
 
     /// The entry point of this pass for head_dim `d`.
     pub fn function(self, d: usize) -> String {
         let stem = match self {
             Pass::Forward => "attn_fwd",
-            Pass::GradKv => "attn_bwd_dkv",
-            Pass::GradQ => "attn_bwd_dq",
+            Pass::Backward => "attn_bwd",
         };
         format!("{stem}_d{d}")
     }
 
-    /// Row atoms of 16 rows per warp: two at head_dim ≤ 64 for the forward (query rows) and
-    /// dK/dV (key rows), `FWD_ATOMS` and `DKV_ATOMS` of attention.cu.
+    /// Row atoms of 16 rows per warp: two at head_dim ≤ 64 (query rows of the forward, key
+    /// rows of the backward), `FWD_ATOMS` and `DKV_ATOMS` of attention.cu.
     fn atoms(self, d: usize) -> usize {
-        match self {
-            Pass::Forward | Pass::GradKv if d <= 64 => 2,
-            _ => 1,
+        if d <= 64 {
+            2
+        } else {
+            1
         }
     }
 
-    /// Rows along the sequence one block owns: query rows, or key rows for dK/dV (4 warps).
+    /// Rows along the sequence one block owns: query rows, or key rows for the backward (4 warps).
     pub fn block_rows(self, d: usize) -> usize {
         4 * 16 * self.atoms(d)
     }
 
+    /// Rows of the backward's query tiles (`QT`): the scores of one 16 × 64 atom pair.
+    pub fn query_tile(d: usize) -> usize {
+        BLOCK / Pass::Backward.atoms(d)
+    }
+
     /// Bytes of dynamic shared memory at head_dim `d`, as the kernel carves it: bf16 tiles of
-    /// rows × (d + PAD), plus f32 query statistics for dK/dV.
+    /// rows × (d + PAD); the backward's f32 query statistics and its bf16 dSᵀ (keys × QT + PAD).
     pub fn smem_bytes(self, d: usize) -> usize {
         let rows = |n: usize| n * (d + PAD) * 2;
         match self {
             Pass::Forward => rows(self.block_rows(d)) + 4 * rows(BLOCK), // Q, 2 × (K, V)
-            Pass::GradKv => {
-                let query_tile = BLOCK / self.atoms(d); // QT: the scores of one 16 × 64 atom pair
-                2 * rows(self.block_rows(d)) + 4 * rows(query_tile) + 4 * query_tile * 4 // K, V, 2 × (Q, dO), 2 × (lse, Δ)
+            Pass::Backward => {
+                let (keys, qt) = (self.block_rows(d), Pass::query_tile(d));
+                // K, V, 2 × (Q, dO), 2 × (lse, Δ), dSᵀ
+                2 * rows(keys) + 4 * rows(qt) + 4 * qt * 4 + keys * (qt + PAD) * 2
             }
-            Pass::GradQ => 6 * rows(BLOCK), // Q, dO, 2 × (K, V)
         }
     }
 
-    /// Grid of this pass: blocks along the sequence × (batch · heads), kv heads for dK/dV.
+    /// Grid of this pass: blocks along the sequence × (batch · heads), kv heads for the backward.
     pub fn grid(self, s: AttnShape) -> (u32, u32, u32) {
-        let heads = if self == Pass::GradKv { s.n_kv_heads } else { s.n_heads };
+        let heads = if self == Pass::Backward { s.n_kv_heads } else { s.n_heads };
         (s.seq.div_ceil(self.block_rows(s.head_dim)) as u32, (s.batch * heads) as u32, 1)
     }
+}
+
+/// Turn counters of the backward (u32, zero at launch): one per (batch, q head, query tile).
+pub fn turns_len(s: AttnShape) -> usize {
+    s.batch * s.n_heads * s.seq.div_ceil(Pass::query_tile(s.head_dim))
 }
 
 /// Head dims with kernels: the multiples of 16 up to [`MAX_HEAD_DIM`].
@@ -169,7 +178,8 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
     ok(unsafe { be.stream.launch_builder(be.k.attention(Pass::Forward, s.head_dim)).arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
 }
 
-/// Overwrites dqkv: Δ first, then dK/dV (k, v columns) and dQ (q columns).
+/// Overwrites dqkv: Δ first, then one kernel for dK/dV (k, v columns) and dQ (q columns), with
+/// an f32 accumulator for dQ and zeroed turn counters as scratch (`cuda_scratch::attention_bwd_bytes`).
 pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, s: AttnShape) {
     assert_shapes(s, qkv.len(), out.len(), lse.len());
     assert!(dqkv.len() == qkv.len() && dout.len() == out.len(), "attention gradient sizes");
@@ -182,19 +192,33 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     }
     assert_aligned("attention_bwd", &[("dqkv", dqkv.ptr), ("dout", dout.ptr), ("qkv", qkv.ptr)]);
     let mut delta = be.scratch_f32(s.batch * s.n_heads * s.seq);
+    // Written before it is read (the first key block of each query tile stores its part).
+    let dq_acc = be.scratch_storage(s.tokens() * s.out_width(), Storage::F32);
+    let mut turns = ok(be.stream.alloc_zeros::<u32>(turns_len(s)), "scratch alloc");
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let tokens = s.tokens() as i32;
     let delta_cfg = delta_config(s);
-    let (dq, g, o, l, q) = (&dqkv.ptr, &dout.ptr, &out.ptr, &lse.ptr, &qkv.ptr);
-    // SAFETY: signatures of attn_bwd_delta, attn_bwd_dkv_dD and attn_bwd_dq_dD in attention.cu;
-    // sizes, types and alignment asserted; `delta` holds B·H·T floats; shared memory within the
-    // limit set at load time.
+    let cfg = launch_config(be.k.attn_smem, Pass::Backward, s);
+    // SAFETY: signatures of attn_bwd_delta and attn_bwd_dD in attention.cu; sizes, types and
+    // alignment asserted; `delta` holds B·H·T floats, `dq_acc` N·H·D, `turns` turns_len(s)
+    // zeroed counters; shared memory within the limit set at load time.
     unsafe {
-        ok(be.stream.launch_builder(&be.k.attn_delta).arg(&mut delta).arg(g).arg(o).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
-        for pass in [Pass::GradKv, Pass::GradQ] {
-            let cfg = launch_config(be.k.attn_smem, pass, s);
-            ok(be.stream.launch_builder(be.k.attention(pass, s.head_dim)).arg(dq).arg(g).arg(l).arg(&delta).arg(q).arg(&h).arg(&scale).launch(cfg), "attn_bwd");
-        }
+        ok(be.stream.launch_builder(&be.k.attn_delta).arg(&mut delta).arg(&dout.ptr).arg(&out.ptr).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
+        ok(
+            be.stream
+                .launch_builder(be.k.attention(Pass::Backward, s.head_dim))
+                .arg(&dqkv.ptr)
+                .arg(&dq_acc.ptr)
+                .arg(&mut turns)
+                .arg(&dout.ptr)
+                .arg(&lse.ptr)
+                .arg(&delta)
+                .arg(&qkv.ptr)
+                .arg(&h)
+                .arg(&scale)
+                .launch(cfg),
+            "attn_bwd",
+        );
     }
 }

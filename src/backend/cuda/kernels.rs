@@ -52,8 +52,8 @@ pub struct Kernels {
     pub softmax_xent: CudaFunction,
     pub adamw: CudaFunction,
     pub attn_delta: CudaFunction,
-    /// Forward, dK/dV and dQ kernels (`Pass::ALL` order) of each head_dim in `head_dims()`.
-    attn: Vec<[CudaFunction; 3]>,
+    /// Forward and backward kernels (`Pass::ALL` order) of each head_dim in `head_dims()`.
+    attn: Vec<[CudaFunction; 2]>,
 }
 
 type Functions = HashMap<&'static str, CudaFunction>;

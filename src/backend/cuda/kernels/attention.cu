@@ -1,31 +1,30 @@
 // Causal flash attention (FlashAttention-2 schedule) with grouped-query heads, for sm_80+.
 //
 // Every tile product runs on tensor cores (mma.m16n8k16, bf16 × bf16 → f32) with operands
-// fetched by ldmatrix from shared memory; scores and every accumulator (O, dK, dV, dQ) stay in
+// fetched by ldmatrix from shared memory; scores and the O, dK, dV accumulators stay in
 // registers. A warp owns whole rows of its block's tile (16 per row atom), so the online softmax
-// needs only shuffles within a quad, and P / dS go from accumulator registers straight into the
+// needs only shuffles within a quad, and P goes from accumulator registers straight into the
 // next product's A operand. The forward keeps its Q fragments in registers for the whole walk
 // and, at head_dim ≤ 64, gives each warp two row atoms (32 rows; FlashAttention-2's 128-row
-// forward tile), so every K or V fragment it reads from shared memory feeds two products. dK/dV
-// likewise gives each warp 32 keys at head_dim ≤ 64 (over query tiles of 32), and dQ keeps Q and
-// dO in registers there. The tiles a block walks (K, V in the forward and
-// dQ; Q, dO in dK/dV) stream through two shared-memory buffers with cp.async, the next tile's
-// copy overlapping this tile's math (f32 storage converts to bf16 on load instead). Shared rows
-// are padded by 16 bytes: a row is then an odd number of 16-byte chunks, so ldmatrix's eight row
-// addresses hit distinct banks.
+// forward tile), so every K or V fragment it reads from shared memory feeds two products. The
+// backward likewise gives each warp 32 keys at head_dim ≤ 64 (over query tiles of 32). The tiles
+// a block walks (K, V in the forward; Q, dO in the backward) stream through two shared-memory
+// buffers with cp.async, the next tile's copy overlapping this tile's math (f32 storage converts
+// to bf16 on load instead). Shared rows are padded by 16 bytes: a row is then an odd number of
+// 16-byte chunks, so ldmatrix's eight row addresses hit distinct banks.
 //
 // Layout (see backend/mod.rs): qkv (N, (H + 2Hkv)·D), N = B·T, q heads then k then v;
 // out, dout (N, H·D); lse, delta (B·H·T) f32. Entry points per head_dim D ∈ {16, 32, …, 128}
-// (attn_fwd_dD, attn_bwd_dkv_dD, attn_bwd_dq_dD, see the end of the file) and attn_bwd_delta.
-// Blocks have 4 warps; their shared memory is `attention.rs`'s `Pass::smem_bytes`.
+// (attn_fwd_dD, attn_bwd_dD, see the end of the file) and attn_bwd_delta. Blocks have 4 warps;
+// their shared memory is `attention.rs`'s `Pass::smem_bytes`.
 
 typedef __nv_bfloat16 bf16;
-#define BLOCK 64     // rows of the key tiles of the forward and dQ, and of dQ's query tiles
+#define BLOCK 64     // rows of the forward's key tiles (the backward's query tiles: BLOCK / DKV_ATOMS)
 #define THREADS 128  // 4 warps of 16 rows per row atom
 // Row atoms per warp of the forward: two while the accumulators fit the registers (head_dim ≤ 64).
 #define FWD_ATOMS(D) ((D) <= 64 ? 2 : 1)
-// Key-row atoms per warp of dK/dV, the same; its query tiles then have 64 / DKV_ATOMS rows, so
-// that the scores take the registers of one 16 × 64 atom pair.
+// Key-row atoms per warp of the backward, the same; its query tiles then have 64 / DKV_ATOMS
+// rows, so that the scores take the registers of one 16 × 64 atom pair.
 #define DKV_ATOMS(D) ((D) <= 64 ? 2 : 1)
 #define PAD 8        // bf16 of padding per shared row
 #define LOG2E 1.4426950408889634f
@@ -90,12 +89,11 @@ __device__ __forceinline__ void frag_a(unsigned f[4], const bf16* t, int ld, int
     const int lane = threadIdx.x % WARP, m = lane / 8;
     ldmatrix_x4(f, t + (r0 + (m % 2) * 8 + lane % 8) * ld + c0 + (m / 2) * 8);
 }
-// A-operand sources of product_abt: `a(f, at, kk)` gives the fragment of row atom `at` at
-// k-step kk. From shared memory (read when needed: fewest live registers), or from fragments
-// held in registers.
-template <int D>
-__device__ __forceinline__ auto shared_a(const bf16* t, int r0) {
-    return [=](unsigned f[4], int at, int kk) { frag_a(f, t, D + PAD, r0 + 16 * at, kk * 16); };
+// A-operand sources of the tile products: `a(f, at, kk)` gives the fragment of row atom `at` at
+// k-step kk. From a shared tile of row stride ld (read when needed: fewest live registers),
+// from fragments held in registers, or from an accumulator (P, dS: rounded to bf16).
+__device__ __forceinline__ auto shared_a(const bf16* t, int ld, int r0) {
+    return [=](unsigned f[4], int at, int kk) { frag_a(f, t, ld, r0 + 16 * at, kk * 16); };
 }
 template <int D, int ATOMS>
 __device__ __forceinline__ auto held_a(const unsigned (&frags)[ATOMS][D / 16][4]) {
@@ -158,14 +156,19 @@ __device__ __forceinline__ void product_abt(float c[ATOMS][N / 8][4], A a, const
     }
 }
 
-// c (16·ATOMS × D) += p (16·ATOMS × N, C fragments) · tb (N × D tile).
-template <int D, int N, int ATOMS>
-__device__ __forceinline__ void product_pb(float c[ATOMS][D / 8][4], const float p[ATOMS][N / 8][4], const bf16* tb) {
+template <int N, int ATOMS>
+__device__ __forceinline__ auto acc_a(const float (&p)[ATOMS][N / 8][4]) {
+    return [&](unsigned f[4], int at, int kk) { acc_to_a<N>(f, p[at], kk); };
+}
+
+// c (16·ATOMS × D) += a (16·ATOMS × N, from an A source above) · tb (N × D tile).
+template <int D, int N, int ATOMS, class A>
+__device__ __forceinline__ void product_pb(float c[ATOMS][D / 8][4], A a_src, const bf16* tb) {
 #pragma unroll
     for (int kk = 0; kk < N / 16; kk++) {
         unsigned a[ATOMS][4];
 #pragma unroll
-        for (int at = 0; at < ATOMS; at++) acc_to_a<N>(a[at], p[at], kk);
+        for (int at = 0; at < ATOMS; at++) a_src(a[at], at, kk);
 #pragma unroll
         for (int np = 0; np < D / 16; np++) {
             unsigned b[4];
@@ -273,7 +276,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
                 for (int nt = 0; nt < D / 8; nt++)
                     for (int e = 0; e < 4; e++) o[at][nt][e] *= corr[e / 2];
             }
-            product_pb<D, BLOCK, ATOMS>(o, sc, Vs);
+            product_pb<D, BLOCK, ATOMS>(o, acc_a<BLOCK, ATOMS>(sc), Vs);
         }
         __syncthreads();  // every warp is done with this buffer before the next tile refills it
     }
@@ -291,12 +294,14 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
 }
 
 // ---- backward ---------------------------------------------------------------------------------
-// Three kernels, none with atomics, so dqkv is bitwise reproducible:
+// Two kernels, no atomics, dqkv bitwise reproducible:
 //   attn_bwd_delta: Δ_i = ⟨dO_i, O_i⟩ per (b, h, i);
-//   attn_bwd_dkv:   one block per (key block, b, kv head) walks the query tiles of every q head
-//                   of its group: dV = Σ Pᵀ dO, dK = Σ dSᵀ Q (computed transposed: warps own keys);
-//   attn_bwd_dq:    one block per (query tile, b, h) walks its key tiles: dQ = Σ dS K.
-// P = exp(scale·QKᵀ − lse) is recomputed in both; dS = P ⊙ (dP − Δ)·scale, dP = dO Vᵀ.
+//   attn_bwd:       one block per (key block, b, kv head) walks the query tiles of every q head
+//                   of its group, with P = exp(scale·QKᵀ − lse), dP = dO Vᵀ and
+//                   dS = P ⊙ (dP − Δ)·scale: dV = Σ Pᵀ dO and dK = Σ dSᵀ Q stay in registers
+//                   (computed transposed: warps own keys); each tile's dQ part, dS K, is added
+//                   to an f32 accumulator in a fixed order of key blocks (turns, common.cuh).
+// FlashAttention-2's five tile products, where a separate dQ kernel would recompute QKᵀ and dO Vᵀ.
 
 // Grid covers B·T·H warps; delta (B·H·T).
 extern "C" __global__ void attn_bwd_delta(float* delta, const act_t* dout, const act_t* out, Heads s, int tokens) {
@@ -313,25 +318,39 @@ extern "C" __global__ void attn_bwd_delta(float* delta, const act_t* dout, const
     if (lane == 0) delta[(b * s.n_heads + h) * s.seq + t] = acc;
 }
 
+// A fragment (rows m0.., k-step k0..) of a matrix stored transposed, one row per k (dSᵀ).
+__device__ __forceinline__ void frag_at(unsigned f[4], const bf16* t, int ld, int m0, int k0) {
+    const int lane = threadIdx.x % WARP, m = lane / 8;
+    ldmatrix_x4_trans(f, t + (k0 + (m / 2) * 8 + lane % 8) * ld + m0 + (m % 2) * 8);
+}
+
 // Grid (ceil(T / KEYS), B·Hkv), KEYS = 64·ATOMS: a block's 4 warps own 16·ATOMS key rows each.
-// Shared: K, V (KEYS rows), then two buffers of Q, dO (QT rows), and two of the query rows' lse
-// (in log2 units) and Δ. Writes the k and v columns of dqkv. Key block 0 has the most query
-// tiles to walk and is launched first.
+// Shared: K, V (KEYS rows), two buffers of Q, dO (QT rows), two of the query rows' lse (in log2
+// units) and Δ, then dSᵀ (KEYS × QT). Writes dqkv; dq_acc (N, H·D) f32 holds the dQ sums in
+// between, and turns (B·H·⌈T / QT⌉, zero at launch) count the key blocks that have added to each
+// query tile.
+//
+// Query tile i0 gets its dQ parts from key blocks last = ⌊i0 / KEYS⌋ down to 0, in that order:
+// `last` writes dq_acc, the next ones add to it, block 0 adds and writes dqkv. Block x of the
+// grid is key block gridDim.x − 1 − x, so each head's blocks launch in that order: every block
+// waited for was launched earlier (turns, common.cuh), and it reached the tile steps earlier on
+// its own walk, so in the steady state nobody waits.
 template <int D>
-__device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, const float* delta, const act_t* qkv, Heads s,
-                             float scale) {
+__device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_t* dout, const float* lse, const float* delta,
+                         const act_t* qkv, Heads s, float scale) {
     constexpr int ATOMS = DKV_ATOMS(D), KEYS = 4 * 16 * ATOMS, QT = BLOCK / ATOMS;
-    constexpr int KE = KEYS * (D + PAD), QE = QT * (D + PAD);
+    constexpr int KE = KEYS * (D + PAD), QE = QT * (D + PAD), SE = QT + PAD;
     DYNAMIC_SMEM(smem);
     bf16* Ks = (bf16*)smem;
     bf16* Vs = Ks + KE;
     bf16* QO = Vs + KE;                   // buffer k: Q at QO + 2k·QE, dO after it
     float* stats = (float*)(QO + 4 * QE);  // buffer k: lse·log2e at stats + 2k·QT, Δ after it
+    bf16* dSs = (bf16*)(stats + 4 * QT);   // dSᵀ: KEYS rows of SE
 
     const int b = blockIdx.y / s.n_kv_heads, kvh = blockIdx.y % s.n_kv_heads;
     const int group = s.n_heads / s.n_kv_heads, w = s.width(), ow = s.n_heads * D;
     const size_t row0 = (size_t)b * s.seq;
-    const int j0 = blockIdx.x * KEYS;
+    const int kb = gridDim.x - 1 - blockIdx.x, j0 = kb * KEYS;
     const int lane = threadIdx.x % WARP, wk = (threadIdx.x / WARP) * 16 * ATOMS, g = lane / 4, q = lane % 4;
     const float scale2 = scale * LOG2E;
     // Steps: every q head of the group × the query tiles from the block's first key on.
@@ -345,11 +364,10 @@ __device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, c
         load_tile<D, QT>(buf + QE, dout, row0, i0, s.seq, ow, h * D);
         float* st = stats + 2 * (t % 2) * QT;
         const size_t bh = (size_t)b * s.n_heads + h;
-        for (int r = threadIdx.x; r < 2 * QT; r += THREADS) {
-            const int i = i0 + r % QT;
-            if (r < QT) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
-            else st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
-        }
+        static_assert(2 * QT <= THREADS, "one statistic per thread");
+        const int r = threadIdx.x, i = i0 + r % QT;
+        if (r < QT) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
+        else if (r < 2 * QT) st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
     };
 
     load_tile<D, KEYS>(Ks, qkv, row0, j0, s.seq, w, s.k_col(kvh));
@@ -366,13 +384,14 @@ __device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, c
         const float* Dl = L2 + QT;
         advance(t, steps, load_step);
 
-        // A warp whose keys all come after this tile's queries has nothing to add (the block's
-        // first tiles, for its last warps).
-        if (i0 + QT - 1 >= j0 + wk) {
+        // Keys up to the tile's last query: the rows of the warps with something to add (the
+        // block's first tiles end before its last warps' keys).
+        const int keys = min(KEYS, i0 + QT - j0);
+        if (wk < keys) {
             // Pᵀ from Sᵀ = K Qᵀ, then dSᵀ from dPᵀ = V dOᵀ (one after the other: fewer live
             // registers), for this warp's 16·ATOMS keys × QT queries.
             float pt[ATOMS][QT / 8][4] = {};
-            product_abt<D, QT, ATOMS>(pt, shared_a<D>(Ks, wk), Qs);
+            product_abt<D, QT, ATOMS>(pt, shared_a(Ks, D + PAD, wk), Qs);
             // Tiles before the block's last key have queries before some of its keys. Query rows
             // past the sequence see zero Q and dO (and lse, Δ): their P is 1 but their dS and dO
             // are 0, so they add nothing and need no mask.
@@ -385,18 +404,76 @@ __device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, c
                         pt[at][nt][e] = diagonal && j > i ? 0.0f : exp2f(pt[at][nt][e] * scale2 - L2[c]);
                     }
             float dst[ATOMS][QT / 8][4] = {};
-            product_abt<D, QT, ATOMS>(dst, shared_a<D>(Vs, wk), dOs);
+            product_abt<D, QT, ATOMS>(dst, shared_a(Vs, D + PAD, wk), dOs);
 #pragma unroll
             for (int at = 0; at < ATOMS; at++)
                 for (int nt = 0; nt < QT / 8; nt++)
-                    for (int e = 0; e < 4; e++) {
-                        const int c = nt * 8 + 2 * q + e % 2;
-                        dst[at][nt][e] = pt[at][nt][e] * (dst[at][nt][e] - Dl[c]) * scale;
+                    for (int r = 0; r < 2; r++) {
+                        float* d2 = &dst[at][nt][2 * r];
+                        const int c = nt * 8 + 2 * q;
+                        d2[0] = pt[at][nt][2 * r] * (d2[0] - Dl[c]) * scale;
+                        d2[1] = pt[at][nt][2 * r + 1] * (d2[1] - Dl[c + 1]) * scale;
+                        // dSᵀ for the block's dQ product, rounded as the dK product's operand.
+                        *(unsigned*)(dSs + (wk + 16 * at + g + 8 * r) * SE + c) = pack_bf16(d2[0], d2[1]);
                     }
-            product_pb<D, QT, ATOMS>(dv, pt, dOs);
-            product_pb<D, QT, ATOMS>(dk, dst, Qs);
+            product_pb<D, QT, ATOMS>(dv, acc_a<QT, ATOMS>(pt), dOs);
+            // dK reads dSᵀ back from shared memory (the warp's own rows), so dSᵀ's registers
+            // are free for it.
+            __syncwarp();
+            product_pb<D, QT, ATOMS>(dk, shared_a(dSs, SE, wk), Qs);
         }
-        __syncthreads();  // every warp is done with this buffer before the next step refills it
+
+        // dQ of the tile's rows, dS K over the block's keys, in units of 32 rows × 16 columns
+        // per warp, added in the key blocks' order. wait_turn's barrier also publishes dSᵀ.
+        // (Recomputed here rather than kept live across the products: the registers are full.)
+        const int h = kvh * group + t / qtiles, last = i0 / KEYS, tile = (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
+        wait_turn(turns + tile, last - kb);
+#pragma unroll 1
+        for (int unit = threadIdx.x / WARP; unit < D / 16 * (QT / 32); unit += 4) {
+            const int piece = unit % (D / 16), a0 = 32 * (unit / (D / 16));  // 16 columns × 32 rows
+            float acc[2][2][4] = {};
+#pragma unroll 2
+            for (int kk = 0; kk < keys / 16; kk++) {
+                unsigned bf[4];
+                frag_b(bf, Ks, D + PAD, kk * 16, piece * 16);
+#pragma unroll
+                for (int at = 0; at < 2; at++) {
+                    unsigned af[4];
+                    frag_at(af, dSs, SE, a0 + 16 * at, kk * 16);
+                    mma16816(acc[at][0], af, bf);
+                    mma16816(acc[at][1], af, bf + 2);
+                }
+            }
+#pragma unroll
+            for (int at = 0; at < 2; at++)
+                for (int r = 0; r < 2; r++) {
+                    const int i = i0 + a0 + 16 * at + g + 8 * r;
+                    if (i >= s.seq) continue;
+                    for (int n8 = 0; n8 < 2; n8++) {
+                        const int col = piece * 16 + n8 * 8 + 2 * q;
+                        float2 v = make_float2(acc[at][n8][2 * r], acc[at][n8][2 * r + 1]);
+                        float2* sum = (float2*)(dq_acc + (row0 + i) * ow + h * D + col);
+                        if (kb != last) {
+                            const float2 before = __ldcg(sum);
+                            v = make_float2(before.x + v.x, before.y + v.y);
+                        }
+                        if (kb > 0) {
+                            __stcg(sum, v);
+                        } else {
+                            act_t* dst_q = dqkv + (row0 + i) * w + s.q_col(h) + col;
+#ifdef MOTLEY_ACT_BF16
+                            *(unsigned*)dst_q = pack_bf16(v.x, v.y);
+#else
+                            *(float2*)dst_q = v;
+#endif
+                        }
+                    }
+                }
+        }
+        // Every warp is done with this step's buffers (and has stored its dQ part) before the
+        // next step refills them.
+        if (kb > 0) pass_turn(turns + tile, last - kb + 1);
+        else __syncthreads();
     }
 
 #pragma unroll
@@ -409,87 +486,16 @@ __device__ void attn_bwd_dkv(act_t* dqkv, const act_t* dout, const float* lse, c
         }
 }
 
-// Grid (ceil(T / BLOCK), B·H). Shared: Q, dO, then two buffers of K, V. Writes the q columns of
-// dqkv. Query tiles run longest first.
-template <int D>
-__device__ void attn_bwd_dq(act_t* dqkv, const act_t* dout, const float* lse, const float* delta, const act_t* qkv, Heads s,
-                            float scale) {
-    constexpr int TE = BLOCK * (D + PAD);
-    DYNAMIC_SMEM(smem);
-    bf16* Qs = (bf16*)smem;
-    bf16* dOs = Qs + TE;
-    bf16* KV = dOs + TE;  // buffer k: K at KV + 2k·TE, V after it
-
-    const int b = blockIdx.y / s.n_heads, h = blockIdx.y % s.n_heads;
-    const int kvh = h / (s.n_heads / s.n_kv_heads), w = s.width(), ow = s.n_heads * D;
-    const size_t row0 = (size_t)b * s.seq;
-    const int i0 = (gridDim.x - 1 - blockIdx.x) * BLOCK, tiles = i0 / BLOCK + 1;
-    const int lane = threadIdx.x % WARP, wr = (threadIdx.x / WARP) * 16, g = lane / 4, q = lane % 4;
-    const float scale2 = scale * LOG2E;
-
-    // lse (log2 units) and Δ of this lane's rows g and g + 8. Rows past the sequence see zero
-    // Q and dO, so their P is 1 and their dS 0: nothing to mask.
-    float L2[2], Dl[2];
-    for (int r = 0; r < 2; r++) {
-        const int i = i0 + wr + g + 8 * r;
-        L2[r] = i < s.seq ? lse[(size_t)blockIdx.y * s.seq + i] * LOG2E : 0.0f;
-        Dl[r] = i < s.seq ? delta[(size_t)blockIdx.y * s.seq + i] : 0.0f;
-    }
-
-    load_tile<D>(Qs, qkv, row0, i0, s.seq, w, s.q_col(h));
-    load_tile<D>(dOs, dout, row0, i0, s.seq, ow, h * D);
-    load_kv<D>(KV, 0, qkv, row0, s, kvh);
-    cp_async_commit();
-
-    unsigned qf[1][D / 16][4], of[1][D / 16][4];
-    float dq[1][D / 8][4] = {};
-    for (int t = 0; t < tiles; t++) {
-        const int j0 = t * BLOCK;
-        const bf16* Ks = KV + 2 * (t % 2) * TE;
-        const bf16* Vs = Ks + TE;
-        advance(t, tiles, [&](int next) { load_kv<D>(KV, next, qkv, row0, s, kvh); });
-        float ds[1][BLOCK / 8][4] = {}, dp[1][BLOCK / 8][4] = {};
-        if (D <= 64) {  // Q and dO fragments fit in registers beside the accumulators: read once
-            if (t == 0) {
-                hold_a<D, 1>(qf, Qs, wr);
-                hold_a<D, 1>(of, dOs, wr);
-            }
-            product_abt<D, BLOCK, 1>(ds, held_a<D, 1>(qf), Ks);
-            product_abt<D, BLOCK, 1>(dp, held_a<D, 1>(of), Vs);
-        } else {
-            product_abt<D, BLOCK, 1>(ds, shared_a<D>(Qs, wr), Ks);
-            product_abt<D, BLOCK, 1>(dp, shared_a<D>(dOs, wr), Vs);
-        }
-        const bool diagonal = j0 == i0;
-        for (int nt = 0; nt < BLOCK / 8; nt++)
-            for (int e = 0; e < 4; e++) {
-                const int r = e / 2, i = i0 + wr + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
-                const float p = diagonal && j > i ? 0.0f : exp2f(ds[0][nt][e] * scale2 - L2[r]);
-                ds[0][nt][e] = p * (dp[0][nt][e] - Dl[r]) * scale;
-            }
-        product_pb<D, BLOCK, 1>(dq, ds, Ks);
-        __syncthreads();  // every warp is done with this buffer before the next tile refills it
-    }
-
-    for (int r = 0; r < 2; r++) {
-        const int i = i0 + wr + g + 8 * r;
-        if (i < s.seq) store_row<D>(dqkv + (row0 + i) * w + s.q_col(h), dq[0], r, 1.0f);
-    }
-}
-
 // ---- entry points -----------------------------------------------------------------------------
 // Register arrays need the head_dim at compile time: one set of kernels per multiple of 16.
 #define ATTENTION_ENTRIES(D)                                                                                     \
     extern "C" __global__ void attn_fwd_d##D(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {     \
         attn_fwd<D>(out, lse, qkv, s, scale);                                                                    \
     }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dkv_d##D(act_t* dqkv, const act_t* dout, const float* lse, const float* delta, \
-                                                 const act_t* qkv, Heads s, float scale) {                       \
-        attn_bwd_dkv<D>(dqkv, dout, lse, delta, qkv, s, scale);                                                  \
-    }                                                                                                            \
-    extern "C" __global__ void attn_bwd_dq_d##D(act_t* dqkv, const act_t* dout, const float* lse, const float* delta,  \
-                                                const act_t* qkv, Heads s, float scale) {                        \
-        attn_bwd_dq<D>(dqkv, dout, lse, delta, qkv, s, scale);                                                   \
+    extern "C" __global__ void attn_bwd_d##D(act_t* dqkv, float* dq_acc, unsigned* turns, const act_t* dout,       \
+                                             const float* lse, const float* delta, const act_t* qkv, Heads s,     \
+                                             float scale) {                                                      \
+        attn_bwd<D>(dqkv, dq_acc, turns, dout, lse, delta, qkv, s, scale);                                       \
     }
 
 ATTENTION_ENTRIES(16)

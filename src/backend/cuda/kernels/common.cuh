@@ -107,4 +107,37 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // Waits for all but the most recently committed group.
 __device__ __forceinline__ void cp_async_wait_prior() { asm volatile("cp.async.wait_group 1;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::); }
+
+// A flag another block sets: loaded with acquire semantics at GPU scope (what that block wrote
+// before its release store is visible after), and stored with release semantics.
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" :: "l"(p), "r"(v) : "memory");
+}
+// One round of polling such a flag.
+__device__ __forceinline__ void spin_pause() { __nanosleep(64); }
 #endif  // MOTLEY_EMU
+
+// ---- turns: blocks adding to one buffer in a fixed order -------------------------------------
+// A turn counter counts the blocks that have added their part. A block waits until the count
+// is its place in the order, adds with plain loads and stores (L2 only: __ldcg / __stcg, since L1
+// is not coherent between SMs), then passes the turn on. Blocks start in launch order (CUDA does
+// not promise it; FlashAttention-3's deterministic backward relies on it too), so a block that
+// waits only on blocks launched before it never waits on one that cannot start.
+__device__ __forceinline__ void wait_turn(const unsigned* turn, unsigned place) {
+    if (threadIdx.x == 0)
+        while (load_acquire(turn) != place) spin_pause();
+    __syncthreads();
+}
+// Starts with a barrier: every thread's stores are done before the count moves.
+__device__ __forceinline__ void pass_turn(unsigned* turn, unsigned count) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        store_release(turn, count);
+    }
+}
