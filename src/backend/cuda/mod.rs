@@ -17,8 +17,9 @@
 //! writable views of one buffer can coexist when they do not overlap.
 //!
 //! Index data (tokens, routing slots) arrives as host slices, as the trait says, and is uploaded
-//! per call; scratch (row-chunk partials, attention Δ, logits chunks) is allocated per call from
-//! the stream's memory pool. Both are hidden allocations the memory planner does not see yet.
+//! per call; scratch (row-chunk partials, the attention backward's Δ, dQ sums and counters,
+//! logits chunks) is allocated per call from the stream's memory pool. The memory plan counts
+//! the large ones (`cuda_scratch`); the index uploads and row-chunk partials it does not see.
 //!
 //! Errors: trait ops cannot return errors; a failed launch or copy means the device state is
 //! unknown, so they panic with the driver's message, and so does an argument of the wrong

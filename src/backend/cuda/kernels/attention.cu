@@ -333,8 +333,8 @@ __device__ __forceinline__ void frag_at(unsigned f[4], const bf16* t, int ld, in
 // Query tile i0 gets its dQ parts from key blocks last = ⌊i0 / KEYS⌋ down to 0, in that order:
 // `last` writes dq_acc, the next ones add to it, block 0 adds and writes dqkv. Block x of the
 // grid is key block gridDim.x − 1 − x, so each head's blocks launch in that order: every block
-// waited for was launched earlier (turns, common.cuh), and it reached the tile steps earlier on
-// its own walk, so in the steady state nobody waits.
+// waited for was launched earlier (turns, common.cuh), and it reaches the tile steps earlier on
+// its own walk, so in the steady state no block should wait (not yet measured).
 template <int D>
 __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_t* dout, const float* lse, const float* delta,
                          const act_t* qkv, Heads s, float scale) {
