@@ -1,8 +1,9 @@
 //! Device memory the CUDA backend holds besides the tensors the memory plan places: the
 //! cuBLASLt workspace, the fused classifier's chunk of logits and the attention backward's
-//! scratch. Here, outside the `cuda`
-//! feature, so that `plan-memory` counts them with the same numbers the backend uses
-//! (`tests/cuda_memory.rs` holds the plan to the measured device peak).
+//! scratch. Here, outside the `cuda` feature, so that `plan-memory` counts them with the same
+//! numbers the backend uses (`tests/cuda_memory.rs` holds the plan to the measured device peak).
+
+use super::AttnShape;
 
 /// Most logits alive at once in the fused classifier (elements: 256 MiB of f32 logits plus their
 /// gradient in activation storage). Every chunk reads and writes the whole f32 dW (V × C), so
@@ -11,8 +12,6 @@ pub const LOGITS_BUDGET: usize = 1 << 26;
 
 /// cuBLASLt's workspace: its recommended size on Hopper (32 MiB; 4 MiB suffices before it).
 pub const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
-
-use super::AttnShape;
 
 /// Rows of one classifier chunk for `rows` rows over `vocab` classes.
 pub fn classifier_chunk_rows(rows: usize, vocab: usize) -> usize {

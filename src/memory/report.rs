@@ -7,7 +7,8 @@
 //! phase's plan by the arena's own heuristic, with the arena's headroom; the DSA MIP's peak and
 //! lower bound are reported beside it) + the block boundary tensors (input, output, incoming
 //! and outgoing gradient: 4·N·d_model) + the backend's own memory (CUDA: cuBLASLt's workspace,
-//! and the classifier's logits chunk where it adds to the skeletal bytes of its moment).
+//! and the classifier's logits chunk or the attention backward's scratch, whichever adds more
+//! to the skeletal bytes of its moment).
 //! Skeletal sizes use the dropless expected routed counts (see [`Slots::Expected`]). With that
 //! routing the skeletal peak and the arena are exactly what a CPU step holds (tests/memo.rs);
 //! on the emulated CUDA device the whole is within [−3 %, +1 %] of the measured device peak
@@ -89,7 +90,8 @@ pub struct MemoryReport {
     /// The transient arena the step allocates: its own (heuristic) plan's peak with its headroom.
     pub arena_bytes: u64,
     pub boundary_bytes: u64,
-    /// Device memory of the backend itself (CUDA: cuBLASLt's workspace, a classifier chunk).
+    /// Device memory of the backend itself (CUDA: cuBLASLt's workspace, then a classifier chunk
+    /// or the attention backward's scratch).
     pub backend_bytes: u64,
     pub device_bytes: u64,
     pub device_mem: u64,

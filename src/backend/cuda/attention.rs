@@ -1,7 +1,8 @@
 //! Launch code of the flash-attention kernels (`kernels/attention.cu`): shape checks, the
 //! shared-memory budget of each kernel (mirroring how the kernel carves its dynamic shared
-//! memory), grids, and the backward (Δ, then one kernel for dQ, dK and dV). The geometry is public so that the kernel
-//! emulator's test (`tests/cuda_emu.rs`) launches exactly as the backend does.
+//! memory), grids, and the backward (Δ, then one kernel for dQ, dK and dV). The geometry is
+//! public so that the kernel emulator's test (`tests/cuda_emu.rs`) launches exactly as the
+//! backend does.
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -9,7 +10,8 @@ use super::{expect, ok, CudaBackend, DevView, DevViewMut, Storage};
 use crate::backend::AttnShape;
 use crate::{Error, Result};
 
-/// `BLOCK` of attention.cu: rows of the forward's key tiles; the backward's query tiles have BLOCK / atoms.
+/// `BLOCK` of attention.cu: rows of the forward's key tiles (the backward's query tiles have
+/// BLOCK / atoms).
 const BLOCK: usize = 64;
 /// `THREADS` of attention.cu: 4 warps.
 const THREADS: u32 = 128;
@@ -51,24 +53,15 @@ impl Pass {
         format!("{stem}_d{d}")
     }
 
-    /// Row atoms of 16 rows per warp: two at head_dim ≤ 64 (query rows of the forward, key
-    /// rows of the backward), `FWD_ATOMS` and `DKV_ATOMS` of attention.cu.
-    fn atoms(self, d: usize) -> usize {
-        if d <= 64 {
-            2
-        } else {
-            1
-        }
-    }
-
-    /// Rows along the sequence one block owns: query rows, or key rows for the backward (4 warps).
+    /// Rows along the sequence one block owns (4 warps of `atoms` row atoms): query rows, or
+    /// key rows for the backward.
     pub fn block_rows(self, d: usize) -> usize {
-        4 * 16 * self.atoms(d)
+        4 * 16 * atoms(d)
     }
 
     /// Rows of the backward's query tiles (`QT`): the scores of one 16 × 64 atom pair.
     pub fn query_tile(d: usize) -> usize {
-        BLOCK / Pass::Backward.atoms(d)
+        BLOCK / atoms(d)
     }
 
     /// Bytes of dynamic shared memory at head_dim `d`, as the kernel carves it: bf16 tiles of
@@ -89,6 +82,16 @@ impl Pass {
     pub fn grid(self, s: AttnShape) -> (u32, u32, u32) {
         let heads = if self == Pass::Backward { s.n_kv_heads } else { s.n_heads };
         (s.seq.div_ceil(self.block_rows(s.head_dim)) as u32, (s.batch * heads) as u32, 1)
+    }
+}
+
+/// Row atoms of 16 rows per warp, the same for both passes: two at head_dim ≤ 64 (query rows of
+/// the forward, key rows of the backward), `FWD_ATOMS` and `DKV_ATOMS` of attention.cu.
+fn atoms(d: usize) -> usize {
+    if d <= 64 {
+        2
+    } else {
+        1
     }
 }
 
@@ -179,7 +182,8 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
 }
 
 /// Overwrites dqkv: Δ first, then one kernel for dK/dV (k, v columns) and dQ (q columns), with
-/// an f32 accumulator for dQ and zeroed turn counters as scratch (`cuda_scratch::attention_bwd_bytes`).
+/// an f32 accumulator for dQ and zeroed turn counters as scratch
+/// (`cuda_scratch::attention_bwd_bytes`).
 pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, s: AttnShape) {
     assert_shapes(s, qkv.len(), out.len(), lse.len());
     assert!(dqkv.len() == qkv.len() && dout.len() == out.len(), "attention gradient sizes");

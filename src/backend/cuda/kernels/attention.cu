@@ -134,49 +134,40 @@ __device__ __forceinline__ void acc_to_a(unsigned f[4], const float c[N / 8][4],
     f[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// c (16·ATOMS × N) += a (16·ATOMS × D, from an A source above) · bᵀ (N rows of tb). Each B
-// fragment read from shared memory feeds every atom.
-template <int D, int N, int ATOMS, class A>
-__device__ __forceinline__ void product_abt(float c[ATOMS][N / 8][4], A a, const bf16* tb) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        unsigned af[ATOMS][4];
-#pragma unroll
-        for (int at = 0; at < ATOMS; at++) a(af[at], at, kk);
-#pragma unroll
-        for (int np = 0; np < N / 16; np++) {
-            unsigned b[4];
-            frag_bt(b, tb, D + PAD, np * 16, kk * 16);
-#pragma unroll
-            for (int at = 0; at < ATOMS; at++) {
-                mma16816(c[at][2 * np], af[at], b);
-                mma16816(c[at][2 * np + 1], af[at], b + 2);
-            }
-        }
-    }
-}
-
 template <int N, int ATOMS>
 __device__ __forceinline__ auto acc_a(const float (&p)[ATOMS][N / 8][4]) {
     return [&](unsigned f[4], int at, int kk) { acc_to_a<N>(f, p[at], kk); };
 }
 
-// c (16·ATOMS × D) += a (16·ATOMS × N, from an A source above) · tb (N × D tile).
-template <int D, int N, int ATOMS, class A>
-__device__ __forceinline__ void product_pb(float c[ATOMS][D / 8][4], A a_src, const bf16* tb) {
+// B-operand sources: `b(f, kk, np)` gives the fragments of n-tiles 16np and 16np + 8 at k-step
+// kk, from a shared tile of row stride D + PAD that stores B transposed (K in Q·Kᵀ), or as is
+// (V in P·V).
+template <int D>
+__device__ __forceinline__ auto tile_bt(const bf16* t) {
+    return [=](unsigned f[4], int kk, int np) { frag_bt(f, t, D + PAD, np * 16, kk * 16); };
+}
+template <int D>
+__device__ __forceinline__ auto tile_b(const bf16* t) {
+    return [=](unsigned f[4], int kk, int np) { frag_b(f, t, D + PAD, kk * 16, np * 16); };
+}
+
+// c (16·ATOMS × N) += a (16·ATOMS × K) · b (K × N), from the sources above. Each B fragment
+// read feeds every atom.
+template <int K, int N, int ATOMS, class A, class B>
+__device__ __forceinline__ void product(float c[ATOMS][N / 8][4], A a, B b) {
 #pragma unroll
-    for (int kk = 0; kk < N / 16; kk++) {
-        unsigned a[ATOMS][4];
+    for (int kk = 0; kk < K / 16; kk++) {
+        unsigned af[ATOMS][4];
 #pragma unroll
-        for (int at = 0; at < ATOMS; at++) a_src(a[at], at, kk);
+        for (int at = 0; at < ATOMS; at++) a(af[at], at, kk);
 #pragma unroll
-        for (int np = 0; np < D / 16; np++) {
-            unsigned b[4];
-            frag_b(b, tb, D + PAD, kk * 16, np * 16);
+        for (int np = 0; np < N / 16; np++) {
+            unsigned bf[4];
+            b(bf, kk, np);
 #pragma unroll
             for (int at = 0; at < ATOMS; at++) {
-                mma16816(c[at][2 * np], a[at], b);
-                mma16816(c[at][2 * np + 1], a[at], b + 2);
+                mma16816(c[at][2 * np], af[at], bf);
+                mma16816(c[at][2 * np + 1], af[at], bf + 2);
             }
         }
     }
@@ -246,7 +237,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
         // last tile, for its first warps).
         if (j0 <= i0 + wr + 16 * ATOMS - 1) {
             float sc[ATOMS][BLOCK / 8][4] = {};
-            product_abt<D, BLOCK, ATOMS>(sc, held_a<D, ATOMS>(qf), Ks);
+            product<D, BLOCK, ATOMS>(sc, held_a<D, ATOMS>(qf), tile_bt<D>(Ks));
             // Only tiles reaching past the warp's first row have keys after some of its rows.
             // Key 0 is visible to every row, so after the first tile each row's max is finite.
             const bool masked = j0 + BLOCK - 1 > i0 + wr;
@@ -276,7 +267,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
                 for (int nt = 0; nt < D / 8; nt++)
                     for (int e = 0; e < 4; e++) o[at][nt][e] *= corr[e / 2];
             }
-            product_pb<D, BLOCK, ATOMS>(o, acc_a<BLOCK, ATOMS>(sc), Vs);
+            product<BLOCK, D, ATOMS>(o, acc_a<BLOCK, ATOMS>(sc), tile_b<D>(Vs));
         }
         __syncthreads();  // every warp is done with this buffer before the next tile refills it
     }
@@ -391,7 +382,7 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
             // Pᵀ from Sᵀ = K Qᵀ, then dSᵀ from dPᵀ = V dOᵀ (one after the other: fewer live
             // registers), for this warp's 16·ATOMS keys × QT queries.
             float pt[ATOMS][QT / 8][4] = {};
-            product_abt<D, QT, ATOMS>(pt, shared_a(Ks, D + PAD, wk), Qs);
+            product<D, QT, ATOMS>(pt, shared_a(Ks, D + PAD, wk), tile_bt<D>(Qs));
             // Tiles before the block's last key have queries before some of its keys. Query rows
             // past the sequence see zero Q and dO (and lse, Δ): their P is 1 but their dS and dO
             // are 0, so they add nothing and need no mask.
@@ -404,7 +395,7 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
                         pt[at][nt][e] = diagonal && j > i ? 0.0f : exp2f(pt[at][nt][e] * scale2 - L2[c]);
                     }
             float dst[ATOMS][QT / 8][4] = {};
-            product_abt<D, QT, ATOMS>(dst, shared_a(Vs, D + PAD, wk), dOs);
+            product<D, QT, ATOMS>(dst, shared_a(Vs, D + PAD, wk), tile_bt<D>(dOs));
 #pragma unroll
             for (int at = 0; at < ATOMS; at++)
                 for (int nt = 0; nt < QT / 8; nt++)
@@ -416,11 +407,11 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
                         // dSᵀ for the block's dQ product, rounded as the dK product's operand.
                         *(unsigned*)(dSs + (wk + 16 * at + g + 8 * r) * SE + c) = pack_bf16(d2[0], d2[1]);
                     }
-            product_pb<D, QT, ATOMS>(dv, acc_a<QT, ATOMS>(pt), dOs);
+            product<QT, D, ATOMS>(dv, acc_a<QT, ATOMS>(pt), tile_b<D>(dOs));
             // dK reads dSᵀ back from shared memory (the warp's own rows), so dSᵀ's registers
             // are free for it.
             __syncwarp();
-            product_pb<D, QT, ATOMS>(dk, shared_a(dSs, SE, wk), Qs);
+            product<QT, D, ATOMS>(dk, shared_a(dSs, SE, wk), tile_b<D>(Qs));
         }
 
         // dQ of the tile's rows, dS K over the block's keys, in units of 32 rows × 16 columns
