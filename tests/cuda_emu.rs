@@ -15,9 +15,11 @@
 //! the argument order of `backend/cuda/mod.rs`; attention's from `backend::cuda::attention`
 //! (per-head_dim entry points, shared memory at Hopper's limit). For every kernel file and both
 //! storages:
-//! - the two schedules give bitwise-identical outputs: a block's warps, and each warp's lanes,
-//!   resumed in ascending, then in descending order, each warp running as far as it can before
-//!   the next, so a missing `__syncthreads` or `__syncwarp` shows as a mismatch; and so does a
+//! - the two schedules give bitwise-identical outputs: blocks started in launch order, a block's
+//!   warps, and each warp's lanes resumed in ascending order, then all three in descending
+//!   order, each warp running as far as it can before the next, so a missing `__syncthreads` or
+//!   `__syncwarp`, or a dependence on the order blocks start in, shows as a mismatch (or, for a
+//!   block waiting on one that has not started, as a fault); and so does a
 //!   third run with grid-stride grids capped at 2 blocks (the backend's grid past 2²⁴ elements);
 //! - no write lands outside a buffer (guards of signalling NaNs around each, which arithmetic
 //!   changes) or outside shared memory, and outputs the op overwrites start as NaN, so an element
@@ -1009,17 +1011,20 @@ fn emulator_reports_deadlock_overflow_race_hang_and_out_of_bounds() {
         assert_eq!(asc == desc, sync == 1, "racy_neighbour with sync = {sync}");
     }
 
-    // Turns taken in launch order pass; waiting for a block launched later hangs a GPU.
-    for reversed in [0, 1] {
-        let (order, turn) = (Buf::new("order", Elem::U32, 4), Buf::from_f64("turn", Elem::U32, &[0.0]));
+    // Turns in launch-ticket order pass whatever order blocks start in; turns in blockIdx order
+    // pass when blocks start in launch order (schedule 0) and hang a GPU when they start in
+    // reverse (schedule 1): block 3 starts first and waits for the three others.
+    for (by_ticket, schedule) in [(0, 0), (1, 0), (1, 1), (0, 1)] {
+        let (order, counters) = (Buf::new("order", Elem::U32, 4), Buf::from_f64("counters", Elem::U32, &[0.0, 0.0]));
         let cfg = LaunchConfig { grid_dim: (4, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
-        let run = emu.launch("turns_in_order", cfg, &[order.arg(), turn.arg(), Arg::I32(reversed)], 0);
-        if reversed == 0 {
+        let run = emu.launch("turns_in_order", cfg, &[order.arg(), counters.arg(), Arg::I32(by_ticket)], schedule);
+        if (by_ticket, schedule) != (0, 1) {
             run.unwrap();
-            assert_eq!((order.values(), turn.values()), (vec![0.0, 1.0, 2.0, 3.0], vec![4.0]), "turns in launch order");
+            let started = if schedule == 0 { [0.0, 1.0, 2.0, 3.0] } else { [3.0, 2.0, 1.0, 0.0] };
+            assert_eq!((order.values(), counters.values()[1]), (started.to_vec(), 4.0), "turns with by_ticket {by_ticket}, schedule {schedule}");
         } else {
             let e = run.unwrap_err();
-            assert!(e.contains("turns_in_order") && e.contains("block (0,0,0)") && e.contains("wait forever"), "{e}");
+            assert!(e.contains("turns_in_order") && e.contains("block (3,0,0)") && e.contains("wait forever"), "{e}");
         }
     }
 

@@ -27,10 +27,10 @@ pub fn classifier_chunk_bytes(tokens: usize, vocab: usize, act_bytes: u64) -> u6
 }
 
 /// Bytes of the attention backward's scratch, live during it: Δ (B·H·T f32), the dQ
-/// accumulator (B·T·H·D f32) and the turn counters (B·H per query tile, u32; counted at the
-/// smallest tile, 32 rows).
+/// accumulator (B·T·H·D f32) and the counters (u32: B·Hkv launch tickets, and B·H per query
+/// tile, counted at the smallest tile, 32 rows).
 pub fn attention_bwd_bytes(s: AttnShape) -> u64 {
     let delta = s.batch * s.n_heads * s.seq;
-    let turns = s.batch * s.n_heads * s.seq.div_ceil(32);
+    let turns = s.batch * (s.n_kv_heads + s.n_heads * s.seq.div_ceil(32));
     4 * (delta + s.tokens() * s.out_width() + turns) as u64
 }

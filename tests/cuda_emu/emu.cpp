@@ -435,12 +435,14 @@ bool launch(Launch& l, const unsigned grid[3], const unsigned block[3], bool des
     l.smem = reinterpret_cast<unsigned char*>((at + 127) & ~uintptr_t(127));
     grid_dim = {grid[0], grid[1], grid[2]};
     block_dim = {block[0], block[1], block[2]};
-    for (unsigned z = 0; z < grid[2]; z++)
-        for (unsigned y = 0; y < grid[1]; y++)
-            for (unsigned x = 0; x < grid[0]; x++) {
-                block_idx = {x, y, z};
-                if (!run_block(l, descending)) return false;
-            }
+    // Blocks start in launch order (x fastest), or in reverse in the descending schedule: CUDA
+    // promises no order, so a kernel that depends on one gives different results or hangs.
+    size_t blocks = (size_t)grid[0] * grid[1] * grid[2];
+    for (size_t i = 0; i < blocks; i++) {
+        size_t b = descending ? blocks - 1 - i : i;
+        block_idx = {unsigned(b % grid[0]), unsigned(b / grid[0] % grid[1]), unsigned(b / grid[0] / grid[1])};
+        if (!run_block(l, descending)) return false;
+    }
     return true;
 }
 
@@ -517,7 +519,7 @@ void cp_async_wait(unsigned pending) {
 
 unsigned char* dynamic_smem() { return L->smem; }
 
-void spin_forever() { fault("polls a flag that no block launched before it set: on a GPU it would wait forever"); }
+void spin_forever() { fault("polls a flag that no block started before it set: on a GPU it could wait forever"); }
 
 size_t shared_offset(const void* p) {
     if (!in_smem(p, 1)) fault(format("address %p is not in dynamic shared memory", p));
@@ -533,9 +535,9 @@ void register_kernel(const char* name, void* fn, Invoke invoke, const size_t* si
 // ---- C ABI ---------------------------------------------------------------------------------------
 
 // Runs `kernel` over the grid, as cuLaunchKernel would: args[i] points at the i-th argument's
-// value, sizes[i] is its size (checked against the kernel's parameter). schedule 0 resumes the
-// threads of a block in ascending order, 1 in descending order. Returns 0, or -1 with
-// emu_last_error() saying why.
+// value, sizes[i] is its size (checked against the kernel's parameter). schedule 0 starts the
+// blocks in launch order and resumes each block's threads in ascending order, 1 does both in
+// descending order. Returns 0, or -1 with emu_last_error() saying why.
 extern "C" __attribute__((visibility("default"))) int emu_launch(const char* kernel, const unsigned grid[3], const unsigned block[3], size_t smem_bytes,
                                                                  size_t nargs, void* const* args, const size_t* sizes, int schedule) {
     using namespace emu;

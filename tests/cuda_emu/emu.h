@@ -141,8 +141,14 @@ inline void cp_async_wait_all() {
     emu::cp_async_commit();
     emu::cp_async_wait(0);
 }
-// Blocks run one after another in launch order, so a flag that is not set yet when a block polls
-// it would never be set by the blocks launched before it: on a GPU that block would hang.
+// Fibers switch only at barriers and collectives, so a plain add is atomic.
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+// Blocks run one after another, so a flag that is not set yet when a block polls it would never
+// be set by the blocks that started before it: on a GPU that block could hang.
 inline unsigned load_acquire(const unsigned* p) { return *p; }
 inline void store_release(unsigned* p, unsigned v) { *p = v; }
 [[noreturn]] inline void spin_pause() { emu::spin_forever(); }

@@ -82,12 +82,12 @@ extern "C" __global__ void racy_neighbour(float* out, int sync) {
     out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
 }
 
-// Each block takes its turn on one counter and writes its index at its place in the order:
-// place = blockIdx.x (reversed = 0), or the reverse, where the first block launched waits for
-// blocks launched after it (a hang on the GPU).
-extern "C" __global__ void turns_in_order(unsigned* order, unsigned* turn, int reversed) {
-    const unsigned place = reversed ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    wait_turn(turn, place);
+// Each block takes its turn on one counter (counters[1]) and writes its index at its place in
+// the order: its launch ticket (counters[0]) with by_ticket = 1, else blockIdx.x, which waits
+// for blocks that may not have started when blocks start out of launch order (a hang on a GPU).
+extern "C" __global__ void turns_in_order(unsigned* order, unsigned* counters, int by_ticket) {
+    const unsigned place = by_ticket ? launch_ticket(counters) : blockIdx.x;
+    wait_turn(counters + 1, place);
     if (threadIdx.x == 0) order[place] = blockIdx.x;
-    pass_turn(turn, place + 1);
+    pass_turn(counters + 1, place + 1);
 }

@@ -95,9 +95,10 @@ fn atoms(d: usize) -> usize {
     }
 }
 
-/// Turn counters of the backward (u32, zero at launch): one per (batch, q head, query tile).
+/// Counters of the backward (u32, zero at launch): a launch ticket per (batch, kv head), then a
+/// turn counter per (batch, q head, query tile).
 pub fn turns_len(s: AttnShape) -> usize {
-    s.batch * s.n_heads * s.seq.div_ceil(Pass::query_tile(s.head_dim))
+    s.batch * s.n_kv_heads + s.batch * s.n_heads * s.seq.div_ceil(Pass::query_tile(s.head_dim))
 }
 
 /// Head dims with kernels: the multiples of 16 up to [`MAX_HEAD_DIM`].

@@ -318,14 +318,14 @@ __device__ __forceinline__ void frag_at(unsigned f[4], const bf16* t, int ld, in
 // Grid (ceil(T / KEYS), B·Hkv), KEYS = 64·ATOMS: a block's 4 warps own 16·ATOMS key rows each.
 // Shared: K, V (KEYS rows), two buffers of Q, dO (QT rows), two of the query rows' lse (in log2
 // units) and Δ, then dSᵀ (KEYS × QT). Writes dqkv; dq_acc (N, H·D) f32 holds the dQ sums in
-// between, and turns (B·H·⌈T / QT⌉, zero at launch) count the key blocks that have added to each
-// query tile.
+// between; turns (zero at launch) hold B·Hkv launch tickets, then per query tile (B·H·⌈T / QT⌉)
+// the count of key blocks that have added to it.
 //
 // Query tile i0 gets its dQ parts from key blocks last = ⌊i0 / KEYS⌋ down to 0, in that order:
-// `last` writes dq_acc, the next ones add to it, block 0 adds and writes dqkv. Block x of the
-// grid is key block gridDim.x − 1 − x, so each head's blocks launch in that order: every block
-// waited for was launched earlier (turns, common.cuh), and it reaches the tile steps earlier on
-// its own walk, so in the steady state no block should wait (not yet measured).
+// `last` writes dq_acc, the next ones add to it, block 0 adds and writes dqkv. A block's key
+// block comes from its (batch, kv head)'s launch ticket, not its grid column: last key block
+// first, so every block waited for started earlier (turns, common.cuh), and it reaches the tile
+// steps earlier on its own walk, so in the steady state no block should wait (not yet measured).
 template <int D>
 __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_t* dout, const float* lse, const float* delta,
                          const act_t* qkv, Heads s, float scale) {
@@ -338,18 +338,24 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
     float* stats = (float*)(QO + 4 * QE);  // buffer k: lse·log2e at stats + 2k·QT, Δ after it
     bf16* dSs = (bf16*)(stats + 4 * QT);   // dSᵀ: KEYS rows of SE
 
+    // Each (batch, kv head) runs its key blocks in the order of its own launch tickets, last key
+    // block first. The ticket stays in shared memory and is read where used: a value held across
+    // the tile products would spill (they take every register).
     const int b = blockIdx.y / s.n_kv_heads, kvh = blockIdx.y % s.n_kv_heads;
-    const int group = s.n_heads / s.n_kv_heads, w = s.width(), ow = s.n_heads * D;
+    const unsigned& ticket = launch_ticket(turns + blockIdx.y);
+    auto kb = [&] { return int(gridDim.x - 1 - ticket); };
+    auto j0 = [&] { return kb() * KEYS; };
     const size_t row0 = (size_t)b * s.seq;
-    const int kb = gridDim.x - 1 - blockIdx.x, j0 = kb * KEYS;
+    const int group = s.n_heads / s.n_kv_heads, w = s.width(), ow = s.n_heads * D;
     const int lane = threadIdx.x % WARP, wk = (threadIdx.x / WARP) * 16 * ATOMS, g = lane / 4, q = lane % 4;
     const float scale2 = scale * LOG2E;
     // Steps: every q head of the group × the query tiles from the block's first key on.
-    const int qtiles = (s.seq - j0 + QT - 1) / QT, steps = group * qtiles;
+    auto qtiles = [&] { return (s.seq - j0() + QT - 1) / QT; };
+    auto steps = [&] { return group * qtiles(); };
 
     // Queues the Q, dO tiles of step t into buffer t % 2 and writes its lse and Δ there.
     auto load_step = [&](int t) {
-        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
+        const int h = kvh * group + t / qtiles(), i0 = j0() + (t % qtiles()) * QT;
         bf16* buf = QO + 2 * (t % 2) * QE;
         load_tile<D, QT>(buf, qkv, row0, i0, s.seq, w, s.q_col(h));
         load_tile<D, QT>(buf + QE, dout, row0, i0, s.seq, ow, h * D);
@@ -361,23 +367,23 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
         else if (r < 2 * QT) st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
     };
 
-    load_tile<D, KEYS>(Ks, qkv, row0, j0, s.seq, w, s.k_col(kvh));
-    load_tile<D, KEYS>(Vs, qkv, row0, j0, s.seq, w, s.v_col(kvh));
+    load_tile<D, KEYS>(Ks, qkv, row0, j0(), s.seq, w, s.k_col(kvh));
+    load_tile<D, KEYS>(Vs, qkv, row0, j0(), s.seq, w, s.v_col(kvh));
     load_step(0);
     cp_async_commit();
 
     float dk[ATOMS][D / 8][4] = {}, dv[ATOMS][D / 8][4] = {};
-    for (int t = 0; t < steps; t++) {
-        const int i0 = j0 + (t % qtiles) * QT;
+    for (int t = 0; t < steps(); t++) {
+        const int i0 = j0() + (t % qtiles()) * QT;
         const bf16* Qs = QO + 2 * (t % 2) * QE;
         const bf16* dOs = Qs + QE;
         const float* L2 = stats + 2 * (t % 2) * QT;
         const float* Dl = L2 + QT;
-        advance(t, steps, load_step);
+        advance(t, steps(), load_step);
 
         // Keys up to the tile's last query: the rows of the warps with something to add (the
         // block's first tiles end before its last warps' keys).
-        const int keys = min(KEYS, i0 + QT - j0);
+        const int keys = min(KEYS, i0 + QT - j0());
         if (wk < keys) {
             // Pᵀ from Sᵀ = K Qᵀ, then dSᵀ from dPᵀ = V dOᵀ (one after the other: fewer live
             // registers), for this warp's 16·ATOMS keys × QT queries.
@@ -386,12 +392,12 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
             // Tiles before the block's last key have queries before some of its keys. Query rows
             // past the sequence see zero Q and dO (and lse, Δ): their P is 1 but their dS and dO
             // are 0, so they add nothing and need no mask.
-            const bool diagonal = i0 < j0 + KEYS;
+            const bool diagonal = i0 < j0() + KEYS;
 #pragma unroll
             for (int at = 0; at < ATOMS; at++)
                 for (int nt = 0; nt < QT / 8; nt++)
                     for (int e = 0; e < 4; e++) {
-                        const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = j0 + wk + 16 * at + g + 8 * (e / 2);
+                        const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = j0() + wk + 16 * at + g + 8 * (e / 2);
                         pt[at][nt][e] = diagonal && j > i ? 0.0f : exp2f(pt[at][nt][e] * scale2 - L2[c]);
                     }
             float dst[ATOMS][QT / 8][4] = {};
@@ -417,8 +423,8 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
         // dQ of the tile's rows, dS K over the block's keys, in units of 32 rows × 16 columns
         // per warp, added in the key blocks' order. wait_turn's barrier also publishes dSᵀ.
         // (Recomputed here rather than kept live across the products: the registers are full.)
-        const int h = kvh * group + t / qtiles, last = i0 / KEYS, tile = (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
-        wait_turn(turns + tile, last - kb);
+        const int h = kvh * group + t / qtiles(), last = i0 / KEYS, tile = gridDim.y + (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
+        wait_turn(turns + tile, last - kb());
 #pragma unroll 1
         for (int unit = threadIdx.x / WARP; unit < D / 16 * (QT / 32); unit += 4) {
             const int piece = unit % (D / 16), a0 = 32 * (unit / (D / 16));  // 16 columns × 32 rows
@@ -444,11 +450,11 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
                         const int col = piece * 16 + n8 * 8 + 2 * q;
                         float2 v = make_float2(acc[at][n8][2 * r], acc[at][n8][2 * r + 1]);
                         float2* sum = (float2*)(dq_acc + (row0 + i) * ow + h * D + col);
-                        if (kb != last) {
+                        if (kb() != last) {
                             const float2 before = __ldcg(sum);
                             v = make_float2(before.x + v.x, before.y + v.y);
                         }
-                        if (kb > 0) {
+                        if (kb() > 0) {
                             __stcg(sum, v);
                         } else {
                             act_t* dst_q = dqkv + (row0 + i) * w + s.q_col(h) + col;
@@ -463,14 +469,14 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
         }
         // Every warp is done with this step's buffers (and has stored its dQ part) before the
         // next step refills them.
-        if (kb > 0) pass_turn(turns + tile, last - kb + 1);
+        if (kb() > 0) pass_turn(turns + tile, last - kb() + 1);
         else __syncthreads();
     }
 
 #pragma unroll
     for (int at = 0; at < ATOMS; at++)
         for (int r = 0; r < 2; r++) {
-            const int j = j0 + wk + 16 * at + g + 8 * r;
+            const int j = j0() + wk + 16 * at + g + 8 * r;
             if (j >= s.seq) continue;
             store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk[at], r, 1.0f);
             store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv[at], r, 1.0f);

@@ -125,9 +125,20 @@ __device__ __forceinline__ void spin_pause() { __nanosleep(64); }
 // ---- turns: blocks adding to one buffer in a fixed order -------------------------------------
 // A turn counter counts the blocks that have added their part. A block waits until the count
 // is its place in the order, adds with plain loads and stores (L2 only: __ldcg / __stcg, since L1
-// is not coherent between SMs), then passes the turn on. Blocks start in launch order (CUDA does
-// not promise it; FlashAttention-3's deterministic backward relies on it too), so a block that
-// waits only on blocks launched before it never waits on one that cannot start.
+// is not coherent between SMs), then passes the turn on. A block only waits on blocks that
+// started before it (launch_ticket), which are resident and so make progress: nothing waits on a
+// block that cannot start, whatever order the GPU starts blocks in.
+//
+// launch_ticket: the block's place in start order among the blocks taking from one counter (0
+// for the first). Work chosen by ticket instead of blockIdx is work in start order (CUDA does not
+// promise that blocks start in launch order; FlashAttention-3's deterministic backward assumes
+// it). Returns the ticket in shared memory, for a kernel short of registers to read it where used.
+__device__ __forceinline__ const unsigned& launch_ticket(unsigned* counter) {
+    __shared__ unsigned ticket;
+    if (threadIdx.x == 0) ticket = atomicAdd(counter, 1u);
+    __syncthreads();
+    return ticket;
+}
 __device__ __forceinline__ void wait_turn(const unsigned* turn, unsigned place) {
     if (threadIdx.x == 0)
         while (load_acquire(turn) != place) spin_pause();
