@@ -14,6 +14,7 @@ use cudarc::driver::{CudaStream, DevicePtr};
 
 use super::blas::Operand;
 use super::nvrtc::Storage;
+use super::staging::Staging;
 use crate::backend::Gemm;
 
 pub struct Grouped {
@@ -47,9 +48,10 @@ impl Grouped {
     }
 
     /// `out[g] [+]= op(a[g]) · op(b[g])` for every product, at the element offsets of `gemms`
-    /// (the caller checks sizes and that [`Self::supports`] holds).
+    /// (the caller checks sizes and that [`Self::supports`] holds); the pointer arrays go up
+    /// through `staging`.
     #[allow(clippy::too_many_arguments)]
-    pub fn run(&self, out: Operand, a: Operand, b: Operand, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
+    pub fn run(&self, staging: &Staging, out: Operand, a: Operand, b: Operand, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
         let count = gemms.len();
         if count == 0 {
             return;
@@ -60,7 +62,7 @@ impl Grouped {
         let mut ptrs: Vec<u64> = gemms.iter().map(|g| at(b.ptr, g.b)).collect();
         ptrs.extend(gemms.iter().map(|g| at(a.ptr, g.a)));
         ptrs.extend(gemms.iter().map(|g| at(out.ptr, g.out)));
-        let dev = self.stream.clone_htod(&ptrs).unwrap_or_else(|e| panic!("CUDA grouped matmul pointer upload failed: {e:?}"));
+        let dev = staging.upload(&ptrs, "grouped matmul pointer upload");
         let base = dev.device_ptr(&self.stream).0;
         let array = |i: usize| (base + (i * count * 8) as u64) as *const *const c_void;
 

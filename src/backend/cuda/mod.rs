@@ -17,9 +17,10 @@
 //! writable views of one buffer can coexist when they do not overlap.
 //!
 //! Index data (tokens, routing slots) arrives as host slices, as the trait says, and is uploaded
-//! per call; scratch (row-chunk partials, the attention backward's Δ, dQ sums and counters,
-//! logits chunks) is allocated per call from the stream's memory pool. The memory plan counts
-//! the large ones (`cuda_scratch`); the index uploads and row-chunk partials it does not see.
+//! per call through a page-locked ring (`staging.rs`); scratch (row-chunk partials, the
+//! attention backward's Δ, dQ sums and counters, logits chunks) is allocated per call from the
+//! stream's memory pool. The memory plan counts the large ones (`cuda_scratch`); the index
+//! uploads and row-chunk partials it does not see.
 //!
 //! Errors: trait ops cannot return errors; a failed launch or copy means the device state is
 //! unknown, so they panic with the driver's message, and so does an argument of the wrong
@@ -36,6 +37,7 @@ pub mod launch;
 pub mod nvrtc;
 mod offload;
 mod profile;
+mod staging;
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -61,6 +63,8 @@ pub struct CudaBackend {
     grouped: Option<grouped::Grouped>,
     /// MEMO's copy stream and host tier.
     offload: offload::Offloader,
+    /// Index and pointer uploads through page-locked memory.
+    staging: staging::Staging,
     k: Kernels,
     device: String,
     /// GPU time per op, when asked for ([`CudaBackend::with_profile`]).
@@ -155,7 +159,8 @@ impl CudaBackend {
         let blas = blas::Lt::new(stream.clone()).map_err(Error::Invalid)?;
         let grouped = Some(grouped::Grouped::new(stream.clone()).map_err(Error::Invalid)?);
         let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
-        let be = CudaBackend { stream, blas, grouped, offload, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
+        let staging = staging::Staging::new(stream.clone());
+        let be = CudaBackend { stream, blas, grouped, offload, staging, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
         super::keep_freed_host_memory();
         Ok(be)
@@ -242,10 +247,10 @@ impl CudaBackend {
     }
 
     fn upload_u32(&self, host: &[u32]) -> CudaSlice<u32> {
-        ok(self.stream.clone_htod(host), "index upload")
+        self.staging.upload(host, "index upload")
     }
     fn upload_f32(&self, host: &[f32]) -> CudaSlice<f32> {
-        ok(self.stream.clone_htod(host), "weight upload")
+        self.staging.upload(host, "weight upload")
     }
     fn scratch_f32(&self, len: usize) -> CudaSlice<f32> {
         ok(self.stream.alloc_zeros::<f32>(len.max(1)), "scratch alloc")
@@ -585,7 +590,7 @@ impl Backend for CudaBackend {
         match &self.grouped {
             Some(grouped) if grouped::Grouped::supports(out.operand(), a.operand(), b.operand(), &live, ta, tb) => {
                 self.bind();
-                grouped.run(out.operand(), a.operand(), b.operand(), &live, ta, tb, accumulate)
+                grouped.run(&self.staging, out.operand(), a.operand(), b.operand(), &live, ta, tb, accumulate)
             }
             _ => matmul_each(self, out, a, b, &live, ta, tb, accumulate),
         }
