@@ -94,11 +94,44 @@ pub fn build_policy(cfg: &MemoryConfig, model: &ModelConfig, moe: &MoeConfig, ba
             }
             tail(vec![LayerPolicy::Offload { alpha }; swapped])
         }
-        (MemoryPolicy::Offload, Alpha::Auto) => match plan_alpha(&profile.layer_costs(model, moe, batch, seq)?, profile.link)? {
-            AlphaOutcome::Swap(plan) => tail(plan.alpha.iter().map(|&a| LayerPolicy::Offload { alpha: a.clamp(0.0, 1.0) as f32 }).collect()),
-            AlphaOutcome::Infeasible(_) => tail(vec![LayerPolicy::Recompute; swapped]),
-        },
+        (MemoryPolicy::Offload, Alpha::Auto) => {
+            let costs = profile.layer_costs(model, moe, batch, seq)?;
+            match plan_alpha(&costs, profile.link)? {
+                AlphaOutcome::Swap(plan) => tail(in_whole_tokens(&plan.alpha, &costs, profile.link.m_host, batch * seq)),
+                AlphaOutcome::Infeasible(_) => tail(vec![LayerPolicy::Recompute; swapped]),
+            }
+        }
     })
+}
+
+/// The LP's α as the store applies it: the store offloads ⌈α·tokens⌉ rows, so each α is rounded
+/// down to whole rows, and rows come off the layer with the most until the host holds them all
+/// (the LP meets its limits within a relative tolerance, and an α on the host limit rounded up
+/// would pass it).
+fn in_whole_tokens(alpha: &[f64], costs: &[LayerCost], m_host: u64, tokens: usize) -> Vec<LayerPolicy> {
+    let offload = |rows: usize| LayerPolicy::Offload { alpha: alpha_for_rows(rows, tokens) };
+    let host = |rows: &[usize]| -> u128 { costs.iter().zip(rows).map(|(c, &r)| (c.s_input + c.s_attn + offload(r).offloaded_others(c.s_others, tokens)) as u128).sum() };
+    // A row within a millionth of a whole one counts whole (the LP's answer is a float); the
+    // host check below takes it back if that passes the limit.
+    let mut rows: Vec<usize> = alpha.iter().map(|&a| ((a.clamp(0.0, 1.0) * tokens as f64 + 1e-6).floor() as usize).min(tokens)).collect();
+    while host(&rows) > m_host as u128 {
+        let Some(most) = (0..rows.len()).filter(|&i| rows[i] > 0).max_by_key(|&i| rows[i]) else { break };
+        rows[most] -= 1;
+    }
+    rows.into_iter().map(offload).collect()
+}
+
+/// The α (an f32) whose ⌈α·tokens⌉ is exactly `rows`.
+fn alpha_for_rows(rows: usize, tokens: usize) -> f32 {
+    let split = |alpha: f32| LayerPolicy::Offload { alpha }.split_token(tokens).unwrap_or(0);
+    let mut alpha = (rows as f64 / tokens.max(1) as f64) as f32;
+    while alpha > 0.0 && split(alpha) > rows {
+        alpha = alpha.next_down();
+    }
+    while split(alpha) < rows {
+        alpha = alpha.next_up();
+    }
+    alpha
 }
 
 #[cfg(test)]
@@ -131,6 +164,36 @@ mod tests {
         // No room even for the inputs: recompute instead.
         let none = build_policy(&cfg, &m, &moe, 1, 256, &costs(10)).unwrap();
         assert_eq!(none[..2], [LayerPolicy::Recompute; 2]);
+    }
+
+    /// An α on the host limit that falls between whole tokens: rounded up, as the store rounds
+    /// a split, it would pass the limit; rounded down it does not.
+    #[test]
+    fn auto_alpha_on_the_host_limit_stays_inside_it_in_whole_tokens() {
+        let (m, moe) = shape();
+        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
+        let costs = |host| Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e12, m_host: host }).unwrap();
+        let lc = costs(0).layer_costs(&m, &moe, 1, 256).unwrap()[0];
+        let per_token = lc.s_others / 256;
+        assert_eq!(lc.s_others, 256 * per_token, "token-split tensors");
+        // Both swapped layers' whole tensors and 100.5 tokens of the rest of each.
+        let host = 2 * (lc.s_input + lc.s_attn) + 201 * per_token;
+        let policies = build_policy(&cfg, &m, &moe, 1, 256, &costs(host)).unwrap();
+        let used: u64 = policies[..2].iter().map(|p| lc.s_input + lc.s_attn + p.offloaded_others(lc.s_others, 256)).sum();
+        assert!(used <= host, "{policies:?} use {used} bytes of host memory, more than {host}");
+        assert!(policies[..2].iter().all(|p| p.split_token(256) == Some(100)), "{policies:?}");
+        // Whole tokens exactly: the LP's α (tolerance aside) is kept.
+        let exact = build_policy(&cfg, &m, &moe, 1, 256, &costs(host + per_token)).unwrap();
+        assert!(exact[..2].iter().all(|p| p.split_token(256) == Some(101)), "{exact:?}");
+    }
+
+    #[test]
+    fn alpha_for_rows_gives_exactly_those_rows() {
+        for tokens in [1, 7, 256, 524_288, 1 << 20] {
+            for rows in [0, 1, tokens / 3, tokens / 2 + 1, tokens - 1, tokens] {
+                assert_eq!(LayerPolicy::Offload { alpha: alpha_for_rows(rows, tokens) }.split_token(tokens), Some(rows), "{rows} of {tokens}");
+            }
+        }
     }
 
     #[test]

@@ -144,8 +144,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
                 LayerPolicy::Keep => (skeletal.total(), 0, 0),
                 LayerPolicy::Recompute => (skeletal.input + skeletal.attn, 0, skeletal.others),
                 LayerPolicy::Offload { .. } => {
-                    let a = policy.split_token(tokens).unwrap_or(tokens) as f64 / tokens as f64;
-                    let off = (skeletal.others as f64 * a).round() as u64;
+                    let off = policy.offloaded_others(skeletal.others, tokens);
                     (0, skeletal.input + skeletal.attn + off, skeletal.others - off)
                 }
             };

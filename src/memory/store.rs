@@ -172,6 +172,14 @@ impl LayerPolicy {
         }
     }
 
+    /// Bytes of a layer's `TokenSplit` tensors, `others` in all, that go to the host.
+    pub fn offloaded_others(&self, others: u64, tokens: usize) -> u64 {
+        match self {
+            LayerPolicy::Offload { .. } => (others as u128 * self.split_token(tokens).unwrap_or(0) as u128 / tokens.max(1) as u128) as u64,
+            LayerPolicy::Keep | LayerPolicy::Recompute => 0,
+        }
+    }
+
     fn check(&self, layer: usize) -> Result<()> {
         match *self {
             LayerPolicy::Offload { alpha } if !(0.0..=1.0).contains(&alpha) => {
