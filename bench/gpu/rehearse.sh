@@ -30,6 +30,11 @@ export LONG_LENGTHS=64,128 MAX_LENGTHS=256
 export CHECK_STEPS=2
 export CHECK_ARGS="--set train.batch_size=2 --set train.seq_len=64 --set model.seq_len=64 --set train.eval_batches=1"
 rm -rf "$OUT"
+# No Nsight Compute here: a stand-in that drops ncu's flags and runs the profiled command.
+mkdir -p "$OUT"
+printf '#!/usr/bin/env bash\nwhile [ $# -gt 0 ] && [ ! -x "$1" ]; do shift; done\nexec "$@"\n' > "$OUT/ncu"
+chmod +x "$OUT/ncu"
+export NCU=$OUT/ncu PROFILE_LENGTH=128 PROFILE_ARGS="--tokens 256 --heads 2"
 bash bench/gpu/run.sh "${@:-all}"
 # Every motley command must have passed; PyTorch's may fail here for want of PyTorch.
 if tail -n +3 "$OUT/summary.md" | grep -v -e '| ok |' -e '| AGREE' -e 'PyTorch'; then

@@ -7,6 +7,7 @@
 #   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley, then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
 #   bench/gpu/run.sh long-max   B=1 T=512K, 1M: motley
+#   bench/gpu/run.sh profile    Nsight Compute on the attention kernels at T=32K (for tuning)
 #   bench/gpu/run.sh all        every part in that order, as many as the call budget allows
 #   bench/gpu/run.sh step attention   several parts, in the order given
 #
@@ -17,11 +18,12 @@
 # tables are printed at the end.
 #
 # Environment: OUT, RUN_BUDGET; PYTHON (python3: the one with PyTorch); CHECK_STEPS (300),
-# STEP_POLICY (keep), LONG_POLICY (recompute). bench/gpu/rehearse.sh runs all of it here, without
+# STEP_POLICY (keep), LONG_POLICY (recompute), PROFILE_LENGTH (32K), NCU (the ncu binary; found
+# on PATH or in /usr/local/cuda/bin). bench/gpu/rehearse.sh runs all of it here, without
 # a GPU, on the emulated device, by shrinking the work: SHAPE (h100-ref: a key of
 # bench/gpu_configs.json or cpu_configs.json), SHAPE_ARGS (train_step flags after --shape, e.g.
 # --batch), ATTN_LENGTHS (4K,32K,128K), ATTN_ARGS, LONG_LENGTHS (16K,…,256K), MAX_LENGTHS
-# (512K,1M), CHECK_ARGS (flags of the check's `motley train`), MOTLEY_CUDA_LD (the library path
+# (512K,1M), PROFILE_ARGS (flags of the profiled attention bench), CHECK_ARGS (flags of the check's `motley train`), MOTLEY_CUDA_LD (the library path
 # motley's commands get) and MOTLEY_PTX_CACHE (kept when set).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
@@ -41,6 +43,8 @@ shape_args=(--shape "$shape" ${SHAPE_ARGS:-})
 attn_args=(--lengths "${ATTN_LENGTHS:-4K,32K,128K}" ${ATTN_ARGS:-})
 # shellcheck disable=SC2206
 check_args=(${CHECK_ARGS:-})
+# shellcheck disable=SC2206
+profile_args=(--lengths "${PROFILE_LENGTH:-32K}" ${PROFILE_ARGS:-})
 
 # The shape as the peer's --config JSON; an unknown SHAPE is an error naming the known ones.
 shape_json() {
@@ -228,11 +232,42 @@ part_long_max() {
     long_table "$d"
 }
 
+# Nsight Compute on each attention kernel, one launch of it in the attention bench at one length:
+# the full set of sections (speed of light, occupancy, warp stall reasons, memory tables, source
+# counters) plus the tensor pipe's activity and shared-memory bank conflicts, as text. What the
+# next kernel tuning works from where no GPU is lent.
+part_profile() {
+    local d=$OUT/profile ncu k length=${PROFILE_LENGTH:-32K}
+    mkdir -p "$d"
+    ncu=${NCU:-$(command -v ncu || ls /usr/local/cuda/bin/ncu 2> /dev/null || true)}
+    if [ -z "$ncu" ] || [ ! -x "$ncu" ]; then
+        record "profile: Nsight Compute" "skipped: no ncu on this machine (set NCU)" 0
+        echo "no ncu on this machine" > "$d/table.md"
+        return
+    fi
+    local metrics=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
+    metrics+=,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum
+    metrics+=,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_ldsm.sum
+    for k in attn_fwd_d64 attn_bwd_delta attn_bwd_d64; do
+        run_limited "profile: ncu $k, T=$length" "$(grant 100)" "$d/$k.txt" \
+            "${gpu[@]}" "$ncu" --set full --metrics "$metrics" -k "regex:^$k\$" -c 1 \
+            "$bin/attention" --device cuda "${profile_args[@]}" --min-seconds 0
+    done
+    {
+        echo "Nsight Compute, one launch per kernel of \`attention ${profile_args[*]}\` (default B = 32K / T, 16 heads of 64); full reports in $d/*.txt."
+        for k in attn_fwd_d64 attn_bwd_delta attn_bwd_d64; do
+            echo; echo "### $k"; echo '```'
+            grep -E '^ +((Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Dynamic Shared Memory Per Block|Executed Ipc Active|Issue Slots Busy|Warp Cycles Per Issued Instruction|L1/TEX Hit Rate|L2 Hit Rate) |sm__pipe_tensor|l1tex__data|smsp__inst_executed_op_ldsm)' "$d/$k.txt" | sed 's/  */ /g'
+            echo '```'
+        done
+    } > "$d/table.md"
+}
+
 parts=()
 for arg in "$@"; do
     case $arg in
-        check | step | attention | long | long-max) parts+=("$arg") ;;
-        all) parts+=(check step attention long long-max) ;;
+        check | step | attention | long | long-max | profile) parts+=("$arg") ;;
+        all) parts+=(check step attention profile long long-max) ;;
         *) parts=() && break ;;
     esac
 done
@@ -251,6 +286,7 @@ for p in "${parts[@]}"; do
         attention) part_attention ;;
         long) part_long ;;
         long-max) part_long_max ;;
+        profile) part_profile ;;
     esac
 done
 echo "# Summary ($OUT/summary.md, all calls so far)"
