@@ -461,6 +461,46 @@ fn memo_policies_match_keep_all() {
     }
 }
 
+/// Bitwise reproducible on the GPU, as the CPU is: two runs of the same steps give the same
+/// losses, gradients and weights (every reduction in a fixed order: the attention backward's dQ
+/// sums behind their turns, norms, the loss; cuBLAS(Lt) promises the same bits on the same GPU).
+#[test]
+fn training_is_bitwise_reproducible() {
+    let Some(cuda) = gpu(Storage::Bf16) else { return };
+    let bits = |(l, g, w): (Vec<f64>, Vec<f32>, Vec<f32>)| [l.iter().map(|x| x.to_bits()).collect::<Vec<u64>>(), g.iter().chain(&w).map(|x| x.to_bits() as u64).collect()];
+    let (first, second) = (bits(train(&cuda, LayerPolicy::Keep, 2)), bits(train(&cuda, LayerPolicy::Keep, 2)));
+    for (what, a, b) in [("losses", &first[0], &second[0]), ("gradients and weights", &first[1], &second[1])] {
+        let differ = a.iter().zip(b).filter(|(x, y)| x != y).count();
+        assert_eq!(differ, 0, "{differ} of {} {what} differ between two identical runs", a.len());
+    }
+}
+
+/// The attention backward's ordered dQ sums under load: on a GPU, a shape whose key blocks fill
+/// the SMs many times over, so that blocks wait for their turns while others run (the small
+/// shapes of the `attention` case barely overlap); on the emulator, which runs blocks one after
+/// another, a small one. Five backward passes, bitwise the same.
+#[test]
+fn attention_backward_is_reproducible_under_load() {
+    type B = CudaBackend;
+    let Some(be) = gpu(Storage::Bf16) else { return };
+    let on_gpu = emu_build::device("cuda_parity") == Some("GPU");
+    let s = if on_gpu { AttnShape { batch: 4, seq: 8192, n_heads: 16, n_kv_heads: 4, head_dim: 64 } } else { AttnShape { batch: 1, seq: 300, n_heads: 2, n_kv_heads: 1, head_dim: 64 } };
+    let qkv = up(&be, &data(41, s.tokens() * s.qkv_width()));
+    let (mut out, mut lse) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq));
+    be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&qkv), s);
+    let dout = up(&be, &data(42, s.tokens() * s.out_width()));
+    let mut dqkv = be.alloc(s.tokens() * s.qkv_width());
+    let mut first = None;
+    for pass in 0..5 {
+        be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s);
+        let bits: Vec<u32> = down(&be, &dqkv).iter().map(|x| x.to_bits()).collect();
+        match &first {
+            None => first = Some(bits),
+            Some(f) => assert!(*f == bits, "pass {pass}: {} of {} dqkv values differ from the first pass ({s:?})", f.iter().zip(&bits).filter(|(a, b)| a != b).count(), bits.len()),
+        }
+    }
+}
+
 /// The grouped cuBLAS call against one cuBLASLt matmul per product, both bf16 on the GPU.
 #[test]
 fn grouped_call_matches_per_product_matmuls() {
