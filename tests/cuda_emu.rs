@@ -275,7 +275,7 @@ fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
 /// Kernels whose dynamic shared memory limit the backend raises (`kernels.rs`: the attention
 /// passes); every other launch gets CUDA's default 48 KiB.
 fn raised_smem(kernel: &str) -> bool {
-    attn::head_dims().any(|d| Pass::ALL.iter().any(|p| p.function(d) == kernel))
+    kernel == attn::HOPPER_FORWARD || attn::head_dims().any(|d| Pass::ALL.iter().any(|p| p.function(d) == kernel))
 }
 
 /// Hopper's opt-in shared memory per block (227 KiB), the limit the attention launches get.
@@ -882,6 +882,37 @@ fn attention(s: Storage) {
     ch.finish();
 }
 
+/// The Hopper forward (wgmma, head_dim 64) against the CPU, as the mma.sync forward is: two
+/// query blocks, the second past the sequence; a walk of three key tiles, the last partial;
+/// groups of 2 and 1 query heads per kv head.
+const HOPPER_ATTN: [AttnShape; 2] = [
+    AttnShape { batch: 2, seq: 200, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
+    AttnShape { batch: 1, seq: 300, n_heads: 2, n_kv_heads: 2, head_dim: 64 },
+];
+
+fn attention_hopper(s: Storage) {
+    let mut ch = Checks::new("attention_hopper", s);
+    for (k, sh) in HOPPER_ATTN.into_iter().enumerate() {
+        let qkv = act(Storage::Bf16, &data(140 + k as u64, sh.tokens() * sh.qkv_width()));
+        let (mut want_out, mut lse) = (vec![0.0; sh.tokens() * sh.out_width()], vec![0.0; sh.batch * sh.n_heads * sh.seq]);
+        cpu_for(s).attention_fwd(&mut want_out, &mut lse, &qkv, sh);
+        let heads = bytes_of(&attn::heads(sh));
+        let scale = 1.0 / (sh.head_dim as f32).sqrt();
+        let Some(got) = emulate(s, |g| {
+            let q = g.act("qkv", &qkv);
+            let (out, lse_out) = (g.nan("out", g.act_elem(), want_out.len()), g.nan("lse", Elem::F32, lse.len()));
+            g.run("attn_fwd_wgmma_d64", attn::hopper_forward_config(sh), &[out.arg(), lse_out.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
+            vec![out, lse_out]
+        }) else {
+            return;
+        };
+        let tol = if s == Storage::F32 { ATTN_TOL } else { BF16_ATTN_TOL };
+        ch.close32(&format!("{sh:?} out"), &want_out, &got[0], tol);
+        ch.close32(&format!("{sh:?} lse"), &lse, &got[1], F32_TOL);
+    }
+    ch.finish();
+}
+
 /// One test per kernel file and storage: `<file>::f32` and `<file>::bf16`.
 macro_rules! per_storage {
     ($($file:ident),*) => {$(
@@ -899,7 +930,7 @@ macro_rules! per_storage {
     )*};
 }
 
-per_storage!(elementwise, embed, norm, rope, swiglu, softmax, router_bwd, permute, loss, optim, attention);
+per_storage!(elementwise, embed, norm, rope, swiglu, softmax, router_bwd, permute, loss, optim, attention, attention_hopper);
 
 /// Every entry point the backend loads is launched somewhere above: by its quoted name, or, for
 /// the per-head_dim attention passes, by a shape of [`ATTN`] with that head_dim.
@@ -908,7 +939,7 @@ fn every_kernel_is_launched() {
     let this = include_str!("cuda_emu.rs");
     let by_shape = |func: &str| ATTN.iter().any(|sh| Pass::ALL.iter().any(|p| p.function(sh.head_dim) == func));
     for f in KERNEL_FILES {
-        for func in f.functions {
+        for func in f.functions.iter().chain(f.hopper) {
             assert!(this.contains(&format!("run(\"{func}\"")) || by_shape(func), "kernels/{}.cu: `{func}` is never launched in tests/cuda_emu.rs", f.name);
         }
     }
@@ -989,6 +1020,48 @@ fn cp_async_copies_zero_fills_and_lands_at_its_wait() {
     // still holds its poison (all ones), so a missing wait shows.
     assert_eq!(got[8..12], [u32::MAX; 4], "group 1 before its wait");
     assert_eq!(got[12..], src[4..], "group 1 after cp_async_wait_all");
+}
+
+/// wgmma against a plain matmul (small integers: every sum exact, so the layouts bit for bit),
+/// in both forms the kernels use: A and B from shared memory (B K-major), and A from registers
+/// with B MN-major; the 128-byte swizzle and the descriptors' steps along k. Then the misuse
+/// the PTX ISA rules out and the emulator reports: cp.async data read without
+/// fence.proxy.async, accumulators read before wgmma.wait_group (they hold NaN in flight), an
+/// operand overwritten before it.
+#[test]
+fn wgmma_is_a_matmul_and_reports_misuse() {
+    let Some(emu) = emulator(Storage::F32) else { return };
+    let mut rng = Rng::new(61);
+    let mut small = |n: usize| (0..n).map(|_| rng.below(9) as f32 - 4.0).collect::<Vec<f32>>();
+    let bf16s = |v: &[f32]| u16s(&v.iter().map(|&x| bf16_bits(x)).collect::<Vec<_>>());
+    let (a, b) = (small(64 * 64), small(128 * 64));
+    let ss = |misuse: i32| {
+        let d = Buf::new("d", Elem::F32, 64 * 128);
+        emu.launch("test_wgmma_ss", one_block(128, 64 * 128 + 128 * 128 + 1024), &[d.arg(), bf16s(&a).arg(), bf16s(&b).arg(), Arg::I32(misuse)], 0).map(|_| d.values())
+    };
+    let got = ss(0).unwrap();
+    for i in 0..64 {
+        for j in 0..128 {
+            let want: f32 = (0..64).map(|k| a[i * 64 + k] * b[j * 64 + k]).sum();
+            assert_eq!(got[i * 128 + j], want as f64, "wgmma_m64n128k16_ss d[{i}][{j}]");
+        }
+    }
+    let e = ss(1).unwrap_err();
+    assert!(e.contains("has not fenced (fence.proxy.async)"), "{e}");
+    assert!(ss(2).unwrap().iter().all(|x| x.is_nan()), "accumulators read before the wait hold NaN");
+    let e = ss(3).unwrap_err();
+    assert!(e.contains("B operand of a wgmma (shared memory) changed"), "{e}");
+
+    let (a, v) = (small(64 * 32), small(32 * 64));
+    let d = Buf::new("d", Elem::F32, 64 * 64);
+    emu.launch("test_wgmma_rs", one_block(128, 32 * 128 + 1024), &[d.arg(), bf16s(&a).arg(), bf16s(&v).arg()], 0).unwrap();
+    let got = d.values();
+    for i in 0..64 {
+        for j in 0..64 {
+            let want: f32 = (0..32).map(|k| a[i * 32 + k] * v[k * 64 + j]).sum();
+            assert_eq!(got[i * 64 + j], want as f64, "wgmma_m64n64k16_rs_tb d[{i}][{j}]");
+        }
+    }
 }
 
 #[test]

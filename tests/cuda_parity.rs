@@ -501,6 +501,46 @@ fn attention_backward_is_reproducible_under_load() {
     }
 }
 
+/// The Hopper attention forward (wgmma, opt-in) against the CPU, and against the mma.sync
+/// forward on the same device. On an H100 this is the first check of the kernel, and of the
+/// emulator's model of wgmma (layouts, descriptors, swizzle), against the hardware. Skipped,
+/// saying so, on GPUs without it (not sm_90).
+#[test]
+fn hopper_attention_forward() {
+    type B = CudaBackend;
+    let Some(mma) = gpu(Storage::Bf16) else { return };
+    let hopper = match CudaBackend::new(0, Storage::Bf16).and_then(CudaBackend::with_hopper_attention) {
+        Ok(be) => be,
+        Err(e) => return eprintln!("hopper_attention_forward skipped: {e}"),
+    };
+    let on_gpu = emu_build::device("cuda_parity") == Some("GPU");
+    let mut shapes = vec![AttnShape { batch: 2, seq: 200, n_heads: 4, n_kv_heads: 2, head_dim: 64 }, AttnShape { batch: 1, seq: 390, n_heads: 2, n_kv_heads: 1, head_dim: 64 }];
+    if on_gpu {
+        shapes.push(AttnShape { batch: 1, seq: 4096, n_heads: 16, n_kv_heads: 16, head_dim: 64 });
+    }
+    let cpu = cpu_for(Storage::Bf16);
+    for (k, s) in shapes.into_iter().enumerate() {
+        // bf16 values, so that the CPU reads what the GPU does.
+        let qkv: Vec<f32> = data(50 + k as u64, s.tokens() * s.qkv_width()).iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+        let run = |be: &CudaBackend| {
+            let q = up(be, &qkv);
+            let (mut out, mut lse) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq));
+            be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&q), s);
+            (down(be, &out), down(be, &lse))
+        };
+        let ((got_o, got_l), (mma_o, mma_l)) = (run(&hopper), run(&mma));
+        let q = up(&cpu, &qkv);
+        let (mut out, mut lse) = (cpu.alloc(s.tokens() * s.out_width()), cpu.alloc_f32(s.batch * s.n_heads * s.seq));
+        cpu.attention_fwd(Cpu::full_mut(&mut out), Cpu::full_mut(&mut lse), Cpu::full(&q), s);
+        let (want_o, want_l) = (down(&cpu, &out), down(&cpu, &lse));
+        let errors = [("out vs CPU", error(&want_o, &got_o), BF16_ATTN_TOL), ("lse vs CPU", error(&want_l, &got_l), BF16_ATTN_TOL), ("out vs mma.sync", error(&mma_o, &got_o), BF16_ATTN_TOL), ("lse vs mma.sync", error(&mma_l, &got_l), BF16_ATTN_TOL)];
+        for (what, err, tol) in errors {
+            eprintln!("hopper attention {s:?}: {what} normalised max error {err:.2e}");
+            assert!(err <= tol, "hopper attention {s:?}: {what} normalised max error {err:.3e} > {tol:.0e}");
+        }
+    }
+}
+
 /// The grouped cuBLAS call against one cuBLASLt matmul per product, both bf16 on the GPU.
 #[test]
 fn grouped_call_matches_per_product_matmuls() {

@@ -41,7 +41,8 @@ const FLAGS: &[&str] = &[
 pub const PRIMITIVES: KernelFile = KernelFile {
     name: "primitives",
     source: include_str!("primitives.cu"),
-    functions: &["test_mma", "test_ldmatrix", "test_cp_async", "bad_divergent_shuffle", "bad_smem_overflow", "racy_neighbour", "turns_in_order"],
+    functions: &["test_mma", "test_ldmatrix", "test_cp_async", "test_wgmma_ss", "test_wgmma_rs", "bad_divergent_shuffle", "bad_smem_overflow", "racy_neighbour", "turns_in_order"],
+    hopper: &[],
 };
 
 /// The C++ compiler (`CXX`, default g++) and its version (part of every cache key).
@@ -108,7 +109,7 @@ fn kernel_hash(c: &Compiler) -> String {
     let mut h = DefaultHasher::new();
     (read(&emu.join("emu.h")), read(&emu.join("emu.cpp")), read(&emu.join("include/cuda_bf16.h")), FLAGS, &c.version).hash(&mut h);
     for f in KERNEL_FILES.iter().chain([&PRIMITIVES]) {
-        (f.name, full_source(f), f.functions).hash(&mut h);
+        (f.name, full_source(f), f.functions, f.hopper).hash(&mut h);
     }
     format!("{:016x}", h.finish())
 }
@@ -142,7 +143,7 @@ pub fn kernel_libs(c: &Compiler) -> Result<[PathBuf; 2], String> {
     let mut wrappers = Vec::new();
     for f in KERNEL_FILES.iter().chain([&PRIMITIVES]) {
         let mut wrapper = format!("namespace k_{0} {{\n#include \"{0}.cu\"\n}}\n", f.name);
-        for (i, func) in f.functions.iter().enumerate() {
+        for (i, func) in f.functions.iter().chain(f.hopper).enumerate() {
             wrapper += &format!("static const emu::Registration r{i}(\"{func}\", &k_{}::{func});\n", f.name);
         }
         wrappers.push(src.join(format!("k_{}.cpp", f.name)));

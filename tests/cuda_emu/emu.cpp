@@ -2,6 +2,7 @@
 // asynchronous copies and dynamic shared memory, behind a C ABI for the Rust test.
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -104,7 +105,7 @@ struct Stack {
 // ---- threads and the launch ------------------------------------------------------------------
 
 enum class State { Ready, AtSyncthreads, AtWarpOp, Exited, Faulted };
-enum class Op { Syncwarp, Shuffle, Mma, Ldmatrix, LdmatrixTrans };
+enum class Op { Syncwarp, Shuffle, Mma, Ldmatrix, LdmatrixTrans, Wgmma, WgmmaCommit, WgmmaWait };
 
 const char* op_name(Op op) {
     switch (op) {
@@ -113,6 +114,9 @@ const char* op_name(Op op) {
         case Op::Mma: return "mma16816";
         case Op::Ldmatrix: return "ldmatrix_x4";
         case Op::LdmatrixTrans: return "ldmatrix_x4_trans";
+        case Op::Wgmma: return "wgmma.mma_async";
+        case Op::WgmmaCommit: return "wgmma.commit_group";
+        case Op::WgmmaWait: return "wgmma.wait_group";
     }
     return "?";
 }
@@ -137,10 +141,39 @@ struct Thread {
     unsigned bytes;
     Shfl kind;
     int arg, width;
+    // wgmma.mma_async: its descriptors (A's unused when A is in registers), N and flags;
+    // wgmma.wait_group: the groups it leaves pending.
+    unsigned long long desc[2];
+    unsigned n, pending;
+    bool accumulate, trans_b;
     // cp.async: copies not complete yet, and the number of groups committed so far (the
-    // group of a new copy).
+    // group of a new copy); the shared-memory chunks its copies wrote since its last
+    // fence.proxy.async.
     std::vector<Copy> copies;
     unsigned committed;
+    std::vector<unsigned> unfenced;
+};
+
+// A wgmma.mma_async of one warp (its 16 rows of the warpgroup's 64), issued and not complete:
+// it runs at the wgmma.wait_group that covers its group, from the operands read at issue, which
+// must not have changed by then. The lanes' accumulators hold NaN meanwhile (reading them before
+// the wait shows), unless an earlier wgmma in flight already targets them (a chain, as the
+// hardware orders wgmmas on one accumulator).
+struct Wgmma {
+    unsigned group, n;
+    bool accumulate, trans_b;
+    unsigned long long desc_a, desc_b;
+    float* d[32];
+    const unsigned* a[32];  // the lanes' A registers, or null: A in shared memory
+    std::vector<float> A, B;  // 16 × 16 (this warp's rows) and 16 × n, as read at issue
+    std::vector<float> d_in;  // the lanes' accumulators at issue (32 × n/2); empty in a chain
+};
+
+struct WarpWgmma {
+    unsigned committed = 0;
+    std::vector<Wgmma> ops;
+    // Results of chains whose last wgmma is still in flight, by the first lane's accumulator.
+    std::vector<std::pair<float*, std::vector<float>>> chains;
 };
 
 struct Kernel {
@@ -170,6 +203,12 @@ struct Launch {
     unsigned char* smem;
     size_t smem_bytes;
     std::string error;
+    // Per warp, its wgmmas in flight.
+    std::vector<WarpWgmma> wgmma;
+    // Per 16-byte chunk of dynamic shared memory: the thread whose cp.async wrote it and has not
+    // executed fence.proxy.async since (the generic proxy's writes are not visible to wgmma's
+    // async proxy before that), or -1.
+    std::vector<int> unfenced;
 };
 
 thread_local Launch* L;
@@ -296,6 +335,162 @@ std::string run_ldmatrix(Thread* lanes[32], bool trans) {
     return "";
 }
 
+// ---- wgmma -------------------------------------------------------------------------------------
+
+// A shared-memory matrix descriptor ("Matrix Descriptor Format" of the PTX ISA): start address,
+// leading and stride byte offsets (each in 16-byte units in the descriptor), base offset, and
+// the layout (swizzle) in the top two bits.
+struct Desc {
+    size_t start, lbo, sbo;
+    unsigned base_offset, layout;
+};
+Desc decode(unsigned long long d) {
+    return Desc{(d & 0x3fff) << 4, ((d >> 16) & 0x3fff) << 4, ((d >> 32) & 0x3fff) << 4, unsigned(d >> 49) & 7, unsigned(d >> 62)};
+}
+
+// Shared-memory offset of element (mn, k) of a bf16 operand (mn: the row of A or the column of
+// B) in the 128-byte swizzled canonical layouts of the PTX ISA ("Shared Memory Matrix Layout"),
+// in CuTe's notation with T = 8 elements of 16 bytes:
+//   K-major  ((8,m),(T,2k)) : ((8T,SBO),(1,T))    16 k contiguous; 8 mn rows 128 bytes apart,
+//                                                 then groups of 8 rows SBO apart;
+//   MN-major ((T,8,m),(8,k)) : ((1,T,LBO),(8T,SBO)) 64 mn contiguous, then blocks LBO apart;
+//                                                 8 k rows 128 bytes apart, then groups SBO apart;
+// then the 128-byte swizzle of the address: bits 4–6 XOR bits 7–9.
+size_t element_at(const Desc& d, bool mn_major, unsigned mn, unsigned k) {
+    size_t off = mn_major ? (mn % 64) * 2 + (mn / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo : (mn % 8) * 128 + (mn / 8) * d.sbo + k * 2;
+    size_t a = d.start + off;
+    return a ^ (((a >> 7) & 7) << 4);
+}
+
+// Reads `rows` × 16 bf16 elements of an operand through its descriptor: out[r * 16 + k] (A:
+// rows `first`.., k-major), or out[k * rows + r] for B (r its column). "" or the error.
+std::string read_operand(unsigned long long raw, bool mn_major, unsigned first, unsigned rows, bool is_b, std::vector<float>& out) {
+    Desc d = decode(raw);
+    if (d.layout != 1) return format("descriptor %#llx: layout %u; only the 128-byte swizzle (1) is emulated", raw, d.layout);
+    if (d.base_offset != 0) return format("descriptor %#llx: base offset %u; only 0 is emulated", raw, d.base_offset);
+    out.assign(rows * 16, 0.0f);
+    for (unsigned r = 0; r < rows; r++)
+        for (unsigned k = 0; k < 16; k++) {
+            size_t at = element_at(d, mn_major, first + r, k);
+            if (at + 2 > L->smem_bytes) return format("descriptor %#llx: element (%u, %u) at shared offset %zu, past the %zu bytes of dynamic shared memory", raw, first + r, k, at, L->smem_bytes);
+            if (int w = L->unfenced[at / 16]; w >= 0)
+                return format("reads shared offset %zu, which thread %d wrote with cp.async and has not fenced (fence.proxy.async) since: the async proxy may not see it", at, w);
+            unsigned short bits;
+            std::memcpy(&bits, L->smem + at, 2);
+            out[is_b ? k * rows + r : r * 16 + k] = __bfloat162float(__ushort_as_bfloat16(bits));
+        }
+    return "";
+}
+
+// This warp's A (its 16 rows, 16 × 16) from the lanes' registers, laid out as mma.m16n8k16's A.
+void read_a_registers(const unsigned* const a[32], std::vector<float>& out) {
+    out.assign(256, 0.0f);
+    for (unsigned lane = 0; lane < 32; lane++) {
+        unsigned group = lane >> 2, tig = lane % 4;
+        for (unsigned i = 0; i < 8; i++) {
+            unsigned row = (i < 2 || (i >= 4 && i < 6)) ? group : group + 8;
+            unsigned col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+            out[row * 16 + col] = i % 2 ? bf16_hi(a[lane][i / 2]) : bf16_lo(a[lane][i / 2]);
+        }
+    }
+}
+
+// Reads op's operands as they are now: A (this warp's rows) and B.
+std::string read_wgmma_operands(const Wgmma& op, unsigned warp, std::vector<float>& A, std::vector<float>& B) {
+    std::string e;
+    if (op.a[0]) read_a_registers(op.a, A);
+    else e = read_operand(op.desc_a, false, 16 * (warp % 4), 16, false, A);
+    if (e.empty()) e = read_operand(op.desc_b, op.trans_b, 0, op.n, true, B);
+    return e;
+}
+
+// Lane `lane`'s accumulator j holds (row 16w + g + 8·(j/2 % 2), col 8·(j/4) + 2q + j % 2) of the
+// warpgroup's 64 × N result, g = lane / 4, q = lane % 4 ("Matrix Fragments for
+// wgmma.mma_async.m64nNk16": mma.m16n8k16's C layout, repeated over N in steps of 8); rows
+// below are this warp's, 0..15.
+unsigned d_row(unsigned lane, unsigned j) { return (lane >> 2) + 8 * (j / 2 % 2); }
+unsigned d_col(unsigned lane, unsigned j) { return 8 * (j / 4) + 2 * (lane % 4) + j % 2; }
+
+// The accumulators of a wgmma while it is in flight.
+constexpr unsigned D_POISON = 0x7fc0dead;
+
+// wgmma.mma_async on one warp's lanes: checks, reads and records it (see Wgmma).
+std::string run_wgmma(Thread* lanes[32]) {
+    const Thread& t0 = *lanes[0];
+    if (L->threads.size() % 128) return format("wgmma in a block of %zu threads: a warpgroup is 4 whole warps", L->threads.size());
+    for (unsigned lane = 1; lane < 32; lane++) {
+        const Thread& t = *lanes[lane];
+        if (t.n != t0.n || t.accumulate != t0.accumulate || t.trans_b != t0.trans_b || t.desc[1] != t0.desc[1] || (t.in[0] == nullptr) != (t0.in[0] == nullptr) ||
+            (!t0.in[0] && t.desc[0] != t0.desc[0]))
+            return format("lanes 0 and %u issue different wgmmas (shape, descriptors or flags)", lane);
+    }
+    WarpWgmma& q = L->wgmma[t0.warp];
+    Wgmma op{q.committed, t0.n, t0.accumulate, t0.trans_b, t0.desc[0], t0.desc[1], {}, {}, {}, {}, {}};
+    for (unsigned lane = 0; lane < 32; lane++) {
+        op.d[lane] = static_cast<float*>(lanes[lane]->out);
+        op.a[lane] = static_cast<const unsigned*>(lanes[lane]->in[0]);
+    }
+    if (std::string e = read_wgmma_operands(op, t0.warp, op.A, op.B); !e.empty()) return e;
+    bool chained = false;
+    for (const Wgmma& o : q.ops) chained |= o.d[0] == op.d[0];
+    if (!chained) {
+        op.d_in.resize(32 * (op.n / 2));
+        for (unsigned lane = 0; lane < 32; lane++)
+            for (unsigned j = 0; j < op.n / 2; j++) {
+                op.d_in[lane * (op.n / 2) + j] = op.d[lane][j];
+                std::memcpy(&op.d[lane][j], &D_POISON, 4);
+            }
+    }
+    q.ops.push_back(std::move(op));
+    return "";
+}
+
+// wgmma.wait_group: completes, in issue order, every wgmma of this warp except those of the
+// `pending` most recently committed groups (and any not committed).
+std::string run_wgmma_wait(unsigned warp, unsigned pending) {
+    WarpWgmma& q = L->wgmma[warp];
+    size_t done = 0;
+    while (done < q.ops.size() && q.ops[done].group + pending < q.committed) done++;
+    for (size_t i = 0; i < done; i++) {
+        const Wgmma& op = q.ops[i];
+        std::vector<float> A, B;
+        if (std::string e = read_wgmma_operands(op, warp, A, B); !e.empty()) return e;
+        if (A != op.A) return format("the A operand of a wgmma (%s) changed before its wgmma.wait_group", op.a[0] ? "registers" : "shared memory");
+        if (B != op.B) return "the B operand of a wgmma (shared memory) changed before its wgmma.wait_group";
+        const unsigned per = op.n / 2;
+        auto chain = std::find_if(q.chains.begin(), q.chains.end(), [&](const auto& c) { return c.first == op.d[0]; });
+        std::vector<float> d = op.d_in;
+        if (d.empty()) {
+            if (chain == q.chains.end()) return "a chained wgmma lost its predecessor's result";
+            d = chain->second;
+        }
+        for (unsigned lane = 0; lane < 32; lane++)
+            for (unsigned j = 0; j < per; j++) {
+                unsigned row = d_row(lane, j), col = d_col(lane, j);
+                float acc = op.accumulate ? d[lane * per + j] : 0.0f;
+                for (unsigned k = 0; k < 16; k++) acc += op.A[row * 16 + k] * op.B[k * op.n + col];
+                d[lane * per + j] = acc;
+            }
+        bool last = true;
+        for (size_t later = i + 1; later < q.ops.size(); later++) last &= q.ops[later].d[0] != op.d[0];
+        if (!last) {
+            if (chain == q.chains.end()) q.chains.emplace_back(op.d[0], std::move(d));
+            else chain->second = std::move(d);
+            continue;
+        }
+        if (chain != q.chains.end()) q.chains.erase(chain);
+        for (unsigned lane = 0; lane < 32; lane++)
+            for (unsigned j = 0; j < per; j++) {
+                unsigned bits;
+                std::memcpy(&bits, &op.d[lane][j], 4);
+                if (bits != D_POISON) return format("lane %u wrote accumulator %u while a wgmma on it was in flight", lane, j);
+                op.d[lane][j] = d[lane * per + j];
+            }
+    }
+    q.ops.erase(q.ops.begin(), q.ops.begin() + done);
+    return "";
+}
+
 std::string run_shuffle(Thread* lanes[], unsigned n) {
     for (unsigned lane = 0; lane < n; lane++) {
         const Thread& t = *lanes[lane];
@@ -330,6 +525,12 @@ std::string run_warp_op(Thread* lanes[], unsigned n) {
         case Op::Mma: run_mma(lanes); return "";
         case Op::Ldmatrix: return run_ldmatrix(lanes, false);
         case Op::LdmatrixTrans: return run_ldmatrix(lanes, true);
+        case Op::Wgmma: return run_wgmma(lanes);
+        case Op::WgmmaCommit: L->wgmma[lanes[0]->warp].committed++; return "";
+        case Op::WgmmaWait:
+            for (unsigned lane = 1; lane < n; lane++)
+                if (lanes[lane]->pending != lanes[0]->pending) return format("lanes 0 and %u wait for different wgmma groups", lane);
+            return run_wgmma_wait(lanes[0]->warp, lanes[0]->pending);
     }
     return "unknown warp collective";
 }
@@ -391,11 +592,14 @@ bool run_block(Launch& l, bool descending) {
     std::memset(l.smem - GUARD, CANARY, GUARD);
     std::memset(l.smem, SMEM_POISON, l.smem_bytes);
     std::memset(l.smem + l.smem_bytes, CANARY, GUARD);
+    l.wgmma.assign(warps, WarpWgmma{});
+    l.unfenced.assign(l.smem_bytes / 16 + 1, -1);
     for (size_t i = 0; i < n; i++) {
         Thread& t = l.threads[i];
         t.state = State::Ready;
         t.copies.clear();
         t.committed = 0;
+        t.unfenced.clear();
         t.ctx.start(stacks[i].base(), STACK, fiber_main);
     }
     for (;;) {
@@ -410,6 +614,11 @@ bool run_block(Launch& l, bool descending) {
             }
         if (!live) break;
     }
+    for (unsigned w = 0; w < warps; w++)
+        if (!l.wgmma[w].ops.empty()) {
+            l.error = where(l) + format(" warp %u: ended with %zu wgmma(s) not completed by a wgmma.wait_group", w, l.wgmma[w].ops.size());
+            return false;
+        }
     for (size_t i = 0; i < GUARD; i++)
         if (l.smem[-1 - (ptrdiff_t)i] != CANARY || l.smem[l.smem_bytes + i] != CANARY) {
             l.error = where(l) + format(": wrote outside its %zu bytes of dynamic shared memory (%s it)", l.smem_bytes,
@@ -487,6 +696,35 @@ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
     warp_op(Op::Mma, 0xffffffffu);
 }
 
+void wgmma(float* d, unsigned n, const unsigned* a, unsigned long long desc_a, unsigned long long desc_b, bool accumulate, bool trans_b) {
+    Thread& t = self();
+    t.out = d;
+    t.in[0] = a;
+    t.n = n;
+    t.desc[0] = desc_a;
+    t.desc[1] = desc_b;
+    t.accumulate = accumulate;
+    t.trans_b = trans_b;
+    warp_op(Op::Wgmma, 0xffffffffu);
+}
+
+void wgmma_commit() { warp_op(Op::WgmmaCommit, 0xffffffffu); }
+
+void wgmma_wait(unsigned pending) {
+    self().pending = pending;
+    warp_op(Op::WgmmaWait, 0xffffffffu);
+}
+
+// fence.proxy.async.shared::cta: this thread's earlier shared-memory writes become visible to
+// the async proxy (wgmma's operand reads).
+void fence_proxy_async() {
+    Thread& t = self();
+    const int me = int(&t - L->threads.data());
+    for (unsigned chunk : t.unfenced)
+        if (L->unfenced[chunk] == me) L->unfenced[chunk] = -1;
+    t.unfenced.clear();
+}
+
 void ldmatrix_x4(unsigned r[4], const void* row, bool trans) {
     Thread& t = self();
     t.in[0] = row;
@@ -509,10 +747,18 @@ void cp_async_commit() { self().committed++; }
 // recently committed groups (and any not committed yet).
 void cp_async_wait(unsigned pending) {
     Thread& t = self();
+    const int me = int(&t - L->threads.data());
     std::vector<Copy> rest;
     for (const Copy& c : t.copies) {
-        if (c.group + pending < t.committed) std::memcpy(c.dst, c.data, 16);
-        else rest.push_back(c);
+        if (c.group + pending < t.committed) {
+            std::memcpy(c.dst, c.data, 16);
+            // Whole 16-byte chunks (cp_async16 checks the alignment).
+            unsigned chunk = unsigned((c.dst - L->smem) / 16);
+            L->unfenced[chunk] = me;
+            t.unfenced.push_back(chunk);
+        } else {
+            rest.push_back(c);
+        }
     }
     t.copies.swap(rest);
 }

@@ -21,6 +21,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
 // Blocks run one after another on the launching OS thread, so a static is the block's shared
 // memory; thread_local keeps launches on different OS threads (parallel tests) apart.
 #define __shared__ static thread_local
@@ -45,6 +46,10 @@ void ldmatrix_x4(unsigned r[4], const void* row, bool trans);
 void cp_async16(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
 void cp_async_wait(unsigned pending);
+void wgmma(float* d, unsigned n, const unsigned* a, unsigned long long desc_a, unsigned long long desc_b, bool accumulate, bool trans_b);
+void wgmma_commit();
+void wgmma_wait(unsigned pending);
+void fence_proxy_async();
 unsigned char* dynamic_smem();
 [[noreturn]] void spin_forever();
 size_t shared_offset(const void* p);
@@ -141,6 +146,17 @@ inline void cp_async_wait_all() {
     emu::cp_async_commit();
     emu::cp_async_wait(0);
 }
+// wgmma: a warp collective on each warp's 16 rows of the warpgroup's 64, run at its
+// wgmma.wait_group (emu.cpp); wgmma.fence and the compiler fences only order registers.
+inline void wgmma_fence() {}
+inline void wgmma_commit() { emu::wgmma_commit(); }
+template <int PENDING>
+inline void wgmma_wait() { emu::wgmma_wait(PENDING); }
+inline void fence_proxy_async() { emu::fence_proxy_async(); }
+template <int N>
+inline void fence_operands(float (&)[N]) {}
+inline void wgmma_m64n128k16_ss(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 128, nullptr, a, b, accumulate, false); }
+inline void wgmma_m64n64k16_rs_tb(float (&d)[32], const unsigned (&a)[4], unsigned long long b, int accumulate) { emu::wgmma(d, 64, a, 0, b, accumulate, true); }
 // Fibers switch only at barriers and collectives, so a plain add is atomic.
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
     unsigned old = *p;

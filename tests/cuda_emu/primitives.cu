@@ -91,3 +91,70 @@ extern "C" __global__ void turns_in_order(unsigned* order, unsigned* counters, i
     if (threadIdx.x == 0) order[place] = blockIdx.x;
     pass_turn(counters + 1, place + 1);
 }
+
+#ifdef MOTLEY_WGMMA
+// Copies `rows` × 64 bf16 (row-major, global) into a 1024-byte aligned tile of the 128-byte
+// swizzled layout with cp.async, all threads of the block taking chunks in turn.
+__device__ void load_sw128(unsigned char* tile, const bf16* src, int rows) {
+    for (int c = threadIdx.x; c < rows * 8; c += blockDim.x) cp_async16(tile + sw128_offset(c / 8, c % 8), src + 8 * c, true);
+}
+
+// One warpgroup: d (64 × 128, f32, row-major) = a (64 × 64) · bᵀ, b 128 × 64 (b's rows are the
+// product's columns), both row-major bf16, through shared memory in the swizzled layout and four
+// k16 steps of wgmma_m64n128k16_ss (the descriptors advance 32 bytes a step). `misuse`: 0 none;
+// 1 no fence.proxy.async after the copies; 2 stores the accumulators before the wait; 3 a thread
+// overwrites b's tile while the wgmmas are in flight. 24 KiB + 1 KiB of shared memory.
+extern "C" __global__ void test_wgmma_ss(float* d, const bf16* a, const bf16* b, int misuse) {
+    DYNAMIC_SMEM(raw);
+    unsigned char* smem = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    unsigned char *as = smem, *bs = smem + 64 * 128;
+    load_sw128(as, a, 64);
+    load_sw128(bs, b, 128);
+    cp_async_wait_all();
+    if (misuse != 1) fence_proxy_async();
+    __syncthreads();
+    float acc[64];
+    wgmma_fence();
+    for (int k = 0; k < 4; k++) wgmma_m64n128k16_ss(acc, sw128_desc(as + 32 * k, 1024), sw128_desc(bs + 32 * k, 1024), k > 0);
+    wgmma_commit();
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    auto store = [&] {
+        for (int j = 0; j < 64; j++) d[(16 * w + g + 8 * (j / 2 % 2)) * 128 + 8 * (j / 4) + 2 * q + j % 2] = acc[j];
+    };
+    if (misuse == 2) store();
+    if (misuse == 3 && threadIdx.x == 5) bs[100] ^= 1;
+    wgmma_wait<0>();
+    fence_operands(acc);
+    if (misuse != 2) store();
+}
+
+// One warpgroup: d (64 × 64, f32, row-major) = a (64 × 32) · v (32 × 64), both row-major bf16;
+// A from registers (each warp its 16 rows, mma.m16n8k16's A fragment), v through shared memory
+// in the swizzled layout read MN-major (transposed), two k16 steps of wgmma_m64n64k16_rs_tb (the
+// descriptor advances 16 rows, 2048 bytes, a step), the second accumulating. 4 KiB + 1 KiB.
+extern "C" __global__ void test_wgmma_rs(float* d, const bf16* a, const bf16* v) {
+    DYNAMIC_SMEM(raw);
+    unsigned char* vs = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    load_sw128(vs, v, 32);
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    unsigned fa[2][4];
+    for (int k = 0; k < 2; k++) {
+        const bf16* r0 = a + (16 * w + g) * 32 + 16 * k + 2 * q;
+        const bf16* r8 = r0 + 8 * 32;
+        fa[k][0] = two(r0[0], r0[1]);
+        fa[k][1] = two(r8[0], r8[1]);
+        fa[k][2] = two(r0[8], r0[9]);
+        fa[k][3] = two(r8[8], r8[9]);
+    }
+    float acc[32];
+    wgmma_fence();
+    for (int k = 0; k < 2; k++) wgmma_m64n64k16_rs_tb(acc, fa[k], sw128_desc(vs + 2048 * k, 1024), k > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc);
+    for (int j = 0; j < 32; j++) d[(16 * w + g + 8 * (j / 2 % 2)) * 64 + 8 * (j / 4) + 2 * q + j % 2] = acc[j];
+}
+#endif

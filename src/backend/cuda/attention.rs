@@ -34,6 +34,26 @@ pub const FUNCTIONS: &[&str] = &[
     "attn_fwd_d128", "attn_bwd_d128",
 ];
 
+/// Entry points compiled only for Hopper (`sm_90a`): the wgmma forward at head_dim 64.
+pub const HOPPER_FUNCTIONS: &[&str] = &[HOPPER_FORWARD];
+pub const HOPPER_FORWARD: &str = "attn_fwd_wgmma_d64";
+/// Head dim of the Hopper forward.
+pub const HOPPER_HEAD_DIM: usize = 64;
+/// Query rows of a Hopper forward block (two warpgroups of 64) and its threads.
+const HOPPER_ROWS: usize = 128;
+const HOPPER_THREADS: u32 = 256;
+/// Shared memory of the Hopper forward: 1024 bytes to align its tiles, then Q and two buffers of
+/// K and V, each 128 rows of 64 bf16.
+pub const HOPPER_FWD_SMEM: usize = 1024 + 5 * 128 * 128;
+
+/// The Hopper forward's launch for `s` (head_dim 64): a block per 128 query rows and batch·head.
+pub fn hopper_forward_config(s: AttnShape) -> LaunchConfig {
+    assert_eq!(s.head_dim, HOPPER_HEAD_DIM, "the Hopper attention forward is for head_dim {HOPPER_HEAD_DIM}");
+    let grid = (s.seq.div_ceil(HOPPER_ROWS) as u32, (s.batch * s.n_heads) as u32, 1);
+    assert!(grid.1 <= 65_535, "attention: batch × heads = {} exceeds the grid's 65535 in y", grid.1);
+    LaunchConfig { grid_dim: grid, block_dim: (HOPPER_THREADS, 1, 1), shared_mem_bytes: HOPPER_FWD_SMEM as u32 }
+}
+
 /// One head_dim's kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
@@ -176,10 +196,14 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
     assert_aligned("attention_fwd", &[("out", out.ptr), ("qkv", qkv.ptr)]);
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let cfg = launch_config(be.k.attn_smem, Pass::Forward, s);
-    // SAFETY: `attn_fwd_dD(act_t* out, float* lse, const act_t* qkv, Heads, float)`; sizes,
-    // types and alignment asserted; the shared memory is within the limit set at load time.
-    ok(unsafe { be.stream.launch_builder(be.k.attention(Pass::Forward, s.head_dim)).arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
+    let (kernel, cfg) = match &be.k.attn_fwd_hopper {
+        Some(hopper) if be.hopper_attention && s.head_dim == HOPPER_HEAD_DIM => (hopper, hopper_forward_config(s)),
+        _ => (be.k.attention(Pass::Forward, s.head_dim), launch_config(be.k.attn_smem, Pass::Forward, s)),
+    };
+    // SAFETY: `attn_fwd_dD` / `attn_fwd_wgmma_d64(act_t* out, float* lse, const act_t* qkv,
+    // Heads, float)`; sizes, types and alignment asserted; the shared memory is within the limit
+    // set at load time.
+    ok(unsafe { be.stream.launch_builder(kernel).arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
 }
 
 /// Overwrites dqkv: Δ first, then one kernel for dK/dV (k, v columns) and dQ (q columns), with

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 
-use super::attention::{head_dims, Pass, MAX_HEAD_DIM};
-use super::nvrtc::{cached_ptx, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
+use super::attention::{head_dims, Pass, HOPPER_FORWARD, HOPPER_FWD_SMEM, MAX_HEAD_DIM};
+use super::nvrtc::{cached_ptx, include_dirs_from_env, KernelFile, Storage, HOPPER_ARCH, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
 
@@ -54,6 +54,8 @@ pub struct Kernels {
     pub attn_delta: CudaFunction,
     /// Forward and backward kernels (`Pass::ALL` order) of each head_dim in `head_dims()`.
     attn: Vec<[CudaFunction; 2]>,
+    /// The wgmma forward at head_dim 64, where compiled for Hopper (`sm_90a`).
+    pub attn_fwd_hopper: Option<CudaFunction>,
 }
 
 type Functions = HashMap<&'static str, CudaFunction>;
@@ -62,9 +64,8 @@ type Functions = HashMap<&'static str, CudaFunction>;
 fn load_file(ctx: &Arc<CudaContext>, file: &KernelFile, arch: &str, includes: &[PathBuf], storage: Storage) -> Result<Functions> {
     let ptx = cached_ptx(file, arch, includes, storage).map_err(Error::Invalid)?;
     let module = ctx.load_module(ptx).map_err(|e| Error::Invalid(format!("loading kernels/{}.cu ({storage:?}): {e:?}", file.name)))?;
-    file.functions
-        .iter()
-        .map(|&name| {
+    file.entry_points(arch)
+        .map(|name| {
             let f = module.load_function(name).map_err(|e| Error::Invalid(format!("kernel `{name}` missing from kernels/{}.cu: {e:?}", file.name)))?;
             Ok((name, f))
         })
@@ -89,7 +90,7 @@ impl Kernels {
     /// limit raised.
     pub fn load(ctx: &Arc<CudaContext>, major: i32, minor: i32, storage: Storage) -> Result<Self> {
         // Hopper's arch-specific features need the `a` suffix; other GPUs use the plain target.
-        let arch = if (major, minor) == (9, 0) { "sm_90a".to_string() } else { format!("sm_{major}{minor}") };
+        let arch = if (major, minor) == (9, 0) { HOPPER_ARCH.to_string() } else { format!("sm_{major}{minor}") };
         let includes = include_dirs_from_env();
         let mut f: Functions = HashMap::new();
         for file in KERNEL_FILES {
@@ -101,13 +102,19 @@ impl Kernels {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| Error::Invalid(format!("shared memory per block: {e:?}")))?;
         let smem_limit = optin.max(0) as usize;
+        let allow = |name: &str, smem: usize| {
+            let smem = smem.min(smem_limit);
+            f[name]
+                .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| Error::Invalid(format!("{name}: cannot allow {smem} bytes of shared memory: {e:?}")))
+        };
         for d in head_dims() {
             for pass in Pass::ALL {
-                let (name, smem) = (pass.function(d), pass.smem_bytes(d).min(smem_limit));
-                f[name.as_str()]
-                    .set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                    .map_err(|e| Error::Invalid(format!("{name}: cannot allow {smem} bytes of shared memory: {e:?}")))?;
+                allow(&pass.function(d), pass.smem_bytes(d))?;
             }
+        }
+        if f.contains_key(HOPPER_FORWARD) {
+            allow(HOPPER_FORWARD, HOPPER_FWD_SMEM)?;
         }
         let act = elementwise(&f);
         let f32 = match storage {
@@ -144,6 +151,7 @@ impl Kernels {
             adamw: take("adamw"),
             attn_delta: take("attn_bwd_delta"),
             attn: head_dims().map(|d| Pass::ALL.map(|pass| take(&pass.function(d)))).collect(),
+            attn_fwd_hopper: f.remove(HOPPER_FORWARD),
         })
     }
 

@@ -65,6 +65,8 @@ pub struct CudaBackend {
     offload: offload::Offloader,
     /// Index and pointer uploads through page-locked memory.
     staging: staging::Staging,
+    /// The attention forward at head_dim 64 runs the Hopper (wgmma) kernel.
+    hopper_attention: bool,
     k: Kernels,
     device: String,
     /// GPU time per op, when asked for ([`CudaBackend::with_profile`]).
@@ -160,7 +162,7 @@ impl CudaBackend {
         let grouped = Some(grouped::Grouped::new(stream.clone()).map_err(Error::Invalid)?);
         let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
         let staging = staging::Staging::new(stream.clone());
-        let be = CudaBackend { stream, blas, grouped, offload, staging, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
+        let be = CudaBackend { stream, blas, grouped, offload, staging, hopper_attention: false, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
         super::keep_freed_host_memory();
         Ok(be)
@@ -177,6 +179,17 @@ impl CudaBackend {
     pub fn without_grouped_gemm(mut self) -> Self {
         self.grouped = None;
         self
+    }
+
+    /// Runs the attention forward at head_dim 64 on the Hopper kernel (wgmma, `attn_fwd_wgmma_d64`)
+    /// instead of the mma.sync one; an error where it was not compiled (a GPU other than Hopper).
+    /// Opt-in until it has been measured and checked on a GPU.
+    pub fn with_hopper_attention(mut self) -> Result<Self> {
+        if self.k.attn_fwd_hopper.is_none() {
+            return Err(Error::Invalid(format!("{}: the Hopper attention forward needs an sm_90 GPU (H100, H200)", self.device)));
+        }
+        self.hopper_attention = true;
+        Ok(self)
     }
 
     /// Records the GPU time of every op (see [`CudaBackend::take_profile`]).

@@ -16,7 +16,20 @@ pub struct KernelFile {
     pub name: &'static str,
     pub source: &'static str,
     pub functions: &'static [&'static str],
+    /// Entry points compiled only for `sm_90a` (wgmma), and on the kernel emulator.
+    pub hopper: &'static [&'static str],
 }
+
+impl KernelFile {
+    /// The entry points this file has when compiled for `arch`.
+    pub fn entry_points(&self, arch: &str) -> impl Iterator<Item = &'static str> {
+        let hopper = if arch == HOPPER_ARCH { self.hopper } else { &[] };
+        self.functions.iter().chain(hopper).copied()
+    }
+}
+
+/// The target of Hopper's arch-specific features (wgmma).
+pub const HOPPER_ARCH: &str = "sm_90a";
 
 const COMMON: &str = include_str!("kernels/common.cuh");
 
@@ -25,27 +38,31 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         name: "elementwise",
         source: include_str!("kernels/elementwise.cu"),
         functions: &["add_assign", "add", "scale", "fill", "sum_squares_partial", "sum_squares_final", "f32_to_act", "act_to_f32"],
+        hopper: &[],
     },
-    KernelFile { name: "embed", source: include_str!("kernels/embed.cu"), functions: &["embedding_fwd", "embedding_bwd"] },
+    KernelFile { name: "embed", source: include_str!("kernels/embed.cu"), functions: &["embedding_fwd", "embedding_bwd"], hopper: &[] },
     KernelFile {
         name: "norm",
         source: include_str!("kernels/norm.cu"),
         functions: &["rmsnorm_fwd", "rmsnorm_bwd_dx", "rmsnorm_dw_partial", "rmsnorm_dw_reduce"],
+        hopper: &[],
     },
-    KernelFile { name: "rope", source: include_str!("kernels/rope.cu"), functions: &["rope"] },
-    KernelFile { name: "swiglu", source: include_str!("kernels/swiglu.cu"), functions: &["swiglu_fwd", "swiglu_bwd"] },
-    KernelFile { name: "softmax", source: include_str!("kernels/softmax.cu"), functions: &["softmax_rows_fwd", "router_bwd"] },
+    KernelFile { name: "rope", source: include_str!("kernels/rope.cu"), functions: &["rope"], hopper: &[] },
+    KernelFile { name: "swiglu", source: include_str!("kernels/swiglu.cu"), functions: &["swiglu_fwd", "swiglu_bwd"], hopper: &[] },
+    KernelFile { name: "softmax", source: include_str!("kernels/softmax.cu"), functions: &["softmax_rows_fwd", "router_bwd"], hopper: &[] },
     KernelFile {
         name: "permute",
         source: include_str!("kernels/permute.cu"),
         functions: &["gather_rows", "combine_rows", "gathered_dots"],
+        hopper: &[],
     },
-    KernelFile { name: "loss", source: include_str!("kernels/loss.cu"), functions: &["softmax_xent"] },
-    KernelFile { name: "optim", source: include_str!("kernels/optim.cu"), functions: &["adamw"] },
+    KernelFile { name: "loss", source: include_str!("kernels/loss.cu"), functions: &["softmax_xent"], hopper: &[] },
+    KernelFile { name: "optim", source: include_str!("kernels/optim.cu"), functions: &["adamw"], hopper: &[] },
     KernelFile {
         name: "attention",
         source: include_str!("kernels/attention.cu"),
         functions: super::attention::FUNCTIONS,
+        hopper: super::attention::HOPPER_FUNCTIONS,
     },
 ];
 

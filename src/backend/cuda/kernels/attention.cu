@@ -284,6 +284,135 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
         }
 }
 
+// ---- forward on Hopper (sm_90a): wgmma, head_dim 64 -------------------------------------------
+// Two warpgroups of 64 query rows (128 a block, 256 threads); key tiles of 128 stream through two
+// shared buffers (tile t + 1's copy overlapping tile t's math). Q, K and V lie in shared memory in
+// the 128-byte swizzled layout (common.cuh); per tile each warpgroup computes S = Q Kᵀ with four
+// wgmma m64n128k16 (both operands from shared memory), runs the online softmax on S's registers
+// (a warp holds 16 whole rows, laid out as mma.sync's accumulators: quad shuffles, as in
+// attn_fwd), and adds P V with eight wgmma m64n64k16 (P from registers, V read transposed). The
+// softmax does not overlap the tensor cores yet (FlashAttention-3's ping-pong and in-warpgroup
+// pipelining would). Writes what attn_fwd_d64 writes. Grid (ceil(T / 128), B·H); shared memory
+// `HOPPER_FWD_SMEM` of attention.rs. Opt-in (`CudaBackend::with_hopper_attention`) until it has
+// run on a GPU.
+#ifdef MOTLEY_WGMMA
+template <int R, int C>
+__device__ __forceinline__ float (&flat(float (&x)[R][C]))[R * C] {
+    return reinterpret_cast<float(&)[R * C]>(x);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {
+    constexpr int D = 64, ROWS = 128, KEYS = 128, TILE = 128 * 128;  // a tile: 128 rows of 128 bytes
+    DYNAMIC_SMEM(raw);
+    // The swizzle repeats every 1024 bytes of shared address: tiles start on such a boundary.
+    unsigned char* Qs = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    unsigned char* KV = Qs + TILE;  // buffer k: K at KV + 2k·TILE, V after it
+
+    const int b = blockIdx.y / s.n_heads, h = blockIdx.y % s.n_heads;
+    const int kvh = h / (s.n_heads / s.n_kv_heads), w = s.width();
+    const size_t row0 = (size_t)b * s.seq;
+    const int i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, tiles = i0 / KEYS + 1;
+    const int wg = threadIdx.x / 128, lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
+    const int r0 = i0 + 64 * wg + 16 * (threadIdx.x % 128 / WARP);  // the warp's first query row
+    const float scale2 = scale * LOG2E;
+
+    // 128 rows × 64 columns of qkv from sequence row t0 into a tile; zero rows past seq.
+    auto load = [&](unsigned char* tile, int t0, int col) {
+        for (int c = threadIdx.x; c < 128 * 8; c += 256) {
+            const int r = c / 8, t = t0 + r;
+            const bool valid = t < s.seq;
+            const act_t* from = qkv + (row0 + (valid ? t : 0)) * w + col + 8 * (c % 8);
+            unsigned char* to = tile + sw128_offset(r, c % 8);
+#ifdef MOTLEY_ACT_BF16
+            cp_async16(to, from, valid);
+#else
+            for (int k = 0; k < 8; k += 2) *(unsigned*)(to + 2 * k) = valid ? pack_bf16(from[k], from[k + 1]) : 0u;
+#endif
+        }
+    };
+    auto load_kv = [&](int t) {
+        unsigned char* buf = KV + 2 * (t % 2) * TILE;
+        load(buf, t * KEYS, s.k_col(kvh));
+        load(buf + TILE, t * KEYS, s.v_col(kvh));
+    };
+    load(Qs, i0, s.q_col(h));
+    load_kv(0);
+    cp_async_commit();
+
+    float o[D / 8][4] = {};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // rows g and g + 8; l per lane
+    for (int t = 0; t < tiles; t++) {
+        const int j0 = t * KEYS;
+        const unsigned char* Ks = KV + 2 * (t % 2) * TILE;
+        const unsigned char* Vs = Ks + TILE;
+        if (t + 1 < tiles) load_kv(t + 1);
+        cp_async_commit();
+        cp_async_wait_prior();
+        fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
+        __syncthreads();
+
+        float sc[KEYS / 8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+            wgmma_m64n128k16_ss(flat(sc), sw128_desc(Qs + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(Ks + 32 * kk, 1024), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(flat(sc));
+
+        // Only the last tile has keys after some of the warp's rows; key 0 is visible to every
+        // row, so after the first tile each row's max is finite.
+        const bool masked = j0 + KEYS - 1 > r0;
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                const int r = e / 2, i = r0 + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
+                const float x = masked && j > i ? -INFINITY : sc[nt][e] * scale2;
+                sc[nt][e] = x;
+                mx[r] = fmaxf(mx[r], x);
+            }
+        float corr[2];
+        for (int r = 0; r < 2; r++) {
+            mx[r] = quad_max(mx[r]);
+            corr[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = −inf)
+            m[r] = mx[r];
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int nt = 0; nt < KEYS / 8; nt++)
+            for (int e = 0; e < 4; e++) {
+                const float p = exp2f(sc[nt][e] - m[e / 2]);
+                sc[nt][e] = p;
+                l[e / 2] += p;
+            }
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++)
+            for (int e = 0; e < 4; e++) o[nt][e] *= corr[e / 2];
+        unsigned pa[KEYS / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < KEYS / 16; kk++) acc_to_a<KEYS>(pa[kk], sc, kk);
+
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs_tb(flat(o), pa[kk], sw128_desc(Vs + 16 * 128 * kk, 1024), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(flat(o));
+        __syncthreads();  // both warpgroups are done with this buffer before the next tile refills it
+    }
+
+    const int ow = s.n_heads * D;
+    for (int r = 0; r < 2; r++) {
+        const float sum = quad_sum(l[r]);
+        const int i = r0 + g + 8 * r;
+        if (i >= s.seq) continue;
+        store_row<D>(out + (row0 + i) * ow + h * D, o, r, 1.0f / sum);
+        if (q == 0) lse[(size_t)blockIdx.y * s.seq + i] = m[r] * LN2 + logf(sum);
+    }
+}
+#endif
+
 // ---- backward ---------------------------------------------------------------------------------
 // Two kernels, no atomics, dqkv bitwise reproducible:
 //   attn_bwd_delta: Δ_i = ⟨dO_i, O_i⟩ per (b, h, i);

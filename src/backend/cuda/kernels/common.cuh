@@ -122,6 +122,87 @@ __device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
 __device__ __forceinline__ void spin_pause() { __nanosleep(64); }
 #endif  // MOTLEY_EMU
 
+// ---- wgmma (Hopper, sm_90a): warpgroup matrix multiply from shared memory -------------------
+// A warpgroup (4 consecutive warps, 128 threads) computes a 64 × N product; warp w % 4 holds
+// rows 16w..16w+15 of the accumulator in mma.m16n8k16's C layout, repeated over N in steps of 8
+// (register j: row g + 8·(j/2 % 2), column 8·(j/4) + 2q + j % 2). Shared operands are described
+// by 64-bit descriptors (sw128_desc) in the 128-byte swizzled layout: rows of 128 bytes (64
+// bf16) whose 16-byte chunk c lies at c ^ (row % 8), tiles 1024-byte aligned. The product runs
+// asynchronously: wgmma_fence before the first one after the registers it uses were written,
+// wgmma_commit closes a group, wgmma_wait<n> waits until n groups are left in flight, and only
+// then may the accumulators be read (fence_operands keeps the compiler from reading them
+// earlier) or the operands be overwritten. Shared memory written by cp.async needs
+// fence_proxy_async (then a barrier) before a wgmma reads it.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(MOTLEY_EMU)
+#define MOTLEY_WGMMA 1
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+// D (64 × 128, f32) [+]= A (64 × 16, shared, K-major) · B (16 × 128, shared, K-major: B's
+// columns are rows of 16 in memory), one warpgroup.
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, "
+        "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, "
+        "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "%64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+// D (64 × 64, f32) [+]= A (64 × 16, registers: mma.m16n8k16's A fragment on each warp's 16 rows)
+// · B (16 × 64, shared, MN-major: B's rows are rows of 64 in memory, transposed by the
+// instruction), one warpgroup.
+__device__ __forceinline__ void wgmma_m64n64k16_rs_tb(float (&d)[32], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, "
+        "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+#elif defined(MOTLEY_EMU)
+#define MOTLEY_WGMMA 1
+#endif
+
+#ifdef MOTLEY_WGMMA
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a 1024-byte aligned tile of the
+// 128-byte swizzled layout.
+__device__ __forceinline__ unsigned sw128_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+// Descriptor of a K-major or MN-major bf16 operand at `tile` in the 128-byte swizzled layout,
+// groups of 8 rows `sbo` bytes apart (the leading offset is unused with 64-wide rows).
+__device__ __forceinline__ unsigned long long sw128_desc(const void* tile, unsigned sbo) {
+    const unsigned long long addr = __cvta_generic_to_shared(tile);
+    return ((addr & 0x3ffff) >> 4) | (1ull << 16) | ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+#endif
+
 // ---- turns: blocks adding to one buffer in a fixed order -------------------------------------
 // A turn counter counts the blocks that have added their part. A block waits until the count
 // is its place in the order, adds with plain loads and stores (L2 only: __ldcg / __stcg, since L1
