@@ -4,7 +4,8 @@
 #
 #   bench/gpu/run.sh check      environment; GPU parity tests; memory plan vs peak; `motley train` CUDA vs CPU
 #   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley, then PyTorch eager and compile
-#   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley, then PyTorch SDPA (flash)
+#   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley (mma.sync, then the Hopper
+#                               wgmma forward), then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
 #   bench/gpu/run.sh long-max   B=1 T=512K, 1M: motley
 #   bench/gpu/run.sh profile    Nsight Compute on the attention kernels at T=32K (for tuning)
@@ -186,6 +187,8 @@ part_attention() {
     rm -f "$d/motley.jsonl"
     run_limited "attention: motley fwd, fwd+bwd" "$(grant 240)" "$d/motley.log" \
         "${gpu[@]}" "$bin/attention" --device cuda "${attn_args[@]}" --json "$d/motley.jsonl"
+    run_limited "attention: motley, Hopper (wgmma) forward" "$(grant 150)" "$d/motley-hopper.log" \
+        "${gpu[@]}" "$bin/attention" --device cuda --hopper "${attn_args[@]}" --json "$d/motley.jsonl"
     run_limited "attention: PyTorch SDPA (flash)" "$(grant 180)" "$d/sdpa.log" \
         "$py" bench/peer/sdpa_attention.py --lengths "${ATTN_LENGTHS:-4K,32K,128K}" --backend flash
     {
@@ -248,14 +251,16 @@ part_profile() {
     local metrics=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
     metrics+=,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum
     metrics+=,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_ldsm.sum
-    for k in attn_fwd_d64 attn_bwd_delta attn_bwd_d64; do
+    for k in attn_fwd_d64 attn_bwd_delta attn_bwd_d64 attn_fwd_wgmma_d64; do
+        local hopper=()
+        [ "$k" = attn_fwd_wgmma_d64 ] && hopper=(--hopper)
         run_limited "profile: ncu $k, T=$length" "$(grant 100)" "$d/$k.txt" \
             "${gpu[@]}" "$ncu" --set full --metrics "$metrics" -k "regex:^$k\$" -c 1 \
-            "$bin/attention" --device cuda "${profile_args[@]}" --min-seconds 0
+            "$bin/attention" --device cuda "${hopper[@]}" "${profile_args[@]}" --min-seconds 0
     done
     {
         echo "Nsight Compute, one launch per kernel of \`attention ${profile_args[*]}\` (default B = 32K / T, 16 heads of 64); full reports in $d/*.txt."
-        for k in attn_fwd_d64 attn_bwd_delta attn_bwd_d64; do
+        for k in attn_fwd_d64 attn_bwd_delta attn_bwd_d64 attn_fwd_wgmma_d64; do
             echo; echo "### $k"; echo '```'
             grep -E '^ +((Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Dynamic Shared Memory Per Block|Executed Ipc Active|Issue Slots Busy|Warp Cycles Per Issued Instruction|L1/TEX Hit Rate|L2 Hit Rate) |sm__pipe_tensor|l1tex__data|smsp__inst_executed_op_ldsm)' "$d/$k.txt" | sed 's/  */ /g'
             echo '```'
