@@ -16,7 +16,8 @@
 // Layout (see backend/mod.rs): qkv (N, (H + 2Hkv)·D), N = B·T, q heads then k then v;
 // out, dout (N, H·D); lse, delta (B·H·T) f32. Entry points per head_dim D ∈ {16, 32, …, 128}
 // (attn_fwd_dD, attn_bwd_dD, see the end of the file) and attn_bwd_delta. Blocks have 4 warps;
-// their shared memory is `attention.rs`'s `Pass::smem_bytes`.
+// their shared memory is `attention.rs`'s `Pass::smem_bytes`. On Hopper (sm_90a) also
+// attn_fwd_wgmma_d64, the forward on wgmma (its own section below).
 
 typedef __nv_bfloat16 bf16;
 #define BLOCK 64     // rows of the forward's key tiles (the backward's query tiles: BLOCK / DKV_ATOMS)
