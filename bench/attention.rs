@@ -39,7 +39,7 @@ fn main() {
             {
                 let be = common::device::open_cuda(false);
                 let be = if args.has("--hopper") { be.with_hopper_attention().unwrap_or_else(|e| common::args::fail(&format!("--hopper: {e}"))) } else { be };
-                return run(&be, &args);
+                run(&be, &args)
             }
             #[cfg(not(feature = "cuda"))]
             common::device::no_cuda_feature();
