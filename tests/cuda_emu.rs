@@ -1027,7 +1027,7 @@ fn cp_async_copies_zero_fills_and_lands_at_its_wait() {
 /// with B MN-major; the 128-byte swizzle and the descriptors' steps along k. Then the misuse
 /// the PTX ISA rules out and the emulator reports: cp.async data read without
 /// fence.proxy.async, accumulators read before wgmma.wait_group (they hold NaN in flight), an
-/// operand overwritten before it.
+/// operand overwritten before it, warps of one warpgroup giving different descriptors.
 #[test]
 fn wgmma_is_a_matmul_and_reports_misuse() {
     let Some(emu) = emulator(Storage::F32) else { return };
@@ -1051,6 +1051,8 @@ fn wgmma_is_a_matmul_and_reports_misuse() {
     assert!(ss(2).unwrap().iter().all(|x| x.is_nan()), "accumulators read before the wait hold NaN");
     let e = ss(3).unwrap_err();
     assert!(e.contains("B operand of a wgmma (shared memory) changed"), "{e}");
+    let e = ss(4).unwrap_err();
+    assert!(e.contains("wgmma number 0 differs between the warps of warpgroup 0"), "{e}");
 
     let (a, v) = (small(64 * 32), small(32 * 64));
     let d = Buf::new("d", Elem::F32, 64 * 64);

@@ -170,7 +170,7 @@ struct Wgmma {
 };
 
 struct WarpWgmma {
-    unsigned committed = 0;
+    unsigned committed = 0, issued = 0;
     std::vector<Wgmma> ops;
     // Results of chains whose last wgmma is still in flight, by the first lane's accumulator.
     std::vector<std::pair<float*, std::vector<float>>> chains;
@@ -205,6 +205,15 @@ struct Launch {
     std::string error;
     // Per warp, its wgmmas in flight.
     std::vector<WarpWgmma> wgmma;
+    // Per warpgroup, the wgmmas some of its warps have issued and others not yet: the n-th of
+    // each warp must be the same instruction (descriptors included), as the PTX ISA requires.
+    struct Issue {
+        unsigned index, seen;
+        unsigned long long desc_a, desc_b;
+        unsigned n;
+        bool accumulate, trans_b, a_in_registers;
+    };
+    std::vector<std::vector<Issue>> issues;
     // Per 16-byte chunk of dynamic shared memory: the thread whose cp.async wrote it and has not
     // executed fence.proxy.async since (the generic proxy's writes are not visible to wgmma's
     // async proxy before that), or -1.
@@ -425,6 +434,19 @@ std::string run_wgmma(Thread* lanes[32]) {
             return format("lanes 0 and %u issue different wgmmas (shape, descriptors or flags)", lane);
     }
     WarpWgmma& q = L->wgmma[t0.warp];
+    const bool in_registers = t0.in[0] != nullptr;
+    const Launch::Issue mine{q.issued++, 1u << (t0.warp % 4), in_registers ? 0 : t0.desc[0], t0.desc[1], t0.n, t0.accumulate, t0.trans_b, in_registers};
+    auto& issued = L->issues[t0.warp / 4];
+    auto same = std::find_if(issued.begin(), issued.end(), [&](const Launch::Issue& i) { return i.index == mine.index; });
+    if (same == issued.end()) {
+        issued.push_back(mine);
+    } else {
+        if (same->desc_a != mine.desc_a || same->desc_b != mine.desc_b || same->n != mine.n || same->accumulate != mine.accumulate || same->trans_b != mine.trans_b ||
+            same->a_in_registers != mine.a_in_registers)
+            return format("wgmma number %u differs between the warps of warpgroup %u (shape, flags or descriptors; the PTX ISA requires the same across the warpgroup)", mine.index,
+                          t0.warp / 4);
+        if ((same->seen |= mine.seen) == 0xf) issued.erase(same);
+    }
     Wgmma op{q.committed, t0.n, t0.accumulate, t0.trans_b, t0.desc[0], t0.desc[1], {}, {}, {}, {}, {}};
     for (unsigned lane = 0; lane < 32; lane++) {
         op.d[lane] = static_cast<float*>(lanes[lane]->out);
@@ -593,6 +615,7 @@ bool run_block(Launch& l, bool descending) {
     std::memset(l.smem, SMEM_POISON, l.smem_bytes);
     std::memset(l.smem + l.smem_bytes, CANARY, GUARD);
     l.wgmma.assign(warps, WarpWgmma{});
+    l.issues.assign((warps + 3) / 4, {});
     l.unfenced.assign(l.smem_bytes / 16 + 1, -1);
     for (size_t i = 0; i < n; i++) {
         Thread& t = l.threads[i];

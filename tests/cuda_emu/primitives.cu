@@ -103,7 +103,8 @@ __device__ void load_sw128(unsigned char* tile, const bf16* src, int rows) {
 // product's columns), both row-major bf16, through shared memory in the swizzled layout and four
 // k16 steps of wgmma_m64n128k16_ss (the descriptors advance 32 bytes a step). `misuse`: 0 none;
 // 1 no fence.proxy.async after the copies; 2 stores the accumulators before the wait; 3 a thread
-// overwrites b's tile while the wgmmas are in flight. 24 KiB + 1 KiB of shared memory.
+// overwrites b's tile while the wgmmas are in flight; 4 warp 1 gives another B descriptor.
+// 24 KiB + 1 KiB of shared memory.
 extern "C" __global__ void test_wgmma_ss(float* d, const bf16* a, const bf16* b, int misuse) {
     DYNAMIC_SMEM(raw);
     unsigned char* smem = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
@@ -115,9 +116,10 @@ extern "C" __global__ void test_wgmma_ss(float* d, const bf16* a, const bf16* b,
     __syncthreads();
     float acc[64];
     wgmma_fence();
-    for (int k = 0; k < 4; k++) wgmma_m64n128k16_ss(acc, sw128_desc(as + 32 * k, 1024), sw128_desc(bs + 32 * k, 1024), k > 0);
-    wgmma_commit();
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    const int skew = misuse == 4 && w == 1 ? 1024 : 0;
+    for (int k = 0; k < 4; k++) wgmma_m64n128k16_ss(acc, sw128_desc(as + 32 * k, 1024), sw128_desc(bs + skew + 32 * k, 1024), k > 0);
+    wgmma_commit();
     auto store = [&] {
         for (int j = 0; j < 64; j++) d[(16 * w + g + 8 * (j / 2 % 2)) * 128 + 8 * (j / 4) + 2 * q + j % 2] = acc[j];
     };
