@@ -39,23 +39,30 @@ struct Heads {
     __device__ int v_col(int kvh) const { return (n_heads + n_kv_heads + kvh) * d; }
 };
 
-// dst (ROWS × D, row stride D + PAD) = rows t0.. of the sequence at row0 of src, columns
-// col..col + D; zero rows past seq. bf16 storage queues cp.async copies (the caller commits and
+// ROWS rows t0.. of the sequence at row0 of src, columns col..col + D, into shared memory: the
+// 16-byte chunk c (8 values) of row r goes to at(r, c); zero rows past seq. The block's NT
+// threads take chunks in turn. bf16 storage queues cp.async copies (the caller commits and
 // waits); f32 storage converts synchronously.
-template <int D, int ROWS = BLOCK>
-__device__ void load_tile(bf16* dst, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
-    constexpr int CHUNKS = D / 8;  // 8 values = 16 bytes of bf16
-    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += THREADS) {
-        const int r = idx / CHUNKS, c = (idx % CHUNKS) * 8, t = t0 + r;
+template <int D, int ROWS, int NT, class At>
+__device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
+    constexpr int CHUNKS = D / 8;
+    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += NT) {
+        const int r = idx / CHUNKS, c = idx % CHUNKS, t = t0 + r;
         const bool valid = t < seq;
-        const act_t* from = src + (row0 + (valid ? t : 0)) * ld_src + col + c;
-        bf16* to = dst + r * (D + PAD) + c;
+        const act_t* from = src + (row0 + (valid ? t : 0)) * ld_src + col + 8 * c;
+        bf16* to = at(r, c);
 #ifdef MOTLEY_ACT_BF16
         cp_async16(to, from, valid);
 #else
         for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(valid ? from[k] : 0.0f);
 #endif
     }
+}
+
+// dst (ROWS × D, row stride D + PAD), by the 4 warps of the mma.sync kernels.
+template <int D, int ROWS = BLOCK>
+__device__ void load_tile(bf16* dst, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
+    load_rows<D, ROWS, THREADS>([=](int r, int c) { return dst + r * (D + PAD) + 8 * c; }, src, row0, t0, seq, ld_src, col);
 }
 
 // Tiles stream through two shared buffers: step t's copies were queued one step earlier.
@@ -317,19 +324,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     const int r0 = i0 + 64 * wg + 16 * (threadIdx.x % 128 / WARP);  // the warp's first query row
     const float scale2 = scale * LOG2E;
 
-    // 128 rows × 64 columns of qkv from sequence row t0 into a tile; zero rows past seq.
+    // 128 rows × 64 columns of qkv from sequence row t0 into a swizzled tile.
     auto load = [&](unsigned char* tile, int t0, int col) {
-        for (int c = threadIdx.x; c < 128 * 8; c += 256) {
-            const int r = c / 8, t = t0 + r;
-            const bool valid = t < s.seq;
-            const act_t* from = qkv + (row0 + (valid ? t : 0)) * w + col + 8 * (c % 8);
-            unsigned char* to = tile + sw128_offset(r, c % 8);
-#ifdef MOTLEY_ACT_BF16
-            cp_async16(to, from, valid);
-#else
-            for (int k = 0; k < 8; k += 2) *(unsigned*)(to + 2 * k) = valid ? pack_bf16(from[k], from[k + 1]) : 0u;
-#endif
-        }
+        load_rows<D, 128, 256>([=](int r, int c) { return (bf16*)(tile + sw128_offset(r, c)); }, qkv, row0, t0, s.seq, w, col);
     };
     auto load_kv = [&](int t) {
         unsigned char* buf = KV + 2 * (t % 2) * TILE;
