@@ -73,7 +73,9 @@ struct Pinned {
 
 pub struct Staging {
     stream: Arc<CudaStream>,
-    state: Mutex<(Option<Pinned>, Ring<CudaEvent>)>,
+    /// The ring's memory, its bookkeeping, and events whose uploads completed (recorded again
+    /// rather than created per upload).
+    state: Mutex<(Option<Pinned>, Ring<CudaEvent>, Vec<CudaEvent>)>,
 }
 
 // SAFETY: the raw pointer is into the owned page-locked allocation; the mutex serialises its use
@@ -83,7 +85,7 @@ unsafe impl Sync for Staging {}
 
 impl Staging {
     pub fn new(stream: Arc<CudaStream>) -> Self {
-        Staging { stream, state: Mutex::new((None, Ring::new(0))) }
+        Staging { stream, state: Mutex::new((None, Ring::new(0), Vec::new())) }
     }
 
     /// A new device buffer holding `host`, copied on the stream from the ring.
@@ -95,12 +97,14 @@ impl Staging {
             return dst;
         }
         let mut state = self.state.lock().expect("staging lock");
-        let (pinned, ring) = &mut *state;
+        let (pinned, ring, spare) = &mut *state;
+        let mut done = |fence: CudaEvent| {
+            ok(fence.synchronize(), what);
+            spare.push(fence);
+        };
         if bytes > ring.len {
             // Grow: the old ring goes once every copy from it has run.
-            for fence in ring.drain() {
-                ok(fence.synchronize(), what);
-            }
+            ring.drain().for_each(&mut done);
             let len = (2 * bytes).max(MIN_RING_BYTES).next_power_of_two();
             // SAFETY: u8 has no invalid bit patterns; every byte copied was written first.
             let mut mem = ok(unsafe { self.stream.context().alloc_pinned::<u8>(len) }, "page-locked staging allocation");
@@ -109,7 +113,7 @@ impl Staging {
             *ring = Ring::new(len);
         }
         let pinned = pinned.as_ref().expect("ring allocated above");
-        let range = ring.take(bytes, |fence| ok(fence.synchronize(), what));
+        let range = ring.take(bytes, &mut done);
         debug_assert!(range.end <= pinned.mem.len());
         // SAFETY: `range` lies in the allocation, and no queued copy still reads it (its
         // uploads' events completed); `host` is `bytes` long.
@@ -122,7 +126,14 @@ impl Staging {
         // SAFETY: dst holds host.len() elements; the staged bytes stay untouched until the
         // event recorded after the copy completes (the ring waits for it before reuse).
         ok(unsafe { drv::memcpy_htod_async(dst_ptr, staged, self.stream.cu_stream()) }, what);
-        ring.hold(range, ok(self.stream.record_event(None), what));
+        let fence = match spare.pop() {
+            Some(event) => {
+                ok(event.record(&self.stream), what);
+                event
+            }
+            None => ok(self.stream.record_event(None), what),
+        };
+        ring.hold(range, fence);
         dst
     }
 }
@@ -130,7 +141,7 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         // The page-locked memory is freed after this; errors at teardown are not actionable.
-        let (_, ring) = &mut *self.state.lock().expect("staging lock");
+        let (_, ring, _) = &mut *self.state.lock().expect("staging lock");
         for fence in ring.drain() {
             let _ = fence.synchronize();
         }
