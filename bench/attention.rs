@@ -9,8 +9,8 @@
 //!
 //! Run: `cargo bench --features cuda --bench attention [-- --device cuda --lengths 4K,32K,128K
 //! --heads 16 --head-dim 64 --tokens 32K --min-seconds 1 --hopper --json FILE]` (`--device cpu`
-//! runs the CPU backend, for short lengths; `--hopper` the forward on the Hopper kernel,
-//! `CudaBackend::with_hopper_attention`, its rows named "motley (wgmma fwd)").
+//! runs the CPU backend, for short lengths; `--hopper` both passes on the Hopper kernels,
+//! `CudaBackend::with_hopper_attention`, its rows named "motley (wgmma)").
 
 #[path = "common/mod.rs"]
 mod common;
@@ -32,7 +32,7 @@ const BWD_PER_FWD: f64 = 2.5;
 fn main() {
     let args = Args::from_env_known(&["--device", "--threads", "--lengths", "--tokens", "--heads", "--head-dim", "--min-seconds", "--hopper"]);
     match DeviceKind::parse(args.value("--device").unwrap_or("cuda")) {
-        DeviceKind::Cpu if args.has("--hopper") => common::args::fail("--hopper runs the Hopper (wgmma) forward: it needs --device cuda"),
+        DeviceKind::Cpu if args.has("--hopper") => common::args::fail("--hopper runs the Hopper (wgmma) kernels: it needs --device cuda"),
         DeviceKind::Cpu => run(&Cpu::new(args.get("--threads", 0)), &args),
         DeviceKind::Cuda => {
             #[cfg(feature = "cuda")]
@@ -77,8 +77,8 @@ fn run<B: BenchBackend>(be: &B, args: &Args) {
     let (heads, head_dim) = (args.get("--heads", 16), args.get("--head-dim", 64));
     let tokens = args.size("--tokens", 32 << 10);
     let min_seconds = args.get("--min-seconds", 1.0);
-    let forward = if args.has("--hopper") { "the Hopper (wgmma) forward" } else { "the mma.sync forward" };
-    println!("motley causal attention on {}, {forward}, bf16 q/k/v and output with f32 lse, {heads} heads of {head_dim}; FLOPs: forward 2·2·B·H·T²·D/2, backward 2.5× forward", be.label());
+    let kernels = if args.has("--hopper") { "the Hopper (wgmma) kernels" } else { "the mma.sync kernels" };
+    println!("motley causal attention on {}, {kernels}, bf16 q/k/v and output with f32 lse, {heads} heads of {head_dim}; FLOPs: forward 2·2·B·H·T²·D/2, backward 2.5× forward", be.label());
     println!("| T | B | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |\n|---|---|---|---|---|---|");
     for seq in lengths {
         let shape = AttnShape { batch: (tokens / seq).max(1), seq, n_heads: heads, n_kv_heads: heads, head_dim };
@@ -96,7 +96,7 @@ fn run<B: BenchBackend>(be: &B, args: &Args) {
         let (fwd_rate, fb_rate) = (flops / fwd / 1e12, (1.0 + BWD_PER_FWD) * flops / fwd_bwd / 1e12);
         println!("| {} | {} | {:.2} | {fwd_rate:.1} | {:.2} | {fb_rate:.1} |", show_size(seq), shape.batch, fwd * 1e3, fwd_bwd * 1e3);
         args.append_json(
-            &json!({"impl": if args.has("--hopper") { "motley (wgmma fwd)" } else { "motley" }, "device": be.label(), "T": seq, "B": shape.batch, "H": heads, "D": head_dim,
+            &json!({"impl": if args.has("--hopper") { "motley (wgmma)" } else { "motley" }, "device": be.label(), "T": seq, "B": shape.batch, "H": heads, "D": head_dim,
                     "fwd_ms": fwd * 1e3, "fwd_TFLOPs": fwd_rate, "fwdbwd_ms": fwd_bwd * 1e3, "fwdbwd_TFLOPs": fb_rate}),
         );
     }

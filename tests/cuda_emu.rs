@@ -275,7 +275,7 @@ fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
 /// Kernels whose dynamic shared memory limit the backend raises (`kernels.rs`: the attention
 /// passes); every other launch gets CUDA's default 48 KiB.
 fn raised_smem(kernel: &str) -> bool {
-    kernel == attn::HOPPER_FORWARD || attn::head_dims().any(|d| Pass::ALL.iter().any(|p| p.function(d) == kernel))
+    attn::HOPPER_FUNCTIONS.contains(&kernel) || attn::head_dims().any(|d| Pass::ALL.iter().any(|p| p.function(d) == kernel))
 }
 
 /// Hopper's opt-in shared memory per block (227 KiB), the limit the attention launches get.
@@ -835,8 +835,27 @@ const ATTN: [AttnShape; 8] = [
 ];
 
 fn attention(s: Storage) {
-    let mut ch = Checks::new("attention", s);
-    for (k, sh) in ATTN.into_iter().enumerate() {
+    check_attention("attention", &ATTN, s, |pass, sh| (pass.function(sh.head_dim), attn::launch_config(HOPPER_SMEM, pass, sh), Pass::query_tile(sh.head_dim)));
+}
+
+/// The Hopper kernels (wgmma, head_dim 64) against the CPU, as the mma.sync ones are: forward
+/// blocks and key blocks of 128 rows, the last partial or past the sequence; query tiles of 64,
+/// the last partial; walks of one to three key tiles (forward) and of up to five query tiles
+/// (backward); groups of 2 and 1 query heads per kv head.
+const HOPPER_ATTN: [AttnShape; 2] = [
+    AttnShape { batch: 2, seq: 200, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
+    AttnShape { batch: 1, seq: 300, n_heads: 2, n_kv_heads: 2, head_dim: 64 },
+];
+
+fn attention_hopper(s: Storage) {
+    check_attention("attention_hopper", &HOPPER_ATTN, s, |pass, sh| (pass.hopper_function().to_string(), pass.hopper_config(sh), attn::HOPPER_QUERY_TILE));
+}
+
+/// Forward and backward of attention for `shapes` on the kernels `kernel` names (entry point,
+/// launch, the backward's query tile), against the CPU.
+fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn(Pass, AttnShape) -> (String, LaunchConfig, usize)) {
+    let mut ch = Checks::new(name, s);
+    for (k, &sh) in shapes.iter().enumerate() {
         let seed = 40 + 10 * k as u64;
         // bf16 values for what the kernels stage as bf16 tiles in either storage.
         let bf = |v: &[f32]| act(Storage::Bf16, v);
@@ -848,13 +867,12 @@ fn attention(s: Storage) {
         let out = act(s, &want_out);
         let mut want_dqkv = vec![0.0; qkv.len()];
         cpu.attention_bwd(&mut want_dqkv, &dout, &out, &lse, &qkv, sh);
-        let launch = |pass: Pass| (pass.function(sh.head_dim), attn::launch_config(HOPPER_SMEM, pass, sh));
         let heads = bytes_of(&attn::heads(sh));
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
         let Some(got) = emulate(s, |g| {
             let (q, o, lb, db) = (g.act("qkv", &qkv), g.act("out_in", &out), g.f32("lse_in", &lse), g.act("dout", &dout));
             let (fwd_out, fwd_lse) = (g.nan("out", g.act_elem(), want_out.len()), g.nan("lse", Elem::F32, lse.len()));
-            let (fwd, fwd_cfg) = launch(Pass::Forward);
+            let (fwd, fwd_cfg, _) = kernel(Pass::Forward, sh);
             g.run(&fwd, fwd_cfg, &[fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
             let delta = g.nan("delta", Elem::F32, lse.len());
             let dqkv = g.nan("dqkv", g.act_elem(), qkv.len());
@@ -864,9 +882,9 @@ fn attention(s: Storage) {
             // Twice into the same dqkv: the backward overwrites it, bitwise the same.
             for _ in 0..2 {
                 g.run("attn_bwd_delta", attn::delta_config(sh), &[delta.arg(), db.arg(), o.arg(), Arg::Bytes(heads.clone()), Arg::I32(sh.tokens() as i32)]);
-                let turns = g.u32("turns", &vec![0; attn::turns_len(sh)]);
-                let (name, cfg) = launch(Pass::Backward);
-                g.run(&name, cfg, &[dqkv.arg(), dq_acc.arg(), turns.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
+                let (bwd, cfg, query_tile) = kernel(Pass::Backward, sh);
+                let turns = g.u32("turns", &vec![0; attn::turns_len(sh, query_tile)]);
+                g.run(&bwd, cfg, &[dqkv.arg(), dq_acc.arg(), turns.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
                 runs.push(dqkv.values());
             }
             assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{s:?} {sh:?}: a second backward into dqkv differs");
@@ -878,37 +896,6 @@ fn attention(s: Storage) {
         ch.close32(&format!("{sh:?} out"), &want_out, &got[0], tol);
         ch.close32(&format!("{sh:?} lse"), &lse, &got[1], F32_TOL);
         ch.close32(&format!("{sh:?} dqkv"), &want_dqkv, &got[2], tol);
-    }
-    ch.finish();
-}
-
-/// The Hopper forward (wgmma, head_dim 64) against the CPU, as the mma.sync forward is: two
-/// query blocks, the second past the sequence; a walk of three key tiles, the last partial;
-/// groups of 2 and 1 query heads per kv head.
-const HOPPER_ATTN: [AttnShape; 2] = [
-    AttnShape { batch: 2, seq: 200, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
-    AttnShape { batch: 1, seq: 300, n_heads: 2, n_kv_heads: 2, head_dim: 64 },
-];
-
-fn attention_hopper(s: Storage) {
-    let mut ch = Checks::new("attention_hopper", s);
-    for (k, sh) in HOPPER_ATTN.into_iter().enumerate() {
-        let qkv = act(Storage::Bf16, &data(140 + k as u64, sh.tokens() * sh.qkv_width()));
-        let (mut want_out, mut lse) = (vec![0.0; sh.tokens() * sh.out_width()], vec![0.0; sh.batch * sh.n_heads * sh.seq]);
-        cpu_for(s).attention_fwd(&mut want_out, &mut lse, &qkv, sh);
-        let heads = bytes_of(&attn::heads(sh));
-        let scale = 1.0 / (sh.head_dim as f32).sqrt();
-        let Some(got) = emulate(s, |g| {
-            let q = g.act("qkv", &qkv);
-            let (out, lse_out) = (g.nan("out", g.act_elem(), want_out.len()), g.nan("lse", Elem::F32, lse.len()));
-            g.run("attn_fwd_wgmma_d64", attn::hopper_forward_config(sh), &[out.arg(), lse_out.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
-            vec![out, lse_out]
-        }) else {
-            return;
-        };
-        let tol = if s == Storage::F32 { ATTN_TOL } else { BF16_ATTN_TOL };
-        ch.close32(&format!("{sh:?} out"), &want_out, &got[0], tol);
-        ch.close32(&format!("{sh:?} lse"), &lse, &got[1], F32_TOL);
     }
     ch.finish();
 }
@@ -933,11 +920,13 @@ macro_rules! per_storage {
 per_storage!(elementwise, embed, norm, rope, swiglu, softmax, router_bwd, permute, loss, optim, attention, attention_hopper);
 
 /// Every entry point the backend loads is launched somewhere above: by its quoted name, or, for
-/// the per-head_dim attention passes, by a shape of [`ATTN`] with that head_dim.
+/// the per-head_dim attention passes, by a shape of [`ATTN`] with that head_dim (the Hopper
+/// passes by `attention_hopper`).
 #[test]
 fn every_kernel_is_launched() {
     let this = include_str!("cuda_emu.rs");
-    let by_shape = |func: &str| ATTN.iter().any(|sh| Pass::ALL.iter().any(|p| p.function(sh.head_dim) == func));
+    // check_attention launches both passes of the kernels it is given for every shape.
+    let by_shape = |func: &str| ATTN.iter().any(|sh| Pass::ALL.iter().any(|p| p.function(sh.head_dim) == func)) || Pass::ALL.iter().any(|p| p.hopper_function() == func);
     for f in KERNEL_FILES {
         for func in f.functions.iter().chain(f.hopper) {
             assert!(this.contains(&format!("run(\"{func}\"")) || by_shape(func), "kernels/{}.cu: `{func}` is never launched in tests/cuda_emu.rs", f.name);
@@ -1025,8 +1014,8 @@ fn cp_async_copies_zero_fills_and_lands_at_its_wait() {
 /// wgmma against a plain matmul (small integers: every sum exact, so the layouts bit for bit),
 /// in both forms the kernels use: A and B from shared memory (B K-major), and A from registers
 /// with B MN-major; the 128-byte swizzle and the descriptors' steps along k. Then the misuse
-/// the PTX ISA rules out and the emulator reports: cp.async data read without
-/// fence.proxy.async, accumulators read before wgmma.wait_group (they hold NaN in flight), an
+/// the PTX ISA rules out and the emulator reports: cp.async data (or a plain store) read
+/// without fence.proxy.async, accumulators read before wgmma.wait_group (they hold NaN in flight), an
 /// operand overwritten before it, warps of one warpgroup giving different descriptors.
 #[test]
 fn wgmma_is_a_matmul_and_reports_misuse() {
@@ -1053,6 +1042,8 @@ fn wgmma_is_a_matmul_and_reports_misuse() {
     assert!(e.contains("B operand of a wgmma (shared memory) changed"), "{e}");
     let e = ss(4).unwrap_err();
     assert!(e.contains("wgmma number 0 differs between the warps of warpgroup 0"), "{e}");
+    let e = ss(5).unwrap_err();
+    assert!(e.contains("stored to since the last fence.proxy.async and __syncthreads"), "{e}");
 
     let (a, v) = (small(64 * 32), small(32 * 64));
     let d = Buf::new("d", Elem::F32, 64 * 64);

@@ -85,6 +85,11 @@ fn assemble(ptx: &str, name: &str, report: bool) -> Result<Option<Vec<(String, u
     if !run.status.success() {
         return Err(format!("ptxas rejected the PTX of {name}:\n{log}"));
     }
+    // ptxas keeps wgmmas correct where it cannot prove their operands safe by running them one
+    // at a time, which costs the tensor cores their overlap: a defect of the kernel.
+    if let Some(line) = log.lines().find(|l| l.contains("wgmma.mma_async instructions are serialized")) {
+        return Err(format!("ptxas serialized wgmma in {name}: {}", line.trim()));
+    }
     if !report {
         return Ok(None);
     }
@@ -94,6 +99,8 @@ fn assemble(ptx: &str, name: &str, report: bool) -> Result<Option<Vec<(String, u
     for line in log.lines() {
         if let Some(f) = line.split("entry function '").nth(1) {
             entry = f.split('\'').next().unwrap_or(f);
+        } else if line.contains("warning") || line.contains("Performance Loss") {
+            eprintln!("  {name}: {}", line.trim());
         } else if line.contains("spill stores") || line.contains("Used ") {
             let info = line.trim().trim_start_matches("ptxas info    : ");
             eprintln!("  {name} {entry}: {info}");

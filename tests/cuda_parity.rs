@@ -484,39 +484,52 @@ fn training_is_bitwise_reproducible() {
 /// The attention backward's ordered dQ sums under load: on a GPU, a shape whose key blocks fill
 /// the SMs many times over, so that blocks wait for their turns while others run (the small
 /// shapes of the `attention` case barely overlap); on the emulator, which runs blocks one after
-/// another, a small one. Five backward passes, bitwise the same.
+/// another, a small one. Five backward passes, bitwise the same, on the mma.sync kernels and (on
+/// Hopper) the wgmma ones.
 #[test]
 fn attention_backward_is_reproducible_under_load() {
     type B = CudaBackend;
     let Some(be) = gpu(Storage::Bf16) else { return };
     let s = if real_gpu(&be) { AttnShape { batch: 4, seq: 8192, n_heads: 16, n_kv_heads: 4, head_dim: 64 } } else { AttnShape { batch: 1, seq: 300, n_heads: 2, n_kv_heads: 1, head_dim: 64 } };
-    let qkv = up(&be, &data(41, s.tokens() * s.qkv_width()));
-    let (mut out, mut lse) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq));
-    be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&qkv), s);
-    let dout = up(&be, &data(42, s.tokens() * s.out_width()));
-    let mut dqkv = be.alloc(s.tokens() * s.qkv_width());
-    let mut first = None;
-    for pass in 0..5 {
-        be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s);
-        let bits: Vec<u32> = down(&be, &dqkv).iter().map(|x| x.to_bits()).collect();
-        match &first {
-            None => first = Some(bits),
-            Some(f) => assert!(*f == bits, "pass {pass}: {} of {} dqkv values differ from the first pass ({s:?})", f.iter().zip(&bits).filter(|(a, b)| a != b).count(), bits.len()),
+    let mut backends = vec![("mma.sync", be)];
+    match hopper() {
+        Ok(be) => backends.push(("wgmma", be)),
+        Err(e) => eprintln!("attention_backward_is_reproducible_under_load: wgmma kernels skipped: {e}"),
+    }
+    for (kernels, be) in backends {
+        let qkv = up(&be, &data(41, s.tokens() * s.qkv_width()));
+        let (mut out, mut lse) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq));
+        be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&qkv), s);
+        let dout = up(&be, &data(42, s.tokens() * s.out_width()));
+        let mut dqkv = be.alloc(s.tokens() * s.qkv_width());
+        let mut first = None;
+        for pass in 0..5 {
+            be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s);
+            let bits: Vec<u32> = down(&be, &dqkv).iter().map(|x| x.to_bits()).collect();
+            match &first {
+                None => first = Some(bits),
+                Some(f) => assert!(*f == bits, "{kernels} pass {pass}: {} of {} dqkv values differ from the first pass ({s:?})", f.iter().zip(&bits).filter(|(a, b)| a != b).count(), bits.len()),
+            }
         }
     }
 }
 
-/// The Hopper attention forward (wgmma, opt-in) against the CPU, and against the mma.sync
-/// forward on the same device. On an H100 this is the first check of the kernel, and of the
-/// emulator's model of wgmma (layouts, descriptors, swizzle), against the hardware. Skipped,
-/// saying so, on GPUs without it (not sm_90).
+/// A bf16 backend running attention on the Hopper kernels, or why not (not sm_90).
+fn hopper() -> motley::Result<CudaBackend> {
+    CudaBackend::new(0, Storage::Bf16).and_then(CudaBackend::with_hopper_attention)
+}
+
+/// The Hopper attention kernels (wgmma, opt-in), forward and backward, against the CPU and
+/// against the mma.sync kernels on the same device. On an H100 this is the first check of the
+/// kernels, and of the emulator's model of wgmma (layouts, descriptors, swizzle), against the
+/// hardware. Skipped, saying so, on GPUs without them (not sm_90).
 #[test]
-fn hopper_attention_forward() {
+fn hopper_attention() {
     type B = CudaBackend;
     let Some(mma) = gpu(Storage::Bf16) else { return };
-    let hopper = match CudaBackend::new(0, Storage::Bf16).and_then(CudaBackend::with_hopper_attention) {
+    let hopper = match hopper() {
         Ok(be) => be,
-        Err(e) => return eprintln!("hopper_attention_forward skipped: {e}"),
+        Err(e) => return eprintln!("hopper_attention skipped: {e}"),
     };
     let mut shapes = vec![AttnShape { batch: 2, seq: 200, n_heads: 4, n_kv_heads: 2, head_dim: 64 }, AttnShape { batch: 1, seq: 390, n_heads: 2, n_kv_heads: 1, head_dim: 64 }];
     if real_gpu(&mma) {
@@ -525,22 +538,29 @@ fn hopper_attention_forward() {
     let cpu = cpu_for(Storage::Bf16);
     for (k, s) in shapes.into_iter().enumerate() {
         // bf16 values, so that the CPU reads what the GPU does.
-        let qkv: Vec<f32> = data(50 + k as u64, s.tokens() * s.qkv_width()).iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+        let bf16 = |v: Vec<f32>| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+        let qkv = bf16(data(50 + k as u64, s.tokens() * s.qkv_width()));
+        let dout = bf16(data(60 + k as u64, s.tokens() * s.out_width()));
+        // Forward, then backward from that forward's O and lse: [out, lse, dqkv].
         let run = |be: &CudaBackend| {
-            let q = up(be, &qkv);
-            let (mut out, mut lse) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq));
+            let (q, d) = (up(be, &qkv), up(be, &dout));
+            let (mut out, mut lse, mut dqkv) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq), be.alloc(qkv.len()));
             be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&q), s);
-            (down(be, &out), down(be, &lse))
+            be.attention_bwd(B::full_mut(&mut dqkv), B::full(&d), B::full(&out), B::full(&lse), B::full(&q), s);
+            [down(be, &out), down(be, &lse), down(be, &dqkv)]
         };
-        let ((got_o, got_l), (mma_o, mma_l)) = (run(&hopper), run(&mma));
-        let q = up(&cpu, &qkv);
-        let (mut out, mut lse) = (cpu.alloc(s.tokens() * s.out_width()), cpu.alloc_f32(s.batch * s.n_heads * s.seq));
+        let (got, mma) = (run(&hopper), run(&mma));
+        let (q, d) = (up(&cpu, &qkv), up(&cpu, &dout));
+        let (mut out, mut lse, mut dqkv) = (cpu.alloc(s.tokens() * s.out_width()), cpu.alloc_f32(s.batch * s.n_heads * s.seq), cpu.alloc(qkv.len()));
         cpu.attention_fwd(Cpu::full_mut(&mut out), Cpu::full_mut(&mut lse), Cpu::full(&q), s);
-        let (want_o, want_l) = (down(&cpu, &out), down(&cpu, &lse));
-        let errors = [("out vs CPU", error(&want_o, &got_o), BF16_ATTN_TOL), ("lse vs CPU", error(&want_l, &got_l), BF16_ATTN_TOL), ("out vs mma.sync", error(&mma_o, &got_o), BF16_ATTN_TOL), ("lse vs mma.sync", error(&mma_l, &got_l), BF16_ATTN_TOL)];
-        for (what, err, tol) in errors {
-            eprintln!("hopper attention {s:?}: {what} normalised max error {err:.2e}");
-            assert!(err <= tol, "hopper attention {s:?}: {what} normalised max error {err:.3e} > {tol:.0e}");
+        cpu.attention_bwd(Cpu::full_mut(&mut dqkv), Cpu::full(&d), Cpu::full(&out), Cpu::full(&lse), Cpu::full(&q), s);
+        let want = [down(&cpu, &out), down(&cpu, &lse), down(&cpu, &dqkv)];
+        for (i, what) in ["out", "lse", "dqkv"].into_iter().enumerate() {
+            for (against, reference) in [("CPU", &want[i]), ("mma.sync", &mma[i])] {
+                let err = error(reference, &got[i]);
+                eprintln!("hopper attention {s:?}: {what} vs {against} normalised max error {err:.2e}");
+                assert!(err <= BF16_ATTN_TOL, "hopper attention {s:?}: {what} vs {against} normalised max error {err:.3e} > {BF16_ATTN_TOL:.0e}");
+            }
         }
     }
 }

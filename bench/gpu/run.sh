@@ -5,7 +5,7 @@
 #   bench/gpu/run.sh check      environment; GPU parity tests; memory plan vs peak; `motley train` CUDA vs CPU
 #   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley, then PyTorch eager and compile
 #   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley (mma.sync, then the Hopper
-#                               wgmma forward), then PyTorch SDPA (flash)
+#                               wgmma kernels), then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
 #   bench/gpu/run.sh long-max   B=1 T=512K, 1M: motley
 #   bench/gpu/run.sh profile    Nsight Compute on the attention kernels at T=32K (for tuning)
@@ -187,7 +187,7 @@ part_attention() {
     rm -f "$d/motley.jsonl"
     run_limited "attention: motley fwd, fwd+bwd" "$(grant 240)" "$d/motley.log" \
         "${gpu[@]}" "$bin/attention" --device cuda "${attn_args[@]}" --json "$d/motley.jsonl"
-    run_limited "attention: motley, Hopper (wgmma) forward" "$(grant 150)" "$d/motley-hopper.log" \
+    run_limited "attention: motley, Hopper (wgmma) kernels" "$(grant 150)" "$d/motley-hopper.log" \
         "${gpu[@]}" "$bin/attention" --device cuda --hopper "${attn_args[@]}" --json "$d/motley.jsonl"
     run_limited "attention: PyTorch SDPA (flash)" "$(grant 180)" "$d/sdpa.log" \
         "$py" bench/peer/sdpa_attention.py --lengths "${ATTN_LENGTHS:-4K,32K,128K}" --backend flash
@@ -241,6 +241,7 @@ part_long_max() {
 # next kernel tuning works from where no GPU is lent.
 part_profile() {
     local d=$OUT/profile ncu k length=${PROFILE_LENGTH:-32K}
+    local kernels="attn_fwd_d64 attn_bwd_delta attn_bwd_d64 attn_fwd_wgmma_d64 attn_bwd_wgmma_d64"
     mkdir -p "$d"
     ncu=${NCU:-$(command -v ncu || ls /usr/local/cuda/bin/ncu 2> /dev/null || true)}
     if [ -z "$ncu" ] || [ ! -x "$ncu" ]; then
@@ -251,16 +252,16 @@ part_profile() {
     local metrics=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
     metrics+=,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum
     metrics+=,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_ldsm.sum
-    for k in attn_fwd_d64 attn_bwd_delta attn_bwd_d64 attn_fwd_wgmma_d64; do
+    for k in $kernels; do
         local hopper=()
-        [ "$k" = attn_fwd_wgmma_d64 ] && hopper=(--hopper)
+        case $k in *wgmma*) hopper=(--hopper) ;; esac
         run_limited "profile: ncu $k, T=$length" "$(grant 100)" "$d/$k.txt" \
             "${gpu[@]}" "$ncu" --set full --metrics "$metrics" -k "regex:^$k\$" -c 1 \
             "$bin/attention" --device cuda "${hopper[@]}" "${profile_args[@]}" --min-seconds 0
     done
     {
         echo "Nsight Compute, one launch per kernel of \`attention ${profile_args[*]}\` (default B = 32K / T, 16 heads of 64); full reports in $d/*.txt."
-        for k in attn_fwd_d64 attn_bwd_delta attn_bwd_d64 attn_fwd_wgmma_d64; do
+        for k in $kernels; do
             echo; echo "### $k"; echo '```'
             grep -E '^ +((Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Dynamic Shared Memory Per Block|Executed Ipc Active|Issue Slots Busy|Warp Cycles Per Issued Instruction|L1/TEX Hit Rate|L2 Hit Rate) |sm__pipe_tensor|l1tex__data|smsp__inst_executed_op_ldsm)' "$d/$k.txt" | sed 's/  */ /g'
             echo '```'

@@ -218,6 +218,12 @@ struct Launch {
     // executed fence.proxy.async since (the generic proxy's writes are not visible to wgmma's
     // async proxy before that), or -1.
     std::vector<int> unfenced;
+    // Dynamic shared memory as wgmma's async proxy sees it: taken at each __syncthreads that some
+    // thread reached through a fence.proxy.async since the previous one. A wgmma reading bytes
+    // that differ from it reads a generic-proxy store not fenced (and barriered) since. Lenient
+    // where one thread's fence publishes another's stores; catches a store with no fence at all.
+    std::vector<unsigned char> async_view;
+    bool fenced = false;
 };
 
 thread_local Launch* L;
@@ -372,8 +378,9 @@ size_t element_at(const Desc& d, bool mn_major, unsigned mn, unsigned k) {
 }
 
 // Reads `rows` × 16 bf16 elements of an operand through its descriptor: out[r * 16 + k] (A:
-// rows `first`.., k-major), or out[k * rows + r] for B (r its column). "" or the error.
-std::string read_operand(unsigned long long raw, bool mn_major, unsigned first, unsigned rows, bool is_b, std::vector<float>& out) {
+// rows `first`.., k-major), or out[k * rows + r] for B (r its column). "" or the error. At issue
+// the bytes must be visible to the async proxy (fenced); at the wait only equal to the issue's.
+std::string read_operand(unsigned long long raw, bool mn_major, unsigned first, unsigned rows, bool is_b, bool at_issue, std::vector<float>& out) {
     Desc d = decode(raw);
     if (d.layout != 1) return format("descriptor %#llx: layout %u; only the 128-byte swizzle (1) is emulated", raw, d.layout);
     if (d.base_offset != 0) return format("descriptor %#llx: base offset %u; only 0 is emulated", raw, d.base_offset);
@@ -382,8 +389,10 @@ std::string read_operand(unsigned long long raw, bool mn_major, unsigned first, 
         for (unsigned k = 0; k < 16; k++) {
             size_t at = element_at(d, mn_major, first + r, k);
             if (at + 2 > L->smem_bytes) return format("descriptor %#llx: element (%u, %u) at shared offset %zu, past the %zu bytes of dynamic shared memory", raw, first + r, k, at, L->smem_bytes);
-            if (int w = L->unfenced[at / 16]; w >= 0)
+            if (int w = L->unfenced[at / 16]; at_issue && w >= 0)
                 return format("reads shared offset %zu, which thread %d wrote with cp.async and has not fenced (fence.proxy.async) since: the async proxy may not see it", at, w);
+            if (at_issue && std::memcmp(L->smem + at, L->async_view.data() + at, 2))
+                return format("reads shared offset %zu, stored to since the last fence.proxy.async and __syncthreads: the async proxy may not see the store", at);
             unsigned short bits;
             std::memcpy(&bits, L->smem + at, 2);
             out[is_b ? k * rows + r : r * 16 + k] = __bfloat162float(__ushort_as_bfloat16(bits));
@@ -404,12 +413,12 @@ void read_a_registers(const unsigned* const a[32], std::vector<float>& out) {
     }
 }
 
-// Reads op's operands as they are now: A (this warp's rows) and B.
-std::string read_wgmma_operands(const Wgmma& op, unsigned warp, std::vector<float>& A, std::vector<float>& B) {
+// Reads op's operands as they are now (at its issue or its wait): A (this warp's rows) and B.
+std::string read_wgmma_operands(const Wgmma& op, unsigned warp, bool at_issue, std::vector<float>& A, std::vector<float>& B) {
     std::string e;
     if (op.a[0]) read_a_registers(op.a, A);
-    else e = read_operand(op.desc_a, false, 16 * (warp % 4), 16, false, A);
-    if (e.empty()) e = read_operand(op.desc_b, op.trans_b, 0, op.n, true, B);
+    else e = read_operand(op.desc_a, false, 16 * (warp % 4), 16, false, at_issue, A);
+    if (e.empty()) e = read_operand(op.desc_b, op.trans_b, 0, op.n, true, at_issue, B);
     return e;
 }
 
@@ -452,7 +461,7 @@ std::string run_wgmma(Thread* lanes[32]) {
         op.d[lane] = static_cast<float*>(lanes[lane]->out);
         op.a[lane] = static_cast<const unsigned*>(lanes[lane]->in[0]);
     }
-    if (std::string e = read_wgmma_operands(op, t0.warp, op.A, op.B); !e.empty()) return e;
+    if (std::string e = read_wgmma_operands(op, t0.warp, true, op.A, op.B); !e.empty()) return e;
     bool chained = false;
     for (const Wgmma& o : q.ops) chained |= o.d[0] == op.d[0];
     if (!chained) {
@@ -476,7 +485,7 @@ std::string run_wgmma_wait(unsigned warp, unsigned pending) {
     for (size_t i = 0; i < done; i++) {
         const Wgmma& op = q.ops[i];
         std::vector<float> A, B;
-        if (std::string e = read_wgmma_operands(op, warp, A, B); !e.empty()) return e;
+        if (std::string e = read_wgmma_operands(op, warp, false, A, B); !e.empty()) return e;
         if (A != op.A) return format("the A operand of a wgmma (%s) changed before its wgmma.wait_group", op.a[0] ? "registers" : "shared memory");
         if (B != op.B) return "the B operand of a wgmma (shared memory) changed before its wgmma.wait_group";
         const unsigned per = op.n / 2;
@@ -617,6 +626,8 @@ bool run_block(Launch& l, bool descending) {
     l.wgmma.assign(warps, WarpWgmma{});
     l.issues.assign((warps + 3) / 4, {});
     l.unfenced.assign(l.smem_bytes / 16 + 1, -1);
+    l.async_view.assign(l.smem, l.smem + l.smem_bytes);
+    l.fenced = false;
     for (size_t i = 0; i < n; i++) {
         Thread& t = l.threads[i];
         t.state = State::Ready;
@@ -636,6 +647,10 @@ bool run_block(Launch& l, bool descending) {
                 live = true;
             }
         if (!live) break;
+        if (l.fenced) {
+            std::memcpy(l.async_view.data(), l.smem, l.smem_bytes);
+            l.fenced = false;
+        }
     }
     for (unsigned w = 0; w < warps; w++)
         if (!l.wgmma[w].ops.empty()) {
@@ -746,6 +761,7 @@ void fence_proxy_async() {
     for (unsigned chunk : t.unfenced)
         if (L->unfenced[chunk] == me) L->unfenced[chunk] = -1;
     t.unfenced.clear();
+    L->fenced = true;
 }
 
 void ldmatrix_x4(unsigned r[4], const void* row, bool trans) {

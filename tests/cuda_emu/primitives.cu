@@ -103,7 +103,8 @@ __device__ void load_sw128(unsigned char* tile, const bf16* src, int rows) {
 // product's columns), both row-major bf16, through shared memory in the swizzled layout and four
 // k16 steps of wgmma_m64n128k16_ss (the descriptors advance 32 bytes a step). `misuse`: 0 none;
 // 1 no fence.proxy.async after the copies; 2 stores the accumulators before the wait; 3 a thread
-// overwrites b's tile while the wgmmas are in flight; 4 warp 1 gives another B descriptor.
+// overwrites b's tile while the wgmmas are in flight; 4 warp 1 gives another B descriptor; 5 a
+// thread stores to a's tile after the fence (a barrier, but no fence, before the wgmmas).
 // 24 KiB + 1 KiB of shared memory.
 extern "C" __global__ void test_wgmma_ss(float* d, const bf16* a, const bf16* b, int misuse) {
     DYNAMIC_SMEM(raw);
@@ -114,6 +115,10 @@ extern "C" __global__ void test_wgmma_ss(float* d, const bf16* a, const bf16* b,
     cp_async_wait_all();
     if (misuse != 1) fence_proxy_async();
     __syncthreads();
+    if (misuse == 5) {
+        if (threadIdx.x == 0) as[0] ^= 1;
+        __syncthreads();
+    }
     float acc[64];
     wgmma_fence();
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;

@@ -4,7 +4,7 @@
 //! public so that the kernel emulator's test (`tests/cuda_emu.rs`) launches exactly as the
 //! backend does.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{expect, ok, CudaBackend, DevView, DevViewMut, Storage};
 use crate::backend::AttnShape;
@@ -34,25 +34,19 @@ pub const FUNCTIONS: &[&str] = &[
     "attn_fwd_d128", "attn_bwd_d128",
 ];
 
-/// Entry points compiled only for Hopper (`sm_90a`): the wgmma forward at head_dim 64.
-pub const HOPPER_FUNCTIONS: &[&str] = &[HOPPER_FORWARD];
-pub const HOPPER_FORWARD: &str = "attn_fwd_wgmma_d64";
-/// Head dim of the Hopper forward.
+/// Entry points compiled only for Hopper (`sm_90a`): the wgmma forward and backward at head_dim
+/// 64, in `Pass::ALL` order.
+pub const HOPPER_FUNCTIONS: &[&str] = &["attn_fwd_wgmma_d64", "attn_bwd_wgmma_d64"];
+/// Head dim of the Hopper kernels.
 pub const HOPPER_HEAD_DIM: usize = 64;
-/// Query rows of a Hopper forward block (two warpgroups of 64) and its threads.
+/// Rows along the sequence a Hopper block owns (two warpgroups of 64: query rows, key rows for
+/// the backward) and its threads.
 const HOPPER_ROWS: usize = 128;
 const HOPPER_THREADS: u32 = 256;
-/// Shared memory of the Hopper forward: 1024 bytes to align its tiles, then Q and two buffers of
-/// K and V, each 128 rows of 64 bf16.
-pub const HOPPER_FWD_SMEM: usize = 1024 + 5 * 128 * 128;
-
-/// The Hopper forward's launch for `s` (head_dim 64): a block per 128 query rows and batch·head.
-pub fn hopper_forward_config(s: AttnShape) -> LaunchConfig {
-    assert_eq!(s.head_dim, HOPPER_HEAD_DIM, "the Hopper attention forward is for head_dim {HOPPER_HEAD_DIM}");
-    let grid = (s.seq.div_ceil(HOPPER_ROWS) as u32, (s.batch * s.n_heads) as u32, 1);
-    assert!(grid.1 <= 65_535, "attention: batch × heads = {} exceeds the grid's 65535 in y", grid.1);
-    LaunchConfig { grid_dim: grid, block_dim: (HOPPER_THREADS, 1, 1), shared_mem_bytes: HOPPER_FWD_SMEM as u32 }
-}
+/// Rows of the Hopper backward's query tiles.
+pub const HOPPER_QUERY_TILE: usize = 64;
+/// Bytes of a swizzled tile of 64 rows of 64 bf16.
+const HOPPER_HALF: usize = 64 * 128;
 
 /// One head_dim's kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +99,34 @@ impl Pass {
     }
 }
 
+/// The Hopper kernels (head_dim 64), beside the mma.sync ones above.
+impl Pass {
+    pub fn hopper_function(self) -> &'static str {
+        HOPPER_FUNCTIONS[self as usize]
+    }
+
+    /// Dynamic shared memory of the Hopper kernel, as it carves it: 1024 bytes to align its
+    /// tiles, then for the forward Q and two buffers of K and V (128 rows each); for the backward
+    /// K, V (128 rows), two buffers of Q and dO (64 rows), dS (64 × 128), the dQ columns the
+    /// warpgroups exchange (2 × 16 × 128 f32) and two buffers of lse and Δ (64 f32 each).
+    pub fn hopper_smem_bytes(self) -> usize {
+        match self {
+            Pass::Forward => 1024 + 10 * HOPPER_HALF,
+            Pass::Backward => 1024 + 10 * HOPPER_HALF + 2 * 16 * 128 * 4 + 4 * HOPPER_QUERY_TILE * 4,
+        }
+    }
+
+    /// The Hopper kernel's launch for `s` (head_dim 64): a block per 128 rows of the sequence
+    /// and batch·head (batch·kv head for the backward).
+    pub fn hopper_config(self, s: AttnShape) -> LaunchConfig {
+        assert_eq!(s.head_dim, HOPPER_HEAD_DIM, "the Hopper attention kernels are for head_dim {HOPPER_HEAD_DIM}");
+        let heads = if self == Pass::Backward { s.n_kv_heads } else { s.n_heads };
+        let grid = (s.seq.div_ceil(HOPPER_ROWS) as u32, (s.batch * heads) as u32, 1);
+        assert!(grid.1 <= 65_535, "attention: batch × heads = {} exceeds the grid's 65535 in y", grid.1);
+        LaunchConfig { grid_dim: grid, block_dim: (HOPPER_THREADS, 1, 1), shared_mem_bytes: self.hopper_smem_bytes() as u32 }
+    }
+}
+
 /// Row atoms of 16 rows per warp, the same for both passes: two at head_dim ≤ 64 (query rows of
 /// the forward, key rows of the backward), `FWD_ATOMS` and `DKV_ATOMS` of attention.cu.
 fn atoms(d: usize) -> usize {
@@ -115,10 +137,10 @@ fn atoms(d: usize) -> usize {
     }
 }
 
-/// Counters of the backward (u32, zero at launch): a launch ticket per (batch, kv head), then a
-/// turn counter per (batch, q head, query tile).
-pub fn turns_len(s: AttnShape) -> usize {
-    s.batch * s.n_kv_heads + s.batch * s.n_heads * s.seq.div_ceil(Pass::query_tile(s.head_dim))
+/// Counters of a backward with query tiles of `query_tile` rows (u32, zero at launch): a launch
+/// ticket per (batch, kv head), then a turn counter per (batch, q head, query tile).
+pub fn turns_len(s: AttnShape, query_tile: usize) -> usize {
+    s.batch * s.n_kv_heads + s.batch * s.n_heads * s.seq.div_ceil(query_tile)
 }
 
 /// Head dims with kernels: the multiples of 16 up to [`MAX_HEAD_DIM`].
@@ -184,6 +206,15 @@ fn assert_aligned(op: &str, args: &[(&str, u64)]) {
     }
 }
 
+/// The kernel of `pass` for `s`, its launch and (for the backward) its query tile: the Hopper one
+/// where the backend chose it and head_dim is 64, else the mma.sync one of that head_dim.
+fn kernel(be: &CudaBackend, pass: Pass, s: AttnShape) -> (&CudaFunction, LaunchConfig, usize) {
+    match &be.k.attn_hopper {
+        Some(hopper) if be.hopper_attention && s.head_dim == HOPPER_HEAD_DIM => (&hopper[pass as usize], pass.hopper_config(s), HOPPER_QUERY_TILE),
+        _ => (be.k.attention(pass, s.head_dim), launch_config(be.k.attn_smem, pass, s), Pass::query_tile(s.head_dim)),
+    }
+}
+
 /// out (N, H·D), lse (B·H·T); one block per (query rows, batch·head).
 pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: DevView<'_>, s: AttnShape) {
     assert_shapes(s, qkv.len(), out.len(), lse.len());
@@ -196,10 +227,7 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
     assert_aligned("attention_fwd", &[("out", out.ptr), ("qkv", qkv.ptr)]);
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let (kernel, cfg) = match &be.k.attn_fwd_hopper {
-        Some(hopper) if be.hopper_attention && s.head_dim == HOPPER_HEAD_DIM => (hopper, hopper_forward_config(s)),
-        _ => (be.k.attention(Pass::Forward, s.head_dim), launch_config(be.k.attn_smem, Pass::Forward, s)),
-    };
+    let (kernel, cfg, _) = kernel(be, Pass::Forward, s);
     // SAFETY: `attn_fwd_dD` / `attn_fwd_wgmma_d64(act_t* out, float* lse, const act_t* qkv,
     // Heads, float)`; sizes, types and alignment asserted; the shared memory is within the limit
     // set at load time.
@@ -223,20 +251,20 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     let mut delta = be.scratch_f32(s.batch * s.n_heads * s.seq);
     // Written before it is read (the first key block of each query tile stores its part).
     let dq_acc = be.scratch_storage(s.tokens() * s.out_width(), Storage::F32);
-    let mut turns = ok(be.stream.alloc_zeros::<u32>(turns_len(s)), "scratch alloc");
+    let (kernel, cfg, query_tile) = kernel(be, Pass::Backward, s);
+    let mut turns = ok(be.stream.alloc_zeros::<u32>(turns_len(s, query_tile)), "scratch alloc");
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let tokens = s.tokens() as i32;
     let delta_cfg = delta_config(s);
-    let cfg = launch_config(be.k.attn_smem, Pass::Backward, s);
-    // SAFETY: signatures of attn_bwd_delta and attn_bwd_dD in attention.cu; sizes, types and
-    // alignment asserted; `delta` holds B·H·T floats, `dq_acc` N·H·D, `turns` turns_len(s)
-    // zeroed counters; shared memory within the limit set at load time.
+    // SAFETY: signatures of attn_bwd_delta and attn_bwd_dD / attn_bwd_wgmma_d64 in attention.cu;
+    // sizes, types and alignment asserted; `delta` holds B·H·T floats, `dq_acc` N·H·D, `turns`
+    // the kernel's turns_len zeroed counters; shared memory within the limit set at load time.
     unsafe {
         ok(be.stream.launch_builder(&be.k.attn_delta).arg(&mut delta).arg(&dout.ptr).arg(&out.ptr).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
         ok(
             be.stream
-                .launch_builder(be.k.attention(Pass::Backward, s.head_dim))
+                .launch_builder(kernel)
                 .arg(&dqkv.ptr)
                 .arg(&dq_acc.ptr)
                 .arg(&mut turns)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 
-use super::attention::{head_dims, Pass, HOPPER_FORWARD, HOPPER_FWD_SMEM, MAX_HEAD_DIM};
+use super::attention::{head_dims, Pass, MAX_HEAD_DIM};
 use super::nvrtc::{cached_ptx, include_dirs_from_env, KernelFile, Storage, HOPPER_ARCH, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
@@ -54,8 +54,9 @@ pub struct Kernels {
     pub attn_delta: CudaFunction,
     /// Forward and backward kernels (`Pass::ALL` order) of each head_dim in `head_dims()`.
     attn: Vec<[CudaFunction; 2]>,
-    /// The wgmma forward at head_dim 64, where compiled for Hopper (`sm_90a`).
-    pub attn_fwd_hopper: Option<CudaFunction>,
+    /// The wgmma forward and backward at head_dim 64 (`Pass::ALL` order), where compiled for
+    /// Hopper (`sm_90a`).
+    pub attn_hopper: Option<[CudaFunction; 2]>,
 }
 
 type Functions = HashMap<&'static str, CudaFunction>;
@@ -113,8 +114,11 @@ impl Kernels {
                 allow(&pass.function(d), pass.smem_bytes(d))?;
             }
         }
-        if f.contains_key(HOPPER_FORWARD) {
-            allow(HOPPER_FORWARD, HOPPER_FWD_SMEM)?;
+        let hopper = f.contains_key(Pass::Forward.hopper_function());
+        if hopper {
+            for pass in Pass::ALL {
+                allow(pass.hopper_function(), pass.hopper_smem_bytes())?;
+            }
         }
         let act = elementwise(&f);
         let f32 = match storage {
@@ -151,7 +155,7 @@ impl Kernels {
             adamw: take("adamw"),
             attn_delta: take("attn_bwd_delta"),
             attn: head_dims().map(|d| Pass::ALL.map(|pass| take(&pass.function(d)))).collect(),
-            attn_fwd_hopper: f.remove(HOPPER_FORWARD),
+            attn_hopper: hopper.then(|| Pass::ALL.map(|pass| take(pass.hopper_function()))),
         })
     }
 

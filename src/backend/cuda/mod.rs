@@ -65,7 +65,7 @@ pub struct CudaBackend {
     offload: offload::Offloader,
     /// Index and pointer uploads through page-locked memory.
     staging: staging::Staging,
-    /// The attention forward at head_dim 64 runs the Hopper (wgmma) kernel.
+    /// Attention at head_dim 64 runs the Hopper (wgmma) kernels.
     hopper_attention: bool,
     k: Kernels,
     device: String,
@@ -181,12 +181,12 @@ impl CudaBackend {
         self
     }
 
-    /// Runs the attention forward at head_dim 64 on the Hopper kernel (wgmma, `attn_fwd_wgmma_d64`)
-    /// instead of the mma.sync one; an error where it was not compiled (a GPU other than Hopper).
-    /// Opt-in until it has been measured and checked on a GPU.
+    /// Runs attention at head_dim 64 on the Hopper kernels (wgmma: `attn_fwd_wgmma_d64`,
+    /// `attn_bwd_wgmma_d64`) instead of the mma.sync ones; an error where they were not compiled
+    /// (a GPU other than Hopper). Opt-in until they have been measured and checked on a GPU.
     pub fn with_hopper_attention(mut self) -> Result<Self> {
-        if self.k.attn_fwd_hopper.is_none() {
-            return Err(Error::Invalid(format!("{}: the Hopper attention forward needs an sm_90 GPU (H100, H200)", self.device)));
+        if self.k.attn_hopper.is_none() {
+            return Err(Error::Invalid(format!("{}: the Hopper attention kernels need an sm_90 GPU (H100, H200)", self.device)));
         }
         self.hopper_attention = true;
         Ok(self)

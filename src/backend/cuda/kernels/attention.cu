@@ -308,6 +308,10 @@ template <int R, int C>
 __device__ __forceinline__ float (&flat(float (&x)[R][C]))[R * C] {
     return reinterpret_cast<float(&)[R * C]>(x);
 }
+// Where load_rows puts chunk c of row r of a swizzled tile (rows of 64 bf16).
+__device__ __forceinline__ auto swizzled(unsigned char* tile) {
+    return [=](int r, int c) { return (bf16*)(tile + sw128_offset(r, c)); };
+}
 
 extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {
     constexpr int D = 64, ROWS = 128, KEYS = 128, TILE = 128 * 128;  // a tile: 128 rows of 128 bytes
@@ -326,7 +330,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
 
     // 128 rows × 64 columns of qkv from sequence row t0 into a swizzled tile.
     auto load = [&](unsigned char* tile, int t0, int col) {
-        load_rows<D, 128, 256>([=](int r, int c) { return (bf16*)(tile + sw128_offset(r, c)); }, qkv, row0, t0, s.seq, w, col);
+        load_rows<D, 128, 256>(swizzled(tile), qkv, row0, t0, s.seq, w, col);
     };
     auto load_kv = [&](int t) {
         unsigned char* buf = KV + 2 * (t % 2) * TILE;
@@ -609,6 +613,193 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
             store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv[at], r, 1.0f);
         }
 }
+
+// ---- backward on Hopper (sm_90a): wgmma, head_dim 64 ------------------------------------------
+// attn_bwd's schedule (a block per key block, walking the query tiles of its group's q heads,
+// dQ parts added in turns) on two warpgroups of 64 keys (128 keys a block, 256 threads); query
+// tiles of 64 rows stream through two shared buffers. K, V, Q, dO lie in shared memory in the
+// 128-byte swizzled layout. Per tile a warpgroup computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (wgmma
+// m64n64k16, both operands from shared memory), Pᵀ and dSᵀ on their registers, then dV += Pᵀ dO
+// and dK += dSᵀ Q with Pᵀ, dSᵀ from registers (dO, Q read transposed). dQ = dS K: each warpgroup
+// multiplies its own keys' part (its dSᵀ stored to shared memory as query rows, K read
+// transposed); the two 64 × 64 parts meet in shared memory, and each warpgroup adds 32 of the 64
+// columns to the f32 accumulator in the key blocks' turn. Writes what attn_bwd_d64 writes. Grid
+// (ceil(T / 128), B·Hkv); shared memory `HOPPER_BWD_SMEM`; the turn counters per 64-row query
+// tile (`turns_len` of attention.rs). Opt-in like the forward.
+#ifdef MOTLEY_WGMMA
+extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* dqkv, float* dq_acc, unsigned* turns, const act_t* dout, const float* lse,
+                                                                         const float* delta, const act_t* qkv, Heads s, float scale) {
+    constexpr int D = 64, KEYS = 128, QT = 64, HALF = 64 * 128;  // HALF: 64 rows of 128 bytes
+    DYNAMIC_SMEM(raw);
+    unsigned char* Ks = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    unsigned char* Vs = Ks + 2 * HALF;
+    unsigned char* QO = Vs + 2 * HALF;         // buffer k: Q at QO + 2k·HALF, dO after it
+    unsigned char* dS = QO + 4 * HALF;         // warpgroup w's dS (query rows × its 64 keys) at dS + w·HALF
+    float* halves = (float*)(dS + 2 * HALF);   // the dQ columns a warpgroup hands the other: 2 × 16 × 128
+    float* stats = halves + 2 * 16 * 128;      // buffer k: lse·log2e at stats + 2k·QT, Δ after it
+
+    const int b = blockIdx.y / s.n_kv_heads, kvh = blockIdx.y % s.n_kv_heads;
+    const int kb = gridDim.x - 1 - launch_ticket(turns + blockIdx.y), j0 = kb * KEYS;  // as in attn_bwd
+    const size_t row0 = (size_t)b * s.seq;
+    const int group = s.n_heads / s.n_kv_heads, w = s.width(), ow = s.n_heads * D;
+    const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
+    // The warpgroup's first key; this thread's accumulator rows are rr and rr + 8 of its 64.
+    const int k0 = j0 + 64 * wg, rr = 16 * (tid / WARP) + g;
+    const float scale2 = scale * LOG2E;
+    const int qtiles = (s.seq - j0 + QT - 1) / QT, steps = group * qtiles;
+    const unsigned char* Kw = Ks + wg * HALF;
+    const unsigned char* Vw = Vs + wg * HALF;
+    unsigned char* dSw = dS + wg * HALF;
+
+    // Queues the Q, dO tiles of step t into buffer t % 2 and writes its lse and Δ there.
+    auto load_step = [&](int t) {
+        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
+        unsigned char* buf = QO + 2 * (t % 2) * HALF;
+        load_rows<D, QT, 256>(swizzled(buf), qkv, row0, i0, s.seq, w, s.q_col(h));
+        load_rows<D, QT, 256>(swizzled(buf + HALF), dout, row0, i0, s.seq, ow, h * D);
+        float* st = stats + 2 * (t % 2) * QT;
+        const size_t bh = (size_t)b * s.n_heads + h;
+        const int r = threadIdx.x, i = i0 + r % QT;
+        if (r < QT) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
+        else if (r < 2 * QT) st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
+    };
+    load_rows<D, KEYS, 256>(swizzled(Ks), qkv, row0, j0, s.seq, w, s.k_col(kvh));
+    load_rows<D, KEYS, 256>(swizzled(Vs), qkv, row0, j0, s.seq, w, s.v_col(kvh));
+    load_step(0);
+    cp_async_commit();
+
+    float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+    for (int t = 0; t < steps; t++) {
+        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
+        const unsigned char* Qs = QO + 2 * (t % 2) * HALF;
+        const unsigned char* dOs = Qs + HALF;
+        const float* L2 = stats + 2 * (t % 2) * QT;
+        const float* Dl = L2 + QT;
+        if (t + 1 < steps) load_step(t + 1);
+        cp_async_commit();
+        cp_async_wait_prior();
+        fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
+        __syncthreads();
+
+        // Every warpgroup multiplies on every step, even the second one on the block's first
+        // tile, whose keys all come after the tile's queries (masked: it adds zeros): wgmma on a
+        // path ptxas cannot prove warp-uniform gets serialized. Four groups in flight by turns:
+        // Pᵀ is computed while dPᵀ's products run, dSᵀ while dV's do.
+        float st[QT / 8][4], dpt[QT / 8][4];
+        unsigned pa[QT / 16][4], da[QT / 16][4];  // Pᵀ, dSᵀ as A operands (k: the tile's queries)
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_ss<0>(flat(st), sw128_desc(Kw + 32 * kk, 1024), sw128_desc(Qs + 32 * kk, 1024), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_ss<0>(flat(dpt), sw128_desc(Vw + 32 * kk, 1024), sw128_desc(dOs + 32 * kk, 1024), kk > 0);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_operands(flat(st));
+        // Query rows past the sequence see zero Q and dO (and lse, Δ): P is 1 there but dS and dO
+        // are 0, as in attn_bwd. Keys past the sequence come after every query: masked.
+        const bool diagonal = k0 + 63 > i0;
+#pragma unroll
+        for (int nt = 0; nt < QT / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = k0 + rr + 8 * (e / 2);
+                st[nt][e] = diagonal && j > i ? 0.0f : exp2f(st[nt][e] * scale2 - L2[c]);
+            }
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(pa[kk], st, kk);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs_tb(flat(dv), pa[kk], sw128_desc(dOs + 16 * 128 * kk, 1024), 1);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_operands(flat(dpt));
+#pragma unroll
+        for (int nt = 0; nt < QT / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int c = nt * 8 + 2 * q + e % 2;
+                const float ds = st[nt][e] * (dpt[nt][e] - Dl[c]) * scale;
+                dpt[nt][e] = ds;
+                // dS for the dQ product (query row c, key rr + 8(e/2)), rounded as dK's operand.
+                *(bf16*)(dSw + sw128_offset(c, 2 * (tid / WARP) + e / 2) + 2 * g) = __float2bfloat16(ds);
+            }
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(da[kk], dpt, kk);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs_tb(flat(dk), da[kk], sw128_desc(Qs + 16 * 128 * kk, 1024), 1);
+        wgmma_commit();
+        fence_proxy_async();  // dS's stores become visible to wgmma
+        __syncthreads();
+
+        // This warpgroup's part of the tile's dQ: its dS (64 queries × 64 keys) times its K rows.
+        float dq[D / 8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; kk++) wgmma_m64n64k16_ss<1>(flat(dq), sw128_desc(dSw + 32 * kk, 1024), sw128_desc(Kw + 16 * 128 * kk, 1024), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_operands(flat(dq));
+        fence_operands(flat(dv));
+        fence_operands(flat(dk));
+        fence_operands(pa);
+        fence_operands(da);
+        // The parts meet: warpgroup w hands over the columns of the other (n-tiles 4(1 − w)..)
+        // and adds those it gets to its own (n-tiles 4w..). The partner thread of the other
+        // warpgroup holds the same positions, so one slot per (n-tile, element, thread).
+        float* handed = halves + wg * 16 * 128;
+        const float* received = halves + (1 - wg) * 16 * 128;
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++)
+            if (nt / 4 != wg)
+                for (int e = 0; e < 4; e++) handed[((nt % 4) * 4 + e) * 128 + tid] = dq[nt][e];
+        __syncthreads();
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++)
+            if (nt / 4 == wg)
+                for (int e = 0; e < 4; e++) dq[nt][e] += received[((nt % 4) * 4 + e) * 128 + tid];
+
+        const int last = i0 / KEYS, tile = gridDim.y + (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
+        wait_turn(turns + tile, last - kb);
+#pragma unroll
+        for (int nt = 0; nt < D / 8; nt++) {
+            if (nt / 4 != wg) continue;
+            for (int r = 0; r < 2; r++) {
+                const int i = i0 + rr + 8 * r, col = nt * 8 + 2 * q;
+                if (i >= s.seq) continue;
+                float2 v = make_float2(dq[nt][2 * r], dq[nt][2 * r + 1]);
+                float2* sum = (float2*)(dq_acc + (row0 + i) * ow + h * D + col);
+                if (kb != last) {
+                    const float2 before = __ldcg(sum);
+                    v = make_float2(before.x + v.x, before.y + v.y);
+                }
+                if (kb > 0) {
+                    __stcg(sum, v);
+                } else {
+                    act_t* dst_q = dqkv + (row0 + i) * w + s.q_col(h) + col;
+#ifdef MOTLEY_ACT_BF16
+                    *(unsigned*)dst_q = pack_bf16(v.x, v.y);
+#else
+                    *(float2*)dst_q = v;
+#endif
+                }
+            }
+        }
+        // Every thread is done with this step's buffers (and has stored its dQ part) before the
+        // next step refills them.
+        if (kb > 0) pass_turn(turns + tile, last - kb + 1);
+        else __syncthreads();
+    }
+
+    for (int r = 0; r < 2; r++) {
+        const int j = k0 + rr + 8 * r;
+        if (j >= s.seq) continue;
+        store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk, r, 1.0f);
+        store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv, r, 1.0f);
+    }
+}
+#endif
 
 // ---- entry points -----------------------------------------------------------------------------
 // Register arrays need the head_dim at compile time: one set of kernels per multiple of 16.
