@@ -19,7 +19,9 @@
 //!   warps, and each warp's lanes resumed in ascending order, then all three in descending
 //!   order, each warp running as far as it can before the next, so a missing `__syncthreads` or
 //!   `__syncwarp`, or a dependence on the order blocks start in, shows as a mismatch (or, for a
-//!   block waiting on one that has not started, as a fault); and so does a
+//!   block waiting on one that has not started, as a fault); cp.async copies land at their wait
+//!   in the first and at once in the second, so a copy into a buffer still being read shows
+//!   (for wgmma operands, as a fault); and so does a
 //!   third run with grid-stride grids capped at 2 blocks (the backend's grid past 2²⁴ elements);
 //! - no write lands outside a buffer (guards of signalling NaNs around each, which arithmetic
 //!   changes) or outside shared memory, and outputs the op overwrites start as NaN, so an element
@@ -840,11 +842,12 @@ fn attention(s: Storage) {
 
 /// The Hopper kernels (wgmma, head_dim 64) against the CPU, as the mma.sync ones are: forward
 /// blocks and key blocks of 128 rows, the last partial or past the sequence; query tiles of 64,
-/// the last partial; walks of one to three key tiles (forward) and of up to five query tiles
-/// (backward); groups of 2 and 1 query heads per kv head.
-const HOPPER_ATTN: [AttnShape; 2] = [
+/// the last partial; walks of one to five key tiles (forward: the three buffers each reused)
+/// and of up to nine query tiles (backward); groups of 2 and 1 query heads per kv head.
+const HOPPER_ATTN: [AttnShape; 3] = [
     AttnShape { batch: 2, seq: 200, n_heads: 4, n_kv_heads: 2, head_dim: 64 },
     AttnShape { batch: 1, seq: 300, n_heads: 2, n_kv_heads: 2, head_dim: 64 },
+    AttnShape { batch: 1, seq: 520, n_heads: 2, n_kv_heads: 1, head_dim: 64 },
 ];
 
 fn attention_hopper(s: Storage) {

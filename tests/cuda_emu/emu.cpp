@@ -224,6 +224,9 @@ struct Launch {
     // where one thread's fence publishes another's stores; catches a store with no fence at all.
     std::vector<unsigned char> async_view;
     bool fenced = false;
+    // cp.async data lands at the wait (ascending schedule) or at once (descending): a copy may
+    // land any time in between on a GPU, so a copy into memory still being read shows.
+    bool eager_copies = false;
 };
 
 thread_local Launch* L;
@@ -777,6 +780,7 @@ void cp_async16(void* smem, const void* gmem, bool valid) {
     Thread& t = self();
     Copy c{static_cast<unsigned char*>(smem), {}, t.committed};
     if (valid) std::memcpy(c.data, gmem, 16);
+    if (L->eager_copies) std::memcpy(c.dst, c.data, 16);
     t.copies.push_back(c);
 }
 
@@ -844,6 +848,7 @@ extern "C" __attribute__((visibility("default"))) int emu_launch(const char* ker
     l.kernel = k;
     l.args = args;
     l.smem_bytes = smem_bytes;
+    l.eager_copies = schedule == 1;
     L = &l;
     bool ok = launch(l, grid, block, schedule == 1);
     L = nullptr;

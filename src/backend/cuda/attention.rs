@@ -106,12 +106,12 @@ impl Pass {
     }
 
     /// Dynamic shared memory of the Hopper kernel, as it carves it: 1024 bytes to align its
-    /// tiles, then for the forward Q and two buffers of K and V (128 rows each); for the backward
+    /// tiles, then for the forward Q and three buffers of K and V (128 rows each); for the backward
     /// K, V (128 rows), two buffers of Q and dO (64 rows), dS (64 × 128), the dQ columns the
     /// warpgroups exchange (2 × 16 × 128 f32) and two buffers of lse and Δ (64 f32 each).
     pub fn hopper_smem_bytes(self) -> usize {
         match self {
-            Pass::Forward => 1024 + 10 * HOPPER_HALF,
+            Pass::Forward => 1024 + 14 * HOPPER_HALF,
             Pass::Backward => 1024 + 10 * HOPPER_HALF + 2 * 16 * 128 * 4 + 4 * HOPPER_QUERY_TILE * 4,
         }
     }

@@ -293,16 +293,17 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
 }
 
 // ---- forward on Hopper (sm_90a): wgmma, head_dim 64 -------------------------------------------
-// Two warpgroups of 64 query rows (128 a block, 256 threads); key tiles of 128 stream through two
-// shared buffers (tile t + 1's copy overlapping tile t's math). Q, K and V lie in shared memory in
-// the 128-byte swizzled layout (common.cuh); per tile each warpgroup computes S = Q Kᵀ with four
-// wgmma m64n128k16 (both operands from shared memory), runs the online softmax on S's registers
-// (a warp holds 16 whole rows, laid out as mma.sync's accumulators: quad shuffles, as in
-// attn_fwd), and adds P V with eight wgmma m64n64k16 (P from registers, V read transposed). The
-// softmax does not overlap the tensor cores yet (FlashAttention-3's ping-pong and in-warpgroup
-// pipelining would). Writes what attn_fwd_d64 writes. Grid (ceil(T / 128), B·H); shared memory
-// `HOPPER_FWD_SMEM` of attention.rs. Opt-in (`CudaBackend::with_hopper_attention`) until it has
-// run on a GPU.
+// Two warpgroups of 64 query rows (128 a block, 256 threads); key tiles of 128 stream through
+// three shared buffers. Q, K and V lie in shared memory in the 128-byte swizzled layout
+// (common.cuh). Per tile each warpgroup computes S = Q Kᵀ with four wgmma m64n128k16 (both
+// operands from shared memory), runs the online softmax on S's registers (a warp holds 16 whole
+// rows, laid out as mma.sync's accumulators: quad shuffles, as in attn_fwd), and adds P V with
+// eight wgmma m64n64k16 (P from registers, V read transposed). Pipelined within each warpgroup
+// (FlashAttention-3's intra-warpgroup overlap): tile t's S products and tile t − 1's P V run
+// together, and tile t's softmax runs while P V does; tile t − 1's V is still read while tile
+// t + 1 arrives, hence three buffers. Writes what attn_fwd_d64 writes. Grid (ceil(T / 128),
+// B·H); shared memory `Pass::hopper_smem_bytes` of attention.rs. Opt-in
+// (`CudaBackend::with_hopper_attention`) until it has run on a GPU.
 #ifdef MOTLEY_WGMMA
 template <int R, int C>
 __device__ __forceinline__ float (&flat(float (&x)[R][C]))[R * C] {
@@ -332,10 +333,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     auto load = [&](unsigned char* tile, int t0, int col) {
         load_rows<D, 128, 256>(swizzled(tile), qkv, row0, t0, s.seq, w, col);
     };
+    auto buffer = [&](int t) { return KV + 2 * (t % 3) * TILE; };
     auto load_kv = [&](int t) {
-        unsigned char* buf = KV + 2 * (t % 2) * TILE;
-        load(buf, t * KEYS, s.k_col(kvh));
-        load(buf + TILE, t * KEYS, s.v_col(kvh));
+        load(buffer(t), t * KEYS, s.k_col(kvh));
+        load(buffer(t) + TILE, t * KEYS, s.v_col(kvh));
+    };
+    // P V of tile t (P in pa) onto o, queued as one group.
+    auto add_pv = [&](float (&o)[D / 8][4], const unsigned (&pa)[KEYS / 16][4], int t) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs_tb(flat(o), pa[kk], sw128_desc(buffer(t) + TILE + 16 * 128 * kk, 1024), 1);
+        wgmma_commit();
     };
     load(Qs, i0, s.q_col(h));
     load_kv(0);
@@ -343,23 +351,29 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
 
     float o[D / 8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // rows g and g + 8; l per lane
+    unsigned pa[KEYS / 16][4];                       // the previous tile's P, as A operands
     for (int t = 0; t < tiles; t++) {
         const int j0 = t * KEYS;
-        const unsigned char* Ks = KV + 2 * (t % 2) * TILE;
-        const unsigned char* Vs = Ks + TILE;
+        // Tile t has arrived (for every thread, and fenced for wgmma), and every warpgroup has
+        // finished tile t − 2's P V (waited in step t − 1) before tile t + 1 refills its buffer.
+        cp_async_wait_all();
+        fence_proxy_async();
+        __syncthreads();
         if (t + 1 < tiles) load_kv(t + 1);
         cp_async_commit();
-        cp_async_wait_prior();
-        fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
-        __syncthreads();
 
         float sc[KEYS / 8][4];
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
-            wgmma_m64n128k16_ss(flat(sc), sw128_desc(Qs + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(Ks + 32 * kk, 1024), kk > 0);
+            wgmma_m64n128k16_ss(flat(sc), sw128_desc(Qs + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(buffer(t) + 32 * kk, 1024), kk > 0);
         wgmma_commit();
-        wgmma_wait<0>();
+        if (t > 0) {
+            add_pv(o, pa, t - 1);
+            wgmma_wait<1>();
+        } else {
+            wgmma_wait<0>();
+        }
         fence_operands(flat(sc));
 
         // Only the last tile has keys after some of the warp's rows; key 0 is visible to every
@@ -388,21 +402,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
                 sc[nt][e] = p;
                 l[e / 2] += p;
             }
+        // The previous tile's P V is done: o holds every earlier tile, at the previous max.
+        wgmma_wait<0>();
+        fence_operands(flat(o));
+        fence_operands(pa);
 #pragma unroll
         for (int nt = 0; nt < D / 8; nt++)
             for (int e = 0; e < 4; e++) o[nt][e] *= corr[e / 2];
-        unsigned pa[KEYS / 16][4];
 #pragma unroll
         for (int kk = 0; kk < KEYS / 16; kk++) acc_to_a<KEYS>(pa[kk], sc, kk);
-
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs_tb(flat(o), pa[kk], sw128_desc(Vs + 16 * 128 * kk, 1024), 1);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_operands(flat(o));
-        __syncthreads();  // both warpgroups are done with this buffer before the next tile refills it
     }
+    add_pv(o, pa, tiles - 1);
+    wgmma_wait<0>();
+    fence_operands(flat(o));
 
     const int ow = s.n_heads * D;
     for (int r = 0; r < 2; r++) {
