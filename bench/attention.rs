@@ -36,11 +36,7 @@ fn main() {
         DeviceKind::Cpu => run(&Cpu::new(args.get("--threads", 0)), &args),
         DeviceKind::Cuda => {
             #[cfg(feature = "cuda")]
-            {
-                let be = common::device::open_cuda(false);
-                let be = if args.has("--hopper") { be.with_hopper_attention().unwrap_or_else(|e| common::args::fail(&format!("--hopper: {e}"))) } else { be };
-                run(&be, &args)
-            }
+            run(&common::device::open_cuda(false, args.has("--hopper")), &args);
             #[cfg(not(feature = "cuda"))]
             common::device::no_cuda_feature();
         }

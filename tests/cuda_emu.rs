@@ -1055,7 +1055,7 @@ fn wgmma_is_a_matmul_and_reports_misuse() {
     for i in 0..64 {
         for j in 0..64 {
             let want: f32 = (0..32).map(|k| a[i * 32 + k] * v[k * 64 + j]).sum();
-            assert_eq!(got[i * 64 + j], want as f64, "wgmma_m64n64k16_rs_tb d[{i}][{j}]");
+            assert_eq!(got[i * 64 + j], want as f64, "wgmma_m64n64k16_rs<1> d[{i}][{j}]");
         }
     }
 }

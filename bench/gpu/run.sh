@@ -3,7 +3,8 @@
 # gpu-carry/ folder that bench/gpu/build.sh made here (no Rust toolchain needed there):
 #
 #   bench/gpu/run.sh check      environment; GPU parity tests; memory plan vs peak; `motley train` CUDA vs CPU
-#   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley, then PyTorch eager and compile
+#   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley (mma.sync, then Hopper wgmma attention),
+#                               then PyTorch eager and compile
 #   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley (mma.sync, then the Hopper
 #                               wgmma kernels), then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
@@ -19,7 +20,8 @@
 # tables are printed at the end.
 #
 # Environment: OUT, RUN_BUDGET; PYTHON (python3: the one with PyTorch); CHECK_STEPS (300),
-# STEP_POLICY (keep), LONG_POLICY (recompute), PROFILE_LENGTH (32K), NCU (the ncu binary; found
+# STEP_POLICY (keep), LONG_POLICY (recompute), LONG_ARGS (more train_step flags for the long
+# sweeps, e.g. --hopper once the check part has passed), PROFILE_LENGTH (32K), NCU (the ncu binary; found
 # on PATH or in /usr/local/cuda/bin). bench/gpu/rehearse.sh runs all of it here, without
 # a GPU, on the emulated device, by shrinking the work: SHAPE (h100-ref: a key of
 # bench/gpu_configs.json or cpu_configs.json), SHAPE_ARGS (train_step flags after --shape, e.g.
@@ -44,6 +46,8 @@ shape_args=(--shape "$shape" ${SHAPE_ARGS:-})
 attn_args=(--lengths "${ATTN_LENGTHS:-4K,32K,128K}" ${ATTN_ARGS:-})
 # shellcheck disable=SC2206
 check_args=(${CHECK_ARGS:-})
+# shellcheck disable=SC2206
+long_args=(${LONG_ARGS:-})
 # shellcheck disable=SC2206
 profile_args=(--lengths "${PROFILE_LENGTH:-32K}" ${PROFILE_ARGS:-})
 
@@ -168,6 +172,8 @@ part_step() {
     rm -f "$d/motley.jsonl"
     run_limited "step: motley $shape (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
+    run_limited "step: motley $shape, Hopper (wgmma) attention" "$(grant 150)" "$d/motley-hopper.log" \
+        "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --hopper --warmup 2 --steps 10 --max-seconds 60 --json "$d/motley.jsonl"
     # Where the step's time goes: GPU time per op (events around each op perturb the timing a
     # little, so this is a separate run and not the table's number).
     run_limited "step: motley time per op (profile)" "$(grant 120)" "$d/profile.log" \
@@ -206,7 +212,7 @@ long_sweep() {
     s=$(grant "$4")
     run_limited "$label" "$s" "$d/motley-$lengths.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda --shape "$shape" --policy "${LONG_POLICY:-recompute}" --sweep "$lengths" \
-        --time-limit $((s * 2 / 3)) --budget $((s - 20)) --json "$d/motley.jsonl"
+        --time-limit $((s * 2 / 3)) --budget $((s - 20)) "${long_args[@]}" --json "$d/motley.jsonl"
 }
 
 # long_table DIR: motley's and the peer's long-context rows in one table.

@@ -24,6 +24,8 @@ pub struct Case {
     pub warmup: usize,
     pub steps: usize,
     pub threads: usize,
+    /// Attention on the Hopper (wgmma) kernels (`--hopper`).
+    pub hopper: bool,
 }
 
 impl Case {
@@ -31,6 +33,9 @@ impl Case {
     /// (the sweep's B=1).
     pub fn from_args(args: &Args, default_batch: Option<usize>, default_policy: &str, default_steps: usize, default_warmup: usize) -> Case {
         let device = DeviceKind::parse(args.value("--device").unwrap_or("cpu"));
+        if device == DeviceKind::Cpu && args.has("--hopper") {
+            fail("--hopper runs attention on the Hopper (wgmma) kernels: it needs --device cuda");
+        }
         let shape_name = args.value("--shape").unwrap_or(if device == DeviceKind::Cuda { "h100-ref" } else { "tiny" }).to_string();
         let shape = find(&shape_name).unwrap_or_else(|e| fail(&e));
         // The α LP's host tier and link: on the GPU half the device machine's 128 GiB of host
@@ -50,6 +55,7 @@ impl Case {
             warmup: args.get("--warmup", default_warmup),
             steps: args.get("--steps", default_steps),
             threads: args.get("--threads", 0),
+            hopper: args.has("--hopper"),
         }
     }
 
@@ -67,7 +73,8 @@ impl Case {
             ("--steps", self.steps.to_string()),
             ("--threads", self.threads.to_string()),
         ];
-        flags.into_iter().flat_map(|(f, v)| [f.to_string(), v]).collect()
+        let hopper = self.hopper.then(|| "--hopper".to_string());
+        flags.into_iter().flat_map(|(f, v)| [f.to_string(), v]).chain(hopper).collect()
     }
 }
 
@@ -94,7 +101,7 @@ pub fn row(case: &Case, policy: &str, params: usize, s: &Summary) -> String {
 /// The JSON line, with torch_hmoe.py's field names so bench/gpu/table.py puts both in one table.
 pub fn json_line(case: &Case, policy: &str, params: usize, status: &str, s: Option<&Summary>) -> serde_json::Value {
     let mut v = json!({
-        "impl": "motley", "device": case.device.name(), "shape": case.shape_name, "mode": policy,
+        "impl": if case.hopper { "motley (wgmma attention)" } else { "motley" }, "device": case.device.name(), "shape": case.shape_name, "mode": policy,
         "B": case.batch, "T": case.seq, "params_M": (params as f64 / 1e5).round() / 10.0, "status": status,
     });
     if let Some(s) = s {
@@ -117,7 +124,7 @@ pub fn run(args: &Args) {
         }
         DeviceKind::Cuda => {
             #[cfg(feature = "cuda")]
-            return measure_and_print(&crate::common::device::open_cuda(profile), &case, args);
+            return measure_and_print(&crate::common::device::open_cuda(profile, case.hopper), &case, args);
             #[cfg(not(feature = "cuda"))]
             crate::common::device::no_cuda_feature();
         }

@@ -134,7 +134,7 @@ pub fn child(args: &Args) {
         DeviceKind::Cpu => child_on(&Cpu::new(case.threads), &case),
         DeviceKind::Cuda => {
             #[cfg(feature = "cuda")]
-            return child_on(&crate::common::device::open_cuda(false), &case);
+            return child_on(&crate::common::device::open_cuda(false, case.hopper), &case);
             #[cfg(not(feature = "cuda"))]
             crate::common::device::no_cuda_feature();
         }

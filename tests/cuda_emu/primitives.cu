@@ -137,7 +137,7 @@ extern "C" __global__ void test_wgmma_ss(float* d, const bf16* a, const bf16* b,
 
 // One warpgroup: d (64 × 64, f32, row-major) = a (64 × 32) · v (32 × 64), both row-major bf16;
 // A from registers (each warp its 16 rows, mma.m16n8k16's A fragment), v through shared memory
-// in the swizzled layout read MN-major (transposed), two k16 steps of wgmma_m64n64k16_rs_tb (the
+// in the swizzled layout read MN-major (transposed), two k16 steps of wgmma_m64n64k16_rs<1> (the
 // descriptor advances 16 rows, 2048 bytes, a step), the second accumulating. 4 KiB + 1 KiB.
 extern "C" __global__ void test_wgmma_rs(float* d, const bf16* a, const bf16* v) {
     DYNAMIC_SMEM(raw);
@@ -158,7 +158,7 @@ extern "C" __global__ void test_wgmma_rs(float* d, const bf16* a, const bf16* v)
     }
     float acc[32];
     wgmma_fence();
-    for (int k = 0; k < 2; k++) wgmma_m64n64k16_rs_tb(acc, fa[k], sw128_desc(vs + 2048 * k, 1024), k > 0);
+    for (int k = 0; k < 2; k++) wgmma_m64n64k16_rs<1>(acc, fa[k], sw128_desc(vs + 2048 * k, 1024), k > 0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc);

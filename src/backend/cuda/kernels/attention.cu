@@ -313,6 +313,11 @@ __device__ __forceinline__ float (&flat(float (&x)[R][C]))[R * C] {
 __device__ __forceinline__ auto swizzled(unsigned char* tile) {
     return [=](int r, int c) { return (bf16*)(tile + sw128_offset(r, c)); };
 }
+// frag_a from a swizzled tile: the A fragment of rows r0..r0 + 15, k-step kk.
+__device__ __forceinline__ void frag_a_sw128(unsigned f[4], const unsigned char* tile, int r0, int kk) {
+    const int lane = threadIdx.x % WARP, m = lane / 8;
+    ldmatrix_x4(f, tile + sw128_offset(r0 + (m % 2) * 8 + lane % 8, 2 * kk + m / 2));
+}
 
 extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {
     constexpr int D = 64, ROWS = 128, KEYS = 128, TILE = 128 * 128;  // a tile: 128 rows of 128 bytes
@@ -342,7 +347,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     auto add_pv = [&](float (&o)[D / 8][4], const unsigned (&pa)[KEYS / 16][4], int t) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs_tb(flat(o), pa[kk], sw128_desc(buffer(t) + TILE + 16 * 128 * kk, 1024), 1);
+        for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs<1>(flat(o), pa[kk], sw128_desc(buffer(t) + TILE + 16 * 128 * kk, 1024), 1);
         wgmma_commit();
     };
     load(Qs, i0, s.q_col(h));
@@ -631,13 +636,14 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
 // dQ parts added in turns) on two warpgroups of 64 keys (128 keys a block, 256 threads); query
 // tiles of 64 rows stream through two shared buffers. K, V, Q, dO lie in shared memory in the
 // 128-byte swizzled layout. Per tile a warpgroup computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (wgmma
-// m64n64k16, both operands from shared memory), Pᵀ and dSᵀ on their registers, then dV += Pᵀ dO
-// and dK += dSᵀ Q with Pᵀ, dSᵀ from registers (dO, Q read transposed). dQ = dS K: each warpgroup
+// m64n64k16, its K and V rows held in registers for the whole walk, Q and dO from shared memory:
+// half the shared-memory reads of both from shared memory), Pᵀ and dSᵀ on their registers, then
+// dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ from registers (dO, Q read transposed). dQ = dS K: each warpgroup
 // multiplies its own keys' part (its dSᵀ stored to shared memory as query rows, K read
 // transposed); the two 64 × 64 parts meet in shared memory, and each warpgroup adds 32 of the 64
 // columns to the f32 accumulator in the key blocks' turn. Writes what attn_bwd_d64 writes. Grid
-// (ceil(T / 128), B·Hkv); shared memory `HOPPER_BWD_SMEM`; the turn counters per 64-row query
-// tile (`turns_len` of attention.rs). Opt-in like the forward.
+// (ceil(T / 128), B·Hkv); shared memory `Pass::hopper_smem_bytes`; the turn counters per 64-row
+// query tile (`turns_len` of attention.rs). Opt-in like the forward.
 #ifdef MOTLEY_WGMMA
 extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* dqkv, float* dq_acc, unsigned* turns, const act_t* dout, const float* lse,
                                                                          const float* delta, const act_t* qkv, Heads s, float scale) {
@@ -681,6 +687,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     cp_async_commit();
 
     float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+    unsigned kf[D / 16][4], vf[D / 16][4];  // the warpgroup's K and V rows as A operands, read at step 0
     for (int t = 0; t < steps; t++) {
         const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
         const unsigned char* Qs = QO + 2 * (t % 2) * HALF;
@@ -692,6 +699,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         cp_async_wait_prior();
         fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
         __syncthreads();
+        if (t == 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                frag_a_sw128(kf[kk], Kw, 16 * (tid / WARP), kk);
+                frag_a_sw128(vf[kk], Vw, 16 * (tid / WARP), kk);
+            }
+        }
 
         // Every warpgroup multiplies on every step, even the second one on the block's first
         // tile, whose keys all come after the tile's queries (masked: it adds zeros): wgmma on a
@@ -701,10 +715,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         unsigned pa[QT / 16][4], da[QT / 16][4];  // Pᵀ, dSᵀ as A operands (k: the tile's queries)
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_ss<0>(flat(st), sw128_desc(Kw + 32 * kk, 1024), sw128_desc(Qs + 32 * kk, 1024), kk > 0);
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(st), kf[kk], sw128_desc(Qs + 32 * kk, 1024), kk > 0);
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_ss<0>(flat(dpt), sw128_desc(Vw + 32 * kk, 1024), sw128_desc(dOs + 32 * kk, 1024), kk > 0);
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(dpt), vf[kk], sw128_desc(dOs + 32 * kk, 1024), kk > 0);
         wgmma_commit();
         wgmma_wait<1>();
         fence_operands(flat(st));
@@ -722,7 +736,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(pa[kk], st, kk);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs_tb(flat(dv), pa[kk], sw128_desc(dOs + 16 * 128 * kk, 1024), 1);
+        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs<1>(flat(dv), pa[kk], sw128_desc(dOs + 16 * 128 * kk, 1024), 1);
         wgmma_commit();
         wgmma_wait<1>();
         fence_operands(flat(dpt));
@@ -740,7 +754,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(da[kk], dpt, kk);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs_tb(flat(dk), da[kk], sw128_desc(Qs + 16 * 128 * kk, 1024), 1);
+        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs<1>(flat(dk), da[kk], sw128_desc(Qs + 16 * 128 * kk, 1024), 1);
         wgmma_commit();
         fence_proxy_async();  // dS's stores become visible to wgmma
         __syncthreads();
