@@ -457,6 +457,25 @@ extern "C" __global__ void attn_bwd_delta(float* delta, const act_t* dout, const
     if (lane == 0) delta[(b * s.n_heads + h) * s.seq + t] = acc;
 }
 
+// Key block kb's part v of two adjacent dQ values, in the turn order from key block `last` down
+// to 0: `last` starts the f32 sum at `sum`, the next ones add to it, and key block 0 writes the
+// total to dqkv (at `dst_q`) instead.
+__device__ __forceinline__ void add_dq(float2 v, float* sum, act_t* dst_q, int kb, int last) {
+    if (kb != last) {
+        const float2 before = __ldcg((const float2*)sum);
+        v = make_float2(before.x + v.x, before.y + v.y);
+    }
+    if (kb > 0) {
+        __stcg((float2*)sum, v);
+    } else {
+#ifdef MOTLEY_ACT_BF16
+        *(unsigned*)dst_q = pack_bf16(v.x, v.y);
+#else
+        *(float2*)dst_q = v;
+#endif
+    }
+}
+
 // A fragment (rows m0.., k-step k0..) of a matrix stored transposed, one row per k (dSᵀ).
 __device__ __forceinline__ void frag_at(unsigned f[4], const bf16* t, int ld, int m0, int k0) {
     const int lane = threadIdx.x % WARP, m = lane / 8;
@@ -596,22 +615,8 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
                     if (i >= s.seq) continue;
                     for (int n8 = 0; n8 < 2; n8++) {
                         const int col = piece * 16 + n8 * 8 + 2 * q;
-                        float2 v = make_float2(acc[at][n8][2 * r], acc[at][n8][2 * r + 1]);
-                        float2* sum = (float2*)(dq_acc + (row0 + i) * ow + h * D + col);
-                        if (kb() != last) {
-                            const float2 before = __ldcg(sum);
-                            v = make_float2(before.x + v.x, before.y + v.y);
-                        }
-                        if (kb() > 0) {
-                            __stcg(sum, v);
-                        } else {
-                            act_t* dst_q = dqkv + (row0 + i) * w + s.q_col(h) + col;
-#ifdef MOTLEY_ACT_BF16
-                            *(unsigned*)dst_q = pack_bf16(v.x, v.y);
-#else
-                            *(float2*)dst_q = v;
-#endif
-                        }
+                        add_dq(make_float2(acc[at][n8][2 * r], acc[at][n8][2 * r + 1]), dq_acc + (row0 + i) * ow + h * D + col,
+                               dqkv + (row0 + i) * w + s.q_col(h) + col, kb(), last);
                     }
                 }
         }
@@ -794,22 +799,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
             for (int r = 0; r < 2; r++) {
                 const int i = i0 + rr + 8 * r, col = nt * 8 + 2 * q;
                 if (i >= s.seq) continue;
-                float2 v = make_float2(dq[nt][2 * r], dq[nt][2 * r + 1]);
-                float2* sum = (float2*)(dq_acc + (row0 + i) * ow + h * D + col);
-                if (kb != last) {
-                    const float2 before = __ldcg(sum);
-                    v = make_float2(before.x + v.x, before.y + v.y);
-                }
-                if (kb > 0) {
-                    __stcg(sum, v);
-                } else {
-                    act_t* dst_q = dqkv + (row0 + i) * w + s.q_col(h) + col;
-#ifdef MOTLEY_ACT_BF16
-                    *(unsigned*)dst_q = pack_bf16(v.x, v.y);
-#else
-                    *(float2*)dst_q = v;
-#endif
-                }
+                add_dq(make_float2(dq[nt][2 * r], dq[nt][2 * r + 1]), dq_acc + (row0 + i) * ow + h * D + col, dqkv + (row0 + i) * w + s.q_col(h) + col, kb, last);
             }
         }
         // Every thread is done with this step's buffers (and has stored its dQ part) before the
