@@ -570,20 +570,22 @@ fn rope(s: Storage) {
     let (qkv, table) = (act(s, &data(15, sh.tokens() * w)), data(16, sh.seq * sh.head_dim));
     // The whole (B·T) layout, and rows 37.. alone (a recomputed token range).
     let cases = [(0, sh.tokens()), (37, sh.tokens() - 37)];
+    // 8 elements a thread (16-byte accesses: head_dim is a multiple of 8), and one pair.
+    assert_eq!(launch::vec_width(sh.head_dim, &[16, 32]), 8);
     let Some(got) = emulate(s, |g| {
         let tb = g.f32("table", &table);
         let mut outs = Vec::new();
-        for (first, rows) in cases {
-            for sign in [1.0f32, -1.0] {
-                let q = g.act("qkv", &qkv[first * w..]);
-                let rotated = sh.n_heads + sh.n_kv_heads;
-                let total = rows * rotated * sh.head_dim / 2;
-                let ints = [rows, first, sh.seq, rotated, sh.head_dim, w].map(|v| Arg::I32(v as i32));
-                let mut args = vec![q.arg(), tb.arg()];
-                args.extend(ints);
-                args.push(Arg::F32(sign));
-                g.run("rope", g.grid_stride(total), &args);
-                outs.push(q);
+        for vec in [8, 1] {
+            for (first, rows) in cases {
+                for sign in [1.0f32, -1.0] {
+                    let q = g.act("qkv", &qkv[first * w..]);
+                    let ints = [first, sh.seq, sh.n_heads + sh.n_kv_heads, sh.head_dim, w].map(|v| Arg::I32(v as i32));
+                    let mut args = vec![q.arg(), tb.arg()];
+                    args.extend(ints);
+                    args.extend([Arg::F32(sign), Arg::I32(vec)]);
+                    g.run("rope", per_row(rows), &args);
+                    outs.push(q);
+                }
             }
         }
         outs
@@ -593,36 +595,42 @@ fn rope(s: Storage) {
     let cpu = cpu_for(s);
     let mut ch = Checks::new("rope", s);
     let mut k = 0;
-    for (first, _) in cases {
-        for inverse in [false, true] {
-            let mut want = qkv[first * w..].to_vec();
-            cpu.rope(&mut want, &table, sh, first, inverse);
-            ch.exact(&format!("rope from row {first}, inverse {inverse}"), &act(s, &want), &got[k]);
-            k += 1;
+    for vec in [8, 1] {
+        for (first, _) in cases {
+            for inverse in [false, true] {
+                let mut want = qkv[first * w..].to_vec();
+                cpu.rope(&mut want, &table, sh, first, inverse);
+                ch.exact(&format!("rope (vec {vec}) from row {first}, inverse {inverse}"), &act(s, &want), &got[k]);
+                k += 1;
+            }
         }
     }
     ch.finish();
 }
 
 fn swiglu(s: Storage) {
-    let (rows, h) = (77, 130);
-    let (gu, dout) = (act(s, &data(21, rows * 2 * h)), act(s, &data(22, rows * h)));
-    let Some(got) = emulate(s, |g| {
-        let (gub, db) = (g.act("gu", &gu), g.act("dout", &dout));
-        let (out, dgu) = (g.nan("out", g.act_elem(), rows * h), g.nan("dgu", g.act_elem(), rows * 2 * h));
-        g.run("swiglu_fwd", g.grid_stride(rows * h), &[out.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32)]);
-        g.run("swiglu_bwd", g.grid_stride(rows * h), &[dgu.arg(), db.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32)]);
-        vec![out, dgu]
-    }) else {
-        return;
-    };
-    let cpu = cpu_for(s);
-    let (mut want_out, mut want_dgu) = (vec![0.0; rows * h], vec![0.0; rows * 2 * h]);
-    cpu.swiglu_fwd(&mut want_out, &gu, rows, h);
-    cpu.swiglu_bwd(&mut want_dgu, &dout, &gu, rows, h);
     let mut ch = Checks::new("swiglu", s);
-    ch.close32("swiglu_fwd", &want_out, &got[0], tol(s));
-    ch.close32("swiglu_bwd", &want_dgu, &got[1], tol(s));
+    // One element a thread where h is not a multiple of 8; 8 (16-byte accesses) or 1 where it is.
+    for (rows, h, vec) in [(77, 130, 1), (37, 136, 8), (37, 136, 1)] {
+        assert!(vec == 1 || launch::vec_width(h, &[16, 32]) == 8, "the backend takes 8 only where h is a multiple of 8");
+        let (gu, dout) = (act(s, &data(21, rows * 2 * h)), act(s, &data(22, rows * h)));
+        let Some(got) = emulate(s, |g| {
+            let (gub, db) = (g.act("gu", &gu), g.act("dout", &dout));
+            let (out, dgu) = (g.nan("out", g.act_elem(), rows * h), g.nan("dgu", g.act_elem(), rows * 2 * h));
+            let cfg = g.grid_stride(rows * h / vec);
+            g.run("swiglu_fwd", cfg, &[out.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32), Arg::I32(vec as i32)]);
+            g.run("swiglu_bwd", cfg, &[dgu.arg(), db.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32), Arg::I32(vec as i32)]);
+            vec![out, dgu]
+        }) else {
+            return;
+        };
+        let cpu = cpu_for(s);
+        let (mut want_out, mut want_dgu) = (vec![0.0; rows * h], vec![0.0; rows * 2 * h]);
+        cpu.swiglu_fwd(&mut want_out, &gu, rows, h);
+        cpu.swiglu_bwd(&mut want_dgu, &dout, &gu, rows, h);
+        ch.close32(&format!("swiglu_fwd h={h} vec={vec}"), &want_out, &got[0], tol(s));
+        ch.close32(&format!("swiglu_bwd h={h} vec={vec}"), &want_dgu, &got[1], tol(s));
+    }
     ch.finish();
 }
 

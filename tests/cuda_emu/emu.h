@@ -112,6 +112,7 @@ inline float __logf(float x) { return log2f(x) * 0.6931471805599453f; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float __int_as_float(int i) { return emu::arg<float>(&i); }
 inline int __float_as_int(float f) { return emu::arg<int>(&f); }
+inline float __uint_as_float(unsigned u) { return emu::arg<float>(&u); }
 inline size_t __cvta_generic_to_shared(const void* p) { return emu::shared_offset(p); }
 
 // CUDA's vector type for paired f32 stores (8-byte aligned, as the hardware requires).
@@ -119,6 +120,15 @@ struct alignas(8) float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
+// And the 16-byte ones (16-byte aligned).
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 // CUDA's overloads of min and max: the usual arithmetic conversions, fminf/fmaxf for floats.
 template <class A, class B>

@@ -15,6 +15,17 @@ fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32
 }
 
+/// Elements a thread moves at a time in the kernels over rows that take a `vec` argument: 8
+/// (16-byte accesses, `load_vec` of common.cuh) where the rows' width is a multiple of 8 and
+/// every buffer (`ptrs`) is 16-byte aligned, else 1.
+pub fn vec_width(width: usize, ptrs: &[u64]) -> i32 {
+    if width.is_multiple_of(8) && ptrs.iter().all(|p| p.is_multiple_of(16)) {
+        8
+    } else {
+        1
+    }
+}
+
 /// Grid-stride launch over `n` elements.
 pub fn grid_stride(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks_for(n), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }

@@ -50,7 +50,7 @@ use blas::Operand;
 pub use detect::cuda_available;
 pub use kernels::{group_positions, AdamWArgs};
 use kernels::Kernels;
-use launch::{grid_stride, per_row, warp_per_row, SUMSQ_BLOCKS};
+use launch::{grid_stride, per_row, vec_width, warp_per_row, SUMSQ_BLOCKS};
 pub use nvrtc::Storage;
 
 use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, Precision, RouterGrad, TokenSlots};
@@ -684,15 +684,18 @@ impl Backend for CudaBackend {
         expect("rope", "qkv", qkv.storage, self.storage());
         expect("rope", "table", table.storage, Storage::F32);
         let rotated = shape.n_heads + shape.n_kv_heads;
-        let total = n * rotated * shape.head_dim / 2;
-        if total == 0 {
+        if n * rotated * shape.head_dim == 0 {
             return;
         }
-        let (ni, fr, seq, rh, hd, wd) = (n as i32, first_row as i32, shape.seq as i32, rotated as i32, shape.head_dim as i32, shape.qkv_width() as i32);
+        let (fr, seq, rh, hd, wd) = (first_row as i32, shape.seq as i32, rotated as i32, shape.head_dim as i32, shape.qkv_width() as i32);
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
-        // SAFETY: `rope(act_t*, const float*, int n, int first_row, int seq, int rotated_heads, int head_dim, int row_width, float)`.
+        // head_dim a multiple of 8 makes the row width one too.
+        let vec = vec_width(shape.head_dim, &[qkv.ptr, table.ptr]);
+        // SAFETY: `rope(act_t*, const float*, int first_row, int seq, int rotated_heads, int
+        // head_dim, int row_width, float sign, int vec)`, a block per row; vec 8 only for aligned
+        // buffers and head_dim a multiple of 8.
         ok(
-            unsafe { self.stream.launch_builder(&self.k.rope).arg(&qkv.ptr).arg(&table.ptr).arg(&ni).arg(&fr).arg(&seq).arg(&rh).arg(&hd).arg(&wd).arg(&sign).launch(grid_stride(total)) },
+            unsafe { self.stream.launch_builder(&self.k.rope).arg(&qkv.ptr).arg(&table.ptr).arg(&fr).arg(&seq).arg(&rh).arg(&hd).arg(&wd).arg(&sign).arg(&vec).launch(per_row(n)) },
             "rope",
         );
     }
@@ -714,9 +717,10 @@ impl Backend for CudaBackend {
         assert!(out.len() == rows * h && gu.len() == rows * 2 * h, "swiglu_fwd shapes");
         expect("swiglu_fwd", "out", out.storage, self.storage());
         expect("swiglu_fwd", "gu", gu.storage, self.storage());
-        let hi = h as i32;
-        // SAFETY: `swiglu_fwd(act_t*, const act_t*, size_t rows, int h)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_fwd).arg(&out.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).launch(grid_stride(rows * h)) }, "swiglu_fwd");
+        let (hi, vec) = (h as i32, vec_width(h, &[out.ptr, gu.ptr]));
+        // SAFETY: `swiglu_fwd(act_t*, const act_t*, size_t rows, int h, int vec)`; vec 8 only
+        // for aligned buffers and h a multiple of 8.
+        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_fwd).arg(&out.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).arg(&vec).launch(grid_stride(rows * h / vec as usize)) }, "swiglu_fwd");
     }
     fn swiglu_bwd(&self, dgu: DevViewMut<'_>, dout: DevView<'_>, gu: DevView<'_>, rows: usize, h: usize) {
         let _span = self.span("swiglu_bwd");
@@ -727,9 +731,10 @@ impl Backend for CudaBackend {
         for (arg, st) in [("dgu", dgu.storage), ("dout", dout.storage), ("gu", gu.storage)] {
             expect("swiglu_bwd", arg, st, self.storage());
         }
-        let hi = h as i32;
-        // SAFETY: `swiglu_bwd(act_t* dgu, const act_t* dout, const act_t* gu, size_t, int)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_bwd).arg(&dgu.ptr).arg(&dout.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).launch(grid_stride(rows * h)) }, "swiglu_bwd");
+        let (hi, vec) = (h as i32, vec_width(h, &[dgu.ptr, dout.ptr, gu.ptr]));
+        // SAFETY: `swiglu_bwd(act_t* dgu, const act_t* dout, const act_t* gu, size_t, int h,
+        // int vec)`; vec 8 only for aligned buffers and h a multiple of 8.
+        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_bwd).arg(&dgu.ptr).arg(&dout.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).arg(&vec).launch(grid_stride(rows * h / vec as usize)) }, "swiglu_bwd");
     }
 
     fn softmax_rows(&self, out: DevViewMut<'_>, logits: DevView<'_>, rows: usize, cols: usize) {

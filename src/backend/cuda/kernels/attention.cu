@@ -129,10 +129,6 @@ __device__ __forceinline__ void frag_b(unsigned f[4], const bf16* t, int ld, int
     ldmatrix_x4_trans(f, t + (k0 + (m % 2) * 8 + lane % 8) * ld + n0 + (m / 2) * 8);
 }
 
-// Two floats as a bf16 pair register (lo in the low half).
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) | ((unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
-}
 // The A fragment of k-step kk (columns 16kk..) of a 16 × N accumulator held as C fragments.
 template <int N>
 __device__ __forceinline__ void acc_to_a(unsigned f[4], const float c[N / 8][4], int kk) {

@@ -17,6 +17,64 @@ __device__ __forceinline__ float ld(const act_t* p) { return *p; }
 __device__ __forceinline__ void st(act_t* p, float v) { *p = v; }
 #endif
 
+// Two floats as a bf16 pair register (lo in the low half).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) | ((unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+}
+
+// 8 f32 (16-byte aligned) in two 16-byte pieces, or VEC one by one.
+template <int VEC>
+__device__ __forceinline__ void load_f32(const float* p, float (&v)[VEC]) {
+    if constexpr (VEC != 8) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) v[k] = p[k];
+    } else {
+        const float4 a = ((const float4*)p)[0], b = ((const float4*)p)[1];
+        const float all[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = all[k];
+    }
+}
+
+// VEC consecutive activations as floats. VEC = 8 moves them in 16-byte pieces (one for 8 bf16,
+// two for 8 f32), so the address must be 16-byte aligned: kernels over rows take 8 where the
+// rows' width is a multiple of 8 and their buffers are aligned (`vec_width` of launch.rs), 1 (or
+// the 2 of a pair) otherwise. One 16-byte access moves what eight 2-byte ones do, and the index
+// arithmetic per element shrinks eightfold.
+template <int VEC>
+__device__ __forceinline__ void load_vec(const act_t* p, float (&v)[VEC]) {
+    if constexpr (VEC != 8) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) v[k] = ld(p + k);
+    } else {
+#ifdef MOTLEY_ACT_BF16
+        const uint4 raw = *(const uint4*)p;
+        const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = __uint_as_float(w[k] << 16);
+            v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+        }
+#else
+        load_f32<8>(p, v);
+#endif
+    }
+}
+template <int VEC>
+__device__ __forceinline__ void store_vec(act_t* p, const float (&v)[VEC]) {
+    if constexpr (VEC != 8) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) st(p + k, v[k]);
+    } else {
+#ifdef MOTLEY_ACT_BF16
+        *(uint4*)p = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+#else
+        ((float4*)p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        ((float4*)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+#endif
+    }
+}
+
 // A kernel's dynamic shared memory (the size is the launch's `shared_mem_bytes`). The CPU
 // emulator of the kernel tests (MOTLEY_EMU) defines it, and the primitives below, itself.
 #ifndef MOTLEY_EMU
