@@ -637,14 +637,15 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
 // dQ parts added in turns) on two warpgroups of 64 keys (128 keys a block, 256 threads); query
 // tiles of 64 rows stream through two shared buffers. K, V, Q, dO lie in shared memory in the
 // 128-byte swizzled layout. Per tile a warpgroup computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (wgmma
-// m64n64k16, its K and V rows held in registers for the whole walk, Q and dO from shared memory:
-// half the shared-memory reads of both from shared memory), Pᵀ and dSᵀ on their registers, then
-// dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ from registers (dO, Q read transposed). dQ = dS K: each warpgroup
-// multiplies its own keys' part (its dSᵀ stored to shared memory as query rows, K read
-// transposed); the two 64 × 64 parts meet in shared memory, and each warpgroup adds 32 of the 64
-// columns to the f32 accumulator in the key blocks' turn. Writes what attn_bwd_d64 writes. Grid
-// (ceil(T / 128), B·Hkv); shared memory `Pass::hopper_smem_bytes`; the turn counters per 64-row
-// query tile (`turns_len` of attention.rs). Opt-in like the forward.
+// m64n64k16; its K and V rows held in registers for the whole walk, Q and dO read from shared
+// memory), Pᵀ and dSᵀ on their registers, then dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ from
+// registers (dO, Q read transposed). dQ = dS K: each warpgroup multiplies its own keys' part
+// (its dSᵀ stored to shared memory as query rows, K read transposed); the two 64 × 64 parts meet
+// in shared memory, and each warpgroup adds 32 of the 64 columns to the f32 accumulator in the
+// key blocks' turn, one step later (behind the next step's first products). Writes what
+// attn_bwd_d64 writes. Grid (ceil(T / 128), B·Hkv); shared memory `Pass::hopper_smem_bytes`;
+// the turn counters per 64-row query tile (`turns_len` of attention.rs). Opt-in like the
+// forward.
 #ifdef MOTLEY_WGMMA
 extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* dqkv, float* dq_acc, unsigned* turns, const act_t* dout, const float* lse,
                                                                          const float* delta, const act_t* qkv, Heads s, float scale) {
@@ -687,6 +688,25 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     load_step(0);
     cp_async_commit();
 
+    // This warpgroup's 32 columns of a step's dQ part (n-tiles 4·wg..), added to the accumulator
+    // in the key blocks' turn one step later: the L2 round trips of the turn and of the sum then
+    // overlap the next step's tensor-core work instead of stalling the block (one an SM).
+    float pending[4][4];
+    auto add_pending = [&](int t) {
+        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
+        const int last = i0 / KEYS, tile = gridDim.y + (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
+        wait_turn(turns + tile, last - kb);
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+            for (int r = 0; r < 2; r++) {
+                const int i = i0 + rr + 8 * r, col = (4 * wg + n) * 8 + 2 * q;
+                if (i >= s.seq) continue;
+                add_dq(make_float2(pending[n][2 * r], pending[n][2 * r + 1]), dq_acc + (row0 + i) * ow + h * D + col, dqkv + (row0 + i) * w + s.q_col(h) + col, kb,
+                       last);
+            }
+        if (kb > 0) pass_turn(turns + tile, last - kb + 1);
+    };
+
     float dk[D / 8][4] = {}, dv[D / 8][4] = {};
     unsigned kf[D / 16][4], vf[D / 16][4];  // the warpgroup's K and V rows as A operands, read at step 0
     for (int t = 0; t < steps; t++) {
@@ -721,6 +741,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(dpt), vf[kk], sw128_desc(dOs + 32 * kk, 1024), kk > 0);
         wgmma_commit();
+        if (t > 0) add_pending(t - 1);
         wgmma_wait<1>();
         fence_operands(flat(st));
         // Query rows past the sequence see zero Q and dO (and lse, Δ): P is 1 there but dS and dO
@@ -785,24 +806,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
 #pragma unroll
         for (int nt = 0; nt < D / 8; nt++)
             if (nt / 4 == wg)
-                for (int e = 0; e < 4; e++) dq[nt][e] += received[((nt % 4) * 4 + e) * 128 + tid];
-
-        const int last = i0 / KEYS, tile = gridDim.y + (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
-        wait_turn(turns + tile, last - kb);
-#pragma unroll
-        for (int nt = 0; nt < D / 8; nt++) {
-            if (nt / 4 != wg) continue;
-            for (int r = 0; r < 2; r++) {
-                const int i = i0 + rr + 8 * r, col = nt * 8 + 2 * q;
-                if (i >= s.seq) continue;
-                add_dq(make_float2(dq[nt][2 * r], dq[nt][2 * r + 1]), dq_acc + (row0 + i) * ow + h * D + col, dqkv + (row0 + i) * w + s.q_col(h) + col, kb, last);
-            }
-        }
-        // Every thread is done with this step's buffers (and has stored its dQ part) before the
-        // next step refills them.
-        if (kb > 0) pass_turn(turns + tile, last - kb + 1);
-        else __syncthreads();
+                for (int e = 0; e < 4; e++) pending[nt % 4][e] = dq[nt][e] + received[((nt % 4) * 4 + e) * 128 + tid];
+        // Added to the accumulator next step, while that step's first products run.
     }
+    add_pending(steps - 1);
 
     for (int r = 0; r < 2; r++) {
         const int j = k0 + rr + 8 * r;
