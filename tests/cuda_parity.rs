@@ -391,12 +391,16 @@ parity_test!(adamw, AdamWStep, F32_TOL, BF16_ROUNDING_TOL);
 const HOST_BYTES: u64 = 1 << 30;
 
 /// Per-step losses and the final gradients and master weights of `steps` AdamW steps of a
-/// 2-layer model (head_dim 16, as the attention kernels need) under `policy`. Every token goes
-/// to every expert (top-k = all), so rounding differences cannot flip a routing decision and
-/// move a token's gradient between experts; the routing itself is host code, the same for both.
-fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
+/// 2-layer model under `policy`: 4 heads of 16 (2 kv heads), or with `HEAD_DIM_64` 2 heads of 64
+/// (1 kv head, the Hopper kernels' shape). Every token goes to every expert (top-k = all), so
+/// rounding differences cannot flip a routing decision and move a token's gradient between
+/// experts; the routing itself is host code, the same for both.
+fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, head_dim: usize) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
     let (mut cfg, mut moe) = tiny_model(Routing::TopK);
-    cfg.d_model = 64;
+    if head_dim == HEAD_DIM_64 {
+        (cfg.n_heads, cfg.n_kv_heads) = (2, 1);
+    }
+    cfg.d_model = cfg.n_heads * head_dim;
     moe.top_k = moe.n_experts();
     let (b, t) = (3, cfg.seq_len);
     let mut model = Model::new(be, cfg.clone(), moe, 4).unwrap();
@@ -415,40 +419,64 @@ fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize) -> (Vec<f64>, Ve
     (losses, be.download(B::full(&model.grads)), be.download(B::full(model.params.master())))
 }
 
-/// Whole steps against the CPU: per-step loss (relative), last gradients and weights
-/// (normalised); every error is reported before failing.
-fn model_parity(storage: Storage, loss_tol: f64, grad_tol: f64, weight_tol: f64) {
-    let Some(cuda) = gpu(storage) else { return };
-    let cpu = cpu_for(storage);
-    let (want_l, want_g, want_w) = train(&cpu, LayerPolicy::Keep, 3);
-    let (got_l, got_g, got_w) = train(&cuda, LayerPolicy::Keep, 3);
+/// Head dim of the model `train` builds for the Hopper kernels; 16 otherwise.
+const HEAD_DIM_64: usize = 64;
+
+/// Whole steps of `cuda` against the CPU (`head_dim` as `train` takes it): per-step loss
+/// (relative), last gradients and weights (normalised); every error is reported before failing.
+fn model_parity(cuda: &CudaBackend, head_dim: usize, loss_tol: f64, grad_tol: f64, weight_tol: f64) {
+    let what_model = format!("model ({}, head_dim {head_dim})", cuda.device());
+    let cpu = cpu_for(cuda.storage());
+    let (want_l, want_g, want_w) = train(&cpu, LayerPolicy::Keep, 3, head_dim);
+    let (got_l, got_g, got_w) = train(cuda, LayerPolicy::Keep, 3, head_dim);
     let mut failures = Vec::new();
     for (s, (w, g)) in want_l.iter().zip(&got_l).enumerate() {
         let err = (w - g).abs() / w.abs();
-        eprintln!("model ({storage:?}) step {s}: loss {w:.6} vs {g:.6}, relative error {err:.2e}");
+        eprintln!("{what_model} step {s}: loss {w:.6} vs {g:.6}, relative error {err:.2e}");
         if err > loss_tol {
             failures.push(format!("step {s} loss {err:.3e} > {loss_tol:.0e}"));
         }
     }
     for (what, want, got, tol) in [("gradients", &want_g, &got_g, grad_tol), ("weights", &want_w, &got_w, weight_tol)] {
         let err = error(want, got);
-        eprintln!("model ({storage:?}) {what}: normalised max error {err:.2e} (tol {tol:.0e})");
+        eprintln!("{what_model} {what}: normalised max error {err:.2e} (tol {tol:.0e})");
         if err > tol {
             failures.push(format!("{what} {err:.3e} > {tol:.0e}"));
         }
     }
-    assert!(failures.is_empty(), "model ({storage:?}): {}", failures.join("; "));
+    assert!(failures.is_empty(), "{what_model}: {}", failures.join("; "));
 }
 
 #[test]
 fn model_step_f32() {
+    let Some(cuda) = gpu(Storage::F32) else { return };
     // Gradients as loose as attention alone (its tiles are bf16 in both storages).
-    model_parity(Storage::F32, 1e-3, ATTN_TOL, 1e-2);
+    model_parity(&cuda, 16, 1e-3, ATTN_TOL, 1e-2);
 }
 
 #[test]
 fn model_step_bf16() {
-    model_parity(Storage::Bf16, 1e-2, 5e-2, 2e-2);
+    let Some(cuda) = gpu(Storage::Bf16) else { return };
+    model_parity(&cuda, 16, 1e-2, 5e-2, 2e-2);
+}
+
+/// Whole steps with attention on the Hopper kernels (2 heads of 64), as `model_step_bf16`; and
+/// MEMO's recompute through them gives keep-all's loss.
+#[test]
+fn model_step_hopper() {
+    if gpu(Storage::Bf16).is_none() {
+        return;
+    }
+    let hopper = match hopper() {
+        Ok(be) => be,
+        Err(e) => return eprintln!("model_step_hopper skipped: {e}"),
+    };
+    model_parity(&hopper, HEAD_DIM_64, 1e-2, 5e-2, 2e-2);
+    let (keep_l, keep_g, _) = train(&hopper, LayerPolicy::Keep, 1, HEAD_DIM_64);
+    let (l, g, _) = train(&hopper, LayerPolicy::Recompute, 1, HEAD_DIM_64);
+    assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "Hopper kernels, recompute: forward loss differs from keep-all");
+    let err = error(&keep_g, &g);
+    assert!(err <= 1e-2, "Hopper kernels, recompute: gradients normalised max error {err:.3e} > 1e-2");
 }
 
 /// MEMO on the GPU: the forward is the same whatever the policy (loss bitwise equal); the
@@ -457,9 +485,9 @@ fn model_step_bf16() {
 #[test]
 fn memo_policies_match_keep_all() {
     let Some(cuda) = gpu(Storage::Bf16) else { return };
-    let (keep_l, keep_g, _) = train(&cuda, LayerPolicy::Keep, 1);
+    let (keep_l, keep_g, _) = train(&cuda, LayerPolicy::Keep, 1, 16);
     for policy in [LayerPolicy::Recompute, LayerPolicy::Offload { alpha: 0.5 }, LayerPolicy::Offload { alpha: 1.0 }] {
-        let (l, g, _) = train(&cuda, policy, 1);
+        let (l, g, _) = train(&cuda, policy, 1, 16);
         assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "{policy:?}: forward loss differs from keep-all");
         let err = error(&keep_g, &g);
         eprintln!("MEMO {policy:?}: gradients normalised max error {err:.2e} against keep-all");
@@ -474,7 +502,7 @@ fn memo_policies_match_keep_all() {
 fn training_is_bitwise_reproducible() {
     let Some(cuda) = gpu(Storage::Bf16) else { return };
     let bits = |(l, g, w): (Vec<f64>, Vec<f32>, Vec<f32>)| [l.iter().map(|x| x.to_bits()).collect::<Vec<u64>>(), g.iter().chain(&w).map(|x| x.to_bits() as u64).collect()];
-    let (first, second) = (bits(train(&cuda, LayerPolicy::Keep, 2)), bits(train(&cuda, LayerPolicy::Keep, 2)));
+    let (first, second) = (bits(train(&cuda, LayerPolicy::Keep, 2, 16)), bits(train(&cuda, LayerPolicy::Keep, 2, 16)));
     for (what, a, b) in [("losses", &first[0], &second[0]), ("gradients and weights", &first[1], &second[1])] {
         let differ = a.iter().zip(b).filter(|(x, y)| x != y).count();
         assert_eq!(differ, 0, "{differ} of {} {what} differ between two identical runs", a.len());
