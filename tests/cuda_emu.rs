@@ -455,10 +455,13 @@ fn elementwise(s: Storage) {
     let m = specials.len();
     let Some(got) = emulate(s, |g| {
         let (ab, bb) = (g.act("a", &a), g.act("b", &b));
-        let sum = g.nan("sum", g.act_elem(), n);
-        g.run("add", g.grid_stride(n), &[sum.arg(), ab.arg(), bb.arg(), Arg::Size(n)]);
-        let acc = g.act("acc", &c);
-        g.run("add_assign", g.grid_stride(n), &[acc.arg(), ab.arg(), Arg::Size(n)]);
+        // One element a thread over all n (odd); 8 over the first n − 1 (a multiple of 8).
+        let (sum, sum8) = (g.nan("sum", g.act_elem(), n), g.nan("sum8", g.act_elem(), n - 1));
+        g.run("add", g.grid_stride(n), &[sum.arg(), ab.arg(), bb.arg(), Arg::Size(n), Arg::I32(1)]);
+        g.run("add", g.grid_stride((n - 1) / 8), &[sum8.arg(), ab.arg(), bb.arg(), Arg::Size(n - 1), Arg::I32(8)]);
+        let (acc, acc8) = (g.act("acc", &c), g.act("acc8", &c[..n - 1]));
+        g.run("add_assign", g.grid_stride(n), &[acc.arg(), ab.arg(), Arg::Size(n), Arg::I32(1)]);
+        g.run("add_assign", g.grid_stride((n - 1) / 8), &[acc8.arg(), ab.arg(), Arg::Size(n - 1), Arg::I32(8)]);
         let scaled = g.act("scaled", &c);
         g.run("scale", g.grid_stride(n), &[scaled.arg(), Arg::F32(0.37), Arg::Size(n)]);
         // A view from element 5 to n − 5, as `fill` of a subview launches.
@@ -473,7 +476,7 @@ fn elementwise(s: Storage) {
         g.run("f32_to_act", g.grid_stride(m), &[rounded.arg(), f.arg(), Arg::Size(m)]);
         let widened = g.nan("widened", Elem::F32, n);
         g.run("act_to_f32", g.grid_stride(n), &[widened.arg(), ab.arg(), Arg::Size(n)]);
-        vec![sum, acc, scaled, filled, total, rounded, widened]
+        vec![sum, acc, scaled, filled, total, rounded, widened, sum8, acc8]
     }) else {
         return;
     };
@@ -490,6 +493,8 @@ fn elementwise(s: Storage) {
     let mut ch = Checks::new("elementwise", s);
     ch.exact("add", &act(s, &want_sum), &got[0]);
     ch.exact("add_assign", &act(s, &want_acc), &got[1]);
+    ch.exact("add (vec 8)", &act(s, &want_sum[..n - 1]), &got[7]);
+    ch.exact("add_assign (vec 8)", &act(s, &want_acc[..n - 1]), &got[8]);
     ch.exact("scale", &act(s, &want_scaled), &got[2]);
     ch.exact("fill", &act(s, &want_filled), &got[3]);
     ch.close("sum_squares", &[want_ss], &got[4], SUMSQ_TOL);
@@ -530,7 +535,14 @@ fn embed(s: Storage) {
 }
 
 fn norm(s: Storage) {
-    // 150 rows: three row chunks, the last partial; 600 columns: three column blocks.
+    // 150 rows: three row chunks, the last partial; 600 columns: three column blocks. 8 elements
+    // a thread (600 is a multiple of 8), and one.
+    for vec in [8, 1] {
+        norm_with(s, vec);
+    }
+}
+
+fn norm_with(s: Storage, vec: i32) {
     let (n, c, eps) = (150, 600, 1e-5);
     let (x, w, dy, dx0, dw0) = (act(s, &data(10, n * c)), act(s, &data(11, c)), act(s, &data(12, n * c)), act(s, &data(13, n * c)), data(14, c));
     let cpu = cpu_for(s);
@@ -539,13 +551,13 @@ fn norm(s: Storage) {
     let Some(got) = emulate(s, |g| {
         let (xb, wb) = (g.act("x", &x), g.act("w", &w));
         let (out, rs) = (g.nan("out", g.act_elem(), n * c), g.nan("rstd", Elem::F32, n));
-        g.run("rmsnorm_fwd", per_row(n), &[out.arg(), rs.arg(), xb.arg(), wb.arg(), Arg::I32(c as i32), Arg::F32(eps)]);
+        g.run("rmsnorm_fwd", per_row(n), &[out.arg(), rs.arg(), xb.arg(), wb.arg(), Arg::I32(c as i32), Arg::F32(eps), Arg::I32(vec)]);
         // The backward reads the CPU's rstd, as the CPU's backward does.
         let (dx, dw, dyb, rsb) = (g.act("dx", &dx0), g.f32("dw", &dw0), g.act("dout", &dy), g.f32("rstd_in", &want_rstd));
         let (partial_cfg, chunks) = launch::rmsnorm_dw_partial(n, c);
         let part = g.nan("part", Elem::F32, chunks * c);
         let (ni, ci) = (n as i32, c as i32);
-        g.run("rmsnorm_bwd_dx", per_row(n), &[dx.arg(), dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci)]);
+        g.run("rmsnorm_bwd_dx", per_row(n), &[dx.arg(), dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci), Arg::I32(vec)]);
         g.run("rmsnorm_dw_partial", partial_cfg, &[part.arg(), dyb.arg(), xb.arg(), rsb.arg(), Arg::I32(ni), Arg::I32(ci), Arg::I32(ROW_CHUNK as i32)]);
         g.run("rmsnorm_dw_reduce", g.grid_stride(c), &[dw.arg(), part.arg(), Arg::I32(chunks as i32), Arg::I32(ci)]);
         vec![out, rs, dx, dw]
@@ -554,7 +566,7 @@ fn norm(s: Storage) {
     };
     let (mut want_dx, mut want_dw) = (dx0.clone(), dw0.clone());
     cpu.rmsnorm_bwd(&mut want_dx, &mut want_dw, &dy, &x, &w, &want_rstd, n, c);
-    let mut ch = Checks::new("norm", s);
+    let mut ch = Checks::new(&format!("norm (vec {vec})"), s);
     ch.close32("rmsnorm_fwd out", &want_out, &got[0], tol(s));
     ch.close32("rmsnorm_fwd rstd", &want_rstd, &got[1], F32_TOL);
     ch.close32("rmsnorm_bwd dx", &want_dx, &got[2], tol(s));
@@ -702,8 +714,14 @@ fn router_bwd(s: Storage) {
 }
 
 fn permute(s: Storage) {
-    // 5 tokens, 7 slots (top-k varies per token, one token has none), rows of width 300.
-    let c = 300;
+    // Rows of width 300 (one element a thread) and 304 (8, or one).
+    for (c, vec) in [(300, 1), (304, 8), (304, 1)] {
+        permute_with(s, c, vec);
+    }
+}
+
+fn permute_with(s: Storage, c: usize, vec: i32) {
+    // 5 tokens, 7 slots (top-k varies per token, one token has none).
     let index = [0u32, 2, 4, 1, 2, 4, 0];
     let offsets = [0u32, 2, 3, 5, 5, 7];
     let slots = [0u32, 6, 3, 1, 4, 2, 5];
@@ -716,14 +734,14 @@ fn permute(s: Storage) {
         for weighted in [false, true] {
             let w = if weighted { wb.arg() } else { Arg::Null };
             let gathered = g.nan("gathered", g.act_elem(), index.len() * c);
-            g.run("gather_rows", per_row(index.len()), &[gathered.arg(), xb.arg(), idx.arg(), w, Arg::I32(c as i32)]);
+            g.run("gather_rows", per_row(index.len()), &[gathered.arg(), xb.arg(), idx.arg(), w, Arg::I32(c as i32), Arg::I32(vec)]);
             let w = if weighted { wb.arg() } else { Arg::Null };
             let combined = g.act("combined", &base);
-            g.run("combine_rows", per_row(5), &[combined.arg(), yb.arg(), off.arg(), sl.arg(), w, Arg::I32(c as i32)]);
+            g.run("combine_rows", per_row(5), &[combined.arg(), yb.arg(), off.arg(), sl.arg(), w, Arg::I32(c as i32), Arg::I32(vec)]);
             outs.extend([gathered, combined]);
         }
         let dots = g.nan("dots", Elem::F32, index.len());
-        g.run("gathered_dots", warp_per_row(index.len()), &[dots.arg(), xb.arg(), yb.arg(), idx.arg(), Arg::I32(index.len() as i32), Arg::I32(c as i32)]);
+        g.run("gathered_dots", warp_per_row(index.len()), &[dots.arg(), xb.arg(), yb.arg(), idx.arg(), Arg::I32(index.len() as i32), Arg::I32(c as i32), Arg::I32(vec)]);
         outs.push(dots);
         outs
     }) else {
@@ -731,7 +749,7 @@ fn permute(s: Storage) {
     };
     let cpu = cpu_for(s);
     let by_token = TokenSlots { offsets: &offsets, slots: &slots };
-    let mut ch = Checks::new("permute", s);
+    let mut ch = Checks::new(&format!("permute (c {c}, vec {vec})"), s);
     for (k, weighted) in [false, true].into_iter().enumerate() {
         let mut gathered = vec![0.0; index.len() * c];
         let mut combined = base.clone();

@@ -299,6 +299,7 @@ impl CudaBackend {
         expect("gather_rows", "x", x.storage, self.storage());
         let idx = self.upload_u32(index);
         let w = weight.map(|w| self.upload_f32(w));
+        let vec = vec_width(c, &[out.ptr, x.ptr]);
         let c = c as i32;
         let mut l = self.stream.launch_builder(&self.k.gather_rows);
         l.arg(&out.ptr).arg(&x.ptr).arg(&idx);
@@ -307,8 +308,9 @@ impl CudaBackend {
             Some(w) => l.arg(w),
             None => l.arg(&null),
         };
-        l.arg(&c);
-        // SAFETY: argument types match `gather_rows` in permute.cu; sizes asserted above.
+        l.arg(&c).arg(&vec);
+        // SAFETY: argument types match `gather_rows` in permute.cu; sizes asserted above; vec 8
+        // only for aligned rows of a multiple of 8.
         ok(unsafe { l.launch(per_row(index.len())) }, "gather_rows");
     }
 
@@ -530,8 +532,10 @@ impl Backend for CudaBackend {
             return;
         }
         let f = &self.k.elementwise(dst.storage).add_assign;
-        // SAFETY: `add_assign(act_t*, const act_t*, size_t)` of the variant matching both.
-        ok(unsafe { self.stream.launch_builder(f).arg(&dst.ptr).arg(&src.ptr).arg(&n).launch(grid_stride(n)) }, "add_assign");
+        let vec = vec_width(n, &[dst.ptr, src.ptr]);
+        // SAFETY: `add_assign(act_t*, const act_t*, size_t, int vec)` of the variant matching
+        // both; vec 8 only for aligned buffers and n a multiple of 8.
+        ok(unsafe { self.stream.launch_builder(f).arg(&dst.ptr).arg(&src.ptr).arg(&n).arg(&vec).launch(grid_stride(n / vec as usize)) }, "add_assign");
     }
     fn add(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>) {
         let _span = self.span("add");
@@ -543,8 +547,10 @@ impl Backend for CudaBackend {
             return;
         }
         let f = &self.k.elementwise(out.storage).add;
-        // SAFETY: `add(act_t*, const act_t*, const act_t*, size_t)` of the matching variant.
-        ok(unsafe { self.stream.launch_builder(f).arg(&out.ptr).arg(&a.ptr).arg(&b.ptr).arg(&n).launch(grid_stride(n)) }, "add");
+        let vec = vec_width(n, &[out.ptr, a.ptr, b.ptr]);
+        // SAFETY: `add(act_t*, const act_t*, const act_t*, size_t, int vec)` of the matching
+        // variant; vec 8 only for aligned buffers and n a multiple of 8.
+        ok(unsafe { self.stream.launch_builder(f).arg(&out.ptr).arg(&a.ptr).arg(&b.ptr).arg(&n).arg(&vec).launch(grid_stride(n / vec as usize)) }, "add");
     }
     fn scale(&self, dst: DevViewMut<'_>, s: f32) {
         let _span = self.span("scale");
@@ -650,9 +656,11 @@ impl Backend for CudaBackend {
             expect("rmsnorm_fwd", arg, st, self.storage());
         }
         expect("rmsnorm_fwd", "rstd", rstd.storage, Storage::F32);
+        let vec = vec_width(c, &[out.ptr, x.ptr, w.ptr]);
         let c = c as i32;
-        // SAFETY: `rmsnorm_fwd(act_t* out, float* rstd, const act_t* x, const act_t* w, int, float)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.rmsnorm_fwd).arg(&out.ptr).arg(&rstd.ptr).arg(&x.ptr).arg(&w.ptr).arg(&c).arg(&eps).launch(per_row(n)) }, "rmsnorm_fwd");
+        // SAFETY: `rmsnorm_fwd(act_t* out, float* rstd, const act_t* x, const act_t* w, int, float,
+        // int vec)`; vec 8 only for aligned rows of a multiple of 8.
+        ok(unsafe { self.stream.launch_builder(&self.k.rmsnorm_fwd).arg(&out.ptr).arg(&rstd.ptr).arg(&x.ptr).arg(&w.ptr).arg(&c).arg(&eps).arg(&vec).launch(per_row(n)) }, "rmsnorm_fwd");
     }
     fn rmsnorm_bwd(&self, dx: DevViewMut<'_>, dw: DevViewMut<'_>, dout: DevView<'_>, x: DevView<'_>, w: DevView<'_>, rstd: DevView<'_>, n: usize, c: usize) {
         let _span = self.span("rmsnorm_bwd");
@@ -668,10 +676,11 @@ impl Backend for CudaBackend {
         let (cfg, chunks) = launch::rmsnorm_dw_partial(n, c);
         let mut part = self.scratch_f32(chunks * c);
         let (ni, ci, rows, ch) = (n as i32, c as i32, launch::ROW_CHUNK as i32, chunks as i32);
+        let vec = vec_width(c, &[dx.ptr, dout.ptr, x.ptr, w.ptr]);
         // SAFETY: signatures of rmsnorm_bwd_dx, rmsnorm_dw_partial, rmsnorm_dw_reduce in norm.cu;
-        // `part` holds chunks × c floats.
+        // `part` holds chunks × c floats; vec 8 only for aligned rows of a multiple of 8.
         unsafe {
-            ok(self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&dx.ptr).arg(&dout.ptr).arg(&x.ptr).arg(&w.ptr).arg(&rstd.ptr).arg(&ci).launch(per_row(n)), "rmsnorm_bwd_dx");
+            ok(self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&dx.ptr).arg(&dout.ptr).arg(&x.ptr).arg(&w.ptr).arg(&rstd.ptr).arg(&ci).arg(&vec).launch(per_row(n)), "rmsnorm_bwd_dx");
             ok(self.stream.launch_builder(&self.k.rmsnorm_dw_partial).arg(&mut part).arg(&dout.ptr).arg(&x.ptr).arg(&rstd.ptr).arg(&ni).arg(&ci).arg(&rows).launch(cfg), "rmsnorm_dw_partial");
             ok(self.stream.launch_builder(&self.k.rmsnorm_dw_reduce).arg(&dw.ptr).arg(&part).arg(&ch).arg(&ci).launch(grid_stride(c)), "rmsnorm_dw_reduce");
         }
@@ -797,8 +806,10 @@ impl Backend for CudaBackend {
             Some(w) => l.arg(w),
             None => l.arg(&null),
         };
-        l.arg(&ci);
-        // SAFETY: `combine_rows(act_t*, const act_t*, const unsigned*, const unsigned*, const float* /*nullable*/, int)`.
+        let vec = vec_width(c, &[out.ptr, y.ptr]);
+        l.arg(&ci).arg(&vec);
+        // SAFETY: `combine_rows(act_t*, const act_t*, const unsigned*, const unsigned*, const float*
+        // /*nullable*/, int c, int vec)`; vec 8 only for aligned rows of a multiple of 8.
         ok(unsafe { l.launch(per_row(tokens)) }, "combine_rows");
     }
     fn gathered_dots(&self, dots: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, index: &[u32], c: usize) {
@@ -812,9 +823,10 @@ impl Backend for CudaBackend {
         expect("gathered_dots", "a", a.storage, self.storage());
         expect("gathered_dots", "b", b.storage, self.storage());
         let idx = self.upload_u32(index);
-        let (s, ci) = (index.len() as i32, c as i32);
-        // SAFETY: `gathered_dots(float*, const act_t*, const act_t*, const unsigned*, int slots, int c)`.
-        ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&dots.ptr).arg(&a.ptr).arg(&b.ptr).arg(&idx).arg(&s).arg(&ci).launch(warp_per_row(index.len())) }, "gathered_dots");
+        let (s, ci, vec) = (index.len() as i32, c as i32, vec_width(c, &[a.ptr, b.ptr]));
+        // SAFETY: `gathered_dots(float*, const act_t*, const act_t*, const unsigned*, int slots, int
+        // c, int vec)`; vec 8 only for aligned rows of a multiple of 8.
+        ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&dots.ptr).arg(&a.ptr).arg(&b.ptr).arg(&idx).arg(&s).arg(&ci).arg(&vec).launch(warp_per_row(index.len())) }, "gathered_dots");
     }
     fn gather_rows_scaled(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], weight: &[f32], c: usize) {
         let _span = self.span("gather_rows_scaled");

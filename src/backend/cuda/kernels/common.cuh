@@ -75,6 +75,18 @@ __device__ __forceinline__ void store_vec(act_t* p, const float (&v)[VEC]) {
     }
 }
 
+// Calls f(i) for i = 0, VEC, 2·VEC, … below n, grid-stride (n a multiple of VEC).
+template <int VEC, class F>
+__device__ __forceinline__ void for_each_flat(size_t n, F f) {
+    for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < n / VEC; p += (size_t)gridDim.x * blockDim.x) f(p * VEC);
+}
+// Calls f(j) for j = 0, VEC, 2·VEC, … below c, the block's threads taking them in turn (a row
+// per block; c a multiple of VEC).
+template <int VEC, class F>
+__device__ __forceinline__ void for_each_in_row(int c, F f) {
+    for (int j = threadIdx.x * VEC; j < c; j += blockDim.x * VEC) f(j);
+}
+
 // A kernel's dynamic shared memory (the size is the launch's `shared_mem_bytes`). The CPU
 // emulator of the kernel tests (MOTLEY_EMU) defines it, and the primitives below, itself.
 #ifndef MOTLEY_EMU

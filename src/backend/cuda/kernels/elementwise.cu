@@ -1,14 +1,27 @@
 // Elementwise ops and the deterministic sum of squares (global gradient norm).
 // Grid-stride loops; every launch covers `n` elements.
 
-extern "C" __global__ void add_assign(act_t* dst, const act_t* src, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        st(dst + i, ld(dst + i) + ld(src + i));
+// `vec` (8 or 1): elements a thread moves at a time (load_vec, common.cuh).
+template <int VEC>
+__device__ void add_pieces(act_t* out, const act_t* a, const act_t* b, size_t n) {
+    for_each_flat<VEC>(n, [&](size_t i) {
+        float x[VEC], y[VEC];
+        load_vec<VEC>(a + i, x);
+        load_vec<VEC>(b + i, y);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) x[k] += y[k];
+        store_vec<VEC>(out + i, x);
+    });
 }
 
-extern "C" __global__ void add(act_t* out, const act_t* a, const act_t* b, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        st(out + i, ld(a + i) + ld(b + i));
+extern "C" __global__ void add_assign(act_t* dst, const act_t* src, size_t n, int vec) {
+    if (vec == 8) add_pieces<8>(dst, dst, src, n);
+    else add_pieces<1>(dst, dst, src, n);
+}
+
+extern "C" __global__ void add(act_t* out, const act_t* a, const act_t* b, size_t n, int vec) {
+    if (vec == 8) add_pieces<8>(out, a, b, n);
+    else add_pieces<1>(out, a, b, n);
 }
 
 extern "C" __global__ void scale(act_t* dst, float s, size_t n) {

@@ -1,29 +1,68 @@
 // RMSNorm: y = x · rstd · w, rstd = 1/sqrt(mean(x²) + eps). x, out, dout, dx: (N, C); w, dw: (C).
 // rstd (N) is a statistic and dw a weight gradient: both f32 whatever the activation storage.
 
-// Grid (N), one block per row; rstd (N) saved for the backward.
-extern "C" __global__ void rmsnorm_fwd(act_t* out, float* rstd, const act_t* x, const act_t* w, int c, float eps) {
+// Grid (N), one block per row; rstd (N) saved for the backward. `vec` (8 or 1): elements a
+// thread moves at a time (load_vec, common.cuh).
+template <int VEC>
+__device__ void rmsnorm_row(act_t* out, float* rstd, const act_t* x, const act_t* w, int c, float eps) {
     __shared__ float scratch[32];
     const act_t* xr = x + (size_t)blockIdx.x * c;
     float ss = 0.0f;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) { float v = ld(xr + j); ss += v * v; }
-    float s = rsqrtf(block_sum(ss, scratch) / c + eps);
+    for_each_in_row<VEC>(c, [&](int j) {
+        float v[VEC];
+        load_vec<VEC>(xr + j, v);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) ss += v[k] * v[k];
+    });
+    const float s = rsqrtf(block_sum(ss, scratch) / c + eps);
     if (threadIdx.x == 0) rstd[blockIdx.x] = s;
     act_t* o = out + (size_t)blockIdx.x * c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) st(o + j, ld(xr + j) * s * ld(w + j));
+    for_each_in_row<VEC>(c, [&](int j) {
+        float v[VEC], g[VEC];
+        load_vec<VEC>(xr + j, v);
+        load_vec<VEC>(w + j, g);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) v[k] = v[k] * s * g[k];
+        store_vec<VEC>(o + j, v);
+    });
+}
+
+extern "C" __global__ void rmsnorm_fwd(act_t* out, float* rstd, const act_t* x, const act_t* w, int c, float eps, int vec) {
+    if (vec == 8) rmsnorm_row<8>(out, rstd, x, w, c, eps);
+    else rmsnorm_row<1>(out, rstd, x, w, c, eps);
 }
 
 // dx += s·w·dy − s³·⟨dy·w, x⟩/C · x. Grid (N).
-extern "C" __global__ void rmsnorm_bwd_dx(act_t* dx, const act_t* dout, const act_t* x, const act_t* w,
-                                          const float* rstd, int c) {
+template <int VEC>
+__device__ void rmsnorm_dx_row(act_t* dx, const act_t* dout, const act_t* x, const act_t* w, const float* rstd, int c) {
     __shared__ float scratch[32];
-    size_t base = (size_t)blockIdx.x * c;
+    const size_t base = (size_t)blockIdx.x * c;
     float dot = 0.0f;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) dot += ld(dout + base + j) * ld(w + j) * ld(x + base + j);
-    float s = rstd[blockIdx.x];
-    float k = s * s * s * block_sum(dot, scratch) / c;
-    for (int j = threadIdx.x; j < c; j += blockDim.x)
-        st(dx + base + j, ld(dx + base + j) + s * ld(w + j) * ld(dout + base + j) - k * ld(x + base + j));
+    for_each_in_row<VEC>(c, [&](int j) {
+        float dy[VEC], g[VEC], v[VEC];
+        load_vec<VEC>(dout + base + j, dy);
+        load_vec<VEC>(w + j, g);
+        load_vec<VEC>(x + base + j, v);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) dot += dy[k] * g[k] * v[k];
+    });
+    const float s = rstd[blockIdx.x];
+    const float k3 = s * s * s * block_sum(dot, scratch) / c;
+    for_each_in_row<VEC>(c, [&](int j) {
+        float d[VEC], dy[VEC], g[VEC], v[VEC];
+        load_vec<VEC>(dx + base + j, d);
+        load_vec<VEC>(dout + base + j, dy);
+        load_vec<VEC>(w + j, g);
+        load_vec<VEC>(x + base + j, v);
+#pragma unroll
+        for (int k = 0; k < VEC; k++) d[k] = d[k] + s * g[k] * dy[k] - k3 * v[k];
+        store_vec<VEC>(dx + base + j, d);
+    });
+}
+
+extern "C" __global__ void rmsnorm_bwd_dx(act_t* dx, const act_t* dout, const act_t* x, const act_t* w, const float* rstd, int c, int vec) {
+    if (vec == 8) rmsnorm_dx_row<8>(dx, dout, x, w, rstd, c);
+    else rmsnorm_dx_row<1>(dx, dout, x, w, rstd, c);
 }
 
 // dw partials per chunk of `rows_per_chunk` rows: part[chunk, j] = Σ_rows dy·x·rstd, rows in order.
