@@ -770,6 +770,13 @@ fn permute_with(s: Storage, c: usize, vec: i32) {
 }
 
 fn loss(s: Storage) {
+    // 8 elements a thread (1000 is a multiple of 8), and one.
+    for vec in [8, 1] {
+        loss_with(s, vec);
+    }
+}
+
+fn loss_with(s: Storage, vec: i32) {
     // The CPU reference is the classifier with W = I (c = v): its logits are x itself and its
     // dx is dlogits.
     let (n, v) = (20, 1000);
@@ -785,7 +792,7 @@ fn loss(s: Storage) {
             // As CudaBackend::classifier: in f32 storage dlogits is the logits buffer itself.
             let separate = (s == Storage::Bf16).then(|| g.nan("dlogits", g.act_elem(), n * v));
             let dl = separate.as_ref().unwrap_or(&lb);
-            g.run("softmax_xent", per_row(n), &[lb.arg(), dl.arg(), losses.arg(), tb.arg(), Arg::I32(v as i32), Arg::F32(scale)]);
+            g.run("softmax_xent", per_row(n), &[lb.arg(), dl.arg(), losses.arg(), tb.arg(), Arg::I32(v as i32), Arg::F32(scale), Arg::I32(vec)]);
             outs.push(losses);
             outs.push(separate.unwrap_or(lb));
         }
@@ -797,7 +804,7 @@ fn loss(s: Storage) {
     let eye: Vec<f32> = (0..v * v).map(|i| if i % (v + 1) == 0 { 1.0 } else { 0.0 }).collect();
     let (mut dx, mut dw) = (vec![0.0; n * v], vec![0.0; v * v]);
     let want_losses = cpu.classifier(&logits, &eye, &targets, n, v, v, Some((dx.as_mut_slice(), dw.as_mut_slice(), dloss)));
-    let mut ch = Checks::new("loss", s);
+    let mut ch = Checks::new(&format!("loss (vec {vec})"), s);
     ch.close32("softmax_xent losses", &want_losses, &got[0], F32_TOL);
     ch.close32("softmax_xent dlogits", &dx, &got[1], tol(s));
     ch.close32("softmax_xent losses (no gradient)", &want_losses, &got[2], F32_TOL);

@@ -858,7 +858,7 @@ impl Backend for CudaBackend {
         let dl = dlogits.as_ref().unwrap_or(&logits);
         let mut losses = self.scratch_f32(n);
         let t = self.upload_u32(targets);
-        let vi = v as i32;
+        let (vi, vec) = (v as i32, vec_width(v, &[logits.ptr, dl.ptr]));
         for r0 in (0..n).step_by(rows_per_chunk) {
             let rows = rows_per_chunk.min(n - r0);
             let xs = Self::subview(x, r0 * c..(r0 + rows) * c);
@@ -866,10 +866,13 @@ impl Backend for CudaBackend {
             self.blas.matmul(lg, xs.operand(), w.operand(), rows, c, v, false, true, false);
             let (mut ls, ts) = (losses.slice_mut(r0..r0 + rows), t.slice(r0..r0 + rows));
             // SAFETY: `softmax_xent(const float* logits, act_t* dlogits, float* losses, const
-            // unsigned* targets, int v, float)`, one block per row of this chunk; both logits
-            // buffers hold rows_per_chunk × v elements.
+            // unsigned* targets, int v, float, int vec)`, one block per row of this chunk; both
+            // logits buffers hold rows_per_chunk × v elements; vec 8 only for aligned rows of a
+            // multiple of 8.
             ok(
-                unsafe { self.stream.launch_builder(&self.k.softmax_xent).arg(&logits.ptr).arg(&dl.ptr).arg(&mut ls).arg(&ts).arg(&vi).arg(&grad_scale).launch(per_row(rows)) },
+                unsafe {
+                    self.stream.launch_builder(&self.k.softmax_xent).arg(&logits.ptr).arg(&dl.ptr).arg(&mut ls).arg(&ts).arg(&vi).arg(&grad_scale).arg(&vec).launch(per_row(rows))
+                },
                 "softmax_xent",
             );
             if let Some((dx, dw, _)) = grads.as_ref().filter(|_| grad_scale != 0.0) {
