@@ -707,6 +707,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         if (kb > 0) pass_turn(turns + tile, last - kb + 1);
     };
 
+    // acc += A · B, queued as one group: A the 64 keys × 64 queries of `from` (Pᵀ or dSᵀ) rounded
+    // into `frags` (which the hardware reads until the wait), B the tile (dO or Q) read transposed.
+    auto queue_product = [&](float (&acc)[D / 8][4], unsigned (&frags)[QT / 16][4], const float (&from)[QT / 8][4], const unsigned char* tile) {
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(frags[kk], from, kk);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs<1>(flat(acc), frags[kk], sw128_desc(tile + 16 * 128 * kk, 1024), 1);
+        wgmma_commit();
+    };
+
     float dk[D / 8][4] = {}, dv[D / 8][4] = {};
     unsigned kf[D / 16][4], vf[D / 16][4];  // the warpgroup's K and V rows as A operands, read at step 0
     for (int t = 0; t < steps; t++) {
@@ -754,12 +765,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
                 const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = k0 + rr + 8 * (e / 2);
                 st[nt][e] = diagonal && j > i ? 0.0f : exp2f(st[nt][e] * scale2 - L2[c]);
             }
-#pragma unroll
-        for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(pa[kk], st, kk);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs<1>(flat(dv), pa[kk], sw128_desc(dOs + 16 * 128 * kk, 1024), 1);
-        wgmma_commit();
+        queue_product(dv, pa, st, dOs);
         wgmma_wait<1>();
         fence_operands(flat(dpt));
 #pragma unroll
@@ -772,12 +778,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
                 // dS for the dQ product (query row c, key rr + 8(e/2)), rounded as dK's operand.
                 *(bf16*)(dSw + sw128_offset(c, 2 * (tid / WARP) + e / 2) + 2 * g) = __float2bfloat16(ds);
             }
-#pragma unroll
-        for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(da[kk], dpt, kk);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs<1>(flat(dk), da[kk], sw128_desc(Qs + 16 * 128 * kk, 1024), 1);
-        wgmma_commit();
+        queue_product(dk, da, dpt, Qs);
         fence_proxy_async();  // dS's stores become visible to wgmma
         __syncthreads();
 
