@@ -69,13 +69,19 @@ def attention_table(rows):
     for r in rows:
         by_t.setdefault(r["T"], {})[r.get("impl", "?")] = r
     impls = sorted({r.get("impl", "?") for r in rows}, key=lambda i: (not i.startswith("motley"), i))
-    head = "| T | B | " + " | ".join(f"{i} fwd TFLOP/s | {i} fwd+bwd TFLOP/s" for i in impls) + " |"
-    out = [head, "|---|---|" + "---|---|" * len(impls)]
+    # Rows checked against the mma.sync kernels (the attention bench's --hopper) add the errors.
+    checked = [i for i in impls if any("err_vs_mma_out" in r and r.get("impl") == i for r in rows)]
+    head = "| T | B | " + " | ".join(f"{i} fwd TFLOP/s | {i} fwd+bwd TFLOP/s" for i in impls)
+    head += "".join(f" | {i} error vs mma.sync (O / dqkv)" for i in checked) + " |"
+    out = [head, "|---|---|" + "---|---|" * len(impls) + "---|" * len(checked)]
     for t in sorted(by_t):
         cells = []
         for i in impls:
             r = by_t[t].get(i, {})
             cells += [num(r.get("fwd_TFLOPs"), ".1f"), num(r.get("fwdbwd_TFLOPs"), ".1f")]
+        for i in checked:
+            r = by_t[t].get(i, {})
+            cells.append(f"{num(r.get('err_vs_mma_out'), '.1e')} / {num(r.get('err_vs_mma_dqkv'), '.1e')}")
         b = next(iter(by_t[t].values())).get("B", "?")
         out.append(f"| {size(t)} | {b} | " + " | ".join(cells) + " |")
     return out
