@@ -472,6 +472,22 @@ __device__ __forceinline__ void add_dq(float2 v, float* sum, act_t* dst_q, int k
     }
 }
 
+// The backward kernels' per-step query statistics of (b, h), query rows i0..i0 + QT, into st:
+// lse in log2 units, then Δ (0 past the sequence). Threads 0..2·QT − 1 take one each.
+template <int QT>
+__device__ __forceinline__ void stage_stats(float* st, const float* lse, const float* delta, Heads s, int b, int h, int i0) {
+    const size_t bh = (size_t)b * s.n_heads + h;
+    const int r = threadIdx.x, i = i0 + r % QT;
+    if (r < QT) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
+    else if (r < 2 * QT) st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
+}
+// Index of the turn counter of query tile i0 (QT rows) of (b, h) among the backward's
+// counters: after the gridDim.y launch tickets (`turns_len` of attention.rs).
+template <int QT>
+__device__ __forceinline__ int tile_turn(Heads s, int b, int h, int i0) {
+    return gridDim.y + (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
+}
+
 // A fragment (rows m0.., k-step k0..) of a matrix stored transposed, one row per k (dSᵀ).
 __device__ __forceinline__ void frag_at(unsigned f[4], const bf16* t, int ld, int m0, int k0) {
     const int lane = threadIdx.x % WARP, m = lane / 8;
@@ -522,12 +538,8 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
         bf16* buf = QO + 2 * (t % 2) * QE;
         load_tile<D, QT>(buf, qkv, row0, i0, s.seq, w, s.q_col(h));
         load_tile<D, QT>(buf + QE, dout, row0, i0, s.seq, ow, h * D);
-        float* st = stats + 2 * (t % 2) * QT;
-        const size_t bh = (size_t)b * s.n_heads + h;
         static_assert(2 * QT <= THREADS, "one statistic per thread");
-        const int r = threadIdx.x, i = i0 + r % QT;
-        if (r < QT) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
-        else if (r < 2 * QT) st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
+        stage_stats<QT>(stats + 2 * (t % 2) * QT, lse, delta, s, b, h, i0);
     };
 
     load_tile<D, KEYS>(Ks, qkv, row0, j0(), s.seq, w, s.k_col(kvh));
@@ -586,7 +598,7 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
         // dQ of the tile's rows, dS K over the block's keys, in units of 32 rows × 16 columns
         // per warp, added in the key blocks' order. wait_turn's barrier also publishes dSᵀ.
         // (Recomputed here rather than kept live across the products: the registers are full.)
-        const int h = kvh * group + t / qtiles(), last = i0 / KEYS, tile = gridDim.y + (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
+        const int h = kvh * group + t / qtiles(), last = i0 / KEYS, tile = tile_turn<QT>(s, b, h, i0);
         wait_turn(turns + tile, last - kb());
 #pragma unroll 1
         for (int unit = threadIdx.x / WARP; unit < D / 16 * (QT / 32); unit += 4) {
@@ -677,11 +689,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         unsigned char* buf = QO + 2 * (t % 2) * HALF;
         load_rows<D, QT, 256>(swizzled(buf), qkv, row0, i0, s.seq, w, s.q_col(h));
         load_rows<D, QT, 256>(swizzled(buf + HALF), dout, row0, i0, s.seq, ow, h * D);
-        float* st = stats + 2 * (t % 2) * QT;
-        const size_t bh = (size_t)b * s.n_heads + h;
-        const int r = threadIdx.x, i = i0 + r % QT;
-        if (r < QT) st[r] = i < s.seq ? lse[bh * s.seq + i] * LOG2E : 0.0f;
-        else if (r < 2 * QT) st[r] = i < s.seq ? delta[bh * s.seq + i] : 0.0f;
+        stage_stats<QT>(stats + 2 * (t % 2) * QT, lse, delta, s, b, h, i0);
     };
     load_rows<D, KEYS, 256>(swizzled(Ks), qkv, row0, j0, s.seq, w, s.k_col(kvh));
     load_rows<D, KEYS, 256>(swizzled(Vs), qkv, row0, j0, s.seq, w, s.v_col(kvh));
@@ -694,7 +702,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     float pending[4][4];
     auto add_pending = [&](int t) {
         const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
-        const int last = i0 / KEYS, tile = gridDim.y + (b * s.n_heads + h) * ((s.seq + QT - 1) / QT) + i0 / QT;
+        const int last = i0 / KEYS, tile = tile_turn<QT>(s, b, h, i0);
         wait_turn(turns + tile, last - kb);
 #pragma unroll
         for (int n = 0; n < 4; n++)
