@@ -25,6 +25,7 @@ use motley::rng::Rng;
 use serde_json::json;
 
 use common::args::{show_size, Args};
+use common::compare::normalised_error as error;
 use common::device::{BenchBackend, DeviceKind};
 
 /// Backward FLOPs per forward FLOP (FlashAttention's convention; bench/peer/sdpa_attention.py
@@ -72,17 +73,6 @@ fn time_per_call<B: BenchBackend>(be: &B, min_seconds: f64, mut f: impl FnMut())
     }
     be.sync();
     t.elapsed().as_secs_f64() / reps as f64
-}
-
-/// Normalised max error of `got` against `want`: max |got − want| / max |want|.
-fn error(want: &[f32], got: &[f32]) -> f64 {
-    let scale = want.iter().fold(0.0f64, |m, &w| m.max((w as f64).abs()));
-    let worst = want.iter().zip(got).fold(0.0f64, |m, (&w, &g)| m.max((w as f64 - g as f64).abs()));
-    if got.iter().any(|g| !g.is_finite()) {
-        f64::INFINITY
-    } else {
-        worst / scale.max(f64::MIN_POSITIVE)
-    }
 }
 
 /// O and dqkv of one forward + backward on `be` from the benchmark's inputs (seeds 1, 2).

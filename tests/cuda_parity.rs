@@ -26,10 +26,13 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "../bench/common/compare.rs"]
+mod compare;
 #[path = "cuda_emu/build.rs"]
 mod emu_build;
 
 use common::{randn, tiny_model};
+use compare::normalised_error as error;
 use motley::backend::cpu::Cpu;
 use motley::backend::cuda::{CudaBackend, Storage};
 use motley::backend::{AdamW, AttnShape, Backend, Gemm, TokenSlots};
@@ -68,12 +71,6 @@ fn cpu_for(storage: Storage) -> Cpu {
     }
 }
 
-/// Normalised max error of `got` against `want`.
-fn error(want: &[f32], got: &[f32]) -> f64 {
-    assert_eq!(want.len(), got.len(), "lengths");
-    let scale = want.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-6);
-    want.iter().zip(got).fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs())) / scale
-}
 
 /// `host` in a new buffer of activation storage.
 fn up<B: Backend>(be: &B, host: &[f32]) -> B::Buf {

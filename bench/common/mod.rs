@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod child;
+pub mod compare;
 pub mod device;
 pub mod shapes;
 pub mod step;
