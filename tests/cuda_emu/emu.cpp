@@ -154,15 +154,27 @@ struct Thread {
     std::vector<unsigned> unfenced;
 };
 
+// What makes two wgmma.mma_async the same instruction: shape, flags and descriptors (A's only
+// where A is in shared memory). The PTX ISA requires it of a warp's lanes and, for the n-th
+// wgmma of each, of a warpgroup's warps.
+struct WgmmaForm {
+    unsigned n;
+    bool accumulate, trans_b, a_in_registers;
+    unsigned long long desc_a, desc_b;
+    bool operator==(const WgmmaForm& o) const {
+        return n == o.n && accumulate == o.accumulate && trans_b == o.trans_b && a_in_registers == o.a_in_registers && desc_a == o.desc_a && desc_b == o.desc_b;
+    }
+    bool operator!=(const WgmmaForm& o) const { return !(*this == o); }
+};
+
 // A wgmma.mma_async of one warp (its 16 rows of the warpgroup's 64), issued and not complete:
 // it runs at the wgmma.wait_group that covers its group, from the operands read at issue, which
 // must not have changed by then. The lanes' accumulators hold NaN meanwhile (reading them before
 // the wait shows), unless an earlier wgmma in flight already targets them (a chain, as the
 // hardware orders wgmmas on one accumulator).
 struct Wgmma {
-    unsigned group, n;
-    bool accumulate, trans_b;
-    unsigned long long desc_a, desc_b;
+    unsigned group;
+    WgmmaForm form;
     float* d[32];
     const unsigned* a[32];  // the lanes' A registers, or null: A in shared memory
     std::vector<float> A, B;  // 16 × 16 (this warp's rows) and 16 × n, as read at issue
@@ -209,9 +221,7 @@ struct Launch {
     // each warp must be the same instruction (descriptors included), as the PTX ISA requires.
     struct Issue {
         unsigned index, seen;
-        unsigned long long desc_a, desc_b;
-        unsigned n;
-        bool accumulate, trans_b, a_in_registers;
+        WgmmaForm form;
     };
     std::vector<std::vector<Issue>> issues;
     // Per 16-byte chunk of dynamic shared memory: the thread whose cp.async wrote it and has not
@@ -420,8 +430,8 @@ void read_a_registers(const unsigned* const a[32], std::vector<float>& out) {
 std::string read_wgmma_operands(const Wgmma& op, unsigned warp, bool at_issue, std::vector<float>& A, std::vector<float>& B) {
     std::string e;
     if (op.a[0]) read_a_registers(op.a, A);
-    else e = read_operand(op.desc_a, false, 16 * (warp % 4), 16, false, at_issue, A);
-    if (e.empty()) e = read_operand(op.desc_b, op.trans_b, 0, op.n, true, at_issue, B);
+    else e = read_operand(op.form.desc_a, false, 16 * (warp % 4), 16, false, at_issue, A);
+    if (e.empty()) e = read_operand(op.form.desc_b, op.form.trans_b, 0, op.form.n, true, at_issue, B);
     return e;
 }
 
@@ -439,27 +449,26 @@ constexpr unsigned D_POISON = 0x7fc0dead;
 std::string run_wgmma(Thread* lanes[32]) {
     const Thread& t0 = *lanes[0];
     if (L->threads.size() % 128) return format("wgmma in a block of %zu threads: a warpgroup is 4 whole warps", L->threads.size());
-    for (unsigned lane = 1; lane < 32; lane++) {
-        const Thread& t = *lanes[lane];
-        if (t.n != t0.n || t.accumulate != t0.accumulate || t.trans_b != t0.trans_b || t.desc[1] != t0.desc[1] || (t.in[0] == nullptr) != (t0.in[0] == nullptr) ||
-            (!t0.in[0] && t.desc[0] != t0.desc[0]))
-            return format("lanes 0 and %u issue different wgmmas (shape, descriptors or flags)", lane);
-    }
+    auto form_of = [](const Thread& t) {
+        const bool in_registers = t.in[0] != nullptr;
+        return WgmmaForm{t.n, t.accumulate, t.trans_b, in_registers, in_registers ? 0 : t.desc[0], t.desc[1]};
+    };
+    const WgmmaForm form = form_of(t0);
+    for (unsigned lane = 1; lane < 32; lane++)
+        if (form_of(*lanes[lane]) != form) return format("lanes 0 and %u issue different wgmmas (shape, descriptors or flags)", lane);
     WarpWgmma& q = L->wgmma[t0.warp];
-    const bool in_registers = t0.in[0] != nullptr;
-    const Launch::Issue mine{q.issued++, 1u << (t0.warp % 4), in_registers ? 0 : t0.desc[0], t0.desc[1], t0.n, t0.accumulate, t0.trans_b, in_registers};
+    const Launch::Issue mine{q.issued++, 1u << (t0.warp % 4), form};
     auto& issued = L->issues[t0.warp / 4];
     auto same = std::find_if(issued.begin(), issued.end(), [&](const Launch::Issue& i) { return i.index == mine.index; });
     if (same == issued.end()) {
         issued.push_back(mine);
     } else {
-        if (same->desc_a != mine.desc_a || same->desc_b != mine.desc_b || same->n != mine.n || same->accumulate != mine.accumulate || same->trans_b != mine.trans_b ||
-            same->a_in_registers != mine.a_in_registers)
+        if (same->form != mine.form)
             return format("wgmma number %u differs between the warps of warpgroup %u (shape, flags or descriptors; the PTX ISA requires the same across the warpgroup)", mine.index,
                           t0.warp / 4);
         if ((same->seen |= mine.seen) == 0xf) issued.erase(same);
     }
-    Wgmma op{q.committed, t0.n, t0.accumulate, t0.trans_b, t0.desc[0], t0.desc[1], {}, {}, {}, {}, {}};
+    Wgmma op{q.committed, form, {}, {}, {}, {}, {}};
     for (unsigned lane = 0; lane < 32; lane++) {
         op.d[lane] = static_cast<float*>(lanes[lane]->out);
         op.a[lane] = static_cast<const unsigned*>(lanes[lane]->in[0]);
@@ -468,10 +477,11 @@ std::string run_wgmma(Thread* lanes[32]) {
     bool chained = false;
     for (const Wgmma& o : q.ops) chained |= o.d[0] == op.d[0];
     if (!chained) {
-        op.d_in.resize(32 * (op.n / 2));
+        const unsigned per = op.form.n / 2;
+        op.d_in.resize(32 * per);
         for (unsigned lane = 0; lane < 32; lane++)
-            for (unsigned j = 0; j < op.n / 2; j++) {
-                op.d_in[lane * (op.n / 2) + j] = op.d[lane][j];
+            for (unsigned j = 0; j < per; j++) {
+                op.d_in[lane * per + j] = op.d[lane][j];
                 std::memcpy(&op.d[lane][j], &D_POISON, 4);
             }
     }
@@ -491,7 +501,7 @@ std::string run_wgmma_wait(unsigned warp, unsigned pending) {
         if (std::string e = read_wgmma_operands(op, warp, false, A, B); !e.empty()) return e;
         if (A != op.A) return format("the A operand of a wgmma (%s) changed before its wgmma.wait_group", op.a[0] ? "registers" : "shared memory");
         if (B != op.B) return "the B operand of a wgmma (shared memory) changed before its wgmma.wait_group";
-        const unsigned per = op.n / 2;
+        const unsigned per = op.form.n / 2;
         auto chain = std::find_if(q.chains.begin(), q.chains.end(), [&](const auto& c) { return c.first == op.d[0]; });
         std::vector<float> d = op.d_in;
         if (d.empty()) {
@@ -501,8 +511,8 @@ std::string run_wgmma_wait(unsigned warp, unsigned pending) {
         for (unsigned lane = 0; lane < 32; lane++)
             for (unsigned j = 0; j < per; j++) {
                 unsigned row = d_row(lane, j), col = d_col(lane, j);
-                float acc = op.accumulate ? d[lane * per + j] : 0.0f;
-                for (unsigned k = 0; k < 16; k++) acc += op.A[row * 16 + k] * op.B[k * op.n + col];
+                float acc = op.form.accumulate ? d[lane * per + j] : 0.0f;
+                for (unsigned k = 0; k < 16; k++) acc += op.A[row * 16 + k] * op.B[k * op.form.n + col];
                 d[lane * per + j] = acc;
             }
         bool last = true;
