@@ -48,10 +48,11 @@
 //!   [`BF16_ATTN_TOL`] 8e-3 with bf16 storage, which also rounds out and dqkv once (2⁻⁸) and
 //!   reads O as bf16 for Δ (measured ≤ 3.4e-3).
 //!
-//! The primitives are checked against the PTX ISA: `mma16816` against a plain matmul (exactly
-//! on small integers, to f32 rounding on random bf16), `ldmatrix_x4(_trans)` against the
-//! documented distribution of rows to lanes, `cp_async16` against its zero-fill and wait-group
-//! semantics; and the emulator must report a deadlock, a shared-memory overflow, a race, a block
+//! The primitives are checked against the PTX ISA (cases in `cuda_emu/primitive_cases.rs`,
+//! which `cuda_parity` runs on a GPU too): `mma16816` against a plain matmul (exactly on small
+//! integers, to f32 rounding on random bf16), `ldmatrix_x4(_trans)` against the documented
+//! distribution of rows to lanes, `cp_async16` against its zero-fill and wait-group semantics,
+//! wgmma in every form the attention kernels use against a plain matmul; and the emulator must report a deadlock, a shared-memory overflow, a race, a block
 //! waiting for a turn that only a later block could pass, and an out-of-bounds global write.
 //!
 //! Needs g++ (`CXX` overrides it): without it the test fails when `CI=true` and prints a skip
@@ -61,6 +62,8 @@
 mod common;
 #[path = "cuda_emu/build.rs"]
 mod emu_build;
+#[path = "cuda_emu/primitive_cases.rs"]
+mod primitive_cases;
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::path::Path;
@@ -75,6 +78,7 @@ use motley::backend::cuda::nvrtc::{Storage, KERNEL_FILES};
 use motley::backend::cuda::{group_positions, AdamWArgs};
 use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
 use motley::rng::Rng;
+use primitive_cases::{Arg as CaseArg, Case};
 
 const F32_TOL: f64 = 2e-6;
 const BF16_TOL: f64 = 4e-3;
@@ -972,105 +976,65 @@ fn every_kernel_is_launched() {
 
 // ---- the primitives, against the PTX ISA, and the emulator's own checks ---------------------
 
-fn bf16_bits(v: f32) -> u16 {
-    half::bf16::from_f32(v).to_bits()
-}
-
-fn u16s(values: &[u16]) -> Buf {
-    Buf::from_f64("u16", Elem::Bf16, &values.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect::<Vec<_>>())
-}
-
 fn one_block(threads: u32, smem: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem }
 }
 
-#[test]
-fn mma_is_a_matmul() {
-    let Some(emu) = emulator(Storage::F32) else { return };
-    let mut rng = Rng::new(60);
-    // Small integers (every sum exact: the fragment layout bit for bit), then random values
-    // (f32 accumulation of exact bf16 products).
-    let small = |rng: &mut Rng, n| (0..n).map(|_| rng.below(9) as f32 - 4.0).collect::<Vec<f32>>();
-    for exact in [true, false] {
-        let (a, b, c) = if exact { (small(&mut rng, 256), small(&mut rng, 128), small(&mut rng, 128)) } else { (randn(&mut rng, 256, 1.0), randn(&mut rng, 128, 1.0), randn(&mut rng, 128, 1.0)) };
-        let (a, b) = (act(Storage::Bf16, &a), act(Storage::Bf16, &b));
-        let ab = u16s(&a.iter().map(|&x| bf16_bits(x)).collect::<Vec<_>>());
-        let bb = u16s(&b.iter().map(|&x| bf16_bits(x)).collect::<Vec<_>>());
-        let cb = Buf::from_f64("c", Elem::F32, &c.iter().map(|&x| x as f64).collect::<Vec<_>>());
-        let d = Buf::new("d", Elem::F32, 128);
-        emu.launch("test_mma", one_block(32, 0), &[d.arg(), ab.arg(), bb.arg(), cb.arg()], 0).unwrap();
-        let got = d.values();
-        for i in 0..16 {
-            for j in 0..8 {
-                let want = c[i * 8 + j] as f64 + (0..16).map(|k| a[i * 16 + k] as f64 * b[k * 8 + j] as f64).sum::<f64>();
-                let err = (got[i * 8 + j] - want).abs();
-                assert!(if exact { err == 0.0 } else { err <= 1e-5 * (1.0 + want.abs()) }, "mma d[{i}][{j}] = {} instead of {want}", got[i * 8 + j]);
+/// Launches `case` on the emulator; the words of its outputs, in argument order.
+fn run_case(emu: &Emulator, case: &Case) -> Result<Vec<Vec<u32>>, String> {
+    let bufs: Vec<Option<Buf>> = case
+        .args
+        .iter()
+        .map(|a| match a {
+            CaseArg::Out(n) => Some(Buf::new("out", Elem::U32, *n)),
+            CaseArg::Bf16(bits) => {
+                let b = Buf::new("bf16 input", Elem::Bf16, bits.len());
+                b.write(bits.iter().map(|x| x.to_le_bytes().to_vec()));
+                Some(b)
             }
+            CaseArg::F32(v) => Some(Buf::from_f64("f32 input", Elem::F32, &v.iter().map(|&x| x as f64).collect::<Vec<_>>())),
+            CaseArg::U32(v) => Some(Buf::from_f64("u32 input", Elem::U32, &v.iter().map(|&x| x as f64).collect::<Vec<_>>())),
+            CaseArg::I32(_) => None,
+        })
+        .collect();
+    let args: Vec<Arg> = case.args.iter().zip(&bufs).map(|(a, b)| if let CaseArg::I32(v) = a { Arg::I32(*v) } else { b.as_ref().expect("a buffer").arg() }).collect();
+    emu.launch(case.kernel, one_block(case.threads, case.smem), &args, 0)?;
+    let words = |b: &Buf| b.bytes().chunks(4).map(|w| u32::from_le_bytes(w.try_into().unwrap())).collect();
+    Ok(case.args.iter().zip(&bufs).filter(|(a, _)| matches!(a, CaseArg::Out(_))).map(|(_, b)| words(b.as_ref().expect("an output"))).collect())
+}
+
+/// Every case of `primitive_cases` (the same ones `cuda_parity` runs on a GPU) against the PTX
+/// ISA: mma and wgmma (in each form the attention kernels use) against a plain matmul, ldmatrix
+/// against the documented distribution of rows to lanes, cp.async's zero-fill and wait groups.
+#[test]
+fn primitives_follow_the_ptx_isa() {
+    let Some(emu) = emulator(Storage::F32) else { return };
+    let cases = primitive_cases::cases(true);
+    for f in emu_build::PRIMITIVES.functions.iter().filter(|f| f.starts_with("test_")) {
+        assert!(cases.iter().any(|c| c.kernel == *f), "primitives.cu: `{f}` is no case of primitive_cases.rs");
+    }
+    for case in cases {
+        let out = run_case(emu, &case).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        case.check(&out).unwrap();
+        // The emulator completes a copy at the wait that covers it: read before, shared memory
+        // still holds its poison (all ones), so a missing wait shows.
+        if case.kernel == "test_cp_async" {
+            assert_eq!(out[0][8..12], [u32::MAX; 4], "cp.async group 1 before its wait");
         }
     }
 }
 
+/// The misuse the PTX ISA rules out and the emulator reports: cp.async data (or a plain store)
+/// read by wgmma without fence.proxy.async, accumulators read before wgmma.wait_group (they hold
+/// NaN in flight), an operand overwritten while in flight, warps of one warpgroup giving
+/// different descriptors.
 #[test]
-fn ldmatrix_distributes_rows_as_documented() {
+fn wgmma_misuse_is_reported() {
     let Some(emu) = emulator(Storage::F32) else { return };
-    // m[i][r][c] = 1 + 64i + 8r + c, as raw 16-bit patterns.
-    let m: Vec<u16> = (0..256).map(|k| 1 + k as u16).collect();
-    let at = |i: usize, r: usize, c: usize| m[64 * i + 8 * r + c] as u32;
-    let (mb, out, out_t) = (u16s(&m), Buf::new("out", Elem::U32, 128), Buf::new("out_t", Elem::U32, 128));
-    emu.launch("test_ldmatrix", one_block(32, 1024), &[out.arg(), out_t.arg(), mb.arg()], 0).unwrap();
-    let (got, got_t) = (out.values(), out_t.values());
-    for lane in 0..32 {
-        let (row, col) = (lane / 4, 2 * (lane % 4));
-        for i in 0..4 {
-            // Thread t gets fragment t % 4 of row t / 4 (two elements, the first in the low half);
-            // .trans loads the matrix column-major: the same of its transpose.
-            let want = at(i, row, col) | at(i, row, col + 1) << 16;
-            let want_t = at(i, col, row) | at(i, col + 1, row) << 16;
-            assert_eq!(got[4 * lane + i] as u32, want, "ldmatrix_x4 lane {lane} register {i}");
-            assert_eq!(got_t[4 * lane + i] as u32, want_t, "ldmatrix_x4_trans lane {lane} register {i}");
-        }
-    }
-}
-
-#[test]
-fn cp_async_copies_zero_fills_and_lands_at_its_wait() {
-    let Some(emu) = emulator(Storage::F32) else { return };
-    let src: Vec<u32> = (1..=8).collect();
-    let (sb, out) = (Buf::from_f64("src", Elem::U32, &src.iter().map(|&x| x as f64).collect::<Vec<_>>()), Buf::new("out", Elem::U32, 16));
-    emu.launch("test_cp_async", one_block(1, 64), &[out.arg(), sb.arg()], 0).unwrap();
-    let got: Vec<u32> = out.values().iter().map(|&x| x as u32).collect();
-    assert_eq!(got[..4], src[..4], "group 0 after cp_async_wait_prior");
-    assert_eq!(got[4..8], [0; 4], "zero-fill of an invalid copy");
-    // The emulator completes a copy at the wait that covers it: read before, shared memory
-    // still holds its poison (all ones), so a missing wait shows.
-    assert_eq!(got[8..12], [u32::MAX; 4], "group 1 before its wait");
-    assert_eq!(got[12..], src[4..], "group 1 after cp_async_wait_all");
-}
-
-/// wgmma against a plain matmul (small integers: every sum exact, so the layouts bit for bit),
-/// in both forms the kernels use: A and B from shared memory (B K-major), and A from registers
-/// with B MN-major; the 128-byte swizzle and the descriptors' steps along k. Then the misuse
-/// the PTX ISA rules out and the emulator reports: cp.async data (or a plain store) read
-/// without fence.proxy.async, accumulators read before wgmma.wait_group (they hold NaN in flight), an
-/// operand overwritten before it, warps of one warpgroup giving different descriptors.
-#[test]
-fn wgmma_is_a_matmul_and_reports_misuse() {
-    let Some(emu) = emulator(Storage::F32) else { return };
-    let mut rng = Rng::new(61);
-    let mut small = |n: usize| (0..n).map(|_| rng.below(9) as f32 - 4.0).collect::<Vec<f32>>();
-    let bf16s = |v: &[f32]| u16s(&v.iter().map(|&x| bf16_bits(x)).collect::<Vec<_>>());
-    let (a, b) = (small(64 * 64), small(128 * 64));
     let ss = |misuse: i32| {
-        let d = Buf::new("d", Elem::F32, 64 * 128);
-        emu.launch("test_wgmma_ss", one_block(128, 64 * 128 + 128 * 128 + 1024), &[d.arg(), bf16s(&a).arg(), bf16s(&b).arg(), Arg::I32(misuse)], 0).map(|_| d.values())
+        let case = primitive_cases::wgmma_ss(&mut Rng::new(62), misuse);
+        run_case(emu, &case).map(|out| out[0].iter().map(|&w| f32::from_bits(w)).collect::<Vec<f32>>())
     };
-    let got = ss(0).unwrap();
-    for i in 0..64 {
-        for j in 0..128 {
-            let want: f32 = (0..64).map(|k| a[i * 64 + k] * b[j * 64 + k]).sum();
-            assert_eq!(got[i * 128 + j], want as f64, "wgmma_m64n128k16_ss d[{i}][{j}]");
-        }
-    }
     let e = ss(1).unwrap_err();
     assert!(e.contains("has not fenced (fence.proxy.async)"), "{e}");
     assert!(ss(2).unwrap().iter().all(|x| x.is_nan()), "accumulators read before the wait hold NaN");
@@ -1080,17 +1044,6 @@ fn wgmma_is_a_matmul_and_reports_misuse() {
     assert!(e.contains("wgmma number 0 differs between the warps of warpgroup 0"), "{e}");
     let e = ss(5).unwrap_err();
     assert!(e.contains("stored to since the last fence.proxy.async and __syncthreads"), "{e}");
-
-    let (a, v) = (small(64 * 32), small(32 * 64));
-    let d = Buf::new("d", Elem::F32, 64 * 64);
-    emu.launch("test_wgmma_rs", one_block(128, 32 * 128 + 1024), &[d.arg(), bf16s(&a).arg(), bf16s(&v).arg()], 0).unwrap();
-    let got = d.values();
-    for i in 0..64 {
-        for j in 0..64 {
-            let want: f32 = (0..32).map(|k| a[i * 32 + k] * v[k * 64 + j]).sum();
-            assert_eq!(got[i * 64 + j], want as f64, "wgmma_m64n64k16_rs<1> d[{i}][{j}]");
-        }
-    }
 }
 
 #[test]

@@ -30,16 +30,21 @@ mod common;
 mod compare;
 #[path = "cuda_emu/build.rs"]
 mod emu_build;
+#[path = "cuda_emu/primitive_cases.rs"]
+mod primitive_cases;
 
 use common::{randn, tiny_model};
 use compare::normalised_error as error;
 use motley::backend::cpu::Cpu;
+use cudarc::driver::{CudaContext, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
+use motley::backend::cuda::nvrtc;
 use motley::backend::cuda::{CudaBackend, Storage};
 use motley::backend::{AdamW, AttnShape, Backend, Gemm, TokenSlots};
 use motley::memory::store::LayerPolicy;
 use motley::model::config::Routing;
 use motley::model::Model;
 use motley::rng::Rng;
+use primitive_cases::Arg as PrimArg;
 use motley::train::optim::{AdamWConfig, Optimizer};
 
 const F32_TOL: f64 = 1e-4;
@@ -537,6 +542,76 @@ fn attention_backward_is_reproducible_under_load() {
             }
         }
     }
+}
+
+/// Launches a primitive case on the device with cudarc directly; the words of its outputs.
+fn run_primitive(ctx: &std::sync::Arc<CudaContext>, module: &std::sync::Arc<CudaModule>, case: &primitive_cases::Case) -> Result<Vec<Vec<u32>>, String> {
+    enum Dev {
+        Bf16(CudaSlice<u16>),
+        F32(CudaSlice<f32>),
+        U32(CudaSlice<u32>),
+        I32(i32),
+    }
+    let stream = ctx.default_stream();
+    let f = module.load_function(case.kernel).map_err(|e| format!("{e:?}"))?;
+    let devs = case
+        .args
+        .iter()
+        .map(|a| {
+            Ok(match a {
+                PrimArg::Out(n) => Dev::U32(stream.alloc_zeros::<u32>(*n)?),
+                PrimArg::Bf16(v) => Dev::Bf16(stream.clone_htod(v)?),
+                PrimArg::F32(v) => Dev::F32(stream.clone_htod(v)?),
+                PrimArg::U32(v) => Dev::U32(stream.clone_htod(v)?),
+                PrimArg::I32(v) => Dev::I32(*v),
+            })
+        })
+        .collect::<Result<Vec<Dev>, cudarc::driver::DriverError>>()
+        .map_err(|e| format!("{e:?}"))?;
+    let mut launch = stream.launch_builder(&f);
+    for d in &devs {
+        match d {
+            Dev::Bf16(s) => launch.arg(s),
+            Dev::F32(s) => launch.arg(s),
+            Dev::U32(s) => launch.arg(s),
+            Dev::I32(v) => launch.arg(v),
+        };
+    }
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (case.threads, 1, 1), shared_mem_bytes: case.smem };
+    // SAFETY: the arguments are the kernel's, in its order, and the buffers are its sizes.
+    unsafe { launch.launch(cfg) }.map_err(|e| format!("{e:?}"))?;
+    let outputs = case.args.iter().zip(&devs).filter(|(a, _)| matches!(a, PrimArg::Out(_)));
+    outputs
+        .map(|(_, d)| match d {
+            Dev::U32(s) => stream.clone_dtoh(s).map_err(|e| format!("{e:?}")),
+            _ => unreachable!("outputs are u32 buffers"),
+        })
+        .collect()
+}
+
+/// The primitives the kernels are built on (mma.sync, ldmatrix, cp.async and, on sm_90,
+/// wgmma in each form the Hopper attention kernels use) against the PTX ISA's definitions: the
+/// cases the emulator passes (`tests/cuda_emu/primitive_cases.rs`). On a GPU this says whether
+/// the hardware reads the fragment, row and swizzled shared-memory layouts as the emulator does;
+/// where it does not, which instruction form differs and how, before the attention kernels built
+/// on them are judged. Every case is reported before failing.
+#[test]
+fn primitives_follow_the_ptx_isa() {
+    if emu_build::device("cuda_parity").is_none() {
+        return;
+    }
+    let ctx = CudaContext::new(0).unwrap_or_else(|e| panic!("CUDA context: {e:?}"));
+    let (major, minor) = ctx.compute_capability().expect("compute capability");
+    let arch = nvrtc::arch_for(major, minor);
+    let ptx = nvrtc::cached_ptx(&emu_build::PRIMITIVES, &arch, &nvrtc::include_dirs_from_env(), Storage::Bf16).unwrap_or_else(|e| panic!("{e}"));
+    let module = ctx.load_module(ptx).unwrap_or_else(|e| panic!("loading primitives.cu for {arch}: {e:?}"));
+    let mut failures = Vec::new();
+    for case in primitive_cases::cases(arch == nvrtc::HOPPER_ARCH) {
+        let result = run_primitive(&ctx, &module, &case).and_then(|out| case.check(&out));
+        eprintln!("primitive {}: {}", case.name, result.as_ref().map_or_else(|e| format!("FAILED: {e}"), |_| "as the PTX ISA defines".into()));
+        failures.extend(result.err());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// A bf16 backend running attention on the Hopper kernels, or why not (not sm_90).

@@ -312,7 +312,7 @@ for p in "${parts[@]}"; do
     [ -f "$f" ] && { echo; echo "## $p"; cat "$f"; }
 done
 if [ -f "$OUT/check/parity.log" ] && [[ " ${parts[*]} " == *" check "* ]]; then
-    echo; echo "## parity errors"; grep -E 'normalised max error|test result|panicked' "$OUT/check/parity.log" | head -n 60
+    echo; echo "## parity errors"; grep -E '^primitive |normalised max error|test result|panicked' "$OUT/check/parity.log" | head -n 70
 fi
 if [ -f "$OUT/check/memory.log" ] && [[ " ${parts[*]} " == *" check "* ]]; then
     echo; echo "## memory plan vs measured"; grep -E 'MiB|test result|panicked' "$OUT/check/memory.log" | head -n 20

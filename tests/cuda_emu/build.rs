@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 
 use motley::backend::cuda::cuda_available;
-use motley::backend::cuda::nvrtc::{full_source, KernelFile, Storage, KERNEL_FILES};
+use motley::backend::cuda::nvrtc::{full_source, Storage, KERNEL_FILES};
 
 const EMU_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cuda_emu");
 
@@ -37,13 +37,9 @@ const FLAGS: &[&str] = &[
     "-DMOTLEY_EMU",
 ];
 
-/// The emulator's own kernel file: compiled into the emulator only.
-pub const PRIMITIVES: KernelFile = KernelFile {
-    name: "primitives",
-    source: include_str!("primitives.cu"),
-    functions: &["test_mma", "test_ldmatrix", "test_cp_async", "test_wgmma_ss", "test_wgmma_rs", "bad_divergent_shuffle", "bad_smem_overflow", "racy_neighbour", "turns_in_order"],
-    hopper: &[],
-};
+#[path = "primitives.rs"]
+mod primitives;
+pub use primitives::PRIMITIVES;
 
 /// The C++ compiler (`CXX`, default g++) and its version (part of every cache key).
 pub struct Compiler {

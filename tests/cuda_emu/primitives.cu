@@ -99,6 +99,13 @@ __device__ void load_sw128(unsigned char* tile, const bf16* src, int rows) {
     for (int c = threadIdx.x; c < rows * 8; c += blockDim.x) cp_async16(tile + sw128_offset(c / 8, c % 8), src + 8 * c, true);
 }
 
+// Stores a 64 × 64 accumulator (wgmma's C layout, register j of warp w: row 16w + g + 8·(j/2 % 2),
+// column 8·(j/4) + 2q + j % 2) to d, row-major.
+__device__ void store_accumulators(float* d, const float (&acc)[32]) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    for (int j = 0; j < 32; j++) d[(16 * w + g + 8 * (j / 2 % 2)) * 64 + 8 * (j / 4) + 2 * q + j % 2] = acc[j];
+}
+
 // One warpgroup: d (64 × 128, f32, row-major) = a (64 × 64) · bᵀ, b 128 × 64 (b's rows are the
 // product's columns), both row-major bf16, through shared memory in the swizzled layout and four
 // k16 steps of wgmma_m64n128k16_ss (the descriptors advance 32 bytes a step). `misuse`: 0 none;
@@ -135,22 +142,25 @@ extern "C" __global__ void test_wgmma_ss(float* d, const bf16* a, const bf16* b,
     if (misuse != 2) store();
 }
 
-// One warpgroup: d (64 × 64, f32, row-major) = a (64 × 32) · v (32 × 64), both row-major bf16;
-// A from registers (each warp its 16 rows, mma.m16n8k16's A fragment), v through shared memory
-// in the swizzled layout read MN-major (transposed), two k16 steps of wgmma_m64n64k16_rs<1> (the
-// descriptor advances 16 rows, 2048 bytes, a step), the second accumulating. 4 KiB + 1 KiB.
-extern "C" __global__ void test_wgmma_rs(float* d, const bf16* a, const bf16* v) {
+// One warpgroup: d (64 × 64, f32, row-major) = a (64 × 64) · B, a row-major bf16 with A from
+// registers (each warp its 16 rows, mma.m16n8k16's A fragment), four k16 steps of
+// wgmma_m64n64k16_rs<TRANS_B>, all but the first accumulating. b (64 × 64, row-major bf16) goes
+// through shared memory in the swizzled layout: TRANS_B = 0 reads it K-major (b's rows are the
+// product's columns: B = bᵀ; the descriptor advances 32 bytes a step), TRANS_B = 1 MN-major
+// (B = b; the descriptor advances 16 rows, 2048 bytes, a step). 8 KiB + 1 KiB.
+template <int TRANS_B>
+__device__ void wgmma_rs_product(float* d, const bf16* a, const bf16* b) {
     DYNAMIC_SMEM(raw);
-    unsigned char* vs = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
-    load_sw128(vs, v, 32);
+    unsigned char* bs = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    load_sw128(bs, b, 64);
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
-    unsigned fa[2][4];
-    for (int k = 0; k < 2; k++) {
-        const bf16* r0 = a + (16 * w + g) * 32 + 16 * k + 2 * q;
-        const bf16* r8 = r0 + 8 * 32;
+    unsigned fa[4][4];
+    for (int k = 0; k < 4; k++) {
+        const bf16* r0 = a + (16 * w + g) * 64 + 16 * k + 2 * q;
+        const bf16* r8 = r0 + 8 * 64;
         fa[k][0] = two(r0[0], r0[1]);
         fa[k][1] = two(r8[0], r8[1]);
         fa[k][2] = two(r0[8], r0[9]);
@@ -158,10 +168,34 @@ extern "C" __global__ void test_wgmma_rs(float* d, const bf16* a, const bf16* v)
     }
     float acc[32];
     wgmma_fence();
-    for (int k = 0; k < 2; k++) wgmma_m64n64k16_rs<1>(acc, fa[k], sw128_desc(vs + 2048 * k, 1024), k > 0);
+    for (int k = 0; k < 4; k++) wgmma_m64n64k16_rs<TRANS_B>(acc, fa[k], sw128_desc(bs + (TRANS_B ? 2048 : 32) * k, 1024), k > 0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc);
-    for (int j = 0; j < 32; j++) d[(16 * w + g + 8 * (j / 2 % 2)) * 64 + 8 * (j / 4) + 2 * q + j % 2] = acc[j];
+    fence_operands(fa);
+    store_accumulators(d, acc);
+}
+extern "C" __global__ void test_wgmma_rs_kmajor(float* d, const bf16* a, const bf16* b) { wgmma_rs_product<0>(d, a, b); }
+extern "C" __global__ void test_wgmma_rs_mnmajor(float* d, const bf16* a, const bf16* b) { wgmma_rs_product<1>(d, a, b); }
+
+// One warpgroup: d (64 × 64, f32, row-major) = a (64 × 64) · b (64 × 64), both row-major bf16
+// through shared memory in the swizzled layout, a K-major and b MN-major (the transpose flag),
+// four k16 steps of wgmma_m64n64k16_ss<1>: the backward's dQ = dS K. 16 KiB + 1 KiB.
+extern "C" __global__ void test_wgmma_ss_mnmajor(float* d, const bf16* a, const bf16* b) {
+    DYNAMIC_SMEM(raw);
+    unsigned char* as = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    unsigned char* bs = as + 64 * 128;
+    load_sw128(as, a, 64);
+    load_sw128(bs, b, 64);
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+    float acc[32];
+    wgmma_fence();
+    for (int k = 0; k < 4; k++) wgmma_m64n64k16_ss<1>(acc, sw128_desc(as + 32 * k, 1024), sw128_desc(bs + 2048 * k, 1024), k > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc);
+    store_accumulators(d, acc);
 }
 #endif

@@ -9,7 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 
 use super::attention::{head_dims, Pass, MAX_HEAD_DIM};
-use super::nvrtc::{cached_ptx, include_dirs_from_env, KernelFile, Storage, HOPPER_ARCH, KERNEL_FILES};
+use super::nvrtc::{arch_for, cached_ptx, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
 
@@ -90,8 +90,7 @@ impl Kernels {
     /// cached PTX) and loads its entry points; the attention kernels get their shared-memory
     /// limit raised.
     pub fn load(ctx: &Arc<CudaContext>, major: i32, minor: i32, storage: Storage) -> Result<Self> {
-        // Hopper's arch-specific features need the `a` suffix; other GPUs use the plain target.
-        let arch = if (major, minor) == (9, 0) { HOPPER_ARCH.to_string() } else { format!("sm_{major}{minor}") };
+        let arch = arch_for(major, minor);
         let includes = include_dirs_from_env();
         let mut f: Functions = HashMap::new();
         for file in KERNEL_FILES {

@@ -31,6 +31,16 @@ impl KernelFile {
 /// The target of Hopper's arch-specific features (wgmma).
 pub const HOPPER_ARCH: &str = "sm_90a";
 
+/// The NVRTC target for a GPU of compute capability `major.minor`: Hopper's arch-specific
+/// features need the `a` suffix; other GPUs use the plain target.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    if (major, minor) == (9, 0) {
+        HOPPER_ARCH.to_string()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
 const COMMON: &str = include_str!("kernels/common.cuh");
 
 pub const KERNEL_FILES: &[KernelFile] = &[
@@ -182,19 +192,19 @@ pub fn cached_ptx(file: &KernelFile, arch: &str, includes: &[PathBuf], storage: 
     Ok(ptx)
 }
 
-/// Compiles every kernel file for `arch`, in both storage variants, into the PTX cache
-/// ([`ptx_cache_dir`]) without a GPU,
-/// so that a GPU machine given the folder starts without NVRTC compiling anything. Returns the
-/// cache files.
-pub fn precompile(arch: &str) -> Result<Vec<PathBuf>, String> {
+/// Compiles `files` (e.g. [`KERNEL_FILES`]) for `arch`, in both storage variants, into the PTX
+/// cache ([`ptx_cache_dir`]) without a GPU, so that a GPU machine given the folder starts without
+/// NVRTC compiling anything. Returns the cache files.
+pub fn precompile<'a>(arch: &str, files: impl IntoIterator<Item = &'a KernelFile>) -> Result<Vec<PathBuf>, String> {
     if !nvrtc_present() {
         return Err("libnvrtc not loadable: put its folder on LD_LIBRARY_PATH (see .ci/cuda-nvrtc.sh)".into());
     }
     let dir = ptx_cache_dir().ok_or("no PTX cache folder: set MOTLEY_PTX_CACHE or HOME")?;
     let includes = include_dirs_from_env();
+    let files: Vec<&KernelFile> = files.into_iter().collect();
     let mut written = Vec::new();
     for storage in [Storage::F32, Storage::Bf16] {
-        for file in KERNEL_FILES {
+        for &file in &files {
             cached_ptx(file, arch, &includes, storage)?;
             let path = dir.join(ptx_file_name(file, arch, storage));
             written.push(path.is_file().then_some(path.clone()).ok_or_else(|| format!("{} was not written", path.display()))?);

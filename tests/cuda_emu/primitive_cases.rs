@@ -1,0 +1,226 @@
+//! The primitives of common.cuh as test cases (kernels in primitives.cu), written once for both
+//! places that run them: the kernel emulator (tests/cuda_emu.rs) and the device
+//! (tests/cuda_parity.rs, where on a GPU they say whether the hardware reads mma's fragments,
+//! ldmatrix's rows and wgmma's swizzled layouts and descriptors as the emulator does, before the
+//! attention kernels built on them are judged). A case is one launch and a check of its outputs
+//! against the PTX ISA's definition of the instruction.
+#![allow(dead_code)]
+
+use motley::rng::Rng;
+
+/// One kernel argument.
+pub enum Arg {
+    /// An output of this many 32-bit words (f32 or u32).
+    Out(usize),
+    /// bf16 values, as bit patterns.
+    Bf16(Vec<u16>),
+    F32(Vec<f32>),
+    U32(Vec<u32>),
+    I32(i32),
+}
+
+/// Checks a launch's outputs (the words of its `Out` arguments, in argument order).
+type Check = Box<dyn Fn(&[Vec<u32>]) -> Result<(), String>>;
+
+pub struct Case {
+    /// What the case checks, for messages.
+    pub name: &'static str,
+    pub kernel: &'static str,
+    pub threads: u32,
+    pub smem: u32,
+    /// The kernel uses wgmma: sm_90a only.
+    pub hopper: bool,
+    pub args: Vec<Arg>,
+    check: Check,
+}
+
+impl Case {
+    /// Checks a launch's outputs: the `Out` arguments' words, in argument order.
+    pub fn check(&self, outputs: &[Vec<u32>]) -> Result<(), String> {
+        (self.check)(outputs).map_err(|e| format!("{} (`{}`): {e}", self.name, self.kernel))
+    }
+}
+
+pub fn bf16_bits(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+fn bits(values: &[f32]) -> Vec<u16> {
+    values.iter().map(|&v| bf16_bits(v)).collect()
+}
+
+/// Small integers in [−4, 4]: every product and sum of a case is exact in f32, so a layout is
+/// checked bit for bit.
+fn small(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.below(9) as f32 - 4.0).collect()
+}
+
+/// `a` (m × k) · `b` (k × n), row-major, in f64.
+fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            out[i * n + j] = (0..k).map(|t| a[i * k + t] as f64 * b[t * n + j] as f64).sum();
+        }
+    }
+    out
+}
+
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols).map(|i| x[(i % rows) * cols + i / rows]).collect()
+}
+
+fn close(got: f64, want: f64, tol: Option<f64>) -> bool {
+    match tol {
+        None => got == want,
+        Some(t) => (got - want).abs() <= t * (1.0 + want.abs()),
+    }
+}
+
+/// `got` (f32 words, rows of `n`) against `want`; on a mismatch names the wrong entries and which
+/// of `others` (what a misread layout would give) the output is instead.
+fn check_product(got: &[u32], want: &[f64], n: usize, tol: Option<f64>, others: &[(&str, Vec<f64>)]) -> Result<(), String> {
+    let got: Vec<f64> = got.iter().map(|&w| f32::from_bits(w) as f64).collect();
+    let wrong: Vec<usize> = (0..want.len()).filter(|&i| !close(got[i], want[i], tol)).collect();
+    if wrong.is_empty() {
+        return Ok(());
+    }
+    let first: Vec<String> = wrong.iter().take(4).map(|&i| format!("d[{}][{}] = {} instead of {}", i / n, i % n, got[i], want[i])).collect();
+    let instead: Vec<&str> = others.iter().filter(|(_, o)| (0..o.len()).all(|i| close(got[i], o[i], tol))).map(|(what, _)| *what).collect();
+    let guess = if instead.is_empty() { String::new() } else { format!("; the output is {}", instead.join(" and ")) };
+    Err(format!("{} of {} entries wrong, e.g. {}{guess}", wrong.len(), want.len(), first.join(", ")))
+}
+
+/// The cases, in the order of the instructions the kernels depend on; `hopper` adds the wgmma ones.
+pub fn cases(hopper: bool) -> Vec<Case> {
+    let mut rng = Rng::new(61);
+    let mut out = vec![mma(&mut rng, true), mma(&mut rng, false), ldmatrix(), cp_async()];
+    if hopper {
+        out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true)]);
+    }
+    out
+}
+
+/// d (16 × 8) = a (16 × 16) · b (16 × 8) + c on one warp (`mma16816`): exactly on small integers,
+/// to f32 rounding on random bf16 values.
+fn mma(rng: &mut Rng, exact: bool) -> Case {
+    let values = |rng: &mut Rng, n: usize| if exact { small(rng, n) } else { (0..n).map(|_| half::bf16::from_f32(rng.normal() as f32).to_f32()).collect() };
+    let (a, b, c) = (values(rng, 256), values(rng, 128), values(rng, 128));
+    let want: Vec<f64> = matmul(&a, &b, 16, 16, 8).iter().zip(&c).map(|(p, &c)| p + c as f64).collect();
+    let tol = (!exact).then_some(1e-5);
+    Case {
+        name: if exact { "mma.m16n8k16, small integers" } else { "mma.m16n8k16, random bf16" },
+        kernel: "test_mma",
+        threads: 32,
+        smem: 0,
+        hopper: false,
+        args: vec![Arg::Out(128), Arg::Bf16(bits(&a)), Arg::Bf16(bits(&b)), Arg::F32(c)],
+        check: Box::new(move |o| check_product(&o[0], &want, 8, tol, &[])),
+    }
+}
+
+/// `ldmatrix_x4` and `ldmatrix_x4_trans` against the documented distribution of rows to lanes.
+fn ldmatrix() -> Case {
+    // m[i][r][c] = 1 + 64i + 8r + c, as raw 16-bit patterns.
+    let m: Vec<u16> = (0..256).map(|k| 1 + k as u16).collect();
+    let patterns = m.clone();
+    let check = move |o: &[Vec<u32>]| {
+        let at = |i: usize, r: usize, c: usize| patterns[64 * i + 8 * r + c] as u32;
+        for lane in 0..32 {
+            let (row, col) = (lane / 4, 2 * (lane % 4));
+            for i in 0..4 {
+                // Thread t gets fragment t % 4 of row t / 4 (two elements, the first in the low
+                // half); .trans loads the matrix column-major: the same of its transpose.
+                let want = at(i, row, col) | at(i, row, col + 1) << 16;
+                let want_t = at(i, col, row) | at(i, col + 1, row) << 16;
+                if o[0][4 * lane + i] != want {
+                    return Err(format!("ldmatrix_x4 lane {lane} register {i}: {:#x} instead of {want:#x}", o[0][4 * lane + i]));
+                }
+                if o[1][4 * lane + i] != want_t {
+                    return Err(format!("ldmatrix_x4_trans lane {lane} register {i}: {:#x} instead of {want_t:#x}", o[1][4 * lane + i]));
+                }
+            }
+        }
+        Ok(())
+    };
+    Case { name: "ldmatrix", kernel: "test_ldmatrix", threads: 32, smem: 1024, hopper: false, args: vec![Arg::Out(128), Arg::Out(128), Arg::Bf16(m.clone())], check: Box::new(check) }
+}
+
+/// `cp_async16`: a copy, a zero-fill, and the wait groups.
+fn cp_async() -> Case {
+    let src: Vec<u32> = (1..=8).collect();
+    let want: Vec<u32> = src[..4].iter().copied().chain([0; 4]).collect();
+    let check = move |o: &[Vec<u32>]| {
+        let got = &o[0];
+        if got[..8] != want[..] {
+            return Err(format!("group 0 after cp_async_wait_prior (then a zero-fill): {:?} instead of {want:?}", &got[..8]));
+        }
+        // got[8..12) is read before group 1's wait: anything on a GPU (the emulator leaves its
+        // poison there; cuda_emu checks that).
+        if got[12..] != [5, 6, 7, 8] {
+            return Err(format!("group 1 after cp_async_wait_all: {:?} instead of [5, 6, 7, 8]", &got[12..]));
+        }
+        Ok(())
+    };
+    Case { name: "cp.async", kernel: "test_cp_async", threads: 1, smem: 64, hopper: false, args: vec![Arg::Out(16), Arg::U32(src)], check: Box::new(check) }
+}
+
+/// d (64 × 128) = a (64 × 64) · bᵀ (b: 128 × 64) with both operands K-major in shared memory
+/// (`wgmma_m64n128k16_ss`, the forward's S = Q Kᵀ). `misuse` > 0 makes the kernel break a rule
+/// the emulator must report (cuda_emu only).
+pub fn wgmma_ss(rng: &mut Rng, misuse: i32) -> Case {
+    let (a, b) = (small(rng, 64 * 64), small(rng, 128 * 64));
+    let want = matmul(&a, &transpose(&b, 128, 64), 64, 64, 128);
+    Case {
+        name: "wgmma m64n128k16, A and B K-major from shared memory",
+        kernel: "test_wgmma_ss",
+        threads: 128,
+        smem: 64 * 128 + 128 * 128 + 1024,
+        hopper: true,
+        args: vec![Arg::Out(64 * 128), Arg::Bf16(bits(&a)), Arg::Bf16(bits(&b)), Arg::I32(misuse)],
+        check: Box::new(move |o| check_product(&o[0], &want, 128, None, &[])),
+    }
+}
+
+/// What a 64 × 64 product `a · B` would be if B (stored `b`) were read the other way, or the
+/// accumulator layout were transposed.
+fn misreads(a: &[f32], b: &[f32], b_is_transposed: bool, want: &[f64]) -> Vec<(&'static str, Vec<f64>)> {
+    let other = if b_is_transposed { b.to_vec() } else { transpose(b, 64, 64) };
+    let want_t: Vec<f64> = (0..64 * 64).map(|i| want[(i % 64) * 64 + i / 64]).collect();
+    vec![("a · B with B read K-major instead of MN-major (or the reverse)", matmul(a, &other, 64, 64, 64)), ("the product transposed (accumulator layout)", want_t)]
+}
+
+/// d (64 × 64) = a · b with a K-major and b MN-major in shared memory
+/// (`wgmma_m64n64k16_ss<1>`, the backward's dQ = dS K).
+fn wgmma_ss_mn_major(rng: &mut Rng) -> Case {
+    let (a, b) = (small(rng, 64 * 64), small(rng, 64 * 64));
+    let want = matmul(&a, &b, 64, 64, 64);
+    let others = misreads(&a, &b, false, &want);
+    Case {
+        name: "wgmma m64n64k16, A K-major and B MN-major from shared memory",
+        kernel: "test_wgmma_ss_mnmajor",
+        threads: 128,
+        smem: 2 * 64 * 128 + 1024,
+        hopper: true,
+        args: vec![Arg::Out(64 * 64), Arg::Bf16(bits(&a)), Arg::Bf16(bits(&b))],
+        check: Box::new(move |o| check_product(&o[0], &want, 64, None, &others)),
+    }
+}
+
+/// d (64 × 64) = a · B with A from registers (`wgmma_m64n64k16_rs`): B = bᵀ read K-major
+/// (the backward's Sᵀ = K Qᵀ), or B = b read MN-major (the forward's P V, the backward's
+/// dV += Pᵀ dO).
+fn wgmma_rs(rng: &mut Rng, mn_major: bool) -> Case {
+    let (a, b) = (small(rng, 64 * 64), small(rng, 64 * 64));
+    let want = if mn_major { matmul(&a, &b, 64, 64, 64) } else { matmul(&a, &transpose(&b, 64, 64), 64, 64, 64) };
+    let others = misreads(&a, &b, !mn_major, &want);
+    Case {
+        name: if mn_major { "wgmma m64n64k16, A from registers, B MN-major" } else { "wgmma m64n64k16, A from registers, B K-major" },
+        kernel: if mn_major { "test_wgmma_rs_mnmajor" } else { "test_wgmma_rs_kmajor" },
+        threads: 128,
+        smem: 64 * 128 + 1024,
+        hopper: true,
+        args: vec![Arg::Out(64 * 64), Arg::Bf16(bits(&a)), Arg::Bf16(bits(&b))],
+        check: Box::new(move |o| check_product(&o[0], &want, 64, None, &others)),
+    }
+}
