@@ -481,6 +481,31 @@ fn model_step_hopper() {
     assert!(err <= 1e-2, "Hopper kernels, recompute: gradients normalised max error {err:.3e} > 1e-2");
 }
 
+/// The profile charges each op its least work: a matmul its 2mnk FLOPs and operand bytes, a
+/// grouped matmul the sum over its products, a residual add three tensors.
+#[test]
+fn profile_counts_each_ops_work() {
+    let Some(be) = gpu(Storage::Bf16).map(CudaBackend::with_profile) else { return };
+    type B = CudaBackend;
+    let (m, k, n) = (48, 32, 16);
+    let (a, b) = (up(&be, &data(1, m * k)), up(&be, &data(2, k * n)));
+    let mut out = be.alloc_f32(m * n);
+    be.matmul(B::full_mut(&mut out), B::full(&a), B::full(&b), m, k, n, false, false, true);
+    let gemms = [Gemm { m: 16, k, n, out: 0, a: 0, b: 0 }, Gemm { m: 32, k, n, out: 16 * n, a: 16 * k, b: 0 }];
+    let mut grouped = be.alloc(m * n);
+    be.grouped_matmul(B::full_mut(&mut grouped), B::full(&a), B::full(&b), &gemms, false, false, false);
+    let mut sum = be.alloc(m * n);
+    be.add(B::full_mut(&mut sum), B::full(&grouped), B::full(&grouped));
+    let rows = be.take_profile();
+    let row = |op: &str| rows.iter().find(|r| r.op == op).unwrap_or_else(|| panic!("no `{op}` row in {rows:?}"));
+    let flops = 2.0 * (m * k * n) as f64;
+    // bf16 operands; the f32 output is read and written (accumulate).
+    assert_eq!((row("matmul").flops, row("matmul").bytes), (flops, (2 * (m * k + k * n) + 2 * 4 * m * n) as f64));
+    assert_eq!((row("grouped_matmul").flops, row("grouped_matmul").bytes), (flops, (2 * (m * k + 2 * k * n) + 2 * m * n) as f64));
+    assert_eq!((row("add").flops, row("add").bytes), (0.0, (3 * 2 * m * n) as f64));
+    assert!(rows.iter().all(|r| r.calls > 0 && r.seconds >= 0.0));
+}
+
 /// MEMO on the GPU: the forward is the same whatever the policy (loss bitwise equal); the
 /// backward recomputes dropped rows with GEMMs of other shapes, which cuBLASLt does not promise
 /// to round identically, so gradients are held to 1e-2 of keep-all.

@@ -2,7 +2,7 @@
 //! for queued work, and the peak memory of a measurement.
 
 use motley::backend::cpu::Cpu;
-use motley::backend::Backend;
+use motley::backend::{Backend, OpTime};
 
 use super::args::fail;
 
@@ -39,9 +39,9 @@ pub trait BenchBackend: Backend {
     /// Starts a new peak-memory measurement.
     fn reset_peak(&self);
     fn peak_bytes(&self) -> u64;
-    /// (op, calls, seconds) recorded since the last call, slowest first; empty unless the
-    /// backend was built with its profile on.
-    fn take_profile(&self) -> Vec<(&'static str, u64, f64)>;
+    /// Per op recorded since the last call, slowest first; empty unless the backend was built
+    /// with its profile on.
+    fn take_profile(&self) -> Vec<OpTime>;
 }
 
 impl BenchBackend for Cpu {
@@ -59,7 +59,7 @@ impl BenchBackend for Cpu {
     fn peak_bytes(&self) -> u64 {
         proc_status_kib("VmHWM:") * 1024
     }
-    fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+    fn take_profile(&self) -> Vec<OpTime> {
         Cpu::take_profile(self)
     }
 }
@@ -74,6 +74,7 @@ pub fn proc_status_kib(field: &str) -> u64 {
 #[cfg(feature = "cuda")]
 mod cuda {
     use motley::backend::cuda::CudaBackend;
+    use motley::backend::OpTime;
 
     use super::BenchBackend;
 
@@ -93,7 +94,7 @@ mod cuda {
         fn peak_bytes(&self) -> u64 {
             self.peak_device_bytes().unwrap_or_else(|e| panic!("{e}"))
         }
-        fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+        fn take_profile(&self) -> Vec<OpTime> {
             CudaBackend::take_profile(self)
         }
     }
@@ -117,22 +118,34 @@ pub fn open_cuda(profile: bool, hopper: bool) -> motley::backend::cuda::CudaBack
     }
 }
 
-/// The table of `take_profile` rows over `steps` steps of `step_seconds` each: per op, calls and
-/// milliseconds per step and share of the step; the rest of the step is time outside every op.
-pub fn print_profile(title: &str, ops: &[(&'static str, u64, f64)], steps: usize, step_seconds: f64) {
+/// The table of `take_profile` rows over `steps` steps of `step_seconds` each: per op, calls,
+/// milliseconds per step and share of the step; where the backend counts them (CUDA), the
+/// device-memory GB/s and TFLOP/s the op's least bytes and FLOPs come to in its time, to set
+/// beside the GPU's bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s) and tensor rate (989 TFLOP/s).
+/// The rest of the step is time outside every op.
+pub fn print_profile(title: &str, ops: &[OpTime], steps: usize, step_seconds: f64) {
     if ops.is_empty() {
         return;
     }
+    let counted = ops.iter().any(|o| o.bytes > 0.0);
     let steps = steps.max(1) as f64;
-    println!("\n{title}\n| op | calls/step | ms/step | share of step |\n|---|---|---|---|");
+    let (extra_head, extra_rule) = if counted { (" GB/s | TFLOP/s |", "---|---|") } else { ("", "") };
+    println!("\n{title}\n| op | calls/step | ms/step | share of step |{extra_head}\n|---|---|---|---|{extra_rule}");
     let per_step = |secs: f64| secs / steps * 1e3;
     let step_ms = step_seconds * 1e3;
-    for &(op, calls, secs) in ops {
-        println!("| {op} | {} | {:.2} | {:.1}% |", (calls as f64 / steps).round(), per_step(secs), 100.0 * per_step(secs) / step_ms);
+    let rate = |amount: f64, unit: f64, secs: f64| match amount / secs / unit {
+        _ if amount <= 0.0 || secs <= 0.0 => String::new(),
+        r if r < 10.0 => format!("{r:.2}"),
+        r => format!("{r:.0}"),
+    };
+    for o in ops {
+        let extra = if counted { format!(" {} | {} |", rate(o.bytes, 1e9, o.seconds), rate(o.flops, 1e12, o.seconds)) } else { String::new() };
+        println!("| {} | {} | {:.2} | {:.1}% |{extra}", o.op, (o.calls as f64 / steps).round(), per_step(o.seconds), 100.0 * per_step(o.seconds) / step_ms);
     }
-    let inside: f64 = ops.iter().map(|o| per_step(o.2)).sum();
-    println!("| (outside any op) | | {:.2} | {:.1}% |", step_ms - inside, 100.0 * (step_ms - inside) / step_ms);
-    println!("| (step) | | {step_ms:.2} | 100% |\n");
+    let inside: f64 = ops.iter().map(|o| per_step(o.seconds)).sum();
+    let blank = if counted { " | |" } else { "" };
+    println!("| (outside any op) | | {:.2} | {:.1}% |{blank}", step_ms - inside, 100.0 * (step_ms - inside) / step_ms);
+    println!("| (step) | | {step_ms:.2} | 100% |{blank}\n");
 }
 
 /// Exit 2: `--device cuda` in a build without the feature.

@@ -27,6 +27,20 @@ pub mod cuda;
 
 use std::ops::Range;
 
+/// One op's row of a backend profile (`with_profile` on either backend): calls, time, and the
+/// least it had to move and compute (every operand read once, every result written once; the
+/// multiply-add FLOPs of matmuls and attention), zero where the backend does not count them
+/// (the CPU) or they mean no device work (uploads, host work). Bytes or FLOPs over seconds, set
+/// beside the GPU's bandwidth and tensor rate, say how far an op is from its bound.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpTime {
+    pub op: &'static str,
+    pub calls: u64,
+    pub seconds: f64,
+    pub bytes: f64,
+    pub flops: f64,
+}
+
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {

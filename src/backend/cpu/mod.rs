@@ -19,7 +19,7 @@ mod swiglu;
 
 use std::ops::Range;
 
-use super::{AdamW, ArenaPart, AttnShape, Backend, Precision, RouterGrad, TokenSlots};
+use super::{AdamW, ArenaPart, AttnShape, Backend, OpTime, Precision, RouterGrad, TokenSlots};
 
 /// Rows handled by one task in row-parallel ops; fixed so reductions do not depend on threads.
 pub(crate) const ROW_CHUNK: usize = 64;
@@ -59,11 +59,13 @@ impl Cpu {
         self
     }
 
-    /// (op, calls, seconds) since the start or the last call, slowest first; empty when not profiling.
-    pub fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+    /// Per op since the start or the last call (wall time; bytes and FLOPs are not counted on
+    /// the CPU), slowest first; empty when not profiling.
+    pub fn take_profile(&self) -> Vec<OpTime> {
         let Some(p) = &self.profile else { return Vec::new() };
-        let mut rows: Vec<_> = std::mem::take(&mut *p.lock().expect("profile lock")).into_iter().map(|(k, (n, d))| (k, n, d.as_secs_f64())).collect();
-        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let taken = std::mem::take(&mut *p.lock().expect("profile lock"));
+        let mut rows: Vec<OpTime> = taken.into_iter().map(|(op, (calls, d))| OpTime { op, calls, seconds: d.as_secs_f64(), bytes: 0.0, flops: 0.0 }).collect();
+        rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         rows
     }
 

@@ -51,9 +51,10 @@ pub use detect::cuda_available;
 pub use kernels::{group_positions, AdamWArgs};
 use kernels::Kernels;
 use launch::{grid_stride, per_row, vec_width, warp_per_row, SUMSQ_BLOCKS};
+use profile::Work;
 pub use nvrtc::Storage;
 
-use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, Precision, RouterGrad, TokenSlots};
+use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RouterGrad, TokenSlots};
 use crate::{Error, Result};
 
 pub struct CudaBackend {
@@ -103,6 +104,9 @@ impl DevView<'_> {
     fn len(&self) -> usize {
         self.len
     }
+    fn bytes(&self) -> usize {
+        self.len * self.storage.bytes()
+    }
     fn operand(&self) -> Operand {
         Operand { ptr: self.ptr, storage: self.storage }
     }
@@ -118,9 +122,27 @@ impl DevViewMut<'_> {
     fn len(&self) -> usize {
         self.len
     }
+    fn bytes(&self) -> usize {
+        self.len * self.storage.bytes()
+    }
     fn operand(&self) -> Operand {
         Operand { ptr: self.ptr, storage: self.storage }
     }
+}
+
+/// A grouped matmul's products and operands, each product's parts of `a`, `b` and `out`.
+fn grouped_work(out: &DevViewMut<'_>, a: &DevView<'_>, b: &DevView<'_>, gemms: &[Gemm], accumulate: bool) -> Work {
+    let (sa, sb, so) = (a.storage.bytes(), b.storage.bytes(), out.storage.bytes() * (1 + accumulate as usize));
+    let flops = gemms.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum();
+    Work::computing(flops, gemms.iter().map(|g| g.m * g.k * sa + g.k * g.n * sb + g.m * g.n * so).sum())
+}
+
+/// The classifier's products (logits; with gradients, dx and dW too) over x, W, dx and dW (read
+/// and written): the logits and their gradient are transient, not counted.
+fn classifier_work(x: &DevView<'_>, w: &DevView<'_>, grads: &Option<(DevViewMut<'_>, DevViewMut<'_>, f32)>, n: usize, c: usize, v: usize) -> Work {
+    let products = if grads.is_some() { 3.0 } else { 1.0 };
+    let grad_bytes = grads.as_ref().map_or(0, |(dx, dw, _)| dx.bytes() + 2 * dw.bytes());
+    Work::computing(products * 2.0 * (n * c * v) as f64, x.bytes() + w.bytes() + grad_bytes)
 }
 
 /// Address of element `at` of a buffer starting at `ptr`.
@@ -198,15 +220,16 @@ impl CudaBackend {
         self
     }
 
-    /// (op, calls, seconds of stream time) since the start or the last call, slowest first;
-    /// empty when not profiling. Waits for the recorded work to finish.
-    pub fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+    /// Per op since the start or the last call (stream time, least bytes and FLOPs), slowest
+    /// first; empty when not profiling. Waits for the recorded work to finish.
+    pub fn take_profile(&self) -> Vec<OpTime> {
         self.profile.as_ref().map_or_else(Vec::new, |p| p.take())
     }
 
-    /// Brackets an op for the profile; a no-op when not profiling.
-    fn span(&self, op: &'static str) -> Option<profile::Span<'_>> {
-        self.profile.as_ref().map(|p| p.span(&self.stream, op))
+    /// Brackets an op doing `work` for the profile; a no-op (`work` not evaluated) when not
+    /// profiling.
+    fn span(&self, op: &'static str, work: impl FnOnce() -> Work) -> Option<profile::Span<'_>> {
+        self.profile.as_ref().map(|p| p.span(&self.stream, op, work))
     }
 
     /// The GPU's name, architecture and activation storage, for logs.
@@ -241,7 +264,7 @@ impl CudaBackend {
 
     fn alloc_storage(&self, len: usize, storage: Storage) -> DevBuf {
         // alloc_zeros queues a memset: the profile shows what zeroing costs.
-        let _span = self.span("alloc");
+        let _span = self.span("alloc", || Work::moving(len * storage.bytes()));
         // At least one byte: a zero-byte allocation has no address to hand out.
         let mem = ok(self.stream.alloc_zeros::<u8>((len * storage.bytes()).max(1)), "alloc");
         let ptr = mem.device_ptr(&self.stream).0;
@@ -251,7 +274,7 @@ impl CudaBackend {
     /// A buffer whose every element the caller overwrites before reading: not zeroed (the
     /// trait's `alloc` promises zeros, so it pays a memset this skips).
     fn scratch_storage(&self, len: usize, storage: Storage) -> DevBuf {
-        let _span = self.span("alloc");
+        let _span = self.span("alloc", || Work::NONE);
         // SAFETY: uninitialised device memory of (len × element size) bytes; callers write all
         // of it before any read (see each call).
         let mem = ok(unsafe { self.stream.alloc::<u8>((len * storage.bytes()).max(1)) }, "alloc");
@@ -377,7 +400,7 @@ impl Backend for CudaBackend {
     /// Profiled as the stream time it spans: the stream idles while the host works, since the
     /// work follows a download.
     fn host_work<R: Send>(&self, op: &'static str, f: impl FnOnce() -> R + Send) -> R {
-        let _span = self.span(op);
+        let _span = self.span(op, || Work::NONE);
         f()
     }
 
@@ -444,7 +467,7 @@ impl Backend for CudaBackend {
         )
     }
     fn upload(&self, dst: DevViewMut<'_>, src: &[f32]) {
-        let _span = self.span("upload");
+        let _span = self.span("upload", || Work::NONE);
         assert_eq!(dst.len(), src.len(), "upload");
         self.bind();
         let stream = self.stream.cu_stream();
@@ -459,7 +482,7 @@ impl Backend for CudaBackend {
         }
     }
     fn download(&self, src: DevView<'_>) -> Vec<f32> {
-        let _span = self.span("download");
+        let _span = self.span("download", || Work::NONE);
         self.bind();
         let stream = self.stream.cu_stream();
         // SAFETY: src holds src.len() elements of its type; the stream is synchronised before
@@ -484,13 +507,13 @@ impl Backend for CudaBackend {
         self.offload.alloc(self.stream.context(), bytes)
     }
     fn offload(&self, dst: &mut offload::PinnedHost, at: u64, src: DevView<'_>, precision: Precision) {
-        let _span = self.span("offload");
+        let _span = self.span("offload", || Work::NONE);
         self.bind();
         expect("offload", "src", src.storage, self.storage_of(precision));
         self.offload.offload(&self.stream, dst, at, src, src.len * src.storage.bytes());
     }
     fn reload(&self, dst: DevViewMut<'_>, src: &offload::PinnedHost, at: u64, precision: Precision) {
-        let _span = self.span("reload");
+        let _span = self.span("reload", || Work::NONE);
         expect("reload", "dst", dst.storage, self.storage_of(precision));
         self.bind();
         let bytes = dst.len * dst.storage.bytes();
@@ -503,14 +526,14 @@ impl Backend for CudaBackend {
         self.offload.wait(&self.stream, mark);
     }
     fn fill(&self, dst: DevViewMut<'_>, value: f32) {
-        let _span = self.span("fill");
+        let _span = self.span("fill", || Work::moving(dst.bytes()));
         let n = dst.len();
         if n > 0 {
             self.elementwise_scalar(&self.k.elementwise(dst.storage).fill, dst.ptr, value, n, "fill");
         }
     }
     fn copy(&self, dst: DevViewMut<'_>, src: DevView<'_>) {
-        let _span = self.span("copy");
+        let _span = self.span("copy", || Work::moving(dst.bytes() + src.bytes()));
         assert_eq!(dst.len(), src.len(), "copy");
         self.bind();
         if dst.storage == src.storage {
@@ -524,7 +547,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, dst: DevViewMut<'_>, src: DevView<'_>) {
-        let _span = self.span("add_assign");
+        let _span = self.span("add_assign", || Work::moving(2 * dst.bytes() + src.bytes()));
         let n = dst.len();
         assert_eq!(n, src.len(), "add_assign");
         expect("add_assign", "src", src.storage, dst.storage);
@@ -538,7 +561,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(f).arg(&dst.ptr).arg(&src.ptr).arg(&n).arg(&vec).launch(grid_stride(n / vec as usize)) }, "add_assign");
     }
     fn add(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>) {
-        let _span = self.span("add");
+        let _span = self.span("add", || Work::moving(out.bytes() + a.bytes() + b.bytes()));
         let n = out.len();
         assert!(a.len() == n && b.len() == n, "add");
         expect("add", "a", a.storage, out.storage);
@@ -553,14 +576,14 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(f).arg(&out.ptr).arg(&a.ptr).arg(&b.ptr).arg(&n).arg(&vec).launch(grid_stride(n / vec as usize)) }, "add");
     }
     fn scale(&self, dst: DevViewMut<'_>, s: f32) {
-        let _span = self.span("scale");
+        let _span = self.span("scale", || Work::moving(2 * dst.bytes()));
         let n = dst.len();
         if n > 0 {
             self.elementwise_scalar(&self.k.elementwise(dst.storage).scale, dst.ptr, s, n, "scale");
         }
     }
     fn sum_squares(&self, x: DevView<'_>) -> f64 {
-        let _span = self.span("sum_squares");
+        let _span = self.span("sum_squares", || Work::moving(x.bytes()));
         let n = x.len();
         let ew = self.k.elementwise(x.storage);
         let mut partial = ok(self.stream.alloc_zeros::<f64>(SUMSQ_BLOCKS), "scratch alloc");
@@ -577,7 +600,7 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
-        let _span = self.span("matmul");
+        let _span = self.span("matmul", || Work::computing(2.0 * (m * k * n) as f64, a.bytes() + b.bytes() + out.bytes() * (1 + accumulate as usize)));
         if m == 0 || n == 0 {
             return;
         }
@@ -598,7 +621,7 @@ impl Backend for CudaBackend {
     }
 
     fn grouped_matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
-        let _span = self.span("grouped_matmul");
+        let _span = self.span("grouped_matmul", || grouped_work(&out, &a, &b, gemms, accumulate));
         let live: Vec<Gemm> = gemms.iter().copied().filter(|g| g.m * g.n > 0).collect();
         let mut outs: Vec<(usize, usize)> = live.iter().map(|g| (g.out, g.out + g.m * g.n)).collect();
         outs.sort_unstable();
@@ -616,7 +639,7 @@ impl Backend for CudaBackend {
     }
 
     fn embedding_fwd(&self, out: DevViewMut<'_>, table: DevView<'_>, tokens: &[u32], c: usize) {
-        let _span = self.span("embedding_fwd");
+        let _span = self.span("embedding_fwd", || Work::moving(2 * out.bytes()));
         if tokens.is_empty() || c == 0 {
             return;
         }
@@ -629,7 +652,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.embedding_fwd).arg(&out.ptr).arg(&table.ptr).arg(&t).arg(&c).launch(per_row(tokens.len())) }, "embedding_fwd");
     }
     fn embedding_bwd(&self, dtable: DevViewMut<'_>, dout: DevView<'_>, tokens: &[u32], c: usize) {
-        let _span = self.span("embedding_bwd");
+        let _span = self.span("embedding_bwd", || Work::moving(dout.bytes() + 2 * tokens.len() * c * 4));
         if tokens.is_empty() || c == 0 {
             return;
         }
@@ -647,7 +670,7 @@ impl Backend for CudaBackend {
     }
 
     fn rmsnorm_fwd(&self, out: DevViewMut<'_>, rstd: DevViewMut<'_>, x: DevView<'_>, w: DevView<'_>, n: usize, c: usize, eps: f32) {
-        let _span = self.span("rmsnorm_fwd");
+        let _span = self.span("rmsnorm_fwd", || Work::moving(out.bytes() + rstd.bytes() + x.bytes() + w.bytes()));
         if n == 0 {
             return;
         }
@@ -663,7 +686,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.rmsnorm_fwd).arg(&out.ptr).arg(&rstd.ptr).arg(&x.ptr).arg(&w.ptr).arg(&c).arg(&eps).arg(&vec).launch(per_row(n)) }, "rmsnorm_fwd");
     }
     fn rmsnorm_bwd(&self, dx: DevViewMut<'_>, dw: DevViewMut<'_>, dout: DevView<'_>, x: DevView<'_>, w: DevView<'_>, rstd: DevView<'_>, n: usize, c: usize) {
-        let _span = self.span("rmsnorm_bwd");
+        let _span = self.span("rmsnorm_bwd", || Work::moving(dx.bytes() + 2 * dw.bytes() + dout.bytes() + x.bytes() + w.bytes() + rstd.bytes()));
         if n == 0 || c == 0 {
             return;
         }
@@ -687,7 +710,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&self, qkv: DevViewMut<'_>, table: DevView<'_>, shape: AttnShape, first_row: usize, inverse: bool) {
-        let _span = self.span("rope");
+        let _span = self.span("rope", || Work::moving(2 * qkv.len() / shape.qkv_width() * (shape.n_heads + shape.n_kv_heads) * shape.head_dim * qkv.storage.bytes()));
         let n = qkv.len() / shape.qkv_width();
         assert_eq!(qkv.len(), n * shape.qkv_width(), "rope qkv");
         expect("rope", "qkv", qkv.storage, self.storage());
@@ -710,16 +733,16 @@ impl Backend for CudaBackend {
     }
 
     fn attention_fwd(&self, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: DevView<'_>, shape: AttnShape) {
-        let _span = self.span("attention_fwd");
+        let _span = self.span("attention_fwd", || Work::computing(shape.causal_attention_flops(), qkv.bytes() + out.bytes() + lse.bytes()));
         attention::forward(self, out, lse, qkv, shape)
     }
     fn attention_bwd(&self, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, shape: AttnShape) {
-        let _span = self.span("attention_bwd");
+        let _span = self.span("attention_bwd", || Work::computing(2.5 * shape.causal_attention_flops(), dqkv.bytes() + dout.bytes() + out.bytes() + lse.bytes() + qkv.bytes()));
         attention::backward(self, dqkv, dout, out, lse, qkv, shape)
     }
 
     fn swiglu_fwd(&self, out: DevViewMut<'_>, gu: DevView<'_>, rows: usize, h: usize) {
-        let _span = self.span("swiglu_fwd");
+        let _span = self.span("swiglu_fwd", || Work::moving(out.bytes() + gu.bytes()));
         if rows * h == 0 {
             return;
         }
@@ -732,7 +755,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.swiglu_fwd).arg(&out.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).arg(&vec).launch(grid_stride(rows * h / vec as usize)) }, "swiglu_fwd");
     }
     fn swiglu_bwd(&self, dgu: DevViewMut<'_>, dout: DevView<'_>, gu: DevView<'_>, rows: usize, h: usize) {
-        let _span = self.span("swiglu_bwd");
+        let _span = self.span("swiglu_bwd", || Work::moving(dgu.bytes() + dout.bytes() + gu.bytes()));
         if rows * h == 0 {
             return;
         }
@@ -747,7 +770,7 @@ impl Backend for CudaBackend {
     }
 
     fn softmax_rows(&self, out: DevViewMut<'_>, logits: DevView<'_>, rows: usize, cols: usize) {
-        let _span = self.span("softmax_rows");
+        let _span = self.span("softmax_rows", || Work::moving(out.bytes() + logits.bytes()));
         if rows == 0 {
             return;
         }
@@ -759,7 +782,7 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.softmax_rows_fwd).arg(&out.ptr).arg(&logits.ptr).arg(&r).arg(&c).launch(warp_per_row(rows)) }, "softmax_rows");
     }
     fn router_bwd(&self, dlogits: DevViewMut<'_>, dgate: DevView<'_>, probs: DevView<'_>, logits: DevView<'_>, grad: RouterGrad<'_>) {
-        let _span = self.span("router_bwd");
+        let _span = self.span("router_bwd", || Work::moving(dlogits.bytes() + dgate.bytes() + probs.bytes() + logits.bytes()));
         let (n, e) = (grad.tokens(), grad.experts());
         if n == 0 {
             return;
@@ -784,11 +807,11 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], c: usize) {
-        let _span = self.span("gather_rows");
+        let _span = self.span("gather_rows", || Work::moving(2 * out.bytes()));
         self.gather(out, x, index, None, c)
     }
     fn combine_rows(&self, out: DevViewMut<'_>, y: DevView<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
-        let _span = self.span("combine_rows");
+        let _span = self.span("combine_rows", || Work::moving(out.bytes() + by_token.slots.len() * c * y.storage.bytes()));
         let tokens = by_token.offsets.len().saturating_sub(1);
         if tokens == 0 || c == 0 {
             return;
@@ -813,7 +836,7 @@ impl Backend for CudaBackend {
         ok(unsafe { l.launch(per_row(tokens)) }, "combine_rows");
     }
     fn gathered_dots(&self, dots: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, index: &[u32], c: usize) {
-        let _span = self.span("gathered_dots");
+        let _span = self.span("gathered_dots", || Work::moving(dots.bytes() + 2 * b.bytes()));
         if index.is_empty() {
             return;
         }
@@ -829,12 +852,12 @@ impl Backend for CudaBackend {
         ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&dots.ptr).arg(&a.ptr).arg(&b.ptr).arg(&idx).arg(&s).arg(&ci).arg(&vec).launch(warp_per_row(index.len())) }, "gathered_dots");
     }
     fn gather_rows_scaled(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], weight: &[f32], c: usize) {
-        let _span = self.span("gather_rows_scaled");
+        let _span = self.span("gather_rows_scaled", || Work::moving(2 * out.bytes()));
         self.gather(out, x, index, Some(weight), c)
     }
 
     fn classifier(&self, x: DevView<'_>, w: DevView<'_>, targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(DevViewMut<'_>, DevViewMut<'_>, f32)>) -> Vec<f32> {
-        let _span = self.span("classifier");
+        let _span = self.span("classifier", || classifier_work(&x, &w, &grads, n, c, v));
         if n == 0 {
             return Vec::new();
         }
@@ -892,12 +915,12 @@ impl Backend for CudaBackend {
         self.storage() != Storage::F32
     }
     fn refresh_working_copy(&self, work: DevViewMut<'_>, master: DevView<'_>) {
-        let _span = self.span("refresh_working_copy");
+        let _span = self.span("refresh_working_copy", || Work::moving(work.bytes() + master.bytes()));
         expect("refresh_working_copy", "master", master.storage, Storage::F32);
         self.copy(work, master);
     }
     fn adamw(&self, p: DevViewMut<'_>, work: Option<DevViewMut<'_>>, m: DevViewMut<'_>, v: DevViewMut<'_>, g: DevView<'_>, hp: AdamW, grad_scale: f32, decay: bool) {
-        let _span = self.span("adamw");
+        let _span = self.span("adamw", || Work::moving(2 * (p.bytes() + m.bytes() + v.bytes()) + g.bytes() + work.as_ref().map_or(0, |w| w.bytes())));
         let n = p.len();
         assert!(m.len() == n && v.len() == n && g.len() == n && work.as_ref().is_none_or(|w| w.len() == n), "adamw shapes");
         for (arg, st) in [("p", p.storage), ("m", m.storage), ("v", v.storage), ("g", g.storage)] {

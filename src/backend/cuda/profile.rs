@@ -1,5 +1,7 @@
 //! GPU time per op ([`super::CudaBackend::with_profile`]): every trait op is bracketed by two
-//! timing events on the compute stream, and the time between them is summed per op name.
+//! timing events on the compute stream, and the time between them is summed per op name, with
+//! the op's [`Work`] (least bytes moved, FLOPs), so the table says how far each op is from the
+//! GPU's bandwidth or tensor rate.
 //!
 //! The time is the stream's, not the kernels' alone: if the host is slow to queue an op's work
 //! (a pageable upload that waits, a per-call allocation), the stream idles inside the span and
@@ -13,11 +15,36 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream};
 
+use crate::backend::OpTime;
+
+/// What an op has to do at least: device-memory bytes (every operand read once, every result
+/// written once; read-modify-write counts twice) and multiply-add FLOPs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Work {
+    pub bytes: f64,
+    pub flops: f64,
+}
+
+impl Work {
+    /// Nothing counted: host work, uploads and downloads (PCIe, not device memory).
+    pub const NONE: Work = Work { bytes: 0.0, flops: 0.0 };
+
+    /// A memory-bound op moving `bytes`.
+    pub fn moving(bytes: usize) -> Work {
+        Work { bytes: bytes as f64, flops: 0.0 }
+    }
+
+    /// `flops` of products over operands and results of `bytes`.
+    pub fn computing(flops: f64, bytes: usize) -> Work {
+        Work { bytes: bytes as f64, flops }
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// Spans open now (nesting depth).
     open: u32,
-    done: Vec<(&'static str, CudaEvent, CudaEvent)>,
+    done: Vec<(&'static str, Work, CudaEvent, CudaEvent)>,
 }
 
 #[derive(Default)]
@@ -29,8 +56,8 @@ pub struct Profiler {
 pub struct Span<'a> {
     profiler: &'a Profiler,
     stream: &'a Arc<CudaStream>,
-    /// The op and its start event, for the outermost span only.
-    start: Option<(&'static str, CudaEvent)>,
+    /// The op, its work and its start event, for the outermost span only.
+    start: Option<(&'static str, Work, CudaEvent)>,
 }
 
 fn timing_event(stream: &CudaStream) -> CudaEvent {
@@ -38,26 +65,28 @@ fn timing_event(stream: &CudaStream) -> CudaEvent {
 }
 
 impl Profiler {
-    pub fn span<'a>(&'a self, stream: &'a Arc<CudaStream>, op: &'static str) -> Span<'a> {
+    pub fn span<'a>(&'a self, stream: &'a Arc<CudaStream>, op: &'static str, work: impl FnOnce() -> Work) -> Span<'a> {
         let mut s = self.state.lock().expect("profile lock");
         s.open += 1;
-        let start = (s.open == 1).then(|| (op, timing_event(stream)));
+        let start = (s.open == 1).then(|| (op, work(), timing_event(stream)));
         Span { profiler: self, stream, start }
     }
 
-    /// (op, calls, seconds) since the start or the last call, slowest first. Waits for the
-    /// stream to finish the recorded work.
-    pub fn take(&self) -> Vec<(&'static str, u64, f64)> {
+    /// Per op since the start or the last call, slowest first. Waits for the stream to finish
+    /// the recorded work.
+    pub fn take(&self) -> Vec<OpTime> {
         let done = std::mem::take(&mut self.state.lock().expect("profile lock").done);
-        let mut per_op: BTreeMap<&'static str, (u64, f64)> = BTreeMap::new();
-        for (op, start, end) in done {
+        let mut per_op: BTreeMap<&'static str, OpTime> = BTreeMap::new();
+        for (op, work, start, end) in done {
             let ms = start.elapsed_ms(&end).unwrap_or_else(|e| panic!("CUDA profile timing failed: {e:?}"));
-            let e = per_op.entry(op).or_default();
-            e.0 += 1;
-            e.1 += ms as f64 / 1e3;
+            let row = per_op.entry(op).or_insert(OpTime { op, calls: 0, seconds: 0.0, bytes: 0.0, flops: 0.0 });
+            row.calls += 1;
+            row.seconds += ms as f64 / 1e3;
+            row.bytes += work.bytes;
+            row.flops += work.flops;
         }
-        let mut rows: Vec<_> = per_op.into_iter().map(|(op, (n, s))| (op, n, s)).collect();
-        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let mut rows: Vec<OpTime> = per_op.into_values().collect();
+        rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         rows
     }
 }
@@ -66,8 +95,8 @@ impl Drop for Span<'_> {
     fn drop(&mut self) {
         let mut s = self.profiler.state.lock().expect("profile lock");
         s.open -= 1;
-        if let Some((op, start)) = self.start.take() {
-            s.done.push((op, start, timing_event(self.stream)));
+        if let Some((op, work, start)) = self.start.take() {
+            s.done.push((op, work, start, timing_event(self.stream)));
         }
     }
 }
