@@ -557,23 +557,27 @@ fn norm_with(s: Storage, vec: i32) {
         let (out, rs) = (g.nan("out", g.act_elem(), n * c), g.nan("rstd", Elem::F32, n));
         g.run("rmsnorm_fwd", per_row(n), &[out.arg(), rs.arg(), xb.arg(), wb.arg(), Arg::I32(c as i32), Arg::F32(eps), Arg::I32(vec)]);
         // The backward reads the CPU's rstd, as the CPU's backward does.
-        let (dx, dw, dyb, rsb) = (g.act("dx", &dx0), g.f32("dw", &dw0), g.act("dout", &dy), g.f32("rstd_in", &want_rstd));
+        let (residual, dw, dyb, rsb) = (g.act("residual", &dx0), g.f32("dw", &dw0), g.act("dout", &dy), g.f32("rstd_in", &want_rstd));
+        let (dx, dx_alone) = (g.nan("dx", g.act_elem(), n * c), g.nan("dx (no residual)", g.act_elem(), n * c));
         let (partial_cfg, chunks) = launch::rmsnorm_dw_partial(n, c);
         let part = g.nan("part", Elem::F32, chunks * c);
         let (ni, ci) = (n as i32, c as i32);
-        g.run("rmsnorm_bwd_dx", per_row(n), &[dx.arg(), dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci), Arg::I32(vec)]);
+        g.run("rmsnorm_bwd_dx", per_row(n), &[dx.arg(), residual.arg(), dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci), Arg::I32(vec)]);
+        g.run("rmsnorm_bwd_dx", per_row(n), &[dx_alone.arg(), Arg::Null, dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci), Arg::I32(vec)]);
         g.run("rmsnorm_dw_partial", partial_cfg, &[part.arg(), dyb.arg(), xb.arg(), rsb.arg(), Arg::I32(ni), Arg::I32(ci), Arg::I32(ROW_CHUNK as i32)]);
         g.run("rmsnorm_dw_reduce", g.grid_stride(c), &[dw.arg(), part.arg(), Arg::I32(chunks as i32), Arg::I32(ci)]);
-        vec![out, rs, dx, dw]
+        vec![out, rs, dx, dw, dx_alone]
     }) else {
         return;
     };
-    let (mut want_dx, mut want_dw) = (dx0.clone(), dw0.clone());
-    cpu.rmsnorm_bwd(&mut want_dx, &mut want_dw, &dy, &x, &w, &want_rstd, n, c);
+    let (mut want_dx, mut want_dx_alone, mut want_dw) = (vec![f32::NAN; n * c], vec![f32::NAN; n * c], dw0.clone());
+    cpu.rmsnorm_bwd(&mut want_dx, &mut want_dw, &dy, &x, &w, &want_rstd, Some(&dx0), n, c);
+    cpu.rmsnorm_bwd(&mut want_dx_alone, &mut vec![0.0; c], &dy, &x, &w, &want_rstd, None, n, c);
     let mut ch = Checks::new(&format!("norm (vec {vec})"), s);
     ch.close32("rmsnorm_fwd out", &want_out, &got[0], tol(s));
     ch.close32("rmsnorm_fwd rstd", &want_rstd, &got[1], F32_TOL);
     ch.close32("rmsnorm_bwd dx", &want_dx, &got[2], tol(s));
+    ch.close32("rmsnorm_bwd dx without a residual", &want_dx_alone, &got[4], tol(s));
     ch.exact("rmsnorm_bwd dw", &want_dw, &got[3]);
     ch.finish();
 }
@@ -733,15 +737,17 @@ fn permute_with(s: Storage, c: usize, vec: i32) {
     let (x, y, base) = (act(s, &data(26, 5 * c)), act(s, &data(27, index.len() * c)), act(s, &data(28, 5 * c)));
     let Some(got) = emulate(s, |g| {
         let (xb, yb, idx, wb) = (g.act("x", &x), g.act("y", &y), g.u32("index", &index), g.f32("weight", &weight));
+        let baseb = g.act("residual", &base);
         let (off, sl) = (g.u32("offsets", &offsets), g.u32("slots", &slots));
         let mut outs = Vec::new();
         for weighted in [false, true] {
             let w = if weighted { wb.arg() } else { Arg::Null };
             let gathered = g.nan("gathered", g.act_elem(), index.len() * c);
             g.run("gather_rows", per_row(index.len()), &[gathered.arg(), xb.arg(), idx.arg(), w, Arg::I32(c as i32), Arg::I32(vec)]);
-            let w = if weighted { wb.arg() } else { Arg::Null };
-            let combined = g.act("combined", &base);
-            g.run("combine_rows", per_row(5), &[combined.arg(), yb.arg(), off.arg(), sl.arg(), w, Arg::I32(c as i32), Arg::I32(vec)]);
+            // Weighted with a residual (the forward's unpermute), unweighted without (the backward's).
+            let (w, residual) = if weighted { (wb.arg(), baseb.arg()) } else { (Arg::Null, Arg::Null) };
+            let combined = g.nan("combined", g.act_elem(), 5 * c);
+            g.run("combine_rows", per_row(5), &[combined.arg(), yb.arg(), off.arg(), sl.arg(), w, residual, Arg::I32(c as i32), Arg::I32(vec)]);
             outs.extend([gathered, combined]);
         }
         let dots = g.nan("dots", Elem::F32, index.len());
@@ -756,13 +762,13 @@ fn permute_with(s: Storage, c: usize, vec: i32) {
     let mut ch = Checks::new(&format!("permute (c {c}, vec {vec})"), s);
     for (k, weighted) in [false, true].into_iter().enumerate() {
         let mut gathered = vec![0.0; index.len() * c];
-        let mut combined = base.clone();
+        let mut combined = vec![f32::NAN; 5 * c];
         if weighted {
             cpu.gather_rows_scaled(&mut gathered, &x, &index, &weight, c);
-            cpu.combine_rows(&mut combined, &y, by_token, Some(&weight), c);
+            cpu.combine_rows(&mut combined, &y, by_token, Some(&weight), Some(&base), c);
         } else {
             cpu.gather_rows(&mut gathered, &x, &index, c);
-            cpu.combine_rows(&mut combined, &y, by_token, None, c);
+            cpu.combine_rows(&mut combined, &y, by_token, None, None, c);
         }
         ch.exact(&format!("gather_rows (weighted {weighted})"), &act(s, &gathered), &got[2 * k]);
         ch.exact(&format!("combine_rows (weighted {weighted})"), &act(s, &combined), &got[2 * k + 1]);

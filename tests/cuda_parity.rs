@@ -221,9 +221,11 @@ case!(RmsNorm, |be| {
     let (x, w, dy) = (up(be, &data(10, n * c)), up(be, &data(11, c)), up(be, &data(12, n * c)));
     let (mut out, mut rstd) = (be.alloc(n * c), be.alloc_f32(n));
     be.rmsnorm_fwd(B::full_mut(&mut out), B::full_mut(&mut rstd), B::full(&x), B::full(&w), n, c, 1e-5);
-    let (mut dx, mut dw) = (up(be, &data(13, n * c)), up_f32(be, &data(14, c)));
-    be.rmsnorm_bwd(B::full_mut(&mut dx), B::full_mut(&mut dw), B::full(&dy), B::full(&x), B::full(&w), B::full(&rstd), n, c);
-    vec![down(be, &out), down(be, &rstd), down(be, &dx), down(be, &dw)]
+    let (residual, mut dw) = (up(be, &data(13, n * c)), up_f32(be, &data(14, c)));
+    let (mut dx, mut dx_alone) = (be.alloc(n * c), be.alloc(n * c));
+    be.rmsnorm_bwd(B::full_mut(&mut dx), B::full_mut(&mut dw), B::full(&dy), B::full(&x), B::full(&w), B::full(&rstd), Some(B::full(&residual)), n, c);
+    be.rmsnorm_bwd(B::full_mut(&mut dx_alone), B::full_mut(&mut dw), B::full(&dy), B::full(&x), B::full(&w), B::full(&rstd), None, n, c);
+    vec![down(be, &out), down(be, &rstd), down(be, &dx), down(be, &dw), down(be, &dx_alone)]
 });
 
 const ATTN: [AttnShape; 2] = [
@@ -304,13 +306,14 @@ case!(Permute, |be| {
     let x = up(be, &data(26, 5 * c));
     let mut g = be.alloc(index.len() * c);
     be.gather_rows(B::full_mut(&mut g), B::full(&x), &index, c);
-    let mut out = up(be, &data(27, 5 * c));
-    be.combine_rows(B::full_mut(&mut out), B::full(&g), TokenSlots { offsets: &offsets, slots: &slots }, Some(&weight), c);
+    let (residual, mut out, mut sum) = (up(be, &data(27, 5 * c)), be.alloc(5 * c), be.alloc(5 * c));
+    be.combine_rows(B::full_mut(&mut out), B::full(&g), TokenSlots { offsets: &offsets, slots: &slots }, Some(&weight), Some(B::full(&residual)), c);
+    be.combine_rows(B::full_mut(&mut sum), B::full(&g), TokenSlots { offsets: &offsets, slots: &slots }, None, None, c);
     let mut dots = be.alloc_f32(index.len());
     be.gathered_dots(B::full_mut(&mut dots), B::full(&x), B::full(&g), &index, c);
     let mut gs = be.alloc(index.len() * c);
     be.gather_rows_scaled(B::full_mut(&mut gs), B::full(&x), &index, &weight, c);
-    vec![down(be, &g), down(be, &out), down(be, &dots), down(be, &gs)]
+    vec![down(be, &g), down(be, &out), down(be, &dots), down(be, &gs), down(be, &sum)]
 });
 
 /// The fused classifier on `n` rows of width `c` over `v` classes. dW starts from a base of the

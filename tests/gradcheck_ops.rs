@@ -74,8 +74,13 @@ fn rmsnorm_gradients() {
     let (mut y, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
     be.rmsnorm_fwd(&mut y, &mut rstd, &x, &w, n, c, 1e-5);
     let (mut dx, mut dw) = (vec![0.0; n * c], vec![0.0; c]);
-    be.rmsnorm_bwd(&mut dx, &mut dw, &r, &x, &w, &rstd, n, c);
+    be.rmsnorm_bwd(&mut dx, &mut dw, &r, &x, &w, &rstd, None, n, c);
     check_directions("rmsnorm dx", &mut |x| fwd(x, &w), &x, &dx, 1e-2, TOL, 7);
+    // A residual branch's gradient joins dx in the same pass: residual + (0 + ∂), bit for bit.
+    let residual = randn(&mut rng, n * c, 1.0);
+    let mut joined = vec![f32::NAN; n * c];
+    be.rmsnorm_bwd(&mut joined, &mut vec![0.0; c], &r, &x, &w, &rstd, Some(&residual), n, c);
+    assert!(joined.iter().zip(residual.iter().zip(&dx)).all(|(j, (q, d))| j.to_bits() == (q + d).to_bits()), "rmsnorm dx with a residual");
     check_directions("rmsnorm dw", &mut |w| fwd(&x, w), &w, &dw, 1e-2, TOL, 8);
 }
 
@@ -198,7 +203,7 @@ fn permute_combine_gradients() {
         let mut xe = vec![0.0; token.len() * c];
         be.gather_rows(&mut xe, x, &token, c);
         let mut out = vec![0.0; n * c];
-        be.combine_rows(&mut out, &xe, by_token, Some(g), c);
+        be.combine_rows(&mut out, &xe, by_token, Some(g), None, c);
         dot64(&r, &out)
     };
     let mut xe = vec![0.0; token.len() * c];
@@ -208,7 +213,7 @@ fn permute_combine_gradients() {
     let mut dg = vec![0.0; token.len()];
     be.gathered_dots(&mut dg, &r, &xe, &token, c);
     let mut dx = vec![0.0; n * c];
-    be.combine_rows(&mut dx, &dxe, by_token, None, c);
+    be.combine_rows(&mut dx, &dxe, by_token, None, None, c);
     check_directions("permute dx", &mut |x| f(x, &gates), &x, &dx, 1e-2, TOL, 24);
     check_directions("combine dgate", &mut |g| f(&x, g), &gates, &dg, 1e-2, TOL, 25);
 }

@@ -320,9 +320,10 @@ pub trait Backend: Send + Sync {
     /// `out = x · rstd · w` per row, `rstd = 1/sqrt(mean(x²) + eps)` saved per row (N).
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_fwd(&self, out: Self::ViewMut<'_>, rstd: Self::ViewMut<'_>, x: Self::View<'_>, w: Self::View<'_>, n: usize, c: usize, eps: f32);
-    /// Accumulates into `dx` and `dw`.
+    /// `dx = residual + ∂out/∂x · dout` (the residual branch's gradient joins in the same pass;
+    /// zero when `None`); accumulates into `dw`.
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_bwd(&self, dx: Self::ViewMut<'_>, dw: Self::ViewMut<'_>, dout: Self::View<'_>, x: Self::View<'_>, w: Self::View<'_>, rstd: Self::View<'_>, n: usize, c: usize);
+    fn rmsnorm_bwd(&self, dx: Self::ViewMut<'_>, dw: Self::ViewMut<'_>, dout: Self::View<'_>, x: Self::View<'_>, w: Self::View<'_>, rstd: Self::View<'_>, residual: Option<Self::View<'_>>, n: usize, c: usize);
 
     // ---- rotary position embedding --------------------------------------------------------------
     /// Rotates the q and k heads of `qkv` in place by the angles of `table` (`seq × head_dim/2`
@@ -357,9 +358,9 @@ pub trait Backend: Send + Sync {
     // ---- permute / unpermute --------------------------------------------------------------------
     /// Permute: `out[s] = x[index[s]]` (rows of width `c`).
     fn gather_rows(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, index: &[u32], c: usize);
-    /// Unpermute: accumulates `out[t] += Σ_{s ∈ slots(t)} weight[s] · y[s]` (weight 1 when `None`),
-    /// summing each token's slots in ascending order.
-    fn combine_rows(&self, out: Self::ViewMut<'_>, y: Self::View<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize);
+    /// Unpermute: `out[t] = residual[t] + Σ_{s ∈ slots(t)} weight[s] · y[s]` (weight 1 and
+    /// residual 0 when `None`), summing each token's slots in ascending order after the residual.
+    fn combine_rows(&self, out: Self::ViewMut<'_>, y: Self::View<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, residual: Option<Self::View<'_>>, c: usize);
     /// `dots[s] = ⟨a[index[s]], b[s]⟩` (f32): the gradient of each slot's gate.
     fn gathered_dots(&self, dots: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, index: &[u32], c: usize);
     /// `out[s] = weight[s] · x[index[s]]`: gradient of the expert outputs from the combined one.

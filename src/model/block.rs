@@ -304,9 +304,8 @@ impl<B: Backend> BlockCtx<'_, B> {
                 (gu, Some(recv))
             }
         };
-        be.copy(B::full_mut(out), B::full(&x2));
         let (tok_off, tok_slots) = routing.by_token();
-        be.combine_rows(B::full_mut(out), B::full(&y), TokenSlots { offsets: &tok_off, slots: &tok_slots }, Some(&routing.gate), c);
+        be.combine_rows(B::full_mut(out), B::full(&y), TokenSlots { offsets: &tok_off, slots: &tok_slots }, Some(&routing.gate), Some(B::full(&x2)), c);
 
         let counts = routing.counts();
         let expert_params: f64 = counts.iter().zip(widths).map(|(&k, &h)| (k * 3 * c * h) as f64).sum();
@@ -464,10 +463,8 @@ impl<B: Backend> BlockCtx<'_, B> {
             }
         }
         {
-            // combine_rows accumulates; arena memory is not zeroed.
             let [dxe, mut dxn2] = tx.views(be, [(bwd::DXE, sc), (bwd::DXN2, n * c)]);
-            be.fill(rw(&mut dxn2), 0.0);
-            be.combine_rows(rw(&mut dxn2), ro(&dxe), by_token, None, c);
+            be.combine_rows(rw(&mut dxn2), ro(&dxe), by_token, None, None, c);
         }
 
         // Router: gate path and aux losses → dlogits (through the softmax, + z-loss) → dxn2, dWr.
@@ -482,8 +479,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         // FFN norm and residual: dx2 = dout + norm_bwd(dxn2).
         {
             let [dxn2, mut dx2] = tx.views(be, [(bwd::DXN2, n * c), (bwd::DX2, n * c)]);
-            be.copy(rw(&mut dx2), B::full(dout));
-            be.rmsnorm_bwd(rw(&mut dx2), g::<B>(grads, p.ffn_norm, c), ro(&dxn2), saved("resid_mid"), self.w(p.ffn_norm, c), saved("ffn_norm_rstd"), n, c);
+            be.rmsnorm_bwd(rw(&mut dx2), g::<B>(grads, p.ffn_norm, c), ro(&dxn2), saved("resid_mid"), self.w(p.ffn_norm, c), saved("ffn_norm_rstd"), Some(B::full(dout)), n, c);
         }
 
         // Attention: datt = dx2 Wo, dWo += dx2ᵀ att; dqkv; un-rotate; dxn1; dWqkv.
@@ -505,8 +501,7 @@ impl<B: Backend> BlockCtx<'_, B> {
 
         // Attention norm and residual: dx = dx2 + norm_bwd(dxn1).
         let [dx2, dxn1] = tx.views(be, [(bwd::DX2, n * c), (bwd::DXN1, n * c)]);
-        be.copy(B::full_mut(dx), ro(&dx2));
-        be.rmsnorm_bwd(B::full_mut(dx), g::<B>(grads, p.attn_norm, c), ro(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), n, c);
+        be.rmsnorm_bwd(B::full_mut(dx), g::<B>(grads, p.attn_norm, c), ro(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), Some(ro(&dx2)), n, c);
         Ok(())
     }
 }

@@ -252,8 +252,8 @@ impl<B: Backend> Model<B> {
         let losses = be.classifier(B::full(&xf), B::view(self.params.compute(), head..head + v * c), targets, n, c, v, Some((B::full_mut(&mut dxf), B::view_mut(&mut self.grads, head..head + v * c), 1.0)));
         self.finish_stats(&mut stats, shape, &losses);
 
-        let mut dx = be.alloc(n * c);
-        be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), B::full(&rstd), n, c);
+        let mut dx = be.alloc_scratch(n * c, Precision::Activation);
+        be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), B::full(&rstd), None, n, c);
         let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), chunk_rows: self.expert_chunk_rows };
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {

@@ -243,8 +243,8 @@ impl Backend for Cpu {
     fn rmsnorm_fwd(&self, out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], n: usize, c: usize, eps: f32) {
         self.run("rmsnorm_fwd", || norm::forward(out, rstd, x, w, n, c, eps))
     }
-    fn rmsnorm_bwd(&self, dx: &mut [f32], dw: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], rstd: &[f32], n: usize, c: usize) {
-        self.run("rmsnorm_bwd", || norm::backward(dx, dw, dout, x, w, rstd, n, c))
+    fn rmsnorm_bwd(&self, dx: &mut [f32], dw: &mut [f32], dout: &[f32], x: &[f32], w: &[f32], rstd: &[f32], residual: Option<&[f32]>, n: usize, c: usize) {
+        self.run("rmsnorm_bwd", || norm::backward(dx, dw, dout, x, w, rstd, residual, n, c))
     }
 
     fn rope(&self, qkv: &mut [f32], table: &[f32], shape: AttnShape, first_row: usize, inverse: bool) {
@@ -278,8 +278,8 @@ impl Backend for Cpu {
     fn gather_rows(&self, out: &mut [f32], x: &[f32], index: &[u32], c: usize) {
         self.run("gather_rows", || permute::gather(out, x, index, None, c))
     }
-    fn combine_rows(&self, out: &mut [f32], y: &[f32], by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
-        self.run("combine_rows", || permute::combine(out, y, by_token, weight, c))
+    fn combine_rows(&self, out: &mut [f32], y: &[f32], by_token: TokenSlots<'_>, weight: Option<&[f32]>, residual: Option<&[f32]>, c: usize) {
+        self.run("combine_rows", || permute::combine(out, y, by_token, weight, residual, c))
     }
     fn gathered_dots(&self, dots: &mut [f32], a: &[f32], b: &[f32], index: &[u32], c: usize) {
         assert_eq!(dots.len(), index.len(), "gathered_dots dots");

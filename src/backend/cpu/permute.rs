@@ -15,9 +15,14 @@ pub fn gather(out: &mut [f32], x: &[f32], index: &[u32], weight: Option<&[f32]>,
     });
 }
 
-/// `out[t] += Σ_{s ∈ slots(t)} (weight[s] ·) y[s]`, slots in ascending order.
-pub fn combine(out: &mut [f32], y: &[f32], by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
+/// `out[t] = residual[t] + Σ_{s ∈ slots(t)} (weight[s] ·) y[s]` (residual 0 without one), slots in
+/// ascending order after the residual.
+pub fn combine(out: &mut [f32], y: &[f32], by_token: TokenSlots<'_>, weight: Option<&[f32]>, residual: Option<&[f32]>, c: usize) {
     out.par_chunks_mut(c).enumerate().for_each(|(t, row)| {
+        match residual {
+            Some(r) => row.copy_from_slice(&r[t * c..(t + 1) * c]),
+            None => row.fill(0.0),
+        }
         let (a, b) = (by_token.offsets[t] as usize, by_token.offsets[t + 1] as usize);
         for &s in &by_token.slots[a..b] {
             let s = s as usize;

@@ -685,8 +685,8 @@ impl Backend for CudaBackend {
         // int vec)`; vec 8 only for aligned rows of a multiple of 8.
         ok(unsafe { self.stream.launch_builder(&self.k.rmsnorm_fwd).arg(&out.ptr).arg(&rstd.ptr).arg(&x.ptr).arg(&w.ptr).arg(&c).arg(&eps).arg(&vec).launch(per_row(n)) }, "rmsnorm_fwd");
     }
-    fn rmsnorm_bwd(&self, dx: DevViewMut<'_>, dw: DevViewMut<'_>, dout: DevView<'_>, x: DevView<'_>, w: DevView<'_>, rstd: DevView<'_>, n: usize, c: usize) {
-        let _span = self.span("rmsnorm_bwd", || Work::moving(dx.bytes() + 2 * dw.bytes() + dout.bytes() + x.bytes() + w.bytes() + rstd.bytes()));
+    fn rmsnorm_bwd(&self, dx: DevViewMut<'_>, dw: DevViewMut<'_>, dout: DevView<'_>, x: DevView<'_>, w: DevView<'_>, rstd: DevView<'_>, residual: Option<DevView<'_>>, n: usize, c: usize) {
+        let _span = self.span("rmsnorm_bwd", || Work::moving(dx.bytes() + 2 * dw.bytes() + dout.bytes() + x.bytes() + w.bytes() + rstd.bytes() + residual.as_ref().map_or(0, DevView::bytes)));
         if n == 0 || c == 0 {
             return;
         }
@@ -695,15 +695,20 @@ impl Backend for CudaBackend {
             expect("rmsnorm_bwd", arg, st, self.storage());
         }
         expect("rmsnorm_bwd", "dw", dw.storage, Storage::F32);
+        if let Some(r) = &residual {
+            assert_eq!(r.len(), n * c, "rmsnorm_bwd residual");
+            expect("rmsnorm_bwd", "residual", r.storage, self.storage());
+        }
+        let residual = residual.map_or(0u64, |r| r.ptr);
         expect("rmsnorm_bwd", "rstd", rstd.storage, Storage::F32);
         let (cfg, chunks) = launch::rmsnorm_dw_partial(n, c);
         let mut part = self.scratch_f32(chunks * c);
         let (ni, ci, rows, ch) = (n as i32, c as i32, launch::ROW_CHUNK as i32, chunks as i32);
-        let vec = vec_width(c, &[dx.ptr, dout.ptr, x.ptr, w.ptr]);
+        let vec = vec_width(c, &[dx.ptr, dout.ptr, x.ptr, w.ptr, residual]);
         // SAFETY: signatures of rmsnorm_bwd_dx, rmsnorm_dw_partial, rmsnorm_dw_reduce in norm.cu;
         // `part` holds chunks × c floats; vec 8 only for aligned rows of a multiple of 8.
         unsafe {
-            ok(self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&dx.ptr).arg(&dout.ptr).arg(&x.ptr).arg(&w.ptr).arg(&rstd.ptr).arg(&ci).arg(&vec).launch(per_row(n)), "rmsnorm_bwd_dx");
+            ok(self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&dx.ptr).arg(&residual).arg(&dout.ptr).arg(&x.ptr).arg(&w.ptr).arg(&rstd.ptr).arg(&ci).arg(&vec).launch(per_row(n)), "rmsnorm_bwd_dx");
             ok(self.stream.launch_builder(&self.k.rmsnorm_dw_partial).arg(&mut part).arg(&dout.ptr).arg(&x.ptr).arg(&rstd.ptr).arg(&ni).arg(&ci).arg(&rows).launch(cfg), "rmsnorm_dw_partial");
             ok(self.stream.launch_builder(&self.k.rmsnorm_dw_reduce).arg(&dw.ptr).arg(&part).arg(&ch).arg(&ci).launch(grid_stride(c)), "rmsnorm_dw_reduce");
         }
@@ -810,8 +815,8 @@ impl Backend for CudaBackend {
         let _span = self.span("gather_rows", || Work::moving(2 * out.bytes()));
         self.gather(out, x, index, None, c)
     }
-    fn combine_rows(&self, out: DevViewMut<'_>, y: DevView<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, c: usize) {
-        let _span = self.span("combine_rows", || Work::moving(out.bytes() + by_token.slots.len() * c * y.storage.bytes()));
+    fn combine_rows(&self, out: DevViewMut<'_>, y: DevView<'_>, by_token: TokenSlots<'_>, weight: Option<&[f32]>, residual: Option<DevView<'_>>, c: usize) {
+        let _span = self.span("combine_rows", || Work::moving(out.bytes() + by_token.slots.len() * c * y.storage.bytes() + residual.as_ref().map_or(0, DevView::bytes)));
         let tokens = by_token.offsets.len().saturating_sub(1);
         if tokens == 0 || c == 0 {
             return;
@@ -819,6 +824,11 @@ impl Backend for CudaBackend {
         assert_eq!(out.len(), tokens * c, "combine_rows out");
         expect("combine_rows", "out", out.storage, self.storage());
         expect("combine_rows", "y", y.storage, self.storage());
+        if let Some(r) = &residual {
+            assert_eq!(r.len(), tokens * c, "combine_rows residual");
+            expect("combine_rows", "residual", r.storage, self.storage());
+        }
+        let residual = residual.map_or(0u64, |r| r.ptr);
         let (offsets, slots) = (self.upload_u32(by_token.offsets), self.upload_u32(by_token.slots));
         let w = weight.map(|w| self.upload_f32(w));
         let ci = c as i32;
@@ -829,10 +839,11 @@ impl Backend for CudaBackend {
             Some(w) => l.arg(w),
             None => l.arg(&null),
         };
-        let vec = vec_width(c, &[out.ptr, y.ptr]);
-        l.arg(&ci).arg(&vec);
+        let vec = vec_width(c, &[out.ptr, y.ptr, residual]);
+        l.arg(&residual).arg(&ci).arg(&vec);
         // SAFETY: `combine_rows(act_t*, const act_t*, const unsigned*, const unsigned*, const float*
-        // /*nullable*/, int c, int vec)`; vec 8 only for aligned rows of a multiple of 8.
+        // /*nullable*/, const act_t* /*nullable*/, int c, int vec)`; vec 8 only for aligned rows of
+        // a multiple of 8.
         ok(unsafe { l.launch(per_row(tokens)) }, "combine_rows");
     }
     fn gathered_dots(&self, dots: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, index: &[u32], c: usize) {

@@ -32,9 +32,10 @@ extern "C" __global__ void rmsnorm_fwd(act_t* out, float* rstd, const act_t* x, 
     else rmsnorm_row<1>(out, rstd, x, w, c, eps);
 }
 
-// dx += s·w·dy − s³·⟨dy·w, x⟩/C · x. Grid (N).
+// dx = residual + s·w·dy − s³·⟨dy·w, x⟩/C · x (residual 0 when null): the residual branch's
+// gradient joins here instead of in a copy before. Grid (N).
 template <int VEC>
-__device__ void rmsnorm_dx_row(act_t* dx, const act_t* dout, const act_t* x, const act_t* w, const float* rstd, int c) {
+__device__ void rmsnorm_dx_row(act_t* dx, const act_t* residual, const act_t* dout, const act_t* x, const act_t* w, const float* rstd, int c) {
     __shared__ float scratch[32];
     const size_t base = (size_t)blockIdx.x * c;
     float dot = 0.0f;
@@ -49,8 +50,8 @@ __device__ void rmsnorm_dx_row(act_t* dx, const act_t* dout, const act_t* x, con
     const float s = rstd[blockIdx.x];
     const float k3 = s * s * s * block_sum(dot, scratch) / c;
     for_each_in_row<VEC>(c, [&](int j) {
-        float d[VEC], dy[VEC], g[VEC], v[VEC];
-        load_vec<VEC>(dx + base + j, d);
+        float d[VEC] = {}, dy[VEC], g[VEC], v[VEC];
+        if (residual) load_vec<VEC>(residual + base + j, d);
         load_vec<VEC>(dout + base + j, dy);
         load_vec<VEC>(w + j, g);
         load_vec<VEC>(x + base + j, v);
@@ -60,9 +61,10 @@ __device__ void rmsnorm_dx_row(act_t* dx, const act_t* dout, const act_t* x, con
     });
 }
 
-extern "C" __global__ void rmsnorm_bwd_dx(act_t* dx, const act_t* dout, const act_t* x, const act_t* w, const float* rstd, int c, int vec) {
-    if (vec == 8) rmsnorm_dx_row<8>(dx, dout, x, w, rstd, c);
-    else rmsnorm_dx_row<1>(dx, dout, x, w, rstd, c);
+extern "C" __global__ void rmsnorm_bwd_dx(act_t* dx, const act_t* residual, const act_t* dout, const act_t* x, const act_t* w, const float* rstd, int c,
+                                          int vec) {
+    if (vec == 8) rmsnorm_dx_row<8>(dx, residual, dout, x, w, rstd, c);
+    else rmsnorm_dx_row<1>(dx, residual, dout, x, w, rstd, c);
 }
 
 // dw partials per chunk of `rows_per_chunk` rows: part[chunk, j] = Σ_rows dy·x·rstd, rows in order.

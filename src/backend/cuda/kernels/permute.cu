@@ -22,15 +22,17 @@ extern "C" __global__ void gather_rows(act_t* out, const act_t* x, const unsigne
     else gather_row<1>(out, x, index, weight, c);
 }
 
-// out[t] += Σ_{s ∈ slots(t)} (weight[s] ·) y[s], slots in ascending order: one block per token,
-// so the sum order is fixed and no atomics are needed. Grid (tokens).
+// out[t] = residual[t] + Σ_{s ∈ slots(t)} (weight[s] ·) y[s] (residual 0 when null), slots in
+// ascending order after the residual: one block per token, so the sum order is fixed and no
+// atomics are needed. Grid (tokens).
 template <int VEC>
-__device__ void combine_row(act_t* out, const act_t* y, const unsigned* offsets, const unsigned* slots, const float* weight, int c) {
+__device__ void combine_row(act_t* out, const act_t* y, const unsigned* offsets, const unsigned* slots, const float* weight, const act_t* residual,
+                            int c) {
     const size_t t = blockIdx.x;
     const unsigned a = offsets[t], b = offsets[t + 1];
     for_each_in_row<VEC>(c, [&](int j) {
-        float acc[VEC], v[VEC];
-        load_vec<VEC>(out + t * c + j, acc);
+        float acc[VEC] = {}, v[VEC];
+        if (residual) load_vec<VEC>(residual + t * c + j, acc);
         for (unsigned k = a; k < b; k++) {
             const unsigned s = slots[k];
             const float w = weight ? weight[s] : 1.0f;
@@ -42,10 +44,10 @@ __device__ void combine_row(act_t* out, const act_t* y, const unsigned* offsets,
     });
 }
 
-extern "C" __global__ void combine_rows(act_t* out, const act_t* y, const unsigned* offsets, const unsigned* slots, const float* weight, int c,
-                                        int vec) {
-    if (vec == 8) combine_row<8>(out, y, offsets, slots, weight, c);
-    else combine_row<1>(out, y, offsets, slots, weight, c);
+extern "C" __global__ void combine_rows(act_t* out, const act_t* y, const unsigned* offsets, const unsigned* slots, const float* weight,
+                                        const act_t* residual, int c, int vec) {
+    if (vec == 8) combine_row<8>(out, y, offsets, slots, weight, residual, c);
+    else combine_row<1>(out, y, offsets, slots, weight, residual, c);
 }
 
 // dots[s] = ⟨a[index[s]], b[s]⟩, one warp per slot.
