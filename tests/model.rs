@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use motley::backend::cpu::Cpu;
+use motley::backend::Backend;
 use motley::model::config::Routing as Kind;
 use motley::model::Model;
 use motley::rng::Rng;
@@ -14,6 +15,56 @@ fn batch(seed: u64, vocab: usize, batch: usize, seq: usize) -> (Vec<u32>, Vec<u3
     let mut rng = Rng::new(seed);
     let stream: Vec<u32> = (0..batch * seq + 1).map(|_| rng.below(vocab) as u32).collect();
     (stream[..batch * seq].to_vec(), stream[1..].to_vec())
+}
+
+/// A step's gradients do not depend on what the gradient buffer held before it: the block
+/// matrices' first products write theirs, later ones add (experts split over chunks of 2 rows),
+/// an expert without tokens gets zeros, and the rest is zeroed when the step starts. NaN left
+/// over from a previous step would show; so would a chunk that wrote over an earlier one's part
+/// (against a run in one chunk, to rounding).
+#[test]
+fn gradients_do_not_depend_on_the_stale_buffer() {
+    let be = Cpu::new(2);
+    let (cfg, mut moe) = tiny_model(Kind::TopK);
+    moe.top_k = 1;
+    let (b, t) = (1, 8);
+    let (inputs, targets) = batch(5, cfg.vocab_size, b, t);
+    let run = |stale: f32, chunk_rows: usize| {
+        let mut model = Model::new(&be, cfg.clone(), moe.clone(), 3).unwrap().with_expert_chunk_rows(chunk_rows);
+        let mut store = model.new_store();
+        be.fill(Cpu::full_mut(&mut model.grads), stale);
+        model.zero_grads(&be);
+        let stats = model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
+        (model.grads.iter().map(|g| g.to_bits()).collect::<Vec<u32>>(), stats.counts)
+    };
+    let (clean, counts) = run(0.0, 2);
+    assert!(counts.iter().flatten().any(|&k| k == 0), "an expert receives no token: {counts:?}");
+    assert!(counts.iter().flatten().any(|&k| k > 2), "an expert's rows span chunks: {counts:?}");
+    assert_eq!(run(f32::NAN, 2).0, clean, "gradients after a NaN-filled buffer");
+    let one_chunk: Vec<f32> = run(f32::NAN, 1 << 20).0.iter().map(|&g| f32::from_bits(g)).collect();
+    let chunked: Vec<f32> = clean.iter().map(|&g| f32::from_bits(g)).collect();
+    let scale = one_chunk.iter().fold(0f32, |m, g| m.max(g.abs()));
+    let diff = one_chunk.iter().zip(&chunked).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-5 * scale, "chunked weight gradients differ from one chunk's by {diff} (scale {scale})");
+}
+
+/// Without `zero_grads` between them, a second forward/backward adds to the first's gradients
+/// (every product adds once the step has written its gradient).
+#[test]
+fn a_second_backward_adds_to_the_gradients() {
+    let be = Cpu::new(2);
+    let (cfg, moe) = tiny_model(Kind::TopP);
+    let (b, t) = (2, 8);
+    let (inputs, targets) = batch(6, cfg.vocab_size, b, t);
+    let mut model = Model::new(&be, cfg, moe, 4).unwrap().with_expert_chunk_rows(3);
+    let mut store = model.new_store();
+    model.zero_grads(&be);
+    model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
+    let once = model.grads.clone();
+    model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
+    let scale = once.iter().fold(0f32, |m, g| m.max(g.abs()));
+    let diff = model.grads.iter().zip(&once).fold(0f32, |m, (twice, g)| m.max((twice - 2.0 * g).abs()));
+    assert!(diff <= 1e-5 * scale, "twice the gradients differ by {diff} (scale {scale})");
 }
 
 /// Directional finite differences of the full training loss (LM + weighted aux losses) with

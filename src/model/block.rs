@@ -6,6 +6,7 @@
 //! S routed slots, h_e the width of expert e.
 
 use super::config::{ModelConfig, MoeConfig};
+use super::grads::Grads;
 use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
@@ -59,11 +60,6 @@ pub struct BlockStats {
     pub aux_weighted: f32,
     /// Mean expert parameters activated per token.
     pub expert_params_per_token: f64,
-}
-
-/// A parameter's gradient view.
-fn g<B: Backend>(grads: &mut B::Buf, off: usize, len: usize) -> B::ViewMut<'_> {
-    B::view_mut(grads, off..off + len)
 }
 
 /// Rows `from..n` of a row-major buffer of `width`-element rows.
@@ -150,12 +146,12 @@ impl<B: Backend> BlockCtx<'_, B> {
     }
 
     /// Backward of [`Self::experts_forward`] on one chunk: recomputes SwiGLU from the saved
-    /// `gu`, writes the chunk's rows of the input gradient `dxe` and accumulates the experts'
-    /// weight gradients; `[act, dact, dgu]` are its transients, `act` and `dact` laid out as
+    /// `gu`, writes the chunk's rows of the input gradient `dxe` and the experts' weight
+    /// gradients (adding where an earlier chunk wrote them); `[act, dact, dgu]` are its transients, `act` and `dact` laid out as
     /// `segs` says and `dgu` likewise with rows twice as wide. Every projection is one grouped
     /// matmul.
     #[allow(clippy::too_many_arguments)]
-    fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut B::Buf, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
+    fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut Grads<'_, B>, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));
         let widths = &self.moe.expert_widths;
         let (rw, ro) = (B::reborrow_mut, B::as_view);
@@ -168,7 +164,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         let dact_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: c, n: h(s), out: s.act, a: s.x_row * c, b: w_down(s) }).collect();
         be.grouped_matmul(rw(&mut dact), dy, params, &dact_of, false, false, false);
         let dw_down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: c, k: s.rows, n: h(s), out: w_down(s), a: s.x_row * c, b: s.act }).collect();
-        be.grouped_matmul(B::full_mut(grads), dy, ro(&act), &dw_down, true, false, true);
+        grads.grouped_matmul(be, dy, ro(&act), &dw_down, true, false);
         // dgu is laid out like act with rows twice as wide: block at 2·act.
         for s in segs {
             let (gu_r, act_r, dgu_r) = (s.gu..s.gu + s.rows * 2 * h(s), s.act..s.act + s.rows * h(s), 2 * s.act..2 * (s.act + s.rows * h(s)));
@@ -177,7 +173,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         let dx_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: 2 * h(s), n: c, out: s.x_row * c, a: 2 * s.act, b: w_gu(s) }).collect();
         be.grouped_matmul(dxe, ro(&dgu), params, &dx_of, false, false, false);
         let dw_gu: Vec<Gemm> = segs.iter().map(|s| Gemm { m: 2 * h(s), k: s.rows, n: c, out: w_gu(s), a: 2 * s.act, b: s.x_row * c }).collect();
-        be.grouped_matmul(B::full_mut(grads), ro(&dgu), xe, &dw_gu, true, false, true);
+        grads.grouped_matmul(be, ro(&dgu), xe, &dw_gu, true, false);
     }
 
     /// The block's `(forward, backward)` transient requests under `routing`.
@@ -400,11 +396,12 @@ impl<B: Backend> BlockCtx<'_, B> {
         }
     }
 
-    /// Backward of one block: `dx` (overwritten) from `dout`, parameter gradients accumulated
-    /// into `grads` (same layout as the parameters); transients come from `tx`, a group of
-    /// views at a time (each group in its own scope). A collective with expert parallelism.
+    /// Backward of one block: `dx` (overwritten) from `dout`, parameter gradients into `grads`
+    /// (same layout as the parameters; written or added to as its ledger says); transients come
+    /// from `tx`, a group of views at a time (each group in its own scope). A collective with
+    /// expert parallelism.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(&self, p: &BlockParams, grads: &mut B::Buf, store: &ActivationStore<B>, layer: usize, dout: &B::Buf, dx: &mut B::Buf, tx: &mut Arena<B>) -> Result<()> {
+    pub fn backward(&self, p: &BlockParams, grads: &mut Grads<'_, B>, store: &ActivationStore<B>, layer: usize, dout: &B::Buf, dx: &mut B::Buf, tx: &mut Arena<B>) -> Result<()> {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         let (wq, a, e) = (s.qkv_width(), s.out_width(), self.moe.n_experts());
         let saved = |name: &str| B::full(store.load(layer, name));
@@ -473,20 +470,22 @@ impl<B: Backend> BlockCtx<'_, B> {
             let [dgate, mut dxn2, mut dlogits] = tx.views(be, [(bwd::DGATE, routing.n_slots()), (bwd::DXN2, n * c), (bwd::DLOGITS, n * e)]);
             be.router_bwd(rw(&mut dlogits), ro(&dgate), saved("router_probs"), saved("router_logits"), args.grad(routing, by_token));
             be.matmul(rw(&mut dxn2), ro(&dlogits), self.w(p.router, e * c), n, e, c, false, false, true);
-            be.matmul(g::<B>(grads, p.router, e * c), ro(&dlogits), saved("ffn_norm_out"), e, n, c, true, false, true);
+            let (dwr, add) = grads.product(p.router, e * c);
+            be.matmul(dwr, ro(&dlogits), saved("ffn_norm_out"), e, n, c, true, false, add);
         }
 
         // FFN norm and residual: dx2 = dout + norm_bwd(dxn2).
         {
             let [dxn2, mut dx2] = tx.views(be, [(bwd::DXN2, n * c), (bwd::DX2, n * c)]);
-            be.rmsnorm_bwd(rw(&mut dx2), g::<B>(grads, p.ffn_norm, c), ro(&dxn2), saved("resid_mid"), self.w(p.ffn_norm, c), saved("ffn_norm_rstd"), Some(B::full(dout)), n, c);
+            be.rmsnorm_bwd(rw(&mut dx2), grads.accumulated(p.ffn_norm, c), ro(&dxn2), saved("resid_mid"), self.w(p.ffn_norm, c), saved("ffn_norm_rstd"), Some(B::full(dout)), n, c);
         }
 
         // Attention: datt = dx2 Wo, dWo += dx2ᵀ att; dqkv; un-rotate; dxn1; dWqkv.
         {
             let [dx2, mut datt] = tx.views(be, [(bwd::DX2, n * c), (bwd::DATT, n * a)]);
             be.matmul(rw(&mut datt), ro(&dx2), self.w(p.wo, c * a), n, c, a, false, false, false);
-            be.matmul(g::<B>(grads, p.wo, c * a), ro(&dx2), saved("attn_out"), c, n, a, true, false, true);
+            let (dwo, add) = grads.product(p.wo, c * a);
+            be.matmul(dwo, ro(&dx2), saved("attn_out"), c, n, a, true, false, add);
         }
         {
             let [datt, mut dqkv] = tx.views(be, [(bwd::DATT, n * a), (bwd::DQKV, n * wq)]);
@@ -496,12 +495,13 @@ impl<B: Backend> BlockCtx<'_, B> {
         {
             let [dqkv, mut dxn1] = tx.views(be, [(bwd::DQKV, n * wq), (bwd::DXN1, n * c)]);
             be.matmul(rw(&mut dxn1), ro(&dqkv), self.w(p.wqkv, wq * c), n, wq, c, false, false, false);
-            be.matmul(g::<B>(grads, p.wqkv, wq * c), ro(&dqkv), saved("attn_norm_out"), wq, n, c, true, false, true);
+            let (dwqkv, add) = grads.product(p.wqkv, wq * c);
+            be.matmul(dwqkv, ro(&dqkv), saved("attn_norm_out"), wq, n, c, true, false, add);
         }
 
         // Attention norm and residual: dx = dx2 + norm_bwd(dxn1).
         let [dx2, dxn1] = tx.views(be, [(bwd::DX2, n * c), (bwd::DXN1, n * c)]);
-        be.rmsnorm_bwd(B::full_mut(dx), g::<B>(grads, p.attn_norm, c), ro(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), Some(ro(&dx2)), n, c);
+        be.rmsnorm_bwd(B::full_mut(dx), grads.accumulated(p.attn_norm, c), ro(&dxn1), saved("input"), self.w(p.attn_norm, c), saved("attn_norm_rstd"), Some(ro(&dx2)), n, c);
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod config;
+pub mod grads;
 pub mod params;
 pub mod router;
 pub mod routing;
@@ -10,6 +11,7 @@ pub mod weights;
 
 use block::{BlockCtx, BlockStats, INVENTORY};
 use config::{ModelConfig, MoeConfig};
+use grads::{GradLedger, Grads};
 use params::ParamLayout;
 use router::AuxLosses;
 use weights::Weights;
@@ -48,6 +50,8 @@ pub struct Model<B: Backend> {
     pub params: Weights<B>,
     /// Gradients of the f32 master values (f32 on every backend).
     pub grads: B::Buf,
+    /// Which of `grads` this step has written (see [`grads::GradLedger`]).
+    ledger: GradLedger,
     /// `(seq_len, head_dim/2, 2)` cos/sin of the rotary angles.
     rope: B::Buf,
     /// The expert-parallel group this rank's experts are sharded over (MoE Parallel Folding's
@@ -113,7 +117,8 @@ impl<B: Backend> Model<B> {
         let grads = be.alloc_f32(layout.total);
         let mut rope = be.alloc_f32(config.seq_len * config.head_dim());
         be.upload(B::full_mut(&mut rope), &rope_table(&config));
-        Ok(Model { config, moe, layout, params, grads, rope, ep: None, expert_chunk_rows: EXPERT_CHUNK_ROWS })
+        let ledger = GradLedger::new(&layout);
+        Ok(Model { config, moe, layout, params, grads, ledger, rope, ep: None, expert_chunk_rows: EXPERT_CHUNK_ROWS })
     }
 
     /// Runs the experts on at most `rows` routed rows at a time (default
@@ -147,8 +152,12 @@ impl<B: Backend> Model<B> {
         ActivationStore::with_policies(INVENTORY, policies, host_bytes)
     }
 
+    /// Starts a step's gradients: zeroes those ops add into; the block matrices' first
+    /// products write theirs (see [`grads::GradLedger`]).
     pub fn zero_grads(&mut self, be: &B) {
-        be.fill(B::full_mut(&mut self.grads), 0.0);
+        for r in self.ledger.start_step() {
+            be.fill(B::view_mut(&mut self.grads, r.clone()), 0.0);
+        }
     }
 
     fn block_ctx<'a>(&'a self, be: &'a B, shape: AttnShape) -> BlockCtx<'a, B> {
@@ -222,8 +231,9 @@ impl<B: Backend> Model<B> {
     }
 
     /// One training forward and backward over `inputs`/`targets` (`batch × seq`, row-major).
-    /// Gradients of `loss` are accumulated into `self.grads`; transients live in the store's
-    /// arena.
+    /// Gradients of `loss` are added to `self.grads` (after `zero_grads`, as to zeros: the first
+    /// product into a block matrix's gradient writes it, see [`grads::GradLedger`]); transients
+    /// live in the store's arena.
     pub fn forward_backward(&mut self, be: &B, store: &mut ActivationStore<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
         let mut tx = store.take_arena();
         let stats = self.forward_backward_in(be, store, &mut tx, inputs, targets, batch, seq);
@@ -261,12 +271,15 @@ impl<B: Backend> Model<B> {
                 ctx.recompute(bp, store, l, from, tx);
             }
             let mut dprev = be.alloc_scratch(n * c, Precision::Activation); // the block writes it whole
-            ctx.backward(bp, &mut self.grads, store, l, &dx, &mut dprev, tx)?;
+            ctx.backward(bp, &mut Grads { buf: &mut self.grads, ledger: &mut self.ledger }, store, l, &dx, &mut dprev, tx)?;
             store.release(l);
             dx = dprev;
         }
         let emb = self.layout.embedding;
         be.embedding_bwd(B::view_mut(&mut self.grads, emb..emb + v * c), B::full(&dx), inputs, c);
+        for r in self.ledger.finish() {
+            be.fill(B::view_mut(&mut self.grads, r), 0.0); // matrices no product wrote (an expert without tokens)
+        }
         Ok(stats)
     }
 
