@@ -636,20 +636,24 @@ fn swiglu(s: Storage) {
         let (gu, dout) = (act(s, &data(21, rows * 2 * h)), act(s, &data(22, rows * h)));
         let Some(got) = emulate(s, |g| {
             let (gub, db) = (g.act("gu", &gu), g.act("dout", &dout));
-            let (out, dgu) = (g.nan("out", g.act_elem(), rows * h), g.nan("dgu", g.act_elem(), rows * 2 * h));
+            let (out, dgu, out2, dgu_alone) = (g.nan("out", g.act_elem(), rows * h), g.nan("dgu", g.act_elem(), rows * 2 * h), g.nan("out (backward)", g.act_elem(), rows * h), g.nan("dgu (no out)", g.act_elem(), rows * 2 * h));
             let cfg = g.grid_stride(rows * h / vec);
             g.run("swiglu_fwd", cfg, &[out.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32), Arg::I32(vec as i32)]);
-            g.run("swiglu_bwd", cfg, &[dgu.arg(), db.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32), Arg::I32(vec as i32)]);
-            vec![out, dgu]
+            g.run("swiglu_bwd", cfg, &[dgu.arg(), out2.arg(), db.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32), Arg::I32(vec as i32)]);
+            g.run("swiglu_bwd", cfg, &[dgu_alone.arg(), Arg::Null, db.arg(), gub.arg(), Arg::Size(rows), Arg::I32(h as i32), Arg::I32(vec as i32)]);
+            vec![out, dgu, out2, dgu_alone]
         }) else {
             return;
         };
         let cpu = cpu_for(s);
         let (mut want_out, mut want_dgu) = (vec![0.0; rows * h], vec![0.0; rows * 2 * h]);
         cpu.swiglu_fwd(&mut want_out, &gu, rows, h);
-        cpu.swiglu_bwd(&mut want_dgu, &dout, &gu, rows, h);
+        cpu.swiglu_bwd(&mut want_dgu, None, &dout, &gu, rows, h);
         ch.close32(&format!("swiglu_fwd h={h} vec={vec}"), &want_out, &got[0], tol(s));
         ch.close32(&format!("swiglu_bwd h={h} vec={vec}"), &want_dgu, &got[1], tol(s));
+        // The backward's output is the forward kernel's bit for bit, and dgu is the same without it.
+        ch.exact(&format!("swiglu_bwd out h={h} vec={vec}"), &got[0].iter().map(|&x| x as f32).collect::<Vec<_>>(), &got[2]);
+        ch.exact(&format!("swiglu_bwd without out h={h} vec={vec}"), &got[1].iter().map(|&x| x as f32).collect::<Vec<_>>(), &got[3]);
     }
     ch.finish();
 }

@@ -263,10 +263,10 @@ case!(Attention, |be| {
 case!(SwiGlu, |be| {
     let (rows, h) = (77, 130);
     let (gu, dout) = (up(be, &data(21, rows * 2 * h)), up(be, &data(22, rows * h)));
-    let (mut out, mut dgu) = (be.alloc(rows * h), be.alloc(rows * 2 * h));
+    let (mut out, mut dgu, mut again) = (be.alloc(rows * h), be.alloc(rows * 2 * h), be.alloc(rows * h));
     be.swiglu_fwd(B::full_mut(&mut out), B::full(&gu), rows, h);
-    be.swiglu_bwd(B::full_mut(&mut dgu), B::full(&dout), B::full(&gu), rows, h);
-    vec![down(be, &out), down(be, &dgu)]
+    be.swiglu_bwd(B::full_mut(&mut dgu), Some(B::full_mut(&mut again)), B::full(&dout), B::full(&gu), rows, h);
+    vec![down(be, &out), down(be, &dgu), down(be, &again)]
 });
 
 case!(SoftmaxRows, |be| {

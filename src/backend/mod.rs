@@ -341,7 +341,10 @@ pub trait Backend: Send + Sync {
     // ---- SwiGLU ---------------------------------------------------------------------------------
     /// `out (rows, h) = SiLU(g) ⊙ u` where each `gu` row is `[g (h) | u (h)]`.
     fn swiglu_fwd(&self, out: Self::ViewMut<'_>, gu: Self::View<'_>, rows: usize, h: usize);
-    fn swiglu_bwd(&self, dgu: Self::ViewMut<'_>, dout: Self::View<'_>, gu: Self::View<'_>, rows: usize, h: usize);
+    /// `dgu (rows, 2h)` from `dout = ∂L/∂out`; with `out`, also writes the forward's output
+    /// again, bitwise as `swiglu_fwd` does, from the same read of `gu` (the backward needs it
+    /// for the down projection's weight gradient and would otherwise recompute it apart).
+    fn swiglu_bwd(&self, dgu: Self::ViewMut<'_>, out: Option<Self::ViewMut<'_>>, dout: Self::View<'_>, gu: Self::View<'_>, rows: usize, h: usize);
 
     // ---- router ---------------------------------------------------------------------------------
     /// Row-wise softmax, `(rows, cols)`.

@@ -145,8 +145,8 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.grouped_matmul(y, B::as_view(&act), params, &down, false, true, false);
     }
 
-    /// Backward of [`Self::experts_forward`] on one chunk: recomputes SwiGLU from the saved
-    /// `gu`, writes the chunk's rows of the input gradient `dxe` and the experts' weight
+    /// Backward of [`Self::experts_forward`] on one chunk: SwiGLU's backward also recomputes its
+    /// output from the saved `gu` (for the down projection's weight gradient), writes the chunk's rows of the input gradient `dxe` and the experts' weight
     /// gradients (adding where an earlier chunk wrote them); `[act, dact, dgu]` are its transients, `act` and `dact` laid out as
     /// `segs` says and `dgu` likewise with rows twice as wide. Every projection is one grouped
     /// matmul.
@@ -156,20 +156,17 @@ impl<B: Backend> BlockCtx<'_, B> {
         let widths = &self.moe.expert_widths;
         let (rw, ro) = (B::reborrow_mut, B::as_view);
         let h = |s: &Segment| widths[s.ex];
-        for s in segs {
-            be.swiglu_fwd(B::subview_mut(&mut act, s.act..s.act + s.rows * h(s)), B::subview(gu, s.gu..s.gu + s.rows * 2 * h(s)), s.rows, h(s));
-        }
         let w_down = |s: &Segment| self.expert_params(p, s.ex).1;
         let w_gu = |s: &Segment| self.expert_params(p, s.ex).0;
         let dact_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: c, n: h(s), out: s.act, a: s.x_row * c, b: w_down(s) }).collect();
         be.grouped_matmul(rw(&mut dact), dy, params, &dact_of, false, false, false);
-        let dw_down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: c, k: s.rows, n: h(s), out: w_down(s), a: s.x_row * c, b: s.act }).collect();
-        grads.grouped_matmul(be, dy, ro(&act), &dw_down, true, false);
         // dgu is laid out like act with rows twice as wide: block at 2·act.
         for s in segs {
             let (gu_r, act_r, dgu_r) = (s.gu..s.gu + s.rows * 2 * h(s), s.act..s.act + s.rows * h(s), 2 * s.act..2 * (s.act + s.rows * h(s)));
-            be.swiglu_bwd(B::subview_mut(&mut dgu, dgu_r), B::subview(ro(&dact), act_r), B::subview(gu, gu_r), s.rows, h(s));
+            be.swiglu_bwd(B::subview_mut(&mut dgu, dgu_r), Some(B::subview_mut(&mut act, act_r.clone())), B::subview(ro(&dact), act_r), B::subview(gu, gu_r), s.rows, h(s));
         }
+        let dw_down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: c, k: s.rows, n: h(s), out: w_down(s), a: s.x_row * c, b: s.act }).collect();
+        grads.grouped_matmul(be, dy, ro(&act), &dw_down, true, false);
         let dx_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: 2 * h(s), n: c, out: s.x_row * c, a: 2 * s.act, b: w_gu(s) }).collect();
         be.grouped_matmul(dxe, ro(&dgu), params, &dx_of, false, false, false);
         let dw_gu: Vec<Gemm> = segs.iter().map(|s| Gemm { m: 2 * h(s), k: s.rows, n: c, out: w_gu(s), a: 2 * s.act, b: s.x_row * c }).collect();

@@ -261,8 +261,8 @@ impl Backend for Cpu {
     fn swiglu_fwd(&self, out: &mut [f32], gu: &[f32], rows: usize, h: usize) {
         self.run("swiglu_fwd", || swiglu::forward(out, gu, rows, h))
     }
-    fn swiglu_bwd(&self, dgu: &mut [f32], dout: &[f32], gu: &[f32], rows: usize, h: usize) {
-        self.run("swiglu_bwd", || swiglu::backward(dgu, dout, gu, rows, h))
+    fn swiglu_bwd(&self, dgu: &mut [f32], out: Option<&mut [f32]>, dout: &[f32], gu: &[f32], rows: usize, h: usize) {
+        self.run("swiglu_bwd", || swiglu::backward(dgu, out, dout, gu, rows, h))
     }
 
     fn softmax_rows(&self, out: &mut [f32], logits: &[f32], rows: usize, cols: usize) {

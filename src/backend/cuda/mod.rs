@@ -759,20 +759,29 @@ impl Backend for CudaBackend {
         // for aligned buffers and h a multiple of 8.
         ok(unsafe { self.stream.launch_builder(&self.k.swiglu_fwd).arg(&out.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).arg(&vec).launch(grid_stride(rows * h / vec as usize)) }, "swiglu_fwd");
     }
-    fn swiglu_bwd(&self, dgu: DevViewMut<'_>, dout: DevView<'_>, gu: DevView<'_>, rows: usize, h: usize) {
-        let _span = self.span("swiglu_bwd", || Work::moving(dgu.bytes() + dout.bytes() + gu.bytes()));
+    fn swiglu_bwd(&self, dgu: DevViewMut<'_>, out: Option<DevViewMut<'_>>, dout: DevView<'_>, gu: DevView<'_>, rows: usize, h: usize) {
+        let _span = self.span("swiglu_bwd", || Work::moving(dgu.bytes() + dout.bytes() + gu.bytes() + out.as_ref().map_or(0, DevViewMut::bytes)));
         if rows * h == 0 {
             return;
         }
         assert!(dgu.len() == rows * 2 * h && dout.len() == rows * h && gu.len() == rows * 2 * h, "swiglu_bwd shapes");
+        assert!(out.as_ref().is_none_or(|o| o.len() == rows * h), "swiglu_bwd out");
         for (arg, st) in [("dgu", dgu.storage), ("dout", dout.storage), ("gu", gu.storage)] {
             expect("swiglu_bwd", arg, st, self.storage());
         }
-        let (hi, vec) = (h as i32, vec_width(h, &[dgu.ptr, dout.ptr, gu.ptr]));
-        // SAFETY: `swiglu_bwd(act_t* dgu, const act_t* dout, const act_t* gu, size_t, int h,
-        // int vec)`; vec 8 only for aligned buffers and h a multiple of 8.
-        ok(unsafe { self.stream.launch_builder(&self.k.swiglu_bwd).arg(&dgu.ptr).arg(&dout.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).arg(&vec).launch(grid_stride(rows * h / vec as usize)) }, "swiglu_bwd");
+        if let Some(o) = &out {
+            expect("swiglu_bwd", "out", o.storage, self.storage());
+        }
+        let out = out.map_or(0u64, |o| o.ptr);
+        let (hi, vec) = (h as i32, vec_width(h, &[dgu.ptr, dout.ptr, gu.ptr, out]));
+        // SAFETY: `swiglu_bwd(act_t* dgu, act_t* out /*nullable*/, const act_t* dout, const
+        // act_t* gu, size_t, int h, int vec)`; vec 8 only for aligned buffers and h a multiple of 8.
+        ok(
+            unsafe { self.stream.launch_builder(&self.k.swiglu_bwd).arg(&dgu.ptr).arg(&out).arg(&dout.ptr).arg(&gu.ptr).arg(&rows).arg(&hi).arg(&vec).launch(grid_stride(rows * h / vec as usize)) },
+            "swiglu_bwd",
+        );
     }
+
 
     fn softmax_rows(&self, out: DevViewMut<'_>, logits: DevView<'_>, rows: usize, cols: usize) {
         let _span = self.span("softmax_rows", || Work::moving(out.bytes() + logits.bytes()));

@@ -24,10 +24,11 @@ __device__ void swiglu_fwd_pieces(act_t* out, const act_t* gu, size_t rows, int 
     });
 }
 
+// With out non-null, also the forward's output again (its bits: the same operations).
 template <int VEC>
-__device__ void swiglu_bwd_pieces(act_t* dgu, const act_t* dout, const act_t* gu, size_t rows, int h) {
+__device__ void swiglu_bwd_pieces(act_t* dgu, act_t* out, const act_t* dout, const act_t* gu, size_t rows, int h) {
     for_each_piece<VEC>(rows, h, [&](size_t r, int i) {
-        float g[VEC], u[VEC], da[VEC], dg[VEC], du[VEC];
+        float g[VEC], u[VEC], da[VEC], dg[VEC], du[VEC], a[VEC];
         load_vec<VEC>(gu + r * 2 * h + i, g);
         load_vec<VEC>(gu + r * 2 * h + h + i, u);
         load_vec<VEC>(dout + r * h + i, da);
@@ -36,9 +37,11 @@ __device__ void swiglu_bwd_pieces(act_t* dgu, const act_t* dout, const act_t* gu
             const float s = sigmoidf(g[k]);
             du[k] = da[k] * g[k] * s;
             dg[k] = da[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
+            a[k] = g[k] * s * u[k];
         }
         store_vec<VEC>(dgu + r * 2 * h + i, dg);
         store_vec<VEC>(dgu + r * 2 * h + h + i, du);
+        if (out) store_vec<VEC>(out + r * h + i, a);
     });
 }
 
@@ -48,8 +51,8 @@ extern "C" __global__ void swiglu_fwd(act_t* out, const act_t* gu, size_t rows, 
     else swiglu_fwd_pieces<1>(out, gu, rows, h);
 }
 
-// dgu: (rows, 2h) overwritten; dout: (rows, h).
-extern "C" __global__ void swiglu_bwd(act_t* dgu, const act_t* dout, const act_t* gu, size_t rows, int h, int vec) {
-    if (vec == 8) swiglu_bwd_pieces<8>(dgu, dout, gu, rows, h);
-    else swiglu_bwd_pieces<1>(dgu, dout, gu, rows, h);
+// dgu: (rows, 2h) overwritten; out: (rows, h) or null; dout: (rows, h).
+extern "C" __global__ void swiglu_bwd(act_t* dgu, act_t* out, const act_t* dout, const act_t* gu, size_t rows, int h, int vec) {
+    if (vec == 8) swiglu_bwd_pieces<8>(dgu, out, dout, gu, rows, h);
+    else swiglu_bwd_pieces<1>(dgu, out, dout, gu, rows, h);
 }
