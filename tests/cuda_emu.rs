@@ -472,15 +472,18 @@ fn elementwise(s: Storage) {
         let filled = g.act("filled", &c);
         g.run("fill", g.grid_stride(n - 10), &[filled.at(5), Arg::F32(2.5), Arg::Size(n - 10)]);
         let (partial_cfg, final_cfg) = launch::sum_squares();
-        let (partial, total) = (g.nan("partial", Elem::F64, SUMSQ_BLOCKS), g.nan("total", Elem::F64, 1));
-        g.run("sum_squares_partial", partial_cfg, &[partial.arg(), ab.arg(), Arg::Size(n)]);
+        // n is odd: with 8 a thread, the last n % 8 elements go one each.
+        let (partial, total, total8) = (g.nan("partial", Elem::F64, SUMSQ_BLOCKS), g.nan("total", Elem::F64, 1), g.nan("total8", Elem::F64, 1));
+        g.run("sum_squares_partial", partial_cfg, &[partial.arg(), ab.arg(), Arg::Size(n), Arg::I32(1)]);
         g.run("sum_squares_final", final_cfg, &[total.arg(), partial.arg(), Arg::I32(SUMSQ_BLOCKS as i32)]);
+        g.run("sum_squares_partial", partial_cfg, &[partial.arg(), ab.arg(), Arg::Size(n), Arg::I32(8)]);
+        g.run("sum_squares_final", final_cfg, &[total8.arg(), partial.arg(), Arg::I32(SUMSQ_BLOCKS as i32)]);
         // CudaBackend::convert, both ways.
         let (f, rounded) = (g.f32("specials", &specials), g.nan("rounded", g.act_elem(), m));
         g.run("f32_to_act", g.grid_stride(m), &[rounded.arg(), f.arg(), Arg::Size(m)]);
         let widened = g.nan("widened", Elem::F32, n);
         g.run("act_to_f32", g.grid_stride(n), &[widened.arg(), ab.arg(), Arg::Size(n)]);
-        vec![sum, acc, scaled, filled, total, rounded, widened, sum8, acc8]
+        vec![sum, acc, scaled, filled, total, rounded, widened, sum8, acc8, total8]
     }) else {
         return;
     };
@@ -502,6 +505,7 @@ fn elementwise(s: Storage) {
     ch.exact("scale", &act(s, &want_scaled), &got[2]);
     ch.exact("fill", &act(s, &want_filled), &got[3]);
     ch.close("sum_squares", &[want_ss], &got[4], SUMSQ_TOL);
+    ch.close("sum_squares (vec 8)", &[want_ss], &got[9], SUMSQ_TOL);
     // f32_to_act rounds to nearest even like `half`, except that a NaN stays a NaN (CUDA's
     // canonical one, not half's).
     let nan = specials.iter().position(|x| x.is_nan()).expect("a NaN");
@@ -838,14 +842,16 @@ fn optim(s: Storage) {
     let (grad_scale, decay) = (0.5, true);
     let Some(got) = emulate(s, |gpu| {
         let mut outs = Vec::new();
-        // Without a working copy (null, as with f32 storage) and with one.
-        for with_work in [false, true] {
+        // Without a working copy (null, as with f32 storage) and with one; 8 elements a thread
+        // over the first n − 7 (a multiple of 8), one over all n.
+        for (with_work, vec) in [(false, 1), (true, 1), (true, 8)] {
+            let n = if vec == 8 { n - 7 } else { n };
             let (pb, mb, vb, gb) = (gpu.f32("master", &p), gpu.f32("m", &m), gpu.f32("v", &v), gpu.f32("g", &g));
             let work = gpu.nan("work", gpu.act_elem(), n);
             let w = if with_work { work.arg() } else { Arg::Null };
             let args = AdamWArgs::new(hp, decay);
-            let list = [pb.arg(), w, mb.arg(), vb.arg(), gb.arg(), Arg::Size(n), Arg::Bytes(bytes_of(&args)), Arg::F32(grad_scale)];
-            gpu.run("adamw", gpu.grid_stride(n), &list);
+            let list = [pb.arg(), w, mb.arg(), vb.arg(), gb.arg(), Arg::Size(n), Arg::Bytes(bytes_of(&args)), Arg::F32(grad_scale), Arg::I32(vec)];
+            gpu.run("adamw", gpu.grid_stride(n / vec as usize), &list);
             outs.extend([pb, mb, vb, work]);
         }
         outs
@@ -856,13 +862,17 @@ fn optim(s: Storage) {
     let (mut wp, mut wm, mut wv, mut work) = (p.clone(), m.clone(), v.clone(), vec![0.0; n]);
     cpu.adamw(&mut wp, Some(work.as_mut_slice()), &mut wm, &mut wv, &g, hp, grad_scale, decay);
     let mut ch = Checks::new("optim", s);
-    for k in 0..2 {
-        ch.exact("adamw master", &wp, &got[4 * k]);
-        ch.exact("adamw m", &wm, &got[4 * k + 1]);
-        ch.exact("adamw v", &wv, &got[4 * k + 2]);
+    for k in 0..3 {
+        // The vec-8 run covers the first n − 7 elements and leaves the rest as they were.
+        let covered = if k == 2 { n - 7 } else { n };
+        ch.exact("adamw master", &wp[..covered], &got[4 * k][..covered]);
+        ch.exact("adamw m", &wm[..covered], &got[4 * k + 1][..covered]);
+        ch.exact("adamw v", &wv[..covered], &got[4 * k + 2][..covered]);
     }
+    ch.exact("adamw leaves what it is not given", &p[n - 7..], &got[8][n - 7..]);
     assert!(got[3].iter().all(|x| x.is_nan()), "adamw wrote a null working copy");
     ch.exact("adamw working copy", &work, &got[7]);
+    ch.exact("adamw working copy (vec 8)", &work[..n - 7], &got[11][..n - 7]);
     ch.finish();
 }
 

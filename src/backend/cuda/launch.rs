@@ -9,7 +9,8 @@ pub const THREADS: u32 = 256;
 /// Rows per partial sum in the deterministic column reductions (RMSNorm dw), as on the CPU.
 pub const ROW_CHUNK: usize = 64;
 /// Blocks of the first pass of `sum_squares`; fixed so the summation order depends only on n.
-pub const SUMSQ_BLOCKS: usize = 256;
+/// Enough threads (256 K) that their loads in flight cover the memory's latency on an H100.
+pub const SUMSQ_BLOCKS: usize = 1024;
 
 fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32

@@ -589,11 +589,12 @@ impl Backend for CudaBackend {
         let mut partial = ok(self.stream.alloc_zeros::<f64>(SUMSQ_BLOCKS), "scratch alloc");
         let mut total = ok(self.stream.alloc_zeros::<f64>(1), "scratch alloc");
         let (cfg, one_warp) = launch::sum_squares();
-        let count = SUMSQ_BLOCKS as i32;
-        // SAFETY: `sum_squares_partial(double*, const act_t*, size_t)` with SUMSQ_BLOCKS blocks,
-        // then `sum_squares_final(double*, const double*, int)` on one warp.
+        let (count, vec) = (SUMSQ_BLOCKS as i32, vec_width(8, &[x.ptr]));
+        // SAFETY: `sum_squares_partial(double*, const act_t*, size_t, int vec)` with SUMSQ_BLOCKS
+        // blocks (vec 8 only for an aligned x), then `sum_squares_final(double*, const double*,
+        // int)` on one warp.
         unsafe {
-            ok(self.stream.launch_builder(&ew.sum_squares_partial).arg(&mut partial).arg(&x.ptr).arg(&n).launch(cfg), "sum_squares");
+            ok(self.stream.launch_builder(&ew.sum_squares_partial).arg(&mut partial).arg(&x.ptr).arg(&n).arg(&vec).launch(cfg), "sum_squares");
             ok(self.stream.launch_builder(&ew.sum_squares_final).arg(&mut total).arg(&partial).arg(&count).launch(one_warp), "sum_squares");
         }
         ok(self.stream.clone_dtoh(&total), "download")[0]
@@ -954,8 +955,10 @@ impl Backend for CudaBackend {
         }
         let args = kernels::AdamWArgs::new(hp, decay);
         let work_ptr = work.as_ref().map_or(0u64, |w| w.ptr);
+        let vec = vec_width(n, &[p.ptr, work_ptr, m.ptr, v.ptr, g.ptr]);
         // SAFETY: `adamw(float* master, act_t* work /*nullable*/, float* m, float* v, const float*
-        // g, size_t n, AdamW, float)`; AdamWArgs is #[repr(C)] and matches `struct AdamW`.
+        // g, size_t n, AdamW, float, int vec)`; AdamWArgs is #[repr(C)] and matches `struct
+        // AdamW`; vec 8 only for aligned buffers and n a multiple of 8.
         ok(
             unsafe {
                 self.stream
@@ -968,7 +971,8 @@ impl Backend for CudaBackend {
                     .arg(&n)
                     .arg(&args)
                     .arg(&grad_scale)
-                    .launch(grid_stride(n))
+                    .arg(&vec)
+                    .launch(grid_stride(n / vec as usize))
             },
             "adamw",
         );

@@ -36,6 +36,18 @@ __device__ __forceinline__ void load_f32(const float* p, float (&v)[VEC]) {
     }
 }
 
+// The same stored: 8 f32 in two 16-byte pieces, or VEC one by one.
+template <int VEC>
+__device__ __forceinline__ void store_f32(float* p, const float (&v)[VEC]) {
+    if constexpr (VEC != 8) {
+#pragma unroll
+        for (int k = 0; k < VEC; k++) p[k] = v[k];
+    } else {
+        ((float4*)p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+        ((float4*)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+}
+
 // VEC consecutive activations as floats. VEC = 8 moves them in 16-byte pieces (one for 8 bf16,
 // two for 8 f32), so the address must be 16-byte aligned: kernels over rows take 8 where the
 // rows' width is a multiple of 8 and their buffers are aligned (`vec_width` of launch.rs), 1 (or
@@ -69,8 +81,7 @@ __device__ __forceinline__ void store_vec(act_t* p, const float (&v)[VEC]) {
 #ifdef MOTLEY_ACT_BF16
         *(uint4*)p = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
 #else
-        ((float4*)p)[0] = make_float4(v[0], v[1], v[2], v[3]);
-        ((float4*)p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+        store_f32<8>(p, v);
 #endif
     }
 }
