@@ -66,6 +66,8 @@ pub struct CudaBackend {
     offload: offload::Offloader,
     /// Index and pointer uploads through page-locked memory.
     staging: staging::Staging,
+    /// Downloads through page-locked memory.
+    readback: staging::Readback,
     /// Attention at head_dim 64 runs the Hopper (wgmma) kernels.
     hopper_attention: bool,
     k: Kernels,
@@ -184,7 +186,8 @@ impl CudaBackend {
         let grouped = Some(grouped::Grouped::new(stream.clone()).map_err(Error::Invalid)?);
         let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
         let staging = staging::Staging::new(stream.clone());
-        let be = CudaBackend { stream, blas, grouped, offload, staging, hopper_attention: false, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
+        let readback = staging::Readback::new(stream.clone());
+        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, hopper_attention: false, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
         super::keep_freed_host_memory();
         Ok(be)
@@ -484,22 +487,9 @@ impl Backend for CudaBackend {
     fn download(&self, src: DevView<'_>) -> Vec<f32> {
         let _span = self.span("download", || Work::NONE);
         self.bind();
-        let stream = self.stream.cu_stream();
-        // SAFETY: src holds src.len() elements of its type; the stream is synchronised before
-        // the host buffer is read.
         match src.storage {
-            Storage::F32 => {
-                let mut host = vec![0f32; src.len()];
-                ok(unsafe { drv::memcpy_dtoh_async(&mut host, src.ptr, stream) }, "download");
-                ok(self.stream.synchronize(), "download");
-                host
-            }
-            Storage::Bf16 => {
-                let mut host = vec![bf16::ZERO; src.len()];
-                ok(unsafe { drv::memcpy_dtoh_async(&mut host, src.ptr, stream) }, "download");
-                ok(self.stream.synchronize(), "download");
-                host.iter().map(|x| x.to_f32()).collect()
-            }
+            Storage::F32 => self.readback.read::<f32>(src.ptr, src.len(), "download"),
+            Storage::Bf16 => self.readback.read::<bf16>(src.ptr, src.len(), "download").iter().map(|x| x.to_f32()).collect(),
         }
     }
     fn alloc_host(&self, bytes: u64) -> offload::PinnedHost {
@@ -597,7 +587,8 @@ impl Backend for CudaBackend {
             ok(self.stream.launch_builder(&ew.sum_squares_partial).arg(&mut partial).arg(&x.ptr).arg(&n).arg(&vec).launch(cfg), "sum_squares");
             ok(self.stream.launch_builder(&ew.sum_squares_final).arg(&mut total).arg(&partial).arg(&count).launch(one_warp), "sum_squares");
         }
-        ok(self.stream.clone_dtoh(&total), "download")[0]
+        let (ptr, _record) = total.device_ptr(&self.stream);
+        self.readback.read::<f64>(ptr, 1, "download")[0]
     }
 
     fn matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
@@ -929,7 +920,8 @@ impl Backend for CudaBackend {
         if let Some((dx, _, _)) = grads.filter(|_| grad_scale == 0.0) {
             self.fill(dx, 0.0); // a zero loss weight: no gradient (softxent wrote no dlogits)
         }
-        ok(self.stream.clone_dtoh(&losses), "download")
+        let (ptr, _record) = losses.device_ptr(&self.stream);
+        self.readback.read::<f32>(ptr, n, "download")
     }
 
     fn uses_working_copy(&self) -> bool {
