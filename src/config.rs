@@ -128,6 +128,19 @@ pub enum MemoryPolicy {
     Offload,
 }
 
+/// What the last two layers do under `policy = "offload"`: their backward starts right after the
+/// forward, before an offload could come back, so they keep everything (MEMO's choice: no
+/// recompute), or recompute like `policy = "recompute"` (kept input and attention output only:
+/// the step then holds one whole layer's skeletal tensors and one layer's offloaded rows at
+/// most, instead of two whole layers, for two layers' non-attention forward again).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tail {
+    #[default]
+    Keep,
+    Recompute,
+}
+
 /// Share of offloadable activations moved off the device: fixed, or chosen by the planner.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Alpha {
@@ -148,6 +161,9 @@ pub struct MemoryConfig {
     /// Device→host copy bandwidth, GB/s (the α planner's `B_pcie`; CPU: a memory copy).
     #[serde(default = "default_bandwidth_gbs")]
     pub bandwidth_gbs: f64,
+    /// The last two layers under `policy = "offload"`: `"keep"` (default) or `"recompute"`.
+    #[serde(default)]
+    pub tail: Tail,
 }
 
 fn default_host_gib() -> f64 {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use motley::backend::cpu::Cpu;
 use motley::backend::AttnShape;
-use motley::config::{Alpha, MemoryPolicy};
+use motley::config::{Alpha, MemoryPolicy, Tail};
 use motley::memory::store::LayerPolicy;
 use motley::model::config::{ModelConfig, MoeConfig, Routing};
 use motley::model::params::ParamLayout;
@@ -119,7 +119,10 @@ fn policies_parse_and_print() {
     assert_eq!((p.policy, p.alpha, p.host_gib, p.bandwidth_gbs), (MemoryPolicy::Offload, Alpha::Fixed(0.25), 64.0, 55.0));
     assert_eq!(parse_policy("alpha", 1.0, 1.0).unwrap().alpha, Alpha::Auto);
     assert_eq!(parse_policy("recompute", 1.0, 1.0).unwrap().policy, MemoryPolicy::Recompute);
-    for bad in ["alpha=2", "swap", "alpha=x"] {
+    assert_eq!(parse_policy("alpha", 1.0, 1.0).unwrap().tail, Tail::Keep);
+    let lean = parse_policy("alpha=0.5,tail=recompute", 1.0, 1.0).unwrap();
+    assert_eq!((lean.policy, lean.alpha, lean.tail), (MemoryPolicy::Offload, Alpha::Fixed(0.5), Tail::Recompute));
+    for bad in ["alpha=2", "swap", "alpha=x", "keep,tail=recompute", "alpha,tail=keeps"] {
         assert!(parse_policy(bad, 1.0, 1.0).unwrap_err().contains("keep, recompute"), "{bad}");
     }
     let layers = [LayerPolicy::Offload { alpha: 0.375 }, LayerPolicy::Offload { alpha: 0.375 }, LayerPolicy::Keep];

@@ -59,8 +59,10 @@ fn plan_matches_measured_device_peak() {
     let be = CudaBackend::new(0, Storage::Bf16).unwrap();
     let (batch, seq) = (4, 512);
     let mut failures = Vec::new();
-    for memory in [["memory.policy=keep", "memory.alpha=auto"], ["memory.policy=recompute", "memory.alpha=auto"], ["memory.policy=offload", "memory.alpha=0.5"]] {
-        let overrides: Vec<String> = ["device=cuda", "model.d_model=64", "model.n_layers=3", "model.seq_len=512", memory[0], memory[1]].iter().map(|s| s.to_string()).collect();
+    let cases: [&[&str]; 4] = [&["memory.policy=keep"], &["memory.policy=recompute"], &["memory.policy=offload", "memory.alpha=0.5"], &["memory.policy=offload", "memory.alpha=0.5", "memory.tail=\"recompute\""]];
+    for memory in cases {
+        let base = ["device=cuda", "model.d_model=64", "model.n_layers=3", "model.seq_len=512"];
+        let overrides: Vec<String> = base.iter().chain(memory).map(|s| s.to_string()).collect();
         let config = Config::default_with(&overrides).unwrap();
         let (planned, measured) = planned_and_measured(&be, &config, batch, seq);
         let error = (measured as f64 - planned as f64) / planned as f64;

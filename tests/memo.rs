@@ -164,15 +164,24 @@ fn offloads_stay_in_flight_for_one_layer() {
 /// `plan-memory` against the store it plans for: with every token routed to every expert (the
 /// routing the plan assumes), the skeletal peak the report predicts is the one the store reaches
 /// over a step, byte for byte, and the transient arena it predicts is the one the step allocates,
-/// for each policy the α planner picks (keep, recompute, offload with kept layers after it).
+/// for each policy the α planner picks (keep, recompute, offload with kept or recomputing layers
+/// after it).
 #[test]
 fn the_memory_plan_is_what_a_step_holds() {
     use motley::config::Config;
     use motley::memory::report::plan_report;
     let be = Cpu::new(2);
     let (b, t) = (3, 24);
-    for memory in [["memory.policy=keep", "memory.alpha=auto"], ["memory.policy=recompute", "memory.alpha=auto"], ["memory.policy=offload", "memory.alpha=0.5"], ["memory.policy=offload", "memory.alpha=1"]] {
-        let mut config = Config::default_with(&memory.map(String::from)).unwrap();
+    let cases: [&[&str]; 6] = [
+        &["memory.policy=keep"],
+        &["memory.policy=recompute"],
+        &["memory.policy=offload", "memory.alpha=0.5"],
+        &["memory.policy=offload", "memory.alpha=1"],
+        &["memory.policy=offload", "memory.alpha=0.5", "memory.tail=\"recompute\""],
+        &["memory.policy=offload", "memory.alpha=1", "memory.tail=\"recompute\""],
+    ];
+    for memory in cases {
+        let mut config = Config::default_with(&memory.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         (config.model, config.moe) = tiny_model(Kind::TopK);
         config.model.n_layers = 4;
         config.moe.top_k = config.moe.n_experts();

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use motley::backend::Backend;
-use motley::config::{Alpha, MemoryConfig, MemoryPolicy};
+use motley::config::{Alpha, MemoryConfig, MemoryPolicy, Tail};
 use motley::memory::store::{ActivationStore, LayerPolicy};
 use motley::model::{Model, StepStats};
 use motley::parallel::planner::Gpu;
@@ -77,18 +77,25 @@ pub fn policy_label(policies: &[LayerPolicy]) -> String {
 }
 
 /// `keep`, `recompute`, `alpha` (offload with MEMO's α from the LP, as `alpha = "auto"`) or
-/// `alpha=0.25` (a fixed α), with the host tier and link the α LP plans for.
+/// `alpha=0.25` (a fixed α), with the host tier and link the α LP plans for; an offload policy
+/// may end in `,tail=recompute` (the last two layers recompute instead of keeping, `memory.tail`).
 pub fn parse_policy(text: &str, host_gib: f64, bandwidth_gbs: f64) -> Result<MemoryConfig, String> {
-    let (policy, alpha) = match text {
+    let expected = || format!("--policy {text}: expected keep, recompute, alpha (α from the LP) or alpha=A with A in [0, 1], the last two optionally followed by ,tail=recompute");
+    let (head, tail) = match text.split_once(',') {
+        None => (text, Tail::Keep),
+        Some((head, "tail=recompute")) if head.starts_with("alpha") || head == "offload" => (head, Tail::Recompute),
+        Some(_) => return Err(expected()),
+    };
+    let (policy, alpha) = match head {
         "keep" => (MemoryPolicy::Keep, Alpha::Auto),
         "recompute" => (MemoryPolicy::Recompute, Alpha::Auto),
         "alpha" | "offload" => (MemoryPolicy::Offload, Alpha::Auto),
         t => match t.strip_prefix("alpha=").map(str::parse::<f32>) {
             Some(Ok(a)) if (0.0..=1.0).contains(&a) => (MemoryPolicy::Offload, Alpha::Fixed(a)),
-            _ => return Err(format!("--policy {t}: expected keep, recompute, alpha (α from the LP) or alpha=A with A in [0, 1]")),
+            _ => return Err(expected()),
         },
     };
-    Ok(MemoryConfig { policy, alpha, host_gib, bandwidth_gbs })
+    Ok(MemoryConfig { policy, alpha, host_gib, bandwidth_gbs, tail })
 }
 
 /// Dense bf16 peak of the GPUs the benches run on (H100 and H200 SXM: 989 TFLOP/s), the

@@ -8,7 +8,7 @@
 #   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley (mma.sync, then the Hopper
 #                               wgmma kernels), then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
-#   bench/gpu/run.sh long-max   B=1 T=512K, 1M: motley
+#   bench/gpu/run.sh long-max   B=1 T=512K, 768K, 1M: motley
 #   bench/gpu/run.sh profile    Nsight Compute on the attention kernels at T=32K (for tuning)
 #   bench/gpu/run.sh all        every part in that order, as many as the call budget allows
 #   bench/gpu/run.sh step attention   several parts, in the order given
@@ -20,13 +20,14 @@
 # tables are printed at the end.
 #
 # Environment: OUT, RUN_BUDGET; PYTHON (python3: the one with PyTorch); CHECK_STEPS (300),
-# STEP_POLICY (keep), LONG_POLICY (recompute), LONG_ARGS (more train_step flags for the long
+# STEP_POLICY (keep), LONG_POLICY (recompute), MAX_POLICY (alpha,tail=recompute: offload by
+# MEMO's α, the last two layers recomputing; by plan the only one that fits 768K), LONG_ARGS (more train_step flags for the long
 # sweeps, e.g. --hopper once the check part has passed), PROFILE_LENGTH (32K), NCU (the ncu binary; found
 # on PATH or in /usr/local/cuda/bin). bench/gpu/rehearse.sh runs all of it here, without
 # a GPU, on the emulated device, by shrinking the work: SHAPE (h100-ref: a key of
 # bench/gpu_configs.json or cpu_configs.json), SHAPE_ARGS (train_step flags after --shape, e.g.
 # --batch), ATTN_LENGTHS (4K,32K,128K), ATTN_ARGS, LONG_LENGTHS (16K,…,256K), MAX_LENGTHS
-# (512K,1M), PROFILE_ARGS (flags of the profiled attention bench), CHECK_ARGS (flags of the check's `motley train`), MOTLEY_CUDA_LD (the library path
+# (512K,768K,1M), PROFILE_ARGS (flags of the profiled attention bench), CHECK_ARGS (flags of the check's `motley train`), MOTLEY_CUDA_LD (the library path
 # motley's commands get) and MOTLEY_PTX_CACHE (kept when set).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
@@ -205,13 +206,13 @@ part_attention() {
     } > "$d/table.md"
 }
 
-# long_sweep DIR LABEL LENGTHS SECONDS: motley's sweep, its own budget a little under the limit
-# so that it prints its table before being killed.
+# long_sweep DIR LABEL LENGTHS SECONDS POLICY: motley's sweep, its own budget a little under the
+# limit so that it prints its table before being killed.
 long_sweep() {
-    local d=$1 label=$2 lengths=$3 s
+    local d=$1 label=$2 lengths=$3 policy=$5 s
     s=$(grant "$4")
     run_limited "$label" "$s" "$d/motley-$lengths.log" \
-        "${gpu[@]}" "$bin/train_step" --device cuda --shape "$shape" --policy "${LONG_POLICY:-recompute}" --sweep "$lengths" \
+        "${gpu[@]}" "$bin/train_step" --device cuda --shape "$shape" --policy "$policy" --sweep "$lengths" \
         --time-limit $((s * 2 / 3)) --budget $((s - 20)) "${long_args[@]}" --json "$d/motley.jsonl"
 }
 
@@ -227,7 +228,7 @@ part_long() {
     local d=$OUT/long
     mkdir -p "$d"
     local lengths=${LONG_LENGTHS:-16K,32K,64K,128K,256K}
-    long_sweep "$d" "long: motley $shape B=1 T=$lengths (${LONG_POLICY:-recompute})" "$lengths" 330
+    long_sweep "$d" "long: motley $shape B=1 T=$lengths (${LONG_POLICY:-recompute})" "$lengths" 330 "${LONG_POLICY:-recompute}"
     run_limited "long: PyTorch --suite long (eager and checkpointed, T=16K…256K)" "$(grant 200)" "$d/torch.log" \
         "$py" bench/peer/torch_hmoe.py --suite long --steps 3
     long_table "$d"
@@ -236,8 +237,8 @@ part_long() {
 part_long_max() {
     local d=$OUT/long
     mkdir -p "$d"
-    local lengths=${MAX_LENGTHS:-512K,1M}
-    long_sweep "$d" "long-max: motley $shape B=1 T=$lengths (${LONG_POLICY:-recompute})" "$lengths" 560
+    local lengths=${MAX_LENGTHS:-512K,768K,1M} policy=${MAX_POLICY:-alpha,tail=recompute}
+    long_sweep "$d" "long-max: motley $shape B=1 T=$lengths ($policy)" "$lengths" 560 "$policy"
     long_table "$d"
 }
 

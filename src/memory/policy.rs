@@ -2,15 +2,16 @@
 //!
 //! `alpha = "auto"` solves MEMO's α LP ([`super::alpha`]) on per-layer costs: skeletal sizes from
 //! the inventory (with the routed counts of a [`Profile`] when it has them) and forward times from
-//! a measured profile or a FLOP cost model. The last [`UNSWAPPED_TAIL`] layers keep everything:
-//! their backward starts before an offload could come back.
+//! a measured profile or a FLOP cost model. The last [`UNSWAPPED_TAIL`] layers are not swapped:
+//! their backward starts before an offload could come back; they keep everything, or recompute
+//! (`memory.tail`).
 
 use serde::Serialize;
 
 use super::alpha::{plan_alpha, AlphaOutcome, HostLink, LayerCost, UNSWAPPED_TAIL};
 use super::inventory::{block_inventory, Skeletal, Slots};
 use super::store::LayerPolicy;
-use crate::config::{Alpha, MemoryConfig, MemoryPolicy};
+use crate::config::{Alpha, MemoryConfig, MemoryPolicy, Tail};
 use crate::model::config::{ModelConfig, MoeConfig};
 use crate::{Error, Result};
 
@@ -76,13 +77,20 @@ impl Profile {
 }
 
 /// One policy per block for `cfg`. `Keep` and `Recompute` apply to every block; `Offload` to all
-/// but the last [`UNSWAPPED_TAIL`] (which keep), with the fixed α or the LP's. When the LP finds
+/// but the last [`UNSWAPPED_TAIL`] (which keep, or recompute with `tail = "recompute"`), with the
+/// fixed α or the LP's. When the LP finds
 /// that even α = 0 breaks a limit, the swapped blocks recompute instead (nothing to copy).
 pub fn build_policy(cfg: &MemoryConfig, model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, profile: &Profile) -> Result<Vec<LayerPolicy>> {
     let n = model.n_layers;
     let swapped = n.saturating_sub(UNSWAPPED_TAIL);
     let tail = |mut head: Vec<LayerPolicy>| {
-        head.resize(n, LayerPolicy::Keep);
+        head.resize(
+            n,
+            match cfg.tail {
+                Tail::Keep => LayerPolicy::Keep,
+                Tail::Recompute => LayerPolicy::Recompute,
+            },
+        );
         head
     };
     Ok(match (cfg.policy, cfg.alpha) {
@@ -148,7 +156,7 @@ mod tests {
     #[test]
     fn auto_alpha_follows_the_host_budget_and_keeps_the_tail() {
         let (m, moe) = shape();
-        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
+        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
         let costs = |host| Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e12, m_host: host }).unwrap();
         let big = build_policy(&cfg, &m, &moe, 1, 256, &costs(1 << 40)).unwrap();
         assert_eq!(big[..2], [LayerPolicy::Offload { alpha: 1.0 }; 2]);
@@ -171,7 +179,7 @@ mod tests {
     #[test]
     fn auto_alpha_on_the_host_limit_stays_inside_it_in_whole_tokens() {
         let (m, moe) = shape();
-        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
+        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
         let costs = |host| Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e12, m_host: host }).unwrap();
         let lc = costs(0).layer_costs(&m, &moe, 1, 256).unwrap()[0];
         let per_token = lc.s_others / 256;
@@ -200,14 +208,17 @@ mod tests {
     fn fixed_policies_and_bad_input() {
         let (m, moe) = shape();
         let p = Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e9, m_host: 0 }).unwrap();
-        let fixed = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(0.25), host_gib: 8.0, bandwidth_gbs: 10.0 };
-        assert_eq!(build_policy(&fixed, &m, &moe, 1, 256, &p).unwrap()[0], LayerPolicy::Offload { alpha: 0.25 });
-        let rec = MemoryConfig { policy: MemoryPolicy::Recompute, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
+        let fixed = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(0.25), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
+        let policies = build_policy(&fixed, &m, &moe, 1, 256, &p).unwrap();
+        assert_eq!(policies, [[LayerPolicy::Offload { alpha: 0.25 }; 2], [LayerPolicy::Keep; 2]].concat());
+        let lean = MemoryConfig { tail: Tail::Recompute, ..fixed.clone() };
+        assert_eq!(build_policy(&lean, &m, &moe, 1, 256, &p).unwrap(), [[LayerPolicy::Offload { alpha: 0.25 }; 2], [LayerPolicy::Recompute; 2]].concat());
+        let rec = MemoryConfig { policy: MemoryPolicy::Recompute, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
         assert_eq!(build_policy(&rec, &m, &moe, 1, 256, &p).unwrap(), vec![LayerPolicy::Recompute; 4]);
-        let bad = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(2.0), host_gib: 8.0, bandwidth_gbs: 10.0 };
+        let bad = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(2.0), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
         assert!(build_policy(&bad, &m, &moe, 1, 256, &p).is_err());
         let short = Profile::measured(vec![1.0], vec![vec![1; 4]], p.link);
-        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0 };
+        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
         assert!(build_policy(&auto, &m, &moe, 1, 256, &short).is_err());
     }
 }

@@ -5,10 +5,11 @@
 //! with narrower activations) + the skeletal peak (the most the activation store holds at once
 //! over the step, following its rules: `skeletal_peak`) + the transient arena (the larger
 //! phase's plan by the arena's own heuristic, with the arena's headroom; the DSA MIP's peak and
-//! lower bound are reported beside it) + the block boundary tensors (input, output, incoming
-//! and outgoing gradient: 4·N·d_model) + the backend's own memory (CUDA: cuBLASLt's workspace,
-//! and the classifier's logits chunk or the attention backward's scratch, whichever adds more
-//! to the skeletal bytes of its moment).
+//! lower bound are reported beside it) + what lives beside the skeletal bytes at the larger of
+//! two moments: a block's forward or backward (its incoming and outgoing gradient, 2·N·d_model;
+//! CUDA: the attention backward's scratch) or the turn between forward and backward (the final
+//! hidden state, its norm and their gradients, 4·N·d_model; CUDA: the classifier's logits
+//! chunk), reported as boundary and backend bytes (the backend's include cuBLASLt's workspace).
 //! Skeletal sizes use the dropless expected routed counts (see [`Slots::Expected`]). With that
 //! routing the skeletal peak and the arena are exactly what a CPU step holds (tests/memo.rs);
 //! on the emulated CUDA device the whole is within [−3 %, +1 %] of the measured device peak
@@ -169,22 +170,27 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
         arena_bytes = arena_bytes.max(allocation_for(phase_plan(&phase.requests)?.peak));
     }
     // f32 master weights, gradients and two AdamW moments, plus a working copy where the
-    // activations are narrower; four (N, C) activations cross layers at once.
+    // activations are narrower.
     let working_copy = if act_bytes < 4 { act_bytes } else { 0 };
     let static_bytes = (16 + working_copy) * ParamLayout::new(m, moe).total as u64;
-    let boundary_bytes = 4 * (tokens * m.d_model) as u64 * act_bytes;
-    // The classifier's logits chunk lives between the forward and the backward only, the
-    // attention backward's scratch during a layer's backward: each counts where it adds to the
-    // skeletal bytes of its moment.
-    let backend_bytes = if config.device == "cuda" {
-        let chunk = cuda_scratch::classifier_chunk_bytes(tokens, m.vocab_size, act_bytes);
+    // Beside the skeletal bytes of its moment: a block's backward holds its incoming and
+    // outgoing gradient (its forward only its output) and, on CUDA, the attention backward's
+    // scratch; the turn holds the final hidden state, its norm, their gradients and the
+    // classifier's logits chunk.
+    let act = (tokens * m.d_model) as u64 * act_bytes;
+    let (chunk, attention, workspace) = if config.device == "cuda" {
         let shape = AttnShape { batch, seq, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
-        let attention = cuda_scratch::attention_bwd_bytes(shape);
-        let peak = skeletal_peak(&layers, skeletal.total(), chunk).max(skeletal_peak(&layers, skeletal.total() + attention, 0));
-        cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + peak - skeletal_device_bytes
+        (cuda_scratch::classifier_chunk_bytes(tokens, m.vocab_size, act_bytes), cuda_scratch::attention_bwd_bytes(shape), cuda_scratch::BLAS_WORKSPACE_BYTES as u64)
     } else {
-        0
+        (0, 0, 0)
     };
+    let (blocks, at_turn) = skeletal_moments(&layers, skeletal.total());
+    let (in_blocks, at_the_turn) = (blocks + 2 * act + attention, at_turn + 4 * act + chunk);
+    // Reported as the boundary tensors of the larger moment and the rest as the backend's.
+    let (moment, boundary) = if in_blocks >= at_the_turn { (in_blocks, 2 * act) } else { (at_the_turn, 4 * act) };
+    let beside = moment - skeletal_device_bytes;
+    let boundary_bytes = boundary.min(beside);
+    let backend_bytes = workspace + beside - boundary_bytes;
     let device_bytes = static_bytes + skeletal_device_bytes + arena_bytes + boundary_bytes + backend_bytes;
     let fits = device_bytes <= device_mem && host_bytes <= host_mem;
     Ok(MemoryReport {
@@ -214,13 +220,20 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
 /// itself whole again (reloaded, recomputed), the offload of the one before prefetched. `turn`
 /// bytes (the classifier's chunk) live between the last forward and the first backward.
 fn skeletal_peak(layers: &[LayerRow], full: u64, turn: u64) -> u64 {
+    let (blocks, at_turn) = skeletal_moments(layers, full);
+    blocks.max(at_turn + turn)
+}
+
+/// The skeletal bytes of [`skeletal_peak`]'s two kinds of moment: the most while a block runs
+/// (its forward or its backward), and what lives at the turn.
+fn skeletal_moments(layers: &[LayerRow], full: u64) -> (u64, u64) {
     let in_flight = |i: usize| if i > 0 { layers[i - 1].offloaded } else { 0 };
     let (mut peak, mut below) = (0, 0);
     for (i, l) in layers.iter().enumerate() {
         peak = peak.max(below + in_flight(i) + full);
         below += l.kept;
     }
-    peak.max(below + in_flight(layers.len()) + turn)
+    (peak, below + in_flight(layers.len()))
 }
 
 fn gib(bytes: u64) -> String {
@@ -312,24 +325,28 @@ mod tests {
         assert!(memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes, 1 << 30, 1e10).is_ok());
     }
 
-    /// On CUDA the backend's bytes hold the attention backward's scratch where it is the larger
-    /// of the backend's moments: beside a layer's backward, at long context with a small vocabulary.
+    /// On CUDA the backend's bytes hold the attention backward's scratch where a block's moment
+    /// is the larger (recomputing layers at long context with a small vocabulary): beside a
+    /// layer's backward, with its two boundary gradients, against the turn's logits chunk and
+    /// four activations beside the kept tensors only.
     #[test]
     fn cuda_counts_the_attention_backward_scratch() {
-        let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
+        let mut c = config(MemoryPolicy::Recompute, Alpha::Auto);
         c.device = "cuda".into();
         c.model.seq_len = 4096;
         c.model.vocab_size = 64;
         let m = &c.model;
         let shape = AttnShape { batch: 2, seq: 4096, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
         let attention = cuda_scratch::attention_bwd_bytes(shape);
-        assert!(attention > cuda_scratch::classifier_chunk_bytes(shape.tokens(), m.vocab_size, 2), "the case must make attention the larger");
+        let act = (shape.tokens() * m.d_model * 2) as u64;
         let r = plan_report(&c, 4096, 2, u64::MAX, 1 << 30, 1e10).unwrap();
-        assert_eq!(r.backend_bytes, cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + attention);
+        let (recomputed, chunk) = (r.layers[0].recomputed, cuda_scratch::classifier_chunk_bytes(shape.tokens(), m.vocab_size, 2));
+        assert!(recomputed + attention + 2 * act > chunk + 4 * act, "the case must make a block's moment the larger");
+        assert_eq!((r.backend_bytes, r.boundary_bytes), (cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + attention, 2 * act));
     }
 
     /// The store's timeline (checked against real steps in tests/memo.rs, whose α-planned
-    /// policies end in kept layers): offloads in flight for one layer, the classifier's chunk
+    /// policies end in kept or recomputing layers): offloads in flight for one layer, the classifier's chunk
     /// at the turn only.
     #[test]
     fn skeletal_peak_follows_the_store() {

@@ -397,15 +397,25 @@ impl<B: Backend> ActivationStore<B> {
                 let seg = self.host.push(total as u64 * elem)?;
                 let limit = self.host.limit_bytes();
                 let pool = self.host_mem.get_or_insert_with(|| be.alloc_host(limit));
-                let mut at = seg.start;
-                for &(start, n) in &to_host {
-                    be.offload(pool, at, B::view(&buf, start..start + n), spec.precision);
-                    at += n as u64 * elem;
-                }
+                // Rows are dropped: gather the offloaded ones into a buffer of their own first,
+                // so that only they, not the whole tensor, stay on the device while the copy
+                // runs beside the next layer's forward.
+                let from = if dropped > 0 {
+                    let mut rows = be.alloc_scratch(total, spec.precision); // written whole below
+                    let mut at = 0;
+                    for &(start, n) in &to_host {
+                        be.copy(B::view_mut(&mut rows, at..at + n), B::view(&buf, start..start + n));
+                        at += n;
+                    }
+                    rows
+                } else {
+                    buf
+                };
+                be.offload(pool, seg.start, B::full(&from), spec.precision);
                 self.layers[layer].host[i] = Some(seg);
                 // Still being read by the copy: counted on the device until the next wait.
-                self.track(B::buf_bytes(&buf), 0);
-                self.in_flight.push(buf);
+                self.track(B::buf_bytes(&from), 0);
+                self.in_flight.push(from);
             }
             traffic.offloaded += total as u64 * elem;
             traffic.recomputed += dropped;
@@ -429,70 +439,92 @@ impl<B: Backend> ActivationStore<B> {
     }
 
     /// Brings a sealed layer back onto the device before its backward: host rows are copied
-    /// back into full-size buffers. Returns the first token whose rows the layer must recompute
+    /// back, into full-size buffers. Returns the first token whose rows the layer must recompute
     /// (through `N`), or `None` when nothing was dropped.
     ///
     /// It also starts bringing back the layer before it (the next backward), whose copies then
-    /// run while this layer's backward computes: MEMO's prefetch. So the offloaded tensors of
-    /// at most two layers are on the device at once here too.
+    /// run while this layer's backward computes: MEMO's prefetch. The prefetch lands in buffers
+    /// the size of the host rows, spread into full-size ones only here, so while a layer is
+    /// differentiated the one before it holds its offloaded bytes, not a whole layer.
     pub fn restore(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Option<usize> {
         self.settle(be);
-        let bufs = match self.prefetched.take() {
+        let staged = match self.prefetched.take() {
             Some(p) if p.layer == layer => {
                 be.copy_wait(p.mark);
                 p.bufs
             }
             other => {
                 assert!(other.is_none(), "layer {} was prefetched, but layer {layer} is restored", other.map_or(0, |p| p.layer));
-                let bufs = self.reload_layer(be, layer, dims);
+                let staged = self.stage_layer(be, layer);
                 be.copy_wait(be.copy_mark());
-                bufs
+                staged
             }
         };
-        for (i, buf) in bufs {
-            self.layers[layer].tensors[i] = Some(buf); // counted since `reload_layer` made it
-        }
+        self.unstage(be, layer, dims, staged);
         if let Some(prev) = layer.checked_sub(1).filter(|&l| self.layers[l].host.iter().any(Option::is_some)) {
-            let bufs = self.reload_layer(be, prev, dims);
+            let bufs = self.stage_layer(be, prev);
             self.prefetched = Some(Prefetch { layer: prev, bufs, mark: be.copy_mark() });
         }
         self.layers[layer].split.take()
     }
 
-    /// New buffers for every tensor of `layer` that is not on the device, with the copies of
-    /// its host rows started (usable after a wait on a later mark); frees their host segments.
-    fn reload_layer(&mut self, be: &B, layer: usize, dims: &BlockDims) -> Vec<(usize, B::Buf)> {
+    /// Starts copying `layer`'s host segments back, each into a buffer of its own size (usable
+    /// after a wait on a later mark); frees the segments.
+    fn stage_layer(&mut self, be: &B, layer: usize) -> Vec<(usize, B::Buf)> {
+        let mut staged = Vec::new();
+        for (i, spec) in self.inventory.iter().enumerate() {
+            let Some(seg) = self.layers[layer].host[i].take() else { continue };
+            let elem = spec.precision.bytes(be.activation_bytes());
+            // Written whole by the copy.
+            let mut buf = be.alloc_scratch((seg.len / elem) as usize, spec.precision);
+            let pool = self.host_mem.as_ref().expect("an offloaded tensor has a host pool");
+            be.reload(B::full_mut(&mut buf), pool, seg.start, spec.precision);
+            // Reused only by offloads, which queue behind these copies on the same stream.
+            self.host.free(seg);
+            self.track(B::buf_bytes(&buf), 0);
+            staged.push((i, buf));
+        }
+        staged
+    }
+
+    /// Makes every tensor of `layer` whole on the device again: a staged buffer that holds a
+    /// whole tensor becomes it, staged rows are spread, run by run, into a full-size buffer
+    /// (whose dropped rows the recompute fills), and a dropped tensor gets a full-size buffer.
+    /// One tensor at a time, so at most one tensor is held both ways.
+    fn unstage(&mut self, be: &B, layer: usize, dims: &BlockDims, staged: Vec<(usize, B::Buf)>) {
         let split = self.layers[layer].split;
         let routing = self.layers[layer].routing.take().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"));
-        let mut bufs = Vec::new();
+        let mut staged: Vec<Option<B::Buf>> = {
+            let mut by_index: Vec<Option<B::Buf>> = (0..self.inventory.len()).map(|_| None).collect();
+            staged.into_iter().for_each(|(i, b)| by_index[i] = Some(b));
+            by_index
+        };
         for (i, spec) in self.inventory.iter().enumerate() {
             if self.layers[layer].tensors[i].is_some() {
                 continue;
             }
             let len = self.layers[layer].lens[i];
-            // Written whole: reloaded rows here, the dropped ones by the recompute.
-            let mut buf = be.alloc_scratch(len, spec.precision);
-            if let Some(seg) = self.layers[layer].host[i].take() {
-                let elem = spec.precision.bytes(be.activation_bytes());
-                let pool = self.host_mem.as_ref().expect("an offloaded tensor has a host pool");
-                let runs = match (spec.class, split) {
-                    (Class::TokenSplit, Some(a)) => row_runs(spec, dims, &routing, a),
-                    _ => vec![RowRun { start: 0, rows: 1, width: len, kept: 1 }],
-                };
-                let mut at = seg.start;
-                for r in runs {
-                    let n = r.kept * r.width;
-                    be.reload(B::view_mut(&mut buf, r.start..r.start + n), pool, at, spec.precision);
-                    at += n as u64 * elem;
+            let buf = match (staged[i].take(), spec.class, split) {
+                (Some(whole), Class::Whole, _) | (Some(whole), _, None) => whole,
+                (rows, _, _) => {
+                    // Written whole: staged rows here, the dropped ones by the recompute.
+                    let mut buf = be.alloc_scratch(len, spec.precision);
+                    self.track(B::buf_bytes(&buf), 0);
+                    if let (Some(rows), Some(a)) = (rows, split) {
+                        let mut at = 0;
+                        for r in row_runs(spec, dims, &routing, a) {
+                            let n = r.kept * r.width;
+                            be.copy(B::view_mut(&mut buf, r.start..r.start + n), B::view(&rows, at..at + n));
+                            at += n;
+                        }
+                        self.track(0, B::buf_bytes(&rows));
+                    }
+                    buf
                 }
-                // Reused only by offloads, which queue behind these copies on the same stream.
-                self.host.free(seg);
-            }
-            self.track(B::buf_bytes(&buf), 0);
-            bufs.push((i, buf));
+            };
+            self.layers[layer].tensors[i] = Some(buf); // counted when staged or allocated
         }
         self.layers[layer].routing = Some(routing);
-        bufs
     }
 
     fn free_host(&mut self, layer: usize) {

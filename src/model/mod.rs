@@ -264,6 +264,8 @@ impl<B: Backend> Model<B> {
 
         let mut dx = be.alloc_scratch(n * c, Precision::Activation);
         be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), B::full(&rstd), None, n, c);
+        // Not needed by the blocks' backward: three activations less beside the layers'.
+        drop((x, xf, dxf, rstd));
         let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), chunk_rows: self.expert_chunk_rows };
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
