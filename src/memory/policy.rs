@@ -78,8 +78,8 @@ impl Profile {
 
 /// One policy per block for `cfg`. `Keep` and `Recompute` apply to every block; `Offload` to all
 /// but the last [`UNSWAPPED_TAIL`] (which keep, or recompute with `tail = "recompute"`), with the
-/// fixed α or the LP's. When the LP finds
-/// that even α = 0 breaks a limit, the swapped blocks recompute instead (nothing to copy).
+/// fixed α or the LP's. When the LP finds that even α = 0 breaks a limit, the swapped blocks
+/// recompute instead (nothing to copy).
 pub fn build_policy(cfg: &MemoryConfig, model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, profile: &Profile) -> Result<Vec<LayerPolicy>> {
     let n = model.n_layers;
     let swapped = n.saturating_sub(UNSWAPPED_TAIL);

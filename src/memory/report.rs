@@ -346,8 +346,8 @@ mod tests {
     }
 
     /// The store's timeline (checked against real steps in tests/memo.rs, whose α-planned
-    /// policies end in kept or recomputing layers): offloads in flight for one layer, the classifier's chunk
-    /// at the turn only.
+    /// policies end in kept or recomputing layers): offloads in flight for one layer, the
+    /// classifier's chunk at the turn only.
     #[test]
     fn skeletal_peak_follows_the_store() {
         let row = |policy, kept, offloaded| LayerRow { layer: 0, policy, inventory: Vec::new(), kept, offloaded, recomputed: 100 - kept - offloaded };

@@ -146,10 +146,11 @@ impl<B: Backend> BlockCtx<'_, B> {
     }
 
     /// Backward of [`Self::experts_forward`] on one chunk: SwiGLU's backward also recomputes its
-    /// output from the saved `gu` (for the down projection's weight gradient), writes the chunk's rows of the input gradient `dxe` and the experts' weight
-    /// gradients (adding where an earlier chunk wrote them); `[act, dact, dgu]` are its transients, `act` and `dact` laid out as
-    /// `segs` says and `dgu` likewise with rows twice as wide. Every projection is one grouped
-    /// matmul.
+    /// output from the saved `gu` (for the down projection's weight gradient), writes the
+    /// chunk's rows of the input gradient `dxe` and the experts' weight gradients (adding where
+    /// an earlier chunk wrote them); `[act, dact, dgu]` are its transients, `act` and `dact` laid
+    /// out as `segs` says and `dgu` likewise with rows twice as wide. Every projection is one
+    /// grouped matmul.
     #[allow(clippy::too_many_arguments)]
     fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut Grads<'_, B>, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));

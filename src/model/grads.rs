@@ -8,6 +8,7 @@
 //! wrote (an expert that received no token) is zeroed when the backward ends, so every
 //! gradient is whole before anything reads it.
 
+use std::collections::HashSet;
 use std::ops::Range;
 
 use super::params::ParamLayout;
@@ -25,25 +26,9 @@ pub struct GradLedger {
 impl GradLedger {
     /// The ledger of `layout`'s gradients, as a buffer of zeros is: every gradient written.
     pub fn new(layout: &ParamLayout) -> Self {
-        let mut products: Vec<(usize, usize)> = Vec::new();
-        for b in &layout.blocks {
-            for off in [b.wqkv, b.wo, b.router].into_iter().chain(b.experts.iter().flat_map(|&(gu, down)| [gu, down])) {
-                let spec = layout.specs.iter().find(|s| s.offset == off).expect("a block matrix is a parameter");
-                products.push((off, spec.len()));
-            }
-        }
-        products.sort_unstable();
-        let mut accumulated: Vec<Range<usize>> = Vec::new();
-        let mut at = 0;
-        for &(off, len) in products.iter().chain([&(layout.total, 0)]) {
-            if off > at {
-                match accumulated.last_mut() {
-                    Some(last) if last.end == at => last.end = off,
-                    _ => accumulated.push(at..off),
-                }
-            }
-            at = off + len;
-        }
+        let matrices: HashSet<usize> = layout.blocks.iter().flat_map(|b| [b.wqkv, b.wo, b.router].into_iter().chain(b.experts.iter().flat_map(|&(gu, down)| [gu, down]))).collect();
+        let products: Vec<(usize, usize)> = layout.specs.iter().filter(|s| matrices.contains(&s.offset)).map(|s| (s.offset, s.len())).collect();
+        let accumulated = layout.runs(|s| matrices.contains(&s.offset)).into_iter().filter(|(_, by_products)| !by_products).map(|(r, _)| r).collect();
         GradLedger { written: vec![true; products.len()], products, accumulated }
     }
 

@@ -44,43 +44,11 @@ impl<B: Backend> Optimizer<B> {
         let grad_scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
         self.step += 1;
         let hp = AdamW { lr, beta1: self.config.beta1, beta2: self.config.beta2, eps: self.config.eps, weight_decay: self.config.weight_decay, step: self.step };
-        for (r, decay) in decay_runs(layout) {
+        // One launch per run of tensors sharing their weight decay (H100-ref: 51 instead of 255;
+        // the update is elementwise, so the results are the same).
+        for (r, decay) in layout.runs(|spec| spec.decay) {
             let (master, work) = params.range_mut(r.clone());
             be.adamw(master, work, B::view_mut(&mut self.m, r.clone()), B::view_mut(&mut self.v, r.clone()), B::view(grads, r), hp, grad_scale, decay);
-        }
-    }
-}
-
-/// The parameter block as runs of consecutive tensors that share their weight decay: one AdamW
-/// launch per run instead of per tensor (H100-ref: 51 instead of 255; the update is elementwise,
-/// so the results are the same).
-fn decay_runs(layout: &ParamLayout) -> Vec<(std::ops::Range<usize>, bool)> {
-    let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
-    for spec in &layout.specs {
-        match runs.last_mut() {
-            Some((r, decay)) if *decay == spec.decay && r.end == spec.offset => r.end = spec.range().end,
-            _ => runs.push((spec.range(), spec.decay)),
-        }
-    }
-    runs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-
-    #[test]
-    fn decay_runs_cover_the_block_once_with_each_tensors_decay() {
-        let c = Config::default_with(&[]).unwrap();
-        let layout = ParamLayout::new(&c.model, &c.moe);
-        let runs = decay_runs(&layout);
-        assert!(runs.len() < layout.specs.len());
-        assert!(runs.windows(2).all(|w| w[0].0.end == w[1].0.start && w[0].1 != w[1].1), "adjacent runs differ in decay");
-        assert_eq!((runs[0].0.start, runs.last().unwrap().0.end), (0, layout.total));
-        for spec in &layout.specs {
-            let run = runs.iter().find(|(r, _)| r.contains(&spec.offset)).unwrap();
-            assert!(run.0.end >= spec.range().end && run.1 == spec.decay, "{}", spec.name);
         }
     }
 }
