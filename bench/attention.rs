@@ -10,7 +10,7 @@
 //! Run: `cargo bench --features cuda --bench attention [-- --device cuda --lengths 4K,32K,128K
 //! --heads 16 --head-dim 64 --tokens 32K --min-seconds 1 --hopper --json FILE]` (`--device cpu`
 //! runs the CPU backend, for short lengths; `--hopper` both passes on the Hopper kernels,
-//! `CudaBackend::with_hopper_attention`, its rows named "motley (wgmma)", each length's output
+//! `CudaBackend::with_hopper_kernels`, its rows named "motley (wgmma)", each length's output
 //! and gradient also held to the mma.sync kernels': the normalised max error, a check at the
 //! lengths the parity tests do not reach).
 

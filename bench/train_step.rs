@@ -12,8 +12,8 @@
 //! - `cargo bench --bench train_step [-- --threads 2 --steps 10 --profile]`
 //! - `cargo bench --features cuda --bench train_step -- --device cuda --shape h100-ref
 //!   [--batch 8 --seq 4K --policy keep|recompute|alpha|alpha=A --steps 10 --warmup 2 --max-seconds S --profile
-//!   --hopper --json FILE]` (`--hopper`: attention on the opt-in Hopper (wgmma) kernels, rows
-//!   named "motley (wgmma attention)")
+//!   --hopper --json FILE]` (`--hopper`: the opt-in Hopper (wgmma) kernels, attention and the
+//!   experts' fused SwiGLU GEMMs, rows named "motley (Hopper kernels)")
 //! - `… --device cuda --shape h100-ref --policy recompute --sweep 16K,32K,64K,128K,256K,512K,1M
 //!   [--time-limit 240 --budget 540 --json FILE]`
 

@@ -46,7 +46,13 @@
 //!   rounding of P and dS to bf16 (up to 2⁻⁸ each) before their products, which average it out
 //!   least with few keys (measured ≤ 2.6e-3, at head_dim 16 and T = 70);
 //!   [`BF16_ATTN_TOL`] 8e-3 with bf16 storage, which also rounds out and dqkv once (2⁻⁸) and
-//!   reads O as bf16 for Δ (measured ≤ 3.4e-3).
+//!   reads O as bf16 for Δ (measured ≤ 3.4e-3);
+//! - the fused expert kernels: the up projection's `gu` within [`F32_TOL`] / [`BF16_TOL`]
+//!   (products of bf16 operands summed in another order, then one rounding), its `act` within
+//!   twice that (computed from the rounded `gu` and rounded again; measured 5.7e-3 with bf16)
+//!   and bitwise what `swiglu_fwd` computes from that `gu`; the backward's `dgu` within twice
+//!   the tolerance (from `dact` rounded to the storage, which the CPU keeps in f32, and rounded
+//!   again), its `act` bitwise the forward's.
 //!
 //! The primitives are checked against the PTX ISA (cases in `cuda_emu/primitive_cases.rs`,
 //! which `cuda_parity` runs on a GPU too): `mma16816` against a plain matmul (exactly on small
@@ -74,9 +80,10 @@ use common::randn;
 use motley::backend::cpu::Cpu;
 use motley::backend::cuda::launch::{self, grid_stride, per_row, warp_per_row, LaunchConfig, ROW_CHUNK, SUMSQ_BLOCKS};
 use motley::backend::cuda::attention::{self as attn, Pass};
+use motley::backend::cuda::experts::{self as expert_launch, Fused};
 use motley::backend::cuda::nvrtc::{Storage, KERNEL_FILES};
 use motley::backend::cuda::{group_positions, AdamWArgs};
-use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
+use motley::backend::{AdamW, AttnShape, Backend, Gemm, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use motley::rng::Rng;
 use primitive_cases::{Arg as CaseArg, Case};
 
@@ -279,9 +286,9 @@ fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
 }
 
 /// Kernels whose dynamic shared memory limit the backend raises (`kernels.rs`: the attention
-/// passes); every other launch gets CUDA's default 48 KiB.
+/// passes and the fused expert kernel); every other launch gets CUDA's default 48 KiB.
 fn raised_smem(kernel: &str) -> bool {
-    attn::HOPPER_FUNCTIONS.contains(&kernel) || attn::head_dims().any(|d| Pass::ALL.iter().any(|p| p.function(d) == kernel))
+    attn::HOPPER_FUNCTIONS.contains(&kernel) || expert_launch::HOPPER_FUNCTIONS.contains(&kernel) || attn::head_dims().any(|d| Pass::ALL.iter().any(|p| p.function(d) == kernel))
 }
 
 /// Hopper's opt-in shared memory per block (227 KiB), the limit the attention launches get.
@@ -960,6 +967,73 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
     ch.finish();
 }
 
+// ---- the experts' fused kernels ---------------------------------------------------------------
+
+/// `expert_up_wgmma` and `expert_dact_wgmma` against the CPU's grouped matmuls and SwiGLU:
+/// experts of widths 128, 64 and 192 with 130 rows (a partial second row tile), none, 70 and
+/// 129; an inner dimension of 320, five steps, so each of the four shared buffers is refilled.
+/// The up projection's `act` must be bitwise what `swiglu_fwd` computes from its `gu`, and the
+/// backward's `act` (recomputed from that `gu`) bitwise the forward's.
+fn experts(s: Storage) {
+    let c = 320;
+    let experts = [(130, 128), (0, 64), (70, 64), (129, 192)];
+    let (mut up, mut down, mut rows, mut w_len, mut act_len) = (Vec::new(), Vec::new(), 0, 0, 0);
+    for &(m, h) in &experts {
+        up.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act_len, a: rows * c, b: w_len }, act: act_len });
+        // W_down (c × h) after W_gu in the same weights; dact shares act's layout.
+        down.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act_len, a: rows * c, b: w_len + 2 * h * c }, gu: 2 * act_len, dgu: 2 * act_len, act: act_len });
+        (rows, w_len, act_len) = (rows + m, w_len + 3 * h * c, act_len + m * h);
+    }
+    // bf16 values: the kernels stage bf16 tiles in either storage.
+    let bf = |v: &[f32]| act(Storage::Bf16, v);
+    let (x, w, dy) = (bf(&data(61, rows * c)), bf(&data(62, w_len)), bf(&data(63, rows * c)));
+    let Some(got) = emulate(s, |g| {
+        let (xb, wb, dyb) = (g.act("xe", &x), g.act("w", &w), g.act("dy", &dy));
+        let (gu, out) = (g.nan("gu", g.act_elem(), 2 * act_len), g.nan("act", g.act_elem(), act_len));
+        let (dgu, out_bwd) = (g.nan("dgu", g.act_elem(), 2 * act_len), g.nan("act (backward)", g.act_elem(), act_len));
+        let addr = |b: &Buf| b.data_ptr() as u64;
+        let ops = expert_launch::Operands { a: addr(&xb), w: addr(&wb), gu: addr(&gu), dgu: 0, act: addr(&out), elem_bytes: g.act_elem().bytes() };
+        let calls = [
+            (Fused::Up, expert_launch::up_call(ops, &up)),
+            (Fused::Dact, expert_launch::dact_call(expert_launch::Operands { a: addr(&dyb), dgu: addr(&dgu), act: addr(&out_bwd), ..ops }, &down)),
+        ];
+        for (fused, call) in calls {
+            let call = call.expect("the backend takes these products");
+            let table = Buf::new("segments", Elem::U32, call.segments.len() * std::mem::size_of::<expert_launch::Segment>() / 4);
+            table.write(call.segments.iter().map(bytes_of));
+            let args = [table.arg(), Arg::I32(call.segments.len() as i32), Arg::I32(call.k as i32)];
+            match fused {
+                Fused::Up => g.run("expert_up_wgmma", fused.config(&call), &args),
+                Fused::Dact => g.run("expert_dact_wgmma", fused.config(&call), &args),
+            }
+        }
+        // What swiglu_fwd makes of the forward's gu, expert by expert.
+        let again = g.nan("act (swiglu_fwd)", g.act_elem(), act_len);
+        for glu in &up {
+            let (m, h) = (glu.gemm.m, glu.gemm.n / 2);
+            g.run("swiglu_fwd", g.grid_stride(m * h / 8), &[again.at(glu.act), gu.at(glu.gemm.out), Arg::Size(m), Arg::I32(h as i32), Arg::I32(8)]);
+        }
+        vec![gu, out, again, dgu, out_bwd]
+    }) else {
+        return;
+    };
+    let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    let cpu = cpu_for(s);
+    let (mut want_gu, mut want_act) = (vec![0.0; 2 * act_len], vec![0.0; act_len]);
+    cpu.grouped_matmul_swiglu(&mut want_gu, &mut want_act, &x, &w, &up);
+    // The backward from the kernel's gu, as stored.
+    let (mut want_dgu, mut want_act_bwd, mut dact) = (vec![0.0; 2 * act_len], vec![0.0; act_len], vec![0.0; act_len]);
+    cpu.grouped_matmul_swiglu_bwd(&mut want_dgu, &mut want_act_bwd, &mut dact, &dy, &w, &as_f32(&got[0]), &down);
+    let mut ch = Checks::new("experts", s);
+    ch.close32("expert_up_wgmma gu", &want_gu, &got[0], tol(s));
+    ch.close32("expert_up_wgmma act", &want_act, &got[1], 2.0 * tol(s));
+    ch.exact("expert_up_wgmma act is swiglu_fwd's of its gu", &as_f32(&got[2]), &got[1]);
+    ch.close32("expert_dact_wgmma dgu", &want_dgu, &got[3], 2.0 * tol(s));
+    ch.close32("expert_dact_wgmma act", &want_act_bwd, &got[4], tol(s));
+    ch.exact("expert_dact_wgmma act is the forward's", &as_f32(&got[1]), &got[4]);
+    ch.finish();
+}
+
 /// One test per kernel file and storage: `<file>::f32` and `<file>::bf16`.
 macro_rules! per_storage {
     ($($file:ident),*) => {$(
@@ -977,7 +1051,7 @@ macro_rules! per_storage {
     )*};
 }
 
-per_storage!(elementwise, embed, norm, rope, swiglu, softmax, router_bwd, permute, loss, optim, attention, attention_hopper);
+per_storage!(elementwise, embed, norm, rope, swiglu, softmax, router_bwd, permute, loss, optim, attention, attention_hopper, experts);
 
 /// Every entry point the backend loads is launched somewhere above: by its quoted name, or, for
 /// the per-head_dim attention passes, by a shape of [`ATTN`] with that head_dim (the Hopper

@@ -39,7 +39,7 @@ use motley::backend::cpu::Cpu;
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 use motley::backend::cuda::nvrtc;
 use motley::backend::cuda::{CudaBackend, Storage};
-use motley::backend::{AdamW, AttnShape, Backend, Gemm, TokenSlots};
+use motley::backend::{AdamW, AttnShape, Backend, Gemm, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use motley::memory::store::LayerPolicy;
 use motley::model::config::Routing;
 use motley::model::Model;
@@ -397,13 +397,14 @@ const HOST_BYTES: u64 = 1 << 30;
 
 /// Per-step losses and the final gradients and master weights of `steps` AdamW steps of a
 /// 2-layer model under `policy`: 4 heads of 16 (2 kv heads), or with `HEAD_DIM_64` 2 heads of 64
-/// (1 kv head, the Hopper kernels' shape). Every token goes to every expert (top-k = all), so
+/// (1 kv head) and experts of widths 64 to 192 (the Hopper kernels' shapes). Every token goes to every expert (top-k = all), so
 /// rounding differences cannot flip a routing decision and move a token's gradient between
 /// experts; the routing itself is host code, the same for both.
 fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, head_dim: usize) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
     let (mut cfg, mut moe) = tiny_model(Routing::TopK);
     if head_dim == HEAD_DIM_64 {
         (cfg.n_heads, cfg.n_kv_heads) = (2, 1);
+        moe.expert_widths = vec![64, 128, 192, 64];
     }
     cfg.d_model = cfg.n_heads * head_dim;
     moe.top_k = moe.n_experts();
@@ -465,18 +466,23 @@ fn model_step_bf16() {
     model_parity(&cuda, 16, 1e-2, 5e-2, 2e-2);
 }
 
-/// Whole steps with attention on the Hopper kernels (2 heads of 64), as `model_step_bf16`; and
-/// MEMO's recompute through them gives keep-all's loss.
+/// Whole steps on the Hopper kernels (attention with 2 heads of 64, the experts' fused
+/// kernels), as `model_step_bf16`; and MEMO's recompute through them gives keep-all's loss.
 #[test]
 fn model_step_hopper() {
     if gpu(Storage::Bf16).is_none() {
         return;
     }
     let hopper = match hopper() {
-        Ok(be) => be,
+        Ok(be) => be.with_profile(),
         Err(e) => return eprintln!("model_step_hopper skipped: {e}"),
     };
     model_parity(&hopper, HEAD_DIM_64, 1e-2, 5e-2, 2e-2);
+    // The model's shapes are ones the fused kernels take: they ran, not the fallback.
+    let ran: Vec<&str> = hopper.take_profile().iter().map(|row| row.op).collect();
+    for op in ["grouped_matmul_swiglu", "grouped_matmul_swiglu_bwd"] {
+        assert!(ran.contains(&op), "model_step_hopper: {op} never ran its fused kernel");
+    }
     let (keep_l, keep_g, _) = train(&hopper, LayerPolicy::Keep, 1, HEAD_DIM_64);
     let (l, g, _) = train(&hopper, LayerPolicy::Recompute, 1, HEAD_DIM_64);
     assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "Hopper kernels, recompute: forward loss differs from keep-all");
@@ -642,9 +648,10 @@ fn primitives_follow_the_ptx_isa() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// A bf16 backend running attention on the Hopper kernels, or why not (not sm_90).
+/// A bf16 backend running the Hopper kernels (attention, the experts' fused up projection), or
+/// why not (not sm_90).
 fn hopper() -> motley::Result<CudaBackend> {
-    CudaBackend::new(0, Storage::Bf16).and_then(CudaBackend::with_hopper_attention)
+    CudaBackend::new(0, Storage::Bf16).and_then(CudaBackend::with_hopper_kernels)
 }
 
 /// The Hopper attention kernels (wgmma, opt-in), forward and backward, against the CPU and
@@ -688,6 +695,79 @@ fn hopper_attention() {
                 let err = error(reference, &got[i]);
                 eprintln!("hopper attention {s:?}: {what} vs {against} normalised max error {err:.2e}");
                 assert!(err <= BF16_ATTN_TOL, "hopper attention {s:?}: {what} vs {against} normalised max error {err:.3e} > {BF16_ATTN_TOL:.0e}");
+            }
+        }
+    }
+}
+
+/// The experts' fused kernels (opt-in): the up projection with SwiGLU and SwiGLU's backward
+/// through the down projection, against the CPU and against the grouped cuBLAS call and the
+/// SwiGLU kernels on the same device. The forward's `act` must be bitwise what `swiglu_fwd`
+/// computes from its `gu`, the backward's `act` bitwise the forward's. Widths 128, 64, 192 with
+/// 130, 0, 70 rows (d = 320: five steps through four buffers); on a GPU also H100-ref's experts
+/// (d = 1024, widths 1024 to 4608) at 8192 rows each, against cuBLAS only. Skipped, saying so,
+/// without sm_90.
+#[test]
+fn hopper_experts() {
+    type B = CudaBackend;
+    let Some(plain) = gpu(Storage::Bf16) else { return };
+    let hopper = match hopper() {
+        Ok(be) => be.with_profile(),
+        Err(e) => return eprintln!("hopper_experts skipped: {e}"),
+    };
+    let mut shapes: Vec<(usize, Vec<(usize, usize)>)> = vec![(320, vec![(130, 128), (0, 64), (70, 192)])];
+    if real_gpu(&plain) {
+        shapes.push((1024, (0..8).map(|e| (8192, 1024 + 512 * e)).collect()));
+    }
+    let cpu = cpu_for(Storage::Bf16);
+    for (c, experts) in shapes {
+        let (mut up_of, mut down_of, mut rows, mut w_len, mut act_len) = (Vec::new(), Vec::new(), 0, 0, 0);
+        for &(m, h) in &experts {
+            up_of.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act_len, a: rows * c, b: w_len }, act: act_len });
+            down_of.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act_len, a: rows * c, b: w_len + 2 * h * c }, gu: 2 * act_len, dgu: 2 * act_len, act: act_len });
+            (rows, w_len, act_len) = (rows + m, w_len + 3 * h * c, act_len + m * h);
+        }
+        let bf16 = |v: Vec<f32>| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+        let (x, w, dy) = (bf16(data(70, rows * c)), bf16(data(71, w_len)), bf16(data(72, rows * c)));
+        // [gu, act, swiglu_fwd of that gu, dgu, the backward's act]
+        let run = |be: &CudaBackend| {
+            let (xb, wb, dyb) = (up(be, &x), up(be, &w), up(be, &dy));
+            let (mut gu, mut act, mut again) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len));
+            be.grouped_matmul_swiglu(B::full_mut(&mut gu), B::full_mut(&mut act), B::full(&xb), B::full(&wb), &up_of);
+            for g in &up_of {
+                let (m, h) = (g.gemm.m, g.gemm.n / 2);
+                be.swiglu_fwd(B::subview_mut(&mut B::full_mut(&mut again), g.act..g.act + m * h), B::subview(B::full(&gu), g.gemm.out..g.gemm.out + 2 * m * h), m, h);
+            }
+            let (mut dgu, mut act_bwd, mut dact) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len));
+            be.grouped_matmul_swiglu_bwd(B::full_mut(&mut dgu), B::full_mut(&mut act_bwd), B::full_mut(&mut dact), B::full(&dyb), B::full(&wb), B::full(&gu), &down_of);
+            [down(be, &gu), down(be, &act), down(be, &again), down(be, &dgu), down(be, &act_bwd)]
+        };
+        let (got, cublas) = (run(&hopper), run(&plain));
+        // Both fused kernels ran (no fallback), charged their products' FLOPs.
+        let profile = hopper.take_profile();
+        let flops = |gemms: Vec<Gemm>| gemms.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum::<f64>();
+        for (op, want) in [("grouped_matmul_swiglu", flops(up_of.iter().map(|g| g.gemm).collect())), ("grouped_matmul_swiglu_bwd", flops(down_of.iter().map(|g| g.gemm).collect()))] {
+            let row = profile.iter().find(|row| row.op == op).unwrap_or_else(|| panic!("hopper_experts: {op} did not run its fused kernel (fallback taken)"));
+            assert_eq!(row.flops, want, "hopper_experts: {op}'s FLOPs in the profile");
+        }
+        let what = format!("hopper experts d={c} {experts:?}");
+        let bitwise = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(bitwise(&got[1], &got[2]), "{what}: the forward's act is not bitwise swiglu_fwd of its gu");
+        assert!(bitwise(&got[1], &got[4]), "{what}: the backward's act is not bitwise the forward's");
+        let mut against = vec![("cuBLAS + SwiGLU kernels", cublas)];
+        if rows * c <= 1 << 20 {
+            let (xb, wb, dyb) = (up(&cpu, &x), up(&cpu, &w), up(&cpu, &dy));
+            let (mut gu, mut act) = (cpu.alloc(2 * act_len), cpu.alloc(act_len));
+            cpu.grouped_matmul_swiglu(Cpu::full_mut(&mut gu), Cpu::full_mut(&mut act), Cpu::full(&xb), Cpu::full(&wb), &up_of);
+            let (mut dgu, mut act_bwd, mut dact) = (cpu.alloc(2 * act_len), cpu.alloc(act_len), cpu.alloc(act_len));
+            cpu.grouped_matmul_swiglu_bwd(Cpu::full_mut(&mut dgu), Cpu::full_mut(&mut act_bwd), Cpu::full_mut(&mut dact), Cpu::full(&dyb), Cpu::full(&wb), Cpu::full(&gu), &down_of);
+            against.push(("CPU", [down(&cpu, &gu), down(&cpu, &act), Vec::new(), down(&cpu, &dgu), Vec::new()]));
+        }
+        for (name, reference) in &against {
+            for (i, out) in [(0, "gu"), (1, "act"), (3, "dgu")] {
+                let err = error(&reference[i], &got[i]);
+                eprintln!("{what}: {out} vs {name} normalised max error {err:.2e}");
+                assert!(err <= BF16_GEMM_TOL, "{what}: {out} vs {name} normalised max error {err:.3e} > {BF16_GEMM_TOL:.0e}");
             }
         }
     }

@@ -101,8 +101,8 @@ mod cuda {
 }
 
 /// GPU 0 in bf16 mixed precision (what `motley train --device cuda` runs), or exit 2 saying
-/// what is missing (driver, GPU, NVRTC, cuBLAS); with `hopper`, attention at head_dim 64 on the
-/// opt-in Hopper (wgmma) kernels (exit 2 on other GPUs).
+/// what is missing (driver, GPU, NVRTC, cuBLAS); with `hopper`, the opt-in Hopper (wgmma)
+/// kernels: attention at head_dim 64 and the experts' fused SwiGLU GEMMs (exit 2 on other GPUs).
 #[cfg(feature = "cuda")]
 pub fn open_cuda(profile: bool, hopper: bool) -> motley::backend::cuda::CudaBackend {
     use motley::backend::cuda::{cuda_available, CudaBackend, Storage};
@@ -110,7 +110,7 @@ pub fn open_cuda(profile: bool, hopper: bool) -> motley::backend::cuda::CudaBack
         fail(&format!("--device cuda: {why}"));
     }
     let be = CudaBackend::new(0, Storage::Bf16).unwrap_or_else(|e| fail(&format!("--device cuda: {e}")));
-    let be = if hopper { be.with_hopper_attention().unwrap_or_else(|e| fail(&format!("--hopper: {e}"))) } else { be };
+    let be = if hopper { be.with_hopper_kernels().unwrap_or_else(|e| fail(&format!("--hopper: {e}"))) } else { be };
     if profile {
         be.with_profile()
     } else {

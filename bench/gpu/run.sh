@@ -3,8 +3,9 @@
 # gpu-carry/ folder that bench/gpu/build.sh made here (no Rust toolchain needed there):
 #
 #   bench/gpu/run.sh check      environment; GPU parity tests; memory plan vs peak; `motley train` CUDA vs CPU
-#   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley (mma.sync, then Hopper wgmma attention),
-#                               then PyTorch eager and compile
+#   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley (mma.sync attention and cuBLAS experts,
+#                               then the Hopper kernels), time per op of both, then PyTorch eager
+#                               and compile
 #   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley (mma.sync, then the Hopper
 #                               wgmma kernels), then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
@@ -173,18 +174,23 @@ part_step() {
     rm -f "$d/motley.jsonl"
     run_limited "step: motley $shape (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
-    run_limited "step: motley $shape, Hopper (wgmma) attention" "$(grant 150)" "$d/motley-hopper.log" \
+    run_limited "step: motley $shape, Hopper kernels (wgmma attention, fused expert SwiGLU GEMMs)" "$(grant 150)" "$d/motley-hopper.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --hopper --warmup 2 --steps 10 --max-seconds 60 --json "$d/motley.jsonl"
     # Where the step's time goes: GPU time per op (events around each op perturb the timing a
     # little, so this is a separate run and not the table's number).
     run_limited "step: motley time per op (profile)" "$(grant 120)" "$d/profile.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --warmup 1 --steps 3 --max-seconds 60 --profile
+    run_limited "step: motley time per op, Hopper kernels (profile)" "$(grant 90)" "$d/profile-hopper.log" \
+        "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --hopper --warmup 1 --steps 3 --max-seconds 60 --profile
     run_limited "step: PyTorch eager + torch.compile, same shape" "$(grant 360)" "$d/torch.log" \
         "$py" bench/peer/torch_hmoe.py --suite custom --config "$(shape_json)" --modes eager,compile
     {
         echo "H100-ref training step, B=8 × T=4096 (motley: bf16 activations and working weights, f32 master weights; PyTorch: bf16 autocast). MFU over 989 TFLOP/s."
         "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
         sed -n '/^time per op/,$p' "$d/profile.log"
+        echo
+        echo "With the Hopper kernels (grouped_matmul_swiglu[_bwd]: the fused expert kernels):"
+        sed -n '/^time per op/,$p' "$d/profile-hopper.log"
     } > "$d/table.md"
 }
 

@@ -24,7 +24,7 @@ pub struct Case {
     pub warmup: usize,
     pub steps: usize,
     pub threads: usize,
-    /// Attention on the Hopper (wgmma) kernels (`--hopper`).
+    /// The Hopper (wgmma) kernels: attention and the experts' fused SwiGLU GEMMs (`--hopper`).
     pub hopper: bool,
 }
 
@@ -34,7 +34,7 @@ impl Case {
     pub fn from_args(args: &Args, default_batch: Option<usize>, default_policy: &str, default_steps: usize, default_warmup: usize) -> Case {
         let device = DeviceKind::parse(args.value("--device").unwrap_or("cpu"));
         if device == DeviceKind::Cpu && args.has("--hopper") {
-            fail("--hopper runs attention on the Hopper (wgmma) kernels: it needs --device cuda");
+            fail("--hopper runs the Hopper (wgmma) kernels: it needs --device cuda");
         }
         let shape_name = args.value("--shape").unwrap_or(if device == DeviceKind::Cuda { "h100-ref" } else { "tiny" }).to_string();
         let shape = find(&shape_name).unwrap_or_else(|e| fail(&e));
@@ -101,7 +101,7 @@ pub fn row(case: &Case, policy: &str, params: usize, s: &Summary) -> String {
 /// The JSON line, with torch_hmoe.py's field names so bench/gpu/table.py puts both in one table.
 pub fn json_line(case: &Case, policy: &str, params: usize, status: &str, s: Option<&Summary>) -> serde_json::Value {
     let mut v = json!({
-        "impl": if case.hopper { "motley (wgmma attention)" } else { "motley" }, "device": case.device.name(), "shape": case.shape_name, "mode": policy,
+        "impl": if case.hopper { "motley (Hopper kernels)" } else { "motley" }, "device": case.device.name(), "shape": case.shape_name, "mode": policy,
         "B": case.batch, "T": case.seq, "params_M": (params as f64 / 1e5).round() / 10.0, "status": status,
     });
     if let Some(s) = s {

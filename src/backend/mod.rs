@@ -150,6 +150,49 @@ pub fn matmul_each<B: Backend + ?Sized>(be: &B, mut out: B::ViewMut<'_>, a: B::V
     }
 }
 
+/// One expert of [`Backend::grouped_matmul_swiglu`]: its up projection `gemm` (`gemm.n` = 2h,
+/// gate then up columns; `b` the (2h × k) weight, used transposed) and `act`, the element offset
+/// of its SwiGLU output (m × h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwiGluGemm {
+    pub gemm: Gemm,
+    pub act: usize,
+}
+
+/// [`Backend::grouped_matmul_swiglu`] as the grouped matmul, then `swiglu_fwd` per expert.
+pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, a: B::View<'_>, b: B::View<'_>, gemms: &[SwiGluGemm]) {
+    let up: Vec<Gemm> = gemms.iter().map(|g| g.gemm).collect();
+    be.grouped_matmul(B::reborrow_mut(&mut gu), a, b, &up, false, true, false);
+    for g in gemms {
+        let (rows, h) = (g.gemm.m, g.gemm.n / 2);
+        be.swiglu_fwd(B::subview_mut(&mut act, g.act..g.act + rows * h), B::subview(B::as_view(&gu), g.gemm.out..g.gemm.out + rows * 2 * h), rows, h);
+    }
+}
+
+/// One expert of [`Backend::grouped_matmul_swiglu_bwd`]: its product `gemm`, `dact (m × h) =
+/// dy (m × k) · W_down (k × h)` (`gemm.out` in the call's `dact`), and the element offsets of
+/// its saved `gu` (m × 2h), its `dgu` (m × 2h) and its recomputed SwiGLU output `act` (m × h).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SwiGluBwdGemm {
+    pub gemm: Gemm,
+    pub gu: usize,
+    pub dgu: usize,
+    pub act: usize,
+}
+
+/// [`Backend::grouped_matmul_swiglu_bwd`] as the grouped matmul into `dact`, then `swiglu_bwd`
+/// per expert.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_bwd_each<B: Backend + ?Sized>(be: &B, mut dgu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, mut dact: B::ViewMut<'_>, dy: B::View<'_>, b: B::View<'_>, gu: B::View<'_>, gemms: &[SwiGluBwdGemm]) {
+    let products: Vec<Gemm> = gemms.iter().map(|g| g.gemm).collect();
+    be.grouped_matmul(B::reborrow_mut(&mut dact), dy, b, &products, false, false, false);
+    for g in gemms {
+        let (rows, h) = (g.gemm.m, g.gemm.n);
+        let dact = B::subview(B::as_view(&dact), g.gemm.out..g.gemm.out + rows * h);
+        be.swiglu_bwd(B::subview_mut(&mut dgu, g.dgu..g.dgu + rows * 2 * h), Some(B::subview_mut(&mut act, g.act..g.act + rows * h)), dact, B::subview(gu, g.gu..g.gu + rows * 2 * h), rows, h);
+    }
+}
+
 impl Precision {
     /// Bytes per element, given the backend's activation storage size.
     pub fn bytes(self, activation_bytes: u64) -> u64 {
@@ -308,6 +351,25 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn grouped_matmul(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
         matmul_each(self, out, a, b, gemms, ta, tb, accumulate)
+    }
+
+    /// The experts' up projection and SwiGLU: for every expert, `gu = a · bᵀ` (m × 2h, which
+    /// the backward reads) and `act = SwiGLU(gu)` (m × h) from `gu` as stored, so `act` is
+    /// bitwise what `swiglu_fwd` computes from it. Row-stable like `matmul`. By default
+    /// [`swiglu_each`]; a GPU may do both in one pass (the CUDA backend's Hopper kernel).
+    fn grouped_matmul_swiglu(&self, gu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, gemms: &[SwiGluGemm]) {
+        swiglu_each(self, gu, act, a, b, gemms)
+    }
+
+    /// SwiGLU's backward through the experts' down projection: for every expert, `dact = dy ·
+    /// b` (`b` read as it lies, k × h), then from the saved `gu` the gradient `dgu` and SwiGLU's
+    /// output `act` again (the down projection's weight gradient reads it), each bitwise what
+    /// `swiglu_bwd` computes from `dact` as stored. `dact` is room for the product: the default,
+    /// [`swiglu_bwd_each`], computes into it; a GPU may keep it in registers (the CUDA
+    /// backend's Hopper kernel) and leave `dact` as it was.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_matmul_swiglu_bwd(&self, dgu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, dact: Self::ViewMut<'_>, dy: Self::View<'_>, b: Self::View<'_>, gu: Self::View<'_>, gemms: &[SwiGluBwdGemm]) {
+        swiglu_bwd_each(self, dgu, act, dact, dy, b, gu, gemms)
     }
 
     // ---- embedding ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ use super::grads::Grads;
 use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
-use crate::backend::{AttnShape, Backend, Gemm, Precision, TokenSlots};
+use crate::backend::{AttnShape, Backend, Gemm, Precision, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
@@ -129,28 +129,29 @@ fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
 }
 
 impl<B: Backend> BlockCtx<'_, B> {
-    /// The experts of one chunk `segs` on their routed rows `xe`: `gu = xe W_guᵀ` (saved),
-    /// `act = SwiGLU(gu)` (the chunk's transient), `y = act W_downᵀ`, each projection one grouped
-    /// matmul over the experts. Shared by the forward and the recompute of dropped slots.
+    /// The experts of one chunk `segs` on their routed rows `xe`: `gu = xe W_guᵀ` (saved) and
+    /// `act = SwiGLU(gu)` (the chunk's transient) in one call, then `y = act W_downᵀ`, each
+    /// projection one grouped call over the experts. Shared by the forward and the recompute of
+    /// dropped slots.
     fn experts_forward(&self, p: &BlockParams, segs: &[Segment], xe: B::View<'_>, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));
         let widths = &self.moe.expert_widths;
-        let up: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: c, n: 2 * widths[s.ex], out: s.gu, a: s.x_row * c, b: self.expert_params(p, s.ex).0 }).collect();
-        be.grouped_matmul(B::reborrow_mut(&mut gu), xe, params, &up, false, true, false);
-        for s in segs {
-            let h = widths[s.ex];
-            be.swiglu_fwd(B::subview_mut(&mut act, s.act..s.act + s.rows * h), B::subview(B::as_view(&gu), s.gu..s.gu + s.rows * 2 * h), s.rows, h);
-        }
+        let up: Vec<SwiGluGemm> = segs
+            .iter()
+            .map(|s| SwiGluGemm { gemm: Gemm { m: s.rows, k: c, n: 2 * widths[s.ex], out: s.gu, a: s.x_row * c, b: self.expert_params(p, s.ex).0 }, act: s.act })
+            .collect();
+        be.grouped_matmul_swiglu(B::reborrow_mut(&mut gu), B::reborrow_mut(&mut act), xe, params, &up);
         let down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: widths[s.ex], n: c, out: s.y_row * c, a: s.act, b: self.expert_params(p, s.ex).1 }).collect();
         be.grouped_matmul(y, B::as_view(&act), params, &down, false, true, false);
     }
 
-    /// Backward of [`Self::experts_forward`] on one chunk: SwiGLU's backward also recomputes its
-    /// output from the saved `gu` (for the down projection's weight gradient), writes the
-    /// chunk's rows of the input gradient `dxe` and the experts' weight gradients (adding where
-    /// an earlier chunk wrote them); `[act, dact, dgu]` are its transients, `act` and `dact` laid
-    /// out as `segs` says and `dgu` likewise with rows twice as wide. Every projection is one
-    /// grouped matmul.
+    /// Backward of [`Self::experts_forward`] on one chunk: `dact = dy W_down` and SwiGLU's
+    /// backward in one call, which also recomputes SwiGLU's output from the saved `gu` (for the
+    /// down projection's weight gradient); then the chunk's rows of the input gradient `dxe` and
+    /// the experts' weight gradients (adding where an earlier chunk wrote them). `[act, dact,
+    /// dgu]` are its transients, `act` and `dact` laid out as `segs` says and `dgu` likewise with
+    /// rows twice as wide (`dact` only the unfused path writes). Every projection is one grouped
+    /// call.
     #[allow(clippy::too_many_arguments)]
     fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut Grads<'_, B>, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));
@@ -159,13 +160,10 @@ impl<B: Backend> BlockCtx<'_, B> {
         let h = |s: &Segment| widths[s.ex];
         let w_down = |s: &Segment| self.expert_params(p, s.ex).1;
         let w_gu = |s: &Segment| self.expert_params(p, s.ex).0;
-        let dact_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: c, n: h(s), out: s.act, a: s.x_row * c, b: w_down(s) }).collect();
-        be.grouped_matmul(rw(&mut dact), dy, params, &dact_of, false, false, false);
-        // dgu is laid out like act with rows twice as wide: block at 2·act.
-        for s in segs {
-            let (gu_r, act_r, dgu_r) = (s.gu..s.gu + s.rows * 2 * h(s), s.act..s.act + s.rows * h(s), 2 * s.act..2 * (s.act + s.rows * h(s)));
-            be.swiglu_bwd(B::subview_mut(&mut dgu, dgu_r), Some(B::subview_mut(&mut act, act_r.clone())), B::subview(ro(&dact), act_r), B::subview(gu, gu_r), s.rows, h(s));
-        }
+        // dact and act share a layout; dgu is laid out like them with rows twice as wide.
+        let through_swiglu: Vec<SwiGluBwdGemm> =
+            segs.iter().map(|s| SwiGluBwdGemm { gemm: Gemm { m: s.rows, k: c, n: h(s), out: s.act, a: s.x_row * c, b: w_down(s) }, gu: s.gu, dgu: 2 * s.act, act: s.act }).collect();
+        be.grouped_matmul_swiglu_bwd(rw(&mut dgu), rw(&mut act), rw(&mut dact), dy, params, gu, &through_swiglu);
         let dw_down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: c, k: s.rows, n: h(s), out: w_down(s), a: s.x_row * c, b: s.act }).collect();
         grads.grouped_matmul(be, dy, ro(&act), &dw_down, true, false);
         let dx_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: 2 * h(s), n: c, out: s.x_row * c, a: 2 * s.act, b: w_gu(s) }).collect();

@@ -3,8 +3,6 @@
 // kernels with the bugs the emulator must report (a deadlock, a shared-memory overflow, a race,
 // a block waiting for a turn no earlier block passes).
 
-typedef __nv_bfloat16 bf16;
-
 // d (16×8, f32) = a (16×16) · b (16×8) + c, all row-major, on one warp. The fragments are
 // gathered register by register as common.cuh describes them (g = lane / 4, q = lane % 4): A
 // registers (row g, cols 2q, 2q+1), (row g+8, same), (row g, cols 2q+8, 2q+9), (row g+8, same);

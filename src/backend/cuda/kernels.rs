@@ -9,6 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 
 use super::attention::{head_dims, Pass, MAX_HEAD_DIM};
+use super::experts::Fused;
 use super::nvrtc::{arch_for, cached_ptx, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
@@ -57,6 +58,8 @@ pub struct Kernels {
     /// The wgmma forward and backward at head_dim 64 (`Pass::ALL` order), where compiled for
     /// Hopper (`sm_90a`).
     pub attn_hopper: Option<[CudaFunction; 2]>,
+    /// The fused expert kernels (`experts::Fused::ALL` order), where compiled for Hopper.
+    pub experts: Option<[CudaFunction; 2]>,
 }
 
 type Functions = HashMap<&'static str, CudaFunction>;
@@ -119,6 +122,12 @@ impl Kernels {
                 allow(pass.hopper_function(), pass.hopper_smem_bytes())?;
             }
         }
+        let experts = f.contains_key(Fused::Up.function());
+        if experts {
+            for fused in Fused::ALL {
+                allow(fused.function(), fused.smem_bytes())?;
+            }
+        }
         let act = elementwise(&f);
         let f32 = match storage {
             Storage::F32 => elementwise(&f),
@@ -155,6 +164,7 @@ impl Kernels {
             attn_delta: take("attn_bwd_delta"),
             attn: head_dims().map(|d| Pass::ALL.map(|pass| take(&pass.function(d)))).collect(),
             attn_hopper: hopper.then(|| Pass::ALL.map(|pass| take(pass.hopper_function()))),
+            experts: experts.then(|| Fused::ALL.map(|fused| take(fused.function()))),
         })
     }
 

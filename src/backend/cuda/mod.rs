@@ -31,6 +31,7 @@
 pub mod attention;
 mod blas;
 mod detect;
+pub mod experts;
 mod grouped;
 mod kernels;
 pub mod launch;
@@ -54,7 +55,7 @@ use launch::{grid_stride, per_row, vec_width, warp_per_row, SUMSQ_BLOCKS};
 use profile::Work;
 pub use nvrtc::Storage;
 
-use super::{matmul_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RouterGrad, TokenSlots};
+use super::{matmul_each, swiglu_bwd_each, swiglu_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use crate::{Error, Result};
 
 pub struct CudaBackend {
@@ -70,6 +71,8 @@ pub struct CudaBackend {
     readback: staging::Readback,
     /// Attention at head_dim 64 runs the Hopper (wgmma) kernels.
     hopper_attention: bool,
+    /// The experts' SwiGLU runs inside the GEMMs around it (Hopper kernels, forward and backward).
+    hopper_experts: bool,
     k: Kernels,
     device: String,
     /// GPU time per op, when asked for ([`CudaBackend::with_profile`]).
@@ -139,6 +142,17 @@ fn grouped_work(out: &DevViewMut<'_>, a: &DevView<'_>, b: &DevView<'_>, gemms: &
     Work::computing(flops, gemms.iter().map(|g| g.m * g.k * sa + g.k * g.n * sb + g.m * g.n * so).sum())
 }
 
+/// A fused expert kernel's least work (bf16 operands): its products' FLOPs and operands, and
+/// `per_output` elements moved by the epilogue per output of the product.
+fn fused_work(products: impl Iterator<Item = Gemm>, per_output: f64) -> Work {
+    let e = Storage::Bf16.bytes() as f64;
+    let (flops, bytes) = products.fold((0.0, 0.0), |(f, b), g| {
+        let (m, k, n) = (g.m as f64, g.k as f64, g.n as f64);
+        (f + 2.0 * m * k * n, b + e * (m * k + k * n + per_output * m * n))
+    });
+    Work { flops, bytes }
+}
+
 /// The classifier's products (logits; with gradients, dx and dW too) over x, W, dx and dW (read
 /// and written): the logits and their gradient are transient, not counted.
 fn classifier_work(x: &DevView<'_>, w: &DevView<'_>, grads: &Option<(DevViewMut<'_>, DevViewMut<'_>, f32)>, n: usize, c: usize, v: usize) -> Work {
@@ -187,7 +201,7 @@ impl CudaBackend {
         let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
         let staging = staging::Staging::new(stream.clone());
         let readback = staging::Readback::new(stream.clone());
-        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, hopper_attention: false, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
+        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, hopper_attention: false, hopper_experts: false, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
         super::keep_freed_host_memory();
         Ok(be)
@@ -215,6 +229,46 @@ impl CudaBackend {
         }
         self.hopper_attention = true;
         Ok(self)
+    }
+
+    /// Runs the experts' SwiGLU inside the grouped GEMMs around it, with bf16 storage: the up
+    /// projection and SwiGLU (`grouped_matmul_swiglu`, `expert_up_wgmma`) and SwiGLU's backward
+    /// through the down projection (`grouped_matmul_swiglu_bwd`, `expert_dact_wgmma`), each one
+    /// Hopper kernel instead of the grouped cuBLAS call and a SwiGLU kernel per expert; an error
+    /// where they were not compiled (a GPU other than Hopper). Opt-in until they have been
+    /// measured and checked on a GPU.
+    pub fn with_hopper_experts(mut self) -> Result<Self> {
+        if self.k.experts.is_none() {
+            return Err(Error::Invalid(format!("{}: the Hopper expert kernels need an sm_90 GPU (H100, H200)", self.device)));
+        }
+        self.hopper_experts = true;
+        Ok(self)
+    }
+
+    /// Both of the above: every Hopper kernel motley has.
+    pub fn with_hopper_kernels(self) -> Result<Self> {
+        self.with_hopper_attention()?.with_hopper_experts()
+    }
+
+    /// The fused expert kernels' launch for operands of `storages`, when they are turned on, every
+    /// operand is bf16 and `call` says the kernel takes the products.
+    fn fused_call(&self, storages: &[Storage], call: impl FnOnce() -> Option<experts::Call>) -> Option<experts::Call> {
+        let bf16 = storages.iter().all(|&s| s == Storage::Bf16);
+        (self.hopper_experts && self.k.experts.is_some() && bf16).then(call).flatten()
+    }
+
+    /// Launches a fused expert kernel over `call`'s tiles, its segments' table uploaded first.
+    fn launch_fused(&self, fused: experts::Fused, call: &experts::Call) {
+        if call.tiles == 0 {
+            return;
+        }
+        let f = &self.k.experts.as_ref().expect("fused_call checked the kernels")[fused as usize];
+        let table = self.staging.upload(&call.segments, "expert segment upload");
+        let (count, k) = (call.segments.len() as i32, call.k as i32);
+        // SAFETY: `expert_up_wgmma` / `expert_dact_wgmma(const Segment*, int count, int k)`; every
+        // segment's operands lie inside the views (checked by the caller), aligned, whole tiles
+        // and of one inner dimension (`experts::up_call` / `dact_call`); one block per tile.
+        ok(unsafe { self.stream.launch_builder(f).arg(&table).arg(&count).arg(&k).launch(fused.config(call)) }, fused.function());
     }
 
     /// Records the GPU time of every op (see [`CudaBackend::take_profile`]).
@@ -628,6 +682,37 @@ impl Backend for CudaBackend {
             }
             _ => matmul_each(self, out, a, b, &live, ta, tb, accumulate),
         }
+    }
+
+    fn grouped_matmul_swiglu(&self, gu: DevViewMut<'_>, act: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, gemms: &[SwiGluGemm]) {
+        for g in gemms {
+            let (m, k, n) = (g.gemm.m, g.gemm.k, g.gemm.n);
+            let fits = g.gemm.out + m * n <= gu.len() && g.act + m * n / 2 <= act.len() && g.gemm.a + m * k <= a.len() && g.gemm.b + n * k <= b.len();
+            assert!(fits, "grouped_matmul_swiglu: {g:?} outside its views");
+        }
+        let ops = experts::Operands { a: a.ptr, w: b.ptr, gu: gu.ptr, dgu: 0, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
+        let Some(call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms)) else {
+            return swiglu_each(self, gu, act, a, b, gemms);
+        };
+        // Per output of the product: gu written, and half as much act.
+        let _span = self.span("grouped_matmul_swiglu", || fused_work(gemms.iter().map(|g| g.gemm), 1.5));
+        self.launch_fused(experts::Fused::Up, &call);
+    }
+
+    fn grouped_matmul_swiglu_bwd(&self, dgu: DevViewMut<'_>, act: DevViewMut<'_>, dact: DevViewMut<'_>, dy: DevView<'_>, b: DevView<'_>, gu: DevView<'_>, gemms: &[SwiGluBwdGemm]) {
+        for g in gemms {
+            let (m, k, h) = (g.gemm.m, g.gemm.k, g.gemm.n);
+            let fits = g.gu + 2 * m * h <= gu.len() && g.dgu + 2 * m * h <= dgu.len() && g.act + m * h <= act.len() && g.gemm.out + m * h <= dact.len() && g.gemm.a + m * k <= dy.len() && g.gemm.b + k * h <= b.len();
+            assert!(fits, "grouped_matmul_swiglu_bwd: {g:?} outside its views");
+        }
+        let ops = experts::Operands { a: dy.ptr, w: b.ptr, gu: gu.ptr, dgu: dgu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
+        let Some(call) = self.fused_call(&[dgu.storage, act.storage, dy.storage, b.storage, gu.storage], || experts::dact_call(ops, gemms)) else {
+            return swiglu_bwd_each(self, dgu, act, dact, dy, b, gu, gemms);
+        };
+        // Per output of the product (dact, which stays on the chip): gu read and dgu written
+        // (two each), act written.
+        let _span = self.span("grouped_matmul_swiglu_bwd", || fused_work(gemms.iter().map(|g| g.gemm), 5.0));
+        self.launch_fused(experts::Fused::Dact, &call);
     }
 
     fn embedding_fwd(&self, out: DevViewMut<'_>, table: DevView<'_>, tokens: &[u32], c: usize) {

@@ -68,6 +68,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     },
     KernelFile { name: "loss", source: include_str!("kernels/loss.cu"), functions: &["softmax_xent"], hopper: &[] },
     KernelFile { name: "optim", source: include_str!("kernels/optim.cu"), functions: &["adamw"], hopper: &[] },
+    KernelFile { name: "experts", source: include_str!("kernels/experts.cu"), functions: &[], hopper: super::experts::HOPPER_FUNCTIONS },
     KernelFile {
         name: "attention",
         source: include_str!("kernels/attention.cu"),

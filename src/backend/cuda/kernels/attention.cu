@@ -19,7 +19,6 @@
 // their shared memory is `attention.rs`'s `Pass::smem_bytes`. On Hopper (sm_90a) also
 // attn_fwd_wgmma_d64, the forward on wgmma (its own section below).
 
-typedef __nv_bfloat16 bf16;
 #define BLOCK 64     // rows of the forward's key tiles (the backward's query tiles: BLOCK / DKV_ATOMS)
 #define THREADS 128  // 4 warps of 16 rows per row atom
 // Row atoms per warp of the forward: two while the accumulators fit the registers (head_dim ≤ 64).
@@ -38,26 +37,6 @@ struct Heads {
     __device__ int k_col(int kvh) const { return (n_heads + kvh) * d; }
     __device__ int v_col(int kvh) const { return (n_heads + n_kv_heads + kvh) * d; }
 };
-
-// ROWS rows t0.. of the sequence at row0 of src, columns col..col + D, into shared memory: the
-// 16-byte chunk c (8 values) of row r goes to at(r, c); zero rows past seq. The block's NT
-// threads take chunks in turn. bf16 storage queues cp.async copies (the caller commits and
-// waits); f32 storage converts synchronously.
-template <int D, int ROWS, int NT, class At>
-__device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
-    constexpr int CHUNKS = D / 8;
-    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += NT) {
-        const int r = idx / CHUNKS, c = idx % CHUNKS, t = t0 + r;
-        const bool valid = t < seq;
-        const act_t* from = src + (row0 + (valid ? t : 0)) * ld_src + col + 8 * c;
-        bf16* to = at(r, c);
-#ifdef MOTLEY_ACT_BF16
-        cp_async16(to, from, valid);
-#else
-        for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(valid ? from[k] : 0.0f);
-#endif
-    }
-}
 
 // dst (ROWS × D, row stride D + PAD), by the 4 warps of the mma.sync kernels.
 template <int D, int ROWS = BLOCK>
@@ -305,10 +284,6 @@ template <int R, int C>
 __device__ __forceinline__ float (&flat(float (&x)[R][C]))[R * C] {
     return reinterpret_cast<float(&)[R * C]>(x);
 }
-// Where load_rows puts chunk c of row r of a swizzled tile (rows of 64 bf16).
-__device__ __forceinline__ auto swizzled(unsigned char* tile) {
-    return [=](int r, int c) { return (bf16*)(tile + sw128_offset(r, c)); };
-}
 // frag_a from a swizzled tile: the A fragment of rows r0..r0 + 15, k-step kk.
 __device__ __forceinline__ void frag_a_sw128(unsigned f[4], const unsigned char* tile, int r0, int kk) {
     const int lane = threadIdx.x % WARP, m = lane / 8;
@@ -464,11 +439,7 @@ __device__ __forceinline__ void add_dq(float2 v, float* sum, act_t* dst_q, int k
     if (kb > 0) {
         __stcg((float2*)sum, v);
     } else {
-#ifdef MOTLEY_ACT_BF16
-        *(unsigned*)dst_q = pack_bf16(v.x, v.y);
-#else
-        *(float2*)dst_q = v;
-#endif
+        store_pair(dst_q, v.x, v.y);
     }
 }
 

@@ -11,15 +11,46 @@
 typedef __nv_bfloat16 act_t;
 __device__ __forceinline__ float ld(const act_t* p) { return __bfloat162float(*p); }
 __device__ __forceinline__ void st(act_t* p, float v) { *p = __float2bfloat16(v); }
+// v as an act_t holds it (what ld reads back after st).
+__device__ __forceinline__ float stored(float v) { return __bfloat162float(__float2bfloat16(v)); }
 #else
 typedef float act_t;
 __device__ __forceinline__ float ld(const act_t* p) { return *p; }
 __device__ __forceinline__ void st(act_t* p, float v) { *p = v; }
+__device__ __forceinline__ float stored(float v) { return v; }
 #endif
+typedef __nv_bfloat16 bf16;  // tensor-core operands, in either storage
 
 // Two floats as a bf16 pair register (lo in the low half).
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return (unsigned)__bfloat16_as_ushort(__float2bfloat16(lo)) | ((unsigned)__bfloat16_as_ushort(__float2bfloat16(hi)) << 16);
+}
+// Two adjacent activations in one load or store (p 4-byte aligned in bf16, 8-byte in f32).
+__device__ __forceinline__ void store_pair(act_t* p, float lo, float hi) {
+#ifdef MOTLEY_ACT_BF16
+    *(unsigned*)p = pack_bf16(lo, hi);
+#else
+    *(float2*)p = make_float2(lo, hi);
+#endif
+}
+__device__ __forceinline__ float2 load_pair(const act_t* p) {
+#ifdef MOTLEY_ACT_BF16
+    const unsigned w = *(const unsigned*)p;
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+#else
+    return *(const float2*)p;
+#endif
+}
+
+// SwiGLU, SiLU(g) · u, and its backward: one expression each for every kernel that computes
+// them (swiglu.cu, the fused expert kernels), so that they agree bit for bit.
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float swiglu(float g, float u) { return g * sigmoidf(g) * u; }
+// The gradients of g and u from the output's gradient da.
+__device__ __forceinline__ void swiglu_grad(float g, float u, float da, float& dg, float& du) {
+    const float s = sigmoidf(g);
+    du = da * g * s;
+    dg = da * u * s * (1.0f + g * (1.0f - s));
 }
 
 // 8 f32 (16-byte aligned) in two 16-byte pieces, or VEC one by one.
@@ -203,6 +234,27 @@ __device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
 __device__ __forceinline__ void spin_pause() { __nanosleep(64); }
 #endif  // MOTLEY_EMU
 
+// ---- staging rows in shared memory ------------------------------------------------------------
+// ROWS rows t0.. of the rows at row0 of src (ld_src apart), columns col..col + D, into shared
+// memory: the 16-byte chunk c (8 values) of row r goes to at(r, c); zero rows past seq. The
+// block's NT threads take chunks in turn. bf16 storage queues cp.async copies (the caller commits and
+// waits); f32 storage converts synchronously.
+template <int D, int ROWS, int NT, class At>
+__device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
+    constexpr int CHUNKS = D / 8;
+    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += NT) {
+        const int r = idx / CHUNKS, c = idx % CHUNKS, t = t0 + r;
+        const bool valid = t < seq;
+        const act_t* from = src + (row0 + (valid ? t : 0)) * ld_src + col + 8 * c;
+        bf16* to = at(r, c);
+#ifdef MOTLEY_ACT_BF16
+        cp_async16(to, from, valid);
+#else
+        for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(valid ? from[k] : 0.0f);
+#endif
+    }
+}
+
 // ---- wgmma (Hopper, sm_90a): warpgroup matrix multiply from shared memory -------------------
 // A warpgroup (4 consecutive warps, 128 threads) computes a 64 × N product; warp w % 4 holds
 // rows 16w..16w+15 of the accumulator in mma.m16n8k16's C layout, repeated over N in steps of 8
@@ -290,6 +342,10 @@ __device__ __forceinline__ unsigned sw128_offset(int row, int chunk) { return ro
 __device__ __forceinline__ unsigned long long sw128_desc(const void* tile, unsigned sbo) {
     const unsigned long long addr = __cvta_generic_to_shared(tile);
     return ((addr & 0x3ffff) >> 4) | (1ull << 16) | ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+}
+// Where load_rows puts chunk c of row r of a swizzled tile (rows of 64 bf16).
+__device__ __forceinline__ auto swizzled(unsigned char* tile) {
+    return [=](int r, int c) { return (bf16*)(tile + sw128_offset(r, c)); };
 }
 #endif
 

@@ -1,8 +1,6 @@
 // SwiGLU: a = SiLU(g) ⊙ u with each input row [g (h) | u (h)]. A thread takes VEC consecutive
 // outputs of a row per step (the entry points' `vec`: 8 or 1, see load_vec), grid-stride.
 
-__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
-
 // Calls f(r, i) for every piece of VEC outputs, row r, columns i..i + VEC.
 template <int VEC, class F>
 __device__ __forceinline__ void for_each_piece(size_t rows, int h, F f) {
@@ -19,7 +17,7 @@ __device__ void swiglu_fwd_pieces(act_t* out, const act_t* gu, size_t rows, int 
         load_vec<VEC>(gu + r * 2 * h + i, g);
         load_vec<VEC>(gu + r * 2 * h + h + i, u);
 #pragma unroll
-        for (int k = 0; k < VEC; k++) a[k] = g[k] * sigmoidf(g[k]) * u[k];
+        for (int k = 0; k < VEC; k++) a[k] = swiglu(g[k], u[k]);
         store_vec<VEC>(out + r * h + i, a);
     });
 }
@@ -34,10 +32,8 @@ __device__ void swiglu_bwd_pieces(act_t* dgu, act_t* out, const act_t* dout, con
         load_vec<VEC>(dout + r * h + i, da);
 #pragma unroll
         for (int k = 0; k < VEC; k++) {
-            const float s = sigmoidf(g[k]);
-            du[k] = da[k] * g[k] * s;
-            dg[k] = da[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
-            a[k] = g[k] * s * u[k];
+            swiglu_grad(g[k], u[k], da[k], dg[k], du[k]);
+            a[k] = swiglu(g[k], u[k]);
         }
         store_vec<VEC>(dgu + r * 2 * h + i, dg);
         store_vec<VEC>(dgu + r * 2 * h + h + i, du);
