@@ -2,10 +2,10 @@
 # A dress rehearsal of the GPU session, here, without a GPU: bench/gpu/run.sh with the carried
 # binaries (bench/gpu/build.sh first), motley's commands on the emulated CUDA device
 # (tests/cuda_emu/device: driver, NVRTC, cuBLASLt and cuBLAS on the CPU, kernels on the kernel
-# emulator) and every part shrunk to what the emulator runs in minutes (the tiny CPU shape,
-# short lengths, two training steps). It checks the harness and the binaries' CUDA paths end
-# to end (flags, files, JSON, tables, MEMO's sweep children), not speed: its timings are the
-# emulator's. Parts that need PyTorch fail where it is missing, and are recorded so.
+# emulator) and every part shrunk to what the emulator runs in minutes (h100-ref-mini, whose
+# shapes the Hopper kernels take; short lengths, two training steps). It checks the harness and
+# the binaries' CUDA paths end to end (flags, files, JSON, tables, MEMO's sweep children), not
+# speed: its timings are the emulator's. Parts that need PyTorch fail where it is missing, and are recorded so.
 # Usage: bench/gpu/rehearse.sh [part...]   (default: all; output in ./rehearsal-out or $OUT).
 # Exits non-zero when a motley command failed (CI runs it).
 set -euo pipefail
@@ -24,7 +24,7 @@ MOTLEY_EMU_KERNELS_BF16=$(newest "$emu"/libemu-bf16-*.so)
 export MOTLEY_EMU_KERNELS_F32 MOTLEY_EMU_KERNELS_BF16
 
 export OUT=${OUT:-$PWD/rehearsal-out}
-export SHAPE=tiny SHAPE_ARGS="--batch 1 --seq 64"
+export SHAPE=h100-ref-mini SHAPE_ARGS="--batch 1 --seq 64"
 export ATTN_LENGTHS=128,256 ATTN_ARGS="--tokens 256 --heads 2 --min-seconds 0.1"
 export LONG_LENGTHS=64,128 MAX_LENGTHS=256
 export CHECK_STEPS=2
