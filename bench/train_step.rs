@@ -13,7 +13,7 @@
 //! - `cargo bench --features cuda --bench train_step -- --device cuda --shape h100-ref
 //!   [--batch 8 --seq 4K --policy keep|recompute|alpha|alpha=A --steps 10 --warmup 2 --max-seconds S --profile
 //!   --hopper --json FILE]` (`--hopper`: the opt-in Hopper (wgmma) kernels, attention and the
-//!   experts' fused SwiGLU GEMMs, rows named "motley (Hopper kernels)")
+//!   experts' grouped GEMMs with SwiGLU fused, rows named "motley (Hopper kernels)")
 //! - `… --device cuda --shape h100-ref --policy recompute --sweep 16K,32K,64K,128K,256K,512K,1M
 //!   [--time-limit 240 --budget 540 --json FILE]`
 

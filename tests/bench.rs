@@ -110,7 +110,7 @@ fn h100_ref_is_issue_6s_model() {
     assert_eq!((params as f64 / 1e6).round(), 948.0, "{params}");
     // serde_json sorts keys: the CPU table's rows come in this order.
     assert_eq!(cpu_shapes().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["small", "tiny"]);
-    assert!(find("h100").unwrap_err().contains("h100-ref, small, tiny"));
+    assert!(find("h100").unwrap_err().contains("h100-ref, h100-ref-mini, small, tiny"));
 }
 
 #[test]

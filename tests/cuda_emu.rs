@@ -47,7 +47,7 @@
 //!   least with few keys (measured ≤ 2.6e-3, at head_dim 16 and T = 70);
 //!   [`BF16_ATTN_TOL`] 8e-3 with bf16 storage, which also rounds out and dqkv once (2⁻⁸) and
 //!   reads O as bf16 for Δ (measured ≤ 3.4e-3);
-//! - the fused expert kernels: the up projection's `gu` within [`F32_TOL`] / [`BF16_TOL`]
+//! - the experts' kernels: the plain grouped products and the up projection's `gu` within [`F32_TOL`] / [`BF16_TOL`]
 //!   (products of bf16 operands summed in another order, then one rounding), its `act` within
 //!   twice that (computed from the rounded `gu` and rounded again; measured 5.7e-3 with bf16)
 //!   and bitwise what `swiglu_fwd` computes from that `gu`; the backward's `dgu` within twice
@@ -967,21 +967,28 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
     ch.finish();
 }
 
-// ---- the experts' fused kernels ---------------------------------------------------------------
+// ---- the experts' grouped GEMMs ----------------------------------------------------------------
 
-/// `expert_up_wgmma` and `expert_dact_wgmma` against the CPU's grouped matmuls and SwiGLU:
-/// experts of widths 128, 64 and 192 with 130 rows (a partial second row tile), none, 70 and
-/// 129; an inner dimension of 320, five steps, so each of the four shared buffers is refilled.
-/// The up projection's `act` must be bitwise what `swiglu_fwd` computes from its `gu`, and the
-/// backward's `act` (recomputed from that `gu`) bitwise the forward's.
+/// Every kernel of experts.cu against the CPU's grouped matmuls and SwiGLU: experts of widths
+/// 128, 64 and 192 with 130 rows (a partial second row tile), none, 70 and 129, d = 384 (six
+/// steps, so each of the four shared buffers is refilled), as the model chains them: the up
+/// projection with SwiGLU, the down projection (`grouped_nt_wgmma`, k = h per expert), SwiGLU's
+/// backward through it, the input gradient (`grouped_nn_wgmma`, k = 2h). The up projection's
+/// `act` must be bitwise what `swiglu_fwd` computes from its `gu`, and the backward's `act`
+/// (recomputed from that `gu`) bitwise the forward's.
 fn experts(s: Storage) {
-    let c = 320;
+    let c = 384;
     let experts = [(130, 128), (0, 64), (70, 64), (129, 192)];
-    let (mut up, mut down, mut rows, mut w_len, mut act_len) = (Vec::new(), Vec::new(), 0, 0, 0);
+    let (mut up, mut dact_of, mut down, mut dx_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut rows, mut w_len, mut act_len) = (0, 0, 0);
     for &(m, h) in &experts {
-        up.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act_len, a: rows * c, b: w_len }, act: act_len });
-        // W_down (c × h) after W_gu in the same weights; dact shares act's layout.
-        down.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act_len, a: rows * c, b: w_len + 2 * h * c }, gu: 2 * act_len, dgu: 2 * act_len, act: act_len });
+        // The expert's W_gu (2h × c), then its W_down (c × h); act, dact share a layout, gu and
+        // dgu theirs (rows twice as wide), y and dx that of the rows (× c).
+        let (w_gu, w_down) = (w_len, w_len + 2 * h * c);
+        up.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act_len, a: rows * c, b: w_gu }, act: act_len });
+        down.push(Gemm { m, k: h, n: c, out: rows * c, a: act_len, b: w_down });
+        dact_of.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act_len, a: rows * c, b: w_down }, gu: 2 * act_len, dgu: 2 * act_len, act: act_len });
+        dx_of.push(Gemm { m, k: 2 * h, n: c, out: rows * c, a: 2 * act_len, b: w_gu });
         (rows, w_len, act_len) = (rows + m, w_len + 3 * h * c, act_len + m * h);
     }
     // bf16 values: the kernels stage bf16 tiles in either storage.
@@ -989,22 +996,27 @@ fn experts(s: Storage) {
     let (x, w, dy) = (bf(&data(61, rows * c)), bf(&data(62, w_len)), bf(&data(63, rows * c)));
     let Some(got) = emulate(s, |g| {
         let (xb, wb, dyb) = (g.act("xe", &x), g.act("w", &w), g.act("dy", &dy));
-        let (gu, out) = (g.nan("gu", g.act_elem(), 2 * act_len), g.nan("act", g.act_elem(), act_len));
-        let (dgu, out_bwd) = (g.nan("dgu", g.act_elem(), 2 * act_len), g.nan("act (backward)", g.act_elem(), act_len));
+        let (gu, out, y) = (g.nan("gu", g.act_elem(), 2 * act_len), g.nan("act", g.act_elem(), act_len), g.nan("y", g.act_elem(), rows * c));
+        let (dgu, out_bwd, dx) = (g.nan("dgu", g.act_elem(), 2 * act_len), g.nan("act (backward)", g.act_elem(), act_len), g.nan("dx", g.act_elem(), rows * c));
         let addr = |b: &Buf| b.data_ptr() as u64;
-        let ops = expert_launch::Operands { a: addr(&xb), w: addr(&wb), gu: addr(&gu), dgu: 0, act: addr(&out), elem_bytes: g.act_elem().bytes() };
+        let ops = |a: &Buf, out: &Buf| expert_launch::Operands { a: addr(a), w: addr(&wb), out: addr(out), elem_bytes: g.act_elem().bytes(), ..Default::default() };
         let calls = [
-            (Fused::Up, expert_launch::up_call(ops, &up)),
-            (Fused::Dact, expert_launch::dact_call(expert_launch::Operands { a: addr(&dyb), dgu: addr(&dgu), act: addr(&out_bwd), ..ops }, &down)),
+            expert_launch::up_call(expert_launch::Operands { act: addr(&out), ..ops(&xb, &gu) }, &up),
+            expert_launch::gemm_call(ops(&out, &y), &down, true),
+            expert_launch::dact_call(expert_launch::Operands { gu: addr(&gu), act: addr(&out_bwd), ..ops(&dyb, &dgu) }, &dact_of),
+            expert_launch::gemm_call(ops(&dgu, &dx), &dx_of, false),
         ];
-        for (fused, call) in calls {
+        for call in calls {
             let call = call.expect("the backend takes these products");
             let table = Buf::new("segments", Elem::U32, call.segments.len() * std::mem::size_of::<expert_launch::Segment>() / 4);
             table.write(call.segments.iter().map(bytes_of));
-            let args = [table.arg(), Arg::I32(call.segments.len() as i32), Arg::I32(call.k as i32)];
-            match fused {
-                Fused::Up => g.run("expert_up_wgmma", fused.config(&call), &args),
-                Fused::Dact => g.run("expert_dact_wgmma", fused.config(&call), &args),
+            let args = [table.arg(), Arg::I32(call.segments.len() as i32)];
+            let cfg = call.kernel.config(&call);
+            match call.kernel {
+                Fused::Up => g.run("expert_up_wgmma", cfg, &args),
+                Fused::Dact => g.run("expert_dact_wgmma", cfg, &args),
+                Fused::GemmNt => g.run("grouped_nt_wgmma", cfg, &args),
+                Fused::GemmNn => g.run("grouped_nn_wgmma", cfg, &args),
             }
         }
         // What swiglu_fwd makes of the forward's gu, expert by expert.
@@ -1013,24 +1025,32 @@ fn experts(s: Storage) {
             let (m, h) = (glu.gemm.m, glu.gemm.n / 2);
             g.run("swiglu_fwd", g.grid_stride(m * h / 8), &[again.at(glu.act), gu.at(glu.gemm.out), Arg::Size(m), Arg::I32(h as i32), Arg::I32(8)]);
         }
-        vec![gu, out, again, dgu, out_bwd]
+        vec![gu, out, again, dgu, out_bwd, y, dx]
     }) else {
         return;
     };
+    // Each step's CPU reference starts from the kernels' previous outputs: as staged (bf16) where
+    // they are a product's operand, as stored where an epilogue reads them (dact's gu).
     let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+    let staged = |v: &[f64]| bf(&as_f32(v));
     let cpu = cpu_for(s);
     let (mut want_gu, mut want_act) = (vec![0.0; 2 * act_len], vec![0.0; act_len]);
     cpu.grouped_matmul_swiglu(&mut want_gu, &mut want_act, &x, &w, &up);
-    // The backward from the kernel's gu, as stored.
+    let mut want_y = vec![0.0; rows * c];
+    cpu.grouped_matmul(&mut want_y, &staged(&got[1]), &w, &down, false, true, false);
     let (mut want_dgu, mut want_act_bwd, mut dact) = (vec![0.0; 2 * act_len], vec![0.0; act_len], vec![0.0; act_len]);
-    cpu.grouped_matmul_swiglu_bwd(&mut want_dgu, &mut want_act_bwd, &mut dact, &dy, &w, &as_f32(&got[0]), &down);
+    cpu.grouped_matmul_swiglu_bwd(&mut want_dgu, &mut want_act_bwd, &mut dact, &dy, &w, &as_f32(&got[0]), &dact_of);
+    let mut want_dx = vec![0.0; rows * c];
+    cpu.grouped_matmul(&mut want_dx, &staged(&got[3]), &w, &dx_of, false, false, false);
     let mut ch = Checks::new("experts", s);
     ch.close32("expert_up_wgmma gu", &want_gu, &got[0], tol(s));
     ch.close32("expert_up_wgmma act", &want_act, &got[1], 2.0 * tol(s));
     ch.exact("expert_up_wgmma act is swiglu_fwd's of its gu", &as_f32(&got[2]), &got[1]);
+    ch.close32("grouped_nt_wgmma (down projection)", &want_y, &got[5], tol(s));
     ch.close32("expert_dact_wgmma dgu", &want_dgu, &got[3], 2.0 * tol(s));
     ch.close32("expert_dact_wgmma act", &want_act_bwd, &got[4], tol(s));
     ch.exact("expert_dact_wgmma act is the forward's", &as_f32(&got[1]), &got[4]);
+    ch.close32("grouped_nn_wgmma (input gradient)", &want_dx, &got[6], tol(s));
     ch.finish();
 }
 

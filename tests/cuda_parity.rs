@@ -466,8 +466,8 @@ fn model_step_bf16() {
     model_parity(&cuda, 16, 1e-2, 5e-2, 2e-2);
 }
 
-/// Whole steps on the Hopper kernels (attention with 2 heads of 64, the experts' fused
-/// kernels), as `model_step_bf16`; and MEMO's recompute through them gives keep-all's loss.
+/// Whole steps on the Hopper kernels (attention with 2 heads of 64, the experts' grouped
+/// GEMMs), as `model_step_bf16`; and MEMO's recompute through them gives keep-all's loss.
 #[test]
 fn model_step_hopper() {
     if gpu(Storage::Bf16).is_none() {
@@ -480,8 +480,8 @@ fn model_step_hopper() {
     model_parity(&hopper, HEAD_DIM_64, 1e-2, 5e-2, 2e-2);
     // The model's shapes are ones the fused kernels take: they ran, not the fallback.
     let ran: Vec<&str> = hopper.take_profile().iter().map(|row| row.op).collect();
-    for op in ["grouped_matmul_swiglu", "grouped_matmul_swiglu_bwd"] {
-        assert!(ran.contains(&op), "model_step_hopper: {op} never ran its fused kernel");
+    for op in ["grouped_matmul_swiglu", "grouped_matmul_wgmma", "grouped_matmul_swiglu_bwd"] {
+        assert!(ran.contains(&op), "model_step_hopper: {op} never ran on the Hopper kernels");
     }
     let (keep_l, keep_g, _) = train(&hopper, LayerPolicy::Keep, 1, HEAD_DIM_64);
     let (l, g, _) = train(&hopper, LayerPolicy::Recompute, 1, HEAD_DIM_64);
@@ -700,71 +700,78 @@ fn hopper_attention() {
     }
 }
 
-/// The experts' fused kernels (opt-in): the up projection with SwiGLU and SwiGLU's backward
-/// through the down projection, against the CPU and against the grouped cuBLAS call and the
-/// SwiGLU kernels on the same device. The forward's `act` must be bitwise what `swiglu_fwd`
-/// computes from its `gu`, the backward's `act` bitwise the forward's. Widths 128, 64, 192 with
-/// 130, 0, 70 rows (d = 320: five steps through four buffers); on a GPU also H100-ref's experts
-/// (d = 1024, widths 1024 to 4608) at 8192 rows each, against cuBLAS only. Skipped, saying so,
-/// without sm_90.
+/// The experts' Hopper kernels (opt-in), chained as the model chains them: the up projection
+/// with SwiGLU, the down projection, SwiGLU's backward through it and the input gradient, against
+/// the CPU and against the grouped cuBLAS call and the SwiGLU kernels on the same device. The
+/// forward's `act` must be bitwise what `swiglu_fwd` computes from its `gu`, the backward's `act`
+/// bitwise the forward's. Widths 128, 64, 192 with 130, 0, 70 rows (d = 384: six steps through
+/// four buffers); on a GPU also H100-ref's experts (d = 1024, widths 1024 to 4608) at 8192 rows
+/// each, against cuBLAS only. Skipped, saying so, without sm_90.
 #[test]
 fn hopper_experts() {
-    type B = CudaBackend;
     let Some(plain) = gpu(Storage::Bf16) else { return };
     let hopper = match hopper() {
         Ok(be) => be.with_profile(),
         Err(e) => return eprintln!("hopper_experts skipped: {e}"),
     };
-    let mut shapes: Vec<(usize, Vec<(usize, usize)>)> = vec![(320, vec![(130, 128), (0, 64), (70, 192)])];
+    let mut shapes: Vec<(usize, Vec<(usize, usize)>)> = vec![(384, vec![(130, 128), (0, 64), (70, 192)])];
     if real_gpu(&plain) {
         shapes.push((1024, (0..8).map(|e| (8192, 1024 + 512 * e)).collect()));
     }
     let cpu = cpu_for(Storage::Bf16);
     for (c, experts) in shapes {
-        let (mut up_of, mut down_of, mut rows, mut w_len, mut act_len) = (Vec::new(), Vec::new(), 0, 0, 0);
+        let (mut up_of, mut down_of, mut dact_of, mut dx_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut rows, mut w_len, mut act_len) = (0, 0, 0);
         for &(m, h) in &experts {
-            up_of.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act_len, a: rows * c, b: w_len }, act: act_len });
-            down_of.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act_len, a: rows * c, b: w_len + 2 * h * c }, gu: 2 * act_len, dgu: 2 * act_len, act: act_len });
+            let (w_gu, w_down) = (w_len, w_len + 2 * h * c);
+            up_of.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act_len, a: rows * c, b: w_gu }, act: act_len });
+            down_of.push(Gemm { m, k: h, n: c, out: rows * c, a: act_len, b: w_down });
+            dact_of.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act_len, a: rows * c, b: w_down }, gu: 2 * act_len, dgu: 2 * act_len, act: act_len });
+            dx_of.push(Gemm { m, k: 2 * h, n: c, out: rows * c, a: 2 * act_len, b: w_gu });
             (rows, w_len, act_len) = (rows + m, w_len + 3 * h * c, act_len + m * h);
         }
         let bf16 = |v: Vec<f32>| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
         let (x, w, dy) = (bf16(data(70, rows * c)), bf16(data(71, w_len)), bf16(data(72, rows * c)));
-        // [gu, act, swiglu_fwd of that gu, dgu, the backward's act]
-        let run = |be: &CudaBackend| {
-            let (xb, wb, dyb) = (up(be, &x), up(be, &w), up(be, &dy));
-            let (mut gu, mut act, mut again) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len));
-            be.grouped_matmul_swiglu(B::full_mut(&mut gu), B::full_mut(&mut act), B::full(&xb), B::full(&wb), &up_of);
-            for g in &up_of {
+        // [gu, act, swiglu_fwd of that gu, y, dgu, the backward's act, dx]
+        fn chain<B: Backend>(be: &B, x: &[f32], w: &[f32], dy: &[f32], sizes: (usize, usize), of: (&[SwiGluGemm], &[Gemm], &[SwiGluBwdGemm], &[Gemm])) -> [Vec<f32>; 7] {
+            let ((act_len, rows_c), (up_of, down_of, dact_of, dx_of)) = (sizes, of);
+            let (xb, wb, dyb) = (up(be, x), up(be, w), up(be, dy));
+            let (mut gu, mut act, mut again, mut y) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len), be.alloc(rows_c));
+            be.grouped_matmul_swiglu(B::full_mut(&mut gu), B::full_mut(&mut act), B::full(&xb), B::full(&wb), up_of);
+            for g in up_of {
                 let (m, h) = (g.gemm.m, g.gemm.n / 2);
                 be.swiglu_fwd(B::subview_mut(&mut B::full_mut(&mut again), g.act..g.act + m * h), B::subview(B::full(&gu), g.gemm.out..g.gemm.out + 2 * m * h), m, h);
             }
-            let (mut dgu, mut act_bwd, mut dact) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len));
-            be.grouped_matmul_swiglu_bwd(B::full_mut(&mut dgu), B::full_mut(&mut act_bwd), B::full_mut(&mut dact), B::full(&dyb), B::full(&wb), B::full(&gu), &down_of);
-            [down(be, &gu), down(be, &act), down(be, &again), down(be, &dgu), down(be, &act_bwd)]
-        };
-        let (got, cublas) = (run(&hopper), run(&plain));
-        // Both fused kernels ran (no fallback), charged their products' FLOPs.
+            be.grouped_matmul(B::full_mut(&mut y), B::full(&act), B::full(&wb), down_of, false, true, false);
+            let (mut dgu, mut act_bwd, mut dact, mut dx) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len), be.alloc(rows_c));
+            be.grouped_matmul_swiglu_bwd(B::full_mut(&mut dgu), B::full_mut(&mut act_bwd), B::full_mut(&mut dact), B::full(&dyb), B::full(&wb), B::full(&gu), dact_of);
+            be.grouped_matmul(B::full_mut(&mut dx), B::full(&dgu), B::full(&wb), dx_of, false, false, false);
+            [&gu, &act, &again, &y, &dgu, &act_bwd, &dx].map(|b| down(be, b))
+        }
+        let (sizes, of) = ((act_len, rows * c), (up_of.as_slice(), down_of.as_slice(), dact_of.as_slice(), dx_of.as_slice()));
+        let (got, cublas) = (chain(&hopper, &x, &w, &dy, sizes, of), chain(&plain, &x, &w, &dy, sizes, of));
+        // Every Hopper kernel ran (no fallback), charged its products' FLOPs.
         let profile = hopper.take_profile();
-        let flops = |gemms: Vec<Gemm>| gemms.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum::<f64>();
-        for (op, want) in [("grouped_matmul_swiglu", flops(up_of.iter().map(|g| g.gemm).collect())), ("grouped_matmul_swiglu_bwd", flops(down_of.iter().map(|g| g.gemm).collect()))] {
-            let row = profile.iter().find(|row| row.op == op).unwrap_or_else(|| panic!("hopper_experts: {op} did not run its fused kernel (fallback taken)"));
+        let flops = |gemms: &mut dyn Iterator<Item = Gemm>| gemms.map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum::<f64>();
+        let wanted = [
+            ("grouped_matmul_swiglu", flops(&mut up_of.iter().map(|g| g.gemm))),
+            ("grouped_matmul_wgmma", flops(&mut down_of.iter().chain(&dx_of).copied())),
+            ("grouped_matmul_swiglu_bwd", flops(&mut dact_of.iter().map(|g| g.gemm))),
+        ];
+        for (op, want) in wanted {
+            let row = profile.iter().find(|row| row.op == op).unwrap_or_else(|| panic!("hopper_experts: {op} did not run on the Hopper kernels (fallback taken)"));
             assert_eq!(row.flops, want, "hopper_experts: {op}'s FLOPs in the profile");
         }
         let what = format!("hopper experts d={c} {experts:?}");
         let bitwise = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(bitwise(&got[1], &got[2]), "{what}: the forward's act is not bitwise swiglu_fwd of its gu");
-        assert!(bitwise(&got[1], &got[4]), "{what}: the backward's act is not bitwise the forward's");
+        assert!(bitwise(&got[1], &got[5]), "{what}: the backward's act is not bitwise the forward's");
         let mut against = vec![("cuBLAS + SwiGLU kernels", cublas)];
         if rows * c <= 1 << 20 {
-            let (xb, wb, dyb) = (up(&cpu, &x), up(&cpu, &w), up(&cpu, &dy));
-            let (mut gu, mut act) = (cpu.alloc(2 * act_len), cpu.alloc(act_len));
-            cpu.grouped_matmul_swiglu(Cpu::full_mut(&mut gu), Cpu::full_mut(&mut act), Cpu::full(&xb), Cpu::full(&wb), &up_of);
-            let (mut dgu, mut act_bwd, mut dact) = (cpu.alloc(2 * act_len), cpu.alloc(act_len), cpu.alloc(act_len));
-            cpu.grouped_matmul_swiglu_bwd(Cpu::full_mut(&mut dgu), Cpu::full_mut(&mut act_bwd), Cpu::full_mut(&mut dact), Cpu::full(&dyb), Cpu::full(&wb), Cpu::full(&gu), &down_of);
-            against.push(("CPU", [down(&cpu, &gu), down(&cpu, &act), Vec::new(), down(&cpu, &dgu), Vec::new()]));
+            against.push(("CPU", chain(&cpu, &x, &w, &dy, sizes, of)));
         }
         for (name, reference) in &against {
-            for (i, out) in [(0, "gu"), (1, "act"), (3, "dgu")] {
+            for (i, out) in [(0, "gu"), (1, "act"), (3, "y"), (4, "dgu"), (6, "dx")] {
                 let err = error(&reference[i], &got[i]);
                 eprintln!("{what}: {out} vs {name} normalised max error {err:.2e}");
                 assert!(err <= BF16_GEMM_TOL, "{what}: {out} vs {name} normalised max error {err:.3e} > {BF16_GEMM_TOL:.0e}");

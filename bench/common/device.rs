@@ -102,7 +102,7 @@ mod cuda {
 
 /// GPU 0 in bf16 mixed precision (what `motley train --device cuda` runs), or exit 2 saying
 /// what is missing (driver, GPU, NVRTC, cuBLAS); with `hopper`, the opt-in Hopper (wgmma)
-/// kernels: attention at head_dim 64 and the experts' fused SwiGLU GEMMs (exit 2 on other GPUs).
+/// kernels: attention at head_dim 64 and the experts' grouped GEMMs (exit 2 on other GPUs).
 #[cfg(feature = "cuda")]
 pub fn open_cuda(profile: bool, hopper: bool) -> motley::backend::cuda::CudaBackend {
     use motley::backend::cuda::{cuda_available, CudaBackend, Storage};

@@ -174,7 +174,7 @@ part_step() {
     rm -f "$d/motley.jsonl"
     run_limited "step: motley $shape (${STEP_POLICY:-keep})" "$(grant 300)" "$d/motley.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --warmup 2 --steps 10 --max-seconds 120 --json "$d/motley.jsonl"
-    run_limited "step: motley $shape, Hopper kernels (wgmma attention, fused expert SwiGLU GEMMs)" "$(grant 150)" "$d/motley-hopper.log" \
+    run_limited "step: motley $shape, Hopper kernels (wgmma attention, expert GEMMs with SwiGLU fused)" "$(grant 150)" "$d/motley-hopper.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --hopper --warmup 2 --steps 10 --max-seconds 60 --json "$d/motley.jsonl"
     # Where the step's time goes: GPU time per op (events around each op perturb the timing a
     # little, so this is a separate run and not the table's number).
@@ -189,7 +189,7 @@ part_step() {
         "$py" bench/gpu/table.py step "$d/motley.jsonl" "$d/torch.log"
         sed -n '/^time per op/,$p' "$d/profile.log"
         echo
-        echo "With the Hopper kernels (grouped_matmul_swiglu[_bwd]: the fused expert kernels):"
+        echo "With the Hopper kernels (grouped_matmul_wgmma, grouped_matmul_swiglu[_bwd]: the expert kernels):"
         sed -n '/^time per op/,$p' "$d/profile-hopper.log"
     } > "$d/table.md"
 }

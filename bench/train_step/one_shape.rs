@@ -24,7 +24,7 @@ pub struct Case {
     pub warmup: usize,
     pub steps: usize,
     pub threads: usize,
-    /// The Hopper (wgmma) kernels: attention and the experts' fused SwiGLU GEMMs (`--hopper`).
+    /// The Hopper (wgmma) kernels: attention and the experts' grouped GEMMs (`--hopper`).
     pub hopper: bool,
 }
 

@@ -1,16 +1,15 @@
-//! Launch code of the fused expert kernels (`kernels/experts.cu`): which products they take,
-//! the table of segments they walk and their geometry. Public so that the kernel emulator's
-//! test (`tests/cuda_emu.rs`) launches them exactly as the backend does.
+//! Launch code of the experts' grouped GEMMs on Hopper (`kernels/experts.cu`): which products
+//! they take, the table of segments they walk and their geometry. Public so that the kernel
+//! emulator's test (`tests/cuda_emu.rs`) launches them exactly as the backend does.
 
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
-use crate::backend::{SwiGluBwdGemm, SwiGluGemm};
+use crate::backend::{Gemm, SwiGluBwdGemm, SwiGluGemm};
 
 /// Entry points compiled only for Hopper (`sm_90a`), in [`Fused::ALL`] order.
-pub const HOPPER_FUNCTIONS: &[&str] = &["expert_up_wgmma", "expert_dact_wgmma"];
-/// `EXPERT_ROWS` and `EXPERT_COLS` of experts.cu: a block's tile is 128 rows × 64 hidden columns.
+pub const HOPPER_FUNCTIONS: &[&str] = &["expert_up_wgmma", "expert_dact_wgmma", "grouped_nt_wgmma", "grouped_nn_wgmma"];
+/// `EXPERT_ROWS` of experts.cu: the rows of a tile.
 pub const TILE_ROWS: usize = 128;
-pub const TILE_COLS: usize = 64;
 /// The inner dimension's step (one 128-byte swizzled row of bf16).
 pub const K_STEP: usize = 64;
 const THREADS: u32 = 256;
@@ -18,28 +17,41 @@ const THREADS: u32 = 256;
 const STAGES: usize = 4;
 const A_BYTES: usize = 128 * 128;
 
-/// The two fused kernels.
+/// The kernels of experts.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fused {
     /// `gu = a · W_guᵀ`, `act = SwiGLU(gu)`: [`crate::backend::Backend::grouped_matmul_swiglu`].
     Up,
     /// `dact = dy · W_down`, then SwiGLU's backward: `Backend::grouped_matmul_swiglu_bwd`.
     Dact,
+    /// `out = a · Wᵀ`: `Backend::grouped_matmul` with `tb` (the down projection).
+    GemmNt,
+    /// `out = a · W`: `Backend::grouped_matmul` without `tb` (the input gradient through gate/up).
+    GemmNn,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 2] = [Fused::Up, Fused::Dact];
+    pub const ALL: [Fused; 4] = [Fused::Up, Fused::Dact, Fused::GemmNt, Fused::GemmNn];
 
     pub fn function(self) -> &'static str {
         HOPPER_FUNCTIONS[self as usize]
     }
 
+    /// Columns of the product a tile covers (the up projection's 64 hidden columns are 128 of
+    /// its product: gate and up); a product's n must be a multiple.
+    pub fn tile_cols(self) -> usize {
+        match self {
+            Fused::Up | Fused::GemmNt => 128,
+            Fused::Dact | Fused::GemmNn => 64,
+        }
+    }
+
     /// Dynamic shared memory, as the kernel carves it: 1024 bytes to align its buffers, then
-    /// each stage's A tile and B tile (up: 128 rows of W, gate and up; dact: 64 rows of k).
+    /// each stage's A tile and B tile (128 rows of W read K-major, or 64 rows of k MN-major).
     pub fn smem_bytes(self) -> usize {
         let b_bytes = match self {
-            Fused::Up => 128 * 128,
-            Fused::Dact => 64 * 128,
+            Fused::Up | Fused::GemmNt => 128 * 128,
+            Fused::Dact | Fused::GemmNn => 64 * 128,
         };
         1024 + STAGES * (A_BYTES + b_bytes)
     }
@@ -50,120 +62,133 @@ impl Fused {
     }
 }
 
-/// `struct Segment` of experts.cu: one expert's device addresses (its rows of `a`, its weight,
-/// its `gu`, `dgu` (0 for the up projection) and `act`), its rows, its width and the tiles of the
-/// segments before it.
+/// `struct Segment` of experts.cu: one product's device addresses (`a`, its weight, `out`, the
+/// saved `gu` and `act`; 0 where the kernel has none), its rows, inner dimension and columns,
+/// and the tiles of the segments before it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
     a: u64,
     w: u64,
+    out: u64,
     gu: u64,
-    dgu: u64,
     act: u64,
     rows: i32,
-    h: i32,
+    k: i32,
+    n: i32,
     first_tile: i32,
-    unused: i32,
 }
 
 // SAFETY: plain #[repr(C)] integers, the layout of the CUDA struct (five pointers, four ints).
 unsafe impl DeviceRepr for Segment {}
 
-/// Base device addresses of a call's views (`dgu` 0 for the up projection) and their element
-/// size.
-#[derive(Clone, Copy, Debug)]
+/// Base device addresses of a call's views (0 for those the kernel has none of) and their
+/// element size.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Operands {
     pub a: u64,
     pub w: u64,
+    pub out: u64,
     pub gu: u64,
-    pub dgu: u64,
     pub act: u64,
     pub elem_bytes: usize,
 }
 
-/// One launch: its segments' table (experts without rows left out), its tiles, its inner
-/// dimension.
+/// One launch: the kernel, its segments' table (products without rows left out) and tiles.
 pub struct Call {
+    pub kernel: Fused,
     pub segments: Vec<Segment>,
     pub tiles: usize,
-    pub k: usize,
 }
 
-/// One expert: element offsets into the operands, rows, width, inner dimension.
+/// One product: element offsets into the operands (`a`, `w`, `out`, `gu`, `act`) and its shape.
 struct Part {
     offsets: [usize; 5],
     rows: usize,
-    h: usize,
     k: usize,
+    n: usize,
 }
 
-/// The up projection's launch, or `None` where the kernel does not take these products.
+/// The up projection's launch (`out` = gu), or `None` where the kernel does not take these
+/// products.
 pub fn up_call(ops: Operands, gemms: &[SwiGluGemm]) -> Option<Call> {
-    call(ops, gemms.iter().map(|s| Part { offsets: [s.gemm.a, s.gemm.b, s.gemm.out, 0, s.act], rows: s.gemm.m, h: s.gemm.n / 2, k: s.gemm.k }).collect())
+    call(Fused::Up, ops, gemms.iter().map(|s| part(&s.gemm, [s.gemm.a, s.gemm.b, s.gemm.out, 0, s.act])))
 }
 
-/// SwiGLU's backward through the down projection's launch, or `None` as above.
+/// SwiGLU's backward through the down projection (`out` = dgu), or `None` as above.
 pub fn dact_call(ops: Operands, gemms: &[SwiGluBwdGemm]) -> Option<Call> {
-    call(ops, gemms.iter().map(|s| Part { offsets: [s.gemm.a, s.gemm.b, s.gu, s.dgu, s.act], rows: s.gemm.m, h: s.gemm.n, k: s.gemm.k }).collect())
+    call(Fused::Dact, ops, gemms.iter().map(|s| part(&s.gemm, [s.gemm.a, s.gemm.b, s.dgu, s.gu, s.act])))
 }
 
-/// The table of `parts`, if the kernels take them: one inner dimension `k` for all (the
-/// launch's), `k` and every width whole tiles (multiples of 64), every operand 16-byte aligned
-/// (cp.async copies 16 bytes; the epilogue moves pairs).
-fn call(ops: Operands, parts: Vec<Part>) -> Option<Call> {
-    let bases = [ops.a, ops.w, ops.gu, ops.dgu, ops.act];
-    let at = |i: usize, p: &Part| bases[i] + (p.offsets[i] * ops.elem_bytes) as u64;
-    let k = parts.first().map_or(K_STEP, |p| p.k);
-    let fits = |p: &Part| p.k == k && k.is_multiple_of(K_STEP) && p.h.is_multiple_of(TILE_COLS) && (0..5).all(|i| at(i, p).is_multiple_of(16));
-    if !parts.iter().all(fits) {
-        return None;
+/// A grouped matmul `out = a · op(W)` (`tb`: W is n × k), or `None` as above.
+pub fn gemm_call(ops: Operands, gemms: &[Gemm], tb: bool) -> Option<Call> {
+    let kernel = if tb { Fused::GemmNt } else { Fused::GemmNn };
+    call(kernel, ops, gemms.iter().map(|g| part(g, [g.a, g.b, g.out, 0, 0])))
+}
+
+fn part(g: &Gemm, offsets: [usize; 5]) -> Part {
+    Part { offsets, rows: g.m, k: g.k, n: g.n }
+}
+
+/// The table of `parts` for `kernel`, if it takes them: every k a multiple of 64 and every n
+/// of the kernel's tile columns, every operand 16-byte aligned (cp.async copies 16 bytes; the
+/// epilogues move pairs).
+fn call(kernel: Fused, ops: Operands, parts: impl Iterator<Item = Part>) -> Option<Call> {
+    let bases = [ops.a, ops.w, ops.out, ops.gu, ops.act];
+    // The address of operand i of a part; 0 (no such operand) stays 0.
+    let at = |i: usize, p: &Part| if bases[i] == 0 { 0 } else { bases[i] + (p.offsets[i] * ops.elem_bytes) as u64 };
+    let (mut segments, mut tiles) = (Vec::new(), 0);
+    for p in parts {
+        let fits = p.k.is_multiple_of(K_STEP) && p.n.is_multiple_of(kernel.tile_cols()) && (0..5).all(|i| at(i, &p).is_multiple_of(16));
+        if !fits {
+            return None;
+        }
+        if p.rows > 0 {
+            segments.push(Segment { a: at(0, &p), w: at(1, &p), out: at(2, &p), gu: at(3, &p), act: at(4, &p), rows: p.rows as i32, k: p.k as i32, n: p.n as i32, first_tile: tiles as i32 });
+            tiles += p.rows.div_ceil(TILE_ROWS) * (p.n / kernel.tile_cols());
+        }
     }
-    let mut tiles = 0;
-    let segments = parts
-        .iter()
-        .filter(|p| p.rows > 0)
-        .map(|p| {
-            let dgu = if ops.dgu == 0 { 0 } else { at(3, p) };
-            let seg = Segment { a: at(0, p), w: at(1, p), gu: at(2, p), dgu, act: at(4, p), rows: p.rows as i32, h: p.h as i32, first_tile: tiles as i32, unused: 0 };
-            tiles += p.rows.div_ceil(TILE_ROWS) * (p.h / TILE_COLS);
-            seg
-        })
-        .collect();
-    Some(Call { segments, tiles, k })
+    Some(Call { kernel, segments, tiles })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Gemm;
 
     fn glu(m: usize, h: usize, at: usize) -> SwiGluGemm {
         SwiGluGemm { gemm: Gemm { m, k: 128, n: 2 * h, out: at * 2 * h, a: at * 128, b: 0 }, act: at * h }
     }
-    const OPS: Operands = Operands { a: 3 << 20, w: 4 << 20, gu: 1 << 20, dgu: 0, act: 2 << 20, elem_bytes: 2 };
+    const OPS: Operands = Operands { a: 3 << 20, w: 4 << 20, out: 1 << 20, gu: 0, act: 2 << 20, elem_bytes: 2 };
 
     #[test]
     fn calls_count_tiles_and_skip_empty_experts() {
         let call = up_call(OPS, &[glu(300, 128, 0), glu(0, 64, 300), glu(1, 192, 300)]).expect("taken");
-        // 300 rows: 3 row tiles × 2 column tiles; the empty expert none; 1 row: 1 × 3.
-        assert_eq!((call.tiles, call.k), (6 + 3, 128));
-        assert_eq!(call.segments.iter().map(|s| (s.rows, s.h, s.first_tile)).collect::<Vec<_>>(), [(300, 128, 0), (1, 192, 6)]);
-        assert_eq!((call.segments[1].gu, call.segments[1].dgu), (OPS.gu + 2 * 300 * 2 * 192, 0));
+        // 300 rows: 3 row tiles × 2 tiles of 64 hidden columns; the empty expert none; 1 row: 1 × 3.
+        assert_eq!(call.tiles, 6 + 3);
+        assert_eq!(call.segments.iter().map(|s| (s.rows, s.k, s.n, s.first_tile)).collect::<Vec<_>>(), [(300, 128, 256, 0), (1, 128, 384, 6)]);
+        assert_eq!((call.segments[1].out, call.segments[1].gu), (OPS.out + 2 * 300 * 2 * 192, 0));
         let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 64, out: 0, a: 0, b: 0 }, gu: 0, dgu: 128, act: 0 };
-        let dact = dact_call(Operands { dgu: 5 << 20, ..OPS }, &[bwd]).expect("taken");
-        assert_eq!((dact.tiles, dact.segments[0].dgu), (1, (5 << 20) + 256));
+        let dact = dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd]).expect("taken");
+        assert_eq!((dact.tiles, dact.segments[0].out, dact.segments[0].gu), (1, OPS.out + 256, 5 << 20));
+        // The plain kernels: 128 columns a tile with W transposed, 64 without; k per product.
+        let gemms = [Gemm { m: 129, k: 64, n: 256, out: 0, a: 0, b: 0 }, Gemm { m: 10, k: 192, n: 128, out: 129 * 256, a: 129 * 64, b: 256 * 64 }];
+        let plain = |tb| gemm_call(Operands { act: 0, ..OPS }, &gemms, tb).expect("taken");
+        assert_eq!((plain(true).kernel, plain(true).tiles), (Fused::GemmNt, 2 * 2 + 1));
+        assert_eq!((plain(false).kernel, plain(false).tiles), (Fused::GemmNn, 2 * 4 + 2));
+        assert_eq!(plain(true).segments[1].k, 192);
     }
 
     #[test]
     fn products_the_kernels_cannot_take_are_refused() {
-        // A width that is not whole tiles, an operand off a 16-byte boundary, two inner dimensions.
+        // A width that is not whole tiles, an operand off a 16-byte boundary.
         assert!(up_call(OPS, &[glu(4, 96, 0)]).is_none());
         let misaligned = SwiGluGemm { gemm: Gemm { a: 3, ..glu(4, 64, 0).gemm }, ..glu(4, 64, 0) };
         assert!(up_call(OPS, &[misaligned]).is_none());
-        let other_k = SwiGluGemm { gemm: Gemm { k: 64, ..glu(4, 64, 0).gemm }, ..glu(4, 64, 0) };
-        assert!(up_call(OPS, &[glu(4, 64, 0), other_k]).is_none());
         let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 64, out: 0, a: 0, b: 0 }, gu: 0, dgu: 4, act: 0 };
-        assert!(dact_call(Operands { dgu: 5 << 20, ..OPS }, &[bwd]).is_none());
+        assert!(dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd]).is_none());
+        // 64 columns: whole tiles without tb, not with it; k not a multiple of 64.
+        let g = Gemm { m: 8, k: 64, n: 64, out: 0, a: 0, b: 0 };
+        assert!(gemm_call(OPS, &[g], false).is_some() && gemm_call(OPS, &[g], true).is_none());
+        assert!(gemm_call(OPS, &[Gemm { k: 96, ..g }], false).is_none());
     }
 }

@@ -58,8 +58,9 @@ pub struct Kernels {
     /// The wgmma forward and backward at head_dim 64 (`Pass::ALL` order), where compiled for
     /// Hopper (`sm_90a`).
     pub attn_hopper: Option<[CudaFunction; 2]>,
-    /// The fused expert kernels (`experts::Fused::ALL` order), where compiled for Hopper.
-    pub experts: Option<[CudaFunction; 2]>,
+    /// The experts' grouped GEMM kernels (`experts::Fused::ALL` order), where compiled for
+    /// Hopper.
+    pub experts: Option<[CudaFunction; 4]>,
 }
 
 type Functions = HashMap<&'static str, CudaFunction>;

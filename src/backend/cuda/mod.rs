@@ -71,7 +71,7 @@ pub struct CudaBackend {
     readback: staging::Readback,
     /// Attention at head_dim 64 runs the Hopper (wgmma) kernels.
     hopper_attention: bool,
-    /// The experts' SwiGLU runs inside the GEMMs around it (Hopper kernels, forward and backward).
+    /// The experts' grouped GEMMs run on our Hopper kernels, SwiGLU fused into them.
     hopper_experts: bool,
     k: Kernels,
     device: String,
@@ -231,12 +231,14 @@ impl CudaBackend {
         Ok(self)
     }
 
-    /// Runs the experts' SwiGLU inside the grouped GEMMs around it, with bf16 storage: the up
-    /// projection and SwiGLU (`grouped_matmul_swiglu`, `expert_up_wgmma`) and SwiGLU's backward
-    /// through the down projection (`grouped_matmul_swiglu_bwd`, `expert_dact_wgmma`), each one
-    /// Hopper kernel instead of the grouped cuBLAS call and a SwiGLU kernel per expert; an error
-    /// where they were not compiled (a GPU other than Hopper). Opt-in until they have been
-    /// measured and checked on a GPU.
+    /// Runs the experts' grouped GEMMs on Hopper kernels of our own, with bf16 storage: the up
+    /// projection with SwiGLU in its epilogue (`grouped_matmul_swiglu`, `expert_up_wgmma`),
+    /// SwiGLU's backward in the epilogue of `dact = dy W_down` (`grouped_matmul_swiglu_bwd`,
+    /// `expert_dact_wgmma`), and the grouped matmuls that write untransposed products (the down
+    /// projection and the input gradient: `grouped_nt_wgmma`, `grouped_nn_wgmma`), instead of
+    /// the grouped cuBLAS call and a SwiGLU kernel per expert; an error where they were not
+    /// compiled (a GPU other than Hopper). Opt-in until they have been measured and checked on
+    /// a GPU.
     pub fn with_hopper_experts(mut self) -> Result<Self> {
         if self.k.experts.is_none() {
             return Err(Error::Invalid(format!("{}: the Hopper expert kernels need an sm_90 GPU (H100, H200)", self.device)));
@@ -250,25 +252,25 @@ impl CudaBackend {
         self.with_hopper_attention()?.with_hopper_experts()
     }
 
-    /// The fused expert kernels' launch for operands of `storages`, when they are turned on, every
+    /// The expert kernels' launch for operands of `storages`, when they are turned on, every
     /// operand is bf16 and `call` says the kernel takes the products.
     fn fused_call(&self, storages: &[Storage], call: impl FnOnce() -> Option<experts::Call>) -> Option<experts::Call> {
         let bf16 = storages.iter().all(|&s| s == Storage::Bf16);
         (self.hopper_experts && self.k.experts.is_some() && bf16).then(call).flatten()
     }
 
-    /// Launches a fused expert kernel over `call`'s tiles, its segments' table uploaded first.
-    fn launch_fused(&self, fused: experts::Fused, call: &experts::Call) {
+    /// Launches the expert kernel of `call` over its tiles, its segments' table uploaded first.
+    fn launch_fused(&self, call: &experts::Call) {
         if call.tiles == 0 {
             return;
         }
-        let f = &self.k.experts.as_ref().expect("fused_call checked the kernels")[fused as usize];
+        let f = &self.k.experts.as_ref().expect("fused_call checked the kernels")[call.kernel as usize];
         let table = self.staging.upload(&call.segments, "expert segment upload");
-        let (count, k) = (call.segments.len() as i32, call.k as i32);
-        // SAFETY: `expert_up_wgmma` / `expert_dact_wgmma(const Segment*, int count, int k)`; every
-        // segment's operands lie inside the views (checked by the caller), aligned, whole tiles
-        // and of one inner dimension (`experts::up_call` / `dact_call`); one block per tile.
-        ok(unsafe { self.stream.launch_builder(f).arg(&table).arg(&count).arg(&k).launch(fused.config(call)) }, fused.function());
+        let count = call.segments.len() as i32;
+        // SAFETY: every kernel of experts.cu is `(const Segment*, int count)`; every segment's
+        // operands lie inside the views (checked by the caller), aligned and whole tiles
+        // (`experts::up_call`, `dact_call`, `gemm_call`); one block per tile.
+        ok(unsafe { self.stream.launch_builder(f).arg(&table).arg(&count).launch(call.kernel.config(call)) }, call.kernel.function());
     }
 
     /// Records the GPU time of every op (see [`CudaBackend::take_profile`]).
@@ -667,7 +669,6 @@ impl Backend for CudaBackend {
     }
 
     fn grouped_matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
-        let _span = self.span("grouped_matmul", || grouped_work(&out, &a, &b, gemms, accumulate));
         let live: Vec<Gemm> = gemms.iter().copied().filter(|g| g.m * g.n > 0).collect();
         let mut outs: Vec<(usize, usize)> = live.iter().map(|g| (g.out, g.out + g.m * g.n)).collect();
         outs.sort_unstable();
@@ -675,6 +676,14 @@ impl Backend for CudaBackend {
         for g in &live {
             assert!(g.out + g.m * g.n <= out.len() && g.a + g.m * g.k <= a.len() && g.b + g.k * g.n <= b.len(), "grouped_matmul: {g:?} outside its views");
         }
+        // The expert kernels write (no accumulate) products of untransposed a; the profile
+        // names them apart from cuBLAS's.
+        let ops = experts::Operands { a: a.ptr, w: b.ptr, out: out.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
+        if let Some(call) = self.fused_call(&[out.storage, a.storage, b.storage], || (!ta && !accumulate).then(|| experts::gemm_call(ops, &live, tb)).flatten()) {
+            let _span = self.span("grouped_matmul_wgmma", || grouped_work(&out, &a, &b, gemms, accumulate));
+            return self.launch_fused(&call);
+        }
+        let _span = self.span("grouped_matmul", || grouped_work(&out, &a, &b, gemms, accumulate));
         match &self.grouped {
             Some(grouped) if grouped::Grouped::supports(out.operand(), a.operand(), b.operand(), &live, ta, tb) => {
                 self.bind();
@@ -690,13 +699,13 @@ impl Backend for CudaBackend {
             let fits = g.gemm.out + m * n <= gu.len() && g.act + m * n / 2 <= act.len() && g.gemm.a + m * k <= a.len() && g.gemm.b + n * k <= b.len();
             assert!(fits, "grouped_matmul_swiglu: {g:?} outside its views");
         }
-        let ops = experts::Operands { a: a.ptr, w: b.ptr, gu: gu.ptr, dgu: 0, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
+        let ops = experts::Operands { a: a.ptr, w: b.ptr, out: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
         let Some(call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms)) else {
             return swiglu_each(self, gu, act, a, b, gemms);
         };
         // Per output of the product: gu written, and half as much act.
         let _span = self.span("grouped_matmul_swiglu", || fused_work(gemms.iter().map(|g| g.gemm), 1.5));
-        self.launch_fused(experts::Fused::Up, &call);
+        self.launch_fused(&call);
     }
 
     fn grouped_matmul_swiglu_bwd(&self, dgu: DevViewMut<'_>, act: DevViewMut<'_>, dact: DevViewMut<'_>, dy: DevView<'_>, b: DevView<'_>, gu: DevView<'_>, gemms: &[SwiGluBwdGemm]) {
@@ -705,14 +714,14 @@ impl Backend for CudaBackend {
             let fits = g.gu + 2 * m * h <= gu.len() && g.dgu + 2 * m * h <= dgu.len() && g.act + m * h <= act.len() && g.gemm.out + m * h <= dact.len() && g.gemm.a + m * k <= dy.len() && g.gemm.b + k * h <= b.len();
             assert!(fits, "grouped_matmul_swiglu_bwd: {g:?} outside its views");
         }
-        let ops = experts::Operands { a: dy.ptr, w: b.ptr, gu: gu.ptr, dgu: dgu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
+        let ops = experts::Operands { a: dy.ptr, w: b.ptr, out: dgu.ptr, gu: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
         let Some(call) = self.fused_call(&[dgu.storage, act.storage, dy.storage, b.storage, gu.storage], || experts::dact_call(ops, gemms)) else {
             return swiglu_bwd_each(self, dgu, act, dact, dy, b, gu, gemms);
         };
         // Per output of the product (dact, which stays on the chip): gu read and dgu written
         // (two each), act written.
         let _span = self.span("grouped_matmul_swiglu_bwd", || fused_work(gemms.iter().map(|g| g.gemm), 5.0));
-        self.launch_fused(experts::Fused::Dact, &call);
+        self.launch_fused(&call);
     }
 
     fn embedding_fwd(&self, out: DevViewMut<'_>, table: DevView<'_>, tokens: &[u32], c: usize) {

@@ -1,6 +1,6 @@
-// The experts' SwiGLU fused into the grouped GEMMs around it, on Hopper (sm_90a). One launch
-// covers every expert (a segment of rows), nothing padded to the widest: a block per tile of
-// 128 rows × 64 hidden columns of one expert, found in a table of segments.
+// The experts' grouped GEMMs on Hopper (sm_90a), SwiGLU fused into the ones around it. One
+// launch covers every expert (a segment of rows), nothing padded to the widest: a block per tile
+// of 128 rows × 64 or 128 columns of one product, found in a table of segments.
 // - expert_up_wgmma: gu = a · Wᵀ (rows × 2h: gate | up, saved for the backward) and
 //   act = SwiGLU(gu) (rows × h). The block's B operand is W's 64 gate rows and the 64 up rows of
 //   its columns, so each thread's accumulators hold the gate and the up value of the same
@@ -8,53 +8,57 @@
 // - expert_dact_wgmma: dact = dy · W (W: k × h, W_down read as it lies) for the tile's columns,
 //   then SwiGLU's backward in the epilogue: reads the saved gu, writes dgu and act again (the
 //   down projection's weight gradient needs it). Saves writing dact and swiglu_bwd reading it.
-// Both compute from the product as stored (rounded to the storage), with common.cuh's swiglu /
-// swiglu_grad: bitwise what swiglu_fwd and swiglu_bwd compute from it.
+// - grouped_nt_wgmma, grouped_nn_wgmma: out = a · Wᵀ (W: n × k, the down projection) and
+//   out = a · W (W: k × n, the input gradient through gate/up): the grouped matmul itself.
+// The fused epilogues compute from the product as stored (rounded to the storage), with
+// common.cuh's swiglu / swiglu_grad: bitwise what swiglu_fwd and swiglu_bwd compute from it.
 //
 // Two warpgroups of 64 rows (256 threads); K in steps of 64 through STAGES shared buffers with
 // cp.async, operands in the 128-byte swizzled layout (as in attention.cu), wgmma with both
-// operands from shared memory, each step's products committed as one group that stays in flight
-// while the next step's are issued. No split over K and a fixed order of steps: every output
-// row is the same whatever tile it lies in (row stability, which MEMO's recompute of a subset of
-// rows relies on). Launches: `experts.rs`. Opt-in (`CudaBackend::with_hopper_experts`) until
-// they have run on a GPU.
+// operands from shared memory (W read K-major, or MN-major by the instruction's transpose),
+// each step's products committed as one group that stays in flight while the next step's are
+// issued. No split over K and a fixed order of steps: every output row is the same whatever
+// tile it lies in (row stability, which MEMO's recompute of a subset of rows relies on).
+// Launches: `experts.rs`. Opt-in (`CudaBackend::with_hopper_experts`) until they have run on
+// a GPU.
 
-// `experts::Segment` of experts.rs: one expert's operands, its rows and width, and the tiles
-// of the segments before it. k, the inner dimension (the rows' length in a), is the launch's.
+// `experts::Segment` of experts.rs: one product's operands, its shape and the tiles of the
+// segments before it.
 struct Segment {
-    const act_t* a;  // rows × k: xe (up), dy (dact)
-    const act_t* w;  // W_gu (2h × k: h gate rows, then h up rows) or W_down (k × h)
-    act_t* gu;       // rows × 2h: written by up, read by dact
-    act_t* dgu;      // rows × 2h: written by dact (null for up)
-    act_t* act;      // rows × h: written by both
-    int rows, h, first_tile, unused;
+    const act_t* a;  // rows × k: xe (up), dy (dact), the product's A
+    const act_t* w;  // W_gu (2h × k: h gate rows, then h up rows), W_down (k × h), the product's W
+    act_t* out;      // gu (up, rows × 2h), dgu (dact, rows × 2h), the product (rows × n)
+    const act_t* gu; // the saved gu (dact)
+    act_t* act;      // SwiGLU's output (up, dact; rows × h)
+    int rows, k, n, first_tile;  // n: the product's columns (up: 2h; dact: h)
 };
 
 #ifdef MOTLEY_WGMMA
 #define EXPERT_ROWS 128   // rows of a tile (two warpgroups of 64)
-#define EXPERT_COLS 64    // hidden columns of a tile
 #define EXPERT_STAGES 4   // shared buffers: step t + 2 loads while step t − 1 may still be read
 #define EXPERT_A_BYTES (128 * 128)  // a step's A tile: 128 rows of 64 bf16, swizzled
 
-// The block's segment and tile: rows m0.., hidden columns j0.. (row tiles fastest: consecutive
-// blocks share W's columns and walk the expert's rows).
+// The block's segment and tile: rows m0.., columns j0.. of the product (up: hidden columns),
+// COLS of them a tile (row tiles fastest: consecutive blocks share W's columns and walk the
+// expert's rows).
 struct Tile {
     Segment seg;
     int m0, j0;
 };
+template <int COLS>
 __device__ __forceinline__ Tile find_tile(const Segment* segs, int count) {
     int s = 0;
     while (s + 1 < count && (int)blockIdx.x >= segs[s + 1].first_tile) s++;
     const Segment seg = segs[s];
     const int tile = blockIdx.x - seg.first_tile, m_tiles = (seg.rows + EXPERT_ROWS - 1) / EXPERT_ROWS;
-    return {seg, tile % m_tiles * EXPERT_ROWS, tile / m_tiles * EXPERT_COLS};
+    return {seg, tile % m_tiles * EXPERT_ROWS, tile / m_tiles * COLS};
 }
 
 // The first of the 1024-byte aligned dynamic shared memory (the swizzle repeats every 1024
 // bytes of shared address: tiles start on such a boundary).
 __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) { return raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024; }
 
-// The K loop shared by both kernels: step t's tiles are loaded by load(t) into buffer
+// The K loop of every kernel: step t's tiles are loaded by load(t) into buffer
 // t % EXPERT_STAGES (STAGE bytes each, A first), and product(t, buffer) queues its wgmmas.
 template <int STAGE, class Load, class Product>
 __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load, Product product) {
@@ -80,8 +84,8 @@ __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load
 }
 
 // Calls f(r, col, j) for each pair of accumulator registers j, j + 1 of a warpgroup's 64 × N
-// product whose row lies in the segment: row r of the segment, hidden columns col, col + 1
-// (register j holds row g + 8·(j/2 % 2) of the warp's 16, column 8·(j/4) + 2q + j % 2).
+// product whose row lies in the segment: row r of the segment, columns col, col + 1 of the
+// tile's (hidden columns, for the up projection) (register j holds row g + 8·(j/2 % 2) of the warp's 16, column 8·(j/4) + 2q + j % 2).
 template <int REGS, class F>
 __device__ __forceinline__ void for_each_pair(const Tile& t, F f) {
     const int wg = threadIdx.x / 128, lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
@@ -93,24 +97,21 @@ __device__ __forceinline__ void for_each_pair(const Tile& t, F f) {
     }
 }
 
-// segs: `count` segments (rows > 0, tiles in order); k a multiple of 64, every h of EXPERT_COLS;
-// every pointer 16-byte aligned. Shared memory `experts::UP_SMEM_BYTES`.
-extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segment* segs, int count, int k) {
-    constexpr int STAGE = 2 * EXPERT_A_BYTES;  // A, then B: 64 gate rows and 64 up rows of W
-    DYNAMIC_SMEM(raw);
-    unsigned char* base = aligned_smem(raw);
-    const Tile t = find_tile(segs, count);
+// Every kernel: segs holds `count` segments (rows > 0, tiles in order), every k a multiple of
+// 64 and every n of the kernel's columns a tile, every pointer 16-byte aligned; shared memory
+// `experts::Fused::smem_bytes`.
+// The K loop and accumulators of out = a · Wᵀ with the tile's 128 rows of W K-major like a,
+// staged by load_b(step, tile) (up, grouped_nt_wgmma).
+template <class LoadB>
+__device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, float (&acc)[64], LoadB load_b) {
+    constexpr int STAGE = 2 * EXPERT_A_BYTES;  // A, then B: 128 rows of W
     const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
-
-    float acc[64];  // columns 0..63 the gate, 64..127 the up projection of hidden j0..j0 + 63
     k_loop<STAGE>(
-        base, k / 64,
+        base, s.k / 64,
         [&](int step, unsigned char* at) {
-            unsigned char* bt = at + EXPERT_A_BYTES;
-            load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, k, 64 * step);
-            load_rows<64, EXPERT_COLS, 256>(swizzled(bt), s.w, 0, t.j0, s.h, k, 64 * step);
-            load_rows<64, EXPERT_COLS, 256>(swizzled(bt + EXPERT_COLS * 128), s.w, 0, s.h + t.j0, 2 * s.h, k, 64 * step);
+            load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, s.k, 64 * step);
+            load_b(step, at + EXPERT_A_BYTES);
         },
         [&](int step, unsigned char* at) {
 #pragma unroll
@@ -118,33 +119,40 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segme
                 wgmma_m64n128k16_ss(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_A_BYTES + 32 * kk, 1024), step > 0 || kk > 0);
         });
     fence_operands(acc);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segment* segs, int count) {
+    DYNAMIC_SMEM(raw);
+    const Tile t = find_tile<64>(segs, count);
+    const Segment& s = t.seg;
+    const int h = s.n / 2;
+    float acc[64];  // columns 0..63 the gate, 64..127 the up projection of hidden j0..j0 + 63
+    product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) {
+        load_rows<64, 64, 256>(swizzled(bt), s.w, 0, t.j0, h, s.k, 64 * step);
+        load_rows<64, 64, 256>(swizzled(bt + 64 * 128), s.w, 0, h + t.j0, 2 * h, s.k, 64 * step);
+    });
 
     // j < 32 a gate column, j + 32 the up column of the same hidden unit.
     for_each_pair<32>(t, [&](int r, int col, int j) {
         const float g0 = stored(acc[j]), g1 = stored(acc[j + 1]), u0 = stored(acc[j + 32]), u1 = stored(acc[j + 33]);
-        act_t* gu = s.gu + (size_t)r * 2 * s.h;
+        act_t* gu = s.out + (size_t)r * 2 * h;
         store_pair(gu + col, g0, g1);
-        store_pair(gu + s.h + col, u0, u1);
-        store_pair(s.act + (size_t)r * s.h + col, swiglu(g0, u0), swiglu(g1, u1));
+        store_pair(gu + h + col, u0, u1);
+        store_pair(s.act + (size_t)r * h + col, swiglu(g0, u0), swiglu(g1, u1));
     });
 }
 
-// The same segments with a = dy, w = W_down (k × h), gu read, dgu and act written. Shared
-// memory `experts::DACT_SMEM_BYTES`: small enough for two blocks an SM.
-extern "C" __global__ void __launch_bounds__(256, 2) expert_dact_wgmma(const Segment* segs, int count, int k) {
+// The K loop and accumulators of out = a · W with W (k × n) read MN-major, 64 columns a tile
+// (dact, grouped_nn_wgmma): small enough for two blocks an SM.
+__device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, float (&acc)[32]) {
     constexpr int STAGE = EXPERT_A_BYTES + 64 * 128;  // A, then B: 64 rows of k × 64 columns of W
-    DYNAMIC_SMEM(raw);
-    unsigned char* base = aligned_smem(raw);
-    const Tile t = find_tile(segs, count);
     const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
-
-    float acc[32];  // dact of hidden j0..j0 + 63
     k_loop<STAGE>(
-        base, k / 64,
+        base, s.k / 64,
         [&](int step, unsigned char* at) {
-            load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, k, 64 * step);
-            load_rows<64, 64, 256>(swizzled(at + EXPERT_A_BYTES), s.w, 0, 64 * step, k, s.h, t.j0);
+            load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, s.k, 64 * step);
+            load_rows<64, 64, 256>(swizzled(at + EXPERT_A_BYTES), s.w, 0, 64 * step, s.k, s.n, t.j0);
         },
         [&](int step, unsigned char* at) {
             // B's rows are k: read MN-major (the instruction's transpose), 16 rows a k-step.
@@ -153,16 +161,46 @@ extern "C" __global__ void __launch_bounds__(256, 2) expert_dact_wgmma(const Seg
                 wgmma_m64n64k16_ss<1>(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_A_BYTES + 16 * 128 * kk, 1024), step > 0 || kk > 0);
         });
     fence_operands(acc);
+}
+
+// a = dy, w = W_down (k × h), gu read; dgu (out) and act written.
+extern "C" __global__ void __launch_bounds__(256, 2) expert_dact_wgmma(const Segment* segs, int count) {
+    DYNAMIC_SMEM(raw);
+    const Tile t = find_tile<64>(segs, count);
+    const Segment& s = t.seg;
+    const int h = s.n;
+
+    float acc[32];  // dact of hidden j0..j0 + 63
+    product_nn(aligned_smem(raw), t, acc);
 
     for_each_pair<32>(t, [&](int r, int col, int j) {
-        const size_t row2 = (size_t)r * 2 * s.h;
-        const float2 g = load_pair(s.gu + row2 + col), u = load_pair(s.gu + row2 + s.h + col);
+        const size_t row2 = (size_t)r * 2 * h;
+        const float2 g = load_pair(s.gu + row2 + col), u = load_pair(s.gu + row2 + h + col);
         float dg0, du0, dg1, du1;
         swiglu_grad(g.x, u.x, stored(acc[j]), dg0, du0);
         swiglu_grad(g.y, u.y, stored(acc[j + 1]), dg1, du1);
-        store_pair(s.dgu + row2 + col, dg0, dg1);
-        store_pair(s.dgu + row2 + s.h + col, du0, du1);
-        store_pair(s.act + (size_t)r * s.h + col, swiglu(g.x, u.x), swiglu(g.y, u.y));
+        store_pair(s.out + row2 + col, dg0, dg1);
+        store_pair(s.out + row2 + h + col, du0, du1);
+        store_pair(s.act + (size_t)r * h + col, swiglu(g.x, u.x), swiglu(g.y, u.y));
     });
+}
+
+// out = a · W with W (k × n) as it lies (MN-major), 64 columns a tile.
+extern "C" __global__ void __launch_bounds__(256, 2) grouped_nn_wgmma(const Segment* segs, int count) {
+    DYNAMIC_SMEM(raw);
+    const Tile t = find_tile<64>(segs, count);
+    float acc[32];
+    product_nn(aligned_smem(raw), t, acc);
+    for_each_pair<32>(t, [&](int r, int col, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + col, acc[j], acc[j + 1]); });
+}
+
+// out = a · Wᵀ with W (n × k), K-major like a, 128 columns a tile.
+extern "C" __global__ void __launch_bounds__(256, 1) grouped_nt_wgmma(const Segment* segs, int count) {
+    DYNAMIC_SMEM(raw);
+    const Tile t = find_tile<128>(segs, count);
+    const Segment& s = t.seg;
+    float acc[64];
+    product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) { load_rows<64, 128, 256>(swizzled(bt), s.w, 0, t.j0, s.n, s.k, 64 * step); });
+    for_each_pair<64>(t, [&](int r, int col, int j) { store_pair(s.out + (size_t)r * s.n + col, acc[j], acc[j + 1]); });
 }
 #endif
