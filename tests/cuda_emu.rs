@@ -970,15 +970,15 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
 // ---- the experts' grouped GEMMs ----------------------------------------------------------------
 
 /// Every kernel of experts.cu against the CPU's grouped matmuls and SwiGLU: experts of widths
-/// 128, 64 and 192 with 130 rows (a partial second row tile), none, 70 and 129, d = 384 (six
-/// steps, so each of the four shared buffers is refilled), as the model chains them: the up
+/// 128, 256, 128 and 384 with 130 rows (a partial second row tile), none, 70 and 129, d = 512
+/// (eight steps, so each of the six shared buffers is refilled), as the model chains them: the up
 /// projection with SwiGLU, the down projection (`grouped_nt_wgmma`, k = h per expert), SwiGLU's
 /// backward through it, the input gradient (`grouped_nn_wgmma`, k = 2h). The up projection's
 /// `act` must be bitwise what `swiglu_fwd` computes from its `gu`, and the backward's `act`
 /// (recomputed from that `gu`) bitwise the forward's.
 fn experts(s: Storage) {
-    let c = 384;
-    let experts = [(130, 128), (0, 64), (70, 64), (129, 192)];
+    let c = 512;
+    let experts = [(130, 128), (0, 256), (70, 128), (129, 384)];
     let (mut up, mut dact_of, mut down, mut dx_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut rows, mut w_len, mut act_len) = (0, 0, 0);
     for &(m, h) in &experts {

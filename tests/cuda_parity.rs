@@ -395,18 +395,31 @@ parity_test!(adamw, AdamWStep, F32_TOL, BF16_ROUNDING_TOL);
 
 const HOST_BYTES: u64 = 1 << 30;
 
-/// Per-step losses and the final gradients and master weights of `steps` AdamW steps of a
-/// 2-layer model under `policy`: 4 heads of 16 (2 kv heads), or with `HEAD_DIM_64` 2 heads of 64
-/// (1 kv head) and experts of widths 64 to 192 (the Hopper kernels' shapes). Every token goes to every expert (top-k = all), so
-/// rounding differences cannot flip a routing decision and move a token's gradient between
-/// experts; the routing itself is host code, the same for both.
-fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, head_dim: usize) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
+/// The 2-layer model `train` builds: 4 heads of 16 (2 kv heads) or 2 heads of 64 (1 kv head,
+/// the Hopper attention's shape); experts of `tiny_model`'s widths (8 to 40), or of whole
+/// 128-column tiles (the Hopper expert kernels' shapes).
+#[derive(Clone, Copy, Debug)]
+struct Net {
+    head_dim: usize,
+    tile_widths: bool,
+}
+const SMALL: Net = Net { head_dim: 16, tile_widths: false };
+const HEADS_OF_64: Net = Net { head_dim: 64, tile_widths: false };
+const TILE_EXPERTS: Net = Net { head_dim: 64, tile_widths: true };
+
+/// Per-step losses and the final gradients and master weights of `steps` AdamW steps of `net`
+/// under `policy`. Every token goes to every expert (top-k = all), so rounding differences
+/// cannot flip a routing decision and move a token's gradient between experts; the routing
+/// itself is host code, the same for both.
+fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, net: Net) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
     let (mut cfg, mut moe) = tiny_model(Routing::TopK);
-    if head_dim == HEAD_DIM_64 {
+    if net.head_dim == 64 {
         (cfg.n_heads, cfg.n_kv_heads) = (2, 1);
-        moe.expert_widths = vec![64, 128, 192, 64];
     }
-    cfg.d_model = cfg.n_heads * head_dim;
+    if net.tile_widths {
+        moe.expert_widths = vec![128, 256, 128, 384];
+    }
+    cfg.d_model = cfg.n_heads * net.head_dim;
     moe.top_k = moe.n_experts();
     let (b, t) = (3, cfg.seq_len);
     let mut model = Model::new(be, cfg.clone(), moe, 4).unwrap();
@@ -425,16 +438,13 @@ fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, head_dim: usize)
     (losses, be.download(B::full(&model.grads)), be.download(B::full(model.params.master())))
 }
 
-/// Head dim of the model `train` builds for the Hopper kernels; 16 otherwise.
-const HEAD_DIM_64: usize = 64;
-
-/// Whole steps of `cuda` against the CPU (`head_dim` as `train` takes it): per-step loss
+/// Whole steps of `cuda` against the CPU (`net` as `train` takes it): per-step loss
 /// (relative), last gradients and weights (normalised); every error is reported before failing.
-fn model_parity(cuda: &CudaBackend, head_dim: usize, loss_tol: f64, grad_tol: f64, weight_tol: f64) {
-    let what_model = format!("model ({}, head_dim {head_dim})", cuda.device());
+fn model_parity(cuda: &CudaBackend, net: Net, loss_tol: f64, grad_tol: f64, weight_tol: f64) {
+    let what_model = format!("model ({}, head_dim {})", cuda.device(), net.head_dim);
     let cpu = cpu_for(cuda.storage());
-    let (want_l, want_g, want_w) = train(&cpu, LayerPolicy::Keep, 3, head_dim);
-    let (got_l, got_g, got_w) = train(cuda, LayerPolicy::Keep, 3, head_dim);
+    let (want_l, want_g, want_w) = train(&cpu, LayerPolicy::Keep, 3, net);
+    let (got_l, got_g, got_w) = train(cuda, LayerPolicy::Keep, 3, net);
     let mut failures = Vec::new();
     for (s, (w, g)) in want_l.iter().zip(&got_l).enumerate() {
         let err = (w - g).abs() / w.abs();
@@ -457,37 +467,61 @@ fn model_parity(cuda: &CudaBackend, head_dim: usize, loss_tol: f64, grad_tol: f6
 fn model_step_f32() {
     let Some(cuda) = gpu(Storage::F32) else { return };
     // Gradients as loose as attention alone (its tiles are bf16 in both storages).
-    model_parity(&cuda, 16, 1e-3, ATTN_TOL, 1e-2);
+    model_parity(&cuda, SMALL, 1e-3, ATTN_TOL, 1e-2);
 }
 
 #[test]
 fn model_step_bf16() {
     let Some(cuda) = gpu(Storage::Bf16) else { return };
-    model_parity(&cuda, 16, 1e-2, 5e-2, 2e-2);
+    model_parity(&cuda, SMALL, 1e-2, 5e-2, 2e-2);
 }
 
-/// Whole steps on the Hopper kernels (attention with 2 heads of 64, the experts' grouped
-/// GEMMs), as `model_step_bf16`; and MEMO's recompute through them gives keep-all's loss.
+/// Whole steps with attention on the Hopper kernels (2 heads of 64), as `model_step_bf16` (the
+/// experts' widths are not whole tiles: their GEMMs stay on cuBLAS); and MEMO's recompute
+/// through them gives keep-all's loss.
 #[test]
 fn model_step_hopper() {
     if gpu(Storage::Bf16).is_none() {
         return;
     }
     let hopper = match hopper() {
-        Ok(be) => be.with_profile(),
+        Ok(be) => be,
         Err(e) => return eprintln!("model_step_hopper skipped: {e}"),
     };
-    model_parity(&hopper, HEAD_DIM_64, 1e-2, 5e-2, 2e-2);
-    // The model's shapes are ones the fused kernels take: they ran, not the fallback.
-    let ran: Vec<&str> = hopper.take_profile().iter().map(|row| row.op).collect();
-    for op in ["grouped_matmul_swiglu", "grouped_matmul_wgmma", "grouped_matmul_swiglu_bwd"] {
-        assert!(ran.contains(&op), "model_step_hopper: {op} never ran on the Hopper kernels");
-    }
-    let (keep_l, keep_g, _) = train(&hopper, LayerPolicy::Keep, 1, HEAD_DIM_64);
-    let (l, g, _) = train(&hopper, LayerPolicy::Recompute, 1, HEAD_DIM_64);
+    model_parity(&hopper, HEADS_OF_64, 1e-2, 5e-2, 2e-2);
+    let (keep_l, keep_g, _) = train(&hopper, LayerPolicy::Keep, 1, HEADS_OF_64);
+    let (l, g, _) = train(&hopper, LayerPolicy::Recompute, 1, HEADS_OF_64);
     assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "Hopper kernels, recompute: forward loss differs from keep-all");
     let err = error(&keep_g, &g);
     assert!(err <= 1e-2, "Hopper kernels, recompute: gradients normalised max error {err:.3e} > 1e-2");
+}
+
+/// A training step with the experts' GEMMs on the Hopper kernels (a model whose experts have
+/// widths of whole tiles) against the same step on the grouped cuBLAS call and the SwiGLU
+/// kernels: the same bf16 operations summed in another order, so within 1e-2 on a GPU, and
+/// bitwise on the emulator, which sums both in one order. Every one of the kernels ran, and
+/// MEMO's recompute through them gives keep-all's step (bitwise: they are row-stable, and a
+/// layer is recomputed whole). Against the CPU, `hopper_experts` holds the kernels op by op.
+#[test]
+fn model_step_hopper_experts() {
+    let Some(plain) = gpu(Storage::Bf16) else { return };
+    let experts = match CudaBackend::new(0, Storage::Bf16).and_then(CudaBackend::with_hopper_experts) {
+        Ok(be) => be.with_profile(),
+        Err(e) => return eprintln!("model_step_hopper_experts skipped: {e}"),
+    };
+    let (want_l, want_g, _) = train(&plain, LayerPolicy::Keep, 1, TILE_EXPERTS);
+    let (got_l, got_g, _) = train(&experts, LayerPolicy::Keep, 1, TILE_EXPERTS);
+    let ran: Vec<&str> = experts.take_profile().iter().map(|row| row.op).collect();
+    for op in ["grouped_matmul_swiglu", "grouped_matmul_wgmma", "grouped_matmul_swiglu_bwd"] {
+        assert!(ran.contains(&op), "model_step_hopper_experts: {op} never ran on the Hopper kernels");
+    }
+    let tol = if real_gpu(&plain) { 1e-2 } else { 0.0 };
+    let (loss_err, grad_err) = ((want_l[0] - got_l[0]).abs() / want_l[0].abs(), error(&want_g, &got_g));
+    eprintln!("Hopper expert kernels vs cuBLAS, one step: loss relative error {loss_err:.2e}, gradients normalised max error {grad_err:.2e} (tol {tol:.0e})");
+    assert!(loss_err <= tol && grad_err <= tol, "Hopper expert kernels vs cuBLAS: loss {loss_err:.3e}, gradients {grad_err:.3e} > {tol:.0e}");
+    let (l, g, _) = train(&experts, LayerPolicy::Recompute, 1, TILE_EXPERTS);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    assert!(l[0].to_bits() == got_l[0].to_bits() && bits(&g) == bits(&got_g), "Hopper expert kernels, recompute: the step differs from keep-all");
 }
 
 /// The profile charges each op its least work: a matmul its 2mnk FLOPs and operand bytes, a
@@ -521,9 +555,9 @@ fn profile_counts_each_ops_work() {
 #[test]
 fn memo_policies_match_keep_all() {
     let Some(cuda) = gpu(Storage::Bf16) else { return };
-    let (keep_l, keep_g, _) = train(&cuda, LayerPolicy::Keep, 1, 16);
+    let (keep_l, keep_g, _) = train(&cuda, LayerPolicy::Keep, 1, SMALL);
     for policy in [LayerPolicy::Recompute, LayerPolicy::Offload { alpha: 0.5 }, LayerPolicy::Offload { alpha: 1.0 }] {
-        let (l, g, _) = train(&cuda, policy, 1, 16);
+        let (l, g, _) = train(&cuda, policy, 1, SMALL);
         assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "{policy:?}: forward loss differs from keep-all");
         let err = error(&keep_g, &g);
         eprintln!("MEMO {policy:?}: gradients normalised max error {err:.2e} against keep-all");
@@ -538,7 +572,7 @@ fn memo_policies_match_keep_all() {
 fn training_is_bitwise_reproducible() {
     let Some(cuda) = gpu(Storage::Bf16) else { return };
     let bits = |(l, g, w): (Vec<f64>, Vec<f32>, Vec<f32>)| [l.iter().map(|x| x.to_bits()).collect::<Vec<u64>>(), g.iter().chain(&w).map(|x| x.to_bits() as u64).collect()];
-    let (first, second) = (bits(train(&cuda, LayerPolicy::Keep, 2, 16)), bits(train(&cuda, LayerPolicy::Keep, 2, 16)));
+    let (first, second) = (bits(train(&cuda, LayerPolicy::Keep, 2, SMALL)), bits(train(&cuda, LayerPolicy::Keep, 2, SMALL)));
     for (what, a, b) in [("losses", &first[0], &second[0]), ("gradients and weights", &first[1], &second[1])] {
         let differ = a.iter().zip(b).filter(|(x, y)| x != y).count();
         assert_eq!(differ, 0, "{differ} of {} {what} differ between two identical runs", a.len());
@@ -704,8 +738,8 @@ fn hopper_attention() {
 /// with SwiGLU, the down projection, SwiGLU's backward through it and the input gradient, against
 /// the CPU and against the grouped cuBLAS call and the SwiGLU kernels on the same device. The
 /// forward's `act` must be bitwise what `swiglu_fwd` computes from its `gu`, the backward's `act`
-/// bitwise the forward's. Widths 128, 64, 192 with 130, 0, 70 rows (d = 384: six steps through
-/// four buffers); on a GPU also H100-ref's experts (d = 1024, widths 1024 to 4608) at 8192 rows
+/// bitwise the forward's. Widths 128, 128, 256 with 130, 0, 70 rows (d = 512: eight steps
+/// through six buffers); on a GPU also H100-ref's experts (d = 1024, widths 1024 to 4608) at 8192 rows
 /// each, against cuBLAS only. Skipped, saying so, without sm_90.
 #[test]
 fn hopper_experts() {
@@ -714,7 +748,7 @@ fn hopper_experts() {
         Ok(be) => be.with_profile(),
         Err(e) => return eprintln!("hopper_experts skipped: {e}"),
     };
-    let mut shapes: Vec<(usize, Vec<(usize, usize)>)> = vec![(384, vec![(130, 128), (0, 64), (70, 192)])];
+    let mut shapes: Vec<(usize, Vec<(usize, usize)>)> = vec![(512, vec![(130, 128), (0, 128), (70, 256)])];
     if real_gpu(&plain) {
         shapes.push((1024, (0..8).map(|e| (8192, 1024 + 512 * e)).collect()));
     }

@@ -150,7 +150,8 @@ inline void ldmatrix_x4(unsigned r[4], const void* row) { emu::ldmatrix_x4(r, ro
 inline void ldmatrix_x4_trans(unsigned r[4], const void* row) { emu::ldmatrix_x4(r, row, true); }
 inline void cp_async16(void* smem, const void* gmem, bool valid) { emu::cp_async16(smem, gmem, valid); }
 inline void cp_async_commit() { emu::cp_async_commit(); }
-inline void cp_async_wait_prior() { emu::cp_async_wait(1); }
+template <int N>
+inline void cp_async_wait_pending() { emu::cp_async_wait(N); }
 // cp.async.wait_all is commit_group followed by wait_group 0 (PTX ISA).
 inline void cp_async_wait_all() {
     emu::cp_async_commit();

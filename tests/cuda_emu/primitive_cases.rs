@@ -153,7 +153,7 @@ fn cp_async() -> Case {
     let check = move |o: &[Vec<u32>]| {
         let got = &o[0];
         if got[..8] != want[..] {
-            return Err(format!("group 0 after cp_async_wait_prior (then a zero-fill): {:?} instead of {want:?}", &got[..8]));
+            return Err(format!("group 0 after cp_async_wait_pending<1> (then a zero-fill): {:?} instead of {want:?}", &got[..8]));
         }
         // got[8..12) is read before group 1's wait: anything on a GPU (the emulator leaves its
         // poison there; cuda_emu checks that).

@@ -42,7 +42,7 @@ extern "C" __global__ void test_ldmatrix(unsigned* out, unsigned* out_t, const b
 
 // One thread, 64 bytes of shared memory s (16 words): group 0 copies src[0..4) to s[0..4) and
 // zero-fills s[4..8) from a null source (not read), group 1 copies src[4..8) to s[8..12).
-// out[0..12) is s[0..12) after cp_async_wait_prior (group 0 complete), out[12..16) s[8..12)
+// out[0..12) is s[0..12) after cp_async_wait_pending<1> (group 0 complete), out[12..16) s[8..12)
 // after cp_async_wait_all.
 extern "C" __global__ void test_cp_async(unsigned* out, const unsigned* src) {
     DYNAMIC_SMEM(smem);
@@ -52,7 +52,7 @@ extern "C" __global__ void test_cp_async(unsigned* out, const unsigned* src) {
     cp_async_commit();
     cp_async16(s + 8, src + 4, true);
     cp_async_commit();
-    cp_async_wait_prior();
+    cp_async_wait_pending<1>();
     for (int i = 0; i < 12; i++) out[i] = s[i];
     cp_async_wait_all();
     for (int i = 0; i < 4; i++) out[12 + i] = s[8 + i];

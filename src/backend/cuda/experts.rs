@@ -8,14 +8,18 @@ use crate::backend::{Gemm, SwiGluBwdGemm, SwiGluGemm};
 
 /// Entry points compiled only for Hopper (`sm_90a`), in [`Fused::ALL`] order.
 pub const HOPPER_FUNCTIONS: &[&str] = &["expert_up_wgmma", "expert_dact_wgmma", "grouped_nt_wgmma", "grouped_nn_wgmma"];
-/// `EXPERT_ROWS` of experts.cu: the rows of a tile.
+/// `EXPERT_ROWS` of experts.cu: the rows of a tile; its columns, of every kernel's product (the
+/// up projection's 64 hidden columns are 128 of its product: gate and up).
 pub const TILE_ROWS: usize = 128;
+pub const TILE_COLS: usize = 128;
 /// The inner dimension's step (one 128-byte swizzled row of bf16).
 pub const K_STEP: usize = 64;
 const THREADS: u32 = 256;
-/// `EXPERT_STAGES` of experts.cu, and the bytes of a step's A tile (128 rows of 128 bytes).
-const STAGES: usize = 4;
-const A_BYTES: usize = 128 * 128;
+/// `EXPERT_STAGES` of experts.cu, each an A tile and a B tile of 128 rows of 128 bytes.
+const STAGES: usize = 6;
+/// Dynamic shared memory of every kernel, as it carves it: 1024 bytes to align its buffers,
+/// then the stages.
+pub const SMEM_BYTES: usize = 1024 + STAGES * 2 * 128 * 128;
 
 /// The kernels of experts.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,28 +41,9 @@ impl Fused {
         HOPPER_FUNCTIONS[self as usize]
     }
 
-    /// Columns of the product a tile covers (the up projection's 64 hidden columns are 128 of
-    /// its product: gate and up); a product's n must be a multiple.
-    pub fn tile_cols(self) -> usize {
-        match self {
-            Fused::Up | Fused::GemmNt => 128,
-            Fused::Dact | Fused::GemmNn => 64,
-        }
-    }
-
-    /// Dynamic shared memory, as the kernel carves it: 1024 bytes to align its buffers, then
-    /// each stage's A tile and B tile (128 rows of W read K-major, or 64 rows of k MN-major).
-    pub fn smem_bytes(self) -> usize {
-        let b_bytes = match self {
-            Fused::Up | Fused::GemmNt => 128 * 128,
-            Fused::Dact | Fused::GemmNn => 64 * 128,
-        };
-        1024 + STAGES * (A_BYTES + b_bytes)
-    }
-
     /// One block of 256 threads per tile of the call.
     pub fn config(self, call: &Call) -> LaunchConfig {
-        LaunchConfig { grid_dim: (call.tiles as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: self.smem_bytes() as u32 }
+        LaunchConfig { grid_dim: (call.tiles as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 }
     }
 }
 
@@ -130,8 +115,8 @@ fn part(g: &Gemm, offsets: [usize; 5]) -> Part {
     Part { offsets, rows: g.m, k: g.k, n: g.n }
 }
 
-/// The table of `parts` for `kernel`, if it takes them: every k a multiple of 64 and every n
-/// of the kernel's tile columns, every operand 16-byte aligned (cp.async copies 16 bytes; the
+/// The table of `parts` for `kernel`, if it takes them: every k a multiple of 64 and every n of
+/// 128, every operand 16-byte aligned (cp.async copies 16 bytes; the
 /// epilogues move pairs).
 fn call(kernel: Fused, ops: Operands, parts: impl Iterator<Item = Part>) -> Option<Call> {
     let bases = [ops.a, ops.w, ops.out, ops.gu, ops.act];
@@ -139,13 +124,13 @@ fn call(kernel: Fused, ops: Operands, parts: impl Iterator<Item = Part>) -> Opti
     let at = |i: usize, p: &Part| if bases[i] == 0 { 0 } else { bases[i] + (p.offsets[i] * ops.elem_bytes) as u64 };
     let (mut segments, mut tiles) = (Vec::new(), 0);
     for p in parts {
-        let fits = p.k.is_multiple_of(K_STEP) && p.n.is_multiple_of(kernel.tile_cols()) && (0..5).all(|i| at(i, &p).is_multiple_of(16));
+        let fits = p.k.is_multiple_of(K_STEP) && p.n.is_multiple_of(TILE_COLS) && (0..5).all(|i| at(i, &p).is_multiple_of(16));
         if !fits {
             return None;
         }
         if p.rows > 0 {
             segments.push(Segment { a: at(0, &p), w: at(1, &p), out: at(2, &p), gu: at(3, &p), act: at(4, &p), rows: p.rows as i32, k: p.k as i32, n: p.n as i32, first_tile: tiles as i32 });
-            tiles += p.rows.div_ceil(TILE_ROWS) * (p.n / kernel.tile_cols());
+            tiles += p.rows.div_ceil(TILE_ROWS) * (p.n / TILE_COLS);
         }
     }
     Some(Call { kernel, segments, tiles })
@@ -167,15 +152,15 @@ mod tests {
         assert_eq!(call.tiles, 6 + 3);
         assert_eq!(call.segments.iter().map(|s| (s.rows, s.k, s.n, s.first_tile)).collect::<Vec<_>>(), [(300, 128, 256, 0), (1, 128, 384, 6)]);
         assert_eq!((call.segments[1].out, call.segments[1].gu), (OPS.out + 2 * 300 * 2 * 192, 0));
-        let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 64, out: 0, a: 0, b: 0 }, gu: 0, dgu: 128, act: 0 };
+        let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 256, out: 0, a: 0, b: 0 }, gu: 0, dgu: 128, act: 0 };
         let dact = dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd]).expect("taken");
-        assert_eq!((dact.tiles, dact.segments[0].out, dact.segments[0].gu), (1, OPS.out + 256, 5 << 20));
-        // The plain kernels: 128 columns a tile with W transposed, 64 without; k per product.
+        assert_eq!((dact.tiles, dact.segments[0].out, dact.segments[0].gu), (2, OPS.out + 256, 5 << 20));
+        // The plain kernels: 128 columns a tile; k per product.
         let gemms = [Gemm { m: 129, k: 64, n: 256, out: 0, a: 0, b: 0 }, Gemm { m: 10, k: 192, n: 128, out: 129 * 256, a: 129 * 64, b: 256 * 64 }];
-        let plain = |tb| gemm_call(Operands { act: 0, ..OPS }, &gemms, tb).expect("taken");
-        assert_eq!((plain(true).kernel, plain(true).tiles), (Fused::GemmNt, 2 * 2 + 1));
-        assert_eq!((plain(false).kernel, plain(false).tiles), (Fused::GemmNn, 2 * 4 + 2));
-        assert_eq!(plain(true).segments[1].k, 192);
+        for (tb, kernel) in [(true, Fused::GemmNt), (false, Fused::GemmNn)] {
+            let plain = gemm_call(Operands { act: 0, ..OPS }, &gemms, tb).expect("taken");
+            assert_eq!((plain.kernel, plain.tiles, plain.segments[1].k), (kernel, 2 * 2 + 1, 192));
+        }
     }
 
     #[test]
@@ -184,11 +169,11 @@ mod tests {
         assert!(up_call(OPS, &[glu(4, 96, 0)]).is_none());
         let misaligned = SwiGluGemm { gemm: Gemm { a: 3, ..glu(4, 64, 0).gemm }, ..glu(4, 64, 0) };
         assert!(up_call(OPS, &[misaligned]).is_none());
-        let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 64, out: 0, a: 0, b: 0 }, gu: 0, dgu: 4, act: 0 };
+        let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 128, out: 0, a: 0, b: 0 }, gu: 0, dgu: 4, act: 0 };
         assert!(dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd]).is_none());
-        // 64 columns: whole tiles without tb, not with it; k not a multiple of 64.
-        let g = Gemm { m: 8, k: 64, n: 64, out: 0, a: 0, b: 0 };
-        assert!(gemm_call(OPS, &[g], false).is_some() && gemm_call(OPS, &[g], true).is_none());
+        // 64 columns are not a tile; k must be whole steps of 64.
+        let g = Gemm { m: 8, k: 64, n: 128, out: 0, a: 0, b: 0 };
+        assert!(gemm_call(OPS, &[g], false).is_some() && gemm_call(OPS, &[Gemm { n: 64, ..g }], true).is_none());
         assert!(gemm_call(OPS, &[Gemm { k: 96, ..g }], false).is_none());
     }
 }

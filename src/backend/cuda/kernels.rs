@@ -9,7 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
 
 use super::attention::{head_dims, Pass, MAX_HEAD_DIM};
-use super::experts::Fused;
+use super::experts::{self, Fused};
 use super::nvrtc::{arch_for, cached_ptx, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
@@ -126,7 +126,7 @@ impl Kernels {
         let experts = f.contains_key(Fused::Up.function());
         if experts {
             for fused in Fused::ALL {
-                allow(fused.function(), fused.smem_bytes())?;
+                allow(fused.function(), experts::SMEM_BYTES)?;
             }
         }
         let act = elementwise(&f);

@@ -52,7 +52,7 @@ __device__ __forceinline__ void advance(int t, int steps, Queue queue) {
     if (t + 1 < steps) {
         queue(t + 1);
         cp_async_commit();
-        cp_async_wait_prior();
+        cp_async_wait_pending<1>();
     } else {
         cp_async_wait_all();
     }
@@ -707,7 +707,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         const float* Dl = L2 + QT;
         if (t + 1 < steps) load_step(t + 1);
         cp_async_commit();
-        cp_async_wait_prior();
+        cp_async_wait_pending<1>();
         fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
         __syncthreads();
         if (t == 0) {

@@ -1,9 +1,9 @@
 // The experts' grouped GEMMs on Hopper (sm_90a), SwiGLU fused into the ones around it. One
 // launch covers every expert (a segment of rows), nothing padded to the widest: a block per tile
-// of 128 rows × 64 or 128 columns of one product, found in a table of segments.
+// of 128 rows × 128 columns of one product, found in a table of segments.
 // - expert_up_wgmma: gu = a · Wᵀ (rows × 2h: gate | up, saved for the backward) and
-//   act = SwiGLU(gu) (rows × h). The block's B operand is W's 64 gate rows and the 64 up rows of
-//   its columns, so each thread's accumulators hold the gate and the up value of the same
+//   act = SwiGLU(gu) (rows × h). A tile is 64 hidden columns: its B operand is W's 64 gate rows
+//   and the 64 up rows of those columns, so each thread's accumulators hold the gate and the up value of the same
 //   outputs and SwiGLU needs no exchange. Saves swiglu_fwd's read of gu.
 // - expert_dact_wgmma: dact = dy · W (W: k × h, W_down read as it lies) for the tile's columns,
 //   then SwiGLU's backward in the epilogue: reads the saved gu, writes dgu and act again (the
@@ -13,11 +13,12 @@
 // The fused epilogues compute from the product as stored (rounded to the storage), with
 // common.cuh's swiglu / swiglu_grad: bitwise what swiglu_fwd and swiglu_bwd compute from it.
 //
-// Two warpgroups of 64 rows (256 threads); K in steps of 64 through STAGES shared buffers with
-// cp.async, operands in the 128-byte swizzled layout (as in attention.cu), wgmma with both
-// operands from shared memory (W read K-major, or MN-major by the instruction's transpose),
-// each step's products committed as one group that stays in flight while the next step's are
-// issued. No split over K and a fixed order of steps: every output row is the same whatever
+// Two warpgroups of 64 rows (256 threads); K in steps of 64 through EXPERT_STAGES shared
+// buffers with cp.async, EXPERT_STAGES − 2 steps ahead of the products; operands in the 128-byte
+// swizzled layout (as in attention.cu), wgmma with both operands from shared memory (W read
+// K-major, or MN-major by the instruction's transpose: then as two 64-column halves), each
+// step's products committed as one group that stays in flight while the next step's are
+// issued. A tile of 128 × 128 reads 64 FLOPs' worth of operands per byte it stages. No split over K and a fixed order of steps: every output row is the same whatever
 // tile it lies in (row stability, which MEMO's recompute of a subset of rows relies on).
 // Launches: `experts.rs`. Opt-in (`CudaBackend::with_hopper_experts`) until they have run on
 // a GPU.
@@ -35,8 +36,10 @@ struct Segment {
 
 #ifdef MOTLEY_WGMMA
 #define EXPERT_ROWS 128   // rows of a tile (two warpgroups of 64)
-#define EXPERT_STAGES 4   // shared buffers: step t + 2 loads while step t − 1 may still be read
-#define EXPERT_A_BYTES (128 * 128)  // a step's A tile: 128 rows of 64 bf16, swizzled
+#define EXPERT_STAGES 6   // shared buffers: steps t + 1..t + 4 load while t − 1 may still be read
+#define EXPERT_AHEAD (EXPERT_STAGES - 2)
+#define EXPERT_TILE_BYTES (128 * 128)  // 128 rows of 64 bf16, swizzled: a step's A tile, or B's
+#define EXPERT_HALF_BYTES (64 * 128)   // 64 rows of 64 bf16
 
 // The block's segment and tile: rows m0.., columns j0.. of the product (up: hidden columns),
 // COLS of them a tile (row tiles fastest: consecutive blocks share W's columns and walk the
@@ -59,21 +62,23 @@ __device__ __forceinline__ Tile find_tile(const Segment* segs, int count) {
 __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) { return raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024; }
 
 // The K loop of every kernel: step t's tiles are loaded by load(t) into buffer
-// t % EXPERT_STAGES (STAGE bytes each, A first), and product(t, buffer) queues its wgmmas.
-template <int STAGE, class Load, class Product>
+// t % EXPERT_STAGES (an A tile, then a B tile), EXPERT_AHEAD steps ahead, and product(t, buffer)
+// queues its wgmmas.
+template <class Load, class Product>
 __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load, Product product) {
-    auto buffer = [&](int t) { return base + (t % EXPERT_STAGES) * STAGE; };
-    load(0, buffer(0));
-    cp_async_commit();
-    if (steps > 1) load(1, buffer(1));
-    cp_async_commit();
+    auto buffer = [&](int t) { return base + (t % EXPERT_STAGES) * 2 * EXPERT_TILE_BYTES; };
+    for (int t = 0; t < EXPERT_AHEAD; t++) {
+        if (t < steps) load(t, buffer(t));
+        cp_async_commit();
+    }
     for (int t = 0; t < steps; t++) {
         // Step t has arrived (for every thread, and fenced for wgmma), and both warpgroups have
-        // finished step t − 2 (waited at the end of step t − 1), whose buffer step t + 2 refills.
-        cp_async_wait_prior();
+        // finished step t − 2 (waited at the end of step t − 1), whose buffer step t + AHEAD
+        // refills.
+        cp_async_wait_pending<EXPERT_AHEAD - 1>();
         fence_proxy_async();
         __syncthreads();
-        if (t + 2 < steps) load(t + 2, buffer(t + 2));
+        if (t + EXPERT_AHEAD < steps) load(t + EXPERT_AHEAD, buffer(t + EXPERT_AHEAD));
         cp_async_commit();
         wgmma_fence();
         product(t, buffer(t));
@@ -87,36 +92,35 @@ __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load
 // product whose row lies in the segment: row r of the segment, columns col, col + 1 of the
 // tile's (hidden columns, for the up projection) (register j holds row g + 8·(j/2 % 2) of the warp's 16, column 8·(j/4) + 2q + j % 2).
 template <int REGS, class F>
-__device__ __forceinline__ void for_each_pair(const Tile& t, F f) {
+__device__ __forceinline__ void for_each_pair(const Tile& t, F f, int col0 = 0) {
     const int wg = threadIdx.x / 128, lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
     const int warp_row = t.m0 + 64 * wg + 16 * (threadIdx.x % 128 / WARP);
 #pragma unroll
     for (int j = 0; j < REGS; j += 2) {
         const int r = warp_row + g + 8 * (j / 2 % 2);
-        if (r < t.seg.rows) f(r, t.j0 + 8 * (j / 4) + 2 * q, j);
+        if (r < t.seg.rows) f(r, t.j0 + col0 + 8 * (j / 4) + 2 * q, j);
     }
 }
 
 // Every kernel: segs holds `count` segments (rows > 0, tiles in order), every k a multiple of
-// 64 and every n of the kernel's columns a tile, every pointer 16-byte aligned; shared memory
-// `experts::Fused::smem_bytes`.
+// 64 and every n of 128 columns (the up projection's: 64 hidden), every pointer 16-byte aligned;
+// shared memory `experts::SMEM_BYTES`.
 // The K loop and accumulators of out = a · Wᵀ with the tile's 128 rows of W K-major like a,
 // staged by load_b(step, tile) (up, grouped_nt_wgmma).
 template <class LoadB>
 __device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, float (&acc)[64], LoadB load_b) {
-    constexpr int STAGE = 2 * EXPERT_A_BYTES;  // A, then B: 128 rows of W
     const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
-    k_loop<STAGE>(
+    k_loop(
         base, s.k / 64,
         [&](int step, unsigned char* at) {
             load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, s.k, 64 * step);
-            load_b(step, at + EXPERT_A_BYTES);
+            load_b(step, at + EXPERT_TILE_BYTES);
         },
         [&](int step, unsigned char* at) {
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
-                wgmma_m64n128k16_ss(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_A_BYTES + 32 * kk, 1024), step > 0 || kk > 0);
+                wgmma_m64n128k16_ss(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_TILE_BYTES + 32 * kk, 1024), step > 0 || kk > 0);
         });
     fence_operands(acc);
 }
@@ -129,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segme
     float acc[64];  // columns 0..63 the gate, 64..127 the up projection of hidden j0..j0 + 63
     product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) {
         load_rows<64, 64, 256>(swizzled(bt), s.w, 0, t.j0, h, s.k, 64 * step);
-        load_rows<64, 64, 256>(swizzled(bt + 64 * 128), s.w, 0, h + t.j0, 2 * h, s.k, 64 * step);
+        load_rows<64, 64, 256>(swizzled(bt + EXPERT_HALF_BYTES), s.w, 0, h + t.j0, 2 * h, s.k, 64 * step);
     });
 
     // j < 32 a gate column, j + 32 the up column of the same hidden unit.
@@ -142,59 +146,69 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segme
     });
 }
 
-// The K loop and accumulators of out = a · W with W (k × n) read MN-major, 64 columns a tile
-// (dact, grouped_nn_wgmma): small enough for two blocks an SM.
-__device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, float (&acc)[32]) {
-    constexpr int STAGE = EXPERT_A_BYTES + 64 * 128;  // A, then B: 64 rows of k × 64 columns of W
+// The K loop and accumulators of out = a · W with W (k × n) read MN-major (dact,
+// grouped_nn_wgmma): B's 64 rows of k a step as two swizzled 64-column halves, each product a
+// pair of wgmma m64n64k16 (the instruction's transpose), acc[half].
+__device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, float (&acc)[2][32]) {
     const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
-    k_loop<STAGE>(
+    k_loop(
         base, s.k / 64,
         [&](int step, unsigned char* at) {
             load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, s.k, 64 * step);
-            load_rows<64, 64, 256>(swizzled(at + EXPERT_A_BYTES), s.w, 0, 64 * step, s.k, s.n, t.j0);
+#pragma unroll
+            for (int half = 0; half < 2; half++)
+                load_rows<64, 64, 256>(swizzled(at + EXPERT_TILE_BYTES + half * EXPERT_HALF_BYTES), s.w, 0, 64 * step, s.k, s.n, t.j0 + 64 * half);
         },
         [&](int step, unsigned char* at) {
-            // B's rows are k: read MN-major (the instruction's transpose), 16 rows a k-step.
+            // B's rows are k: 16 rows a k-step.
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
-                wgmma_m64n64k16_ss<1>(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_A_BYTES + 16 * 128 * kk, 1024), step > 0 || kk > 0);
+#pragma unroll
+                for (int half = 0; half < 2; half++)
+                    wgmma_m64n64k16_ss<1>(acc[half], sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_TILE_BYTES + half * EXPERT_HALF_BYTES + 16 * 128 * kk, 1024), step > 0 || kk > 0);
         });
-    fence_operands(acc);
+    fence_operands(acc[0]);
+    fence_operands(acc[1]);
 }
 
 // a = dy, w = W_down (k × h), gu read; dgu (out) and act written.
-extern "C" __global__ void __launch_bounds__(256, 2) expert_dact_wgmma(const Segment* segs, int count) {
+extern "C" __global__ void __launch_bounds__(256, 1) expert_dact_wgmma(const Segment* segs, int count) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<64>(segs, count);
+    const Tile t = find_tile<128>(segs, count);
     const Segment& s = t.seg;
     const int h = s.n;
-
-    float acc[32];  // dact of hidden j0..j0 + 63
+    float acc[2][32];  // dact of hidden j0..j0 + 63, then j0 + 64..j0 + 127
     product_nn(aligned_smem(raw), t, acc);
-
-    for_each_pair<32>(t, [&](int r, int col, int j) {
-        const size_t row2 = (size_t)r * 2 * h;
-        const float2 g = load_pair(s.gu + row2 + col), u = load_pair(s.gu + row2 + h + col);
-        float dg0, du0, dg1, du1;
-        swiglu_grad(g.x, u.x, stored(acc[j]), dg0, du0);
-        swiglu_grad(g.y, u.y, stored(acc[j + 1]), dg1, du1);
-        store_pair(s.out + row2 + col, dg0, dg1);
-        store_pair(s.out + row2 + h + col, du0, du1);
-        store_pair(s.act + (size_t)r * h + col, swiglu(g.x, u.x), swiglu(g.y, u.y));
-    });
+#pragma unroll
+    for (int half = 0; half < 2; half++)
+        for_each_pair<32>(
+            t,
+            [&](int r, int col, int j) {
+                const size_t row2 = (size_t)r * 2 * h;
+                const float2 g = load_pair(s.gu + row2 + col), u = load_pair(s.gu + row2 + h + col);
+                float dg0, du0, dg1, du1;
+                swiglu_grad(g.x, u.x, stored(acc[half][j]), dg0, du0);
+                swiglu_grad(g.y, u.y, stored(acc[half][j + 1]), dg1, du1);
+                store_pair(s.out + row2 + col, dg0, dg1);
+                store_pair(s.out + row2 + h + col, du0, du1);
+                store_pair(s.act + (size_t)r * h + col, swiglu(g.x, u.x), swiglu(g.y, u.y));
+            },
+            64 * half);
 }
 
-// out = a · W with W (k × n) as it lies (MN-major), 64 columns a tile.
-extern "C" __global__ void __launch_bounds__(256, 2) grouped_nn_wgmma(const Segment* segs, int count) {
+// out = a · W with W (k × n) as it lies (MN-major).
+extern "C" __global__ void __launch_bounds__(256, 1) grouped_nn_wgmma(const Segment* segs, int count) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<64>(segs, count);
-    float acc[32];
+    const Tile t = find_tile<128>(segs, count);
+    float acc[2][32];
     product_nn(aligned_smem(raw), t, acc);
-    for_each_pair<32>(t, [&](int r, int col, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + col, acc[j], acc[j + 1]); });
+#pragma unroll
+    for (int half = 0; half < 2; half++)
+        for_each_pair<32>(t, [&](int r, int col, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + col, acc[half][j], acc[half][j + 1]); }, 64 * half);
 }
 
-// out = a · Wᵀ with W (n × k), K-major like a, 128 columns a tile.
+// out = a · Wᵀ with W (n × k), K-major like a.
 extern "C" __global__ void __launch_bounds__(256, 1) grouped_nt_wgmma(const Segment* segs, int count) {
     DYNAMIC_SMEM(raw);
     const Tile t = find_tile<128>(segs, count);
