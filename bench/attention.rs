@@ -40,9 +40,10 @@ fn main() {
         DeviceKind::Cuda => {
             #[cfg(feature = "cuda")]
             {
-                let hopper = args.has("--hopper");
-                let reference = hopper.then(|| common::device::open_cuda(false, false));
-                run(&common::device::open_cuda(false, hopper), &args, reference.as_ref());
+                use common::device::{open_cuda, Hopper};
+                let hopper = Hopper::from_args(&args);
+                let reference = (hopper != Hopper::Off).then(|| open_cuda(false, Hopper::Off));
+                run(&open_cuda(false, hopper), &args, reference.as_ref());
             }
             #[cfg(not(feature = "cuda"))]
             common::device::no_cuda_feature();

@@ -12,8 +12,9 @@
 //! - `cargo bench --bench train_step [-- --threads 2 --steps 10 --profile]`
 //! - `cargo bench --features cuda --bench train_step -- --device cuda --shape h100-ref
 //!   [--batch 8 --seq 4K --policy keep|recompute|alpha|alpha=A --steps 10 --warmup 2 --max-seconds S --profile
-//!   --hopper --json FILE]` (`--hopper`: the opt-in Hopper (wgmma) kernels, attention and the
-//!   experts' grouped GEMMs with SwiGLU fused, rows named "motley (Hopper kernels)")
+//!   --hopper|--hopper-experts --json FILE]` (`--hopper`: the opt-in Hopper (wgmma) kernels,
+//!   attention and the experts' grouped GEMMs with SwiGLU fused, rows named "motley (Hopper
+//!   kernels)"; `--hopper-experts`: the experts' only, "motley (Hopper expert kernels)")
 //! - `… --device cuda --shape h100-ref --policy recompute --sweep 16K,32K,64K,128K,256K,512K,1M
 //!   [--time-limit 240 --budget 540 --json FILE]`
 
@@ -31,7 +32,7 @@ use common::args::Args;
 /// Every flag of the three modes (the CPU table, one shape, the sweep and its children).
 const FLAGS: &[&str] = &[
     "--threads", "--steps", "--profile", "--device", "--shape", "--batch", "--seq", "--policy", "--warmup", "--max-seconds",
-    "--host-gib", "--bandwidth-gbs", "--sweep", "--time-limit", "--budget", "--child", "--hopper",
+    "--host-gib", "--bandwidth-gbs", "--sweep", "--time-limit", "--budget", "--child", "--hopper", "--hopper-experts",
 ];
 
 fn main() {

@@ -100,17 +100,61 @@ mod cuda {
     }
 }
 
+/// Which of the opt-in Hopper (wgmma) kernels a bench runs: `--hopper` all of them (attention at
+/// head_dim 64 and the experts' grouped GEMMs), `--hopper-experts` the experts' only (so that
+/// their timing does not depend on the attention kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hopper {
+    Off,
+    All,
+    Experts,
+}
+
+impl Hopper {
+    pub fn from_args(args: &super::args::Args) -> Hopper {
+        match (args.has("--hopper"), args.has("--hopper-experts")) {
+            (false, false) => Hopper::Off,
+            (true, false) => Hopper::All,
+            (false, true) => Hopper::Experts,
+            (true, true) => fail("--hopper already runs the experts' Hopper kernels: give one of --hopper, --hopper-experts"),
+        }
+    }
+
+    /// The flag that asks for it (to pass to a child process).
+    pub fn flag(self) -> Option<&'static str> {
+        match self {
+            Hopper::Off => None,
+            Hopper::All => Some("--hopper"),
+            Hopper::Experts => Some("--hopper-experts"),
+        }
+    }
+
+    /// The `impl` name of a motley row run on these kernels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Hopper::Off => "motley",
+            Hopper::All => "motley (Hopper kernels)",
+            Hopper::Experts => "motley (Hopper expert kernels)",
+        }
+    }
+}
+
 /// GPU 0 in bf16 mixed precision (what `motley train --device cuda` runs), or exit 2 saying
-/// what is missing (driver, GPU, NVRTC, cuBLAS); with `hopper`, the opt-in Hopper (wgmma)
-/// kernels: attention at head_dim 64 and the experts' grouped GEMMs (exit 2 on other GPUs).
+/// what is missing (driver, GPU, NVRTC, cuBLAS); on the Hopper kernels `hopper` asks for (exit
+/// 2 on other GPUs).
 #[cfg(feature = "cuda")]
-pub fn open_cuda(profile: bool, hopper: bool) -> motley::backend::cuda::CudaBackend {
+pub fn open_cuda(profile: bool, hopper: Hopper) -> motley::backend::cuda::CudaBackend {
     use motley::backend::cuda::{cuda_available, CudaBackend, Storage};
     if let Err(why) = cuda_available() {
         fail(&format!("--device cuda: {why}"));
     }
     let be = CudaBackend::new(0, Storage::Bf16).unwrap_or_else(|e| fail(&format!("--device cuda: {e}")));
-    let be = if hopper { be.with_hopper_kernels().unwrap_or_else(|e| fail(&format!("--hopper: {e}"))) } else { be };
+    let be = match hopper {
+        Hopper::Off => Ok(be),
+        Hopper::All => be.with_hopper_kernels(),
+        Hopper::Experts => be.with_hopper_experts(),
+    }
+    .unwrap_or_else(|e| fail(&format!("{}: {e}", hopper.flag().unwrap_or_default())));
     if profile {
         be.with_profile()
     } else {

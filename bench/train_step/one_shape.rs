@@ -9,7 +9,7 @@ use motley::config::MemoryConfig;
 use serde_json::json;
 
 use crate::common::args::{fail, show_size, Args};
-use crate::common::device::{print_profile, BenchBackend, DeviceKind};
+use crate::common::device::{print_profile, BenchBackend, DeviceKind, Hopper};
 use crate::common::shapes::{find, Shape};
 use crate::common::step::{gib, gpu_link_gbs, measure, parse_policy, Run, Summary};
 
@@ -24,8 +24,8 @@ pub struct Case {
     pub warmup: usize,
     pub steps: usize,
     pub threads: usize,
-    /// The Hopper (wgmma) kernels: attention and the experts' grouped GEMMs (`--hopper`).
-    pub hopper: bool,
+    /// The opt-in Hopper (wgmma) kernels it runs on (`--hopper`, `--hopper-experts`).
+    pub hopper: Hopper,
 }
 
 impl Case {
@@ -33,8 +33,9 @@ impl Case {
     /// (the sweep's B=1).
     pub fn from_args(args: &Args, default_batch: Option<usize>, default_policy: &str, default_steps: usize, default_warmup: usize) -> Case {
         let device = DeviceKind::parse(args.value("--device").unwrap_or("cpu"));
-        if device == DeviceKind::Cpu && args.has("--hopper") {
-            fail("--hopper runs the Hopper (wgmma) kernels: it needs --device cuda");
+        let hopper = Hopper::from_args(args);
+        if device == DeviceKind::Cpu && hopper != Hopper::Off {
+            fail("--hopper and --hopper-experts run the Hopper (wgmma) kernels: they need --device cuda");
         }
         let shape_name = args.value("--shape").unwrap_or(if device == DeviceKind::Cuda { "h100-ref" } else { "tiny" }).to_string();
         let shape = find(&shape_name).unwrap_or_else(|e| fail(&e));
@@ -55,7 +56,7 @@ impl Case {
             warmup: args.get("--warmup", default_warmup),
             steps: args.get("--steps", default_steps),
             threads: args.get("--threads", 0),
-            hopper: args.has("--hopper"),
+            hopper,
         }
     }
 
@@ -73,8 +74,7 @@ impl Case {
             ("--steps", self.steps.to_string()),
             ("--threads", self.threads.to_string()),
         ];
-        let hopper = self.hopper.then(|| "--hopper".to_string());
-        flags.into_iter().flat_map(|(f, v)| [f.to_string(), v]).chain(hopper).collect()
+        flags.into_iter().flat_map(|(f, v)| [f.to_string(), v]).chain(self.hopper.flag().map(str::to_string)).collect()
     }
 }
 
@@ -101,7 +101,7 @@ pub fn row(case: &Case, policy: &str, params: usize, s: &Summary) -> String {
 /// The JSON line, with torch_hmoe.py's field names so bench/gpu/table.py puts both in one table.
 pub fn json_line(case: &Case, policy: &str, params: usize, status: &str, s: Option<&Summary>) -> serde_json::Value {
     let mut v = json!({
-        "impl": if case.hopper { "motley (Hopper kernels)" } else { "motley" }, "device": case.device.name(), "shape": case.shape_name, "mode": policy,
+        "impl": case.hopper.label(), "device": case.device.name(), "shape": case.shape_name, "mode": policy,
         "B": case.batch, "T": case.seq, "params_M": (params as f64 / 1e5).round() / 10.0, "status": status,
     });
     if let Some(s) = s {
