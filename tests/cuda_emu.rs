@@ -973,9 +973,11 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
 /// 128, 256, 128 and 384 with 130 rows (a partial second row tile), none, 70 and 129, d = 512
 /// (eight steps, so each of the six shared buffers is refilled), as the model chains them: the up
 /// projection with SwiGLU, the down projection (`grouped_nt_wgmma`, k = h per expert), SwiGLU's
-/// backward through it, the input gradient (`grouped_nn_wgmma`, k = 2h). The up projection's
-/// `act` must be bitwise what `swiglu_fwd` computes from its `gu`, and the backward's `act`
-/// (recomputed from that `gu`) bitwise the forward's.
+/// backward through it, the input gradient (`grouped_nn_wgmma`, k = 2h). The up projection
+/// gathers its rows from 200 tokens' by an index (every token twice or so, out of order), and
+/// must give bitwise what it gives on those rows gathered beforehand; its `act` must be bitwise
+/// what `swiglu_fwd` computes from its `gu`, and the backward's `act` (recomputed from that
+/// `gu`) bitwise the forward's.
 fn experts(s: Storage) {
     let c = 512;
     let experts = [(130, 128), (0, 256), (70, 128), (129, 384)];
@@ -993,15 +995,21 @@ fn experts(s: Storage) {
     }
     // bf16 values: the kernels stage bf16 tiles in either storage.
     let bf = |v: &[f32]| act(Storage::Bf16, v);
-    let (x, w, dy) = (bf(&data(61, rows * c)), bf(&data(62, w_len)), bf(&data(63, rows * c)));
+    let tokens = 200;
+    let index: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 13) % tokens) as u32).collect();
+    let (x_tokens, w, dy) = (bf(&data(61, tokens * c)), bf(&data(62, w_len)), bf(&data(63, rows * c)));
+    let x: Vec<f32> = index.iter().flat_map(|&t| x_tokens[t as usize * c..][..c].to_vec()).collect();
     let Some(got) = emulate(s, |g| {
         let (xb, wb, dyb) = (g.act("xe", &x), g.act("w", &w), g.act("dy", &dy));
+        let (xtb, ib) = (g.act("x (tokens)", &x_tokens), g.u32("index", &index));
+        let (gu_gathered, out_gathered) = (g.nan("gu (gathering)", g.act_elem(), 2 * act_len), g.nan("act (gathering)", g.act_elem(), act_len));
         let (gu, out, y) = (g.nan("gu", g.act_elem(), 2 * act_len), g.nan("act", g.act_elem(), act_len), g.nan("y", g.act_elem(), rows * c));
         let (dgu, out_bwd, dx) = (g.nan("dgu", g.act_elem(), 2 * act_len), g.nan("act (backward)", g.act_elem(), act_len), g.nan("dx", g.act_elem(), rows * c));
         let addr = |b: &Buf| b.data_ptr() as u64;
         let ops = |a: &Buf, out: &Buf| expert_launch::Operands { a: addr(a), w: addr(&wb), out: addr(out), elem_bytes: g.act_elem().bytes(), ..Default::default() };
         let calls = [
             expert_launch::up_call(expert_launch::Operands { act: addr(&out), ..ops(&xb, &gu) }, &up),
+            expert_launch::up_call(expert_launch::Operands { index: addr(&ib), act: addr(&out_gathered), ..ops(&xtb, &gu_gathered) }, &up),
             expert_launch::gemm_call(ops(&out, &y), &down, true),
             expert_launch::dact_call(expert_launch::Operands { gu: addr(&gu), act: addr(&out_bwd), ..ops(&dyb, &dgu) }, &dact_of),
             expert_launch::gemm_call(ops(&dgu, &dx), &dx_of, false),
@@ -1025,7 +1033,7 @@ fn experts(s: Storage) {
             let (m, h) = (glu.gemm.m, glu.gemm.n / 2);
             g.run("swiglu_fwd", g.grid_stride(m * h / 8), &[again.at(glu.act), gu.at(glu.gemm.out), Arg::Size(m), Arg::I32(h as i32), Arg::I32(8)]);
         }
-        vec![gu, out, again, dgu, out_bwd, y, dx]
+        vec![gu, out, again, dgu, out_bwd, y, dx, gu_gathered, out_gathered]
     }) else {
         return;
     };
@@ -1035,7 +1043,7 @@ fn experts(s: Storage) {
     let staged = |v: &[f64]| bf(&as_f32(v));
     let cpu = cpu_for(s);
     let (mut want_gu, mut want_act) = (vec![0.0; 2 * act_len], vec![0.0; act_len]);
-    cpu.grouped_matmul_swiglu(&mut want_gu, &mut want_act, &x, &w, &up);
+    cpu.grouped_matmul_swiglu(&mut want_gu, &mut want_act, &x_tokens, Some(&index), &w, &up);
     let mut want_y = vec![0.0; rows * c];
     cpu.grouped_matmul(&mut want_y, &staged(&got[1]), &w, &down, false, true, false);
     let (mut want_dgu, mut want_act_bwd, mut dact) = (vec![0.0; 2 * act_len], vec![0.0; act_len], vec![0.0; act_len]);
@@ -1046,6 +1054,8 @@ fn experts(s: Storage) {
     ch.close32("expert_up_wgmma gu", &want_gu, &got[0], tol(s));
     ch.close32("expert_up_wgmma act", &want_act, &got[1], 2.0 * tol(s));
     ch.exact("expert_up_wgmma act is swiglu_fwd's of its gu", &as_f32(&got[2]), &got[1]);
+    ch.exact("expert_up_wgmma gathering its rows: gu", &as_f32(&got[0]), &got[7]);
+    ch.exact("expert_up_wgmma gathering its rows: act", &as_f32(&got[1]), &got[8]);
     ch.close32("grouped_nt_wgmma (down projection)", &want_y, &got[5], tol(s));
     ch.close32("expert_dact_wgmma dgu", &want_dgu, &got[3], 2.0 * tol(s));
     ch.close32("expert_dact_wgmma act", &want_act_bwd, &got[4], tol(s));

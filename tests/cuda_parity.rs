@@ -735,7 +735,7 @@ fn hopper_attention() {
 }
 
 /// The experts' Hopper kernels (opt-in), chained as the model chains them: the up projection
-/// with SwiGLU, the down projection, SwiGLU's backward through it and the input gradient, against
+/// with SwiGLU (gathering its rows), the down projection, SwiGLU's backward through it and the input gradient, against
 /// the CPU and against the grouped cuBLAS call and the SwiGLU kernels on the same device. The
 /// forward's `act` must be bitwise what `swiglu_fwd` computes from its `gu`, the backward's `act`
 /// bitwise the forward's. Widths 128, 128, 256 with 130, 0, 70 rows (d = 512: eight steps
@@ -765,13 +765,18 @@ fn hopper_experts() {
             (rows, w_len, act_len) = (rows + m, w_len + 3 * h * c, act_len + m * h);
         }
         let bf16 = |v: Vec<f32>| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
-        let (x, w, dy) = (bf16(data(70, rows * c)), bf16(data(71, w_len)), bf16(data(72, rows * c)));
+        // The up projection gathers its rows from half as many tokens' (each about twice, out of
+        // order), as the model hands it the routed slots.
+        let tokens = rows.div_ceil(2);
+        let index: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 13) % tokens) as u32).collect();
+        let (x, w, dy) = (bf16(data(70, tokens * c)), bf16(data(71, w_len)), bf16(data(72, rows * c)));
         // [gu, act, swiglu_fwd of that gu, y, dgu, the backward's act, dx]
-        fn chain<B: Backend>(be: &B, x: &[f32], w: &[f32], dy: &[f32], sizes: (usize, usize), of: (&[SwiGluGemm], &[Gemm], &[SwiGluBwdGemm], &[Gemm])) -> [Vec<f32>; 7] {
+        #[allow(clippy::type_complexity)]
+        fn chain<B: Backend>(be: &B, (x, index): (&[f32], &[u32]), w: &[f32], dy: &[f32], sizes: (usize, usize), of: (&[SwiGluGemm], &[Gemm], &[SwiGluBwdGemm], &[Gemm])) -> [Vec<f32>; 7] {
             let ((act_len, rows_c), (up_of, down_of, dact_of, dx_of)) = (sizes, of);
             let (xb, wb, dyb) = (up(be, x), up(be, w), up(be, dy));
             let (mut gu, mut act, mut again, mut y) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len), be.alloc(rows_c));
-            be.grouped_matmul_swiglu(B::full_mut(&mut gu), B::full_mut(&mut act), B::full(&xb), B::full(&wb), up_of);
+            be.grouped_matmul_swiglu(B::full_mut(&mut gu), B::full_mut(&mut act), B::full(&xb), Some(index), B::full(&wb), up_of);
             for g in up_of {
                 let (m, h) = (g.gemm.m, g.gemm.n / 2);
                 be.swiglu_fwd(B::subview_mut(&mut B::full_mut(&mut again), g.act..g.act + m * h), B::subview(B::full(&gu), g.gemm.out..g.gemm.out + 2 * m * h), m, h);
@@ -783,7 +788,7 @@ fn hopper_experts() {
             [&gu, &act, &again, &y, &dgu, &act_bwd, &dx].map(|b| down(be, b))
         }
         let (sizes, of) = ((act_len, rows * c), (up_of.as_slice(), down_of.as_slice(), dact_of.as_slice(), dx_of.as_slice()));
-        let (got, cublas) = (chain(&hopper, &x, &w, &dy, sizes, of), chain(&plain, &x, &w, &dy, sizes, of));
+        let (got, cublas) = (chain(&hopper, (&x, &index), &w, &dy, sizes, of), chain(&plain, (&x, &index), &w, &dy, sizes, of));
         // Every Hopper kernel ran (no fallback), charged its products' FLOPs.
         let profile = hopper.take_profile();
         let flops = |gemms: &mut dyn Iterator<Item = Gemm>| gemms.map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum::<f64>();
@@ -802,7 +807,7 @@ fn hopper_experts() {
         assert!(bitwise(&got[1], &got[5]), "{what}: the backward's act is not bitwise the forward's");
         let mut against = vec![("cuBLAS + SwiGLU kernels", cublas)];
         if rows * c <= 1 << 20 {
-            against.push(("CPU", chain(&cpu, &x, &w, &dy, sizes, of)));
+            against.push(("CPU", chain(&cpu, (&x, &index), &w, &dy, sizes, of)));
         }
         for (name, reference) in &against {
             for (i, out) in [(0, "gu"), (1, "act"), (3, "y"), (4, "dgu"), (6, "dx")] {

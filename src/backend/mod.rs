@@ -159,10 +159,20 @@ pub struct SwiGluGemm {
     pub act: usize,
 }
 
-/// [`Backend::grouped_matmul_swiglu`] as the grouped matmul, then `swiglu_fwd` per expert.
-pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, a: B::View<'_>, b: B::View<'_>, gemms: &[SwiGluGemm]) {
+/// [`Backend::grouped_matmul_swiglu`] as the grouped matmul (after gathering `a`'s rows into a
+/// buffer of their own where `rows` picks them), then `swiglu_fwd` per expert.
+pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, a: B::View<'_>, rows: Option<&[u32]>, b: B::View<'_>, gemms: &[SwiGluGemm]) {
     let up: Vec<Gemm> = gemms.iter().map(|g| g.gemm).collect();
-    be.grouped_matmul(B::reborrow_mut(&mut gu), a, b, &up, false, true, false);
+    match rows {
+        None => be.grouped_matmul(B::reborrow_mut(&mut gu), a, b, &up, false, true, false),
+        Some(rows) => {
+            let k = up.first().map_or(0, |g| g.k);
+            assert!(up.iter().all(|g| g.k == k), "grouped_matmul_swiglu: gathered rows need one inner dimension");
+            let mut gathered = be.alloc(rows.len() * k);
+            be.gather_rows(B::full_mut(&mut gathered), a, rows, k);
+            be.grouped_matmul(B::reborrow_mut(&mut gu), B::full(&gathered), b, &up, false, true, false);
+        }
+    }
     for g in gemms {
         let (rows, h) = (g.gemm.m, g.gemm.n / 2);
         be.swiglu_fwd(B::subview_mut(&mut act, g.act..g.act + rows * h), B::subview(B::as_view(&gu), g.gemm.out..g.gemm.out + rows * 2 * h), rows, h);
@@ -355,10 +365,18 @@ pub trait Backend: Send + Sync {
 
     /// The experts' up projection and SwiGLU: for every expert, `gu = a · bᵀ` (m × 2h, which
     /// the backward reads) and `act = SwiGLU(gu)` (m × h) from `gu` as stored, so `act` is
-    /// bitwise what `swiglu_fwd` computes from it. Row-stable like `matmul`. By default
-    /// [`swiglu_each`]; a GPU may do both in one pass (the CUDA backend's Hopper kernel).
-    fn grouped_matmul_swiglu(&self, gu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, gemms: &[SwiGluGemm]) {
-        swiglu_each(self, gu, act, a, b, gemms)
+    /// bitwise what `swiglu_fwd` computes from it. With `rows`, `a`'s rows are gathered first:
+    /// the products read row `rows[i]` of `a` as row i (their `a` offsets count in gathered
+    /// rows). Row-stable like `matmul`. By default [`swiglu_each`]; a GPU may do it all in one
+    /// pass (the CUDA backend's Hopper kernel).
+    fn grouped_matmul_swiglu(&self, gu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, a: Self::View<'_>, rows: Option<&[u32]>, b: Self::View<'_>, gemms: &[SwiGluGemm]) {
+        swiglu_each(self, gu, act, a, rows, b, gemms)
+    }
+    /// Whether [`Self::grouped_matmul_swiglu`] reads gathered rows in place, so that the model
+    /// should hand it the rows' index instead of gathering them (which the default would do
+    /// into a buffer of its own).
+    fn fuses_expert_gather(&self) -> bool {
+        false
     }
 
     /// SwiGLU's backward through the experts' down projection: for every expert, `dact = dy ·

@@ -129,18 +129,19 @@ fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
 }
 
 impl<B: Backend> BlockCtx<'_, B> {
-    /// The experts of one chunk `segs` on their routed rows `xe`: `gu = xe W_guᵀ` (saved) and
-    /// `act = SwiGLU(gu)` (the chunk's transient) in one call, then `y = act W_downᵀ`, each
-    /// projection one grouped call over the experts. Shared by the forward and the recompute of
-    /// dropped slots.
-    fn experts_forward(&self, p: &BlockParams, segs: &[Segment], xe: B::View<'_>, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
+    /// The experts of one chunk `segs` on their routed rows `xe` (`x`, or the rows `rows` picks
+    /// from `x`, gathered by the call): `gu = xe W_guᵀ` (saved) and `act = SwiGLU(gu)` (the
+    /// chunk's transient) in one call, then `y = act W_downᵀ`, each projection one grouped call
+    /// over the experts. Shared by the forward and the recompute of dropped slots.
+    #[allow(clippy::too_many_arguments)]
+    fn experts_forward(&self, p: &BlockParams, segs: &[Segment], x: B::View<'_>, rows: Option<&[u32]>, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));
         let widths = &self.moe.expert_widths;
         let up: Vec<SwiGluGemm> = segs
             .iter()
             .map(|s| SwiGluGemm { gemm: Gemm { m: s.rows, k: c, n: 2 * widths[s.ex], out: s.gu, a: s.x_row * c, b: self.expert_params(p, s.ex).0 }, act: s.act })
             .collect();
-        be.grouped_matmul_swiglu(B::reborrow_mut(&mut gu), B::reborrow_mut(&mut act), xe, params, &up);
+        be.grouped_matmul_swiglu(B::reborrow_mut(&mut gu), B::reborrow_mut(&mut act), x, rows, params, &up);
         let down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: widths[s.ex], n: c, out: s.y_row * c, a: s.act, b: self.expert_params(p, s.ex).1 }).collect();
         be.grouped_matmul(y, B::as_view(&act), params, &down, false, true, false);
     }
@@ -259,7 +260,10 @@ impl<B: Backend> BlockCtx<'_, B> {
             tx.reserve(be, &backward.requests);
         }
         tx.begin(be, forward.requests);
-        {
+        // The experts' up projection gathers its rows itself where the backend can (and the
+        // rows stay on this rank); else they are gathered into xe here.
+        let fused_gather = be.fuses_expert_gather() && self.ep.is_none();
+        if !fused_gather {
             let [mut xe] = tx.views(be, [(fwd::XE, sc)]);
             be.gather_rows(B::reborrow_mut(&mut xe), B::full(&xn2), &routing.token, c);
         }
@@ -273,7 +277,8 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let mut gu = scratch(gu_len);
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
                     let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len)]);
-                    self.experts_forward(p, &chunk, B::as_view(&xe), B::full_mut(&mut gu), act, B::full_mut(&mut y));
+                    let (x, rows) = if fused_gather { (B::full(&xn2), Some(&routing.token[..])) } else { (B::as_view(&xe), None) };
+                    self.experts_forward(p, &chunk, x, rows, B::full_mut(&mut gu), act, B::full_mut(&mut y));
                 }
                 (gu, None)
             }
@@ -290,7 +295,7 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let xg = self.uploaded(&d.to_experts(&be.download(B::as_view(&xe)), &plan, &recv)?);
                 let mut yg = scratch(B::len(&xg));
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
-                    self.experts_forward(p, &chunk, B::full(&xg), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
+                    self.experts_forward(p, &chunk, B::full(&xg), None, B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
                 }
                 be.upload(B::full_mut(&mut y), &d.from_experts(&be.download(B::full(&yg)), &recv)?);
                 (gu, Some(recv))
@@ -378,14 +383,16 @@ impl<B: Backend> BlockCtx<'_, B> {
             gu_base += sl.len() * 2 * h;
         }
         tx.begin(be, self.phases(routing).1.requests);
-        {
+        let fused_gather = be.fuses_expert_gather();
+        if !fused_gather {
             let [mut xe] = tx.views(be, [(bwd::XE, tokens.len() * c)]);
             be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &tokens, c);
         }
         let act_len = expert_act_elements(&routing.counts(), widths, self.chunk_rows) as usize;
         for chunk in chunked(&segs, self.chunk_rows, widths) {
             let [xe, act] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len)]);
-            self.experts_forward(p, &chunk, B::as_view(&xe), B::full_mut(gu), act, B::full_mut(y));
+            let (x, rows) = if fused_gather { (B::full(xn2), Some(&tokens[..])) } else { (B::as_view(&xe), None) };
+            self.experts_forward(p, &chunk, x, rows, B::full_mut(gu), act, B::full_mut(y));
         }
         for (name, buf) in names.iter().zip(t) {
             store.save(layer, name, buf);

@@ -47,13 +47,14 @@ impl Fused {
     }
 }
 
-/// `struct Segment` of experts.cu: one product's device addresses (`a`, its weight, `out`, the
-/// saved `gu` and `act`; 0 where the kernel has none), its rows, inner dimension and columns,
-/// and the tiles of the segments before it.
+/// `struct Segment` of experts.cu: one product's device addresses (`a`, the index of `a`'s rows
+/// where they are gathered, its weight, `out`, the saved `gu` and `act`; 0 where the kernel has
+/// none), its rows, inner dimension and columns, and the tiles of the segments before it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
     a: u64,
+    index: u64,
     w: u64,
     out: u64,
     gu: u64,
@@ -64,14 +65,15 @@ pub struct Segment {
     first_tile: i32,
 }
 
-// SAFETY: plain #[repr(C)] integers, the layout of the CUDA struct (five pointers, four ints).
+// SAFETY: plain #[repr(C)] integers, the layout of the CUDA struct (six pointers, four ints).
 unsafe impl DeviceRepr for Segment {}
 
 /// Base device addresses of a call's views (0 for those the kernel has none of) and their
-/// element size.
+/// element size; `index`, where the up projection gathers `a`'s rows, the row list (u32).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Operands {
     pub a: u64,
+    pub index: u64,
     pub w: u64,
     pub out: u64,
     pub gu: u64,
@@ -95,9 +97,17 @@ struct Part {
 }
 
 /// The up projection's launch (`out` = gu), or `None` where the kernel does not take these
-/// products.
+/// products. With `ops.index`, product g's rows are `a`'s rows `index[g.a / k..]` (`g.a` an
+/// offset into the gathered rows, as if they were one matrix).
 pub fn up_call(ops: Operands, gemms: &[SwiGluGemm]) -> Option<Call> {
-    call(Fused::Up, ops, gemms.iter().map(|s| part(&s.gemm, [s.gemm.a, s.gemm.b, s.gemm.out, 0, s.act])))
+    let mut call = call(Fused::Up, Operands { index: 0, ..ops }, gemms.iter().map(|s| part(&s.gemm, [if ops.index == 0 { s.gemm.a } else { 0 }, s.gemm.b, s.gemm.out, 0, s.act])))?;
+    if ops.index != 0 {
+        let live = gemms.iter().filter(|s| s.gemm.m > 0);
+        for (seg, s) in call.segments.iter_mut().zip(live) {
+            seg.index = ops.index + 4 * (s.gemm.a / s.gemm.k) as u64;
+        }
+    }
+    Some(call)
 }
 
 /// SwiGLU's backward through the down projection (`out` = dgu), or `None` as above.
@@ -129,7 +139,7 @@ fn call(kernel: Fused, ops: Operands, parts: impl Iterator<Item = Part>) -> Opti
             return None;
         }
         if p.rows > 0 {
-            segments.push(Segment { a: at(0, &p), w: at(1, &p), out: at(2, &p), gu: at(3, &p), act: at(4, &p), rows: p.rows as i32, k: p.k as i32, n: p.n as i32, first_tile: tiles as i32 });
+            segments.push(Segment { a: at(0, &p), index: 0, w: at(1, &p), out: at(2, &p), gu: at(3, &p), act: at(4, &p), rows: p.rows as i32, k: p.k as i32, n: p.n as i32, first_tile: tiles as i32 });
             tiles += p.rows.div_ceil(TILE_ROWS) * (p.n / TILE_COLS);
         }
     }
@@ -143,7 +153,7 @@ mod tests {
     fn glu(m: usize, h: usize, at: usize) -> SwiGluGemm {
         SwiGluGemm { gemm: Gemm { m, k: 128, n: 2 * h, out: at * 2 * h, a: at * 128, b: 0 }, act: at * h }
     }
-    const OPS: Operands = Operands { a: 3 << 20, w: 4 << 20, out: 1 << 20, gu: 0, act: 2 << 20, elem_bytes: 2 };
+    const OPS: Operands = Operands { a: 3 << 20, index: 0, w: 4 << 20, out: 1 << 20, gu: 0, act: 2 << 20, elem_bytes: 2 };
 
     #[test]
     fn calls_count_tiles_and_skip_empty_experts() {
@@ -161,6 +171,14 @@ mod tests {
             let plain = gemm_call(Operands { act: 0, ..OPS }, &gemms, tb).expect("taken");
             assert_eq!((plain.kernel, plain.tiles, plain.segments[1].k), (kernel, 2 * 2 + 1, 192));
         }
+    }
+
+    #[test]
+    fn gathered_rows_start_at_each_products_place_in_the_index() {
+        let ops = Operands { index: 9 << 20, ..OPS };
+        let call = up_call(ops, &[glu(300, 128, 0), glu(0, 64, 300), glu(1, 192, 300)]).expect("taken");
+        // Every product reads a's base through its own stretch of the index (u32s).
+        assert_eq!(call.segments.iter().map(|s| (s.a, s.index)).collect::<Vec<_>>(), [(OPS.a, ops.index), (OPS.a, ops.index + 4 * 300)]);
     }
 
     #[test]

@@ -693,19 +693,32 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn grouped_matmul_swiglu(&self, gu: DevViewMut<'_>, act: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, gemms: &[SwiGluGemm]) {
+    fn grouped_matmul_swiglu(&self, gu: DevViewMut<'_>, act: DevViewMut<'_>, a: DevView<'_>, rows: Option<&[u32]>, b: DevView<'_>, gemms: &[SwiGluGemm]) {
+        // a's rows as the products count them: gathered ones, or a's own.
+        let k = gemms.first().map_or(1, |g| g.gemm.k.max(1));
+        let a_len = rows.map_or(a.len(), |r| r.len() * k);
         for g in gemms {
             let (m, k, n) = (g.gemm.m, g.gemm.k, g.gemm.n);
-            let fits = g.gemm.out + m * n <= gu.len() && g.act + m * n / 2 <= act.len() && g.gemm.a + m * k <= a.len() && g.gemm.b + n * k <= b.len();
+            let fits = g.gemm.out + m * n <= gu.len() && g.act + m * n / 2 <= act.len() && g.gemm.a + m * k <= a_len && g.gemm.b + n * k <= b.len();
             assert!(fits, "grouped_matmul_swiglu: {g:?} outside its views");
         }
-        let ops = experts::Operands { a: a.ptr, w: b.ptr, out: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
-        let Some(call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms)) else {
-            return swiglu_each(self, gu, act, a, b, gemms);
+        if let Some(rows) = rows {
+            assert!(rows.iter().all(|&r| (r as usize + 1) * k <= a.len()), "grouped_matmul_swiglu: a gathered row past `a`");
+        }
+        let index = rows.filter(|_| self.fuses_expert_gather()).map(|r| self.upload_u32(r));
+        let index_ptr = index.as_ref().map_or(0, |i| i.device_ptr(&self.stream).0);
+        let ops = experts::Operands { a: a.ptr, index: index_ptr, w: b.ptr, out: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
+        let call = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms));
+        let Some(call) = call.filter(|_| rows.is_none() || index.is_some()) else {
+            return swiglu_each(self, gu, act, a, rows, b, gemms);
         };
         // Per output of the product: gu written, and half as much act.
         let _span = self.span("grouped_matmul_swiglu", || fused_work(gemms.iter().map(|g| g.gemm), 1.5));
         self.launch_fused(&call);
+    }
+
+    fn fuses_expert_gather(&self) -> bool {
+        self.hopper_experts && self.k.experts.is_some() && self.storage() == Storage::Bf16
     }
 
     fn grouped_matmul_swiglu_bwd(&self, dgu: DevViewMut<'_>, act: DevViewMut<'_>, dact: DevViewMut<'_>, dy: DevView<'_>, b: DevView<'_>, gu: DevView<'_>, gemms: &[SwiGluBwdGemm]) {
@@ -714,7 +727,7 @@ impl Backend for CudaBackend {
             let fits = g.gu + 2 * m * h <= gu.len() && g.dgu + 2 * m * h <= dgu.len() && g.act + m * h <= act.len() && g.gemm.out + m * h <= dact.len() && g.gemm.a + m * k <= dy.len() && g.gemm.b + k * h <= b.len();
             assert!(fits, "grouped_matmul_swiglu_bwd: {g:?} outside its views");
         }
-        let ops = experts::Operands { a: dy.ptr, w: b.ptr, out: dgu.ptr, gu: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
+        let ops = experts::Operands { a: dy.ptr, w: b.ptr, out: dgu.ptr, gu: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
         let Some(call) = self.fused_call(&[dgu.storage, act.storage, dy.storage, b.storage, gu.storage], || experts::dact_call(ops, gemms)) else {
             return swiglu_bwd_each(self, dgu, act, dact, dy, b, gu, gemms);
         };

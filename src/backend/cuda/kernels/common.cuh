@@ -236,24 +236,29 @@ __device__ __forceinline__ void spin_pause() { __nanosleep(64); }
 #endif  // MOTLEY_EMU
 
 // ---- staging rows in shared memory ------------------------------------------------------------
-// ROWS rows t0.. of the rows at row0 of src (ld_src apart), columns col..col + D, into shared
-// memory: the 16-byte chunk c (8 values) of row r goes to at(r, c); zero rows past seq. The
-// block's NT threads take chunks in turn. bf16 storage queues cp.async copies (the caller commits and
-// waits); f32 storage converts synchronously.
-template <int D, int ROWS, int NT, class At>
-__device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
+// ROWS rows t0.. into shared memory, D columns each, row t's starting at from(t): the 16-byte
+// chunk c (8 values) of row r goes to at(r, c); zero rows past seq. The block's NT threads take
+// chunks in turn. bf16 storage queues cp.async copies (the caller commits and waits); f32
+// storage converts synchronously.
+template <int D, int ROWS, int NT, class At, class From>
+__device__ __forceinline__ void load_rows_from(At at, From from, int t0, int seq) {
     constexpr int CHUNKS = D / 8;
     for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += NT) {
         const int r = idx / CHUNKS, c = idx % CHUNKS, t = t0 + r;
         const bool valid = t < seq;
-        const act_t* from = src + (row0 + (valid ? t : 0)) * ld_src + col + 8 * c;
+        const act_t* src = from(valid ? t : 0) + 8 * c;
         bf16* to = at(r, c);
 #ifdef MOTLEY_ACT_BF16
-        cp_async16(to, from, valid);
+        cp_async16(to, src, valid);
 #else
-        for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(valid ? from[k] : 0.0f);
+        for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(valid ? src[k] : 0.0f);
 #endif
     }
+}
+// The same for the rows at row0 of src, ld_src apart, from column col.
+template <int D, int ROWS, int NT, class At>
+__device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
+    load_rows_from<D, ROWS, NT>(at, [=](int t) { return src + (row0 + t) * ld_src + col; }, t0, seq);
 }
 
 // ---- wgmma (Hopper, sm_90a): warpgroup matrix multiply from shared memory -------------------

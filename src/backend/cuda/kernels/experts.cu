@@ -2,7 +2,8 @@
 // launch covers every expert (a segment of rows), nothing padded to the widest: a block per tile
 // of 128 rows × 128 columns of one product, found in a table of segments.
 // - expert_up_wgmma: gu = a · Wᵀ (rows × 2h: gate | up, saved for the backward) and
-//   act = SwiGLU(gu) (rows × h). A tile is 64 hidden columns: its B operand is W's 64 gate rows
+//   act = SwiGLU(gu) (rows × h), a's rows picked by an index where the segment has one (the
+//   routed tokens' rows: the gather into xe fused into the operand load). A tile is 64 hidden columns: its B operand is W's 64 gate rows
 //   and the 64 up rows of those columns, so each thread's accumulators hold the gate and the up value of the same
 //   outputs and SwiGLU needs no exchange. Saves swiglu_fwd's read of gu.
 // - expert_dact_wgmma: dact = dy · W (W: k × h, W_down read as it lies) for the tile's columns,
@@ -24,9 +25,12 @@
 // a GPU.
 
 // `experts::Segment` of experts.rs: one product's operands, its shape and the tiles of the
-// segments before it.
+// segments before it. Every kernel takes (segs, count): `count` segments (rows > 0, tiles in
+// order), every k a multiple of 64 and every n of 128 (the up projection's: 64 hidden columns),
+// every operand 16-byte aligned; shared memory `experts::SMEM_BYTES`.
 struct Segment {
     const act_t* a;  // rows × k: xe (up), dy (dact), the product's A
+    const unsigned* index;  // null, or row r of A is a's row index[r] (up: the gather into xe)
     const act_t* w;  // W_gu (2h × k: h gate rows, then h up rows), W_down (k × h), the product's W
     act_t* out;      // gu (up, rows × 2h), dgu (dact, rows × 2h), the product (rows × n)
     const act_t* gu; // the saved gu (dact)
@@ -102,9 +106,6 @@ __device__ __forceinline__ void for_each_pair(const Tile& t, F f, int col0 = 0) 
     }
 }
 
-// Every kernel: segs holds `count` segments (rows > 0, tiles in order), every k a multiple of
-// 64 and every n of 128 columns (the up projection's: 64 hidden), every pointer 16-byte aligned;
-// shared memory `experts::SMEM_BYTES`.
 // The K loop and accumulators of out = a · Wᵀ with the tile's 128 rows of W K-major like a,
 // staged by load_b(step, tile) (up, grouped_nt_wgmma).
 template <class LoadB>
@@ -114,7 +115,8 @@ __device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, f
     k_loop(
         base, s.k / 64,
         [&](int step, unsigned char* at) {
-            load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, s.k, 64 * step);
+            auto row = [&](int r) { return s.a + (size_t)(s.index ? s.index[r] : r) * s.k + 64 * step; };
+            load_rows_from<64, EXPERT_ROWS, 256>(swizzled(at), row, t.m0, s.rows);
             load_b(step, at + EXPERT_TILE_BYTES);
         },
         [&](int step, unsigned char* at) {
