@@ -76,14 +76,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use common::randn;
+use common::{expert_chain, randn, ExpertChain};
 use motley::backend::cpu::Cpu;
 use motley::backend::cuda::launch::{self, grid_stride, per_row, warp_per_row, LaunchConfig, ROW_CHUNK, SUMSQ_BLOCKS};
 use motley::backend::cuda::attention::{self as attn, Pass};
 use motley::backend::cuda::experts::{self as expert_launch, Fused};
 use motley::backend::cuda::nvrtc::{Storage, KERNEL_FILES};
 use motley::backend::cuda::{group_positions, AdamWArgs};
-use motley::backend::{AdamW, AttnShape, Backend, Gemm, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
 use motley::rng::Rng;
 use primitive_cases::{Arg as CaseArg, Case};
 
@@ -981,18 +981,7 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
 fn experts(s: Storage) {
     let c = 512;
     let experts = [(130, 128), (0, 256), (70, 128), (129, 384)];
-    let (mut up, mut dact_of, mut down, mut dx_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut rows, mut w_len, mut act_len) = (0, 0, 0);
-    for &(m, h) in &experts {
-        // The expert's W_gu (2h × c), then its W_down (c × h); act, dact share a layout, gu and
-        // dgu theirs (rows twice as wide), y and dx that of the rows (× c).
-        let (w_gu, w_down) = (w_len, w_len + 2 * h * c);
-        up.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act_len, a: rows * c, b: w_gu }, act: act_len });
-        down.push(Gemm { m, k: h, n: c, out: rows * c, a: act_len, b: w_down });
-        dact_of.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act_len, a: rows * c, b: w_down }, gu: 2 * act_len, dgu: 2 * act_len, act: act_len });
-        dx_of.push(Gemm { m, k: 2 * h, n: c, out: rows * c, a: 2 * act_len, b: w_gu });
-        (rows, w_len, act_len) = (rows + m, w_len + 3 * h * c, act_len + m * h);
-    }
+    let ExpertChain { up, down, dact: dact_of, dx: dx_of, rows, w_len, act_len } = expert_chain(c, &experts);
     // bf16 values: the kernels stage bf16 tiles in either storage.
     let bf = |v: &[f32]| act(Storage::Bf16, v);
     let tokens = 200;

@@ -33,7 +33,7 @@ mod emu_build;
 #[path = "cuda_emu/primitive_cases.rs"]
 mod primitive_cases;
 
-use common::{randn, tiny_model};
+use common::{expert_chain, randn, tiny_model, ExpertChain};
 use compare::normalised_error as error;
 use motley::backend::cpu::Cpu;
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
@@ -754,16 +754,7 @@ fn hopper_experts() {
     }
     let cpu = cpu_for(Storage::Bf16);
     for (c, experts) in shapes {
-        let (mut up_of, mut down_of, mut dact_of, mut dx_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let (mut rows, mut w_len, mut act_len) = (0, 0, 0);
-        for &(m, h) in &experts {
-            let (w_gu, w_down) = (w_len, w_len + 2 * h * c);
-            up_of.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act_len, a: rows * c, b: w_gu }, act: act_len });
-            down_of.push(Gemm { m, k: h, n: c, out: rows * c, a: act_len, b: w_down });
-            dact_of.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act_len, a: rows * c, b: w_down }, gu: 2 * act_len, dgu: 2 * act_len, act: act_len });
-            dx_of.push(Gemm { m, k: 2 * h, n: c, out: rows * c, a: 2 * act_len, b: w_gu });
-            (rows, w_len, act_len) = (rows + m, w_len + 3 * h * c, act_len + m * h);
-        }
+        let ExpertChain { up: up_of, down: down_of, dact: dact_of, dx: dx_of, rows, w_len, act_len } = expert_chain(c, &experts);
         let bf16 = |v: Vec<f32>| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
         // The up projection gathers its rows from half as many tokens' (each about twice, out of
         // order), as the model hands it the routed slots.

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: random data and finite-difference checks.
 #![allow(dead_code)]
 
+use motley::backend::{Gemm, SwiGluBwdGemm, SwiGluGemm};
 use motley::model::config::{ModelConfig, MoeConfig, Routing};
 use motley::rng::Rng;
 
@@ -64,4 +65,32 @@ pub fn tiny_model(routing: Routing) -> (ModelConfig, MoeConfig) {
         z_loss: 0.001,
     };
     (model, moe)
+}
+
+/// One MoE layer's expert products as the model chains them, for experts `(rows, width)` over
+/// rows of `c`: the up projection with SwiGLU, the down projection, SwiGLU's backward through
+/// it, the input gradient. Each expert's W_gu (2h × c) then W_down (c × h) lie one after another
+/// in the weights (`w_len` in all); act and dact share a layout (`act_len` in all), gu and dgu
+/// theirs with rows twice as wide, y and dx that of the rows (`rows` × c).
+pub struct ExpertChain {
+    pub up: Vec<SwiGluGemm>,
+    pub down: Vec<Gemm>,
+    pub dact: Vec<SwiGluBwdGemm>,
+    pub dx: Vec<Gemm>,
+    pub rows: usize,
+    pub w_len: usize,
+    pub act_len: usize,
+}
+
+pub fn expert_chain(c: usize, experts: &[(usize, usize)]) -> ExpertChain {
+    let mut ch = ExpertChain { up: Vec::new(), down: Vec::new(), dact: Vec::new(), dx: Vec::new(), rows: 0, w_len: 0, act_len: 0 };
+    for &(m, h) in experts {
+        let (rows, act, w_gu, w_down) = (ch.rows * c, ch.act_len, ch.w_len, ch.w_len + 2 * h * c);
+        ch.up.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act, a: rows, b: w_gu }, act });
+        ch.down.push(Gemm { m, k: h, n: c, out: rows, a: act, b: w_down });
+        ch.dact.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act, a: rows, b: w_down }, gu: 2 * act, dgu: 2 * act, act });
+        ch.dx.push(Gemm { m, k: 2 * h, n: c, out: rows, a: 2 * act, b: w_gu });
+        (ch.rows, ch.w_len, ch.act_len) = (ch.rows + m, ch.w_len + 3 * h * c, ch.act_len + m * h);
+    }
+    ch
 }
