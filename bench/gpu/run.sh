@@ -10,7 +10,8 @@
 #                               wgmma kernels), then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
 #   bench/gpu/run.sh long-max   B=1 T=512K, 768K, 1M: motley
-#   bench/gpu/run.sh profile    Nsight Compute on the attention kernels at T=32K (for tuning)
+#   bench/gpu/run.sh profile    Nsight Compute on the attention kernels at T=32K and the experts'
+#                               kernels in an H100-ref step (for tuning)
 #   bench/gpu/run.sh all        every part in that order, as many as the call budget allows
 #   bench/gpu/run.sh step attention   several parts, in the order given
 #
@@ -256,7 +257,8 @@ part_long_max() {
 # next kernel tuning works from where no GPU is lent.
 part_profile() {
     local d=$OUT/profile ncu k length=${PROFILE_LENGTH:-32K}
-    local kernels="attn_fwd_d64 attn_bwd_delta attn_bwd_d64 attn_fwd_wgmma_d64 attn_bwd_wgmma_d64"
+    local attention="attn_fwd_d64 attn_bwd_delta attn_bwd_d64 attn_fwd_wgmma_d64 attn_bwd_wgmma_d64"
+    local experts="expert_up_wgmma expert_dact_wgmma grouped_nt_wgmma grouped_nn_wgmma"
     mkdir -p "$d"
     ncu=${NCU:-$(command -v ncu || ls /usr/local/cuda/bin/ncu 2> /dev/null || true)}
     if [ -z "$ncu" ] || [ ! -x "$ncu" ]; then
@@ -267,16 +269,25 @@ part_profile() {
     local metrics=sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
     metrics+=,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum
     metrics+=,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_op_ldsm.sum
-    for k in $kernels; do
+    # One launch of kernel $1 (its first) in the command that follows.
+    ncu_one() {
+        local k=$1 what=$2
+        shift 2
+        run_limited "profile: ncu $k, $what" "$(grant 100)" "$d/$k.txt" \
+            "${gpu[@]}" "$ncu" --set full --metrics "$metrics" -k "regex:^$k\$" -c 1 "$@"
+    }
+    for k in $attention; do
         local hopper=()
         case $k in *wgmma*) hopper=(--hopper) ;; esac
-        run_limited "profile: ncu $k, T=$length" "$(grant 100)" "$d/$k.txt" \
-            "${gpu[@]}" "$ncu" --set full --metrics "$metrics" -k "regex:^$k\$" -c 1 \
-            "$bin/attention" --device cuda "${hopper[@]}" "${profile_args[@]}" --min-seconds 0
+        ncu_one "$k" "T=$length" "$bin/attention" --device cuda "${hopper[@]}" "${profile_args[@]}" --min-seconds 0
+    done
+    # The experts' kernels at the step's shape: the first layer's launch of each.
+    for k in $experts; do
+        ncu_one "$k" "$shape step" "$bin/train_step" --device cuda "${shape_args[@]}" --hopper-experts --warmup 0 --steps 1
     done
     {
-        echo "Nsight Compute, one launch per kernel of \`attention ${profile_args[*]}\` (default B = 32K / T, 16 heads of 64); full reports in $d/*.txt."
-        for k in $kernels; do
+        echo "Nsight Compute, one launch per kernel: the attention kernels of \`attention ${profile_args[*]}\` (default B = 32K / T, 16 heads of 64), the experts' of one \`train_step ${shape_args[*]} --hopper-experts\` step; full reports in $d/*.txt."
+        for k in $attention $experts; do
             echo; echo "### $k"; echo '```'
             grep -E '^ +((Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Achieved Occupancy|Theoretical Occupancy|Registers Per Thread|Dynamic Shared Memory Per Block|Executed Ipc Active|Issue Slots Busy|Warp Cycles Per Issued Instruction|L1/TEX Hit Rate|L2 Hit Rate) |sm__pipe_tensor|l1tex__data|smsp__inst_executed_op_ldsm)' "$d/$k.txt" | sed 's/  */ /g'
             echo '```'
