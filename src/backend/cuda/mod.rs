@@ -73,6 +73,8 @@ pub struct CudaBackend {
     hopper_attention: bool,
     /// The experts' grouped GEMMs run on our Hopper kernels, SwiGLU fused into them.
     hopper_experts: bool,
+    /// Whether a product the expert kernels do not take has been reported.
+    fallback_said: std::sync::atomic::AtomicBool,
     k: Kernels,
     device: String,
     /// GPU time per op, when asked for ([`CudaBackend::with_profile`]).
@@ -201,7 +203,7 @@ impl CudaBackend {
         let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
         let staging = staging::Staging::new(stream.clone());
         let readback = staging::Readback::new(stream.clone());
-        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, hopper_attention: false, hopper_experts: false, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
+        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, hopper_attention: false, hopper_experts: false, fallback_said: Default::default(), k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
         super::keep_freed_host_memory();
         Ok(be)
@@ -243,6 +245,9 @@ impl CudaBackend {
         if self.k.experts.is_none() {
             return Err(Error::Invalid(format!("{}: the Hopper expert kernels need an sm_90 GPU (H100, H200)", self.device)));
         }
+        if self.storage() != Storage::Bf16 {
+            return Err(Error::Invalid(format!("{}: the Hopper expert kernels run with bf16 activations (CudaBackend::new(_, Storage::Bf16))", self.device)));
+        }
         self.hopper_experts = true;
         Ok(self)
     }
@@ -254,9 +259,20 @@ impl CudaBackend {
 
     /// The expert kernels' launch for operands of `storages`, when they are turned on, every
     /// operand is bf16 and `call` says the kernel takes the products.
+    /// Products the kernels do not take run on cuBLAS, saying so once: a model whose widths are
+    /// not whole tiles would otherwise measure cuBLAS under the kernels' name.
     fn fused_call(&self, storages: &[Storage], call: impl FnOnce() -> Option<experts::Call>) -> Option<experts::Call> {
         let bf16 = storages.iter().all(|&s| s == Storage::Bf16);
-        (self.hopper_experts && self.k.experts.is_some() && bf16).then(call).flatten()
+        if !(self.hopper_experts && self.k.experts.is_some() && bf16) {
+            return None;
+        }
+        let call = call();
+        if call.is_none() && !self.fallback_said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "motley: the Hopper expert kernels take expert widths and d_model that are multiples of 128 (64 suffice for the up projection's widths) and 16-byte aligned operands; products that are not run on cuBLAS instead (said once)"
+            );
+        }
+        call
     }
 
     /// Launches the expert kernel of `call` over its tiles, its segments' table uploaded first.
