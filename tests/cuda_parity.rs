@@ -176,6 +176,20 @@ case!(Matmul, |be| {
     outs
 });
 
+// The attention output projection joined to its residual: out = x + a · op(b), the residual
+// read by the GEMM (cuBLASLt's C) instead of copied into out; out starts as garbage.
+case!(MatmulResidual, |be| {
+    let (m, k, n) = (67, 128, 40);
+    let (a, b, x) = (up(be, &data(7, m * k)), up(be, &data(8, k * n)), up(be, &data(9, m * n)));
+    let mut outs = Vec::new();
+    for tb in [false, true] {
+        let mut out = up(be, &data(10, m * n));
+        be.matmul_residual(B::full_mut(&mut out), B::full(&x), B::full(&a), B::full(&b), m, k, n, tb);
+        outs.push(down(be, &out));
+    }
+    outs
+});
+
 // Three experts' worth of products of different shapes (one empty), as the model issues them:
 // forward style into activations (one grouped cuBLAS call with bf16 storage) and weight-
 // gradient style accumulated into f32 (one cuBLASLt matmul per product).
@@ -375,6 +389,7 @@ macro_rules! parity_test {
 
 parity_test!(elementwise, Elementwise, F32_TOL, BF16_TOL);
 parity_test!(matmul, Matmul, TF32_TOL, BF16_GEMM_TOL);
+parity_test!(matmul_residual, MatmulResidual, TF32_TOL, BF16_GEMM_TOL);
 parity_test!(grouped_matmul, GroupedMatmul, TF32_TOL, BF16_GEMM_TOL);
 parity_test!(embedding, Embedding, F32_TOL, BF16_TOL);
 parity_test!(rmsnorm, RmsNorm, F32_TOL, BF16_TOL);

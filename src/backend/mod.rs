@@ -354,6 +354,16 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn matmul(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool);
 
+    /// `out (m×n) = residual + a (m×k) · op(b) (k×n)` (`op` transposes when `tb`): a residual
+    /// joined in the product instead of copied into `out` first (a GPU reads it in the GEMM's
+    /// epilogue). Row-stable like `matmul`. By default the copy and an accumulating `matmul`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_residual(&self, out: Self::ViewMut<'_>, residual: Self::View<'_>, a: Self::View<'_>, b: Self::View<'_>, m: usize, k: usize, n: usize, tb: bool) {
+        let mut out = out;
+        self.copy(Self::reborrow_mut(&mut out), residual);
+        self.matmul(out, a, b, m, k, n, false, tb, true);
+    }
+
     /// Independent matmuls sharing `ta`, `tb` and `accumulate`, their operands at offsets into
     /// one view each: the experts of one projection, every one with its own rows and width, in
     /// one call (one launch on a GPU). The outputs must not overlap. Same rules as `matmul`;

@@ -234,8 +234,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         let mut lse = stat(s.batch * s.n_heads * s.seq);
         be.attention_fwd(B::full_mut(&mut att), B::full_mut(&mut lse), B::full(&qkv), s);
         let mut x2 = scratch(n * c);
-        be.copy(B::full_mut(&mut x2), B::full(&x));
-        be.matmul(B::full_mut(&mut x2), B::full(&att), self.w(p.wo, c * a), n, a, c, false, true, true);
+        be.matmul_residual(B::full_mut(&mut x2), B::full(&x), B::full(&att), self.w(p.wo, c * a), n, a, c, true);
 
         // MoE: xn2 = norm(x2); P = softmax(xn2 Wrᵀ); route; experts; out = x2 + Σ gate · expert.
         let mut xn2 = scratch(n * c);
@@ -360,8 +359,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.rmsnorm_fwd(tail_mut::<B>(xn1, from, n, c), tail_mut::<B>(rstd1, from, n, 1), tail::<B>(x, from, n, c), self.w(p.attn_norm, c), m, c, eps);
         be.matmul(tail_mut::<B>(qkv, from, n, wq), tail::<B>(xn1, from, n, c), self.w(p.wqkv, wq * c), m, c, wq, false, true, false);
         be.rope(tail_mut::<B>(qkv, from, n, wq), B::full(self.rope), s, from, false);
-        be.copy(tail_mut::<B>(x2, from, n, c), tail::<B>(x, from, n, c));
-        be.matmul(tail_mut::<B>(x2, from, n, c), tail::<B>(att, from, n, a), self.w(p.wo, c * a), m, a, c, false, true, true);
+        be.matmul_residual(tail_mut::<B>(x2, from, n, c), tail::<B>(x, from, n, c), tail::<B>(att, from, n, a), self.w(p.wo, c * a), m, a, c, true);
         be.rmsnorm_fwd(tail_mut::<B>(xn2, from, n, c), tail_mut::<B>(rstd2, from, n, 1), tail::<B>(x2, from, n, c), self.w(p.ffn_norm, c), m, c, eps);
         be.matmul(tail_mut::<B>(logits, from, n, e), tail::<B>(xn2, from, n, c), self.w(p.router, e * c), m, c, e, false, true, false);
         be.softmax_rows(tail_mut::<B>(probs, from, n, e), tail::<B>(logits, from, n, e), m, e);

@@ -53,7 +53,8 @@ struct Key {
     transb: bool,
     inputs: Storage,
     output: Storage,
-    align: [u32; 3],
+    /// Of A, B, C and D (column-major roles: A = b, B = a, C the addend, D = out).
+    align: [u32; 4],
 }
 
 /// A described matmul with its chosen algorithm.
@@ -105,14 +106,16 @@ impl Lt {
         Ok(Lt { handle, stream, _workspace: workspace, workspace_ptr, plans: Mutex::new(HashMap::new()) })
     }
 
-    /// `out (m×n) [+]= op(a) (m×k) · op(b) (k×n)`, all row-major and dense; `a` and `b` of one
-    /// type. The caller checks the buffer sizes.
+    /// `out (m×n) = op(a) (m×k) · op(b) (k×n) [+ c]`, all row-major and dense; `a` and `b` of
+    /// one type, `c` (`out` itself to accumulate) of `out`'s. The caller checks the buffer sizes.
     #[allow(clippy::too_many_arguments)]
-    pub fn matmul(&self, out: Operand, a: Operand, b: Operand, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
+    pub fn matmul(&self, out: Operand, a: Operand, b: Operand, m: usize, k: usize, n: usize, ta: bool, tb: bool, c: Option<Operand>) {
         assert_eq!(a.storage, b.storage, "cuBLASLt matmul: operands of one type");
         assert!(out.storage == Storage::F32 || out.storage == a.storage, "cuBLASLt matmul: {:?} inputs cannot write {:?}", a.storage, out.storage);
         // Column-major: outᵀ (n×m) = op(b)ᵀ (n×k) · op(a)ᵀ (k×m).
-        let key = Key { m: n as u64, n: m as u64, k: k as u64, transa: tb, transb: ta, inputs: a.storage, output: out.storage, align: [alignment(b.ptr), alignment(a.ptr), alignment(out.ptr)] };
+        assert!(c.is_none_or(|c| c.storage == out.storage), "cuBLASLt matmul: the addend has the output's type");
+        let c_ptr = c.map_or(out.ptr, |c| c.ptr);
+        let key = Key { m: n as u64, n: m as u64, k: k as u64, transa: tb, transb: ta, inputs: a.storage, output: out.storage, align: [alignment(b.ptr), alignment(a.ptr), alignment(c_ptr), alignment(out.ptr)] };
         let mut plans = self.plans.lock().expect("matmul plan cache");
         let plan = match plans.get(&key) {
             Some(p) => p,
@@ -121,7 +124,7 @@ impl Lt {
                 plans.entry(key).or_insert(p)
             }
         };
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        let (alpha, beta) = (1.0f32, if c.is_some() { 1.0f32 } else { 0.0 });
         // SAFETY: the plan describes exactly these shapes and types, the caller checked the
         // sizes, and the workspace outlives the call (it is freed with `self`).
         let r = unsafe {
@@ -134,7 +137,7 @@ impl Lt {
                 plan.a,
                 a.ptr as *const c_void,
                 plan.b,
-                out.ptr as *const c_void,
+                c_ptr as *const c_void,
                 plan.c,
                 out.ptr as *mut c_void,
                 plan.c,
@@ -167,13 +170,13 @@ impl Lt {
         let c = check(lt::create_matrix_layout(t_out, key.m, key.n, key.m as i64), "matrix layout");
         let pref = check(lt::create_matmul_pref(), "matmul preference");
         type P = sys::cublasLtMatmulPreferenceAttributes_t;
-        let [al_a, al_b, al_c] = key.align;
+        let [al_a, al_b, al_c, al_d] = key.align;
         // SAFETY: each attribute's value has the type the cuBLASLt documentation gives it
         // (u64 workspace bytes, u32 alignments).
         let heuristic = unsafe {
             let ws = BLAS_WORKSPACE_BYTES as u64;
             check(lt::set_matmul_pref_attribute(pref, P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const u64 as *const c_void, 8), "preference");
-            for (attr, v) in [(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al_a), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al_b), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al_c), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al_c)] {
+            for (attr, v) in [(P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, al_a), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, al_b), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, al_c), (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, al_d)] {
                 check(lt::set_matmul_pref_attribute(pref, attr, &v as *const u32 as *const c_void, 4), "preference");
             }
             let h = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref);

@@ -681,7 +681,21 @@ impl Backend for CudaBackend {
         self.bind();
         let a_op = a_act.as_ref().map_or(a.operand(), DevBuf::operand);
         let b_op = b_act.as_ref().map_or(b.operand(), DevBuf::operand);
-        self.blas.matmul(out.operand(), a_op, b_op, m, k, n, ta, tb, accumulate);
+        self.blas.matmul(out.operand(), a_op, b_op, m, k, n, ta, tb, accumulate.then(|| out.operand()));
+    }
+
+    fn matmul_residual(&self, out: DevViewMut<'_>, residual: DevView<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, tb: bool) {
+        if m * n == 0 || k == 0 || a.storage != b.storage {
+            // Nothing to multiply, or mixed operands (rounded first by `matmul`): copy and add.
+            let mut out = out;
+            self.copy(Self::reborrow_mut(&mut out), residual);
+            return self.matmul(out, a, b, m, k, n, false, tb, true);
+        }
+        let _span = self.span("matmul", || Work::computing(2.0 * (m * k * n) as f64, a.bytes() + b.bytes() + residual.bytes() + out.bytes()));
+        assert!(out.len() == m * n && residual.len() == m * n && a.len() == m * k && b.len() == k * n, "matmul_residual {m}×{k}×{n}: buffer sizes {} {} {} {}", a.len(), b.len(), residual.len(), out.len());
+        expect("matmul_residual", "residual", residual.storage, out.storage);
+        self.bind();
+        self.blas.matmul(out.operand(), a.operand(), b.operand(), m, k, n, false, tb, Some(residual.operand()));
     }
 
     fn grouped_matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, gemms: &[Gemm], ta: bool, tb: bool, accumulate: bool) {
@@ -1021,7 +1035,7 @@ impl Backend for CudaBackend {
             let rows = rows_per_chunk.min(n - r0);
             let xs = Self::subview(x, r0 * c..(r0 + rows) * c);
             let lg = logits.operand();
-            self.blas.matmul(lg, xs.operand(), w.operand(), rows, c, v, false, true, false);
+            self.blas.matmul(lg, xs.operand(), w.operand(), rows, c, v, false, true, None);
             let (mut ls, ts) = (losses.slice_mut(r0..r0 + rows), t.slice(r0..r0 + rows));
             // SAFETY: `softmax_xent(const float* logits, act_t* dlogits, float* losses, const
             // unsigned* targets, int v, float, int vec)`, one block per row of this chunk; both
@@ -1036,8 +1050,8 @@ impl Backend for CudaBackend {
             if let Some((dx, dw, _)) = grads.as_ref().filter(|_| grad_scale != 0.0) {
                 let d = dl.operand();
                 let dxs = Operand { ptr: offset(dx.ptr, r0 * c, dx.storage), storage: dx.storage };
-                self.blas.matmul(dxs, d, w.operand(), rows, v, c, false, false, false);
-                self.blas.matmul(dw.operand(), d, xs.operand(), v, rows, c, true, false, true);
+                self.blas.matmul(dxs, d, w.operand(), rows, v, c, false, false, None);
+                self.blas.matmul(dw.operand(), d, xs.operand(), v, rows, c, true, false, Some(dw.operand()));
             }
         }
         if let Some((dx, _, _)) = grads.filter(|_| grad_scale == 0.0) {
