@@ -412,7 +412,7 @@ const HOST_BYTES: u64 = 1 << 30;
 
 /// The 2-layer model `train` builds: 4 heads of 16 (2 kv heads) or 2 heads of 64 (1 kv head,
 /// the Hopper attention's shape); experts of `tiny_model`'s widths (8 to 40), or of whole
-/// 128-column tiles (the Hopper expert kernels' shapes).
+/// 128-column tiles (the Hopper expert kernels' shapes) run in chunks of 100 rows.
 #[derive(Clone, Copy, Debug)]
 struct Net {
     head_dim: usize,
@@ -437,7 +437,12 @@ fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, net: Net) -> (Ve
     cfg.d_model = cfg.n_heads * net.head_dim;
     moe.top_k = moe.n_experts();
     let (b, t) = (3, cfg.seq_len);
+    // Whole-tile experts run in chunks of 100 rows, so a chunk starts inside an expert's rows
+    // and partway through the slots (as long sequences run them).
     let mut model = Model::new(be, cfg.clone(), moe, 4).unwrap();
+    if net.tile_widths {
+        model = model.with_expert_chunk_rows(100);
+    }
     let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST_BYTES).unwrap();
     let opt_cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
     let mut opt = Optimizer::new(be, opt_cfg, model.n_params());

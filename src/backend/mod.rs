@@ -150,6 +150,13 @@ pub fn matmul_each<B: Backend + ?Sized>(be: &B, mut out: B::ViewMut<'_>, a: B::V
     }
 }
 
+/// [`Backend::matmul_residual`] as a copy of the residual into `out` and an accumulating matmul.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_then_matmul<B: Backend + ?Sized>(be: &B, mut out: B::ViewMut<'_>, residual: B::View<'_>, a: B::View<'_>, b: B::View<'_>, m: usize, k: usize, n: usize, tb: bool) {
+    be.copy(B::reborrow_mut(&mut out), residual);
+    be.matmul(out, a, b, m, k, n, false, tb, true);
+}
+
 /// One expert of [`Backend::grouped_matmul_swiglu`]: its up projection `gemm` (`gemm.n` = 2h,
 /// gate then up columns; `b` the (2h × k) weight, used transposed) and `act`, the element offset
 /// of its SwiGLU output (m × h).
@@ -168,7 +175,7 @@ pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act:
         Some(rows) => {
             let k = up.first().map_or(0, |g| g.k);
             assert!(up.iter().all(|g| g.k == k), "grouped_matmul_swiglu: gathered rows need one inner dimension");
-            let mut gathered = be.alloc(rows.len() * k);
+            let mut gathered = be.alloc_scratch(rows.len() * k, Precision::Activation); // the gather writes it all
             be.gather_rows(B::full_mut(&mut gathered), a, rows, k);
             be.grouped_matmul(B::reborrow_mut(&mut gu), B::full(&gathered), b, &up, false, true, false);
         }
@@ -359,9 +366,7 @@ pub trait Backend: Send + Sync {
     /// epilogue). Row-stable like `matmul`. By default the copy and an accumulating `matmul`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_residual(&self, out: Self::ViewMut<'_>, residual: Self::View<'_>, a: Self::View<'_>, b: Self::View<'_>, m: usize, k: usize, n: usize, tb: bool) {
-        let mut out = out;
-        self.copy(Self::reborrow_mut(&mut out), residual);
-        self.matmul(out, a, b, m, k, n, false, tb, true);
+        copy_then_matmul(self, out, residual, a, b, m, k, n, tb)
     }
 
     /// Independent matmuls sharing `ta`, `tb` and `accumulate`, their operands at offsets into

@@ -116,7 +116,7 @@ impl ParamLayout {
         self.specs.iter().find(|s| s.name == name)
     }
 
-    /// The block as runs of consecutive tensors that `key` gives the same value: each run's
+    /// The parameters as runs of consecutive tensors that `key` gives the same value: each run's
     /// range and key, in layout order (one elementwise launch per run instead of per tensor).
     pub fn runs<K: PartialEq>(&self, key: impl Fn(&ParamSpec) -> K) -> Vec<(std::ops::Range<usize>, K)> {
         let mut runs: Vec<(std::ops::Range<usize>, K)> = Vec::new();

@@ -55,7 +55,7 @@ use launch::{grid_stride, per_row, vec_width, warp_per_row, SUMSQ_BLOCKS};
 use profile::Work;
 pub use nvrtc::Storage;
 
-use super::{matmul_each, swiglu_bwd_each, swiglu_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use crate::{Error, Result};
 
 pub struct CudaBackend {
@@ -259,11 +259,12 @@ impl CudaBackend {
 
     /// The expert kernels' launch for operands of `storages`, when they are turned on, every
     /// operand is bf16 and `call` says the kernel takes the products.
+    ///
     /// Products the kernels do not take run on cuBLAS, saying so once: a model whose widths are
     /// not whole tiles would otherwise measure cuBLAS under the kernels' name.
     fn fused_call(&self, storages: &[Storage], call: impl FnOnce() -> Option<experts::Call>) -> Option<experts::Call> {
-        let bf16 = storages.iter().all(|&s| s == Storage::Bf16);
-        if !(self.hopper_experts && self.k.experts.is_some() && bf16) {
+        // `with_hopper_experts` checked that the kernels exist and the storage is bf16.
+        if !self.hopper_experts || storages.iter().any(|&s| s != Storage::Bf16) {
             return None;
         }
         let call = call();
@@ -280,7 +281,7 @@ impl CudaBackend {
         if call.tiles == 0 {
             return;
         }
-        let f = &self.k.experts.as_ref().expect("fused_call checked the kernels")[call.kernel as usize];
+        let f = &self.k.experts.as_ref().expect("with_hopper_experts checked the kernels")[call.kernel as usize];
         let table = self.staging.upload(&call.segments, "expert segment upload");
         let count = call.segments.len() as i32;
         // SAFETY: every kernel of experts.cu is `(const Segment*, int count)`; every segment's
@@ -687,9 +688,7 @@ impl Backend for CudaBackend {
     fn matmul_residual(&self, out: DevViewMut<'_>, residual: DevView<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, tb: bool) {
         if m * n == 0 || k == 0 || a.storage != b.storage {
             // Nothing to multiply, or mixed operands (rounded first by `matmul`): copy and add.
-            let mut out = out;
-            self.copy(Self::reborrow_mut(&mut out), residual);
-            return self.matmul(out, a, b, m, k, n, false, tb, true);
+            return copy_then_matmul(self, out, residual, a, b, m, k, n, tb);
         }
         let _span = self.span("matmul", || Work::computing(2.0 * (m * k * n) as f64, a.bytes() + b.bytes() + residual.bytes() + out.bytes()));
         assert!(out.len() == m * n && residual.len() == m * n && a.len() == m * k && b.len() == k * n, "matmul_residual {m}×{k}×{n}: buffer sizes {} {} {} {}", a.len(), b.len(), residual.len(), out.len());
@@ -735,11 +734,17 @@ impl Backend for CudaBackend {
         if let Some(rows) = rows {
             assert!(rows.iter().all(|&r| (r as usize + 1) * k <= a.len()), "grouped_matmul_swiglu: a gathered row past `a`");
         }
-        let index = rows.filter(|_| self.fuses_expert_gather()).map(|r| self.upload_u32(r));
-        let index_ptr = index.as_ref().map_or(0, |i| i.device_ptr(&self.stream).0);
+        // Only the stretch of the index these products read goes up (a chunk of the experts
+        // reads a chunk of the slots); the base address is set back by its start, so that the
+        // products' row offsets, which count from the whole index, land in it.
+        let index = rows.filter(|_| self.hopper_experts && !gemms.is_empty()).map(|r| {
+            let first = gemms.iter().map(|g| g.gemm.a / k).min().unwrap_or(0);
+            let end = gemms.iter().map(|g| g.gemm.a / k + g.gemm.m).max().unwrap_or(0);
+            (self.upload_u32(&r[first..end.max(first)]), first)
+        });
+        let index_ptr = index.as_ref().map_or(0, |(i, first)| i.device_ptr(&self.stream).0.wrapping_sub(4 * *first as u64));
         let ops = experts::Operands { a: a.ptr, index: index_ptr, w: b.ptr, out: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
-        let call = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms));
-        let Some(call) = call.filter(|_| rows.is_none() || index.is_some()) else {
+        let Some(call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms)) else {
             return swiglu_each(self, gu, act, a, rows, b, gemms);
         };
         // Per output of the product: gu written, and half as much act.
@@ -748,7 +753,7 @@ impl Backend for CudaBackend {
     }
 
     fn fuses_expert_gather(&self) -> bool {
-        self.hopper_experts && self.k.experts.is_some() && self.storage() == Storage::Bf16
+        self.hopper_experts
     }
 
     fn grouped_matmul_swiglu_bwd(&self, dgu: DevViewMut<'_>, act: DevViewMut<'_>, dact: DevViewMut<'_>, dy: DevView<'_>, b: DevView<'_>, gu: DevView<'_>, gemms: &[SwiGluBwdGemm]) {
