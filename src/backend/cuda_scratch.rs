@@ -5,10 +5,11 @@
 
 use super::AttnShape;
 
-/// Most logits alive at once in the fused classifier (elements: 256 MiB of f32 logits plus their
-/// gradient in activation storage). Every chunk reads and writes the whole f32 dW (V × C), so
-/// chunks must be large: at V = 32768 this is 2048 rows, 16 chunks for H100-ref's 32768-token step.
-pub const LOGITS_BUDGET: usize = 1 << 26;
+/// Most logits alive at once in the fused classifier (elements, in activation storage: 256 MiB
+/// of bf16, their gradient written over them). Every chunk reads and writes the whole f32 dW
+/// (V × C), so chunks must be large: at V = 32768 this is 4096 rows, 8 chunks for H100-ref's
+/// 32768-token step.
+pub const LOGITS_BUDGET: usize = 1 << 27;
 
 /// cuBLASLt's workspace: its recommended size on Hopper (32 MiB; 4 MiB suffices before it).
 pub const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
@@ -18,12 +19,10 @@ pub fn classifier_chunk_rows(rows: usize, vocab: usize) -> usize {
     (LOGITS_BUDGET / vocab.max(1)).clamp(1, rows.max(1))
 }
 
-/// Bytes of one classifier chunk at `tokens` × `vocab`: f32 logits and, when the activations
-/// (`act_bytes` each) are narrower than f32, their gradient beside them.
+/// Bytes of one classifier chunk at `tokens` × `vocab`: its logits, `act_bytes` each (their
+/// gradient overwrites them).
 pub fn classifier_chunk_bytes(tokens: usize, vocab: usize, act_bytes: u64) -> u64 {
-    let logits = (classifier_chunk_rows(tokens, vocab) * vocab) as u64;
-    let gradient = if act_bytes < 4 { act_bytes } else { 0 };
-    logits * (4 + gradient)
+    (classifier_chunk_rows(tokens, vocab) * vocab) as u64 * act_bytes
 }
 
 /// Bytes of the attention backward's scratch, live during it: Δ (B·H·T f32), the dQ

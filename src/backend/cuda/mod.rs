@@ -1025,42 +1025,36 @@ impl Backend for CudaBackend {
         }
         self.bind();
         let rows_per_chunk = super::cuda_scratch::classifier_chunk_rows(n, v);
-        // f32 logits for the softmax; their gradient in activation storage for the two GEMMs
-        // (the same buffer when that storage is f32, or when no gradient is asked for). Each
-        // chunk's GEMM (beta = 0) writes its logits rows and softmax_xent their gradient before
-        // anything reads them: no zeroing.
+        // Logits in activation storage; softmax_xent overwrites them with their gradient for the
+        // two GEMMs. Each chunk's GEMM (beta = 0) writes its rows before anything reads them: no
+        // zeroing.
         let grad_scale = grads.as_ref().map_or(0.0, |g| g.2 / n as f32);
-        let logits = self.scratch_storage(rows_per_chunk * v, Storage::F32);
-        let dlogits = (self.storage() != Storage::F32 && grad_scale != 0.0).then(|| self.scratch_storage(rows_per_chunk * v, self.storage()));
-        let dl = dlogits.as_ref().unwrap_or(&logits);
+        let logits = self.scratch_storage(rows_per_chunk * v, self.storage());
         let mut losses = self.scratch_f32(n);
         let t = self.upload_u32(targets);
-        let (vi, vec) = (v as i32, vec_width(v, &[logits.ptr, dl.ptr]));
+        let (vi, vec) = (v as i32, vec_width(v, &[logits.ptr]));
         for r0 in (0..n).step_by(rows_per_chunk) {
             let rows = rows_per_chunk.min(n - r0);
             let xs = Self::subview(x, r0 * c..(r0 + rows) * c);
             let lg = logits.operand();
             self.blas.matmul(lg, xs.operand(), w.operand(), rows, c, v, false, true, None);
             let (mut ls, ts) = (losses.slice_mut(r0..r0 + rows), t.slice(r0..r0 + rows));
-            // SAFETY: `softmax_xent(const float* logits, act_t* dlogits, float* losses, const
-            // unsigned* targets, int v, float, int vec)`, one block per row of this chunk; both
-            // logits buffers hold rows_per_chunk × v elements; vec 8 only for aligned rows of a
-            // multiple of 8.
+            // SAFETY: `softmax_xent(act_t* logits, float* losses, const unsigned* targets, int v,
+            // float, int vec)`, one block per row of this chunk; the logits buffer holds
+            // rows_per_chunk × v elements; vec 8 only for aligned rows of a multiple of 8.
             ok(
-                unsafe {
-                    self.stream.launch_builder(&self.k.softmax_xent).arg(&logits.ptr).arg(&dl.ptr).arg(&mut ls).arg(&ts).arg(&vi).arg(&grad_scale).arg(&vec).launch(per_row(rows))
-                },
+                unsafe { self.stream.launch_builder(&self.k.softmax_xent).arg(&logits.ptr).arg(&mut ls).arg(&ts).arg(&vi).arg(&grad_scale).arg(&vec).launch(per_row(rows)) },
                 "softmax_xent",
             );
             if let Some((dx, dw, _)) = grads.as_ref().filter(|_| grad_scale != 0.0) {
-                let d = dl.operand();
+                let d = logits.operand();
                 let dxs = Operand { ptr: offset(dx.ptr, r0 * c, dx.storage), storage: dx.storage };
                 self.blas.matmul(dxs, d, w.operand(), rows, v, c, false, false, None);
                 self.blas.matmul(dw.operand(), d, xs.operand(), v, rows, c, true, false, Some(dw.operand()));
             }
         }
         if let Some((dx, _, _)) = grads.filter(|_| grad_scale == 0.0) {
-            self.fill(dx, 0.0); // a zero loss weight: no gradient (softxent wrote no dlogits)
+            self.fill(dx, 0.0); // a zero loss weight: no gradient (softmax_xent left the logits)
         }
         let (ptr, _record) = losses.device_ptr(&self.stream);
         self.readback.read::<f32>(ptr, n, "download")
