@@ -170,6 +170,8 @@ template <int N>
 inline void fence_operands(unsigned (&)[N][4]) {}
 inline void wgmma_m64n128k16_ss(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 128, nullptr, a, b, accumulate, false); }
 template <int TRANS_B>
+inline void wgmma_m64n256k16_ss(float (&d)[128], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 256, nullptr, a, b, accumulate, TRANS_B); }
+template <int TRANS_B>
 inline void wgmma_m64n64k16_ss(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 64, nullptr, a, b, accumulate, TRANS_B); }
 template <int TRANS_B>
 inline void wgmma_m64n64k16_rs(float (&d)[32], const unsigned (&a)[4], unsigned long long b, int accumulate) { emu::wgmma(d, 64, a, 0, b, accumulate, TRANS_B); }

@@ -96,7 +96,7 @@ pub fn cases(hopper: bool) -> Vec<Case> {
     let mut rng = Rng::new(61);
     let mut out = vec![mma(&mut rng, true), mma(&mut rng, false), ldmatrix(), cp_async()];
     if hopper {
-        out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true)]);
+        out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true), wgmma_n256(&mut rng, false), wgmma_n256(&mut rng, true)]);
     }
     out
 }
@@ -204,6 +204,23 @@ fn wgmma_ss_mn_major(rng: &mut Rng) -> Case {
         hopper: true,
         args: vec![Arg::Out(64 * 64), Arg::Bf16(bits(&a)), Arg::Bf16(bits(&b))],
         check: Box::new(move |o| check_product(&o[0], &want, 64, None, &others)),
+    }
+}
+
+/// d (64 × 256) = a · B with both operands from shared memory (`wgmma_m64n256k16_ss`, the
+/// experts' kernels): B = bᵀ read K-major (b: 256 × 64), or B = b read MN-major (b: 64 × 256) as
+/// four 64-column strips, the descriptor's leading byte offset apart.
+fn wgmma_n256(rng: &mut Rng, mn_major: bool) -> Case {
+    let (a, b) = (small(rng, 64 * 64), small(rng, 64 * 256));
+    let want = if mn_major { matmul(&a, &b, 64, 64, 256) } else { matmul(&a, &transpose(&b, 256, 64), 64, 64, 256) };
+    Case {
+        name: if mn_major { "wgmma m64n256k16, A K-major, B MN-major in strips from shared memory" } else { "wgmma m64n256k16, A and B K-major from shared memory" },
+        kernel: if mn_major { "test_wgmma_n256_mnmajor" } else { "test_wgmma_n256_kmajor" },
+        threads: 128,
+        smem: 64 * 128 + 256 * 128 + 1024,
+        hopper: true,
+        args: vec![Arg::Out(64 * 256), Arg::Bf16(bits(&a)), Arg::Bf16(bits(&b))],
+        check: Box::new(move |o| check_product(&o[0], &want, 256, None, &[])),
     }
 }
 

@@ -176,6 +176,42 @@ __device__ void wgmma_rs_product(float* d, const bf16* a, const bf16* b) {
 extern "C" __global__ void test_wgmma_rs_kmajor(float* d, const bf16* a, const bf16* b) { wgmma_rs_product<0>(d, a, b); }
 extern "C" __global__ void test_wgmma_rs_mnmajor(float* d, const bf16* a, const bf16* b) { wgmma_rs_product<1>(d, a, b); }
 
+// One warpgroup: d (64 × 256, f32, row-major) = a (64 × 64) · B through shared memory in the
+// swizzled layout, four k16 steps of wgmma_m64n256k16_ss<TRANS_B> (the experts' kernels):
+// TRANS_B = 0 reads b (256 × 64, row-major: its rows are the product's columns) K-major;
+// TRANS_B = 1 reads b (64 × 256, row-major) MN-major as four 64-column strips 8 KiB apart, the
+// descriptor's leading offset (the descriptor advances 16 rows, 2048 bytes, a step).
+// 16 KiB + 32 KiB + 1 KiB.
+template <int TRANS_B>
+__device__ void wgmma_n256_product(float* d, const bf16* a, const bf16* b) {
+    DYNAMIC_SMEM(raw);
+    unsigned char* as = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    unsigned char* bs = as + 64 * 128;
+    load_sw128(as, a, 64);
+    if (TRANS_B) {
+        for (int c = threadIdx.x; c < 4 * 64 * 8; c += blockDim.x) {
+            const int strip = c / 512, row = c / 8 % 64, chunk = c % 8;
+            cp_async16(bs + strip * 8192 + sw128_offset(row, chunk), b + row * 256 + 64 * strip + 8 * chunk, true);
+        }
+    } else {
+        load_sw128(bs, b, 256);
+    }
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+    float acc[128];
+    wgmma_fence();
+    for (int k = 0; k < 4; k++)
+        wgmma_m64n256k16_ss<TRANS_B>(acc, sw128_desc(as + 32 * k, 1024), TRANS_B ? sw128_desc(bs + 2048 * k, 1024, 8192) : sw128_desc(bs + 32 * k, 1024), k > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc);
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    for (int j = 0; j < 128; j++) d[(16 * w + g + 8 * (j / 2 % 2)) * 256 + 8 * (j / 4) + 2 * q + j % 2] = acc[j];
+}
+extern "C" __global__ void test_wgmma_n256_kmajor(float* d, const bf16* a, const bf16* b) { wgmma_n256_product<0>(d, a, b); }
+extern "C" __global__ void test_wgmma_n256_mnmajor(float* d, const bf16* a, const bf16* b) { wgmma_n256_product<1>(d, a, b); }
+
 // One warpgroup: d (64 × 64, f32, row-major) = a (64 × 64) · b (64 × 64), both row-major bf16
 // through shared memory in the swizzled layout, a K-major and b MN-major (the transpose flag),
 // four k16 steps of wgmma_m64n64k16_ss<1>: the backward's dQ = dS K. 16 KiB + 1 KiB.

@@ -15,6 +15,8 @@ pub const PRIMITIVES: KernelFile = KernelFile {
         "test_wgmma_ss_mnmajor",
         "test_wgmma_rs_kmajor",
         "test_wgmma_rs_mnmajor",
+        "test_wgmma_n256_kmajor",
+        "test_wgmma_n256_mnmajor",
         "bad_divergent_shuffle",
         "bad_smem_overflow",
         "racy_neighbour",

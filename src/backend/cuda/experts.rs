@@ -8,18 +8,22 @@ use crate::backend::{Gemm, SwiGluBwdGemm, SwiGluGemm};
 
 /// Entry points compiled only for Hopper (`sm_90a`), in [`Fused::ALL`] order.
 pub const HOPPER_FUNCTIONS: &[&str] = &["expert_up_wgmma", "expert_dact_wgmma", "grouped_nt_wgmma", "grouped_nn_wgmma"];
-/// `EXPERT_ROWS` of experts.cu: the rows of a tile; its columns, of every kernel's product (the
-/// up projection's 64 hidden columns are 128 of its product: gate and up).
+/// `EXPERT_ROWS` and `EXPERT_COLS` of experts.cu: the rows of a tile and the columns of its
+/// product, for every kernel (the up projection's 128 hidden columns are 256 of its product:
+/// gate and up).
 pub const TILE_ROWS: usize = 128;
-pub const TILE_COLS: usize = 128;
+pub const TILE_COLS: usize = 256;
+/// What a product's columns must be a multiple of: a tile's last may be half used (the up
+/// projection's hidden columns: half of this).
+pub const COL_STEP: usize = 128;
 /// The inner dimension's step (one 128-byte swizzled row of bf16).
 pub const K_STEP: usize = 64;
 const THREADS: u32 = 256;
-/// `EXPERT_STAGES` of experts.cu, each an A tile and a B tile of 128 rows of 128 bytes.
-const STAGES: usize = 6;
+/// `EXPERT_STAGES` of experts.cu, each an A tile (128 rows of 128 bytes) and a B tile (256).
+const STAGES: usize = 4;
 /// Dynamic shared memory of every kernel, as it carves it: 1024 bytes to align its buffers,
 /// then the stages.
-pub const SMEM_BYTES: usize = 1024 + STAGES * 2 * 128 * 128;
+pub const SMEM_BYTES: usize = 1024 + STAGES * (TILE_ROWS + TILE_COLS) * 128;
 
 /// The kernels of experts.cu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,21 +130,20 @@ fn part(g: &Gemm, offsets: [usize; 5]) -> Part {
 }
 
 /// The table of `parts` for `kernel`, if it takes them: every k a multiple of 64 and every n of
-/// 128, every operand 16-byte aligned (cp.async copies 16 bytes; the
-/// epilogues move pairs).
+/// 128, every operand 16-byte aligned (cp.async copies 16 bytes; the epilogues move pairs).
 fn call(kernel: Fused, ops: Operands, parts: impl Iterator<Item = Part>) -> Option<Call> {
     let bases = [ops.a, ops.w, ops.out, ops.gu, ops.act];
     // The address of operand i of a part; 0 (no such operand) stays 0.
     let at = |i: usize, p: &Part| if bases[i] == 0 { 0 } else { bases[i] + (p.offsets[i] * ops.elem_bytes) as u64 };
     let (mut segments, mut tiles) = (Vec::new(), 0);
     for p in parts {
-        let fits = p.k.is_multiple_of(K_STEP) && p.n.is_multiple_of(TILE_COLS) && (0..5).all(|i| at(i, &p).is_multiple_of(16));
+        let fits = p.k.is_multiple_of(K_STEP) && p.n.is_multiple_of(COL_STEP) && (0..5).all(|i| at(i, &p).is_multiple_of(16));
         if !fits {
             return None;
         }
         if p.rows > 0 {
             segments.push(Segment { a: at(0, &p), index: 0, w: at(1, &p), out: at(2, &p), gu: at(3, &p), act: at(4, &p), rows: p.rows as i32, k: p.k as i32, n: p.n as i32, first_tile: tiles as i32 });
-            tiles += p.rows.div_ceil(TILE_ROWS) * (p.n / TILE_COLS);
+            tiles += p.rows.div_ceil(TILE_ROWS) * p.n.div_ceil(TILE_COLS);
         }
     }
     Some(Call { kernel, segments, tiles })
@@ -158,18 +161,19 @@ mod tests {
     #[test]
     fn calls_count_tiles_and_skip_empty_experts() {
         let call = up_call(OPS, &[glu(300, 128, 0), glu(0, 64, 300), glu(1, 192, 300)]).expect("taken");
-        // 300 rows: 3 row tiles × 2 tiles of 64 hidden columns; the empty expert none; 1 row: 1 × 3.
-        assert_eq!(call.tiles, 6 + 3);
-        assert_eq!(call.segments.iter().map(|s| (s.rows, s.k, s.n, s.first_tile)).collect::<Vec<_>>(), [(300, 128, 256, 0), (1, 128, 384, 6)]);
+        // 300 rows: 3 row tiles × 1 tile of 128 hidden columns; the empty expert none; 1 row:
+        // 1 × 2 (192 hidden columns: the second tile half used).
+        assert_eq!(call.tiles, 3 + 2);
+        assert_eq!(call.segments.iter().map(|s| (s.rows, s.k, s.n, s.first_tile)).collect::<Vec<_>>(), [(300, 128, 256, 0), (1, 128, 384, 3)]);
         assert_eq!((call.segments[1].out, call.segments[1].gu), (OPS.out + 2 * 300 * 2 * 192, 0));
         let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 256, out: 0, a: 0, b: 0 }, gu: 0, dgu: 128, act: 0 };
         let dact = dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd]).expect("taken");
-        assert_eq!((dact.tiles, dact.segments[0].out, dact.segments[0].gu), (2, OPS.out + 256, 5 << 20));
-        // The plain kernels: 128 columns a tile; k per product.
+        assert_eq!((dact.tiles, dact.segments[0].out, dact.segments[0].gu), (1, OPS.out + 256, 5 << 20));
+        // The plain kernels: 256 columns a tile, the last maybe half used; k per product.
         let gemms = [Gemm { m: 129, k: 64, n: 256, out: 0, a: 0, b: 0 }, Gemm { m: 10, k: 192, n: 128, out: 129 * 256, a: 129 * 64, b: 256 * 64 }];
         for (tb, kernel) in [(true, Fused::GemmNt), (false, Fused::GemmNn)] {
             let plain = gemm_call(Operands { act: 0, ..OPS }, &gemms, tb).expect("taken");
-            assert_eq!((plain.kernel, plain.tiles, plain.segments[1].k), (kernel, 2 * 2 + 1, 192));
+            assert_eq!((plain.kernel, plain.tiles, plain.segments[1].k), (kernel, 2 + 1, 192));
         }
     }
 

@@ -295,11 +295,12 @@ __device__ __forceinline__ void fence_operands(unsigned (&a)[N][4]) {
 #pragma unroll
         for (int k = 0; k < 4; k++) asm volatile("" : "+r"(a[i][k])::"memory");
 }
-// The accumulator operands of a wgmma: its 32 (N = 64) or 64 (N = 128) f32 registers as
-// inline-asm outputs "+f" and as the "{%0, …}" list they fill.
+// The accumulator operands of a wgmma: its 32 (N = 64), 64 (N = 128) or 128 (N = 256) f32
+// registers as inline-asm outputs "+f" and as the "{%0, …}" list they fill.
 #define WGMMA_D8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define WGMMA_D32(d) WGMMA_D8(d, 0), WGMMA_D8(d, 8), WGMMA_D8(d, 16), WGMMA_D8(d, 24)
 #define WGMMA_D64(d) WGMMA_D32(d), WGMMA_D8(d, 32), WGMMA_D8(d, 40), WGMMA_D8(d, 48), WGMMA_D8(d, 56)
+#define WGMMA_D128(d) WGMMA_D64(d), WGMMA_D8(d, 64), WGMMA_D8(d, 72), WGMMA_D8(d, 80), WGMMA_D8(d, 88), WGMMA_D8(d, 96), WGMMA_D8(d, 104), WGMMA_D8(d, 112), WGMMA_D8(d, 120)
 #define WGMMA_LIST32                                                                                                   \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
     "%24, %25, %26, %27, %28, %29, %30, %31}"
@@ -307,6 +308,13 @@ __device__ __forceinline__ void fence_operands(unsigned (&a)[N][4]) {
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
     "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "  \
     "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define WGMMA_LIST128                                                                                                   \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "  \
+    "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, "   \
+    "%46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, "   \
+    "%68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, "   \
+    "%90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, "   \
+    "%110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
 
 // D (64 × 128, f32) [+]= A (64 × 16, shared, K-major) · B (16 × 128, shared, K-major: B's
 // columns are rows of 16 in memory), one warpgroup.
@@ -315,6 +323,16 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], unsigned lon
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WGMMA_LIST64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
                  : WGMMA_D64(d)
                  : "l"(a), "l"(b), "r"(accumulate));
+}
+// D (64 × 256, f32) [+]= A (64 × 16, shared, K-major) · B (16 × 256, shared: K-major, or
+// MN-major with TRANS_B = 1: four 64-column strips, the descriptor's leading offset apart), one
+// warpgroup.
+template <int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n256k16_ss(float (&d)[128], unsigned long long a, unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WGMMA_LIST128 ", %128, %129, p, 1, 1, 0, %131;\n}\n"
+                 : WGMMA_D128(d)
+                 : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_B));
 }
 // D (64 × 64, f32) [+]= A (64 × 16, shared, K-major) · B (16 × 64, shared: K-major, or
 // MN-major with TRANS_B = 1), one warpgroup.
@@ -344,10 +362,12 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const unsigne
 // 128-byte swizzled layout.
 __device__ __forceinline__ unsigned sw128_offset(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 // Descriptor of a K-major or MN-major bf16 operand at `tile` in the 128-byte swizzled layout,
-// groups of 8 rows `sbo` bytes apart (the leading offset is unused with 64-wide rows).
-__device__ __forceinline__ unsigned long long sw128_desc(const void* tile, unsigned sbo) {
+// groups of 8 rows (K-major: of the operand's rows; MN-major: of k) `sbo` bytes apart; `lbo`
+// the distance between 64-column strips of an MN-major operand wider than 64 (unused K-major,
+// where a row of 64 is the whole step).
+__device__ __forceinline__ unsigned long long sw128_desc(const void* tile, unsigned sbo, unsigned lbo = 16) {
     const unsigned long long addr = __cvta_generic_to_shared(tile);
-    return ((addr & 0x3ffff) >> 4) | (1ull << 16) | ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
+    return ((addr & 0x3ffff) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
 // Where load_rows puts chunk c of row r of a swizzled tile (rows of 64 bf16).
 __device__ __forceinline__ auto swizzled(unsigned char* tile) {

@@ -1,11 +1,12 @@
 // The experts' grouped GEMMs on Hopper (sm_90a), SwiGLU fused into the ones around it. One
 // launch covers every expert (a segment of rows), nothing padded to the widest: a block per tile
-// of 128 rows × 128 columns of one product, found in a table of segments.
+// of 128 rows × 256 columns of one product, found in a table of segments.
 // - expert_up_wgmma: gu = a · Wᵀ (rows × 2h: gate | up, saved for the backward) and
 //   act = SwiGLU(gu) (rows × h), a's rows picked by an index where the segment has one (the
-//   routed tokens' rows: the gather into xe fused into the operand load). A tile is 64 hidden columns: its B operand is W's 64 gate rows
-//   and the 64 up rows of those columns, so each thread's accumulators hold the gate and the up value of the same
-//   outputs and SwiGLU needs no exchange. Saves swiglu_fwd's read of gu.
+//   routed tokens' rows: the gather into xe fused into the operand load). A tile is 128 hidden
+//   columns: its B operand is W's 128 gate rows and the 128 up rows of those columns, so each
+//   thread's accumulators hold the gate and the up value of the same outputs and SwiGLU needs
+//   no exchange. Saves swiglu_fwd's read of gu.
 // - expert_dact_wgmma: dact = dy · W (W: k × h, W_down read as it lies) for the tile's columns,
 //   then SwiGLU's backward in the epilogue: reads the saved gu, writes dgu and act again (the
 //   down projection's weight gradient needs it). Saves writing dact and swiglu_bwd reading it.
@@ -14,13 +15,18 @@
 // The fused epilogues compute from the product as stored (rounded to the storage), with
 // common.cuh's swiglu / swiglu_grad: bitwise what swiglu_fwd and swiglu_bwd compute from it.
 //
-// Two warpgroups of 64 rows (256 threads); K in steps of 64 through EXPERT_STAGES shared
-// buffers with cp.async, EXPERT_STAGES − 2 steps ahead of the products; operands in the 128-byte
-// swizzled layout (as in attention.cu), wgmma with both operands from shared memory (W read
-// K-major, or MN-major by the instruction's transpose: then as two 64-column halves), each
-// step's products committed as one group that stays in flight while the next step's are
-// issued. A tile of 128 × 128 reads 64 FLOPs' worth of operands per byte it stages. No split over K and a fixed order of steps: every output row is the same whatever
-// tile it lies in (row stability, which MEMO's recompute of a subset of rows relies on).
+// Two warpgroups of 64 rows (256 threads), each one wgmma m64n256k16 a k16 step; K in steps of
+// 64 through EXPERT_STAGES shared buffers with cp.async, EXPERT_STAGES − 2 steps ahead of the
+// products; operands in the 128-byte swizzled layout (as in attention.cu), both from shared
+// memory (W read K-major, or MN-major by the instruction's transpose: then as four 64-column
+// strips, EXPERT_STRIP_BYTES apart, the descriptor's leading offset), each step's products
+// committed as one group that stays in flight while the next step's are issued. A tile of
+// 128 × 256 reads 85 FLOPs' worth of operands per byte it stages (128 × 128: 64), and a
+// wgmma reads 51 FLOPs' worth of shared memory per byte (N = 64: 32, the shared memory's rate
+// at full tensor rate). A product whose columns are not whole tiles ends in a tile half used
+// (B's rows or strips past n zero-filled, its columns past n not stored). No split over K and
+// a fixed order of steps: every output row is the same whatever tile it lies in (row
+// stability, which MEMO's recompute of a subset of rows relies on).
 // Launches: `experts.rs`. Opt-in (`CudaBackend::with_hopper_experts`) until they have run on
 // a GPU.
 
@@ -40,10 +46,12 @@ struct Segment {
 
 #ifdef MOTLEY_WGMMA
 #define EXPERT_ROWS 128   // rows of a tile (two warpgroups of 64)
-#define EXPERT_STAGES 6   // shared buffers: steps t + 1..t + 4 load while t − 1 may still be read
+#define EXPERT_COLS 256   // columns of a tile's product (up: 128 hidden columns, gate and up)
+#define EXPERT_STAGES 4   // shared buffers: steps t + 1, t + 2 load while t − 1 may still be read
 #define EXPERT_AHEAD (EXPERT_STAGES - 2)
-#define EXPERT_TILE_BYTES (128 * 128)  // 128 rows of 64 bf16, swizzled: a step's A tile, or B's
-#define EXPERT_HALF_BYTES (64 * 128)   // 64 rows of 64 bf16
+#define EXPERT_A_BYTES (EXPERT_ROWS * 128)  // 128 rows of 64 bf16, swizzled: a step's A tile
+#define EXPERT_B_BYTES (EXPERT_COLS * 128)  // B's: 256 rows of 64 (K-major) or 4 strips
+#define EXPERT_STRIP_BYTES (64 * 128)       // one MN-major strip: 64 rows of k, 64 columns
 
 // The block's segment and tile: rows m0.., columns j0.. of the product (up: hidden columns),
 // COLS of them a tile (row tiles fastest: consecutive blocks share W's columns and walk the
@@ -70,7 +78,7 @@ __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) { ret
 // queues its wgmmas.
 template <class Load, class Product>
 __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load, Product product) {
-    auto buffer = [&](int t) { return base + (t % EXPERT_STAGES) * 2 * EXPERT_TILE_BYTES; };
+    auto buffer = [&](int t) { return base + (t % EXPERT_STAGES) * (EXPERT_A_BYTES + EXPERT_B_BYTES); };
     for (int t = 0; t < EXPERT_AHEAD; t++) {
         if (t < steps) load(t, buffer(t));
         cp_async_commit();
@@ -93,23 +101,25 @@ __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load
 }
 
 // Calls f(r, col, j) for each pair of accumulator registers j, j + 1 of a warpgroup's 64 × N
-// product whose row lies in the segment: row r of the segment, columns col, col + 1 of the
-// tile's (hidden columns, for the up projection) (register j holds row g + 8·(j/2 % 2) of the warp's 16, column 8·(j/4) + 2q + j % 2).
+// product whose row lies in the segment and whose column lies below `cols`: row r of the
+// segment, columns col, col + 1 of the product (hidden columns, for the up projection)
+// (register j holds row g + 8·(j/2 % 2) of the warp's 16, column 8·(j/4) + 2q + j % 2; cols is
+// even).
 template <int REGS, class F>
-__device__ __forceinline__ void for_each_pair(const Tile& t, F f, int col0 = 0) {
+__device__ __forceinline__ void for_each_pair(const Tile& t, int cols, F f) {
     const int wg = threadIdx.x / 128, lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
     const int warp_row = t.m0 + 64 * wg + 16 * (threadIdx.x % 128 / WARP);
 #pragma unroll
     for (int j = 0; j < REGS; j += 2) {
-        const int r = warp_row + g + 8 * (j / 2 % 2);
-        if (r < t.seg.rows) f(r, t.j0 + col0 + 8 * (j / 4) + 2 * q, j);
+        const int r = warp_row + g + 8 * (j / 2 % 2), col = t.j0 + 8 * (j / 4) + 2 * q;
+        if (r < t.seg.rows && col < cols) f(r, col, j);
     }
 }
 
-// The K loop and accumulators of out = a · Wᵀ with the tile's 128 rows of W K-major like a,
+// The K loop and accumulators of out = a · Wᵀ with the tile's 256 rows of W K-major like a,
 // staged by load_b(step, tile) (up, grouped_nt_wgmma).
 template <class LoadB>
-__device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, float (&acc)[64], LoadB load_b) {
+__device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, float (&acc)[128], LoadB load_b) {
     const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
     k_loop(
@@ -117,30 +127,30 @@ __device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, f
         [&](int step, unsigned char* at) {
             auto row = [&](int r) { return s.a + (size_t)(s.index ? s.index[r] : r) * s.k + 64 * step; };
             load_rows_from<64, EXPERT_ROWS, 256>(swizzled(at), row, t.m0, s.rows);
-            load_b(step, at + EXPERT_TILE_BYTES);
+            load_b(step, at + EXPERT_A_BYTES);
         },
         [&](int step, unsigned char* at) {
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
-                wgmma_m64n128k16_ss(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_TILE_BYTES + 32 * kk, 1024), step > 0 || kk > 0);
+                wgmma_m64n256k16_ss<0>(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_A_BYTES + 32 * kk, 1024), step > 0 || kk > 0);
         });
     fence_operands(acc);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segment* segs, int count) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<64>(segs, count);
+    const Tile t = find_tile<EXPERT_COLS / 2>(segs, count);
     const Segment& s = t.seg;
     const int h = s.n / 2;
-    float acc[64];  // columns 0..63 the gate, 64..127 the up projection of hidden j0..j0 + 63
+    float acc[128];  // columns 0..127 the gate, 128..255 the up projection of hidden j0..j0 + 127
     product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) {
-        load_rows<64, 64, 256>(swizzled(bt), s.w, 0, t.j0, h, s.k, 64 * step);
-        load_rows<64, 64, 256>(swizzled(bt + EXPERT_HALF_BYTES), s.w, 0, h + t.j0, 2 * h, s.k, 64 * step);
+        load_rows<64, 128, 256>(swizzled(bt), s.w, 0, t.j0, h, s.k, 64 * step);
+        load_rows<64, 128, 256>(swizzled(bt + EXPERT_B_BYTES / 2), s.w, h, t.j0, h, s.k, 64 * step);
     });
 
-    // j < 32 a gate column, j + 32 the up column of the same hidden unit.
-    for_each_pair<32>(t, [&](int r, int col, int j) {
-        const float g0 = stored(acc[j]), g1 = stored(acc[j + 1]), u0 = stored(acc[j + 32]), u1 = stored(acc[j + 33]);
+    // j < 64 a gate column, j + 64 the up column of the same hidden unit.
+    for_each_pair<64>(t, h, [&](int r, int col, int j) {
+        const float g0 = stored(acc[j]), g1 = stored(acc[j + 1]), u0 = stored(acc[j + 64]), u1 = stored(acc[j + 65]);
         act_t* gu = s.out + (size_t)r * 2 * h;
         store_pair(gu + col, g0, g1);
         store_pair(gu + h + col, u0, u1);
@@ -149,9 +159,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segme
 }
 
 // The K loop and accumulators of out = a · W with W (k × n) read MN-major (dact,
-// grouped_nn_wgmma): B's 64 rows of k a step as two swizzled 64-column halves, each product a
-// pair of wgmma m64n64k16 (the instruction's transpose), acc[half].
-__device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, float (&acc)[2][32]) {
+// grouped_nn_wgmma): B's 64 rows of k a step as four swizzled 64-column strips (those past n
+// zero-filled: their products are not stored, but stale bytes there could be NaN), one wgmma
+// m64n256k16 a k16 step with the instruction's transpose, the strips EXPERT_STRIP_BYTES apart
+// (the descriptor's leading offset).
+__device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, float (&acc)[128]) {
     const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
     k_loop(
@@ -159,64 +171,56 @@ __device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, f
         [&](int step, unsigned char* at) {
             load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, s.k, 64 * step);
 #pragma unroll
-            for (int half = 0; half < 2; half++)
-                load_rows<64, 64, 256>(swizzled(at + EXPERT_TILE_BYTES + half * EXPERT_HALF_BYTES), s.w, 0, 64 * step, s.k, s.n, t.j0 + 64 * half);
+            for (int strip = 0; strip < EXPERT_COLS / 64; strip++) {
+                const int col = t.j0 + 64 * strip, rows = col < s.n ? s.k : 0;  // rows 0: a zero fill
+                load_rows<64, 64, 256>(swizzled(at + EXPERT_A_BYTES + strip * EXPERT_STRIP_BYTES), s.w, 0, 64 * step, rows, s.n, col);
+            }
         },
         [&](int step, unsigned char* at) {
             // B's rows are k: 16 rows a k-step.
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-                for (int half = 0; half < 2; half++)
-                    wgmma_m64n64k16_ss<1>(acc[half], sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_TILE_BYTES + half * EXPERT_HALF_BYTES + 16 * 128 * kk, 1024), step > 0 || kk > 0);
+                wgmma_m64n256k16_ss<1>(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_A_BYTES + 16 * 128 * kk, 1024, EXPERT_STRIP_BYTES), step > 0 || kk > 0);
         });
-    fence_operands(acc[0]);
-    fence_operands(acc[1]);
+    fence_operands(acc);
 }
 
 // a = dy, w = W_down (k × h), gu read; dgu (out) and act written.
 extern "C" __global__ void __launch_bounds__(256, 1) expert_dact_wgmma(const Segment* segs, int count) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<128>(segs, count);
+    const Tile t = find_tile<EXPERT_COLS>(segs, count);
     const Segment& s = t.seg;
     const int h = s.n;
-    float acc[2][32];  // dact of hidden j0..j0 + 63, then j0 + 64..j0 + 127
+    float acc[128];  // dact of hidden j0..j0 + 255
     product_nn(aligned_smem(raw), t, acc);
-#pragma unroll
-    for (int half = 0; half < 2; half++)
-        for_each_pair<32>(
-            t,
-            [&](int r, int col, int j) {
-                const size_t row2 = (size_t)r * 2 * h;
-                const float2 g = load_pair(s.gu + row2 + col), u = load_pair(s.gu + row2 + h + col);
-                float dg0, du0, dg1, du1;
-                swiglu_grad(g.x, u.x, stored(acc[half][j]), dg0, du0);
-                swiglu_grad(g.y, u.y, stored(acc[half][j + 1]), dg1, du1);
-                store_pair(s.out + row2 + col, dg0, dg1);
-                store_pair(s.out + row2 + h + col, du0, du1);
-                store_pair(s.act + (size_t)r * h + col, swiglu(g.x, u.x), swiglu(g.y, u.y));
-            },
-            64 * half);
+    for_each_pair<128>(t, h, [&](int r, int col, int j) {
+        const size_t row2 = (size_t)r * 2 * h;
+        const float2 g = load_pair(s.gu + row2 + col), u = load_pair(s.gu + row2 + h + col);
+        float dg0, du0, dg1, du1;
+        swiglu_grad(g.x, u.x, stored(acc[j]), dg0, du0);
+        swiglu_grad(g.y, u.y, stored(acc[j + 1]), dg1, du1);
+        store_pair(s.out + row2 + col, dg0, dg1);
+        store_pair(s.out + row2 + h + col, du0, du1);
+        store_pair(s.act + (size_t)r * h + col, swiglu(g.x, u.x), swiglu(g.y, u.y));
+    });
 }
 
 // out = a · W with W (k × n) as it lies (MN-major).
 extern "C" __global__ void __launch_bounds__(256, 1) grouped_nn_wgmma(const Segment* segs, int count) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<128>(segs, count);
-    float acc[2][32];
+    const Tile t = find_tile<EXPERT_COLS>(segs, count);
+    float acc[128];
     product_nn(aligned_smem(raw), t, acc);
-#pragma unroll
-    for (int half = 0; half < 2; half++)
-        for_each_pair<32>(t, [&](int r, int col, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + col, acc[half][j], acc[half][j + 1]); }, 64 * half);
+    for_each_pair<128>(t, t.seg.n, [&](int r, int col, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + col, acc[j], acc[j + 1]); });
 }
 
 // out = a · Wᵀ with W (n × k), K-major like a.
 extern "C" __global__ void __launch_bounds__(256, 1) grouped_nt_wgmma(const Segment* segs, int count) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<128>(segs, count);
+    const Tile t = find_tile<EXPERT_COLS>(segs, count);
     const Segment& s = t.seg;
-    float acc[64];
-    product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) { load_rows<64, 128, 256>(swizzled(bt), s.w, 0, t.j0, s.n, s.k, 64 * step); });
-    for_each_pair<64>(t, [&](int r, int col, int j) { store_pair(s.out + (size_t)r * s.n + col, acc[j], acc[j + 1]); });
+    float acc[128];
+    product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) { load_rows<64, EXPERT_COLS, 256>(swizzled(bt), s.w, 0, t.j0, s.n, s.k, 64 * step); });
+    for_each_pair<128>(t, s.n, [&](int r, int col, int j) { store_pair(s.out + (size_t)r * s.n + col, acc[j], acc[j + 1]); });
 }
 #endif
