@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use motley::backend::cpu::Cpu;
-use motley::config::{Alpha, Config, MemoryConfig, MemoryPolicy, Tail};
+use motley::config::{Alpha, Config, GateUp, MemoryConfig, MemoryPolicy, Tail};
 use motley::memory::alpha::HostLink;
 use motley::memory::arena::Arena;
 use motley::memory::policy::{build_policy, Profile};
@@ -74,7 +74,7 @@ fn planned(case: &Case) -> (MemoryConfig, u64, Vec<LayerPolicy>) {
     let swapped = case.model.n_layers as u64 - 2;
     let host = swapped * (lc.s_input + lc.s_attn + lc.s_others / 2);
     let profile = Profile { link: HostLink { b_pcie: 1e10, m_host: host }, ..probe };
-    let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
+    let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
     let policies = build_policy(&auto, &case.model, &case.moe, case.batch, case.seq, &profile).unwrap();
     (auto, host, policies)
 }
@@ -101,7 +101,7 @@ fn policies(case: &Case) -> Vec<(String, Vec<LayerPolicy>)> {
 /// Median step seconds and peaks over `steps` steps after one warm-up.
 fn measure(be: &Cpu, case: &Case, policies: Vec<LayerPolicy>, arena: Arena<Cpu>, steps: usize) -> Measured {
     let mut model = Model::new(be, case.model.clone(), case.moe.clone(), 1).unwrap();
-    let mut store = model.new_store_with(policies, u64::MAX).unwrap();
+    let mut store = model.new_store_with(policies, u64::MAX, GateUp::Save).unwrap();
     store.set_arena(arena);
     let n = case.batch * case.seq;
     let mut rng = Rng::new(3);

@@ -141,6 +141,19 @@ pub enum Tail {
     Recompute,
 }
 
+/// What happens to the experts' gate/up product (`expert_gate_up`, SwiGLU's input: at H100-ref's
+/// widths 42 % of an MoE block's skeletal bytes): saved like every skeletal tensor (MEMO's
+/// inventory, the default), or not saved at all and recomputed by the backward a chunk of
+/// routed rows at a time from the routed inputs it gathers anyway (one more up-projection GEMM
+/// per block: at long context, where attention dominates, a few per cent of the FLOPs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateUp {
+    #[default]
+    Save,
+    Recompute,
+}
+
 /// Share of offloadable activations moved off the device: fixed, or chosen by the planner.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Alpha {
@@ -164,6 +177,9 @@ pub struct MemoryConfig {
     /// The last two layers under `policy = "offload"`: `"keep"` (default) or `"recompute"`.
     #[serde(default)]
     pub tail: Tail,
+    /// The experts' gate/up product: `"save"` (default) or `"recompute"` in the backward.
+    #[serde(default)]
+    pub gate_up: GateUp,
 }
 
 fn default_host_gib() -> f64 {

@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use motley::backend::cpu::Cpu;
 use motley::backend::Backend;
+use motley::config::GateUp;
 use motley::memory::arena::Arena;
 use motley::memory::plan::verify;
 use motley::memory::store::LayerPolicy;
@@ -31,7 +32,7 @@ fn train(kind: Kind, seed: u64, policies: Vec<LayerPolicy>, arena: Arena<Cpu>) -
     let be = Cpu::new(2);
     let (cfg, moe) = tiny_model(kind);
     let mut model = Model::new(&be, cfg.clone(), moe, seed).unwrap();
-    let mut store = model.new_store_with(policies, 1 << 30).unwrap();
+    let mut store = model.new_store_with(policies, 1 << 30, GateUp::Save).unwrap();
     store.set_arena(arena);
     let opt_cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
     let mut opt = Optimizer::new(&be, opt_cfg, model.n_params());
@@ -89,7 +90,7 @@ fn arena_plans_of_real_routings_never_overlap_live_transients() {
         let (inputs, _) = batch(5, cfg.vocab_size, 2 * 24);
         model.forward_saving(&be, &mut store, &inputs, 2, 24).unwrap();
         for l in 0..cfg.n_layers {
-            let (f, b) = block_phases(&cfg, &moe, 2, 24, &store.routing(l).counts(), be.activation_bytes(), EXPERT_CHUNK_ROWS);
+            let (f, b) = block_phases(&cfg, &moe, 2, 24, &store.routing(l).counts(), be.activation_bytes(), EXPERT_CHUNK_ROWS, GateUp::Save);
             for phase in [f, b] {
                 let mut arena = Arena::<Cpu>::planned();
                 arena.begin(&be, phase.requests.clone());

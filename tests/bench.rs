@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use motley::backend::cpu::Cpu;
 use motley::backend::AttnShape;
-use motley::config::{Alpha, MemoryPolicy, Tail};
+use motley::config::{Alpha, GateUp, MemoryPolicy, Tail};
 use motley::memory::store::LayerPolicy;
 use motley::model::config::{ModelConfig, MoeConfig, Routing};
 use motley::model::params::ParamLayout;
@@ -121,8 +121,11 @@ fn policies_parse_and_print() {
     assert_eq!(parse_policy("recompute", 1.0, 1.0).unwrap().policy, MemoryPolicy::Recompute);
     assert_eq!(parse_policy("alpha", 1.0, 1.0).unwrap().tail, Tail::Keep);
     let lean = parse_policy("alpha=0.5,tail=recompute", 1.0, 1.0).unwrap();
-    assert_eq!((lean.policy, lean.alpha, lean.tail), (MemoryPolicy::Offload, Alpha::Fixed(0.5), Tail::Recompute));
-    for bad in ["alpha=2", "swap", "alpha=x", "keep,tail=recompute", "alpha,tail=keeps"] {
+    assert_eq!((lean.policy, lean.alpha, lean.tail, lean.gate_up), (MemoryPolicy::Offload, Alpha::Fixed(0.5), Tail::Recompute, GateUp::Save));
+    let leaner = parse_policy("alpha,tail=recompute,gate_up=recompute", 1.0, 1.0).unwrap();
+    assert_eq!((leaner.tail, leaner.gate_up), (Tail::Recompute, GateUp::Recompute));
+    assert_eq!(parse_policy("keep,gate_up=recompute", 1.0, 1.0).unwrap().gate_up, GateUp::Recompute);
+    for bad in ["alpha=2", "swap", "alpha=x", "keep,tail=recompute", "alpha,tail=keeps", "alpha,gate_up=keep", "alpha,,tail=recompute"] {
         assert!(parse_policy(bad, 1.0, 1.0).unwrap_err().contains("keep, recompute"), "{bad}");
     }
     let layers = [LayerPolicy::Offload { alpha: 0.375 }, LayerPolicy::Offload { alpha: 0.375 }, LayerPolicy::Keep];

@@ -35,7 +35,7 @@ fn planned_and_measured(be: &CudaBackend, config: &Config, batch: usize, seq: us
     let report = plan_report(config, seq, batch, u64::MAX, HOST_BYTES, 50e9).unwrap();
     let policies = report.layers.iter().map(|l| l.policy).collect();
     let mut model = Model::new(be, config.model.clone(), config.moe.clone(), 7).unwrap();
-    let mut store = model.new_store_with(policies, HOST_BYTES).unwrap();
+    let mut store = model.new_store_with(policies, HOST_BYTES, config.memory.gate_up).unwrap();
     let opt_cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
     let mut opt = Optimizer::new(be, opt_cfg, model.n_params());
     let mut rng = Rng::new(3);
@@ -59,7 +59,13 @@ fn plan_matches_measured_device_peak() {
     let be = CudaBackend::new(0, Storage::Bf16).unwrap();
     let (batch, seq) = (4, 512);
     let mut failures = Vec::new();
-    let cases: [&[&str]; 4] = [&["memory.policy=keep"], &["memory.policy=recompute"], &["memory.policy=offload", "memory.alpha=0.5"], &["memory.policy=offload", "memory.alpha=0.5", "memory.tail=\"recompute\""]];
+    let cases: [&[&str]; 5] = [
+        &["memory.policy=keep"],
+        &["memory.policy=recompute"],
+        &["memory.policy=offload", "memory.alpha=0.5"],
+        &["memory.policy=offload", "memory.alpha=0.5", "memory.tail=\"recompute\""],
+        &["memory.policy=offload", "memory.alpha=0.5", "memory.tail=\"recompute\"", "memory.gate_up=\"recompute\""],
+    ];
     for memory in cases {
         let base = ["device=cuda", "model.d_model=64", "model.n_layers=3", "model.seq_len=512"];
         let overrides: Vec<String> = base.iter().chain(memory).map(|s| s.to_string()).collect();

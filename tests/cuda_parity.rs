@@ -41,6 +41,7 @@ use motley::backend::cuda::nvrtc;
 use motley::backend::cuda::{CudaBackend, Storage};
 use motley::backend::{AdamW, AttnShape, Backend, Gemm, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use motley::memory::store::LayerPolicy;
+use motley::config::GateUp;
 use motley::model::config::Routing;
 use motley::model::Model;
 use motley::rng::Rng;
@@ -432,6 +433,11 @@ const TILE_EXPERTS: Net = Net { head_dim: 64, tile_widths: true };
 /// cannot flip a routing decision and move a token's gradient between experts; the routing
 /// itself is host code, the same for both.
 fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, net: Net) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
+    train_with(be, policy, GateUp::Save, steps, net)
+}
+
+/// [`train`] with the experts' gate/up product saved or recomputed by the backward.
+fn train_with<B: Backend>(be: &B, policy: LayerPolicy, gate_up: GateUp, steps: usize, net: Net) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
     let (mut cfg, mut moe) = tiny_model(Routing::TopK);
     if net.head_dim == 64 {
         (cfg.n_heads, cfg.n_kv_heads) = (2, 1);
@@ -448,7 +454,7 @@ fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, net: Net) -> (Ve
     if net.tile_widths {
         model = model.with_expert_chunk_rows(100);
     }
-    let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST_BYTES).unwrap();
+    let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST_BYTES, gate_up).unwrap();
     let opt_cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
     let mut opt = Optimizer::new(be, opt_cfg, model.n_params());
     let mut rng = Rng::new(21);
@@ -545,9 +551,13 @@ fn model_step_hopper_experts() {
     let (loss_err, grad_err) = ((want_l[0] - got_l[0]).abs() / want_l[0].abs(), error(&want_g, &got_g));
     eprintln!("Hopper expert kernels vs cuBLAS, one step: loss relative error {loss_err:.2e}, gradients normalised max error {grad_err:.2e} (tol {tol:.0e})");
     assert!(loss_err <= tol && grad_err <= tol, "Hopper expert kernels vs cuBLAS: loss {loss_err:.3e}, gradients {grad_err:.3e} > {tol:.0e}");
-    let (l, g, _) = train(&experts, LayerPolicy::Recompute, 1, TILE_EXPERTS);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-    assert!(l[0].to_bits() == got_l[0].to_bits() && bits(&g) == bits(&got_g), "Hopper expert kernels, recompute: the step differs from keep-all");
+    // MEMO's recompute, and the backward recomputing gu from the gathered rows where the forward
+    // gathered them in the kernel: the same rows, bit for bit.
+    for (policy, gate_up) in [(LayerPolicy::Recompute, GateUp::Save), (LayerPolicy::Keep, GateUp::Recompute)] {
+        let (l, g, _) = train_with(&experts, policy, gate_up, 1, TILE_EXPERTS);
+        assert!(l[0].to_bits() == got_l[0].to_bits() && bits(&g) == bits(&got_g), "Hopper expert kernels, {policy:?}, gate/up {gate_up:?}: the step differs from keep-all");
+    }
     // Offloading half the tokens recomputes the other half, the experts' rows gathered by the
     // kernel from a subset of slots: the expert kernels are row-stable, the dense matmuls on
     // cuBLASLt not promised to be (so 1e-2 on a GPU, as memo_policies_match_keep_all).
@@ -583,17 +593,25 @@ fn profile_counts_each_ops_work() {
 
 /// MEMO on the GPU: the forward is the same whatever the policy (loss bitwise equal); the
 /// backward recomputes dropped rows with GEMMs of other shapes, which cuBLASLt does not promise
-/// to round identically, so gradients are held to 1e-2 of keep-all.
+/// to round identically, so gradients are held to 1e-2 of keep-all. The gate/up product
+/// recomputed by the backward (alone, and with offloading) likewise.
 #[test]
 fn memo_policies_match_keep_all() {
     let Some(cuda) = gpu(Storage::Bf16) else { return };
     let (keep_l, keep_g, _) = train(&cuda, LayerPolicy::Keep, 1, SMALL);
-    for policy in [LayerPolicy::Recompute, LayerPolicy::Offload { alpha: 0.5 }, LayerPolicy::Offload { alpha: 1.0 }] {
-        let (l, g, _) = train(&cuda, policy, 1, SMALL);
-        assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "{policy:?}: forward loss differs from keep-all");
+    let cases = [
+        (LayerPolicy::Recompute, GateUp::Save),
+        (LayerPolicy::Offload { alpha: 0.5 }, GateUp::Save),
+        (LayerPolicy::Offload { alpha: 1.0 }, GateUp::Save),
+        (LayerPolicy::Keep, GateUp::Recompute),
+        (LayerPolicy::Offload { alpha: 0.5 }, GateUp::Recompute),
+    ];
+    for (policy, gate_up) in cases {
+        let (l, g, _) = train_with(&cuda, policy, gate_up, 1, SMALL);
+        assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "{policy:?}, gate/up {gate_up:?}: forward loss differs from keep-all");
         let err = error(&keep_g, &g);
-        eprintln!("MEMO {policy:?}: gradients normalised max error {err:.2e} against keep-all");
-        assert!(err <= 1e-2, "{policy:?}: gradients normalised max error {err:.3e} > 1e-2");
+        eprintln!("MEMO {policy:?}, gate/up {gate_up:?}: gradients normalised max error {err:.2e} against keep-all");
+        assert!(err <= 1e-2, "{policy:?}, gate/up {gate_up:?}: gradients normalised max error {err:.3e} > 1e-2");
     }
 }
 

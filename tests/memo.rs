@@ -1,11 +1,13 @@
 //! MEMO policies: loss and every gradient must be bitwise identical whether a layer keeps its
 //! activations, offloads a fraction α of them to the host tier and recomputes the rest, or
-//! recomputes everything but attention.
+//! recomputes everything but attention; and whether the experts' gate/up product is saved or
+//! recomputed by the backward (`memory.gate_up`).
 
 mod common;
 
 use common::*;
 use motley::backend::cpu::Cpu;
+use motley::config::GateUp;
 use motley::memory::store::LayerPolicy;
 use motley::memory::transients::EXPERT_CHUNK_ROWS;
 use motley::model::config::Routing as Kind;
@@ -21,12 +23,12 @@ fn batch(seed: u64, vocab: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Loss bits, gradient bits and per-layer (kept, offloaded, recomputed) bytes of one step.
-fn step(kind: Kind, seed: u64, policy: LayerPolicy, b: usize, t: usize, chunk_rows: usize) -> (u64, Vec<u32>, Vec<(u64, u64, u64)>) {
+fn step(kind: Kind, seed: u64, policy: LayerPolicy, gate_up: GateUp, b: usize, t: usize, chunk_rows: usize) -> (u64, Vec<u32>, Vec<(u64, u64, u64)>) {
     let be = Cpu::new(2);
     let (cfg, moe) = tiny_model(kind);
     let (inputs, targets) = batch(seed + 100, cfg.vocab_size, b * t);
     let mut model = Model::new(&be, cfg.clone(), moe, seed).unwrap().with_expert_chunk_rows(chunk_rows);
-    let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST).unwrap();
+    let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST, gate_up).unwrap();
     model.zero_grads(&be);
     let stats = model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
     let traffic = (0..cfg.n_layers).map(|l| store.traffic(l)).map(|x| (x.kept, x.offloaded, x.recomputed)).collect();
@@ -45,22 +47,28 @@ fn every_policy_gives_bitwise_identical_loss_and_gradients() {
         for seed in [1, 2, 3] {
             // 3 × 11 tokens: α = 0.25 splits inside the first sequence, 0.5 inside the second.
             let (b, t) = (3, 11);
-            let (loss, grads, keep) = step(kind, seed, LayerPolicy::Keep, b, t, EXPERT_CHUNK_ROWS);
+            let (loss, grads, keep_all) = step(kind, seed, LayerPolicy::Keep, GateUp::Save, b, t, EXPERT_CHUNK_ROWS);
+            for gate_up in [GateUp::Save, GateUp::Recompute] {
+            let (_, _, keep) = step(kind, seed, LayerPolicy::Keep, gate_up, b, t, EXPERT_CHUNK_ROWS);
             assert!(keep.iter().all(|&(k, o, r)| k > 0 && o == 0 && r == 0));
-            for policy in policies() {
-                let (l, g, traffic) = step(kind, seed, policy, b, t, EXPERT_CHUNK_ROWS);
-                assert_eq!(l, loss, "{kind:?} seed {seed} {policy:?}: loss differs from keep-all");
+            if gate_up == GateUp::Recompute {
+                assert!(keep.iter().zip(&keep_all).all(|(a, b)| a.0 < b.0), "an unsaved gate/up product keeps fewer bytes");
+            }
+            for policy in std::iter::once(LayerPolicy::Keep).chain(policies()) {
+                let (l, g, traffic) = step(kind, seed, policy, gate_up, b, t, EXPERT_CHUNK_ROWS);
+                assert_eq!(l, loss, "{kind:?} seed {seed} {policy:?} {gate_up:?}: loss differs from keep-all");
                 let first = g.iter().zip(&grads).position(|(x, y)| x != y);
-                assert_eq!(first, None, "{kind:?} seed {seed} {policy:?}: gradient element {first:?} differs from keep-all");
+                assert_eq!(first, None, "{kind:?} seed {seed} {policy:?} {gate_up:?}: gradient element {first:?} differs from keep-all");
                 for (l, (&(k, o, r), &(total, ..))) in traffic.iter().zip(&keep).enumerate() {
                     assert_eq!(k + o + r, total, "layer {l} {policy:?}: bytes must add up to the keep-all total");
                     match policy {
                         LayerPolicy::Recompute => assert!(o == 0 && r > 0 && k > 0),
                         LayerPolicy::Offload { alpha: 1.0 } => assert!(k == 0 && r == 0),
                         LayerPolicy::Offload { .. } => assert!(k == 0 && o > 0 && r > 0),
-                        LayerPolicy::Keep => unreachable!(),
+                        LayerPolicy::Keep => assert!(o == 0 && r == 0),
                     }
                 }
+            }
             }
         }
     }
@@ -74,7 +82,7 @@ fn mixed_policies_train_identically() {
         let be = Cpu::new(2);
         let (cfg, moe) = tiny_model(Kind::TopP);
         let mut model = Model::new(&be, cfg.clone(), moe, 9).unwrap();
-        let mut store = model.new_store_with(policies, HOST).unwrap();
+        let mut store = model.new_store_with(policies, HOST, GateUp::Save).unwrap();
         let opt_cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
         let mut opt = Optimizer::new(&be, opt_cfg, model.n_params());
         (0..4)
@@ -98,11 +106,11 @@ fn a_full_host_tier_is_an_error_not_a_panic() {
     let (cfg, moe) = tiny_model(Kind::TopK);
     let (inputs, targets) = batch(1, cfg.vocab_size, 24);
     let mut model = Model::new(&be, cfg.clone(), moe, 1).unwrap();
-    let mut store = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; 2], 1024).unwrap();
+    let mut store = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; 2], 1024, GateUp::Save).unwrap();
     let err = model.forward_backward(&be, &mut store, &inputs, &targets, 1, 24).unwrap_err();
     assert!(err.to_string().contains("host tier full"), "{err}");
-    assert!(model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.5 }; 2], HOST).is_err());
-    assert!(model.new_store_with(vec![LayerPolicy::Keep; 3], HOST).is_err());
+    assert!(model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.5 }; 2], HOST, GateUp::Save).is_err());
+    assert!(model.new_store_with(vec![LayerPolicy::Keep; 3], HOST, GateUp::Save).is_err());
 }
 
 /// Experts run on 7 rows at a time, so they straddle chunks and a recompute's chunks fall
@@ -113,13 +121,13 @@ fn a_full_host_tier_is_an_error_not_a_panic() {
 fn chunked_experts_match_keep_all_bitwise_and_one_chunk_closely() {
     for kind in [Kind::TopK, Kind::TopP] {
         let (b, t) = (3, 11);
-        let (loss, grads, _) = step(kind, 4, LayerPolicy::Keep, b, t, 7);
-        for policy in policies() {
-            let (l, g, _) = step(kind, 4, policy, b, t, 7);
-            assert_eq!(l, loss, "{kind:?} {policy:?}: loss differs from keep-all");
-            assert_eq!(g, grads, "{kind:?} {policy:?}: gradients differ from keep-all");
+        let (loss, grads, _) = step(kind, 4, LayerPolicy::Keep, GateUp::Save, b, t, 7);
+        for (policy, gate_up) in policies().into_iter().flat_map(|p| [(p, GateUp::Save), (p, GateUp::Recompute)]).chain([(LayerPolicy::Keep, GateUp::Recompute)]) {
+            let (l, g, _) = step(kind, 4, policy, gate_up, b, t, 7);
+            assert_eq!(l, loss, "{kind:?} {policy:?} {gate_up:?}: loss differs from keep-all");
+            assert_eq!(g, grads, "{kind:?} {policy:?} {gate_up:?}: gradients differ from keep-all");
         }
-        let (whole_loss, whole_grads, _) = step(kind, 4, LayerPolicy::Keep, b, t, EXPERT_CHUNK_ROWS);
+        let (whole_loss, whole_grads, _) = step(kind, 4, LayerPolicy::Keep, GateUp::Save, b, t, EXPERT_CHUNK_ROWS);
         assert_eq!(loss, whole_loss, "{kind:?}: the forward must not depend on the chunk size");
         let (g, w): (Vec<f32>, Vec<f32>) = grads.iter().zip(&whole_grads).map(|(&a, &b)| (f32::from_bits(a), f32::from_bits(b))).unzip();
         let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -145,7 +153,7 @@ fn offloads_stay_in_flight_for_one_layer() {
     let mut keep = model.new_store();
     model.forward_saving(&be, &mut keep, &inputs, b, t).unwrap();
     let layer: Vec<u64> = (0..cfg.n_layers).map(|l| keep.held_bytes(l)).collect();
-    let mut off = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; cfg.n_layers], HOST).unwrap();
+    let mut off = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; cfg.n_layers], HOST, GateUp::Save).unwrap();
     model.forward_saving(&be, &mut off, &inputs, b, t).unwrap();
     let pairs = layer.windows(2).map(|w| w[0] + w[1]).max().unwrap();
     assert_eq!(off.peaks().0, pairs, "device peak with everything offloaded");
@@ -155,7 +163,7 @@ fn offloads_stay_in_flight_for_one_layer() {
     assert_eq!(off.peaks().0, 0, "the forward-only pass settled its last layer's offloads");
 
     let mut model = model;
-    let mut step = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; cfg.n_layers], HOST).unwrap();
+    let mut step = model.new_store_with(vec![LayerPolicy::Offload { alpha: 1.0 }; cfg.n_layers], HOST, GateUp::Save).unwrap();
     let (inputs, targets) = batch(7, cfg.vocab_size, b * t);
     model.forward_backward(&be, &mut step, &inputs, &targets, b, t).unwrap();
     assert_eq!(step.peaks().0, pairs, "device peak over a whole step, prefetch included");
@@ -165,20 +173,23 @@ fn offloads_stay_in_flight_for_one_layer() {
 /// routing the plan assumes), the skeletal peak the report predicts is the one the store reaches
 /// over a step, byte for byte, and the transient arena it predicts is the one the step allocates,
 /// for each policy the α planner picks (keep, recompute, offload with kept or recomputing layers
-/// after it).
+/// after it), with the gate/up product saved or recomputed.
 #[test]
 fn the_memory_plan_is_what_a_step_holds() {
     use motley::config::Config;
     use motley::memory::report::plan_report;
     let be = Cpu::new(2);
     let (b, t) = (3, 24);
-    let cases: [&[&str]; 6] = [
+    let cases: [&[&str]; 9] = [
         &["memory.policy=keep"],
         &["memory.policy=recompute"],
         &["memory.policy=offload", "memory.alpha=0.5"],
         &["memory.policy=offload", "memory.alpha=1"],
         &["memory.policy=offload", "memory.alpha=0.5", "memory.tail=\"recompute\""],
         &["memory.policy=offload", "memory.alpha=1", "memory.tail=\"recompute\""],
+        &["memory.policy=keep", "memory.gate_up=\"recompute\""],
+        &["memory.policy=offload", "memory.alpha=0.5", "memory.gate_up=\"recompute\""],
+        &["memory.policy=offload", "memory.alpha=1", "memory.tail=\"recompute\"", "memory.gate_up=\"recompute\""],
     ];
     for memory in cases {
         let mut config = Config::default_with(&memory.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
@@ -188,7 +199,7 @@ fn the_memory_plan_is_what_a_step_holds() {
         let report = plan_report(&config, t, b, u64::MAX, HOST, 10e9).unwrap();
         let policies: Vec<LayerPolicy> = report.layers.iter().map(|l| l.policy).collect();
         let mut model = Model::new(&be, config.model.clone(), config.moe.clone(), 5).unwrap();
-        let mut store = model.new_store_with(policies.clone(), HOST).unwrap();
+        let mut store = model.new_store_with(policies.clone(), HOST, config.memory.gate_up).unwrap();
         let (inputs, targets) = batch(5, config.model.vocab_size, b * t);
         model.zero_grads(&be);
         model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use motley::backend::Backend;
-use motley::config::{Alpha, MemoryConfig, MemoryPolicy, Tail};
+use motley::config::{Alpha, GateUp, MemoryConfig, MemoryPolicy, Tail};
 use motley::memory::store::{ActivationStore, LayerPolicy};
 use motley::model::{Model, StepStats};
 use motley::parallel::planner::Gpu;
@@ -77,15 +77,16 @@ pub fn policy_label(policies: &[LayerPolicy]) -> String {
 }
 
 /// `keep`, `recompute`, `alpha` (offload with MEMO's α from the LP, as `alpha = "auto"`) or
-/// `alpha=0.25` (a fixed α), with the host tier and link the α LP plans for; an offload policy
-/// may end in `,tail=recompute` (the last two layers recompute instead of keeping, `memory.tail`).
+/// `alpha=0.25` (a fixed α), with the host tier and link the α LP plans for, then options after
+/// commas: `tail=recompute` (an offload policy's last two layers recompute instead of keeping,
+/// `memory.tail`) and `gate_up=recompute` (the experts' gate/up product is recomputed in the
+/// backward instead of saved, `memory.gate_up`).
 pub fn parse_policy(text: &str, host_gib: f64, bandwidth_gbs: f64) -> Result<MemoryConfig, String> {
-    let expected = || format!("--policy {text}: expected keep, recompute, alpha (α from the LP) or alpha=A with A in [0, 1], the last two optionally followed by ,tail=recompute");
-    let (head, tail) = match text.split_once(',') {
-        None => (text, Tail::Keep),
-        Some((head, "tail=recompute")) if head.starts_with("alpha") || head == "offload" => (head, Tail::Recompute),
-        Some(_) => return Err(expected()),
+    let expected = || {
+        format!("--policy {text}: expected keep, recompute, alpha (α from the LP) or alpha=A with A in [0, 1], then optionally ,tail=recompute (alpha only) and ,gate_up=recompute")
     };
+    let mut parts = text.split(',');
+    let head = parts.next().unwrap_or_default();
     let (policy, alpha) = match head {
         "keep" => (MemoryPolicy::Keep, Alpha::Auto),
         "recompute" => (MemoryPolicy::Recompute, Alpha::Auto),
@@ -95,7 +96,15 @@ pub fn parse_policy(text: &str, host_gib: f64, bandwidth_gbs: f64) -> Result<Mem
             _ => return Err(expected()),
         },
     };
-    Ok(MemoryConfig { policy, alpha, host_gib, bandwidth_gbs, tail })
+    let (mut tail, mut gate_up) = (Tail::Keep, GateUp::Save);
+    for option in parts {
+        match option {
+            "tail=recompute" if policy == MemoryPolicy::Offload => tail = Tail::Recompute,
+            "gate_up=recompute" => gate_up = GateUp::Recompute,
+            _ => return Err(expected()),
+        }
+    }
+    Ok(MemoryConfig { policy, alpha, host_gib, bandwidth_gbs, tail, gate_up })
 }
 
 /// Dense bf16 peak of the GPUs the benches run on (H100 and H200 SXM: 989 TFLOP/s), the

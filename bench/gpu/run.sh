@@ -22,8 +22,9 @@
 # tables are printed at the end.
 #
 # Environment: OUT, RUN_BUDGET; PYTHON (python3: the one with PyTorch); CHECK_STEPS (300),
-# STEP_POLICY (keep), LONG_POLICY (recompute), MAX_POLICY (alpha,tail=recompute: offload by
-# MEMO's α, the last two layers recomputing; by plan the only one that fits 768K), LONG_ARGS (more train_step flags for the long
+# STEP_POLICY (keep), LONG_POLICY (recompute), MAX_POLICY (alpha,tail=recompute,gate_up=recompute:
+# offload by MEMO's α, the last two layers recomputing, the experts' gate/up product recomputed
+# by the backward; by plan 512K, 768K and 1M take 48, 59 and 70 GiB), LONG_ARGS (more train_step flags for the long
 # sweeps, e.g. --hopper once the check part has passed), PROFILE_LENGTH (32K), NCU (the ncu binary; found
 # on PATH or in /usr/local/cuda/bin). bench/gpu/rehearse.sh runs all of it here, without
 # a GPU, on the emulated device, by shrinking the work: SHAPE (h100-ref: a key of
@@ -246,7 +247,7 @@ part_long() {
 part_long_max() {
     local d=$OUT/long
     mkdir -p "$d"
-    local lengths=${MAX_LENGTHS:-512K,768K,1M} policy=${MAX_POLICY:-alpha,tail=recompute}
+    local lengths=${MAX_LENGTHS:-512K,768K,1M} policy=${MAX_POLICY:-alpha,tail=recompute,gate_up=recompute}
     long_sweep "$d" "long-max: motley $shape B=1 T=$lengths ($policy)" "$lengths" 560 "$policy"
     long_table "$d"
 }

@@ -8,7 +8,8 @@
 use serde::Serialize;
 
 use super::store::{BlockDims, Class, TensorSpec};
-use crate::model::block::INVENTORY;
+use crate::config::GateUp;
+use crate::model::block;
 use crate::model::config::{ModelConfig, MoeConfig, Routing};
 use crate::parallel::dispatch::expert_capacity;
 
@@ -50,11 +51,12 @@ pub struct TensorBytes {
     pub bytes: u64,
 }
 
-/// Bytes of every inventory tensor of one block, with activations of `act_bytes` bytes per
-/// element (statistics are f32).
-pub fn block_inventory(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64) -> Vec<TensorBytes> {
+/// Bytes of every inventory tensor of one block (the gate/up product only where `gate_up`
+/// saves it), with activations of `act_bytes` bytes per element (statistics are f32).
+#[allow(clippy::too_many_arguments)]
+pub fn block_inventory(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, gate_up: GateUp) -> Vec<TensorBytes> {
     let dims = BlockDims::new(model, moe, batch, seq);
-    INVENTORY
+    block::inventory(gate_up)
         .iter()
         .map(|spec: &TensorSpec| TensorBytes { name: spec.name, class: spec.class, bytes: dims.elements(spec, slots) as u64 * spec.precision.bytes(act_bytes) })
         .collect()
@@ -105,14 +107,19 @@ mod tests {
         let (m, moe) = tiny();
         let be = Cpu::new(1);
         let model = Model::new(&be, m.clone(), moe.clone(), 1).unwrap();
-        let mut store = model.new_store_with(vec![LayerPolicy::Keep; 2], 0).unwrap();
         let inputs: Vec<u32> = (0..2 * 12).map(|i| (i * 7 % 64) as u32).collect();
-        let stats = model.forward_saving(&be, &mut store, &inputs, 2, 12).unwrap();
-        for l in 0..2 {
-            let inv = block_inventory(&m, &moe, 2, 12, &stats.counts[l], 4);
-            let total: u64 = inv.iter().map(|t| t.bytes).sum();
-            assert_eq!(total, store.held_bytes(l), "layer {l}");
+        let mut stats = None;
+        for gate_up in [GateUp::Save, GateUp::Recompute] {
+            let mut store = model.new_store_with(vec![LayerPolicy::Keep; 2], 0, gate_up).unwrap();
+            let s = model.forward_saving(&be, &mut store, &inputs, 2, 12).unwrap();
+            for l in 0..2 {
+                let inv = block_inventory(&m, &moe, 2, 12, &s.counts[l], 4, gate_up);
+                let total: u64 = inv.iter().map(|t| t.bytes).sum();
+                assert_eq!(total, store.held_bytes(l), "layer {l}, {gate_up:?}");
+            }
+            stats = Some(s);
         }
+        let stats = stats.expect("ran");
         // Capacity bounds the measured counts from above when the factor covers the imbalance.
         let cap = Slots::Capacity(4.0).per_expert(&moe, 24);
         assert!(stats.counts.iter().all(|c| c.iter().zip(&cap).all(|(a, b)| a <= b)));

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::alpha::{plan_alpha, AlphaOutcome, HostLink, LayerCost, UNSWAPPED_TAIL};
 use super::inventory::{block_inventory, Skeletal, Slots};
 use super::store::LayerPolicy;
-use crate::config::{Alpha, MemoryConfig, MemoryPolicy, Tail};
+use crate::config::{Alpha, GateUp, MemoryConfig, MemoryPolicy, Tail};
 use crate::model::config::{ModelConfig, MoeConfig};
 use crate::{Error, Result};
 
@@ -26,6 +26,8 @@ pub struct Profile {
     pub link: HostLink,
     /// Bytes per activation element on the device (4 for f32, 2 for bf16).
     pub activation_bytes: u64,
+    /// Whether the blocks save the experts' gate/up product (`memory.gate_up`).
+    pub gate_up: GateUp,
 }
 
 impl Profile {
@@ -41,17 +43,22 @@ impl Profile {
         let slots = Slots::Expected.per_expert(moe, batch * seq);
         let experts: f64 = slots.iter().zip(&moe.expert_widths).map(|(&s, &h)| 6.0 * c * h as f64 * s as f64).sum();
         let flops = 2.0 * n * c * (w + a) + 2.0 * seq as f64 * a * n + 2.0 * n * c * moe.n_experts() as f64 + experts;
-        Ok(Profile { t_fwd: vec![flops / flops_per_s; model.n_layers], slots: vec![Slots::Expected; model.n_layers], link, activation_bytes: 4 })
+        Ok(Profile { t_fwd: vec![flops / flops_per_s; model.n_layers], slots: vec![Slots::Expected; model.n_layers], link, activation_bytes: 4, gate_up: GateUp::Save })
     }
 
     /// A measured step: per-block forward seconds and routed counts per expert.
     pub fn measured(t_fwd: Vec<f64>, counts: Vec<Vec<usize>>, link: HostLink) -> Self {
-        Profile { t_fwd, slots: counts.into_iter().map(Slots::Measured).collect(), link, activation_bytes: 4 }
+        Profile { t_fwd, slots: counts.into_iter().map(Slots::Measured).collect(), link, activation_bytes: 4, gate_up: GateUp::Save }
     }
 
     /// The same profile for activations of `bytes` bytes per element (f32 by default).
     pub fn with_activation_bytes(self, bytes: u64) -> Self {
         Profile { activation_bytes: bytes, ..self }
+    }
+
+    /// The same profile for blocks that save the gate/up product or not (`memory.gate_up`).
+    pub fn with_gate_up(self, gate_up: GateUp) -> Self {
+        Profile { gate_up, ..self }
     }
 
     /// Per-block costs for the α LP.
@@ -69,7 +76,7 @@ impl Profile {
             .iter()
             .zip(&self.t_fwd)
             .map(|(slots, &t_fwd)| {
-                let s = Skeletal::of(&block_inventory(model, moe, batch, seq, &slots.per_expert(moe, batch * seq), self.activation_bytes));
+                let s = Skeletal::of(&block_inventory(model, moe, batch, seq, &slots.per_expert(moe, batch * seq), self.activation_bytes, self.gate_up));
                 LayerCost { s_input: s.input, s_attn: s.attn, s_others: s.others, t_fwd }
             })
             .collect())
@@ -156,7 +163,7 @@ mod tests {
     #[test]
     fn auto_alpha_follows_the_host_budget_and_keeps_the_tail() {
         let (m, moe) = shape();
-        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
+        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
         let costs = |host| Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e12, m_host: host }).unwrap();
         let big = build_policy(&cfg, &m, &moe, 1, 256, &costs(1 << 40)).unwrap();
         assert_eq!(big[..2], [LayerPolicy::Offload { alpha: 1.0 }; 2]);
@@ -179,7 +186,7 @@ mod tests {
     #[test]
     fn auto_alpha_on_the_host_limit_stays_inside_it_in_whole_tokens() {
         let (m, moe) = shape();
-        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
+        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
         let costs = |host| Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e12, m_host: host }).unwrap();
         let lc = costs(0).layer_costs(&m, &moe, 1, 256).unwrap()[0];
         let per_token = lc.s_others / 256;
@@ -208,17 +215,17 @@ mod tests {
     fn fixed_policies_and_bad_input() {
         let (m, moe) = shape();
         let p = Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e9, m_host: 0 }).unwrap();
-        let fixed = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(0.25), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
+        let fixed = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(0.25), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
         let policies = build_policy(&fixed, &m, &moe, 1, 256, &p).unwrap();
         assert_eq!(policies, [[LayerPolicy::Offload { alpha: 0.25 }; 2], [LayerPolicy::Keep; 2]].concat());
         let lean = MemoryConfig { tail: Tail::Recompute, ..fixed.clone() };
         assert_eq!(build_policy(&lean, &m, &moe, 1, 256, &p).unwrap(), [[LayerPolicy::Offload { alpha: 0.25 }; 2], [LayerPolicy::Recompute; 2]].concat());
-        let rec = MemoryConfig { policy: MemoryPolicy::Recompute, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
+        let rec = MemoryConfig { policy: MemoryPolicy::Recompute, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
         assert_eq!(build_policy(&rec, &m, &moe, 1, 256, &p).unwrap(), vec![LayerPolicy::Recompute; 4]);
-        let bad = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(2.0), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
+        let bad = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(2.0), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
         assert!(build_policy(&bad, &m, &moe, 1, 256, &p).is_err());
         let short = Profile::measured(vec![1.0], vec![vec![1; 4]], p.link);
-        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep };
+        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
         assert!(build_policy(&auto, &m, &moe, 1, 256, &short).is_err());
     }
 }

@@ -131,10 +131,11 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let tokens = batch * seq;
     let link = HostLink { b_pcie: bandwidth, m_host: host_mem };
     let act_bytes = activation_bytes(&config.device);
-    let profile = Profile::cost_model(m, moe, batch, seq, assumed_flops_per_s(&config.device), link)?.with_activation_bytes(act_bytes);
+    let gate_up = config.memory.gate_up;
+    let profile = Profile::cost_model(m, moe, batch, seq, assumed_flops_per_s(&config.device), link)?.with_activation_bytes(act_bytes).with_gate_up(gate_up);
     let policies = build_policy(&config.memory, m, moe, batch, seq, &profile)?;
     let slots = Slots::Expected.per_expert(moe, tokens);
-    let inventory = block_inventory(m, moe, batch, seq, &slots, act_bytes);
+    let inventory = block_inventory(m, moe, batch, seq, &slots, act_bytes, gate_up);
     let skeletal = Skeletal::of(&inventory);
 
     let layers: Vec<LayerRow> = policies
@@ -156,7 +157,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let skeletal_device_bytes = skeletal_peak(&layers, skeletal.total(), 0);
     let host_bytes = layers.iter().map(|l| l.offloaded).sum();
 
-    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes, EXPERT_CHUNK_ROWS);
+    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes, EXPERT_CHUNK_ROWS, gate_up);
     let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
     let mut phases = Vec::new();
     for phase in [&fwd, &bwd] {

@@ -301,6 +301,11 @@ impl<B: Backend> ActivationStore<B> {
         self.inventory
     }
 
+    /// Whether `name` is in the inventory (a block saves only what its store declares).
+    pub fn declares(&self, name: &str) -> bool {
+        self.inventory.iter().any(|s| s.name == name)
+    }
+
     pub fn policies(&self) -> &[LayerPolicy] {
         &self.policies
     }
@@ -582,7 +587,7 @@ mod tests {
         let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 3, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
         let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Kind::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
         let model = Model::new(&be, m.clone(), moe.clone(), 1).unwrap();
-        let mut store = model.new_store_with(vec![LayerPolicy::Offload { alpha: 0.5 }; 3], 1 << 30).unwrap();
+        let mut store = model.new_store_with(vec![LayerPolicy::Offload { alpha: 0.5 }; 3], 1 << 30, crate::config::GateUp::Save).unwrap();
         let inputs: Vec<u32> = (0..24).map(|i| (i * 7 % 64) as u32).collect();
         model.forward_saving(&be, &mut store, &inputs, 1, 24).unwrap();
         let dims = BlockDims::new(&m, &moe, 1, 24);

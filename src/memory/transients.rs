@@ -12,6 +12,7 @@
 //! what it asks for is live and large enough by this description (`memory/arena.rs`).
 
 use super::plan::{Phase, Request};
+use crate::config::GateUp;
 use crate::model::config::{ModelConfig, MoeConfig};
 
 /// Offsets in the transient arena are multiples of this many bytes (a GPU allocator's granule;
@@ -24,6 +25,9 @@ pub mod fwd {
     pub const XE: usize = 0;
     /// The SwiGLU output of a chunk of rows, `(rows, h_e)` blocks one after another.
     pub const ACT: usize = 1;
+    /// A chunk's gate/up product, `(rows, 2h_e)` blocks, where it is not saved
+    /// (`memory.gate_up = "recompute"`).
+    pub const GU: usize = 2;
 }
 
 /// Indices of the backward phase's requests (also used by the recompute before it).
@@ -44,6 +48,8 @@ pub mod bwd {
     pub const ACT: usize = 10;
     pub const DACT: usize = 11;
     pub const DGU: usize = 12;
+    /// A chunk's gate/up product, recomputed where it is not saved (`(rows, 2h_e)` blocks).
+    pub const GU: usize = 13;
 }
 
 /// By default the experts run on at most this many routed rows at a time (chunks of their
@@ -63,10 +69,12 @@ pub fn expert_act_elements(slots: &[usize], widths: &[usize], chunk_rows: usize)
 
 /// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`, sized
 /// for activations of `act_bytes` bytes per element (statistics are f32) and experts run on
-/// `chunk_rows` rows at a time; requests are in the
-/// order of the [`fwd`] and [`bwd`] indices. The experts of a projection run as one grouped
-/// matmul per chunk of rows, so a chunk's blocks of every expert are live together.
-pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize) -> (Phase, Phase) {
+/// `chunk_rows` rows at a time; requests are in the order of the [`fwd`] and [`bwd`] indices.
+/// The experts of a projection run as one grouped matmul per chunk of rows, so a chunk's blocks
+/// of every expert are live together. Where the gate/up product is not saved (`gate_up`
+/// `Recompute`) it is a chunk's transient in both phases (the last request of each).
+#[allow(clippy::too_many_arguments)]
+pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize, gate_up: GateUp) -> (Phase, Phase) {
     let n = (batch * seq) as u64;
     let c = model.d_model as u64;
     let d = model.head_dim() as u64;
@@ -77,7 +85,11 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
 
     // Forward: 0 norm, 1 qkv, 2 rope, 3 attention, 4 copy, 5 wo, 6 norm, 7 router, 8 softmax,
     // 9 gather xe, 10 gate_up (grouped), 11 SwiGLU, 12 down (grouped), 13 copy out, 14 combine.
-    let fwd = vec![Request::new("xe", b(s * c), 9, 13), Request::new("act", b(sh), 11, 13)];
+    let mut fwd = vec![Request::new("xe", b(s * c), 9, 13), Request::new("act", b(sh), 11, 13)];
+    let recompute = gate_up == GateUp::Recompute;
+    if recompute {
+        fwd.push(Request::new("gu", b(2 * sh), 10, 12));
+    }
     let forward = Phase { name: "block forward".into(), ops: 15, requests: fwd };
 
     // Backward: 0 dy, 1 dgate, 2 gather xe; experts: 3 SwiGLU again (act), 4 dact, 5 dW_down,
@@ -85,7 +97,7 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
     // router bwd (dgate → dlogits), dxn2 +=, dWr, dx2, ffn norm bwd, datt, dWo, attention bwd,
     // rope, dxn1, dWqkv, copy dx, attn norm bwd.
     let x = 9;
-    let bwd = vec![
+    let mut bwd = vec![
         Request::new("dy", b(s * c), 0, x),
         Request::new("xe", b(s * c), 2, x),
         Request::new("dxe", b(s * c), 2, x + 1),
@@ -100,6 +112,10 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
         Request::new("dact", b(sh), 3, x),
         Request::new("dgu", b(2 * sh), 3, x),
     ];
+    if recompute {
+        // Recomputed from xe at the chunk's start (op 3), read by SwiGLU's backward.
+        bwd.push(Request::new("gu", b(2 * sh), 3, x));
+    }
     let backward = Phase { name: "block backward".into(), ops: x + 14, requests: bwd };
     (forward, backward)
 }
@@ -114,8 +130,11 @@ mod tests {
     fn phases_are_well_formed_and_plannable() {
         let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
         let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Routing::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
-        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS);
-        for phase in [&f, &b] {
+        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Save);
+        let (fr, br) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Recompute);
+        assert_eq!((fr.requests[fwd::GU].name.as_str(), br.requests[bwd::GU].name.as_str()), ("gu", "gu"));
+        assert_eq!((fr.requests.len(), br.requests.len()), (f.requests.len() + 1, b.requests.len() + 1));
+        for phase in [&f, &b, &fr, &br] {
             assert!(phase.requests.iter().all(|r| r.start < r.end && r.end <= phase.ops && r.size > 0), "{}", phase.name);
             let p = plan(&phase.requests, 64, Strategy::Heuristic).unwrap();
             verify(&p, &phase.requests).unwrap();

@@ -11,6 +11,7 @@ use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
 use crate::backend::{AttnShape, Backend, Gemm, Precision, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use crate::config::GateUp;
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
@@ -32,9 +33,21 @@ pub const INVENTORY: &[TensorSpec] = &[
     TensorSpec { name: "ffn_norm_rstd", extent: Extent::PerToken(Width::One), class: Class::TokenSplit, precision: Precision::F32 },
     TensorSpec { name: "router_logits", extent: Extent::PerToken(Width::Experts), class: Class::TokenSplit, precision: Precision::F32 },
     TensorSpec { name: "router_probs", extent: Extent::PerToken(Width::Experts), class: Class::TokenSplit, precision: Precision::F32 },
-    TensorSpec { name: "expert_gate_up", extent: Extent::PerSlotExpertWidth(2), class: Class::TokenSplit, precision: Precision::Activation },
     TensorSpec { name: "expert_out", extent: Extent::PerSlot(Width::Model), class: Class::TokenSplit, precision: Precision::Activation },
+    // Last, so that the inventory without it is a prefix (`inventory`).
+    TensorSpec { name: GATE_UP, extent: Extent::PerSlotExpertWidth(2), class: Class::TokenSplit, precision: Precision::Activation },
 ];
+
+/// The experts' gate/up product: saved, or recomputed by the backward (`memory.gate_up`).
+const GATE_UP: &str = "expert_gate_up";
+
+/// The inventory of a block whose gate/up product is saved or recomputed (`memory.gate_up`).
+pub fn inventory(gate_up: GateUp) -> &'static [TensorSpec] {
+    match gate_up {
+        GateUp::Save => INVENTORY,
+        GateUp::Recompute => &INVENTORY[..INVENTORY.len() - 1],
+    }
+}
 
 /// Everything a block needs besides its parameters.
 pub struct BlockCtx<'a, B: Backend> {
@@ -123,6 +136,12 @@ fn chunked(segs: &[Segment], max_rows: usize, widths: &[usize]) -> Vec<Vec<Segme
     chunks
 }
 
+/// `chunk` with its gate/up blocks in a buffer of the chunk's own (laid out like `act` with rows
+/// twice as wide) instead of the layer's saved one: where the gate/up product is a transient.
+fn chunk_local_gate_up(chunk: &[Segment]) -> Vec<Segment> {
+    chunk.iter().map(|s| Segment { gu: 2 * s.act, ..*s }).collect()
+}
+
 /// The rows the expert-parallel exchange moves: every routed slot (training is dropless).
 fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
     plan_slots(routing, &[], DispatchMode::Dropless)
@@ -130,20 +149,26 @@ fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
 
 impl<B: Backend> BlockCtx<'_, B> {
     /// The experts of one chunk `segs` on their routed rows `xe` (`x`, or the rows `rows` picks
-    /// from `x`, gathered by the call): `gu = xe W_guᵀ` (saved) and `act = SwiGLU(gu)` (the
-    /// chunk's transient) in one call, then `y = act W_downᵀ`, each projection one grouped call
-    /// over the experts. Shared by the forward and the recompute of dropped slots.
-    #[allow(clippy::too_many_arguments)]
-    fn experts_forward(&self, p: &BlockParams, segs: &[Segment], x: B::View<'_>, rows: Option<&[u32]>, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
-        let (be, c, params) = (self.be, self.c(), B::full(self.params));
-        let widths = &self.moe.expert_widths;
+    /// from `x`, gathered by the call): `gu = xe W_guᵀ` (saved, or the chunk's) and
+    /// `act = SwiGLU(gu)` (the chunk's transient) in one grouped call over the experts. The
+    /// forward's, the recompute of dropped slots' and, where gu is not saved, the backward's.
+    fn experts_up(&self, p: &BlockParams, segs: &[Segment], x: B::View<'_>, rows: Option<&[u32]>, gu: B::ViewMut<'_>, act: B::ViewMut<'_>) {
+        let (c, widths) = (self.c(), &self.moe.expert_widths);
         let up: Vec<SwiGluGemm> = segs
             .iter()
             .map(|s| SwiGluGemm { gemm: Gemm { m: s.rows, k: c, n: 2 * widths[s.ex], out: s.gu, a: s.x_row * c, b: self.expert_params(p, s.ex).0 }, act: s.act })
             .collect();
-        be.grouped_matmul_swiglu(B::reborrow_mut(&mut gu), B::reborrow_mut(&mut act), x, rows, params, &up);
+        self.be.grouped_matmul_swiglu(gu, act, x, rows, B::full(self.params), &up);
+    }
+
+    /// [`Self::experts_up`], then `y = act W_downᵀ` (one grouped call). Shared by the forward
+    /// and the recompute of dropped slots.
+    #[allow(clippy::too_many_arguments)]
+    fn experts_forward(&self, p: &BlockParams, segs: &[Segment], x: B::View<'_>, rows: Option<&[u32]>, gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
+        let (c, widths) = (self.c(), &self.moe.expert_widths);
+        self.experts_up(p, segs, x, rows, gu, B::reborrow_mut(&mut act));
         let down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: widths[s.ex], n: c, out: s.y_row * c, a: s.act, b: self.expert_params(p, s.ex).1 }).collect();
-        be.grouped_matmul(y, B::as_view(&act), params, &down, false, true, false);
+        self.be.grouped_matmul(y, B::as_view(&act), B::full(self.params), &down, false, true, false);
     }
 
     /// Backward of [`Self::experts_forward`] on one chunk: `dact = dy W_down` and SwiGLU's
@@ -173,9 +198,10 @@ impl<B: Backend> BlockCtx<'_, B> {
         grads.grouped_matmul(be, ro(&dgu), xe, &dw_gu, true, false);
     }
 
-    /// The block's `(forward, backward)` transient requests under `routing`.
-    fn phases(&self, routing: &Routing) -> (Phase, Phase) {
-        block_phases(self.model, self.moe, self.shape.batch, self.shape.seq, &routing.counts(), self.be.activation_bytes(), self.chunk_rows)
+    /// The block's `(forward, backward)` transient requests under `routing`, the gate/up
+    /// product saved or not.
+    fn phases(&self, routing: &Routing, gate_up: GateUp) -> (Phase, Phase) {
+        block_phases(self.model, self.moe, self.shape.batch, self.shape.seq, &routing.counts(), self.be.activation_bytes(), self.chunk_rows, gate_up)
     }
 
     /// The dispatcher over the expert-parallel group, if experts are sharded.
@@ -253,7 +279,13 @@ impl<B: Backend> BlockCtx<'_, B> {
 
         let widths = &self.moe.expert_widths;
         let sc = routing.n_slots() * c;
-        let (forward, backward) = self.phases(&routing);
+        // gu is saved where the store declares it; else (and without a store) each chunk's is a
+        // transient.
+        let gate_up = match &store {
+            Some((st, _)) if st.declares(GATE_UP) => GateUp::Save,
+            _ => GateUp::Recompute,
+        };
+        let (forward, backward) = self.phases(&routing, gate_up);
         if store.is_some() {
             // Training: room for this routing's backward now, so a step allocates once.
             tx.reserve(be, &backward.requests);
@@ -273,13 +305,22 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let counts = routing.counts();
                 let (segs, gu_len) = segments(0, &counts, widths);
                 let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
-                let mut gu = scratch(gu_len);
+                let mut saved_gu = (gate_up == GateUp::Save).then(|| scratch(gu_len));
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
-                    let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len)]);
-                    let (x, rows) = if fused_gather { (B::full(&xn2), Some(&routing.token[..])) } else { (B::as_view(&xe), None) };
-                    self.experts_forward(p, &chunk, x, rows, B::full_mut(&mut gu), act, B::full_mut(&mut y));
+                    match saved_gu.as_mut() {
+                        Some(gu) => {
+                            let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len)]);
+                            let (x, rows) = if fused_gather { (B::full(&xn2), Some(&routing.token[..])) } else { (B::as_view(&xe), None) };
+                            self.experts_forward(p, &chunk, x, rows, B::full_mut(gu), act, B::full_mut(&mut y));
+                        }
+                        None => {
+                            let [xe, act, gu] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len), (fwd::GU, 2 * act_len)]);
+                            let (x, rows) = if fused_gather { (B::full(&xn2), Some(&routing.token[..])) } else { (B::as_view(&xe), None) };
+                            self.experts_forward(p, &chunk_local_gate_up(&chunk), x, rows, gu, act, B::full_mut(&mut y));
+                        }
+                    }
                 }
-                (gu, None)
+                (saved_gu, None)
             }
             Some(d) => {
                 // Rows travel to their experts' ranks, the local experts run on what arrived
@@ -289,15 +330,20 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let local = d.local_experts();
                 let counts: Vec<usize> = d.local_spans(&recv).iter().map(|s| s.len()).collect();
                 let (segs, gu_len) = segments(local.start, &counts, widths);
-                let (mut gu, mut act) = (scratch(gu_len), scratch(expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize));
+                let act_len = expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize;
+                // Beside the arena (the exchanged rows' counts are not the plan's): the saved gu
+                // whole, or a chunk's.
+                let mut gu = scratch(if gate_up == GateUp::Save { gu_len } else { 2 * act_len });
+                let mut act = scratch(act_len);
                 let [xe] = tx.views(be, [(fwd::XE, sc)]);
                 let xg = self.uploaded(&d.to_experts(&be.download(B::as_view(&xe)), &plan, &recv)?);
                 let mut yg = scratch(B::len(&xg));
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
+                    let chunk = if gate_up == GateUp::Save { chunk } else { chunk_local_gate_up(&chunk) };
                     self.experts_forward(p, &chunk, B::full(&xg), None, B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
                 }
                 be.upload(B::full_mut(&mut y), &d.from_experts(&be.download(B::full(&yg)), &recv)?);
-                (gu, Some(recv))
+                ((gate_up == GateUp::Save).then_some(gu), Some(recv))
             }
         };
         let (tok_off, tok_slots) = routing.by_token();
@@ -312,6 +358,9 @@ impl<B: Backend> BlockCtx<'_, B> {
             counts,
         };
         if let Some((store, l)) = store {
+            if let Some(gu) = gu {
+                store.save(l, GATE_UP, gu);
+            }
             for (name, buf) in [
                 ("input", x),
                 ("attn_out", att),
@@ -324,7 +373,6 @@ impl<B: Backend> BlockCtx<'_, B> {
                 ("ffn_norm_rstd", rstd2),
                 ("router_logits", logits),
                 ("router_probs", probs),
-                ("expert_gate_up", gu),
                 ("expert_out", y),
             ] {
                 store.save(l, name, buf);
@@ -351,9 +399,14 @@ impl<B: Backend> BlockCtx<'_, B> {
         }
         let (wq, a, e, m) = (s.qkv_width(), s.out_width(), self.moe.n_experts(), n - from);
         let eps = self.model.norm_eps;
-        let names = ["attn_norm_out", "attn_norm_rstd", "qkv", "resid_mid", "ffn_norm_out", "ffn_norm_rstd", "router_logits", "router_probs", "expert_gate_up", "expert_out"];
+        // The gate/up product last: only where the store declares it.
+        let gate_up = if store.declares(GATE_UP) { GateUp::Save } else { GateUp::Recompute };
+        let all = ["attn_norm_out", "attn_norm_rstd", "qkv", "resid_mid", "ffn_norm_out", "ffn_norm_rstd", "router_logits", "router_probs", "expert_out", GATE_UP];
+        let names = if gate_up == GateUp::Save { &all[..] } else { &all[..all.len() - 1] };
         let mut t: Vec<B::Buf> = names.iter().map(|name| store.take(layer, name)).collect();
-        let [xn1, rstd1, qkv, x2, xn2, rstd2, logits, probs, gu, y] = &mut t[..] else { unreachable!("ten names") };
+        let (always, saved_gu) = t.split_at_mut(all.len() - 1);
+        let [xn1, rstd1, qkv, x2, xn2, rstd2, logits, probs, y] = always else { unreachable!("nine names") };
+        let mut saved_gu = saved_gu.first_mut();
         let (x, att) = (store.load(layer, "input"), store.load(layer, "attn_out"));
 
         be.rmsnorm_fwd(tail_mut::<B>(xn1, from, n, c), tail_mut::<B>(rstd1, from, n, 1), tail::<B>(x, from, n, c), self.w(p.attn_norm, c), m, c, eps);
@@ -380,7 +433,7 @@ impl<B: Backend> BlockCtx<'_, B> {
             }
             gu_base += sl.len() * 2 * h;
         }
-        tx.begin(be, self.phases(routing).1.requests);
+        tx.begin(be, self.phases(routing, gate_up).1.requests);
         let fused_gather = be.fuses_expert_gather();
         if !fused_gather {
             let [mut xe] = tx.views(be, [(bwd::XE, tokens.len() * c)]);
@@ -388,9 +441,19 @@ impl<B: Backend> BlockCtx<'_, B> {
         }
         let act_len = expert_act_elements(&routing.counts(), widths, self.chunk_rows) as usize;
         for chunk in chunked(&segs, self.chunk_rows, widths) {
-            let [xe, act] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len)]);
-            let (x, rows) = if fused_gather { (B::full(xn2), Some(&tokens[..])) } else { (B::as_view(&xe), None) };
-            self.experts_forward(p, &chunk, x, rows, B::full_mut(gu), act, B::full_mut(y));
+            match saved_gu.as_deref_mut() {
+                Some(gu) => {
+                    let [xe, act] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len)]);
+                    let (x, rows) = if fused_gather { (B::full(xn2), Some(&tokens[..])) } else { (B::as_view(&xe), None) };
+                    self.experts_forward(p, &chunk, x, rows, B::full_mut(gu), act, B::full_mut(y));
+                }
+                None => {
+                    // Only expert_out's rows are wanted; gu is the chunk's transient.
+                    let [xe, act, gu] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len), (bwd::GU, 2 * act_len)]);
+                    let (x, rows) = if fused_gather { (B::full(xn2), Some(&tokens[..])) } else { (B::as_view(&xe), None) };
+                    self.experts_forward(p, &chunk_local_gate_up(&chunk), x, rows, gu, act, B::full_mut(y));
+                }
+            }
         }
         for (name, buf) in names.iter().zip(t) {
             store.save(layer, name, buf);
@@ -411,7 +474,8 @@ impl<B: Backend> BlockCtx<'_, B> {
         let by_token = TokenSlots { offsets: &tok_off, slots: &tok_slots };
         let widths = &self.moe.expert_widths;
         let sc = routing.n_slots() * c;
-        tx.begin(be, self.phases(routing).1.requests);
+        let saved_gu = store.declares(GATE_UP).then(|| store.load(layer, GATE_UP));
+        tx.begin(be, self.phases(routing, if saved_gu.is_some() { GateUp::Save } else { GateUp::Recompute }).1.requests);
         let (rw, ro) = (B::reborrow_mut, B::as_view);
 
         // Combine: out[t] = x2[t] + Σ gate_s y_s  →  dy_s = gate_s dout[t], dgate_s = ⟨dout[t], y_s⟩.
@@ -425,16 +489,25 @@ impl<B: Backend> BlockCtx<'_, B> {
             let [mut dgate] = tx.views(be, [(bwd::DGATE, routing.n_slots())]);
             be.gathered_dots(rw(&mut dgate), B::full(dout), saved("expert_out"), &routing.token, c);
         }
-        let gu = store.load(layer, "expert_gate_up");
         match self.dispatcher()? {
             None => {
                 let counts = routing.counts();
                 let (segs, _) = segments(0, &counts, widths);
                 let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
-                    let [dy, xe, dxe, act, dact, dgu] =
-                        tx.views(be, [(bwd::DY, sc), (bwd::XE, sc), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, 2 * act_len)]);
-                    self.experts_backward(p, &chunk, B::full(gu), ro(&dy), ro(&xe), dxe, grads, [act, dact, dgu]);
+                    let views = [(bwd::DY, sc), (bwd::XE, sc), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, 2 * act_len)];
+                    match saved_gu {
+                        Some(gu) => {
+                            let [dy, xe, dxe, act, dact, dgu] = tx.views(be, views);
+                            self.experts_backward(p, &chunk, B::full(gu), ro(&dy), ro(&xe), dxe, grads, [act, dact, dgu]);
+                        }
+                        None => {
+                            let [dy, xe, dxe, mut act, dact, dgu, mut gu] = tx.views(be, [views[0], views[1], views[2], views[3], views[4], views[5], (bwd::GU, 2 * act_len)]);
+                            let local = chunk_local_gate_up(&chunk);
+                            self.experts_up(p, &local, ro(&xe), None, rw(&mut gu), rw(&mut act));
+                            self.experts_backward(p, &local, ro(&gu), ro(&dy), ro(&xe), dxe, grads, [act, dact, dgu]);
+                        }
+                    }
                 }
             }
             Some(d) => {
@@ -452,8 +525,18 @@ impl<B: Backend> BlockCtx<'_, B> {
                 };
                 let mut dxg = be.alloc_scratch(B::len(&xg), Precision::Activation);
                 let mut scratch = [act_len, act_len, 2 * act_len].map(|len| be.alloc_scratch(len, Precision::Activation));
+                let mut local_gu = saved_gu.is_none().then(|| be.alloc_scratch(2 * act_len, Precision::Activation));
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
-                    let [act, dact, dgu] = scratch.each_mut().map(B::full_mut);
+                    let [mut act, dact, dgu] = scratch.each_mut().map(B::full_mut);
+                    let (chunk, gu) = match (saved_gu, local_gu.as_mut()) {
+                        (Some(gu), _) => (chunk, gu),
+                        (None, Some(gu)) => {
+                            let local = chunk_local_gate_up(&chunk);
+                            self.experts_up(p, &local, B::full(&xg), None, B::full_mut(gu), rw(&mut act));
+                            (local, &*gu)
+                        }
+                        (None, None) => unreachable!("allocated where gu is not saved"),
+                    };
                     self.experts_backward(p, &chunk, B::full(gu), B::full(&dyg), B::full(&xg), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
                 }
                 let [mut dxe] = tx.views(be, [(bwd::DXE, sc)]);

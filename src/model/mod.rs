@@ -17,6 +17,7 @@ use router::AuxLosses;
 use weights::Weights;
 
 use crate::backend::{AttnShape, Backend, Precision};
+use crate::config::GateUp;
 use crate::memory::arena::Arena;
 use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
 use crate::memory::transients::EXPERT_CHUNK_ROWS;
@@ -144,12 +145,14 @@ impl<B: Backend> Model<B> {
         ActivationStore::new(INVENTORY, self.config.n_layers)
     }
 
-    /// A store applying one policy per block, with `host_bytes` of host tier for offloads.
-    pub fn new_store_with(&self, policies: Vec<LayerPolicy>, host_bytes: u64) -> Result<ActivationStore<B>> {
+    /// A store applying one policy per block, with `host_bytes` of host tier for offloads,
+    /// declaring the experts' gate/up product where `gate_up` saves it (the blocks save, and
+    /// their backward recomputes, by what the store declares).
+    pub fn new_store_with(&self, policies: Vec<LayerPolicy>, host_bytes: u64, gate_up: GateUp) -> Result<ActivationStore<B>> {
         if policies.len() != self.config.n_layers {
             return Err(Error::Invalid(format!("{} layer policies for a model of {} layers", policies.len(), self.config.n_layers)));
         }
-        ActivationStore::with_policies(INVENTORY, policies, host_bytes)
+        ActivationStore::with_policies(block::inventory(gate_up), policies, host_bytes)
     }
 
     /// Starts a step's gradients: zeroes those ops add into; the block matrices' first

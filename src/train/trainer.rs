@@ -18,7 +18,7 @@ use crate::config::{Config, MemoryConfig, MemoryPolicy};
 use crate::memory::alpha::HostLink;
 use crate::memory::policy::{build_policy, Profile};
 use crate::memory::report::assumed_flops_per_s;
-use crate::memory::store::ActivationStore;
+use crate::memory::store::{ActivationStore, LayerPolicy};
 use crate::data::loader::Loader;
 use crate::data::prepare::{prepare, Prepared};
 use crate::data::shard::Shard;
@@ -427,16 +427,17 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
 
 /// The activation store of `model` under the `[memory]` policy `memory`: keep everything,
 /// recompute, or offload a token fraction α (fixed, or from MEMO's LP on a cost-model profile of
-/// `device`, `"cpu"` or `"cuda"`, with `be`'s activation size), for steps of `batch × seq`. The
-/// trainer's and the benchmarks'.
+/// `device`, `"cpu"` or `"cuda"`, with `be`'s activation size), for steps of `batch × seq`,
+/// declaring the experts' gate/up product where `memory.gate_up` saves it. The trainer's and the
+/// benchmarks'.
 pub fn activation_store<B: Backend>(be: &B, model: &Model<B>, memory: &MemoryConfig, device: &str, batch: usize, seq: usize) -> Result<ActivationStore<B>> {
     if memory.policy == MemoryPolicy::Keep {
-        return Ok(model.new_store());
+        return model.new_store_with(vec![LayerPolicy::Keep; model.config.n_layers], 0, memory.gate_up);
     }
     let link = HostLink { b_pcie: memory.bandwidth_gbs * 1e9, m_host: (memory.host_gib * (1u64 << 30) as f64) as u64 };
-    let profile = Profile::cost_model(&model.config, &model.moe, batch, seq, assumed_flops_per_s(device), link)?.with_activation_bytes(be.activation_bytes());
+    let profile = Profile::cost_model(&model.config, &model.moe, batch, seq, assumed_flops_per_s(device), link)?.with_activation_bytes(be.activation_bytes()).with_gate_up(memory.gate_up);
     let policies = build_policy(memory, &model.config, &model.moe, batch, seq, &profile)?;
-    model.new_store_with(policies, link.m_host)
+    model.new_store_with(policies, link.m_host, memory.gate_up)
 }
 
 /// A model, its config and tokenizer, loaded from a checkpoint directory or a run directory
