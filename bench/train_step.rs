@@ -11,7 +11,7 @@
 //! Run:
 //! - `cargo bench --bench train_step [-- --threads 2 --steps 10 --profile]`
 //! - `cargo bench --features cuda --bench train_step -- --device cuda --shape h100-ref
-//!   [--batch 8 --seq 4K --policy keep|recompute|alpha|alpha=A --steps 10 --warmup 2 --max-seconds S --profile
+//!   [--batch 8 --seq 4K --policy keep|recompute|alpha|alpha=A[,tail=recompute][,gate_up=recompute] --steps 10 --warmup 2 --max-seconds S --profile
 //!   --hopper|--hopper-experts --json FILE]` (`--hopper`: the opt-in Hopper (wgmma) kernels,
 //!   attention and the experts' grouped GEMMs with SwiGLU fused, rows named "motley (Hopper
 //!   kernels)"; `--hopper-experts`: the experts' only, "motley (Hopper expert kernels)")

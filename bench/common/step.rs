@@ -6,6 +6,7 @@ use std::time::Instant;
 use motley::backend::Backend;
 use motley::config::{Alpha, GateUp, MemoryConfig, MemoryPolicy, Tail};
 use motley::memory::store::{ActivationStore, LayerPolicy};
+use motley::model::block::GATE_UP;
 use motley::model::{Model, StepStats};
 use motley::parallel::planner::Gpu;
 use motley::rng::Rng;
@@ -54,9 +55,11 @@ impl<B: Backend> Run<B> {
         self.model.n_params()
     }
 
-    /// The store's per-layer policies in short: `keep ×12`, `offload α=0.62 ×10, keep ×2`.
+    /// The store's per-layer policies in short: `keep ×12`, `offload α=0.62 ×10, keep ×2`, then
+    /// `, gate/up recomputed` where the store does not save the experts' gate/up product.
     pub fn policy_label(&self) -> String {
-        policy_label(self.store.policies())
+        let gate_up = if self.store.declares(GATE_UP) { "" } else { ", gate/up recomputed" };
+        format!("{}{gate_up}", policy_label(self.store.policies()))
     }
 }
 

@@ -38,8 +38,8 @@ pub const INVENTORY: &[TensorSpec] = &[
     TensorSpec { name: GATE_UP, extent: Extent::PerSlotExpertWidth(2), class: Class::TokenSplit, precision: Precision::Activation },
 ];
 
-/// The experts' gate/up product: saved, or recomputed by the backward (`memory.gate_up`).
-const GATE_UP: &str = "expert_gate_up";
+/// The experts' gate/up product's name: saved, or recomputed by the backward (`memory.gate_up`).
+pub const GATE_UP: &str = "expert_gate_up";
 
 /// The inventory of a block whose gate/up product is saved or recomputed (`memory.gate_up`).
 pub fn inventory(gate_up: GateUp) -> &'static [TensorSpec] {
