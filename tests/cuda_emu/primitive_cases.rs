@@ -94,7 +94,7 @@ fn check_product(got: &[u32], want: &[f64], n: usize, tol: Option<f64>, others: 
 /// The cases, in the order of the instructions the kernels depend on; `hopper` adds the wgmma ones.
 pub fn cases(hopper: bool) -> Vec<Case> {
     let mut rng = Rng::new(61);
-    let mut out = vec![mma(&mut rng, true), mma(&mut rng, false), ldmatrix(), cp_async()];
+    let mut out = vec![mma(&mut rng, true), mma(&mut rng, false), ldmatrix(), cp_async(), exp2_ftz()];
     if hopper {
         out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true), wgmma_n256(&mut rng, false), wgmma_n256(&mut rng, true)]);
     }
@@ -163,6 +163,25 @@ fn cp_async() -> Case {
         Ok(())
     };
     Case { name: "cp.async", kernel: "test_cp_async", threads: 1, smem: 64, hopper: false, args: vec![Arg::Out(16), Arg::U32(src)], check: Box::new(check) }
+}
+
+/// `exp2_ftz` (ex2.approx.ftz, the attention kernels' exponential): within 2⁻²¹ of 2^x where
+/// that is a normal float, 0 where it is below the smallest (flushed), 0 at −∞, 1 at 0.
+fn exp2_ftz() -> Case {
+    let mut x: Vec<f32> = (0..60).map(|i| -130.0 + 2.3 * i as f32).collect();
+    x.extend([f32::NEG_INFINITY, 0.0, -126.0, -126.5]);
+    let inputs = x.clone();
+    let check = move |o: &[Vec<u32>]| {
+        for (i, (&x, &got)) in inputs.iter().zip(&o[0]).enumerate() {
+            let (got, exact) = (f32::from_bits(got) as f64, (x as f64).exp2());
+            let ok = if exact < f32::MIN_POSITIVE as f64 { got == 0.0 } else { (got - exact).abs() <= exact * 2f64.powi(-21) };
+            if !ok {
+                return Err(format!("exp2_ftz({x}) [{i}] = {got:e}, want {exact:e} (0 below 2^-126)"));
+            }
+        }
+        Ok(())
+    };
+    Case { name: "exp2_ftz (ex2.approx.ftz)", kernel: "test_exp2_ftz", threads: 32, smem: 0, hopper: false, args: vec![Arg::Out(64), Arg::F32(x)], check: Box::new(check) }
 }
 
 /// d (64 × 128) = a (64 × 64) · bᵀ (b: 128 × 64) with both operands K-major in shared memory

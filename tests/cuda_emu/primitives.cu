@@ -40,6 +40,11 @@ extern "C" __global__ void test_ldmatrix(unsigned* out, unsigned* out_t, const b
     for (int i = 0; i < 4; i++) out_t[4 * lane + i] = r[i];
 }
 
+// out[i] = exp2_ftz(x[i]) (ex2.approx.ftz), one warp over 64 values.
+extern "C" __global__ void test_exp2_ftz(float* out, const float* x) {
+    for (int i = threadIdx.x; i < 64; i += WARP) out[i] = exp2_ftz(x[i]);
+}
+
 // One thread, 64 bytes of shared memory s (16 words): group 0 copies src[0..4) to s[0..4) and
 // zero-fills s[4..8) from a null source (not read), group 1 copies src[4..8) to s[8..12).
 // out[0..12) is s[0..12) after cp_async_wait_pending<1> (group 0 complete), out[12..16) s[8..12)

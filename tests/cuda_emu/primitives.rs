@@ -11,6 +11,7 @@ pub const PRIMITIVES: KernelFile = KernelFile {
         "test_mma",
         "test_ldmatrix",
         "test_cp_async",
+        "test_exp2_ftz",
         "test_wgmma_ss",
         "test_wgmma_ss_mnmajor",
         "test_wgmma_rs_kmajor",

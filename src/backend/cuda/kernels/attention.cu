@@ -41,7 +41,7 @@ struct Heads {
 // dst (ROWS × D, row stride D + PAD), by the 4 warps of the mma.sync kernels.
 template <int D, int ROWS = BLOCK>
 __device__ void load_tile(bf16* dst, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
-    load_rows<D, ROWS, THREADS>([=](int r, int c) { return dst + r * (D + PAD) + 8 * c; }, src, row0, t0, seq, ld_src, col);
+    load_rows<D, ROWS, THREADS, false>([=](int r, int c) { return dst + r * (D + PAD) + 8 * c; }, src, row0, t0, seq, ld_src, col);
 }
 
 // Tiles stream through two shared buffers: step t's copies were queued one step earlier.
@@ -197,7 +197,7 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
     const size_t row0 = (size_t)b * s.seq;
     const int i0 = (gridDim.x - 1 - blockIdx.x) * ROWS, tiles = (i0 + ROWS - 1) / BLOCK + 1;
     const int lane = threadIdx.x % WARP, wr = (threadIdx.x / WARP) * 16 * ATOMS, g = lane / 4, q = lane % 4;
-    const float scale2 = scale * LOG2E;  // scores in log2 units: exp2 instead of exp
+    const float scale2 = scale * LOG2E;  // scores in log2 units: 2^x on the SFU (exp2_ftz)
 
     load_tile<D, ROWS>(Qs, qkv, row0, i0, s.seq, w, s.q_col(h));
     load_kv<D>(KV, 0, qkv, row0, s, kvh);
@@ -223,27 +223,32 @@ __device__ void attn_fwd(act_t* out, float* lse, const act_t* qkv, Heads s, floa
             product<D, BLOCK, ATOMS>(sc, held_a<D, ATOMS>(qf), tile_bt<D>(Ks));
             // Only tiles reaching past the warp's first row have keys after some of its rows.
             // Key 0 is visible to every row, so after the first tile each row's max is finite.
-            const bool masked = j0 + BLOCK - 1 > i0 + wr;
+            // Scores stay unscaled until the exponent, which then takes one FMA (scale2 > 0: the
+            // scaled max is the max scaled).
+            if (j0 + BLOCK - 1 > i0 + wr) {
+#pragma unroll
+                for (int at = 0; at < ATOMS; at++)
+                    for (int nt = 0; nt < BLOCK / 8; nt++)
+                        for (int e = 0; e < 4; e++) {
+                            const int i = i0 + wr + 16 * at + g + 8 * (e / 2), j = j0 + nt * 8 + 2 * q + e % 2;
+                            if (j > i) sc[at][nt][e] = -INFINITY;
+                        }
+            }
 #pragma unroll
             for (int at = 0; at < ATOMS; at++) {
-                float mx[2] = {m[at][0], m[at][1]};
+                float mx[2] = {-INFINITY, -INFINITY};
                 for (int nt = 0; nt < BLOCK / 8; nt++)
-                    for (int e = 0; e < 4; e++) {
-                        const int r = e / 2, i = i0 + wr + 16 * at + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
-                        const float x = masked && j > i ? -INFINITY : sc[at][nt][e] * scale2;
-                        sc[at][nt][e] = x;
-                        mx[r] = fmaxf(mx[r], x);
-                    }
+                    for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], sc[at][nt][e]);
                 float corr[2];
                 for (int r = 0; r < 2; r++) {
-                    mx[r] = quad_max(mx[r]);
-                    corr[r] = exp2f(m[at][r] - mx[r]);  // 0 on the first tile (m = −inf)
+                    mx[r] = fmaxf(m[at][r], quad_max(mx[r]) * scale2);
+                    corr[r] = exp2_ftz(m[at][r] - mx[r]);  // 0 on the first tile (m = −inf)
                     m[at][r] = mx[r];
                     l[at][r] *= corr[r];
                 }
                 for (int nt = 0; nt < BLOCK / 8; nt++)
                     for (int e = 0; e < 4; e++) {
-                        const float p = exp2f(sc[at][nt][e] - m[at][e / 2]);
+                        const float p = exp2_ftz(fmaf(sc[at][nt][e], scale2, -m[at][e / 2]));
                         sc[at][nt][e] = p;
                         l[at][e / 2] += p;
                     }
@@ -353,28 +358,31 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
         fence_operands(flat(sc));
 
         // Only the last tile has keys after some of the warp's rows; key 0 is visible to every
-        // row, so after the first tile each row's max is finite.
-        const bool masked = j0 + KEYS - 1 > r0;
-        float mx[2] = {m[0], m[1]};
+        // row, so after the first tile each row's max is finite. Scores stay unscaled until the
+        // exponent, as in attn_fwd.
+        if (j0 + KEYS - 1 > r0) {
+#pragma unroll
+            for (int nt = 0; nt < KEYS / 8; nt++)
+                for (int e = 0; e < 4; e++) {
+                    const int i = r0 + g + 8 * (e / 2), j = j0 + nt * 8 + 2 * q + e % 2;
+                    if (j > i) sc[nt][e] = -INFINITY;
+                }
+        }
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; nt++)
-            for (int e = 0; e < 4; e++) {
-                const int r = e / 2, i = r0 + g + 8 * r, j = j0 + nt * 8 + 2 * q + e % 2;
-                const float x = masked && j > i ? -INFINITY : sc[nt][e] * scale2;
-                sc[nt][e] = x;
-                mx[r] = fmaxf(mx[r], x);
-            }
+            for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], sc[nt][e]);
         float corr[2];
         for (int r = 0; r < 2; r++) {
-            mx[r] = quad_max(mx[r]);
-            corr[r] = exp2f(m[r] - mx[r]);  // 0 on the first tile (m = −inf)
+            mx[r] = fmaxf(m[r], quad_max(mx[r]) * scale2);
+            corr[r] = exp2_ftz(m[r] - mx[r]);  // 0 on the first tile (m = −inf)
             m[r] = mx[r];
             l[r] *= corr[r];
         }
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; nt++)
             for (int e = 0; e < 4; e++) {
-                const float p = exp2f(sc[nt][e] - m[e / 2]);
+                const float p = exp2_ftz(fmaf(sc[nt][e], scale2, -m[e / 2]));
                 sc[nt][e] = p;
                 l[e / 2] += p;
             }
@@ -544,6 +552,9 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
                 for (int nt = 0; nt < QT / 8; nt++)
                     for (int e = 0; e < 4; e++) {
                         const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = j0() + wk + 16 * at + g + 8 * (e / 2);
+                        // exp2f, not exp2_ftz: at 255 registers, ptxas's schedule around the
+                        // single instruction spills at D = 112 (and this kernel is less bound by
+                        // exponentials than the forwards: five products to one exponential).
                         pt[at][nt][e] = diagonal && j > i ? 0.0f : exp2f(pt[at][nt][e] * scale2 - L2[c]);
                     }
             float dst[ATOMS][QT / 8][4] = {};
@@ -742,7 +753,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = k0 + rr + 8 * (e / 2);
-                st[nt][e] = diagonal && j > i ? 0.0f : exp2f(st[nt][e] * scale2 - L2[c]);
+                st[nt][e] = diagonal && j > i ? 0.0f : exp2_ftz(fmaf(st[nt][e], scale2, -L2[c]));
             }
         queue_product(dv, pa, st, dOs);
         wgmma_wait<1>();

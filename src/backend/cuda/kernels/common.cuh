@@ -233,18 +233,31 @@ __device__ __forceinline__ void store_release(unsigned* p, unsigned v) {
 }
 // One round of polling such a flag.
 __device__ __forceinline__ void spin_pause() { __nanosleep(64); }
+
+// 2^x on the special-function unit alone: ex2.approx.ftz (results below 2^-126 flush to 0, a
+// probability the softmax may as well drop). exp2f, compiled without fast math, wraps the same
+// instruction in a range check and two scalings for denormal results: four instructions instead
+// of one (the attention kernels' SASS), in loops that issue one per score.
+__device__ __forceinline__ float exp2_ftz(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+    return r;
+}
 #endif  // MOTLEY_EMU
 
 // ---- staging rows in shared memory ------------------------------------------------------------
 // ROWS rows t0.. into shared memory, D columns each, row t's starting at from(t): the 16-byte
-// chunk c (8 values) of row r goes to at(r, c); zero rows past seq. The block's NT threads take
-// chunks in turn. bf16 storage queues cp.async copies (the caller commits and waits); f32
-// storage converts synchronously.
-template <int D, int ROWS, int NT, class At, class From>
+// chunk c (8 values) of row r goes to at(r, c); zero rows past seq. The block's NT threads
+// (blockDim.x = NT) take chunks in turn, a fixed number each. UNROLL unrolls them: as a loop
+// the copies cost tens of instructions each in the Hopper attention kernels' SASS (trip-count
+// remainders, index arithmetic redone per chunk); the mma.sync backward, at 255 registers,
+// spills with them unrolled, so it keeps the loop. bf16 storage queues cp.async copies (the
+// caller commits and waits); f32 storage converts synchronously.
+template <int D, int ROWS, int NT, bool UNROLL = true, class At, class From>
 __device__ __forceinline__ void load_rows_from(At at, From from, int t0, int seq) {
-    constexpr int CHUNKS = D / 8;
-    for (int idx = threadIdx.x; idx < ROWS * CHUNKS; idx += NT) {
-        const int r = idx / CHUNKS, c = idx % CHUNKS, t = t0 + r;
+    constexpr int CHUNKS = D / 8, TOTAL = ROWS * CHUNKS;
+    auto copy = [&](int r, int c) {
+        const int t = t0 + r;
         const bool valid = t < seq;
         const act_t* src = from(valid ? t : 0) + 8 * c;
         bf16* to = at(r, c);
@@ -253,12 +266,24 @@ __device__ __forceinline__ void load_rows_from(At at, From from, int t0, int seq
 #else
         for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(valid ? src[k] : 0.0f);
 #endif
+    };
+    if constexpr (UNROLL) {
+#pragma unroll
+        for (int k = 0; k < (TOTAL + NT - 1) / NT; k++) {
+            const int idx = threadIdx.x + k * NT;
+            if (TOTAL % NT != 0 && idx >= TOTAL) break;
+            // Where NT threads cover whole rows, a thread keeps its chunk column and steps rows.
+            if constexpr (NT % CHUNKS == 0) copy(threadIdx.x / CHUNKS + k * (NT / CHUNKS), threadIdx.x % CHUNKS);
+            else copy(idx / CHUNKS, idx % CHUNKS);
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < TOTAL; idx += NT) copy(idx / CHUNKS, idx % CHUNKS);
     }
 }
 // The same for the rows at row0 of src, ld_src apart, from column col.
-template <int D, int ROWS, int NT, class At>
+template <int D, int ROWS, int NT, bool UNROLL = true, class At>
 __device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
-    load_rows_from<D, ROWS, NT>(at, [=](int t) { return src + (row0 + t) * ld_src + col; }, t0, seq);
+    load_rows_from<D, ROWS, NT, UNROLL>(at, [=](int t) { return src + (row0 + t) * ld_src + col; }, t0, seq);
 }
 
 // ---- wgmma (Hopper, sm_90a): warpgroup matrix multiply from shared memory -------------------
