@@ -109,6 +109,8 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
 // The fast intrinsics go through exp2/log2 as the hardware's ex2.approx / lg2.approx do.
 inline float __expf(float x) { return exp2f(x * 1.4426950408889634f); }
 inline float __logf(float x) { return log2f(x) * 0.6931471805599453f; }
+// div.approx.f32: x · rcp.approx(y), within 2 ulp of x / y (exact here).
+inline float __fdividef(float x, float y) { return x / y; }
 // ex2.approx.ftz: results below the smallest normal float flush to 0.
 inline float exp2_ftz(float x) {
     const float r = exp2f(x);

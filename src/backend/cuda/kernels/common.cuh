@@ -42,17 +42,6 @@ __device__ __forceinline__ float2 load_pair(const act_t* p) {
 #endif
 }
 
-// SwiGLU, SiLU(g) · u, and its backward: one expression each for every kernel that computes
-// them (swiglu.cu, the fused expert kernels), so that they agree bit for bit.
-__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + __expf(-x)); }
-__device__ __forceinline__ float swiglu(float g, float u) { return g * sigmoidf(g) * u; }
-// The gradients of g and u from the output's gradient da.
-__device__ __forceinline__ void swiglu_grad(float g, float u, float da, float& dg, float& du) {
-    const float s = sigmoidf(g);
-    du = da * g * s;
-    dg = da * u * s * (1.0f + g * (1.0f - s));
-}
-
 // 8 f32 (16-byte aligned) in two 16-byte pieces, or VEC one by one.
 template <int VEC>
 __device__ __forceinline__ void load_f32(const float* p, float (&v)[VEC]) {
@@ -244,6 +233,22 @@ __device__ __forceinline__ float exp2_ftz(float x) {
     return r;
 }
 #endif  // MOTLEY_EMU
+
+// SwiGLU, SiLU(g) · u, and its backward: one expression each for every kernel that computes
+// them (swiglu.cu, the fused expert kernels), so that they agree bit for bit.
+// On the SFU alone: exp2_ftz (e^−x underflowing to 0 gives 1, as it should) and the
+// approximate reciprocal (__fdividef, 2 ulp; 1 / ∞ = 0 for x < −88). An IEEE 1.0f / y is a
+// range check, a branch to a slow path and three FMAs around the SFU's reciprocal, and __expf
+// a range check and two scalings around its exponential: ~14 instructions per element more in
+// the fused expert kernels' epilogues, where this runs once per output.
+__device__ __forceinline__ float sigmoidf(float x) { return __fdividef(1.0f, 1.0f + exp2_ftz(-1.4426950408889634f * x)); }
+__device__ __forceinline__ float swiglu(float g, float u) { return g * sigmoidf(g) * u; }
+// The gradients of g and u from the output's gradient da.
+__device__ __forceinline__ void swiglu_grad(float g, float u, float da, float& dg, float& du) {
+    const float s = sigmoidf(g);
+    du = da * g * s;
+    dg = da * u * s * (1.0f + g * (1.0f - s));
+}
 
 // ---- staging rows in shared memory ------------------------------------------------------------
 // ROWS rows t0.. into shared memory, D columns each, row t's starting at from(t): the 16-byte

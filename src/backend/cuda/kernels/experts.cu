@@ -100,19 +100,25 @@ __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load
     wgmma_wait<0>();
 }
 
-// Calls f(r, col, j) for each pair of accumulator registers j, j + 1 of a warpgroup's 64 × N
-// product whose row lies in the segment and whose column lies below `cols`: row r of the
-// segment, columns col, col + 1 of the product (hidden columns, for the up projection)
+// Calls f(r, c0, dc, j) for each pair of accumulator registers j, j + 1 of a warpgroup's
+// 64 × N product whose row lies in the segment and whose column lies below `cols`: row r of the
+// segment, columns c0 + dc and the next of the product (hidden columns, for the up projection)
 // (register j holds row g + 8·(j/2 % 2) of the warp's 16, column 8·(j/4) + 2q + j % 2; cols is
-// even).
+// even). c0 is the thread's first column and dc = 8·(j/4) a constant once unrolled, and a
+// thread's pairs lie in two rows, visited row by row: an address formed as row base + c0 is
+// computed once per row and dc becomes the load's or store's immediate offset (formed pair by
+// pair, the addresses were most of the epilogues' instructions).
 template <int REGS, class F>
 __device__ __forceinline__ void for_each_pair(const Tile& t, int cols, F f) {
     const int wg = threadIdx.x / 128, lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
-    const int warp_row = t.m0 + 64 * wg + 16 * (threadIdx.x % 128 / WARP);
+    const int warp_row = t.m0 + 64 * wg + 16 * (threadIdx.x % 128 / WARP), c0 = t.j0 + 2 * q;
 #pragma unroll
-    for (int j = 0; j < REGS; j += 2) {
-        const int r = warp_row + g + 8 * (j / 2 % 2), col = t.j0 + 8 * (j / 4) + 2 * q;
-        if (r < t.seg.rows && col < cols) f(r, col, j);
+    for (int half = 0; half < 2; half++) {
+        const int r = warp_row + g + 8 * half;
+        if (r >= t.seg.rows) continue;
+#pragma unroll
+        for (int j = 2 * half; j < REGS; j += 4)
+            if (c0 + 8 * (j / 4) < cols) f(r, c0, 8 * (j / 4), j);
     }
 }
 
@@ -149,12 +155,12 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segme
     });
 
     // j < 64 a gate column, j + 64 the up column of the same hidden unit.
-    for_each_pair<64>(t, h, [&](int r, int col, int j) {
+    for_each_pair<64>(t, h, [&](int r, int c0, int dc, int j) {
         const float g0 = stored(acc[j]), g1 = stored(acc[j + 1]), u0 = stored(acc[j + 64]), u1 = stored(acc[j + 65]);
-        act_t* gu = s.out + (size_t)r * 2 * h;
-        store_pair(gu + col, g0, g1);
-        store_pair(gu + h + col, u0, u1);
-        store_pair(s.act + (size_t)r * h + col, swiglu(g0, u0), swiglu(g1, u1));
+        act_t* gate = s.out + (size_t)r * 2 * h + c0;
+        store_pair(gate + dc, g0, g1);
+        store_pair(gate + h + dc, u0, u1);
+        store_pair(s.act + (size_t)r * h + c0 + dc, swiglu(g0, u0), swiglu(g1, u1));
     });
 }
 
@@ -193,15 +199,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_dact_wgmma(const Seg
     const int h = s.n;
     float acc[128];  // dact of hidden j0..j0 + 255
     product_nn(aligned_smem(raw), t, acc);
-    for_each_pair<128>(t, h, [&](int r, int col, int j) {
-        const size_t row2 = (size_t)r * 2 * h;
-        const float2 g = load_pair(s.gu + row2 + col), u = load_pair(s.gu + row2 + h + col);
+    for_each_pair<128>(t, h, [&](int r, int c0, int dc, int j) {
+        const size_t at = (size_t)r * 2 * h + c0;
+        const act_t *gate = s.gu + at, *up = gate + h;
+        act_t *dgate = s.out + at, *dup = dgate + h;
+        const float2 g = load_pair(gate + dc), u = load_pair(up + dc);
         float dg0, du0, dg1, du1;
         swiglu_grad(g.x, u.x, stored(acc[j]), dg0, du0);
         swiglu_grad(g.y, u.y, stored(acc[j + 1]), dg1, du1);
-        store_pair(s.out + row2 + col, dg0, dg1);
-        store_pair(s.out + row2 + h + col, du0, du1);
-        store_pair(s.act + (size_t)r * h + col, swiglu(g.x, u.x), swiglu(g.y, u.y));
+        store_pair(dgate + dc, dg0, dg1);
+        store_pair(dup + dc, du0, du1);
+        store_pair(s.act + (size_t)r * h + c0 + dc, swiglu(g.x, u.x), swiglu(g.y, u.y));
     });
 }
 
@@ -211,7 +219,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) grouped_nn_wgmma(const Segm
     const Tile t = find_tile<EXPERT_COLS>(segs, count);
     float acc[128];
     product_nn(aligned_smem(raw), t, acc);
-    for_each_pair<128>(t, t.seg.n, [&](int r, int col, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + col, acc[j], acc[j + 1]); });
+    for_each_pair<128>(t, t.seg.n, [&](int r, int c0, int dc, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + c0 + dc, acc[j], acc[j + 1]); });
 }
 
 // out = a · Wᵀ with W (n × k), K-major like a.
@@ -221,6 +229,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) grouped_nt_wgmma(const Segm
     const Segment& s = t.seg;
     float acc[128];
     product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) { load_rows<64, EXPERT_COLS, 256>(swizzled(bt), s.w, 0, t.j0, s.n, s.k, 64 * step); });
-    for_each_pair<128>(t, s.n, [&](int r, int col, int j) { store_pair(s.out + (size_t)r * s.n + col, acc[j], acc[j + 1]); });
+    for_each_pair<128>(t, s.n, [&](int r, int c0, int dc, int j) { store_pair(s.out + (size_t)r * s.n + c0 + dc, acc[j], acc[j + 1]); });
 }
 #endif
