@@ -528,7 +528,7 @@ fn model_step_hopper() {
 }
 
 /// A training step with the experts' GEMMs on the Hopper kernels (a model whose experts have
-/// widths of whole tiles) against the same step on the grouped cuBLAS call and the SwiGLU
+/// widths that are multiples of 128) against the same step on the grouped cuBLAS call and the SwiGLU
 /// kernels: the same bf16 operations summed in another order, so within 1e-2 on a GPU, and
 /// bitwise on the emulator, which sums both in one order. Every one of the kernels ran, and
 /// MEMO's recompute through them gives keep-all's step (bitwise: they are row-stable, and a
