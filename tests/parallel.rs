@@ -26,7 +26,7 @@ fn temp(name: &str) -> PathBuf {
     d
 }
 
-fn config(ep: usize, aux: bool) -> Config {
+fn config(ep: usize, aux: bool, extra: &[&str]) -> Config {
     let mut set: Vec<String> = [
         "model.vocab_size=256", "data.tokenizer=\"byte\"", "model.d_model=64", "model.n_layers=2", "moe.expert_widths=[32,64,96,128]",
         "train.batch_size=8", "train.seq_len=64", "model.seq_len=64", "train.threads=1", "train.eval_every=10", "train.eval_batches=2",
@@ -40,13 +40,14 @@ fn config(ep: usize, aux: bool) -> Config {
     if !aux {
         set.extend(["moe.p_penalty=0.0", "moe.z_loss=0.0", "moe.load_balance=0.0"].map(String::from));
     }
+    set.extend(extra.iter().map(|s| s.to_string()));
     Config::default_with(&set).unwrap()
 }
 
-/// Trains on `ranks` simulated ranks; returns the run directory.
-fn run(name: &str, ranks: usize, ep: usize, aux: bool, cache: &Path) -> PathBuf {
+/// Trains on `ranks` simulated ranks (with `extra` config overrides); returns the run directory.
+fn run(name: &str, ranks: usize, ep: usize, aux: bool, cache: &Path, extra: &[&str]) -> PathBuf {
     let out = temp(name);
-    let cfg = config(ep, aux);
+    let cfg = config(ep, aux, extra);
     let opts = TrainOptions { out: out.clone(), resume: false, sample_prompt: String::new(), sample_tokens: 0, data_cache: Some(cache.to_path_buf()) };
     let results = LocalGroup::run(ranks, |comm| train(&cfg, &opts, &comm).map(|s| s.steps)).unwrap();
     for (r, res) in results.into_iter().enumerate() {
@@ -92,11 +93,13 @@ fn max_param_diff(a: &Path, b: &Path) -> f32 {
 #[test]
 fn expert_and_data_parallel_match_one_rank() {
     let cache = temp("data");
-    let one = run("one", 1, 1, false, &cache);
+    let one = run("one", 1, 1, false, &cache, &[]);
     let base = records(&one, "train", "lm_loss");
     assert_eq!(base.len(), STEPS as usize);
-    for (name, ep) in [("dp4", 1), ("dp2-ep2", 2), ("ep4", 4)] {
-        let out = run(name, 4, ep, false, &cache);
+    // The last also recomputes the experts' gate/up product in the backward, on each rank's
+    // exchanged rows.
+    for (name, ep, extra) in [("dp4", 1, &[][..]), ("dp2-ep2", 2, &[]), ("ep4", 4, &[]), ("ep2-gate-up", 2, &["memory.gate_up=\"recompute\""])] {
+        let out = run(name, 4, ep, false, &cache, extra);
         let d = max_rel_diff(&base, &records(&out, "train", "lm_loss"));
         assert!(d < 1e-5, "{name}, aux off: train loss differs from 1 rank by {d:e} (relative)");
         let d = max_rel_diff(&records(&one, "eval", "val_loss"), &records(&out, "eval", "val_loss"));
@@ -105,10 +108,10 @@ fn expert_and_data_parallel_match_one_rank() {
         assert!(p < 1e-4, "{name}: final parameters differ from 1 rank by {p:e}");
     }
 
-    let dp4 = run("dp4-aux", 4, 1, true, &cache);
+    let dp4 = run("dp4-aux", 4, 1, true, &cache, &[]);
     let dp_losses = records(&dp4, "train", "loss");
     for (name, ep) in [("dp2-ep2-aux", 2), ("ep4-aux", 4)] {
-        let out = run(name, 4, ep, true, &cache);
+        let out = run(name, 4, ep, true, &cache, &[]);
         let d = max_rel_diff(&dp_losses, &records(&out, "train", "loss"));
         assert!(d < 1e-5, "{name}, aux on: loss differs from 4 data-parallel ranks by {d:e} (relative)");
     }
@@ -119,7 +122,7 @@ fn expert_parallel_sizes_are_checked() {
     let cache = temp("data-check");
     let opts = |n| TrainOptions { out: temp(n), resume: false, sample_prompt: String::new(), sample_tokens: 0, data_cache: Some(cache.clone()) };
     // One process cannot hold 2 expert-parallel ranks.
-    let e = train(&config(2, false), &opts("ep2-one-rank"), &motley::parallel::comm::SingleProcess).err().expect("an error").to_string();
+    let e = train(&config(2, false, &[]), &opts("ep2-one-rank"), &motley::parallel::comm::SingleProcess).err().expect("an error").to_string();
     assert!(e.contains("parallel.ep") && e.contains("mpirun"), "{e}");
     // 3 does not divide 4 experts.
     let e = Config::default_with(&["moe.expert_widths=[32,64,96,128]".into(), "parallel.ep=3".into()]).unwrap_err().to_string();
