@@ -686,14 +686,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
         const int last = i0 / KEYS, tile = tile_turn<QT>(s, b, h, i0);
         wait_turn(turns + tile, last - kb);
+        // Row by row, the columns 8n apart as constant offsets from the row's first: the
+        // addresses are formed once a row, not once a pair.
 #pragma unroll
-        for (int n = 0; n < 4; n++)
-            for (int r = 0; r < 2; r++) {
-                const int i = i0 + rr + 8 * r, col = (4 * wg + n) * 8 + 2 * q;
-                if (i >= s.seq) continue;
-                add_dq(make_float2(pending[n][2 * r], pending[n][2 * r + 1]), dq_acc + (row0 + i) * ow + h * D + col, dqkv + (row0 + i) * w + s.q_col(h) + col, kb,
-                       last);
-            }
+        for (int r = 0; r < 2; r++) {
+            const int i = i0 + rr + 8 * r, c0 = 32 * wg + 2 * q;
+            if (i >= s.seq) continue;
+            float* sum = dq_acc + (row0 + i) * ow + h * D + c0;
+            act_t* dst = dqkv + (row0 + i) * w + s.q_col(h) + c0;
+#pragma unroll
+            for (int n = 0; n < 4; n++) add_dq(make_float2(pending[n][2 * r], pending[n][2 * r + 1]), sum + 8 * n, dst + 8 * n, kb, last);
+        }
         if (kb > 0) pass_turn(turns + tile, last - kb + 1);
     };
 
@@ -747,14 +750,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         fence_operands(flat(st));
         // Query rows past the sequence see zero Q and dO (and lse, Δ): P is 1 there but dS and dO
         // are 0, as in attn_bwd. Keys past the sequence come after every query: masked.
-        const bool diagonal = k0 + 63 > i0;
+        // The mask only where a tile reaches the diagonal: elsewhere an exponential is all an
+        // element costs.
 #pragma unroll
         for (int nt = 0; nt < QT / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int c = nt * 8 + 2 * q + e % 2, i = i0 + c, j = k0 + rr + 8 * (e / 2);
-                st[nt][e] = diagonal && j > i ? 0.0f : exp2_ftz(fmaf(st[nt][e], scale2, -L2[c]));
-            }
+            for (int e = 0; e < 4; e++) st[nt][e] = exp2_ftz(fmaf(st[nt][e], scale2, -L2[nt * 8 + 2 * q + e % 2]));
+        if (k0 + 63 > i0) {
+#pragma unroll
+            for (int nt = 0; nt < QT / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    if (k0 + rr + 8 * (e / 2) > i0 + nt * 8 + 2 * q + e % 2) st[nt][e] = 0.0f;
+        }
         queue_product(dv, pa, st, dOs);
         wgmma_wait<1>();
         fence_operands(flat(dpt));
