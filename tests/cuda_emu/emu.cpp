@@ -105,7 +105,7 @@ struct Stack {
 // ---- threads and the launch ------------------------------------------------------------------
 
 enum class State { Ready, AtSyncthreads, AtWarpOp, Exited, Faulted };
-enum class Op { Syncwarp, Shuffle, Mma, Ldmatrix, LdmatrixTrans, Wgmma, WgmmaCommit, WgmmaWait };
+enum class Op { Syncwarp, Shuffle, Mma, Ldmatrix, LdmatrixTrans, StmatrixTrans, Wgmma, WgmmaCommit, WgmmaWait };
 
 const char* op_name(Op op) {
     switch (op) {
@@ -114,6 +114,7 @@ const char* op_name(Op op) {
         case Op::Mma: return "mma16816";
         case Op::Ldmatrix: return "ldmatrix_x4";
         case Op::LdmatrixTrans: return "ldmatrix_x4_trans";
+        case Op::StmatrixTrans: return "stmatrix_x4_trans";
         case Op::Wgmma: return "wgmma.mma_async";
         case Op::WgmmaCommit: return "wgmma.commit_group";
         case Op::WgmmaWait: return "wgmma.wait_group";
@@ -557,6 +558,28 @@ std::string run_shuffle(Thread* lanes[], unsigned n) {
     }
     return "";
 }
+// stmatrix.sync.aligned.m8n8.x4.trans.shared.b16, ldmatrix's store: register i of lane t holds
+// matrix i's row t/4, elements 2(t%4) and 2(t%4)+1, and the matrix is stored transposed, lanes
+// 8i..8i+7 giving the addresses of the stored rows of matrix i (16 bytes each, 16-byte aligned,
+// in shared memory): row a of the store is column a of the matrix.
+std::string run_stmatrix_trans(Thread* lanes[32]) {
+    unsigned short m[4][8][8];
+    for (unsigned lane = 0; lane < 32; lane++) {
+        const unsigned* r = static_cast<const unsigned*>(lanes[lane]->in[1]);
+        unsigned a = lane / 4, b = 2 * (lane % 4);
+        for (unsigned i = 0; i < 4; i++) {
+            m[i][b][a] = r[i] & 0xffff;
+            m[i][b + 1][a] = r[i] >> 16;
+        }
+    }
+    for (unsigned lane = 0; lane < 32; lane++) {
+        void* row = const_cast<void*>(lanes[lane]->in[0]);
+        if (reinterpret_cast<uintptr_t>(row) % 16) return format("lane %u's row address %p is not 16-byte aligned", lane, row);
+        if (!in_smem(row, 16)) return format("lane %u's row address %p is outside dynamic shared memory", lane, row);
+        std::memcpy(row, m[lane / 8][lane % 8], 16);
+    }
+    return "";
+}
 
 // Runs the collective every lane of a warp waits at; "" or the error.
 std::string run_warp_op(Thread* lanes[], unsigned n) {
@@ -569,6 +592,7 @@ std::string run_warp_op(Thread* lanes[], unsigned n) {
         case Op::Mma: run_mma(lanes); return "";
         case Op::Ldmatrix: return run_ldmatrix(lanes, false);
         case Op::LdmatrixTrans: return run_ldmatrix(lanes, true);
+        case Op::StmatrixTrans: return run_stmatrix_trans(lanes);
         case Op::Wgmma: return run_wgmma(lanes);
         case Op::WgmmaCommit: L->wgmma[lanes[0]->warp].committed++; return "";
         case Op::WgmmaWait:
@@ -782,6 +806,13 @@ void ldmatrix_x4(unsigned r[4], const void* row, bool trans) {
     t.in[0] = row;
     t.out = r;
     warp_op(trans ? Op::LdmatrixTrans : Op::Ldmatrix, 0xffffffffu);
+}
+
+void stmatrix_x4_trans(const unsigned r[4], void* row) {
+    Thread& t = self();
+    t.in[0] = row;
+    t.in[1] = r;
+    warp_op(Op::StmatrixTrans, 0xffffffffu);
 }
 
 void cp_async16(void* smem, const void* gmem, bool valid) {

@@ -43,6 +43,7 @@ void syncwarp(unsigned mask);
 void shuffle(unsigned mask, const void* in, void* out, unsigned bytes, Shfl kind, int arg, int width);
 void mma16816(float c[4], const unsigned a[4], const unsigned b[2]);
 void ldmatrix_x4(unsigned r[4], const void* row, bool trans);
+void stmatrix_x4_trans(const unsigned r[4], void* row);
 void cp_async16(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
 void cp_async_wait(unsigned pending);
@@ -155,6 +156,7 @@ typename std::common_type<A, B>::type max(A a, B b) {
 inline void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) { emu::mma16816(c, a, b); }
 inline void ldmatrix_x4(unsigned r[4], const void* row) { emu::ldmatrix_x4(r, row, false); }
 inline void ldmatrix_x4_trans(unsigned r[4], const void* row) { emu::ldmatrix_x4(r, row, true); }
+inline void stmatrix_x4_trans(const unsigned r[4], void* row) { emu::stmatrix_x4_trans(r, row); }
 inline void cp_async16(void* smem, const void* gmem, bool valid) { emu::cp_async16(smem, gmem, valid); }
 inline void cp_async_commit() { emu::cp_async_commit(); }
 template <int N>

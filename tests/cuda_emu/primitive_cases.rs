@@ -96,7 +96,7 @@ pub fn cases(hopper: bool) -> Vec<Case> {
     let mut rng = Rng::new(61);
     let mut out = vec![mma(&mut rng, true), mma(&mut rng, false), ldmatrix(), cp_async(), exp2_ftz()];
     if hopper {
-        out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true), wgmma_n256(&mut rng, false), wgmma_n256(&mut rng, true)]);
+        out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true), wgmma_n256(&mut rng, false), wgmma_n256(&mut rng, true), stmatrix_trans()]);
     }
     out
 }
@@ -144,6 +144,28 @@ fn ldmatrix() -> Case {
         Ok(())
     };
     Case { name: "ldmatrix", kernel: "test_ldmatrix", threads: 32, smem: 1024, hopper: false, args: vec![Arg::Out(128), Arg::Out(128), Arg::Bf16(m.clone())], check: Box::new(check) }
+}
+
+/// `stmatrix_x4_trans` (sm_90) against the documented distribution: the store is ldmatrix's
+/// inverse, each matrix written transposed, row a of matrix i from lane 8i + a's address.
+fn stmatrix_trans() -> Case {
+    // m[i][r][c] = 1 + 64i + 8r + c, as raw 16-bit patterns.
+    let m: Vec<u16> = (0..256).map(|k| 1 + k as u16).collect();
+    let check = move |o: &[Vec<u32>]| {
+        let at = |i: usize, r: usize, c: usize| 1 + (64 * i + 8 * r + c) as u32;
+        for lane in 0..32 {
+            let (i, a) = (lane / 8, lane % 8);
+            for k in 0..4 {
+                // Stored row a of matrix i is its column a: elements (2k, a) and (2k + 1, a).
+                let want = at(i, 2 * k, a) | at(i, 2 * k + 1, a) << 16;
+                if o[0][4 * lane + k] != want {
+                    return Err(format!("stmatrix_x4_trans lane {lane} word {k}: {:#x} instead of {want:#x}", o[0][4 * lane + k]));
+                }
+            }
+        }
+        Ok(())
+    };
+    Case { name: "stmatrix (.trans)", kernel: "test_stmatrix_trans", threads: 32, smem: 1024, hopper: true, args: vec![Arg::Out(128), Arg::Bf16(m)], check: Box::new(check) }
 }
 
 /// `cp_async16`: a copy, a zero-fill, and the wait groups.

@@ -96,6 +96,21 @@ extern "C" __global__ void turns_in_order(unsigned* order, unsigned* counters, i
 }
 
 #ifdef MOTLEY_WGMMA
+// m: four 8×8 bf16 matrices (4 × 8 × 8, row-major). Lane t holds register i = matrix i's row
+// t/4, elements 2(t%4) and 2(t%4)+1, and stores the four transposed with stmatrix_x4_trans,
+// lane l giving a scattered 16-byte slot for stored row l % 8 of matrix l / 8; out[4l..4l+4)
+// are the 16 bytes lane l's slot holds after. One warp, 1024 bytes of shared memory.
+extern "C" __global__ void test_stmatrix_trans(unsigned* out, const bf16* m) {
+    DYNAMIC_SMEM(smem);
+    const int lane = threadIdx.x, a = lane / 4, b = 2 * (lane % 4);
+    unsigned r[4];
+    for (int i = 0; i < 4; i++) r[i] = two(m[64 * i + 8 * a + b], m[64 * i + 8 * a + b + 1]);
+    unsigned char* row = smem + 32 * ((7 * lane + 3) % 32);
+    stmatrix_x4_trans(r, row);
+    __syncwarp();
+    for (int k = 0; k < 4; k++) out[4 * lane + k] = ((const unsigned*)row)[k];
+}
+
 // Copies `rows` × 64 bf16 (row-major, global) into a 1024-byte aligned tile of the 128-byte
 // swizzled layout with cp.async, all threads of the block taking chunks in turn.
 __device__ void load_sw128(unsigned char* tile, const bf16* src, int rows) {

@@ -769,13 +769,19 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
 #pragma unroll
         for (int nt = 0; nt < QT / 8; nt++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int c = nt * 8 + 2 * q + e % 2;
-                const float ds = st[nt][e] * (dpt[nt][e] - Dl[c]) * scale;
-                dpt[nt][e] = ds;
-                // dS for the dQ product (query row c, key rr + 8(e/2)), rounded as dK's operand.
-                *(bf16*)(dSw + sw128_offset(c, 2 * (tid / WARP) + e / 2) + 2 * g) = __float2bfloat16(ds);
-            }
+            for (int e = 0; e < 4; e++) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - Dl[nt * 8 + 2 * q + e % 2]) * scale;
+        // dS for the dQ product as query rows, rounded as dK's operand: the warp's 16 keys ×
+        // 64 queries are 8 × 8 blocks (keys 8h.. of the warp, queries 8·nt..), stored
+        // transposed four at a time (stmatrix; element by element it was 64 two-byte stores a
+        // thread). Matrix i of a store is (h = i % 2, nt + i / 2); lane l gives the address of
+        // row l % 8 of matrix l / 8: query row 8(nt + i / 2) + l % 8, the warp's chunk 2w + h.
+        const int mi = lane / 8;
+#pragma unroll
+        for (int nt = 0; nt < QT / 8; nt += 2) {
+            const unsigned pairs[4] = {pack_bf16(dpt[nt][0], dpt[nt][1]), pack_bf16(dpt[nt][2], dpt[nt][3]), pack_bf16(dpt[nt + 1][0], dpt[nt + 1][1]),
+                                       pack_bf16(dpt[nt + 1][2], dpt[nt + 1][3])};
+            stmatrix_x4_trans(pairs, dSw + sw128_offset(8 * (nt + mi / 2) + lane % 8, 2 * (tid / WARP) + mi % 2));
+        }
         queue_product(dk, da, dpt, Qs);
         fence_proxy_async();  // dS's stores become visible to wgmma
         __syncthreads();

@@ -311,6 +311,14 @@ __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// ldmatrix's store (sm_90): four 8×8 bf16 matrices, register i of lane t holding matrix i's row
+// t/4, elements 2(t%4) and 2(t%4)+1 (an mma accumulator pair), stored transposed: lanes
+// 8i..8i+7 give the addresses of the stored rows of matrix i (16 bytes each), row a holding
+// matrix i's column a.
+__device__ __forceinline__ void stmatrix_x4_trans(const unsigned r[4], void* row) {
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
