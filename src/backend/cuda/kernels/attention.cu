@@ -323,7 +323,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     auto add_pv = [&](float (&o)[D / 8][4], const unsigned (&pa)[KEYS / 16][4], int t) {
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs<1>(flat(o), pa[kk], sw128_desc(buffer(t) + TILE + 16 * 128 * kk, 1024), 1);
+        const auto v = sw128_desc(buffer(t) + TILE, 1024);
+#pragma unroll
+        for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs<1>(flat(o), pa[kk], desc_plus(v, 16 * 128 * kk), 1);
         wgmma_commit();
     };
     load(Qs, i0, s.q_col(h));
@@ -345,9 +347,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
 
         float sc[KEYS / 8][4];
         wgmma_fence();
+        const auto qd = sw128_desc(Qs + 64 * 128 * wg, 1024), kd = sw128_desc(buffer(t), 1024);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-            wgmma_m64n128k16_ss(flat(sc), sw128_desc(Qs + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(buffer(t) + 32 * kk, 1024), kk > 0);
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n128k16_ss(flat(sc), desc_plus(qd, 32 * kk), desc_plus(kd, 32 * kk), kk > 0);
         wgmma_commit();
         if (t > 0) {
             add_pv(o, pa, t - 1);
@@ -664,6 +666,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     const unsigned char* Kw = Ks + wg * HALF;
     const unsigned char* Vw = Vs + wg * HALF;
     unsigned char* dSw = dS + wg * HALF;
+    const auto dsd = sw128_desc(dSw, 1024), kwd = sw128_desc(Kw, 1024);  // fixed for the block
 
     // Queues the Q, dO tiles of step t into buffer t % 2 and writes its lse and Δ there.
     auto load_step = [&](int t) {
@@ -707,7 +710,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(frags[kk], from, kk);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs<1>(flat(acc), frags[kk], sw128_desc(tile + 16 * 128 * kk, 1024), 1);
+        const auto b = sw128_desc(tile, 1024);
+#pragma unroll
+        for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs<1>(flat(acc), frags[kk], desc_plus(b, 16 * 128 * kk), 1);
         wgmma_commit();
     };
 
@@ -738,12 +743,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         // Pᵀ is computed while dPᵀ's products run, dSᵀ while dV's do.
         float st[QT / 8][4], dpt[QT / 8][4];
         unsigned pa[QT / 16][4], da[QT / 16][4];  // Pᵀ, dSᵀ as A operands (k: the tile's queries)
+        const auto qd = sw128_desc(Qs, 1024), dod = sw128_desc(dOs, 1024);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(st), kf[kk], sw128_desc(Qs + 32 * kk, 1024), kk > 0);
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(st), kf[kk], desc_plus(qd, 32 * kk), kk > 0);
         wgmma_commit();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(dpt), vf[kk], sw128_desc(dOs + 32 * kk, 1024), kk > 0);
+        for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(dpt), vf[kk], desc_plus(dod, 32 * kk), kk > 0);
         wgmma_commit();
         if (t > 0) add_pending(t - 1);
         wgmma_wait<1>();
@@ -790,7 +796,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         float dq[D / 8][4];
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 64 / 16; kk++) wgmma_m64n64k16_ss<1>(flat(dq), sw128_desc(dSw + 32 * kk, 1024), sw128_desc(Kw + 16 * 128 * kk, 1024), kk > 0);
+        for (int kk = 0; kk < 64 / 16; kk++) wgmma_m64n64k16_ss<1>(flat(dq), desc_plus(dsd, 32 * kk), desc_plus(kwd, 16 * 128 * kk), kk > 0);
         wgmma_commit();
         wgmma_wait<0>();
         fence_operands(flat(dq));

@@ -407,6 +407,11 @@ __device__ __forceinline__ unsigned long long sw128_desc(const void* tile, unsig
     const unsigned long long addr = __cvta_generic_to_shared(tile);
     return ((addr & 0x3ffff) >> 4) | ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32) | (1ull << 62);
 }
+// The descriptor of the operand `bytes` (a multiple of 16) further on: the start address is the
+// low field, in 16-byte units, and shared addresses stay below its 2^18 bytes, so adding there is
+// exact. Forming each k-step's descriptor from its address took about four instructions a
+// wgmma in the kernels' SASS.
+__device__ __forceinline__ unsigned long long desc_plus(unsigned long long desc, unsigned bytes) { return desc + (bytes >> 4); }
 // Where load_rows puts chunk c of row r of a swizzled tile (rows of 64 bf16).
 __device__ __forceinline__ auto swizzled(unsigned char* tile) {
     return [=](int r, int c) { return (bf16*)(tile + sw128_offset(r, c)); };

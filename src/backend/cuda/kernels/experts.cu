@@ -136,9 +136,9 @@ __device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, f
             load_b(step, at + EXPERT_A_BYTES);
         },
         [&](int step, unsigned char* at) {
+            const auto a = sw128_desc(at + 64 * 128 * wg, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024);
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-                wgmma_m64n256k16_ss<0>(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_A_BYTES + 32 * kk, 1024), step > 0 || kk > 0);
+            for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<0>(acc, desc_plus(a, 32 * kk), desc_plus(b, 32 * kk), step > 0 || kk > 0);
         });
     fence_operands(acc);
 }
@@ -184,9 +184,9 @@ __device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, f
         },
         [&](int step, unsigned char* at) {
             // B's rows are k: 16 rows a k-step.
+            const auto a = sw128_desc(at + 64 * 128 * wg, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024, EXPERT_STRIP_BYTES);
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-                wgmma_m64n256k16_ss<1>(acc, sw128_desc(at + 64 * 128 * wg + 32 * kk, 1024), sw128_desc(at + EXPERT_A_BYTES + 16 * 128 * kk, 1024, EXPERT_STRIP_BYTES), step > 0 || kk > 0);
+            for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<1>(acc, desc_plus(a, 32 * kk), desc_plus(b, 16 * 128 * kk), step > 0 || kk > 0);
         });
     fence_operands(acc);
 }
