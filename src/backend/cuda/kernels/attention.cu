@@ -321,9 +321,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     };
     // P V of tile t (P in pa) onto o, queued as one group.
     auto add_pv = [&](float (&o)[D / 8][4], const unsigned (&pa)[KEYS / 16][4], int t) {
-        wgmma_fence();
-#pragma unroll
         const auto v = sw128_desc(buffer(t) + TILE, 1024);
+        wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs<1>(flat(o), pa[kk], desc_plus(v, 16 * 128 * kk), 1);
         wgmma_commit();
@@ -708,9 +707,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     auto queue_product = [&](float (&acc)[D / 8][4], unsigned (&frags)[QT / 16][4], const float (&from)[QT / 8][4], const unsigned char* tile) {
 #pragma unroll
         for (int kk = 0; kk < QT / 16; kk++) acc_to_a<QT>(frags[kk], from, kk);
-        wgmma_fence();
-#pragma unroll
         const auto b = sw128_desc(tile, 1024);
+        wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < QT / 16; kk++) wgmma_m64n64k16_rs<1>(flat(acc), frags[kk], desc_plus(b, 16 * 128 * kk), 1);
         wgmma_commit();
