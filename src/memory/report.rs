@@ -28,7 +28,8 @@ use super::policy::{build_policy, Profile};
 use super::store::{Class, LayerPolicy};
 use super::transients::{block_phases, ALIGNMENT, EXPERT_CHUNK_ROWS};
 use crate::backend::{cuda_scratch, AttnShape};
-use crate::config::Config;
+use crate::config::{Config, GateUp};
+use crate::model::block::GATE_UP;
 use crate::model::params::ParamLayout;
 use crate::{Error, Result};
 
@@ -82,6 +83,8 @@ impl PhasePlan {
 pub struct MemoryReport {
     pub batch: usize,
     pub seq: usize,
+    /// Whether the experts' gate/up product is in the inventory or recomputed by the backward.
+    pub gate_up: GateUp,
     pub layers: Vec<LayerRow>,
     pub phases: Vec<PhasePlan>,
     pub static_bytes: u64,
@@ -197,6 +200,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     Ok(MemoryReport {
         batch,
         seq,
+        gate_up,
         layers,
         phases,
         static_bytes,
@@ -257,6 +261,9 @@ impl fmt::Display for MemoryReport {
             for t in &first.inventory {
                 let class = if t.class == Class::Whole { "whole" } else { "token-split" };
                 writeln!(f, "  {:<16} {:>12}  {class}", t.name, gib(t.bytes))?;
+            }
+            if self.gate_up == GateUp::Recompute {
+                writeln!(f, "  {:<16} {:>12}  recomputed by the backward, a chunk of rows at a time (memory.gate_up)", GATE_UP, "not saved")?;
             }
         }
         writeln!(f, "\n| layer | policy | kept | offloaded | recomputed |")?;
@@ -320,6 +327,15 @@ mod tests {
         assert!(keep.phases.iter().all(|p| p.peak >= p.lower_bound && p.lower_bound > 0));
         let text = keep.to_string();
         assert!(text.contains("expert_gate_up") && text.contains("block backward") && text.contains("fits"), "{text}");
+        assert!(!text.contains("not saved"), "{text}");
+        // Without the gate/up product in the inventory: fewer skeletal bytes, and the text says
+        // where it went.
+        let mut lean_config = config(MemoryPolicy::Keep, Alpha::Auto);
+        lean_config.memory.gate_up = GateUp::Recompute;
+        let lean = plan_report(&lean_config, seq, 2, u64::MAX, 1 << 30, 1e10).unwrap();
+        assert!(lean.skeletal_device_bytes < keep.skeletal_device_bytes);
+        let text = lean.to_string();
+        assert!(text.contains("expert_gate_up") && text.contains("not saved") && text.contains("memory.gate_up"), "{text}");
         serde_json::to_string(&off).unwrap();
         let err = memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes - 1, 1 << 30, 1e10).unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
