@@ -661,43 +661,56 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     // The warpgroup's first key; this thread's accumulator rows are rr and rr + 8 of its 64.
     const int k0 = j0 + 64 * wg, rr = 16 * (tid / WARP) + g;
     const float scale2 = scale * LOG2E;
-    const int qtiles = (s.seq - j0 + QT - 1) / QT, steps = group * qtiles;
+    const int steps = group * ((s.seq - j0 + QT - 1) / QT);
+    // A step of the walk: q head h of the group, query tile i0. The walk takes the query tiles
+    // from the block's first key on, then the next head's; each step's successor is found by an
+    // add and a compare (dividing the step count cost ~25 instructions, three times a step).
+    struct Step {
+        int h, i0;
+    };
+    auto after = [&](Step at) {
+        at.i0 += QT;
+        if (at.i0 >= s.seq) at = Step{at.h + 1, j0};
+        return at;
+    };
     const unsigned char* Kw = Ks + wg * HALF;
     const unsigned char* Vw = Vs + wg * HALF;
     unsigned char* dSw = dS + wg * HALF;
     const auto dsd = sw128_desc(dSw, 1024), kwd = sw128_desc(Kw, 1024);  // fixed for the block
 
-    // Queues the Q, dO tiles of step t into buffer t % 2 and writes its lse and Δ there.
-    auto load_step = [&](int t) {
-        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
-        unsigned char* buf = QO + 2 * (t % 2) * HALF;
-        load_rows<D, QT, 256>(swizzled(buf), qkv, row0, i0, s.seq, w, s.q_col(h));
-        load_rows<D, QT, 256>(swizzled(buf + HALF), dout, row0, i0, s.seq, ow, h * D);
-        stage_stats<QT>(stats + 2 * (t % 2) * QT, lse, delta, s, b, h, i0);
+    // Queues the Q, dO tiles of step `at` into buffer k and writes its lse and Δ there.
+    auto load_step = [&](Step at, int k) {
+        unsigned char* buf = QO + 2 * k * HALF;
+        load_rows<D, QT, 256>(swizzled(buf), qkv, row0, at.i0, s.seq, w, s.q_col(at.h));
+        load_rows<D, QT, 256>(swizzled(buf + HALF), dout, row0, at.i0, s.seq, ow, at.h * D);
+        stage_stats<QT>(stats + 2 * k * QT, lse, delta, s, b, at.h, at.i0);
     };
     load_rows<D, KEYS, 256>(swizzled(Ks), qkv, row0, j0, s.seq, w, s.k_col(kvh));
     load_rows<D, KEYS, 256>(swizzled(Vs), qkv, row0, j0, s.seq, w, s.v_col(kvh));
-    load_step(0);
+    Step step{kvh * group, j0}, before{};  // the step in hand and the one before it
+    load_step(step, 0);
     cp_async_commit();
 
     // This warpgroup's 32 columns of a step's dQ part (n-tiles 4·wg..), added to the accumulator
     // in the key blocks' turn one step later: the L2 round trips of the turn and of the sum then
     // overlap the next step's tensor-core work instead of stalling the block (one an SM).
     float pending[4][4];
-    auto add_pending = [&](int t) {
-        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
+    auto add_pending = [&](Step at) {
+        const int h = at.h, i0 = at.i0;
         const int last = i0 / KEYS, tile = tile_turn<QT>(s, b, h, i0);
         wait_turn(turns + tile, last - kb);
         // Row by row, the columns 8n apart as constant offsets from the row's first: the
         // addresses are formed once a row, not once a pair.
+        // Row rr's first column of the sum and of dqkv in 64 bits once; row rr + 8 after it.
+        const int c0 = 32 * wg + 2 * q;
+        float* sum = dq_acc + (row0 + i0 + rr) * ow + h * D + c0;
+        act_t* dst = dqkv + (row0 + i0 + rr) * w + s.q_col(h) + c0;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            const int i = i0 + rr + 8 * r, c0 = 32 * wg + 2 * q;
-            if (i >= s.seq) continue;
-            float* sum = dq_acc + (row0 + i) * ow + h * D + c0;
-            act_t* dst = dqkv + (row0 + i) * w + s.q_col(h) + c0;
+            if (i0 + rr + 8 * r >= s.seq) continue;
 #pragma unroll
-            for (int n = 0; n < 4; n++) add_dq(make_float2(pending[n][2 * r], pending[n][2 * r + 1]), sum + 8 * n, dst + 8 * n, kb, last);
+            for (int n = 0; n < 4; n++)
+                add_dq(make_float2(pending[n][2 * r], pending[n][2 * r + 1]), sum + 8 * r * ow + 8 * n, dst + 8 * r * w + 8 * n, kb, last);
         }
         if (kb > 0) pass_turn(turns + tile, last - kb + 1);
     };
@@ -717,12 +730,14 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     float dk[D / 8][4] = {}, dv[D / 8][4] = {};
     unsigned kf[D / 16][4], vf[D / 16][4];  // the warpgroup's K and V rows as A operands, read at step 0
     for (int t = 0; t < steps; t++) {
-        const int h = kvh * group + t / qtiles, i0 = j0 + (t % qtiles) * QT;
+        const int i0 = step.i0;
         const unsigned char* Qs = QO + 2 * (t % 2) * HALF;
         const unsigned char* dOs = Qs + HALF;
-        const float* L2 = stats + 2 * (t % 2) * QT;
+        // This thread's two columns' lse and Δ, 8n apart: a float2 each at constant offsets.
+        const float* L2 = stats + 2 * (t % 2) * QT + 2 * q;
         const float* Dl = L2 + QT;
-        if (t + 1 < steps) load_step(t + 1);
+        const Step next = after(step);
+        if (t + 1 < steps) load_step(next, (t + 1) % 2);
         cp_async_commit();
         cp_async_wait_pending<1>();
         fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
@@ -749,7 +764,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(dpt), vf[kk], desc_plus(dod, 32 * kk), kk > 0);
         wgmma_commit();
-        if (t > 0) add_pending(t - 1);
+        if (t > 0) add_pending(before);
         wgmma_wait<1>();
         fence_operands(flat(st));
         // Query rows past the sequence see zero Q and dO (and lse, Δ): P is 1 there but dS and dO
@@ -757,9 +772,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         // The mask only where a tile reaches the diagonal: elsewhere an exponential is all an
         // element costs.
 #pragma unroll
-        for (int nt = 0; nt < QT / 8; nt++)
+        for (int nt = 0; nt < QT / 8; nt++) {
+            const float2 l = *(const float2*)(L2 + 8 * nt);
 #pragma unroll
-            for (int e = 0; e < 4; e++) st[nt][e] = exp2_ftz(fmaf(st[nt][e], scale2, -L2[nt * 8 + 2 * q + e % 2]));
+            for (int e = 0; e < 4; e++) st[nt][e] = exp2_ftz(fmaf(st[nt][e], scale2, -(e % 2 ? l.y : l.x)));
+        }
         if (k0 + 63 > i0) {
 #pragma unroll
             for (int nt = 0; nt < QT / 8; nt++)
@@ -771,9 +788,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         wgmma_wait<1>();
         fence_operands(flat(dpt));
 #pragma unroll
-        for (int nt = 0; nt < QT / 8; nt++)
+        for (int nt = 0; nt < QT / 8; nt++) {
+            const float2 d = *(const float2*)(Dl + 8 * nt);
 #pragma unroll
-            for (int e = 0; e < 4; e++) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - Dl[nt * 8 + 2 * q + e % 2]) * scale;
+            for (int e = 0; e < 4; e++) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - (e % 2 ? d.y : d.x)) * scale;
+        }
         // dS for the dQ product as query rows, rounded as dK's operand: the warp's 16 keys ×
         // 64 queries are 8 × 8 blocks (keys 8h.. of the warp, queries 8·nt..), stored
         // transposed four at a time (stmatrix; element by element it was 64 two-byte stores a
@@ -817,8 +836,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
             if (nt / 4 == wg)
                 for (int e = 0; e < 4; e++) pending[nt % 4][e] = dq[nt][e] + received[((nt % 4) * 4 + e) * 128 + tid];
         // Added to the accumulator next step, while that step's first products run.
+        before = step;
+        step = next;
     }
-    add_pending(steps - 1);
+    add_pending(before);
 
     for (int r = 0; r < 2; r++) {
         const int j = k0 + rr + 8 * r;

@@ -251,25 +251,25 @@ __device__ __forceinline__ void swiglu_grad(float g, float u, float da, float& d
 }
 
 // ---- staging rows in shared memory ------------------------------------------------------------
-// ROWS rows t0.. into shared memory, D columns each, row t's starting at from(t): the 16-byte
-// chunk c (8 values) of row r goes to at(r, c); zero rows past seq. The block's NT threads
-// (blockDim.x = NT) take chunks in turn, a fixed number each. UNROLL unrolls them: as a loop
-// the copies cost tens of instructions each in the Hopper attention kernels' SASS (trip-count
-// remainders, index arithmetic redone per chunk); the mma.sync backward, at 255 registers,
-// spills with them unrolled, so it keeps the loop. bf16 storage queues cp.async copies (the
-// caller commits and waits); f32 storage converts synchronously.
+// A tile of ROWS rows into shared memory, D columns each, row r of the tile starting at from(r):
+// the 16-byte chunk c (8 values) of row r goes to at(r, c); rows r ≥ valid are zero (not read:
+// from(0) stands in for their source). The block's NT threads (blockDim.x = NT) take chunks in
+// turn, a fixed number each. UNROLL unrolls them: as a loop the copies cost tens of
+// instructions each in the Hopper attention kernels' SASS (trip-count remainders, index
+// arithmetic redone per chunk); the mma.sync backward, at 255 registers, spills with them
+// unrolled, so it keeps the loop. bf16 storage queues cp.async copies (the caller commits and
+// waits); f32 storage converts synchronously.
 template <int D, int ROWS, int NT, bool UNROLL = true, class At, class From>
-__device__ __forceinline__ void load_rows_from(At at, From from, int t0, int seq) {
+__device__ __forceinline__ void load_rows_from(At at, From from, int valid) {
     constexpr int CHUNKS = D / 8, TOTAL = ROWS * CHUNKS;
     auto copy = [&](int r, int c) {
-        const int t = t0 + r;
-        const bool valid = t < seq;
-        const act_t* src = from(valid ? t : 0) + 8 * c;
+        const bool ok = r < valid;
+        const act_t* src = from(ok ? r : 0) + 8 * c;
         bf16* to = at(r, c);
 #ifdef MOTLEY_ACT_BF16
-        cp_async16(to, src, valid);
+        cp_async16(to, src, ok);
 #else
-        for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(valid ? src[k] : 0.0f);
+        for (int k = 0; k < 8; k++) to[k] = __float2bfloat16(ok ? src[k] : 0.0f);
 #endif
     };
     if constexpr (UNROLL) {
@@ -285,10 +285,19 @@ __device__ __forceinline__ void load_rows_from(At at, From from, int t0, int seq
         for (int idx = threadIdx.x; idx < TOTAL; idx += NT) copy(idx / CHUNKS, idx % CHUNKS);
     }
 }
-// The same for the rows at row0 of src, ld_src apart, from column col.
+// The same for rows t0.. of the sequence at row0 of src (zero past seq), ld_src apart, from
+// column col. Unrolled, the tile's first row is addressed once in 64 bits and the others at
+// 32-bit offsets from it (64-bit arithmetic per copy was ~15 instructions of the attention
+// backward's step); the mma.sync backward's copy loop spills holding that address, so the
+// loop forms each row's.
 template <int D, int ROWS, int NT, bool UNROLL = true, class At>
 __device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
-    load_rows_from<D, ROWS, NT, UNROLL>(at, [=](int t) { return src + (row0 + t) * ld_src + col; }, t0, seq);
+    if constexpr (UNROLL) {
+        const act_t* first = src + (row0 + t0) * ld_src + col;
+        load_rows_from<D, ROWS, NT>(at, [=](int r) { return first + unsigned(r * ld_src); }, seq - t0);
+    } else {
+        load_rows_from<D, ROWS, NT, false>(at, [=](int r) { return src + (row0 + t0 + r) * ld_src + col; }, seq - t0);
+    }
 }
 
 // ---- wgmma (Hopper, sm_90a): warpgroup matrix multiply from shared memory -------------------

@@ -131,8 +131,11 @@ __device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, f
     k_loop(
         base, s.k / 64,
         [&](int step, unsigned char* at) {
-            auto row = [&](int r) { return s.a + (size_t)(s.index ? s.index[r] : r) * s.k + 64 * step; };
-            load_rows_from<64, EXPERT_ROWS, 256>(swizzled(at), row, t.m0, s.rows);
+            auto row = [&](int r) {
+                const int i = t.m0 + r;
+                return s.a + (size_t)(s.index ? s.index[i] : i) * s.k + 64 * step;
+            };
+            load_rows_from<64, EXPERT_ROWS, 256>(swizzled(at), row, s.rows - t.m0);
             load_b(step, at + EXPERT_A_BYTES);
         },
         [&](int step, unsigned char* at) {
