@@ -6,8 +6,13 @@
 //!
 //! It runs as training runs it, through `Backend::host_work` on a CPU backend's threads.
 //!
+//! With `--device cuda` it times instead what a GPU's MoE layer waits for, both ways: routing on
+//! the device (`Backend::route`: the selection kernels and the read-back of the slots, counts
+//! and aux sums) and on the host (the probabilities and logits read back, then the host work
+//! above), on the same probabilities.
+//!
 //! Run: `cargo bench --bench routing [-- --tokens 32K --experts 8 --threads 0 --min-seconds 1]`
-//! (`--threads 0`: one per core).
+//! (`--threads 0`: one per core); `cargo bench --features cuda --bench routing -- --device cuda`.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -22,9 +27,10 @@ use motley::rng::Rng;
 use serde_json::json;
 
 use common::args::{show_size, Args};
+use common::device::DeviceKind;
 
 fn main() {
-    let args = Args::from_env_known(&["--tokens", "--experts", "--threads", "--min-seconds"]);
+    let args = Args::from_env_known(&["--tokens", "--experts", "--threads", "--min-seconds", "--device"]);
     let n = args.size("--tokens", 32 << 10);
     let e: usize = args.get("--experts", 8);
     if e == 0 {
@@ -34,6 +40,12 @@ fn main() {
     let min_seconds: f64 = args.get("--min-seconds", 1.0);
     let be = Cpu::new(threads);
     let (logits, probs) = router_outputs(n, e, 7);
+    if DeviceKind::parse(&args.get("--device", "cpu".to_string())) == DeviceKind::Cuda {
+        #[cfg(feature = "cuda")]
+        return on_gpu(&args, &logits, &probs, n, e, min_seconds);
+        #[cfg(not(feature = "cuda"))]
+        common::device::no_cuda_feature();
+    }
     println!("host routing, {} tokens × {e} experts, {} threads", show_size(n), be.threads());
     println!("| routing | select (ms) | aux losses (ms) | by token (ms) | backward args (ms) | host work per layer (ms) | CPU router_bwd (ms) |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
@@ -62,6 +74,33 @@ fn main() {
         let layer = select + aux + 2.0 * by_token + bwd_args;
         println!("| {name} | {select:.3} | {aux:.3} | {by_token:.3} | {bwd_args:.3} | {layer:.3} | {cpu_bwd:.3} |");
         args.append_json(&json!({"bench": "routing", "routing": name, "tokens": n, "experts": e, "threads": be.threads(), "select_ms": select, "aux_ms": aux, "by_token_ms": by_token, "backward_args_ms": bwd_args, "layer_ms": layer, "cpu_router_bwd_ms": cpu_bwd}));
+    }
+}
+
+/// Routing on the GPU and on its host, from the same probabilities in device memory.
+#[cfg(feature = "cuda")]
+fn on_gpu(args: &Args, logits: &[f32], probs: &[f32], n: usize, e: usize, min_seconds: f64) {
+    use motley::backend::cuda::CudaBackend;
+    let gpu = common::device::open_cuda(false, common::device::Hopper::Off);
+    let up = |host: &[f32]| {
+        let mut b = gpu.alloc_f32(host.len());
+        gpu.upload(CudaBackend::full_mut(&mut b), host);
+        b
+    };
+    let (zb, pb) = (up(logits), up(probs));
+    let (z, p) = (CudaBackend::full(&zb), CudaBackend::full(&pb));
+    println!("routing on {}, {} tokens × {e} experts (host: {} threads)", gpu.device(), show_size(n), rayon::current_num_threads());
+    println!("| routing | on the device (ms) | on the host, read-back included (ms) | host / device |");
+    println!("|---|---:|---:|---:|");
+    for (name, moe) in [("top-2", moe(e, Kind::TopK)), ("top-p 0.6", moe(e, Kind::TopP))] {
+        let device = 1e3 * time_per_call(min_seconds, &mut || {
+            std::hint::black_box(router::route(&gpu, p, z, n, e, &moe));
+        });
+        let host = 1e3 * time_per_call(min_seconds, &mut || {
+            std::hint::black_box(router::route_on_host(&gpu, p, z, n, e, &moe));
+        });
+        println!("| {name} | {device:.3} | {host:.3} | {:.2}× |", host / device);
+        args.append_json(&json!({"bench": "routing", "device": "cuda", "routing": name, "tokens": n, "experts": e, "device_ms": device, "host_ms": host}));
     }
 }
 

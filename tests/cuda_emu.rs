@@ -736,6 +736,71 @@ fn router_bwd(s: Storage) {
     ch.finish();
 }
 
+/// Routing on the device (softmax.cu's route_* kernels, launched as `Backend::route` launches
+/// them) against `router::select` and `router::aux_losses` on the same probabilities: slots and
+/// gates bitwise, counts exact, aux losses to f32 rounding. 300 tokens (groups of ROUTE_GROUP
+/// with a partial last one; capped grid-stride loops), exact ties between experts (equal logits
+/// on every seventh token), Top-K and Top-P, E = 6 and E = 40 (the chosen mask's second word).
+fn route(s: Storage) {
+    use motley::backend::{RouteRule, RoutedSlots};
+    use motley::model::config::{MoeConfig, Routing as Kind};
+    use motley::model::router;
+    let n: usize = 300;
+    let groups = n.div_ceil(launch::ROUTE_GROUP);
+    let mut ch = Checks::new("route", s);
+    for e in [6, 40] {
+        let mut z: Vec<f32> = data(33, n * e).iter().map(|v| 2.0 * v).collect();
+        for t in (0..n).step_by(7) {
+            z[t * e + 3] = z[t * e + 1];
+        }
+        let mut p = vec![0.0; n * e];
+        cpu_for(s).softmax_rows(&mut p, &z, n, e);
+        for (kind, top_k, top_p) in [(Kind::TopK, 2, 0.0), (Kind::TopK, 5, 0.0), (Kind::TopP, 0, 0.6)] {
+            let moe = MoeConfig { expert_widths: (1..=e).map(|i| 16 * i).collect(), routing: kind, top_k: top_k.max(1), top_p, load_balance: 0.01, p_penalty: 0.1, entropy: 0.03, z_loss: 1e-3 };
+            let (rule_k, rule_p) = match router::rule(&moe) {
+                RouteRule::TopK(k) => (k as i32, 0.0),
+                RouteRule::TopP(p) => (0, p),
+            };
+            let capacity = n * e;
+            let Some(got) = emulate(s, |g| {
+                let (pb, zb) = (g.f32("probs", &p), g.f32("logits", &z));
+                let (chosen, stats) = (g.nan("chosen", Elem::U32, 2 * n), g.nan("stats", Elem::F32, 2 * n));
+                let (counts, sums) = (g.nan("counts", Elem::U32, e * groups), g.nan("sums", Elem::F64, (e + 2) * groups));
+                let (offsets, totals, base, totals_q) = (g.nan("offsets", Elem::U32, e * groups), g.nan("totals", Elem::U32, e), g.nan("base", Elem::U32, e), g.nan("totals_q", Elem::F64, e + 2));
+                let (token, gate) = (g.nan("token", Elem::U32, capacity), g.nan("gate", Elem::F32, capacity));
+                let (ni, ei, gi, group) = (|| Arg::I32(n as i32), || Arg::I32(e as i32), || Arg::I32(groups as i32), || Arg::I32(launch::ROUTE_GROUP as i32));
+                g.run("route_select", g.grid_stride(n), &[chosen.arg(), stats.arg(), pb.arg(), zb.arg(), ni(), ei(), Arg::I32(rule_k), Arg::F32(rule_p)]);
+                g.run("route_group_sums", g.grid_stride((e + 2) * groups), &[counts.arg(), sums.arg(), chosen.arg(), pb.arg(), stats.arg(), ni(), ei(), gi(), group()]);
+                g.run("route_scan", per_row(1), &[offsets.arg(), totals.arg(), base.arg(), totals_q.arg(), counts.arg(), sums.arg(), ei(), gi()]);
+                g.run("route_layout", g.grid_stride(e * groups), &[token.arg(), gate.arg(), chosen.arg(), pb.arg(), offsets.arg(), base.arg(), ni(), ei(), gi(), group()]);
+                vec![totals, totals_q, token, gate]
+            }) else {
+                return;
+            };
+            let counts: Vec<usize> = got[0].iter().map(|&c| c as usize).collect();
+            let slots: usize = counts.iter().sum();
+            let device = RoutedSlots {
+                token: got[2][..slots].iter().map(|&t| t as u32).collect(),
+                gate: got[3][..slots].iter().map(|&g| g as f32).collect(),
+                counts,
+                sum_probs: got[1][..e].to_vec(),
+                entropy: got[1][e],
+                z: got[1][e + 1],
+            };
+            let (routing, aux) = router::from_slots(device, n, &moe);
+            let want = router::select(&p, n, e, &moe);
+            let case = format!("E {e}, {kind:?} (k {top_k}, p {top_p})");
+            if routing != want {
+                ch.failures.push(format!("{case}: the slots differ from router::select's ({} against {} slots)", routing.n_slots(), want.n_slots()));
+            }
+            let a = router::aux_losses(&p, &z, &want, &moe);
+            let as_vec = |l: router::AuxLosses| vec![l.load_balance as f64, l.p_penalty as f64, l.entropy as f64, l.z_loss as f64];
+            ch.close(&format!("{case}: aux losses"), &as_vec(a), &as_vec(aux), 1e-5);
+        }
+    }
+    ch.finish();
+}
+
 fn permute(s: Storage) {
     // Rows of width 300 (one element a thread) and 304 (8, or one).
     for (c, vec) in [(300, 1), (304, 8), (304, 1)] {
@@ -1065,7 +1130,7 @@ macro_rules! per_storage {
     )*};
 }
 
-per_storage!(elementwise, embed, norm, rope, swiglu, softmax, router_bwd, permute, loss, optim, attention, attention_hopper, experts);
+per_storage!(elementwise, embed, norm, rope, swiglu, softmax, router_bwd, route, permute, loss, optim, attention, attention_hopper, experts);
 
 /// Every entry point the backend loads is launched somewhere above: by its quoted name, or, for
 /// the per-head_dim attention passes, by a shape of [`ATTN`] with that head_dim (the Hopper

@@ -872,3 +872,43 @@ fn grouped_call_matches_per_product_matmuls() {
         assert!(err <= 1e-2, "grouped vs per-product output {k}: {err:.3e} > 1e-2");
     }
 }
+
+/// `Backend::route` (the selection and the aux losses' sums on the device) against the host's
+/// `router::select` and `router::aux_losses` on the same probabilities, downloaded: slots and
+/// gates bitwise, the aux losses to f32 rounding. Probabilities from the device's softmax of
+/// logits with exact ties on every seventh token; Top-K and Top-P over 8 and 40 experts; a GPU
+/// also takes 65,536 tokens (twice H100-ref's 32,768 a layer at B = 8, T = 4096).
+#[test]
+fn route_matches_host_selection() {
+    use motley::model::config::MoeConfig;
+    use motley::model::router;
+    type B = CudaBackend;
+    let Some(be) = gpu(Storage::Bf16) else { return };
+    let sizes: &[usize] = if real_gpu(&be) { &[1000, 65_536] } else { &[1000] };
+    for &n in sizes {
+        for e in [8, 40] {
+            let mut z: Vec<f32> = data(41, n * e).iter().map(|v| 2.0 * v).collect();
+            for t in (0..n).step_by(7) {
+                z[t * e + 3] = z[t * e + 1];
+            }
+            let zb = up_f32(&be, &z);
+            let mut pb = be.alloc_f32(n * e);
+            be.softmax_rows(B::full_mut(&mut pb), B::full(&zb), n, e);
+            let p = down(&be, &pb);
+            for (routing, top_k, top_p) in [(Routing::TopK, 2, 1.0), (Routing::TopP, 1, 0.6)] {
+                let moe = MoeConfig { expert_widths: (1..=e).map(|i| 64 * i).collect(), routing, top_k, top_p, load_balance: 0.01, p_penalty: 0.1, entropy: 0.03, z_loss: 1e-3 };
+                let case = format!("{n} tokens, {e} experts, {routing:?}");
+                let slots = be.route(B::full(&pb), B::full(&zb), n, e, router::rule(&moe)).unwrap_or_else(|| panic!("{case}: the backend left routing to the host"));
+                let (got, aux) = router::from_slots(slots, n, &moe);
+                let want = router::select(&p, n, e, &moe);
+                assert_eq!(got.counts(), want.counts(), "{case}: tokens per expert");
+                assert!(got == want, "{case}: slots or gates differ from router::select's");
+                let want_aux = router::aux_losses(&p, &z, &want, &moe);
+                for (name, w, g) in [("load balance", want_aux.load_balance, aux.load_balance), ("P-Penalty", want_aux.p_penalty, aux.p_penalty), ("entropy", want_aux.entropy, aux.entropy), ("z-loss", want_aux.z_loss, aux.z_loss)] {
+                    assert!((w - g).abs() <= 1e-5 * w.abs().max(1.0), "{case}: {name} {g} against the host's {w}");
+                }
+                eprintln!("{case}: {} slots bitwise, aux losses within 1e-5", got.n_slots());
+            }
+        }
+    }
+}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds, on this machine (cargo, no GPU), everything a GPU session runs, into gpu-carry/
 # (git-ignored) for the device tool's `carry: ["gpu-carry"]`:
-#   gpu-carry/bin/  motley, cuda_parity and cuda_memory (the GPU tests), train_step and attention
-#                   (the benches), built with --features cuda and stripped
+#   gpu-carry/bin/  motley, cuda_parity and cuda_memory (the GPU tests), train_step, attention and
+#                   routing (the benches), built with --features cuda and stripped
 #   gpu-carry/ptx/  every kernel as PTX for sm_90a (H100, H200): with MOTLEY_PTX_CACHE pointing
 #                   here the GPU machine loads them without NVRTC compiling or the CUDA headers
 #   gpu-carry/BUILD.txt  commit, toolchain, files, sizes
@@ -34,11 +34,11 @@ rm -rf "$carry"
 mkdir -p "$carry/bin" "$carry/ptx"
 list=$(mktemp)
 trap 'rm -f "$list"' EXIT
-cargo build --release --features cuda --bin motley --bench train_step --bench attention --example ptx_cache \
+cargo build --release --features cuda --bin motley --bench train_step --bench attention --bench routing --example ptx_cache \
     --message-format=json-render-diagnostics | executables >> "$list"
 cargo test --release --features cuda --no-run --test cuda_parity --test cuda_memory --message-format=json-render-diagnostics | executables >> "$list"
 
-for name in motley cuda_parity cuda_memory train_step attention; do
+for name in motley cuda_parity cuda_memory train_step attention routing; do
     exe=$(awk -v n="$name" '$1 == n { print $2 }' "$list" | tail -n 1)
     [ -n "$exe" ] || { echo "build.sh: cargo built no executable named $name" >&2; exit 1; }
     strip -o "$carry/bin/$name" "$exe"

@@ -27,7 +27,7 @@ export OUT=${OUT:-$PWD/rehearsal-out}
 export SHAPE=h100-ref-mini SHAPE_ARGS="--batch 1 --seq 64"
 export ATTN_LENGTHS=128,256 ATTN_ARGS="--tokens 256 --heads 2 --min-seconds 0.1"
 export LONG_LENGTHS=64,128 MAX_LENGTHS=256
-export CHECK_STEPS=2
+export CHECK_STEPS=2 ROUTE_TOKENS=2K
 export CHECK_ARGS="--set train.batch_size=2 --set train.seq_len=64 --set model.seq_len=64 --set train.eval_batches=1"
 rm -rf "$OUT"
 # No Nsight Compute here: a stand-in that drops ncu's flags and runs the profiled command.

@@ -4,8 +4,8 @@
 #
 #   bench/gpu/run.sh check      environment; GPU parity tests; memory plan vs peak; `motley train` CUDA vs CPU
 #   bench/gpu/run.sh step       H100-ref B=8 T=4096: motley (mma.sync attention and cuBLAS experts,
-#                               then the Hopper kernels), time per op of both, then PyTorch eager
-#                               and compile
+#                               then the Hopper kernels), time per op of both, routing on the
+#                               device vs the host, then PyTorch eager and compile
 #   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley (mma.sync, then the Hopper
 #                               wgmma kernels), then PyTorch SDPA (flash)
 #   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
@@ -25,7 +25,7 @@
 # STEP_POLICY (keep), LONG_POLICY (recompute), MAX_POLICY (alpha,tail=recompute,gate_up=recompute:
 # offload by MEMO's α, the last two layers recomputing, the experts' gate/up product recomputed
 # by the backward; by plan 512K, 768K and 1M take 48, 59 and 70 GiB), LONG_ARGS (more train_step flags for the long
-# sweeps, e.g. --hopper once the check part has passed), PROFILE_LENGTH (32K), NCU (the ncu binary; found
+# sweeps, e.g. --hopper once the check part has passed), PROFILE_LENGTH (32K), ROUTE_TOKENS (32K: the step part's routing bench), NCU (the ncu binary; found
 # on PATH or in /usr/local/cuda/bin). bench/gpu/rehearse.sh runs all of it here, without
 # a GPU, on the emulated device, by shrinking the work: SHAPE (h100-ref: a key of
 # bench/gpu_configs.json or cpu_configs.json), SHAPE_ARGS (train_step flags after --shape, e.g.
@@ -186,6 +186,9 @@ part_step() {
     # fails on the hardware (the attention part times those kernels against mma.sync's).
     run_limited "step: motley time per op, Hopper expert kernels (profile)" "$(grant 90)" "$d/profile-hopper.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda "${shape_args[@]}" --policy "${STEP_POLICY:-keep}" --hopper-experts --warmup 1 --steps 3 --max-seconds 60 --profile
+    # What a MoE layer's forward waits for: routing on the device against the host path.
+    run_limited "step: routing on the device vs on the host, ${ROUTE_TOKENS:-32K} tokens × 8 experts" "$(grant 30)" "$d/routing.log" \
+        "${gpu[@]}" "$bin/routing" --device cuda --tokens "${ROUTE_TOKENS:-32K}" --experts 8 --min-seconds 0.5
     run_limited "step: PyTorch eager + torch.compile, same shape" "$(grant 360)" "$d/torch.log" \
         "$py" bench/peer/torch_hmoe.py --suite custom --config "$(shape_json)" --modes eager,compile
     {
@@ -195,6 +198,8 @@ part_step() {
         echo
         echo "With the Hopper expert kernels (grouped_matmul_wgmma, grouped_matmul_swiglu[_bwd]):"
         sed -n '/^time per op/,$p' "$d/profile-hopper.log"
+        echo
+        sed -n '/^routing on/,$p' "$d/routing.log"
     } > "$d/table.md"
 }
 

@@ -92,6 +92,28 @@ pub struct TokenSlots<'a> {
     pub slots: &'a [u32],
 }
 
+/// Which experts a token takes ([`Backend::route`]): Top-K, or Top-P's smallest prefix of the
+/// descending order whose mass reaches `p`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RouteRule {
+    TopK(usize),
+    TopP(f32),
+}
+
+/// What [`Backend::route`] reads back: the slots in expert-major order (ascending token within
+/// an expert) with their renormalised gates, the tokens each expert took, and the aux losses'
+/// sums over tokens: `Σ_t P_ti` per expert, `Σ_t (lse_t − ⟨P_t, z_t⟩)` (entropy) and
+/// `Σ_t lse_t²` (z-loss).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RoutedSlots {
+    pub token: Vec<u32>,
+    pub gate: Vec<f32>,
+    pub counts: Vec<usize>,
+    pub sum_probs: Vec<f64>,
+    pub entropy: f64,
+    pub z: f64,
+}
+
 /// The routing and aux-loss weights [`Backend::router_bwd`] needs: host data, like every index.
 #[derive(Clone, Copy, Debug)]
 pub struct RouterGrad<'a> {
@@ -452,6 +474,14 @@ pub trait Backend: Send + Sync {
     /// `dlogits = P ⊙ (dP − ⟨dP, P⟩) + z_loss · 2 · lse · P / N`. Runs on the device, so the
     /// backward needs no host round trip.
     fn router_bwd(&self, dlogits: Self::ViewMut<'_>, dgate: Self::View<'_>, probs: Self::View<'_>, logits: Self::View<'_>, grad: RouterGrad<'_>);
+    /// Routes the `n` tokens of router `probs` / `logits` (`(n, e)`, f32) where they lie, with
+    /// the selection `model::router::select` makes (bitwise: the same order and f32 sums), and
+    /// reads back the slots and the aux losses' sums. `None` where the backend leaves it to the
+    /// host (the default: the CPU, whose host is where the probabilities lie).
+    fn route(&self, probs: Self::View<'_>, logits: Self::View<'_>, n: usize, e: usize, rule: RouteRule) -> Option<RoutedSlots> {
+        let _ = (probs, logits, n, e, rule);
+        None
+    }
 
     // ---- permute / unpermute --------------------------------------------------------------------
     /// Permute: `out[s] = x[index[s]]` (rows of width `c`).

@@ -270,12 +270,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.matmul(B::full_mut(&mut logits), B::full(&xn2), self.w(p.router, e * c), n, c, e, false, true, false);
         let mut probs = stat(n * e);
         be.softmax_rows(B::full_mut(&mut probs), B::full(&logits), n, e);
-        let (probs_h, logits_h) = (be.download(B::full(&probs)), be.download(B::full(&logits)));
-        let (routing, aux) = be.host_work("route", || {
-            let routing = router::select(&probs_h, n, e, self.moe);
-            let aux = router::aux_losses(&probs_h, &logits_h, &routing, self.moe);
-            (routing, aux)
-        });
+        let (routing, aux) = router::route(be, B::full(&probs), B::full(&logits), n, e, self.moe);
 
         let widths = &self.moe.expert_widths;
         let sc = routing.n_slots() * c;

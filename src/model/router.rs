@@ -2,16 +2,18 @@
 //! (Switch load balance, P-Penalty, router entropy, z-loss) and their per-expert gradients;
 //! the per-token backward is a backend op (`Backend::router_bwd`, fed by [`BackwardArgs`]), so
 //! it runs on the device.
-//! Selection and aux losses run on the host over the `(N, E)` router probabilities, between
-//! the backend's ops: every MoE layer's forward waits for them, so they are data-parallel over
-//! chunks of tokens (on the calling rayon pool, see `Backend::host_work`) and allocation-free
-//! per token. Chunks have a fixed size, so every result is bitwise the same whatever the
-//! thread count.
+//! Selection and aux losses run where the backend routes ([`route`]): on a GPU its kernels
+//! select as [`select`] does, bitwise, and only the slots, E counts and E + 2 sums come back;
+//! elsewhere they run on the host over the `(N, E)` router probabilities, between the backend's
+//! ops. Every MoE layer's forward waits for them, so the host path is data-parallel over chunks
+//! of tokens (on the calling rayon pool, see `Backend::host_work`) and allocation-free per
+//! token. Chunks have a fixed size, so every result is bitwise the same whatever the thread
+//! count.
 
 use rayon::prelude::*;
 
 use crate::backend::cpu::router::logsumexp;
-use crate::backend::{RouterGrad, TokenSlots};
+use crate::backend::{Backend, RouteRule, RoutedSlots, RouterGrad, TokenSlots};
 
 use super::config::{MoeConfig, Routing as RoutingKind};
 use super::routing::{ExpertLists, Routing};
@@ -111,9 +113,7 @@ fn token_shares(routing: &Routing) -> Vec<f32> {
 
 /// Evaluates the aux losses (papers.md §1 definitions; T_i from counts, P̂_i the mean probability).
 pub fn aux_losses(probs: &[f32], logits: &[f32], routing: &Routing, moe: &MoeConfig) -> AuxLosses {
-    let (n, e) = (routing.n_tokens, routing.n_experts);
-    let shares = token_shares(routing);
-    let sizes = moe.relative_sizes();
+    let e = routing.n_experts;
     // Per chunk: Σ_t P_ti per expert, Σ_t entropy_t, Σ_t lse_t²; summed in chunk order.
     let partials: Vec<(Vec<f64>, f64, f64)> = probs
         .par_chunks(TOKEN_CHUNK * e)
@@ -134,15 +134,64 @@ pub fn aux_losses(probs: &[f32], logits: &[f32], routing: &Routing, moe: &MoeCon
             (sum_p, entropy, z)
         })
         .collect();
-    let (mut mean_p, mut entropy, mut z) = (vec![0f64; e], 0f64, 0f64);
-    for (sum_p, h, zz) in partials {
-        mean_p.iter_mut().zip(&sum_p).for_each(|(m, s)| *m += s);
+    let (mut sum_p, mut entropy, mut z) = (vec![0f64; e], 0f64, 0f64);
+    for (part, h, zz) in partials {
+        sum_p.iter_mut().zip(&part).for_each(|(m, s)| *m += s);
         (entropy, z) = (entropy + h, z + zz);
     }
-    let nf = n as f64;
-    let lb: f64 = (0..e).map(|i| shares[i] as f64 * mean_p[i] / nf).sum::<f64>() * e as f64;
-    let pp: f64 = (0..e).map(|i| shares[i] as f64 * sizes[i] as f64 * mean_p[i] / nf).sum::<f64>() * e as f64;
+    aux_from_sums(routing, moe, &sum_p, entropy, z)
+}
+
+/// The aux losses from their sums over tokens: `Σ_t P_ti` per expert, `Σ_t (lse_t − ⟨P_t, z_t⟩)`
+/// and `Σ_t lse_t²`, with `T_i` from the routing's counts.
+fn aux_from_sums(routing: &Routing, moe: &MoeConfig, sum_p: &[f64], entropy: f64, z: f64) -> AuxLosses {
+    let (nf, e) = (routing.n_tokens as f64, routing.n_experts);
+    let shares = token_shares(routing);
+    let sizes = moe.relative_sizes();
+    let lb: f64 = (0..e).map(|i| shares[i] as f64 * sum_p[i] / nf).sum::<f64>() * e as f64;
+    let pp: f64 = (0..e).map(|i| shares[i] as f64 * sizes[i] as f64 * sum_p[i] / nf).sum::<f64>() * e as f64;
     AuxLosses { load_balance: lb as f32, p_penalty: pp as f32, entropy: (entropy / nf) as f32, z_loss: (z / nf) as f32 }
+}
+
+/// The routing and aux losses of what [`Backend::route`] read back for `n` tokens.
+pub fn from_slots(slots: RoutedSlots, n: usize, moe: &MoeConfig) -> (Routing, AuxLosses) {
+    let e = slots.counts.len();
+    let mut offsets = vec![0usize; e + 1];
+    for (x, c) in slots.counts.iter().enumerate() {
+        offsets[x + 1] = offsets[x] + c;
+    }
+    let routing = Routing { n_tokens: n, n_experts: e, token: slots.token, gate: slots.gate, offsets };
+    let aux = aux_from_sums(&routing, moe, &slots.sum_probs, slots.entropy, slots.z);
+    (routing, aux)
+}
+
+/// The backend's selection rule for `moe`.
+pub fn rule(moe: &MoeConfig) -> RouteRule {
+    match moe.routing {
+        RoutingKind::TopK => RouteRule::TopK(moe.top_k),
+        RoutingKind::TopP => RouteRule::TopP(moe.top_p),
+    }
+}
+
+/// Routes one layer's `n` tokens over `e` experts: on the backend where it routes where the
+/// probabilities lie ([`Backend::route`]: one small read-back instead of the `(n, e)`
+/// probabilities and logits), else on the host ([`select`], [`aux_losses`]).
+pub fn route<B: Backend>(be: &B, probs: B::View<'_>, logits: B::View<'_>, n: usize, e: usize, moe: &MoeConfig) -> (Routing, AuxLosses) {
+    match be.route(probs, logits, n, e, rule(moe)) {
+        Some(slots) => from_slots(slots, n, moe),
+        None => route_on_host(be, probs, logits, n, e, moe),
+    }
+}
+
+/// [`route`] on the host whatever the backend: the probabilities and logits read back, then
+/// [`select`] and [`aux_losses`] on the backend's host threads.
+pub fn route_on_host<B: Backend>(be: &B, probs: B::View<'_>, logits: B::View<'_>, n: usize, e: usize, moe: &MoeConfig) -> (Routing, AuxLosses) {
+    let (probs_h, logits_h) = (be.download(probs), be.download(logits));
+    be.host_work("route", || {
+        let routing = select(&probs_h, n, e, moe);
+        let aux = aux_losses(&probs_h, &logits_h, &routing, moe);
+        (routing, aux)
+    })
 }
 
 /// The host data of one layer's `Backend::router_bwd`: each slot's expert and the per-expert

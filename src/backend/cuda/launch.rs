@@ -4,6 +4,11 @@
 
 pub use cudarc::driver::LaunchConfig;
 
+/// Tokens a thread of the routing kernels takes in order (`route_group_sums`, `route_layout`
+/// in softmax.cu): few enough to keep them parallel, enough that `route_scan`'s serial pass over
+/// the groups is short.
+pub const ROUTE_GROUP: usize = 32;
+
 /// Threads per block for row and grid-stride kernels.
 pub const THREADS: u32 = 256;
 /// Rows per partial sum in the deterministic column reductions (RMSNorm dw), as on the CPU.

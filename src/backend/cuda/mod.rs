@@ -51,11 +51,11 @@ use blas::Operand;
 pub use detect::cuda_available;
 pub use kernels::{group_positions, AdamWArgs};
 use kernels::Kernels;
-use launch::{grid_stride, per_row, vec_width, warp_per_row, SUMSQ_BLOCKS};
+use launch::{grid_stride, per_row, vec_width, warp_per_row, ROUTE_GROUP, SUMSQ_BLOCKS};
 use profile::Work;
 pub use nvrtc::Storage;
 
-use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RoutedSlots, RouteRule, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use crate::{Error, Result};
 
 pub struct CudaBackend {
@@ -952,6 +952,66 @@ impl Backend for CudaBackend {
         // const unsigned*, const unsigned*, const float*, const float*, float, float, int, int)`;
         // lengths asserted above (offsets has n + 1 entries, every slot index < s).
         ok(unsafe { l.launch(grid_stride(n)) }, "router_bwd");
+    }
+
+    fn route(&self, probs: DevView<'_>, logits: DevView<'_>, n: usize, e: usize, rule: RouteRule) -> Option<RoutedSlots> {
+        // The kernels keep a token's chosen experts in 64 bits.
+        if n == 0 || e == 0 || e > 64 {
+            return None;
+        }
+        let _span = self.span("route", || Work::moving(probs.bytes() + logits.bytes()));
+        assert!(probs.len() == n * e && logits.len() == n * e, "route: probs and logits must be (N = {n}, E = {e})");
+        for (arg, st) in [("probs", probs.storage), ("logits", logits.storage)] {
+            expect("route", arg, st, Storage::F32);
+        }
+        self.bind();
+        let groups = n.div_ceil(ROUTE_GROUP);
+        let alloc_u32 = |len: usize| ok(self.stream.alloc_zeros::<u32>(len), "scratch alloc");
+        let alloc_f64 = |len: usize| ok(self.stream.alloc_zeros::<f64>(len), "scratch alloc");
+        let (chosen, stats) = (alloc_u32(2 * n), self.scratch_f32(2 * n));
+        let (counts, sums) = (alloc_u32(e * groups), alloc_f64((e + 2) * groups));
+        let (offsets, totals, base, totals_q) = (alloc_u32(e * groups), alloc_u32(e), alloc_u32(e), alloc_f64(e + 2));
+        // Top-K's slot count is known; Top-P's is at most every expert of every token.
+        let capacity = match rule {
+            RouteRule::TopK(k) => n * k.min(e),
+            RouteRule::TopP(_) => n * e,
+        };
+        let (token, gate) = (alloc_u32(capacity), self.scratch_f32(capacity));
+        let (top_k, top_p) = match rule {
+            RouteRule::TopK(k) => (k as i32, 0.0f32),
+            RouteRule::TopP(p) => (0, p),
+        };
+        let (ni, ei, gi, group) = (n as i32, e as i32, groups as i32, ROUTE_GROUP as i32);
+        // SAFETY (the four launches): the signatures in softmax.cu's routing section; chosen and
+        // stats hold 2n, counts / offsets e · groups, sums (e + 2) · groups, token / gate the
+        // slots (at most `capacity`), route_scan runs one block of THREADS ≥ e + 2 threads.
+        let mut l = self.stream.launch_builder(&self.k.route_select);
+        l.arg(&chosen).arg(&stats).arg(&probs.ptr).arg(&logits.ptr).arg(&ni).arg(&ei).arg(&top_k).arg(&top_p);
+        ok(unsafe { l.launch(grid_stride(n)) }, "route_select");
+        let mut l = self.stream.launch_builder(&self.k.route_group_sums);
+        l.arg(&counts).arg(&sums).arg(&chosen).arg(&probs.ptr).arg(&stats).arg(&ni).arg(&ei).arg(&gi).arg(&group);
+        ok(unsafe { l.launch(grid_stride((e + 2) * groups)) }, "route_group_sums");
+        let mut l = self.stream.launch_builder(&self.k.route_scan);
+        l.arg(&offsets).arg(&totals).arg(&base).arg(&totals_q).arg(&counts).arg(&sums).arg(&ei).arg(&gi);
+        ok(unsafe { l.launch(per_row(1)) }, "route_scan");
+        let mut l = self.stream.launch_builder(&self.k.route_layout);
+        l.arg(&token).arg(&gate).arg(&chosen).arg(&probs.ptr).arg(&offsets).arg(&base).arg(&ni).arg(&ei).arg(&gi).arg(&group);
+        ok(unsafe { l.launch(grid_stride(e * groups)) }, "route_layout");
+
+        let counts: Vec<usize> = self.readback.read::<u32>(totals.device_ptr(&self.stream).0, e, "route counts").into_iter().map(|c| c as usize).collect();
+        let sums = self.readback.read::<f64>(totals_q.device_ptr(&self.stream).0, e + 2, "route sums");
+        let slots: usize = counts.iter().sum();
+        assert!(slots <= capacity, "route: {slots} slots past the {capacity} allocated");
+        let token = self.readback.read::<u32>(token.device_ptr(&self.stream).0, slots, "route slots");
+        let gate = self.readback.read::<f32>(gate.device_ptr(&self.stream).0, slots, "route gates");
+        Some(RoutedSlots {
+            token,
+            gate,
+            counts,
+            sum_probs: sums[..e].to_vec(),
+            entropy: sums[e],
+            z: sums[e + 1],
+        })
     }
 
     fn gather_rows(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], c: usize) {

@@ -59,7 +59,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     },
     KernelFile { name: "rope", source: include_str!("kernels/rope.cu"), functions: &["rope"], hopper: &[] },
     KernelFile { name: "swiglu", source: include_str!("kernels/swiglu.cu"), functions: &["swiglu_fwd", "swiglu_bwd"], hopper: &[] },
-    KernelFile { name: "softmax", source: include_str!("kernels/softmax.cu"), functions: &["softmax_rows_fwd", "router_bwd"], hopper: &[] },
+    KernelFile { name: "softmax", source: include_str!("kernels/softmax.cu"), functions: &["softmax_rows_fwd", "router_bwd", "route_select", "route_group_sums", "route_scan", "route_layout"], hopper: &[] },
     KernelFile {
         name: "permute",
         source: include_str!("kernels/permute.cu"),

@@ -58,3 +58,124 @@ extern "C" __global__ void router_bwd(float* dlogits, const float* dgate, const 
         }
     }
 }
+
+// ---- routing on the device (Backend::route) ----------------------------------------------------
+// model::router::select's selection, bitwise (the same keys, scan order and f32 sums), and the
+// aux losses' sums, in four launches: route_select per token, route_group_sums per (quantity,
+// group of `group` consecutive tokens), route_scan in one block, route_layout per (expert, group). The
+// host then reads E counts and E + 2 sums, and the slots: not N × E probabilities and logits.
+// Chosen experts are a 64-bit mask (two words a token): E ≤ 64.
+
+#define ROUTE_CHOSEN (-2147483647 - 1)
+
+// f32::total_cmp's order as integers, ROUTE_CHOSEN + 1 at least (ROUTE_CHOSEN marks a chosen
+// expert), as router::choose forms it.
+__device__ __forceinline__ int route_key(float v) {
+    const int bits = __float_as_int(v);
+    return max(bits ^ (int)((unsigned)(bits >> 31) >> 1), ROUTE_CHOSEN + 1);
+}
+__device__ __forceinline__ bool route_has(const unsigned* chosen, size_t t, int x) { return (chosen[2 * t + x / 32] >> (x % 32)) & 1u; }
+
+// Per token: the chosen experts (the largest key first, ties to the lower index, until Top-K
+// (top_k > 0) has min(top_k, e) or Top-P's mass, summed in that order, reaches top_p), and its
+// entropy and z-loss terms (stats: lse − ⟨P, z⟩, lse², with lse as router_bwd forms it).
+extern "C" __global__ void route_select(unsigned* chosen, float* stats, const float* probs, const float* logits, int n, int e, int top_k, float top_p) {
+    for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < (size_t)n; t += (size_t)gridDim.x * blockDim.x) {
+        const float* p = probs + t * e;
+        const float* z = logits + t * e;
+        unsigned long long mask = 0;
+        float mass = 0.0f;
+        for (int count = 1;; count++) {
+            int best = 0, key = (mask & 1) ? ROUTE_CHOSEN : route_key(p[0]);
+            for (int x = 1; x < e; x++) {
+                const int k = (mask >> x) & 1 ? ROUTE_CHOSEN : route_key(p[x]);
+                if (k > key) best = x, key = k;
+            }
+            mask |= 1ull << best;
+            mass += p[best];
+            if (top_k > 0 ? count >= min(top_k, e) : (mass >= top_p || count == e)) break;
+        }
+        chosen[2 * t] = (unsigned)mask;
+        chosen[2 * t + 1] = (unsigned)(mask >> 32);
+        int j = 0;
+        for (int i = 1; i < e; i++) j = p[i] > p[j] ? i : j;
+        const float lse = z[j] - logf(p[j]);
+        float dot = 0.0f;
+        for (int i = 0; i < e; i++) dot += p[i] * z[i];
+        stats[2 * t] = lse - dot;
+        stats[2 * t + 1] = lse * lse;
+    }
+}
+
+// Per quantity q and group g (index q · groups + g): for q < e the group's tokens routed to
+// expert q (counts) and Σ P_q (sums, f64); q = e, e + 1: Σ of the entropy and z-loss terms.
+extern "C" __global__ void route_group_sums(unsigned* counts, double* sums, const unsigned* chosen, const float* probs, const float* stats, int n, int e, int groups, int group) {
+    const size_t total = (size_t)(e + 2) * groups;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const int q = (int)(i / groups), g = (int)(i % groups);
+        const size_t t0 = (size_t)g * group, t1 = min(t0 + group, (size_t)n);
+        unsigned count = 0;
+        double sum = 0.0;
+        for (size_t t = t0; t < t1; t++) {
+            if (q < e) {
+                count += route_has(chosen, t, q);
+                sum += probs[t * e + q];
+            } else {
+                sum += stats[2 * t + (q - e)];
+            }
+        }
+        if (q < e) counts[i] = count;
+        sums[i] = sum;
+    }
+}
+
+// One block of at least e + 2 threads: thread x < e turns its expert's group counts into
+// offsets from the expert's first slot and its total; thread q < e + 2 sums its quantity over
+// the groups in order (totals_q). Then base[x]: the slots before expert x.
+extern "C" __global__ void route_scan(unsigned* offsets, unsigned* totals, unsigned* base, double* totals_q, const unsigned* counts, const double* sums, int e, int groups) {
+    const int q = threadIdx.x;
+    if (q < e) {
+        unsigned at = 0;
+        for (int g = 0; g < groups; g++) {
+            const unsigned c = counts[(size_t)q * groups + g];
+            offsets[(size_t)q * groups + g] = at;
+            at += c;
+        }
+        totals[q] = at;
+    }
+    if (q < e + 2) {
+        double s = 0.0;
+        for (int g = 0; g < groups; g++) s += sums[(size_t)q * groups + g];
+        totals_q[q] = s;
+    }
+    __syncthreads();
+    if (q == 0) {
+        unsigned at = 0;
+        for (int x = 0; x < e; x++) {
+            base[x] = at;
+            at += totals[x];
+        }
+    }
+}
+
+// Per expert x and group g: the group's tokens routed to x, ascending, into x's slots from
+// base[x] + offsets[x · groups + g], each with its gate P_x / Σ_chosen P (summed in ascending
+// expert order, as router::select does).
+extern "C" __global__ void route_layout(unsigned* token, float* gate, const unsigned* chosen, const float* probs, const unsigned* offsets, const unsigned* base, int n, int e, int groups, int group) {
+    const size_t total = (size_t)e * groups;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const int x = (int)(i / groups), g = (int)(i % groups);
+        const size_t t0 = (size_t)g * group, t1 = min(t0 + group, (size_t)n);
+        unsigned slot = base[x] + offsets[i];
+        for (size_t t = t0; t < t1; t++) {
+            if (!route_has(chosen, t, x)) continue;
+            const float* p = probs + t * e;
+            float sum = 0.0f;
+            for (int y = 0; y < e; y++)
+                if (route_has(chosen, t, y)) sum += p[y];
+            token[slot] = (unsigned)t;
+            gate[slot] = p[x] / sum;
+            slot++;
+        }
+    }
+}
