@@ -251,9 +251,11 @@ __device__ __forceinline__ void swiglu_grad(float g, float u, float da, float& d
 }
 
 // ---- staging rows in shared memory ------------------------------------------------------------
-// A tile of ROWS rows into shared memory, D columns each, row r of the tile starting at from(r):
-// the 16-byte chunk c (8 values) of row r goes to at(r, c); rows r ≥ valid are zero (not read:
-// from(0) stands in for their source). The block's NT threads (blockDim.x = NT) take chunks in
+// A tile of ROWS rows into shared memory, D columns each, row r of the tile starting at
+// from(r, true): the 16-byte chunk c (8 values) of row r goes to at(r, c); rows r ≥ valid are
+// zero and not read (from(r, false) need only give an address, not a valid one: a strided tile
+// adds the same per-thread offset whatever the row, so the offsets stay out of the loop over
+// tiles). The block's NT threads (blockDim.x = NT) take chunks in
 // turn, a fixed number each. UNROLL unrolls them: as a loop the copies cost tens of
 // instructions each in the Hopper attention kernels' SASS (trip-count remainders, index
 // arithmetic redone per chunk); the mma.sync backward, at 255 registers, spills with them
@@ -264,7 +266,7 @@ __device__ __forceinline__ void load_rows_from(At at, From from, int valid) {
     constexpr int CHUNKS = D / 8, TOTAL = ROWS * CHUNKS;
     auto copy = [&](int r, int c) {
         const bool ok = r < valid;
-        const act_t* src = from(ok ? r : 0) + 8 * c;
+        const act_t* src = from(r, ok) + 8 * c;
         bf16* to = at(r, c);
 #ifdef MOTLEY_ACT_BF16
         cp_async16(to, src, ok);
@@ -294,9 +296,9 @@ template <int D, int ROWS, int NT, bool UNROLL = true, class At>
 __device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, int t0, int seq, int ld_src, int col) {
     if constexpr (UNROLL) {
         const act_t* first = src + (row0 + t0) * ld_src + col;
-        load_rows_from<D, ROWS, NT>(at, [=](int r) { return first + unsigned(r * ld_src); }, seq - t0);
+        load_rows_from<D, ROWS, NT>(at, [=](int r, bool) { return first + unsigned(r * ld_src); }, seq - t0);
     } else {
-        load_rows_from<D, ROWS, NT, false>(at, [=](int r) { return src + (row0 + t0 + r) * ld_src + col; }, seq - t0);
+        load_rows_from<D, ROWS, NT, false>(at, [=](int r, bool ok) { return src + (row0 + t0 + (ok ? r : 0)) * ld_src + col; }, seq - t0);
     }
 }
 

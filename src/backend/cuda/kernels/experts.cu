@@ -131,8 +131,9 @@ __device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, f
     k_loop(
         base, s.k / 64,
         [&](int step, unsigned char* at) {
-            auto row = [&](int r) {
-                const int i = t.m0 + r;
+            // Rows past the segment stand in its first (their index is past the index's end).
+            auto row = [&](int r, bool ok) {
+                const int i = t.m0 + (ok ? r : 0);
                 return s.a + (size_t)(s.index ? s.index[i] : i) * s.k + 64 * step;
             };
             load_rows_from<64, EXPERT_ROWS, 256>(swizzled(at), row, s.rows - t.m0);
