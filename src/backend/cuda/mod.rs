@@ -970,21 +970,28 @@ impl Backend for CudaBackend {
         let alloc_f64 = |len: usize| ok(self.stream.alloc_zeros::<f64>(len), "scratch alloc");
         let (chosen, stats) = (alloc_u32(2 * n), self.scratch_f32(2 * n));
         let (counts, sums) = (alloc_u32(e * groups), alloc_f64((e + 2) * groups));
-        let (offsets, totals, base, totals_q) = (alloc_u32(e * groups), alloc_u32(e), alloc_u32(e), alloc_f64(e + 2));
+        let (offsets, base) = (alloc_u32(e * groups), alloc_u32(e));
         // Top-K's slot count is known; Top-P's is at most every expert of every token.
         let capacity = match rule {
             RouteRule::TopK(k) => n * k.min(e),
             RouteRule::TopP(_) => n * e,
         };
-        let (token, gate) = (alloc_u32(capacity), self.scratch_f32(capacity));
+        // What the host reads, in one buffer of 32-bit words so that one read (Top-K) or
+        // three (Top-P: the counts first) fetch it: the e + 2 sums (f64), the e counts, then
+        // `capacity` tokens and as many gates.
+        let header = 2 * (e + 2) + e;
+        let out = alloc_u32(header + 2 * capacity);
+        let at = |word: usize| out.device_ptr(&self.stream).0 + 4 * word as u64;
+        let (totals_q, totals, token, gate) = (at(0), at(2 * (e + 2)), at(header), at(header + capacity));
         let (top_k, top_p) = match rule {
             RouteRule::TopK(k) => (k as i32, 0.0f32),
             RouteRule::TopP(p) => (0, p),
         };
         let (ni, ei, gi, group) = (n as i32, e as i32, groups as i32, ROUTE_GROUP as i32);
         // SAFETY (the four launches): the signatures in softmax.cu's routing section; chosen and
-        // stats hold 2n, counts / offsets e · groups, sums (e + 2) · groups, token / gate the
-        // slots (at most `capacity`), route_scan runs one block of THREADS ≥ e + 2 threads.
+        // stats hold 2n, counts / offsets e · groups, sums (e + 2) · groups, `out` the sums
+        // (8-byte aligned: at its start), counts and `capacity` slots, route_scan runs one block
+        // of THREADS ≥ e + 2 threads.
         let mut l = self.stream.launch_builder(&self.k.route_select);
         l.arg(&chosen).arg(&stats).arg(&probs.ptr).arg(&logits.ptr).arg(&ni).arg(&ei).arg(&top_k).arg(&top_p);
         ok(unsafe { l.launch(grid_stride(n)) }, "route_select");
@@ -998,19 +1005,24 @@ impl Backend for CudaBackend {
         l.arg(&token).arg(&gate).arg(&chosen).arg(&probs.ptr).arg(&offsets).arg(&base).arg(&ni).arg(&ei).arg(&gi).arg(&group);
         ok(unsafe { l.launch(grid_stride(e * groups)) }, "route_layout");
 
-        let counts: Vec<usize> = self.readback.read::<u32>(totals.device_ptr(&self.stream).0, e, "route counts").into_iter().map(|c| c as usize).collect();
-        let sums = self.readback.read::<f64>(totals_q.device_ptr(&self.stream).0, e + 2, "route sums");
+        let read = |from: usize, len: usize| self.readback.read::<u32>(at(from), len, "route read-back");
+        let words = read(0, if matches!(rule, RouteRule::TopK(_)) { header + 2 * capacity } else { header });
+        let f64_at = |i: usize| f64::from_bits(words[2 * i] as u64 | (words[2 * i + 1] as u64) << 32);
+        let counts: Vec<usize> = words[2 * (e + 2)..header].iter().map(|&c| c as usize).collect();
         let slots: usize = counts.iter().sum();
         assert!(slots <= capacity, "route: {slots} slots past the {capacity} allocated");
-        let token = self.readback.read::<u32>(token.device_ptr(&self.stream).0, slots, "route slots");
-        let gate = self.readback.read::<f32>(gate.device_ptr(&self.stream).0, slots, "route gates");
+        let (token, gate) = if words.len() > header {
+            (words[header..header + slots].to_vec(), words[header + capacity..header + capacity + slots].to_vec())
+        } else {
+            (read(header, slots), read(header + capacity, slots))
+        };
         Some(RoutedSlots {
             token,
-            gate,
+            gate: gate.into_iter().map(f32::from_bits).collect(),
             counts,
-            sum_probs: sums[..e].to_vec(),
-            entropy: sums[e],
-            z: sums[e + 1],
+            sum_probs: (0..e).map(f64_at).collect(),
+            entropy: f64_at(e),
+            z: f64_at(e + 1),
         })
     }
 
