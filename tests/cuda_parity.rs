@@ -911,4 +911,8 @@ fn route_matches_host_selection() {
             }
         }
     }
+    // Past 64 experts (the kernels' chosen mask) routing stays on the host.
+    let (n, e) = (10, 65);
+    let (pb, zb) = (up_f32(&be, &vec![1.0 / e as f32; n * e]), up_f32(&be, &vec![0.0; n * e]));
+    assert!(be.route(B::full(&pb), B::full(&zb), n, e, motley::backend::RouteRule::TopK(2)).is_none(), "65 experts: routed on the device");
 }

@@ -62,9 +62,9 @@ extern "C" __global__ void router_bwd(float* dlogits, const float* dgate, const 
 // ---- routing on the device (Backend::route) ----------------------------------------------------
 // model::router::select's selection, bitwise (the same keys, scan order and f32 sums), and the
 // aux losses' sums, in four launches: route_select per token, route_group_sums per (quantity,
-// group of `group` consecutive tokens), route_scan in one block, route_layout per (expert, group). The
-// host then reads E counts and E + 2 sums, and the slots: not N × E probabilities and logits.
-// Chosen experts are a 64-bit mask (two words a token): E ≤ 64.
+// group of `group` consecutive tokens), route_scan in one block, route_layout per (expert,
+// group). The host then reads E counts, E + 2 sums and the slots, not N × E probabilities and
+// logits. Chosen experts are a 64-bit mask (two words a token): E ≤ 64.
 
 #define ROUTE_CHOSEN (-2147483647 - 1)
 
