@@ -738,14 +738,15 @@ fn router_bwd(s: Storage) {
 
 /// Routing on the device (softmax.cu's route_* kernels, launched as `Backend::route` launches
 /// them) against `router::select` and `router::aux_losses` on the same probabilities: slots and
-/// gates bitwise, counts exact, aux losses to f32 rounding. 300 tokens (groups of ROUTE_GROUP
-/// with a partial last one; capped grid-stride loops), exact ties between experts (equal logits
-/// on every seventh token), Top-K and Top-P, E = 6 and E = 40 (the chosen mask's second word).
+/// gates bitwise, counts exact, aux losses to f32 rounding. 2,100 tokens (66 groups of
+/// ROUTE_GROUP, the last partial: route_scan's lanes take three groups each, the last lanes
+/// none; capped grid-stride loops), exact ties between experts (equal logits on every seventh
+/// token), Top-K and Top-P, E = 6 and E = 40 (the chosen mask's second word).
 fn route(s: Storage) {
     use motley::backend::{RouteRule, RoutedSlots};
     use motley::model::config::{MoeConfig, Routing as Kind};
     use motley::model::router;
-    let n: usize = 300;
+    let n: usize = 2100;
     let groups = n.div_ceil(launch::ROUTE_GROUP);
     let mut ch = Checks::new("route", s);
     for e in [6, 40] {
@@ -766,13 +767,13 @@ fn route(s: Storage) {
                 let (pb, zb) = (g.f32("probs", &p), g.f32("logits", &z));
                 let (chosen, stats) = (g.nan("chosen", Elem::U32, 2 * n), g.nan("stats", Elem::F32, 2 * n));
                 let (counts, sums) = (g.nan("counts", Elem::U32, e * groups), g.nan("sums", Elem::F64, (e + 2) * groups));
-                let (offsets, totals, base, totals_q) = (g.nan("offsets", Elem::U32, e * groups), g.nan("totals", Elem::U32, e), g.nan("base", Elem::U32, e), g.nan("totals_q", Elem::F64, e + 2));
+                let (offsets, totals, totals_q) = (g.nan("offsets", Elem::U32, e * groups), g.nan("totals", Elem::U32, e), g.nan("totals_q", Elem::F64, e + 2));
                 let (token, gate) = (g.nan("token", Elem::U32, capacity), g.nan("gate", Elem::F32, capacity));
                 let (ni, ei, gi, group) = (|| Arg::I32(n as i32), || Arg::I32(e as i32), || Arg::I32(groups as i32), || Arg::I32(launch::ROUTE_GROUP as i32));
                 g.run("route_select", g.grid_stride(n), &[chosen.arg(), stats.arg(), pb.arg(), zb.arg(), ni(), ei(), Arg::I32(rule_k), Arg::F32(rule_p)]);
                 g.run("route_group_sums", g.grid_stride((e + 2) * groups), &[counts.arg(), sums.arg(), chosen.arg(), pb.arg(), stats.arg(), ni(), ei(), gi(), group()]);
-                g.run("route_scan", per_row(1), &[offsets.arg(), totals.arg(), base.arg(), totals_q.arg(), counts.arg(), sums.arg(), ei(), gi()]);
-                g.run("route_layout", g.grid_stride(e * groups), &[token.arg(), gate.arg(), chosen.arg(), pb.arg(), offsets.arg(), base.arg(), ni(), ei(), gi(), group()]);
+                g.run("route_scan", launch::route_scan(e), &[offsets.arg(), totals.arg(), totals_q.arg(), counts.arg(), sums.arg(), ei(), gi()]);
+                g.run("route_layout", g.grid_stride(e * groups), &[token.arg(), gate.arg(), chosen.arg(), pb.arg(), offsets.arg(), totals.arg(), ni(), ei(), gi(), group()]);
                 vec![totals, totals_q, token, gate]
             }) else {
                 return;

@@ -42,6 +42,11 @@ pub fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// `route_scan`: a warp for each of the `e + 2` quantities it scans or sums.
+pub fn route_scan(e: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (e as u32 + 2, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// One warp per row, `THREADS / 32` rows per block.
 pub fn warp_per_row(rows: usize) -> LaunchConfig {
     let per_block = THREADS as usize / 32;

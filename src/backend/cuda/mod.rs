@@ -970,7 +970,7 @@ impl Backend for CudaBackend {
         let alloc_f64 = |len: usize| ok(self.stream.alloc_zeros::<f64>(len), "scratch alloc");
         let (chosen, stats) = (alloc_u32(2 * n), self.scratch_f32(2 * n));
         let (counts, sums) = (alloc_u32(e * groups), alloc_f64((e + 2) * groups));
-        let (offsets, base) = (alloc_u32(e * groups), alloc_u32(e));
+        let offsets = alloc_u32(e * groups);
         // Top-K's slot count is known; Top-P's is at most every expert of every token.
         let capacity = match rule {
             RouteRule::TopK(k) => n * k.min(e),
@@ -990,8 +990,8 @@ impl Backend for CudaBackend {
         let (ni, ei, gi, group) = (n as i32, e as i32, groups as i32, ROUTE_GROUP as i32);
         // SAFETY (the four launches): the signatures in softmax.cu's routing section; chosen and
         // stats hold 2n, counts / offsets e · groups, sums (e + 2) · groups, `out` the sums
-        // (8-byte aligned: at its start), counts and `capacity` slots, route_scan runs one block
-        // of THREADS ≥ e + 2 threads.
+        // (8-byte aligned: at its start), counts and `capacity` slots; route_scan runs a warp
+        // per quantity.
         let mut l = self.stream.launch_builder(&self.k.route_select);
         l.arg(&chosen).arg(&stats).arg(&probs.ptr).arg(&logits.ptr).arg(&ni).arg(&ei).arg(&top_k).arg(&top_p);
         ok(unsafe { l.launch(grid_stride(n)) }, "route_select");
@@ -999,10 +999,10 @@ impl Backend for CudaBackend {
         l.arg(&counts).arg(&sums).arg(&chosen).arg(&probs.ptr).arg(&stats).arg(&ni).arg(&ei).arg(&gi).arg(&group);
         ok(unsafe { l.launch(grid_stride((e + 2) * groups)) }, "route_group_sums");
         let mut l = self.stream.launch_builder(&self.k.route_scan);
-        l.arg(&offsets).arg(&totals).arg(&base).arg(&totals_q).arg(&counts).arg(&sums).arg(&ei).arg(&gi);
-        ok(unsafe { l.launch(per_row(1)) }, "route_scan");
+        l.arg(&offsets).arg(&totals).arg(&totals_q).arg(&counts).arg(&sums).arg(&ei).arg(&gi);
+        ok(unsafe { l.launch(launch::route_scan(e)) }, "route_scan");
         let mut l = self.stream.launch_builder(&self.k.route_layout);
-        l.arg(&token).arg(&gate).arg(&chosen).arg(&probs.ptr).arg(&offsets).arg(&base).arg(&ni).arg(&ei).arg(&gi).arg(&group);
+        l.arg(&token).arg(&gate).arg(&chosen).arg(&probs.ptr).arg(&offsets).arg(&totals).arg(&ni).arg(&ei).arg(&gi).arg(&group);
         ok(unsafe { l.launch(grid_stride(e * groups)) }, "route_layout");
 
         let read = |from: usize, len: usize| self.readback.read::<u32>(at(from), len, "route read-back");

@@ -62,8 +62,8 @@ extern "C" __global__ void router_bwd(float* dlogits, const float* dgate, const 
 // ---- routing on the device (Backend::route) ----------------------------------------------------
 // model::router::select's selection, bitwise (the same keys, scan order and f32 sums), and the
 // aux losses' sums, in four launches: route_select per token, route_group_sums per (quantity,
-// group of `group` consecutive tokens), route_scan in one block, route_layout per (expert,
-// group). The host then reads E counts, E + 2 sums and the slots, not N × E probabilities and
+// group of `group` consecutive tokens), route_scan a warp per quantity, route_layout per
+// (expert, group). The host then reads E counts, E + 2 sums and the slots, not N × E probabilities and
 // logits. Chosen experts are a 64-bit mask (two words a token): E ≤ 64.
 
 #define ROUTE_CHOSEN (-2147483647 - 1)
@@ -129,44 +129,47 @@ extern "C" __global__ void route_group_sums(unsigned* counts, double* sums, cons
     }
 }
 
-// One block of at least e + 2 threads: thread x < e turns its expert's group counts into
-// offsets from the expert's first slot and its total; thread q < e + 2 sums its quantity over
-// the groups in order (totals_q). Then base[x]: the slots before expert x.
-extern "C" __global__ void route_scan(unsigned* offsets, unsigned* totals, unsigned* base, double* totals_q, const unsigned* counts, const double* sums, int e, int groups) {
-    const int q = threadIdx.x;
-    if (q < e) {
-        unsigned at = 0;
-        for (int g = 0; g < groups; g++) {
-            const unsigned c = counts[(size_t)q * groups + g];
-            offsets[(size_t)q * groups + g] = at;
-            at += c;
-        }
-        totals[q] = at;
+// A warp per quantity q (grid e + 2, 32 threads): for q < e, its expert's group counts become
+// offsets from the expert's first slot and its total (totals[q]); every q sums its groups'
+// sums (totals_q[q]). A lane takes a stretch of consecutive groups: a serial pass over all of
+// them was a chain of dependent loads (~20 µs at 1,024 groups), the warp's takes 1/32 of it.
+extern "C" __global__ void route_scan(unsigned* offsets, unsigned* totals, double* totals_q, const unsigned* counts, const double* sums, int e, int groups) {
+    const int q = blockIdx.x, lane = threadIdx.x, stretch = (groups + WARP - 1) / WARP;
+    const int g0 = min(lane * stretch, groups), g1 = min(g0 + stretch, groups);
+    const size_t row = (size_t)q * groups;
+    unsigned count = 0;
+    double sum = 0.0;
+    for (int g = g0; g < g1; g++) {
+        if (q < e) count += counts[row + g];
+        sum += sums[row + g];
     }
-    if (q < e + 2) {
-        double s = 0.0;
-        for (int g = 0; g < groups; g++) s += sums[(size_t)q * groups + g];
-        totals_q[q] = s;
+    sum = warp_sum_f64(sum);  // a fixed tree: lane 0's is the same every run
+    if (lane == 0) totals_q[q] = sum;
+    if (q >= e) return;
+    // The stretches before this lane's: an inclusive scan of the counts, then one step back.
+    unsigned before = count;
+    for (int d = 1; d < WARP; d *= 2) {
+        const unsigned v = __shfl_sync(0xffffffffu, before, max(lane - d, 0));
+        if (lane >= d) before += v;
     }
-    __syncthreads();
-    if (q == 0) {
-        unsigned at = 0;
-        for (int x = 0; x < e; x++) {
-            base[x] = at;
-            at += totals[x];
-        }
+    if (lane == WARP - 1) totals[q] = before;
+    before -= count;
+    for (int g = g0; g < g1; g++) {
+        offsets[row + g] = before;
+        before += counts[row + g];
     }
 }
 
 // Per expert x and group g: the group's tokens routed to x, ascending, into x's slots from
-// base[x] + offsets[x · groups + g], each with its gate P_x / Σ_chosen P (summed in ascending
-// expert order, as router::select does).
-extern "C" __global__ void route_layout(unsigned* token, float* gate, const unsigned* chosen, const float* probs, const unsigned* offsets, const unsigned* base, int n, int e, int groups, int group) {
+// offsets[x · groups + g] past the experts before x (Σ totals), each with its gate
+// P_x / Σ_chosen P (summed in ascending expert order, as router::select does).
+extern "C" __global__ void route_layout(unsigned* token, float* gate, const unsigned* chosen, const float* probs, const unsigned* offsets, const unsigned* totals, int n, int e, int groups, int group) {
     const size_t total = (size_t)e * groups;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const int x = (int)(i / groups), g = (int)(i % groups);
         const size_t t0 = (size_t)g * group, t1 = min(t0 + group, (size_t)n);
-        unsigned slot = base[x] + offsets[i];
+        unsigned slot = offsets[i];
+        for (int y = 0; y < x; y++) slot += totals[y];
         for (size_t t = t0; t < t1; t++) {
             if (!route_has(chosen, t, x)) continue;
             const float* p = probs + t * e;
