@@ -660,7 +660,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, lane = threadIdx.x % WARP, g = lane / 4, q = lane % 4;
     // The warpgroup's first key; this thread's accumulator rows are rr and rr + 8 of its 64.
     const int k0 = j0 + 64 * wg, rr = 16 * (tid / WARP) + g;
-    const float scale2 = scale * LOG2E;
     const int steps = group * ((s.seq - j0 + QT - 1) / QT);
     // A step of the walk: q head h of the group, query tile i0. The walk takes the query tiles
     // from the block's first key on, then the next head's; each step's successor is found by an
@@ -727,8 +726,24 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         wgmma_commit();
     };
 
+    // K and V have arrived (with step 0's tiles). K times `scale` once, so that Sᵀ = K Qᵀ and
+    // dQ = dS K carry the factor where dS took a multiply an element every step: exact, as
+    // scale = 1/√64 is a power of two (the products, their f32 sums and the bf16 roundings
+    // commute with it). Then the warpgroup's K and V rows as A operands for the whole walk.
+    cp_async_wait_all();
+    __syncthreads();
+    bf16* k = (bf16*)Ks;
+    for (int i = threadIdx.x; i < KEYS * D; i += blockDim.x) k[i] = __float2bfloat16(__bfloat162float(k[i]) * scale);
+    fence_proxy_async();  // the dQ products read K with wgmma
+    __syncthreads();
+    unsigned kf[D / 16][4], vf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        frag_a_sw128(kf[kk], Kw, 16 * (tid / WARP), kk);
+        frag_a_sw128(vf[kk], Vw, 16 * (tid / WARP), kk);
+    }
+
     float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-    unsigned kf[D / 16][4], vf[D / 16][4];  // the warpgroup's K and V rows as A operands, read at step 0
     for (int t = 0; t < steps; t++) {
         const int i0 = step.i0;
         const unsigned char* Qs = QO + 2 * (t % 2) * HALF;
@@ -742,13 +757,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         cp_async_wait_pending<1>();
         fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
         __syncthreads();
-        if (t == 0) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                frag_a_sw128(kf[kk], Kw, 16 * (tid / WARP), kk);
-                frag_a_sw128(vf[kk], Vw, 16 * (tid / WARP), kk);
-            }
-        }
 
         // Every warpgroup multiplies on every step, even the second one on the block's first
         // tile, whose keys all come after the tile's queries (masked: it adds zeros): wgmma on a
@@ -775,7 +783,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         for (int nt = 0; nt < QT / 8; nt++) {
             const float2 l = *(const float2*)(L2 + 8 * nt);
 #pragma unroll
-            for (int e = 0; e < 4; e++) st[nt][e] = exp2_ftz(fmaf(st[nt][e], scale2, -(e % 2 ? l.y : l.x)));
+            for (int e = 0; e < 4; e++) st[nt][e] = exp2_ftz(fmaf(st[nt][e], LOG2E, -(e % 2 ? l.y : l.x)));
         }
         if (k0 + 63 > i0) {
 #pragma unroll
@@ -787,11 +795,12 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         queue_product(dv, pa, st, dOs);
         wgmma_wait<1>();
         fence_operands(flat(dpt));
+        // dS without its factor `scale`: dQ has it from the scaled K, dK takes it when written.
 #pragma unroll
         for (int nt = 0; nt < QT / 8; nt++) {
             const float2 d = *(const float2*)(Dl + 8 * nt);
 #pragma unroll
-            for (int e = 0; e < 4; e++) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - (e % 2 ? d.y : d.x)) * scale;
+            for (int e = 0; e < 4; e++) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - (e % 2 ? d.y : d.x));
         }
         // dS for the dQ product as query rows, rounded as dK's operand: the warp's 16 keys ×
         // 64 queries are 8 × 8 blocks (keys 8h.. of the warp, queries 8·nt..), stored
@@ -844,7 +853,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     for (int r = 0; r < 2; r++) {
         const int j = k0 + rr + 8 * r;
         if (j >= s.seq) continue;
-        store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk, r, 1.0f);
+        store_row<D>(dqkv + (row0 + j) * w + s.k_col(kvh), dk, r, scale);
         store_row<D>(dqkv + (row0 + j) * w + s.v_col(kvh), dv, r, 1.0f);
     }
 }
