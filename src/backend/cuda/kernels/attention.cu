@@ -437,18 +437,25 @@ extern "C" __global__ void attn_bwd_delta(float* delta, const act_t* dout, const
     if (lane == 0) delta[(b * s.n_heads + h) * s.seq + t] = acc;
 }
 
-// Key block kb's part v of two adjacent dQ values, in the turn order from key block `last` down
-// to 0: `last` starts the f32 sum at `sum`, the next ones add to it, and key block 0 writes the
-// total to dqkv (at `dst_q`) instead.
-__device__ __forceinline__ void add_dq(float2 v, float* sum, act_t* dst_q, int kb, int last) {
+// Key block kb's part of N pairs of adjacent dQ values 8 columns apart (v[n] at column 8n), in
+// the turn order from key block `last` down to 0: `last` starts the f32 sums at `sum`, the next
+// ones add to them, and key block 0 writes the totals to dqkv (at `dst_q`) instead. Which of
+// these a block does is decided once for the N pairs, not per pair.
+template <int N>
+__device__ __forceinline__ void add_dq(float2 (&v)[N], float* sum, act_t* dst_q, int kb, int last) {
     if (kb != last) {
-        const float2 before = __ldcg((const float2*)sum);
-        v = make_float2(before.x + v.x, before.y + v.y);
+#pragma unroll
+        for (int n = 0; n < N; n++) {
+            const float2 before = __ldcg((const float2*)(sum + 8 * n));
+            v[n] = make_float2(before.x + v[n].x, before.y + v[n].y);
+        }
     }
     if (kb > 0) {
-        __stcg((float2*)sum, v);
+#pragma unroll
+        for (int n = 0; n < N; n++) __stcg((float2*)(sum + 8 * n), v[n]);
     } else {
-        store_pair(dst_q, v.x, v.y);
+#pragma unroll
+        for (int n = 0; n < N; n++) store_pair(dst_q + 8 * n, v[n].x, v[n].y);
     }
 }
 
@@ -604,11 +611,9 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
                 for (int r = 0; r < 2; r++) {
                     const int i = i0 + a0 + 16 * at + g + 8 * r;
                     if (i >= s.seq) continue;
-                    for (int n8 = 0; n8 < 2; n8++) {
-                        const int col = piece * 16 + n8 * 8 + 2 * q;
-                        add_dq(make_float2(acc[at][n8][2 * r], acc[at][n8][2 * r + 1]), dq_acc + (row0 + i) * ow + h * D + col,
-                               dqkv + (row0 + i) * w + s.q_col(h) + col, kb(), last);
-                    }
+                    const int col = piece * 16 + 2 * q;
+                    float2 v[2] = {make_float2(acc[at][0][2 * r], acc[at][0][2 * r + 1]), make_float2(acc[at][1][2 * r], acc[at][1][2 * r + 1])};
+                    add_dq(v, dq_acc + (row0 + i) * ow + h * D + col, dqkv + (row0 + i) * w + s.q_col(h) + col, kb(), last);
                 }
         }
         // Every warp is done with this step's buffers (and has stored its dQ part) before the
@@ -698,18 +703,18 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         const int h = at.h, i0 = at.i0;
         const int last = i0 / KEYS, tile = tile_turn<QT>(s, b, h, i0);
         wait_turn(turns + tile, last - kb);
-        // Row by row, the columns 8n apart as constant offsets from the row's first: the
-        // addresses are formed once a row, not once a pair.
-        // Row rr's first column of the sum and of dqkv in 64 bits once; row rr + 8 after it.
+        // Row by row: row rr's first column of the sum and of dqkv in 64 bits once, row rr + 8
+        // after it, the columns 8n apart as constant offsets.
         const int c0 = 32 * wg + 2 * q;
         float* sum = dq_acc + (row0 + i0 + rr) * ow + h * D + c0;
         act_t* dst = dqkv + (row0 + i0 + rr) * w + s.q_col(h) + c0;
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             if (i0 + rr + 8 * r >= s.seq) continue;
+            float2 v[4];
 #pragma unroll
-            for (int n = 0; n < 4; n++)
-                add_dq(make_float2(pending[n][2 * r], pending[n][2 * r + 1]), sum + 8 * r * ow + 8 * n, dst + 8 * r * w + 8 * n, kb, last);
+            for (int n = 0; n < 4; n++) v[n] = make_float2(pending[n][2 * r], pending[n][2 * r + 1]);
+            add_dq(v, sum + 8 * r * ow, dst + 8 * r * w, kb, last);
         }
         if (kb > 0) pass_turn(turns + tile, last - kb + 1);
     };
