@@ -388,12 +388,16 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
                 l[e / 2] += p;
             }
         // The previous tile's P V is done: o holds every earlier tile, at the previous max.
+        // Rescaled only where a row's max moved (else corr is exactly 1 and o · 1 is o): once
+        // the maxima settle, most tiles skip it.
         wgmma_wait<0>();
         fence_operands(flat(o));
         fence_operands(pa);
+        if (corr[0] != 1.0f || corr[1] != 1.0f) {
 #pragma unroll
-        for (int nt = 0; nt < D / 8; nt++)
-            for (int e = 0; e < 4; e++) o[nt][e] *= corr[e / 2];
+            for (int nt = 0; nt < D / 8; nt++)
+                for (int e = 0; e < 4; e++) o[nt][e] *= corr[e / 2];
+        }
 #pragma unroll
         for (int kk = 0; kk < KEYS / 16; kk++) acc_to_a<KEYS>(pa[kk], sc, kk);
     }
