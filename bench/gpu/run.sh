@@ -25,7 +25,7 @@
 # STEP_POLICY (keep), LONG_POLICY (recompute), MAX_POLICY (alpha,tail=recompute,gate_up=recompute:
 # offload by MEMO's α, the last two layers recomputing, the experts' gate/up product recomputed
 # by the backward; by plan 512K, 768K and 1M take 48, 59 and 70 GiB), LONG_ARGS (more train_step flags for the long
-# sweeps, e.g. --hopper once the check part has passed), PROFILE_LENGTH (32K), ROUTE_TOKENS (32K: the step part's routing bench), NCU (the ncu binary; found
+# sweeps; unset, they take --hopper when this call's check part passed the Hopper kernels), PROFILE_LENGTH (32K), ROUTE_TOKENS (32K: the step part's routing bench), NCU (the ncu binary; found
 # on PATH or in /usr/local/cuda/bin). bench/gpu/rehearse.sh runs all of it here, without
 # a GPU, on the emulated device, by shrinking the work: SHAPE (h100-ref: a key of
 # bench/gpu_configs.json or cpu_configs.json), SHAPE_ARGS (train_step flags after --shape, e.g.
@@ -221,14 +221,28 @@ part_attention() {
     } > "$d/table.md"
 }
 
+# passed TEST LOG: whether the libtest log (--nocapture: a test's output between its
+# "test NAME ... " and its "ok") shows TEST passing.
+passed() {
+    awk -v head="test $1 ... " 'index($0, head) == 1 { on = 1; if ($0 == head "ok") found = 1 }
+        on && $0 == "ok" { found = 1 } on && found { exit } on && /^test / && index($0, head) != 1 { exit }
+        END { exit !found }' "$2" 2> /dev/null
+}
+
 # long_sweep DIR LABEL LENGTHS SECONDS POLICY: motley's sweep, its own budget a little under the
-# limit so that it prints its table before being killed.
+# limit so that it prints its table before being killed. Without LONG_ARGS, on the Hopper
+# kernels when this call's check part saw them pass their parity tests (at 128K attention is
+# most of the step), else on the default ones.
 long_sweep() {
-    local d=$1 label=$2 lengths=$3 policy=$5 s
+    local d=$1 label=$2 lengths=$3 policy=$5 s args=("${long_args[@]}")
+    if [ -z "${LONG_ARGS+set}" ] && passed hopper_attention "$OUT/check/parity.log" && passed hopper_experts "$OUT/check/parity.log"; then
+        args=(--hopper)
+        label="$label, Hopper kernels (check passed them)"
+    fi
     s=$(grant "$4")
     run_limited "$label" "$s" "$d/motley-$lengths.log" \
         "${gpu[@]}" "$bin/train_step" --device cuda --shape "$shape" --policy "$policy" --sweep "$lengths" \
-        --time-limit $((s * 2 / 3)) --budget $((s - 20)) "${long_args[@]}" --json "$d/motley.jsonl"
+        --time-limit $((s * 2 / 3)) --budget $((s - 20)) "${args[@]}" --json "$d/motley.jsonl"
 }
 
 # long_table DIR: motley's and the peer's long-context rows in one table.
