@@ -841,18 +841,23 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         fence_operands(da);
         // The parts meet: warpgroup w hands over the columns of the other (n-tiles 4(1 − w)..)
         // and adds those it gets to its own (n-tiles 4w..). The partner thread of the other
-        // warpgroup holds the same positions, so one slot per (n-tile, element, thread).
-        float* handed = halves + wg * 16 * 128;
-        const float* received = halves + (1 - wg) * 16 * 128;
+        // warpgroup holds the same positions, so one 16-byte slot per (n-tile, thread): an
+        // n-tile's four values in one store and one load, consecutive threads' slots adjacent.
+        float4* handed = (float4*)halves + wg * 4 * 128;
+        const float4* received = (const float4*)halves + (1 - wg) * 4 * 128;
 #pragma unroll
         for (int nt = 0; nt < D / 8; nt++)
-            if (nt / 4 != wg)
-                for (int e = 0; e < 4; e++) handed[((nt % 4) * 4 + e) * 128 + tid] = dq[nt][e];
+            if (nt / 4 != wg) handed[(nt % 4) * 128 + tid] = make_float4(dq[nt][0], dq[nt][1], dq[nt][2], dq[nt][3]);
         __syncthreads();
 #pragma unroll
         for (int nt = 0; nt < D / 8; nt++)
-            if (nt / 4 == wg)
-                for (int e = 0; e < 4; e++) pending[nt % 4][e] = dq[nt][e] + received[((nt % 4) * 4 + e) * 128 + tid];
+            if (nt / 4 == wg) {
+                const float4 r = received[(nt % 4) * 128 + tid];
+                pending[nt % 4][0] = dq[nt][0] + r.x;
+                pending[nt % 4][1] = dq[nt][1] + r.y;
+                pending[nt % 4][2] = dq[nt][2] + r.z;
+                pending[nt % 4][3] = dq[nt][3] + r.w;
+            }
         // Added to the accumulator next step, while that step's first products run.
         before = step;
         step = next;
