@@ -577,8 +577,9 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
                     for (int r = 0; r < 2; r++) {
                         float* d2 = &dst[at][nt][2 * r];
                         const int c = nt * 8 + 2 * q;
-                        d2[0] = pt[at][nt][2 * r] * (d2[0] - Dl[c]) * scale;
-                        d2[1] = pt[at][nt][2 * r + 1] * (d2[1] - Dl[c + 1]) * scale;
+                        const float2 d = *(const float2*)(Dl + c);
+                        d2[0] = pt[at][nt][2 * r] * (d2[0] - d.x) * scale;
+                        d2[1] = pt[at][nt][2 * r + 1] * (d2[1] - d.y) * scale;
                         // dSᵀ for the block's dQ product, rounded as the dK product's operand.
                         *(unsigned*)(dSs + (wk + 16 * at + g + 8 * r) * SE + c) = pack_bf16(d2[0], d2[1]);
                     }
