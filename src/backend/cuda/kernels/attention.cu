@@ -641,7 +641,8 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
 // attn_bwd's schedule (a block per key block, walking the query tiles of its group's q heads,
 // dQ parts added in turns) on two warpgroups of 64 keys (128 keys a block, 256 threads); query
 // tiles of 64 rows stream through two shared buffers. K, V, Q, dO lie in shared memory in the
-// 128-byte swizzled layout. Per tile a warpgroup computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (wgmma
+// 128-byte swizzled layout, K already times the softmax scale (once, exact: 1/√64 is a power
+// of two). Per tile a warpgroup computes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (wgmma
 // m64n64k16; its K and V rows held in registers for the whole walk, Q and dO read from shared
 // memory), Pᵀ and dSᵀ on their registers, then dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ from
 // registers (dO, Q read transposed). dQ = dS K: each warpgroup multiplies its own keys' part
