@@ -5,8 +5,8 @@
 pub use cudarc::driver::LaunchConfig;
 
 /// Tokens a thread of the routing kernels takes in order (`route_group_sums`, `route_layout`
-/// in softmax.cu): few enough to keep them parallel, enough that `route_scan`'s serial pass over
-/// the groups is short.
+/// in softmax.cu): few enough to keep them parallel, enough that `route_scan`'s lanes each
+/// take few groups.
 pub const ROUTE_GROUP: usize = 32;
 
 /// Threads per block for row and grid-stride kernels.

@@ -966,32 +966,36 @@ impl Backend for CudaBackend {
         }
         self.bind();
         let groups = n.div_ceil(ROUTE_GROUP);
-        let alloc_u32 = |len: usize| ok(self.stream.alloc_zeros::<u32>(len), "scratch alloc");
-        let alloc_f64 = |len: usize| ok(self.stream.alloc_zeros::<f64>(len), "scratch alloc");
-        let (chosen, stats) = (alloc_u32(2 * n), self.scratch_f32(2 * n));
-        let (counts, sums) = (alloc_u32(e * groups), alloc_f64((e + 2) * groups));
-        let offsets = alloc_u32(e * groups);
         // Top-K's slot count is known; Top-P's is at most every expert of every token.
         let capacity = match rule {
             RouteRule::TopK(k) => n * k.min(e),
             RouteRule::TopP(_) => n * e,
         };
-        // What the host reads, in one buffer of 32-bit words so that one read (Top-K) or
-        // three (Top-P: the counts first) fetch it: the e + 2 sums (f64), the e counts, then
-        // `capacity` tokens and as many gates.
+        // Everything in one uninitialised buffer of 32-bit words: this runs in every MoE layer's
+        // forward, and every word a kernel reads an earlier kernel wrote. First what the host
+        // reads, so that one read (Top-K) or three (Top-P: the counts first) fetch it: the e + 2
+        // sums (f64, at the buffer's aligned start), the e counts, `capacity` tokens and as many
+        // gates (plus a word where that count is odd, so that the f64 part after starts 8-byte
+        // aligned). Then the groups' f64 sums, the tokens' chosen masks and entropy / z-loss
+        // terms (2n words each), the groups' counts and offsets (e · groups each).
         let header = 2 * (e + 2) + e;
-        let out = alloc_u32(header + 2 * capacity);
-        let at = |word: usize| out.device_ptr(&self.stream).0 + 4 * word as u64;
-        let (totals_q, totals, token, gate) = (at(0), at(2 * (e + 2)), at(header), at(header + capacity));
+        let read_words = header + 2 * capacity + (header + 2 * capacity) % 2;
+        let parts = [2 * (e + 2), e, capacity, read_words - header - capacity, 2 * (e + 2) * groups, 2 * n, 2 * n, e * groups, e * groups];
+        let scratch = self.scratch_storage(parts.iter().sum(), Storage::F32);
+        let mut next = scratch.ptr;
+        let [totals_q, totals, token, gate, sums, chosen, stats, counts, offsets] = parts.map(|words| {
+            let part = next;
+            next += 4 * words as u64;
+            part
+        });
         let (top_k, top_p) = match rule {
             RouteRule::TopK(k) => (k as i32, 0.0f32),
             RouteRule::TopP(p) => (0, p),
         };
         let (ni, ei, gi, group) = (n as i32, e as i32, groups as i32, ROUTE_GROUP as i32);
-        // SAFETY (the four launches): the signatures in softmax.cu's routing section; chosen and
-        // stats hold 2n, counts / offsets e · groups, sums (e + 2) · groups, `out` the sums
-        // (8-byte aligned: at its start), counts and `capacity` slots; route_scan runs a warp
-        // per quantity.
+        // SAFETY (the four launches): the signatures in softmax.cu's routing section, every
+        // pointer a part of `scratch` (alive until the read-backs below) of the size the kernels
+        // index, the f64 parts 8-byte aligned; route_scan runs a warp per quantity.
         let mut l = self.stream.launch_builder(&self.k.route_select);
         l.arg(&chosen).arg(&stats).arg(&probs.ptr).arg(&logits.ptr).arg(&ni).arg(&ei).arg(&top_k).arg(&top_p);
         ok(unsafe { l.launch(grid_stride(n)) }, "route_select");
@@ -1005,7 +1009,7 @@ impl Backend for CudaBackend {
         l.arg(&token).arg(&gate).arg(&chosen).arg(&probs.ptr).arg(&offsets).arg(&totals).arg(&ni).arg(&ei).arg(&gi).arg(&group);
         ok(unsafe { l.launch(grid_stride(e * groups)) }, "route_layout");
 
-        let read = |from: usize, len: usize| self.readback.read::<u32>(at(from), len, "route read-back");
+        let read = |from: usize, len: usize| self.readback.read::<u32>(totals_q + 4 * from as u64, len, "route read-back");
         let words = read(0, if matches!(rule, RouteRule::TopK(_)) { header + 2 * capacity } else { header });
         let f64_at = |i: usize| f64::from_bits(words[2 * i] as u64 | (words[2 * i + 1] as u64) << 32);
         let counts: Vec<usize> = words[2 * (e + 2)..header].iter().map(|&c| c as usize).collect();
