@@ -9,7 +9,7 @@
 //! With `--device cuda` it times instead what a GPU's MoE layer waits for, both ways: routing on
 //! the device (`Backend::route`: the selection kernels and the read-back of the slots, counts
 //! and aux sums) and on the host (the probabilities and logits read back, then the host work
-//! above), on the same probabilities.
+//! above, on rayon's pool: every core, `--threads` aside), on the same probabilities.
 //!
 //! Run: `cargo bench --bench routing [-- --tokens 32K --experts 8 --threads 0 --min-seconds 1]`
 //! (`--threads 0`: one per core); `cargo bench --features cuda --bench routing -- --device cuda`.
@@ -38,7 +38,6 @@ fn main() {
     }
     let threads: usize = args.get("--threads", 0);
     let min_seconds: f64 = args.get("--min-seconds", 1.0);
-    let be = Cpu::new(threads);
     let (logits, probs) = router_outputs(n, e, 7);
     if DeviceKind::parse(&args.get("--device", "cpu".to_string())) == DeviceKind::Cuda {
         #[cfg(feature = "cuda")]
@@ -46,6 +45,7 @@ fn main() {
         #[cfg(not(feature = "cuda"))]
         common::device::no_cuda_feature();
     }
+    let be = Cpu::new(threads);
     println!("host routing, {} tokens × {e} experts, {} threads", show_size(n), be.threads());
     println!("| routing | select (ms) | aux losses (ms) | by token (ms) | backward args (ms) | host work per layer (ms) | CPU router_bwd (ms) |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
