@@ -89,12 +89,14 @@ fn on_gpu(args: &Args, logits: &[f32], probs: &[f32], n: usize, e: usize, min_se
     };
     let (zb, pb) = (up(logits), up(probs));
     let (z, p) = (CudaBackend::full(&zb), CudaBackend::full(&pb));
+    // The device router's scratch comes from a transient arena, as in a block's forward.
+    let mut tx = motley::memory::arena::Arena::planned();
     println!("routing on {}, {} tokens × {e} experts (host: {} threads)", gpu.device(), show_size(n), rayon::current_num_threads());
     println!("| routing | on the device (ms) | on the host, read-back included (ms) | host / device |");
     println!("|---|---:|---:|---:|");
     for (name, moe) in [("top-2", moe(e, Kind::TopK)), ("top-p 0.6", moe(e, Kind::TopP))] {
         let device = 1e3 * time_per_call(min_seconds, &mut || {
-            std::hint::black_box(router::route(&gpu, p, z, n, e, &moe));
+            std::hint::black_box(router::route(&gpu, p, z, n, e, &moe, &mut tx));
         });
         let host = 1e3 * time_per_call(min_seconds, &mut || {
             std::hint::black_box(router::route_on_host(&gpu, p, z, n, e, &moe));

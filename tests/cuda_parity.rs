@@ -898,7 +898,9 @@ fn route_matches_host_selection() {
             for (routing, top_k, top_p) in [(Routing::TopK, 2, 1.0), (Routing::TopP, 1, 0.6)] {
                 let moe = MoeConfig { expert_widths: (1..=e).map(|i| 64 * i).collect(), routing, top_k, top_p, load_balance: 0.01, p_penalty: 0.1, entropy: 0.03, z_loss: 1e-3 };
                 let case = format!("{n} tokens, {e} experts, {routing:?}");
-                let slots = be.route(B::full(&pb), B::full(&zb), n, e, router::rule(&moe)).unwrap_or_else(|| panic!("{case}: the backend left routing to the host"));
+                let rule = router::rule(&moe);
+                let mut scratch = be.alloc_scratch(be.route_scratch_len(n, e, rule), motley::backend::Precision::F32);
+                let slots = be.route(B::full(&pb), B::full(&zb), n, e, rule, B::full_mut(&mut scratch)).unwrap_or_else(|| panic!("{case}: the backend left routing to the host"));
                 let (got, aux) = router::from_slots(slots, n, &moe);
                 let want = router::select(&p, n, e, &moe);
                 assert_eq!(got.counts(), want.counts(), "{case}: tokens per expert");
@@ -914,5 +916,8 @@ fn route_matches_host_selection() {
     // Past 64 experts (the kernels' chosen mask) routing stays on the host.
     let (n, e) = (10, 65);
     let (pb, zb) = (up_f32(&be, &vec![1.0 / e as f32; n * e]), up_f32(&be, &vec![0.0; n * e]));
-    assert!(be.route(B::full(&pb), B::full(&zb), n, e, motley::backend::RouteRule::TopK(2)).is_none(), "65 experts: routed on the device");
+    let rule = motley::backend::RouteRule::TopK(2);
+    assert_eq!(be.route_scratch_len(n, e, rule), 0, "65 experts: scratch for the device");
+    let mut scratch = be.alloc_scratch(64 * n, motley::backend::Precision::F32);
+    assert!(be.route(B::full(&pb), B::full(&zb), n, e, rule, B::full_mut(&mut scratch)).is_none(), "65 experts: routed on the device");
 }

@@ -1,9 +1,11 @@
-//! Device memory the CUDA backend holds besides the tensors the memory plan places: the
-//! cuBLASLt workspace, the fused classifier's chunk of logits and the attention backward's
-//! scratch. Here, outside the `cuda` feature, so that `plan-memory` counts them with the same
-//! numbers the backend uses (`tests/cuda_memory.rs` holds the plan to the measured device peak).
+//! Device memory the CUDA backend needs besides the model's tensors: the cuBLASLt workspace,
+//! the fused classifier's chunk of logits and the attention backward's scratch, which it holds
+//! beside the memory plan, and the device router's scratch, which the plan places (a phase of
+//! its own in the transient arena). Here, outside the `cuda` feature, so that `plan-memory`
+//! counts them with the same numbers the backend uses (`tests/cuda_memory.rs` holds the plan
+//! to the measured device peak).
 
-use super::AttnShape;
+use super::{AttnShape, RouteRule};
 
 /// Most logits alive at once in the fused classifier (elements, in activation storage: 256 MiB
 /// of bf16, their gradient written over them). Every chunk reads and writes the whole f32 dW
@@ -32,4 +34,57 @@ pub fn attention_bwd_bytes(s: AttnShape) -> u64 {
     let delta = s.batch * s.n_heads * s.seq;
     let turns = s.batch * (s.n_kv_heads + s.n_heads * s.seq.div_ceil(32));
     4 * (delta + s.tokens() * s.out_width() + turns) as u64
+}
+
+/// Tokens a thread of the routing kernels takes in order (`route_group_sums`, `route_layout`
+/// in softmax.cu): few enough to keep them parallel, enough that `route_scan`'s lanes each
+/// take few groups.
+pub const ROUTE_GROUP: usize = 32;
+
+/// Most experts the device router takes: the kernels keep a token's chosen experts in 64 bits.
+pub const ROUTE_MAX_EXPERTS: usize = 64;
+
+/// The device router's scratch for `n` tokens over `e` experts: one buffer of 32-bit words in
+/// nine parts, each a whole number of words. First what the host reads back, so that one read
+/// (Top-K) or three (Top-P: the counts first) fetch it: the e + 2 sums (f64, at the buffer's
+/// 8-byte aligned start), the e counts, `capacity` tokens and as many gates (plus a word where
+/// that count is odd, so that the f64 part after starts 8-byte aligned). Then the groups' f64
+/// sums, the tokens' chosen masks and entropy / z-loss terms (2n words each), the groups'
+/// counts and offsets (e · groups each). `None` where routing stays on the host (no tokens, no
+/// experts, or more than [`ROUTE_MAX_EXPERTS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteScratch {
+    /// Words of each part, in the order above.
+    pub parts: [usize; 9],
+    /// Most slots the routing can make: Top-K's count is known; Top-P's is at most every
+    /// expert of every token.
+    pub capacity: usize,
+    /// Groups of [`ROUTE_GROUP`] tokens.
+    pub groups: usize,
+}
+
+impl RouteScratch {
+    pub fn new(n: usize, e: usize, rule: RouteRule) -> Option<Self> {
+        if n == 0 || e == 0 || e > ROUTE_MAX_EXPERTS {
+            return None;
+        }
+        let groups = n.div_ceil(ROUTE_GROUP);
+        let capacity = match rule {
+            RouteRule::TopK(k) => n * k.min(e),
+            RouteRule::TopP(_) => n * e,
+        };
+        let header = 2 * (e + 2) + e;
+        let read = header + 2 * capacity + (header + 2 * capacity) % 2;
+        let parts = [2 * (e + 2), e, capacity, read - header - capacity, 2 * (e + 2) * groups, 2 * n, 2 * n, e * groups, e * groups];
+        Some(RouteScratch { parts, capacity, groups })
+    }
+
+    /// Words of the sums and counts the host reads first.
+    pub fn header(&self) -> usize {
+        self.parts[0] + self.parts[1]
+    }
+
+    pub fn words(&self) -> usize {
+        self.parts.iter().sum()
+    }
 }

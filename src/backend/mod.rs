@@ -474,12 +474,21 @@ pub trait Backend: Send + Sync {
     /// `dlogits = P ⊙ (dP − ⟨dP, P⟩) + z_loss · 2 · lse · P / N`. Runs on the device, so the
     /// backward needs no host round trip.
     fn router_bwd(&self, dlogits: Self::ViewMut<'_>, dgate: Self::View<'_>, probs: Self::View<'_>, logits: Self::View<'_>, grad: RouterGrad<'_>);
+    /// f32 elements of scratch [`Backend::route`] takes for `n` tokens over `e` experts; 0 where
+    /// the backend leaves routing to the host (the default: the CPU, whose host is where the
+    /// probabilities lie). The block takes it from the transient arena, so the memory plan
+    /// places it (`memory::transients::router_phase`).
+    fn route_scratch_len(&self, n: usize, e: usize, rule: RouteRule) -> usize {
+        let _ = (n, e, rule);
+        0
+    }
     /// Routes the `n` tokens of router `probs` / `logits` (`(n, e)`, f32) where they lie, with
     /// the selection `model::router::select` makes (bitwise: the same order and f32 sums), and
-    /// reads back the slots and the aux losses' sums. `None` where the backend leaves it to the
-    /// host (the default: the CPU, whose host is where the probabilities lie).
-    fn route(&self, probs: Self::View<'_>, logits: Self::View<'_>, n: usize, e: usize, rule: RouteRule) -> Option<RoutedSlots> {
-        let _ = (probs, logits, n, e, rule);
+    /// reads back the slots and the aux losses' sums; `scratch` is at least
+    /// [`Backend::route_scratch_len`] f32 elements. `None` where the backend leaves it to the
+    /// host (the default).
+    fn route(&self, probs: Self::View<'_>, logits: Self::View<'_>, n: usize, e: usize, rule: RouteRule, scratch: Self::ViewMut<'_>) -> Option<RoutedSlots> {
+        let _ = (probs, logits, n, e, rule, scratch);
         None
     }
 

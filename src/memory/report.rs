@@ -3,9 +3,9 @@
 //!
 //! Device bytes = static (parameters, gradients, two AdamW moments, f32; plus the working copy
 //! with narrower activations) + the skeletal peak (the most the activation store holds at once
-//! over the step, following its rules: `skeletal_peak`) + the transient arena (the larger
+//! over the step, following its rules: `skeletal_peak`) + the transient arena (the largest
 //! phase's plan by the arena's own heuristic, with the arena's headroom; the DSA MIP's peak and
-//! lower bound are reported beside it) + what lives beside the skeletal bytes at the larger of
+//! lower bound are reported beside it; on CUDA the router's scratch is a phase too) + what lives beside the skeletal bytes at the larger of
 //! two moments: a block's forward or backward (its incoming and outgoing gradient, 2·N·d_model;
 //! CUDA: the attention backward's scratch) or the turn between forward and backward (the final
 //! hidden state, its norm and their gradients, 4·N·d_model; CUDA: the classifier's logits
@@ -23,14 +23,16 @@ use serde::Serialize;
 use super::alpha::HostLink;
 use super::arena::{allocation_for, phase_plan};
 use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
-use super::plan::{plan, MipLimits, Plan, Strategy};
+use super::plan::{plan, MipLimits, Phase, Plan, Strategy};
 use super::policy::{build_policy, Profile};
 use super::store::{Class, LayerPolicy};
-use super::transients::{block_phases, ALIGNMENT, EXPERT_CHUNK_ROWS};
-use crate::backend::{cuda_scratch, AttnShape};
+use super::transients::{block_phases, router_phase, ALIGNMENT, EXPERT_CHUNK_ROWS};
+use crate::backend::cuda_scratch::{self, RouteScratch};
+use crate::backend::AttnShape;
 use crate::config::{Config, GateUp};
 use crate::model::block::GATE_UP;
 use crate::model::params::ParamLayout;
+use crate::model::router;
 use crate::{Error, Result};
 
 /// Bytes per activation element on `device`: `cuda` trains in bf16 mixed precision.
@@ -161,16 +163,23 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let host_bytes = layers.iter().map(|l| l.offloaded).sum();
 
     let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes, EXPERT_CHUNK_ROWS, gate_up);
+    // On CUDA the router's scratch is a phase of its own before the forward's.
+    let route_words = match config.device.as_str() {
+        "cuda" => RouteScratch::new(tokens, moe.n_experts(), router::rule(moe)).map_or(0, |r| r.words()),
+        _ => 0,
+    };
+    let all = [router_phase(route_words), fwd, bwd];
+    let planned: Vec<&Phase> = all.iter().filter(|p| !p.requests.is_empty()).collect();
     let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
     let mut phases = Vec::new();
-    for phase in [&fwd, &bwd] {
+    for phase in &planned {
         let p = plan(&phase.requests, ALIGNMENT, strategy)?;
         phases.push(PhasePlan::of(&phase.name, phase.requests.len(), &p));
     }
     let transient_peak = phases.iter().map(|p| p.peak).max().unwrap_or(0);
     // The step runs on the arena's own plan, in a buffer with the arena's headroom.
     let mut arena_bytes = 0;
-    for phase in [&fwd, &bwd] {
+    for phase in &planned {
         arena_bytes = arena_bytes.max(allocation_for(phase_plan(&phase.requests)?.peak));
     }
     // f32 master weights, gradients and two AdamW moments, plus a working copy where the
@@ -360,6 +369,28 @@ mod tests {
         let (recomputed, chunk) = (r.layers[0].recomputed, cuda_scratch::classifier_chunk_bytes(shape.tokens(), m.vocab_size, 2));
         assert!(recomputed + attention + 2 * act > chunk + 4 * act, "the case must make a block's moment the larger");
         assert_eq!((r.backend_bytes, r.boundary_bytes), (cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + attention, 2 * act));
+    }
+
+    /// On CUDA the device router's scratch is a phase of the arena: planned at its size, and the
+    /// arena large enough where it is the largest phase (Top-P over many experts of a narrow
+    /// model: 8 bytes a token and expert against the forward's routed rows); not on the CPU.
+    #[test]
+    fn cuda_plans_the_router_scratch_as_an_arena_phase() {
+        let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
+        c.moe.routing = crate::model::config::Routing::TopP;
+        c.moe.expert_widths = vec![16; 64];
+        c.model.d_model = 16;
+        let (seq, batch) = (64, 2);
+        let cpu = plan_report(&c, seq, batch, u64::MAX, 1 << 30, 1e10).unwrap();
+        assert!(cpu.phases.iter().all(|p| p.name != "block router"), "the CPU routes on its host");
+        c.device = "cuda".into();
+        let r = plan_report(&c, seq, batch, u64::MAX, 1 << 30, 1e10).unwrap();
+        let words = RouteScratch::new(seq * batch, 64, router::rule(&c.moe)).unwrap().words() as u64;
+        let route = r.phases.iter().find(|p| p.name == "block router").expect("a router phase on CUDA");
+        let bytes = (4 * words).next_multiple_of(ALIGNMENT);
+        assert_eq!((route.requests, route.peak), (1, bytes));
+        assert!(r.phases.iter().all(|p| p.peak <= route.peak), "the case must make the router's phase the largest: {:?}", r.phases);
+        assert_eq!(r.arena_bytes, allocation_for(bytes));
     }
 
     /// The store's timeline (checked against real steps in tests/memo.rs, whose α-planned

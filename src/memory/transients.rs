@@ -52,6 +52,15 @@ pub mod bwd {
     pub const GU: usize = 13;
 }
 
+/// The phase of a MoE layer's routing, before its forward phase (whose sizes the routing
+/// decides): one request, `route`, of `words` f32 elements (`Backend::route_scratch_len`: the
+/// device router's scratch, dead once the slots are read back). Empty where routing runs on
+/// the host.
+pub fn router_phase(words: usize) -> Phase {
+    let requests = if words > 0 { vec![Request::new("route", 4 * words as u64, 0, 1).f32()] } else { Vec::new() };
+    Phase { name: "block router".into(), ops: 1, requests }
+}
+
 /// By default the experts run on at most this many routed rows at a time (chunks of their
 /// expert-major rows, each chunk a grouped matmul per projection), so the SwiGLU output and its
 /// gradients stay bounded at long context instead of growing with every routed token; large

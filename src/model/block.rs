@@ -270,7 +270,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.matmul(B::full_mut(&mut logits), B::full(&xn2), self.w(p.router, e * c), n, c, e, false, true, false);
         let mut probs = stat(n * e);
         be.softmax_rows(B::full_mut(&mut probs), B::full(&logits), n, e);
-        let (routing, aux) = router::route(be, B::full(&probs), B::full(&logits), n, e, self.moe);
+        let (routing, aux) = router::route(be, B::full(&probs), B::full(&logits), n, e, self.moe, tx);
 
         let widths = &self.moe.expert_widths;
         let sc = routing.n_slots() * c;

@@ -14,6 +14,8 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::router::logsumexp;
 use crate::backend::{Backend, RouteRule, RoutedSlots, RouterGrad, TokenSlots};
+use crate::memory::arena::Arena;
+use crate::memory::transients::router_phase;
 
 use super::config::{MoeConfig, Routing as RoutingKind};
 use super::routing::{ExpertLists, Routing};
@@ -175,12 +177,19 @@ pub fn rule(moe: &MoeConfig) -> RouteRule {
 
 /// Routes one layer's `n` tokens over `e` experts: on the backend where it routes where the
 /// probabilities lie ([`Backend::route`]: one small read-back instead of the `(n, e)`
-/// probabilities and logits), else on the host ([`select`], [`aux_losses`]).
-pub fn route<B: Backend>(be: &B, probs: B::View<'_>, logits: B::View<'_>, n: usize, e: usize, moe: &MoeConfig) -> (Routing, AuxLosses) {
-    match be.route(probs, logits, n, e, rule(moe)) {
-        Some(slots) => from_slots(slots, n, moe),
-        None => route_on_host(be, probs, logits, n, e, moe),
+/// probabilities and logits; its scratch a phase of the transient arena `tx`), else on the
+/// host ([`select`], [`aux_losses`]).
+pub fn route<B: Backend>(be: &B, probs: B::View<'_>, logits: B::View<'_>, n: usize, e: usize, moe: &MoeConfig, tx: &mut Arena<B>) -> (Routing, AuxLosses) {
+    let rule = rule(moe);
+    let words = be.route_scratch_len(n, e, rule);
+    if words > 0 {
+        tx.begin(be, router_phase(words).requests);
+        let [scratch] = tx.views(be, [(0, words)]);
+        if let Some(slots) = be.route(probs, logits, n, e, rule, scratch) {
+            return from_slots(slots, n, moe);
+        }
     }
+    route_on_host(be, probs, logits, n, e, moe)
 }
 
 /// [`route`] on the host whatever the backend: the probabilities and logits read back, then

@@ -4,10 +4,7 @@
 
 pub use cudarc::driver::LaunchConfig;
 
-/// Tokens a thread of the routing kernels takes in order (`route_group_sums`, `route_layout`
-/// in softmax.cu): few enough to keep them parallel, enough that `route_scan`'s lanes each
-/// take few groups.
-pub const ROUTE_GROUP: usize = 32;
+pub use crate::backend::cuda_scratch::ROUTE_GROUP;
 
 /// Threads per block for row and grid-stride kernels.
 pub const THREADS: u32 = 256;

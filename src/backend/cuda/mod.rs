@@ -20,7 +20,8 @@
 //! per call through a page-locked ring (`staging.rs`); scratch (row-chunk partials, the
 //! attention backward's Δ, dQ sums and counters, logits chunks) is allocated per call from the
 //! stream's memory pool. The memory plan counts the large ones (`cuda_scratch`); the index
-//! uploads and row-chunk partials it does not see.
+//! uploads and row-chunk partials it does not see. The router's scratch is the caller's (an
+//! arena view: the plan places it).
 //!
 //! Errors: trait ops cannot return errors; a failed launch or copy means the device state is
 //! unknown, so they panic with the driver's message, and so does an argument of the wrong
@@ -56,6 +57,7 @@ use profile::Work;
 pub use nvrtc::Storage;
 
 use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RoutedSlots, RouteRule, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use super::cuda_scratch::RouteScratch;
 use crate::{Error, Result};
 
 pub struct CudaBackend {
@@ -954,36 +956,23 @@ impl Backend for CudaBackend {
         ok(unsafe { l.launch(grid_stride(n)) }, "router_bwd");
     }
 
-    fn route(&self, probs: DevView<'_>, logits: DevView<'_>, n: usize, e: usize, rule: RouteRule) -> Option<RoutedSlots> {
-        // The kernels keep a token's chosen experts in 64 bits.
-        if n == 0 || e == 0 || e > 64 {
-            return None;
-        }
+    fn route_scratch_len(&self, n: usize, e: usize, rule: RouteRule) -> usize {
+        RouteScratch::new(n, e, rule).map_or(0, |r| r.words())
+    }
+
+    fn route(&self, probs: DevView<'_>, logits: DevView<'_>, n: usize, e: usize, rule: RouteRule, scratch: DevViewMut<'_>) -> Option<RoutedSlots> {
+        let layout = RouteScratch::new(n, e, rule)?;
         let _span = self.span("route", || Work::moving(probs.bytes() + logits.bytes()));
         assert!(probs.len() == n * e && logits.len() == n * e, "route: probs and logits must be (N = {n}, E = {e})");
-        for (arg, st) in [("probs", probs.storage), ("logits", logits.storage)] {
+        for (arg, st) in [("probs", probs.storage), ("logits", logits.storage), ("scratch", scratch.storage)] {
             expect("route", arg, st, Storage::F32);
         }
+        assert!(scratch.len() >= layout.words() && scratch.ptr.is_multiple_of(8), "route: scratch of {} words at {:#x}, needs {} 8-byte aligned", scratch.len(), scratch.ptr, layout.words());
         self.bind();
-        let groups = n.div_ceil(ROUTE_GROUP);
-        // Top-K's slot count is known; Top-P's is at most every expert of every token.
-        let capacity = match rule {
-            RouteRule::TopK(k) => n * k.min(e),
-            RouteRule::TopP(_) => n * e,
-        };
-        // Everything in one uninitialised buffer of 32-bit words: this runs in every MoE layer's
-        // forward, and every word a kernel reads an earlier kernel wrote. First what the host
-        // reads, so that one read (Top-K) or three (Top-P: the counts first) fetch it: the e + 2
-        // sums (f64, at the buffer's aligned start), the e counts, `capacity` tokens and as many
-        // gates (plus a word where that count is odd, so that the f64 part after starts 8-byte
-        // aligned). Then the groups' f64 sums, the tokens' chosen masks and entropy / z-loss
-        // terms (2n words each), the groups' counts and offsets (e · groups each).
-        let header = 2 * (e + 2) + e;
-        let read_words = header + 2 * capacity + (header + 2 * capacity) % 2;
-        let parts = [2 * (e + 2), e, capacity, read_words - header - capacity, 2 * (e + 2) * groups, 2 * n, 2 * n, e * groups, e * groups];
-        let scratch = self.scratch_storage(parts.iter().sum(), Storage::F32);
+        let (groups, capacity, header) = (layout.groups, layout.capacity, layout.header());
+        // Every word a kernel reads an earlier kernel wrote: the scratch needs no clearing.
         let mut next = scratch.ptr;
-        let [totals_q, totals, token, gate, sums, chosen, stats, counts, offsets] = parts.map(|words| {
+        let [totals_q, totals, token, gate, sums, chosen, stats, counts, offsets] = layout.parts.map(|words| {
             let part = next;
             next += 4 * words as u64;
             part
@@ -994,7 +983,7 @@ impl Backend for CudaBackend {
         };
         let (ni, ei, gi, group) = (n as i32, e as i32, groups as i32, ROUTE_GROUP as i32);
         // SAFETY (the four launches): the signatures in softmax.cu's routing section, every
-        // pointer a part of `scratch` (alive until the read-backs below) of the size the kernels
+        // pointer a part of `scratch` (borrowed until the read-backs below) of the size the kernels
         // index, the f64 parts 8-byte aligned; route_scan runs a warp per quantity.
         let mut l = self.stream.launch_builder(&self.k.route_select);
         l.arg(&chosen).arg(&stats).arg(&probs.ptr).arg(&logits.ptr).arg(&ni).arg(&ei).arg(&top_k).arg(&top_p);
