@@ -1058,8 +1058,11 @@ fn experts(s: Storage) {
         let addr = |b: &Buf| b.data_ptr() as u64;
         let ops = |a: &Buf, out: &Buf| expert_launch::Operands { a: addr(a), w: addr(&wb), out: addr(out), elem_bytes: g.act_elem().bytes(), ..Default::default() };
         let calls = [
-            expert_launch::up_call(expert_launch::Operands { act: addr(&out), ..ops(&xb, &gu) }, &up),
-            expert_launch::up_call(expert_launch::Operands { index: addr(&ib), act: addr(&out_gathered), ..ops(&xtb, &gu_gathered) }, &up),
+            expert_launch::up_call(expert_launch::Operands { act: addr(&out), ..ops(&xb, &gu) }, &up, false),
+            expert_launch::up_call(expert_launch::Operands { act: addr(&out_gathered), ..ops(&xtb, &gu_gathered) }, &up, true).map(|mut c| {
+                c.place_index(addr(&ib));
+                c
+            }),
             expert_launch::gemm_call(ops(&out, &y), &down, true),
             expert_launch::dact_call(expert_launch::Operands { gu: addr(&gu), act: addr(&out_bwd), ..ops(&dyb, &dgu) }, &dact_of),
             expert_launch::gemm_call(ops(&dgu, &dx), &dx_of, false),

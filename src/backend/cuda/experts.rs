@@ -73,11 +73,10 @@ pub struct Segment {
 unsafe impl DeviceRepr for Segment {}
 
 /// Base device addresses of a call's views (0 for those the kernel has none of) and their
-/// element size; `index`, where the up projection gathers `a`'s rows, the row list (u32).
+/// element size.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Operands {
     pub a: u64,
-    pub index: u64,
     pub w: u64,
     pub out: u64,
     pub gu: u64,
@@ -92,6 +91,16 @@ pub struct Call {
     pub tiles: usize,
 }
 
+impl Call {
+    /// Adds the device address of the up projection's row index (uploaded after the call was
+    /// made, see [`up_call`]) to each segment's offset into it.
+    pub fn place_index(&mut self, index: u64) {
+        for seg in &mut self.segments {
+            seg.index = seg.index.wrapping_add(index);
+        }
+    }
+}
+
 /// One product: element offsets into the operands (`a`, `w`, `out`, `gu`, `act`) and its shape.
 struct Part {
     offsets: [usize; 5],
@@ -101,14 +110,16 @@ struct Part {
 }
 
 /// The up projection's launch (`out` = gu), or `None` where the kernel does not take these
-/// products. With `ops.index`, product g's rows are `a`'s rows `index[g.a / k..]` (`g.a` an
-/// offset into the gathered rows, as if they were one matrix).
-pub fn up_call(ops: Operands, gemms: &[SwiGluGemm]) -> Option<Call> {
-    let mut call = call(Fused::Up, Operands { index: 0, ..ops }, gemms.iter().map(|s| part(&s.gemm, [if ops.index == 0 { s.gemm.a } else { 0 }, s.gemm.b, s.gemm.out, 0, s.act])))?;
-    if ops.index != 0 {
+/// products. `gathered`: product g's rows are `a`'s rows `index[g.a / k..]` (`g.a` an offset
+/// into the gathered rows, as if they were one matrix); each segment's `index` is then the
+/// byte offset of its stretch until [`Call::place_index`] adds the index's address, so that
+/// the index goes up only once the kernel is known to take the products.
+pub fn up_call(ops: Operands, gemms: &[SwiGluGemm], gathered: bool) -> Option<Call> {
+    let mut call = call(Fused::Up, ops, gemms.iter().map(|s| part(&s.gemm, [if gathered { 0 } else { s.gemm.a }, s.gemm.b, s.gemm.out, 0, s.act])))?;
+    if gathered {
         let live = gemms.iter().filter(|s| s.gemm.m > 0);
         for (seg, s) in call.segments.iter_mut().zip(live) {
-            seg.index = ops.index + 4 * (s.gemm.a / s.gemm.k) as u64;
+            seg.index = 4 * (s.gemm.a / s.gemm.k) as u64;
         }
     }
     Some(call)
@@ -156,11 +167,11 @@ mod tests {
     fn glu(m: usize, h: usize, at: usize) -> SwiGluGemm {
         SwiGluGemm { gemm: Gemm { m, k: 128, n: 2 * h, out: at * 2 * h, a: at * 128, b: 0 }, act: at * h }
     }
-    const OPS: Operands = Operands { a: 3 << 20, index: 0, w: 4 << 20, out: 1 << 20, gu: 0, act: 2 << 20, elem_bytes: 2 };
+    const OPS: Operands = Operands { a: 3 << 20, w: 4 << 20, out: 1 << 20, gu: 0, act: 2 << 20, elem_bytes: 2 };
 
     #[test]
     fn calls_count_tiles_and_skip_empty_experts() {
-        let call = up_call(OPS, &[glu(300, 128, 0), glu(0, 64, 300), glu(1, 192, 300)]).expect("taken");
+        let call = up_call(OPS, &[glu(300, 128, 0), glu(0, 64, 300), glu(1, 192, 300)], false).expect("taken");
         // 300 rows: 3 row tiles × 1 tile of 128 hidden columns; the empty expert none; 1 row:
         // 1 × 2 (192 hidden columns: the second tile half used).
         assert_eq!(call.tiles, 3 + 2);
@@ -179,18 +190,19 @@ mod tests {
 
     #[test]
     fn gathered_rows_start_at_each_products_place_in_the_index() {
-        let ops = Operands { index: 9 << 20, ..OPS };
-        let call = up_call(ops, &[glu(300, 128, 0), glu(0, 64, 300), glu(1, 192, 300)]).expect("taken");
+        let index = 9 << 20;
+        let mut call = up_call(OPS, &[glu(300, 128, 0), glu(0, 64, 300), glu(1, 192, 300)], true).expect("taken");
+        call.place_index(index);
         // Every product reads a's base through its own stretch of the index (u32s).
-        assert_eq!(call.segments.iter().map(|s| (s.a, s.index)).collect::<Vec<_>>(), [(OPS.a, ops.index), (OPS.a, ops.index + 4 * 300)]);
+        assert_eq!(call.segments.iter().map(|s| (s.a, s.index)).collect::<Vec<_>>(), [(OPS.a, index), (OPS.a, index + 4 * 300)]);
     }
 
     #[test]
     fn products_the_kernels_cannot_take_are_refused() {
         // A width that is not whole tiles, an operand off a 16-byte boundary.
-        assert!(up_call(OPS, &[glu(4, 96, 0)]).is_none());
+        assert!(up_call(OPS, &[glu(4, 96, 0)], false).is_none() && up_call(OPS, &[glu(4, 96, 0)], true).is_none());
         let misaligned = SwiGluGemm { gemm: Gemm { a: 3, ..glu(4, 64, 0).gemm }, ..glu(4, 64, 0) };
-        assert!(up_call(OPS, &[misaligned]).is_none());
+        assert!(up_call(OPS, &[misaligned], false).is_none());
         let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 128, out: 0, a: 0, b: 0 }, gu: 0, dgu: 4, act: 0 };
         assert!(dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd]).is_none());
         // 64 columns are not a tile; k must be whole steps of 64.

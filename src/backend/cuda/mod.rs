@@ -736,21 +736,22 @@ impl Backend for CudaBackend {
         if let Some(rows) = rows {
             assert!(rows.iter().all(|&r| (r as usize + 1) * k <= a.len()), "grouped_matmul_swiglu: a gathered row past `a`");
         }
-        // Only the stretch of the index these products read goes up (a chunk of the experts
-        // reads a chunk of the slots); the base address is set back by its start, so that the
-        // products' row offsets, which count from the whole index, land in it.
-        let index = rows.filter(|_| self.hopper_experts && !gemms.is_empty()).map(|r| {
-            let first = gemms.iter().map(|g| g.gemm.a / k).min().unwrap_or(0);
-            let end = gemms.iter().map(|g| g.gemm.a / k + g.gemm.m).max().unwrap_or(0);
-            (self.upload_u32(&r[first..end.max(first)]), first)
-        });
-        let index_ptr = index.as_ref().map_or(0, |(i, first)| i.device_ptr(&self.stream).0.wrapping_sub(4 * *first as u64));
-        let ops = experts::Operands { a: a.ptr, index: index_ptr, w: b.ptr, out: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
-        let Some(call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms)) else {
+        let ops = experts::Operands { a: a.ptr, w: b.ptr, out: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
+        let Some(mut call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms, rows.is_some())) else {
             return swiglu_each(self, gu, act, a, rows, b, gemms);
         };
         // Per output of the product: gu written, and half as much act.
         let _span = self.span("grouped_matmul_swiglu", || fused_work(gemms.iter().map(|g| g.gemm), 1.5));
+        // Only the stretch of the index these products read goes up (a chunk of the experts
+        // reads a chunk of the slots); its address is set back by the stretch's start, so that
+        // the products' row offsets, which count from the whole index, land in it.
+        let _index = rows.filter(|_| call.tiles > 0).map(|r| {
+            let first = gemms.iter().map(|g| g.gemm.a / k).min().unwrap_or(0);
+            let end = gemms.iter().map(|g| g.gemm.a / k + g.gemm.m).max().unwrap_or(0);
+            let index = self.upload_u32(&r[first..end.max(first)]);
+            call.place_index(index.device_ptr(&self.stream).0.wrapping_sub(4 * first as u64));
+            index
+        });
         self.launch_fused(&call);
     }
 
@@ -764,7 +765,7 @@ impl Backend for CudaBackend {
             let fits = g.gu + 2 * m * h <= gu.len() && g.dgu + 2 * m * h <= dgu.len() && g.act + m * h <= act.len() && g.gemm.out + m * h <= dact.len() && g.gemm.a + m * k <= dy.len() && g.gemm.b + k * h <= b.len();
             assert!(fits, "grouped_matmul_swiglu_bwd: {g:?} outside its views");
         }
-        let ops = experts::Operands { a: dy.ptr, w: b.ptr, out: dgu.ptr, gu: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
+        let ops = experts::Operands { a: dy.ptr, w: b.ptr, out: dgu.ptr, gu: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
         let Some(call) = self.fused_call(&[dgu.storage, act.storage, dy.storage, b.storage, gu.storage], || experts::dact_call(ops, gemms)) else {
             return swiglu_bwd_each(self, dgu, act, dact, dy, b, gu, gemms);
         };
