@@ -575,6 +575,15 @@ impl<B: Backend> ActivationStore<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The store offloads ⌈α·tokens⌉ rows (the α planner rounds its α to match, `policy.rs`).
+    #[test]
+    fn an_offload_split_rounds_the_offloaded_rows_up() {
+        let off = |alpha| LayerPolicy::Offload { alpha }.split_token(7);
+        assert_eq!([off(0.0), off(0.5), off(0.9), off(1.0)], [Some(0), Some(4), Some(7), Some(7)]);
+        assert_eq!((LayerPolicy::Keep.split_token(7), LayerPolicy::Recompute.split_token(7)), (None, Some(0)));
+        assert_eq!(LayerPolicy::Offload { alpha: 0.5 }.offloaded_others(700, 7), 400);
+    }
     use crate::backend::cpu::Cpu;
     use crate::model::config::Routing as Kind;
     use crate::model::Model;

@@ -33,3 +33,25 @@ pub fn round_to_bf16(dst: &mut [f32], src: &[f32]) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two steps of decoupled AdamW (Loshchilov & Hutter: `p ← p − lr·(m̂ / (√v̂ + ε) + λ·p)`)
+    /// against values worked out by hand: step 1 takes g = 1 scaled by ½ (so m̂ / √v̂ = 1 and
+    /// p = 1 − 0.1·(1 + 0.1·1) = 0.89), step 2 g = −0.5 scaled by ½, where the bias corrections
+    /// (1 − 0.9², 1 − 0.999²) no longer cancel. Without decay: 0.9, then 0.873366….
+    #[test]
+    fn two_steps_match_the_decoupled_update_worked_by_hand() {
+        for (decay, want) in [(true, [0.89, 0.854_466_3]), (false, [0.9, 0.873_366_3])] {
+            let (mut p, mut m, mut v) = (vec![1.0f32; 3], vec![0.0f32; 3], vec![0.0f32; 3]);
+            for (step, g) in [(1, 1.0f32), (2, -0.5)] {
+                let hp = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step };
+                adamw(&mut p, &mut m, &mut v, &[g; 3], hp, 0.5, decay);
+                let w = want[step as usize - 1];
+                assert!(p.iter().all(|&x| (x - w).abs() < 1e-6), "decay {decay}, step {step}: {p:?}, want {w}");
+            }
+        }
+    }
+}
