@@ -1,9 +1,10 @@
 //! TOML configuration: sections, validation, dotted-key overrides.
 //!
 //! A run is described by one TOML file with the sections `[model] [moe] [train] [data]
-//! [checkpoint] [memory] [parallel]` and a top-level `device`. Every key must be present
-//! (except `[parallel]`, which defaults to no parallelism) and unknown keys are errors, so a
-//! typo never silently falls back to a default. `configs/tiny.toml` is compiled into the
+//! [checkpoint] [memory] [parallel] [cuda]` and a top-level `device`. Every key must be present
+//! (except `[parallel]`, which defaults to no parallelism, and `[cuda]`, which defaults to the
+//! portable kernels) and unknown keys are errors, so a typo never silently falls back to a
+//! default. `configs/tiny.toml` is compiled into the
 //! binary and is the config used when no file is given.
 //!
 //! Overrides (`--set moe.top_p=0.6`) are applied to the parsed TOML table *before* it is
@@ -33,6 +34,7 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub memory: MemoryConfig,
     pub parallel: ParallelConfig,
+    pub cuda: CudaConfig,
 }
 
 /// The `[moe]` section as written: widths either as an explicit `expert_widths` list or as
@@ -211,6 +213,23 @@ fn one() -> usize {
     1
 }
 
+/// The `[cuda]` section: which kernels `device = "cuda"` runs. By default the portable ones
+/// (mma.sync attention, cuBLAS's grouped GEMM for the experts: any GPU from sm_80); the Hopper
+/// kernels of our own (wgmma) are opt-in until a GPU session has checked and timed them
+/// (docs/cuda.md). Ignored on the CPU.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CudaConfig {
+    /// Causal attention at head_dim 64 on the Hopper kernels (H100, H200); other head dims run
+    /// the portable ones.
+    #[serde(default)]
+    pub hopper_attention: bool,
+    /// The experts' grouped GEMMs on the Hopper kernels, SwiGLU and the token gather fused in
+    /// (H100, H200; products whose widths are not multiples of 128 run on cuBLAS, said once).
+    #[serde(default)]
+    pub hopper_experts: bool,
+}
+
 impl Default for ParallelConfig {
     fn default() -> Self {
         Self { tp: 1, cp: 1, pp: 1, etp: 1, ep: 1 }
@@ -255,7 +274,7 @@ impl<'de> Deserialize<'de> for Alpha {
     }
 }
 
-const SECTIONS: [&str; 7] = ["model", "moe", "train", "data", "checkpoint", "memory", "parallel"];
+const SECTIONS: [&str; 8] = ["model", "moe", "train", "data", "checkpoint", "memory", "parallel", "cuda"];
 const WIDTH_LIST_KEYS: [&str; 1] = ["expert_widths"];
 const WIDTH_LAYOUT_KEYS: [&str; 4] = ["layout", "n_experts", "total_width", "width_granule"];
 
@@ -314,7 +333,11 @@ impl Config {
             None => ParallelConfig::default(),
             some => parse_section("parallel", some)?,
         };
-        Ok(Self { device, model, moe: moe.resolve()?, train, data, checkpoint, memory, parallel })
+        let cuda = match section("cuda") {
+            None => CudaConfig::default(),
+            some => parse_section("cuda", some)?,
+        };
+        Ok(Self { device, model, moe: moe.resolve()?, train, data, checkpoint, memory, parallel, cuda })
     }
 
     /// Checks every field and the relations between fields; errors name field, value and what is allowed.
@@ -613,6 +636,20 @@ mod tests {
         assert_eq!(a.config_hash(), with(&["train.seed=9", "train.lr=0.01"]).unwrap().config_hash());
         assert_ne!(a.config_hash(), with(&["model.n_layers=2"]).unwrap().config_hash());
         assert_eq!(a.config_hash().len(), 16);
+    }
+
+    /// `[cuda]` may be left out (the portable kernels), set by override, and round-trips
+    /// through a run's written config; its keys are checked like every other section's.
+    #[test]
+    fn the_cuda_section_defaults_to_the_portable_kernels() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.cuda, CudaConfig { hopper_attention: false, hopper_experts: false });
+        let h = with(&["cuda.hopper_attention=true"]).unwrap();
+        assert_eq!(h.cuda, CudaConfig { hopper_attention: true, hopper_experts: false });
+        assert_eq!(Config::from_toml_str(&h.to_toml().unwrap(), "written", &[]).unwrap(), h);
+        assert!(err(&["cuda.hopper=true"]).contains("cuda.hopper"), "{}", err(&["cuda.hopper=true"]));
+        assert!(err(&["cuda.hopper_experts=1"]).contains("cuda.hopper_experts"));
+        assert_eq!(c.config_hash(), h.config_hash(), "the kernels do not change what a checkpoint holds");
     }
 
     #[test]

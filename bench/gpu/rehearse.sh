@@ -36,6 +36,27 @@ printf '#!/usr/bin/env bash\nwhile [ $# -gt 0 ] && [ ! -x "$1" ]; do shift; done
 chmod +x "$OUT/ncu"
 export NCU=$OUT/ncu PROFILE_LENGTH=128 PROFILE_ARGS="--tokens 256 --heads 2"
 bash bench/gpu/run.sh "${@:-all}"
+
+# `motley train --hopper` on a model whose shapes the Hopper kernels take (head_dim 64, widths
+# multiples of 128), against the portable kernels with the same seed: the flag reaches the
+# kernels end to end (the GPU session leaves this to the parity tests, which hold the kernels).
+hopper_ok=1
+mini=(--steps 2 --prompt "" $CHECK_ARGS --set model.d_model=128 --set model.n_heads=2 --set model.n_kv_heads=2 --set 'moe.expert_widths=[128,256,384,512]')
+for kernels in portable hopper; do
+    rm -rf "$OUT/train-$kernels"
+    flag=(); [ $kernels = hopper ] && flag=(--hopper)
+    env LD_LIBRARY_PATH="$MOTLEY_CUDA_LD" gpu-carry/bin/motley train --device cuda "${flag[@]}" "${mini[@]}" --out "$OUT/train-$kernels" > "$OUT/train-$kernels.log" 2>&1 || hopper_ok=0
+done
+if grep -q -e 'portable kernels' -e 'run on cuBLAS instead' "$OUT/train-hopper.log" || ! grep -q '^training on ' "$OUT/train-hopper.log"; then
+    hopper_ok=0
+fi
+python3 bench/gpu/compare_losses.py "$OUT/train-portable/metrics.jsonl" "$OUT/train-hopper/metrics.jsonl" > "$OUT/train-hopper.md" 2>&1 || hopper_ok=0
+if [ $hopper_ok = 0 ]; then
+    echo "rehearse.sh: motley train --hopper did not run on the Hopper kernels or did not agree with the portable ones:" >&2
+    cat "$OUT/train-hopper.log" "$OUT/train-hopper.md" >&2
+    exit 1
+fi
+echo "rehearse.sh: motley train --hopper: $(tail -n 1 "$OUT/train-hopper.md")"
 # Every motley command must have passed; PyTorch's may fail here for want of PyTorch.
 if tail -n +3 "$OUT/summary.md" | grep -v -e '| ok |' -e '| AGREE' -e 'PyTorch'; then
     echo "rehearse.sh: the commands above did not pass on the emulated device (logs under $OUT)" >&2

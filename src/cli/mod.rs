@@ -45,6 +45,10 @@ enum Command {
         /// when this build or machine has no usable GPU.
         #[arg(long)]
         device: Option<String>,
+        /// On a CUDA device, the Hopper kernels of our own for attention and the experts (same
+        /// as --set cuda.hopper_attention=true --set cuda.hopper_experts=true; H100, H200).
+        #[arg(long)]
+        hopper: bool,
         /// Output directory (default: runs/run-<unix time>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -164,13 +168,16 @@ enum Command {
 /// Parses the command line and runs the command.
 pub fn run() -> Result<()> {
     match Cli::parse().command {
-        Command::Train { config, set, steps, device, out, resume, prompt } => {
+        Command::Train { config, set, steps, device, hopper, out, resume, prompt } => {
             let mut set = set;
             if let Some(n) = steps {
                 set.push(format!("train.steps={n}"));
             }
             if let Some(d) = device {
                 set.push(format!("device={d:?}"));
+            }
+            if hopper {
+                set.extend(["cuda.hopper_attention=true".to_string(), "cuda.hopper_experts=true".to_string()]);
             }
             let config = Config::load(config.as_deref(), &set)?;
             let out = out.unwrap_or_else(default_out);

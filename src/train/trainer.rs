@@ -188,6 +188,7 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         let ordinal = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
         match crate::backend::cuda::CudaBackend::new(ordinal, crate::backend::cuda::Storage::Bf16) {
             Ok(gpu) => {
+                let gpu = with_kernels(gpu, config, dp.rank() == 0)?;
                 if dp.rank() == 0 {
                     eprintln!("training on {}", gpu.device());
                 }
@@ -204,6 +205,22 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
         eprintln!("device = \"cuda\": this motley was built without the `cuda` feature (cargo build --release --features cuda); training on the CPU instead");
         train_on(&cpu(), config, opts, dp)
     }
+}
+
+/// The GPU backend on the kernels `[cuda]` asks for: an error where the GPU has no Hopper
+/// kernels (they were asked for by name), a note where the model's head_dim leaves attention on
+/// the portable ones.
+#[cfg(feature = "cuda")]
+fn with_kernels(gpu: crate::backend::cuda::CudaBackend, config: &Config, leader: bool) -> Result<crate::backend::cuda::CudaBackend> {
+    let cuda = &config.cuda;
+    let asked = |key: &str, e: Error| Error::Invalid(format!("cuda.{key} = true: {e}; set it to false (or leave out --hopper) to train on the portable kernels"));
+    let gpu = if cuda.hopper_attention { gpu.with_hopper_attention().map_err(|e| asked("hopper_attention", e))? } else { gpu };
+    let gpu = if cuda.hopper_experts { gpu.with_hopper_experts().map_err(|e| asked("hopper_experts", e))? } else { gpu };
+    let head_dim = config.model.head_dim();
+    if cuda.hopper_attention && head_dim != crate::backend::cuda::attention::HOPPER_HEAD_DIM && leader {
+        eprintln!("cuda.hopper_attention: the Hopper attention kernels take head_dim {}; this model's is {head_dim}, so attention runs on the portable kernels", crate::backend::cuda::attention::HOPPER_HEAD_DIM);
+    }
+    Ok(gpu)
 }
 
 fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Result<TrainSummary> {
