@@ -339,3 +339,22 @@ impl<B: Backend> Model<B> {
         Ok(be.download(B::full(&out)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RoPE's angles (Su et al.): position t, pair i of a head of d rotates by t · θ^(−2i/d).
+    /// At d = 4, θ = 10⁴ the pairs' frequencies are 1 and 10⁻², so position 3 turns by 3 and
+    /// 0.03 radians.
+    #[test]
+    fn rope_table_turns_pair_i_by_theta_to_the_minus_2i_over_d() {
+        let m = ModelConfig { vocab_size: 8, d_model: 8, n_layers: 1, n_heads: 2, n_kv_heads: 2, seq_len: 4, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
+        let t = rope_table(&m);
+        let want = [3f64.cos(), 3f64.sin(), 0.03f64.cos(), 0.03f64.sin()];
+        for (i, w) in want.iter().enumerate() {
+            assert!((t[3 * 4 + i] as f64 - w).abs() < 1e-6, "entry {i} of position 3: {} want {w}", t[3 * 4 + i]);
+        }
+        assert_eq!(&t[..4], &[1.0, 0.0, 1.0, 0.0], "position 0 does not turn");
+    }
+}

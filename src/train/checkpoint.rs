@@ -276,6 +276,24 @@ mod tests {
         d
     }
 
+    /// A write that fails leaves the old file whole: the bytes go to a temporary file first
+    /// (here one that cannot be created, a folder being in its place) and only a finished one
+    /// is renamed over the old.
+    #[test]
+    fn a_failed_atomic_write_keeps_the_old_file() {
+        let dir = run_dir("atomic");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.toml");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::create_dir(path.with_extension("tmp")).unwrap();
+        assert!(write_atomic(&path, b"new").is_err());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "old");
+        std::fs::remove_dir(path.with_extension("tmp")).unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn state(step: u64) -> TrainState {
         TrainState {
             step,

@@ -52,3 +52,35 @@ impl<B: Backend> Optimizer<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::Cpu;
+    use crate::config::Config;
+    use crate::model::Model;
+
+    /// Global-norm clipping scales the gradient by clip / norm before the moments see it: one
+    /// step from zero moments leaves m = (1 − β1)·g·scale and v = (1 − β2)·(g·scale)², whatever
+    /// AdamW's own scale invariance makes of the parameters (a wrong scale moves them little).
+    #[test]
+    fn clipping_scales_the_gradient_the_moments_see() {
+        let be = Cpu::new(1);
+        let c = Config::default_with(&[]).unwrap();
+        let mut model = Model::new(&be, c.model.clone(), c.moe.clone(), 1).unwrap();
+        let n = model.n_params();
+        let mut grads = be.alloc_f32(n);
+        be.upload(Cpu::full_mut(&mut grads), &vec![0.5; n]);
+        let norm = 0.5 * (n as f32).sqrt();
+        for (clip, scale) in [(1.0, 1.0 / norm), (0.0, 1.0), (2.0 * norm, 1.0)] {
+            let config = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, grad_clip: clip };
+            let mut opt = Optimizer::new(&be, config, n);
+            let got = opt.update(&be, &model.layout, &mut model.params, &grads, 1e-3);
+            assert!((got - norm).abs() <= 1e-4 * norm, "norm {got}, want {norm}");
+            let g = 0.5 * scale;
+            let (m, v) = (be.download(Cpu::full(&opt.m)), be.download(Cpu::full(&opt.v)));
+            assert!(m.iter().all(|&x| (x - 0.1 * g).abs() <= 1e-6 * g), "clip {clip}: m {} want {}", m[0], 0.1 * g);
+            assert!(v.iter().all(|&x| (x - 0.001 * g * g).abs() <= 1e-5 * g * g), "clip {clip}: v {} want {}", v[0], 0.001 * g * g);
+        }
+    }
+}
