@@ -1042,7 +1042,7 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
 fn experts(s: Storage) {
     let c = 512;
     let experts = [(130, 128), (0, 256), (70, 128), (129, 384)];
-    let ExpertChain { up, down, dact: dact_of, dx: dx_of, rows, w_len, act_len } = expert_chain(c, &experts);
+    let ExpertChain { up, down, dact: dact_of, dx: dx_of, dw_down, dw_gu, rows, w_len, act_len } = expert_chain(c, &experts);
     // bf16 values: the kernels stage bf16 tiles in either storage.
     let bf = |v: &[f32]| act(Storage::Bf16, v);
     let tokens = 200;
@@ -1055,8 +1055,12 @@ fn experts(s: Storage) {
         let (gu_gathered, out_gathered) = (g.nan("gu (gathering)", g.act_elem(), 2 * act_len), g.nan("act (gathering)", g.act_elem(), act_len));
         let (gu, out, y) = (g.nan("gu", g.act_elem(), 2 * act_len), g.nan("act", g.act_elem(), act_len), g.nan("y", g.act_elem(), rows * c));
         let (dgu, out_bwd, dx) = (g.nan("dgu", g.act_elem(), 2 * act_len), g.nan("act (backward)", g.act_elem(), act_len), g.nan("dx", g.act_elem(), rows * c));
+        // The weight gradients: dW_down written, dW_gu written, then dW_down added to (twice
+        // the product); the expert without rows gets zeros.
+        let dw = g.nan("dw", Elem::F32, w_len);
         let addr = |b: &Buf| b.data_ptr() as u64;
         let ops = |a: &Buf, out: &Buf| expert_launch::Operands { a: addr(a), w: addr(&wb), out: addr(out), elem_bytes: g.act_elem().bytes(), ..Default::default() };
+        let grad = |a: &Buf, b: &Buf| expert_launch::Operands { a: addr(a), w: addr(b), out: addr(&dw), elem_bytes: g.act_elem().bytes(), ..Default::default() };
         let calls = [
             expert_launch::up_call(expert_launch::Operands { act: addr(&out), ..ops(&xb, &gu) }, &up, false),
             expert_launch::up_call(expert_launch::Operands { act: addr(&out_gathered), ..ops(&xtb, &gu_gathered) }, &up, true).map(|mut c| {
@@ -1066,6 +1070,9 @@ fn experts(s: Storage) {
             expert_launch::gemm_call(ops(&out, &y), &down, true),
             expert_launch::dact_call(expert_launch::Operands { gu: addr(&gu), act: addr(&out_bwd), ..ops(&dyb, &dgu) }, &dact_of),
             expert_launch::gemm_call(ops(&dgu, &dx), &dx_of, false),
+            expert_launch::grad_call(grad(&dyb, &out_bwd), &dw_down, false),
+            expert_launch::grad_call(grad(&dgu, &xb), &dw_gu, false),
+            expert_launch::grad_call(grad(&dyb, &out_bwd), &dw_down, true),
         ];
         for call in calls {
             let call = call.expect("the backend takes these products");
@@ -1078,6 +1085,8 @@ fn experts(s: Storage) {
                 Fused::Dact => g.run("expert_dact_wgmma", cfg, &args),
                 Fused::GemmNt => g.run("grouped_nt_wgmma", cfg, &args),
                 Fused::GemmNn => g.run("grouped_nn_wgmma", cfg, &args),
+                Fused::GemmTn => g.run("grouped_tn_wgmma", cfg, &args),
+                Fused::GemmTnAdd => g.run("grouped_tn_add_wgmma", cfg, &args),
             }
         }
         // What swiglu_fwd makes of the forward's gu, expert by expert.
@@ -1086,7 +1095,7 @@ fn experts(s: Storage) {
             let (m, h) = (glu.gemm.m, glu.gemm.n / 2);
             g.run("swiglu_fwd", g.grid_stride(m * h / 8), &[again.at(glu.act), gu.at(glu.gemm.out), Arg::Size(m), Arg::I32(h as i32), Arg::I32(8)]);
         }
-        vec![gu, out, again, dgu, out_bwd, y, dx, gu_gathered, out_gathered]
+        vec![gu, out, again, dgu, out_bwd, y, dx, gu_gathered, out_gathered, dw]
     }) else {
         return;
     };
@@ -1103,6 +1112,10 @@ fn experts(s: Storage) {
     cpu.grouped_matmul_swiglu_bwd(&mut want_dgu, &mut want_act_bwd, &mut dact, &dy, &w, &as_f32(&got[0]), &dact_of);
     let mut want_dx = vec![0.0; rows * c];
     cpu.grouped_matmul(&mut want_dx, &staged(&got[3]), &w, &dx_of, false, false, false);
+    let mut want_dw = vec![0.0; w_len];
+    cpu.grouped_matmul(&mut want_dw, &dy, &staged(&got[4]), &dw_down, true, false, false);
+    cpu.grouped_matmul(&mut want_dw, &staged(&got[3]), &x, &dw_gu, true, false, false);
+    cpu.grouped_matmul(&mut want_dw, &dy, &staged(&got[4]), &dw_down, true, false, true);
     let mut ch = Checks::new("experts", s);
     ch.close32("expert_up_wgmma gu", &want_gu, &got[0], tol(s));
     ch.close32("expert_up_wgmma act", &want_act, &got[1], 2.0 * tol(s));
@@ -1114,6 +1127,7 @@ fn experts(s: Storage) {
     ch.close32("expert_dact_wgmma act", &want_act_bwd, &got[4], tol(s));
     ch.exact("expert_dact_wgmma act is the forward's", &as_f32(&got[1]), &got[4]);
     ch.close32("grouped_nn_wgmma (input gradient)", &want_dx, &got[6], tol(s));
+    ch.close32("grouped_tn_wgmma, grouped_tn_add_wgmma (weight gradients)", &want_dw, &got[9], tol(s));
     ch.finish();
 }
 

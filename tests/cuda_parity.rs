@@ -804,17 +804,18 @@ fn hopper_experts() {
     }
     let cpu = cpu_for(Storage::Bf16);
     for (c, experts) in shapes {
-        let ExpertChain { up: up_of, down: down_of, dact: dact_of, dx: dx_of, rows, w_len, act_len } = expert_chain(c, &experts);
+        let ExpertChain { up: up_of, down: down_of, dact: dact_of, dx: dx_of, dw_down, dw_gu, rows, w_len, act_len } = expert_chain(c, &experts);
         let bf16 = |v: Vec<f32>| v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
         // The up projection gathers its rows from half as many tokens' (each about twice, out of
         // order), as the model hands it the routed slots.
         let tokens = rows.div_ceil(2);
         let index: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 13) % tokens) as u32).collect();
         let (x, w, dy) = (bf16(data(70, tokens * c)), bf16(data(71, w_len)), bf16(data(72, rows * c)));
-        // [gu, act, swiglu_fwd of that gu, y, dgu, the backward's act, dx]
+        // [gu, act, swiglu_fwd of that gu, y, dgu, the backward's act, dx, the weight gradients
+        // (dW_down written, dW_gu written, dW_down added to: twice the product)]
         #[allow(clippy::type_complexity)]
-        fn chain<B: Backend>(be: &B, (x, index): (&[f32], &[u32]), w: &[f32], dy: &[f32], sizes: (usize, usize), of: (&[SwiGluGemm], &[Gemm], &[SwiGluBwdGemm], &[Gemm])) -> [Vec<f32>; 7] {
-            let ((act_len, rows_c), (up_of, down_of, dact_of, dx_of)) = (sizes, of);
+        fn chain<B: Backend>(be: &B, (x, index): (&[f32], &[u32]), w: &[f32], dy: &[f32], sizes: (usize, usize), of: (&[SwiGluGemm], &[Gemm], &[SwiGluBwdGemm], &[Gemm], &[Gemm], &[Gemm])) -> [Vec<f32>; 8] {
+            let ((act_len, rows_c), (up_of, down_of, dact_of, dx_of, dw_down, dw_gu)) = (sizes, of);
             let (xb, wb, dyb) = (up(be, x), up(be, w), up(be, dy));
             let (mut gu, mut act, mut again, mut y) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len), be.alloc(rows_c));
             be.grouped_matmul_swiglu(B::full_mut(&mut gu), B::full_mut(&mut act), B::full(&xb), Some(index), B::full(&wb), up_of);
@@ -826,16 +827,21 @@ fn hopper_experts() {
             let (mut dgu, mut act_bwd, mut dact, mut dx) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len), be.alloc(rows_c));
             be.grouped_matmul_swiglu_bwd(B::full_mut(&mut dgu), B::full_mut(&mut act_bwd), B::full_mut(&mut dact), B::full(&dyb), B::full(&wb), B::full(&gu), dact_of);
             be.grouped_matmul(B::full_mut(&mut dx), B::full(&dgu), B::full(&wb), dx_of, false, false, false);
-            [&gu, &act, &again, &y, &dgu, &act_bwd, &dx].map(|b| down(be, b))
+            let (mut xe, mut dw) = (be.alloc(rows_c), be.alloc_f32(w.len()));
+            be.gather_rows(B::full_mut(&mut xe), B::full(&xb), index, rows_c / index.len().max(1));
+            be.grouped_matmul(B::full_mut(&mut dw), B::full(&dyb), B::full(&act_bwd), dw_down, true, false, false);
+            be.grouped_matmul(B::full_mut(&mut dw), B::full(&dgu), B::full(&xe), dw_gu, true, false, false);
+            be.grouped_matmul(B::full_mut(&mut dw), B::full(&dyb), B::full(&act_bwd), dw_down, true, false, true);
+            [&gu, &act, &again, &y, &dgu, &act_bwd, &dx, &dw].map(|b| down(be, b))
         }
-        let (sizes, of) = ((act_len, rows * c), (up_of.as_slice(), down_of.as_slice(), dact_of.as_slice(), dx_of.as_slice()));
+        let (sizes, of) = ((act_len, rows * c), (up_of.as_slice(), down_of.as_slice(), dact_of.as_slice(), dx_of.as_slice(), dw_down.as_slice(), dw_gu.as_slice()));
         let (got, cublas) = (chain(&hopper, (&x, &index), &w, &dy, sizes, of), chain(&plain, (&x, &index), &w, &dy, sizes, of));
         // Every Hopper kernel ran (no fallback), charged its products' FLOPs.
         let profile = hopper.take_profile();
         let flops = |gemms: &mut dyn Iterator<Item = Gemm>| gemms.map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum::<f64>();
         let wanted = [
             ("grouped_matmul_swiglu", flops(&mut up_of.iter().map(|g| g.gemm))),
-            ("grouped_matmul_wgmma", flops(&mut down_of.iter().chain(&dx_of).copied())),
+            ("grouped_matmul_wgmma", flops(&mut down_of.iter().chain(&dx_of).chain(&dw_down).chain(&dw_gu).chain(&dw_down).copied())),
             ("grouped_matmul_swiglu_bwd", flops(&mut dact_of.iter().map(|g| g.gemm))),
         ];
         for (op, want) in wanted {
@@ -851,7 +857,7 @@ fn hopper_experts() {
             against.push(("CPU", chain(&cpu, (&x, &index), &w, &dy, sizes, of)));
         }
         for (name, reference) in &against {
-            for (i, out) in [(0, "gu"), (1, "act"), (3, "y"), (4, "dgu"), (6, "dx")] {
+            for (i, out) in [(0, "gu"), (1, "act"), (3, "y"), (4, "dgu"), (6, "dx"), (7, "dW")] {
                 let err = error(&reference[i], &got[i]);
                 eprintln!("{what}: {out} vs {name} normalised max error {err:.2e}");
                 assert!(err <= BF16_GEMM_TOL, "{what}: {out} vs {name} normalised max error {err:.3e} > {BF16_GEMM_TOL:.0e}");

@@ -77,19 +77,25 @@ pub struct ExpertChain {
     pub down: Vec<Gemm>,
     pub dact: Vec<SwiGluBwdGemm>,
     pub dx: Vec<Gemm>,
+    /// The weight gradients (into an f32 buffer laid out like the weights): dW_down = dyᵀ act
+    /// and dW_gu = dguᵀ xe, k the expert's rows.
+    pub dw_down: Vec<Gemm>,
+    pub dw_gu: Vec<Gemm>,
     pub rows: usize,
     pub w_len: usize,
     pub act_len: usize,
 }
 
 pub fn expert_chain(c: usize, experts: &[(usize, usize)]) -> ExpertChain {
-    let mut ch = ExpertChain { up: Vec::new(), down: Vec::new(), dact: Vec::new(), dx: Vec::new(), rows: 0, w_len: 0, act_len: 0 };
+    let mut ch = ExpertChain { up: Vec::new(), down: Vec::new(), dact: Vec::new(), dx: Vec::new(), dw_down: Vec::new(), dw_gu: Vec::new(), rows: 0, w_len: 0, act_len: 0 };
     for &(m, h) in experts {
         let (rows, act, w_gu, w_down) = (ch.rows * c, ch.act_len, ch.w_len, ch.w_len + 2 * h * c);
         ch.up.push(SwiGluGemm { gemm: Gemm { m, k: c, n: 2 * h, out: 2 * act, a: rows, b: w_gu }, act });
         ch.down.push(Gemm { m, k: h, n: c, out: rows, a: act, b: w_down });
         ch.dact.push(SwiGluBwdGemm { gemm: Gemm { m, k: c, n: h, out: act, a: rows, b: w_down }, gu: 2 * act, dgu: 2 * act, act });
         ch.dx.push(Gemm { m, k: 2 * h, n: c, out: rows, a: 2 * act, b: w_gu });
+        ch.dw_down.push(Gemm { m: c, k: m, n: h, out: w_down, a: rows, b: act });
+        ch.dw_gu.push(Gemm { m: 2 * h, k: m, n: c, out: w_gu, a: 2 * act, b: rows });
         (ch.rows, ch.w_len, ch.act_len) = (ch.rows + m, ch.w_len + 3 * h * c, ch.act_len + m * h);
     }
     ch

@@ -146,7 +146,7 @@ struct Thread {
     // wgmma.wait_group: the groups it leaves pending.
     unsigned long long desc[2];
     unsigned n, pending;
-    bool accumulate, trans_b;
+    bool accumulate, trans_a, trans_b;
     // cp.async: copies not complete yet, and the number of groups committed so far (the
     // group of a new copy); the shared-memory chunks its copies wrote since its last
     // fence.proxy.async.
@@ -160,10 +160,11 @@ struct Thread {
 // wgmma of each, of a warpgroup's warps.
 struct WgmmaForm {
     unsigned n;
-    bool accumulate, trans_b, a_in_registers;
+    bool accumulate, trans_a, trans_b, a_in_registers;
     unsigned long long desc_a, desc_b;
     bool operator==(const WgmmaForm& o) const {
-        return n == o.n && accumulate == o.accumulate && trans_b == o.trans_b && a_in_registers == o.a_in_registers && desc_a == o.desc_a && desc_b == o.desc_b;
+        return n == o.n && accumulate == o.accumulate && trans_a == o.trans_a && trans_b == o.trans_b && a_in_registers == o.a_in_registers && desc_a == o.desc_a &&
+               desc_b == o.desc_b;
     }
     bool operator!=(const WgmmaForm& o) const { return !(*this == o); }
 };
@@ -431,7 +432,7 @@ void read_a_registers(const unsigned* const a[32], std::vector<float>& out) {
 std::string read_wgmma_operands(const Wgmma& op, unsigned warp, bool at_issue, std::vector<float>& A, std::vector<float>& B) {
     std::string e;
     if (op.a[0]) read_a_registers(op.a, A);
-    else e = read_operand(op.form.desc_a, false, 16 * (warp % 4), 16, false, at_issue, A);
+    else e = read_operand(op.form.desc_a, op.form.trans_a, 16 * (warp % 4), 16, false, at_issue, A);
     if (e.empty()) e = read_operand(op.form.desc_b, op.form.trans_b, 0, op.form.n, true, at_issue, B);
     return e;
 }
@@ -452,7 +453,7 @@ std::string run_wgmma(Thread* lanes[32]) {
     if (L->threads.size() % 128) return format("wgmma in a block of %zu threads: a warpgroup is 4 whole warps", L->threads.size());
     auto form_of = [](const Thread& t) {
         const bool in_registers = t.in[0] != nullptr;
-        return WgmmaForm{t.n, t.accumulate, t.trans_b, in_registers, in_registers ? 0 : t.desc[0], t.desc[1]};
+        return WgmmaForm{t.n, t.accumulate, t.trans_a, t.trans_b, in_registers, in_registers ? 0 : t.desc[0], t.desc[1]};
     };
     const WgmmaForm form = form_of(t0);
     for (unsigned lane = 1; lane < 32; lane++)
@@ -771,7 +772,7 @@ void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {
     warp_op(Op::Mma, 0xffffffffu);
 }
 
-void wgmma(float* d, unsigned n, const unsigned* a, unsigned long long desc_a, unsigned long long desc_b, bool accumulate, bool trans_b) {
+void wgmma(float* d, unsigned n, const unsigned* a, unsigned long long desc_a, unsigned long long desc_b, bool accumulate, bool trans_a, bool trans_b) {
     Thread& t = self();
     t.out = d;
     t.in[0] = a;
@@ -779,6 +780,7 @@ void wgmma(float* d, unsigned n, const unsigned* a, unsigned long long desc_a, u
     t.desc[0] = desc_a;
     t.desc[1] = desc_b;
     t.accumulate = accumulate;
+    t.trans_a = trans_a;
     t.trans_b = trans_b;
     warp_op(Op::Wgmma, 0xffffffffu);
 }

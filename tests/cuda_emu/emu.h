@@ -47,7 +47,7 @@ void stmatrix_x4_trans(const unsigned r[4], void* row);
 void cp_async16(void* smem, const void* gmem, bool valid);
 void cp_async_commit();
 void cp_async_wait(unsigned pending);
-void wgmma(float* d, unsigned n, const unsigned* a, unsigned long long desc_a, unsigned long long desc_b, bool accumulate, bool trans_b);
+void wgmma(float* d, unsigned n, const unsigned* a, unsigned long long desc_a, unsigned long long desc_b, bool accumulate, bool trans_a, bool trans_b);
 void wgmma_commit();
 void wgmma_wait(unsigned pending);
 void fence_proxy_async();
@@ -177,13 +177,13 @@ template <int N>
 inline void fence_operands(float (&)[N]) {}
 template <int N>
 inline void fence_operands(unsigned (&)[N][4]) {}
-inline void wgmma_m64n128k16_ss(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 128, nullptr, a, b, accumulate, false); }
+inline void wgmma_m64n128k16_ss(float (&d)[64], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 128, nullptr, a, b, accumulate, false, false); }
+template <int TRANS_B, int TRANS_A = 0>
+inline void wgmma_m64n256k16_ss(float (&d)[128], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 256, nullptr, a, b, accumulate, TRANS_A, TRANS_B); }
 template <int TRANS_B>
-inline void wgmma_m64n256k16_ss(float (&d)[128], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 256, nullptr, a, b, accumulate, TRANS_B); }
+inline void wgmma_m64n64k16_ss(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 64, nullptr, a, b, accumulate, false, TRANS_B); }
 template <int TRANS_B>
-inline void wgmma_m64n64k16_ss(float (&d)[32], unsigned long long a, unsigned long long b, int accumulate) { emu::wgmma(d, 64, nullptr, a, b, accumulate, TRANS_B); }
-template <int TRANS_B>
-inline void wgmma_m64n64k16_rs(float (&d)[32], const unsigned (&a)[4], unsigned long long b, int accumulate) { emu::wgmma(d, 64, a, 0, b, accumulate, TRANS_B); }
+inline void wgmma_m64n64k16_rs(float (&d)[32], const unsigned (&a)[4], unsigned long long b, int accumulate) { emu::wgmma(d, 64, a, 0, b, accumulate, false, TRANS_B); }
 // Fibers switch only at barriers and collectives, so a plain add is atomic.
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
     unsigned old = *p;

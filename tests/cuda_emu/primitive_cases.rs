@@ -96,7 +96,7 @@ pub fn cases(hopper: bool) -> Vec<Case> {
     let mut rng = Rng::new(61);
     let mut out = vec![mma(&mut rng, true), mma(&mut rng, false), ldmatrix(), cp_async(), exp2_ftz()];
     if hopper {
-        out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true), wgmma_n256(&mut rng, false), wgmma_n256(&mut rng, true), stmatrix_trans()]);
+        out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true), wgmma_n256(&mut rng, false), wgmma_n256(&mut rng, true), wgmma_n256_tn(&mut rng), stmatrix_trans()]);
     }
     out
 }
@@ -262,6 +262,25 @@ fn wgmma_n256(rng: &mut Rng, mn_major: bool) -> Case {
         hopper: true,
         args: vec![Arg::Out(64 * 256), Arg::Bf16(bits(&a)), Arg::Bf16(bits(&b))],
         check: Box::new(move |o| check_product(&o[0], &want, 256, None, &[])),
+    }
+}
+
+/// d (64 × 256) = aᵀ · b with both operands MN-major from shared memory (a: 64 × 64 and b:
+/// 64 × 256, both with k as their rows; `wgmma_m64n256k16_ss<1, 1>`, the experts'
+/// weight-gradient kernel). Also says whether the output is what reading A the other way
+/// (K-major, a · b) would give.
+fn wgmma_n256_tn(rng: &mut Rng) -> Case {
+    let (a, b) = (small(rng, 64 * 64), small(rng, 64 * 256));
+    let want = matmul(&transpose(&a, 64, 64), &b, 64, 64, 256);
+    let others = vec![("A read K-major (a · b)", matmul(&a, &b, 64, 64, 256))];
+    Case {
+        name: "wgmma m64n256k16, A MN-major, B MN-major in strips from shared memory",
+        kernel: "test_wgmma_n256_tn",
+        threads: 128,
+        smem: 64 * 128 + 256 * 128 + 1024,
+        hopper: true,
+        args: vec![Arg::Out(64 * 256), Arg::Bf16(bits(&a)), Arg::Bf16(bits(&b))],
+        check: Box::new(move |o| check_product(&o[0], &want, 256, None, &others)),
     }
 }
 

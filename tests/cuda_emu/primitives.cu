@@ -196,13 +196,14 @@ __device__ void wgmma_rs_product(float* d, const bf16* a, const bf16* b) {
 extern "C" __global__ void test_wgmma_rs_kmajor(float* d, const bf16* a, const bf16* b) { wgmma_rs_product<0>(d, a, b); }
 extern "C" __global__ void test_wgmma_rs_mnmajor(float* d, const bf16* a, const bf16* b) { wgmma_rs_product<1>(d, a, b); }
 
-// One warpgroup: d (64 × 256, f32, row-major) = a (64 × 64) · B through shared memory in the
-// swizzled layout, four k16 steps of wgmma_m64n256k16_ss<TRANS_B> (the experts' kernels):
-// TRANS_B = 0 reads b (256 × 64, row-major: its rows are the product's columns) K-major;
-// TRANS_B = 1 reads b (64 × 256, row-major) MN-major as four 64-column strips 8 KiB apart, the
-// descriptor's leading offset (the descriptor advances 16 rows, 2048 bytes, a step).
-// 16 KiB + 32 KiB + 1 KiB.
-template <int TRANS_B>
+// One warpgroup: d (64 × 256, f32, row-major) = A · B through shared memory in the swizzled
+// layout, four k16 steps of wgmma_m64n256k16_ss<TRANS_B, TRANS_A> (the experts' kernels):
+// TRANS_A = 0 reads A = a (64 × 64, row-major) K-major; TRANS_A = 1 reads A = aᵀ MN-major (a's
+// rows are k: the weight-gradient kernel's dyᵀ and dguᵀ; the descriptor advances 16 rows, 2048
+// bytes, a step). TRANS_B = 0 reads b (256 × 64, row-major: its rows are the product's columns)
+// K-major; TRANS_B = 1 reads b (64 × 256, row-major) MN-major as four 64-column strips 8 KiB
+// apart, the descriptor's leading offset. 16 KiB + 32 KiB + 1 KiB.
+template <int TRANS_B, int TRANS_A>
 __device__ void wgmma_n256_product(float* d, const bf16* a, const bf16* b) {
     DYNAMIC_SMEM(raw);
     unsigned char* as = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
@@ -222,15 +223,16 @@ __device__ void wgmma_n256_product(float* d, const bf16* a, const bf16* b) {
     float acc[128];
     wgmma_fence();
     for (int k = 0; k < 4; k++)
-        wgmma_m64n256k16_ss<TRANS_B>(acc, sw128_desc(as + 32 * k, 1024), TRANS_B ? sw128_desc(bs + 2048 * k, 1024, 8192) : sw128_desc(bs + 32 * k, 1024), k > 0);
+        wgmma_m64n256k16_ss<TRANS_B, TRANS_A>(acc, sw128_desc(as + (TRANS_A ? 2048 : 32) * k, 1024), TRANS_B ? sw128_desc(bs + 2048 * k, 1024, 8192) : sw128_desc(bs + 32 * k, 1024), k > 0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc);
     const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
     for (int j = 0; j < 128; j++) d[(16 * w + g + 8 * (j / 2 % 2)) * 256 + 8 * (j / 4) + 2 * q + j % 2] = acc[j];
 }
-extern "C" __global__ void test_wgmma_n256_kmajor(float* d, const bf16* a, const bf16* b) { wgmma_n256_product<0>(d, a, b); }
-extern "C" __global__ void test_wgmma_n256_mnmajor(float* d, const bf16* a, const bf16* b) { wgmma_n256_product<1>(d, a, b); }
+extern "C" __global__ void test_wgmma_n256_kmajor(float* d, const bf16* a, const bf16* b) { wgmma_n256_product<0, 0>(d, a, b); }
+extern "C" __global__ void test_wgmma_n256_mnmajor(float* d, const bf16* a, const bf16* b) { wgmma_n256_product<1, 0>(d, a, b); }
+extern "C" __global__ void test_wgmma_n256_tn(float* d, const bf16* a, const bf16* b) { wgmma_n256_product<1, 1>(d, a, b); }
 
 // One warpgroup: d (64 × 64, f32, row-major) = a (64 × 64) · b (64 × 64), both row-major bf16
 // through shared memory in the swizzled layout, a K-major and b MN-major (the transpose flag),

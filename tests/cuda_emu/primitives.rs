@@ -18,6 +18,7 @@ pub const PRIMITIVES: KernelFile = KernelFile {
         "test_wgmma_rs_mnmajor",
         "test_wgmma_n256_kmajor",
         "test_wgmma_n256_mnmajor",
+        "test_wgmma_n256_tn",
         "test_stmatrix_trans",
         "bad_divergent_shuffle",
         "bad_smem_overflow",

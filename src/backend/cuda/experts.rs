@@ -7,7 +7,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig};
 use crate::backend::{Gemm, SwiGluBwdGemm, SwiGluGemm};
 
 /// Entry points compiled only for Hopper (`sm_90a`), in [`Fused::ALL`] order.
-pub const HOPPER_FUNCTIONS: &[&str] = &["expert_up_wgmma", "expert_dact_wgmma", "grouped_nt_wgmma", "grouped_nn_wgmma"];
+pub const HOPPER_FUNCTIONS: &[&str] = &["expert_up_wgmma", "expert_dact_wgmma", "grouped_nt_wgmma", "grouped_nn_wgmma", "grouped_tn_wgmma", "grouped_tn_add_wgmma"];
 /// `EXPERT_ROWS` and `EXPERT_COLS` of experts.cu: the rows of a tile and the columns of its
 /// product, for every kernel (the up projection's 128 hidden columns are 256 of its product:
 /// gate and up).
@@ -36,13 +36,30 @@ pub enum Fused {
     GemmNt,
     /// `out = a · W`: `Backend::grouped_matmul` without `tb` (the input gradient through gate/up).
     GemmNn,
+    /// `out = aᵀ · b` into f32: `Backend::grouped_matmul` with `ta` (the weight gradients).
+    GemmTn,
+    /// The same, adding to `out`.
+    GemmTnAdd,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 4] = [Fused::Up, Fused::Dact, Fused::GemmNt, Fused::GemmNn];
+    pub const ALL: [Fused; 6] = [Fused::Up, Fused::Dact, Fused::GemmNt, Fused::GemmNn, Fused::GemmTn, Fused::GemmTnAdd];
 
     pub fn function(self) -> &'static str {
         HOPPER_FUNCTIONS[self as usize]
+    }
+
+    /// The weight-gradient kernels: k is the rows summed over (any number), the product's rows
+    /// come in strips of 64, and `out` is f32.
+    fn is_gradient(self) -> bool {
+        matches!(self, Fused::GemmTn | Fused::GemmTnAdd)
+    }
+
+    /// Whether the kernel takes a product of this shape: k whole steps of 64 and n whole
+    /// column steps; for the gradients rows whole strips of 64 and any k.
+    fn takes(self, p: &Part) -> bool {
+        let k_ok = if self.is_gradient() { p.rows.is_multiple_of(64) } else { p.k.is_multiple_of(K_STEP) };
+        k_ok && p.n.is_multiple_of(COL_STEP)
     }
 
     /// One block of 256 threads per tile of the call.
@@ -73,7 +90,7 @@ pub struct Segment {
 unsafe impl DeviceRepr for Segment {}
 
 /// Base device addresses of a call's views (0 for those the kernel has none of) and their
-/// element size.
+/// element size (`out`'s is 4 for the gradient kernels).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Operands {
     pub a: u64,
@@ -136,20 +153,28 @@ pub fn gemm_call(ops: Operands, gemms: &[Gemm], tb: bool) -> Option<Call> {
     call(kernel, ops, gemms.iter().map(|g| part(g, [g.a, g.b, g.out, 0, 0])))
 }
 
+/// A grouped weight gradient `out (f32) = aᵀ · b`, or `+=` with `accumulate` (a: k × m, b: k × n,
+/// the routed rows k; `b` in the operands' `w`), or `None` as above. Every product's m × n
+/// output is written, even where k = 0.
+pub fn grad_call(ops: Operands, gemms: &[Gemm], accumulate: bool) -> Option<Call> {
+    let kernel = if accumulate { Fused::GemmTnAdd } else { Fused::GemmTn };
+    call(kernel, ops, gemms.iter().map(|g| part(g, [g.a, g.b, g.out, 0, 0])))
+}
+
 fn part(g: &Gemm, offsets: [usize; 5]) -> Part {
     Part { offsets, rows: g.m, k: g.k, n: g.n }
 }
 
-/// The table of `parts` for `kernel`, if it takes them: every k a multiple of 64 and every n of
-/// 128, every operand 16-byte aligned (cp.async copies 16 bytes; the epilogues move pairs).
+/// The table of `parts` for `kernel`, if it takes them ([`Fused::takes`]), every operand 16-byte
+/// aligned (cp.async copies 16 bytes; the epilogues move pairs).
 fn call(kernel: Fused, ops: Operands, parts: impl Iterator<Item = Part>) -> Option<Call> {
     let bases = [ops.a, ops.w, ops.out, ops.gu, ops.act];
+    let bytes = |i: usize| if i == 2 && kernel.is_gradient() { 4 } else { ops.elem_bytes };
     // The address of operand i of a part; 0 (no such operand) stays 0.
-    let at = |i: usize, p: &Part| if bases[i] == 0 { 0 } else { bases[i] + (p.offsets[i] * ops.elem_bytes) as u64 };
+    let at = |i: usize, p: &Part| if bases[i] == 0 { 0 } else { bases[i] + (p.offsets[i] * bytes(i)) as u64 };
     let (mut segments, mut tiles) = (Vec::new(), 0);
     for p in parts {
-        let fits = p.k.is_multiple_of(K_STEP) && p.n.is_multiple_of(COL_STEP) && (0..5).all(|i| at(i, &p).is_multiple_of(16));
-        if !fits {
+        if !kernel.takes(&p) || !(0..5).all(|i| at(i, &p).is_multiple_of(16)) {
             return None;
         }
         if p.rows > 0 {
@@ -195,6 +220,23 @@ mod tests {
         call.place_index(index);
         // Every product reads a's base through its own stretch of the index (u32s).
         assert_eq!(call.segments.iter().map(|s| (s.a, s.index)).collect::<Vec<_>>(), [(OPS.a, index), (OPS.a, index + 4 * 300)]);
+    }
+
+    /// The weight gradients: m × n outputs in tiles of 128 × 256 whatever k (the routed rows,
+    /// any number, none included), `out` f32; rows must come in strips of 64.
+    #[test]
+    fn gradient_calls_tile_the_output_and_take_any_k() {
+        let g = |m, k, n, out| Gemm { m, k, n, out, a: 0, b: 0 };
+        let call = grad_call(OPS, &[g(256, 130, 384, 0), g(64, 0, 128, 256 * 384)], true).expect("taken");
+        assert_eq!(call.kernel, Fused::GemmTnAdd);
+        assert_eq!(call.tiles, 2 * 2 + 1);
+        assert_eq!(call.segments.iter().map(|s| (s.rows, s.k, s.n, s.first_tile)).collect::<Vec<_>>(), [(256, 130, 384, 0), (64, 0, 128, 4)]);
+        // out is f32: the second product starts 4 bytes an element further on.
+        assert_eq!(call.segments[1].out, OPS.out + 4 * 256 * 384);
+        assert_eq!(grad_call(OPS, &[g(256, 130, 384, 0)], false).expect("taken").kernel, Fused::GemmTn);
+        assert!(grad_call(OPS, &[g(96, 8, 128, 0)], false).is_none(), "rows not whole strips of 64");
+        assert!(grad_call(OPS, &[g(64, 8, 192, 0)], false).is_none(), "columns not whole steps of 128");
+        assert!(grad_call(OPS, &[g(64, 8, 128, 2)], false).is_none(), "out off a 16-byte boundary");
     }
 
     #[test]

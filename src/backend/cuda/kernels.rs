@@ -64,7 +64,7 @@ pub struct Kernels {
     pub attn_hopper: Option<[CudaFunction; 2]>,
     /// The experts' grouped GEMM kernels (`experts::Fused::ALL` order), where compiled for
     /// Hopper.
-    pub experts: Option<[CudaFunction; 4]>,
+    pub experts: Option<[CudaFunction; Fused::ALL.len()]>,
 }
 
 type Functions = HashMap<&'static str, CudaFunction>;

@@ -707,10 +707,15 @@ impl Backend for CudaBackend {
         for g in &live {
             assert!(g.out + g.m * g.n <= out.len() && g.a + g.m * g.k <= a.len() && g.b + g.k * g.n <= b.len(), "grouped_matmul: {g:?} outside its views");
         }
-        // The expert kernels write (no accumulate) products of untransposed a; the profile
-        // names them apart from cuBLAS's.
+        // The expert kernels write products of untransposed a, and write or add the weight
+        // gradients (aᵀ b into f32); the profile names them apart from cuBLAS's.
         let ops = experts::Operands { a: a.ptr, w: b.ptr, out: out.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
-        if let Some(call) = self.fused_call(&[out.storage, a.storage, b.storage], || (!ta && !accumulate).then(|| experts::gemm_call(ops, &live, tb)).flatten()) {
+        let fused = match (ta, tb) {
+            (false, _) if !accumulate => self.fused_call(&[out.storage, a.storage, b.storage], || experts::gemm_call(ops, &live, tb)),
+            (true, false) if out.storage == Storage::F32 => self.fused_call(&[a.storage, b.storage], || experts::grad_call(ops, &live, accumulate)),
+            _ => None,
+        };
+        if let Some(call) = fused {
             let _span = self.span("grouped_matmul_wgmma", || grouped_work(&out, &a, &b, gemms, accumulate));
             return self.launch_fused(&call);
         }

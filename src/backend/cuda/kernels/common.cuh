@@ -373,15 +373,15 @@ __device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[64], unsigned lon
                  : WGMMA_D64(d)
                  : "l"(a), "l"(b), "r"(accumulate));
 }
-// D (64 × 256, f32) [+]= A (64 × 16, shared, K-major) · B (16 × 256, shared: K-major, or
-// MN-major with TRANS_B = 1: four 64-column strips, the descriptor's leading offset apart), one
-// warpgroup.
-template <int TRANS_B>
+// D (64 × 256, f32) [+]= A (64 × 16, shared: K-major, or MN-major with TRANS_A = 1: A's 16
+// columns are rows of 64 in memory) · B (16 × 256, shared: K-major, or MN-major with
+// TRANS_B = 1: four 64-column strips, the descriptor's leading offset apart), one warpgroup.
+template <int TRANS_B, int TRANS_A = 0>
 __device__ __forceinline__ void wgmma_m64n256k16_ss(float (&d)[128], unsigned long long a, unsigned long long b, int accumulate) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WGMMA_LIST128 ", %128, %129, p, 1, 1, 0, %131;\n}\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 " WGMMA_LIST128 ", %128, %129, p, 1, 1, %132, %131;\n}\n"
                  : WGMMA_D128(d)
-                 : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_B));
+                 : "l"(a), "l"(b), "r"(accumulate), "n"(TRANS_B), "n"(TRANS_A));
 }
 // D (64 × 64, f32) [+]= A (64 × 16, shared, K-major) · B (16 × 64, shared: K-major, or
 // MN-major with TRANS_B = 1), one warpgroup.

@@ -12,6 +12,9 @@
 //   down projection's weight gradient needs it). Saves writing dact and swiglu_bwd reading it.
 // - grouped_nt_wgmma, grouped_nn_wgmma: out = a · Wᵀ (W: n × k, the down projection) and
 //   out = a · W (W: k × n, the input gradient through gate/up): the grouped matmul itself.
+// - grouped_tn_wgmma, grouped_tn_add_wgmma: the weight gradients, out (f32) = or += aᵀ · b over
+//   an expert's routed rows (dW_down = dyᵀ act, dW_gu = dguᵀ xe): both operands have the rows
+//   summed over as their rows, so both are read MN-major; k is the expert's row count, any.
 // The fused epilogues compute from the product as stored (rounded to the storage), with
 // common.cuh's swiglu / swiglu_grad: bitwise what swiglu_fwd and swiglu_bwd compute from it.
 //
@@ -35,10 +38,10 @@
 // order), every k a multiple of 64 and every n of 128 (the up projection's: 64 hidden columns),
 // every operand 16-byte aligned; shared memory `experts::SMEM_BYTES`.
 struct Segment {
-    const act_t* a;  // rows × k: xe (up), dy (dact), the product's A
+    const act_t* a;  // rows × k: xe (up), dy (dact), the product's A; k × rows for the gradients
     const unsigned* index;  // null, or row r of A is a's row index[r] (up: the gather into xe)
     const act_t* w;  // W_gu (2h × k: h gate rows, then h up rows), W_down (k × h), the product's W
-    act_t* out;      // gu (up, rows × 2h), dgu (dact, rows × 2h), the product (rows × n)
+    act_t* out;      // gu (up, rows × 2h), dgu (dact, rows × 2h), the product (rows × n; f32 for the gradients)
     const act_t* gu; // the saved gu (dact)
     act_t* act;      // SwiGLU's output (up, dact; rows × h)
     int rows, k, n, first_tile;  // n: the product's columns (up: 2h; dact: h)
@@ -195,6 +198,42 @@ __device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, f
     fence_operands(acc);
 }
 
+// The K loop and accumulators of out = aᵀ · b (the weight gradients): a (k × rows) and b
+// (k × n, in the segment's `w`) both have the k rows summed over as their rows, so a step's
+// 64 rows of k stage as MN-major strips of 64 columns, two of a (one a warpgroup: its 64 rows
+// of the product) and four of b, those past rows or n zero-filled, as are the rows past k (k
+// need not be a multiple of 64). One wgmma m64n256k16 a k16 step, both operands transposed by
+// the instruction. No rows of k at all leaves the product zero.
+__device__ __forceinline__ void product_tn(unsigned char* base, const Tile& t, float (&acc)[128]) {
+    const Segment& s = t.seg;
+    const int wg = threadIdx.x / 128;
+    if (s.k == 0) {
+#pragma unroll
+        for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+        return;
+    }
+    k_loop(
+        base, (s.k + 63) / 64,
+        [&](int step, unsigned char* at) {
+#pragma unroll
+            for (int strip = 0; strip < EXPERT_ROWS / 64; strip++) {
+                const int col = t.m0 + 64 * strip, rows = col < s.rows ? s.k : 0;  // rows 0: a zero fill
+                load_rows<64, 64, 256>(swizzled(at + strip * EXPERT_STRIP_BYTES), s.a, 0, 64 * step, rows, s.rows, col);
+            }
+#pragma unroll
+            for (int strip = 0; strip < EXPERT_COLS / 64; strip++) {
+                const int col = t.j0 + 64 * strip, rows = col < s.n ? s.k : 0;
+                load_rows<64, 64, 256>(swizzled(at + EXPERT_A_BYTES + strip * EXPERT_STRIP_BYTES), s.w, 0, 64 * step, rows, s.n, col);
+            }
+        },
+        [&](int step, unsigned char* at) {
+            const auto a = sw128_desc(at + wg * EXPERT_STRIP_BYTES, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024, EXPERT_STRIP_BYTES);
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<1, 1>(acc, desc_plus(a, 16 * 128 * kk), desc_plus(b, 16 * 128 * kk), step > 0 || kk > 0);
+        });
+    fence_operands(acc);
+}
+
 // a = dy, w = W_down (k × h), gu read; dgu (out) and act written.
 extern "C" __global__ void __launch_bounds__(256, 1) expert_dact_wgmma(const Segment* segs, int count) {
     DYNAMIC_SMEM(raw);
@@ -235,4 +274,26 @@ extern "C" __global__ void __launch_bounds__(256, 1) grouped_nt_wgmma(const Segm
     product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) { load_rows<64, EXPERT_COLS, 256>(swizzled(bt), s.w, 0, t.j0, s.n, s.k, 64 * step); });
     for_each_pair<128>(t, s.n, [&](int r, int c0, int dc, int j) { store_pair(s.out + (size_t)r * s.n + c0 + dc, acc[j], acc[j + 1]); });
 }
+
+// out (f32, rows × n) = aᵀ · b, or += with ADD (the gradient's earlier part).
+template <bool ADD>
+__device__ __forceinline__ void grouped_tn(const Segment* segs, int count) {
+    DYNAMIC_SMEM(raw);
+    const Tile t = find_tile<EXPERT_COLS>(segs, count);
+    const Segment& s = t.seg;
+    float acc[128];
+    product_tn(aligned_smem(raw), t, acc);
+    float* out = (float*)s.out;
+    for_each_pair<128>(t, s.n, [&](int r, int c0, int dc, int j) {
+        float2* o = (float2*)(out + (size_t)r * s.n + c0 + dc);
+        float2 v = make_float2(acc[j], acc[j + 1]);
+        if (ADD) {
+            const float2 old = *o;
+            v = make_float2(old.x + v.x, old.y + v.y);
+        }
+        *o = v;
+    });
+}
+extern "C" __global__ void __launch_bounds__(256, 1) grouped_tn_wgmma(const Segment* segs, int count) { grouped_tn<false>(segs, count); }
+extern "C" __global__ void __launch_bounds__(256, 1) grouped_tn_add_wgmma(const Segment* segs, int count) { grouped_tn<true>(segs, count); }
 #endif
