@@ -1056,11 +1056,12 @@ fn experts(s: Storage) {
         let (gu, out, y) = (g.nan("gu", g.act_elem(), 2 * act_len), g.nan("act", g.act_elem(), act_len), g.nan("y", g.act_elem(), rows * c));
         let (dgu, out_bwd, dx) = (g.nan("dgu", g.act_elem(), 2 * act_len), g.nan("act (backward)", g.act_elem(), act_len), g.nan("dx", g.act_elem(), rows * c));
         // The weight gradients: dW_down written, dW_gu written, then dW_down added to (twice
-        // the product); the expert without rows gets zeros.
-        let dw = g.nan("dw", Elem::F32, w_len);
+        // the product); the expert without rows gets zeros. dW_gu again into dw2 with xe's rows
+        // read through the index (the backward's gather fused).
+        let (dw, dw2) = (g.nan("dw", Elem::F32, w_len), g.nan("dw (gathering)", Elem::F32, w_len));
         let addr = |b: &Buf| b.data_ptr() as u64;
         let ops = |a: &Buf, out: &Buf| expert_launch::Operands { a: addr(a), w: addr(&wb), out: addr(out), elem_bytes: g.act_elem().bytes(), ..Default::default() };
-        let grad = |a: &Buf, b: &Buf| expert_launch::Operands { a: addr(a), w: addr(b), out: addr(&dw), elem_bytes: g.act_elem().bytes(), ..Default::default() };
+        let grad = |a: &Buf, b: &Buf, out: &Buf| expert_launch::Operands { a: addr(a), w: addr(b), out: addr(out), elem_bytes: g.act_elem().bytes(), ..Default::default() };
         let calls = [
             expert_launch::up_call(expert_launch::Operands { act: addr(&out), ..ops(&xb, &gu) }, &up, false),
             expert_launch::up_call(expert_launch::Operands { act: addr(&out_gathered), ..ops(&xtb, &gu_gathered) }, &up, true).map(|mut c| {
@@ -1070,9 +1071,13 @@ fn experts(s: Storage) {
             expert_launch::gemm_call(ops(&out, &y), &down, true),
             expert_launch::dact_call(expert_launch::Operands { gu: addr(&gu), act: addr(&out_bwd), ..ops(&dyb, &dgu) }, &dact_of),
             expert_launch::gemm_call(ops(&dgu, &dx), &dx_of, false),
-            expert_launch::grad_call(grad(&dyb, &out_bwd), &dw_down, false),
-            expert_launch::grad_call(grad(&dgu, &xb), &dw_gu, false),
-            expert_launch::grad_call(grad(&dyb, &out_bwd), &dw_down, true),
+            expert_launch::grad_call(grad(&dyb, &out_bwd, &dw), &dw_down, false, false),
+            expert_launch::grad_call(grad(&dgu, &xb, &dw), &dw_gu, false, false),
+            expert_launch::grad_call(grad(&dyb, &out_bwd, &dw), &dw_down, true, false),
+            expert_launch::grad_call(grad(&dgu, &xtb, &dw2), &dw_gu, false, true).map(|mut c| {
+                c.place_index(addr(&ib));
+                c
+            }),
         ];
         for call in calls {
             let call = call.expect("the backend takes these products");
@@ -1095,7 +1100,7 @@ fn experts(s: Storage) {
             let (m, h) = (glu.gemm.m, glu.gemm.n / 2);
             g.run("swiglu_fwd", g.grid_stride(m * h / 8), &[again.at(glu.act), gu.at(glu.gemm.out), Arg::Size(m), Arg::I32(h as i32), Arg::I32(8)]);
         }
-        vec![gu, out, again, dgu, out_bwd, y, dx, gu_gathered, out_gathered, dw]
+        vec![gu, out, again, dgu, out_bwd, y, dx, gu_gathered, out_gathered, dw, dw2]
     }) else {
         return;
     };
@@ -1128,6 +1133,8 @@ fn experts(s: Storage) {
     ch.exact("expert_dact_wgmma act is the forward's", &as_f32(&got[1]), &got[4]);
     ch.close32("grouped_nn_wgmma (input gradient)", &want_dx, &got[6], tol(s));
     ch.close32("grouped_tn_wgmma, grouped_tn_add_wgmma (weight gradients)", &want_dw, &got[9], tol(s));
+    let dw_gu_part = |v: &[f64]| dw_gu.iter().flat_map(|g| v[g.out..g.out + g.m * g.n].iter().map(|&x| x as f32)).collect::<Vec<f32>>();
+    ch.exact("grouped_tn_wgmma gathering b's rows: dW_gu", &dw_gu_part(&got[9]), &dw_gu_part(&got[10]).iter().map(|&x| x as f64).collect::<Vec<f64>>());
     ch.finish();
 }
 

@@ -78,5 +78,19 @@ fn plan_matches_measured_device_peak() {
             failures.push(format!("{memory:?}: planned {:.2} MiB, measured {:.2} MiB", mib(planned), mib(measured)));
         }
     }
+    // The Hopper expert kernels read the routed rows in place: the plan has no gathered copy
+    // (xe), and neither has the step (shapes the kernels take: d_model and widths multiples of
+    // 128).
+    if let Ok(hopper) = CudaBackend::new(0, Storage::Bf16).and_then(CudaBackend::with_hopper_experts) {
+        let shapes = ["model.d_model=128", "model.n_heads=2", "model.n_kv_heads=2", "model.n_layers=2", "moe.expert_widths=[128,256,384,512]", "cuda.hopper_experts=true"];
+        let overrides: Vec<String> = ["device=cuda", "model.seq_len=512", "memory.policy=recompute"].iter().chain(&shapes).map(|s| s.to_string()).collect();
+        let config = Config::default_with(&overrides).unwrap();
+        let (planned, measured) = planned_and_measured(&hopper, &config, batch, seq);
+        let error = (measured as f64 - planned as f64) / planned as f64;
+        eprintln!("Hopper expert kernels: planned {:.2} MiB, measured {:.2} MiB ({:+.1} %)", planned as f64 / (1 << 20) as f64, measured as f64 / (1 << 20) as f64, 100.0 * error);
+        if !(-0.03..=0.01).contains(&error) {
+            failures.push(format!("Hopper expert kernels: planned {planned} B, measured {measured} B"));
+        }
+    }
     assert!(failures.is_empty(), "the memory plan is off by more than −3 %…+1 %: {}", failures.join("; "));
 }

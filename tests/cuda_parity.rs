@@ -827,11 +827,11 @@ fn hopper_experts() {
             let (mut dgu, mut act_bwd, mut dact, mut dx) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len), be.alloc(rows_c));
             be.grouped_matmul_swiglu_bwd(B::full_mut(&mut dgu), B::full_mut(&mut act_bwd), B::full_mut(&mut dact), B::full(&dyb), B::full(&wb), B::full(&gu), dact_of);
             be.grouped_matmul(B::full_mut(&mut dx), B::full(&dgu), B::full(&wb), dx_of, false, false, false);
-            let (mut xe, mut dw) = (be.alloc(rows_c), be.alloc_f32(w.len()));
-            be.gather_rows(B::full_mut(&mut xe), B::full(&xb), index, rows_c / index.len().max(1));
-            be.grouped_matmul(B::full_mut(&mut dw), B::full(&dyb), B::full(&act_bwd), dw_down, true, false, false);
-            be.grouped_matmul(B::full_mut(&mut dw), B::full(&dgu), B::full(&xe), dw_gu, true, false, false);
-            be.grouped_matmul(B::full_mut(&mut dw), B::full(&dyb), B::full(&act_bwd), dw_down, true, false, true);
+            // dW_gu reads xe's rows through the index, as the model's backward hands them.
+            let mut dw = be.alloc_f32(w.len());
+            be.grouped_weight_grad(B::full_mut(&mut dw), B::full(&dyb), B::full(&act_bwd), None, dw_down, false);
+            be.grouped_weight_grad(B::full_mut(&mut dw), B::full(&dgu), B::full(&xb), Some(index), dw_gu, false);
+            be.grouped_weight_grad(B::full_mut(&mut dw), B::full(&dyb), B::full(&act_bwd), None, dw_down, true);
             [&gu, &act, &again, &y, &dgu, &act_bwd, &dx, &dw].map(|b| down(be, b))
         }
         let (sizes, of) = ((act_len, rows * c), (up_of.as_slice(), down_of.as_slice(), dact_of.as_slice(), dx_of.as_slice(), dw_down.as_slice(), dw_gu.as_slice()));

@@ -15,7 +15,7 @@ use motley::memory::report::plan_report;
 use super::one_shape::{json_line, Case};
 use crate::common::args::{fail, show_size, Args};
 use crate::common::child::{run_self, Outcome};
-use crate::common::device::{BenchBackend, DeviceKind};
+use crate::common::device::{BenchBackend, DeviceKind, Hopper};
 use crate::common::step::{gib, measure, Run, StepTime, Summary};
 
 pub const DEFAULT_LENGTHS: &str = "16K,32K,64K,128K,256K,512K,1M";
@@ -75,6 +75,8 @@ fn planned_bytes(case: &Case) -> Option<u64> {
     (cfg.model, cfg.moe) = case.shape.configs(case.seq);
     cfg.memory = case.memory.clone();
     cfg.device = case.device.name().to_string();
+    // The Hopper expert kernels read the routed rows in place: no gathered copy planned.
+    cfg.cuda.hopper_experts = case.hopper != Hopper::Off;
     let host = (case.memory.host_gib * (1u64 << 30) as f64) as u64;
     plan_report(&cfg, case.seq, case.batch, u64::MAX, host, case.memory.bandwidth_gbs * 1e9).ok().map(|r| r.device_bytes)
 }

@@ -188,6 +188,17 @@ pub struct SwiGluGemm {
     pub act: usize,
 }
 
+/// Rows `rows` of `x` (`width` columns) in a buffer of their own: the default of the ops that
+/// take gathered rows. Every product of `widths` must read rows of that one width.
+fn gather_for<B: Backend + ?Sized>(be: &B, x: B::View<'_>, rows: &[u32], widths: impl Iterator<Item = usize>, op: &str) -> B::Buf {
+    let widths: Vec<usize> = widths.collect();
+    let width = widths.first().copied().unwrap_or(0);
+    assert!(widths.iter().all(|&w| w == width), "{op}: gathered rows need one width");
+    let mut gathered = be.alloc_scratch(rows.len() * width, Precision::Activation); // the gather writes it all
+    be.gather_rows(B::full_mut(&mut gathered), x, rows, width);
+    gathered
+}
+
 /// [`Backend::grouped_matmul_swiglu`] as the grouped matmul (after gathering `a`'s rows into a
 /// buffer of their own where `rows` picks them), then `swiglu_fwd` per expert.
 pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, a: B::View<'_>, rows: Option<&[u32]>, b: B::View<'_>, gemms: &[SwiGluGemm]) {
@@ -195,16 +206,26 @@ pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act:
     match rows {
         None => be.grouped_matmul(B::reborrow_mut(&mut gu), a, b, &up, false, true, false),
         Some(rows) => {
-            let k = up.first().map_or(0, |g| g.k);
-            assert!(up.iter().all(|g| g.k == k), "grouped_matmul_swiglu: gathered rows need one inner dimension");
-            let mut gathered = be.alloc_scratch(rows.len() * k, Precision::Activation); // the gather writes it all
-            be.gather_rows(B::full_mut(&mut gathered), a, rows, k);
+            let gathered = gather_for(be, a, rows, up.iter().map(|g| g.k), "grouped_matmul_swiglu");
             be.grouped_matmul(B::reborrow_mut(&mut gu), B::full(&gathered), b, &up, false, true, false);
         }
     }
     for g in gemms {
         let (rows, h) = (g.gemm.m, g.gemm.n / 2);
         be.swiglu_fwd(B::subview_mut(&mut act, g.act..g.act + rows * h), B::subview(B::as_view(&gu), g.gemm.out..g.gemm.out + rows * 2 * h), rows, h);
+    }
+}
+
+/// [`Backend::grouped_weight_grad`] as the grouped matmul, after gathering `b`'s rows into a
+/// buffer of their own where `rows` picks them.
+#[allow(clippy::too_many_arguments)]
+pub fn weight_grad_gathering<B: Backend + ?Sized>(be: &B, out: B::ViewMut<'_>, a: B::View<'_>, b: B::View<'_>, rows: Option<&[u32]>, gemms: &[Gemm], accumulate: bool) {
+    match rows {
+        None => be.grouped_matmul(out, a, b, gemms, true, false, accumulate),
+        Some(rows) => {
+            let gathered = gather_for(be, b, rows, gemms.iter().map(|g| g.n), "grouped_weight_grad");
+            be.grouped_matmul(out, a, B::full(&gathered), gemms, true, false, accumulate);
+        }
     }
 }
 
@@ -409,11 +430,20 @@ pub trait Backend: Send + Sync {
     fn grouped_matmul_swiglu(&self, gu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, a: Self::View<'_>, rows: Option<&[u32]>, b: Self::View<'_>, gemms: &[SwiGluGemm]) {
         swiglu_each(self, gu, act, a, rows, b, gemms)
     }
-    /// Whether [`Self::grouped_matmul_swiglu`] reads gathered rows in place, so that the model
-    /// should hand it the rows' index instead of gathering them (which the default would do
-    /// into a buffer of its own).
+    /// Whether [`Self::grouped_matmul_swiglu`] and [`Self::grouped_weight_grad`] read gathered
+    /// rows in place, so that the model should hand them the rows' index instead of gathering
+    /// them (which the defaults would do into a buffer of their own).
     fn fuses_expert_gather(&self) -> bool {
         false
+    }
+    /// The experts' weight gradients: [`Self::grouped_matmul`] with `ta` and not `tb` into an
+    /// f32 `out` (written, or added to with `accumulate`), `b`'s rows gathered where `rows`
+    /// picks them (product g reads rows `rows[g.b / n..]` of `b`: `g.b` counts in gathered
+    /// rows of its n columns; every product's n the same). By default
+    /// [`weight_grad_gathering`].
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_weight_grad(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, rows: Option<&[u32]>, gemms: &[Gemm], accumulate: bool) {
+        weight_grad_gathering(self, out, a, b, rows, gemms, accumulate)
     }
 
     /// SwiGLU's backward through the experts' down projection: for every expert, `dact = dy ·

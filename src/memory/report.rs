@@ -162,7 +162,9 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let skeletal_device_bytes = skeletal_peak(&layers, skeletal.total(), 0);
     let host_bytes = layers.iter().map(|l| l.offloaded).sum();
 
-    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes, EXPERT_CHUNK_ROWS, gate_up);
+    // The Hopper expert kernels read the routed rows through the slots' tokens (no xe).
+    let fused_gather = config.device == "cuda" && config.cuda.hopper_experts && config.parallel.ep == 1;
+    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes, EXPERT_CHUNK_ROWS, gate_up, fused_gather);
     // On CUDA the router's scratch is a phase of its own before the forward's.
     let route_words = match config.device.as_str() {
         "cuda" => RouteScratch::new(tokens, moe.n_experts(), router::rule(moe)).map_or(0, |r| r.words()),
@@ -391,6 +393,21 @@ mod tests {
         assert_eq!((route.requests, route.peak), (1, bytes));
         assert!(r.phases.iter().all(|p| p.peak <= route.peak), "the case must make the router's phase the largest: {:?}", r.phases);
         assert_eq!(r.arena_bytes, allocation_for(bytes));
+    }
+
+    /// With the Hopper expert kernels the routed rows are read through the slots' tokens: no
+    /// gathered copy in either phase, so the arena shrinks (by S·C activations where xe is the
+    /// largest phase's difference); with expert parallelism the rows travel, and are gathered.
+    #[test]
+    fn the_hopper_expert_kernels_plan_no_gathered_rows() {
+        let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
+        c.device = "cuda".into();
+        let plain = plan_report(&c, 64, 2, u64::MAX, 1 << 30, 1e10).unwrap();
+        c.cuda.hopper_experts = true;
+        let fused = plan_report(&c, 64, 2, u64::MAX, 1 << 30, 1e10).unwrap();
+        assert!(fused.arena_bytes < plain.arena_bytes, "{} !< {}", fused.arena_bytes, plain.arena_bytes);
+        c.parallel.ep = 2;
+        assert_eq!(plan_report(&c, 64, 2, u64::MAX, 1 << 30, 1e10).unwrap().arena_bytes, plain.arena_bytes);
     }
 
     /// The store's timeline (checked against real steps in tests/memo.rs, whose α-planned

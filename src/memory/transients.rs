@@ -81,9 +81,12 @@ pub fn expert_act_elements(slots: &[usize], widths: &[usize], chunk_rows: usize)
 /// `chunk_rows` rows at a time; requests are in the order of the [`fwd`] and [`bwd`] indices.
 /// The experts of a projection run as one grouped matmul per chunk of rows, so a chunk's blocks
 /// of every expert are live together. Where the gate/up product is not saved (`gate_up`
-/// `Recompute`) it is a chunk's transient in both phases (the last request of each).
+/// `Recompute`) it is a chunk's transient in both phases (the last request of each). Where the
+/// experts read their rows through the slots' tokens (`fused_gather`:
+/// `Backend::fuses_expert_gather`, no expert parallelism) no gathered copy `xe` is made: its
+/// requests take no bytes.
 #[allow(clippy::too_many_arguments)]
-pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize, gate_up: GateUp) -> (Phase, Phase) {
+pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize, gate_up: GateUp, fused_gather: bool) -> (Phase, Phase) {
     let n = (batch * seq) as u64;
     let c = model.d_model as u64;
     let d = model.head_dim() as u64;
@@ -91,10 +94,11 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
     let s: u64 = slots.iter().map(|&x| x as u64).sum();
     let sh = expert_act_elements(slots, &moe.expert_widths, chunk_rows);
     let b = |elems: u64| elems * act_bytes;
+    let xe = if fused_gather { 0 } else { b(s * c) };
 
     // Forward: 0 norm, 1 qkv, 2 rope, 3 attention, 4 copy, 5 wo, 6 norm, 7 router, 8 softmax,
     // 9 gather xe, 10 gate_up (grouped), 11 SwiGLU, 12 down (grouped), 13 copy out, 14 combine.
-    let mut fwd = vec![Request::new("xe", b(s * c), 9, 13), Request::new("act", b(sh), 11, 13)];
+    let mut fwd = vec![Request::new("xe", xe, 9, 13), Request::new("act", b(sh), 11, 13)];
     let recompute = gate_up == GateUp::Recompute;
     if recompute {
         fwd.push(Request::new("gu", b(2 * sh), 10, 12));
@@ -108,7 +112,7 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
     let x = 9;
     let mut bwd = vec![
         Request::new("dy", b(s * c), 0, x),
-        Request::new("xe", b(s * c), 2, x),
+        Request::new("xe", xe, 2, x),
         Request::new("dxe", b(s * c), 2, x + 1),
         Request::new("dxn2", b(n * c), x, x + 6),
         Request::new("dgate", 4 * s, 1, x + 2).f32(),
@@ -139,8 +143,8 @@ mod tests {
     fn phases_are_well_formed_and_plannable() {
         let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
         let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Routing::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
-        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Save);
-        let (fr, br) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Recompute);
+        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Save, false);
+        let (fr, br) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Recompute, false);
         assert_eq!((fr.requests[fwd::GU].name.as_str(), br.requests[bwd::GU].name.as_str()), ("gu", "gu"));
         assert_eq!((fr.requests.len(), br.requests.len()), (f.requests.len() + 1, b.requests.len() + 1));
         for phase in [&f, &b, &fr, &br] {
@@ -152,5 +156,14 @@ mod tests {
         // The backward's widest moment holds dx2 with dxn2 (norm backward): at least 2·N·C floats.
         let lb = crate::memory::plan::lower_bound(&b.requests, 1).unwrap();
         assert!(lb >= 2 * 24 * 32 * 4);
+        // Rows read through the slots' tokens: no xe in either phase, the rest as before.
+        let (ff, bf) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Save, true);
+        assert_eq!((ff.requests[fwd::XE].size, bf.requests[bwd::XE].size), (0, 0));
+        for (fused, plain) in [(&ff, &f), (&bf, &b)] {
+            assert!(fused.requests.iter().zip(&plain.requests).all(|(x, y)| x.size == y.size || x.name == "xe"), "{}: only xe differs", fused.name);
+            let (pf, pp) = (plan(&fused.requests, 64, Strategy::Heuristic).unwrap(), plan(&plain.requests, 64, Strategy::Heuristic).unwrap());
+            verify(&pf, &fused.requests).unwrap();
+            assert!(pf.peak <= pp.peak, "{}: {} > {}", fused.name, pf.peak, pp.peak);
+        }
     }
 }

@@ -174,12 +174,13 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// Backward of [`Self::experts_forward`] on one chunk: `dact = dy W_down` and SwiGLU's
     /// backward in one call, which also recomputes SwiGLU's output from the saved `gu` (for the
     /// down projection's weight gradient); then the chunk's rows of the input gradient `dxe` and
-    /// the experts' weight gradients (adding where an earlier chunk wrote them). `[act, dact,
-    /// dgu]` are its transients, `act` and `dact` laid out as `segs` says and `dgu` likewise with
-    /// rows twice as wide (`dact` only the unfused path writes). Every projection is one grouped
-    /// call.
+    /// the experts' weight gradients (adding where an earlier chunk wrote them), the gate/up
+    /// one from the routed rows `xe` (`x`, or the rows `rows` picks from `x`, gathered by the
+    /// call). `[act, dact, dgu]` are its transients, `act` and `dact` laid out as `segs` says
+    /// and `dgu` likewise with rows twice as wide (`dact` only the unfused path writes). Every
+    /// projection is one grouped call.
     #[allow(clippy::too_many_arguments)]
-    fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, xe: B::View<'_>, dxe: B::ViewMut<'_>, grads: &mut Grads<'_, B>, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
+    fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, (x, rows): (B::View<'_>, Option<&[u32]>), dxe: B::ViewMut<'_>, grads: &mut Grads<'_, B>, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));
         let widths = &self.moe.expert_widths;
         let (rw, ro) = (B::reborrow_mut, B::as_view);
@@ -191,17 +192,30 @@ impl<B: Backend> BlockCtx<'_, B> {
             segs.iter().map(|s| SwiGluBwdGemm { gemm: Gemm { m: s.rows, k: c, n: h(s), out: s.act, a: s.x_row * c, b: w_down(s) }, gu: s.gu, dgu: 2 * s.act, act: s.act }).collect();
         be.grouped_matmul_swiglu_bwd(rw(&mut dgu), rw(&mut act), rw(&mut dact), dy, params, gu, &through_swiglu);
         let dw_down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: c, k: s.rows, n: h(s), out: w_down(s), a: s.x_row * c, b: s.act }).collect();
-        grads.grouped_matmul(be, dy, ro(&act), &dw_down, true, false);
+        grads.grouped_weight_grad(be, dy, ro(&act), None, &dw_down);
         let dx_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: 2 * h(s), n: c, out: s.x_row * c, a: 2 * s.act, b: w_gu(s) }).collect();
         be.grouped_matmul(dxe, ro(&dgu), params, &dx_of, false, false, false);
         let dw_gu: Vec<Gemm> = segs.iter().map(|s| Gemm { m: 2 * h(s), k: s.rows, n: c, out: w_gu(s), a: 2 * s.act, b: s.x_row * c }).collect();
-        grads.grouped_matmul(be, ro(&dgu), xe, &dw_gu, true, false);
+        grads.grouped_weight_grad(be, ro(&dgu), x, rows, &dw_gu);
     }
 
     /// The block's `(forward, backward)` transient requests under `routing`, the gate/up
     /// product saved or not.
     fn phases(&self, routing: &Routing, gate_up: GateUp) -> (Phase, Phase) {
-        block_phases(self.model, self.moe, self.shape.batch, self.shape.seq, &routing.counts(), self.be.activation_bytes(), self.chunk_rows, gate_up)
+        let (s, be) = (self.shape, self.be);
+        block_phases(self.model, self.moe, s.batch, s.seq, &routing.counts(), be.activation_bytes(), self.chunk_rows, gate_up, self.fused_gather())
+    }
+
+    /// Whether the experts read their routed rows through the slots' token index (the gather
+    /// into xe fused into their operand loads, where the backend can and the rows stay on this
+    /// rank), so that no gathered copy `xe` is made.
+    fn fused_gather(&self) -> bool {
+        self.be.fuses_expert_gather() && self.ep.is_none()
+    }
+
+    /// Elements of the gathered rows `xe` for `rows` routed rows: none where they are not made.
+    fn xe_len(&self, rows: usize) -> usize {
+        if self.fused_gather() { 0 } else { rows * self.c() }
     }
 
     /// The dispatcher over the expert-parallel group, if experts are sharded.
@@ -288,7 +302,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         tx.begin(be, forward.requests);
         // The experts' up projection gathers its rows itself where the backend can (and the
         // rows stay on this rank); else they are gathered into xe here.
-        let fused_gather = be.fuses_expert_gather() && self.ep.is_none();
+        let (fused_gather, xe_len) = (self.fused_gather(), self.xe_len(routing.n_slots()));
         if !fused_gather {
             let [mut xe] = tx.views(be, [(fwd::XE, sc)]);
             be.gather_rows(B::reborrow_mut(&mut xe), B::full(&xn2), &routing.token, c);
@@ -304,12 +318,12 @@ impl<B: Backend> BlockCtx<'_, B> {
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
                     match saved_gu.as_mut() {
                         Some(gu) => {
-                            let [xe, act] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len)]);
+                            let [xe, act] = tx.views(be, [(fwd::XE, xe_len), (fwd::ACT, act_len)]);
                             let (x, rows) = if fused_gather { (B::full(&xn2), Some(&routing.token[..])) } else { (B::as_view(&xe), None) };
                             self.experts_forward(p, &chunk, x, rows, B::full_mut(gu), act, B::full_mut(&mut y));
                         }
                         None => {
-                            let [xe, act, gu] = tx.views(be, [(fwd::XE, sc), (fwd::ACT, act_len), (fwd::GU, 2 * act_len)]);
+                            let [xe, act, gu] = tx.views(be, [(fwd::XE, xe_len), (fwd::ACT, act_len), (fwd::GU, 2 * act_len)]);
                             let (x, rows) = if fused_gather { (B::full(&xn2), Some(&routing.token[..])) } else { (B::as_view(&xe), None) };
                             self.experts_forward(p, &chunk_local_gate_up(&chunk), x, rows, gu, act, B::full_mut(&mut y));
                         }
@@ -429,22 +443,22 @@ impl<B: Backend> BlockCtx<'_, B> {
             gu_base += sl.len() * 2 * h;
         }
         tx.begin(be, self.phases(routing, gate_up).1.requests);
-        let fused_gather = be.fuses_expert_gather();
+        let (fused_gather, xe_len) = (self.fused_gather(), self.xe_len(tokens.len()));
         if !fused_gather {
-            let [mut xe] = tx.views(be, [(bwd::XE, tokens.len() * c)]);
+            let [mut xe] = tx.views(be, [(bwd::XE, xe_len)]);
             be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &tokens, c);
         }
         let act_len = expert_act_elements(&routing.counts(), widths, self.chunk_rows) as usize;
         for chunk in chunked(&segs, self.chunk_rows, widths) {
             match saved_gu.as_deref_mut() {
                 Some(gu) => {
-                    let [xe, act] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len)]);
+                    let [xe, act] = tx.views(be, [(bwd::XE, xe_len), (bwd::ACT, act_len)]);
                     let (x, rows) = if fused_gather { (B::full(xn2), Some(&tokens[..])) } else { (B::as_view(&xe), None) };
                     self.experts_forward(p, &chunk, x, rows, B::full_mut(gu), act, B::full_mut(y));
                 }
                 None => {
                     // Only expert_out's rows are wanted; gu is the chunk's transient.
-                    let [xe, act, gu] = tx.views(be, [(bwd::XE, tokens.len() * c), (bwd::ACT, act_len), (bwd::GU, 2 * act_len)]);
+                    let [xe, act, gu] = tx.views(be, [(bwd::XE, xe_len), (bwd::ACT, act_len), (bwd::GU, 2 * act_len)]);
                     let (x, rows) = if fused_gather { (B::full(xn2), Some(&tokens[..])) } else { (B::as_view(&xe), None) };
                     self.experts_forward(p, &chunk_local_gate_up(&chunk), x, rows, gu, act, B::full_mut(y));
                 }
@@ -474,11 +488,14 @@ impl<B: Backend> BlockCtx<'_, B> {
         let (rw, ro) = (B::reborrow_mut, B::as_view);
 
         // Combine: out[t] = x2[t] + Σ gate_s y_s  →  dy_s = gate_s dout[t], dgate_s = ⟨dout[t], y_s⟩.
-        // Experts, each on its own rows.
+        // Experts, each on its own rows: xe gathered here, or read through the slots' tokens.
+        let (fused_gather, xe_len, xn2) = (self.fused_gather(), self.xe_len(routing.n_slots()), store.load(layer, "ffn_norm_out"));
         {
-            let [mut dy, mut xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc)]);
+            let [mut dy, mut xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, xe_len)]);
             be.gather_rows_scaled(rw(&mut dy), B::full(dout), &routing.token, &routing.gate, c);
-            be.gather_rows(rw(&mut xe), saved("ffn_norm_out"), &routing.token, c);
+            if !fused_gather {
+                be.gather_rows(rw(&mut xe), B::full(xn2), &routing.token, c);
+            }
         }
         {
             let [mut dgate] = tx.views(be, [(bwd::DGATE, routing.n_slots())]);
@@ -490,17 +507,19 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let (segs, _) = segments(0, &counts, widths);
                 let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
-                    let views = [(bwd::DY, sc), (bwd::XE, sc), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, 2 * act_len)];
+                    let views = [(bwd::DY, sc), (bwd::XE, xe_len), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, 2 * act_len)];
                     match saved_gu {
                         Some(gu) => {
                             let [dy, xe, dxe, act, dact, dgu] = tx.views(be, views);
-                            self.experts_backward(p, &chunk, B::full(gu), ro(&dy), ro(&xe), dxe, grads, [act, dact, dgu]);
+                            let routed = if fused_gather { (B::full(xn2), Some(&routing.token[..])) } else { (ro(&xe), None) };
+                            self.experts_backward(p, &chunk, B::full(gu), ro(&dy), routed, dxe, grads, [act, dact, dgu]);
                         }
                         None => {
                             let [dy, xe, dxe, mut act, dact, dgu, mut gu] = tx.views(be, [views[0], views[1], views[2], views[3], views[4], views[5], (bwd::GU, 2 * act_len)]);
                             let local = chunk_local_gate_up(&chunk);
-                            self.experts_up(p, &local, ro(&xe), None, rw(&mut gu), rw(&mut act));
-                            self.experts_backward(p, &local, ro(&gu), ro(&dy), ro(&xe), dxe, grads, [act, dact, dgu]);
+                            let (x, rows) = if fused_gather { (B::full(xn2), Some(&routing.token[..])) } else { (ro(&xe), None) };
+                            self.experts_up(p, &local, x, rows, rw(&mut gu), rw(&mut act));
+                            self.experts_backward(p, &local, ro(&gu), ro(&dy), (x, rows), dxe, grads, [act, dact, dgu]);
                         }
                     }
                 }
@@ -532,7 +551,7 @@ impl<B: Backend> BlockCtx<'_, B> {
                         }
                         (None, None) => unreachable!("allocated where gu is not saved"),
                     };
-                    self.experts_backward(p, &chunk, B::full(gu), B::full(&dyg), B::full(&xg), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
+                    self.experts_backward(p, &chunk, B::full(gu), B::full(&dyg), (B::full(&xg), None), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
                 }
                 let [mut dxe] = tx.views(be, [(bwd::DXE, sc)]);
                 be.upload(rw(&mut dxe), &d.from_experts(&be.download(B::full(&dxg)), recv)?);

@@ -73,14 +73,15 @@ impl<B: Backend> Grads<'_, B> {
         B::view_mut(self.buf, off..off + len)
     }
 
-    /// A grouped matmul into gradients (each product's `out` an offset into the buffer): one
-    /// call for the gradients it writes first, one for those it adds to.
-    #[allow(clippy::too_many_arguments)]
-    pub fn grouped_matmul(&mut self, be: &B, a: B::View<'_>, b: B::View<'_>, gemms: &[Gemm], ta: bool, tb: bool) {
+    /// The experts' weight gradients `aᵀ · b` into gradients (each product's `out` an offset
+    /// into the buffer; `b`'s rows gathered by `rows` where given, see
+    /// `Backend::grouped_weight_grad`): one call for the gradients it writes first, one for
+    /// those it adds to.
+    pub fn grouped_weight_grad(&mut self, be: &B, a: B::View<'_>, b: B::View<'_>, rows: Option<&[u32]>, gemms: &[Gemm]) {
         let (adds, writes): (Vec<Gemm>, Vec<Gemm>) = gemms.iter().partition(|g| self.ledger.accumulates(g.out));
         for (group, accumulate) in [(writes, false), (adds, true)] {
             if !group.is_empty() {
-                be.grouped_matmul(B::full_mut(self.buf), a, b, &group, ta, tb, accumulate);
+                be.grouped_weight_grad(B::full_mut(self.buf), a, b, rows, &group, accumulate);
             }
         }
     }

@@ -155,10 +155,17 @@ pub fn gemm_call(ops: Operands, gemms: &[Gemm], tb: bool) -> Option<Call> {
 
 /// A grouped weight gradient `out (f32) = aᵀ · b`, or `+=` with `accumulate` (a: k × m, b: k × n,
 /// the routed rows k; `b` in the operands' `w`), or `None` as above. Every product's m × n
-/// output is written, even where k = 0.
-pub fn grad_call(ops: Operands, gemms: &[Gemm], accumulate: bool) -> Option<Call> {
+/// output is written, even where k = 0. `gathered`: product g's rows of b are b's rows
+/// `index[g.b / n..]`, each segment's `index` its byte offset until [`Call::place_index`].
+pub fn grad_call(ops: Operands, gemms: &[Gemm], accumulate: bool, gathered: bool) -> Option<Call> {
     let kernel = if accumulate { Fused::GemmTnAdd } else { Fused::GemmTn };
-    call(kernel, ops, gemms.iter().map(|g| part(g, [g.a, g.b, g.out, 0, 0])))
+    let mut call = call(kernel, ops, gemms.iter().map(|g| part(g, [g.a, if gathered { 0 } else { g.b }, g.out, 0, 0])))?;
+    if gathered {
+        for (seg, g) in call.segments.iter_mut().zip(gemms.iter().filter(|g| g.m > 0)) {
+            seg.index = 4 * (g.b / g.n) as u64;
+        }
+    }
+    Some(call)
 }
 
 fn part(g: &Gemm, offsets: [usize; 5]) -> Part {
@@ -227,16 +234,21 @@ mod tests {
     #[test]
     fn gradient_calls_tile_the_output_and_take_any_k() {
         let g = |m, k, n, out| Gemm { m, k, n, out, a: 0, b: 0 };
-        let call = grad_call(OPS, &[g(256, 130, 384, 0), g(64, 0, 128, 256 * 384)], true).expect("taken");
+        let call = grad_call(OPS, &[g(256, 130, 384, 0), g(64, 0, 128, 256 * 384)], true, false).expect("taken");
         assert_eq!(call.kernel, Fused::GemmTnAdd);
         assert_eq!(call.tiles, 2 * 2 + 1);
         assert_eq!(call.segments.iter().map(|s| (s.rows, s.k, s.n, s.first_tile)).collect::<Vec<_>>(), [(256, 130, 384, 0), (64, 0, 128, 4)]);
         // out is f32: the second product starts 4 bytes an element further on.
         assert_eq!(call.segments[1].out, OPS.out + 4 * 256 * 384);
-        assert_eq!(grad_call(OPS, &[g(256, 130, 384, 0)], false).expect("taken").kernel, Fused::GemmTn);
-        assert!(grad_call(OPS, &[g(96, 8, 128, 0)], false).is_none(), "rows not whole strips of 64");
-        assert!(grad_call(OPS, &[g(64, 8, 192, 0)], false).is_none(), "columns not whole steps of 128");
-        assert!(grad_call(OPS, &[g(64, 8, 128, 2)], false).is_none(), "out off a 16-byte boundary");
+        assert_eq!(grad_call(OPS, &[g(256, 130, 384, 0)], false, false).expect("taken").kernel, Fused::GemmTn);
+        assert!(grad_call(OPS, &[g(96, 8, 128, 0)], false, false).is_none(), "rows not whole strips of 64");
+        assert!(grad_call(OPS, &[g(64, 8, 192, 0)], false, false).is_none(), "columns not whole steps of 128");
+        assert!(grad_call(OPS, &[g(64, 8, 128, 2)], false, false).is_none(), "out off a 16-byte boundary");
+        // Gathered: b's rows through the index, each product from its place in it (b = 130 × 128
+        // elements in: row 130 of the gathered rows), b itself at its base.
+        let mut call = grad_call(OPS, &[Gemm { b: 0, ..g(256, 130, 128, 0) }, Gemm { b: 130 * 128, ..g(64, 7, 128, 256 * 128) }], false, true).expect("taken");
+        call.place_index(9 << 20);
+        assert_eq!(call.segments.iter().map(|s| (s.w, s.index)).collect::<Vec<_>>(), [(OPS.w, 9 << 20), (OPS.w, (9 << 20) + 4 * 130)]);
     }
 
     #[test]

@@ -56,7 +56,7 @@ use launch::{grid_stride, per_row, vec_width, warp_per_row, ROUTE_GROUP, SUMSQ_B
 use profile::Work;
 pub use nvrtc::Storage;
 
-use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RoutedSlots, RouteRule, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, weight_grad_gathering, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RoutedSlots, RouteRule, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use super::cuda_scratch::RouteScratch;
 use crate::{Error, Result};
 
@@ -712,7 +712,7 @@ impl Backend for CudaBackend {
         let ops = experts::Operands { a: a.ptr, w: b.ptr, out: out.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
         let fused = match (ta, tb) {
             (false, _) if !accumulate => self.fused_call(&[out.storage, a.storage, b.storage], || experts::gemm_call(ops, &live, tb)),
-            (true, false) if out.storage == Storage::F32 => self.fused_call(&[a.storage, b.storage], || experts::grad_call(ops, &live, accumulate)),
+            (true, false) if out.storage == Storage::F32 => self.fused_call(&[a.storage, b.storage], || experts::grad_call(ops, &live, accumulate, false)),
             _ => None,
         };
         if let Some(call) = fused {
@@ -762,6 +762,34 @@ impl Backend for CudaBackend {
 
     fn fuses_expert_gather(&self) -> bool {
         self.hopper_experts
+    }
+
+    fn grouped_weight_grad(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, rows: Option<&[u32]>, gemms: &[Gemm], accumulate: bool) {
+        let Some(rows) = rows else {
+            return self.grouped_matmul(out, a, b, gemms, true, false, accumulate);
+        };
+        let live: Vec<Gemm> = gemms.iter().copied().filter(|g| g.m * g.n > 0).collect();
+        let n = live.first().map_or(1, |g| g.n.max(1));
+        for g in &live {
+            let fits = g.out + g.m * g.n <= out.len() && g.a + g.m * g.k <= a.len() && g.b + g.k * g.n <= rows.len() * n && g.n == n;
+            assert!(fits, "grouped_weight_grad: {g:?} outside its views (or of another width)");
+        }
+        assert!(rows.iter().all(|&r| (r as usize + 1) * n <= b.len()), "grouped_weight_grad: a gathered row past `b`");
+        let ops = experts::Operands { a: a.ptr, w: b.ptr, out: out.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
+        let call = (out.storage == Storage::F32).then(|| self.fused_call(&[a.storage, b.storage], || experts::grad_call(ops, &live, accumulate, true))).flatten();
+        let Some(mut call) = call else {
+            return weight_grad_gathering(self, out, a, b, Some(rows), gemms, accumulate);
+        };
+        let _span = self.span("grouped_matmul_wgmma", || grouped_work(&out, &a, &b, gemms, accumulate));
+        // The stretch of the index these products read, its address set back by its start (as
+        // the up projection's).
+        let (first, end) = (live.iter().map(|g| g.b / n).min().unwrap_or(0), live.iter().map(|g| g.b / n + g.k).max().unwrap_or(0));
+        let _index = (call.tiles > 0 && end > first).then(|| {
+            let index = self.upload_u32(&rows[first..end]);
+            call.place_index(index.device_ptr(&self.stream).0.wrapping_sub(4 * first as u64));
+            index
+        });
+        self.launch_fused(&call);
     }
 
     fn grouped_matmul_swiglu_bwd(&self, dgu: DevViewMut<'_>, act: DevViewMut<'_>, dact: DevViewMut<'_>, dy: DevView<'_>, b: DevView<'_>, gu: DevView<'_>, gemms: &[SwiGluBwdGemm]) {

@@ -14,7 +14,9 @@
 //   out = a · W (W: k × n, the input gradient through gate/up): the grouped matmul itself.
 // - grouped_tn_wgmma, grouped_tn_add_wgmma: the weight gradients, out (f32) = or += aᵀ · b over
 //   an expert's routed rows (dW_down = dyᵀ act, dW_gu = dguᵀ xe): both operands have the rows
-//   summed over as their rows, so both are read MN-major; k is the expert's row count, any.
+//   summed over as their rows, so both are read MN-major; k is the expert's row count, any. b's
+//   rows picked by the segment's index where it has one (dW_gu's xe: the backward's gather
+//   fused into the operand load, as the up projection's).
 // The fused epilogues compute from the product as stored (rounded to the storage), with
 // common.cuh's swiglu / swiglu_grad: bitwise what swiglu_fwd and swiglu_bwd compute from it.
 //
@@ -39,7 +41,8 @@
 // every operand 16-byte aligned; shared memory `experts::SMEM_BYTES`.
 struct Segment {
     const act_t* a;  // rows × k: xe (up), dy (dact), the product's A; k × rows for the gradients
-    const unsigned* index;  // null, or row r of A is a's row index[r] (up: the gather into xe)
+    const unsigned* index;  // null, or row r of A is a's row index[r] (up: the gather into xe); of
+                            // b (`w`) for the gradients
     const act_t* w;  // W_gu (2h × k: h gate rows, then h up rows), W_down (k × h), the product's W
     act_t* out;      // gu (up, rows × 2h), dgu (dact, rows × 2h), the product (rows × n; f32 for the gradients)
     const act_t* gu; // the saved gu (dact)
@@ -220,10 +223,16 @@ __device__ __forceinline__ void product_tn(unsigned char* base, const Tile& t, f
                 const int col = t.m0 + 64 * strip, rows = col < s.rows ? s.k : 0;  // rows 0: a zero fill
                 load_rows<64, 64, 256>(swizzled(at + strip * EXPERT_STRIP_BYTES), s.a, 0, 64 * step, rows, s.rows, col);
             }
+            // Rows past k stand in the step's first (their index is past the segment's stretch).
+            const int k0 = 64 * step;
 #pragma unroll
             for (int strip = 0; strip < EXPERT_COLS / 64; strip++) {
                 const int col = t.j0 + 64 * strip, rows = col < s.n ? s.k : 0;
-                load_rows<64, 64, 256>(swizzled(at + EXPERT_A_BYTES + strip * EXPERT_STRIP_BYTES), s.w, 0, 64 * step, rows, s.n, col);
+                auto row = [&](int r, bool ok) {
+                    const int i = k0 + (ok ? r : 0);
+                    return s.w + (size_t)(s.index ? s.index[i] : i) * s.n + col;
+                };
+                load_rows_from<64, 64, 256>(swizzled(at + EXPERT_A_BYTES + strip * EXPERT_STRIP_BYTES), row, rows - k0);
             }
         },
         [&](int step, unsigned char* at) {
