@@ -30,7 +30,7 @@ for file in "${files[@]}"; do
     # The Hopper entry points: the kernels these counts are about.
     case "$file" in
         attention) kernels=(attn_fwd_wgmma_d64 attn_bwd_wgmma_d64) ;;
-        experts) kernels=(expert_up_wgmma expert_dact_wgmma grouped_nt_wgmma grouped_nn_wgmma) ;;
+        experts) kernels=(expert_up_wgmma expert_dact_wgmma grouped_nt_wgmma grouped_nn_wgmma grouped_tn_wgmma grouped_tn_add_wgmma) ;;
         *) kernels=() ;;
     esac
     python3 bench/gpu/sass.py "$work/$file.sass" "${kernels[@]}"
