@@ -278,7 +278,7 @@ part_long_max() {
 part_profile() {
     local d=$OUT/profile ncu k length=${PROFILE_LENGTH:-32K}
     local attention="attn_fwd_d64 attn_bwd_delta attn_bwd_d64 attn_fwd_wgmma_d64 attn_bwd_wgmma_d64"
-    local experts="expert_up_wgmma expert_dact_wgmma grouped_nt_wgmma grouped_nn_wgmma"
+    local experts="expert_up_wgmma expert_dact_wgmma grouped_nt_wgmma grouped_nn_wgmma grouped_tn_wgmma"
     mkdir -p "$d"
     ncu=${NCU:-$(command -v ncu || ls /usr/local/cuda/bin/ncu 2> /dev/null || true)}
     if [ -z "$ncu" ] || [ ! -x "$ncu" ]; then
