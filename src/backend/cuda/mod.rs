@@ -278,6 +278,19 @@ impl CudaBackend {
         call
     }
 
+    /// Uploads the stretch `rows[stretch]` of a gathered operand's row index that `call`'s
+    /// products read (a chunk of the experts reads a chunk of the slots) and points the
+    /// segments into it: its address set back by the stretch's start, so that the products' row
+    /// offsets, which count from the whole index, land in it. Keep the upload until the launch
+    /// is queued.
+    fn place_row_index(&self, call: &mut experts::Call, rows: &[u32], stretch: Range<usize>) -> Option<CudaSlice<u32>> {
+        (call.tiles > 0 && !stretch.is_empty()).then(|| {
+            let index = self.upload_u32(&rows[stretch.clone()]);
+            call.place_index(index.device_ptr(&self.stream).0.wrapping_sub(4 * stretch.start as u64));
+            index
+        })
+    }
+
     /// Launches the expert kernel of `call` over its tiles, its segments' table uploaded first.
     fn launch_fused(&self, call: &experts::Call) {
         if call.tiles == 0 {
@@ -747,15 +760,10 @@ impl Backend for CudaBackend {
         };
         // Per output of the product: gu written, and half as much act.
         let _span = self.span("grouped_matmul_swiglu", || fused_work(gemms.iter().map(|g| g.gemm), 1.5));
-        // Only the stretch of the index these products read goes up (a chunk of the experts
-        // reads a chunk of the slots); its address is set back by the stretch's start, so that
-        // the products' row offsets, which count from the whole index, land in it.
-        let _index = rows.filter(|_| call.tiles > 0).map(|r| {
+        let _index = rows.and_then(|r| {
             let first = gemms.iter().map(|g| g.gemm.a / k).min().unwrap_or(0);
             let end = gemms.iter().map(|g| g.gemm.a / k + g.gemm.m).max().unwrap_or(0);
-            let index = self.upload_u32(&r[first..end.max(first)]);
-            call.place_index(index.device_ptr(&self.stream).0.wrapping_sub(4 * first as u64));
-            index
+            self.place_row_index(&mut call, r, first..end)
         });
         self.launch_fused(&call);
     }
@@ -781,14 +789,8 @@ impl Backend for CudaBackend {
             return weight_grad_gathering(self, out, a, b, Some(rows), gemms, accumulate);
         };
         let _span = self.span("grouped_matmul_wgmma", || grouped_work(&out, &a, &b, gemms, accumulate));
-        // The stretch of the index these products read, its address set back by its start (as
-        // the up projection's).
         let (first, end) = (live.iter().map(|g| g.b / n).min().unwrap_or(0), live.iter().map(|g| g.b / n + g.k).max().unwrap_or(0));
-        let _index = (call.tiles > 0 && end > first).then(|| {
-            let index = self.upload_u32(&rows[first..end]);
-            call.place_index(index.device_ptr(&self.stream).0.wrapping_sub(4 * first as u64));
-            index
-        });
+        let _index = self.place_row_index(&mut call, rows, first..end);
         self.launch_fused(&call);
     }
 
