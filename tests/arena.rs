@@ -90,7 +90,7 @@ fn arena_plans_of_real_routings_never_overlap_live_transients() {
         let (inputs, _) = batch(5, cfg.vocab_size, 2 * 24);
         model.forward_saving(&be, &mut store, &inputs, 2, 24).unwrap();
         for l in 0..cfg.n_layers {
-            let (f, b) = block_phases(&cfg, &moe, 2, 24, &store.routing(l).counts(), be.activation_bytes(), EXPERT_CHUNK_ROWS, GateUp::Save, be.fuses_expert_gather());
+            let (f, b) = block_phases(&cfg, &moe, 2, 24, &store.routing(l).counts(), be.activation_bytes(), EXPERT_CHUNK_ROWS, GateUp::Save, be.fuses_expert_gather(cfg.d_model, &moe.expert_widths));
             for phase in [f, b] {
                 let mut arena = Arena::<Cpu>::planned();
                 arena.begin(&be, phase.requests.clone());

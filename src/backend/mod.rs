@@ -431,9 +431,11 @@ pub trait Backend: Send + Sync {
         swiglu_each(self, gu, act, a, rows, b, gemms)
     }
     /// Whether [`Self::grouped_matmul_swiglu`] and [`Self::grouped_weight_grad`] read gathered
-    /// rows in place, so that the model should hand them the rows' index instead of gathering
-    /// them (which the defaults would do into a buffer of their own).
-    fn fuses_expert_gather(&self) -> bool {
+    /// rows in place for experts of `widths` at `d_model`, so that the model should hand them
+    /// the rows' index instead of gathering them (which the defaults would do into a buffer of
+    /// their own, outside the memory plan).
+    fn fuses_expert_gather(&self, d_model: usize, widths: &[usize]) -> bool {
+        let _ = (d_model, widths);
         false
     }
     /// The experts' weight gradients: [`Self::grouped_matmul`] with `ta` and not `tb` into an

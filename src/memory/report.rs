@@ -162,8 +162,9 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let skeletal_device_bytes = skeletal_peak(&layers, skeletal.total(), 0);
     let host_bytes = layers.iter().map(|l| l.offloaded).sum();
 
-    // The Hopper expert kernels read the routed rows through the slots' tokens (no xe).
-    let fused_gather = config.device == "cuda" && config.cuda.hopper_experts && config.parallel.ep == 1;
+    // The Hopper expert kernels read the routed rows through the slots' tokens (no xe), where
+    // they take the model's shapes.
+    let fused_gather = config.device == "cuda" && config.cuda.hopper_experts && config.parallel.ep == 1 && cuda_scratch::expert_kernels_gather(m.d_model, &moe.expert_widths);
     let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes, EXPERT_CHUNK_ROWS, gate_up, fused_gather);
     // On CUDA the router's scratch is a phase of its own before the forward's.
     let route_words = match config.device.as_str() {
@@ -396,18 +397,24 @@ mod tests {
     }
 
     /// With the Hopper expert kernels the routed rows are read through the slots' tokens: no
-    /// gathered copy in either phase, so the arena shrinks (by S·C activations where xe is the
-    /// largest phase's difference); with expert parallelism the rows travel, and are gathered.
+    /// gathered copy in either phase, so the arena shrinks; not where the kernels do not take
+    /// the widths (the default config's are not multiples of 64), nor with expert parallelism
+    /// (the rows travel, and are gathered).
     #[test]
     fn the_hopper_expert_kernels_plan_no_gathered_rows() {
         let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
         c.device = "cuda".into();
-        let plain = plan_report(&c, 64, 2, u64::MAX, 1 << 30, 1e10).unwrap();
+        let arena = |c: &Config| plan_report(c, 64, 2, u64::MAX, 1 << 30, 1e10).unwrap().arena_bytes;
+        let plain = arena(&c);
         c.cuda.hopper_experts = true;
-        let fused = plan_report(&c, 64, 2, u64::MAX, 1 << 30, 1e10).unwrap();
-        assert!(fused.arena_bytes < plain.arena_bytes, "{} !< {}", fused.arena_bytes, plain.arena_bytes);
+        assert_eq!(arena(&c), plain, "widths the kernels do not take: {:?}", c.moe.expert_widths);
+        c.cuda.hopper_experts = false;
+        c.moe.expert_widths = vec![64, 128, 192, 256, 64, 128, 192, 256];
+        let plain = arena(&c);
+        c.cuda.hopper_experts = true;
+        assert!(arena(&c) < plain, "{} !< {plain}", arena(&c));
         c.parallel.ep = 2;
-        assert_eq!(plan_report(&c, 64, 2, u64::MAX, 1 << 30, 1e10).unwrap().arena_bytes, plain.arena_bytes);
+        assert_eq!(arena(&c), plain);
     }
 
     /// The store's timeline (checked against real steps in tests/memo.rs, whose α-planned

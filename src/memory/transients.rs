@@ -83,7 +83,7 @@ pub fn expert_act_elements(slots: &[usize], widths: &[usize], chunk_rows: usize)
 /// of every expert are live together. Where the gate/up product is not saved (`gate_up`
 /// `Recompute`) it is a chunk's transient in both phases (the last request of each). Where the
 /// experts read their rows through the slots' tokens (`fused_gather`:
-/// `Backend::fuses_expert_gather`, no expert parallelism) no gathered copy `xe` is made: its
+/// `Backend::fuses_expert_gather`, without expert parallelism) no gathered copy `xe` is made: its
 /// requests take no bytes.
 #[allow(clippy::too_many_arguments)]
 pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize, gate_up: GateUp, fused_gather: bool) -> (Phase, Phase) {

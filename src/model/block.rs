@@ -210,7 +210,7 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// into xe fused into their operand loads, where the backend can and the rows stay on this
     /// rank), so that no gathered copy `xe` is made.
     fn fused_gather(&self) -> bool {
-        self.be.fuses_expert_gather() && self.ep.is_none()
+        self.be.fuses_expert_gather(self.c(), &self.moe.expert_widths) && self.ep.is_none()
     }
 
     /// Elements of the gathered rows `xe` for `rows` routed rows: none where they are not made.

@@ -768,8 +768,8 @@ impl Backend for CudaBackend {
         self.launch_fused(&call);
     }
 
-    fn fuses_expert_gather(&self) -> bool {
-        self.hopper_experts
+    fn fuses_expert_gather(&self, d_model: usize, widths: &[usize]) -> bool {
+        self.hopper_experts && super::cuda_scratch::expert_kernels_gather(d_model, widths)
     }
 
     fn grouped_weight_grad(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, rows: Option<&[u32]>, gemms: &[Gemm], accumulate: bool) {
