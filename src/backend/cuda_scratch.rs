@@ -97,3 +97,29 @@ impl RouteScratch {
         self.parts.iter().sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The f64 parts (the sums the host reads first, the groups' sums) start on 8-byte
+    /// boundaries whatever the expert count's parity; the header is the sums and counts; the
+    /// parts hold what the kernels index; no scratch where routing stays on the host.
+    #[test]
+    fn route_scratch_keeps_its_f64_parts_aligned() {
+        for e in [1, 6, 7, 40, 63, 64] {
+            for rule in [RouteRule::TopK(2), RouteRule::TopP(0.6)] {
+                let n = 1000;
+                let r = RouteScratch::new(n, e, rule).unwrap();
+                let starts: Vec<usize> = r.parts.iter().scan(0, |at, &w| Some(std::mem::replace(at, *at + w))).collect();
+                assert!(starts[0] % 2 == 0 && starts[4] % 2 == 0, "e {e}, {rule:?}: f64 parts at words {} and {}", starts[0], starts[4]);
+                assert_eq!(r.header(), 2 * (e + 2) + e);
+                assert_eq!((r.parts[2], r.groups), (r.capacity, n.div_ceil(ROUTE_GROUP)));
+                assert_eq!(r.capacity, if let RouteRule::TopK(k) = rule { n * k.min(e) } else { n * e });
+                assert_eq!(r.words(), r.parts.iter().sum::<usize>());
+            }
+        }
+        assert_eq!(RouteScratch::new(10, 65, RouteRule::TopK(2)), None);
+        assert_eq!(RouteScratch::new(0, 8, RouteRule::TopK(2)), None);
+    }
+}
