@@ -112,7 +112,7 @@ mod tests {
                 let n = 1000;
                 let r = RouteScratch::new(n, e, rule).unwrap();
                 let starts: Vec<usize> = r.parts.iter().scan(0, |at, &w| Some(std::mem::replace(at, *at + w))).collect();
-                assert!(starts[0] % 2 == 0 && starts[4] % 2 == 0, "e {e}, {rule:?}: f64 parts at words {} and {}", starts[0], starts[4]);
+                assert!(starts[0].is_multiple_of(2) && starts[4].is_multiple_of(2), "e {e}, {rule:?}: f64 parts at words {} and {}", starts[0], starts[4]);
                 assert_eq!(r.header(), 2 * (e + 2) + e);
                 assert_eq!((r.parts[2], r.groups), (r.capacity, n.div_ceil(ROUTE_GROUP)));
                 assert_eq!(r.capacity, if let RouteRule::TopK(k) = rule { n * k.min(e) } else { n * e });
