@@ -109,8 +109,18 @@ pub struct Call {
 }
 
 impl Call {
-    /// Adds the device address of the up projection's row index (uploaded after the call was
-    /// made, see [`up_call`]) to each segment's offset into it.
+    /// Each segment's `index` the byte offset of its product's first gathered row, `first_row`
+    /// of its product (the segments are the products with rows, in order), until
+    /// [`Call::place_index`] adds the index's address.
+    fn with_index_offsets<'a>(mut self, products: impl Iterator<Item = &'a Gemm>, first_row: impl Fn(&Gemm) -> usize) -> Self {
+        for (seg, g) in self.segments.iter_mut().zip(products.filter(|g| g.m > 0)) {
+            seg.index = 4 * first_row(g) as u64;
+        }
+        self
+    }
+
+    /// Adds the device address of a gathered operand's row index (uploaded after the call was
+    /// made, see [`up_call`], [`grad_call`]) to each segment's offset into it.
     pub fn place_index(&mut self, index: u64) {
         for seg in &mut self.segments {
             seg.index = seg.index.wrapping_add(index);
@@ -132,14 +142,8 @@ struct Part {
 /// byte offset of its stretch until [`Call::place_index`] adds the index's address, so that
 /// the index goes up only once the kernel is known to take the products.
 pub fn up_call(ops: Operands, gemms: &[SwiGluGemm], gathered: bool) -> Option<Call> {
-    let mut call = call(Fused::Up, ops, gemms.iter().map(|s| part(&s.gemm, [if gathered { 0 } else { s.gemm.a }, s.gemm.b, s.gemm.out, 0, s.act])))?;
-    if gathered {
-        let live = gemms.iter().filter(|s| s.gemm.m > 0);
-        for (seg, s) in call.segments.iter_mut().zip(live) {
-            seg.index = 4 * (s.gemm.a / s.gemm.k) as u64;
-        }
-    }
-    Some(call)
+    let call = call(Fused::Up, ops, gemms.iter().map(|s| part(&s.gemm, [if gathered { 0 } else { s.gemm.a }, s.gemm.b, s.gemm.out, 0, s.act])))?;
+    Some(if gathered { call.with_index_offsets(gemms.iter().map(|s| &s.gemm), |g| g.a / g.k) } else { call })
 }
 
 /// SwiGLU's backward through the down projection (`out` = dgu), or `None` as above.
@@ -159,13 +163,8 @@ pub fn gemm_call(ops: Operands, gemms: &[Gemm], tb: bool) -> Option<Call> {
 /// `index[g.b / n..]`, each segment's `index` its byte offset until [`Call::place_index`].
 pub fn grad_call(ops: Operands, gemms: &[Gemm], accumulate: bool, gathered: bool) -> Option<Call> {
     let kernel = if accumulate { Fused::GemmTnAdd } else { Fused::GemmTn };
-    let mut call = call(kernel, ops, gemms.iter().map(|g| part(g, [g.a, if gathered { 0 } else { g.b }, g.out, 0, 0])))?;
-    if gathered {
-        for (seg, g) in call.segments.iter_mut().zip(gemms.iter().filter(|g| g.m > 0)) {
-            seg.index = 4 * (g.b / g.n) as u64;
-        }
-    }
-    Some(call)
+    let call = call(kernel, ops, gemms.iter().map(|g| part(g, [g.a, if gathered { 0 } else { g.b }, g.out, 0, 0])))?;
+    Some(if gathered { call.with_index_offsets(gemms.iter(), |g| g.b / g.n) } else { call })
 }
 
 fn part(g: &Gemm, offsets: [usize; 5]) -> Part {
