@@ -80,10 +80,10 @@ use common::{expert_chain, randn, ExpertChain};
 use motley::backend::cpu::Cpu;
 use motley::backend::cuda::launch::{self, grid_stride, per_row, warp_per_row, LaunchConfig, ROW_CHUNK, SUMSQ_BLOCKS};
 use motley::backend::cuda::attention::{self as attn, Pass};
-use motley::backend::cuda::experts::{self as expert_launch, Fused};
+use motley::backend::cuda::experts::{self as expert_launch, Fused, Side};
 use motley::backend::cuda::nvrtc::{Storage, KERNEL_FILES};
 use motley::backend::cuda::{group_positions, AdamWArgs};
-use motley::backend::{AdamW, AttnShape, Backend, TokenSlots};
+use motley::backend::{AdamW, AttnShape, Backend, Gemm, Pick, TokenSlots};
 use motley::rng::Rng;
 use primitive_cases::{Arg as CaseArg, Case};
 
@@ -1038,7 +1038,10 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
 /// gathers its rows from 200 tokens' by an index (every token twice or so, out of order), and
 /// must give bitwise what it gives on those rows gathered beforehand; its `act` must be bitwise
 /// what `swiglu_fwd` computes from its `gu`, and the backward's `act` (recomputed from that
-/// `gu`) bitwise the forward's.
+/// `gu`) bitwise the forward's. The backward's kernels likewise pick their routed rows: `dy` as
+/// the combined output's gradient of each slot's token times the slot's gate (SwiGLU's backward
+/// and dW_down), bitwise what they give on `gather_rows_scaled`'s copy, and dW_gu's `xe`, plain
+/// and weighted.
 fn experts(s: Storage) {
     let c = 512;
     let experts = [(130, 128), (0, 256), (70, 128), (129, 384)];
@@ -1047,37 +1050,49 @@ fn experts(s: Storage) {
     let bf = |v: &[f32]| act(Storage::Bf16, v);
     let tokens = 200;
     let index: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 13) % tokens) as u32).collect();
-    let (x_tokens, w, dy) = (bf(&data(61, tokens * c)), bf(&data(62, w_len)), bf(&data(63, rows * c)));
-    let x: Vec<f32> = index.iter().flat_map(|&t| x_tokens[t as usize * c..][..c].to_vec()).collect();
+    let (x_tokens, w, dy_tokens) = (bf(&data(61, tokens * c)), bf(&data(62, w_len)), bf(&data(63, tokens * c)));
+    let gates: Vec<f32> = data(64, rows).iter().map(|g| g.abs() + 0.05).collect();
+    // Each slot's row of a token matrix, times its gate where given: gather_rows(_scaled).
+    let gather = |m: &[f32], gates: Option<&[f32]>| -> Vec<f32> {
+        index.iter().enumerate().flat_map(|(i, &t)| m[t as usize * c..][..c].iter().map(move |&v| gates.map_or(v, |g| v * g[i]))).collect()
+    };
+    let (x, dy) = (gather(&x_tokens, None), bf(&gather(&dy_tokens, Some(&gates))));
     let Some(got) = emulate(s, |g| {
         let (xb, wb, dyb) = (g.act("xe", &x), g.act("w", &w), g.act("dy", &dy));
-        let (xtb, ib) = (g.act("x (tokens)", &x_tokens), g.u32("index", &index));
+        let (xtb, dytb, ib, gb) = (g.act("x (tokens)", &x_tokens), g.act("dy (tokens)", &dy_tokens), g.u32("index", &index), g.f32("gates", &gates));
         let (gu_gathered, out_gathered) = (g.nan("gu (gathering)", g.act_elem(), 2 * act_len), g.nan("act (gathering)", g.act_elem(), act_len));
         let (gu, out, y) = (g.nan("gu", g.act_elem(), 2 * act_len), g.nan("act", g.act_elem(), act_len), g.nan("y", g.act_elem(), rows * c));
         let (dgu, out_bwd, dx) = (g.nan("dgu", g.act_elem(), 2 * act_len), g.nan("act (backward)", g.act_elem(), act_len), g.nan("dx", g.act_elem(), rows * c));
         // The weight gradients: dW_down written, dW_gu written, then dW_down added to (twice
         // the product); the expert without rows gets zeros. dW_gu again into dw2 with xe's rows
-        // read through the index (the backward's gather fused).
+        // read through the index (the backward's gather fused), dW_down into dw3 with dy's rows
+        // picked and weighted, dW_gu into dw4 with xe's weighted.
         let (dw, dw2) = (g.nan("dw", Elem::F32, w_len), g.nan("dw (gathering)", Elem::F32, w_len));
+        let (dw3, dw4) = (g.nan("dw (picking dy)", Elem::F32, w_len), g.nan("dw (weighting xe)", Elem::F32, w_len));
+        let (dgu_picked, act_picked) = (g.nan("dgu (picking dy)", g.act_elem(), 2 * act_len), g.nan("act (picking dy)", g.act_elem(), act_len));
         let addr = |b: &Buf| b.data_ptr() as u64;
         let ops = |a: &Buf, out: &Buf| expert_launch::Operands { a: addr(a), w: addr(&wb), out: addr(out), elem_bytes: g.act_elem().bytes(), ..Default::default() };
         let grad = |a: &Buf, b: &Buf, out: &Buf| expert_launch::Operands { a: addr(a), w: addr(b), out: addr(out), elem_bytes: g.act_elem().bytes(), ..Default::default() };
+        let (index_at, gates_at) = (addr(&ib), addr(&gb));
+        let pick = |side, weighted: bool| {
+            move |mut c: expert_launch::Call| {
+                c.place_pick(side, index_at, weighted.then_some(gates_at));
+                c
+            }
+        };
         let calls = [
             expert_launch::up_call(expert_launch::Operands { act: addr(&out), ..ops(&xb, &gu) }, &up, false),
-            expert_launch::up_call(expert_launch::Operands { act: addr(&out_gathered), ..ops(&xtb, &gu_gathered) }, &up, true).map(|mut c| {
-                c.place_index(addr(&ib));
-                c
-            }),
+            expert_launch::up_call(expert_launch::Operands { act: addr(&out_gathered), ..ops(&xtb, &gu_gathered) }, &up, true).map(pick(Side::A, false)),
             expert_launch::gemm_call(ops(&out, &y), &down, true),
-            expert_launch::dact_call(expert_launch::Operands { gu: addr(&gu), act: addr(&out_bwd), ..ops(&dyb, &dgu) }, &dact_of),
+            expert_launch::dact_call(expert_launch::Operands { gu: addr(&gu), act: addr(&out_bwd), ..ops(&dyb, &dgu) }, &dact_of, false),
+            expert_launch::dact_call(expert_launch::Operands { gu: addr(&gu), act: addr(&act_picked), ..ops(&dytb, &dgu_picked) }, &dact_of, true).map(pick(Side::A, true)),
             expert_launch::gemm_call(ops(&dgu, &dx), &dx_of, false),
-            expert_launch::grad_call(grad(&dyb, &out_bwd, &dw), &dw_down, false, false),
-            expert_launch::grad_call(grad(&dgu, &xb, &dw), &dw_gu, false, false),
-            expert_launch::grad_call(grad(&dyb, &out_bwd, &dw), &dw_down, true, false),
-            expert_launch::grad_call(grad(&dgu, &xtb, &dw2), &dw_gu, false, true).map(|mut c| {
-                c.place_index(addr(&ib));
-                c
-            }),
+            expert_launch::grad_call(grad(&dyb, &out_bwd, &dw), &dw_down, false, [false; 2]),
+            expert_launch::grad_call(grad(&dgu, &xb, &dw), &dw_gu, false, [false; 2]),
+            expert_launch::grad_call(grad(&dyb, &out_bwd, &dw), &dw_down, true, [false; 2]),
+            expert_launch::grad_call(grad(&dgu, &xtb, &dw2), &dw_gu, false, [false, true]).map(pick(Side::W, false)),
+            expert_launch::grad_call(grad(&dytb, &out_bwd, &dw3), &dw_down, false, [true, false]).map(pick(Side::A, true)),
+            expert_launch::grad_call(grad(&dgu, &xtb, &dw4), &dw_gu, false, [false, true]).map(pick(Side::W, true)),
         ];
         for call in calls {
             let call = call.expect("the backend takes these products");
@@ -1100,7 +1115,7 @@ fn experts(s: Storage) {
             let (m, h) = (glu.gemm.m, glu.gemm.n / 2);
             g.run("swiglu_fwd", g.grid_stride(m * h / 8), &[again.at(glu.act), gu.at(glu.gemm.out), Arg::Size(m), Arg::I32(h as i32), Arg::I32(8)]);
         }
-        vec![gu, out, again, dgu, out_bwd, y, dx, gu_gathered, out_gathered, dw, dw2]
+        vec![gu, out, again, dgu, out_bwd, y, dx, gu_gathered, out_gathered, dw, dw2, dgu_picked, act_picked, dw3, dw4]
     }) else {
         return;
     };
@@ -1110,11 +1125,11 @@ fn experts(s: Storage) {
     let staged = |v: &[f64]| bf(&as_f32(v));
     let cpu = cpu_for(s);
     let (mut want_gu, mut want_act) = (vec![0.0; 2 * act_len], vec![0.0; act_len]);
-    cpu.grouped_matmul_swiglu(&mut want_gu, &mut want_act, &x_tokens, Some(&index), &w, &up);
+    cpu.grouped_matmul_swiglu(&mut want_gu, &mut want_act, (&x_tokens, Some(Pick::rows(&index))), &w, &up);
     let mut want_y = vec![0.0; rows * c];
     cpu.grouped_matmul(&mut want_y, &staged(&got[1]), &w, &down, false, true, false);
     let (mut want_dgu, mut want_act_bwd, mut dact) = (vec![0.0; 2 * act_len], vec![0.0; act_len], vec![0.0; act_len]);
-    cpu.grouped_matmul_swiglu_bwd(&mut want_dgu, &mut want_act_bwd, &mut dact, &dy, &w, &as_f32(&got[0]), &dact_of);
+    cpu.grouped_matmul_swiglu_bwd(&mut want_dgu, &mut want_act_bwd, &mut dact, (&dy, None), &w, &as_f32(&got[0]), &dact_of);
     let mut want_dx = vec![0.0; rows * c];
     cpu.grouped_matmul(&mut want_dx, &staged(&got[3]), &w, &dx_of, false, false, false);
     let mut want_dw = vec![0.0; w_len];
@@ -1133,8 +1148,16 @@ fn experts(s: Storage) {
     ch.exact("expert_dact_wgmma act is the forward's", &as_f32(&got[1]), &got[4]);
     ch.close32("grouped_nn_wgmma (input gradient)", &want_dx, &got[6], tol(s));
     ch.close32("grouped_tn_wgmma, grouped_tn_add_wgmma (weight gradients)", &want_dw, &got[9], tol(s));
-    let dw_gu_part = |v: &[f64]| dw_gu.iter().flat_map(|g| v[g.out..g.out + g.m * g.n].iter().map(|&x| x as f32)).collect::<Vec<f32>>();
-    ch.exact("grouped_tn_wgmma gathering b's rows: dW_gu", &dw_gu_part(&got[9]), &dw_gu_part(&got[10]).iter().map(|&x| x as f64).collect::<Vec<f64>>());
+    let part = |gemms: &[Gemm], v: &[f64], times: f64| gemms.iter().flat_map(|g| v[g.out..g.out + g.m * g.n].iter().map(move |&x| x * times)).collect::<Vec<f64>>();
+    let as_want = |v: Vec<f64>| as_f32(&v);
+    ch.exact("grouped_tn_wgmma gathering b's rows: dW_gu", &as_want(part(&dw_gu, &got[9], 1.0)), &part(&dw_gu, &got[10], 1.0));
+    ch.exact("expert_dact_wgmma picking dy's weighted rows: dgu", &as_f32(&got[3]), &got[11]);
+    ch.exact("expert_dact_wgmma picking dy's weighted rows: act", &as_f32(&got[4]), &got[12]);
+    // dw's dW_down is the product twice (written, then added to): exactly twice dw3's.
+    ch.exact("grouped_tn_wgmma picking a's weighted rows: dW_down", &as_want(part(&dw_down, &got[9], 1.0)), &part(&dw_down, &got[13], 2.0));
+    let mut want_dw4 = vec![0.0; w_len];
+    cpu.grouped_matmul(&mut want_dw4, &staged(&got[3]), &bf(&gather(&x_tokens, Some(&gates))), &dw_gu, true, false, false);
+    ch.close32("grouped_tn_wgmma picking b's weighted rows: dW_gu", &part(&dw_gu, &want_dw4.iter().map(|&x| x as f64).collect::<Vec<_>>(), 1.0).iter().map(|&x| x as f32).collect::<Vec<_>>(), &part(&dw_gu, &got[14], 1.0), tol(s));
     ch.finish();
 }
 

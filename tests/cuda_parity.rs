@@ -39,7 +39,7 @@ use motley::backend::cpu::Cpu;
 use cudarc::driver::{CudaContext, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
 use motley::backend::cuda::nvrtc;
 use motley::backend::cuda::{CudaBackend, Storage};
-use motley::backend::{AdamW, AttnShape, Backend, Gemm, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use motley::backend::{AdamW, AttnShape, Backend, Gemm, Pick, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use motley::memory::store::LayerPolicy;
 use motley::config::GateUp;
 use motley::model::config::Routing;
@@ -785,10 +785,12 @@ fn hopper_attention() {
 }
 
 /// The experts' Hopper kernels (opt-in), chained as the model chains them: the up projection
-/// with SwiGLU (gathering its rows), the down projection, SwiGLU's backward through it and the input gradient, against
-/// the CPU and against the grouped cuBLAS call and the SwiGLU kernels on the same device. The
-/// forward's `act` must be bitwise what `swiglu_fwd` computes from its `gu`, the backward's `act`
-/// bitwise the forward's. Widths 128, 128, 256 with 130, 0, 70 rows (d = 512: eight steps
+/// with SwiGLU (picking its rows), the down projection, SwiGLU's backward through it (picking
+/// dy's rows, weighted by the gates) and the input gradient, the weight gradients (picking dy's
+/// and xe's rows), against the CPU and against the grouped cuBLAS call and the SwiGLU kernels on
+/// the same device. The forward's `act` must be bitwise what `swiglu_fwd` computes from its
+/// `gu`, the backward's `act` bitwise the forward's, and SwiGLU's backward on picked rows
+/// bitwise what it gives on `gather_rows_scaled`'s copy of them. Widths 128, 128, 256 with 130, 0, 70 rows (d = 512: eight steps
 /// through six buffers); on a GPU also H100-ref's experts (d = 1024, widths 1024 to 4608) at 8192 rows
 /// each, against cuBLAS only. Skipped, saying so, without sm_90.
 #[test]
@@ -810,39 +812,45 @@ fn hopper_experts() {
         // order), as the model hands it the routed slots.
         let tokens = rows.div_ceil(2);
         let index: Vec<u32> = (0..rows).map(|i| ((i * 7919 + 13) % tokens) as u32).collect();
-        let (x, w, dy) = (bf16(data(70, tokens * c)), bf16(data(71, w_len)), bf16(data(72, rows * c)));
+        let (x, w, dy) = (bf16(data(70, tokens * c)), bf16(data(71, w_len)), bf16(data(72, tokens * c)));
+        let gates: Vec<f32> = data(73, rows).iter().map(|g| g.abs() + 0.05).collect();
         // [gu, act, swiglu_fwd of that gu, y, dgu, the backward's act, dx, the weight gradients
-        // (dW_down written, dW_gu written, dW_down added to: twice the product)]
+        // (dW_down written, dW_gu written, dW_down added to: twice the product), dgu from dy's
+        // rows gathered beforehand]
         #[allow(clippy::type_complexity)]
-        fn chain<B: Backend>(be: &B, (x, index): (&[f32], &[u32]), w: &[f32], dy: &[f32], sizes: (usize, usize), of: (&[SwiGluGemm], &[Gemm], &[SwiGluBwdGemm], &[Gemm], &[Gemm], &[Gemm])) -> [Vec<f32>; 8] {
+        fn chain<B: Backend>(be: &B, (x, index, gates): (&[f32], &[u32], &[f32]), w: &[f32], dy: &[f32], sizes: (usize, usize), of: (&[SwiGluGemm], &[Gemm], &[SwiGluBwdGemm], &[Gemm], &[Gemm], &[Gemm])) -> [Vec<f32>; 9] {
             let ((act_len, rows_c), (up_of, down_of, dact_of, dx_of, dw_down, dw_gu)) = (sizes, of);
             let (xb, wb, dyb) = (up(be, x), up(be, w), up(be, dy));
+            let (xe, dy_slots) = ((B::full(&xb), Some(Pick::rows(index))), (B::full(&dyb), Some(Pick::scaled(index, gates))));
             let (mut gu, mut act, mut again, mut y) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len), be.alloc(rows_c));
-            be.grouped_matmul_swiglu(B::full_mut(&mut gu), B::full_mut(&mut act), B::full(&xb), Some(index), B::full(&wb), up_of);
+            be.grouped_matmul_swiglu(B::full_mut(&mut gu), B::full_mut(&mut act), xe, B::full(&wb), up_of);
             for g in up_of {
                 let (m, h) = (g.gemm.m, g.gemm.n / 2);
                 be.swiglu_fwd(B::subview_mut(&mut B::full_mut(&mut again), g.act..g.act + m * h), B::subview(B::full(&gu), g.gemm.out..g.gemm.out + 2 * m * h), m, h);
             }
             be.grouped_matmul(B::full_mut(&mut y), B::full(&act), B::full(&wb), down_of, false, true, false);
             let (mut dgu, mut act_bwd, mut dact, mut dx) = (be.alloc(2 * act_len), be.alloc(act_len), be.alloc(act_len), be.alloc(rows_c));
-            be.grouped_matmul_swiglu_bwd(B::full_mut(&mut dgu), B::full_mut(&mut act_bwd), B::full_mut(&mut dact), B::full(&dyb), B::full(&wb), B::full(&gu), dact_of);
+            be.grouped_matmul_swiglu_bwd(B::full_mut(&mut dgu), B::full_mut(&mut act_bwd), B::full_mut(&mut dact), dy_slots, B::full(&wb), B::full(&gu), dact_of);
+            let (mut dy_gathered, mut dgu_gathered, mut act_gathered) = (be.alloc(rows_c), be.alloc(2 * act_len), be.alloc(act_len));
+            be.gather_rows_scaled(B::full_mut(&mut dy_gathered), B::full(&dyb), index, gates, rows_c / index.len().max(1));
+            be.grouped_matmul_swiglu_bwd(B::full_mut(&mut dgu_gathered), B::full_mut(&mut act_gathered), B::full_mut(&mut dact), (B::full(&dy_gathered), None), B::full(&wb), B::full(&gu), dact_of);
             be.grouped_matmul(B::full_mut(&mut dx), B::full(&dgu), B::full(&wb), dx_of, false, false, false);
-            // dW_gu reads xe's rows through the index, as the model's backward hands them.
+            // dy's and xe's rows picked, as the model's backward hands them.
             let mut dw = be.alloc_f32(w.len());
-            be.grouped_weight_grad(B::full_mut(&mut dw), B::full(&dyb), B::full(&act_bwd), None, dw_down, false);
-            be.grouped_weight_grad(B::full_mut(&mut dw), B::full(&dgu), B::full(&xb), Some(index), dw_gu, false);
-            be.grouped_weight_grad(B::full_mut(&mut dw), B::full(&dyb), B::full(&act_bwd), None, dw_down, true);
-            [&gu, &act, &again, &y, &dgu, &act_bwd, &dx, &dw].map(|b| down(be, b))
+            be.grouped_weight_grad(B::full_mut(&mut dw), dy_slots, (B::full(&act_bwd), None), dw_down, false);
+            be.grouped_weight_grad(B::full_mut(&mut dw), (B::full(&dgu), None), xe, dw_gu, false);
+            be.grouped_weight_grad(B::full_mut(&mut dw), dy_slots, (B::full(&act_bwd), None), dw_down, true);
+            [&gu, &act, &again, &y, &dgu, &act_bwd, &dx, &dw, &dgu_gathered].map(|b| down(be, b))
         }
         let (sizes, of) = ((act_len, rows * c), (up_of.as_slice(), down_of.as_slice(), dact_of.as_slice(), dx_of.as_slice(), dw_down.as_slice(), dw_gu.as_slice()));
-        let (got, cublas) = (chain(&hopper, (&x, &index), &w, &dy, sizes, of), chain(&plain, (&x, &index), &w, &dy, sizes, of));
+        let (got, cublas) = (chain(&hopper, (&x, &index, &gates), &w, &dy, sizes, of), chain(&plain, (&x, &index, &gates), &w, &dy, sizes, of));
         // Every Hopper kernel ran (no fallback), charged its products' FLOPs.
         let profile = hopper.take_profile();
         let flops = |gemms: &mut dyn Iterator<Item = Gemm>| gemms.map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum::<f64>();
         let wanted = [
             ("grouped_matmul_swiglu", flops(&mut up_of.iter().map(|g| g.gemm))),
             ("grouped_matmul_wgmma", flops(&mut down_of.iter().chain(&dx_of).chain(&dw_down).chain(&dw_gu).chain(&dw_down).copied())),
-            ("grouped_matmul_swiglu_bwd", flops(&mut dact_of.iter().map(|g| g.gemm))),
+            ("grouped_matmul_swiglu_bwd", 2.0 * flops(&mut dact_of.iter().map(|g| g.gemm))),
         ];
         for (op, want) in wanted {
             let row = profile.iter().find(|row| row.op == op).unwrap_or_else(|| panic!("hopper_experts: {op} did not run on the Hopper kernels (fallback taken)"));
@@ -852,9 +860,10 @@ fn hopper_experts() {
         let bitwise = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(bitwise(&got[1], &got[2]), "{what}: the forward's act is not bitwise swiglu_fwd of its gu");
         assert!(bitwise(&got[1], &got[5]), "{what}: the backward's act is not bitwise the forward's");
+        assert!(bitwise(&got[4], &got[8]), "{what}: SwiGLU's backward on dy's picked rows is not bitwise the one on their gathered copy");
         let mut against = vec![("cuBLAS + SwiGLU kernels", cublas)];
         if rows * c <= 1 << 20 {
-            against.push(("CPU", chain(&cpu, (&x, &index), &w, &dy, sizes, of)));
+            against.push(("CPU", chain(&cpu, (&x, &index, &gates), &w, &dy, sizes, of)));
         }
         for (name, reference) in &against {
             for (i, out) in [(0, "gu"), (1, "act"), (3, "y"), (4, "dgu"), (6, "dx"), (7, "dW")] {

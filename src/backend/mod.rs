@@ -188,45 +188,63 @@ pub struct SwiGluGemm {
     pub act: usize,
 }
 
-/// Rows `rows` of `x` (`width` columns) in a buffer of their own: the default of the ops that
-/// take gathered rows. Every product of `widths` must read rows of that one width.
-fn gather_for<B: Backend + ?Sized>(be: &B, x: B::View<'_>, rows: &[u32], widths: impl Iterator<Item = usize>, op: &str) -> B::Buf {
+/// A product operand's rows picked from a view through an index (the routed slots' tokens), each
+/// multiplied by its weight where `scale` is given: row i is `scale[i] · x[rows[i]]`, rounded to
+/// the storage as [`Backend::gather_rows_scaled`] rounds it (as [`Backend::gather_rows`] copies
+/// it without `scale`). The products' offsets into such an operand count in picked rows, as if
+/// they had been gathered into a matrix of their own.
+#[derive(Clone, Copy, Debug)]
+pub struct Pick<'a> {
+    pub rows: &'a [u32],
+    pub scale: Option<&'a [f32]>,
+}
+
+impl<'a> Pick<'a> {
+    /// The rows `rows` as they are.
+    pub fn rows(rows: &'a [u32]) -> Self {
+        Pick { rows, scale: None }
+    }
+
+    /// The rows `rows`, row i times `scale[i]`.
+    pub fn scaled(rows: &'a [u32], scale: &'a [f32]) -> Self {
+        assert_eq!(rows.len(), scale.len(), "a pick's rows and weights");
+        Pick { rows, scale: Some(scale) }
+    }
+}
+
+/// Calls `f` with `x`, or with the rows `pick` picks from it in a buffer of their own (the
+/// default of the ops that take picked operands). Every product of `widths` must read rows of
+/// that one width.
+fn with_picked<B: Backend + ?Sized, R>(be: &B, x: B::View<'_>, pick: Option<Pick<'_>>, widths: impl Iterator<Item = usize>, op: &str, f: impl FnOnce(B::View<'_>) -> R) -> R {
+    let Some(pick) = pick else { return f(x) };
     let widths: Vec<usize> = widths.collect();
     let width = widths.first().copied().unwrap_or(0);
-    assert!(widths.iter().all(|&w| w == width), "{op}: gathered rows need one width");
-    let mut gathered = be.alloc_scratch(rows.len() * width, Precision::Activation); // the gather writes it all
-    be.gather_rows(B::full_mut(&mut gathered), x, rows, width);
-    gathered
+    assert!(widths.iter().all(|&w| w == width), "{op}: picked rows need one width");
+    let mut gathered = be.alloc_scratch(pick.rows.len() * width, Precision::Activation); // the gather writes it all
+    match pick.scale {
+        Some(scale) => be.gather_rows_scaled(B::full_mut(&mut gathered), x, pick.rows, scale, width),
+        None => be.gather_rows(B::full_mut(&mut gathered), x, pick.rows, width),
+    }
+    f(B::full(&gathered))
 }
 
 /// [`Backend::grouped_matmul_swiglu`] as the grouped matmul (after gathering `a`'s rows into a
-/// buffer of their own where `rows` picks them), then `swiglu_fwd` per expert.
-pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, a: B::View<'_>, rows: Option<&[u32]>, b: B::View<'_>, gemms: &[SwiGluGemm]) {
+/// buffer of their own where `pick` picks them), then `swiglu_fwd` per expert.
+pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, a: B::View<'_>, pick: Option<Pick<'_>>, b: B::View<'_>, gemms: &[SwiGluGemm]) {
     let up: Vec<Gemm> = gemms.iter().map(|g| g.gemm).collect();
-    match rows {
-        None => be.grouped_matmul(B::reborrow_mut(&mut gu), a, b, &up, false, true, false),
-        Some(rows) => {
-            let gathered = gather_for(be, a, rows, up.iter().map(|g| g.k), "grouped_matmul_swiglu");
-            be.grouped_matmul(B::reborrow_mut(&mut gu), B::full(&gathered), b, &up, false, true, false);
-        }
-    }
+    with_picked(be, a, pick, up.iter().map(|g| g.k), "grouped_matmul_swiglu", |a| be.grouped_matmul(B::reborrow_mut(&mut gu), a, b, &up, false, true, false));
     for g in gemms {
         let (rows, h) = (g.gemm.m, g.gemm.n / 2);
         be.swiglu_fwd(B::subview_mut(&mut act, g.act..g.act + rows * h), B::subview(B::as_view(&gu), g.gemm.out..g.gemm.out + rows * 2 * h), rows, h);
     }
 }
 
-/// [`Backend::grouped_weight_grad`] as the grouped matmul, after gathering `b`'s rows into a
-/// buffer of their own where `rows` picks them.
+/// [`Backend::grouped_weight_grad`] as the grouped matmul, after gathering each picked
+/// operand's rows into a buffer of their own.
 #[allow(clippy::too_many_arguments)]
-pub fn weight_grad_gathering<B: Backend + ?Sized>(be: &B, out: B::ViewMut<'_>, a: B::View<'_>, b: B::View<'_>, rows: Option<&[u32]>, gemms: &[Gemm], accumulate: bool) {
-    match rows {
-        None => be.grouped_matmul(out, a, b, gemms, true, false, accumulate),
-        Some(rows) => {
-            let gathered = gather_for(be, b, rows, gemms.iter().map(|g| g.n), "grouped_weight_grad");
-            be.grouped_matmul(out, a, B::full(&gathered), gemms, true, false, accumulate);
-        }
-    }
+pub fn weight_grad_gathering<B: Backend + ?Sized>(be: &B, out: B::ViewMut<'_>, (a, a_pick): (B::View<'_>, Option<Pick<'_>>), (b, b_pick): (B::View<'_>, Option<Pick<'_>>), gemms: &[Gemm], accumulate: bool) {
+    let op = "grouped_weight_grad";
+    with_picked(be, a, a_pick, gemms.iter().map(|g| g.m), op, |a| with_picked(be, b, b_pick, gemms.iter().map(|g| g.n), op, |b| be.grouped_matmul(out, a, b, gemms, true, false, accumulate)))
 }
 
 /// One expert of [`Backend::grouped_matmul_swiglu_bwd`]: its product `gemm`, `dact (m × h) =
@@ -240,12 +258,12 @@ pub struct SwiGluBwdGemm {
     pub act: usize,
 }
 
-/// [`Backend::grouped_matmul_swiglu_bwd`] as the grouped matmul into `dact`, then `swiglu_bwd`
-/// per expert.
+/// [`Backend::grouped_matmul_swiglu_bwd`] as the grouped matmul into `dact` (after gathering
+/// `dy`'s rows into a buffer of their own where `pick` picks them), then `swiglu_bwd` per expert.
 #[allow(clippy::too_many_arguments)]
-pub fn swiglu_bwd_each<B: Backend + ?Sized>(be: &B, mut dgu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, mut dact: B::ViewMut<'_>, dy: B::View<'_>, b: B::View<'_>, gu: B::View<'_>, gemms: &[SwiGluBwdGemm]) {
+pub fn swiglu_bwd_each<B: Backend + ?Sized>(be: &B, mut dgu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, mut dact: B::ViewMut<'_>, (dy, pick): (B::View<'_>, Option<Pick<'_>>), b: B::View<'_>, gu: B::View<'_>, gemms: &[SwiGluBwdGemm]) {
     let products: Vec<Gemm> = gemms.iter().map(|g| g.gemm).collect();
-    be.grouped_matmul(B::reborrow_mut(&mut dact), dy, b, &products, false, false, false);
+    with_picked(be, dy, pick, products.iter().map(|g| g.k), "grouped_matmul_swiglu_bwd", |dy| be.grouped_matmul(B::reborrow_mut(&mut dact), dy, b, &products, false, false, false));
     for g in gemms {
         let (rows, h) = (g.gemm.m, g.gemm.n);
         let dact = B::subview(B::as_view(&dact), g.gemm.out..g.gemm.out + rows * h);
@@ -423,39 +441,37 @@ pub trait Backend: Send + Sync {
 
     /// The experts' up projection and SwiGLU: for every expert, `gu = a · bᵀ` (m × 2h, which
     /// the backward reads) and `act = SwiGLU(gu)` (m × h) from `gu` as stored, so `act` is
-    /// bitwise what `swiglu_fwd` computes from it. With `rows`, `a`'s rows are gathered first:
-    /// the products read row `rows[i]` of `a` as row i (their `a` offsets count in gathered
-    /// rows). Row-stable like `matmul`. By default [`swiglu_each`]; a GPU may do it all in one
-    /// pass (the CUDA backend's Hopper kernel).
-    fn grouped_matmul_swiglu(&self, gu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, a: Self::View<'_>, rows: Option<&[u32]>, b: Self::View<'_>, gemms: &[SwiGluGemm]) {
-        swiglu_each(self, gu, act, a, rows, b, gemms)
+    /// bitwise what `swiglu_fwd` computes from it; `a`'s rows picked where a [`Pick`] is given.
+    /// Row-stable like `matmul`. By default [`swiglu_each`]; a GPU may do it all in one pass
+    /// (the CUDA backend's Hopper kernel).
+    fn grouped_matmul_swiglu(&self, gu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, a: (Self::View<'_>, Option<Pick<'_>>), b: Self::View<'_>, gemms: &[SwiGluGemm]) {
+        swiglu_each(self, gu, act, a.0, a.1, b, gemms)
     }
-    /// Whether [`Self::grouped_matmul_swiglu`] and [`Self::grouped_weight_grad`] read gathered
-    /// rows in place for experts of `widths` at `d_model`, so that the model should hand them
-    /// the rows' index instead of gathering them (which the defaults would do into a buffer of
-    /// their own, outside the memory plan).
+    /// Whether [`Self::grouped_matmul_swiglu`], [`Self::grouped_matmul_swiglu_bwd`] and
+    /// [`Self::grouped_weight_grad`] read picked rows in place for experts of `widths` at
+    /// `d_model`, so that the model should hand them the [`Pick`] instead of gathering the
+    /// rows (which the defaults would do into a buffer of their own, outside the memory plan).
     fn fuses_expert_gather(&self, d_model: usize, widths: &[usize]) -> bool {
         let _ = (d_model, widths);
         false
     }
     /// The experts' weight gradients: [`Self::grouped_matmul`] with `ta` and not `tb` into an
-    /// f32 `out` (written, or added to with `accumulate`), `b`'s rows gathered where `rows`
-    /// picks them (product g reads rows `rows[g.b / n..]` of `b`: `g.b` counts in gathered
-    /// rows of its n columns; every product's n the same). By default
-    /// [`weight_grad_gathering`].
-    #[allow(clippy::too_many_arguments)]
-    fn grouped_weight_grad(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>, rows: Option<&[u32]>, gemms: &[Gemm], accumulate: bool) {
-        weight_grad_gathering(self, out, a, b, rows, gemms, accumulate)
+    /// f32 `out` (written, or added to with `accumulate`), `a`'s and `b`'s rows (the k summed
+    /// over) picked where a [`Pick`] is given (every product's m the same where `a`'s are, its
+    /// n where `b`'s are). By default [`weight_grad_gathering`].
+    fn grouped_weight_grad(&self, out: Self::ViewMut<'_>, a: (Self::View<'_>, Option<Pick<'_>>), b: (Self::View<'_>, Option<Pick<'_>>), gemms: &[Gemm], accumulate: bool) {
+        weight_grad_gathering(self, out, a, b, gemms, accumulate)
     }
 
     /// SwiGLU's backward through the experts' down projection: for every expert, `dact = dy ·
-    /// b` (`b` read as it lies, k × h), then from the saved `gu` the gradient `dgu` and SwiGLU's
-    /// output `act` again (the down projection's weight gradient reads it), each bitwise what
-    /// `swiglu_bwd` computes from `dact` as stored. `dact` is room for the product: the default,
-    /// [`swiglu_bwd_each`], computes into it; a GPU may keep it in registers (the CUDA
-    /// backend's Hopper kernel) and leave `dact` as it was.
+    /// b` (`b` read as it lies, k × h; `dy`'s rows picked where a [`Pick`] is given), then from
+    /// the saved `gu` the gradient `dgu` and SwiGLU's output `act` again (the down projection's
+    /// weight gradient reads it), each bitwise what `swiglu_bwd` computes from `dact` as
+    /// stored. `dact` is room for the product: the default, [`swiglu_bwd_each`], computes into
+    /// it; a GPU may keep it in registers (the CUDA backend's Hopper kernel) and leave `dact` as
+    /// it was.
     #[allow(clippy::too_many_arguments)]
-    fn grouped_matmul_swiglu_bwd(&self, dgu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, dact: Self::ViewMut<'_>, dy: Self::View<'_>, b: Self::View<'_>, gu: Self::View<'_>, gemms: &[SwiGluBwdGemm]) {
+    fn grouped_matmul_swiglu_bwd(&self, dgu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, dact: Self::ViewMut<'_>, dy: (Self::View<'_>, Option<Pick<'_>>), b: Self::View<'_>, gu: Self::View<'_>, gemms: &[SwiGluBwdGemm]) {
         swiglu_bwd_each(self, dgu, act, dact, dy, b, gu, gemms)
     }
 

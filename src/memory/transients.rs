@@ -83,8 +83,8 @@ pub fn expert_act_elements(slots: &[usize], widths: &[usize], chunk_rows: usize)
 /// of every expert are live together. Where the gate/up product is not saved (`gate_up`
 /// `Recompute`) it is a chunk's transient in both phases (the last request of each). Where the
 /// experts read their rows through the slots' tokens (`fused_gather`:
-/// `Backend::fuses_expert_gather`, without expert parallelism) no gathered copy `xe` is made: its
-/// requests take no bytes.
+/// `Backend::fuses_expert_gather`, without expert parallelism) no gathered copies are made: the
+/// requests of `xe` and of the backward's `dy` take no bytes.
 #[allow(clippy::too_many_arguments)]
 pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize, gate_up: GateUp, fused_gather: bool) -> (Phase, Phase) {
     let n = (batch * seq) as u64;
@@ -94,11 +94,12 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
     let s: u64 = slots.iter().map(|&x| x as u64).sum();
     let sh = expert_act_elements(slots, &moe.expert_widths, chunk_rows);
     let b = |elems: u64| elems * act_bytes;
-    let xe = if fused_gather { 0 } else { b(s * c) };
+    // The routed rows gathered (xe), and their output gradients (dy), where they are copied.
+    let gathered = if fused_gather { 0 } else { b(s * c) };
 
     // Forward: 0 norm, 1 qkv, 2 rope, 3 attention, 4 copy, 5 wo, 6 norm, 7 router, 8 softmax,
     // 9 gather xe, 10 gate_up (grouped), 11 SwiGLU, 12 down (grouped), 13 copy out, 14 combine.
-    let mut fwd = vec![Request::new("xe", xe, 9, 13), Request::new("act", b(sh), 11, 13)];
+    let mut fwd = vec![Request::new("xe", gathered, 9, 13), Request::new("act", b(sh), 11, 13)];
     let recompute = gate_up == GateUp::Recompute;
     if recompute {
         fwd.push(Request::new("gu", b(2 * sh), 10, 12));
@@ -111,8 +112,8 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
     // rope, dxn1, dWqkv, copy dx, attn norm bwd.
     let x = 9;
     let mut bwd = vec![
-        Request::new("dy", b(s * c), 0, x),
-        Request::new("xe", xe, 2, x),
+        Request::new("dy", gathered, 0, x),
+        Request::new("xe", gathered, 2, x),
         Request::new("dxe", b(s * c), 2, x + 1),
         Request::new("dxn2", b(n * c), x, x + 6),
         Request::new("dgate", 4 * s, 1, x + 2).f32(),
@@ -156,11 +157,11 @@ mod tests {
         // The backward's widest moment holds dx2 with dxn2 (norm backward): at least 2·N·C floats.
         let lb = crate::memory::plan::lower_bound(&b.requests, 1).unwrap();
         assert!(lb >= 2 * 24 * 32 * 4);
-        // Rows read through the slots' tokens: no xe in either phase, the rest as before.
+        // Rows read through the slots' tokens: no xe in either phase and no dy, the rest as before.
         let (ff, bf) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Save, true);
-        assert_eq!((ff.requests[fwd::XE].size, bf.requests[bwd::XE].size), (0, 0));
+        assert_eq!((ff.requests[fwd::XE].size, bf.requests[bwd::XE].size, bf.requests[bwd::DY].size), (0, 0, 0));
         for (fused, plain) in [(&ff, &f), (&bf, &b)] {
-            assert!(fused.requests.iter().zip(&plain.requests).all(|(x, y)| x.size == y.size || x.name == "xe"), "{}: only xe differs", fused.name);
+            assert!(fused.requests.iter().zip(&plain.requests).all(|(x, y)| x.size == y.size || ["xe", "dy"].contains(&x.name.as_str())), "{}: only xe and dy differ", fused.name);
             let (pf, pp) = (plan(&fused.requests, 64, Strategy::Heuristic).unwrap(), plan(&plain.requests, 64, Strategy::Heuristic).unwrap());
             verify(&pf, &fused.requests).unwrap();
             assert!(pf.peak <= pp.peak, "{}: {} > {}", fused.name, pf.peak, pp.peak);

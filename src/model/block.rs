@@ -10,7 +10,7 @@ use super::grads::Grads;
 use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
-use crate::backend::{AttnShape, Backend, Gemm, Precision, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use crate::backend::{AttnShape, Backend, Gemm, Pick, Precision, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use crate::config::GateUp;
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
@@ -148,25 +148,24 @@ fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
 }
 
 impl<B: Backend> BlockCtx<'_, B> {
-    /// The experts of one chunk `segs` on their routed rows `xe` (`x`, or the rows `rows` picks
-    /// from `x`, gathered by the call): `gu = xe W_guᵀ` (saved, or the chunk's) and
+    /// The experts of one chunk `segs` on their routed rows `xe` (`x`, or the rows its [`Pick`]
+    /// picks from it, gathered by the call): `gu = xe W_guᵀ` (saved, or the chunk's) and
     /// `act = SwiGLU(gu)` (the chunk's transient) in one grouped call over the experts. The
     /// forward's, the recompute of dropped slots' and, where gu is not saved, the backward's.
-    fn experts_up(&self, p: &BlockParams, segs: &[Segment], x: B::View<'_>, rows: Option<&[u32]>, gu: B::ViewMut<'_>, act: B::ViewMut<'_>) {
+    fn experts_up(&self, p: &BlockParams, segs: &[Segment], x: (B::View<'_>, Option<Pick<'_>>), gu: B::ViewMut<'_>, act: B::ViewMut<'_>) {
         let (c, widths) = (self.c(), &self.moe.expert_widths);
         let up: Vec<SwiGluGemm> = segs
             .iter()
             .map(|s| SwiGluGemm { gemm: Gemm { m: s.rows, k: c, n: 2 * widths[s.ex], out: s.gu, a: s.x_row * c, b: self.expert_params(p, s.ex).0 }, act: s.act })
             .collect();
-        self.be.grouped_matmul_swiglu(gu, act, x, rows, B::full(self.params), &up);
+        self.be.grouped_matmul_swiglu(gu, act, x, B::full(self.params), &up);
     }
 
     /// [`Self::experts_up`], then `y = act W_downᵀ` (one grouped call). Shared by the forward
     /// and the recompute of dropped slots.
-    #[allow(clippy::too_many_arguments)]
-    fn experts_forward(&self, p: &BlockParams, segs: &[Segment], x: B::View<'_>, rows: Option<&[u32]>, gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
+    fn experts_forward(&self, p: &BlockParams, segs: &[Segment], x: (B::View<'_>, Option<Pick<'_>>), gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, y: B::ViewMut<'_>) {
         let (c, widths) = (self.c(), &self.moe.expert_widths);
-        self.experts_up(p, segs, x, rows, gu, B::reborrow_mut(&mut act));
+        self.experts_up(p, segs, x, gu, B::reborrow_mut(&mut act));
         let down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: widths[s.ex], n: c, out: s.y_row * c, a: s.act, b: self.expert_params(p, s.ex).1 }).collect();
         self.be.grouped_matmul(y, B::as_view(&act), B::full(self.params), &down, false, true, false);
     }
@@ -175,12 +174,12 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// backward in one call, which also recomputes SwiGLU's output from the saved `gu` (for the
     /// down projection's weight gradient); then the chunk's rows of the input gradient `dxe` and
     /// the experts' weight gradients (adding where an earlier chunk wrote them), the gate/up
-    /// one from the routed rows `xe` (`x`, or the rows `rows` picks from `x`, gathered by the
-    /// call). `[act, dact, dgu]` are its transients, `act` and `dact` laid out as `segs` says
+    /// one from the routed rows `xe`. `dy` and `xe` are each a view, or the rows a [`Pick`]
+    /// picks from it (read in place by the calls that take them). `[act, dact, dgu]` are its transients, `act` and `dact` laid out as `segs` says
     /// and `dgu` likewise with rows twice as wide (`dact` only the unfused path writes). Every
     /// projection is one grouped call.
     #[allow(clippy::too_many_arguments)]
-    fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: B::View<'_>, (x, rows): (B::View<'_>, Option<&[u32]>), dxe: B::ViewMut<'_>, grads: &mut Grads<'_, B>, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
+    fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: (B::View<'_>, Option<Pick<'_>>), xe: (B::View<'_>, Option<Pick<'_>>), dxe: B::ViewMut<'_>, grads: &mut Grads<'_, B>, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));
         let widths = &self.moe.expert_widths;
         let (rw, ro) = (B::reborrow_mut, B::as_view);
@@ -192,11 +191,11 @@ impl<B: Backend> BlockCtx<'_, B> {
             segs.iter().map(|s| SwiGluBwdGemm { gemm: Gemm { m: s.rows, k: c, n: h(s), out: s.act, a: s.x_row * c, b: w_down(s) }, gu: s.gu, dgu: 2 * s.act, act: s.act }).collect();
         be.grouped_matmul_swiglu_bwd(rw(&mut dgu), rw(&mut act), rw(&mut dact), dy, params, gu, &through_swiglu);
         let dw_down: Vec<Gemm> = segs.iter().map(|s| Gemm { m: c, k: s.rows, n: h(s), out: w_down(s), a: s.x_row * c, b: s.act }).collect();
-        grads.grouped_weight_grad(be, dy, ro(&act), None, &dw_down);
+        grads.grouped_weight_grad(be, dy, (ro(&act), None), &dw_down);
         let dx_of: Vec<Gemm> = segs.iter().map(|s| Gemm { m: s.rows, k: 2 * h(s), n: c, out: s.x_row * c, a: 2 * s.act, b: w_gu(s) }).collect();
         be.grouped_matmul(dxe, ro(&dgu), params, &dx_of, false, false, false);
         let dw_gu: Vec<Gemm> = segs.iter().map(|s| Gemm { m: 2 * h(s), k: s.rows, n: c, out: w_gu(s), a: 2 * s.act, b: s.x_row * c }).collect();
-        grads.grouped_weight_grad(be, ro(&dgu), x, rows, &dw_gu);
+        grads.grouped_weight_grad(be, (ro(&dgu), None), xe, &dw_gu);
     }
 
     /// The block's `(forward, backward)` transient requests under `routing`, the gate/up
@@ -213,9 +212,17 @@ impl<B: Backend> BlockCtx<'_, B> {
         self.be.fuses_expert_gather(self.c(), &self.moe.expert_widths) && self.ep.is_none()
     }
 
-    /// Elements of the gathered rows `xe` for `rows` routed rows: none where they are not made.
-    fn xe_len(&self, rows: usize) -> usize {
+    /// Elements of a gathered copy of `rows` routed rows (`xe`, `dy`): none where the experts
+    /// read the rows in place.
+    fn gathered_len(&self, rows: usize) -> usize {
         if self.fused_gather() { 0 } else { rows * self.c() }
+    }
+
+    /// The experts' operand of routed rows: `x`'s rows picked through the slots' `tokens` (each
+    /// times its gate where `gates` are given) where the experts read them in place
+    /// ([`Self::fused_gather`]), else `gathered`, the copy made of them.
+    fn routed<'a>(&self, x: B::View<'a>, tokens: &'a [u32], gates: Option<&'a [f32]>, gathered: B::View<'a>) -> (B::View<'a>, Option<Pick<'a>>) {
+        if self.fused_gather() { (x, Some(Pick { rows: tokens, scale: gates })) } else { (gathered, None) }
     }
 
     /// The dispatcher over the expert-parallel group, if experts are sharded.
@@ -302,7 +309,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         tx.begin(be, forward.requests);
         // The experts' up projection gathers its rows itself where the backend can (and the
         // rows stay on this rank); else they are gathered into xe here.
-        let (fused_gather, xe_len) = (self.fused_gather(), self.xe_len(routing.n_slots()));
+        let (fused_gather, xe_len) = (self.fused_gather(), self.gathered_len(routing.n_slots()));
         if !fused_gather {
             let [mut xe] = tx.views(be, [(fwd::XE, sc)]);
             be.gather_rows(B::reborrow_mut(&mut xe), B::full(&xn2), &routing.token, c);
@@ -319,13 +326,11 @@ impl<B: Backend> BlockCtx<'_, B> {
                     match saved_gu.as_mut() {
                         Some(gu) => {
                             let [xe, act] = tx.views(be, [(fwd::XE, xe_len), (fwd::ACT, act_len)]);
-                            let (x, rows) = if fused_gather { (B::full(&xn2), Some(&routing.token[..])) } else { (B::as_view(&xe), None) };
-                            self.experts_forward(p, &chunk, x, rows, B::full_mut(gu), act, B::full_mut(&mut y));
+                            self.experts_forward(p, &chunk, self.routed(B::full(&xn2), &routing.token, None, B::as_view(&xe)), B::full_mut(gu), act, B::full_mut(&mut y));
                         }
                         None => {
                             let [xe, act, gu] = tx.views(be, [(fwd::XE, xe_len), (fwd::ACT, act_len), (fwd::GU, 2 * act_len)]);
-                            let (x, rows) = if fused_gather { (B::full(&xn2), Some(&routing.token[..])) } else { (B::as_view(&xe), None) };
-                            self.experts_forward(p, &chunk_local_gate_up(&chunk), x, rows, gu, act, B::full_mut(&mut y));
+                            self.experts_forward(p, &chunk_local_gate_up(&chunk), self.routed(B::full(&xn2), &routing.token, None, B::as_view(&xe)), gu, act, B::full_mut(&mut y));
                         }
                     }
                 }
@@ -349,7 +354,7 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let mut yg = scratch(B::len(&xg));
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
                     let chunk = if gate_up == GateUp::Save { chunk } else { chunk_local_gate_up(&chunk) };
-                    self.experts_forward(p, &chunk, B::full(&xg), None, B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
+                    self.experts_forward(p, &chunk, (B::full(&xg), None), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
                 }
                 be.upload(B::full_mut(&mut y), &d.from_experts(&be.download(B::full(&yg)), &recv)?);
                 ((gate_up == GateUp::Save).then_some(gu), Some(recv))
@@ -443,7 +448,7 @@ impl<B: Backend> BlockCtx<'_, B> {
             gu_base += sl.len() * 2 * h;
         }
         tx.begin(be, self.phases(routing, gate_up).1.requests);
-        let (fused_gather, xe_len) = (self.fused_gather(), self.xe_len(tokens.len()));
+        let (fused_gather, xe_len) = (self.fused_gather(), self.gathered_len(tokens.len()));
         if !fused_gather {
             let [mut xe] = tx.views(be, [(bwd::XE, xe_len)]);
             be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &tokens, c);
@@ -453,14 +458,12 @@ impl<B: Backend> BlockCtx<'_, B> {
             match saved_gu.as_deref_mut() {
                 Some(gu) => {
                     let [xe, act] = tx.views(be, [(bwd::XE, xe_len), (bwd::ACT, act_len)]);
-                    let (x, rows) = if fused_gather { (B::full(xn2), Some(&tokens[..])) } else { (B::as_view(&xe), None) };
-                    self.experts_forward(p, &chunk, x, rows, B::full_mut(gu), act, B::full_mut(y));
+                    self.experts_forward(p, &chunk, self.routed(B::full(xn2), &tokens, None, B::as_view(&xe)), B::full_mut(gu), act, B::full_mut(y));
                 }
                 None => {
                     // Only expert_out's rows are wanted; gu is the chunk's transient.
                     let [xe, act, gu] = tx.views(be, [(bwd::XE, xe_len), (bwd::ACT, act_len), (bwd::GU, 2 * act_len)]);
-                    let (x, rows) = if fused_gather { (B::full(xn2), Some(&tokens[..])) } else { (B::as_view(&xe), None) };
-                    self.experts_forward(p, &chunk_local_gate_up(&chunk), x, rows, gu, act, B::full_mut(y));
+                    self.experts_forward(p, &chunk_local_gate_up(&chunk), self.routed(B::full(xn2), &tokens, None, B::as_view(&xe)), gu, act, B::full_mut(y));
                 }
             }
         }
@@ -488,14 +491,13 @@ impl<B: Backend> BlockCtx<'_, B> {
         let (rw, ro) = (B::reborrow_mut, B::as_view);
 
         // Combine: out[t] = x2[t] + Σ gate_s y_s  →  dy_s = gate_s dout[t], dgate_s = ⟨dout[t], y_s⟩.
-        // Experts, each on its own rows: xe gathered here, or read through the slots' tokens.
-        let (fused_gather, xe_len, xn2) = (self.fused_gather(), self.xe_len(routing.n_slots()), store.load(layer, "ffn_norm_out"));
-        {
-            let [mut dy, mut xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, xe_len)]);
+        // Experts, each on its own rows: dy and xe gathered here, or read in place through the
+        // slots' tokens (dy's rows times their gates).
+        let (fused_gather, gathered_len, xn2) = (self.fused_gather(), self.gathered_len(routing.n_slots()), store.load(layer, "ffn_norm_out"));
+        if !fused_gather {
+            let [mut dy, mut xe] = tx.views(be, [(bwd::DY, gathered_len), (bwd::XE, gathered_len)]);
             be.gather_rows_scaled(rw(&mut dy), B::full(dout), &routing.token, &routing.gate, c);
-            if !fused_gather {
-                be.gather_rows(rw(&mut xe), B::full(xn2), &routing.token, c);
-            }
+            be.gather_rows(rw(&mut xe), B::full(xn2), &routing.token, c);
         }
         {
             let [mut dgate] = tx.views(be, [(bwd::DGATE, routing.n_slots())]);
@@ -507,19 +509,20 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let (segs, _) = segments(0, &counts, widths);
                 let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
-                    let views = [(bwd::DY, sc), (bwd::XE, xe_len), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, 2 * act_len)];
+                    let views = [(bwd::DY, gathered_len), (bwd::XE, gathered_len), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, 2 * act_len)];
+                    let routed = |dy, xe| (self.routed(B::full(dout), &routing.token, Some(&routing.gate), dy), self.routed(B::full(xn2), &routing.token, None, xe));
                     match saved_gu {
                         Some(gu) => {
                             let [dy, xe, dxe, act, dact, dgu] = tx.views(be, views);
-                            let routed = if fused_gather { (B::full(xn2), Some(&routing.token[..])) } else { (ro(&xe), None) };
-                            self.experts_backward(p, &chunk, B::full(gu), ro(&dy), routed, dxe, grads, [act, dact, dgu]);
+                            let (dy, xe) = routed(ro(&dy), ro(&xe));
+                            self.experts_backward(p, &chunk, B::full(gu), dy, xe, dxe, grads, [act, dact, dgu]);
                         }
                         None => {
                             let [dy, xe, dxe, mut act, dact, dgu, mut gu] = tx.views(be, [views[0], views[1], views[2], views[3], views[4], views[5], (bwd::GU, 2 * act_len)]);
                             let local = chunk_local_gate_up(&chunk);
-                            let (x, rows) = if fused_gather { (B::full(xn2), Some(&routing.token[..])) } else { (ro(&xe), None) };
-                            self.experts_up(p, &local, x, rows, rw(&mut gu), rw(&mut act));
-                            self.experts_backward(p, &local, ro(&gu), ro(&dy), (x, rows), dxe, grads, [act, dact, dgu]);
+                            let (dy, xe) = routed(ro(&dy), ro(&xe));
+                            self.experts_up(p, &local, xe, rw(&mut gu), rw(&mut act));
+                            self.experts_backward(p, &local, ro(&gu), dy, xe, dxe, grads, [act, dact, dgu]);
                         }
                     }
                 }
@@ -546,12 +549,12 @@ impl<B: Backend> BlockCtx<'_, B> {
                         (Some(gu), _) => (chunk, gu),
                         (None, Some(gu)) => {
                             let local = chunk_local_gate_up(&chunk);
-                            self.experts_up(p, &local, B::full(&xg), None, B::full_mut(gu), rw(&mut act));
+                            self.experts_up(p, &local, (B::full(&xg), None), B::full_mut(gu), rw(&mut act));
                             (local, &*gu)
                         }
                         (None, None) => unreachable!("allocated where gu is not saved"),
                     };
-                    self.experts_backward(p, &chunk, B::full(gu), B::full(&dyg), (B::full(&xg), None), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
+                    self.experts_backward(p, &chunk, B::full(gu), (B::full(&dyg), None), (B::full(&xg), None), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
                 }
                 let [mut dxe] = tx.views(be, [(bwd::DXE, sc)]);
                 be.upload(rw(&mut dxe), &d.from_experts(&be.download(B::full(&dxg)), recv)?);

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 use super::params::ParamLayout;
-use crate::backend::{Backend, Gemm};
+use crate::backend::{Backend, Gemm, Pick};
 
 #[derive(Clone, Debug)]
 pub struct GradLedger {
@@ -74,14 +74,14 @@ impl<B: Backend> Grads<'_, B> {
     }
 
     /// The experts' weight gradients `aᵀ · b` into gradients (each product's `out` an offset
-    /// into the buffer; `b`'s rows gathered by `rows` where given, see
+    /// into the buffer; an operand's rows picked where it has a [`Pick`], see
     /// `Backend::grouped_weight_grad`): one call for the gradients it writes first, one for
     /// those it adds to.
-    pub fn grouped_weight_grad(&mut self, be: &B, a: B::View<'_>, b: B::View<'_>, rows: Option<&[u32]>, gemms: &[Gemm]) {
+    pub fn grouped_weight_grad(&mut self, be: &B, a: (B::View<'_>, Option<Pick<'_>>), b: (B::View<'_>, Option<Pick<'_>>), gemms: &[Gemm]) {
         let (adds, writes): (Vec<Gemm>, Vec<Gemm>) = gemms.iter().partition(|g| self.ledger.accumulates(g.out));
         for (group, accumulate) in [(writes, false), (adds, true)] {
             if !group.is_empty() {
-                be.grouped_weight_grad(B::full_mut(self.buf), a, b, rows, &group, accumulate);
+                be.grouped_weight_grad(B::full_mut(self.buf), a, b, &group, accumulate);
             }
         }
     }

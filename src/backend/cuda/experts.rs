@@ -68,15 +68,19 @@ impl Fused {
     }
 }
 
-/// `struct Segment` of experts.cu: one product's device addresses (`a`, the index of `a`'s rows
-/// where they are gathered, its weight, `out`, the saved `gu` and `act`; 0 where the kernel has
-/// none), its rows, inner dimension and columns, and the tiles of the segments before it.
+/// `struct Segment` of experts.cu: one product's device addresses (`a` with the index and the
+/// weights of its picked rows, the weight `w` (the gradients' b) with those of its, `out`, the
+/// saved `gu` and `act`; 0 where the kernel has none), its rows, inner dimension and columns,
+/// and the tiles of the segments before it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
     a: u64,
-    index: u64,
+    a_index: u64,
+    a_weight: u64,
     w: u64,
+    w_index: u64,
+    w_weight: u64,
     out: u64,
     gu: u64,
     act: u64,
@@ -86,8 +90,25 @@ pub struct Segment {
     first_tile: i32,
 }
 
-// SAFETY: plain #[repr(C)] integers, the layout of the CUDA struct (six pointers, four ints).
+// SAFETY: plain #[repr(C)] integers, the layout of the CUDA struct (nine pointers, four ints).
 unsafe impl DeviceRepr for Segment {}
+
+impl Segment {
+    /// The index and weights of `side`'s picked rows.
+    fn pick_mut(&mut self, side: Side) -> (&mut u64, &mut u64) {
+        match side {
+            Side::A => (&mut self.a_index, &mut self.a_weight),
+            Side::W => (&mut self.w_index, &mut self.w_weight),
+        }
+    }
+}
+
+/// The operand whose rows a call picks: the product's `a`, or `w` (the weight gradients' b).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    A,
+    W,
+}
 
 /// Base device addresses of a call's views (0 for those the kernel has none of) and their
 /// element size (`out`'s is 4 for the gradient kernels).
@@ -109,21 +130,27 @@ pub struct Call {
 }
 
 impl Call {
-    /// Each segment's `index` the byte offset of its product's first gathered row, `first_row`
-    /// of its product (the segments are the products with rows, in order), until
-    /// [`Call::place_index`] adds the index's address.
-    fn with_index_offsets<'a>(mut self, products: impl Iterator<Item = &'a Gemm>, first_row: impl Fn(&Gemm) -> usize) -> Self {
+    /// Each segment's pick of `side` the byte offset of its product's first picked row,
+    /// `first_row` of its product (the segments are the products with rows, in order), in the
+    /// index and the weights alike (both 4 bytes a row), until [`Call::place_pick`] adds their
+    /// addresses.
+    fn with_pick_offsets<'a>(mut self, side: Side, products: impl Iterator<Item = &'a Gemm>, first_row: impl Fn(&Gemm) -> usize) -> Self {
         for (seg, g) in self.segments.iter_mut().zip(products.filter(|g| g.m > 0)) {
-            seg.index = 4 * first_row(g) as u64;
+            let offset = 4 * first_row(g) as u64;
+            let (index, weight) = seg.pick_mut(side);
+            (*index, *weight) = (offset, offset);
         }
         self
     }
 
-    /// Adds the device address of a gathered operand's row index (uploaded after the call was
-    /// made, see [`up_call`], [`grad_call`]) to each segment's offset into it.
-    pub fn place_index(&mut self, index: u64) {
+    /// Adds the device addresses of the row index and, where the rows are weighted, the
+    /// weights of `side`'s picked rows (uploaded after the call was made, see [`up_call`],
+    /// [`dact_call`], [`grad_call`]) to each segment's offsets into them.
+    pub fn place_pick(&mut self, side: Side, index: u64, weights: Option<u64>) {
         for seg in &mut self.segments {
-            seg.index = seg.index.wrapping_add(index);
+            let (i, w) = seg.pick_mut(side);
+            *i = i.wrapping_add(index);
+            *w = weights.map_or(0, |base| w.wrapping_add(base));
         }
     }
 }
@@ -137,18 +164,20 @@ struct Part {
 }
 
 /// The up projection's launch (`out` = gu), or `None` where the kernel does not take these
-/// products. `gathered`: product g's rows are `a`'s rows `index[g.a / k..]` (`g.a` an offset
-/// into the gathered rows, as if they were one matrix); each segment's `index` is then the
-/// byte offset of its stretch until [`Call::place_index`] adds the index's address, so that
-/// the index goes up only once the kernel is known to take the products.
-pub fn up_call(ops: Operands, gemms: &[SwiGluGemm], gathered: bool) -> Option<Call> {
-    let call = call(Fused::Up, ops, gemms.iter().map(|s| part(&s.gemm, [if gathered { 0 } else { s.gemm.a }, s.gemm.b, s.gemm.out, 0, s.act])))?;
-    Some(if gathered { call.with_index_offsets(gemms.iter().map(|s| &s.gemm), |g| g.a / g.k) } else { call })
+/// products. `picked`: product g's rows are `a`'s rows `index[g.a / k..]` (`g.a` an offset into
+/// the picked rows, as if they were one matrix); each segment's pick is then the byte offset of
+/// its stretch until [`Call::place_pick`] adds the addresses, so that the index goes up only
+/// once the kernel is known to take the products.
+pub fn up_call(ops: Operands, gemms: &[SwiGluGemm], picked: bool) -> Option<Call> {
+    let call = call(Fused::Up, ops, gemms.iter().map(|s| part(&s.gemm, [if picked { 0 } else { s.gemm.a }, s.gemm.b, s.gemm.out, 0, s.act])))?;
+    Some(if picked { call.with_pick_offsets(Side::A, gemms.iter().map(|s| &s.gemm), |g| g.a / g.k) } else { call })
 }
 
-/// SwiGLU's backward through the down projection (`out` = dgu), or `None` as above.
-pub fn dact_call(ops: Operands, gemms: &[SwiGluBwdGemm]) -> Option<Call> {
-    call(Fused::Dact, ops, gemms.iter().map(|s| part(&s.gemm, [s.gemm.a, s.gemm.b, s.dgu, s.gu, s.act])))
+/// SwiGLU's backward through the down projection (`out` = dgu), or `None` as above; `picked`:
+/// dy's rows picked as the up projection's `a`.
+pub fn dact_call(ops: Operands, gemms: &[SwiGluBwdGemm], picked: bool) -> Option<Call> {
+    let call = call(Fused::Dact, ops, gemms.iter().map(|s| part(&s.gemm, [if picked { 0 } else { s.gemm.a }, s.gemm.b, s.dgu, s.gu, s.act])))?;
+    Some(if picked { call.with_pick_offsets(Side::A, gemms.iter().map(|s| &s.gemm), |g| g.a / g.k) } else { call })
 }
 
 /// A grouped matmul `out = a · op(W)` (`tb`: W is n × k), or `None` as above.
@@ -159,12 +188,17 @@ pub fn gemm_call(ops: Operands, gemms: &[Gemm], tb: bool) -> Option<Call> {
 
 /// A grouped weight gradient `out (f32) = aᵀ · b`, or `+=` with `accumulate` (a: k × m, b: k × n,
 /// the routed rows k; `b` in the operands' `w`), or `None` as above. Every product's m × n
-/// output is written, even where k = 0. `gathered`: product g's rows of b are b's rows
-/// `index[g.b / n..]`, each segment's `index` its byte offset until [`Call::place_index`].
-pub fn grad_call(ops: Operands, gemms: &[Gemm], accumulate: bool, gathered: bool) -> Option<Call> {
+/// output is written, even where k = 0. `picked` ([a, b], not both): product g's rows of a are
+/// a's rows `index[g.a / m..]`, of b b's `index[g.b / n..]`, each segment's pick its byte
+/// offsets until [`Call::place_pick`].
+pub fn grad_call(ops: Operands, gemms: &[Gemm], accumulate: bool, picked: [bool; 2]) -> Option<Call> {
+    if picked == [true; 2] {
+        return None;
+    }
     let kernel = if accumulate { Fused::GemmTnAdd } else { Fused::GemmTn };
-    let call = call(kernel, ops, gemms.iter().map(|g| part(g, [g.a, if gathered { 0 } else { g.b }, g.out, 0, 0])))?;
-    Some(if gathered { call.with_index_offsets(gemms.iter(), |g| g.b / g.n) } else { call })
+    let call = call(kernel, ops, gemms.iter().map(|g| part(g, [if picked[0] { 0 } else { g.a }, if picked[1] { 0 } else { g.b }, g.out, 0, 0])))?;
+    let call = if picked[0] { call.with_pick_offsets(Side::A, gemms.iter(), |g| g.a / g.m) } else { call };
+    Some(if picked[1] { call.with_pick_offsets(Side::W, gemms.iter(), |g| g.b / g.n) } else { call })
 }
 
 fn part(g: &Gemm, offsets: [usize; 5]) -> Part {
@@ -184,7 +218,7 @@ fn call(kernel: Fused, ops: Operands, parts: impl Iterator<Item = Part>) -> Opti
             return None;
         }
         if p.rows > 0 {
-            segments.push(Segment { a: at(0, &p), index: 0, w: at(1, &p), out: at(2, &p), gu: at(3, &p), act: at(4, &p), rows: p.rows as i32, k: p.k as i32, n: p.n as i32, first_tile: tiles as i32 });
+            segments.push(Segment { a: at(0, &p), a_index: 0, a_weight: 0, w: at(1, &p), w_index: 0, w_weight: 0, out: at(2, &p), gu: at(3, &p), act: at(4, &p), rows: p.rows as i32, k: p.k as i32, n: p.n as i32, first_tile: tiles as i32 });
             tiles += p.rows.div_ceil(TILE_ROWS) * p.n.div_ceil(TILE_COLS);
         }
     }
@@ -209,7 +243,7 @@ mod tests {
         assert_eq!(call.segments.iter().map(|s| (s.rows, s.k, s.n, s.first_tile)).collect::<Vec<_>>(), [(300, 128, 256, 0), (1, 128, 384, 3)]);
         assert_eq!((call.segments[1].out, call.segments[1].gu), (OPS.out + 2 * 300 * 2 * 192, 0));
         let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 256, out: 0, a: 0, b: 0 }, gu: 0, dgu: 128, act: 0 };
-        let dact = dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd]).expect("taken");
+        let dact = dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd], false).expect("taken");
         assert_eq!((dact.tiles, dact.segments[0].out, dact.segments[0].gu), (1, OPS.out + 256, 5 << 20));
         // The plain kernels: 256 columns a tile, the last maybe half used; k per product.
         let gemms = [Gemm { m: 129, k: 64, n: 256, out: 0, a: 0, b: 0 }, Gemm { m: 10, k: 192, n: 128, out: 129 * 256, a: 129 * 64, b: 256 * 64 }];
@@ -220,12 +254,18 @@ mod tests {
     }
 
     #[test]
-    fn gathered_rows_start_at_each_products_place_in_the_index() {
-        let index = 9 << 20;
+    fn picked_rows_start_at_each_products_place_in_the_index() {
+        let (index, weights) = (9 << 20, 10 << 20);
         let mut call = up_call(OPS, &[glu(300, 128, 0), glu(0, 64, 300), glu(1, 192, 300)], true).expect("taken");
-        call.place_index(index);
-        // Every product reads a's base through its own stretch of the index (u32s).
-        assert_eq!(call.segments.iter().map(|s| (s.a, s.index)).collect::<Vec<_>>(), [(OPS.a, index), (OPS.a, index + 4 * 300)]);
+        call.place_pick(Side::A, index, None);
+        // Every product reads a's base through its own stretch of the index (u32s), unweighted.
+        assert_eq!(call.segments.iter().map(|s| (s.a, s.a_index, s.a_weight)).collect::<Vec<_>>(), [(OPS.a, index, 0), (OPS.a, index + 4 * 300, 0)]);
+        // dy's rows weighted: the weights (f32s) from the same place as the index.
+        let bwd = |m, at: usize| SwiGluBwdGemm { gemm: Gemm { m, k: 128, n: 128, out: 0, a: at * 128, b: 0 }, gu: 0, dgu: 0, act: 0 };
+        let mut dact = dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd(5, 0), bwd(0, 5), bwd(3, 5)], true).expect("taken");
+        dact.place_pick(Side::A, index, Some(weights));
+        assert_eq!(dact.segments.iter().map(|s| (s.a, s.a_index, s.a_weight)).collect::<Vec<_>>(), [(OPS.a, index, weights), (OPS.a, index + 20, weights + 20)]);
+        assert!(dact.segments.iter().all(|s| (s.w_index, s.w_weight) == (0, 0)));
     }
 
     /// The weight gradients: m × n outputs in tiles of 128 × 256 whatever k (the routed rows,
@@ -233,21 +273,27 @@ mod tests {
     #[test]
     fn gradient_calls_tile_the_output_and_take_any_k() {
         let g = |m, k, n, out| Gemm { m, k, n, out, a: 0, b: 0 };
-        let call = grad_call(OPS, &[g(256, 130, 384, 0), g(64, 0, 128, 256 * 384)], true, false).expect("taken");
+        let call = grad_call(OPS, &[g(256, 130, 384, 0), g(64, 0, 128, 256 * 384)], true, [false; 2]).expect("taken");
         assert_eq!(call.kernel, Fused::GemmTnAdd);
         assert_eq!(call.tiles, 2 * 2 + 1);
         assert_eq!(call.segments.iter().map(|s| (s.rows, s.k, s.n, s.first_tile)).collect::<Vec<_>>(), [(256, 130, 384, 0), (64, 0, 128, 4)]);
         // out is f32: the second product starts 4 bytes an element further on.
         assert_eq!(call.segments[1].out, OPS.out + 4 * 256 * 384);
-        assert_eq!(grad_call(OPS, &[g(256, 130, 384, 0)], false, false).expect("taken").kernel, Fused::GemmTn);
-        assert!(grad_call(OPS, &[g(96, 8, 128, 0)], false, false).is_none(), "rows not whole strips of 64");
-        assert!(grad_call(OPS, &[g(64, 8, 192, 0)], false, false).is_none(), "columns not whole steps of 128");
-        assert!(grad_call(OPS, &[g(64, 8, 128, 2)], false, false).is_none(), "out off a 16-byte boundary");
-        // Gathered: b's rows through the index, each product from its place in it (b = 130 × 128
-        // elements in: row 130 of the gathered rows), b itself at its base.
-        let mut call = grad_call(OPS, &[Gemm { b: 0, ..g(256, 130, 128, 0) }, Gemm { b: 130 * 128, ..g(64, 7, 128, 256 * 128) }], false, true).expect("taken");
-        call.place_index(9 << 20);
-        assert_eq!(call.segments.iter().map(|s| (s.w, s.index)).collect::<Vec<_>>(), [(OPS.w, 9 << 20), (OPS.w, (9 << 20) + 4 * 130)]);
+        assert_eq!(grad_call(OPS, &[g(256, 130, 384, 0)], false, [false; 2]).expect("taken").kernel, Fused::GemmTn);
+        assert!(grad_call(OPS, &[g(96, 8, 128, 0)], false, [false; 2]).is_none(), "rows not whole strips of 64");
+        assert!(grad_call(OPS, &[g(64, 8, 192, 0)], false, [false; 2]).is_none(), "columns not whole steps of 128");
+        assert!(grad_call(OPS, &[g(64, 8, 128, 2)], false, [false; 2]).is_none(), "out off a 16-byte boundary");
+        // Picked: b's rows through the index, each product from its place in it (b = 130 × 128
+        // elements in: row 130 of the picked rows), b itself at its base; a's likewise, its
+        // rows m wide (a = 130 × 256: row 130 too), weighted.
+        let picked = [Gemm { b: 0, ..g(256, 130, 128, 0) }, Gemm { a: 130 * 256, b: 130 * 128, ..g(256, 7, 128, 256 * 128) }];
+        let mut call = grad_call(OPS, &picked, false, [false, true]).expect("taken");
+        call.place_pick(Side::W, 9 << 20, None);
+        assert_eq!(call.segments.iter().map(|s| (s.a, s.w, s.w_index, s.w_weight)).collect::<Vec<_>>(), [(OPS.a, OPS.w, 9 << 20, 0), (OPS.a + 2 * 130 * 256, OPS.w, (9 << 20) + 4 * 130, 0)]);
+        let mut call = grad_call(OPS, &picked, false, [true, false]).expect("taken");
+        call.place_pick(Side::A, 9 << 20, Some(10 << 20));
+        assert_eq!(call.segments.iter().map(|s| (s.a, s.a_index, s.a_weight, s.w)).collect::<Vec<_>>(), [(OPS.a, 9 << 20, 10 << 20, OPS.w), (OPS.a, (9 << 20) + 4 * 130, (10 << 20) + 4 * 130, OPS.w + 2 * 130 * 128)]);
+        assert!(grad_call(OPS, &picked, false, [true; 2]).is_none(), "the kernels pick one operand's rows at most");
     }
 
     #[test]
@@ -257,7 +303,7 @@ mod tests {
         let misaligned = SwiGluGemm { gemm: Gemm { a: 3, ..glu(4, 64, 0).gemm }, ..glu(4, 64, 0) };
         assert!(up_call(OPS, &[misaligned], false).is_none());
         let bwd = SwiGluBwdGemm { gemm: Gemm { m: 5, k: 128, n: 128, out: 0, a: 0, b: 0 }, gu: 0, dgu: 4, act: 0 };
-        assert!(dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd]).is_none());
+        assert!(dact_call(Operands { gu: 5 << 20, ..OPS }, &[bwd], false).is_none());
         // 64 columns are not a tile; k must be whole steps of 64.
         let g = Gemm { m: 8, k: 64, n: 128, out: 0, a: 0, b: 0 };
         assert!(gemm_call(OPS, &[g], false).is_some() && gemm_call(OPS, &[Gemm { n: 64, ..g }], true).is_none());

@@ -56,7 +56,7 @@ use launch::{grid_stride, per_row, vec_width, warp_per_row, ROUTE_GROUP, SUMSQ_B
 use profile::Work;
 pub use nvrtc::Storage;
 
-use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, weight_grad_gathering, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Precision, RoutedSlots, RouteRule, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, weight_grad_gathering, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Pick, Precision, RoutedSlots, RouteRule, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use super::cuda_scratch::RouteScratch;
 use crate::{Error, Result};
 
@@ -140,6 +140,21 @@ impl DevViewMut<'_> {
 }
 
 /// A grouped matmul's products and operands, each product's parts of `a`, `b` and `out`.
+/// Elements of an operand as its products count them: its picked rows, `width` each (every one
+/// inside `x`, and as many weights as rows), or `x`'s own.
+fn picked_len(x: DevView<'_>, pick: Option<Pick<'_>>, width: usize, op: &str) -> usize {
+    let Some(pick) = pick else { return x.len() };
+    assert!(pick.rows.iter().all(|&r| (r as usize + 1) * width <= x.len()), "{op}: a picked row past its operand");
+    assert!(pick.scale.is_none_or(|w| w.len() == pick.rows.len()), "{op}: {} picked rows, another number of weights", pick.rows.len());
+    pick.rows.len() * width
+}
+
+/// The picked rows that products of `(first row, rows)` read, together (empty where none reads).
+fn row_stretch(products: impl Iterator<Item = (usize, usize)>) -> Range<usize> {
+    let (start, end) = products.filter(|&(_, rows)| rows > 0).fold((usize::MAX, 0), |(start, end), (first, rows)| (start.min(first), end.max(first + rows)));
+    start.min(end)..end
+}
+
 fn grouped_work(out: &DevViewMut<'_>, a: &DevView<'_>, b: &DevView<'_>, gemms: &[Gemm], accumulate: bool) -> Work {
     let (sa, sb, so) = (a.storage.bytes(), b.storage.bytes(), out.storage.bytes() * (1 + accumulate as usize));
     let flops = gemms.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum();
@@ -278,16 +293,18 @@ impl CudaBackend {
         call
     }
 
-    /// Uploads the stretch `rows[stretch]` of a gathered operand's row index that `call`'s
-    /// products read (a chunk of the experts reads a chunk of the slots) and points the
-    /// segments into it: its address set back by the stretch's start, so that the products' row
-    /// offsets, which count from the whole index, land in it. Keep the upload until the launch
-    /// is queued.
-    fn place_row_index(&self, call: &mut experts::Call, rows: &[u32], stretch: Range<usize>) -> Option<CudaSlice<u32>> {
+    /// Uploads the stretch `[stretch]` of a picked operand's row index (and weights, where it
+    /// has them) that `call`'s products read (a chunk of the experts reads a chunk of the
+    /// slots) and points the segments' pick of `side` into them: their addresses set back by
+    /// the stretch's start, so that the products' row offsets, which count from the whole
+    /// index, land in them. Keep the uploads until the launch is queued.
+    fn place_pick(&self, call: &mut experts::Call, side: experts::Side, pick: Pick<'_>, stretch: Range<usize>) -> Option<(CudaSlice<u32>, Option<CudaSlice<f32>>)> {
         (call.tiles > 0 && !stretch.is_empty()).then(|| {
-            let index = self.upload_u32(&rows[stretch.clone()]);
-            call.place_index(index.device_ptr(&self.stream).0.wrapping_sub(4 * stretch.start as u64));
-            index
+            let back = |ptr: u64| ptr.wrapping_sub(4 * stretch.start as u64);
+            let index = self.upload_u32(&pick.rows[stretch.clone()]);
+            let weights = pick.scale.map(|w| self.upload_f32(&w[stretch.clone()]));
+            call.place_pick(side, back(index.device_ptr(&self.stream).0), weights.as_ref().map(|w| back(w.device_ptr(&self.stream).0)));
+            (index, weights)
         })
     }
 
@@ -725,7 +742,7 @@ impl Backend for CudaBackend {
         let ops = experts::Operands { a: a.ptr, w: b.ptr, out: out.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
         let fused = match (ta, tb) {
             (false, _) if !accumulate => self.fused_call(&[out.storage, a.storage, b.storage], || experts::gemm_call(ops, &live, tb)),
-            (true, false) if out.storage == Storage::F32 => self.fused_call(&[a.storage, b.storage], || experts::grad_call(ops, &live, accumulate, false)),
+            (true, false) if out.storage == Storage::F32 => self.fused_call(&[a.storage, b.storage], || experts::grad_call(ops, &live, accumulate, [false; 2])),
             _ => None,
         };
         if let Some(call) = fused {
@@ -742,29 +759,21 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn grouped_matmul_swiglu(&self, gu: DevViewMut<'_>, act: DevViewMut<'_>, a: DevView<'_>, rows: Option<&[u32]>, b: DevView<'_>, gemms: &[SwiGluGemm]) {
-        // a's rows as the products count them: gathered ones, or a's own.
+    fn grouped_matmul_swiglu(&self, gu: DevViewMut<'_>, act: DevViewMut<'_>, (a, pick): (DevView<'_>, Option<Pick<'_>>), b: DevView<'_>, gemms: &[SwiGluGemm]) {
         let k = gemms.first().map_or(1, |g| g.gemm.k.max(1));
-        let a_len = rows.map_or(a.len(), |r| r.len() * k);
+        let a_len = picked_len(a, pick, k, "grouped_matmul_swiglu");
         for g in gemms {
             let (m, k, n) = (g.gemm.m, g.gemm.k, g.gemm.n);
             let fits = g.gemm.out + m * n <= gu.len() && g.act + m * n / 2 <= act.len() && g.gemm.a + m * k <= a_len && g.gemm.b + n * k <= b.len();
             assert!(fits, "grouped_matmul_swiglu: {g:?} outside its views");
         }
-        if let Some(rows) = rows {
-            assert!(rows.iter().all(|&r| (r as usize + 1) * k <= a.len()), "grouped_matmul_swiglu: a gathered row past `a`");
-        }
         let ops = experts::Operands { a: a.ptr, w: b.ptr, out: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
-        let Some(mut call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms, rows.is_some())) else {
-            return swiglu_each(self, gu, act, a, rows, b, gemms);
+        let Some(mut call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms, pick.is_some())) else {
+            return swiglu_each(self, gu, act, a, pick, b, gemms);
         };
         // Per output of the product: gu written, and half as much act.
         let _span = self.span("grouped_matmul_swiglu", || fused_work(gemms.iter().map(|g| g.gemm), 1.5));
-        let _index = rows.and_then(|r| {
-            let first = gemms.iter().map(|g| g.gemm.a / k).min().unwrap_or(0);
-            let end = gemms.iter().map(|g| g.gemm.a / k + g.gemm.m).max().unwrap_or(0);
-            self.place_row_index(&mut call, r, first..end)
-        });
+        let _pick = pick.and_then(|p| self.place_pick(&mut call, experts::Side::A, p, row_stretch(gemms.iter().map(|g| (g.gemm.a / k, g.gemm.m)))));
         self.launch_fused(&call);
     }
 
@@ -772,41 +781,44 @@ impl Backend for CudaBackend {
         self.hopper_experts && super::cuda_scratch::expert_kernels_gather(d_model, widths)
     }
 
-    fn grouped_weight_grad(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, rows: Option<&[u32]>, gemms: &[Gemm], accumulate: bool) {
-        let Some(rows) = rows else {
+    fn grouped_weight_grad(&self, out: DevViewMut<'_>, (a, a_pick): (DevView<'_>, Option<Pick<'_>>), (b, b_pick): (DevView<'_>, Option<Pick<'_>>), gemms: &[Gemm], accumulate: bool) {
+        if a_pick.is_none() && b_pick.is_none() {
             return self.grouped_matmul(out, a, b, gemms, true, false, accumulate);
-        };
-        let live: Vec<Gemm> = gemms.iter().copied().filter(|g| g.m * g.n > 0).collect();
-        let n = live.first().map_or(1, |g| g.n.max(1));
-        for g in &live {
-            let fits = g.out + g.m * g.n <= out.len() && g.a + g.m * g.k <= a.len() && g.b + g.k * g.n <= rows.len() * n && g.n == n;
-            assert!(fits, "grouped_weight_grad: {g:?} outside its views (or of another width)");
         }
-        assert!(rows.iter().all(|&r| (r as usize + 1) * n <= b.len()), "grouped_weight_grad: a gathered row past `b`");
+        let live: Vec<Gemm> = gemms.iter().copied().filter(|g| g.m * g.n > 0).collect();
+        let (m, n) = live.first().map_or((1, 1), |g| (g.m.max(1), g.n.max(1)));
+        let (a_len, b_len) = (picked_len(a, a_pick, m, "grouped_weight_grad"), picked_len(b, b_pick, n, "grouped_weight_grad"));
+        for g in &live {
+            let fits = g.out + g.m * g.n <= out.len() && g.a + g.m * g.k <= a_len && g.b + g.k * g.n <= b_len && (a_pick.is_none() || g.m == m) && (b_pick.is_none() || g.n == n);
+            assert!(fits, "grouped_weight_grad: {g:?} outside its views (or picked rows of another width)");
+        }
         let ops = experts::Operands { a: a.ptr, w: b.ptr, out: out.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
-        let call = (out.storage == Storage::F32).then(|| self.fused_call(&[a.storage, b.storage], || experts::grad_call(ops, &live, accumulate, true))).flatten();
+        let call = (out.storage == Storage::F32).then(|| self.fused_call(&[a.storage, b.storage], || experts::grad_call(ops, &live, accumulate, [a_pick.is_some(), b_pick.is_some()]))).flatten();
         let Some(mut call) = call else {
-            return weight_grad_gathering(self, out, a, b, Some(rows), gemms, accumulate);
+            return weight_grad_gathering(self, out, (a, a_pick), (b, b_pick), gemms, accumulate);
         };
         let _span = self.span("grouped_matmul_wgmma", || grouped_work(&out, &a, &b, gemms, accumulate));
-        let (first, end) = (live.iter().map(|g| g.b / n).min().unwrap_or(0), live.iter().map(|g| g.b / n + g.k).max().unwrap_or(0));
-        let _index = self.place_row_index(&mut call, rows, first..end);
+        let _a_pick = a_pick.and_then(|p| self.place_pick(&mut call, experts::Side::A, p, row_stretch(live.iter().map(|g| (g.a / m, g.k)))));
+        let _b_pick = b_pick.and_then(|p| self.place_pick(&mut call, experts::Side::W, p, row_stretch(live.iter().map(|g| (g.b / n, g.k)))));
         self.launch_fused(&call);
     }
 
-    fn grouped_matmul_swiglu_bwd(&self, dgu: DevViewMut<'_>, act: DevViewMut<'_>, dact: DevViewMut<'_>, dy: DevView<'_>, b: DevView<'_>, gu: DevView<'_>, gemms: &[SwiGluBwdGemm]) {
+    fn grouped_matmul_swiglu_bwd(&self, dgu: DevViewMut<'_>, act: DevViewMut<'_>, dact: DevViewMut<'_>, (dy, pick): (DevView<'_>, Option<Pick<'_>>), b: DevView<'_>, gu: DevView<'_>, gemms: &[SwiGluBwdGemm]) {
+        let k = gemms.first().map_or(1, |g| g.gemm.k.max(1));
+        let dy_len = picked_len(dy, pick, k, "grouped_matmul_swiglu_bwd");
         for g in gemms {
             let (m, k, h) = (g.gemm.m, g.gemm.k, g.gemm.n);
-            let fits = g.gu + 2 * m * h <= gu.len() && g.dgu + 2 * m * h <= dgu.len() && g.act + m * h <= act.len() && g.gemm.out + m * h <= dact.len() && g.gemm.a + m * k <= dy.len() && g.gemm.b + k * h <= b.len();
+            let fits = g.gu + 2 * m * h <= gu.len() && g.dgu + 2 * m * h <= dgu.len() && g.act + m * h <= act.len() && g.gemm.out + m * h <= dact.len() && g.gemm.a + m * k <= dy_len && g.gemm.b + k * h <= b.len();
             assert!(fits, "grouped_matmul_swiglu_bwd: {g:?} outside its views");
         }
         let ops = experts::Operands { a: dy.ptr, w: b.ptr, out: dgu.ptr, gu: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
-        let Some(call) = self.fused_call(&[dgu.storage, act.storage, dy.storage, b.storage, gu.storage], || experts::dact_call(ops, gemms)) else {
-            return swiglu_bwd_each(self, dgu, act, dact, dy, b, gu, gemms);
+        let Some(mut call) = self.fused_call(&[dgu.storage, act.storage, dy.storage, b.storage, gu.storage], || experts::dact_call(ops, gemms, pick.is_some())) else {
+            return swiglu_bwd_each(self, dgu, act, dact, (dy, pick), b, gu, gemms);
         };
         // Per output of the product (dact, which stays on the chip): gu read and dgu written
         // (two each), act written.
         let _span = self.span("grouped_matmul_swiglu_bwd", || fused_work(gemms.iter().map(|g| g.gemm), 5.0));
+        let _pick = pick.and_then(|p| self.place_pick(&mut call, experts::Side::A, p, row_stretch(gemms.iter().map(|g| (g.gemm.a / k, g.gemm.m)))));
         self.launch_fused(&call);
     }
 

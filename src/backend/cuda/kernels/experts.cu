@@ -2,21 +2,28 @@
 // launch covers every expert (a segment of rows), nothing padded to the widest: a block per tile
 // of 128 rows × 256 columns of one product, found in a table of segments.
 // - expert_up_wgmma: gu = a · Wᵀ (rows × 2h: gate | up, saved for the backward) and
-//   act = SwiGLU(gu) (rows × h), a's rows picked by an index where the segment has one (the
-//   routed tokens' rows: the gather into xe fused into the operand load). A tile is 128 hidden
+//   act = SwiGLU(gu) (rows × h), a's rows picked where the segment picks them (below: the
+//   routed tokens' rows, the gather into xe fused into the operand load). A tile is 128 hidden
 //   columns: its B operand is W's 128 gate rows and the 128 up rows of those columns, so each
 //   thread's accumulators hold the gate and the up value of the same outputs and SwiGLU needs
 //   no exchange. Saves swiglu_fwd's read of gu.
 // - expert_dact_wgmma: dact = dy · W (W: k × h, W_down read as it lies) for the tile's columns,
 //   then SwiGLU's backward in the epilogue: reads the saved gu, writes dgu and act again (the
 //   down projection's weight gradient needs it). Saves writing dact and swiglu_bwd reading it.
+//   dy's rows picked where the segment picks them (the combined output's gradient of each
+//   slot's token times the slot's gate: the backward's gather_rows_scaled fused).
 // - grouped_nt_wgmma, grouped_nn_wgmma: out = a · Wᵀ (W: n × k, the down projection) and
 //   out = a · W (W: k × n, the input gradient through gate/up): the grouped matmul itself.
 // - grouped_tn_wgmma, grouped_tn_add_wgmma: the weight gradients, out (f32) = or += aᵀ · b over
 //   an expert's routed rows (dW_down = dyᵀ act, dW_gu = dguᵀ xe): both operands have the rows
-//   summed over as their rows, so both are read MN-major; k is the expert's row count, any. b's
-//   rows picked by the segment's index where it has one (dW_gu's xe: the backward's gather
-//   fused into the operand load, as the up projection's).
+//   summed over as their rows, so both are read MN-major; k is the expert's row count, any.
+//   Either operand's rows (not both) picked where the segment picks them (dW_down's dy, dW_gu's
+//   xe: the backward's gathers fused into the operand loads).
+// Picked rows: row r of an operand is row index[r] of its base where the segment has an index,
+// times weight[r] where it has weights. A weighted tile is scaled in shared memory once it has
+// landed (scale_lines: one more barrier a step), rounded to bf16 as gather_rows_scaled rounds
+// (bitwise its copy in bf16 storage; the f32 storage's staging rounds first). Each way of
+// reading the rows is a K loop of its own (Rows).
 // The fused epilogues compute from the product as stored (rounded to the storage), with
 // common.cuh's swiglu / swiglu_grad: bitwise what swiglu_fwd and swiglu_bwd compute from it.
 //
@@ -41,9 +48,12 @@
 // every operand 16-byte aligned; shared memory `experts::SMEM_BYTES`.
 struct Segment {
     const act_t* a;  // rows × k: xe (up), dy (dact), the product's A; k × rows for the gradients
-    const unsigned* index;  // null, or row r of A is a's row index[r] (up: the gather into xe); of
-                            // b (`w`) for the gradients
-    const act_t* w;  // W_gu (2h × k: h gate rows, then h up rows), W_down (k × h), the product's W
+    const unsigned* a_index;  // null, or row r of a (of the product; of k for the gradients) is
+    const float* a_weight;    // a's row a_index[r]; null, or that row times a_weight[r]
+    const act_t* w;  // W_gu (2h × k: h gate rows, then h up rows), W_down (k × h), the product's W;
+                     // the gradients' b (k × n)
+    const unsigned* w_index;  // the same for the gradients' b
+    const float* w_weight;
     act_t* out;      // gu (up, rows × 2h), dgu (dact, rows × 2h), the product (rows × n; f32 for the gradients)
     const act_t* gu; // the saved gu (dact)
     act_t* act;      // SwiGLU's output (up, dact; rows × h)
@@ -81,9 +91,11 @@ __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) { ret
 
 // The K loop of every kernel: step t's tiles are loaded by load(t) into buffer
 // t % EXPERT_STAGES (an A tile, then a B tile), EXPERT_AHEAD steps ahead, and product(t, buffer)
-// queues its wgmmas.
-template <class Load, class Product>
-__device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load, Product product) {
+// queues its wgmmas. With PREPARED, prepare(t, buffer) rewrites step t's tiles in shared memory
+// once every thread's copies have landed, before the products read them (a template parameter:
+// each kernel's loop without it is as it was, not a branch around it).
+template <bool PREPARED, class Load, class Product, class Prepare>
+__device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load, Product product, Prepare prepare) {
     auto buffer = [&](int t) { return base + (t % EXPERT_STAGES) * (EXPERT_A_BYTES + EXPERT_B_BYTES); };
     for (int t = 0; t < EXPERT_AHEAD; t++) {
         if (t < steps) load(t, buffer(t));
@@ -94,6 +106,10 @@ __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load
         // finished step t − 2 (waited at the end of step t − 1), whose buffer step t + AHEAD
         // refills.
         cp_async_wait_pending<EXPERT_AHEAD - 1>();
+        if constexpr (PREPARED) {
+            __syncthreads();
+            prepare(t, buffer(t));
+        }
         fence_proxy_async();
         __syncthreads();
         if (t + EXPERT_AHEAD < steps) load(t + EXPERT_AHEAD, buffer(t + EXPERT_AHEAD));
@@ -104,6 +120,61 @@ __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load
         wgmma_wait<1>();
     }
     wgmma_wait<0>();
+}
+
+// Multiplies each 128-byte line of a staged tile (a row of 64 bf16; the swizzle moves chunks
+// only within their line) by its row's weight, in place, rounded to bf16 as gather_rows_scaled
+// rounds: the thread's lines are threadIdx.x / 8 + 32 j (j < J: the tile's 32·J lines, a warp
+// four whole lines at a time), its chunk of each threadIdx.x % 8, line j's weight weight(j).
+template <int J, class Weight>
+__device__ __forceinline__ void scale_lines(unsigned char* tile, Weight weight) {
+#pragma unroll
+    for (int j = 0; j < J; j++) {
+        uint4* chunk = (uint4*)(tile + (threadIdx.x / 8 + 32 * j) * 128 + threadIdx.x % 8 * 16);
+        const float w = weight(j);
+        const uint4 v = *chunk;
+        auto scaled = [w](unsigned pair) { return pack_bf16(__uint_as_float(pair << 16) * w, __uint_as_float(pair & 0xffff0000u) * w); };
+        *chunk = make_uint4(scaled(v.x), scaled(v.y), scaled(v.z), scaled(v.w));
+    }
+}
+
+// How a product reads an operand's rows: as they lie, picked through the segment's index, or
+// picked and weighted. A template parameter of the K loops, so that each loop is one path (the
+// kernels choose theirs from the segment, the same for every thread).
+enum Rows { PLAIN, PICKED, WEIGHTED };
+
+// Step `step`'s A tile of a product with a K-major A (rows × k): the tile's 128 rows, 64
+// columns (picked: rows past the segment stand in its first, their index past its stretch).
+template <Rows R>
+__device__ __forceinline__ void load_a_tile(unsigned char* at, const Tile& t, int step) {
+    const Segment& s = t.seg;
+    if constexpr (R == PLAIN) {
+        load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, s.k, 64 * step);
+    } else {
+        auto row = [&](int r, bool ok) { return s.a + (size_t)s.a_index[t.m0 + (ok ? r : 0)] * s.k + 64 * step; };
+        load_rows_from<64, EXPERT_ROWS, 256>(swizzled(at), row, s.rows - t.m0);
+    }
+}
+
+// The K loop of a product with a K-major A read as R says: load_b(step, tile) stages B,
+// product(step, tile) queues the wgmmas. Weighted rows are the same every step (the tile's):
+// the thread's four weights are read once.
+template <Rows R, class LoadB, class Product>
+__device__ __forceinline__ void k_loop_a(unsigned char* base, const Tile& t, LoadB load_b, Product product) {
+    const Segment& s = t.seg;
+    float w[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const int r = t.m0 + threadIdx.x / 8 + 32 * j;
+        w[j] = R == WEIGHTED && r < s.rows ? s.a_weight[r] : 1.0f;
+    }
+    k_loop<R == WEIGHTED>(
+        base, s.k / 64,
+        [&](int step, unsigned char* at) {
+            load_a_tile<R>(at, t, step);
+            load_b(step, at + EXPERT_A_BYTES);
+        },
+        product, [&](int, unsigned char* at) { scale_lines<EXPERT_ROWS / 32>(at, [&](int j) { return w[j]; }); });
 }
 
 // Calls f(r, c0, dc, j) for each pair of accumulator registers j, j + 1 of a warpgroup's
@@ -129,27 +200,15 @@ __device__ __forceinline__ void for_each_pair(const Tile& t, int cols, F f) {
 }
 
 // The K loop and accumulators of out = a · Wᵀ with the tile's 256 rows of W K-major like a,
-// staged by load_b(step, tile) (up, grouped_nt_wgmma).
-template <class LoadB>
+// staged by load_b(step, tile) (up, grouped_nt_wgmma), a's rows read as R says.
+template <Rows R, class LoadB>
 __device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, float (&acc)[128], LoadB load_b) {
-    const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
-    k_loop(
-        base, s.k / 64,
-        [&](int step, unsigned char* at) {
-            // Rows past the segment stand in its first (their index is past the index's end).
-            auto row = [&](int r, bool ok) {
-                const int i = t.m0 + (ok ? r : 0);
-                return s.a + (size_t)(s.index ? s.index[i] : i) * s.k + 64 * step;
-            };
-            load_rows_from<64, EXPERT_ROWS, 256>(swizzled(at), row, s.rows - t.m0);
-            load_b(step, at + EXPERT_A_BYTES);
-        },
-        [&](int step, unsigned char* at) {
-            const auto a = sw128_desc(at + 64 * 128 * wg, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024);
+    k_loop_a<R>(base, t, load_b, [&](int step, unsigned char* at) {
+        const auto a = sw128_desc(at + 64 * 128 * wg, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024);
 #pragma unroll
-            for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<0>(acc, desc_plus(a, 32 * kk), desc_plus(b, 32 * kk), step > 0 || kk > 0);
-        });
+        for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<0>(acc, desc_plus(a, 32 * kk), desc_plus(b, 32 * kk), step > 0 || kk > 0);
+    });
     fence_operands(acc);
 }
 
@@ -159,10 +218,14 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segme
     const Segment& s = t.seg;
     const int h = s.n / 2;
     float acc[128];  // columns 0..127 the gate, 128..255 the up projection of hidden j0..j0 + 127
-    product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) {
+    auto load_b = [&](int step, unsigned char* bt) {
         load_rows<64, 128, 256>(swizzled(bt), s.w, 0, t.j0, h, s.k, 64 * step);
         load_rows<64, 128, 256>(swizzled(bt + EXPERT_B_BYTES / 2), s.w, h, t.j0, h, s.k, 64 * step);
-    });
+    };
+    unsigned char* base = aligned_smem(raw);
+    if (s.a_weight) product_nt<WEIGHTED>(base, t, acc, load_b);
+    else if (s.a_index) product_nt<PICKED>(base, t, acc, load_b);
+    else product_nt<PLAIN>(base, t, acc, load_b);
 
     // j < 64 a gate column, j + 64 the up column of the same hidden unit.
     for_each_pair<64>(t, h, [&](int r, int c0, int dc, int j) {
@@ -179,17 +242,17 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segme
 // zero-filled: their products are not stored, but stale bytes there could be NaN), one wgmma
 // m64n256k16 a k16 step with the instruction's transpose, the strips EXPERT_STRIP_BYTES apart
 // (the descriptor's leading offset).
+template <Rows R>
 __device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, float (&acc)[128]) {
     const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
-    k_loop(
-        base, s.k / 64,
-        [&](int step, unsigned char* at) {
-            load_rows<64, EXPERT_ROWS, 256>(swizzled(at), s.a, 0, t.m0, s.rows, s.k, 64 * step);
+    k_loop_a<R>(
+        base, t,
+        [&](int step, unsigned char* bt) {
 #pragma unroll
             for (int strip = 0; strip < EXPERT_COLS / 64; strip++) {
                 const int col = t.j0 + 64 * strip, rows = col < s.n ? s.k : 0;  // rows 0: a zero fill
-                load_rows<64, 64, 256>(swizzled(at + EXPERT_A_BYTES + strip * EXPERT_STRIP_BYTES), s.w, 0, 64 * step, rows, s.n, col);
+                load_rows<64, 64, 256>(swizzled(bt + strip * EXPERT_STRIP_BYTES), s.w, 0, 64 * step, rows, s.n, col);
             }
         },
         [&](int step, unsigned char* at) {
@@ -201,45 +264,82 @@ __device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, f
     fence_operands(acc);
 }
 
-// The K loop and accumulators of out = aᵀ · b (the weight gradients): a (k × rows) and b
-// (k × n, in the segment's `w`) both have the k rows summed over as their rows, so a step's
-// 64 rows of k stage as MN-major strips of 64 columns, two of a (one a warpgroup: its 64 rows
-// of the product) and four of b, those past rows or n zero-filled, as are the rows past k (k
-// need not be a multiple of 64). One wgmma m64n256k16 a k16 step, both operands transposed by
-// the instruction. No rows of k at all leaves the product zero.
-__device__ __forceinline__ void product_tn(unsigned char* base, const Tile& t, float (&acc)[128]) {
+// Step `step`'s 64 rows of k of a gradient's operand (k × ld at p, its rows read as R says) as
+// STRIPS MN-major strips of 64 columns from col0, those past `cols` zero-filled, as are the
+// rows past k (picked: they stand in the step's first, their index past the stretch).
+template <Rows R, int STRIPS>
+__device__ __forceinline__ void load_k_strips(unsigned char* at, const act_t* p, const unsigned* index, int ld, int cols, int col0, int k, int step) {
+    const int k0 = 64 * step;
+#pragma unroll
+    for (int strip = 0; strip < STRIPS; strip++) {
+        const int col = col0 + 64 * strip, rows = col < cols ? k : 0;  // rows 0: a zero fill
+        unsigned char* to = at + strip * EXPERT_STRIP_BYTES;
+        if constexpr (R == PLAIN) {
+            load_rows<64, 64, 256>(swizzled(to), p, 0, k0, rows, ld, col);
+        } else {
+            auto row = [&](int r, bool ok) { return p + (size_t)index[k0 + (ok ? r : 0)] * ld + col; };
+            load_rows_from<64, 64, 256>(swizzled(to), row, rows - k0);
+        }
+    }
+}
+
+// The weights of the thread's two rows of k in step `step` (rows threadIdx.x / 8 and 32 more of
+// the step: the lines scale_lines gives it in every strip), 1 past k.
+__device__ __forceinline__ float2 k_weights(const float* weight, int k, int step) {
+    const int r = 64 * step + threadIdx.x / 8;
+    return make_float2(r < k ? weight[r] : 1.0f, r + 32 < k ? weight[r + 32] : 1.0f);
+}
+
+// The K loop of out = aᵀ · b (below) with a's rows read as RA says and b's as RB. Weighted rows
+// change every step: the thread's two weights are read a step ahead of the scaling.
+template <Rows RA, Rows RB>
+__device__ __forceinline__ void tn_loop(unsigned char* base, const Tile& t, float (&acc)[128]) {
     const Segment& s = t.seg;
     const int wg = threadIdx.x / 128;
-    if (s.k == 0) {
-#pragma unroll
-        for (int i = 0; i < 128; i++) acc[i] = 0.0f;
-        return;
-    }
-    k_loop(
+    float2 wa = RA == WEIGHTED ? k_weights(s.a_weight, s.k, 0) : make_float2(1.0f, 1.0f);
+    float2 wb = RB == WEIGHTED ? k_weights(s.w_weight, s.k, 0) : make_float2(1.0f, 1.0f);
+    k_loop<RA == WEIGHTED || RB == WEIGHTED>(
         base, (s.k + 63) / 64,
         [&](int step, unsigned char* at) {
-#pragma unroll
-            for (int strip = 0; strip < EXPERT_ROWS / 64; strip++) {
-                const int col = t.m0 + 64 * strip, rows = col < s.rows ? s.k : 0;  // rows 0: a zero fill
-                load_rows<64, 64, 256>(swizzled(at + strip * EXPERT_STRIP_BYTES), s.a, 0, 64 * step, rows, s.rows, col);
-            }
-            // Rows past k stand in the step's first (their index is past the segment's stretch).
-            const int k0 = 64 * step;
-#pragma unroll
-            for (int strip = 0; strip < EXPERT_COLS / 64; strip++) {
-                const int col = t.j0 + 64 * strip, rows = col < s.n ? s.k : 0;
-                auto row = [&](int r, bool ok) {
-                    const int i = k0 + (ok ? r : 0);
-                    return s.w + (size_t)(s.index ? s.index[i] : i) * s.n + col;
-                };
-                load_rows_from<64, 64, 256>(swizzled(at + EXPERT_A_BYTES + strip * EXPERT_STRIP_BYTES), row, rows - k0);
-            }
+            load_k_strips<RA, EXPERT_ROWS / 64>(at, s.a, s.a_index, s.rows, s.rows, t.m0, s.k, step);
+            load_k_strips<RB, EXPERT_COLS / 64>(at + EXPERT_A_BYTES, s.w, s.w_index, s.n, s.n, t.j0, s.k, step);
         },
         [&](int step, unsigned char* at) {
             const auto a = sw128_desc(at + wg * EXPERT_STRIP_BYTES, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024, EXPERT_STRIP_BYTES);
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<1, 1>(acc, desc_plus(a, 16 * 128 * kk), desc_plus(b, 16 * 128 * kk), step > 0 || kk > 0);
+        },
+        [&](int step, unsigned char* at) {
+            // Line j of the thread holds row threadIdx.x / 8 + 32 j of k modulo the strip's 64.
+            if constexpr (RA == WEIGHTED) {
+                scale_lines<EXPERT_ROWS / 32>(at, [&](int j) { return j % 2 ? wa.y : wa.x; });
+                wa = k_weights(s.a_weight, s.k, step + 1);
+            }
+            if constexpr (RB == WEIGHTED) {
+                scale_lines<EXPERT_COLS / 32>(at + EXPERT_A_BYTES, [&](int j) { return j % 2 ? wb.y : wb.x; });
+                wb = k_weights(s.w_weight, s.k, step + 1);
+            }
         });
+}
+
+// The K loop and accumulators of out = aᵀ · b (the weight gradients): a (k × rows) and b
+// (k × n, in the segment's `w`) both have the k rows summed over as their rows, so a step's
+// 64 rows of k stage as MN-major strips of 64 columns, two of a (one a warpgroup: its 64 rows
+// of the product) and four of b, those past rows or n zero-filled, as are the rows past k (k
+// need not be a multiple of 64); at most one of them picked. One wgmma m64n256k16 a k16 step,
+// both operands transposed by the instruction. No rows of k at all leaves the product zero.
+__device__ __forceinline__ void product_tn(unsigned char* base, const Tile& t, float (&acc)[128]) {
+    const Segment& s = t.seg;
+    if (s.k == 0) {
+#pragma unroll
+        for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+        return;
+    }
+    if (s.w_weight) tn_loop<PLAIN, WEIGHTED>(base, t, acc);
+    else if (s.w_index) tn_loop<PLAIN, PICKED>(base, t, acc);
+    else if (s.a_weight) tn_loop<WEIGHTED, PLAIN>(base, t, acc);
+    else if (s.a_index) tn_loop<PICKED, PLAIN>(base, t, acc);
+    else tn_loop<PLAIN, PLAIN>(base, t, acc);
     fence_operands(acc);
 }
 
@@ -250,7 +350,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) expert_dact_wgmma(const Seg
     const Segment& s = t.seg;
     const int h = s.n;
     float acc[128];  // dact of hidden j0..j0 + 255
-    product_nn(aligned_smem(raw), t, acc);
+    unsigned char* base = aligned_smem(raw);
+    if (s.a_weight) product_nn<WEIGHTED>(base, t, acc);
+    else if (s.a_index) product_nn<PICKED>(base, t, acc);
+    else product_nn<PLAIN>(base, t, acc);
     for_each_pair<128>(t, h, [&](int r, int c0, int dc, int j) {
         const size_t at = (size_t)r * 2 * h + c0;
         const act_t *gate = s.gu + at, *up = gate + h;
@@ -270,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) grouped_nn_wgmma(const Segm
     DYNAMIC_SMEM(raw);
     const Tile t = find_tile<EXPERT_COLS>(segs, count);
     float acc[128];
-    product_nn(aligned_smem(raw), t, acc);
+    product_nn<PLAIN>(aligned_smem(raw), t, acc);
     for_each_pair<128>(t, t.seg.n, [&](int r, int c0, int dc, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + c0 + dc, acc[j], acc[j + 1]); });
 }
 
@@ -280,7 +383,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) grouped_nt_wgmma(const Segm
     const Tile t = find_tile<EXPERT_COLS>(segs, count);
     const Segment& s = t.seg;
     float acc[128];
-    product_nt(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) { load_rows<64, EXPERT_COLS, 256>(swizzled(bt), s.w, 0, t.j0, s.n, s.k, 64 * step); });
+    product_nt<PLAIN>(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) { load_rows<64, EXPERT_COLS, 256>(swizzled(bt), s.w, 0, t.j0, s.n, s.k, 64 * step); });
     for_each_pair<128>(t, s.n, [&](int r, int c0, int dc, int j) { store_pair(s.out + (size_t)r * s.n + c0 + dc, acc[j], acc[j + 1]); });
 }
 
