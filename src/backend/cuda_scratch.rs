@@ -36,13 +36,14 @@ pub fn attention_bwd_bytes(s: AttnShape) -> u64 {
     4 * (delta + s.tokens() * s.out_width() + turns) as u64
 }
 
-/// Whether the Hopper expert kernels take both products that read gathered rows, the up
-/// projection (`xe W_guᵀ`: k = d_model, n = 2h) and the gate/up weight gradient (`dguᵀ xe`:
-/// m = 2h, n = d_model), for every width: then no gathered copy of the routed rows is made
-/// (`Backend::fuses_expert_gather`), and `plan-memory` plans none. Both take d_model a multiple
-/// of 128 and widths of 64.
+/// Whether the Hopper expert kernels take every product that reads picked rows, for every
+/// width: the up projection (`xe W_guᵀ`: k = d_model, n = 2h), SwiGLU's backward through the
+/// down projection (`dy W_down`: k = d_model, n = h) and the weight gradients (`dguᵀ xe`: m = 2h,
+/// n = d_model; `dyᵀ act`: m = d_model, n = h). Then no gathered copy of the routed rows or of
+/// their output gradients is made (`Backend::fuses_expert_gather`), and `plan-memory` plans
+/// none. They take d_model and widths that are multiples of 128.
 pub fn expert_kernels_gather(d_model: usize, widths: &[usize]) -> bool {
-    d_model.is_multiple_of(128) && widths.iter().all(|h| h.is_multiple_of(64))
+    d_model.is_multiple_of(128) && widths.iter().all(|h| h.is_multiple_of(128))
 }
 
 /// Tokens a thread of the routing kernels takes in order (`route_group_sums`, `route_layout`

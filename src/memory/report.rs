@@ -398,8 +398,8 @@ mod tests {
 
     /// With the Hopper expert kernels the routed rows are read through the slots' tokens: no
     /// gathered copy in either phase, so the arena shrinks; not where the kernels do not take
-    /// the widths (the default config's are not multiples of 64), nor with expert parallelism
-    /// (the rows travel, and are gathered).
+    /// the widths (the default config's are not multiples of 128, nor are these 64s), nor with
+    /// expert parallelism (the rows travel, and are gathered).
     #[test]
     fn the_hopper_expert_kernels_plan_no_gathered_rows() {
         let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
@@ -410,6 +410,8 @@ mod tests {
         assert_eq!(arena(&c), plain, "widths the kernels do not take: {:?}", c.moe.expert_widths);
         c.cuda.hopper_experts = false;
         c.moe.expert_widths = vec![64, 128, 192, 256, 64, 128, 192, 256];
+        assert_eq!(arena(&c), arena(&Config { cuda: Default::default(), ..c.clone() }), "widths of 64: SwiGLU's backward and dW_down would not take dy's picked rows");
+        c.moe.expert_widths = vec![128, 256, 384, 512, 128, 256, 384, 512];
         let plain = arena(&c);
         c.cuda.hopper_experts = true;
         assert!(arena(&c) < plain, "{} !< {plain}", arena(&c));

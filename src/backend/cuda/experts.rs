@@ -296,6 +296,26 @@ mod tests {
         assert!(grad_call(OPS, &picked, false, [true; 2]).is_none(), "the kernels pick one operand's rows at most");
     }
 
+    /// `cuda_scratch::expert_kernels_gather` (what the model and `plan-memory` go by when they
+    /// leave the gathered copies out) says yes exactly where every product reading picked rows
+    /// is taken: a product refused would gather into a buffer of its own, outside the plan.
+    #[test]
+    fn the_gather_rule_is_the_picking_products_shapes() {
+        for c in [64, 128, 192, 256] {
+            for h in [64, 128, 192, 256, 384] {
+                let up = SwiGluGemm { gemm: Gemm { m: 5, k: c, n: 2 * h, out: 0, a: 0, b: 0 }, act: 0 };
+                let dact = SwiGluBwdGemm { gemm: Gemm { m: 5, k: c, n: h, out: 0, a: 0, b: 0 }, gu: 0, dgu: 0, act: 0 };
+                let (dw_gu, dw_down) = (Gemm { m: 2 * h, k: 5, n: c, out: 0, a: 0, b: 0 }, Gemm { m: c, k: 5, n: h, out: 0, a: 0, b: 0 });
+                let ops = Operands { gu: 5 << 20, ..OPS };
+                let taken = up_call(OPS, &[up], true).is_some()
+                    && dact_call(ops, &[dact], true).is_some()
+                    && grad_call(OPS, &[dw_gu], false, [false, true]).is_some()
+                    && grad_call(OPS, &[dw_down], false, [true, false]).is_some();
+                assert_eq!(crate::backend::cuda_scratch::expert_kernels_gather(c, &[h]), taken, "d_model {c}, width {h}");
+            }
+        }
+    }
+
     #[test]
     fn products_the_kernels_cannot_take_are_refused() {
         // A width that is not whole tiles, an operand off a 16-byte boundary.
