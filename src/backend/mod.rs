@@ -230,7 +230,7 @@ fn with_picked<B: Backend + ?Sized, R>(be: &B, x: B::View<'_>, pick: Option<Pick
 
 /// [`Backend::grouped_matmul_swiglu`] as the grouped matmul (after gathering `a`'s rows into a
 /// buffer of their own where `pick` picks them), then `swiglu_fwd` per expert.
-pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, a: B::View<'_>, pick: Option<Pick<'_>>, b: B::View<'_>, gemms: &[SwiGluGemm]) {
+pub fn swiglu_each<B: Backend + ?Sized>(be: &B, mut gu: B::ViewMut<'_>, mut act: B::ViewMut<'_>, (a, pick): (B::View<'_>, Option<Pick<'_>>), b: B::View<'_>, gemms: &[SwiGluGemm]) {
     let up: Vec<Gemm> = gemms.iter().map(|g| g.gemm).collect();
     with_picked(be, a, pick, up.iter().map(|g| g.k), "grouped_matmul_swiglu", |a| be.grouped_matmul(B::reborrow_mut(&mut gu), a, b, &up, false, true, false));
     for g in gemms {
@@ -445,7 +445,7 @@ pub trait Backend: Send + Sync {
     /// Row-stable like `matmul`. By default [`swiglu_each`]; a GPU may do it all in one pass
     /// (the CUDA backend's Hopper kernel).
     fn grouped_matmul_swiglu(&self, gu: Self::ViewMut<'_>, act: Self::ViewMut<'_>, a: (Self::View<'_>, Option<Pick<'_>>), b: Self::View<'_>, gemms: &[SwiGluGemm]) {
-        swiglu_each(self, gu, act, a.0, a.1, b, gemms)
+        swiglu_each(self, gu, act, a, b, gemms)
     }
     /// Whether [`Self::grouped_matmul_swiglu`], [`Self::grouped_matmul_swiglu_bwd`] and
     /// [`Self::grouped_weight_grad`] read picked rows in place for experts of `widths` at

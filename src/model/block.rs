@@ -175,9 +175,9 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// down projection's weight gradient); then the chunk's rows of the input gradient `dxe` and
     /// the experts' weight gradients (adding where an earlier chunk wrote them), the gate/up
     /// one from the routed rows `xe`. `dy` and `xe` are each a view, or the rows a [`Pick`]
-    /// picks from it (read in place by the calls that take them). `[act, dact, dgu]` are its transients, `act` and `dact` laid out as `segs` says
-    /// and `dgu` likewise with rows twice as wide (`dact` only the unfused path writes). Every
-    /// projection is one grouped call.
+    /// picks from it (read in place by the calls that take them). `[act, dact, dgu]` are its
+    /// transients, `act` and `dact` laid out as `segs` says and `dgu` likewise with rows twice
+    /// as wide (`dact` only the unfused path writes). Every projection is one grouped call.
     #[allow(clippy::too_many_arguments)]
     fn experts_backward(&self, p: &BlockParams, segs: &[Segment], gu: B::View<'_>, dy: (B::View<'_>, Option<Pick<'_>>), xe: (B::View<'_>, Option<Pick<'_>>), dxe: B::ViewMut<'_>, grads: &mut Grads<'_, B>, [mut act, mut dact, mut dgu]: [B::ViewMut<'_>; 3]) {
         let (be, c, params) = (self.be, self.c(), B::full(self.params));

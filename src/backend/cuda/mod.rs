@@ -769,7 +769,7 @@ impl Backend for CudaBackend {
         }
         let ops = experts::Operands { a: a.ptr, w: b.ptr, out: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes(), ..Default::default() };
         let Some(mut call) = self.fused_call(&[gu.storage, act.storage, a.storage, b.storage], || experts::up_call(ops, gemms, pick.is_some())) else {
-            return swiglu_each(self, gu, act, a, pick, b, gemms);
+            return swiglu_each(self, gu, act, (a, pick), b, gemms);
         };
         // Per output of the product: gu written, and half as much act.
         let _span = self.span("grouped_matmul_swiglu", || fused_work(gemms.iter().map(|g| g.gemm), 1.5));
