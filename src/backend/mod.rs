@@ -451,6 +451,8 @@ pub trait Backend: Send + Sync {
     /// [`Self::grouped_weight_grad`] read picked rows in place for experts of `widths` at
     /// `d_model`, so that the model should hand them the [`Pick`] instead of gathering the
     /// rows (which the defaults would do into a buffer of their own, outside the memory plan).
+    /// Where they do, `grouped_matmul_swiglu_bwd` also leaves `dact` unwritten (the model hands
+    /// it an empty one).
     fn fuses_expert_gather(&self, d_model: usize, widths: &[usize]) -> bool {
         let _ = (d_model, widths);
         false

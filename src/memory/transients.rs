@@ -43,8 +43,8 @@ pub mod bwd {
     pub const DATT: usize = 7;
     pub const DQKV: usize = 8;
     pub const DXN1: usize = 9;
-    /// A chunk's SwiGLU output, its gradient (`(rows, h_e)` blocks) and the gate/up gradient
-    /// (`(rows, 2h_e)` blocks).
+    /// A chunk's SwiGLU output, its gradient (`(rows, h_e)` blocks; none where the experts'
+    /// kernels keep it on the chip) and the gate/up gradient (`(rows, 2h_e)` blocks).
     pub const ACT: usize = 10;
     pub const DACT: usize = 11;
     pub const DGU: usize = 12;
@@ -83,8 +83,10 @@ pub fn expert_act_elements(slots: &[usize], widths: &[usize], chunk_rows: usize)
 /// of every expert are live together. Where the gate/up product is not saved (`gate_up`
 /// `Recompute`) it is a chunk's transient in both phases (the last request of each). Where the
 /// experts read their rows through the slots' tokens (`fused_gather`:
-/// `Backend::fuses_expert_gather`, without expert parallelism) no gathered copies are made: the
-/// requests of `xe` and of the backward's `dy` take no bytes.
+/// `Backend::fuses_expert_gather`, without expert parallelism) no gathered copies are made and
+/// SwiGLU's backward keeps its input gradient on the chip (the Hopper kernels that read rows in
+/// place take every expert product then): the requests of `xe`, and of the backward's `dy` and
+/// `dact`, take no bytes.
 #[allow(clippy::too_many_arguments)]
 pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize, gate_up: GateUp, fused_gather: bool) -> (Phase, Phase) {
     let n = (batch * seq) as u64;
@@ -123,7 +125,7 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
         Request::new("dqkv", b(n * w), x + 8, x + 12),
         Request::new("dxn1", b(n * c), x + 10, x + 14),
         Request::new("act", b(sh), 3, x),
-        Request::new("dact", b(sh), 3, x),
+        Request::new("dact", if fused_gather { 0 } else { b(sh) }, 3, x),
         Request::new("dgu", b(2 * sh), 3, x),
     ];
     if recompute {
@@ -157,11 +159,12 @@ mod tests {
         // The backward's widest moment holds dx2 with dxn2 (norm backward): at least 2·N·C floats.
         let lb = crate::memory::plan::lower_bound(&b.requests, 1).unwrap();
         assert!(lb >= 2 * 24 * 32 * 4);
-        // Rows read through the slots' tokens: no xe in either phase and no dy, the rest as before.
+        // Rows read through the slots' tokens: no xe in either phase, no dy and no dact, the
+        // rest as before.
         let (ff, bf) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Save, true);
-        assert_eq!((ff.requests[fwd::XE].size, bf.requests[bwd::XE].size, bf.requests[bwd::DY].size), (0, 0, 0));
+        assert_eq!((ff.requests[fwd::XE].size, bf.requests[bwd::XE].size, bf.requests[bwd::DY].size, bf.requests[bwd::DACT].size), (0, 0, 0, 0));
         for (fused, plain) in [(&ff, &f), (&bf, &b)] {
-            assert!(fused.requests.iter().zip(&plain.requests).all(|(x, y)| x.size == y.size || ["xe", "dy"].contains(&x.name.as_str())), "{}: only xe and dy differ", fused.name);
+            assert!(fused.requests.iter().zip(&plain.requests).all(|(x, y)| x.size == y.size || ["xe", "dy", "dact"].contains(&x.name.as_str())), "{}: only xe, dy and dact differ", fused.name);
             let (pf, pp) = (plan(&fused.requests, 64, Strategy::Heuristic).unwrap(), plan(&plain.requests, 64, Strategy::Heuristic).unwrap());
             verify(&pf, &fused.requests).unwrap();
             assert!(pf.peak <= pp.peak, "{}: {} > {}", fused.name, pf.peak, pp.peak);

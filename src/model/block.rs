@@ -205,9 +205,9 @@ impl<B: Backend> BlockCtx<'_, B> {
         block_phases(self.model, self.moe, s.batch, s.seq, &routing.counts(), be.activation_bytes(), self.chunk_rows, gate_up, self.fused_gather())
     }
 
-    /// Whether the experts read their routed rows through the slots' token index (the gather
-    /// into xe fused into their operand loads, where the backend can and the rows stay on this
-    /// rank), so that no gathered copy `xe` is made.
+    /// Whether the experts read their routed rows through the slots' token index (the gathers
+    /// into xe and dy fused into their operand loads, where the backend can and the rows stay on
+    /// this rank), so that no gathered copy is made; their kernels then keep dact on the chip.
     fn fused_gather(&self) -> bool {
         self.be.fuses_expert_gather(self.c(), &self.moe.expert_widths) && self.ep.is_none()
     }
@@ -509,7 +509,9 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let (segs, _) = segments(0, &counts, widths);
                 let act_len = expert_act_elements(&counts, widths, self.chunk_rows) as usize;
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
-                    let views = [(bwd::DY, gathered_len), (bwd::XE, gathered_len), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, act_len), (bwd::DGU, 2 * act_len)];
+                    // SwiGLU's backward keeps dact on the chip where the experts read rows in place.
+                    let dact_len = if fused_gather { 0 } else { act_len };
+                    let views = [(bwd::DY, gathered_len), (bwd::XE, gathered_len), (bwd::DXE, sc), (bwd::ACT, act_len), (bwd::DACT, dact_len), (bwd::DGU, 2 * act_len)];
                     let routed = |dy, xe| (self.routed(B::full(dout), &routing.token, Some(&routing.gate), dy), self.routed(B::full(xn2), &routing.token, None, xe));
                     match saved_gu {
                         Some(gu) => {

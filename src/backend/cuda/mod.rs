@@ -808,11 +808,14 @@ impl Backend for CudaBackend {
         let dy_len = picked_len(dy, pick, k, "grouped_matmul_swiglu_bwd");
         for g in gemms {
             let (m, k, h) = (g.gemm.m, g.gemm.k, g.gemm.n);
-            let fits = g.gu + 2 * m * h <= gu.len() && g.dgu + 2 * m * h <= dgu.len() && g.act + m * h <= act.len() && g.gemm.out + m * h <= dact.len() && g.gemm.a + m * k <= dy_len && g.gemm.b + k * h <= b.len();
+            let fits = g.gu + 2 * m * h <= gu.len() && g.dgu + 2 * m * h <= dgu.len() && g.act + m * h <= act.len() && g.gemm.a + m * k <= dy_len && g.gemm.b + k * h <= b.len();
             assert!(fits, "grouped_matmul_swiglu_bwd: {g:?} outside its views");
         }
         let ops = experts::Operands { a: dy.ptr, w: b.ptr, out: dgu.ptr, gu: gu.ptr, act: act.ptr, elem_bytes: Storage::Bf16.bytes() };
         let Some(mut call) = self.fused_call(&[dgu.storage, act.storage, dy.storage, b.storage, gu.storage], || experts::dact_call(ops, gemms, pick.is_some())) else {
+            // Only this path writes dact (the model hands an empty one where it expects the kernel).
+            let room = gemms.iter().all(|g| g.gemm.out + g.gemm.m * g.gemm.n <= dact.len());
+            assert!(room, "grouped_matmul_swiglu_bwd: the portable path needs room for dact ({} elements)", dact.len());
             return swiglu_bwd_each(self, dgu, act, dact, (dy, pick), b, gu, gemms);
         };
         // Per output of the product (dact, which stays on the chip): gu read and dgu written
