@@ -16,6 +16,17 @@ pub const LOGITS_BUDGET: usize = 1 << 27;
 /// cuBLASLt's workspace: its recommended size on Hopper (32 MiB; 4 MiB suffices before it).
 pub const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
+/// Bytes of the largest set of uploads one op holds at a time: each op copies its host data
+/// (indices, gates, pointer and segment tables) to the device for its own launches, in
+/// allocations of the stream-ordered pool freed once they are queued. The largest is the
+/// router's backward: `tokens` + 1 offsets, three arrays of a word per slot (the slots by
+/// token, their experts, their gates) and the two aux losses' weights. (The experts' calls
+/// upload at most two words a slot and a table of segments; the others a word a token or a
+/// slot.)
+pub fn largest_upload_bytes(tokens: usize, slots: usize) -> u64 {
+    4 * (tokens + 1 + 3 * slots + 2) as u64
+}
+
 /// Rows of one classifier chunk for `rows` rows over `vocab` classes.
 pub fn classifier_chunk_rows(rows: usize, vocab: usize) -> usize {
     (LOGITS_BUDGET / vocab.max(1)).clamp(1, rows.max(1))
