@@ -1,7 +1,8 @@
 //! The memory plan against the CUDA backend's measured device memory, per MEMO policy: what a
 //! training step adds to the device pool's high-water mark over what lives before it (weights,
-//! gradients, optimizer state, cuBLASLt's workspace), against what `plan-memory` plans for it
-//! (skeletal peak + transient arena + boundary + the classifier's chunk).
+//! gradients, optimizer state, cuBLASLt's workspace, the upload ring once made), against what
+//! `plan-memory` plans for it (skeletal peak + transient arena + boundary + the classifier's
+//! chunk, and the upload ring in the first case, which makes it).
 //!
 //! The ≥ 512K-token target rests on this plan: it decides α and whether a length fits. On the
 //! emulated device (CI) the pool's high-water is exact bookkeeping of the backend's allocations;
@@ -43,11 +44,13 @@ fn planned_and_measured(be: &CudaBackend, config: &Config, batch: usize, seq: us
     be.synchronize().unwrap();
     be.reset_peak_device_bytes().unwrap();
     let before = be.peak_device_bytes().unwrap();
+    // The upload ring stays allocated from one case to the next: counted once, where it is made.
+    let ring_before = be.upload_ring_bytes();
     model.zero_grads(be);
     model.forward_backward(be, &mut store, &stream[..batch * seq], &stream[1..], batch, seq).unwrap();
     opt.update(be, &model.layout, &mut model.params, &model.grads, 1e-3);
     be.synchronize().unwrap();
-    let planned_before = report.static_bytes + BLAS_WORKSPACE_BYTES as u64;
+    let planned_before = report.static_bytes + BLAS_WORKSPACE_BYTES as u64 + ring_before;
     (report.device_bytes - planned_before, be.peak_device_bytes().unwrap() - before)
 }
 

@@ -16,15 +16,30 @@ pub const LOGITS_BUDGET: usize = 1 << 27;
 /// cuBLASLt's workspace: its recommended size on Hopper (32 MiB; 4 MiB suffices before it).
 pub const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
-/// Bytes of the largest set of uploads one op holds at a time: each op copies its host data
-/// (indices, gates, pointer and segment tables) to the device for its own launches, in
-/// allocations of the stream-ordered pool freed once they are queued. The largest is the
-/// router's backward: `tokens` + 1 offsets, three arrays of a word per slot (the slots by
-/// token, their experts, their gates) and the two aux losses' weights. (The experts' calls
-/// upload at most two words a slot and a table of segments; the others a word a token or a
-/// slot.)
-pub fn largest_upload_bytes(tokens: usize, slots: usize) -> u64 {
-    4 * (tokens + 1 + 3 * slots + 2) as u64
+/// The device upload ring (`cuda::staging`): each op copies its host data (indices, gates,
+/// pointer and segment tables) into it for its own launches. Every upload starts at a multiple
+/// of this.
+pub const UPLOAD_ALIGN: usize = 256;
+/// The smallest upload ring.
+pub const MIN_UPLOAD_RING_BYTES: usize = 4 << 20;
+
+/// Bytes an upload of `bytes` takes in the ring.
+pub fn upload_share(bytes: usize) -> usize {
+    bytes.next_multiple_of(UPLOAD_ALIGN)
+}
+
+/// The ring's length where ops hold up to `held` bytes of it at once: twice that, so that an
+/// op's uploads never wrap onto each other.
+pub fn upload_ring_len(held: usize) -> usize {
+    (2 * held).max(MIN_UPLOAD_RING_BYTES).next_power_of_two()
+}
+
+/// The upload ring a step grows to, from the largest set of uploads an op holds: the router's
+/// backward, `tokens` + 1 offsets, three arrays of a word per slot (the slots by token, their
+/// experts, their gates) and the two aux losses' weights. (The experts' calls hold at most two
+/// words a slot and a table of segments; the others a word a token or a slot, or less.)
+pub fn upload_ring_bytes(tokens: usize, slots: usize) -> u64 {
+    upload_ring_len(upload_share(4 * (tokens + 1)) + 3 * upload_share(4 * slots) + upload_share(8)) as u64
 }
 
 /// Rows of one classifier chunk for `rows` rows over `vocab` classes.
@@ -133,5 +148,19 @@ mod tests {
         }
         assert_eq!(RouteScratch::new(10, 65, RouteRule::TopK(2)), None);
         assert_eq!(RouteScratch::new(0, 8, RouteRule::TopK(2)), None);
+    }
+
+    /// The upload ring for H100-ref's shapes, by hand: at B=8, T=4096 (32,768 tokens, 65,536
+    /// slots) the router backward holds 131,328 + 3 · 262,144 + 256 = 918,016 bytes, twice of
+    /// which fits the smallest ring; at 1M tokens (2M slots) 4,194,560 + 3 · 8,388,608 + 256 =
+    /// 29,360,640, twice of which rounds up to 64 MiB.
+    #[test]
+    fn the_upload_ring_holds_twice_the_router_backwards_uploads() {
+        assert_eq!(upload_share(4 * 32_769), 131_328);
+        assert_eq!(upload_ring_bytes(32_768, 65_536), 4 << 20);
+        assert_eq!(upload_share(4 * 1_048_577), 4_194_560);
+        assert_eq!(upload_ring_bytes(1 << 20, 2 << 20), 64 << 20);
+        assert_eq!(upload_ring_len(0), MIN_UPLOAD_RING_BYTES);
+        assert_eq!(upload_ring_len((MIN_UPLOAD_RING_BYTES / 2) + 1), 2 * MIN_UPLOAD_RING_BYTES);
     }
 }

@@ -10,7 +10,7 @@
 //! CUDA: the attention backward's scratch) or the turn between forward and backward (the final
 //! hidden state, its norm and their gradients, 4·N·d_model; CUDA: the classifier's logits
 //! chunk), reported as boundary and backend bytes (the backend's include cuBLASLt's workspace
-//! and the largest set of uploads an op holds).
+//! and the ring the ops' uploads go through).
 //! Skeletal sizes use the dropless expected routed counts (see [`Slots::Expected`]). With that
 //! routing the skeletal peak and the arena are exactly what a CPU step holds (tests/memo.rs);
 //! on the emulated CUDA device the whole is within [−3 %, +1 %] of the measured device peak
@@ -97,7 +97,7 @@ pub struct MemoryReport {
     /// The transient arena the step allocates: its own (heuristic) plan's peak with its headroom.
     pub arena_bytes: u64,
     pub boundary_bytes: u64,
-    /// Device memory of the backend itself (CUDA: cuBLASLt's workspace and an op's uploads, then
+    /// Device memory of the backend itself (CUDA: cuBLASLt's workspace and the upload ring, then
     /// a classifier chunk or the attention backward's scratch).
     pub backend_bytes: u64,
     pub device_bytes: u64,
@@ -197,7 +197,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let act = (tokens * m.d_model) as u64 * act_bytes;
     let (chunk, attention, workspace) = if config.device == "cuda" {
         let shape = AttnShape { batch, seq, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
-        let uploads = cuda_scratch::largest_upload_bytes(tokens, slots.iter().sum());
+        let uploads = cuda_scratch::upload_ring_bytes(tokens, slots.iter().sum());
         (cuda_scratch::classifier_chunk_bytes(tokens, m.vocab_size, act_bytes), cuda_scratch::attention_bwd_bytes(shape), cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + uploads)
     } else {
         (0, 0, 0)
@@ -373,7 +373,7 @@ mod tests {
         let r = plan_report(&c, 4096, 2, u64::MAX, 1 << 30, 1e10).unwrap();
         let (recomputed, chunk) = (r.layers[0].recomputed, cuda_scratch::classifier_chunk_bytes(shape.tokens(), m.vocab_size, 2));
         assert!(recomputed + attention + 2 * act > chunk + 4 * act, "the case must make a block's moment the larger");
-        let uploads = cuda_scratch::largest_upload_bytes(shape.tokens(), 2 * shape.tokens());
+        let uploads = cuda_scratch::upload_ring_bytes(shape.tokens(), 2 * shape.tokens());
         assert_eq!((r.backend_bytes, r.boundary_bytes), (cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + uploads + attention, 2 * act));
     }
 

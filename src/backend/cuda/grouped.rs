@@ -10,7 +10,7 @@ use std::ffi::{c_int, c_void};
 use std::sync::Arc;
 
 use cudarc::cublas::{sys, CudaBlas};
-use cudarc::driver::{CudaStream, DevicePtr};
+use cudarc::driver::CudaStream;
 
 use super::blas::Operand;
 use super::nvrtc::Storage;
@@ -19,13 +19,12 @@ use crate::backend::Gemm;
 
 pub struct Grouped {
     blas: CudaBlas,
-    stream: Arc<CudaStream>,
 }
 
 impl Grouped {
     pub fn new(stream: Arc<CudaStream>) -> Result<Self, String> {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS init failed: {e:?}"))?;
-        Ok(Grouped { blas, stream })
+        Ok(Grouped { blas })
     }
 
     /// Whether one grouped call takes these products: bf16 operands and output, every matrix
@@ -63,7 +62,7 @@ impl Grouped {
         ptrs.extend(gemms.iter().map(|g| at(a.ptr, g.a)));
         ptrs.extend(gemms.iter().map(|g| at(out.ptr, g.out)));
         let dev = staging.upload(&ptrs, "grouped matmul pointer upload");
-        let base = dev.device_ptr(&self.stream).0;
+        let base = dev.ptr;
         let array = |i: usize| (base + (i * count * 8) as u64) as *const *const c_void;
 
         let op = |t: bool| if t { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
@@ -77,8 +76,9 @@ impl Grouped {
         let sizes = vec![1 as c_int; count];
         let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
         // SAFETY: host arrays hold `count` entries each and live through the call; the device
-        // pointer arrays were queued on this stream before the call and are freed in stream
-        // order after it; every product's extent was checked by the caller.
+        // pointer arrays were copied on this stream before the call, and their ring range is
+        // handed out again only once the upload is dropped, after the call is queued; every
+        // product's extent was checked by the caller.
         let status = unsafe {
             sys::cublasGemmGroupedBatchedEx(
                 *self.blas.handle(),

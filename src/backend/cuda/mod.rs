@@ -17,11 +17,11 @@
 //! writable views of one buffer can coexist when they do not overlap.
 //!
 //! Index data (tokens, routing slots) arrives as host slices, as the trait says, and is uploaded
-//! per call through a page-locked ring (`staging.rs`); scratch (row-chunk partials, the
-//! attention backward's Δ, dQ sums and counters, logits chunks) is allocated per call from the
-//! stream's memory pool. The memory plan counts the large ones (`cuda_scratch`); the index
-//! uploads and row-chunk partials it does not see. The router's scratch is the caller's (an
-//! arena view: the plan places it).
+//! per call through a page-locked ring into a device ring (`staging.rs`); scratch (row-chunk
+//! partials, the attention backward's Δ, dQ sums and counters, logits chunks) is allocated per
+//! call from the stream's memory pool. The memory plan counts the upload ring and the large
+//! scratch (`cuda_scratch`); the row-chunk partials it does not see. The router's scratch is
+//! the caller's (an arena view: the plan places it).
 //!
 //! Errors: trait ops cannot return errors; a failed launch or copy means the device state is
 //! unknown, so they panic with the driver's message, and so does an argument of the wrong
@@ -40,6 +40,7 @@ pub mod nvrtc;
 mod offload;
 mod profile;
 mod staging;
+use staging::Staged;
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -298,12 +299,12 @@ impl CudaBackend {
     /// slots) and points the segments' pick of `side` into them: their addresses set back by
     /// the stretch's start, so that the products' row offsets, which count from the whole
     /// index, land in them. Keep the uploads until the launch is queued.
-    fn place_pick(&self, call: &mut experts::Call, side: experts::Side, pick: Pick<'_>, stretch: Range<usize>) -> Option<(CudaSlice<u32>, Option<CudaSlice<f32>>)> {
+    fn place_pick(&self, call: &mut experts::Call, side: experts::Side, pick: Pick<'_>, stretch: Range<usize>) -> Option<(Staged<'_>, Option<Staged<'_>>)> {
         (call.tiles > 0 && !stretch.is_empty()).then(|| {
             let back = |ptr: u64| ptr.wrapping_sub(4 * stretch.start as u64);
             let index = self.upload_u32(&pick.rows[stretch.clone()]);
             let weights = pick.scale.map(|w| self.upload_f32(&w[stretch.clone()]));
-            call.place_pick(side, back(index.device_ptr(&self.stream).0), weights.as_ref().map(|w| back(w.device_ptr(&self.stream).0)));
+            call.place_pick(side, back(index.ptr), weights.as_ref().map(|w| back(w.ptr)));
             (index, weights)
         })
     }
@@ -319,7 +320,7 @@ impl CudaBackend {
         // SAFETY: every kernel of experts.cu is `(const Segment*, int count)`; every segment's
         // operands lie inside the views (checked by the caller), aligned and whole tiles
         // (`experts::up_call`, `dact_call`, `gemm_call`); one block per tile.
-        ok(unsafe { self.stream.launch_builder(f).arg(&table).arg(&count).launch(call.kernel.config(call)) }, call.kernel.function());
+        ok(unsafe { self.stream.launch_builder(f).arg(&table.ptr).arg(&count).launch(call.kernel.config(call)) }, call.kernel.function());
     }
 
     /// Records the GPU time of every op (see [`CudaBackend::take_profile`]).
@@ -390,10 +391,10 @@ impl CudaBackend {
         DevBuf { _mem: mem, ptr, len, storage }
     }
 
-    fn upload_u32(&self, host: &[u32]) -> CudaSlice<u32> {
+    fn upload_u32(&self, host: &[u32]) -> Staged<'_> {
         self.staging.upload(host, "index upload")
     }
-    fn upload_f32(&self, host: &[f32]) -> CudaSlice<f32> {
+    fn upload_f32(&self, host: &[f32]) -> Staged<'_> {
         self.staging.upload(host, "weight upload")
     }
     fn scratch_f32(&self, len: usize) -> CudaSlice<f32> {
@@ -433,10 +434,10 @@ impl CudaBackend {
         let vec = vec_width(c, &[out.ptr, x.ptr]);
         let c = c as i32;
         let mut l = self.stream.launch_builder(&self.k.gather_rows);
-        l.arg(&out.ptr).arg(&x.ptr).arg(&idx);
+        l.arg(&out.ptr).arg(&x.ptr).arg(&idx.ptr);
         let null = 0u64;
         match &w {
-            Some(w) => l.arg(w),
+            Some(w) => l.arg(&w.ptr),
             None => l.arg(&null),
         };
         l.arg(&c).arg(&vec);
@@ -459,6 +460,12 @@ impl CudaBackend {
         // SAFETY: the attribute is a u64 (cuuint64_t); the pool is the device's current one.
         self.mem_pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, |pool, attr| unsafe { cudarc::driver::result::mem_pool::get_attribute(pool, attr, (&mut high as *mut u64).cast()) })?;
         Ok(high)
+    }
+
+    /// Bytes of the device ring uploads go through (`staging.rs`), allocated at the first upload
+    /// and grown to what the ops hold (`cuda_scratch::upload_ring_bytes` plans it); 0 before.
+    pub fn upload_ring_bytes(&self) -> u64 {
+        self.staging.ring_len() as u64
     }
 
     /// Starts a new high-water mark for [`Self::peak_device_bytes`] (the driver accepts only 0).
@@ -836,7 +843,7 @@ impl Backend for CudaBackend {
         let t = self.upload_u32(tokens);
         let c = c as i32;
         // SAFETY: `embedding_fwd(act_t*, const act_t*, const unsigned*, int)`, one block per token.
-        ok(unsafe { self.stream.launch_builder(&self.k.embedding_fwd).arg(&out.ptr).arg(&table.ptr).arg(&t).arg(&c).launch(per_row(tokens.len())) }, "embedding_fwd");
+        ok(unsafe { self.stream.launch_builder(&self.k.embedding_fwd).arg(&out.ptr).arg(&table.ptr).arg(&t.ptr).arg(&c).launch(per_row(tokens.len())) }, "embedding_fwd");
     }
     fn embedding_bwd(&self, dtable: DevViewMut<'_>, dout: DevView<'_>, tokens: &[u32], c: usize) {
         let _span = self.span("embedding_bwd", || Work::moving(dout.bytes() + 2 * tokens.len() * c * 4));
@@ -851,7 +858,7 @@ impl Backend for CudaBackend {
         // SAFETY: `embedding_bwd(float*, const act_t*, const unsigned* ids, offsets, pos, int)`,
         // one block per distinct token, so no two blocks write the same row.
         ok(
-            unsafe { self.stream.launch_builder(&self.k.embedding_bwd).arg(&dtable.ptr).arg(&dout.ptr).arg(&ids).arg(&offsets).arg(&pos).arg(&c).launch(per_row(groups.ids.len())) },
+            unsafe { self.stream.launch_builder(&self.k.embedding_bwd).arg(&dtable.ptr).arg(&dout.ptr).arg(&ids.ptr).arg(&offsets.ptr).arg(&pos.ptr).arg(&c).launch(per_row(groups.ids.len())) },
             "embedding_bwd",
         );
     }
@@ -999,7 +1006,7 @@ impl Backend for CudaBackend {
         let aux = self.upload_f32(&[grad.load_balance, grad.p_penalty].concat());
         let (ni, ei) = (n as i32, e as i32);
         let mut l = self.stream.launch_builder(&self.k.router_bwd);
-        l.arg(&dlogits.ptr).arg(&dgate.ptr).arg(&probs.ptr).arg(&logits.ptr).arg(&offsets).arg(&slots).arg(&slot_expert).arg(&gate).arg(&aux);
+        l.arg(&dlogits.ptr).arg(&dgate.ptr).arg(&probs.ptr).arg(&logits.ptr).arg(&offsets.ptr).arg(&slots.ptr).arg(&slot_expert.ptr).arg(&gate.ptr).arg(&aux.ptr);
         l.arg(&grad.entropy).arg(&grad.z_loss).arg(&ni).arg(&ei);
         // SAFETY: `router_bwd(float*, const float*, const float*, const float*, const unsigned*,
         // const unsigned*, const unsigned*, const float*, const float*, float, float, int, int)`;
@@ -1093,9 +1100,9 @@ impl Backend for CudaBackend {
         let ci = c as i32;
         let null = 0u64;
         let mut l = self.stream.launch_builder(&self.k.combine_rows);
-        l.arg(&out.ptr).arg(&y.ptr).arg(&offsets).arg(&slots);
+        l.arg(&out.ptr).arg(&y.ptr).arg(&offsets.ptr).arg(&slots.ptr);
         match &w {
-            Some(w) => l.arg(w),
+            Some(w) => l.arg(&w.ptr),
             None => l.arg(&null),
         };
         let vec = vec_width(c, &[out.ptr, y.ptr, residual]);
@@ -1119,7 +1126,7 @@ impl Backend for CudaBackend {
         let (s, ci, vec) = (index.len() as i32, c as i32, vec_width(c, &[a.ptr, b.ptr]));
         // SAFETY: `gathered_dots(float*, const act_t*, const act_t*, const unsigned*, int slots, int
         // c, int vec)`; vec 8 only for aligned rows of a multiple of 8.
-        ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&dots.ptr).arg(&a.ptr).arg(&b.ptr).arg(&idx).arg(&s).arg(&ci).arg(&vec).launch(warp_per_row(index.len())) }, "gathered_dots");
+        ok(unsafe { self.stream.launch_builder(&self.k.gathered_dots).arg(&dots.ptr).arg(&a.ptr).arg(&b.ptr).arg(&idx.ptr).arg(&s).arg(&ci).arg(&vec).launch(warp_per_row(index.len())) }, "gathered_dots");
     }
     fn gather_rows_scaled(&self, out: DevViewMut<'_>, x: DevView<'_>, index: &[u32], weight: &[f32], c: usize) {
         let _span = self.span("gather_rows_scaled", || Work::moving(2 * out.bytes()));
@@ -1154,7 +1161,7 @@ impl Backend for CudaBackend {
             let xs = Self::subview(x, r0 * c..(r0 + rows) * c);
             let lg = logits.operand();
             self.blas.matmul(lg, xs.operand(), w.operand(), rows, c, v, false, true, None);
-            let (mut ls, ts) = (losses.slice_mut(r0..r0 + rows), t.slice(r0..r0 + rows));
+            let (mut ls, ts) = (losses.slice_mut(r0..r0 + rows), t.ptr + 4 * r0 as u64);
             // SAFETY: `softmax_xent(act_t* logits, float* losses, const unsigned* targets, int v,
             // float, int vec)`, one block per row of this chunk; the logits buffer holds
             // rows_per_chunk × v elements; vec 8 only for aligned rows of a multiple of 8.

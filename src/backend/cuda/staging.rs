@@ -1,11 +1,17 @@
 //! Uploads of per-call host data (tokens, routing slots and weights, the grouped matmul's pointer
-//! arrays) through a page-locked ring, and downloads through a page-locked buffer.
+//! arrays, the expert kernels' segment tables) through a page-locked ring into a device ring of
+//! the same size, and downloads through a page-locked buffer.
 //!
 //! A copy from pageable memory may make the driver wait for the stream before it stages the
 //! bytes through a buffer of its own (CUDA's "API synchronization behavior"), which drains the
 //! queue of work the host had run ahead with. From page-locked memory the copy is queued like a
 //! kernel. The ring hands out byte ranges in order; each upload records an event after its copy,
-//! and a range is handed out again only once the uploads that used it before have completed.
+//! and a range of the page-locked ring is handed out again only once the uploads that used it
+//! before have completed. The device ring needs no such wait: its uploads are read by work
+//! queued on the same stream, which runs before any later copy into the same range. It only
+//! must not hand out a range an op still holds (a [`Staged`] not dropped: its launch not yet
+//! queued), so it grows to twice what the ops hold at once: the size `plan-memory` counts
+//! (`cuda_scratch::upload_ring_bytes`).
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -14,11 +20,12 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result as drv, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice};
 
 use super::ok;
+use crate::backend::cuda_scratch::{upload_ring_len, upload_share, UPLOAD_ALIGN};
 
-/// The smallest ring; it grows to twice the largest upload.
-const MIN_RING_BYTES: usize = 4 << 20;
 /// Every upload starts at a multiple of this (DMA-friendly, and aligned for any element type).
-const ALIGN: usize = 256;
+const ALIGN: usize = UPLOAD_ALIGN;
+/// The smallest page-locked download buffer.
+const MIN_READBACK_BYTES: usize = 4 << 20;
 
 /// Where the next upload goes in a ring of `len` bytes, and which earlier uploads must have
 /// finished first: the ranges still in use, oldest first, each with its fence.
@@ -73,9 +80,44 @@ struct Pinned {
 
 pub struct Staging {
     stream: Arc<CudaStream>,
-    /// The ring's memory, its bookkeeping, and events whose uploads completed (recorded again
-    /// rather than created per upload).
-    state: Mutex<(Option<Pinned>, Ring<CudaEvent>, Vec<CudaEvent>)>,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The page-locked ring and the device ring, the same length, and the ring's bookkeeping.
+    host: Option<Pinned>,
+    device: Option<CudaSlice<u8>>,
+    ring: Ring<CudaEvent>,
+    /// Events whose uploads completed (recorded again rather than created per upload).
+    spare: Vec<CudaEvent>,
+    /// Uploads still held, by ring generation, and their bytes (each a multiple of ALIGN).
+    held: Vec<(u64, Range<usize>)>,
+    held_bytes: usize,
+    /// The ring generation (a new one each time it grows), and device rings replaced while
+    /// uploads in them were held: freed (stream-ordered) once none is.
+    generation: u64,
+    retired: Vec<CudaSlice<u8>>,
+}
+
+/// An upload in the device ring: its address, until dropped once the work reading it is queued.
+pub struct Staged<'a> {
+    pub ptr: u64,
+    staging: &'a Staging,
+    generation: u64,
+    range: Range<usize>,
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        let mut state = self.staging.state.lock().expect("staging lock");
+        let at = state.held.iter().position(|(g, r)| *g == self.generation && *r == self.range).expect("a held upload");
+        state.held.swap_remove(at);
+        state.held_bytes -= upload_share(self.range.len());
+        let current = state.generation;
+        if state.held.iter().all(|(g, _)| *g == current) {
+            state.retired.clear();
+        }
+    }
 }
 
 // SAFETY: the raw pointer is into the owned page-locked allocation; the mutex serialises its use
@@ -85,64 +127,99 @@ unsafe impl Sync for Staging {}
 
 impl Staging {
     pub fn new(stream: Arc<CudaStream>) -> Self {
-        Staging { stream, state: Mutex::new((None, Ring::new(0), Vec::new())) }
+        let state = State { host: None, device: None, ring: Ring::new(0), spare: Vec::new(), held: Vec::new(), held_bytes: 0, generation: 0, retired: Vec::new() };
+        Staging { stream, state: Mutex::new(state) }
     }
 
-    /// A new device buffer holding `host`, copied on the stream from the ring.
-    pub fn upload<T: DeviceRepr + Copy>(&self, host: &[T], what: &str) -> CudaSlice<T> {
-        // SAFETY: the kernel or copy that reads it is queued after this copy on the same stream.
-        let dst = ok(unsafe { self.stream.alloc::<T>(host.len().max(1)) }, what);
+    /// `host` copied on the stream into the device ring; hold the result until the work that
+    /// reads it is queued.
+    pub fn upload<T: DeviceRepr + Copy>(&self, host: &[T], what: &str) -> Staged<'_> {
         let bytes = std::mem::size_of_val(host);
-        if bytes == 0 {
-            return dst;
-        }
         let mut state = self.state.lock().expect("staging lock");
-        let (pinned, ring, spare) = &mut *state;
-        let mut done = |fence: CudaEvent| {
-            ok(fence.synchronize(), what);
-            spare.push(fence);
-        };
-        if bytes > ring.len {
-            // Grow: the old ring goes once every copy from it has run.
-            ring.drain().for_each(&mut done);
-            let len = (2 * bytes).max(MIN_RING_BYTES).next_power_of_two();
-            // SAFETY: u8 has no invalid bit patterns; every byte copied was written first.
-            let mut mem = ok(unsafe { self.stream.context().alloc_pinned::<u8>(len) }, "page-locked staging allocation");
-            let ptr = ok(mem.as_mut_ptr(), "page-locked staging memory");
-            *pinned = Some(Pinned { mem, ptr });
-            *ring = Ring::new(len);
+        let state = &mut *state;
+        if 2 * (state.held_bytes + upload_share(bytes)) > state.ring.len {
+            self.grow(state, upload_ring_len(state.held_bytes + upload_share(bytes)), what);
         }
-        let pinned = pinned.as_ref().expect("ring allocated above");
-        let range = ring.take(bytes, &mut done);
-        debug_assert!(range.end <= pinned.mem.len());
-        // SAFETY: `range` lies in the allocation, and no queued copy still reads it (its
-        // uploads' events completed); `host` is `bytes` long.
-        let staged = unsafe {
-            let at = pinned.ptr.add(range.start);
-            std::ptr::copy_nonoverlapping(host.as_ptr() as *const u8, at, bytes);
-            std::slice::from_raw_parts(at as *const T, host.len())
-        };
-        let (dst_ptr, _) = dst.device_ptr(&self.stream);
-        // SAFETY: dst holds host.len() elements; the staged bytes stay untouched until the
-        // event recorded after the copy completes (the ring waits for it before reuse).
-        ok(unsafe { drv::memcpy_htod_async(dst_ptr, staged, self.stream.cu_stream()) }, what);
-        let fence = match spare.pop() {
+        let mut range = self.take(state, bytes, what);
+        if bytes > 0 && state.held.iter().any(|(g, r)| *g == state.generation && r.start < range.end && range.start < r.end) {
+            // An op holding uploads longer than a few calls: a fresh ring, twice as large.
+            self.grow(state, 2 * state.ring.len, what);
+            range = self.take(state, bytes, what);
+        }
+        let host_ring = state.host.as_ref().expect("ring allocated above");
+        let device_ring = state.device.as_ref().expect("ring allocated above").device_ptr(&self.stream).0;
+        let ptr = device_ring + range.start as u64;
+        if bytes > 0 {
+            debug_assert!(range.end <= host_ring.mem.len());
+            // SAFETY: `range` lies in the allocation, and no queued copy still reads it (its
+            // uploads' events completed); `host` is `bytes` long.
+            let staged = unsafe {
+                let at = host_ring.ptr.add(range.start);
+                std::ptr::copy_nonoverlapping(host.as_ptr() as *const u8, at, bytes);
+                std::slice::from_raw_parts(at as *const T, host.len())
+            };
+            // SAFETY: the device range is the ring's; work reading what it held before was
+            // queued before this copy on the same stream (its uploads were dropped), and the
+            // staged bytes stay untouched until the event recorded after the copy completes.
+            ok(unsafe { drv::memcpy_htod_async(ptr, staged, self.stream.cu_stream()) }, what);
+        }
+        let fence = match state.spare.pop() {
             Some(event) => {
                 ok(event.record(&self.stream), what);
                 event
             }
             None => ok(self.stream.record_event(None), what),
         };
-        ring.hold(range, fence);
-        dst
+        state.ring.hold(range.clone(), fence);
+        state.held.push((state.generation, range.clone()));
+        state.held_bytes += upload_share(range.len());
+        Staged { ptr, staging: self, generation: state.generation, range }
+    }
+
+    /// The next range of `bytes` in the ring, after the page-locked bytes it reuses were copied.
+    fn take(&self, state: &mut State, bytes: usize, what: &str) -> Range<usize> {
+        let State { ring, spare, .. } = state;
+        ring.take(bytes, |fence: CudaEvent| {
+            ok(fence.synchronize(), what);
+            spare.push(fence);
+        })
+    }
+
+    /// The rings' length (0 before the first upload).
+    pub fn ring_len(&self) -> usize {
+        self.state.lock().expect("staging lock").ring.len
+    }
+
+    /// New rings of `len` bytes: the old page-locked one goes once every copy from it has run,
+    /// the old device one once no upload in it is held (freed in stream order: after the work
+    /// queued to read it).
+    fn grow(&self, state: &mut State, len: usize, what: &str) {
+        for fence in state.ring.drain() {
+            ok(fence.synchronize(), what);
+            state.spare.push(fence);
+        }
+        // SAFETY: u8 has no invalid bit patterns; every byte copied was written first.
+        let mut mem = ok(unsafe { self.stream.context().alloc_pinned::<u8>(len) }, "page-locked staging allocation");
+        let ptr = ok(mem.as_mut_ptr(), "page-locked staging memory");
+        state.host = Some(Pinned { mem, ptr });
+        // SAFETY: every byte a kernel reads was copied in first.
+        let device = ok(unsafe { self.stream.alloc::<u8>(len) }, "device upload ring allocation");
+        if let Some(old) = state.device.replace(device) {
+            let generation = state.generation;
+            if state.held.iter().any(|(g, _)| *g == generation) {
+                state.retired.push(old);
+            }
+        }
+        state.generation += 1;
+        state.ring = Ring::new(len);
     }
 }
 
 impl Drop for Staging {
     fn drop(&mut self) {
         // The page-locked memory is freed after this; errors at teardown are not actionable.
-        let (_, ring, _) = &mut *self.state.lock().expect("staging lock");
-        for fence in ring.drain() {
+        let state = &mut *self.state.lock().expect("staging lock");
+        for fence in state.ring.drain() {
             let _ = fence.synchronize();
         }
     }
@@ -175,7 +252,7 @@ impl Readback {
         }
         let mut buffer = self.buffer.lock().expect("readback lock");
         if buffer.as_ref().is_none_or(|b| b.mem.len() < bytes) {
-            let len = bytes.max(MIN_RING_BYTES).next_power_of_two();
+            let len = bytes.max(MIN_READBACK_BYTES).next_power_of_two();
             // SAFETY: u8 has no invalid bit patterns; every byte read was copied in first.
             let mut mem = ok(unsafe { self.stream.context().alloc_pinned_with_flags::<u8>(len, 0) }, "page-locked download allocation");
             let ptr = ok(mem.as_mut_ptr(), "page-locked download memory");
