@@ -37,7 +37,9 @@ pub fn upload_ring_len(held: usize) -> usize {
 /// The upload ring a step grows to, from the largest set of uploads an op holds: the router's
 /// backward, `tokens` + 1 offsets, three arrays of a word per slot (the slots by token, their
 /// experts, their gates) and the two aux losses' weights. (The experts' calls hold at most two
-/// words a slot and a table of segments; the others a word a token or a slot, or less.)
+/// words a slot and a table of segments, the combine two words a slot and a token's offsets,
+/// the embedding's backward three words a token; the others a word a token or a slot. Every
+/// routing puts at least one slot per token.)
 pub fn upload_ring_bytes(tokens: usize, slots: usize) -> u64 {
     upload_ring_len(upload_share(4 * (tokens + 1)) + 3 * upload_share(4 * slots) + upload_share(8)) as u64
 }

@@ -140,7 +140,6 @@ impl DevViewMut<'_> {
     }
 }
 
-/// A grouped matmul's products and operands, each product's parts of `a`, `b` and `out`.
 /// Elements of an operand as its products count them: its picked rows, `width` each (every one
 /// inside `x`, and as many weights as rows), or `x`'s own.
 fn picked_len(x: DevView<'_>, pick: Option<Pick<'_>>, width: usize, op: &str) -> usize {
@@ -156,6 +155,7 @@ fn row_stretch(products: impl Iterator<Item = (usize, usize)>) -> Range<usize> {
     start.min(end)..end
 }
 
+/// A grouped matmul's products and operands, each product's parts of `a`, `b` and `out`.
 fn grouped_work(out: &DevViewMut<'_>, a: &DevView<'_>, b: &DevView<'_>, gemms: &[Gemm], accumulate: bool) -> Work {
     let (sa, sb, so) = (a.storage.bytes(), b.storage.bytes(), out.storage.bytes() * (1 + accumulate as usize));
     let flops = gemms.iter().map(|g| 2.0 * (g.m * g.k * g.n) as f64).sum();

@@ -20,10 +20,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result as drv, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice};
 
 use super::ok;
-use crate::backend::cuda_scratch::{upload_ring_len, upload_share, UPLOAD_ALIGN};
+use crate::backend::cuda_scratch::{upload_ring_len, upload_share};
 
-/// Every upload starts at a multiple of this (DMA-friendly, and aligned for any element type).
-const ALIGN: usize = UPLOAD_ALIGN;
 /// The smallest page-locked download buffer.
 const MIN_READBACK_BYTES: usize = 4 << 20;
 
@@ -56,7 +54,7 @@ impl<F> Ring<F> {
             let (_, fence) = self.in_use.pop_front().expect("front");
             wait(fence);
         }
-        self.head = end.next_multiple_of(ALIGN);
+        self.head = upload_share(end);
         start..end
     }
 
@@ -90,9 +88,8 @@ struct State {
     ring: Ring<CudaEvent>,
     /// Events whose uploads completed (recorded again rather than created per upload).
     spare: Vec<CudaEvent>,
-    /// Uploads still held, by ring generation, and their bytes (each a multiple of ALIGN).
+    /// Uploads still held (their launches not yet queued), by ring generation.
     held: Vec<(u64, Range<usize>)>,
-    held_bytes: usize,
     /// The ring generation (a new one each time it grows), and device rings replaced while
     /// uploads in them were held: freed (stream-ordered) once none is.
     generation: u64,
@@ -112,7 +109,6 @@ impl Drop for Staged<'_> {
         let mut state = self.staging.state.lock().expect("staging lock");
         let at = state.held.iter().position(|(g, r)| *g == self.generation && *r == self.range).expect("a held upload");
         state.held.swap_remove(at);
-        state.held_bytes -= upload_share(self.range.len());
         let current = state.generation;
         if state.held.iter().all(|(g, _)| *g == current) {
             state.retired.clear();
@@ -127,7 +123,7 @@ unsafe impl Sync for Staging {}
 
 impl Staging {
     pub fn new(stream: Arc<CudaStream>) -> Self {
-        let state = State { host: None, device: None, ring: Ring::new(0), spare: Vec::new(), held: Vec::new(), held_bytes: 0, generation: 0, retired: Vec::new() };
+        let state = State { host: None, device: None, ring: Ring::new(0), spare: Vec::new(), held: Vec::new(), generation: 0, retired: Vec::new() };
         Staging { stream, state: Mutex::new(state) }
     }
 
@@ -137,8 +133,10 @@ impl Staging {
         let bytes = std::mem::size_of_val(host);
         let mut state = self.state.lock().expect("staging lock");
         let state = &mut *state;
-        if 2 * (state.held_bytes + upload_share(bytes)) > state.ring.len {
-            self.grow(state, upload_ring_len(state.held_bytes + upload_share(bytes)), what);
+        // What the ops hold with this upload, each upload its share of the ring.
+        let held = state.held.iter().map(|(_, r)| upload_share(r.len())).sum::<usize>() + upload_share(bytes);
+        if 2 * held > state.ring.len {
+            self.grow(state, upload_ring_len(held), what);
         }
         let mut range = self.take(state, bytes, what);
         if bytes > 0 && state.held.iter().any(|(g, r)| *g == state.generation && r.start < range.end && range.start < r.end) {
@@ -172,7 +170,6 @@ impl Staging {
         };
         state.ring.hold(range.clone(), fence);
         state.held.push((state.generation, range.clone()));
-        state.held_bytes += upload_share(range.len());
         Staged { ptr, staging: self, generation: state.generation, range }
     }
 
@@ -274,6 +271,7 @@ impl Readback {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cuda_scratch::UPLOAD_ALIGN;
 
     fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
         a.start < b.end && b.start < a.end
@@ -294,7 +292,7 @@ mod tests {
             let mut waited = Vec::new();
             let range = ring.take(bytes, |f| waited.push(f));
             assert_eq!(range.len(), bytes);
-            assert!(range.end <= len && range.start % ALIGN == 0, "{range:?}");
+            assert!(range.end <= len && range.start % UPLOAD_ALIGN == 0, "{range:?}");
             assert!(waited.windows(2).all(|w| w[0] < w[1]), "fences out of order: {waited:?}");
             for (r, f) in &before {
                 let gone = waited.contains(f);
