@@ -5,7 +5,8 @@
 //! the register and spill counts of the tensor-core kernels (attention, the fused experts) are
 //! printed, and a bf16 one that keeps anything in local memory (a stack frame: spilled
 //! registers, or a register array the compiler could not index statically) fails, as does one
-//! whose wgmmas ptxas serializes.
+//! whose wgmmas ptxas serializes. With `MOTLEY_NVDISASM` naming NVIDIA's `nvdisasm` as well, the
+//! Hopper kernels' SASS is checked for what ptxas may reorder (`waits_follow_exponentials`).
 //!
 //! Needs libnvrtc on the library path and the CUDA headers (cuda_bf16.h, mma.h) in
 //! `MOTLEY_CUDA_INCLUDE`, or a Python venv with NVIDIA's wheels in `MOTLEY_CUDA_HOME`;
@@ -57,9 +58,14 @@ fn every_kernel_compiles_for_sm90a() {
                     eprintln!("compiled kernels/{}.cu ({storage:?}) for {ARCH} in {:.2}s", file.name, t.elapsed().as_secs_f64());
                     // The tensor-core files: attention and the fused experts (their Hopper kernels).
                     match assemble(&text, &format!("{}-{storage:?}", file.name), !file.hopper.is_empty()) {
-                        Ok(Some(frames)) if storage == Storage::Bf16 => failures.extend(
-                            frames.iter().filter(|(_, bytes)| *bytes > 0).map(|(f, bytes)| format!("{} (Bf16) {f}: {bytes} bytes of stack frame (local memory), expected none", file.name)),
-                        ),
+                        Ok(Some(assembled)) if storage == Storage::Bf16 => {
+                            failures.extend(
+                                assembled.frames.iter().filter(|(_, bytes)| *bytes > 0).map(|(f, bytes)| format!("{} (Bf16) {f}: {bytes} bytes of stack frame (local memory), expected none", file.name)),
+                            );
+                            if let Some(sass) = &assembled.sass {
+                                failures.extend(file.hopper.iter().filter_map(|k| waits_follow_exponentials(sass, k).err()));
+                            }
+                        }
                         Ok(_) => {}
                         Err(e) => failures.push(e),
                     }
@@ -71,18 +77,30 @@ fn every_kernel_compiles_for_sm90a() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// What `assemble` reports of a tensor-core file.
+struct Assembled {
+    /// Each entry point's stack-frame bytes.
+    frames: Vec<(String, u64)>,
+    /// `nvdisasm -c` of the cubin, where `MOTLEY_NVDISASM` names nvdisasm (CI sets it).
+    sass: Option<String>,
+}
+
 /// Assembles `ptx` with the `ptxas` named by `MOTLEY_PTXAS` (nothing when unset: CI sets it);
-/// with `report`, prints each kernel's registers and spills and returns each entry point's
-/// stack-frame bytes.
-fn assemble(ptx: &str, name: &str, report: bool) -> Result<Option<Vec<(String, u64)>>, String> {
+/// with `report`, prints each kernel's registers and spills and returns what `Assembled` holds.
+fn assemble(ptx: &str, name: &str, report: bool) -> Result<Option<Assembled>, String> {
     let Some(ptxas) = std::env::var_os("MOTLEY_PTXAS") else { return Ok(None) };
     let dir = std::env::temp_dir().join(format!("motley-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let (src, out) = (dir.join(format!("{name}.ptx")), dir.join(format!("{name}.cubin")));
     std::fs::write(&src, ptx).map_err(|e| format!("{}: {e}", src.display()))?;
     let run = std::process::Command::new(&ptxas).args([&format!("-arch={ARCH}"), "-v"]).arg(&src).arg("-o").arg(&out).output();
+    let sass = match (report, std::env::var_os("MOTLEY_NVDISASM")) {
+        (true, Some(nvdisasm)) if out.is_file() => Some(disassemble(&nvdisasm, &out)),
+        _ => None,
+    };
     let _ = std::fs::remove_dir_all(&dir);
     let run = run.map_err(|e| format!("running {}: {e}", ptxas.to_string_lossy()))?;
+    let sass = sass.transpose()?;
     let log = String::from_utf8_lossy(&run.stderr);
     if !run.status.success() {
         return Err(format!("ptxas rejected the PTX of {name}:\n{log}"));
@@ -111,5 +129,53 @@ fn assemble(ptx: &str, name: &str, report: bool) -> Result<Option<Vec<(String, u
             }
         }
     }
-    Ok(Some(frames))
+    Ok(Some(Assembled { frames, sass }))
+}
+
+fn disassemble(nvdisasm: &std::ffi::OsStr, cubin: &std::path::Path) -> Result<String, String> {
+    let run = std::process::Command::new(nvdisasm).arg("-c").arg(cubin).output().map_err(|e| format!("running {}: {e}", nvdisasm.to_string_lossy()))?;
+    if !run.status.success() {
+        return Err(format!("nvdisasm failed on {}: {}", cubin.display(), String::from_utf8_lossy(&run.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&run.stdout).into_owned())
+}
+
+/// In `kernel`'s largest loop, no wait for every wgmma group (`WARPGROUP.DEPBAR.LE gsb0, 0x0`)
+/// before the loop's last exponential (`MUFU.EX2`): a softmax written to run while a product is
+/// in flight must not wait for it first. ptxas is free to hoist such a wait (it did so in the
+/// Hopper attention forward, to the top of the softmax: the tile's exponentials then ran after
+/// its P V instead of beside it), so what the source intends is checked in what runs. Loops
+/// without exponentials pass.
+fn waits_follow_exponentials(sass: &str, kernel: &str) -> Result<(), String> {
+    let header = format!(".text.{kernel}:");
+    let body: Vec<&str> = sass.lines().skip_while(|l| !l.starts_with(&header)).skip(1).take_while(|l| !l.starts_with(".text.")).collect();
+    if body.is_empty() {
+        return Err(format!("{kernel}: not in the SASS"));
+    }
+    // A loop: a branch back to an earlier label; the largest is the kernel's main loop.
+    let mut labels = std::collections::HashMap::new();
+    let mut largest = None::<(usize, usize)>;
+    for (i, line) in body.iter().enumerate() {
+        if let Some(label) = line.strip_suffix(':').filter(|l| l.starts_with(".L_x_")) {
+            labels.insert(label, i);
+        } else if let Some(target) = line.contains("BRA").then(|| line.split('(').nth(1).and_then(|t| t.split(')').next())).flatten() {
+            if let Some(&start) = labels.get(target) {
+                if largest.is_none_or(|(a, b)| i - start > b - a) {
+                    largest = Some((start, i));
+                }
+            }
+        }
+    }
+    let Some((start, end)) = largest else { return Ok(()) };
+    let in_loop = &body[start..=end];
+    let last_exp = in_loop.iter().rposition(|l| l.contains("MUFU.EX2"));
+    let first_full_wait = in_loop.iter().position(|l| l.contains("WARPGROUP.DEPBAR.LE gsb0, 0x0"));
+    match (last_exp, first_full_wait) {
+        (Some(e), Some(w)) if w < e => Err(format!(
+            "{kernel}: its main loop waits for every wgmma group (SASS line {}) before its last exponential (line {}): the softmax no longer overlaps the product in flight",
+            start + w,
+            start + e
+        )),
+        _ => Ok(()),
+    }
 }

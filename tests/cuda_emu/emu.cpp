@@ -105,12 +105,13 @@ struct Stack {
 // ---- threads and the launch ------------------------------------------------------------------
 
 enum class State { Ready, AtSyncthreads, AtWarpOp, Exited, Faulted };
-enum class Op { Syncwarp, Shuffle, Mma, Ldmatrix, LdmatrixTrans, StmatrixTrans, Wgmma, WgmmaCommit, WgmmaWait };
+enum class Op { Syncwarp, Shuffle, VoteAny, Mma, Ldmatrix, LdmatrixTrans, StmatrixTrans, Wgmma, WgmmaCommit, WgmmaWait };
 
 const char* op_name(Op op) {
     switch (op) {
         case Op::Syncwarp: return "__syncwarp";
         case Op::Shuffle: return "a shuffle";
+        case Op::VoteAny: return "__any_sync";
         case Op::Mma: return "mma16816";
         case Op::Ldmatrix: return "ldmatrix_x4";
         case Op::LdmatrixTrans: return "ldmatrix_x4_trans";
@@ -590,6 +591,12 @@ std::string run_warp_op(Thread* lanes[], unsigned n) {
     switch (op) {
         case Op::Syncwarp: return "";
         case Op::Shuffle: return run_shuffle(lanes, n);
+        case Op::VoteAny: {
+            int any = 0;
+            for (unsigned lane = 0; lane < n; lane++) any |= lanes[lane]->arg != 0;
+            for (unsigned lane = 0; lane < n; lane++) *static_cast<int*>(lanes[lane]->out) = any;
+            return "";
+        }
         case Op::Mma: run_mma(lanes); return "";
         case Op::Ldmatrix: return run_ldmatrix(lanes, false);
         case Op::LdmatrixTrans: return run_ldmatrix(lanes, true);
@@ -762,6 +769,15 @@ void shuffle(unsigned mask, const void* in, void* out, unsigned bytes, Shfl kind
     t.arg = arg;
     t.width = width;
     warp_op(Op::Shuffle, mask);
+}
+
+int vote_any(unsigned mask, int predicate) {
+    Thread& t = self();
+    int any;
+    t.arg = predicate;
+    t.out = &any;
+    warp_op(Op::VoteAny, mask);
+    return any;
 }
 
 void mma16816(float c[4], const unsigned a[4], const unsigned b[2]) {

@@ -2,7 +2,7 @@
 // (g++ -include emu.h -DMOTLEY_EMU) before each kernel file, which is compiled unchanged inside a
 // namespace of its own. emu.cpp runs launches: each CUDA thread is a fiber on the calling OS
 // thread, the blocks of a launch run one after another, and a fiber runs until it reaches a
-// barrier (__syncthreads, or a warp collective: __syncwarp, shuffles, mma, ldmatrix).
+// barrier (__syncthreads, or a warp collective: __syncwarp, shuffles, votes, mma, ldmatrix).
 //
 // Stands in for exactly what common.cuh leaves out under MOTLEY_EMU (DYNAMIC_SMEM and the
 // inline-PTX primitives), plus the CUDA built-ins and keywords the kernels use.
@@ -41,6 +41,7 @@ enum class Shfl { Idx, Xor };
 void syncthreads();
 void syncwarp(unsigned mask);
 void shuffle(unsigned mask, const void* in, void* out, unsigned bytes, Shfl kind, int arg, int width);
+int vote_any(unsigned mask, int predicate);
 void mma16816(float c[4], const unsigned a[4], const unsigned b[2]);
 void ldmatrix_x4(unsigned r[4], const void* row, bool trans);
 void stmatrix_x4_trans(const unsigned r[4], void* row);
@@ -106,6 +107,7 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     emu::shuffle(mask, &v, &out, sizeof(T), emu::Shfl::Xor, lane_mask, width);
     return out;
 }
+inline int __any_sync(unsigned mask, int predicate) { return emu::vote_any(mask, predicate); }
 
 // The fast intrinsics go through exp2/log2 as the hardware's ex2.approx / lg2.approx do.
 inline float __expf(float x) { return exp2f(x * 1.4426950408889634f); }

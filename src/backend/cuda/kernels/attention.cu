@@ -334,30 +334,28 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     float o[D / 8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // rows g and g + 8; l per lane
     unsigned pa[KEYS / 16][4];                       // the previous tile's P, as A operands
-    for (int t = 0; t < tiles; t++) {
-        const int j0 = t * KEYS;
-        // Tile t has arrived (for every thread, and fenced for wgmma), and every warpgroup has
-        // finished tile t − 2's P V (waited in step t − 1) before tile t + 1 refills its buffer.
+    float sc[KEYS / 8][4];
+    // Tile t has arrived (for every thread, and fenced for wgmma), and every warpgroup has
+    // finished tile t − 2's P V (waited in step t − 1) before tile t + 1 refills its buffer.
+    auto arrive = [&](int t) {
         cp_async_wait_all();
         fence_proxy_async();
         __syncthreads();
         if (t + 1 < tiles) load_kv(t + 1);
         cp_async_commit();
-
-        float sc[KEYS / 8][4];
+    };
+    // S = Q Kᵀ of tile t into sc, queued as one group.
+    auto add_scores = [&](int t) {
         wgmma_fence();
         const auto qd = sw128_desc(Qs + 64 * 128 * wg, 1024), kd = sw128_desc(buffer(t), 1024);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) wgmma_m64n128k16_ss(flat(sc), desc_plus(qd, 32 * kk), desc_plus(kd, 32 * kk), kk > 0);
         wgmma_commit();
-        if (t > 0) {
-            add_pv(o, pa, t - 1);
-            wgmma_wait<1>();
-        } else {
-            wgmma_wait<0>();
-        }
-        fence_operands(flat(sc));
-
+    };
+    // The online softmax of tile t's scores: P over sc, the row maxima and sums updated; returns
+    // (in corr) what o's rows must be multiplied by.
+    auto softmax = [&](int t, float (&corr)[2]) {
+        const int j0 = t * KEYS;
         // Only the last tile has keys after some of the warp's rows; key 0 is visible to every
         // row, so after the first tile each row's max is finite. Scores stay unscaled until the
         // exponent, as in attn_fwd.
@@ -373,7 +371,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
 #pragma unroll
         for (int nt = 0; nt < KEYS / 8; nt++)
             for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], sc[nt][e]);
-        float corr[2];
         for (int r = 0; r < 2; r++) {
             mx[r] = fmaxf(m[r], quad_max(mx[r]) * scale2);
             corr[r] = exp2_ftz(m[r] - mx[r]);  // 0 on the first tile (m = −inf)
@@ -387,19 +384,44 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
                 sc[nt][e] = p;
                 l[e / 2] += p;
             }
-        // The previous tile's P V is done: o holds every earlier tile, at the previous max.
-        // Rescaled only where a row's max moved (else corr is exactly 1 and o · 1 is o): once
-        // the maxima settle, most tiles skip it.
-        wgmma_wait<0>();
-        fence_operands(flat(o));
-        fence_operands(pa);
-        if (corr[0] != 1.0f || corr[1] != 1.0f) {
+    };
+    auto to_pa = [&] {
+#pragma unroll
+        for (int kk = 0; kk < KEYS / 16; kk++) acc_to_a<KEYS>(pa[kk], sc, kk);
+    };
+    // Tile 0 on its own (no P V before it, o still 0): the loop then has one shape.
+    float corr[2];
+    arrive(0);
+    add_scores(0);
+    wgmma_wait<0>();
+    fence_operands(flat(sc));
+    softmax(0, corr);
+    to_pa();
+    for (int t = 1; t < tiles; t++) {
+        arrive(t);
+        add_scores(t);
+        add_pv(o, pa, t - 1);
+        wgmma_wait<1>();
+        fence_operands(flat(sc));
+        softmax(t, corr);
+        // Only now wait for the previous tile's P V, which ran beside the softmax: o then holds
+        // every earlier tile, at the previous max. The wait sits in both arms of a warp-uniform
+        // branch on the softmax's result because in straight-line code ptxas hoists it above
+        // the softmax, serializing the two (tests/cuda_nvrtc.rs checks the SASS). Rescaled
+        // only where a row of the warp moved its max (else corr is exactly 1 and o · 1 is o):
+        // once the maxima settle, most tiles skip it.
+        if (__any_sync(~0u, corr[0] != 1.0f || corr[1] != 1.0f)) {
+            wgmma_wait<0>();
+            fence_operands(flat(o));
 #pragma unroll
             for (int nt = 0; nt < D / 8; nt++)
                 for (int e = 0; e < 4; e++) o[nt][e] *= corr[e / 2];
+        } else {
+            wgmma_wait<0>();
         }
-#pragma unroll
-        for (int kk = 0; kk < KEYS / 16; kk++) acc_to_a<KEYS>(pa[kk], sc, kk);
+        fence_operands(flat(o));
+        fence_operands(pa);
+        to_pa();
     }
     add_pv(o, pa, tiles - 1);
     wgmma_wait<0>();
