@@ -336,11 +336,13 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     unsigned pa[KEYS / 16][4];                       // the previous tile's P, as A operands
     float sc[KEYS / 8][4];
     // Tile t has arrived (for every thread, and fenced for wgmma), and every warpgroup has
-    // finished tile t − 2's P V (waited in step t − 1) before tile t + 1 refills its buffer.
-    auto arrive = [&](int t) {
+    // finished tile t − 2's P V (waited in step t − 1), so tile t + 1 may refill its buffer.
+    auto arrive = [&] {
         cp_async_wait_all();
         fence_proxy_async();
         __syncthreads();
+    };
+    auto prefetch = [&](int t) {
         if (t + 1 < tiles) load_kv(t + 1);
         cp_async_commit();
     };
@@ -391,16 +393,20 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     };
     // Tile 0 on its own (no P V before it, o still 0): the loop then has one shape.
     float corr[2];
-    arrive(0);
+    arrive();
     add_scores(0);
+    prefetch(0);
     wgmma_wait<0>();
     fence_operands(flat(sc));
     softmax(0, corr);
     to_pa();
     for (int t = 1; t < tiles; t++) {
-        arrive(t);
+        arrive();
+        // The products first, then the next tile's copies: the tensor cores start a tile's
+        // work before this thread's share of the copies is issued.
         add_scores(t);
         add_pv(o, pa, t - 1);
+        prefetch(t);
         wgmma_wait<1>();
         fence_operands(flat(sc));
         softmax(t, corr);
