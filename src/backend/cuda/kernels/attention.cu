@@ -791,9 +791,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         const float* L2 = stats + 2 * (t % 2) * QT + 2 * q;
         const float* Dl = L2 + QT;
         const Step next = after(step);
-        if (t + 1 < steps) load_step(next, (t + 1) % 2);
-        cp_async_commit();
-        cp_async_wait_pending<1>();
+        cp_async_wait_all();
         fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
         __syncthreads();
 
@@ -811,6 +809,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) wgmma_m64n64k16_rs<0>(flat(dpt), vf[kk], desc_plus(dod, 32 * kk), kk > 0);
         wgmma_commit();
+        // The next step's tiles into the other buffer, read by the step before this one (every
+        // warp is past it: the barrier above), once the products are queued.
+        if (t + 1 < steps) load_step(next, (t + 1) % 2);
+        cp_async_commit();
         if (t > 0) add_pending(before);
         wgmma_wait<1>();
         fence_operands(flat(st));
