@@ -81,8 +81,9 @@ fn outputs<B: Backend>(be: &B, shape: AttnShape) -> (Vec<f32>, Vec<f32>) {
     let n = shape.tokens();
     let (qkv, dout) = (random(be, n * shape.qkv_width(), 1), random(be, n * shape.out_width(), 2));
     let (mut out, mut lse, mut dqkv) = (be.alloc(n * shape.out_width()), be.alloc_f32(shape.batch * shape.n_heads * shape.seq), be.alloc(n * shape.qkv_width()));
+    let mut scratch = be.alloc_f32(be.attention_bwd_scratch_len(shape));
     be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&qkv), shape);
-    be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), shape);
+    be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), shape, B::full_mut(&mut scratch));
     (be.download(B::full(&out)), be.download(B::full(&dqkv)))
 }
 
@@ -102,11 +103,12 @@ fn run<B: BenchBackend, R: Backend>(be: &B, args: &Args, reference: Option<&R>) 
         let qkv = random(be, n * shape.qkv_width(), 1);
         let dout = random(be, n * shape.out_width(), 2);
         let (mut out, mut lse, mut dqkv) = (be.alloc(n * shape.out_width()), be.alloc_f32(shape.batch * heads * seq), be.alloc(n * shape.qkv_width()));
+        let mut scratch = be.alloc_f32(be.attention_bwd_scratch_len(shape));
         let forward = |out: &mut B::Buf, lse: &mut B::Buf| be.attention_fwd(B::full_mut(out), B::full_mut(lse), B::full(&qkv), shape);
         let fwd = time_per_call(be, min_seconds, || forward(&mut out, &mut lse));
         let fwd_bwd = time_per_call(be, min_seconds, || {
             forward(&mut out, &mut lse);
-            be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), shape);
+            be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), shape, B::full_mut(&mut scratch));
         });
         let flops = shape.causal_attention_flops();
         let (fwd_rate, fb_rate) = (flops / fwd / 1e12, (1.0 + BWD_PER_FWD) * flops / fwd_bwd / 1e12);

@@ -11,7 +11,7 @@ use motley::config::GateUp;
 use motley::memory::arena::Arena;
 use motley::memory::plan::verify;
 use motley::memory::store::LayerPolicy;
-use motley::memory::transients::{block_phases, EXPERT_CHUNK_ROWS};
+use motley::memory::transients::{block_phases, BackendTransients, EXPERT_CHUNK_ROWS};
 use motley::model::config::Routing as Kind;
 use motley::model::Model;
 use motley::rng::Rng;
@@ -90,7 +90,8 @@ fn arena_plans_of_real_routings_never_overlap_live_transients() {
         let (inputs, _) = batch(5, cfg.vocab_size, 2 * 24);
         model.forward_saving(&be, &mut store, &inputs, 2, 24).unwrap();
         for l in 0..cfg.n_layers {
-            let (f, b) = block_phases(&cfg, &moe, 2, 24, &store.routing(l).counts(), be.activation_bytes(), EXPERT_CHUNK_ROWS, GateUp::Save, be.fuses_expert_gather(cfg.d_model, &moe.expert_widths));
+            let backend = BackendTransients { act_bytes: be.activation_bytes(), fused_gather: be.fuses_expert_gather(cfg.d_model, &moe.expert_widths), attention_scratch: 0 };
+            let (f, b) = block_phases(&cfg, &moe, 2, 24, &store.routing(l).counts(), EXPERT_CHUNK_ROWS, GateUp::Save, backend);
             for phase in [f, b] {
                 let mut arena = Arena::<Cpu>::planned();
                 arena.begin(&be, phase.requests.clone());

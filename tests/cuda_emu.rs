@@ -994,7 +994,7 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
         // The backward's inputs, the same on both sides: O as stored, the CPU's lse.
         let out = act(s, &want_out);
         let mut want_dqkv = vec![0.0; qkv.len()];
-        cpu.attention_bwd(&mut want_dqkv, &dout, &out, &lse, &qkv, sh);
+        cpu.attention_bwd(&mut want_dqkv, &dout, &out, &lse, &qkv, sh, &mut []);
         let heads = bytes_of(&attn::heads(sh));
         let scale = 1.0 / (sh.head_dim as f32).sqrt();
         let Some(got) = emulate(s, |g| {

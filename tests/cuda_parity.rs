@@ -265,10 +265,11 @@ case!(Attention, |be| {
         let (mut out, mut lse) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq));
         be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&qkv), s);
         let dout = up(be, &data(19 + i as u64, s.tokens() * s.out_width()));
-        let mut dqkv = be.alloc(s.tokens() * s.qkv_width());
-        be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s);
+        let (mut dqkv, mut scratch) = (be.alloc(s.tokens() * s.qkv_width()), be.alloc_f32(be.attention_bwd_scratch_len(s)));
+        be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s, B::full_mut(&mut scratch));
         let first = down(be, &dqkv);
-        be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s);
+        // Again on the same scratch, which the first call left as it left it.
+        be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s, B::full_mut(&mut scratch));
         assert_eq!(first, down(be, &dqkv), "attention backward is not deterministic for {s:?}");
         outs.extend([down(be, &out), down(be, &lse), first]);
     }
@@ -649,10 +650,10 @@ fn attention_backward_is_reproducible_under_load() {
         let (mut out, mut lse) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq));
         be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&qkv), s);
         let dout = up(&be, &data(42, s.tokens() * s.out_width()));
-        let mut dqkv = be.alloc(s.tokens() * s.qkv_width());
+        let (mut dqkv, mut scratch) = (be.alloc(s.tokens() * s.qkv_width()), be.alloc_f32(be.attention_bwd_scratch_len(s)));
         let mut first = None;
         for pass in 0..5 {
-            be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s);
+            be.attention_bwd(B::full_mut(&mut dqkv), B::full(&dout), B::full(&out), B::full(&lse), B::full(&qkv), s, B::full_mut(&mut scratch));
             let bits: Vec<u32> = down(&be, &dqkv).iter().map(|x| x.to_bits()).collect();
             match &first {
                 None => first = Some(bits),
@@ -764,15 +765,16 @@ fn hopper_attention() {
         let run = |be: &CudaBackend| {
             let (q, d) = (up(be, &qkv), up(be, &dout));
             let (mut out, mut lse, mut dqkv) = (be.alloc(s.tokens() * s.out_width()), be.alloc_f32(s.batch * s.n_heads * s.seq), be.alloc(qkv.len()));
+            let mut scratch = be.alloc_f32(be.attention_bwd_scratch_len(s));
             be.attention_fwd(B::full_mut(&mut out), B::full_mut(&mut lse), B::full(&q), s);
-            be.attention_bwd(B::full_mut(&mut dqkv), B::full(&d), B::full(&out), B::full(&lse), B::full(&q), s);
+            be.attention_bwd(B::full_mut(&mut dqkv), B::full(&d), B::full(&out), B::full(&lse), B::full(&q), s, B::full_mut(&mut scratch));
             [down(be, &out), down(be, &lse), down(be, &dqkv)]
         };
         let (got, mma) = (run(&hopper), run(&mma));
         let (q, d) = (up(&cpu, &qkv), up(&cpu, &dout));
         let (mut out, mut lse, mut dqkv) = (cpu.alloc(s.tokens() * s.out_width()), cpu.alloc_f32(s.batch * s.n_heads * s.seq), cpu.alloc(qkv.len()));
         cpu.attention_fwd(Cpu::full_mut(&mut out), Cpu::full_mut(&mut lse), Cpu::full(&q), s);
-        cpu.attention_bwd(Cpu::full_mut(&mut dqkv), Cpu::full(&d), Cpu::full(&out), Cpu::full(&lse), Cpu::full(&q), s);
+        cpu.attention_bwd(Cpu::full_mut(&mut dqkv), Cpu::full(&d), Cpu::full(&out), Cpu::full(&lse), Cpu::full(&q), s, &mut []);
         let want = [down(&cpu, &out), down(&cpu, &lse), down(&cpu, &dqkv)];
         for (i, what) in ["out", "lse", "dqkv"].into_iter().enumerate() {
             for (against, reference) in [("CPU", &want[i]), ("mma.sync", &mma[i])] {

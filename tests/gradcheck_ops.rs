@@ -152,7 +152,7 @@ fn attention_case(s: AttnShape, seed: u64) {
         }
     }
     let mut dqkv = vec![0.0; qkv.len()];
-    be.attention_bwd(&mut dqkv, &r, &o, &lse, &qkv, s);
+    be.attention_bwd(&mut dqkv, &r, &o, &lse, &qkv, s, &mut []);
     check_directions("attention dqkv", &mut |x| dot64(&r, &fwd(x).0), &qkv, &dqkv, 1e-2, TOL, seed + 1);
 }
 

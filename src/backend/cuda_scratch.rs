@@ -1,7 +1,7 @@
-//! Device memory the CUDA backend needs besides the model's tensors: the cuBLASLt workspace,
-//! the fused classifier's chunk of logits and the attention backward's scratch, which it holds
-//! beside the memory plan, and the device router's scratch, which the plan places (a phase of
-//! its own in the transient arena). Here, outside the `cuda` feature, so that `plan-memory`
+//! Device memory the CUDA backend needs besides the model's tensors: the cuBLASLt workspace and
+//! the fused classifier's chunk of logits, which it holds beside the memory plan, and the
+//! device router's and the attention backward's scratch, which the plan places (a phase of its
+//! own in the transient arena, and a request of the block's backward). Here, outside the `cuda` feature, so that `plan-memory`
 //! counts them with the same numbers the backend uses (`tests/cuda_memory.rs` holds the plan
 //! to the measured device peak).
 

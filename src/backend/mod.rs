@@ -501,9 +501,18 @@ pub trait Backend: Send + Sync {
     // ---- causal attention -----------------------------------------------------------------------
     /// Tiled causal attention with an online softmax: `out (N, H·D)`, `lse (B·H·T)` saved.
     fn attention_fwd(&self, out: Self::ViewMut<'_>, lse: Self::ViewMut<'_>, qkv: Self::View<'_>, shape: AttnShape);
-    /// Overwrites `dqkv`; recomputes the probabilities tile by tile from `lse`.
+    /// Overwrites `dqkv`; recomputes the probabilities tile by tile from `lse`. `scratch` (f32,
+    /// at least [`Backend::attention_bwd_scratch_len`] elements, contents ignored) holds what
+    /// the backend keeps during the op.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, dqkv: Self::ViewMut<'_>, dout: Self::View<'_>, out: Self::View<'_>, lse: Self::View<'_>, qkv: Self::View<'_>, shape: AttnShape);
+    fn attention_bwd(&self, dqkv: Self::ViewMut<'_>, dout: Self::View<'_>, out: Self::View<'_>, lse: Self::View<'_>, qkv: Self::View<'_>, shape: AttnShape, scratch: Self::ViewMut<'_>);
+    /// f32 elements of scratch [`Backend::attention_bwd`] takes at `shape`; 0 where it needs
+    /// none (the default: the CPU). The block takes it from the transient arena, so the memory
+    /// plan places it (`memory::transients::block_phases`).
+    fn attention_bwd_scratch_len(&self, shape: AttnShape) -> usize {
+        let _ = shape;
+        0
+    }
 
     // ---- SwiGLU ---------------------------------------------------------------------------------
     /// `out (rows, h) = SiLU(g) ⊙ u` where each `gu` row is `[g (h) | u (h)]`.

@@ -5,9 +5,10 @@
 //! with narrower activations) + the skeletal peak (the most the activation store holds at once
 //! over the step, following its rules: `skeletal_peak`) + the transient arena (the largest
 //! phase's plan by the arena's own heuristic, with the arena's headroom; the DSA MIP's peak and
-//! lower bound are reported beside it; on CUDA the router's scratch is a phase too) + what lives beside the skeletal bytes at the larger of
-//! two moments: a block's forward or backward (its incoming and outgoing gradient, 2·N·d_model;
-//! CUDA: the attention backward's scratch) or the turn between forward and backward (the final
+//! lower bound are reported beside it; on CUDA the router's scratch is a phase too, and the
+//! attention backward's scratch a transient of the block's backward) + what lives beside the
+//! skeletal bytes at the larger of two moments: a block's forward or backward (its incoming and
+//! outgoing gradient, 2·N·d_model) or the turn between forward and backward (the final
 //! hidden state, its norm and their gradients, 4·N·d_model; CUDA: the classifier's logits
 //! chunk), reported as boundary and backend bytes (the backend's include cuBLASLt's workspace
 //! and the ring the ops' uploads go through).
@@ -27,7 +28,7 @@ use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
 use super::plan::{plan, MipLimits, Phase, Plan, Strategy};
 use super::policy::{build_policy, Profile};
 use super::store::{Class, LayerPolicy};
-use super::transients::{block_phases, router_phase, ALIGNMENT, EXPERT_CHUNK_ROWS};
+use super::transients::{block_phases, router_phase, BackendTransients, ALIGNMENT, EXPERT_CHUNK_ROWS};
 use crate::backend::cuda_scratch::{self, RouteScratch};
 use crate::backend::AttnShape;
 use crate::config::{Config, GateUp};
@@ -165,13 +166,15 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
 
     // The Hopper expert kernels read the routed rows through the slots' tokens (no xe, dy or
     // dact), where they take the model's shapes.
-    let fused_gather = config.device == "cuda" && config.cuda.hopper_experts && config.parallel.ep == 1 && cuda_scratch::expert_kernels_gather(m.d_model, &moe.expert_widths);
-    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, act_bytes, EXPERT_CHUNK_ROWS, gate_up, fused_gather);
+    let on_cuda = config.device == "cuda";
+    let fused_gather = on_cuda && config.cuda.hopper_experts && config.parallel.ep == 1 && cuda_scratch::expert_kernels_gather(m.d_model, &moe.expert_widths);
+    // On CUDA the attention backward's scratch is a transient of the block's backward.
+    let shape = AttnShape { batch, seq, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
+    let attention_scratch = if on_cuda { cuda_scratch::attention_bwd_bytes(shape) } else { 0 };
+    let backend = BackendTransients { act_bytes, fused_gather, attention_scratch };
+    let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, EXPERT_CHUNK_ROWS, gate_up, backend);
     // On CUDA the router's scratch is a phase of its own before the forward's.
-    let route_words = match config.device.as_str() {
-        "cuda" => RouteScratch::new(tokens, moe.n_experts(), router::rule(moe)).map_or(0, |r| r.words()),
-        _ => 0,
-    };
+    let route_words = if on_cuda { RouteScratch::new(tokens, moe.n_experts(), router::rule(moe)).map_or(0, |r| r.words()) } else { 0 };
     let all = [router_phase(route_words), fwd, bwd];
     let planned: Vec<&Phase> = all.iter().filter(|p| !p.requests.is_empty()).collect();
     let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
@@ -191,19 +194,17 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let working_copy = if act_bytes < 4 { act_bytes } else { 0 };
     let static_bytes = (16 + working_copy) * ParamLayout::new(m, moe).total as u64;
     // Beside the skeletal bytes of its moment: a block's backward holds its incoming and
-    // outgoing gradient (its forward only its output) and, on CUDA, the attention backward's
-    // scratch; the turn holds the final hidden state, its norm, their gradients and the
-    // classifier's logits chunk.
+    // outgoing gradient (its forward only its output); the turn holds the final hidden state,
+    // its norm, their gradients and, on CUDA, the classifier's logits chunk.
     let act = (tokens * m.d_model) as u64 * act_bytes;
-    let (chunk, attention, workspace) = if config.device == "cuda" {
-        let shape = AttnShape { batch, seq, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
+    let (chunk, workspace) = if on_cuda {
         let uploads = cuda_scratch::upload_ring_bytes(tokens, slots.iter().sum());
-        (cuda_scratch::classifier_chunk_bytes(tokens, m.vocab_size, act_bytes), cuda_scratch::attention_bwd_bytes(shape), cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + uploads)
+        (cuda_scratch::classifier_chunk_bytes(tokens, m.vocab_size, act_bytes), cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + uploads)
     } else {
-        (0, 0, 0)
+        (0, 0)
     };
     let (blocks, at_turn) = skeletal_moments(&layers, skeletal.total());
-    let (in_blocks, at_the_turn) = (blocks + 2 * act + attention, at_turn + 4 * act + chunk);
+    let (in_blocks, at_the_turn) = (blocks + 2 * act, at_turn + 4 * act + chunk);
     // Reported as the boundary tensors of the larger moment and the rest as the backend's.
     let (moment, boundary) = if in_blocks >= at_the_turn { (in_blocks, 2 * act) } else { (at_the_turn, 4 * act) };
     let beside = moment - skeletal_device_bytes;
@@ -356,25 +357,40 @@ mod tests {
         assert!(memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes, 1 << 30, 1e10).is_ok());
     }
 
-    /// On CUDA the backend's bytes hold the attention backward's scratch where a block's moment
-    /// is the larger (recomputing layers at long context with a small vocabulary): beside a
-    /// layer's backward, with its two boundary gradients, against the turn's logits chunk and
-    /// four activations beside the kept tensors only.
+    /// On CUDA the attention backward's scratch is a transient of the block's backward: live with
+    /// `datt` and `dqkv` at the attention's op (the phase's lower bound holds all three), and
+    /// not counted again beside the blocks (the backend's bytes are cuBLASLt's workspace and
+    /// the upload ring where a block's moment is the larger: recomputing layers at long context
+    /// with a small vocabulary).
     #[test]
-    fn cuda_counts_the_attention_backward_scratch() {
+    fn cuda_plans_the_attention_backward_scratch_in_the_block_backward() {
         let mut c = config(MemoryPolicy::Recompute, Alpha::Auto);
         c.device = "cuda".into();
         c.model.seq_len = 4096;
         c.model.vocab_size = 64;
+        // Narrow experts, one a token: the attention's moment is the backward's widest.
+        c.moe.routing = crate::model::config::Routing::TopK;
+        (c.moe.top_k, c.moe.expert_widths) = (1, vec![16; 4]);
         let m = &c.model;
         let shape = AttnShape { batch: 2, seq: 4096, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
         let attention = cuda_scratch::attention_bwd_bytes(shape);
         let act = (shape.tokens() * m.d_model * 2) as u64;
         let r = plan_report(&c, 4096, 2, u64::MAX, 1 << 30, 1e10).unwrap();
         let (recomputed, chunk) = (r.layers[0].recomputed, cuda_scratch::classifier_chunk_bytes(shape.tokens(), m.vocab_size, 2));
-        assert!(recomputed + attention + 2 * act > chunk + 4 * act, "the case must make a block's moment the larger");
-        let uploads = cuda_scratch::upload_ring_bytes(shape.tokens(), 2 * shape.tokens());
-        assert_eq!((r.backend_bytes, r.boundary_bytes), (cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + uploads + attention, 2 * act));
+        assert!(recomputed + 2 * act > chunk + 4 * act, "the case must make a block's moment the larger");
+        let uploads = cuda_scratch::upload_ring_bytes(shape.tokens(), shape.tokens());
+        assert_eq!((r.backend_bytes, r.boundary_bytes), (cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + uploads, 2 * act));
+        // The report's backward phase is the one with the scratch (its lower bound, which the
+        // scratch raises here: it is live with datt and dqkv, the phase's widest moment).
+        let slots = Slots::Expected.per_expert(&c.moe, shape.tokens());
+        let lower_bound = |attention_scratch| {
+            let backend = BackendTransients { act_bytes: 2, fused_gather: false, attention_scratch };
+            let (_, bwd) = block_phases(&c.model, &c.moe, 2, 4096, &slots, EXPERT_CHUNK_ROWS, c.memory.gate_up, backend);
+            crate::memory::plan::lower_bound(&bwd.requests, ALIGNMENT).unwrap()
+        };
+        let backward = r.phases.iter().find(|p| p.name == "block backward").expect("a backward phase");
+        assert_eq!(backward.lower_bound, lower_bound(attention));
+        assert!(lower_bound(attention) > lower_bound(0), "the case must make the scratch count");
     }
 
     /// On CUDA the device router's scratch is a phase of the arena: planned at its size, and the

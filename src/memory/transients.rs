@@ -48,8 +48,30 @@ pub mod bwd {
     pub const ACT: usize = 10;
     pub const DACT: usize = 11;
     pub const DGU: usize = 12;
+    /// The attention backward's scratch (`Backend::attention_bwd_scratch_len`, f32; none on
+    /// the CPU).
+    pub const ATTN: usize = 13;
     /// A chunk's gate/up product, recomputed where it is not saved (`(rows, 2h_e)` blocks).
-    pub const GU: usize = 13;
+    pub const GU: usize = 14;
+}
+
+/// What the backend decides of a block's transients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendTransients {
+    /// Bytes of an activation element (statistics are f32).
+    pub act_bytes: u64,
+    /// Whether the experts read their rows through the slots' tokens
+    /// (`Backend::fuses_expert_gather`, without expert parallelism): then no gathered copies are
+    /// made and SwiGLU's backward keeps its input gradient on the chip (the Hopper kernels
+    /// that read rows in place take every expert product then).
+    pub fused_gather: bool,
+    /// Bytes of the attention backward's scratch (`Backend::attention_bwd_scratch_len`).
+    pub attention_scratch: u64,
+}
+
+impl BackendTransients {
+    /// The CPU backend's: f32 activations, rows gathered, no attention scratch.
+    pub const CPU: BackendTransients = BackendTransients { act_bytes: 4, fused_gather: false, attention_scratch: 0 };
 }
 
 /// The phase of a MoE layer's routing, before its forward phase (whose sizes the routing
@@ -77,18 +99,16 @@ pub fn expert_act_elements(slots: &[usize], widths: &[usize], chunk_rows: usize)
 }
 
 /// `(forward, backward)` phases of one block with `slots[e]` slots routed to expert `e`, sized
-/// for activations of `act_bytes` bytes per element (statistics are f32) and experts run on
-/// `chunk_rows` rows at a time; requests are in the order of the [`fwd`] and [`bwd`] indices.
-/// The experts of a projection run as one grouped matmul per chunk of rows, so a chunk's blocks
-/// of every expert are live together. Where the gate/up product is not saved (`gate_up`
-/// `Recompute`) it is a chunk's transient in both phases (the last request of each). Where the
-/// experts read their rows through the slots' tokens (`fused_gather`:
-/// `Backend::fuses_expert_gather`, without expert parallelism) no gathered copies are made and
-/// SwiGLU's backward keeps its input gradient on the chip (the Hopper kernels that read rows in
-/// place take every expert product then): the requests of `xe`, and of the backward's `dy` and
-/// `dact`, take no bytes.
+/// for `backend` and experts run on `chunk_rows` rows at a time; requests are in the order of
+/// the [`fwd`] and [`bwd`] indices. The experts of a projection run as one grouped matmul per
+/// chunk of rows, so a chunk's blocks of every expert are live together. Where the gate/up
+/// product is not saved (`gate_up` `Recompute`) it is a chunk's transient in both phases (the
+/// last request of each). Where the experts read their rows through the slots' tokens
+/// (`backend.fused_gather`) the requests of `xe`, and of the backward's `dy` and `dact`, take no
+/// bytes; where the attention backward needs no scratch, `attn` takes none.
 #[allow(clippy::too_many_arguments)]
-pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], act_bytes: u64, chunk_rows: usize, gate_up: GateUp, fused_gather: bool) -> (Phase, Phase) {
+pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize, slots: &[usize], chunk_rows: usize, gate_up: GateUp, backend: BackendTransients) -> (Phase, Phase) {
+    let BackendTransients { act_bytes, fused_gather, attention_scratch } = backend;
     let n = (batch * seq) as u64;
     let c = model.d_model as u64;
     let d = model.head_dim() as u64;
@@ -127,6 +147,7 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
         Request::new("act", b(sh), 3, x),
         Request::new("dact", if fused_gather { 0 } else { b(sh) }, 3, x),
         Request::new("dgu", b(2 * sh), 3, x),
+        Request::new("attn", attention_scratch, x + 8, x + 9).f32(),
     ];
     if recompute {
         // Recomputed from xe at the chunk's start (op 3), read by SwiGLU's backward.
@@ -146,10 +167,15 @@ mod tests {
     fn phases_are_well_formed_and_plannable() {
         let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
         let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Routing::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
-        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Save, false);
-        let (fr, br) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Recompute, false);
+        // As a GPU's: an attention scratch.
+        let be = BackendTransients { attention_scratch: 4096, ..BackendTransients::CPU };
+        let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], EXPERT_CHUNK_ROWS, GateUp::Save, be);
+        let (fr, br) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], EXPERT_CHUNK_ROWS, GateUp::Recompute, be);
         assert_eq!((fr.requests[fwd::GU].name.as_str(), br.requests[bwd::GU].name.as_str()), ("gu", "gu"));
         assert_eq!((fr.requests.len(), br.requests.len()), (f.requests.len() + 1, b.requests.len() + 1));
+        assert_eq!((b.requests[bwd::ATTN].name.as_str(), b.requests[bwd::ATTN].size), ("attn", 4096));
+        let (_, cpu) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], EXPERT_CHUNK_ROWS, GateUp::Save, BackendTransients::CPU);
+        assert_eq!(cpu.requests[bwd::ATTN].size, 0, "the CPU's attention backward takes no scratch");
         for phase in [&f, &b, &fr, &br] {
             assert!(phase.requests.iter().all(|r| r.start < r.end && r.end <= phase.ops && r.size > 0), "{}", phase.name);
             let p = plan(&phase.requests, 64, Strategy::Heuristic).unwrap();
@@ -161,7 +187,7 @@ mod tests {
         assert!(lb >= 2 * 24 * 32 * 4);
         // Rows read through the slots' tokens: no xe in either phase, no dy and no dact, the
         // rest as before.
-        let (ff, bf) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], 4, EXPERT_CHUNK_ROWS, GateUp::Save, true);
+        let (ff, bf) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], EXPERT_CHUNK_ROWS, GateUp::Save, BackendTransients { fused_gather: true, ..be });
         assert_eq!((ff.requests[fwd::XE].size, bf.requests[bwd::XE].size, bf.requests[bwd::DY].size, bf.requests[bwd::DACT].size), (0, 0, 0, 0));
         for (fused, plain) in [(&ff, &f), (&bf, &b)] {
             assert!(fused.requests.iter().zip(&plain.requests).all(|(x, y)| x.size == y.size || ["xe", "dy", "dact"].contains(&x.name.as_str())), "{}: only xe, dy and dact differ", fused.name);

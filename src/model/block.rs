@@ -15,7 +15,7 @@ use crate::config::GateUp;
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
-use crate::memory::transients::{block_phases, bwd, expert_act_elements, fwd};
+use crate::memory::transients::{block_phases, bwd, expert_act_elements, fwd, BackendTransients};
 use crate::parallel::comm::Communicator;
 use crate::parallel::dispatch::{expert_shard, plan_slots, DispatchMode, SlotPlan, TokenDispatcher};
 use crate::Result;
@@ -202,7 +202,8 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// product saved or not.
     fn phases(&self, routing: &Routing, gate_up: GateUp) -> (Phase, Phase) {
         let (s, be) = (self.shape, self.be);
-        block_phases(self.model, self.moe, s.batch, s.seq, &routing.counts(), be.activation_bytes(), self.chunk_rows, gate_up, self.fused_gather())
+        let backend = BackendTransients { act_bytes: be.activation_bytes(), fused_gather: self.fused_gather(), attention_scratch: 4 * be.attention_bwd_scratch_len(s) as u64 };
+        block_phases(self.model, self.moe, s.batch, s.seq, &routing.counts(), self.chunk_rows, gate_up, backend)
     }
 
     /// Whether the experts read their routed rows through the slots' token index (the gathers
@@ -591,8 +592,8 @@ impl<B: Backend> BlockCtx<'_, B> {
             be.matmul(dwo, ro(&dx2), saved("attn_out"), c, n, a, true, false, add);
         }
         {
-            let [datt, mut dqkv] = tx.views(be, [(bwd::DATT, n * a), (bwd::DQKV, n * wq)]);
-            be.attention_bwd(rw(&mut dqkv), ro(&datt), saved("attn_out"), saved("attn_lse"), saved("qkv"), s);
+            let [datt, mut dqkv, mut scratch] = tx.views(be, [(bwd::DATT, n * a), (bwd::DQKV, n * wq), (bwd::ATTN, be.attention_bwd_scratch_len(s))]);
+            be.attention_bwd(rw(&mut dqkv), ro(&datt), saved("attn_out"), saved("attn_lse"), saved("qkv"), s, rw(&mut scratch));
             be.rope(rw(&mut dqkv), B::full(self.rope), s, 0, true);
         }
         {

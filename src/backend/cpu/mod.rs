@@ -254,7 +254,7 @@ impl Backend for Cpu {
     fn attention_fwd(&self, out: &mut [f32], lse: &mut [f32], qkv: &[f32], shape: AttnShape) {
         self.run("attention_fwd", || attention::forward(out, lse, qkv, shape))
     }
-    fn attention_bwd(&self, dqkv: &mut [f32], dout: &[f32], out: &[f32], lse: &[f32], qkv: &[f32], shape: AttnShape) {
+    fn attention_bwd(&self, dqkv: &mut [f32], dout: &[f32], out: &[f32], lse: &[f32], qkv: &[f32], shape: AttnShape, _scratch: &mut [f32]) {
         self.run("attention_bwd", || attention::backward(dqkv, dout, out, lse, qkv, shape))
     }
 

@@ -7,7 +7,7 @@
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{expect, ok, CudaBackend, DevView, DevViewMut, Storage};
-use crate::backend::AttnShape;
+use crate::backend::{cuda_scratch, AttnShape};
 use crate::{Error, Result};
 
 /// `BLOCK` of attention.cu: rows of the forward's key tiles (the backward's query tiles have
@@ -235,39 +235,47 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
 }
 
 /// Overwrites dqkv: Δ first, then one kernel for dK/dV (k, v columns) and dQ (q columns), with
-/// an f32 accumulator for dQ and zeroed turn counters as scratch
-/// (`cuda_scratch::attention_bwd_bytes`).
-pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, s: AttnShape) {
+/// an f32 accumulator for dQ, Δ and zeroed turn counters in `scratch`
+/// (`cuda_scratch::attention_bwd_bytes`: the caller's, so that the memory plan places it).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, s: AttnShape, scratch: DevViewMut<'_>) {
     assert_shapes(s, qkv.len(), out.len(), lse.len());
     assert!(dqkv.len() == qkv.len() && dout.len() == out.len(), "attention gradient sizes");
     for (arg, st) in [("dqkv", dqkv.storage), ("dout", dout.storage), ("out", out.storage), ("qkv", qkv.storage)] {
         expect("attention_bwd", arg, st, be.storage());
     }
     expect("attention_bwd", "lse", lse.storage, Storage::F32);
+    expect("attention_bwd", "scratch", scratch.storage, Storage::F32);
     if s.tokens() == 0 {
         return;
     }
-    assert_aligned("attention_bwd", &[("dqkv", dqkv.ptr), ("dout", dout.ptr), ("qkv", qkv.ptr)]);
-    let mut delta = be.scratch_f32(s.batch * s.n_heads * s.seq);
-    // Written before it is read (the first key block of each query tile stores its part).
-    let dq_acc = be.scratch_storage(s.tokens() * s.out_width(), Storage::F32);
+    let need = cuda_scratch::attention_bwd_bytes(s) as usize / 4;
+    assert!(scratch.len() >= need, "attention_bwd: scratch of {} f32 elements, the shape needs {need}", scratch.len());
+    assert_aligned("attention_bwd", &[("dqkv", dqkv.ptr), ("dout", dout.ptr), ("qkv", qkv.ptr), ("scratch", scratch.ptr)]);
+    // The dQ accumulator (N·H·D), written before it is read (the first key block of each query
+    // tile stores its part); Δ (B·H·T), written by attn_bwd_delta; the counters after them.
+    let dq_acc = scratch.ptr;
+    let delta = dq_acc + 4 * (s.tokens() * s.out_width()) as u64;
+    let turns = delta + 4 * (s.batch * s.n_heads * s.seq) as u64;
     let (kernel, cfg, query_tile) = kernel(be, Pass::Backward, s);
-    let mut turns = ok(be.stream.alloc_zeros::<u32>(turns_len(s, query_tile)), "scratch alloc");
+    // f32 zeros are u32 zeros.
+    be.elementwise_scalar(&be.k.elementwise(Storage::F32).fill, turns, 0.0, turns_len(s, query_tile), "attn_bwd turns");
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let tokens = s.tokens() as i32;
     let delta_cfg = delta_config(s);
     // SAFETY: signatures of attn_bwd_delta and attn_bwd_dD / attn_bwd_wgmma_d64 in attention.cu;
-    // sizes, types and alignment asserted; `delta` holds B·H·T floats, `dq_acc` N·H·D, `turns`
-    // the kernel's turns_len zeroed counters; shared memory within the limit set at load time.
+    // sizes, types and alignment asserted; in `scratch` (its length asserted), `delta` holds
+    // B·H·T floats, `dq_acc` N·H·D, `turns` the kernel's turns_len zeroed counters (at most
+    // what attention_bwd_bytes counts); shared memory within the limit set at load time.
     unsafe {
-        ok(be.stream.launch_builder(&be.k.attn_delta).arg(&mut delta).arg(&dout.ptr).arg(&out.ptr).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
+        ok(be.stream.launch_builder(&be.k.attn_delta).arg(&delta).arg(&dout.ptr).arg(&out.ptr).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
         ok(
             be.stream
                 .launch_builder(kernel)
                 .arg(&dqkv.ptr)
-                .arg(&dq_acc.ptr)
-                .arg(&mut turns)
+                .arg(&dq_acc)
+                .arg(&turns)
                 .arg(&dout.ptr)
                 .arg(&lse.ptr)
                 .arg(&delta)

@@ -18,10 +18,10 @@
 //!
 //! Index data (tokens, routing slots) arrives as host slices, as the trait says, and is uploaded
 //! per call through a page-locked ring into a device ring (`staging.rs`); scratch (row-chunk
-//! partials, the attention backward's Δ, dQ sums and counters, logits chunks) is allocated per
-//! call from the stream's memory pool. The memory plan counts the upload ring and the large
-//! scratch (`cuda_scratch`); the row-chunk partials it does not see. The router's scratch is
-//! the caller's (an arena view: the plan places it).
+//! partials, logits chunks) is allocated per call from the stream's memory pool. The memory
+//! plan counts the upload ring and the logits chunk (`cuda_scratch`); the row-chunk partials it
+//! does not see. The router's and the attention backward's scratch are the caller's (arena
+//! views: the plan places them).
 //!
 //! Errors: trait ops cannot return errors; a failed launch or copy means the device state is
 //! unknown, so they panic with the driver's message, and so does an argument of the wrong
@@ -58,7 +58,7 @@ use profile::Work;
 pub use nvrtc::Storage;
 
 use super::{copy_then_matmul, matmul_each, swiglu_bwd_each, swiglu_each, weight_grad_gathering, AdamW, ArenaPart, AttnShape, Backend, Gemm, OpTime, Pick, Precision, RoutedSlots, RouteRule, RouterGrad, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
-use super::cuda_scratch::RouteScratch;
+use super::cuda_scratch::{self, RouteScratch};
 use crate::{Error, Result};
 
 pub struct CudaBackend {
@@ -935,9 +935,12 @@ impl Backend for CudaBackend {
         let _span = self.span("attention_fwd", || Work::computing(shape.causal_attention_flops(), qkv.bytes() + out.bytes() + lse.bytes()));
         attention::forward(self, out, lse, qkv, shape)
     }
-    fn attention_bwd(&self, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, shape: AttnShape) {
+    fn attention_bwd(&self, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: DevView<'_>, lse: DevView<'_>, qkv: DevView<'_>, shape: AttnShape, scratch: DevViewMut<'_>) {
         let _span = self.span("attention_bwd", || Work::computing(2.5 * shape.causal_attention_flops(), dqkv.bytes() + dout.bytes() + out.bytes() + lse.bytes() + qkv.bytes()));
-        attention::backward(self, dqkv, dout, out, lse, qkv, shape)
+        attention::backward(self, dqkv, dout, out, lse, qkv, shape, scratch)
+    }
+    fn attention_bwd_scratch_len(&self, shape: AttnShape) -> usize {
+        (cuda_scratch::attention_bwd_bytes(shape) / 4) as usize
     }
 
     fn swiglu_fwd(&self, out: DevViewMut<'_>, gu: DevView<'_>, rows: usize, h: usize) {
