@@ -11,9 +11,12 @@
 //! Layers run one at a time and a forward never overlaps a backward, so one buffer serves every
 //! phase of a step; it lives across steps (in the activation store) and is reallocated only when
 //! a plan needs more than it holds. The block reserves for the backward of a routing when its
-//! forward begins, and every growth adds a quarter for the routing drift of later steps: training
+//! forward begins, and every growth adds a quarter of the routed requests' bytes (at most a
+//! quarter of the peak) for the routing drift of later steps (`allocation_for`): training
 //! the default model 150 steps on a synthetic stream allocated once with Top-P and twice with
-//! Top-K (the second time as the router specialised).
+//! Top-K (the second time as the router specialised; measured when the headroom was a quarter
+//! of the peak, which it still is there: the default model's routed requests outweigh its
+//! phases' peaks).
 //!
 //! The block asks for the views it uses together ([`Arena::views`]); the arena checks each
 //! against `transients.rs` (live at that point, no larger than planned), so the two stay in step.
@@ -90,7 +93,8 @@ impl<B: Backend> Arena<B> {
                 self.plan = Some(p);
             }
             self.requests = requests;
-            self.grow(be, self.plan.as_ref().map_or(0, |p| p.peak));
+            let peak = self.plan.as_ref().map_or(0, |p| p.peak);
+            self.grow(be, peak, allocation_for(peak, &self.requests));
         } else {
             self.requests = requests;
         }
@@ -104,18 +108,18 @@ impl<B: Backend> Arena<B> {
     pub fn reserve(&mut self, be: &B, requests: &[Request]) {
         if self.planned {
             let p = phase_plan(requests).expect("transients.rs requests are well-formed");
-            self.grow(be, p.peak);
+            self.grow(be, p.peak, allocation_for(p.peak, requests));
         }
     }
 
-    /// Reallocates the buffer when `peak` bytes do not fit, with a quarter more for the routing
-    /// of later steps (which drifts as the router trains); falls back to per-tensor mode for good
-    /// where the backend cannot share a buffer between views.
-    fn grow(&mut self, be: &B, peak: u64) {
+    /// Reallocates the buffer, `bytes` long (`allocation_for`), when `peak` bytes do not fit;
+    /// falls back to per-tensor mode for good where the backend cannot share a buffer between
+    /// views.
+    fn grow(&mut self, be: &B, peak: u64, bytes: u64) {
         if self.capacity() >= peak {
             return;
         }
-        let mut buf = be.alloc_scratch((allocation_for(peak) / 4) as usize, Precision::F32);
+        let mut buf = be.alloc_scratch((bytes / 4) as usize, Precision::F32);
         if be.arena_views(&mut buf, &[]).is_none() {
             (self.planned, self.plan) = (false, None);
             return;
@@ -189,11 +193,15 @@ pub fn phase_plan(requests: &[Request]) -> crate::Result<Plan> {
     plan(requests, ALIGNMENT, Strategy::Heuristic)
 }
 
-/// Bytes of the buffer the arena allocates for a plan peaking at `peak` bytes: a quarter more,
-/// for the routing of later steps (which drifts as the router trains), in whole 4-byte units.
-pub fn allocation_for(peak: u64) -> u64 {
+/// Bytes of the buffer the arena allocates for `requests` planned to peak at `peak` bytes, with
+/// headroom for the routing of later steps (which drifts as the router trains): a quarter of
+/// the routed requests' bytes (`Request::routed`), at most a quarter of the peak, in whole
+/// 4-byte units. Any routed request may grow by a quarter before the plan outgrows the buffer;
+/// a phase whose peak is the attention's (long context) keeps no headroom for it.
+pub fn allocation_for(peak: u64, requests: &[Request]) -> u64 {
+    let routed: u64 = requests.iter().filter(|r| r.routed).map(|r| r.size).sum();
     let units = peak.div_ceil(4);
-    4 * (units + units / 4)
+    4 * (units + routed.min(peak).div_ceil(4) / 4)
 }
 
 #[cfg(test)]
@@ -202,7 +210,7 @@ mod tests {
     use crate::backend::cpu::Cpu;
 
     fn reqs() -> Vec<Request> {
-        vec![Request::new("a", 4096, 0, 2), Request::new("b", 2048, 1, 3), Request::new("c", 4096, 2, 4)]
+        vec![Request::new("a", 4096, 0, 2), Request::new("b", 2048, 1, 3).routed(), Request::new("c", 4096, 2, 4)]
     }
 
     #[test]
@@ -214,7 +222,7 @@ mod tests {
         verify(plan.unwrap(), requests).unwrap();
         // a and c never live together: c may reuse a's bytes, so two of the three suffice.
         assert_eq!(plan.unwrap().peak, 4096 + 2048);
-        assert_eq!(arena.capacity(), (4096 + 2048) * 5 / 4, "a quarter of headroom");
+        assert_eq!(arena.capacity(), 4096 + 2048 + 2048 / 4, "a quarter of the routed request's bytes as headroom");
         {
             let [a, b] = arena.views(&be, [(0, 1024), (1, 512)]);
             a.fill(1.0);
@@ -225,6 +233,18 @@ mod tests {
         assert_eq!(c.len(), 1000);
         arena.begin(&be, reqs());
         assert_eq!(arena.allocations(), 1);
+    }
+
+    /// Headroom for the routing's drift: a quarter of the routed requests' bytes, at most a
+    /// quarter of the peak; none where no request follows the routing.
+    #[test]
+    fn headroom_is_for_routed_requests() {
+        let fixed = [Request::new("attention", 1600, 0, 1)];
+        assert_eq!(allocation_for(1600, &fixed), 1600);
+        let routed = [Request::new("xe", 400, 0, 1).routed(), Request::new("dy", 400, 1, 2).routed(), Request::new("attention", 1600, 2, 3)];
+        assert_eq!(allocation_for(1600, &routed), 1600 + 200);
+        let all_routed = [Request::new("xe", 1600, 0, 1).routed(), Request::new("dy", 1600, 1, 2).routed()];
+        assert_eq!(allocation_for(1600, &all_routed), 1600 + 400);
     }
 
     #[test]

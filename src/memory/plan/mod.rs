@@ -41,16 +41,25 @@ pub struct Request {
     /// The allocation a buffer of its own would take (the arena's per-tensor mode).
     #[serde(skip)]
     pub precision: Precision,
+    /// Whether the size follows the routing (slots per expert), which drifts from step to step:
+    /// the arena keeps headroom for such requests only.
+    #[serde(skip)]
+    pub routed: bool,
 }
 
 impl Request {
     pub fn new(name: impl Into<String>, size: u64, start: usize, end: usize) -> Self {
-        Request { name: name.into(), size, start, end, precision: Precision::Activation }
+        Request { name: name.into(), size, start, end, precision: Precision::Activation, routed: false }
     }
 
     /// The same request for an f32 tensor.
     pub fn f32(self) -> Self {
         Request { precision: Precision::F32, ..self }
+    }
+
+    /// The same request, sized by the routing.
+    pub fn routed(self) -> Self {
+        Request { routed: true, ..self }
     }
 
     /// Whether the two lifetimes share an op (half-open ranges: `end` is already free).
