@@ -893,7 +893,8 @@ fn loss_with(s: Storage, vec: i32) {
     let cpu = cpu_for(s);
     let eye: Vec<f32> = (0..v * v).map(|i| if i % (v + 1) == 0 { 1.0 } else { 0.0 }).collect();
     let (mut dx, mut dw) = (vec![0.0; n * v], vec![0.0; v * v]);
-    let want_losses = cpu.classifier(&logits, &eye, &targets, n, v, v, Some((dx.as_mut_slice(), dw.as_mut_slice(), dloss)));
+    let mut scratch = vec![0.0; cpu.classifier_scratch_len(n, v)];
+    let want_losses = cpu.classifier(&logits, &eye, &targets, n, v, v, Some((dx.as_mut_slice(), dw.as_mut_slice(), dloss)), &mut scratch);
     let mut ch = Checks::new(&format!("loss (vec {vec})"), s);
     ch.close32("softmax_xent losses", &want_losses, &got[0], F32_TOL);
     ch.close32("softmax_xent dlogits", &dx, &got[1], tol(s));

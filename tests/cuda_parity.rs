@@ -344,7 +344,8 @@ fn classifier_case<B: Backend>(be: &B, n: usize, c: usize, v: usize) -> Vec<Vec<
     let (x, w) = (up(be, &data(28, n * c)), up(be, &w));
     let base: Vec<f32> = data(30, v * c).iter().map(|x| x * 0.01).collect();
     let (mut dx, mut dw) = (be.alloc(n * c), up_f32(be, &base));
-    let losses = be.classifier(B::full(&x), B::full(&w), &targets, n, c, v, Some((B::full_mut(&mut dx), B::full_mut(&mut dw), 1.0)));
+    let mut scratch = be.alloc_f32(be.classifier_scratch_len(n, v));
+    let losses = be.classifier(B::full(&x), B::full(&w), &targets, n, c, v, Some((B::full_mut(&mut dx), B::full_mut(&mut dw), 1.0)), B::full_mut(&mut scratch));
     vec![losses, down(be, &dx), down(be, &dw)]
 }
 

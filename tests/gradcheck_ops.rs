@@ -233,8 +233,11 @@ fn classifier_gradients_and_loss() {
     let w = randn(&mut rng, v * c, 1.0);
     let targets: Vec<u32> = (0..n).map(|i| (i * 7 % v) as u32).collect();
     let mean = |l: Vec<f32>| l.iter().map(|&a| a as f64).sum::<f64>() / n as f64;
+    // The logits of a chunk live in this scratch.
+    let scratch = std::cell::RefCell::new(vec![f32::NAN; be.classifier_scratch_len(n, v)]);
+    let loss = |x: &[f32], w: &[f32]| be.classifier(x, w, &targets, n, c, v, None, &mut scratch.borrow_mut());
     // Loss against a direct log-softmax.
-    let losses = be.classifier(&x, &w, &targets, n, c, v, None);
+    let losses = loss(&x, &w);
     for i in [0, 137, 299] {
         let z: Vec<f64> = (0..v).map(|j| dot64(&x[i * c..(i + 1) * c], &w[j * c..(j + 1) * c])).collect();
         let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -242,9 +245,9 @@ fn classifier_gradients_and_loss() {
         assert!((losses[i] as f64 - (lse - z[targets[i] as usize])).abs() < 1e-4);
     }
     let (mut dx, mut dw) = (vec![0.0; n * c], vec![0.0; v * c]);
-    be.classifier(&x, &w, &targets, n, c, v, Some((&mut dx, &mut dw, 1.0)));
-    check_directions("classifier dx", &mut |x| mean(be.classifier(x, &w, &targets, n, c, v, None)), &x, &dx, 1e-2, TOL, 27);
-    check_directions("classifier dw", &mut |w| mean(be.classifier(&x, w, &targets, n, c, v, None)), &w, &dw, 1e-2, TOL, 28);
+    be.classifier(&x, &w, &targets, n, c, v, Some((&mut dx, &mut dw, 1.0)), &mut scratch.borrow_mut());
+    check_directions("classifier dx", &mut |x| mean(loss(x, &w)), &x, &dx, 1e-2, TOL, 27);
+    check_directions("classifier dw", &mut |w| mean(loss(&x, w)), &w, &dw, 1e-2, TOL, 28);
 }
 
 /// Router: softmax → Top-K / Top-P selection → renormalised gates, plus weighted aux losses.

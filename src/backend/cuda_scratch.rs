@@ -1,9 +1,9 @@
 //! Device memory the CUDA backend needs besides the model's tensors: the cuBLASLt workspace and
-//! the fused classifier's chunk of logits, which it holds beside the memory plan, and the
-//! device router's and the attention backward's scratch, which the plan places (a phase of its
-//! own in the transient arena, and a request of the block's backward). Here, outside the `cuda` feature, so that `plan-memory`
-//! counts them with the same numbers the backend uses (`tests/cuda_memory.rs` holds the plan
-//! to the measured device peak).
+//! the upload ring, which it holds beside the memory plan, and the scratch of the device
+//! router, the attention backward and the fused classifier, which the plan places in the
+//! transient arena (a phase of its own, a request of the block's backward, the head's phase).
+//! Here, outside the `cuda` feature, so that `plan-memory` counts them with the same numbers the
+//! backend uses (`tests/cuda_memory.rs` holds the plan to the measured device peak).
 
 use super::{AttnShape, RouteRule};
 
@@ -53,6 +53,13 @@ pub fn classifier_chunk_rows(rows: usize, vocab: usize) -> usize {
 /// gradient overwrites them).
 pub fn classifier_chunk_bytes(tokens: usize, vocab: usize, act_bytes: u64) -> u64 {
     (classifier_chunk_rows(tokens, vocab) * vocab) as u64 * act_bytes
+}
+
+/// f32 elements of the classifier's scratch (`Backend::classifier_scratch_len`): a chunk of
+/// logits, rounded up to whole 16-byte lines so that what follows stays aligned, then the f32
+/// losses of all `tokens` rows.
+pub fn classifier_scratch_len(tokens: usize, vocab: usize, act_bytes: u64) -> usize {
+    classifier_chunk_bytes(tokens, vocab, act_bytes).next_multiple_of(16) as usize / 4 + tokens
 }
 
 /// Bytes of the attention backward's scratch, live during it: Δ (B·H·T f32), the dQ

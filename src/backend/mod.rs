@@ -565,9 +565,15 @@ pub trait Backend: Send + Sync {
     // ---- output head + cross-entropy ------------------------------------------------------------
     /// Fused classifier: logits `x Wᵀ` are formed a chunk of rows at a time, never the whole
     /// `(N, V)`. Returns the per-token losses. With `grads = Some((dx, dw))` it also writes
-    /// `dx = dloss · ∂L/∂x` and accumulates `dw += dloss · ∂L/∂W`, `L = mean loss`.
+    /// `dx = dloss · ∂L/∂x` and accumulates `dw += dloss · ∂L/∂W`, `L = mean loss`. `scratch`
+    /// (f32, at least [`Backend::classifier_scratch_len`] elements, contents ignored) holds the
+    /// chunk of logits and whatever else the backend keeps during the op.
     #[allow(clippy::too_many_arguments)]
-    fn classifier(&self, x: Self::View<'_>, w: Self::View<'_>, targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(Self::ViewMut<'_>, Self::ViewMut<'_>, f32)>) -> Vec<f32>;
+    fn classifier(&self, x: Self::View<'_>, w: Self::View<'_>, targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(Self::ViewMut<'_>, Self::ViewMut<'_>, f32)>, scratch: Self::ViewMut<'_>) -> Vec<f32>;
+    /// f32 elements of scratch [`Backend::classifier`] takes for `n` rows over `v` classes. The
+    /// model takes it from the transient arena at the turn between forward and backward, so the
+    /// memory plan places it (`memory::transients::head_phase`).
+    fn classifier_scratch_len(&self, n: usize, v: usize) -> usize;
     /// Logits of a few rows `(rows, V)` for generation.
     fn logits(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, w: Self::View<'_>, rows: usize, c: usize, v: usize) {
         self.matmul(out, x, w, rows, c, v, false, true, false);

@@ -5,13 +5,13 @@
 //! with narrower activations) + the skeletal peak (the most the activation store holds at once
 //! over the step, following its rules: `skeletal_peak`) + the transient arena (the largest
 //! phase's plan by the arena's own heuristic, with the arena's headroom; the DSA MIP's peak and
-//! lower bound are reported beside it; on CUDA the router's scratch is a phase too, and the
-//! attention backward's scratch a transient of the block's backward) + what lives beside the
-//! skeletal bytes at the larger of two moments: a block's forward or backward (its incoming and
-//! outgoing gradient, 2·N·d_model) or the turn between forward and backward (the final
-//! hidden state, its norm and their gradients, 4·N·d_model; CUDA: the classifier's logits
-//! chunk), reported as boundary and backend bytes (the backend's include cuBLASLt's workspace
-//! and the ring the ops' uploads go through).
+//! lower bound are reported beside it; the classifier's chunk of logits is the head's phase,
+//! and on CUDA the router's scratch is a phase too and the attention backward's scratch a
+//! transient of the block's backward) + what lives beside the skeletal bytes at the larger of
+//! two moments: a block's forward or backward (its incoming and outgoing gradient,
+//! 2·N·d_model) or the turn between forward and backward (the final hidden state, its norm and
+//! their gradients, 4·N·d_model), reported as boundary and backend bytes (the backend's are
+//! cuBLASLt's workspace and the ring the ops' uploads go through).
 //! Skeletal sizes use the dropless expected routed counts (see [`Slots::Expected`]). With that
 //! routing the skeletal peak and the arena are exactly what a CPU step holds (tests/memo.rs);
 //! on the emulated CUDA device the whole is within [−3 %, +1 %] of the measured device peak
@@ -28,9 +28,9 @@ use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
 use super::plan::{plan, MipLimits, Phase, Plan, Strategy};
 use super::policy::{build_policy, Profile};
 use super::store::{Class, LayerPolicy};
-use super::transients::{block_phases, router_phase, BackendTransients, ALIGNMENT, EXPERT_CHUNK_ROWS};
+use super::transients::{block_phases, head_phase, router_phase, BackendTransients, ALIGNMENT, EXPERT_CHUNK_ROWS};
 use crate::backend::cuda_scratch::{self, RouteScratch};
-use crate::backend::AttnShape;
+use crate::backend::{cpu, AttnShape};
 use crate::config::{Config, GateUp};
 use crate::model::block::GATE_UP;
 use crate::model::params::ParamLayout;
@@ -161,7 +161,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
         })
         .collect();
 
-    let skeletal_device_bytes = skeletal_peak(&layers, skeletal.total(), 0);
+    let skeletal_device_bytes = skeletal_peak(&layers, skeletal.total());
     let host_bytes = layers.iter().map(|l| l.offloaded).sum();
 
     // The Hopper expert kernels read the routed rows through the slots' tokens (no xe, dy or
@@ -175,7 +175,9 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let (fwd, bwd) = block_phases(m, moe, batch, seq, &slots, EXPERT_CHUNK_ROWS, gate_up, backend);
     // On CUDA the router's scratch is a phase of its own before the forward's.
     let route_words = if on_cuda { RouteScratch::new(tokens, moe.n_experts(), router::rule(moe)).map_or(0, |r| r.words()) } else { 0 };
-    let all = [router_phase(route_words), fwd, bwd];
+    // The classifier's scratch (its chunk of logits) is the head's phase, at the turn.
+    let head_elements = if on_cuda { cuda_scratch::classifier_scratch_len(tokens, m.vocab_size, act_bytes) } else { cpu::classifier_scratch_elements(tokens, m.vocab_size) };
+    let all = [router_phase(route_words), fwd, bwd, head_phase(head_elements)];
     let planned: Vec<&Phase> = all.iter().filter(|p| !p.requests.is_empty()).collect();
     let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
     let mut phases = Vec::new();
@@ -195,16 +197,11 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let static_bytes = (16 + working_copy) * ParamLayout::new(m, moe).total as u64;
     // Beside the skeletal bytes of its moment: a block's backward holds its incoming and
     // outgoing gradient (its forward only its output); the turn holds the final hidden state,
-    // its norm, their gradients and, on CUDA, the classifier's logits chunk.
+    // its norm and their gradients.
     let act = (tokens * m.d_model) as u64 * act_bytes;
-    let (chunk, workspace) = if on_cuda {
-        let uploads = cuda_scratch::upload_ring_bytes(tokens, slots.iter().sum());
-        (cuda_scratch::classifier_chunk_bytes(tokens, m.vocab_size, act_bytes), cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + uploads)
-    } else {
-        (0, 0)
-    };
+    let workspace = if on_cuda { cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + cuda_scratch::upload_ring_bytes(tokens, slots.iter().sum()) } else { 0 };
     let (blocks, at_turn) = skeletal_moments(&layers, skeletal.total());
-    let (in_blocks, at_the_turn) = (blocks + 2 * act, at_turn + 4 * act + chunk);
+    let (in_blocks, at_the_turn) = (blocks + 2 * act, at_turn + 4 * act);
     // Reported as the boundary tensors of the larger moment and the rest as the backend's.
     let (moment, boundary) = if in_blocks >= at_the_turn { (in_blocks, 2 * act) } else { (at_the_turn, 4 * act) };
     let beside = moment - skeletal_device_bytes;
@@ -237,11 +234,11 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
 /// layers before it keep `kept` of theirs (a kept layer all, a recomputing one its `Whole`
 /// tensors, an offloading one none) and the offloaded tensors of the one just before travel to
 /// the host (until this layer's seal). A layer's backward holds the same: the layers before it,
-/// itself whole again (reloaded, recomputed), the offload of the one before prefetched. `turn`
-/// bytes (the classifier's chunk) live between the last forward and the first backward.
-fn skeletal_peak(layers: &[LayerRow], full: u64, turn: u64) -> u64 {
+/// itself whole again (reloaded, recomputed), the offload of the one before prefetched; at the
+/// turn between the last forward and the first backward, the kept tensors and the last offload.
+fn skeletal_peak(layers: &[LayerRow], full: u64) -> u64 {
     let (blocks, at_turn) = skeletal_moments(layers, full);
-    blocks.max(at_turn + turn)
+    blocks.max(at_turn)
 }
 
 /// The skeletal bytes of [`skeletal_peak`]'s two kinds of moment: the most while a block runs
@@ -393,15 +390,33 @@ mod tests {
         assert!(lower_bound(attention) > lower_bound(0), "the case must make the scratch count");
     }
 
+    /// The classifier's scratch (its chunk of logits) is the head's phase of the arena, as
+    /// each backend sizes it: f32 logits of 256 rows on the CPU, bf16 logits of every row here
+    /// (fewer than a chunk) and the rows' losses on CUDA; nothing beside the turn for it.
+    #[test]
+    fn the_classifier_scratch_is_the_head_phase() {
+        let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
+        let (seq, batch, v) = (64, 8, c.model.vocab_size);
+        let head = |r: &MemoryReport| r.phases.iter().find(|p| p.name == "head").map(|p| (p.requests, p.peak));
+        let cpu = plan_report(&c, seq, batch, u64::MAX, 1 << 30, 1e10).unwrap();
+        assert_eq!(head(&cpu), Some((1, (4 * 256 * v as u64).next_multiple_of(ALIGNMENT))));
+        c.device = "cuda".into();
+        let r = plan_report(&c, seq, batch, u64::MAX, 1 << 30, 1e10).unwrap();
+        let tokens = (seq * batch) as u64;
+        assert_eq!(head(&r), Some((1, (2 * tokens * v as u64 + 4 * tokens).next_multiple_of(ALIGNMENT))));
+        assert!(r.arena_bytes >= head(&r).unwrap().1);
+    }
+
     /// On CUDA the device router's scratch is a phase of the arena: planned at its size, and the
     /// arena large enough where it is the largest phase (Top-P over many experts of a narrow
-    /// model: 8 bytes a token and expert against the forward's routed rows); not on the CPU.
+    /// model with a small vocabulary: 8 bytes a token and expert against the forward's routed
+    /// rows and the head's logits); not on the CPU.
     #[test]
     fn cuda_plans_the_router_scratch_as_an_arena_phase() {
         let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
         c.moe.routing = crate::model::config::Routing::TopP;
         c.moe.expert_widths = vec![16; 64];
-        c.model.d_model = 16;
+        (c.model.d_model, c.model.vocab_size) = (16, 64);
         let (seq, batch) = (64, 2);
         let cpu = plan_report(&c, seq, batch, u64::MAX, 1 << 30, 1e10).unwrap();
         assert!(cpu.phases.iter().all(|p| p.name != "block router"), "the CPU routes on its host");
@@ -439,19 +454,16 @@ mod tests {
     }
 
     /// The store's timeline (checked against real steps in tests/memo.rs, whose α-planned
-    /// policies end in kept or recomputing layers): offloads in flight for one layer, the
-    /// classifier's chunk at the turn only.
+    /// policies end in kept or recomputing layers): offloads in flight for one layer.
     #[test]
     fn skeletal_peak_follows_the_store() {
         let row = |policy, kept, offloaded| LayerRow { layer: 0, policy, inventory: Vec::new(), kept, offloaded, recomputed: 100 - kept - offloaded };
         let off = |a: f32, offloaded| row(LayerPolicy::Offload { alpha: a }, 0, offloaded);
         // Everything offloaded: two consecutive layers at most (tests/memo.rs measures the same).
-        assert_eq!(skeletal_peak(&[off(1.0, 100), off(1.0, 100), off(1.0, 100)], 100, 0), 200);
+        assert_eq!(skeletal_peak(&[off(1.0, 100), off(1.0, 100), off(1.0, 100)], 100), 200);
         // Half offloaded: a layer whole beside the one before it in flight.
-        assert_eq!(skeletal_peak(&[off(0.5, 60), off(0.5, 60), off(0.5, 60)], 100, 0), 160);
-        // The chunk counts only with what lives at the turn: kept layers and the last offload.
-        assert_eq!(skeletal_peak(&[off(0.5, 60), off(0.5, 60)], 100, 50), 160);
-        assert_eq!(skeletal_peak(&[off(0.5, 60), off(0.5, 60)], 100, 150), 210);
-        assert_eq!(skeletal_peak(&[row(LayerPolicy::Keep, 100, 0), row(LayerPolicy::Recompute, 30, 0)], 100, 10), 200);
+        assert_eq!(skeletal_peak(&[off(0.5, 60), off(0.5, 60), off(0.5, 60)], 100), 160);
+        // A kept layer beside the recomputing one's backward.
+        assert_eq!(skeletal_peak(&[row(LayerPolicy::Keep, 100, 0), row(LayerPolicy::Recompute, 30, 0)], 100), 200);
     }
 }

@@ -83,6 +83,14 @@ pub fn router_phase(words: usize) -> Phase {
     Phase { name: "block router".into(), ops: 1, requests }
 }
 
+/// The phase of the head, at the turn between the last block's forward and the first one's
+/// backward: one request, `classifier`, of `elements` f32 elements (`Backend::classifier_scratch_len`:
+/// a chunk of logits and what else the fused classifier keeps). Empty for no elements.
+pub fn head_phase(elements: usize) -> Phase {
+    let requests = if elements > 0 { vec![Request::new("classifier", 4 * elements as u64, 0, 1).f32()] } else { Vec::new() };
+    Phase { name: "head".into(), ops: 1, requests }
+}
+
 /// By default the experts run on at most this many routed rows at a time (chunks of their
 /// expert-major rows, each chunk a grouped matmul per projection), so the SwiGLU output and its
 /// gradients stay bounded at long context instead of growing with every routed token; large

@@ -20,7 +20,7 @@ use crate::backend::{AttnShape, Backend, Precision};
 use crate::config::GateUp;
 use crate::memory::arena::Arena;
 use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
-use crate::memory::transients::EXPERT_CHUNK_ROWS;
+use crate::memory::transients::{head_phase, EXPERT_CHUNK_ROWS};
 use crate::parallel::comm::Communicator;
 use crate::{Error, Result};
 
@@ -262,7 +262,13 @@ impl<B: Backend> Model<B> {
         let mut rstd = be.alloc_scratch(n, Precision::F32);
         be.rmsnorm_fwd(B::full_mut(&mut xf), B::full_mut(&mut rstd), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), n, c, self.config.norm_eps);
         let mut dxf = be.alloc_scratch(n * c, Precision::Activation);
-        let losses = be.classifier(B::full(&xf), B::view(self.params.compute(), head..head + v * c), targets, n, c, v, Some((B::full_mut(&mut dxf), B::view_mut(&mut self.grads, head..head + v * c), 1.0)));
+        // The classifier's scratch from the arena, which no block holds at the turn.
+        let scratch_len = be.classifier_scratch_len(n, v);
+        tx.begin(be, head_phase(scratch_len).requests);
+        let losses = {
+            let [scratch] = tx.views(be, [(0, scratch_len)]);
+            be.classifier(B::full(&xf), B::view(self.params.compute(), head..head + v * c), targets, n, c, v, Some((B::full_mut(&mut dxf), B::view_mut(&mut self.grads, head..head + v * c), 1.0)), scratch)
+        };
         self.finish_stats(&mut stats, shape, &losses);
 
         let mut dx = be.alloc_scratch(n * c, Precision::Activation);
@@ -310,7 +316,8 @@ impl<B: Backend> Model<B> {
         let mut stats = StepStats::default();
         let xf = self.final_hidden(be, inputs, shape, &mut stats)?;
         let head = self.layout.lm_head;
-        let losses = be.classifier(B::full(&xf), B::view(self.params.compute(), head..head + v * c), targets, n, c, v, None);
+        let mut scratch = be.alloc_scratch(be.classifier_scratch_len(n, v), Precision::F32);
+        let losses = be.classifier(B::full(&xf), B::view(self.params.compute(), head..head + v * c), targets, n, c, v, None, B::full_mut(&mut scratch));
         self.finish_stats(&mut stats, shape, &losses);
         Ok(stats)
     }

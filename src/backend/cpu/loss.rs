@@ -9,12 +9,20 @@ use super::matmul::matmul;
 /// Rows of logits alive at once.
 const ROWS: usize = 256;
 
+/// f32 elements of the chunk of logits for `n` rows over `v` classes (`scratch` of
+/// [`classifier`]).
+pub fn scratch_len(n: usize, v: usize) -> usize {
+    ROWS.min(n) * v
+}
+
 /// x: (N, C), w: (V, C), targets: (N). Returns per-token losses; with grads writes dx and
-/// accumulates dw for `dloss · mean loss`.
+/// accumulates dw for `dloss · mean loss`. The logits of a chunk of rows live in `scratch`
+/// (at least [`scratch_len`]).
 #[allow(clippy::too_many_arguments)]
-pub fn classifier(x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: usize, mut grads: Option<(&mut [f32], &mut [f32], f32)>, threads: usize) -> Vec<f32> {
+pub fn classifier(x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: usize, mut grads: Option<(&mut [f32], &mut [f32], f32)>, scratch: &mut [f32], threads: usize) -> Vec<f32> {
     let mut losses = vec![0f32; n];
-    let mut logits = vec![0f32; ROWS.min(n) * v];
+    assert!(scratch.len() >= scratch_len(n, v), "classifier: scratch of {} elements, {n} rows of {v} need {}", scratch.len(), scratch_len(n, v));
+    let logits = scratch;
     for r0 in (0..n).step_by(ROWS) {
         let rows = ROWS.min(n - r0);
         let xs = &x[r0 * c..(r0 + rows) * c];

@@ -7,6 +7,7 @@ mod attention;
 mod elementwise;
 mod embed;
 mod loss;
+pub use loss::scratch_len as classifier_scratch_elements;
 mod mathfn;
 mod matmul;
 mod norm;
@@ -289,9 +290,12 @@ impl Backend for Cpu {
         self.run("gather_rows_scaled", || permute::gather(out, x, index, Some(weight), c))
     }
 
-    fn classifier(&self, x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(&mut [f32], &mut [f32], f32)>) -> Vec<f32> {
+    fn classifier(&self, x: &[f32], w: &[f32], targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(&mut [f32], &mut [f32], f32)>, scratch: &mut [f32]) -> Vec<f32> {
         let threads = self.threads();
-        self.run("classifier", || loss::classifier(x, w, targets, n, c, v, grads, threads))
+        self.run("classifier", || loss::classifier(x, w, targets, n, c, v, grads, scratch, threads))
+    }
+    fn classifier_scratch_len(&self, n: usize, v: usize) -> usize {
+        loss::scratch_len(n, v)
     }
 
     fn uses_working_copy(&self) -> bool {

@@ -17,11 +17,12 @@
 //! writable views of one buffer can coexist when they do not overlap.
 //!
 //! Index data (tokens, routing slots) arrives as host slices, as the trait says, and is uploaded
-//! per call through a page-locked ring into a device ring (`staging.rs`); scratch (row-chunk
-//! partials, logits chunks) is allocated per call from the stream's memory pool. The memory
-//! plan counts the upload ring and the logits chunk (`cuda_scratch`); the row-chunk partials it
-//! does not see. The router's and the attention backward's scratch are the caller's (arena
-//! views: the plan places them).
+//! per call through a page-locked ring into a device ring (`staging.rs`), which the memory plan
+//! counts (`cuda_scratch`). The scratch of the router, the attention backward and the
+//! classifier is the caller's (arena views: the plan places them); small scratch (RMSNorm's
+//! row-chunk partials, the sum of squares' partials, an f32 operand rounded for a GEMM such as
+//! the router's logit gradients) is allocated per call from the stream's memory pool,
+//! unplanned.
 //!
 //! Errors: trait ops cannot return errors; a failed launch or copy means the device state is
 //! unknown, so they panic with the driver's message, and so does an argument of the wrong
@@ -1136,7 +1137,7 @@ impl Backend for CudaBackend {
         self.gather(out, x, index, Some(weight), c)
     }
 
-    fn classifier(&self, x: DevView<'_>, w: DevView<'_>, targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(DevViewMut<'_>, DevViewMut<'_>, f32)>) -> Vec<f32> {
+    fn classifier(&self, x: DevView<'_>, w: DevView<'_>, targets: &[u32], n: usize, c: usize, v: usize, grads: Option<(DevViewMut<'_>, DevViewMut<'_>, f32)>, scratch: DevViewMut<'_>) -> Vec<f32> {
         let _span = self.span("classifier", || classifier_work(&x, &w, &grads, n, c, v));
         if n == 0 {
             return Vec::new();
@@ -1149,31 +1150,35 @@ impl Backend for CudaBackend {
             expect("classifier", "dw", dw.storage, Storage::F32);
             assert!(dx.len() == n * c && dw.len() == v * c, "classifier gradient sizes: dx {} (want {}), dw {} (want {})", dx.len(), n * c, dw.len(), v * c);
         }
+        expect("classifier", "scratch", scratch.storage, Storage::F32);
+        let act_bytes = self.storage().bytes() as u64;
+        let need = cuda_scratch::classifier_scratch_len(n, v, act_bytes);
+        assert!(scratch.len() >= need, "classifier: scratch of {} f32 elements, {n} rows of {v} need {need}", scratch.len());
         self.bind();
-        let rows_per_chunk = super::cuda_scratch::classifier_chunk_rows(n, v);
-        // Logits in activation storage; softmax_xent overwrites them with their gradient for the
-        // two GEMMs. Each chunk's GEMM (beta = 0) writes its rows before anything reads them: no
-        // zeroing.
+        let rows_per_chunk = cuda_scratch::classifier_chunk_rows(n, v);
+        // In the scratch: a chunk's logits in activation storage, which softmax_xent overwrites
+        // with their gradient for the two GEMMs (each chunk's GEMM, beta = 0, writes its rows
+        // before anything reads them: no zeroing), then every row's loss.
         let grad_scale = grads.as_ref().map_or(0.0, |g| g.2 / n as f32);
-        let logits = self.scratch_storage(rows_per_chunk * v, self.storage());
-        let mut losses = self.scratch_f32(n);
+        let logits = Operand { ptr: scratch.ptr, storage: self.storage() };
+        let losses = scratch.ptr + cuda_scratch::classifier_chunk_bytes(n, v, act_bytes).next_multiple_of(16);
         let t = self.upload_u32(targets);
         let (vi, vec) = (v as i32, vec_width(v, &[logits.ptr]));
         for r0 in (0..n).step_by(rows_per_chunk) {
             let rows = rows_per_chunk.min(n - r0);
             let xs = Self::subview(x, r0 * c..(r0 + rows) * c);
-            let lg = logits.operand();
-            self.blas.matmul(lg, xs.operand(), w.operand(), rows, c, v, false, true, None);
-            let (mut ls, ts) = (losses.slice_mut(r0..r0 + rows), t.ptr + 4 * r0 as u64);
+            self.blas.matmul(logits, xs.operand(), w.operand(), rows, c, v, false, true, None);
+            let (ls, ts) = (losses + 4 * r0 as u64, t.ptr + 4 * r0 as u64);
             // SAFETY: `softmax_xent(act_t* logits, float* losses, const unsigned* targets, int v,
-            // float, int vec)`, one block per row of this chunk; the logits buffer holds
-            // rows_per_chunk × v elements; vec 8 only for aligned rows of a multiple of 8.
+            // float, int vec)`, one block per row of this chunk; the scratch (its length asserted)
+            // holds rows_per_chunk × v logits, then n losses; vec 8 only for aligned rows of a
+            // multiple of 8.
             ok(
-                unsafe { self.stream.launch_builder(&self.k.softmax_xent).arg(&logits.ptr).arg(&mut ls).arg(&ts).arg(&vi).arg(&grad_scale).arg(&vec).launch(per_row(rows)) },
+                unsafe { self.stream.launch_builder(&self.k.softmax_xent).arg(&logits.ptr).arg(&ls).arg(&ts).arg(&vi).arg(&grad_scale).arg(&vec).launch(per_row(rows)) },
                 "softmax_xent",
             );
             if let Some((dx, dw, _)) = grads.as_ref().filter(|_| grad_scale != 0.0) {
-                let d = logits.operand();
+                let d = logits;
                 let dxs = Operand { ptr: offset(dx.ptr, r0 * c, dx.storage), storage: dx.storage };
                 self.blas.matmul(dxs, d, w.operand(), rows, v, c, false, false, None);
                 self.blas.matmul(dw.operand(), d, xs.operand(), v, rows, c, true, false, Some(dw.operand()));
@@ -1182,8 +1187,10 @@ impl Backend for CudaBackend {
         if let Some((dx, _, _)) = grads.filter(|_| grad_scale == 0.0) {
             self.fill(dx, 0.0); // a zero loss weight: no gradient (softmax_xent left the logits)
         }
-        let (ptr, _record) = losses.device_ptr(&self.stream);
-        self.readback.read::<f32>(ptr, n, "download")
+        self.readback.read::<f32>(losses, n, "download")
+    }
+    fn classifier_scratch_len(&self, n: usize, v: usize) -> usize {
+        cuda_scratch::classifier_scratch_len(n, v, self.storage().bytes() as u64)
     }
 
     fn uses_working_copy(&self) -> bool {
