@@ -104,7 +104,8 @@ __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load
     for (int t = 0; t < steps; t++) {
         // Step t has arrived (for every thread, and fenced for wgmma), and both warpgroups have
         // finished step t − 2 (waited at the end of step t − 1), whose buffer step t + AHEAD
-        // refills.
+        // refills: after step t's products are queued, so that the tensor cores hold two
+        // steps' work while the copies are issued.
         cp_async_wait_pending<EXPERT_AHEAD - 1>();
         if constexpr (PREPARED) {
             __syncthreads();
@@ -112,11 +113,11 @@ __device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load
         }
         fence_proxy_async();
         __syncthreads();
-        if (t + EXPERT_AHEAD < steps) load(t + EXPERT_AHEAD, buffer(t + EXPERT_AHEAD));
-        cp_async_commit();
         wgmma_fence();
         product(t, buffer(t));
         wgmma_commit();
+        if (t + EXPERT_AHEAD < steps) load(t + EXPERT_AHEAD, buffer(t + EXPERT_AHEAD));
+        cp_async_commit();
         wgmma_wait<1>();
     }
     wgmma_wait<0>();
