@@ -753,6 +753,21 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         if (kb > 0) pass_turn(turns + tile, last - kb + 1);
     };
 
+    // The other warpgroup's part of this thread's dQ columns, handed over at the end of the
+    // step before (see there), added to its own.
+    float4* handed = (float4*)halves + wg * 4 * 128;
+    const float4* received = (const float4*)halves + (1 - wg) * 4 * 128;
+    auto receive = [&] {
+#pragma unroll
+        for (int n = 0; n < 4; n++) {
+            const float4 r = received[n * 128 + tid];
+            pending[n][0] += r.x;
+            pending[n][1] += r.y;
+            pending[n][2] += r.z;
+            pending[n][3] += r.w;
+        }
+    };
+
     // acc += A · B, queued as one group: A the 64 keys × 64 queries of `from` (Pᵀ or dSᵀ) rounded
     // into `frags` (which the hardware reads until the wait), B the tile (dO or Q) read transposed.
     auto queue_product = [&](float (&acc)[D / 8][4], unsigned (&frags)[QT / 16][4], const float (&from)[QT / 8][4], const unsigned char* tile) {
@@ -813,7 +828,10 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         // warp is past it: the barrier above), once the products are queued.
         if (t + 1 < steps) load_step(next, (t + 1) % 2);
         cp_async_commit();
-        if (t > 0) add_pending(before);
+        if (t > 0) {
+            receive();
+            add_pending(before);
+        }
         wgmma_wait<1>();
         fence_operands(flat(st));
         // Query rows past the sequence see zero Q and dO (and lse, Δ): P is 1 there but dS and dO
@@ -872,28 +890,28 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         fence_operands(pa);
         fence_operands(da);
         // The parts meet: warpgroup w hands over the columns of the other (n-tiles 4(1 − w)..)
-        // and adds those it gets to its own (n-tiles 4w..). The partner thread of the other
-        // warpgroup holds the same positions, so one 16-byte slot per (n-tile, thread): an
-        // n-tile's four values in one store and one load, consecutive threads' slots adjacent.
-        float4* handed = (float4*)halves + wg * 4 * 128;
-        const float4* received = (const float4*)halves + (1 - wg) * 4 * 128;
+        // and keeps its own (n-tiles 4w..), to which it adds what it receives next step, after
+        // the barrier that step starts with (a barrier of its own here was a fifth a step; the
+        // next step's middle barrier comes before the slots are written again). The partner
+        // thread of the other warpgroup holds the same positions, so one 16-byte slot per
+        // (n-tile, thread): an n-tile's four values in one store and one load, consecutive
+        // threads' slots adjacent. The halves are selected by value: the warpgroup is not known
+        // at compile time, and predicated copies of either half took twice the moves.
 #pragma unroll
-        for (int nt = 0; nt < D / 8; nt++)
-            if (nt / 4 != wg) handed[(nt % 4) * 128 + tid] = make_float4(dq[nt][0], dq[nt][1], dq[nt][2], dq[nt][3]);
-        __syncthreads();
+        for (int n = 0; n < 4; n++) {
+            float other[4];
 #pragma unroll
-        for (int nt = 0; nt < D / 8; nt++)
-            if (nt / 4 == wg) {
-                const float4 r = received[(nt % 4) * 128 + tid];
-                pending[nt % 4][0] = dq[nt][0] + r.x;
-                pending[nt % 4][1] = dq[nt][1] + r.y;
-                pending[nt % 4][2] = dq[nt][2] + r.z;
-                pending[nt % 4][3] = dq[nt][3] + r.w;
+            for (int e = 0; e < 4; e++) {
+                pending[n][e] = wg ? dq[4 + n][e] : dq[n][e];
+                other[e] = wg ? dq[n][e] : dq[4 + n][e];
             }
-        // Added to the accumulator next step, while that step's first products run.
+            handed[n * 128 + tid] = make_float4(other[0], other[1], other[2], other[3]);
+        }
         before = step;
         step = next;
     }
+    __syncthreads();  // the last step's halves handed over
+    receive();
     add_pending(before);
 
     for (int r = 0; r < 2; r++) {
