@@ -84,11 +84,11 @@ pub fn router_phase(words: usize) -> Phase {
 }
 
 /// The phase of the head, at the turn between the last block's forward and the first one's
-/// backward: one request, `classifier`, of `elements` f32 elements (`Backend::classifier_scratch_len`:
-/// a chunk of logits and what else the fused classifier keeps). Empty for no elements.
+/// backward: one request, `classifier`, of `elements` f32 elements
+/// (`Backend::classifier_scratch_len`: a chunk of logits and what else the fused classifier
+/// keeps).
 pub fn head_phase(elements: usize) -> Phase {
-    let requests = if elements > 0 { vec![Request::new("classifier", 4 * elements as u64, 0, 1).f32()] } else { Vec::new() };
-    Phase { name: "head".into(), ops: 1, requests }
+    Phase { name: "head".into(), ops: 1, requests: vec![Request::new("classifier", 4 * elements as u64, 0, 1).f32()] }
 }
 
 /// By default the experts run on at most this many routed rows at a time (chunks of their
