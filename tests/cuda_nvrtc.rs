@@ -6,7 +6,8 @@
 //! printed, and a bf16 one that keeps anything in local memory (a stack frame: spilled
 //! registers, or a register array the compiler could not index statically) fails, as does one
 //! whose wgmmas ptxas serializes. With `MOTLEY_NVDISASM` naming NVIDIA's `nvdisasm` as well, the
-//! Hopper kernels' SASS is checked for what ptxas may reorder (`waits_follow_exponentials`).
+//! Hopper kernels' SASS is checked for the order their loops were written in
+//! (`waits_follow_exponentials`, `products_precede_copies`).
 //!
 //! Needs libnvrtc on the library path and the CUDA headers (cuda_bf16.h, mma.h) in
 //! `MOTLEY_CUDA_INCLUDE`, or a Python venv with NVIDIA's wheels in `MOTLEY_CUDA_HOME`;
@@ -64,6 +65,7 @@ fn every_kernel_compiles_for_sm90a() {
                             );
                             if let Some(sass) = &assembled.sass {
                                 failures.extend(file.hopper.iter().filter_map(|k| waits_follow_exponentials(sass, k).err()));
+                                failures.extend(file.hopper.iter().filter_map(|k| products_precede_copies(sass, k).err()));
                             }
                         }
                         Ok(_) => {}
@@ -140,6 +142,27 @@ fn disassemble(nvdisasm: &std::ffi::OsStr, cubin: &std::path::Path) -> Result<St
     Ok(String::from_utf8_lossy(&run.stdout).into_owned())
 }
 
+/// The SASS lines of `kernel` in `sass` (`nvdisasm -c`), and its loops: a branch back to an
+/// earlier label, as (label line, branch line), in the order their branches appear.
+fn kernel_loops<'a>(sass: &'a str, kernel: &str) -> Result<(Vec<&'a str>, Vec<(usize, usize)>), String> {
+    let header = format!(".text.{kernel}:");
+    let body: Vec<&str> = sass.lines().skip_while(|l| !l.starts_with(&header)).skip(1).take_while(|l| !l.starts_with(".text.")).collect();
+    if body.is_empty() {
+        return Err(format!("{kernel}: not in the SASS"));
+    }
+    let (mut labels, mut loops) = (std::collections::HashMap::new(), Vec::new());
+    for (i, line) in body.iter().enumerate() {
+        if let Some(label) = line.strip_suffix(':').filter(|l| l.starts_with(".L_x_")) {
+            labels.insert(label, i);
+        } else if let Some(target) = line.contains("BRA").then(|| line.split('(').nth(1).and_then(|t| t.split(')').next())).flatten() {
+            if let Some(&start) = labels.get(target) {
+                loops.push((start, i));
+            }
+        }
+    }
+    Ok((body, loops))
+}
+
 /// In `kernel`'s largest loop, no wait for every wgmma group (`WARPGROUP.DEPBAR.LE gsb0, 0x0`)
 /// before the loop's last exponential (`MUFU.EX2`): a softmax written to run while a product is
 /// in flight must not wait for it first. ptxas is free to hoist such a wait (it did so in the
@@ -147,26 +170,8 @@ fn disassemble(nvdisasm: &std::ffi::OsStr, cubin: &std::path::Path) -> Result<St
 /// its P V instead of beside it), so what the source intends is checked in what runs. Loops
 /// without exponentials pass.
 fn waits_follow_exponentials(sass: &str, kernel: &str) -> Result<(), String> {
-    let header = format!(".text.{kernel}:");
-    let body: Vec<&str> = sass.lines().skip_while(|l| !l.starts_with(&header)).skip(1).take_while(|l| !l.starts_with(".text.")).collect();
-    if body.is_empty() {
-        return Err(format!("{kernel}: not in the SASS"));
-    }
-    // A loop: a branch back to an earlier label; the largest is the kernel's main loop.
-    let mut labels = std::collections::HashMap::new();
-    let mut largest = None::<(usize, usize)>;
-    for (i, line) in body.iter().enumerate() {
-        if let Some(label) = line.strip_suffix(':').filter(|l| l.starts_with(".L_x_")) {
-            labels.insert(label, i);
-        } else if let Some(target) = line.contains("BRA").then(|| line.split('(').nth(1).and_then(|t| t.split(')').next())).flatten() {
-            if let Some(&start) = labels.get(target) {
-                if largest.is_none_or(|(a, b)| i - start > b - a) {
-                    largest = Some((start, i));
-                }
-            }
-        }
-    }
-    let Some((start, end)) = largest else { return Ok(()) };
+    let (body, loops) = kernel_loops(sass, kernel)?;
+    let Some(&(start, end)) = loops.iter().max_by_key(|(a, b)| b - a) else { return Ok(()) };
     let in_loop = &body[start..=end];
     let last_exp = in_loop.iter().rposition(|l| l.contains("MUFU.EX2"));
     let first_full_wait = in_loop.iter().position(|l| l.contains("WARPGROUP.DEPBAR.LE gsb0, 0x0"));
@@ -178,4 +183,22 @@ fn waits_follow_exponentials(sass: &str, kernel: &str) -> Result<(), String> {
         )),
         _ => Ok(()),
     }
+}
+
+/// In every loop of `kernel` that both multiplies (`HGMMA`) and stages tiles (`LDGSTS`, cp.async),
+/// the first product comes before the first copy: after the barrier that says a step's tiles
+/// have arrived, the tensor cores get the step's work before each thread issues its share of a
+/// later step's copies (tens to a hundred instructions a warp in these kernels).
+fn products_precede_copies(sass: &str, kernel: &str) -> Result<(), String> {
+    let (body, loops) = kernel_loops(sass, kernel)?;
+    for (start, end) in loops {
+        let in_loop = &body[start..=end];
+        let first = |what: &str| in_loop.iter().position(|l| l.contains(what));
+        if let (Some(product), Some(copy)) = (first("HGMMA"), first("LDGSTS")) {
+            if copy < product {
+                return Err(format!("{kernel}: the loop at SASS line {start} issues a copy (line {}) before its first product (line {})", start + copy, start + product));
+            }
+        }
+    }
+    Ok(())
 }
