@@ -142,9 +142,14 @@ fn disassemble(nvdisasm: &std::ffi::OsStr, cubin: &std::path::Path) -> Result<St
     Ok(String::from_utf8_lossy(&run.stdout).into_owned())
 }
 
-/// The SASS lines of `kernel` in `sass` (`nvdisasm -c`), and its loops: a branch back to an
-/// earlier label, as (label line, branch line), in the order their branches appear.
-fn kernel_loops<'a>(sass: &'a str, kernel: &str) -> Result<(Vec<&'a str>, Vec<(usize, usize)>), String> {
+/// One kernel's SASS lines (`nvdisasm -c`) and its loops: a branch back to an earlier label, as
+/// (label line, branch line), in the order their branches appear.
+struct KernelSass<'a> {
+    body: Vec<&'a str>,
+    loops: Vec<(usize, usize)>,
+}
+
+fn kernel_loops<'a>(sass: &'a str, kernel: &str) -> Result<KernelSass<'a>, String> {
     let header = format!(".text.{kernel}:");
     let body: Vec<&str> = sass.lines().skip_while(|l| !l.starts_with(&header)).skip(1).take_while(|l| !l.starts_with(".text.")).collect();
     if body.is_empty() {
@@ -160,7 +165,7 @@ fn kernel_loops<'a>(sass: &'a str, kernel: &str) -> Result<(Vec<&'a str>, Vec<(u
             }
         }
     }
-    Ok((body, loops))
+    Ok(KernelSass { body, loops })
 }
 
 /// In `kernel`'s largest loop, no wait for every wgmma group (`WARPGROUP.DEPBAR.LE gsb0, 0x0`)
@@ -170,7 +175,7 @@ fn kernel_loops<'a>(sass: &'a str, kernel: &str) -> Result<(Vec<&'a str>, Vec<(u
 /// its P V instead of beside it), so what the source intends is checked in what runs. Loops
 /// without exponentials pass.
 fn waits_follow_exponentials(sass: &str, kernel: &str) -> Result<(), String> {
-    let (body, loops) = kernel_loops(sass, kernel)?;
+    let KernelSass { body, loops } = kernel_loops(sass, kernel)?;
     let Some(&(start, end)) = loops.iter().max_by_key(|(a, b)| b - a) else { return Ok(()) };
     let in_loop = &body[start..=end];
     let last_exp = in_loop.iter().rposition(|l| l.contains("MUFU.EX2"));
@@ -190,7 +195,7 @@ fn waits_follow_exponentials(sass: &str, kernel: &str) -> Result<(), String> {
 /// have arrived, the tensor cores get the step's work before each thread issues its share of a
 /// later step's copies (tens to a hundred instructions a warp in these kernels).
 fn products_precede_copies(sass: &str, kernel: &str) -> Result<(), String> {
-    let (body, loops) = kernel_loops(sass, kernel)?;
+    let KernelSass { body, loops } = kernel_loops(sass, kernel)?;
     for (start, end) in loops {
         let in_loop = &body[start..=end];
         let first = |what: &str| in_loop.iter().position(|l| l.contains(what));
