@@ -69,11 +69,6 @@ pub struct BackendTransients {
     pub attention_scratch: u64,
 }
 
-impl BackendTransients {
-    /// The CPU backend's: f32 activations, rows gathered, no attention scratch.
-    pub const CPU: BackendTransients = BackendTransients { act_bytes: 4, fused_gather: false, attention_scratch: 0 };
-}
-
 /// The phase of a MoE layer's routing, before its forward phase (whose sizes the routing
 /// decides): one request, `route`, of `words` f32 elements (`Backend::route_scratch_len`: the
 /// device router's scratch, dead once the slots are read back). Empty where routing runs on
@@ -171,18 +166,21 @@ mod tests {
     use crate::memory::plan::{plan, verify, Strategy};
     use crate::model::config::Routing;
 
+    /// What the CPU backend decides: f32 activations, rows gathered, no attention scratch.
+    const CPU: BackendTransients = BackendTransients { act_bytes: 4, fused_gather: false, attention_scratch: 0 };
+
     #[test]
     fn phases_are_well_formed_and_plannable() {
         let m = ModelConfig { vocab_size: 64, d_model: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, seq_len: 24, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
         let moe = MoeConfig { expert_widths: vec![8, 16, 24, 40], routing: Routing::TopK, top_k: 2, top_p: 0.6, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
         // As a GPU's: an attention scratch.
-        let be = BackendTransients { attention_scratch: 4096, ..BackendTransients::CPU };
+        let be = BackendTransients { attention_scratch: 4096, ..CPU };
         let (f, b) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], EXPERT_CHUNK_ROWS, GateUp::Save, be);
         let (fr, br) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], EXPERT_CHUNK_ROWS, GateUp::Recompute, be);
         assert_eq!((fr.requests[fwd::GU].name.as_str(), br.requests[bwd::GU].name.as_str()), ("gu", "gu"));
         assert_eq!((fr.requests.len(), br.requests.len()), (f.requests.len() + 1, b.requests.len() + 1));
         assert_eq!((b.requests[bwd::ATTN].name.as_str(), b.requests[bwd::ATTN].size), ("attn", 4096));
-        let (_, cpu) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], EXPERT_CHUNK_ROWS, GateUp::Save, BackendTransients::CPU);
+        let (_, cpu) = block_phases(&m, &moe, 2, 12, &[12, 12, 12, 12], EXPERT_CHUNK_ROWS, GateUp::Save, CPU);
         assert_eq!(cpu.requests[bwd::ATTN].size, 0, "the CPU's attention backward takes no scratch");
         for phase in [&f, &b, &fr, &br] {
             assert!(phase.requests.iter().all(|r| r.start < r.end && r.end <= phase.ops && r.size > 0), "{}", phase.name);
