@@ -690,8 +690,9 @@ fn softmax(s: Storage) {
 }
 
 /// The router's backward (in softmax.cu) on a real routing of 600 tokens (three blocks of the
-/// grid-stride launch, so the capped grid loops): Top-P with every aux loss on (1 to 6 experts a token), and
-/// Top-K with none (the branches without the log).
+/// grid-stride launch, so the capped grid loops): Top-P with every aux loss on (1 to 6 experts a
+/// token), and Top-K with none (the branches without the log); bitwise the CPU's f32 values
+/// rounded to activation storage.
 fn router_bwd(s: Storage) {
     use motley::model::config::{MoeConfig, Routing as Kind};
     use motley::model::router;
@@ -721,7 +722,7 @@ fn router_bwd(s: Storage) {
             let (dg, pb, zb) = (g.f32("dgate", &dgate), g.f32("probs", &p), g.f32("logits", &z));
             let (off, sl, ex) = (g.u32("offsets", grad.by_token.offsets), g.u32("slots", grad.by_token.slots), g.u32("slot_expert", grad.slot_expert));
             let (gate, aux) = (g.f32("gate", grad.gate), g.f32("aux", &[grad.load_balance, grad.p_penalty].concat()));
-            let dz = g.nan("dlogits", Elem::F32, n * e);
+            let dz = g.nan("dlogits", g.act_elem(), n * e);
             let buffers = [&dz, &dg, &pb, &zb, &off, &sl, &ex, &gate, &aux].map(|b| b.arg());
             let scalars = [Arg::F32(grad.entropy), Arg::F32(grad.z_loss), Arg::I32(n as i32), Arg::I32(e as i32)];
             g.run("router_bwd", g.grid_stride(n), &buffers.into_iter().chain(scalars).collect::<Vec<_>>());
@@ -731,7 +732,7 @@ fn router_bwd(s: Storage) {
         };
         let mut want = vec![0.0; n * e];
         cpu.router_bwd(&mut want, &dgate, &p, &z, grad);
-        ch.exact(&format!("router_bwd ({name})"), &want, &got[0]);
+        ch.exact(&format!("router_bwd ({name})"), &act(s, &want), &got[0]);
     }
     ch.finish();
 }

@@ -307,7 +307,7 @@ case!(RouterBackward, |be| {
     let (offsets, slots) = routing.by_token();
     let args = router::BackwardArgs::new(&routing, &moe);
     let (dgate, pb, zb) = (up_f32(be, &data(32, routing.n_slots())), up_f32(be, &p), up_f32(be, &z));
-    let mut dz = be.alloc_f32(n * e);
+    let mut dz = be.alloc(n * e);
     be.router_bwd(B::full_mut(&mut dz), B::full(&dgate), B::full(&pb), B::full(&zb), args.grad(&routing, TokenSlots { offsets: &offsets, slots: &slots }));
     vec![down(be, &dz)]
 });
@@ -355,17 +355,6 @@ case!(Classifier, |be| { classifier_case(be, 70, 64, 1000) });
 // dW accumulated across them.
 case!(ClassifierChunks, |be| { classifier_case(be, 2800, 32, 50_000) });
 
-// An f32 operand against one in activation storage (the router's backward), into an output of
-// each kind: with bf16 storage the f32 operand is rounded first.
-case!(MixedMatmul, |be| {
-    let (m, k, n) = (40, 24, 33);
-    let (a, b) = (up_f32(be, &data(35, m * k)), up(be, &data(36, k * n)));
-    let (mut act, mut f32_out) = (be.alloc(m * n), be.alloc_f32(m * n));
-    be.matmul(B::full_mut(&mut act), B::full(&a), B::full(&b), m, k, n, false, false, false);
-    be.matmul(B::full_mut(&mut f32_out), B::full(&a), B::full(&b), m, k, n, false, false, false);
-    vec![down(be, &act), down(be, &f32_out)]
-});
-
 case!(AdamWStep, |be| {
     let n = 10_007;
     let (mut p, mut m, mut v) = (up_f32(be, &data(31, n)), up_f32(be, &data(32, n)), up_f32(be, &data(33, n).iter().map(|x| x.abs()).collect::<Vec<_>>()));
@@ -405,11 +394,10 @@ parity_test!(rope, Rope, F32_TOL, BF16_TOL);
 parity_test!(attention, Attention, ATTN_TOL, BF16_ATTN_TOL);
 parity_test!(swiglu, SwiGlu, F32_TOL, BF16_TOL);
 parity_test!(softmax_rows, SoftmaxRows, F32_TOL, F32_TOL);
-parity_test!(router_backward, RouterBackward, F32_TOL, F32_TOL);
+parity_test!(router_backward, RouterBackward, F32_TOL, BF16_TOL);
 parity_test!(permute, Permute, F32_TOL, BF16_TOL);
 parity_test!(classifier, Classifier, TF32_TOL, BF16_GEMM_TOL);
 parity_test!(classifier_chunks, ClassifierChunks, TF32_TOL, BF16_GEMM_TOL);
-parity_test!(mixed_matmul, MixedMatmul, TF32_TOL, BF16_GEMM_TOL);
 // bf16: the GPU's f32 update may differ from the CPU's by an ulp (FMA contraction), which can
 // round one element of the bf16 working copy the other way: 2⁻⁸ of the scale.
 parity_test!(adamw, AdamWStep, F32_TOL, BF16_ROUNDING_TOL);

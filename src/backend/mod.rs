@@ -16,9 +16,9 @@
 //! weights are read from the working copy (activation storage, see
 //! [`Backend::uses_working_copy`]); weight gradients are f32 (`rmsnorm_bwd`'s `dw`,
 //! `embedding_bwd`'s `dtable`, the classifier's `dw`, and `matmul` outputs into gradients);
-//! statistics are f32 (`rstd`, `lse`, the rotary table, router logits and probabilities with
-//! their gradients); everything else is activation storage. `matmul` writes either kind, and
-//! when `a` and `b` differ it rounds the f32 operand to activation precision first.
+//! statistics are f32 (`rstd`, `lse`, the rotary table, router logits and probabilities, the
+//! slot gates' gradient); everything else is activation storage, the router logits' gradient
+//! included (two GEMMs read it). `matmul`'s operands share one kind; it writes either kind.
 
 pub mod cpu;
 pub mod cuda_scratch;
@@ -525,9 +525,9 @@ pub trait Backend: Send + Sync {
     // ---- router ---------------------------------------------------------------------------------
     /// Row-wise softmax, `(rows, cols)`.
     fn softmax_rows(&self, out: Self::ViewMut<'_>, logits: Self::View<'_>, rows: usize, cols: usize);
-    /// The router's backward through its softmax: overwrites `dlogits (N, E)` from the slot
-    /// gates' gradient `dgate (S)`, the saved `probs` and `logits` and the routing in `grad`
-    /// (all f32). Per token, with `g_s = P_e(s) / Σ_{s' ∈ slots(t)} P_e(s')`, `lse = ln Σ exp z`:
+    /// The router's backward through its softmax: overwrites `dlogits (N, E)`, activation
+    /// storage (the GEMMs into dx and dW_router read it), from the slot gates' gradient
+    /// `dgate (S)`, the saved `probs` and `logits` (f32) and the routing in `grad`, in f32. Per token, with `g_s = P_e(s) / Σ_{s' ∈ slots(t)} P_e(s')`, `lse = ln Σ exp z`:
     /// `dP_i = Σ_{s: e(s) = i} (dgate_s − Σ_s' dgate_s' g_s') / Σ_s' P_e(s') + lb_i + pp_i
     ///  − entropy · (ln P_i + 1) / N` (the entropy term only where `P_i > 0`), then
     /// `dlogits = P ⊙ (dP − ⟨dP, P⟩) + z_loss · 2 · lse · P / N`. Runs on the device, so the

@@ -142,7 +142,7 @@ pub fn block_phases(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usi
         Request::new("dxe", b(s * c), 2, x + 1).routed(),
         Request::new("dxn2", b(n * c), x, x + 6),
         Request::new("dgate", 4 * s, 1, x + 2).f32().routed(),
-        Request::new("dlogits", 4 * n * e, x + 1, x + 4).f32(),
+        Request::new("dlogits", b(n * e), x + 1, x + 4),
         Request::new("dx2", b(n * c), x + 4, x + 14),
         Request::new("datt", b(n * a), x + 6, x + 9),
         Request::new("dqkv", b(n * w), x + 8, x + 12),

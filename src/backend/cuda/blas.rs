@@ -1,4 +1,4 @@
-//! Row-major matmuls on cuBLASLt (column-major underneath), with mixed operand types and a cache
+//! Row-major matmuls on cuBLASLt (column-major underneath), into f32 or the inputs' type, with a cache
 //! of matmul plans.
 //!
 //! A row-major `m×n` matrix is the column-major `n×m` transpose, so `out = op(a)·op(b)` is

@@ -123,12 +123,6 @@ impl DevView<'_> {
     }
 }
 
-impl DevBuf {
-    fn operand(&self) -> Operand {
-        Operand { ptr: self.ptr, storage: self.storage }
-    }
-}
-
 impl DevViewMut<'_> {
     fn len(&self) -> usize {
         self.len
@@ -411,15 +405,6 @@ impl CudaBackend {
         // SAFETY: `f32_to_act(act_t*, const float*, size_t)` / `act_to_f32(float*, const act_t*,
         // size_t)`; both ranges hold n elements of their types.
         ok(unsafe { self.stream.launch_builder(f).arg(&dst).arg(&src).arg(&n).launch(grid_stride(n)) }, "convert");
-    }
-
-    /// `v` in activation storage: itself, or an f32 view rounded into a new buffer.
-    fn as_act(&self, v: DevView<'_>) -> Option<DevBuf> {
-        (v.storage != self.storage()).then(|| {
-            let buf = self.scratch_storage(v.len, self.storage()); // convert writes all of it
-            self.convert(buf.ptr, buf.storage, v.ptr, v.len);
-            buf
-        })
     }
 
     /// The row gather shared by `gather_rows` and `gather_rows_scaled`.
@@ -716,23 +701,20 @@ impl Backend for CudaBackend {
             return;
         }
         assert!(out.len() == m * n && a.len() == m * k && b.len() == k * n, "matmul {m}×{k}×{n}: buffer sizes {} {} {}", a.len(), b.len(), out.len());
-        // Mixed operands (f32 router gradients against bf16 weights or activations): the f32
-        // one is rounded to activation storage, as every other activation gradient is.
-        let (a_act, b_act) = if a.storage == b.storage { (None, None) } else { (self.as_act(a), self.as_act(b)) };
+        expect("matmul", "b", b.storage, a.storage);
         self.bind();
-        let a_op = a_act.as_ref().map_or(a.operand(), DevBuf::operand);
-        let b_op = b_act.as_ref().map_or(b.operand(), DevBuf::operand);
-        self.blas.matmul(out.operand(), a_op, b_op, m, k, n, ta, tb, accumulate.then(|| out.operand()));
+        self.blas.matmul(out.operand(), a.operand(), b.operand(), m, k, n, ta, tb, accumulate.then(|| out.operand()));
     }
 
     fn matmul_residual(&self, out: DevViewMut<'_>, residual: DevView<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, tb: bool) {
-        if m * n == 0 || k == 0 || a.storage != b.storage {
-            // Nothing to multiply, or mixed operands (rounded first by `matmul`): copy and add.
+        if m * n == 0 || k == 0 {
+            // Nothing to multiply: the residual is the result.
             return copy_then_matmul(self, out, residual, a, b, m, k, n, tb);
         }
         let _span = self.span("matmul", || Work::computing(2.0 * (m * k * n) as f64, a.bytes() + b.bytes() + residual.bytes() + out.bytes()));
         assert!(out.len() == m * n && residual.len() == m * n && a.len() == m * k && b.len() == k * n, "matmul_residual {m}×{k}×{n}: buffer sizes {} {} {} {}", a.len(), b.len(), residual.len(), out.len());
         expect("matmul_residual", "residual", residual.storage, out.storage);
+        expect("matmul_residual", "b", b.storage, a.storage);
         self.bind();
         self.blas.matmul(out.operand(), a.operand(), b.operand(), m, k, n, false, tb, Some(residual.operand()));
     }
@@ -1002,7 +984,8 @@ impl Backend for CudaBackend {
         assert!(dlogits.len() == n * e && probs.len() == n * e && logits.len() == n * e, "router_bwd: dlogits, probs and logits must be (N = {n}, E = {e})");
         let s = grad.gate.len();
         assert!(dgate.len() == s && grad.slot_expert.len() == s && grad.by_token.slots.len() == s && grad.p_penalty.len() == e, "router_bwd: slot and expert lengths");
-        for (arg, st) in [("dlogits", dlogits.storage), ("dgate", dgate.storage), ("probs", probs.storage), ("logits", logits.storage)] {
+        expect("router_bwd", "dlogits", dlogits.storage, self.storage());
+        for (arg, st) in [("dgate", dgate.storage), ("probs", probs.storage), ("logits", logits.storage)] {
             expect("router_bwd", arg, st, Storage::F32);
         }
         let (offsets, slots, slot_expert) = (self.upload_u32(grad.by_token.offsets), self.upload_u32(grad.by_token.slots), self.upload_u32(grad.slot_expert));
@@ -1012,7 +995,7 @@ impl Backend for CudaBackend {
         let mut l = self.stream.launch_builder(&self.k.router_bwd);
         l.arg(&dlogits.ptr).arg(&dgate.ptr).arg(&probs.ptr).arg(&logits.ptr).arg(&offsets.ptr).arg(&slots.ptr).arg(&slot_expert.ptr).arg(&gate.ptr).arg(&aux.ptr);
         l.arg(&grad.entropy).arg(&grad.z_loss).arg(&ni).arg(&ei);
-        // SAFETY: `router_bwd(float*, const float*, const float*, const float*, const unsigned*,
+        // SAFETY: `router_bwd(act_t*, const float*, const float*, const float*, const unsigned*,
         // const unsigned*, const unsigned*, const float*, const float*, float, float, int, int)`;
         // lengths asserted above (offsets has n + 1 entries, every slot index < s).
         ok(unsafe { l.launch(grid_stride(n)) }, "router_bwd");
