@@ -570,14 +570,22 @@ fn norm_with(s: Storage, vec: i32) {
         // The backward reads the CPU's rstd, as the CPU's backward does.
         let (residual, dw, dyb, rsb) = (g.act("residual", &dx0), g.f32("dw", &dw0), g.act("dout", &dy), g.f32("rstd_in", &want_rstd));
         let (dx, dx_alone) = (g.nan("dx", g.act_elem(), n * c), g.nan("dx (no residual)", g.act_elem(), n * c));
-        let (partial_cfg, chunks) = launch::rmsnorm_dw_partial(n, c);
-        let part = g.nan("part", Elem::F32, chunks * c);
-        let (ni, ci) = (n as i32, c as i32);
+        let ci = c as i32;
         g.run("rmsnorm_bwd_dx", per_row(n), &[dx.arg(), residual.arg(), dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci), Arg::I32(vec)]);
         g.run("rmsnorm_bwd_dx", per_row(n), &[dx_alone.arg(), Arg::Null, dyb.arg(), xb.arg(), wb.arg(), rsb.arg(), Arg::I32(ci), Arg::I32(vec)]);
-        g.run("rmsnorm_dw_partial", partial_cfg, &[part.arg(), dyb.arg(), xb.arg(), rsb.arg(), Arg::I32(ni), Arg::I32(ci), Arg::I32(ROW_CHUNK as i32)]);
-        g.run("rmsnorm_dw_reduce", g.grid_stride(c), &[dw.arg(), part.arg(), Arg::I32(chunks as i32), Arg::I32(ci)]);
-        vec![out, rs, dx, dw, dx_alone]
+        // dW as the backend launches it (one pass here), and in passes of one chunk each (64,
+        // 64 and 22 rows: the last partial) over a scratch of c partial sums.
+        let dw_passes = g.f32("dw (passes)", &dw0);
+        for (max_partials, dw) in [(launch::RMSNORM_PARTIALS, &dw), (c, &dw_passes)] {
+            let part = g.nan("part", Elem::F32, max_partials);
+            for pass in launch::rmsnorm_dw_passes(n, c, max_partials) {
+                let at = pass.first_row * c;
+                let args = [part.arg(), dyb.at(at), xb.at(at), rsb.at(pass.first_row), Arg::I32(pass.rows as i32), Arg::I32(ci), Arg::I32(ROW_CHUNK as i32)];
+                g.run("rmsnorm_dw_partial", pass.cfg, &args);
+                g.run("rmsnorm_dw_reduce", g.grid_stride(c), &[dw.arg(), part.arg(), Arg::I32(pass.chunks as i32), Arg::I32(ci)]);
+            }
+        }
+        vec![out, rs, dx, dw, dx_alone, dw_passes]
     }) else {
         return;
     };
@@ -590,6 +598,7 @@ fn norm_with(s: Storage, vec: i32) {
     ch.close32("rmsnorm_bwd dx", &want_dx, &got[2], tol(s));
     ch.close32("rmsnorm_bwd dx without a residual", &want_dx_alone, &got[4], tol(s));
     ch.exact("rmsnorm_bwd dw", &want_dw, &got[3]);
+    ch.exact("rmsnorm_bwd dw in three passes", &want_dw, &got[5]);
     ch.finish();
 }
 

@@ -1,6 +1,6 @@
 //! The memory plan against the CUDA backend's measured device memory, per MEMO policy: what a
 //! training step adds to the device pool's high-water mark over what lives before it (weights,
-//! gradients, optimizer state, cuBLASLt's workspace, the upload ring once made), against what
+//! gradients, optimizer state, the backend's fixed buffers, the upload ring once made), against what
 //! `plan-memory` plans for it (skeletal peak + transient arena + boundary + the classifier's
 //! chunk, and the upload ring in the first case, which makes it).
 //!
@@ -22,7 +22,7 @@
 mod emu_build;
 
 use motley::backend::cuda::{CudaBackend, Storage};
-use motley::backend::cuda_scratch::BLAS_WORKSPACE_BYTES;
+use motley::backend::cuda_scratch::FIXED_BYTES;
 use motley::config::Config;
 use motley::memory::report::plan_report;
 use motley::model::Model;
@@ -50,7 +50,7 @@ fn planned_and_measured(be: &CudaBackend, config: &Config, batch: usize, seq: us
     model.forward_backward(be, &mut store, &stream[..batch * seq], &stream[1..], batch, seq).unwrap();
     opt.update(be, &model.layout, &mut model.params, &model.grads, 1e-3);
     be.synchronize().unwrap();
-    let planned_before = report.static_bytes + BLAS_WORKSPACE_BYTES as u64 + ring_before;
+    let planned_before = report.static_bytes + FIXED_BYTES as u64 + ring_before;
     (report.device_bytes - planned_before, be.peak_device_bytes().unwrap() - before)
 }
 

@@ -929,3 +929,28 @@ fn route_matches_host_selection() {
     let mut scratch = be.alloc_scratch(64 * n, motley::backend::Precision::F32);
     assert!(be.route(B::full(&pb), B::full(&zb), n, e, rule, B::full_mut(&mut scratch)).is_none(), "65 experts: routed on the device");
 }
+
+/// RMSNorm's weight gradient where its partial sums outgrow the reductions' scratch, so the
+/// backend takes it in passes (at RMSNORM_PARTIALS = 2¹⁹ floats: 70 rows of 2¹⁹ on the emulator,
+/// passes of 64 and 6 rows; 40,000 rows of 1024 on a GPU, 32,768 and 7,232), against the CPU,
+/// which sums the same chunks in one go. A pass reading another pass's rows fails it.
+#[test]
+fn rmsnorm_weight_gradient_in_passes() {
+    type B = CudaBackend;
+    let Some(be) = gpu(Storage::F32) else { return };
+    let (n, c) = if real_gpu(&be) { (40_000, 1024) } else { (70, 1 << 19) };
+    assert!(n * c > motley::backend::cuda::launch::RMSNORM_PARTIALS * motley::backend::cuda::launch::ROW_CHUNK, "one pass would do");
+    let (x, w, dy) = (data(50, n * c), data(51, c), data(52, n * c));
+    let cpu = Cpu::new(2);
+    let (mut out, mut rstd) = (vec![0.0; n * c], vec![0.0; n]);
+    cpu.rmsnorm_fwd(&mut out, &mut rstd, &x, &w, n, c, 1e-5);
+    let (mut dx, mut want) = (vec![0.0; n * c], data(53, c));
+    let dw0 = want.clone();
+    cpu.rmsnorm_bwd(&mut dx, &mut want, &dy, &x, &w, &rstd, None, n, c);
+    let (xb, wb, dyb, rb) = (up(&be, &x), up(&be, &w), up(&be, &dy), up_f32(&be, &rstd));
+    let (mut dxb, mut dwb) = (be.alloc(n * c), up_f32(&be, &dw0));
+    be.rmsnorm_bwd(B::full_mut(&mut dxb), B::full_mut(&mut dwb), B::full(&dyb), B::full(&xb), B::full(&wb), B::full(&rb), None, n, c);
+    let err = error(&want, &down(&be, &dwb));
+    eprintln!("rmsnorm dW over {n} rows of {c}: normalised max error {err:.2e} (tol {F32_TOL:.0e})");
+    assert!(err <= F32_TOL, "rmsnorm dW in passes: {err:.3e}");
+}

@@ -1,5 +1,5 @@
-//! Device memory the CUDA backend needs besides the model's tensors: the cuBLASLt workspace and
-//! the upload ring, which it holds beside the memory plan, and the scratch of the device
+//! Device memory the CUDA backend needs besides the model's tensors: the cuBLASLt workspace, the
+//! reductions' scratch and the upload ring, which it holds beside the memory plan, and the scratch of the device
 //! router, the attention backward and the fused classifier, which the plan places in the
 //! transient arena (a phase of its own, a request of the block's backward, the head's phase).
 //! Here, outside the `cuda` feature, so that `plan-memory` counts them with the same numbers the
@@ -15,6 +15,15 @@ pub const LOGITS_BUDGET: usize = 1 << 27;
 
 /// cuBLASLt's workspace: its recommended size on Hopper (32 MiB; 4 MiB suffices before it).
 pub const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The reductions' scratch: the partial sums an op writes and reads back within one call
+/// (RMSNorm's weight gradient, Σx² for the gradient norm). Every op runs on one stream, so one
+/// buffer serves them all. 2 MiB: RMSNorm's partials at d = 1024 for 32,768 rows in one pass.
+pub const REDUCTION_BYTES: usize = 2 << 20;
+
+/// Device memory the backend allocates once, when it opens: cuBLASLt's workspace and the
+/// reductions' scratch.
+pub const FIXED_BYTES: usize = BLAS_WORKSPACE_BYTES + REDUCTION_BYTES;
 
 /// The device upload ring (`cuda::staging`): each op copies its host data (indices, gates,
 /// pointer and segment tables) into it for its own launches. Every upload starts at a multiple

@@ -11,7 +11,7 @@
 //! two moments: a block's forward or backward (its incoming and outgoing gradient,
 //! 2·N·d_model) or the turn between forward and backward (the final hidden state, its norm and
 //! their gradients, 4·N·d_model), reported as boundary and backend bytes (the backend's are
-//! cuBLASLt's workspace and the ring the ops' uploads go through).
+//! cuBLASLt's workspace, the reductions' scratch and the ring the ops' uploads go through).
 //! Skeletal sizes use the dropless expected routed counts (see [`Slots::Expected`]). With that
 //! routing the skeletal peak and the arena are exactly what a CPU step holds (tests/memo.rs);
 //! on the emulated CUDA device the whole is within [−3 %, +1 %] of the measured device peak
@@ -98,8 +98,9 @@ pub struct MemoryReport {
     /// The transient arena the step allocates: its own (heuristic) plan's peak with its headroom.
     pub arena_bytes: u64,
     pub boundary_bytes: u64,
-    /// Device memory of the backend itself (CUDA: cuBLASLt's workspace and the upload ring, then
-    /// a classifier chunk or the attention backward's scratch).
+    /// Device memory of the backend itself (CUDA: cuBLASLt's workspace, the reductions' scratch
+    /// and the upload ring), and what lives beside the skeletal tensors at the peak's moment
+    /// other than the boundary tensors.
     pub backend_bytes: u64,
     pub device_bytes: u64,
     pub device_mem: u64,
@@ -199,7 +200,7 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     // outgoing gradient (its forward only its output); the turn holds the final hidden state,
     // its norm and their gradients.
     let act = (tokens * m.d_model) as u64 * act_bytes;
-    let workspace = if on_cuda { cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + cuda_scratch::upload_ring_bytes(tokens, slots.iter().sum()) } else { 0 };
+    let workspace = if on_cuda { cuda_scratch::FIXED_BYTES as u64 + cuda_scratch::upload_ring_bytes(tokens, slots.iter().sum()) } else { 0 };
     let (blocks, at_turn) = skeletal_moments(&layers, skeletal.total());
     let (in_blocks, at_the_turn) = (blocks + 2 * act, at_turn + 4 * act);
     // Reported as the boundary tensors of the larger moment and the rest as the backend's.
@@ -356,7 +357,7 @@ mod tests {
 
     /// On CUDA the attention backward's scratch is a transient of the block's backward: live with
     /// `datt` and `dqkv` at the attention's op (the phase's lower bound holds all three), and
-    /// not counted again beside the blocks (the backend's bytes are cuBLASLt's workspace and
+    /// not counted again beside the blocks (the backend's bytes are its fixed buffers and
     /// the upload ring where a block's moment is the larger: recomputing layers at long context
     /// with a small vocabulary).
     #[test]
@@ -376,7 +377,7 @@ mod tests {
         let (recomputed, chunk) = (r.layers[0].recomputed, cuda_scratch::classifier_chunk_bytes(shape.tokens(), m.vocab_size, 2));
         assert!(recomputed + 2 * act > chunk + 4 * act, "the case must make a block's moment the larger");
         let uploads = cuda_scratch::upload_ring_bytes(shape.tokens(), shape.tokens());
-        assert_eq!((r.backend_bytes, r.boundary_bytes), (cuda_scratch::BLAS_WORKSPACE_BYTES as u64 + uploads, 2 * act));
+        assert_eq!((r.backend_bytes, r.boundary_bytes), (cuda_scratch::FIXED_BYTES as u64 + uploads, 2 * act));
         // The report's backward phase is the one with the scratch (its lower bound, which the
         // scratch raises here: it is live with datt and dqkv, the phase's widest moment).
         let slots = Slots::Expected.per_expert(&c.moe, shape.tokens());

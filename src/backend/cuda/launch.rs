@@ -57,11 +57,34 @@ pub fn sum_squares() -> (LaunchConfig, LaunchConfig) {
     (partial, one_warp)
 }
 
-/// `rmsnorm_dw_partial` over `n` rows of width `c`: one block per (chunk of `ROW_CHUNK` rows,
-/// `THREADS` columns); also returns the number of chunks (`rmsnorm_dw_reduce` sums them over
-/// `grid_stride(c)`).
-pub fn rmsnorm_dw_partial(n: usize, c: usize) -> (LaunchConfig, usize) {
-    let chunks = n.div_ceil(ROW_CHUNK);
+/// f32 partial sums of RMSNorm's weight gradient the backend's reduction scratch holds.
+pub const RMSNORM_PARTIALS: usize = crate::backend::cuda_scratch::REDUCTION_BYTES / 4;
+const _: () = assert!((SUMSQ_BLOCKS + 1) * 8 <= crate::backend::cuda_scratch::REDUCTION_BYTES);
+
+/// One pass of RMSNorm's weight gradient over rows `first_row..first_row + rows`:
+/// `rmsnorm_dw_partial` on `cfg` (a block per chunk of `ROW_CHUNK` rows and `THREADS` columns)
+/// writes `chunks` partial sums, then `rmsnorm_dw_reduce` (over `grid_stride(c)`) adds them into
+/// dW in order.
+#[derive(Clone, Copy, Debug)]
+pub struct DwPass {
+    pub cfg: LaunchConfig,
+    pub first_row: usize,
+    pub rows: usize,
+    pub chunks: usize,
+}
+
+/// The passes over `n` rows of width `c` whose partial sums fit `max_partials` f32. Each pass
+/// adds its chunks into dW after the previous pass's (an f32 store and load between them is
+/// exact), so any number of passes sums the same chunks in the same order as one pass, and as
+/// the CPU does.
+pub fn rmsnorm_dw_passes(n: usize, c: usize, max_partials: usize) -> impl Iterator<Item = DwPass> {
+    assert!(c <= max_partials, "RMSNorm width {c} exceeds the reductions' scratch ({max_partials} partial sums)");
+    let rows_per_pass = max_partials / c * ROW_CHUNK;
     let col_blocks = c.div_ceil(THREADS as usize) as u32;
-    (LaunchConfig { grid_dim: (chunks as u32, col_blocks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }, chunks)
+    (0..n).step_by(rows_per_pass).map(move |first_row| {
+        let rows = rows_per_pass.min(n - first_row);
+        let chunks = rows.div_ceil(ROW_CHUNK);
+        let cfg = LaunchConfig { grid_dim: (chunks as u32, col_blocks, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        DwPass { cfg, first_row, rows, chunks }
+    })
 }

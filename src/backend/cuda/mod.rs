@@ -73,6 +73,9 @@ pub struct CudaBackend {
     staging: staging::Staging,
     /// Downloads through page-locked memory.
     readback: staging::Readback,
+    /// The reductions' partial sums (`cuda_scratch::REDUCTION_BYTES`), allocated once: every op
+    /// runs on the one stream, so each call's use follows the last.
+    reduction: DevBuf,
     /// Attention at head_dim 64 runs the Hopper (wgmma) kernels.
     hopper_attention: bool,
     /// The experts' grouped GEMMs run on our Hopper kernels, SwiGLU fused into them.
@@ -186,6 +189,15 @@ fn expect(op: &str, arg: &str, got: Storage, want: Storage) {
     assert!(got == want, "CUDA {op}: `{arg}` must be {want:?}, got {got:?} (see the precision roles in src/backend/mod.rs)");
 }
 
+/// `len` elements of `storage` from the stream's pool, not initialised: callers write every
+/// element before reading it (see each call).
+fn uninit_buffer(stream: &Arc<CudaStream>, len: usize, storage: Storage) -> DevBuf {
+    // SAFETY: uninitialised device memory of (len × element size) bytes, written before read.
+    let mem = ok(unsafe { stream.alloc::<u8>((len * storage.bytes()).max(1)) }, "alloc");
+    let ptr = mem.device_ptr(stream).0;
+    DevBuf { _mem: mem, ptr, len, storage }
+}
+
 /// Unwraps a driver result; see the module doc for why a device error panics.
 fn ok<T, E: std::fmt::Debug>(r: std::result::Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| panic!("CUDA {what} failed: {e:?}"))
@@ -216,7 +228,8 @@ impl CudaBackend {
         let offload = offload::Offloader::new(&ctx).map_err(Error::Invalid)?;
         let staging = staging::Staging::new(stream.clone());
         let readback = staging::Readback::new(stream.clone());
-        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, hopper_attention: false, hopper_experts: false, fallback_said: Default::default(), k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
+        let reduction = uninit_buffer(&stream, cuda_scratch::REDUCTION_BYTES / 4, Storage::F32);
+        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, reduction, hopper_attention: false, hopper_experts: false, fallback_said: Default::default(), k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
         super::keep_freed_host_memory();
         Ok(be)
@@ -379,11 +392,7 @@ impl CudaBackend {
     /// trait's `alloc` promises zeros, so it pays a memset this skips).
     fn scratch_storage(&self, len: usize, storage: Storage) -> DevBuf {
         let _span = self.span("alloc", || Work::NONE);
-        // SAFETY: uninitialised device memory of (len × element size) bytes; callers write all
-        // of it before any read (see each call).
-        let mem = ok(unsafe { self.stream.alloc::<u8>((len * storage.bytes()).max(1)) }, "alloc");
-        let ptr = mem.device_ptr(&self.stream).0;
-        DevBuf { _mem: mem, ptr, len, storage }
+        uninit_buffer(&self.stream, len, storage)
     }
 
     fn upload_u32(&self, host: &[u32]) -> Staged<'_> {
@@ -391,9 +400,6 @@ impl CudaBackend {
     }
     fn upload_f32(&self, host: &[f32]) -> Staged<'_> {
         self.staging.upload(host, "weight upload")
-    }
-    fn scratch_f32(&self, len: usize) -> CudaSlice<f32> {
-        ok(self.stream.alloc_zeros::<f32>(len.max(1)), "scratch alloc")
     }
 
     /// `dst = src` converted between f32 and activation storage (`f32_to_act` / `act_to_f32`).
@@ -674,19 +680,18 @@ impl Backend for CudaBackend {
         let _span = self.span("sum_squares", || Work::moving(x.bytes()));
         let n = x.len();
         let ew = self.k.elementwise(x.storage);
-        let mut partial = ok(self.stream.alloc_zeros::<f64>(SUMSQ_BLOCKS), "scratch alloc");
-        let mut total = ok(self.stream.alloc_zeros::<f64>(1), "scratch alloc");
+        // The partial sums, then the total after them, in the reductions' scratch.
+        let (partial, total) = (self.reduction.ptr, self.reduction.ptr + 8 * SUMSQ_BLOCKS as u64);
         let (cfg, one_warp) = launch::sum_squares();
         let (count, vec) = (SUMSQ_BLOCKS as i32, vec_width(8, &[x.ptr]));
         // SAFETY: `sum_squares_partial(double*, const act_t*, size_t, int vec)` with SUMSQ_BLOCKS
         // blocks (vec 8 only for an aligned x), then `sum_squares_final(double*, const double*,
-        // int)` on one warp.
+        // int)` on one warp; the scratch holds SUMSQ_BLOCKS + 1 doubles (launch.rs asserts it).
         unsafe {
-            ok(self.stream.launch_builder(&ew.sum_squares_partial).arg(&mut partial).arg(&x.ptr).arg(&n).arg(&vec).launch(cfg), "sum_squares");
-            ok(self.stream.launch_builder(&ew.sum_squares_final).arg(&mut total).arg(&partial).arg(&count).launch(one_warp), "sum_squares");
+            ok(self.stream.launch_builder(&ew.sum_squares_partial).arg(&partial).arg(&x.ptr).arg(&n).arg(&vec).launch(cfg), "sum_squares");
+            ok(self.stream.launch_builder(&ew.sum_squares_final).arg(&total).arg(&partial).arg(&count).launch(one_warp), "sum_squares");
         }
-        let (ptr, _record) = total.device_ptr(&self.stream);
-        self.readback.read::<f64>(ptr, 1, "download")[0]
+        self.readback.read::<f64>(total, 1, "download")[0]
     }
 
     fn matmul(&self, out: DevViewMut<'_>, a: DevView<'_>, b: DevView<'_>, m: usize, k: usize, n: usize, ta: bool, tb: bool, accumulate: bool) {
@@ -878,16 +883,22 @@ impl Backend for CudaBackend {
         }
         let residual = residual.map_or(0u64, |r| r.ptr);
         expect("rmsnorm_bwd", "rstd", rstd.storage, Storage::F32);
-        let (cfg, chunks) = launch::rmsnorm_dw_partial(n, c);
-        let mut part = self.scratch_f32(chunks * c);
-        let (ni, ci, rows, ch) = (n as i32, c as i32, launch::ROW_CHUNK as i32, chunks as i32);
+        let ci = c as i32;
         let vec = vec_width(c, &[dx.ptr, dout.ptr, x.ptr, w.ptr, residual]);
-        // SAFETY: signatures of rmsnorm_bwd_dx, rmsnorm_dw_partial, rmsnorm_dw_reduce in norm.cu;
-        // `part` holds chunks × c floats; vec 8 only for aligned rows of a multiple of 8.
-        unsafe {
-            ok(self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&dx.ptr).arg(&residual).arg(&dout.ptr).arg(&x.ptr).arg(&w.ptr).arg(&rstd.ptr).arg(&ci).arg(&vec).launch(per_row(n)), "rmsnorm_bwd_dx");
-            ok(self.stream.launch_builder(&self.k.rmsnorm_dw_partial).arg(&mut part).arg(&dout.ptr).arg(&x.ptr).arg(&rstd.ptr).arg(&ni).arg(&ci).arg(&rows).launch(cfg), "rmsnorm_dw_partial");
-            ok(self.stream.launch_builder(&self.k.rmsnorm_dw_reduce).arg(&dw.ptr).arg(&part).arg(&ch).arg(&ci).launch(grid_stride(c)), "rmsnorm_dw_reduce");
+        // SAFETY: `rmsnorm_bwd_dx` in norm.cu; vec 8 only for aligned rows of a multiple of 8.
+        ok(unsafe { self.stream.launch_builder(&self.k.rmsnorm_bwd_dx).arg(&dx.ptr).arg(&residual).arg(&dout.ptr).arg(&x.ptr).arg(&w.ptr).arg(&rstd.ptr).arg(&ci).arg(&vec).launch(per_row(n)) }, "rmsnorm_bwd_dx");
+        let (part, row_bytes) = (self.reduction.ptr, (c * dout.storage.bytes()) as u64);
+        for pass in launch::rmsnorm_dw_passes(n, c, launch::RMSNORM_PARTIALS) {
+            let first = pass.first_row as u64;
+            let (dout_at, x_at, rstd_at) = (dout.ptr + first * row_bytes, x.ptr + first * row_bytes, rstd.ptr + 4 * first);
+            let (rows, chunks, chunk_rows) = (pass.rows as i32, pass.chunks as i32, launch::ROW_CHUNK as i32);
+            // SAFETY: `rmsnorm_dw_partial` and `rmsnorm_dw_reduce` in norm.cu, on the pass's rows;
+            // the reductions' scratch holds its chunks × c ≤ RMSNORM_PARTIALS floats, and the
+            // stream orders each pass's use of it after the previous one's.
+            unsafe {
+                ok(self.stream.launch_builder(&self.k.rmsnorm_dw_partial).arg(&part).arg(&dout_at).arg(&x_at).arg(&rstd_at).arg(&rows).arg(&ci).arg(&chunk_rows).launch(pass.cfg), "rmsnorm_dw_partial");
+                ok(self.stream.launch_builder(&self.k.rmsnorm_dw_reduce).arg(&dw.ptr).arg(&part).arg(&chunks).arg(&ci).launch(grid_stride(c)), "rmsnorm_dw_reduce");
+            }
         }
     }
 
