@@ -74,7 +74,7 @@ fn planned(case: &Case) -> (MemoryConfig, u64, Vec<LayerPolicy>) {
     let swapped = case.model.n_layers as u64 - 2;
     let host = swapped * (lc.s_input + lc.s_attn + lc.s_others / 2);
     let profile = Profile { link: HostLink { b_pcie: 1e10, m_host: host }, ..probe };
-    let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
+    let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save, device_gib: 0.0 };
     let policies = build_policy(&auto, &case.model, &case.moe, case.batch, case.seq, &profile).unwrap();
     (auto, host, policies)
 }

@@ -128,6 +128,9 @@ pub enum MemoryPolicy {
     Keep,
     Recompute,
     Offload,
+    /// The plan that repeats the least forward work among those that fit the device
+    /// (`memory::auto`): it chooses each layer's policy and whether gate/up is saved.
+    Auto,
 }
 
 /// What the last two layers do under `policy = "offload"`: their backward starts right after the
@@ -182,6 +185,10 @@ pub struct MemoryConfig {
     /// The experts' gate/up product: `"save"` (default) or `"recompute"` in the backward.
     #[serde(default)]
     pub gate_up: GateUp,
+    /// Device memory `policy = "auto"` plans within, GiB; 0 (default): the GPU's (its free
+    /// memory and what this run's pool holds), and no limit on the CPU.
+    #[serde(default)]
+    pub device_gib: f64,
 }
 
 fn default_host_gib() -> f64 {
@@ -401,6 +408,9 @@ impl Config {
                 return Err(Error::config(field, v, "a positive number"));
             }
         }
+        if !(self.memory.device_gib.is_finite() && self.memory.device_gib >= 0.0) {
+            return Err(Error::config("memory.device_gib", self.memory.device_gib, "a number ≥ 0 (0: the device's memory)"));
+        }
         if let Alpha::Fixed(a) = self.memory.alpha {
             if !(0.0..=1.0).contains(&a) {
                 return Err(Error::config("memory.alpha", a, "a number in [0, 1] or \"auto\""));
@@ -417,7 +427,7 @@ impl Config {
             return Err(Error::config("parallel.ep", p.ep, format!("a divisor of the number of experts ({experts})")));
         }
         if p.ep > 1 && self.memory.policy != MemoryPolicy::Keep {
-            return Err(Error::config("parallel.ep", p.ep, "1 with memory.policy = \"offload\" or \"recompute\" (recomputing expert rows would need the expert-parallel exchange again; use memory.policy = \"keep\")"));
+            return Err(Error::config("parallel.ep", p.ep, "1 with memory.policy = \"offload\", \"recompute\" or \"auto\" (recomputing expert rows would need the expert-parallel exchange again; use memory.policy = \"keep\")"));
         }
         Ok(())
     }

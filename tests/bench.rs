@@ -29,7 +29,8 @@ use motley::rng::Rng;
 use common::args::{parse_size, show_size, Args};
 use common::child::{run, ChildRun, Outcome};
 use common::shapes::{cpu_shapes, find};
-use common::step::{gib, gpu_link_gbs, parse_policy, peak_flops, policy_label, StepTime, Summary};
+use common::step::{gib, gpu_link_gbs, parse_policy, peak_flops, StepTime, Summary};
+use motley::memory::store::policy_label;
 use sweep::ChildReport;
 
 /// torch_hmoe.py's `flops_per_step`, transcribed line by line: matmul FLOPs of a training step
@@ -119,6 +120,7 @@ fn policies_parse_and_print() {
     assert_eq!((p.policy, p.alpha, p.host_gib, p.bandwidth_gbs), (MemoryPolicy::Offload, Alpha::Fixed(0.25), 64.0, 55.0));
     assert_eq!(parse_policy("alpha", 1.0, 1.0).unwrap().alpha, Alpha::Auto);
     assert_eq!(parse_policy("recompute", 1.0, 1.0).unwrap().policy, MemoryPolicy::Recompute);
+    assert_eq!(parse_policy("auto", 1.0, 1.0).unwrap().policy, MemoryPolicy::Auto);
     assert_eq!(parse_policy("alpha", 1.0, 1.0).unwrap().tail, Tail::Keep);
     let lean = parse_policy("alpha=0.5,tail=recompute", 1.0, 1.0).unwrap();
     assert_eq!((lean.policy, lean.alpha, lean.tail, lean.gate_up), (MemoryPolicy::Offload, Alpha::Fixed(0.5), Tail::Recompute, GateUp::Save));

@@ -182,3 +182,31 @@ fn generate_and_eval_read_a_checkpoint() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("perplexity"));
     assert_fails_with(&motley(&["eval", "--checkpoint", "/nonexistent/run"]), &["/nonexistent/run"]);
 }
+
+/// `memory.policy = "auto"` plans within `memory.device_gib` (on the CPU, which has no device
+/// memory of its own, only where it is set): halfway between what keeping and recomputing every
+/// layer need, it trains on a mix of both and says so; where no plan fits, it fails before the
+/// run starts, naming what to change.
+#[test]
+fn auto_memory_policy_plans_within_the_device_budget() {
+    let device_bytes = |policy: &str| {
+        let mut args = vec!["plan-memory".to_string(), "--json".into(), "--set".into(), format!("memory.policy=\"{policy}\"")];
+        for s in SMALL {
+            args.extend(["--set".into(), s.to_string()]);
+        }
+        let o = motley(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "plan-memory {policy}: {}", stderr(&o));
+        let json = String::from_utf8_lossy(&o.stdout);
+        let at = json.find("\"device_bytes\": ").expect("device_bytes in the report") + "\"device_bytes\": ".len();
+        json[at..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse::<f64>().unwrap()
+    };
+    let halfway_gib = (device_bytes("keep") + device_bytes("recompute")) / 2.0 / (1u64 << 30) as f64;
+    let out = temp("auto");
+    let o = train(&out, &["memory.policy=\"auto\"", &format!("memory.device_gib={halfway_gib}"), "train.steps=2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(said.contains("memory.policy = \"auto\": recompute ×1, keep ×1"), "{said}");
+    let tight = temp("auto_tight");
+    assert_fails_with(&train(&tight, &["memory.policy=\"auto\"", "memory.device_gib=0.000001", "train.steps=2"]), &["memory.device_gib", "leanest"]);
+    assert!(!tight.join("checkpoints").exists(), "a plan that does not fit must not start a run");
+}

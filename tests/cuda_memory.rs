@@ -31,12 +31,13 @@ use motley::train::optim::{AdamWConfig, Optimizer};
 
 const HOST_BYTES: u64 = 1 << 30;
 
-/// (planned, measured) device bytes a step of `config` at `batch × seq` adds to those before it.
-fn planned_and_measured(be: &CudaBackend, config: &Config, batch: usize, seq: usize) -> (u64, u64) {
-    let report = plan_report(config, seq, batch, u64::MAX, HOST_BYTES, 50e9).unwrap();
+/// (planned, measured) device bytes a step of `config` at `batch × seq` adds to those before it,
+/// its policies planned within `device_mem` (what `memory.policy = "auto"` chooses by).
+fn planned_and_measured(be: &CudaBackend, config: &Config, batch: usize, seq: usize, device_mem: u64) -> (u64, u64) {
+    let report = plan_report(config, seq, batch, device_mem, HOST_BYTES, 50e9).unwrap();
     let policies = report.layers.iter().map(|l| l.policy).collect();
     let mut model = Model::new(be, config.model.clone(), config.moe.clone(), 7).unwrap();
-    let mut store = model.new_store_with(policies, HOST_BYTES, config.memory.gate_up).unwrap();
+    let mut store = model.new_store_with(policies, HOST_BYTES, report.gate_up).unwrap();
     let opt_cfg = AdamWConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
     let mut opt = Optimizer::new(be, opt_cfg, model.n_params());
     let mut rng = Rng::new(3);
@@ -69,18 +70,32 @@ fn plan_matches_measured_device_peak() {
         &["memory.policy=offload", "memory.alpha=0.5", "memory.tail=\"recompute\""],
         &["memory.policy=offload", "memory.alpha=0.5", "memory.tail=\"recompute\"", "memory.gate_up=\"recompute\""],
     ];
-    for memory in cases {
+    let config_of = |memory: &[&str]| {
         let base = ["device=cuda", "model.d_model=64", "model.n_layers=3", "model.seq_len=512"];
-        let overrides: Vec<String> = base.iter().chain(memory).map(|s| s.to_string()).collect();
-        let config = Config::default_with(&overrides).unwrap();
-        let (planned, measured) = planned_and_measured(&be, &config, batch, seq);
+        Config::default_with(&base.iter().chain(memory).map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let mut check = |what: String, config: &Config, device_mem: u64| {
+        let (planned, measured) = planned_and_measured(&be, config, batch, seq, device_mem);
         let error = (measured as f64 - planned as f64) / planned as f64;
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
-        eprintln!("{memory:?}: planned {:.2} MiB, measured {:.2} MiB ({:+.1} %)", mib(planned), mib(measured), 100.0 * error);
+        eprintln!("{what}: planned {:.2} MiB, measured {:.2} MiB ({:+.1} %)", mib(planned), mib(measured), 100.0 * error);
         if !(-0.03..=0.01).contains(&error) {
-            failures.push(format!("{memory:?}: planned {:.2} MiB, measured {:.2} MiB", mib(planned), mib(measured)));
+            failures.push(format!("{what}: planned {:.2} MiB, measured {:.2} MiB", mib(planned), mib(measured)));
         }
+    };
+    for memory in cases {
+        check(format!("{memory:?}"), &config_of(memory), u64::MAX);
     }
+    // memory.policy = "auto" with a device halfway between keeping and recomputing every layer:
+    // a plan of mixed layers (which the unit tests of memory::auto hold to fit and to repeat the
+    // least forward work), against the step.
+    let total = |memory: &[&str]| plan_report(&config_of(memory), seq, batch, u64::MAX, HOST_BYTES, 50e9).unwrap().device_bytes;
+    let halfway = (total(&["memory.policy=keep"]) + total(&["memory.policy=recompute"])) / 2;
+    let auto = config_of(&["memory.policy=\"auto\""]);
+    let chosen = plan_report(&auto, seq, batch, halfway, HOST_BYTES, 50e9).unwrap();
+    let label = motley::memory::store::policy_label(&chosen.layers.iter().map(|l| l.policy).collect::<Vec<_>>());
+    assert!(chosen.fits && label.contains(", "), "auto within {halfway} B: {label}, {} B", chosen.device_bytes);
+    check(format!("auto within {:.2} MiB ({label}, gate/up {:?})", mib(halfway), chosen.gate_up), &auto, halfway);
     // The Hopper expert kernels read the routed rows in place: the plan has no gathered copy
     // (xe), and neither has the step (shapes the kernels take: d_model and widths multiples of
     // 128).
@@ -88,7 +103,7 @@ fn plan_matches_measured_device_peak() {
         let shapes = ["model.d_model=128", "model.n_heads=2", "model.n_kv_heads=2", "model.n_layers=2", "moe.expert_widths=[128,256,384,512]", "cuda.hopper_experts=true"];
         let overrides: Vec<String> = ["device=cuda", "model.seq_len=512", "memory.policy=recompute"].iter().chain(&shapes).map(|s| s.to_string()).collect();
         let config = Config::default_with(&overrides).unwrap();
-        let (planned, measured) = planned_and_measured(&hopper, &config, batch, seq);
+        let (planned, measured) = planned_and_measured(&hopper, &config, batch, seq, u64::MAX);
         let error = (measured as f64 - planned as f64) / planned as f64;
         eprintln!("Hopper expert kernels: planned {:.2} MiB, measured {:.2} MiB ({:+.1} %)", planned as f64 / (1 << 20) as f64, measured as f64 / (1 << 20) as f64, 100.0 * error);
         if !(-0.03..=0.01).contains(&error) {

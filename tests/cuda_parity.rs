@@ -954,3 +954,25 @@ fn rmsnorm_weight_gradient_in_passes() {
     eprintln!("rmsnorm dW over {n} rows of {c}: normalised max error {err:.2e} (tol {F32_TOL:.0e})");
     assert!(err <= F32_TOL, "rmsnorm dW in passes: {err:.3e}");
 }
+
+/// `memory_budget` (what `memory.policy = "auto"` plans within) is the device's free memory plus
+/// what the backend's pool holds, so allocating from the pool does not change it; on the emulated
+/// device it is the emulated capacity (80 GiB unless MOTLEY_EMU_DEVICE_BYTES says otherwise).
+#[test]
+fn memory_budget_counts_what_the_backend_holds() {
+    let Some(be) = gpu(Storage::Bf16) else { return };
+    let budget = || be.memory_budget().unwrap().expect("a GPU has a budget");
+    let before = budget();
+    let held = be.alloc(64 << 20);
+    let during = budget();
+    drop(held);
+    be.synchronize().unwrap();
+    eprintln!("memory budget: {before} B before, {during} B holding 128 MiB");
+    if real_gpu(&be) {
+        // The pool grows in its own granules; another process could allocate meanwhile.
+        assert!(before.abs_diff(during) <= 64 << 20, "{before} → {during}");
+    } else {
+        let capacity = std::env::var("MOTLEY_EMU_DEVICE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(80u64 << 30);
+        assert_eq!((before, during), (capacity, capacity));
+    }
+}

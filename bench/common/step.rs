@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use motley::backend::Backend;
 use motley::config::{Alpha, GateUp, MemoryConfig, MemoryPolicy, Tail};
-use motley::memory::store::{ActivationStore, LayerPolicy};
+use motley::memory::store::{policy_label, ActivationStore};
 use motley::model::block::GATE_UP;
 use motley::model::{Model, StepStats};
 use motley::parallel::planner::Gpu;
@@ -63,30 +63,17 @@ impl<B: Backend> Run<B> {
     }
 }
 
-pub fn policy_label(policies: &[LayerPolicy]) -> String {
-    let name = |p: &LayerPolicy| match p {
-        LayerPolicy::Keep => "keep".to_string(),
-        LayerPolicy::Recompute => "recompute".to_string(),
-        LayerPolicy::Offload { alpha } => format!("offload α={alpha:.2}"),
-    };
-    let mut runs: Vec<(String, usize)> = Vec::new();
-    for p in policies.iter().map(name) {
-        match runs.last_mut() {
-            Some((last, n)) if *last == p => *n += 1,
-            _ => runs.push((p, 1)),
-        }
-    }
-    runs.iter().map(|(p, n)| format!("{p} ×{n}")).collect::<Vec<_>>().join(", ")
-}
 
-/// `keep`, `recompute`, `alpha` (offload with MEMO's α from the LP, as `alpha = "auto"`) or
-/// `alpha=0.25` (a fixed α), with the host tier and link the α LP plans for, then options after
+
+/// `keep`, `recompute`, `alpha` (offload with MEMO's α from the LP, as `alpha = "auto"`),
+/// `alpha=0.25` (a fixed α) or `auto` (`memory.policy = "auto"`: the least recompute that fits
+/// the device), with the host tier and link the α LP plans for, then options after
 /// commas: `tail=recompute` (an offload policy's last two layers recompute instead of keeping,
 /// `memory.tail`) and `gate_up=recompute` (the experts' gate/up product is recomputed in the
 /// backward instead of saved, `memory.gate_up`).
 pub fn parse_policy(text: &str, host_gib: f64, bandwidth_gbs: f64) -> Result<MemoryConfig, String> {
     let expected = || {
-        format!("--policy {text}: expected keep, recompute, alpha (α from the LP) or alpha=A with A in [0, 1], then optionally ,tail=recompute (alpha only) and ,gate_up=recompute")
+        format!("--policy {text}: expected keep, recompute, alpha (α from the LP), alpha=A with A in [0, 1] or auto, then optionally ,tail=recompute (alpha only) and ,gate_up=recompute")
     };
     let mut parts = text.split(',');
     let head = parts.next().unwrap_or_default();
@@ -94,6 +81,7 @@ pub fn parse_policy(text: &str, host_gib: f64, bandwidth_gbs: f64) -> Result<Mem
         "keep" => (MemoryPolicy::Keep, Alpha::Auto),
         "recompute" => (MemoryPolicy::Recompute, Alpha::Auto),
         "alpha" | "offload" => (MemoryPolicy::Offload, Alpha::Auto),
+        "auto" => (MemoryPolicy::Auto, Alpha::Auto),
         t => match t.strip_prefix("alpha=").map(str::parse::<f32>) {
             Some(Ok(a)) if (0.0..=1.0).contains(&a) => (MemoryPolicy::Offload, Alpha::Fixed(a)),
             _ => return Err(expected()),
@@ -107,7 +95,7 @@ pub fn parse_policy(text: &str, host_gib: f64, bandwidth_gbs: f64) -> Result<Mem
             _ => return Err(expected()),
         }
     }
-    Ok(MemoryConfig { policy, alpha, host_gib, bandwidth_gbs, tail, gate_up })
+    Ok(MemoryConfig { policy, alpha, host_gib, bandwidth_gbs, tail, gate_up, device_gib: 0.0 })
 }
 
 /// Dense bf16 peak of the GPUs the benches run on (H100 and H200 SXM: 989 TFLOP/s), the

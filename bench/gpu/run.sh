@@ -8,7 +8,8 @@
 #                               device vs the host, then PyTorch eager and compile
 #   bench/gpu/run.sh attention  causal attention T=4K/32K/128K: motley (mma.sync, then the Hopper
 #                               wgmma kernels), then PyTorch SDPA (flash)
-#   bench/gpu/run.sh long       B=1 T=16K…256K: motley (MEMO recompute), then the peer's long suite
+#   bench/gpu/run.sh long       B=1 T=16K…256K: motley (memory.policy auto: the least recompute that
+#                               fits the GPU), then the peer's long suite
 #   bench/gpu/run.sh long-max   B=1 T=512K, 768K, 1M: motley
 #   bench/gpu/run.sh profile    Nsight Compute on the attention kernels at T=32K and the experts'
 #                               kernels in an H100-ref step (for tuning)
@@ -22,7 +23,7 @@
 # tables are printed at the end.
 #
 # Environment: OUT, RUN_BUDGET; PYTHON (python3: the one with PyTorch); CHECK_STEPS (300),
-# STEP_POLICY (keep), LONG_POLICY (recompute), MAX_POLICY (alpha,tail=recompute,gate_up=recompute:
+# STEP_POLICY (keep), LONG_POLICY (auto), MAX_POLICY (alpha,tail=recompute,gate_up=recompute:
 # offload by MEMO's α, the last two layers recomputing, the experts' gate/up product recomputed
 # by the backward; by plan 512K, 768K and 1M take 48, 59 and 70 GiB), LONG_ARGS (more train_step flags for the long
 # sweeps; unset, they take --hopper when this call's check part passed the Hopper kernels), PROFILE_LENGTH (32K), ROUTE_TOKENS (32K: the step part's routing bench), NCU (the ncu binary; found
@@ -257,7 +258,7 @@ part_long() {
     local d=$OUT/long
     mkdir -p "$d"
     local lengths=${LONG_LENGTHS:-16K,32K,64K,128K,256K}
-    long_sweep "$d" "long: motley $shape B=1 T=$lengths (${LONG_POLICY:-recompute})" "$lengths" 330 "${LONG_POLICY:-recompute}"
+    long_sweep "$d" "long: motley $shape B=1 T=$lengths (${LONG_POLICY:-auto})" "$lengths" 330 "${LONG_POLICY:-auto}"
     run_limited "long: PyTorch --suite long (eager and checkpointed, T=16K…256K)" "$(grant 200)" "$d/torch.log" \
         "$py" bench/peer/torch_hmoe.py --suite long --steps 3
     long_table "$d"

@@ -40,7 +40,7 @@ pub fn run(args: &Args) {
     let steps = args.get("--steps", 10);
     let profile = args.has("--profile");
     let be = if profile { Cpu::new(threads).with_profile() } else { Cpu::new(threads) };
-    let keep = MemoryConfig { policy: MemoryPolicy::Keep, alpha: Alpha::Auto, host_gib: 0.0, bandwidth_gbs: 1.0, tail: Tail::Keep, gate_up: GateUp::Save };
+    let keep = MemoryConfig { policy: MemoryPolicy::Keep, alpha: Alpha::Auto, host_gib: 0.0, bandwidth_gbs: 1.0, tail: Tail::Keep, gate_up: GateUp::Save, device_gib: 0.0 };
     println!("motley CPU training step, {threads} threads, f32, {steps} timed steps after 2 warm-up steps");
     println!("| config | params | tokens/step | step ms | tokens/s | GFLOP/s | GEMM GFLOP/s (N×d·d×4d) | step / GEMM | PyTorch eager tok/s | ratio |");
     println!("|---|---|---|---|---|---|---|---|---|---|");

@@ -9,8 +9,9 @@
 use std::time::{Duration, Instant};
 
 use motley::backend::cpu::Cpu;
-use motley::config::Config;
-use motley::memory::report::plan_report;
+use motley::config::{Config, GateUp, MemoryPolicy};
+use motley::memory::report::{plan_policies, plan_report, PlanTarget};
+use motley::model::block::GATE_UP;
 
 use super::one_shape::{json_line, Case};
 use crate::common::args::{fail, show_size, Args};
@@ -40,9 +41,10 @@ pub fn parent(args: &Args) {
     let mut measured = 0;
     for seq in lengths {
         let case = Case { seq, ..Case::from_args(args, Some(1), policy, 1, 1) };
-        let planned = planned_bytes(&case).map_or("—".into(), |b| format!("{:.1}", gib(b)));
+        let planned = |bytes: Option<u64>| bytes.map_or("—".into(), |b| format!("{:.1}", gib(b)));
         let left = budget - started.elapsed().as_secs_f64();
         if left < 5.0 {
+            let planned = planned(planned_bytes(&case));
             println!("| {} | {policy} | skipped (sweep budget) | | | | | | {planned} | |", show_size(seq));
             args.append_json(&json_line(&case, policy, 0, "skipped", None));
             continue;
@@ -53,6 +55,7 @@ pub fn parent(args: &Args) {
         let report = ChildReport::parse(&run.stdout);
         let status = report.status(&run.outcome);
         let policy_label = report.policy.clone().unwrap_or_else(|| policy.to_string());
+        let planned = planned(report.planned.or_else(|| planned_bytes(&case)));
         let cells = match report.summary() {
             Some(s) => {
                 measured += 1;
@@ -69,8 +72,12 @@ pub fn parent(args: &Args) {
     }
 }
 
-/// The device bytes `plan-memory` predicts for `case` (static + skeletal + transient + boundary).
+/// The device bytes `plan-memory` predicts for `case` (static + skeletal + transient + boundary)
+/// before a child has run it; none for `auto`, which chooses within the device's memory.
 fn planned_bytes(case: &Case) -> Option<u64> {
+    if case.memory.policy == MemoryPolicy::Auto {
+        return None;
+    }
     let mut cfg = Config::default_with(&[]).ok()?;
     (cfg.model, cfg.moe) = case.shape.configs(case.seq);
     cfg.memory = case.memory.clone();
@@ -85,6 +92,8 @@ fn planned_bytes(case: &Case) -> Option<u64> {
 #[derive(Debug, Default, PartialEq)]
 pub struct ChildReport {
     pub policy: Option<String>,
+    /// The device bytes planned for the policies the child's store took.
+    pub planned: Option<u64>,
     pub params: usize,
     pub steps: Vec<StepTime>,
 }
@@ -95,6 +104,8 @@ impl ChildReport {
         for line in lines {
             if let Some(p) = line.strip_prefix("policy ") {
                 r.policy = Some(p.to_string());
+            } else if let Some(b) = line.strip_prefix("planned ") {
+                r.planned = b.parse().ok();
             } else if let Some(n) = line.strip_prefix("params ") {
                 r.params = n.parse().unwrap_or(0);
             } else if let Some(step) = line.strip_prefix("step ").and_then(parse_step) {
@@ -146,6 +157,13 @@ pub fn child(args: &Args) {
 fn child_on<B: BenchBackend>(be: &B, case: &Case) {
     let mut run = Run::new(be, &case.shape, case.batch, case.seq, &case.memory, case.device.name()).unwrap_or_else(|e| fail(&format!("{e}")));
     println!("policy {}", run.policy_label());
+    let (model, moe) = (&run.model.config, &run.model.moe);
+    let target = PlanTarget { model, moe, memory: &case.memory, device: case.device.name(), fused_gather: be.fuses_expert_gather(model.d_model, &moe.expert_widths) };
+    let gate_up = if run.store.declares(GATE_UP) { GateUp::Save } else { GateUp::Recompute };
+    let host = (case.memory.host_gib * (1u64 << 30) as f64) as u64;
+    if let Ok(plan) = plan_policies(&target, case.batch, case.seq, run.store.policies(), gate_up, host) {
+        println!("planned {}", plan.device_bytes);
+    }
     println!("params {}", run.n_params());
     measure(be, &mut run, case.warmup, case.steps, f64::INFINITY, |t| println!("step {} {} {} {} {}", t.warmup as u8, t.seconds, t.flops, t.tokens, t.peak_bytes)).unwrap_or_else(|e| fail(&format!("{e}")));
 }

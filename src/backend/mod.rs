@@ -339,6 +339,11 @@ pub trait Backend: Send + Sync {
     fn alloc_f32(&self, len: usize) -> Self::Buf;
     /// Bytes per element of activation storage (4 for f32, 2 for bf16).
     fn activation_bytes(&self) -> u64;
+    /// Device memory a run may plan within (`memory.policy = "auto"`): what the device has free
+    /// and what this backend already holds; `None` where memory is the host's (the CPU).
+    fn memory_budget(&self) -> crate::Result<Option<u64>> {
+        Ok(None)
+    }
     /// Bytes a buffer occupies.
     fn buf_bytes(buf: &Self::Buf) -> u64;
     /// A buffer of `len` elements of kind `precision` whose values are unspecified, for a tensor

@@ -11,7 +11,7 @@ use crate::backend::cpu::Cpu;
 use crate::compress::checkpoint::{load_compressed_model, load_compressed_tokenizer, parse_codebooks, parse_expert_bits, parse_method, run_compress, CompressArgs, COMPRESSED_FILE};
 use crate::compress::{CodebookDtype, Embeddings};
 use crate::data::tokenizer::Tokenizer;
-use crate::memory::report::{memory_report, plan_report};
+use crate::memory::report::plan_report;
 use crate::model::Model;
 use crate::train::checkpoint;
 use crate::config::Config;
@@ -140,8 +140,9 @@ enum Command {
         /// Sequences per step (default: train.batch_size).
         #[arg(long)]
         batch: Option<usize>,
-        #[arg(long, default_value = "80GiB")]
-        device_mem: String,
+        /// Device memory (default: memory.device_gib where set, else 80GiB).
+        #[arg(long)]
+        device_mem: Option<String>,
         #[arg(long, default_value = "128GiB")]
         host_mem: String,
         /// Device→host bandwidth, e.g. 50GB/s.
@@ -268,15 +269,19 @@ pub fn run() -> Result<()> {
             let config = Config::load(config.as_deref(), &set)?;
             let seq = seq.unwrap_or(config.train.seq_len);
             let batch = batch.unwrap_or(config.train.batch_size);
-            let report = plan_report(&config, seq, batch, parse_size("--device-mem", &device_mem)?, parse_size("--host-mem", &host_mem)?, parse_bandwidth(&bandwidth)?)?;
+            let device_mem = match device_mem {
+                Some(text) => parse_size("--device-mem", &text)?,
+                None if config.memory.device_gib > 0.0 => (config.memory.device_gib * (1u64 << 30) as f64) as u64,
+                None => 80 << 30,
+            };
+            let report = plan_report(&config, seq, batch, device_mem, parse_size("--host-mem", &host_mem)?, parse_bandwidth(&bandwidth)?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report).expect("JSON of the report"));
             } else {
                 println!("{report}");
             }
             // Refuse, with the numbers, a plan that does not fit.
-            memory_report(&config, seq, batch, parse_size("--device-mem", &device_mem)?, parse_size("--host-mem", &host_mem)?, parse_bandwidth(&bandwidth)?)?;
-            Ok(())
+            report.check_fits()
         }
         Command::Experiment { which } => experiment::run_experiment(which),
         Command::Routes(args) => experiment::run_routes(args),

@@ -4,6 +4,7 @@
 
 pub mod alpha;
 pub mod arena;
+pub mod auto;
 pub mod host;
 pub mod inventory;
 pub mod plan;

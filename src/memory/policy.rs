@@ -111,11 +111,21 @@ pub fn build_policy(cfg: &MemoryConfig, model: &ModelConfig, moe: &MoeConfig, ba
         }
         (MemoryPolicy::Offload, Alpha::Auto) => {
             let costs = profile.layer_costs(model, moe, batch, seq)?;
-            match plan_alpha(&costs, profile.link)? {
-                AlphaOutcome::Swap(plan) => tail(in_whole_tokens(&plan.alpha, &costs, profile.link.m_host, batch * seq)),
-                AlphaOutcome::Infeasible(_) => tail(vec![LayerPolicy::Recompute; swapped]),
-            }
+            tail(offload_first(&costs, swapped, profile.link, batch * seq)?.unwrap_or_else(|| vec![LayerPolicy::Recompute; swapped]))
         }
+        (MemoryPolicy::Auto, _) => return Err(Error::Invalid("memory.policy = \"auto\" is chosen by memory::auto, which plans the device's memory".into())),
+    })
+}
+
+/// The first `swapped` layers offloading by MEMO's α from the LP on `costs` (each layer's copy
+/// hidden under its forward, all of them within the host), in whole tokens of `tokens`; `None`
+/// where even α = 0 breaks a limit. Needs the [`UNSWAPPED_TAIL`] layers after them in `costs`:
+/// the LP swaps all but the last two of what it is given.
+pub fn offload_first(costs: &[LayerCost], swapped: usize, link: HostLink, tokens: usize) -> Result<Option<Vec<LayerPolicy>>> {
+    let given = &costs[..(swapped + UNSWAPPED_TAIL).min(costs.len())];
+    Ok(match plan_alpha(given, link)? {
+        AlphaOutcome::Swap(plan) => Some(in_whole_tokens(&plan.alpha, given, link.m_host, tokens)),
+        AlphaOutcome::Infeasible(_) => None,
     })
 }
 
@@ -163,7 +173,7 @@ mod tests {
     #[test]
     fn auto_alpha_follows_the_host_budget_and_keeps_the_tail() {
         let (m, moe) = shape();
-        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
+        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save, device_gib: 0.0 };
         let costs = |host| Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e12, m_host: host }).unwrap();
         let big = build_policy(&cfg, &m, &moe, 1, 256, &costs(1 << 40)).unwrap();
         assert_eq!(big[..2], [LayerPolicy::Offload { alpha: 1.0 }; 2]);
@@ -186,7 +196,7 @@ mod tests {
     #[test]
     fn auto_alpha_on_the_host_limit_stays_inside_it_in_whole_tokens() {
         let (m, moe) = shape();
-        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
+        let cfg = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save, device_gib: 0.0 };
         let costs = |host| Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e12, m_host: host }).unwrap();
         let lc = costs(0).layer_costs(&m, &moe, 1, 256).unwrap()[0];
         let per_token = lc.s_others / 256;
@@ -215,17 +225,17 @@ mod tests {
     fn fixed_policies_and_bad_input() {
         let (m, moe) = shape();
         let p = Profile::cost_model(&m, &moe, 1, 256, 1e9, HostLink { b_pcie: 1e9, m_host: 0 }).unwrap();
-        let fixed = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(0.25), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
+        let fixed = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(0.25), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save, device_gib: 0.0 };
         let policies = build_policy(&fixed, &m, &moe, 1, 256, &p).unwrap();
         assert_eq!(policies, [[LayerPolicy::Offload { alpha: 0.25 }; 2], [LayerPolicy::Keep; 2]].concat());
         let lean = MemoryConfig { tail: Tail::Recompute, ..fixed.clone() };
         assert_eq!(build_policy(&lean, &m, &moe, 1, 256, &p).unwrap(), [[LayerPolicy::Offload { alpha: 0.25 }; 2], [LayerPolicy::Recompute; 2]].concat());
-        let rec = MemoryConfig { policy: MemoryPolicy::Recompute, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
+        let rec = MemoryConfig { policy: MemoryPolicy::Recompute, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save, device_gib: 0.0 };
         assert_eq!(build_policy(&rec, &m, &moe, 1, 256, &p).unwrap(), vec![LayerPolicy::Recompute; 4]);
-        let bad = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(2.0), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
+        let bad = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Fixed(2.0), host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save, device_gib: 0.0 };
         assert!(build_policy(&bad, &m, &moe, 1, 256, &p).is_err());
         let short = Profile::measured(vec![1.0], vec![vec![1; 4]], p.link);
-        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save };
+        let auto = MemoryConfig { policy: MemoryPolicy::Offload, alpha: Alpha::Auto, host_gib: 8.0, bandwidth_gbs: 10.0, tail: Tail::Keep, gate_up: GateUp::Save, device_gib: 0.0 };
         assert!(build_policy(&auto, &m, &moe, 1, 256, &short).is_err());
     }
 }

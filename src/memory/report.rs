@@ -26,12 +26,14 @@ use super::alpha::HostLink;
 use super::arena::{allocation_for, phase_plan};
 use super::inventory::{block_inventory, Skeletal, Slots, TensorBytes};
 use super::plan::{plan, MipLimits, Phase, Plan, Strategy};
+use super::auto;
 use super::policy::{build_policy, Profile};
 use super::store::{Class, LayerPolicy};
 use super::transients::{block_phases, head_phase, router_phase, BackendTransients, ALIGNMENT, EXPERT_CHUNK_ROWS};
 use crate::backend::cuda_scratch::{self, RouteScratch};
 use crate::backend::{cpu, AttnShape};
-use crate::config::{Config, GateUp};
+use crate::config::{Config, GateUp, MemoryConfig, MemoryPolicy};
+use crate::model::config::{ModelConfig, MoeConfig};
 use crate::model::block::GATE_UP;
 use crate::model::params::ParamLayout;
 use crate::model::router;
@@ -107,41 +109,83 @@ pub struct MemoryReport {
     pub host_bytes: u64,
     pub host_mem: u64,
     pub fits: bool,
+    /// Forward FLOPs the step repeats (recomputed rows, the gate/up product recomputed), and the
+    /// blocks' forward FLOPs (`memory::auto`'s cost model).
+    pub repeated_flops: f64,
+    pub forward_flops: f64,
 }
 
 /// Plans one step of `config` at `batch × seq` tokens. An error when the plan does not fit
 /// `device_mem` / `host_mem` (the message carries the numbers) or the inputs are malformed.
 pub fn memory_report(config: &Config, seq: usize, batch: usize, device_mem: u64, host_mem: u64, bandwidth: f64) -> Result<MemoryReport> {
     let report = plan_report(config, seq, batch, device_mem, host_mem, bandwidth)?;
-    if report.fits {
-        return Ok(report);
+    report.check_fits()?;
+    Ok(report)
+}
+
+/// What a step's memory plan depends on besides its size and the layers' policies.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanTarget<'a> {
+    pub model: &'a ModelConfig,
+    pub moe: &'a MoeConfig,
+    pub memory: &'a MemoryConfig,
+    /// `"cpu"` or `"cuda"`: the activations' size, the backend's buffers and scratch.
+    pub device: &'a str,
+    /// The Hopper expert kernels read the routed rows in place (no gathered copies to plan).
+    pub fused_gather: bool,
+}
+
+impl<'a> PlanTarget<'a> {
+    pub fn of(config: &'a Config) -> Self {
+        let (m, moe) = (&config.model, &config.moe);
+        let fused_gather = config.device == "cuda" && config.cuda.hopper_experts && config.parallel.ep == 1 && cuda_scratch::expert_kernels_gather(m.d_model, &moe.expert_widths);
+        PlanTarget { model: m, moe, memory: &config.memory, device: &config.device, fused_gather }
     }
-    Err(Error::Invalid(format!(
-        "memory plan does not fit: device needs {} (static {} + skeletal {} + transient arena {} + boundary {} + backend {}) of {}, host needs {} of {}",
-        gib(report.device_bytes),
-        gib(report.static_bytes),
-        gib(report.skeletal_device_bytes),
-        gib(report.arena_bytes),
-        gib(report.boundary_bytes),
-        gib(report.backend_bytes),
-        gib(device_mem),
-        gib(report.host_bytes),
-        gib(host_mem)
-    )))
+
+    /// MEMO's cost model of this target's layers at `batch × seq`, with the gate/up product saved
+    /// or not.
+    pub fn profile(&self, batch: usize, seq: usize, link: HostLink, gate_up: GateUp) -> Result<Profile> {
+        Ok(Profile::cost_model(self.model, self.moe, batch, seq, assumed_flops_per_s(self.device), link)?.with_activation_bytes(activation_bytes(self.device)).with_gate_up(gate_up))
+    }
 }
 
 /// The report whether or not it fits (`fits` says).
 pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, host_mem: u64, bandwidth: f64) -> Result<MemoryReport> {
-    let (m, moe) = (&config.model, &config.moe);
+    plan_target(&PlanTarget::of(config), seq, batch, device_mem, host_mem, bandwidth)
+}
+
+/// [`plan_report`] of a target: its policies from `[memory]` (`"auto"` chooses them within
+/// `device_mem`), planned with the MIP.
+pub fn plan_target(target: &PlanTarget, seq: usize, batch: usize, device_mem: u64, host_mem: u64, bandwidth: f64) -> Result<MemoryReport> {
+    let m = target.model;
     if batch == 0 || seq == 0 || seq > m.seq_len {
         return Err(Error::Invalid(format!("batch {batch} × seq {seq}: need batch ≥ 1 and 1 ≤ seq ≤ model.seq_len = {}", m.seq_len)));
     }
-    let tokens = batch * seq;
     let link = HostLink { b_pcie: bandwidth, m_host: host_mem };
-    let act_bytes = activation_bytes(&config.device);
-    let gate_up = config.memory.gate_up;
-    let profile = Profile::cost_model(m, moe, batch, seq, assumed_flops_per_s(&config.device), link)?.with_activation_bytes(act_bytes).with_gate_up(gate_up);
-    let policies = build_policy(&config.memory, m, moe, batch, seq, &profile)?;
+    let (policies, gate_up) = if target.memory.policy == MemoryPolicy::Auto {
+        let choice = auto::choose(target, batch, seq, device_mem, link)?;
+        (choice.policies, choice.gate_up)
+    } else {
+        let gate_up = target.memory.gate_up;
+        (build_policy(target.memory, m, target.moe, batch, seq, &target.profile(batch, seq, link, gate_up)?)?, gate_up)
+    };
+    let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
+    report_for(target, batch, seq, &policies, gate_up, device_mem, host_mem, strategy)
+}
+
+/// The plan of a step of `target` at `batch × seq` whose layers take `policies` (what a store
+/// was built with), the transient phases by the arena's heuristic, no device limit.
+pub fn plan_policies(target: &PlanTarget, batch: usize, seq: usize, policies: &[LayerPolicy], gate_up: GateUp, host_mem: u64) -> Result<MemoryReport> {
+    report_for(target, batch, seq, policies, gate_up, u64::MAX, host_mem, Strategy::Heuristic)
+}
+
+/// The report of a step of `target` at `batch × seq` whose layers take `policies`, the
+/// transient phases planned by `strategy`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn report_for(target: &PlanTarget, batch: usize, seq: usize, policies: &[LayerPolicy], gate_up: GateUp, device_mem: u64, host_mem: u64, strategy: Strategy) -> Result<MemoryReport> {
+    let (m, moe) = (target.model, target.moe);
+    let tokens = batch * seq;
+    let act_bytes = activation_bytes(target.device);
     let slots = Slots::Expected.per_expert(moe, tokens);
     let inventory = block_inventory(m, moe, batch, seq, &slots, act_bytes, gate_up);
     let skeletal = Skeletal::of(&inventory);
@@ -167,8 +211,8 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
 
     // The Hopper expert kernels read the routed rows through the slots' tokens (no xe, dy or
     // dact), where they take the model's shapes.
-    let on_cuda = config.device == "cuda";
-    let fused_gather = on_cuda && config.cuda.hopper_experts && config.parallel.ep == 1 && cuda_scratch::expert_kernels_gather(m.d_model, &moe.expert_widths);
+    let on_cuda = target.device == "cuda";
+    let fused_gather = target.fused_gather;
     // On CUDA the attention backward's scratch is a transient of the block's backward.
     let shape = AttnShape { batch, seq, n_heads: m.n_heads, n_kv_heads: m.n_kv_heads, head_dim: m.head_dim() };
     let attention_scratch = if on_cuda { cuda_scratch::attention_bwd_bytes(shape) } else { 0 };
@@ -180,7 +224,6 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
     let head_elements = if on_cuda { cuda_scratch::classifier_scratch_len(tokens, m.vocab_size, act_bytes) } else { cpu::classifier_scratch_elements(tokens, m.vocab_size) };
     let all = [router_phase(route_words), fwd, bwd, head_phase(head_elements)];
     let planned: Vec<&Phase> = all.iter().filter(|p| !p.requests.is_empty()).collect();
-    let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
     let mut phases = Vec::new();
     for phase in &planned {
         let p = plan(&phase.requests, ALIGNMENT, strategy)?;
@@ -227,6 +270,8 @@ pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, h
         host_bytes,
         host_mem,
         fits,
+        repeated_flops: auto::repeated_flops(target, batch, seq, policies, gate_up),
+        forward_flops: auto::blocks_forward_flops(target, batch, seq),
     })
 }
 
@@ -266,6 +311,27 @@ fn gib(bytes: u64) -> String {
     }
 }
 
+impl MemoryReport {
+    /// An error with the numbers where the plan does not fit.
+    pub fn check_fits(&self) -> Result<()> {
+        if self.fits {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "memory plan does not fit: device needs {} (static {} + skeletal {} + transient arena {} + boundary {} + backend {}) of {}, host needs {} of {}",
+            gib(self.device_bytes),
+            gib(self.static_bytes),
+            gib(self.skeletal_device_bytes),
+            gib(self.arena_bytes),
+            gib(self.boundary_bytes),
+            gib(self.backend_bytes),
+            gib(self.device_mem),
+            gib(self.host_bytes),
+            gib(self.host_mem)
+        )))
+    }
+}
+
 impl fmt::Display for MemoryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "memory plan: batch {} × seq {} = {} tokens", self.batch, self.seq, self.batch * self.seq)?;
@@ -289,6 +355,8 @@ impl fmt::Display for MemoryReport {
             };
             writeln!(f, "| {} | {policy} | {} | {} | {} |", l.layer, gib(l.kept), gib(l.offloaded), gib(l.recomputed))?;
         }
+        let repeated = if self.forward_flops > 0.0 { 100.0 * self.repeated_flops / self.forward_flops } else { 0.0 };
+        writeln!(f, "\nrecompute repeats {:.2} TFLOP of the blocks' {:.2} TFLOP forward ({repeated:.1} %)", self.repeated_flops / 1e12, self.forward_flops / 1e12)?;
         writeln!(f, "\n| phase | requests | planned peak | lower bound | solve |")?;
         writeln!(f, "|---|---|---|---|---|")?;
         for p in &self.phases {

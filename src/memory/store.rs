@@ -162,6 +162,24 @@ pub enum LayerPolicy {
     Recompute,
 }
 
+/// Per-layer policies in short, runs of equal ones counted: `keep ×12`, `offload α=0.62 ×10,
+/// keep ×2`.
+pub fn policy_label(policies: &[LayerPolicy]) -> String {
+    let name = |p: &LayerPolicy| match p {
+        LayerPolicy::Keep => "keep".to_string(),
+        LayerPolicy::Recompute => "recompute".to_string(),
+        LayerPolicy::Offload { alpha } => format!("offload α={alpha:.2}"),
+    };
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for p in policies.iter().map(name) {
+        match runs.last_mut() {
+            Some((last, n)) if *last == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs.iter().map(|(p, n)| format!("{p} ×{n}")).collect::<Vec<_>>().join(", ")
+}
+
 impl LayerPolicy {
     /// First token whose `TokenSplit` rows are dropped, or `None` when nothing is.
     pub fn split_token(&self, tokens: usize) -> Option<usize> {

@@ -16,13 +16,15 @@ use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::config::{Config, MemoryConfig, MemoryPolicy};
 use crate::memory::alpha::HostLink;
+use crate::memory::auto;
 use crate::memory::policy::{build_policy, Profile};
-use crate::memory::report::assumed_flops_per_s;
-use crate::memory::store::{ActivationStore, LayerPolicy};
+use crate::memory::report::{assumed_flops_per_s, PlanTarget};
+use crate::memory::store::{policy_label, ActivationStore, LayerPolicy};
 use crate::data::loader::Loader;
 use crate::data::prepare::{prepare, Prepared};
 use crate::data::shard::Shard;
 use crate::data::tokenizer::Tokenizer;
+use crate::model::block::GATE_UP;
 use crate::model::params::ParamLayout;
 use crate::parallel::comm::{Communicator, SingleProcess};
 use crate::parallel::sharding::{gather_full, ExpertGroups, GradBuckets};
@@ -292,6 +294,10 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         )));
     }
     let mut store = activation_store(be, &model, &config.memory, &config.device, local_batch, t.seq_len)?;
+    if leader && config.memory.policy == MemoryPolicy::Auto {
+        let gate_up = if store.declares(GATE_UP) { "" } else { ", gate/up recomputed" };
+        eprintln!("memory.policy = \"auto\": {}{gate_up}", policy_label(store.policies()));
+    }
     let progress = leader.then(|| Progress::new(first, t.steps, (t.steps / 20).max(1)));
     // A collective with expert parallelism (the experts are gathered); rank 0 writes.
     let save = |model: &Model<B>, opt: &Optimizer<B>, loader: &Loader, flops: f64| -> Result<Option<PathBuf>> {
@@ -443,15 +449,22 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
 }
 
 /// The activation store of `model` under the `[memory]` policy `memory`: keep everything,
-/// recompute, or offload a token fraction α (fixed, or from MEMO's LP on a cost-model profile of
-/// `device`, `"cpu"` or `"cuda"`, with `be`'s activation size), for steps of `batch × seq`,
-/// declaring the experts' gate/up product where `memory.gate_up` saves it. The trainer's and the
-/// benchmarks'.
+/// recompute, offload a token fraction α (fixed, or from MEMO's LP on a cost-model profile of
+/// `device`, `"cpu"` or `"cuda"`, with `be`'s activation size), or what `memory::auto` chooses
+/// within `memory.device_gib` or `be`'s memory budget, for steps of `batch × seq`, declaring
+/// the experts' gate/up product where it is saved. The trainer's and the benchmarks'.
 pub fn activation_store<B: Backend>(be: &B, model: &Model<B>, memory: &MemoryConfig, device: &str, batch: usize, seq: usize) -> Result<ActivationStore<B>> {
     if memory.policy == MemoryPolicy::Keep {
         return model.new_store_with(vec![LayerPolicy::Keep; model.config.n_layers], 0, memory.gate_up);
     }
     let link = HostLink { b_pcie: memory.bandwidth_gbs * 1e9, m_host: (memory.host_gib * (1u64 << 30) as f64) as u64 };
+    if memory.policy == MemoryPolicy::Auto {
+        let budget = if memory.device_gib > 0.0 { Some((memory.device_gib * (1u64 << 30) as f64) as u64) } else { be.memory_budget()? };
+        let fused_gather = be.fuses_expert_gather(model.config.d_model, &model.moe.expert_widths);
+        let target = PlanTarget { model: &model.config, moe: &model.moe, memory, device, fused_gather };
+        let choice = auto::choose(&target, batch, seq, budget.unwrap_or(u64::MAX), link)?;
+        return model.new_store_with(choice.policies, link.m_host, choice.gate_up);
+    }
     let profile = Profile::cost_model(&model.config, &model.moe, batch, seq, assumed_flops_per_s(device), link)?.with_activation_bytes(be.activation_bytes()).with_gate_up(memory.gate_up);
     let policies = build_policy(memory, &model.config, &model.moe, batch, seq, &profile)?;
     model.new_store_with(policies, link.m_host, memory.gate_up)

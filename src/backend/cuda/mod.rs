@@ -460,6 +460,17 @@ impl CudaBackend {
         self.staging.ring_len() as u64
     }
 
+    /// Bytes the device has free and bytes this backend's pool holds (in use or kept for reuse).
+    fn free_and_held_bytes(&self) -> Result<(u64, u64)> {
+        let fail = |e: DriverError| Error::Invalid(format!("CUDA memory query failed: {e:?}"));
+        self.stream.context().bind_to_thread().map_err(fail)?;
+        let (free, _total) = cudarc::driver::result::mem_get_info().map_err(fail)?;
+        let mut held = 0u64;
+        // SAFETY: the attribute is a u64 (cuuint64_t); the pool is the device's current one.
+        self.mem_pool_attribute(PoolAttribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, |pool, attr| unsafe { cudarc::driver::result::mem_pool::get_attribute(pool, attr, (&mut held as *mut u64).cast()) })?;
+        Ok((free as u64, held))
+    }
+
     /// Starts a new high-water mark for [`Self::peak_device_bytes`] (the driver accepts only 0).
     pub fn reset_peak_device_bytes(&self) -> Result<()> {
         let mut zero = 0u64;
@@ -503,6 +514,10 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+    fn memory_budget(&self) -> Result<Option<u64>> {
+        let (free, held) = self.free_and_held_bytes()?;
+        Ok(Some(free + held))
     }
     /// Profiled as the stream time it spans: the stream idles while the host works, since the
     /// work follows a download.

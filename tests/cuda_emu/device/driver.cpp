@@ -341,9 +341,26 @@ EXPORT int cuMemPoolSetAttribute(void*, int attr, void* v) {
 EXPORT int cuMemPoolGetAttribute(void*, int attr, void* v) {
     GUARDED;
     switch (attr) {
+        case 5: *static_cast<uint64_t*>(v) = used; return SUCCESS;  // held: nothing is kept past a free
         case 8: *static_cast<uint64_t*>(v) = high; return SUCCESS;  // the most used since a reset
         default: return fail(INVALID_VALUE, "memory pool attribute %d is not emulated", attr);
     }
+}
+
+// The emulated device's memory: MOTLEY_EMU_DEVICE_BYTES, or an H100's 80 GiB. Allocations are
+// not refused past it (the host backs them); cuMemGetInfo reports what is left of it.
+size_t capacity() {
+    static const size_t bytes = [] {
+        const char* v = getenv("MOTLEY_EMU_DEVICE_BYTES");
+        return v ? strtoull(v, nullptr, 10) : size_t(80) << 30;
+    }();
+    return bytes;
+}
+EXPORT int cuMemGetInfo_v2(size_t* free, size_t* total) {
+    GUARDED;
+    *total = capacity();
+    *free = used < *total ? *total - used : 0;
+    return SUCCESS;
 }
 
 int alloc_device(uint64_t* dptr, size_t bytes) {
