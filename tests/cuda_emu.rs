@@ -58,7 +58,9 @@
 //! which `cuda_parity` runs on a GPU too): `mma16816` against a plain matmul (exactly on small
 //! integers, to f32 rounding on random bf16), `ldmatrix_x4(_trans)` against the documented
 //! distribution of rows to lanes, `cp_async16` against its zero-fill and wait-group semantics,
-//! wgmma in every form the attention kernels use against a plain matmul; and the emulator must report a deadlock, a shared-memory overflow, a race, a block
+//! wgmma in every form the attention kernels use against a plain matmul, TMA's bulk tensor
+//! copy (128-byte swizzle, zeros out of bounds) on mbarrier phases against the documented
+//! layout and as wgmma's operand; and the emulator must report a deadlock, a shared-memory overflow, a race, a block
 //! waiting for a turn that only a later block could pass, and an out-of-bounds global write.
 //!
 //! Needs g++ (`CXX` overrides it): without it the test fails when `CI=true` and prints a skip
@@ -97,12 +99,15 @@ const BF16_ATTN_TOL: f64 = 8e-3;
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, *const u32, *const u32, usize, usize, *const *mut c_void, *const usize, i32) -> i32;
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
+type EncodeMapFn = unsafe extern "C" fn(*mut c_void, u32, *const c_void, *const u64, u64, *const u32, u32) -> *const c_char;
 
 /// The emulator built for one storage.
 struct Emulator {
     _lib: libloading::Library,
     launch: LaunchFn,
     last_error: LastErrorFn,
+    /// cuTensorMapEncodeTiled's emulation (`tensor_map.h`).
+    encode_map: EncodeMapFn,
 }
 
 /// The emulators for f32 and bf16 storage, built once per test run; `None` when g++ is missing.
@@ -123,7 +128,8 @@ fn load(path: &Path) -> Emulator {
         let lib = libloading::Library::new(path).unwrap_or_else(|e| panic!("loading {}: {e}", path.display()));
         let launch = *lib.get::<LaunchFn>(b"emu_launch").expect("emu_launch");
         let last_error = *lib.get::<LastErrorFn>(b"emu_last_error").expect("emu_last_error");
-        Emulator { _lib: lib, launch, last_error }
+        let encode_map = *lib.get::<EncodeMapFn>(b"emu_encode_tensor_map").expect("emu_encode_tensor_map");
+        Emulator { _lib: lib, launch, last_error, encode_map }
     }
 }
 
@@ -1214,23 +1220,47 @@ fn one_block(threads: u32, smem: u32) -> LaunchConfig {
 
 /// Launches `case` on the emulator; the words of its outputs, in argument order.
 fn run_case(emu: &Emulator, case: &Case) -> Result<Vec<Vec<u32>>, String> {
+    run_case_on(emu, case, 0)
+}
+
+/// [`run_case`] under `schedule` (1: descending, bulk copies landing at issue).
+fn run_case_on(emu: &Emulator, case: &Case, schedule: i32) -> Result<Vec<Vec<u32>>, String> {
+    let bf16 = |bits: &[u16]| {
+        let b = Buf::new("bf16 input", Elem::Bf16, bits.len());
+        b.write(bits.iter().map(|x| x.to_le_bytes().to_vec()));
+        b
+    };
     let bufs: Vec<Option<Buf>> = case
         .args
         .iter()
         .map(|a| match a {
             CaseArg::Out(n) => Some(Buf::new("out", Elem::U32, *n)),
-            CaseArg::Bf16(bits) => {
-                let b = Buf::new("bf16 input", Elem::Bf16, bits.len());
-                b.write(bits.iter().map(|x| x.to_le_bytes().to_vec()));
-                Some(b)
-            }
+            CaseArg::Bf16(bits) | CaseArg::TensorMap { bits, .. } => Some(bf16(bits)),
             CaseArg::F32(v) => Some(Buf::from_f64("f32 input", Elem::F32, &v.iter().map(|&x| x as f64).collect::<Vec<_>>())),
             CaseArg::U32(v) => Some(Buf::from_f64("u32 input", Elem::U32, &v.iter().map(|&x| x as f64).collect::<Vec<_>>())),
             CaseArg::I32(_) => None,
         })
         .collect();
-    let args: Vec<Arg> = case.args.iter().zip(&bufs).map(|(a, b)| if let CaseArg::I32(v) = a { Arg::I32(*v) } else { b.as_ref().expect("a buffer").arg() }).collect();
-    emu.launch(case.kernel, one_block(case.threads, case.smem), &args, 0)?;
+    let mut args = Vec::new();
+    for (a, b) in case.args.iter().zip(&bufs) {
+        args.push(match a {
+            CaseArg::I32(v) => Arg::I32(*v),
+            CaseArg::TensorMap { rows, cols, .. } => {
+                let b = b.as_ref().expect("the matrix");
+                let (dims, stride) = ([*cols as u64, *rows as u64], 2 * *cols as u64);
+                let mut map = vec![0u8; 128];
+                // SAFETY: `map` has the 128 bytes a CUtensorMap takes; the other pointers are to
+                // arrays of the lengths the encoder reads (2 and 2) and to the live buffer.
+                let why = unsafe { CStr::from_ptr((emu.encode_map)(map.as_mut_ptr().cast(), 2, b.data_ptr() as *const c_void, dims.as_ptr(), stride, primitive_cases::TMA_BOX.as_ptr(), 3)) };
+                if !why.to_bytes().is_empty() {
+                    return Err(format!("tensor map: {}", why.to_string_lossy()));
+                }
+                Arg::Bytes(map)
+            }
+            _ => b.as_ref().expect("a buffer").arg(),
+        });
+    }
+    emu.launch(case.kernel, one_block(case.threads, case.smem), &args, schedule)?;
     let words = |b: &Buf| b.bytes().chunks(4).map(|w| u32::from_le_bytes(w.try_into().unwrap())).collect();
     Ok(case.args.iter().zip(&bufs).filter(|(a, _)| matches!(a, CaseArg::Out(_))).map(|(_, b)| words(b.as_ref().expect("an output"))).collect())
 }
@@ -1254,6 +1284,26 @@ fn primitives_follow_the_ptx_isa() {
             assert_eq!(out[0][8..12], [u32::MAX; 4], "cp.async group 1 before its wait");
         }
     }
+}
+
+/// TMA copies on an mbarrier: they land under both schedules (at the wait, or at issue); read
+/// before the wait the tile still holds shared memory's poison; more bytes than expect_tx
+/// announced, a wait for a copy never issued and a wait that misses its phase are reported.
+#[test]
+fn tma_misuse_is_reported() {
+    let Some(emu) = emulator(Storage::F32) else { return };
+    let case = primitive_cases::tma_load(0);
+    case.check(&run_case_on(emu, &case, 1).unwrap()).unwrap();
+    let early = run_case(emu, &primitive_cases::tma_load(1)).unwrap();
+    assert!(early[0][..2048].iter().all(|&w| w == u32::MAX), "a tile read before its mbarrier wait holds the poison");
+    let e = run_case(emu, &primitive_cases::tma_load(2)).unwrap_err();
+    assert!(e.contains("received 4096 transaction bytes more than expect_tx announced"), "{e}");
+    let e = run_case(emu, &primitive_cases::tma_load(3)).unwrap_err();
+    assert!(e.contains("deadlock") && e.contains("phase parity 1, which never completes") && e.contains("8192 transaction bytes outstanding"), "{e}");
+    // Without the barrier between the phases, thread 0 runs through both while the others sleep
+    // (descending schedule: its warp runs last): they then wait for the next phase of parity 0.
+    let e = run_case_on(emu, &primitive_cases::tma_load(4), 1).unwrap_err();
+    assert!(e.contains("deadlock") && e.contains("2 phases completed"), "{e}");
 }
 
 /// The misuse the PTX ISA rules out and the emulator reports: cp.async data (or a plain store)

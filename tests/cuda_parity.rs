@@ -653,12 +653,53 @@ fn attention_backward_is_reproducible_under_load() {
 }
 
 /// Launches a primitive case on the device with cudarc directly; the words of its outputs.
+/// A CUtensorMap passed to a kernel by value (its parameter is 64-byte aligned, 128 bytes).
+#[repr(C, align(64))]
+struct TensorMapArg(cudarc::driver::sys::CUtensorMap);
+// SAFETY: 128 plain bytes, the layout of the kernels' `TensorMap` parameter.
+unsafe impl cudarc::driver::DeviceRepr for TensorMapArg {}
+
+/// The tensor map of `m` (`rows` × `cols` bf16, row-major) that primitive_cases' TMA cases take:
+/// boxes of `TMA_BOX`, the 128-byte swizzle, zeros out of bounds.
+fn tensor_map(m: &CudaSlice<u16>, stream: &std::sync::Arc<cudarc::driver::CudaStream>, rows: usize, cols: usize) -> Result<TensorMapArg, cudarc::driver::DriverError> {
+    use cudarc::driver::sys::{self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
+    use cudarc::driver::DevicePtr;
+    let (ptr, _record) = m.device_ptr(stream);
+    let dims = [cols as u64, rows as u64];
+    let strides = [2 * cols as u64];
+    let ones = [1u32; 2];
+    // SAFETY: zeroed bytes are a valid CUtensorMap to be written over.
+    let mut map: sys::CUtensorMap = unsafe { std::mem::zeroed() };
+    // SAFETY: the arrays have the lengths rank 2 reads (dims 2, strides 1, box 2, element
+    // strides 2) and the address is the live buffer's.
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            primitive_cases::TMA_BOX.as_ptr(),
+            ones.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()?;
+    }
+    Ok(TensorMapArg(map))
+}
+
 fn run_primitive(ctx: &std::sync::Arc<CudaContext>, module: &std::sync::Arc<CudaModule>, case: &primitive_cases::Case) -> Result<Vec<Vec<u32>>, String> {
     enum Dev {
         Bf16(CudaSlice<u16>),
         F32(CudaSlice<f32>),
         U32(CudaSlice<u32>),
         I32(i32),
+        /// A tensor map, and the matrix it describes (kept alive for the launch).
+        Map { _matrix: CudaSlice<u16>, map: TensorMapArg },
     }
     let stream = ctx.default_stream();
     let f = module.load_function(case.kernel).map_err(|e| format!("{e:?}"))?;
@@ -672,6 +713,11 @@ fn run_primitive(ctx: &std::sync::Arc<CudaContext>, module: &std::sync::Arc<Cuda
                 PrimArg::F32(v) => Dev::F32(stream.clone_htod(v)?),
                 PrimArg::U32(v) => Dev::U32(stream.clone_htod(v)?),
                 PrimArg::I32(v) => Dev::I32(*v),
+                PrimArg::TensorMap { bits, rows, cols } => {
+                    let m = stream.clone_htod(bits)?;
+                    let map = tensor_map(&m, &stream, *rows, *cols)?;
+                    Dev::Map { _matrix: m, map }
+                }
             })
         })
         .collect::<Result<Vec<Dev>, cudarc::driver::DriverError>>()
@@ -683,6 +729,7 @@ fn run_primitive(ctx: &std::sync::Arc<CudaContext>, module: &std::sync::Arc<Cuda
             Dev::F32(s) => launch.arg(s),
             Dev::U32(s) => launch.arg(s),
             Dev::I32(v) => launch.arg(v),
+            Dev::Map { map, .. } => launch.arg(map),
         };
     }
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (case.threads, 1, 1), shared_mem_bytes: case.smem };

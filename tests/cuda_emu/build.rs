@@ -103,7 +103,7 @@ fn prune(current: &[String]) {
 fn kernel_hash(c: &Compiler) -> String {
     let emu = Path::new(EMU_DIR);
     let mut h = DefaultHasher::new();
-    (read(&emu.join("emu.h")), read(&emu.join("emu.cpp")), read(&emu.join("include/cuda_bf16.h")), FLAGS, &c.version).hash(&mut h);
+    (read(&emu.join("emu.h")), read(&emu.join("emu.cpp")), read(&emu.join("tensor_map.h")), read(&emu.join("include/cuda_bf16.h")), FLAGS, &c.version).hash(&mut h);
     for f in KERNEL_FILES.iter().chain([&PRIMITIVES]) {
         (f.name, full_source(f), f.functions, f.hopper).hash(&mut h);
     }
@@ -118,6 +118,7 @@ fn device_hash(c: &Compiler) -> String {
     for f in DEVICE_SOURCES {
         read(&dir.join(f)).hash(&mut h);
     }
+    read(&Path::new(EMU_DIR).join("tensor_map.h")).hash(&mut h);
     c.version.hash(&mut h);
     format!("device-{:016x}", h.finish())
 }

@@ -3,13 +3,16 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "emu.h"
+#include "tensor_map.h"
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -104,7 +107,7 @@ struct Stack {
 
 // ---- threads and the launch ------------------------------------------------------------------
 
-enum class State { Ready, AtSyncthreads, AtWarpOp, Exited, Faulted };
+enum class State { Ready, AtSyncthreads, AtWarpOp, AtMbarrier, Exited, Faulted };
 enum class Op { Syncwarp, Shuffle, VoteAny, Mma, Ldmatrix, LdmatrixTrans, StmatrixTrans, Wgmma, WgmmaCommit, WgmmaWait };
 
 const char* op_name(Op op) {
@@ -154,6 +157,26 @@ struct Thread {
     std::vector<Copy> copies;
     unsigned committed;
     std::vector<unsigned> unfenced;
+    // mbarrier.try_wait.parity: the barrier's shared-memory offset and the phase parity.
+    size_t mbar;
+    unsigned parity;
+};
+
+// A bulk tensor copy issued and not landed: its 16-byte chunks at their (swizzled) places, read
+// from global memory at issue; they land, and count against the barrier's transaction bytes,
+// once every thread waits (ascending schedule: as late as a GPU may) or at once (descending).
+struct Bulk {
+    std::vector<std::pair<unsigned char*, std::array<unsigned char, 16>>> chunks;
+    long long bytes;
+};
+
+// An mbarrier: the arrivals its phases expect and those still pending, the transaction bytes
+// announced (expect_tx) and not yet received, the current phase, and the copies in flight to it.
+struct Mbarrier {
+    unsigned expected = 0, pending = 0;
+    long long tx = 0;
+    unsigned phase = 0;
+    std::vector<Bulk> inflight;
 };
 
 // What makes two wgmma.mma_async the same instruction: shape, flags and descriptors (A's only
@@ -240,6 +263,8 @@ struct Launch {
     // cp.async data lands at the wait (ascending schedule) or at once (descending): a copy may
     // land any time in between on a GPU, so a copy into memory still being read shows.
     bool eager_copies = false;
+    // The block's mbarriers by shared-memory offset.
+    std::map<size_t, Mbarrier> mbarriers;
 };
 
 thread_local Launch* L;
@@ -616,10 +641,41 @@ const char* state_name(State s) {
         case State::Ready: return "runs";
         case State::AtSyncthreads: return "waits at __syncthreads";
         case State::AtWarpOp: return "waits at a warp collective";
+        case State::AtMbarrier: return "waits on an mbarrier";
         case State::Exited: return "has exited";
         case State::Faulted: return "faulted";
     }
     return "?";
+}
+
+// Completes `b`'s phase where no arrival and no transaction byte is outstanding.
+void settle(Mbarrier& b) {
+    if (b.pending == 0 && b.tx == 0) {
+        b.phase++;
+        b.pending = b.expected;
+    }
+}
+
+// Lands the copies in flight to `b` (their bytes as the async proxy writes them, which wgmma
+// reads without a fence) and completes its phase where nothing is outstanding; false with the
+// launch's error where more bytes arrived than expect_tx announced.
+bool land(Launch& l, Mbarrier& b) {
+    for (const Bulk& bulk : b.inflight) {
+        for (const auto& [dst, data] : bulk.chunks) {
+            std::memcpy(dst, data.data(), 16);
+            const size_t at = dst - l.smem;
+            std::memcpy(l.async_view.data() + at, data.data(), 16);
+            l.unfenced[at / 16] = -1;
+        }
+        b.tx -= bulk.bytes;
+    }
+    b.inflight.clear();
+    if (b.tx < 0) {
+        l.error = where(l) + format(": an mbarrier received %lld transaction bytes more than expect_tx announced", -b.tx);
+        return false;
+    }
+    settle(b);
+    return true;
 }
 
 // Runs warp `w` until it cannot go on alone: its lanes, in ascending or descending order, each
@@ -673,6 +729,7 @@ bool run_block(Launch& l, bool descending) {
     l.unfenced.assign(l.smem_bytes / 16 + 1, -1);
     l.async_view.assign(l.smem, l.smem + l.smem_bytes);
     l.fenced = false;
+    l.mbarriers.clear();
     for (size_t i = 0; i < n; i++) {
         Thread& t = l.threads[i];
         t.state = State::Ready;
@@ -684,6 +741,30 @@ bool run_block(Launch& l, bool descending) {
     for (;;) {
         for (unsigned k = 0; k < warps; k++)
             if (!run_warp(l, descending ? warps - 1 - k : k, descending)) return false;
+        // Threads waiting on an mbarrier whose phase has moved on go again (a wait lands the
+        // copies in flight to it).
+        bool woke = false;
+        const Thread* stuck = nullptr;
+        for (Thread& t : l.threads) {
+            if (t.state != State::AtMbarrier) continue;
+            Mbarrier& b = l.mbarriers[t.mbar];
+            if (!land(l, b)) return false;
+            if (b.phase % 2 != t.parity) {
+                t.state = State::Ready;
+                woke = true;
+            } else {
+                stuck = &t;
+            }
+        }
+        if (woke) continue;
+        if (stuck) {
+            const Mbarrier& b = l.mbarriers[stuck->mbar];
+            l.error = where(l) + " " + who(*stuck) +
+                      format(": deadlock: waits on the mbarrier at shared offset %zu for phase parity %u, which never completes (%u phases completed, the current one with %u arrivals and %lld "
+                             "transaction bytes outstanding; a wait that missed a whole phase waits for the next of its parity) while every other thread waits or has exited",
+                             stuck->mbar, stuck->parity, b.phase, b.pending, b.tx);
+            return false;
+        }
         // Every live thread waits at __syncthreads now, or none is live.
         bool live = false;
         for (Thread& t : l.threads)
@@ -697,6 +778,11 @@ bool run_block(Launch& l, bool descending) {
             l.fenced = false;
         }
     }
+    for (const auto& [at, b] : l.mbarriers)
+        if (!b.inflight.empty()) {
+            l.error = where(l) + format(": ended with a bulk tensor copy to the mbarrier at shared offset %zu that no thread waited for", at);
+            return false;
+        }
     for (unsigned w = 0; w < warps; w++)
         if (!l.wgmma[w].ops.empty()) {
             l.error = where(l) + format(" warp %u: ended with %zu wgmma(s) not completed by a wgmma.wait_group", w, l.wgmma[w].ops.size());
@@ -819,6 +905,76 @@ void fence_proxy_async() {
     L->fenced = true;
 }
 
+// The mbarrier at `bar`: 8 aligned bytes of dynamic shared memory, initialised.
+Mbarrier& mbarrier_at(const unsigned long long* bar) {
+    if (reinterpret_cast<uintptr_t>(bar) % 8 || !in_smem(bar, 8)) fault(format("mbarrier at %p: not 8 aligned bytes of dynamic shared memory", static_cast<const void*>(bar)));
+    auto it = L->mbarriers.find(shared_offset(bar));
+    if (it == L->mbarriers.end()) fault(format("mbarrier at shared offset %zu used before mbarrier.init", shared_offset(bar)));
+    return it->second;
+}
+
+// mbarrier.init: `count` arrivals complete a phase.
+void mbarrier_init(unsigned long long* bar, unsigned count) {
+    if (reinterpret_cast<uintptr_t>(bar) % 8 || !in_smem(bar, 8)) fault(format("mbarrier.init at %p: not 8 aligned bytes of dynamic shared memory", static_cast<void*>(bar)));
+    if (count == 0) fault("mbarrier.init with a count of 0");
+    Mbarrier& b = L->mbarriers[shared_offset(bar)];
+    if (!b.inflight.empty()) fault("mbarrier.init on an mbarrier with copies in flight");
+    b = Mbarrier{count, count, 0, 0, {}};
+}
+
+// mbarrier.arrive, after expect_tx of `expect_tx_bytes` (mbarrier.arrive.expect_tx) where not 0.
+void mbarrier_arrive(unsigned long long* bar, unsigned expect_tx_bytes) {
+    Mbarrier& b = mbarrier_at(bar);
+    if (b.pending == 0) fault("mbarrier.arrive on a phase that has all its arrivals");
+    b.tx += expect_tx_bytes;
+    b.pending--;
+    if (!L->eager_copies) settle(b);
+    else if (!land(*L, b)) yield(State::Faulted);
+}
+
+// mbarrier.try_wait.parity in a loop: returns once the phase of parity `parity` has completed.
+// Copies in flight land only once every thread that can go on without them has (the scheduler
+// lands them when all wait), so a thread reading a tile before its wait sees the poison.
+void mbarrier_wait(unsigned long long* bar, unsigned parity) {
+    Mbarrier& b = mbarrier_at(bar);
+    if (b.phase % 2 != parity % 2) return;
+    Thread& t = self();
+    t.mbar = shared_offset(bar);
+    t.parity = parity % 2;
+    yield(State::AtMbarrier);
+}
+
+// cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the box of
+// `map` at element x of row y into `smem` (128-byte aligned), zeros where the box leaves the
+// tensor, row r of the box at r times its row bytes, the 128-byte swizzle applied to the shared
+// address (its 16-byte chunk bits 4–6 XOR bits 7–9, as wgmma's canonical layouts read them);
+// completes the box's bytes on `bar`.
+void tma_load_2d(void* smem, const void* map, int x, int y, unsigned long long* bar) {
+    emu_tma::Map m;
+    if (!emu_tma::decode(map, m)) fault("cp.async.bulk.tensor with a tensor map that cuTensorMapEncodeTiled did not encode");
+    const size_t row_bytes = size_t(m.box[0]) * m.elem_bytes, bytes = row_bytes * m.box[1];
+    if (reinterpret_cast<uintptr_t>(smem) % 128 || !in_smem(smem, bytes)) fault(format("cp.async.bulk.tensor to %p: not %zu bytes of dynamic shared memory, 128-byte aligned", smem, bytes));
+    Mbarrier& b = mbarrier_at(bar);
+    Bulk bulk{{}, (long long)bytes};
+    const size_t base = shared_offset(smem);
+    for (unsigned r = 0; r < m.box[1]; r++) {
+        for (size_t c = 0; c < row_bytes; c += 16) {
+            size_t at = base + r * row_bytes + c;
+            if (m.swizzle == emu_tma::B128) at ^= ((at >> 7) & 7) << 4;
+            std::array<unsigned char, 16> data{};
+            const long long gy = (long long)y + r;
+            for (size_t e = 0; e < 16 / m.elem_bytes; e++) {
+                const long long gx = (long long)x + (long long)((c / m.elem_bytes) + e);
+                if (gx < 0 || gy < 0 || gx >= (long long)m.dims[0] || gy >= (long long)m.dims[1]) continue;
+                std::memcpy(data.data() + e * m.elem_bytes, reinterpret_cast<const unsigned char*>(m.global) + gy * m.row_bytes + gx * m.elem_bytes, m.elem_bytes);
+            }
+            bulk.chunks.emplace_back(L->smem + at, data);
+        }
+    }
+    b.inflight.push_back(std::move(bulk));
+    if (L->eager_copies && !land(*L, b)) yield(State::Faulted);
+}
+
 void ldmatrix_x4(unsigned r[4], const void* row, bool trans) {
     Thread& t = self();
     t.in[0] = row;
@@ -916,6 +1072,13 @@ extern "C" __attribute__((visibility("default"))) int emu_launch(const char* ker
 }
 
 extern "C" __attribute__((visibility("default"))) const char* emu_last_error() { return emu::last_error.c_str(); }
+
+// cuTensorMapEncodeTiled's emulation (tensor_map.h) for callers without the emulated driver:
+// writes the 128-byte map to `out` and returns "" or why the arguments are refused.
+extern "C" __attribute__((visibility("default"))) const char* emu_encode_tensor_map(void* out, uint32_t elem_bytes, const void* global, const uint64_t dims[2], uint64_t row_bytes,
+                                                                                   const uint32_t box[2], uint32_t swizzle) {
+    return emu_tma::encode(out, elem_bytes, global, dims, row_bytes, box, swizzle);
+}
 
 // The byte sizes of `kernel`'s parameters, for a caller that only has cuLaunchKernel's argument
 // array (the emulated driver, tests/cuda_emu/device): writes up to `max` of them to `sizes` and

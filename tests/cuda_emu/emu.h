@@ -22,6 +22,7 @@
 #define __forceinline__ inline
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
+#define __grid_constant__
 // Blocks run one after another on the launching OS thread, so a static is the block's shared
 // memory; thread_local keeps launches on different OS threads (parallel tests) apart.
 #define __shared__ static thread_local
@@ -52,6 +53,12 @@ void wgmma(float* d, unsigned n, const unsigned* a, unsigned long long desc_a, u
 void wgmma_commit();
 void wgmma_wait(unsigned pending);
 void fence_proxy_async();
+// mbarrier (the shared-memory barriers the Tensor Memory Accelerator's copies complete on) and
+// the bulk tensor copy (TMA: cp.async.bulk.tensor.2d) of a tile described by a tensor map.
+void mbarrier_init(unsigned long long* bar, unsigned count);
+void mbarrier_arrive(unsigned long long* bar, unsigned expect_tx_bytes);
+void mbarrier_wait(unsigned long long* bar, unsigned parity);
+void tma_load_2d(void* smem, const void* map, int x, int y, unsigned long long* bar);
 unsigned char* dynamic_smem();
 [[noreturn]] void spin_forever();
 size_t shared_offset(const void* p);

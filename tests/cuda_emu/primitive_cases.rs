@@ -17,7 +17,13 @@ pub enum Arg {
     F32(Vec<f32>),
     U32(Vec<u32>),
     I32(i32),
+    /// A tensor map (TMA descriptor) of a bf16 matrix, passed by value: `bits` row-major, `rows` ×
+    /// `cols`, boxes of 64 columns × 64 rows, the 128-byte swizzle, zeros out of bounds.
+    TensorMap { bits: Vec<u16>, rows: usize, cols: usize },
 }
+
+/// The box of a tensor map [`Arg::TensorMap`]: columns, rows.
+pub const TMA_BOX: [u32; 2] = [64, 64];
 
 /// Checks a launch's outputs (the words of its `Out` arguments, in argument order).
 type Check = Box<dyn Fn(&[Vec<u32>]) -> Result<(), String>>;
@@ -91,14 +97,86 @@ fn check_product(got: &[u32], want: &[f64], n: usize, tol: Option<f64>, others: 
     Err(format!("{} of {} entries wrong, e.g. {}{guess}", wrong.len(), want.len(), first.join(", ")))
 }
 
-/// The cases, in the order of the instructions the kernels depend on; `hopper` adds the wgmma ones.
+/// The cases, in the order of the instructions the kernels depend on; `hopper` adds the wgmma and
+/// TMA ones.
 pub fn cases(hopper: bool) -> Vec<Case> {
     let mut rng = Rng::new(61);
     let mut out = vec![mma(&mut rng, true), mma(&mut rng, false), ldmatrix(), cp_async(), exp2_ftz()];
     if hopper {
         out.extend([wgmma_ss(&mut rng, 0), wgmma_ss_mn_major(&mut rng), wgmma_rs(&mut rng, false), wgmma_rs(&mut rng, true), wgmma_n256(&mut rng, false), wgmma_n256(&mut rng, true), wgmma_n256_tn(&mut rng), stmatrix_trans()]);
+        out.extend([tma_load(0), tma_wgmma(&mut rng)]);
     }
     out
+}
+
+/// The shared-memory bytes of a 64 × 64 bf16 box at column `x`, row `y` of `m` (`rows` × `cols`,
+/// row-major bit patterns): element (r, c) at byte 128 r + 2 c, zero outside the matrix, then
+/// with `swizzle` the 16-byte chunk bits 4–6 of the offset XOR bits 7–9 (the tile 1024-byte
+/// aligned).
+fn box_bytes(m: &[u16], rows: usize, cols: usize, x: usize, y: usize, swizzle: bool) -> Vec<u8> {
+    let mut out = vec![0u8; 64 * 128];
+    for r in 0..64 {
+        for c in 0..64 {
+            let v = if y + r < rows && x + c < cols { m[(y + r) * cols + x + c] } else { 0 };
+            let mut at = 128 * r + 2 * c;
+            if swizzle {
+                at ^= ((at >> 7) & 7) << 4;
+            }
+            out[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    out
+}
+
+fn words(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks(4).map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes"))).collect()
+}
+
+/// Two TMA copies of 64 × 64 boxes with the 128-byte swizzle on one mbarrier's phases 0 and 1
+/// (`test_tma_load`): a box inside an 80 × 96 bf16 matrix and one past its right and bottom edges
+/// (zeros there), each against the documented layout; `misuse` as the kernel says (the emulator's
+/// reports: `tests/cuda_emu.rs`).
+pub fn tma_load(misuse: i32) -> Case {
+    let (rows, cols) = (80, 96);
+    // Distinct patterns, none of them zero: a misplaced element or a missing zero fill shows.
+    let m: Vec<u16> = (0..rows * cols).map(|i| 0x3c00 + i as u16).collect();
+    let want: Vec<Vec<u32>> = [(16, 8), (48, 40)].iter().map(|&(x, y)| words(&box_bytes(&m, rows, cols, x, y, true))).collect();
+    let plain: Vec<Vec<u32>> = [(16, 8), (48, 40)].iter().map(|&(x, y)| words(&box_bytes(&m, rows, cols, x, y, false))).collect();
+    Case {
+        name: "cp.async.bulk.tensor.2d (TMA), 128-byte swizzle, on mbarrier phases 0 and 1",
+        kernel: "test_tma_load",
+        threads: 128,
+        smem: 2 * 8192 + 8 + 1024,
+        hopper: true,
+        args: vec![Arg::Out(2 * 2048), Arg::TensorMap { bits: m, rows, cols }, Arg::I32(misuse)],
+        check: Box::new(move |o| {
+            for (k, (want, plain)) in want.iter().zip(&plain).enumerate() {
+                let got = &o[0][2048 * k..2048 * (k + 1)];
+                let wrong: Vec<usize> = (0..2048).filter(|&i| got[i] != want[i]).collect();
+                if let Some(&i) = wrong.first() {
+                    let instead = if got == &plain[..] { "; the tile is the box without the swizzle" } else { "" };
+                    return Err(format!("box {k}: {} of 2048 words wrong, e.g. word {i} = {:#010x} instead of {:#010x}{instead}", wrong.len(), got[i], want[i]));
+                }
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// d (64 × 128) = a · bᵀ with both tiles brought by TMA (`test_tma_wgmma`): wgmma reads the
+/// 128-byte swizzled boxes through the same descriptors as cp.async's tiles.
+fn tma_wgmma(rng: &mut Rng) -> Case {
+    let (a, b) = (small(rng, 64 * 64), small(rng, 128 * 64));
+    let want = matmul(&a, &transpose(&b, 128, 64), 64, 64, 128);
+    Case {
+        name: "wgmma m64n128k16 on tiles a TMA copy brought (128-byte swizzle)",
+        kernel: "test_tma_wgmma",
+        threads: 128,
+        smem: 3 * 8192 + 8 + 1024,
+        hopper: true,
+        args: vec![Arg::Out(64 * 128), Arg::TensorMap { bits: bits(&a), rows: 64, cols: 64 }, Arg::TensorMap { bits: bits(&b), rows: 128, cols: 64 }],
+        check: Box::new(move |o| check_product(&o[0], &want, 128, None, &[])),
+    }
 }
 
 /// d (16 × 8) = a (16 × 16) · b (16 × 8) + c on one warp (`mma16816`): exactly on small integers,

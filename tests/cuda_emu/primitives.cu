@@ -254,4 +254,114 @@ extern "C" __global__ void test_wgmma_ss_mnmajor(float* d, const bf16* a, const 
     fence_operands(acc);
     store_accumulators(d, acc);
 }
+
+// ---- the Tensor Memory Accelerator (sm_90): bulk tensor copies completing on an mbarrier ----
+// Not in the product's kernels yet: these cases check, on the emulator and on a GPU, how a
+// tensor map's box lands in shared memory before a kernel is built on it.
+
+// A CUtensorMap: cuTensorMapEncodeTiled's 128 opaque bytes, passed by value (__grid_constant__).
+struct alignas(64) TensorMap {
+    unsigned long long words[16];
+};
+
+#ifdef MOTLEY_EMU
+__device__ void mbar_init(unsigned long long* bar, unsigned count) { emu::mbarrier_init(bar, count); }
+__device__ void fence_mbarrier_init() {}
+__device__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) { emu::mbarrier_arrive(bar, bytes); }
+__device__ void mbar_wait(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait(bar, parity); }
+__device__ void tma_load_2d(void* smem, const TensorMap& map, int x, int y, unsigned long long* bar) { emu::tma_load_2d(smem, &map, x, y, bar); }
+#else
+__device__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(count) : "memory");
+}
+// Makes the initialisation visible to the async proxy (the copies that complete on it).
+__device__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(bytes) : "memory");
+}
+__device__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done = 0;
+    while (!done) {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(parity)
+                     : "memory");
+    }
+}
+__device__ void tma_load_2d(void* smem, const TensorMap& map, int x, int y, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
+                 "l"(reinterpret_cast<unsigned long long>(&map)), "r"(x), "r"(y), "r"((unsigned)__cvta_generic_to_shared(bar))
+                 : "memory");
+}
+#endif
+
+// One warpgroup; `map`: a bf16 matrix of 80 rows × 96 columns, boxes of 64 × 64 with the 128-byte
+// swizzle. Thread 0 issues two copies on one mbarrier, whose phases 0 and 1 they complete: the box
+// at column 16, row 8 (inside the matrix), then the box at column 48, row 40 (past the right and
+// bottom edges: zeros there). out holds the two 8 KiB tiles as they lie in shared memory
+// (1024-byte aligned), 2048 words each. misuse: 0 none; 1 reads the first tile before waiting for
+// it; 2 announces half of the first copy's bytes; 3 never issues the second copy; 4 leaves out
+// the barrier between the phases.
+// 17 KiB + 1 KiB of shared memory.
+extern "C" __global__ void test_tma_load(unsigned* out, const __grid_constant__ TensorMap map, int misuse) {
+    DYNAMIC_SMEM(raw);
+    unsigned char* tiles = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    unsigned long long* bar = (unsigned long long*)(tiles + 2 * 8192);
+    if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    const int at[2][2] = {{16, 8}, {48, 40}};
+    for (int k = 0; k < 2; k++) {
+        if (threadIdx.x == 0) {
+            mbar_arrive_expect_tx(bar, misuse == 2 && k == 0 ? 4096 : 8192);
+            if (!(misuse == 3 && k == 1)) tma_load_2d(tiles + 8192 * k, map, at[k][0], at[k][1], bar);
+        }
+        auto copy_out = [&] {
+            for (int i = threadIdx.x; i < 2048; i += blockDim.x) out[2048 * k + i] = ((const unsigned*)(tiles + 8192 * k))[i];
+        };
+        if (misuse == 1 && k == 0) {
+            copy_out();
+            mbar_wait(bar, k);
+        } else {
+            mbar_wait(bar, k);
+            copy_out();
+        }
+        // Every thread has seen phase k complete before thread 0 starts the next: a thread
+        // still waiting for parity 0 after phase 1 completed would wait for phase 2.
+        if (misuse != 4) __syncthreads();
+    }
+}
+
+// One warpgroup: d (64 × 128, f32, row-major) = a (64 × 64) · bᵀ (b: 128 × 64), as test_wgmma_ss
+// but with the tiles brought by TMA (a in one box of 64 × 64, b in two, the 128-byte swizzle)
+// instead of cp.async and read by wgmma straight from there: the box's swizzle is the canonical
+// layout the descriptors describe. 24 KiB + 1 KiB.
+extern "C" __global__ void test_tma_wgmma(float* d, const __grid_constant__ TensorMap a_map, const __grid_constant__ TensorMap b_map) {
+    DYNAMIC_SMEM(raw);
+    unsigned char* as = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
+    unsigned char* bs = as + 8192;
+    unsigned long long* bar = (unsigned long long*)(bs + 16384);
+    if (threadIdx.x == 0) {
+        mbar_init(bar, 1);
+        fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbar_arrive_expect_tx(bar, 3 * 8192);
+        tma_load_2d(as, a_map, 0, 0, bar);
+        tma_load_2d(bs, b_map, 0, 0, bar);
+        tma_load_2d(bs + 8192, b_map, 0, 64, bar);
+    }
+    mbar_wait(bar, 0);
+    float acc[64];
+    wgmma_fence();
+    for (int k = 0; k < 4; k++) wgmma_m64n128k16_ss(acc, sw128_desc(as + 32 * k, 1024), sw128_desc(bs + 32 * k, 1024), k > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc);
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+    for (int j = 0; j < 64; j++) d[(16 * w + g + 8 * (j / 2 % 2)) * 128 + 8 * (j / 4) + 2 * q + j % 2] = acc[j];
+}
 #endif

@@ -20,6 +20,8 @@ pub const PRIMITIVES: KernelFile = KernelFile {
         "test_wgmma_n256_mnmajor",
         "test_wgmma_n256_tn",
         "test_stmatrix_trans",
+        "test_tma_load",
+        "test_tma_wgmma",
         "bad_divergent_shuffle",
         "bad_smem_overflow",
         "racy_neighbour",
