@@ -99,7 +99,7 @@ const BF16_ATTN_TOL: f64 = 8e-3;
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, *const u32, *const u32, usize, usize, *const *mut c_void, *const usize, i32) -> i32;
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
-type EncodeMapFn = unsafe extern "C" fn(*mut c_void, u32, *const c_void, *const u64, u64, *const u32, u32) -> *const c_char;
+type EncodeMapFn = unsafe extern "C" fn(*mut c_void, u32, u32, *const c_void, *const u64, *const u64, *const u32, u32) -> *const c_char;
 
 /// The emulator built for one storage.
 struct Emulator {
@@ -301,6 +301,20 @@ fn raised_smem(kernel: &str) -> bool {
 const HOPPER_SMEM: usize = 227 << 10;
 
 impl Emulator {
+    /// The 128-byte tensor map of bf16 `buf` with `dims` (elements, contiguous first), `strides`
+    /// (bytes, one fewer) and `box_`, the 128-byte swizzle, as cuTensorMapEncodeTiled makes it.
+    fn tensor_map(&self, buf: &Buf, dims: &[u64], strides: &[u64], box_: &[u32]) -> Result<Vec<u8>, String> {
+        assert!(dims.len() == box_.len() && strides.len() + 1 == dims.len(), "a tensor map's dims, strides and box");
+        let mut map = vec![0u8; 128];
+        // SAFETY: `map` has the 128 bytes a CUtensorMap takes; the arrays have the rank's lengths
+        // (asserted) and the address is the live buffer's.
+        let why = unsafe { CStr::from_ptr((self.encode_map)(map.as_mut_ptr().cast(), dims.len() as u32, 2, buf.data_ptr() as *const c_void, dims.as_ptr(), strides.as_ptr(), box_.as_ptr(), 3)) };
+        if !why.to_bytes().is_empty() {
+            return Err(format!("tensor map: {}", why.to_string_lossy()));
+        }
+        Ok(map)
+    }
+
     /// Runs `kernel`; then every buffer argument's guards must be intact.
     fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg], schedule: i32) -> Result<(), String> {
         if cfg.shared_mem_bytes > 48 << 10 && !raised_smem(kernel) {
@@ -979,7 +993,7 @@ const ATTN: [AttnShape; 8] = [
 ];
 
 fn attention(s: Storage) {
-    check_attention("attention", &ATTN, s, |pass, sh| (pass.function(sh.head_dim), attn::launch_config(HOPPER_SMEM, pass, sh), Pass::query_tile(sh.head_dim)));
+    check_attention("attention", &ATTN, s, |pass, sh| (pass.function(sh.head_dim), attn::launch_config(HOPPER_SMEM, pass, sh), Pass::query_tile(sh.head_dim), false));
 }
 
 /// The Hopper kernels (wgmma, head_dim 64) against the CPU, as the mma.sync ones are: forward
@@ -993,12 +1007,13 @@ const HOPPER_ATTN: [AttnShape; 3] = [
 ];
 
 fn attention_hopper(s: Storage) {
-    check_attention("attention_hopper", &HOPPER_ATTN, s, |pass, sh| (pass.hopper_function().to_string(), pass.hopper_config(sh), attn::HOPPER_QUERY_TILE));
+    check_attention("attention_hopper", &HOPPER_ATTN, s, |pass, sh| (pass.hopper_function().to_string(), pass.hopper_config(sh), attn::HOPPER_QUERY_TILE, pass == Pass::Forward));
 }
 
 /// Forward and backward of attention for `shapes` on the kernels `kernel` names (entry point,
-/// launch, the backward's query tile), against the CPU.
-fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn(Pass, AttnShape) -> (String, LaunchConfig, usize)) {
+/// launch, the backward's query tile, and whether it takes qkv's tensor map: the Hopper
+/// forward's TMA copies, in bf16 storage), against the CPU.
+fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn(Pass, AttnShape) -> (String, LaunchConfig, usize, bool)) {
     let mut ch = Checks::new(name, s);
     for (k, &sh) in shapes.iter().enumerate() {
         let seed = 40 + 10 * k as u64;
@@ -1017,8 +1032,14 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
         let Some(got) = emulate(s, |g| {
             let (q, o, lb, db) = (g.act("qkv", &qkv), g.act("out_in", &out), g.f32("lse_in", &lse), g.act("dout", &dout));
             let (fwd_out, fwd_lse) = (g.nan("out", g.act_elem(), want_out.len()), g.nan("lse", Elem::F32, lse.len()));
-            let (fwd, fwd_cfg, _) = kernel(Pass::Forward, sh);
-            g.run(&fwd, fwd_cfg, &[fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
+            let (fwd, fwd_cfg, _, takes_map) = kernel(Pass::Forward, sh);
+            let mut fwd_args = vec![fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)];
+            if takes_map {
+                let (w, t) = (sh.qkv_width() as u64, sh.seq as u64);
+                let map = if s == Storage::Bf16 { g.emu.tensor_map(&q, &[w, t, sh.batch as u64], &[2 * w, 2 * w * t], &attn::HOPPER_BOX).unwrap() } else { vec![0; 128] };
+                fwd_args.push(Arg::Bytes(map));
+            }
+            g.run(&fwd, fwd_cfg, &fwd_args);
             let delta = g.nan("delta", Elem::F32, lse.len());
             let dqkv = g.nan("dqkv", g.act_elem(), qkv.len());
             // The dQ accumulator as the backend allocates it (not zeroed: NaN until written).
@@ -1027,7 +1048,7 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
             // Twice into the same dqkv: the backward overwrites it, bitwise the same.
             for _ in 0..2 {
                 g.run("attn_bwd_delta", attn::delta_config(sh), &[delta.arg(), db.arg(), o.arg(), Arg::Bytes(heads.clone()), Arg::I32(sh.tokens() as i32)]);
-                let (bwd, cfg, query_tile) = kernel(Pass::Backward, sh);
+                let (bwd, cfg, query_tile, _) = kernel(Pass::Backward, sh);
                 let turns = g.u32("turns", &vec![0; attn::turns_len(sh, query_tile)]);
                 g.run(&bwd, cfg, &[dqkv.arg(), dq_acc.arg(), turns.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
                 runs.push(dqkv.values());
@@ -1247,15 +1268,8 @@ fn run_case_on(emu: &Emulator, case: &Case, schedule: i32) -> Result<Vec<Vec<u32
             CaseArg::I32(v) => Arg::I32(*v),
             CaseArg::TensorMap { rows, cols, .. } => {
                 let b = b.as_ref().expect("the matrix");
-                let (dims, stride) = ([*cols as u64, *rows as u64], 2 * *cols as u64);
-                let mut map = vec![0u8; 128];
-                // SAFETY: `map` has the 128 bytes a CUtensorMap takes; the other pointers are to
-                // arrays of the lengths the encoder reads (2 and 2) and to the live buffer.
-                let why = unsafe { CStr::from_ptr((emu.encode_map)(map.as_mut_ptr().cast(), 2, b.data_ptr() as *const c_void, dims.as_ptr(), stride, primitive_cases::TMA_BOX.as_ptr(), 3)) };
-                if !why.to_bytes().is_empty() {
-                    return Err(format!("tensor map: {}", why.to_string_lossy()));
-                }
-                Arg::Bytes(map)
+                let (dims, strides) = primitive_cases::tma_layout(*rows, *cols);
+                Arg::Bytes(emu.tensor_map(b, &dims, &strides, &primitive_cases::TMA_BOX)?)
             }
             _ => b.as_ref().expect("a buffer").arg(),
         });

@@ -143,7 +143,9 @@ fn disassemble(nvdisasm: &std::ffi::OsStr, cubin: &std::path::Path) -> Result<St
 }
 
 /// One kernel's SASS lines (`nvdisasm -c`) and its loops: a branch back to an earlier label, as
-/// (label line, branch line), in the order their branches appear.
+/// (label line, branch line), in the order their branches appear, none spanning an `EXIT` (ptxas
+/// puts the retries of an mbarrier wait after the kernel's end, branching back to the wait: a
+/// span over most of the kernel that is no loop of its code).
 struct KernelSass<'a> {
     body: Vec<&'a str>,
     loops: Vec<(usize, usize)>,
@@ -161,7 +163,9 @@ fn kernel_loops<'a>(sass: &'a str, kernel: &str) -> Result<KernelSass<'a>, Strin
             labels.insert(label, i);
         } else if let Some(target) = line.contains("BRA").then(|| line.split('(').nth(1).and_then(|t| t.split(')').next())).flatten() {
             if let Some(&start) = labels.get(target) {
-                loops.push((start, i));
+                if !body[start..i].iter().any(|l| l.contains("EXIT")) {
+                    loops.push((start, i));
+                }
             }
         }
     }

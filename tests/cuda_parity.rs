@@ -36,8 +36,9 @@ mod primitive_cases;
 use common::{expert_chain, randn, tiny_model, ExpertChain};
 use compare::normalised_error as error;
 use motley::backend::cpu::Cpu;
-use cudarc::driver::{CudaContext, CudaModule, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaModule, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use motley::backend::cuda::nvrtc;
+use motley::backend::cuda::tma::TensorMap;
 use motley::backend::cuda::{CudaBackend, Storage};
 use motley::backend::{AdamW, AttnShape, Backend, Gemm, Pick, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use motley::memory::store::LayerPolicy;
@@ -653,45 +654,6 @@ fn attention_backward_is_reproducible_under_load() {
 }
 
 /// Launches a primitive case on the device with cudarc directly; the words of its outputs.
-/// A CUtensorMap passed to a kernel by value (its parameter is 64-byte aligned, 128 bytes).
-#[repr(C, align(64))]
-struct TensorMapArg(cudarc::driver::sys::CUtensorMap);
-// SAFETY: 128 plain bytes, the layout of the kernels' `TensorMap` parameter.
-unsafe impl cudarc::driver::DeviceRepr for TensorMapArg {}
-
-/// The tensor map of `m` (`rows` × `cols` bf16, row-major) that primitive_cases' TMA cases take:
-/// boxes of `TMA_BOX`, the 128-byte swizzle, zeros out of bounds.
-fn tensor_map(m: &CudaSlice<u16>, stream: &std::sync::Arc<cudarc::driver::CudaStream>, rows: usize, cols: usize) -> Result<TensorMapArg, cudarc::driver::DriverError> {
-    use cudarc::driver::sys::{self, CUtensorMapDataType, CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle};
-    use cudarc::driver::DevicePtr;
-    let (ptr, _record) = m.device_ptr(stream);
-    let dims = [cols as u64, rows as u64];
-    let strides = [2 * cols as u64];
-    let ones = [1u32; 2];
-    // SAFETY: zeroed bytes are a valid CUtensorMap to be written over.
-    let mut map: sys::CUtensorMap = unsafe { std::mem::zeroed() };
-    // SAFETY: the arrays have the lengths rank 2 reads (dims 2, strides 1, box 2, element
-    // strides 2) and the address is the live buffer's.
-    unsafe {
-        sys::cuTensorMapEncodeTiled(
-            &mut map,
-            CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            primitive_cases::TMA_BOX.as_ptr(),
-            ones.as_ptr(),
-            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-        .result()?;
-    }
-    Ok(TensorMapArg(map))
-}
-
 fn run_primitive(ctx: &std::sync::Arc<CudaContext>, module: &std::sync::Arc<CudaModule>, case: &primitive_cases::Case) -> Result<Vec<Vec<u32>>, String> {
     enum Dev {
         Bf16(CudaSlice<u16>),
@@ -699,7 +661,7 @@ fn run_primitive(ctx: &std::sync::Arc<CudaContext>, module: &std::sync::Arc<Cuda
         U32(CudaSlice<u32>),
         I32(i32),
         /// A tensor map, and the matrix it describes (kept alive for the launch).
-        Map { _matrix: CudaSlice<u16>, map: TensorMapArg },
+        Map { _matrix: CudaSlice<u16>, map: TensorMap },
     }
     let stream = ctx.default_stream();
     let f = module.load_function(case.kernel).map_err(|e| format!("{e:?}"))?;
@@ -715,7 +677,8 @@ fn run_primitive(ctx: &std::sync::Arc<CudaContext>, module: &std::sync::Arc<Cuda
                 PrimArg::I32(v) => Dev::I32(*v),
                 PrimArg::TensorMap { bits, rows, cols } => {
                     let m = stream.clone_htod(bits)?;
-                    let map = tensor_map(&m, &stream, *rows, *cols)?;
+                    let (dims, strides) = primitive_cases::tma_layout(*rows, *cols);
+                    let map = TensorMap::bf16_3d(m.device_ptr(&stream).0, dims, strides, primitive_cases::TMA_BOX).unwrap_or_else(|e| panic!("{e}"));
                     Dev::Map { _matrix: m, map }
                 }
             })

@@ -944,29 +944,30 @@ void mbarrier_wait(unsigned long long* bar, unsigned parity) {
     yield(State::AtMbarrier);
 }
 
-// cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the box of
-// `map` at element x of row y into `smem` (128-byte aligned), zeros where the box leaves the
-// tensor, row r of the box at r times its row bytes, the 128-byte swizzle applied to the shared
-// address (its 16-byte chunk bits 4–6 XOR bits 7–9, as wgmma's canonical layouts read them);
-// completes the box's bytes on `bar`.
-void tma_load_2d(void* smem, const void* map, int x, int y, unsigned long long* bar) {
+// cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the
+// box of `map` at element x of row y of plane z into `smem` (128-byte aligned), zeros where the
+// box leaves the tensor, row r of the box at r times its row bytes (planes after each other),
+// the 128-byte swizzle applied to the shared address (its 16-byte chunk bits 4–6 XOR bits 7–9,
+// as wgmma's canonical layouts read them); completes the box's bytes on `bar`.
+void tma_load(void* smem, const void* map, int x, int y, int z, unsigned long long* bar) {
     emu_tma::Map m;
     if (!emu_tma::decode(map, m)) fault("cp.async.bulk.tensor with a tensor map that cuTensorMapEncodeTiled did not encode");
-    const size_t row_bytes = size_t(m.box[0]) * m.elem_bytes, bytes = row_bytes * m.box[1];
+    if (m.rank != 3) fault(format("cp.async.bulk.tensor.3d with a tensor map of rank %u", m.rank));
+    const size_t row_bytes = size_t(m.box[0]) * m.elem_bytes, rows = size_t(m.box[1]) * m.box[2], bytes = row_bytes * rows;
     if (reinterpret_cast<uintptr_t>(smem) % 128 || !in_smem(smem, bytes)) fault(format("cp.async.bulk.tensor to %p: not %zu bytes of dynamic shared memory, 128-byte aligned", smem, bytes));
     Mbarrier& b = mbarrier_at(bar);
     Bulk bulk{{}, (long long)bytes};
     const size_t base = shared_offset(smem);
-    for (unsigned r = 0; r < m.box[1]; r++) {
+    for (size_t r = 0; r < rows; r++) {
+        const long long gy = (long long)y + (long long)(r % m.box[1]), gz = (long long)z + (long long)(r / m.box[1]);
         for (size_t c = 0; c < row_bytes; c += 16) {
             size_t at = base + r * row_bytes + c;
             if (m.swizzle == emu_tma::B128) at ^= ((at >> 7) & 7) << 4;
             std::array<unsigned char, 16> data{};
-            const long long gy = (long long)y + r;
             for (size_t e = 0; e < 16 / m.elem_bytes; e++) {
                 const long long gx = (long long)x + (long long)((c / m.elem_bytes) + e);
-                if (gx < 0 || gy < 0 || gx >= (long long)m.dims[0] || gy >= (long long)m.dims[1]) continue;
-                std::memcpy(data.data() + e * m.elem_bytes, reinterpret_cast<const unsigned char*>(m.global) + gy * m.row_bytes + gx * m.elem_bytes, m.elem_bytes);
+                if (gx < 0 || gy < 0 || gz < 0 || gx >= (long long)m.dims[0] || gy >= (long long)m.dims[1] || gz >= (long long)m.dims[2]) continue;
+                std::memcpy(data.data() + e * m.elem_bytes, reinterpret_cast<const unsigned char*>(m.global) + gz * m.strides[1] + gy * m.strides[0] + gx * m.elem_bytes, m.elem_bytes);
             }
             bulk.chunks.emplace_back(L->smem + at, data);
         }
@@ -1075,9 +1076,9 @@ extern "C" __attribute__((visibility("default"))) const char* emu_last_error() {
 
 // cuTensorMapEncodeTiled's emulation (tensor_map.h) for callers without the emulated driver:
 // writes the 128-byte map to `out` and returns "" or why the arguments are refused.
-extern "C" __attribute__((visibility("default"))) const char* emu_encode_tensor_map(void* out, uint32_t elem_bytes, const void* global, const uint64_t dims[2], uint64_t row_bytes,
-                                                                                   const uint32_t box[2], uint32_t swizzle) {
-    return emu_tma::encode(out, elem_bytes, global, dims, row_bytes, box, swizzle);
+extern "C" __attribute__((visibility("default"))) const char* emu_encode_tensor_map(void* out, uint32_t rank, uint32_t elem_bytes, const void* global, const uint64_t* dims,
+                                                                                   const uint64_t* strides, const uint32_t* box, uint32_t swizzle) {
+    return emu_tma::encode(out, rank, elem_bytes, global, dims, strides, box, swizzle);
 }
 
 // The byte sizes of `kernel`'s parameters, for a caller that only has cuLaunchKernel's argument

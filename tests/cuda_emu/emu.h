@@ -54,11 +54,12 @@ void wgmma_commit();
 void wgmma_wait(unsigned pending);
 void fence_proxy_async();
 // mbarrier (the shared-memory barriers the Tensor Memory Accelerator's copies complete on) and
-// the bulk tensor copy (TMA: cp.async.bulk.tensor.2d) of a tile described by a tensor map.
+// the bulk tensor copy (TMA: cp.async.bulk.tensor, 2 or 3 dimensions) of a tile described by a
+// tensor map.
 void mbarrier_init(unsigned long long* bar, unsigned count);
 void mbarrier_arrive(unsigned long long* bar, unsigned expect_tx_bytes);
 void mbarrier_wait(unsigned long long* bar, unsigned parity);
-void tma_load_2d(void* smem, const void* map, int x, int y, unsigned long long* bar);
+void tma_load(void* smem, const void* map, int x, int y, int z, unsigned long long* bar);
 unsigned char* dynamic_smem();
 [[noreturn]] void spin_forever();
 size_t shared_offset(const void* p);
@@ -182,6 +183,15 @@ inline void wgmma_commit() { emu::wgmma_commit(); }
 template <int PENDING>
 inline void wgmma_wait() { emu::wgmma_wait(PENDING); }
 inline void fence_proxy_async() { emu::fence_proxy_async(); }
+// mbarriers and TMA (emu.cpp models both; tensor maps: tensor_map.h).
+inline void mbar_init(unsigned long long* bar, unsigned count) { emu::mbarrier_init(bar, count); }
+inline void fence_mbarrier_init() {}
+inline void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) { emu::mbarrier_arrive(bar, bytes); }
+inline void mbar_wait(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait(bar, parity); }
+struct alignas(64) TensorMap {
+    unsigned long long words[16];
+};
+inline void tma_load_3d(void* smem, const TensorMap& map, int x, int y, int z, unsigned long long* bar) { emu::tma_load(smem, &map, x, y, z, bar); }
 template <int N>
 inline void fence_operands(float (&)[N]) {}
 template <int N>

@@ -22,8 +22,15 @@ pub enum Arg {
     TensorMap { bits: Vec<u16>, rows: usize, cols: usize },
 }
 
-/// The box of a tensor map [`Arg::TensorMap`]: columns, rows.
-pub const TMA_BOX: [u32; 2] = [64, 64];
+/// The box of a tensor map [`Arg::TensorMap`]: columns, rows, planes (the maps are of rank 3,
+/// one plane, as the kernels' are).
+pub const TMA_BOX: [u32; 3] = [64, 64, 1];
+
+/// The dims and strides (bytes) of [`Arg::TensorMap`]'s rank-3 map of `rows` × `cols` bf16.
+pub fn tma_layout(rows: usize, cols: usize) -> ([u64; 3], [u64; 2]) {
+    let (r, c) = (rows as u64, cols as u64);
+    ([c, r, 1], [2 * c, 2 * c * r])
+}
 
 /// Checks a launch's outputs (the words of its `Out` arguments, in argument order).
 type Check = Box<dyn Fn(&[Vec<u32>]) -> Result<(), String>>;

@@ -255,45 +255,9 @@ extern "C" __global__ void test_wgmma_ss_mnmajor(float* d, const bf16* a, const 
     store_accumulators(d, acc);
 }
 
-// ---- the Tensor Memory Accelerator (sm_90): bulk tensor copies completing on an mbarrier ----
-// Not in the product's kernels yet: these cases check, on the emulator and on a GPU, how a
-// tensor map's box lands in shared memory before a kernel is built on it.
-
-// A CUtensorMap: cuTensorMapEncodeTiled's 128 opaque bytes, passed by value (__grid_constant__).
-struct alignas(64) TensorMap {
-    unsigned long long words[16];
-};
-
-#ifdef MOTLEY_EMU
-__device__ void mbar_init(unsigned long long* bar, unsigned count) { emu::mbarrier_init(bar, count); }
-__device__ void fence_mbarrier_init() {}
-__device__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) { emu::mbarrier_arrive(bar, bytes); }
-__device__ void mbar_wait(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait(bar, parity); }
-__device__ void tma_load_2d(void* smem, const TensorMap& map, int x, int y, unsigned long long* bar) { emu::tma_load_2d(smem, &map, x, y, bar); }
-#else
-__device__ void mbar_init(unsigned long long* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(count) : "memory");
-}
-// Makes the initialisation visible to the async proxy (the copies that complete on it).
-__device__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
-__device__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(bytes) : "memory");
-}
-__device__ void mbar_wait(unsigned long long* bar, unsigned parity) {
-    unsigned done = 0;
-    while (!done) {
-        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                     : "=r"(done)
-                     : "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(parity)
-                     : "memory");
-    }
-}
-__device__ void tma_load_2d(void* smem, const TensorMap& map, int x, int y, unsigned long long* bar) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
-                 "l"(reinterpret_cast<unsigned long long>(&map)), "r"(x), "r"(y), "r"((unsigned)__cvta_generic_to_shared(bar))
-                 : "memory");
-}
-#endif
+// ---- the Tensor Memory Accelerator (common.cuh): bulk tensor copies on an mbarrier ------------
+// How a tensor map's box lands in shared memory, on the emulator and on a GPU. The maps are of
+// rank 3 (one plane), as the kernels' are.
 
 // One warpgroup; `map`: a bf16 matrix of 80 rows × 96 columns, boxes of 64 × 64 with the 128-byte
 // swizzle. Thread 0 issues two copies on one mbarrier, whose phases 0 and 1 they complete: the box
@@ -316,7 +280,7 @@ extern "C" __global__ void test_tma_load(unsigned* out, const __grid_constant__ 
     for (int k = 0; k < 2; k++) {
         if (threadIdx.x == 0) {
             mbar_arrive_expect_tx(bar, misuse == 2 && k == 0 ? 4096 : 8192);
-            if (!(misuse == 3 && k == 1)) tma_load_2d(tiles + 8192 * k, map, at[k][0], at[k][1], bar);
+            if (!(misuse == 3 && k == 1)) tma_load_3d(tiles + 8192 * k, map, at[k][0], at[k][1], 0, bar);
         }
         auto copy_out = [&] {
             for (int i = threadIdx.x; i < 2048; i += blockDim.x) out[2048 * k + i] = ((const unsigned*)(tiles + 8192 * k))[i];
@@ -350,9 +314,9 @@ extern "C" __global__ void test_tma_wgmma(float* d, const __grid_constant__ Tens
     __syncthreads();
     if (threadIdx.x == 0) {
         mbar_arrive_expect_tx(bar, 3 * 8192);
-        tma_load_2d(as, a_map, 0, 0, bar);
-        tma_load_2d(bs, b_map, 0, 0, bar);
-        tma_load_2d(bs + 8192, b_map, 0, 64, bar);
+        tma_load_3d(as, a_map, 0, 0, 0, bar);
+        tma_load_3d(bs, b_map, 0, 0, 0, bar);
+        tma_load_3d(bs + 8192, b_map, 0, 64, 0, bar);
     }
     mbar_wait(bar, 0);
     float acc[64];

@@ -6,6 +6,7 @@
 
 use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::tma::TensorMap;
 use super::{expect, ok, CudaBackend, DevView, DevViewMut, Storage};
 use crate::backend::{cuda_scratch, AttnShape};
 use crate::{Error, Result};
@@ -106,12 +107,13 @@ impl Pass {
     }
 
     /// Dynamic shared memory of the Hopper kernel, as it carves it: 1024 bytes to align its
-    /// tiles, then for the forward Q and three buffers of K and V (128 rows each); for the backward
+    /// tiles, then for the forward Q and three buffers of K and V (128 rows each) and four
+    /// mbarriers (the buffers' and Q's, for its TMA copies); for the backward
     /// K, V (128 rows), two buffers of Q and dO (64 rows), dS (64 × 128), the dQ columns the
     /// warpgroups exchange (2 × 16 × 128 f32) and two buffers of lse and Δ (64 f32 each).
     pub fn hopper_smem_bytes(self) -> usize {
         match self {
-            Pass::Forward => 1024 + 14 * HOPPER_HALF,
+            Pass::Forward => 1024 + 14 * HOPPER_HALF + 4 * 8,
             Pass::Backward => 1024 + 10 * HOPPER_HALF + 2 * 16 * 128 * 4 + 4 * HOPPER_QUERY_TILE * 4,
         }
     }
@@ -206,13 +208,28 @@ fn assert_aligned(op: &str, args: &[(&str, u64)]) {
     }
 }
 
-/// The kernel of `pass` for `s`, its launch and (for the backward) its query tile: the Hopper one
-/// where the backend chose it and head_dim is 64, else the mma.sync one of that head_dim.
-fn kernel(be: &CudaBackend, pass: Pass, s: AttnShape) -> (&CudaFunction, LaunchConfig, usize) {
+/// The kernel of `pass` for `s`, its launch, (for the backward) its query tile and whether it is
+/// a Hopper one: the Hopper one where the backend chose it and head_dim is 64, else the mma.sync
+/// one of that head_dim.
+fn kernel(be: &CudaBackend, pass: Pass, s: AttnShape) -> (&CudaFunction, LaunchConfig, usize, bool) {
     match &be.k.attn_hopper {
-        Some(hopper) if be.hopper_attention && s.head_dim == HOPPER_HEAD_DIM => (&hopper[pass as usize], pass.hopper_config(s), HOPPER_QUERY_TILE),
-        _ => (be.k.attention(pass, s.head_dim), launch_config(be.k.attn_smem, pass, s), Pass::query_tile(s.head_dim)),
+        Some(hopper) if be.hopper_attention && s.head_dim == HOPPER_HEAD_DIM => (&hopper[pass as usize], pass.hopper_config(s), HOPPER_QUERY_TILE, true),
+        _ => (be.k.attention(pass, s.head_dim), launch_config(be.k.attn_smem, pass, s), Pass::query_tile(s.head_dim), false),
     }
+}
+
+/// The box of the Hopper forward's tiles: 64 columns (a head) of 128 rows of one sequence.
+pub const HOPPER_BOX: [u32; 3] = [HOPPER_HEAD_DIM as u32, HOPPER_ROWS as u32, 1];
+
+/// The tensor map the Hopper forward's TMA copies read: `qkv` (bf16, at `ptr`) as (column, row,
+/// sequence), so that a box past a sequence's end reads zeros, not the next sequence; unused in
+/// f32 storage, which stages with cp.async.
+pub fn qkv_map(storage: Storage, ptr: u64, s: AttnShape) -> Result<TensorMap> {
+    if storage != Storage::Bf16 {
+        return Ok(TensorMap::unused());
+    }
+    let (w, t) = (s.qkv_width() as u64, s.seq as u64);
+    TensorMap::bf16_3d(ptr, [w, t, s.batch as u64], [2 * w, 2 * w * t], HOPPER_BOX).map_err(Error::Invalid)
 }
 
 /// out (N, H·D), lse (B·H·T); one block per (query rows, batch·head).
@@ -227,11 +244,17 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
     assert_aligned("attention_fwd", &[("out", out.ptr), ("qkv", qkv.ptr)]);
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
-    let (kernel, cfg, _) = kernel(be, Pass::Forward, s);
-    // SAFETY: `attn_fwd_dD` / `attn_fwd_wgmma_d64(act_t* out, float* lse, const act_t* qkv,
-    // Heads, float)`; sizes, types and alignment asserted; the shared memory is within the limit
-    // set at load time.
-    ok(unsafe { be.stream.launch_builder(kernel).arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale).launch(cfg) }, "attn_fwd");
+    let (kernel, cfg, _, hopper) = kernel(be, Pass::Forward, s);
+    let map = if hopper { Some(ok(qkv_map(be.storage(), qkv.ptr, s), "attn_fwd tensor map")) } else { None };
+    let mut launch = be.stream.launch_builder(kernel);
+    launch.arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale);
+    if let Some(map) = &map {
+        launch.arg(map);
+    }
+    // SAFETY: `attn_fwd_dD(act_t* out, float* lse, const act_t* qkv, Heads, float)`, and
+    // `attn_fwd_wgmma_d64` with qkv's tensor map after them; sizes, types and alignment
+    // asserted; the shared memory is within the limit set at load time.
+    ok(unsafe { launch.launch(cfg) }, "attn_fwd");
 }
 
 /// Overwrites dqkv: Δ first, then one kernel for dK/dV (k, v columns) and dQ (q columns), with
@@ -257,7 +280,7 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     let dq_acc = scratch.ptr;
     let delta = dq_acc + 4 * (s.tokens() * s.out_width()) as u64;
     let turns = delta + 4 * (s.batch * s.n_heads * s.seq) as u64;
-    let (kernel, cfg, query_tile) = kernel(be, Pass::Backward, s);
+    let (kernel, cfg, query_tile, _) = kernel(be, Pass::Backward, s);
     // f32 zeros are u32 zeros.
     be.elementwise_scalar(&be.k.elementwise(Storage::F32).fill, turns, 0.0, turns_len(s, query_tile), "attn_bwd turns");
     let h = heads(s);

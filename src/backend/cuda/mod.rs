@@ -41,6 +41,7 @@ pub mod nvrtc;
 mod offload;
 mod profile;
 mod staging;
+pub mod tma;
 use staging::Staged;
 
 use std::marker::PhantomData;

@@ -350,17 +350,17 @@ EXPORT int cuMemPoolGetAttribute(void*, int attr, void* v) {
 
 // ---- tensor maps (tensor_map.h) ----
 
-// cuTensorMapEncodeTiled for what the kernels use: rank 2, bf16 (9) or f32 (7) elements,
+// cuTensorMapEncodeTiled for what the kernels use: rank 2 or 3, bf16 (9) or f32 (7) elements,
 // element strides 1, no interleave, no swizzle or the 128-byte one, zeros out of bounds.
 EXPORT int cuTensorMapEncodeTiled(void* map, int type, uint32_t rank, void* global, const uint64_t* dims, const uint64_t* strides, const uint32_t* box,
                                   const uint32_t* element_strides, int interleave, int swizzle, int, int oob_fill) {
     GUARDED;
     const uint32_t elem = type == 9 ? 2 : type == 7 ? 4 : 0;
     if (elem == 0) return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: data type %d is not emulated (bf16 or f32)", type);
-    if (rank != 2) return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: rank %u is not emulated (2)", rank);
-    if (element_strides[0] != 1 || element_strides[1] != 1 || interleave != 0 || oob_fill != 0)
-        return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: only element strides 1, no interleave and zero fill are emulated");
-    const char* why = emu_tma::encode(map, elem, global, dims, strides[0], box, (uint32_t)swizzle);
+    for (uint32_t d = 0; d < rank && d < 3; d++)
+        if (element_strides[d] != 1) return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: only element strides of 1 are emulated");
+    if (interleave != 0 || oob_fill != 0) return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: only no interleave and zero fill are emulated");
+    const char* why = emu_tma::encode(map, rank, elem, global, dims, strides, box, (uint32_t)swizzle);
     if (*why) return fail(INVALID_VALUE, "cuTensorMapEncodeTiled: %s", why);
     return SUCCESS;
 }

@@ -295,12 +295,19 @@ __device__ __forceinline__ void frag_a_sw128(unsigned f[4], const unsigned char*
     ldmatrix_x4(f, tile + sw128_offset(r0 + (m % 2) * 8 + lane % 8, 2 * kk + m / 2));
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* out, float* lse, const act_t* qkv, Heads s, float scale) {
+extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* out, float* lse, const act_t* qkv, Heads s, float scale, const __grid_constant__ TensorMap qkv_map) {
     constexpr int D = 64, ROWS = 128, KEYS = 128, TILE = 128 * 128;  // a tile: 128 rows of 128 bytes
+    // bf16 storage: thread 0 brings each tile with one TMA copy (qkv_map: qkv as (column, row,
+    // sequence), boxes of 64 × 128 × 1) onto an mbarrier per buffer; f32 storage converts as it
+    // stages, so every thread copies its share with cp.async.
+    constexpr bool TMA = sizeof(act_t) == 2;
     DYNAMIC_SMEM(raw);
     // The swizzle repeats every 1024 bytes of shared address: tiles start on such a boundary.
     unsigned char* Qs = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
     unsigned char* KV = Qs + TILE;  // buffer k: K at KV + 2k·TILE, V after it
+    // The buffers' mbarriers (each completes once per tile it receives), then Q's.
+    unsigned long long* full = (unsigned long long*)(KV + 6 * TILE);
+    unsigned long long* q_full = full + 3;
 
     const int b = blockIdx.y / s.n_heads, h = blockIdx.y % s.n_heads;
     const int kvh = h / (s.n_heads / s.n_kv_heads), w = s.width();
@@ -310,14 +317,22 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     const int r0 = i0 + 64 * wg + 16 * (threadIdx.x % 128 / WARP);  // the warp's first query row
     const float scale2 = scale * LOG2E;
 
-    // 128 rows × 64 columns of qkv from sequence row t0 into a swizzled tile.
-    auto load = [&](unsigned char* tile, int t0, int col) {
-        load_rows<D, 128, 256>(swizzled(tile), qkv, row0, t0, s.seq, w, col);
+    // 128 rows × 64 columns of qkv from sequence row t0 into a swizzled tile: cp.async by every
+    // thread, or (TMA) thread 0's copy onto `bar`, whose expect_tx it has announced.
+    auto load = [&](unsigned char* tile, int t0, int col, unsigned long long* bar) {
+        if constexpr (TMA) {
+            tma_load_3d(tile, qkv_map, col, t0, b, bar);
+        } else {
+            load_rows<D, 128, 256>(swizzled(tile), qkv, row0, t0, s.seq, w, col);
+        }
     };
     auto buffer = [&](int t) { return KV + 2 * (t % 3) * TILE; };
     auto load_kv = [&](int t) {
-        load(buffer(t), t * KEYS, s.k_col(kvh));
-        load(buffer(t) + TILE, t * KEYS, s.v_col(kvh));
+        unsigned long long* bar = full + t % 3;
+        if (TMA && threadIdx.x != 0) return;
+        if (TMA) mbar_arrive_expect_tx(bar, 2 * TILE);
+        load(buffer(t), t * KEYS, s.k_col(kvh), bar);
+        load(buffer(t) + TILE, t * KEYS, s.v_col(kvh), bar);
     };
     // P V of tile t (P in pa) onto o, queued as one group.
     auto add_pv = [&](float (&o)[D / 8][4], const unsigned (&pa)[KEYS / 16][4], int t) {
@@ -327,24 +342,36 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
         for (int kk = 0; kk < KEYS / 16; kk++) wgmma_m64n64k16_rs<1>(flat(o), pa[kk], desc_plus(v, 16 * 128 * kk), 1);
         wgmma_commit();
     };
-    load(Qs, i0, s.q_col(h));
+    if (TMA && threadIdx.x == 0) {
+        for (int k = 0; k < 4; k++) mbar_init(full + k, 1);
+        fence_mbarrier_init();
+        mbar_arrive_expect_tx(q_full, TILE);
+    }
+    if (TMA) __syncthreads();  // the barriers are initialised before anyone waits on them
+    if (!TMA || threadIdx.x == 0) load(Qs, i0, s.q_col(h), q_full);
     load_kv(0);
-    cp_async_commit();
+    if (!TMA) cp_async_commit();
 
     float o[D / 8][4] = {};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // rows g and g + 8; l per lane
     unsigned pa[KEYS / 16][4];                       // the previous tile's P, as A operands
     float sc[KEYS / 8][4];
     // Tile t has arrived (for every thread, and fenced for wgmma), and every warpgroup has
-    // finished tile t − 2's P V (waited in step t − 1), so tile t + 1 may refill its buffer.
-    auto arrive = [&] {
-        cp_async_wait_all();
-        fence_proxy_async();
+    // finished tile t − 2's P V (waited in step t − 1), so tile t + 1 may refill its buffer
+    // (TMA: and every thread has seen tile t − 2's phase of the barrier the refill completes).
+    auto arrive = [&](int t) {
+        if constexpr (TMA) {
+            if (t == 0) mbar_wait(q_full, 0);
+            mbar_wait(full + t % 3, t / 3 % 2);
+        } else {
+            cp_async_wait_all();
+            fence_proxy_async();
+        }
         __syncthreads();
     };
     auto prefetch = [&](int t) {
         if (t + 1 < tiles) load_kv(t + 1);
-        cp_async_commit();
+        if (!TMA) cp_async_commit();
     };
     // S = Q Kᵀ of tile t into sc, queued as one group.
     auto add_scores = [&](int t) {
@@ -393,7 +420,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     };
     // Tile 0 on its own (no P V before it, o still 0): the loop then has one shape.
     float corr[2];
-    arrive();
+    arrive(0);
     add_scores(0);
     prefetch(0);
     wgmma_wait<0>();
@@ -401,7 +428,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     softmax(0, corr);
     to_pa();
     for (int t = 1; t < tiles; t++) {
-        arrive();
+        arrive(t);
         // The products first, then the next tile's copies: the tensor cores start a tile's
         // work before this thread's share of the copies is issued.
         add_scores(t);

@@ -402,6 +402,40 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const unsigne
                  : WGMMA_D32(d)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate), "n"(TRANS_B));
 }
+// The Tensor Memory Accelerator: thread `issue` of a block copies a tile described by a tensor
+// map (cuTensorMapEncodeTiled, passed by value as a __grid_constant__ TensorMap) into shared
+// memory, zeros outside the tensor, 128-byte swizzled as sw128_offset lays tiles out; the copy
+// completes its bytes on an mbarrier in shared memory, which the threads wait on (no
+// fence.proxy.async: wgmma reads the async proxy's writes). An mbarrier's phase completes once
+// its `count` arrivals have arrived and the bytes announced with them (expect_tx) have landed;
+// a thread waits for the phase of a parity, so a barrier reused for copy after copy needs every
+// waiter to have seen one phase before the next can complete.
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(count) : "memory");
+}
+// Makes initialised barriers visible to the async proxy (before the block's first barrier).
+__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"((unsigned)__cvta_generic_to_shared(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done = 0;
+    while (!done) {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"((unsigned)__cvta_generic_to_shared(bar)), "r"(parity)
+                     : "memory");
+    }
+}
+struct alignas(64) TensorMap {
+    unsigned long long words[16];
+};
+// The box of a rank-3 `map` at element x of row y of plane z into `smem`.
+__device__ __forceinline__ void tma_load_3d(void* smem, const TensorMap& map, int x, int y, int z, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
+                 "l"(reinterpret_cast<unsigned long long>(&map)), "r"(x), "r"(y), "r"(z), "r"((unsigned)__cvta_generic_to_shared(bar))
+                 : "memory");
+}
 #elif defined(MOTLEY_EMU)
 #define MOTLEY_WGMMA 1
 #endif
