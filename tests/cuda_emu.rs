@@ -1007,12 +1007,12 @@ const HOPPER_ATTN: [AttnShape; 3] = [
 ];
 
 fn attention_hopper(s: Storage) {
-    check_attention("attention_hopper", &HOPPER_ATTN, s, |pass, sh| (pass.hopper_function().to_string(), pass.hopper_config(sh), attn::HOPPER_QUERY_TILE, pass == Pass::Forward));
+    check_attention("attention_hopper", &HOPPER_ATTN, s, |pass, sh| (pass.hopper_function().to_string(), pass.hopper_config(sh), attn::HOPPER_QUERY_TILE, true));
 }
 
 /// Forward and backward of attention for `shapes` on the kernels `kernel` names (entry point,
-/// launch, the backward's query tile, and whether it takes qkv's tensor map: the Hopper
-/// forward's TMA copies, in bf16 storage), against the CPU.
+/// launch, the backward's query tile, and whether it takes tensor maps: the Hopper kernels'
+/// TMA copies, in bf16 storage), against the CPU.
 fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn(Pass, AttnShape) -> (String, LaunchConfig, usize, bool)) {
     let mut ch = Checks::new(name, s);
     for (k, &sh) in shapes.iter().enumerate() {
@@ -1032,12 +1032,16 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
         let Some(got) = emulate(s, |g| {
             let (q, o, lb, db) = (g.act("qkv", &qkv), g.act("out_in", &out), g.f32("lse_in", &lse), g.act("dout", &dout));
             let (fwd_out, fwd_lse) = (g.nan("out", g.act_elem(), want_out.len()), g.nan("lse", Elem::F32, lse.len()));
-            let (fwd, fwd_cfg, _, takes_map) = kernel(Pass::Forward, sh);
+            // The tensor map of an activation of `width` columns as attention.rs's hopper_map
+            // makes it (zeros where f32 storage leaves it unused).
+            let map = |pass: Pass, buf: &Buf, width: usize| {
+                let (w, t) = (width as u64, sh.seq as u64);
+                Arg::Bytes(if s == Storage::Bf16 { g.emu.tensor_map(buf, &[w, t, sh.batch as u64], &[2 * w, 2 * w * t], &pass.hopper_box()).unwrap() } else { vec![0; 128] })
+            };
+            let (fwd, fwd_cfg, _, takes_maps) = kernel(Pass::Forward, sh);
             let mut fwd_args = vec![fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)];
-            if takes_map {
-                let (w, t) = (sh.qkv_width() as u64, sh.seq as u64);
-                let map = if s == Storage::Bf16 { g.emu.tensor_map(&q, &[w, t, sh.batch as u64], &[2 * w, 2 * w * t], &attn::HOPPER_BOX).unwrap() } else { vec![0; 128] };
-                fwd_args.push(Arg::Bytes(map));
+            if takes_maps {
+                fwd_args.push(map(Pass::Forward, &q, sh.qkv_width()));
             }
             g.run(&fwd, fwd_cfg, &fwd_args);
             let delta = g.nan("delta", Elem::F32, lse.len());
@@ -1048,9 +1052,13 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
             // Twice into the same dqkv: the backward overwrites it, bitwise the same.
             for _ in 0..2 {
                 g.run("attn_bwd_delta", attn::delta_config(sh), &[delta.arg(), db.arg(), o.arg(), Arg::Bytes(heads.clone()), Arg::I32(sh.tokens() as i32)]);
-                let (bwd, cfg, query_tile, _) = kernel(Pass::Backward, sh);
+                let (bwd, cfg, query_tile, takes_maps) = kernel(Pass::Backward, sh);
                 let turns = g.u32("turns", &vec![0; attn::turns_len(sh, query_tile)]);
-                g.run(&bwd, cfg, &[dqkv.arg(), dq_acc.arg(), turns.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)]);
+                let mut bwd_args = vec![dqkv.arg(), dq_acc.arg(), turns.arg(), db.arg(), lb.arg(), delta.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)];
+                if takes_maps {
+                    bwd_args.extend([map(Pass::Backward, &q, sh.qkv_width()), map(Pass::Backward, &db, sh.out_width())]);
+                }
+                g.run(&bwd, cfg, &bwd_args);
                 runs.push(dqkv.values());
             }
             assert!(runs[0].iter().zip(&runs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "{s:?} {sh:?}: a second backward into dqkv differs");

@@ -32,7 +32,9 @@ def kernels(listing):
 
 
 def loops(lines):
-    """(instructions, first line, last line) of each backward branch's span, largest first."""
+    """(instructions, first line, last line) of each backward branch's span, largest first; none
+    spanning an EXIT (ptxas puts an mbarrier wait's retries after the kernel's end, branching
+    back to the wait: no loop of the kernel's code)."""
     labels, spans = {}, set()
     for i, line in enumerate(lines):
         m = LABEL.match(line)
@@ -41,6 +43,8 @@ def loops(lines):
         m = BRANCH.search(line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             start = labels[m.group(1)]
+            if any("EXIT" in l for l in lines[start:i]):
+                continue
             count = sum(1 for l in lines[start : i + 1] if INSTRUCTION.match(l))
             spans.add((count, start, i))
     return sorted(spans, reverse=True)

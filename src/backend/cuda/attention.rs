@@ -110,11 +110,12 @@ impl Pass {
     /// tiles, then for the forward Q and three buffers of K and V (128 rows each) and four
     /// mbarriers (the buffers' and Q's, for its TMA copies); for the backward
     /// K, V (128 rows), two buffers of Q and dO (64 rows), dS (64 × 128), the dQ columns the
-    /// warpgroups exchange (2 × 16 × 128 f32) and two buffers of lse and Δ (64 f32 each).
+    /// warpgroups exchange (2 × 16 × 128 f32), two buffers of lse and Δ (64 f32 each) and three
+    /// mbarriers (the Q/dO buffers' and K and V's).
     pub fn hopper_smem_bytes(self) -> usize {
         match self {
             Pass::Forward => 1024 + 14 * HOPPER_HALF + 4 * 8,
-            Pass::Backward => 1024 + 10 * HOPPER_HALF + 2 * 16 * 128 * 4 + 4 * HOPPER_QUERY_TILE * 4,
+            Pass::Backward => 1024 + 10 * HOPPER_HALF + 2 * 16 * 128 * 4 + 4 * HOPPER_QUERY_TILE * 4 + 3 * 8,
         }
     }
 
@@ -218,18 +219,25 @@ fn kernel(be: &CudaBackend, pass: Pass, s: AttnShape) -> (&CudaFunction, LaunchC
     }
 }
 
-/// The box of the Hopper forward's tiles: 64 columns (a head) of 128 rows of one sequence.
-pub const HOPPER_BOX: [u32; 3] = [HOPPER_HEAD_DIM as u32, HOPPER_ROWS as u32, 1];
+impl Pass {
+    /// The box of the Hopper kernel's TMA copies: 64 columns (a head) of 128 rows (the
+    /// forward's tiles) or of 64 (the backward's query tiles; its K and V take two each) of one
+    /// sequence.
+    pub fn hopper_box(self) -> [u32; 3] {
+        let rows = if self == Pass::Forward { HOPPER_ROWS } else { HOPPER_QUERY_TILE };
+        [HOPPER_HEAD_DIM as u32, rows as u32, 1]
+    }
+}
 
-/// The tensor map the Hopper forward's TMA copies read: `qkv` (bf16, at `ptr`) as (column, row,
-/// sequence), so that a box past a sequence's end reads zeros, not the next sequence; unused in
-/// f32 storage, which stages with cp.async.
-pub fn qkv_map(storage: Storage, ptr: u64, s: AttnShape) -> Result<TensorMap> {
+/// The tensor map a Hopper kernel's TMA copies read from an activation of `width` columns (qkv,
+/// or the backward's dout) at `ptr`: (column, row, sequence), so that a box past a sequence's
+/// end reads zeros, not the next sequence; unused in f32 storage, which stages with cp.async.
+pub fn hopper_map(storage: Storage, pass: Pass, ptr: u64, width: usize, s: AttnShape) -> Result<TensorMap> {
     if storage != Storage::Bf16 {
         return Ok(TensorMap::unused());
     }
-    let (w, t) = (s.qkv_width() as u64, s.seq as u64);
-    TensorMap::bf16_3d(ptr, [w, t, s.batch as u64], [2 * w, 2 * w * t], HOPPER_BOX).map_err(Error::Invalid)
+    let (w, t) = (width as u64, s.seq as u64);
+    TensorMap::bf16_3d(ptr, [w, t, s.batch as u64], [2 * w, 2 * w * t], pass.hopper_box()).map_err(Error::Invalid)
 }
 
 /// out (N, H·D), lse (B·H·T); one block per (query rows, batch·head).
@@ -245,7 +253,7 @@ pub fn forward(be: &CudaBackend, out: DevViewMut<'_>, lse: DevViewMut<'_>, qkv: 
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let (kernel, cfg, _, hopper) = kernel(be, Pass::Forward, s);
-    let map = if hopper { Some(ok(qkv_map(be.storage(), qkv.ptr, s), "attn_fwd tensor map")) } else { None };
+    let map = if hopper { Some(ok(hopper_map(be.storage(), Pass::Forward, qkv.ptr, s.qkv_width(), s), "attn_fwd tensor map")) } else { None };
     let mut launch = be.stream.launch_builder(kernel);
     launch.arg(&out.ptr).arg(&lse.ptr).arg(&qkv.ptr).arg(&h).arg(&scale);
     if let Some(map) = &map {
@@ -280,33 +288,31 @@ pub fn backward(be: &CudaBackend, dqkv: DevViewMut<'_>, dout: DevView<'_>, out: 
     let dq_acc = scratch.ptr;
     let delta = dq_acc + 4 * (s.tokens() * s.out_width()) as u64;
     let turns = delta + 4 * (s.batch * s.n_heads * s.seq) as u64;
-    let (kernel, cfg, query_tile, _) = kernel(be, Pass::Backward, s);
+    let (kernel, cfg, query_tile, hopper) = kernel(be, Pass::Backward, s);
+    let maps = if hopper {
+        let map = |ptr, width| ok(hopper_map(be.storage(), Pass::Backward, ptr, width, s), "attn_bwd tensor map");
+        Some([map(qkv.ptr, s.qkv_width()), map(dout.ptr, s.out_width())])
+    } else {
+        None
+    };
     // f32 zeros are u32 zeros.
     be.elementwise_scalar(&be.k.elementwise(Storage::F32).fill, turns, 0.0, turns_len(s, query_tile), "attn_bwd turns");
     let h = heads(s);
     let scale = 1.0 / (s.head_dim as f32).sqrt();
     let tokens = s.tokens() as i32;
     let delta_cfg = delta_config(s);
-    // SAFETY: signatures of attn_bwd_delta and attn_bwd_dD / attn_bwd_wgmma_d64 in attention.cu;
-    // sizes, types and alignment asserted; in `scratch` (its length asserted), `delta` holds
-    // B·H·T floats, `dq_acc` N·H·D, `turns` the kernel's turns_len zeroed counters (at most
-    // what attention_bwd_bytes counts); shared memory within the limit set at load time.
+    let mut launch = be.stream.launch_builder(kernel);
+    launch.arg(&dqkv.ptr).arg(&dq_acc).arg(&turns).arg(&dout.ptr).arg(&lse.ptr).arg(&delta).arg(&qkv.ptr).arg(&h).arg(&scale);
+    if let Some([qkv_map, dout_map]) = &maps {
+        launch.arg(qkv_map).arg(dout_map);
+    }
+    // SAFETY: signatures of attn_bwd_delta and attn_bwd_dD in attention.cu, and of
+    // attn_bwd_wgmma_d64 with qkv's and dout's tensor maps after them; sizes, types and
+    // alignment asserted; in `scratch` (its length asserted), `delta` holds B·H·T floats,
+    // `dq_acc` N·H·D, `turns` the kernel's turns_len zeroed counters (at most what
+    // attention_bwd_bytes counts); shared memory within the limit set at load time.
     unsafe {
         ok(be.stream.launch_builder(&be.k.attn_delta).arg(&delta).arg(&dout.ptr).arg(&out.ptr).arg(&h).arg(&tokens).launch(delta_cfg), "attn_bwd_delta");
-        ok(
-            be.stream
-                .launch_builder(kernel)
-                .arg(&dqkv.ptr)
-                .arg(&dq_acc)
-                .arg(&turns)
-                .arg(&dout.ptr)
-                .arg(&lse.ptr)
-                .arg(&delta)
-                .arg(&qkv.ptr)
-                .arg(&h)
-                .arg(&scale)
-                .launch(cfg),
-            "attn_bwd",
-        );
+        ok(launch.launch(cfg), "attn_bwd");
     }
 }

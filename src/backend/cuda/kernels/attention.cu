@@ -709,8 +709,13 @@ __device__ void attn_bwd(act_t* dqkv, float* dq_acc, unsigned* turns, const act_
 // forward.
 #ifdef MOTLEY_WGMMA
 extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* dqkv, float* dq_acc, unsigned* turns, const act_t* dout, const float* lse,
-                                                                         const float* delta, const act_t* qkv, Heads s, float scale) {
+                                                                         const float* delta, const act_t* qkv, Heads s, float scale,
+                                                                         const __grid_constant__ TensorMap qkv_map, const __grid_constant__ TensorMap dout_map) {
     constexpr int D = 64, KEYS = 128, QT = 64, HALF = 64 * 128;  // HALF: 64 rows of 128 bytes
+    // bf16 storage: thread 0 brings K, V and each step's Q and dO tiles with TMA copies (the maps:
+    // qkv and dout as (column, row, sequence), boxes of 64 × 64 × 1) onto mbarriers; f32 storage
+    // converts as it stages, so every thread copies its share with cp.async.
+    constexpr bool TMA = sizeof(act_t) == 2;
     DYNAMIC_SMEM(raw);
     unsigned char* Ks = raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024;
     unsigned char* Vs = Ks + 2 * HALF;
@@ -718,6 +723,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     unsigned char* dS = QO + 4 * HALF;         // warpgroup w's dS (query rows × its 64 keys) at dS + w·HALF
     float* halves = (float*)(dS + 2 * HALF);   // the dQ columns a warpgroup hands the other: 2 × 16 × 128
     float* stats = halves + 2 * 16 * 128;      // buffer k: lse·log2e at stats + 2k·QT, Δ after it
+    // The Q/dO buffers' mbarriers (each completes once per step it receives), then K and V's.
+    unsigned long long* full = (unsigned long long*)(stats + 4 * QT);
+    unsigned long long* kv_full = full + 2;
 
     const int b = blockIdx.y / s.n_kv_heads, kvh = blockIdx.y % s.n_kv_heads;
     const int kb = gridDim.x - 1 - launch_ticket(turns + blockIdx.y), j0 = kb * KEYS;  // as in attn_bwd
@@ -746,15 +754,36 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     // Queues the Q, dO tiles of step `at` into buffer k and writes its lse and Δ there.
     auto load_step = [&](Step at, int k) {
         unsigned char* buf = QO + 2 * k * HALF;
-        load_rows<D, QT, 256>(swizzled(buf), qkv, row0, at.i0, s.seq, w, s.q_col(at.h));
-        load_rows<D, QT, 256>(swizzled(buf + HALF), dout, row0, at.i0, s.seq, ow, at.h * D);
+        if constexpr (TMA) {
+            if (threadIdx.x == 0) {
+                mbar_arrive_expect_tx(full + k, 2 * HALF);
+                tma_load_3d(buf, qkv_map, s.q_col(at.h), at.i0, b, full + k);
+                tma_load_3d(buf + HALF, dout_map, at.h * D, at.i0, b, full + k);
+            }
+        } else {
+            load_rows<D, QT, 256>(swizzled(buf), qkv, row0, at.i0, s.seq, w, s.q_col(at.h));
+            load_rows<D, QT, 256>(swizzled(buf + HALF), dout, row0, at.i0, s.seq, ow, at.h * D);
+        }
         stage_stats<QT>(stats + 2 * k * QT, lse, delta, s, b, at.h, at.i0);
     };
-    load_rows<D, KEYS, 256>(swizzled(Ks), qkv, row0, j0, s.seq, w, s.k_col(kvh));
-    load_rows<D, KEYS, 256>(swizzled(Vs), qkv, row0, j0, s.seq, w, s.v_col(kvh));
+    if constexpr (TMA) {
+        if (threadIdx.x == 0) {
+            for (int k = 0; k < 3; k++) mbar_init(full + k, 1);
+            fence_mbarrier_init();
+            mbar_arrive_expect_tx(kv_full, 4 * HALF);
+            for (int r = 0; r < KEYS; r += QT) {
+                tma_load_3d(Ks + r * 128, qkv_map, s.k_col(kvh), j0 + r, b, kv_full);
+                tma_load_3d(Vs + r * 128, qkv_map, s.v_col(kvh), j0 + r, b, kv_full);
+            }
+        }
+        __syncthreads();  // the barriers are initialised before load_step's copies complete on them
+    } else {
+        load_rows<D, KEYS, 256>(swizzled(Ks), qkv, row0, j0, s.seq, w, s.k_col(kvh));
+        load_rows<D, KEYS, 256>(swizzled(Vs), qkv, row0, j0, s.seq, w, s.v_col(kvh));
+    }
     Step step{kvh * group, j0}, before{};  // the step in hand and the one before it
     load_step(step, 0);
-    cp_async_commit();
+    if (!TMA) cp_async_commit();
 
     // This warpgroup's 32 columns of a step's dQ part (n-tiles 4·wg..), added to the accumulator
     // in the key blocks' turn one step later: the L2 round trips of the turn and of the sum then
@@ -811,7 +840,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
     // dQ = dS K carry the factor where dS took a multiply an element every step: exact, as
     // scale = 1/√64 is a power of two (the products, their f32 sums and the bf16 roundings
     // commute with it). Then the warpgroup's K and V rows as A operands for the whole walk.
-    cp_async_wait_all();
+    if constexpr (TMA) mbar_wait(kv_full, 0);
+    else cp_async_wait_all();
     __syncthreads();
     bf16* k = (bf16*)Ks;
     for (int i = threadIdx.x; i < KEYS * D; i += blockDim.x) k[i] = __float2bfloat16(__bfloat162float(k[i]) * scale);
@@ -833,8 +863,14 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         const float* L2 = stats + 2 * (t % 2) * QT + 2 * q;
         const float* Dl = L2 + QT;
         const Step next = after(step);
-        cp_async_wait_all();
-        fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
+        if constexpr (TMA) {
+            mbar_wait(full + t % 2, t / 2 % 2);
+        } else {
+            cp_async_wait_all();
+            fence_proxy_async();  // the copies (and the f32 path's stores) become visible to wgmma
+        }
+        // Every thread has seen this step's tiles arrive (TMA: before the next refill of this
+        // buffer, two steps on, can complete its barrier), and the stats' stores.
         __syncthreads();
 
         // Every warpgroup multiplies on every step, even the second one on the block's first
@@ -854,7 +890,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_bwd_wgmma_d64(act_t* d
         // The next step's tiles into the other buffer, read by the step before this one (every
         // warp is past it: the barrier above), once the products are queued.
         if (t + 1 < steps) load_step(next, (t + 1) % 2);
-        cp_async_commit();
+        if (!TMA) cp_async_commit();
         if (t > 0) {
             receive();
             add_pending(before);
