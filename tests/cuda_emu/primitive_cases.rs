@@ -173,8 +173,7 @@ pub fn tma_load(misuse: i32) -> Case {
 /// d (64 × 128) = a · bᵀ with both tiles brought by TMA (`test_tma_wgmma`): wgmma reads the
 /// 128-byte swizzled boxes through the same descriptors as cp.async's tiles.
 fn tma_wgmma(rng: &mut Rng) -> Case {
-    let (a, b) = (small(rng, 64 * 64), small(rng, 128 * 64));
-    let want = matmul(&a, &transpose(&b, 128, 64), 64, 64, 128);
+    let (a, b, want) = a_bt_128(rng);
     Case {
         name: "wgmma m64n128k16 on tiles a TMA copy brought (128-byte swizzle)",
         kernel: "test_tma_wgmma",
@@ -291,12 +290,18 @@ fn exp2_ftz() -> Case {
     Case { name: "exp2_ftz (ex2.approx.ftz)", kernel: "test_exp2_ftz", threads: 32, smem: 0, hopper: false, args: vec![Arg::Out(64), Arg::F32(x)], check: Box::new(check) }
 }
 
+/// a (64 × 64), b (128 × 64) of small integers and a · bᵀ (64 × 128), the m64n128k16 cases'.
+fn a_bt_128(rng: &mut Rng) -> (Vec<f32>, Vec<f32>, Vec<f64>) {
+    let (a, b) = (small(rng, 64 * 64), small(rng, 128 * 64));
+    let want = matmul(&a, &transpose(&b, 128, 64), 64, 64, 128);
+    (a, b, want)
+}
+
 /// d (64 × 128) = a (64 × 64) · bᵀ (b: 128 × 64) with both operands K-major in shared memory
 /// (`wgmma_m64n128k16_ss`, the forward's S = Q Kᵀ). `misuse` > 0 makes the kernel break a rule
 /// the emulator must report (cuda_emu only).
 pub fn wgmma_ss(rng: &mut Rng, misuse: i32) -> Case {
-    let (a, b) = (small(rng, 64 * 64), small(rng, 128 * 64));
-    let want = matmul(&a, &transpose(&b, 128, 64), 64, 64, 128);
+    let (a, b, want) = a_bt_128(rng);
     Case {
         name: "wgmma m64n128k16, A and B K-major from shared memory",
         kernel: "test_wgmma_ss",
