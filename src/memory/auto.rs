@@ -232,6 +232,6 @@ mod tests {
         assert_eq!(report.layers[0].policy, LayerPolicy::Offload { alpha: 1.0 });
         assert!(report.fits && report.repeated_flops == 0.0 && report.forward_flops > 0.0);
         let text = report.to_string();
-        assert!(text.contains("offload α=1.000") && text.contains("recompute repeats 0.00 TFLOP"), "{text}");
+        assert!(report.auto && text.contains("memory.policy = \"auto\"") && text.contains("offload α=1.000") && text.contains("recompute repeats 0.00 TFLOP"), "{text}");
     }
 }

@@ -113,6 +113,8 @@ pub struct MemoryReport {
     /// blocks' forward FLOPs (`memory::auto`'s cost model).
     pub repeated_flops: f64,
     pub forward_flops: f64,
+    /// `memory.policy = "auto"` chose the layers' policies (within `device_mem`).
+    pub auto: bool,
 }
 
 /// Plans one step of `config` at `batch × seq` tokens. An error when the plan does not fit
@@ -170,7 +172,8 @@ pub fn plan_target(target: &PlanTarget, seq: usize, batch: usize, device_mem: u6
         (build_policy(target.memory, m, target.moe, batch, seq, &target.profile(batch, seq, link, gate_up)?)?, gate_up)
     };
     let strategy = Strategy::Mip(MipLimits { max_pairs: 300, time_limit: Duration::from_secs(2) });
-    report_for(target, batch, seq, &policies, gate_up, device_mem, host_mem, strategy)
+    let report = report_for(target, batch, seq, &policies, gate_up, device_mem, host_mem, strategy)?;
+    Ok(MemoryReport { auto: target.memory.policy == MemoryPolicy::Auto, ..report })
 }
 
 /// The plan of a step of `target` at `batch × seq` whose layers take `policies` (what a store
@@ -272,6 +275,7 @@ pub(super) fn report_for(target: &PlanTarget, batch: usize, seq: usize, policies
         fits,
         repeated_flops: auto::repeated_flops(target, batch, seq, policies, gate_up),
         forward_flops: auto::blocks_forward_flops(target, batch, seq),
+        auto: false,
     })
 }
 
@@ -344,6 +348,9 @@ impl fmt::Display for MemoryReport {
             if self.gate_up == GateUp::Recompute {
                 writeln!(f, "  {:<16} {:>12}  recomputed by the backward, a chunk of rows at a time (memory.gate_up)", GATE_UP, "not saved")?;
             }
+        }
+        if self.auto {
+            writeln!(f, "\nmemory.policy = \"auto\": of the plans that fit {} less {:.0} %, the one that repeats the least forward work", gib(self.device_mem), 100.0 * auto::HEADROOM)?;
         }
         writeln!(f, "\n| layer | policy | kept | offloaded | recomputed |")?;
         writeln!(f, "|---|---|---|---|---|")?;
