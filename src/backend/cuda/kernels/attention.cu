@@ -356,7 +356,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {};  // rows g and g + 8; l per lane
     unsigned pa[KEYS / 16][4];                       // the previous tile's P, as A operands
     float sc[KEYS / 8][4];
-    // Tile t has arrived (for every thread, and fenced for wgmma), and every warpgroup has
+    // Tile t has arrived (for every thread, and visible to wgmma), and every warpgroup has
     // finished tile t − 2's P V (waited in step t − 1), so tile t + 1 may refill its buffer
     // (TMA: and every thread has seen tile t − 2's phase of the barrier the refill completes).
     auto arrive = [&](int t) {
@@ -430,7 +430,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_d64(act_t* o
     for (int t = 1; t < tiles; t++) {
         arrive(t);
         // The products first, then the next tile's copies: the tensor cores start a tile's
-        // work before this thread's share of the copies is issued.
+        // work before the copies are issued (thread 0's TMA copies, or every thread's share).
         add_scores(t);
         add_pv(o, pa, t - 1);
         prefetch(t);
