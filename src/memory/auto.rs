@@ -13,9 +13,8 @@
 //! Ties go to the earlier candidate: fewer bytes over the bus.
 
 use super::alpha::{HostLink, UNSWAPPED_TAIL};
-use super::inventory::Slots;
 use super::plan::Strategy;
-use super::policy::offload_first;
+use super::policy::{offload_first, LayerFlops};
 use super::report::{report_for, PlanTarget};
 use super::store::LayerPolicy;
 use crate::config::GateUp;
@@ -99,7 +98,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// product recomputed one more up projection of every routed row in every layer. Expected
 /// routed counts, as the plan's.
 pub fn repeated_flops(target: &PlanTarget, batch: usize, seq: usize, policies: &[LayerPolicy], gate_up: GateUp) -> f64 {
-    let f = LayerFlops::of(target, batch, seq);
+    let f = LayerFlops::of(target.model, target.moe, batch, seq);
     let tokens = batch * seq;
     // Rows from the split token on are dropped and recomputed (none where nothing is split).
     let dropped: f64 = policies.iter().map(|p| (tokens - p.split_token(tokens).unwrap_or(tokens)) as f64).sum();
@@ -110,33 +109,8 @@ pub fn repeated_flops(target: &PlanTarget, batch: usize, seq: usize, policies: &
 /// Forward FLOPs of the blocks of a step of `target` at `batch × seq` (the cost model's:
 /// expected routed counts, causal attention).
 pub fn blocks_forward_flops(target: &PlanTarget, batch: usize, seq: usize) -> f64 {
-    let f = LayerFlops::of(target, batch, seq);
+    let f = LayerFlops::of(target.model, target.moe, batch, seq);
     (f.token_split + f.attention) * target.model.n_layers as f64
-}
-
-/// One block's forward FLOPs over all `batch × seq` tokens, as `Profile::cost_model` counts
-/// them: attention itself, the rest (token by token: norms aside, the projections, the router
-/// and the experts), and of that the experts' up projection (gate and up).
-struct LayerFlops {
-    attention: f64,
-    token_split: f64,
-    up_projection: f64,
-}
-
-impl LayerFlops {
-    fn of(target: &PlanTarget, batch: usize, seq: usize) -> Self {
-        let (m, moe) = (target.model, target.moe);
-        let n = (batch * seq) as f64;
-        let (c, d) = (m.d_model as f64, m.head_dim() as f64);
-        let (w, a) = ((m.n_heads + 2 * m.n_kv_heads) as f64 * d, m.n_heads as f64 * d);
-        // Σ over experts of width × routed rows: the up projection is 4·c of it, the down 2·c.
-        let routed_width: f64 = Slots::Expected.per_expert(moe, batch * seq).iter().zip(&moe.expert_widths).map(|(&s, &h)| h as f64 * s as f64).sum();
-        LayerFlops {
-            attention: 2.0 * seq as f64 * a * n,
-            token_split: 2.0 * n * c * (w + a) + 2.0 * n * c * moe.n_experts() as f64 + 6.0 * c * routed_width,
-            up_projection: 4.0 * c * routed_width,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -37,12 +37,8 @@ impl Profile {
         if !(flops_per_s.is_finite() && flops_per_s > 0.0) {
             return Err(Error::config("flops_per_s", flops_per_s, "a finite rate > 0"));
         }
-        let n = (batch * seq) as f64;
-        let (c, d) = (model.d_model as f64, model.head_dim() as f64);
-        let (w, a) = ((model.n_heads + 2 * model.n_kv_heads) as f64 * d, model.n_heads as f64 * d);
-        let slots = Slots::Expected.per_expert(moe, batch * seq);
-        let experts: f64 = slots.iter().zip(&moe.expert_widths).map(|(&s, &h)| 6.0 * c * h as f64 * s as f64).sum();
-        let flops = 2.0 * n * c * (w + a) + 2.0 * seq as f64 * a * n + 2.0 * n * c * moe.n_experts() as f64 + experts;
+        let f = LayerFlops::of(model, moe, batch, seq);
+        let flops = f.attention + f.token_split;
         Ok(Profile { t_fwd: vec![flops / flops_per_s; model.n_layers], slots: vec![Slots::Expected; model.n_layers], link, activation_bytes: 4, gate_up: GateUp::Save })
     }
 
@@ -80,6 +76,31 @@ impl Profile {
                 LayerCost { s_input: s.input, s_attn: s.attn, s_others: s.others, t_fwd }
             })
             .collect())
+    }
+}
+
+/// One block's forward FLOPs over all `batch × seq` tokens with the expected routed counts
+/// (the cost model of MEMO's α and of `memory::auto`): attention itself (causal), the rest
+/// (token by token: the projections, the router and the experts; norms aside), and of that the
+/// experts' up projection (gate and up).
+pub struct LayerFlops {
+    pub attention: f64,
+    pub token_split: f64,
+    pub up_projection: f64,
+}
+
+impl LayerFlops {
+    pub fn of(model: &ModelConfig, moe: &MoeConfig, batch: usize, seq: usize) -> Self {
+        let n = (batch * seq) as f64;
+        let (c, d) = (model.d_model as f64, model.head_dim() as f64);
+        let (w, a) = ((model.n_heads + 2 * model.n_kv_heads) as f64 * d, model.n_heads as f64 * d);
+        // Σ over experts of width × routed rows: the up projection is 4·c of it, the down 2·c.
+        let routed_width: f64 = Slots::Expected.per_expert(moe, batch * seq).iter().zip(&moe.expert_widths).map(|(&s, &h)| h as f64 * s as f64).sum();
+        LayerFlops {
+            attention: 2.0 * seq as f64 * a * n,
+            token_split: 2.0 * n * c * (w + a) + 2.0 * n * c * moe.n_experts() as f64 + 6.0 * c * routed_width,
+            up_projection: 4.0 * c * routed_width,
+        }
     }
 }
 

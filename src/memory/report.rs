@@ -117,14 +117,6 @@ pub struct MemoryReport {
     pub auto: bool,
 }
 
-/// Plans one step of `config` at `batch × seq` tokens. An error when the plan does not fit
-/// `device_mem` / `host_mem` (the message carries the numbers) or the inputs are malformed.
-pub fn memory_report(config: &Config, seq: usize, batch: usize, device_mem: u64, host_mem: u64, bandwidth: f64) -> Result<MemoryReport> {
-    let report = plan_report(config, seq, batch, device_mem, host_mem, bandwidth)?;
-    report.check_fits()?;
-    Ok(report)
-}
-
 /// What a step's memory plan depends on besides its size and the layers' policies.
 #[derive(Clone, Copy, Debug)]
 pub struct PlanTarget<'a> {
@@ -151,7 +143,8 @@ impl<'a> PlanTarget<'a> {
     }
 }
 
-/// The report whether or not it fits (`fits` says).
+/// Plans one step of `config` at `batch × seq` tokens, whether or not it fits (`fits` says;
+/// [`MemoryReport::check_fits`] turns a misfit into an error with the numbers).
 pub fn plan_report(config: &Config, seq: usize, batch: usize, device_mem: u64, host_mem: u64, bandwidth: f64) -> Result<MemoryReport> {
     plan_target(&PlanTarget::of(config), seq, batch, device_mem, host_mem, bandwidth)
 }
@@ -425,9 +418,9 @@ mod tests {
         let text = lean.to_string();
         assert!(text.contains("expert_gate_up") && text.contains("not saved") && text.contains("memory.gate_up"), "{text}");
         serde_json::to_string(&off).unwrap();
-        let err = memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes - 1, 1 << 30, 1e10).unwrap_err();
+        let err = plan_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes - 1, 1 << 30, 1e10).unwrap().check_fits().unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
-        assert!(memory_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes, 1 << 30, 1e10).is_ok());
+        assert!(plan_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes, 1 << 30, 1e10).unwrap().check_fits().is_ok());
     }
 
     /// On CUDA the attention backward's scratch is a transient of the block's backward: live with
