@@ -1035,8 +1035,8 @@ fn check_attention(name: &str, shapes: &[AttnShape], s: Storage, kernel: impl Fn
             // The tensor map of an activation of `width` columns as attention.rs's hopper_map
             // makes it (zeros where f32 storage leaves it unused).
             let map = |pass: Pass, buf: &Buf, width: usize| {
-                let (w, t) = (width as u64, sh.seq as u64);
-                Arg::Bytes(if s == Storage::Bf16 { g.emu.tensor_map(buf, &[w, t, sh.batch as u64], &[2 * w, 2 * w * t], &pass.hopper_box()).unwrap() } else { vec![0; 128] })
+                let (dims, strides) = attn::hopper_map_layout(width, sh);
+                Arg::Bytes(if s == Storage::Bf16 { g.emu.tensor_map(buf, &dims, &strides, &pass.hopper_box()).unwrap() } else { vec![0; 128] })
             };
             let (fwd, fwd_cfg, _, takes_maps) = kernel(Pass::Forward, sh);
             let mut fwd_args = vec![fwd_out.arg(), fwd_lse.arg(), q.arg(), Arg::Bytes(heads.clone()), Arg::F32(scale)];

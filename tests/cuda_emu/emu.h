@@ -188,10 +188,9 @@ inline void mbar_init(unsigned long long* bar, unsigned count) { emu::mbarrier_i
 inline void fence_mbarrier_init() {}
 inline void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) { emu::mbarrier_arrive(bar, bytes); }
 inline void mbar_wait(unsigned long long* bar, unsigned parity) { emu::mbarrier_wait(bar, parity); }
-struct alignas(64) TensorMap {
-    unsigned long long words[16];
-};
-inline void tma_load_3d(void* smem, const TensorMap& map, int x, int y, int z, unsigned long long* bar) { emu::tma_load(smem, &map, x, y, z, bar); }
+// A template: common.cuh declares TensorMap after this prelude.
+template <class Map>
+inline void tma_load_3d(void* smem, const Map& map, int x, int y, int z, unsigned long long* bar) { emu::tma_load(smem, &map, x, y, z, bar); }
 template <int N>
 inline void fence_operands(float (&)[N]) {}
 template <int N>

@@ -236,8 +236,15 @@ pub fn hopper_map(storage: Storage, pass: Pass, ptr: u64, width: usize, s: AttnS
     if storage != Storage::Bf16 {
         return Ok(TensorMap::unused());
     }
+    let (dims, strides) = hopper_map_layout(width, s);
+    TensorMap::bf16_3d(ptr, dims, strides, pass.hopper_box()).map_err(Error::Invalid)
+}
+
+/// The dims (elements: column, row, sequence) and strides (bytes: a row, a sequence) of
+/// [`hopper_map`]'s bf16 activation of `width` columns.
+pub fn hopper_map_layout(width: usize, s: AttnShape) -> ([u64; 3], [u64; 2]) {
     let (w, t) = (width as u64, s.seq as u64);
-    TensorMap::bf16_3d(ptr, [w, t, s.batch as u64], [2 * w, 2 * w * t], pass.hopper_box()).map_err(Error::Invalid)
+    ([w, t, s.batch as u64], [2 * w, 2 * w * t])
 }
 
 /// out (N, H·D), lse (B·H·T); one block per (query rows, batch·head).

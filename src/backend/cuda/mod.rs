@@ -19,10 +19,9 @@
 //! Index data (tokens, routing slots) arrives as host slices, as the trait says, and is uploaded
 //! per call through a page-locked ring into a device ring (`staging.rs`), which the memory plan
 //! counts (`cuda_scratch`). The scratch of the router, the attention backward and the
-//! classifier is the caller's (arena views: the plan places them); small scratch (RMSNorm's
-//! row-chunk partials, the sum of squares' partials, an f32 operand rounded for a GEMM such as
-//! the router's logit gradients) is allocated per call from the stream's memory pool,
-//! unplanned.
+//! classifier is the caller's (arena views: the plan places them); the reductions' partial sums
+//! (RMSNorm's weight gradient, Σx²) live in one buffer allocated when the backend opens, which
+//! the plan counts beside cuBLASLt's workspace. No op allocates scratch of its own per call.
 //!
 //! Errors: trait ops cannot return errors; a failed launch or copy means the device state is
 //! unknown, so they panic with the driver's message, and so does an argument of the wrong
@@ -1188,10 +1187,10 @@ impl Backend for CudaBackend {
                 "softmax_xent",
             );
             if let Some((dx, dw, _)) = grads.as_ref().filter(|_| grad_scale != 0.0) {
-                let d = logits;
+                // The logits now hold their gradient.
                 let dxs = Operand { ptr: offset(dx.ptr, r0 * c, dx.storage), storage: dx.storage };
-                self.blas.matmul(dxs, d, w.operand(), rows, v, c, false, false, None);
-                self.blas.matmul(dw.operand(), d, xs.operand(), v, rows, c, true, false, Some(dw.operand()));
+                self.blas.matmul(dxs, logits, w.operand(), rows, v, c, false, false, None);
+                self.blas.matmul(dw.operand(), logits, xs.operand(), v, rows, c, true, false, Some(dw.operand()));
             }
         }
         if let Some((dx, _, _)) = grads.filter(|_| grad_scale == 0.0) {

@@ -313,6 +313,11 @@ __device__ __forceinline__ void load_rows(At at, const act_t* src, size_t row0, 
 // then may the accumulators be read (fence_operands keeps the compiler from reading them
 // earlier) or the operands be overwritten. Shared memory written by cp.async needs
 // fence_proxy_async (then a barrier) before a wgmma reads it.
+// A CUtensorMap (cuTensorMapEncodeTiled's 128 opaque bytes), a kernel parameter passed by value
+// as a __grid_constant__: what tma_load_3d reads.
+struct alignas(64) TensorMap {
+    unsigned long long words[16];
+};
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(MOTLEY_EMU)
 #define MOTLEY_WGMMA 1
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -427,9 +432,6 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
                      : "memory");
     }
 }
-struct alignas(64) TensorMap {
-    unsigned long long words[16];
-};
 // The box of a rank-3 `map` at element x of row y of plane z into `smem`.
 __device__ __forceinline__ void tma_load_3d(void* smem, const TensorMap& map, int x, int y, int z, unsigned long long* bar) {
     asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"((unsigned)__cvta_generic_to_shared(smem)),
