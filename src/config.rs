@@ -214,10 +214,18 @@ pub struct ParallelConfig {
     pub etp: usize,
     #[serde(default = "one")]
     pub ep: usize,
+    /// On GPUs, gradients are summed by NCCL where every rank has a GPU of its own and
+    /// libnccl loads on every rank; `false` sums them through host memory by MPI.
+    #[serde(default = "yes")]
+    pub nccl: bool,
 }
 
 fn one() -> usize {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The `[cuda]` section: which kernels `device = "cuda"` runs. By default the portable ones
@@ -239,7 +247,7 @@ pub struct CudaConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { tp: 1, cp: 1, pp: 1, etp: 1, ep: 1 }
+        Self { tp: 1, cp: 1, pp: 1, etp: 1, ep: 1, nccl: true }
     }
 }
 

@@ -27,6 +27,8 @@ pub mod cuda;
 
 use std::ops::Range;
 
+use crate::parallel::comm::Communicator;
+
 /// One op's row of a backend profile (`with_profile` on either backend): calls, time, and the
 /// least it had to move and compute (every operand read once, every result written once; the
 /// multiply-add FLOPs of matmuls and attention), zero where the backend does not count them
@@ -305,6 +307,23 @@ pub(crate) fn keep_freed_host_memory() {
     }
 }
 
+/// What [`Backend::group_reducer`] chose.
+pub enum GroupReduction<B: Backend> {
+    /// On the devices, queued in the backend's stream order.
+    Device(Box<dyn GroupReduce<B>>),
+    /// Through host memory; why not on the devices.
+    Host(String),
+}
+
+/// Sums device buffers over the ranks of a group without the host (NCCL on GPUs).
+pub trait GroupReduce<B: Backend> {
+    /// `buf` (f32) ← Σ over the group's ranks of `buf`; every rank passes the same length, and
+    /// every rank of the group makes the same calls in the same order.
+    fn all_reduce_sum(&self, buf: B::ViewMut<'_>) -> crate::Result<()>;
+    /// What sums, for the run's log ("by NCCL 2.27.3 over 8 GPUs").
+    fn describe(&self) -> String;
+}
+
 pub trait Backend: Send + Sync {
     /// Device memory holding activation-typed elements.
     type Buf: Send + Sync;
@@ -405,6 +424,17 @@ pub trait Backend: Send + Sync {
     /// collectives work on it in place; `None` for device memory.
     fn host_mut(_buf: &mut Self::Buf) -> Option<&mut [f32]> {
         None
+    }
+    /// How this backend's f32 buffers are summed over the ranks of `group` (more than one): on
+    /// the devices (NCCL on GPUs) where every rank holds a device of its own and the library
+    /// loads everywhere, else through host memory by `group` itself, with the reason. A
+    /// collective over `group`: every rank decides the same.
+    fn group_reducer(&self, group: &dyn Communicator) -> crate::Result<GroupReduction<Self>>
+    where
+        Self: Sized,
+    {
+        let _ = group;
+        Ok(GroupReduction::Host("the buffers live there".into()))
     }
     fn fill(&self, dst: Self::ViewMut<'_>, value: f32);
     fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);

@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, GroupReduce, GroupReduction};
 use crate::model::params::{ParamLayout, ParamSpec};
 use crate::parallel::comm::Communicator;
 use crate::parallel::dispatch::expert_shard;
@@ -33,10 +33,17 @@ impl ExpertGroups {
     }
 }
 
-/// Contiguous element ranges of the dense and of the expert tensors of a layout.
-pub struct GradBuckets {
+/// A device reducer over one group, or `None`: through host memory.
+type OnDevice<B> = Option<Box<dyn GroupReduce<B>>>;
+
+/// Contiguous element ranges of the dense and of the expert tensors of a layout, and what sums
+/// them over the ranks.
+pub struct GradBuckets<B: Backend> {
     dense: Vec<Range<usize>>,
     expert: Vec<Range<usize>>,
+    /// The device reducers over the dense and the expert tensors' groups that
+    /// [`GradBuckets::reduce_on_device`] opened; `None`: through host memory.
+    on_device: [OnDevice<B>; 2],
 }
 
 /// Appends `r` to `ranges`, merging it with the last range when they touch.
@@ -64,29 +71,52 @@ fn unpack<B: Backend>(be: &B, buf: &mut B::Buf, ranges: &[Range<usize>], packed:
     }
 }
 
-impl GradBuckets {
+impl<B: Backend> GradBuckets<B> {
     pub fn new(layout: &ParamLayout) -> Self {
         let (mut dense, mut expert) = (Vec::new(), Vec::new());
         for s in &layout.specs {
             push_merged(if s.expert.is_some() { &mut expert } else { &mut dense }, s.range());
         }
-        GradBuckets { dense, expert }
+        GradBuckets { dense, expert, on_device: [None, None] }
+    }
+
+    /// Sums on the devices over `dp` (and `edp`, as [`GradBuckets::average`] takes them) where
+    /// `be` can (NCCL), instead of through host memory; says what sums, for the log. A
+    /// collective over both groups.
+    pub fn reduce_on_device(&mut self, be: &B, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<String> {
+        let mut said = Vec::new();
+        for (slot, group) in self.on_device.iter_mut().zip([Some(dp), edp]) {
+            let Some(group) = group.filter(|g| g.size() > 1) else { continue };
+            let (what, reducer) = match be.group_reducer(group)? {
+                GroupReduction::Device(r) => (r.describe(), Some(r)),
+                GroupReduction::Host(why) => (format!("through host memory over {} ranks ({why})", group.size()), None),
+            };
+            *slot = reducer;
+            said.push(what);
+        }
+        Ok(said.join("; the experts' "))
     }
 
     /// Averages gradients over the ranks of `dp` (every rank's loss is a mean over its own
     /// tokens): dense tensors summed over `dp`, expert tensors over `edp` (`None`: experts are
-    /// not sharded, so everything is summed over `dp` at once), then scaled by 1/|dp|.
-    pub fn average<B: Backend>(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<()> {
+    /// not sharded, so everything is summed over `dp` at once), then scaled by 1/|dp|. A group
+    /// of one rank has nothing to sum.
+    pub fn average(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<()> {
         let whole = 0..B::len(grads);
-        let groups: &[(&[Range<usize>], &dyn Communicator)] = match edp {
-            None => &[(std::slice::from_ref(&whole), dp)],
-            Some(edp) => &[(&self.dense, dp), (&self.expert, edp)],
+        let [on_dp, on_edp] = &self.on_device;
+        let groups = match edp {
+            None => vec![(std::slice::from_ref(&whole), dp, on_dp)],
+            Some(edp) => vec![(&self.dense[..], dp, on_dp), (&self.expert[..], edp, on_edp)],
         };
-        for &(ranges, comm) in groups {
-            match B::host_mut(grads) {
+        for (ranges, comm, on_device) in groups {
+            if comm.size() == 1 {
+                continue;
+            }
+            match (on_device, B::host_mut(grads)) {
+                (Some(device), _) => ranges.iter().try_for_each(|r| device.all_reduce_sum(B::view_mut(grads, r.clone())))?,
                 // Host memory: reduce each range in place.
-                Some(host) => ranges.iter().try_for_each(|r| comm.all_reduce_sum(&mut host[r.clone()]))?,
-                None => {
+                (None, Some(host)) => ranges.iter().try_for_each(|r| comm.all_reduce_sum(&mut host[r.clone()]))?,
+                (None, None) => {
                     let mut packed = pack(be, grads, ranges);
                     comm.all_reduce_sum(&mut packed)?;
                     unpack(be, grads, ranges, &packed);
@@ -99,7 +129,7 @@ impl GradBuckets {
 
     /// The L2 norm of the whole model's gradient: the dense part (the same on every rank) plus
     /// the expert parts summed over `ep`, whose ranks together hold every expert once.
-    pub fn global_norm<B: Backend>(&self, be: &B, grads: &B::Buf, ep: &dyn Communicator) -> Result<f32> {
+    pub fn global_norm(&self, be: &B, grads: &B::Buf, ep: &dyn Communicator) -> Result<f32> {
         let squares = |ranges: &[Range<usize>]| -> f64 { ranges.iter().map(|r| be.sum_squares(B::view(grads, r.clone()))).sum() };
         let mut expert = [squares(&self.expert) as f32];
         ep.all_reduce_sum(&mut expert)?;

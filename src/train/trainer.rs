@@ -59,6 +59,9 @@ pub struct TrainSummary {
     pub flops: f64,
     pub checkpoint: PathBuf,
     pub sample: Option<String>,
+    /// What summed the gradients over the ranks ("by NCCL … over 4 GPUs", "through host memory
+    /// over 4 ranks (why)"); empty for one rank.
+    pub gradient_sum: String,
 }
 
 /// The optimizer's hyper-parameters from `[train]`.
@@ -186,9 +189,10 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     }
     #[cfg(feature = "cuda")]
     {
-        // One GPU per rank on a node: OpenMPI's local rank picks it.
-        let ordinal = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        match crate::backend::cuda::CudaBackend::new(ordinal, crate::backend::cuda::Storage::Bf16) {
+        // One GPU per rank on a node: OpenMPI's local rank picks it; ranks on threads of one
+        // process (tests) by their rank.
+        let local_rank = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(dp.rank());
+        match crate::backend::cuda::CudaBackend::for_local_rank(local_rank, crate::backend::cuda::Storage::Bf16) {
             Ok(gpu) => {
                 let gpu = with_kernels(gpu, config, dp.rank() == 0)?;
                 if dp.rank() == 0 {
@@ -257,7 +261,15 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     } else {
         (Model::new(be, config.model.clone(), config.moe.clone(), t.seed)?, None)
     };
-    let buckets = GradBuckets::new(&model.layout);
+    let mut buckets = GradBuckets::new(&model.layout);
+    let gradient_sum = match ranks {
+        1 => String::new(),
+        _ if config.parallel.nccl => buckets.reduce_on_device(be, dp, edp.as_deref())?,
+        _ => format!("through host memory over {ranks} ranks (parallel.nccl = false)"),
+    };
+    if leader && ranks > 1 {
+        eprintln!("gradients summed {gradient_sum}");
+    }
     let full_layout = ParamLayout::new(&config.model, &config.moe);
     let mut opt = Optimizer::new(be, adamw_config(config), model.n_params());
     let mut loader = Loader::new(Shard::open(&data.train)?, t.batch_size, t.seq_len, t.seed)?;
@@ -425,7 +437,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     };
     if !leader {
         // Followers report nothing; rank 0 reports for the run.
-        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, val_sources: Vec::new(), flops, checkpoint: last_checkpoint, sample: None });
+        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, val_sources: Vec::new(), flops, checkpoint: last_checkpoint, sample: None, gradient_sum });
     }
     if let Some(p) = &progress {
         p.finish();
@@ -445,6 +457,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         flops,
         checkpoint: last_checkpoint,
         sample,
+        gradient_sum,
     })
 }
 

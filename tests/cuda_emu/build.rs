@@ -110,7 +110,7 @@ fn kernel_hash(c: &Compiler) -> String {
     format!("{:016x}", h.finish())
 }
 
-const DEVICE_SOURCES: &[&str] = &["device.h", "driver.cpp", "nvrtc.cpp", "blas.cpp"];
+const DEVICE_SOURCES: &[&str] = &["device.h", "driver.cpp", "nvrtc.cpp", "blas.cpp", "nccl.cpp"];
 
 fn device_hash(c: &Compiler) -> String {
     let dir = Path::new(EMU_DIR).join("device");
@@ -166,7 +166,7 @@ pub fn kernel_libs(c: &Compiler) -> Result<[PathBuf; 2], String> {
 
 /// The emulated CUDA libraries, in the order to load them: each named by the soname cudarc asks
 /// for first (`libcuda.so`, …), so that once loaded by path, cudarc's loads by name find them.
-pub const DEVICE_LIBS: [&str; 4] = ["libcuda.so", "libnvrtc.so", "libcublasLt.so", "libcublas.so"];
+pub const DEVICE_LIBS: [&str; 5] = ["libcuda.so", "libnvrtc.so", "libcublasLt.so", "libcublas.so", "libnccl.so"];
 
 /// Builds (or finds in the cache) the emulated device's libraries, [`DEVICE_LIBS`] in order.
 pub fn device_libs(c: &Compiler) -> Result<Vec<PathBuf>, String> {
@@ -192,7 +192,7 @@ pub fn device_libs(c: &Compiler) -> Result<Vec<PathBuf>, String> {
         child.map(|ch| (lib.to_path_buf(), tmp, ch))
     };
     finish(&c.cxx, vec![build(&libs[0], "driver.cpp", false)?], &src)?;
-    let jobs = vec![build(&libs[1], "nvrtc.cpp", true)?, build(&libs[2], "blas.cpp", true)?, build(&libs[3], "blas.cpp", true)?];
+    let jobs = vec![build(&libs[1], "nvrtc.cpp", true)?, build(&libs[2], "blas.cpp", true)?, build(&libs[3], "blas.cpp", true)?, build(&libs[4], "nccl.cpp", true)?];
     finish(&c.cxx, jobs, &src)?;
     prune(&[kernel_hash(c), hash]);
     Ok(libs)
@@ -233,6 +233,8 @@ fn load_emulated_device(test: &str) -> Option<()> {
     std::env::set_var("MOTLEY_PTX_CACHE", ptx_cache);
     std::env::set_var("MOTLEY_EMU_KERNELS_F32", f32_kernels);
     std::env::set_var("MOTLEY_EMU_KERNELS_BF16", bf16_kernels);
+    // Two devices, so that ranks on threads each hold one (NCCL's path in tests/cuda_parity.rs).
+    std::env::set_var("MOTLEY_EMU_DEVICE_COUNT", "2");
     for lib in libs {
         // SAFETY: our own libraries, with no initialisers beyond C++ statics; kept loaded for
         // the process's life, as cudarc keeps the CUDA libraries.

@@ -36,6 +36,7 @@ pub mod experts;
 mod grouped;
 mod kernels;
 pub mod launch;
+mod nccl;
 pub mod nvrtc;
 mod offload;
 mod profile;
@@ -209,6 +210,18 @@ impl CudaBackend {
     /// 8.0 or newer (bf16 tensor cores).
     pub fn new(ordinal: usize, storage: Storage) -> Result<Self> {
         cuda_available().map_err(Error::Invalid)?;
+        Self::open(ordinal, storage)
+    }
+
+    /// The GPU of this node's `local_rank`-th rank (the ranks take the GPUs in turn), opened as
+    /// [`CudaBackend::new`] opens one.
+    pub fn for_local_rank(local_rank: usize, storage: Storage) -> Result<Self> {
+        cuda_available().map_err(Error::Invalid)?;
+        let count = CudaContext::device_count().map_err(|e| Error::Invalid(format!("counting GPUs: {e:?}")))?;
+        Self::open(local_rank % count.max(1) as usize, storage)
+    }
+
+    fn open(ordinal: usize, storage: Storage) -> Result<Self> {
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::Invalid(format!("cannot open GPU {ordinal}: {e:?}")))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| Error::Invalid(format!("GPU {ordinal}: {e:?}")))?;
         if major < 8 {
@@ -518,6 +531,9 @@ impl Backend for CudaBackend {
     fn memory_budget(&self) -> Result<Option<u64>> {
         let (free, held) = self.free_and_held_bytes()?;
         Ok(Some(free + held))
+    }
+    fn group_reducer(&self, group: &dyn crate::parallel::comm::Communicator) -> Result<super::GroupReduction<Self>> {
+        nccl::open(self, group)
     }
     /// Profiled as the stream time it spans: the stream idles while the host works, since the
     /// work follows a download.

@@ -281,13 +281,25 @@ EXPORT int cuGetErrorString(int code, const char** s) {
 }
 EXPORT int cuGetErrorName(int code, const char** s) { return cuGetErrorString(code, s); }
 
+// MOTLEY_EMU_DEVICE_COUNT devices (default 1), all one CPU's memory: ranks on threads each open
+// their own, as MPI ranks open their node's GPUs.
+int device_count() {
+    const char* v = getenv("MOTLEY_EMU_DEVICE_COUNT");
+    return v ? atoi(v) : 1;
+}
 EXPORT int cuDeviceGetCount(int* n) {
-    *n = 1;
+    *n = device_count();
     return SUCCESS;
 }
 EXPORT int cuDeviceGet(int* dev, int ordinal) {
-    if (ordinal != 0) return fail(INVALID_DEVICE, "device %d: the emulator has one device, 0", ordinal);
-    *dev = 0;
+    if (ordinal < 0 || ordinal >= device_count()) return fail(INVALID_DEVICE, "device %d: the emulator has %d (MOTLEY_EMU_DEVICE_COUNT)", ordinal, device_count());
+    *dev = ordinal;
+    return SUCCESS;
+}
+// Unique per device: what NCCL's users tell GPUs apart by.
+EXPORT int cuDeviceGetUuid_v2(unsigned char* uuid, int dev) {
+    memset(uuid, 0, 16);
+    snprintf(reinterpret_cast<char*>(uuid), 16, "motley-emu-%d", dev);
     return SUCCESS;
 }
 EXPORT int cuDeviceGetName(char* name, int len, int) {

@@ -1,0 +1,101 @@
+//! Gradients summed over GPUs by NCCL, in place on the compute stream, instead of downloaded,
+//! summed by MPI in host memory and uploaded again (two PCIe crossings of every gradient a
+//! step: 7.6 GB for H100-ref's f32 gradients, ~140 ms at 55 GB/s).
+//!
+//! NCCL takes one GPU a rank and must load on every rank, so [`open`] first gathers, over the
+//! host communicator, whether each rank loads libnccl and which GPU it holds (its UUID, unique
+//! across nodes); where any rank cannot, every rank keeps the host path and says why. Rank 0's
+//! unique id travels by the same communicator.
+
+use cudarc::nccl::{result, sys};
+
+use super::{CudaBackend, DevViewMut, Storage};
+use crate::backend::{GroupReduce, GroupReduction};
+use crate::parallel::comm::Communicator;
+use crate::{Error, Result};
+
+/// A NCCL communicator over a group's GPUs, queuing on the backend's compute stream.
+pub struct Nccl {
+    comm: sys::ncclComm_t,
+    stream: sys::cudaStream_t,
+    ranks: usize,
+    /// " 2.27.3", or empty where the library names no release.
+    version: String,
+}
+
+/// What NCCL said about a failure: its last error text where it has one, else the code.
+fn nccl_error(what: &str, e: result::NcclError) -> Error {
+    // SAFETY: returns a static or library-owned C string (null comm: the last error of any).
+    let text = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetLastError(std::ptr::null_mut())) }.to_string_lossy().into_owned();
+    let text = if text.is_empty() { format!("{:?}", e.0) } else { text };
+    Error::Invalid(format!("NCCL {what}: {text}; set parallel.nccl = false to sum gradients through host memory"))
+}
+
+/// Opens NCCL over `group` (more than one rank) where every rank can, else says why not.
+pub fn open(be: &CudaBackend, group: &dyn Communicator) -> Result<GroupReduction<CudaBackend>> {
+    // SAFETY: only tries to dlopen the library by its candidate names.
+    let loads = unsafe { sys::is_culib_present() };
+    let uuid = be.stream.context().uuid().map_err(|e| Error::Invalid(format!("the GPU's UUID: {e:?}")))?.bytes;
+    let mine: Vec<f32> = std::iter::once(loads as u8 as f32).chain(uuid.iter().map(|&b| b as u8 as f32)).collect();
+    let all = group.all_gather(&mine)?;
+    let ranks: Vec<&[f32]> = all.chunks(mine.len()).collect();
+    if let Some(r) = ranks.iter().position(|k| k[0] == 0.0) {
+        return Ok(GroupReduction::Host(format!("libnccl.so does not load on rank {r}")));
+    }
+    for (r, a) in ranks.iter().enumerate() {
+        if let Some(s) = ranks[r + 1..].iter().position(|b| b[1..] == a[1..]) {
+            return Ok(GroupReduction::Host(format!("ranks {r} and {} share a GPU; NCCL takes one GPU a rank", r + 1 + s)));
+        }
+    }
+    // Rank 0's unique id, behind a flag saying whether it could make one.
+    let mut id = vec![0f32; 129];
+    if group.rank() == 0 {
+        if let Ok(made) = result::get_uniqueid() {
+            id[0] = 1.0;
+            for (slot, &c) in id[1..].iter_mut().zip(made.internal.iter()) {
+                *slot = c as u8 as f32;
+            }
+        }
+    }
+    group.broadcast(&mut id, 0)?;
+    if id[0] == 0.0 {
+        return Err(Error::Invalid("NCCL: rank 0 could not make a unique id; set parallel.nccl = false to sum gradients through host memory".into()));
+    }
+    let mut internal = [0 as std::ffi::c_char; 128];
+    for (c, &v) in internal.iter_mut().zip(&id[1..]) {
+        *c = v as u8 as std::ffi::c_char;
+    }
+    let mut comm = std::ptr::null_mut();
+    // SAFETY: `comm` is written by the call; every rank of `group` makes it with the same id.
+    unsafe { result::comm_init_rank(&mut comm, group.size() as i32, sys::ncclUniqueId { internal }, group.rank() as i32) }.map_err(|e| nccl_error("init", e))?;
+    // NCCL's code is major·10000 + minor·100 + patch; 0 (the emulator's): no release.
+    let version = match result::get_nccl_version().unwrap_or(0) {
+        0 => String::new(),
+        v => format!(" {}.{}.{}", v / 10000, v / 100 % 100, v % 100),
+    };
+    Ok(GroupReduction::Device(Box::new(Nccl { comm, stream: be.stream.cu_stream() as sys::cudaStream_t, ranks: group.size(), version })))
+}
+
+impl GroupReduce<CudaBackend> for Nccl {
+    fn all_reduce_sum(&self, buf: DevViewMut<'_>) -> Result<()> {
+        assert_eq!(buf.storage, Storage::F32, "NCCL sums f32 gradients");
+        let ptr = buf.ptr as *mut std::ffi::c_void;
+        // SAFETY: `buf` is a live device range of `len` f32 elements, summed in place in stream
+        // order (everything that wrote it was queued before, everything reading it after).
+        unsafe { result::all_reduce(ptr, ptr, buf.len, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, self.comm, self.stream) }
+            .map(|_| ())
+            .map_err(|e| nccl_error("all-reduce", e))
+    }
+
+    fn describe(&self) -> String {
+        format!("by NCCL{} over {} GPUs", self.version, self.ranks)
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        // SAFETY: the communicator is ours and used by nothing after this; destroy waits for
+        // its queued operations.
+        let _ = unsafe { result::comm_destroy(self.comm) };
+    }
+}
