@@ -233,7 +233,7 @@ fn load_emulated_device(test: &str) -> Option<()> {
     std::env::set_var("MOTLEY_PTX_CACHE", ptx_cache);
     std::env::set_var("MOTLEY_EMU_KERNELS_F32", f32_kernels);
     std::env::set_var("MOTLEY_EMU_KERNELS_BF16", bf16_kernels);
-    // Two devices, so that ranks on threads each hold one (NCCL's path in tests/cuda_parity.rs).
+    // Two devices, so that ranks on threads each hold one (NCCL's path in tests/cuda_parallel.rs).
     std::env::set_var("MOTLEY_EMU_DEVICE_COUNT", "2");
     for lib in libs {
         // SAFETY: our own libraries, with no initialisers beyond C++ statics; kept loaded for

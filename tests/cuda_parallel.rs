@@ -1,0 +1,91 @@
+//! Data and expert parallelism with every rank on the CUDA backend, against one rank: on the
+//! emulated device in CI (two emulated GPUs, NCCL emulated), on a GPU machine where
+//! `MOTLEY_PARITY_DEVICE` says so (see tests/cuda_parity.rs). A test binary of its own, since
+//! it links the whole trainer, which the GPU session need not carry with the parity tests.
+#![cfg(feature = "cuda")]
+
+#[path = "cuda_emu/build.rs"]
+mod emu_build;
+
+/// Data and expert parallelism with every rank on the CUDA backend (ranks on threads, as
+/// tests/parallel.rs runs them, each on a GPU of its own where there are enough: the emulator
+/// has two; `mpirun` gives each rank its node-local GPU): 2 ranks as DP=2 and as EP=2 train the
+/// 1-rank run's loss curve on the same global batch, and their checkpoints (the EP run's experts
+/// gathered from both devices) hold its model. Only the f32 order of the ranks' gradient sums
+/// differs, which can turn a bf16 working weight's rounding: losses within 1e-3 relative,
+/// parameters within 1e-3. On the emulator the gradients are summed by (emulated) NCCL on the
+/// devices, and with `parallel.nccl = false` through host memory: the same bits, since both add
+/// the ranks in order; 4 ranks on its 2 devices fall back to host memory.
+#[test]
+fn data_and_expert_parallel_match_one_rank() {
+    use motley::config::Config;
+    use motley::parallel::comm::LocalGroup;
+    use motley::train::checkpoint;
+    use motley::train::trainer::{train as train_run, TrainOptions};
+    const STEPS: u64 = 4;
+    let Some(device) = emu_build::device("cuda_parallel") else { return };
+    let emulated = device == "emulator";
+    let temp = |name: &str| {
+        let d = std::env::temp_dir().join(format!("motley-cuda-parallel-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    };
+    let cache = temp("data");
+    // The run's directory and what summed its gradients.
+    let run = |name: &str, ranks: usize, ep: usize, nccl: bool| {
+        let set: Vec<String> = [
+            "device=\"cuda\"", "model.vocab_size=256", "data.tokenizer=\"byte\"", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+            "model.n_kv_heads=4", "moe.expert_widths=[32,64,96,128]", "train.batch_size=4", "train.seq_len=32", "model.seq_len=32",
+            "train.eval_every=0", "train.eval_batches=1", "train.warmup_steps=1", "checkpoint.every=0", "moe.p_penalty=0.0",
+            "moe.z_loss=0.0", "moe.load_balance=0.0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([format!("train.steps={STEPS}"), format!("parallel.ep={ep}"), format!("parallel.nccl={nccl}")])
+        .collect();
+        let cfg = Config::default_with(&set).unwrap();
+        let out = temp(name);
+        let opts = TrainOptions { out: out.clone(), resume: false, sample_prompt: String::new(), sample_tokens: 0, data_cache: Some(cache.clone()) };
+        let summaries: Vec<_> = LocalGroup::run(ranks, |comm| train_run(&cfg, &opts, &comm)).unwrap().into_iter().enumerate().map(|(r, res)| res.unwrap_or_else(|e| panic!("{name}: rank {r}: {e}"))).collect();
+        assert!(summaries.iter().all(|s| s.steps == STEPS), "{name}: every rank trains {STEPS} steps");
+        (out, summaries[0].gradient_sum.clone())
+    };
+    let losses = |out: &std::path::Path| -> Vec<f64> {
+        let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let records = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+        records.filter(|r| r["kind"] == "train").map(|r| r["lm_loss"].as_f64().unwrap()).collect()
+    };
+    let params = |out: &std::path::Path| -> Vec<f32> {
+        let dir = checkpoint::latest(out).unwrap().expect("a checkpoint");
+        let state: checkpoint::TrainState = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap()).unwrap();
+        let cfg = Config::from_toml_str(&state.config_toml, "state.json", &[]).unwrap();
+        let ck = checkpoint::load(&dir, &cfg.config_hash()).unwrap();
+        let layout = motley::model::params::ParamLayout::new(&cfg.model, &cfg.moe);
+        layout.specs.iter().flat_map(|s| ck.model.get(&s.name, &s.shape).unwrap().to_vec()).collect()
+    };
+    let (one, _) = run("one", 1, 1, true);
+    let (base, base_params) = (losses(&one), params(&one));
+    assert_eq!(base.len(), STEPS as usize);
+    let mut runs = Vec::new();
+    for (name, ep, nccl) in [("dp2", 1, true), ("dp2-host", 1, false), ("ep2", 2, true)] {
+        let (out, summed) = run(name, 2, ep, nccl);
+        let (got, got_params) = (losses(&out), params(&out));
+        let d = base.iter().zip(&got).map(|(a, b)| (a - b).abs() / a.abs()).fold(0.0, f64::max);
+        let p = base_params.iter().zip(&got_params).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{name}: gradients summed {summed}; losses {got:?} vs one rank's {base:?}: {d:.2e} relative; parameters within {p:.2e}");
+        assert!(d < 1e-3, "{name}: train loss differs from 1 rank by {d:e} (relative)");
+        assert!(p < 1e-3, "{name}: final parameters differ from 1 rank by {p:e}");
+        if emulated {
+            let want = if nccl { "by NCCL" } else { "through host memory" };
+            assert!(summed.starts_with(want), "{name}: gradients summed {summed}, expected {want}");
+        }
+        runs.push((got, got_params));
+    }
+    if emulated {
+        // 4 ranks on the emulator's 2 devices: NCCL cannot take them, every rank says so.
+        let (_, summed) = run("dp4-shared", 4, 1, true);
+        assert!(summed.starts_with("through host memory") && summed.contains("share a GPU"), "4 ranks on 2 devices: gradients summed {summed}");
+        let bits = |(l, p): &(Vec<f64>, Vec<f32>)| (l.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+        assert!(bits(&runs[0]) == bits(&runs[1]), "DP=2: NCCL's sums and the host's differ");
+    }
+}
