@@ -214,8 +214,9 @@ pub struct ParallelConfig {
     pub etp: usize,
     #[serde(default = "one")]
     pub ep: usize,
-    /// On GPUs, gradients are summed by NCCL where every rank has a GPU of its own and
-    /// libnccl loads on every rank; `false` sums them through host memory by MPI.
+    /// On GPUs, gradients are summed and expert-parallel rows exchanged by NCCL where every
+    /// rank has a GPU of its own and libnccl loads on every rank; `false` moves them through
+    /// host memory by MPI.
     #[serde(default = "yes")]
     pub nccl: bool,
 }

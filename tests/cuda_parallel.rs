@@ -13,9 +13,10 @@ mod emu_build;
 /// 1-rank run's loss curve on the same global batch, and their checkpoints (the EP run's experts
 /// gathered from both devices) hold its model. Only the f32 order of the ranks' gradient sums
 /// differs, which can turn a bf16 working weight's rounding: losses within 1e-3 relative,
-/// parameters within 1e-3. On the emulator the gradients are summed by (emulated) NCCL on the
-/// devices, and with `parallel.nccl = false` through host memory: the same bits, since both add
-/// the ranks in order; 4 ranks on its 2 devices fall back to host memory.
+/// parameters within 1e-3. On the emulator the gradients are summed (and EP's rows exchanged)
+/// by (emulated) NCCL on the devices, and with `parallel.nccl = false` through host memory: the
+/// same bits, since both add the ranks in order and moving rows changes none; 4 ranks on its 2
+/// devices fall back to host memory.
 #[test]
 fn data_and_expert_parallel_match_one_rank() {
     use motley::config::Config;
@@ -31,7 +32,7 @@ fn data_and_expert_parallel_match_one_rank() {
         d
     };
     let cache = temp("data");
-    // The run's directory and what summed its gradients.
+    // The run's directory and how its collectives ran.
     let run = |name: &str, ranks: usize, ep: usize, nccl: bool| {
         let set: Vec<String> = [
             "device=\"cuda\"", "model.vocab_size=256", "data.tokenizer=\"byte\"", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
@@ -48,7 +49,7 @@ fn data_and_expert_parallel_match_one_rank() {
         let opts = TrainOptions { out: out.clone(), resume: false, sample_prompt: String::new(), sample_tokens: 0, data_cache: Some(cache.clone()) };
         let summaries: Vec<_> = LocalGroup::run(ranks, |comm| train_run(&cfg, &opts, &comm)).unwrap().into_iter().enumerate().map(|(r, res)| res.unwrap_or_else(|e| panic!("{name}: rank {r}: {e}"))).collect();
         assert!(summaries.iter().all(|s| s.steps == STEPS), "{name}: every rank trains {STEPS} steps");
-        (out, summaries[0].gradient_sum.clone())
+        (out, summaries[0].collectives.clone())
     };
     let losses = |out: &std::path::Path| -> Vec<f64> {
         let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
@@ -67,25 +68,30 @@ fn data_and_expert_parallel_match_one_rank() {
     let (base, base_params) = (losses(&one), params(&one));
     assert_eq!(base.len(), STEPS as usize);
     let mut runs = Vec::new();
-    for (name, ep, nccl) in [("dp2", 1, true), ("dp2-host", 1, false), ("ep2", 2, true)] {
-        let (out, summed) = run(name, 2, ep, nccl);
+    for (name, ep, nccl) in [("dp2", 1, true), ("dp2-host", 1, false), ("ep2", 2, true), ("ep2-host", 2, false)] {
+        let (out, collectives) = run(name, 2, ep, nccl);
         let (got, got_params) = (losses(&out), params(&out));
         let d = base.iter().zip(&got).map(|(a, b)| (a - b).abs() / a.abs()).fold(0.0, f64::max);
         let p = base_params.iter().zip(&got_params).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        eprintln!("{name}: gradients summed {summed}; losses {got:?} vs one rank's {base:?}: {d:.2e} relative; parameters within {p:.2e}");
+        eprintln!("{name}: {collectives}; losses {got:?} vs one rank's {base:?}: {d:.2e} relative; parameters within {p:.2e}");
         assert!(d < 1e-3, "{name}: train loss differs from 1 rank by {d:e} (relative)");
         assert!(p < 1e-3, "{name}: final parameters differ from 1 rank by {p:e}");
         if emulated {
-            let want = if nccl { "by NCCL" } else { "through host memory" };
-            assert!(summed.starts_with(want), "{name}: gradients summed {summed}, expected {want}");
+            let want: &[&str] = match (nccl, ep) {
+                (true, 1) => &["gradients summed by NCCL"],
+                (true, _) => &["gradients summed by NCCL", "rows exchanged by NCCL"],
+                (false, _) => &["through host memory"],
+            };
+            assert!(want.iter().all(|w| collectives.contains(w)), "{name}: {collectives}; expected {want:?}");
         }
         runs.push((got, got_params));
     }
     if emulated {
         // 4 ranks on the emulator's 2 devices: NCCL cannot take them, every rank says so.
-        let (_, summed) = run("dp4-shared", 4, 1, true);
-        assert!(summed.starts_with("through host memory") && summed.contains("share a GPU"), "4 ranks on 2 devices: gradients summed {summed}");
+        let (_, collectives) = run("dp4-shared", 4, 1, true);
+        assert!(collectives.contains("through host memory") && collectives.contains("share a GPU"), "4 ranks on 2 devices: {collectives}");
         let bits = |(l, p): &(Vec<f64>, Vec<f32>)| (l.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         assert!(bits(&runs[0]) == bits(&runs[1]), "DP=2: NCCL's sums and the host's differ");
+        assert!(bits(&runs[2]) == bits(&runs[3]), "EP=2: NCCL's exchanges and sums and the host's differ");
     }
 }

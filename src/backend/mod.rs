@@ -307,20 +307,39 @@ pub(crate) fn keep_freed_host_memory() {
     }
 }
 
-/// What [`Backend::group_reducer`] chose.
-pub enum GroupReduction<B: Backend> {
-    /// On the devices, queued in the backend's stream order.
-    Device(Box<dyn GroupReduce<B>>),
+/// What [`Backend::device_group`] chose.
+pub enum GroupOnDevice<B: Backend> {
+    /// Collectives on the devices, queued in the backend's stream order.
+    Opened(Box<dyn DeviceGroup<B>>),
     /// Through host memory; why not on the devices.
     Host(String),
 }
 
-/// Sums device buffers over the ranks of a group without the host (NCCL on GPUs).
-pub trait GroupReduce<B: Backend> {
-    /// `buf` (f32) ← Σ over the group's ranks of `buf`; every rank passes the same length, and
-    /// every rank of the group makes the same calls in the same order.
+impl<B: Backend> GroupOnDevice<B> {
+    /// How a group of `ranks` runs its collectives, for the run's log, and the device group
+    /// where one opened.
+    pub fn into_parts(self, ranks: usize) -> (String, Option<Box<dyn DeviceGroup<B>>>) {
+        match self {
+            GroupOnDevice::Opened(g) => (g.describe(), Some(g)),
+            GroupOnDevice::Host(why) => (format!("through host memory over {ranks} ranks ({why})"), None),
+        }
+    }
+}
+
+/// A chunk of a point-to-point exchange: the peer rank and an element range of a buffer.
+pub type PeerChunk = (usize, Range<usize>);
+
+/// Collectives over the ranks of a group on device buffers, without the host (NCCL on GPUs).
+/// Every rank of the group makes the same calls in the same order.
+pub trait DeviceGroup<B: Backend> {
+    /// `buf` (f32) ← Σ over the group's ranks of `buf`; every rank passes the same length.
     fn all_reduce_sum(&self, buf: B::ViewMut<'_>) -> crate::Result<()>;
-    /// What sums, for the run's log ("by NCCL 2.27.3 over 8 GPUs").
+    /// Sends each `(peer, range)` of `sends` (elements of `src`) to `peer`, and receives each
+    /// `(peer, range)` of `recvs` from `peer` into that range of `dst`, `src` and `dst` of one
+    /// element type; the k-th chunk a rank sends a peer is the k-th that peer receives from it,
+    /// of the same length. A rank may send to itself.
+    fn exchange(&self, src: B::View<'_>, sends: &[PeerChunk], dst: B::ViewMut<'_>, recvs: &[PeerChunk]) -> crate::Result<()>;
+    /// What runs them, for the run's log ("by NCCL 2.27.3 over 8 GPUs").
     fn describe(&self) -> String;
 }
 
@@ -425,16 +444,16 @@ pub trait Backend: Send + Sync {
     fn host_mut(_buf: &mut Self::Buf) -> Option<&mut [f32]> {
         None
     }
-    /// How this backend's f32 buffers are summed over the ranks of `group` (more than one): on
-    /// the devices (NCCL on GPUs) where every rank holds a device of its own and the library
-    /// loads everywhere, else through host memory by `group` itself, with the reason. A
-    /// collective over `group`: every rank decides the same.
-    fn group_reducer(&self, group: &dyn Communicator) -> crate::Result<GroupReduction<Self>>
+    /// Collectives over the ranks of `group` (more than one) on this backend's buffers: on the
+    /// devices (NCCL on GPUs) where every rank holds a device of its own and the library loads
+    /// everywhere, else through host memory by `group` itself, with the reason. A collective
+    /// over `group`: every rank decides the same.
+    fn device_group(&self, group: &dyn Communicator) -> crate::Result<GroupOnDevice<Self>>
     where
         Self: Sized,
     {
         let _ = group;
-        Ok(GroupReduction::Host("the buffers live there".into()))
+        Ok(GroupOnDevice::Host("the buffers live there".into()))
     }
     fn fill(&self, dst: Self::ViewMut<'_>, value: f32);
     fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);

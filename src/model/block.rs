@@ -10,7 +10,7 @@ use super::grads::Grads;
 use super::params::BlockParams;
 use super::router::{self, AuxLosses};
 use super::routing::Routing;
-use crate::backend::{AttnShape, Backend, Gemm, Pick, Precision, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
+use crate::backend::{AttnShape, Backend, DeviceGroup, Gemm, Pick, Precision, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use crate::config::GateUp;
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
@@ -60,6 +60,9 @@ pub struct BlockCtx<'a, B: Backend> {
     /// The expert-parallel group when experts are sharded over ranks (`params` then holds this
     /// rank's experts only, see `ParamLayout::sharded`); `None` when every expert is local.
     pub ep: Option<&'a dyn Communicator>,
+    /// The same group on the devices, where it opened there: the dispatcher's rows move without
+    /// the host.
+    pub ep_device: Option<&'a dyn DeviceGroup<B>>,
     /// Most routed rows the experts run on at once (see `transients::EXPERT_CHUNK_ROWS`).
     pub chunk_rows: usize,
 }
@@ -241,12 +244,36 @@ impl<B: Backend> BlockCtx<'_, B> {
         p.experts[ex - self.first_local_expert()]
     }
 
-    /// Copies a backend buffer's values into a new one (the host-side exchange of the
-    /// dispatcher runs between them).
-    fn uploaded(&self, values: &[f32]) -> B::Buf {
-        let mut buf = self.be.alloc_scratch(values.len(), Precision::Activation);
-        self.be.upload(B::full_mut(&mut buf), values);
-        buf
+    /// Rows laid out as `plan` lays them out, sent to their experts' ranks: what this rank's
+    /// experts received, expert-major (`TokenDispatcher::to_experts`). On the devices where
+    /// the EP group opened there, else through host memory.
+    fn send_to_experts(&self, d: &TokenDispatcher, rows: B::View<'_>, plan: &SlotPlan, recv: &[usize]) -> Result<B::Buf> {
+        let be = self.be;
+        if let Some(group) = self.ep_device {
+            let (outbound, inbound) = d.exchange_chunks(plan, recv);
+            let mut got = be.alloc_scratch(recv.iter().sum::<usize>() * self.c(), Precision::Activation);
+            group.exchange(rows, &outbound, B::full_mut(&mut got), &inbound)?;
+            return Ok(got);
+        }
+        let values = d.to_experts(&be.download(rows), plan, recv)?;
+        let mut got = be.alloc_scratch(values.len(), Precision::Activation);
+        be.upload(B::full_mut(&mut got), &values);
+        Ok(got)
+    }
+
+    /// The inverse of [`Self::send_to_experts`]: the experts' per-row results back to the ranks
+    /// that sent the rows, into `out` (laid out as `plan` lays them out).
+    fn return_from_experts(&self, d: &TokenDispatcher, outputs: B::View<'_>, plan: &SlotPlan, recv: &[usize], out: B::ViewMut<'_>) -> Result<()> {
+        match self.ep_device {
+            Some(group) => {
+                let (outbound, inbound) = d.exchange_chunks(plan, recv);
+                group.exchange(outputs, &inbound, out, &outbound)
+            }
+            None => {
+                self.be.upload(out, &d.from_experts(&self.be.download(outputs), recv)?);
+                Ok(())
+            }
+        }
     }
 
     fn n(&self) -> usize {
@@ -351,13 +378,13 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let mut gu = scratch(if gate_up == GateUp::Save { gu_len } else { 2 * act_len });
                 let mut act = scratch(act_len);
                 let [xe] = tx.views(be, [(fwd::XE, sc)]);
-                let xg = self.uploaded(&d.to_experts(&be.download(B::as_view(&xe)), &plan, &recv)?);
+                let xg = self.send_to_experts(&d, B::as_view(&xe), &plan, &recv)?;
                 let mut yg = scratch(B::len(&xg));
                 for chunk in chunked(&segs, self.chunk_rows, widths) {
                     let chunk = if gate_up == GateUp::Save { chunk } else { chunk_local_gate_up(&chunk) };
                     self.experts_forward(p, &chunk, (B::full(&xg), None), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
                 }
-                be.upload(B::full_mut(&mut y), &d.from_experts(&be.download(B::full(&yg)), &recv)?);
+                self.return_from_experts(&d, B::full(&yg), &plan, &recv, B::full_mut(&mut y))?;
                 ((gate_up == GateUp::Save).then_some(gu), Some(recv))
             }
         };
@@ -541,7 +568,7 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let act_len = expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize;
                 let (xg, dyg) = {
                     let [dy, xe] = tx.views(be, [(bwd::DY, sc), (bwd::XE, sc)]);
-                    (self.uploaded(&d.to_experts(&be.download(ro(&xe)), &plan, recv)?), self.uploaded(&d.to_experts(&be.download(ro(&dy)), &plan, recv)?))
+                    (self.send_to_experts(&d, ro(&xe), &plan, recv)?, self.send_to_experts(&d, ro(&dy), &plan, recv)?)
                 };
                 let mut dxg = be.alloc_scratch(B::len(&xg), Precision::Activation);
                 let mut scratch = [act_len, act_len, 2 * act_len].map(|len| be.alloc_scratch(len, Precision::Activation));
@@ -560,7 +587,7 @@ impl<B: Backend> BlockCtx<'_, B> {
                     self.experts_backward(p, &chunk, B::full(gu), (B::full(&dyg), None), (B::full(&xg), None), B::full_mut(&mut dxg), grads, [act, dact, dgu]);
                 }
                 let [mut dxe] = tx.views(be, [(bwd::DXE, sc)]);
-                be.upload(rw(&mut dxe), &d.from_experts(&be.download(B::full(&dxg)), recv)?);
+                self.return_from_experts(&d, B::full(&dxg), &plan, recv, rw(&mut dxe))?;
             }
         }
         {

@@ -16,7 +16,7 @@ use params::ParamLayout;
 use router::AuxLosses;
 use weights::Weights;
 
-use crate::backend::{AttnShape, Backend, Precision};
+use crate::backend::{AttnShape, Backend, DeviceGroup, Precision};
 use crate::config::GateUp;
 use crate::memory::arena::Arena;
 use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
@@ -58,6 +58,9 @@ pub struct Model<B: Backend> {
     /// The expert-parallel group this rank's experts are sharded over (MoE Parallel Folding's
     /// EP); `None` when this model holds every expert.
     ep: Option<Box<dyn Communicator>>,
+    /// The same group on the devices, where [`Model::exchange_on_device`] opened it: the token
+    /// dispatcher's rows then move without the host.
+    ep_device: Option<Box<dyn DeviceGroup<B>>>,
     /// Most routed rows the experts run on at once.
     expert_chunk_rows: usize,
 }
@@ -119,7 +122,7 @@ impl<B: Backend> Model<B> {
         let mut rope = be.alloc_f32(config.seq_len * config.head_dim());
         be.upload(B::full_mut(&mut rope), &rope_table(&config));
         let ledger = GradLedger::new(&layout);
-        Ok(Model { config, moe, layout, params, grads, ledger, rope, ep: None, expert_chunk_rows: EXPERT_CHUNK_ROWS })
+        Ok(Model { config, moe, layout, params, grads, ledger, rope, ep: None, ep_device: None, expert_chunk_rows: EXPERT_CHUNK_ROWS })
     }
 
     /// Runs the experts on at most `rows` routed rows at a time (default
@@ -133,6 +136,16 @@ impl<B: Backend> Model<B> {
 
     pub fn n_params(&self) -> usize {
         self.layout.total
+    }
+
+    /// Moves the expert-parallel rows on the devices where `be` can (NCCL over the EP group:
+    /// `Backend::device_group`) instead of through host memory; says how they move (`None`: this
+    /// model holds every expert). A collective over the EP group.
+    pub fn exchange_on_device(&mut self, be: &B) -> Result<Option<String>> {
+        let Some(ep) = self.ep.as_deref() else { return Ok(None) };
+        let (what, group) = be.device_group(ep)?.into_parts(ep.size());
+        self.ep_device = group;
+        Ok(Some(what))
     }
 
     /// The expert-parallel group, when this model holds a shard of the experts.
@@ -164,7 +177,7 @@ impl<B: Backend> Model<B> {
     }
 
     fn block_ctx<'a>(&'a self, be: &'a B, shape: AttnShape) -> BlockCtx<'a, B> {
-        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), chunk_rows: self.expert_chunk_rows }
+        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), ep_device: self.ep_device.as_deref(), chunk_rows: self.expert_chunk_rows }
     }
 
     fn shape(&self, batch: usize, seq: usize) -> Result<AttnShape> {
@@ -275,7 +288,7 @@ impl<B: Backend> Model<B> {
         be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), B::full(&rstd), None, n, c);
         // Not needed by the blocks' backward: three activations less beside the layers'.
         drop((x, xf, dxf, rstd));
-        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), chunk_rows: self.expert_chunk_rows };
+        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), ep_device: self.ep_device.as_deref(), chunk_rows: self.expert_chunk_rows };
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
             if let Some(from) = store.restore(be, l, &dims) {

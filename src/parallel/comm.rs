@@ -1,7 +1,7 @@
 //! Collective communication behind one trait, so the dispatcher and the gradient reduction are
 //! written once and run over a single process, simulated ranks (threads) or MPI, on host
 //! memory. On GPUs the gradient sum can stay on the devices instead (NCCL, opened over these
-//! communicators: `Backend::group_reducer`).
+//! communicators: `Backend::device_group`).
 //!
 //! Conventions every implementation keeps: buffers are `f32` slices and counts are in elements
 //! (not bytes); ranks are numbered `0..size()` within the communicator; every rank of a

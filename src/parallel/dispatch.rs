@@ -22,6 +22,7 @@
 
 use std::ops::Range;
 
+use crate::backend::PeerChunk;
 use crate::model::routing::Routing;
 use crate::parallel::comm::Communicator;
 use crate::{Error, Result};
@@ -338,6 +339,29 @@ impl<'a> TokenDispatcher<'a> {
         let send_counts: Vec<usize> = plan.rows_per_expert().chunks(l).map(|ch| ch.iter().sum::<usize>() * c).collect();
         let (recv, _) = self.ep.all_to_all_v(rows, &send_counts)?;
         Ok(Chunks::new(recv_rows, self.ep.size(), l).regroup(&recv, c, true))
+    }
+
+    /// The chunks [`Self::to_experts`] moves, for an exchange on the devices
+    /// (`DeviceGroup::exchange`), as `(EP rank, element range)`: `outbound`, what this rank sends
+    /// each rank (ranges of its rows, laid out as `plan` lays them out), and `inbound`, where
+    /// what it receives from each rank lands (ranges of the expert-major layout
+    /// [`Self::local_spans`] describes). [`Self::from_experts`] moves the same chunks back:
+    /// `inbound` are then its sends and `outbound` its receives.
+    pub fn exchange_chunks(&self, plan: &SlotPlan, recv_rows: &[usize]) -> (Vec<PeerChunk>, Vec<PeerChunk>) {
+        let (c, l) = (self.hidden, self.n_local());
+        let mut at = 0;
+        let outbound = plan
+            .rows_per_expert()
+            .iter()
+            .enumerate()
+            .map(|(e, &n)| {
+                at += n;
+                (e / l, (at - n) * c..at * c)
+            })
+            .collect();
+        let chunks = Chunks::new(recv_rows, self.ep.size(), l);
+        let inbound = recv_rows.iter().enumerate().map(|(k, &n)| (k / l, chunks.expert_major[k] * c..(chunks.expert_major[k] + n) * c)).collect();
+        (outbound, inbound)
     }
 
     /// The inverse of [`Self::to_experts`]: per-row results of the local experts (expert-major)
@@ -711,6 +735,57 @@ mod tests {
                     assert_eq!(&g.unwrap(), s, "{mode:?} EP groups {groups:?} rank {rank}");
                 }
             }
+        }
+    }
+
+    /// The chunks of `exchange_chunks`, moved as a device exchange moves them (the k-th chunk a
+    /// rank sends a peer is the k-th that peer receives from it), give what `to_experts` gives,
+    /// and moved back what `from_experts` gives.
+    #[test]
+    fn exchange_chunks_move_what_the_host_exchange_moves() {
+        let (e, c, n, ranks) = (8, 3, 40, 4);
+        let per_rank = LocalGroup::run(ranks, |comm| {
+            let mut rng = Rng::new(10 + comm.rank() as u64);
+            let (routing, _) = random_routing(&mut rng, n, e, 2, None);
+            let d = TokenDispatcher::new(&comm, e, c, DispatchMode::Dropless)?;
+            let plan = plan_slots(&routing, &[], DispatchMode::Dropless)?;
+            let recv = d.receive_counts(&plan)?;
+            let rows: Vec<f32> = (0..plan.n_rows() * c).map(|_| rng.sym()).collect();
+            let grouped = d.to_experts(&rows, &plan, &recv)?;
+            let outputs: Vec<f32> = (0..grouped.len()).map(|_| rng.sym()).collect();
+            let back = d.from_experts(&outputs, &recv)?;
+            let (outbound, inbound) = d.exchange_chunks(&plan, &recv);
+            Ok((rows, grouped, outputs, back, outbound, inbound))
+        })
+        .unwrap();
+        let per_rank: Vec<_> = per_rank.into_iter().map(Result::unwrap).collect();
+        // Moves `sends[r]` of every rank r's `src[r]` into `recvs` of the receivers' buffers.
+        fn exchange(src: &[&[f32]], sends: &[&[PeerChunk]], recvs: &[&[PeerChunk]], lens: &[usize]) -> Vec<Vec<f32>> {
+            (0..src.len())
+                .map(|me| {
+                    let mut dst = vec![f32::NAN; lens[me]];
+                    for peer in 0..src.len() {
+                        let sent: Vec<&Range<usize>> = sends[peer].iter().filter(|(to, _)| *to == me).map(|(_, r)| r).collect();
+                        let got: Vec<&Range<usize>> = recvs[me].iter().filter(|(from, _)| *from == peer).map(|(_, r)| r).collect();
+                        assert_eq!(sent.len(), got.len(), "{peer} → {me}: chunks");
+                        for (s, r) in sent.into_iter().zip(got) {
+                            assert_eq!(s.len(), r.len(), "{peer} → {me}: a chunk's length");
+                            dst[r.clone()].copy_from_slice(&src[peer][s.clone()]);
+                        }
+                    }
+                    dst
+                })
+                .collect()
+        }
+        let rows: Vec<&[f32]> = per_rank.iter().map(|p| &p.0[..]).collect();
+        let outputs: Vec<&[f32]> = per_rank.iter().map(|p| &p.2[..]).collect();
+        let outbound: Vec<&[PeerChunk]> = per_rank.iter().map(|p| &p.4[..]).collect();
+        let inbound: Vec<&[PeerChunk]> = per_rank.iter().map(|p| &p.5[..]).collect();
+        let there = exchange(&rows, &outbound, &inbound, &per_rank.iter().map(|p| p.1.len()).collect::<Vec<_>>());
+        let back = exchange(&outputs, &inbound, &outbound, &per_rank.iter().map(|p| p.3.len()).collect::<Vec<_>>());
+        for r in 0..ranks {
+            assert_eq!(there[r], per_rank[r].1, "rank {r}: to the experts");
+            assert_eq!(back[r], per_rank[r].3, "rank {r}: back from the experts");
         }
     }
 

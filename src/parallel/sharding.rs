@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{Backend, GroupReduce, GroupReduction};
+use crate::backend::{Backend, DeviceGroup};
 use crate::model::params::{ParamLayout, ParamSpec};
 use crate::parallel::comm::Communicator;
 use crate::parallel::dispatch::expert_shard;
@@ -34,7 +34,7 @@ impl ExpertGroups {
 }
 
 /// A device reducer over one group, or `None`: through host memory.
-type OnDevice<B> = Option<Box<dyn GroupReduce<B>>>;
+type OnDevice<B> = Option<Box<dyn DeviceGroup<B>>>;
 
 /// Contiguous element ranges of the dense and of the expert tensors of a layout, and what sums
 /// them over the ranks.
@@ -87,10 +87,7 @@ impl<B: Backend> GradBuckets<B> {
         let mut said = Vec::new();
         for (slot, group) in self.on_device.iter_mut().zip([Some(dp), edp]) {
             let Some(group) = group.filter(|g| g.size() > 1) else { continue };
-            let (what, reducer) = match be.group_reducer(group)? {
-                GroupReduction::Device(r) => (r.describe(), Some(r)),
-                GroupReduction::Host(why) => (format!("through host memory over {} ranks ({why})", group.size()), None),
-            };
+            let (what, reducer) = be.device_group(group)?.into_parts(group.size());
             *slot = reducer;
             said.push(what);
         }

@@ -59,9 +59,10 @@ pub struct TrainSummary {
     pub flops: f64,
     pub checkpoint: PathBuf,
     pub sample: Option<String>,
-    /// What summed the gradients over the ranks ("by NCCL … over 4 GPUs", "through host memory
-    /// over 4 ranks (why)"); empty for one rank.
-    pub gradient_sum: String,
+    /// How the ranks' collectives ran: "gradients summed by NCCL … over 4 GPUs; expert-parallel
+    /// rows exchanged by NCCL … over 2 GPUs", or "… through host memory over 4 ranks (why)";
+    /// empty for one rank.
+    pub collectives: String,
 }
 
 /// The optimizer's hyper-parameters from `[train]`.
@@ -262,13 +263,19 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         (Model::new(be, config.model.clone(), config.moe.clone(), t.seed)?, None)
     };
     let mut buckets = GradBuckets::new(&model.layout);
-    let gradient_sum = match ranks {
+    let collectives = match ranks {
         1 => String::new(),
-        _ if config.parallel.nccl => buckets.reduce_on_device(be, dp, edp.as_deref())?,
-        _ => format!("through host memory over {ranks} ranks (parallel.nccl = false)"),
+        _ if config.parallel.nccl => {
+            let mut said = format!("gradients summed {}", buckets.reduce_on_device(be, dp, edp.as_deref())?);
+            if let Some(how) = model.exchange_on_device(be)? {
+                said += &format!("; expert-parallel rows exchanged {how}");
+            }
+            said
+        }
+        _ => format!("gradients summed (and expert-parallel rows exchanged) through host memory over {ranks} ranks (parallel.nccl = false)"),
     };
     if leader && ranks > 1 {
-        eprintln!("gradients summed {gradient_sum}");
+        eprintln!("{collectives}");
     }
     let full_layout = ParamLayout::new(&config.model, &config.moe);
     let mut opt = Optimizer::new(be, adamw_config(config), model.n_params());
@@ -437,7 +444,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     };
     if !leader {
         // Followers report nothing; rank 0 reports for the run.
-        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, val_sources: Vec::new(), flops, checkpoint: last_checkpoint, sample: None, gradient_sum });
+        return Ok(TrainSummary { steps: opt.step, seconds: started.elapsed().as_secs_f64(), train_loss: last.unwrap_or(f64::NAN), val_loss: None, val_sources: Vec::new(), flops, checkpoint: last_checkpoint, sample: None, collectives });
     }
     if let Some(p) = &progress {
         p.finish();
@@ -457,7 +464,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         flops,
         checkpoint: last_checkpoint,
         sample,
-        gradient_sum,
+        collectives,
     })
 }
 

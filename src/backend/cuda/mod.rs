@@ -532,7 +532,7 @@ impl Backend for CudaBackend {
         let (free, held) = self.free_and_held_bytes()?;
         Ok(Some(free + held))
     }
-    fn group_reducer(&self, group: &dyn crate::parallel::comm::Communicator) -> Result<super::GroupReduction<Self>> {
+    fn device_group(&self, group: &dyn crate::parallel::comm::Communicator) -> Result<super::GroupOnDevice<Self>> {
         nccl::open(self, group)
     }
     /// Profiled as the stream time it spans: the stream idles while the host works, since the

@@ -1,6 +1,7 @@
-//! Gradients summed over GPUs by NCCL, in place on the compute stream, instead of downloaded,
-//! summed by MPI in host memory and uploaded again (two PCIe crossings of every gradient a
-//! step: 7.6 GB for H100-ref's f32 gradients, ~140 ms at 55 GB/s).
+//! Collectives over GPUs on NCCL, on the compute stream: gradients summed in place, and the
+//! token dispatcher's expert-parallel rows exchanged, instead of downloaded, moved by MPI in host
+//! memory and uploaded again (two PCIe crossings each: for H100-ref's 3.8 GB of f32 gradients
+//! alone ~140 ms a step at 55 GB/s).
 //!
 //! NCCL takes one GPU a rank and must load on every rank, so [`open`] first gathers, over the
 //! host communicator, whether each rank loads libnccl and which GPU it holds (its UUID, unique
@@ -9,12 +10,13 @@
 
 use cudarc::nccl::{result, sys};
 
-use super::{CudaBackend, DevViewMut, Storage};
-use crate::backend::{GroupReduce, GroupReduction};
+use super::{offset, CudaBackend, DevView, DevViewMut, Storage};
+use crate::backend::{DeviceGroup, GroupOnDevice, PeerChunk};
 use crate::parallel::comm::Communicator;
 use crate::{Error, Result};
 
-/// A NCCL communicator over a group's GPUs, queuing on the backend's compute stream.
+/// A NCCL communicator over a group's GPUs, queuing on the backend's compute stream: the
+/// gradients' sums and the token dispatcher's exchanges of expert-parallel rows.
 pub struct Nccl {
     comm: sys::ncclComm_t,
     stream: sys::cudaStream_t,
@@ -32,7 +34,7 @@ fn nccl_error(what: &str, e: result::NcclError) -> Error {
 }
 
 /// Opens NCCL over `group` (more than one rank) where every rank can, else says why not.
-pub fn open(be: &CudaBackend, group: &dyn Communicator) -> Result<GroupReduction<CudaBackend>> {
+pub fn open(be: &CudaBackend, group: &dyn Communicator) -> Result<GroupOnDevice<CudaBackend>> {
     // SAFETY: only tries to dlopen the library by its candidate names.
     let loads = unsafe { sys::is_culib_present() };
     let uuid = be.stream.context().uuid().map_err(|e| Error::Invalid(format!("the GPU's UUID: {e:?}")))?.bytes;
@@ -40,11 +42,11 @@ pub fn open(be: &CudaBackend, group: &dyn Communicator) -> Result<GroupReduction
     let all = group.all_gather(&mine)?;
     let ranks: Vec<&[f32]> = all.chunks(mine.len()).collect();
     if let Some(r) = ranks.iter().position(|k| k[0] == 0.0) {
-        return Ok(GroupReduction::Host(format!("libnccl.so does not load on rank {r}")));
+        return Ok(GroupOnDevice::Host(format!("libnccl.so does not load on rank {r}")));
     }
     for (r, a) in ranks.iter().enumerate() {
         if let Some(s) = ranks[r + 1..].iter().position(|b| b[1..] == a[1..]) {
-            return Ok(GroupReduction::Host(format!("ranks {r} and {} share a GPU; NCCL takes one GPU a rank", r + 1 + s)));
+            return Ok(GroupOnDevice::Host(format!("ranks {r} and {} share a GPU; NCCL takes one GPU a rank", r + 1 + s)));
         }
     }
     // Rank 0's unique id, behind a flag saying whether it could make one.
@@ -73,10 +75,44 @@ pub fn open(be: &CudaBackend, group: &dyn Communicator) -> Result<GroupReduction
         0 => String::new(),
         v => format!(" {}.{}.{}", v / 10000, v / 100 % 100, v % 100),
     };
-    Ok(GroupReduction::Device(Box::new(Nccl { comm, stream: be.stream.cu_stream() as sys::cudaStream_t, ranks: group.size(), version })))
+    Ok(GroupOnDevice::Opened(Box::new(Nccl { comm, stream: be.stream.cu_stream() as sys::cudaStream_t, ranks: group.size(), version })))
 }
 
-impl GroupReduce<CudaBackend> for Nccl {
+/// NCCL's type of a storage's elements.
+fn nccl_type(storage: Storage) -> sys::ncclDataType_t {
+    match storage {
+        Storage::F32 => sys::ncclDataType_t::ncclFloat32,
+        Storage::Bf16 => sys::ncclDataType_t::ncclBfloat16,
+    }
+}
+
+impl DeviceGroup<CudaBackend> for Nccl {
+    fn exchange(&self, src: DevView<'_>, sends: &[PeerChunk], dst: DevViewMut<'_>, recvs: &[PeerChunk]) -> Result<()> {
+        assert_eq!(src.storage, dst.storage, "an exchange keeps the element type");
+        let ty = nccl_type(src.storage);
+        let calls = || -> std::result::Result<(), result::NcclError> {
+            // Empty chunks are left out on both sides alike (each side knows every length).
+            for (peer, r) in sends.iter().filter(|(_, r)| !r.is_empty()) {
+                assert!(r.end <= src.len, "send {r:?} past a view of {}", src.len);
+                let at = offset(src.ptr, r.start, src.storage) as *const std::ffi::c_void;
+                // SAFETY: a live device range of the view; queued in stream order.
+                unsafe { result::send(at, r.len(), ty, *peer as i32, self.comm, self.stream) }?;
+            }
+            for (peer, r) in recvs.iter().filter(|(_, r)| !r.is_empty()) {
+                assert!(r.end <= dst.len, "receive {r:?} past a view of {}", dst.len);
+                let at = offset(dst.ptr, r.start, dst.storage) as *mut std::ffi::c_void;
+                // SAFETY: as above; the ranges of `recvs` are disjoint parts of a writable view.
+                unsafe { result::recv(at, r.len(), ty, *peer as i32, self.comm, self.stream) }?;
+            }
+            Ok(())
+        };
+        // One group: every send and receive progresses together (no rank waits on a peer's order).
+        result::group_start().map_err(|e| nccl_error("group start", e))?;
+        let queued = calls();
+        result::group_end().map_err(|e| nccl_error("exchange", e))?;
+        queued.map_err(|e| nccl_error("send/receive", e))
+    }
+
     fn all_reduce_sum(&self, buf: DevViewMut<'_>) -> Result<()> {
         assert_eq!(buf.storage, Storage::F32, "NCCL sums f32 gradients");
         let ptr = buf.ptr as *mut std::ffi::c_void;

@@ -1,5 +1,6 @@
 // An emulated NCCL (libnccl.so) for ranks that are threads of one process, each on its emulated
-// GPU: the calls motley's CUDA backend makes to sum gradients (backend/cuda/nccl.rs). Collectives
+// GPU: the calls motley's CUDA backend makes to sum gradients and to exchange expert-parallel
+// rows (backend/cuda/nccl.rs): all-reduce, and sends and receives in groups. Collectives
 // block until every rank of the communicator has called them, as NCCL's do on the GPU's
 // stream; the sums add the ranks' buffers in rank order, so every rank gets the same bits (the
 // host path's LocalGroup adds in the same order: tests compare the two bitwise).
@@ -25,7 +26,7 @@
 namespace {
 
 enum { SUCCESS = 0, INTERNAL = 3, INVALID_ARGUMENT = 4, INVALID_USAGE = 5 };
-enum { FLOAT32 = 7 };
+enum { FLOAT32 = 7, BFLOAT16 = 9 };
 enum { SUM = 0 };
 
 // ncclUniqueId, passed by value to ncclCommInitRank.
@@ -41,6 +42,13 @@ struct Post {
     int type = -1, op = -1;
 };
 
+// A point-to-point chunk: a send's source, or a receive's destination.
+struct Chunk {
+    void* ptr;
+    size_t count;
+    int type, peer;
+};
+
 struct Group {
     int ranks;
     std::mutex mu;
@@ -49,7 +57,8 @@ struct Group {
     int arrived = 0;
     uint64_t generation = 0;  // barriers passed
     std::vector<Post> posts;
-    explicit Group(int n) : ranks(n), joined(n), posts(n) {}
+    std::vector<std::vector<Chunk>> sends;  // each rank's sends of the group call in progress
+    explicit Group(int n) : ranks(n), joined(n), posts(n), sends(n) {}
 
     // Every rank waits here until all have arrived; false if they did not within `limit`.
     bool barrier(std::unique_lock<std::mutex>& lock, std::chrono::seconds limit = std::chrono::seconds::max()) {
@@ -72,6 +81,11 @@ struct Comm {
     std::shared_ptr<Group> group;
     int rank;
 };
+
+// The sends and receives queued between ncclGroupStart and ncclGroupEnd on this thread.
+thread_local int group_depth = 0;
+thread_local Comm* group_comm = nullptr;
+thread_local std::vector<Chunk> queued_sends, queued_recvs;
 
 std::mutex registry_mu;
 std::map<std::string, std::shared_ptr<Group>> registry;  // by unique id, while ranks join
@@ -163,6 +177,84 @@ EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int type, i
     lock.unlock();
     memcpy(recv, sum.data(), bytes);
     return SUCCESS;
+}
+
+EXPORT int ncclGroupStart() {
+    group_depth++;
+    return SUCCESS;
+}
+
+size_t type_bytes(int type) { return type == FLOAT32 ? 4 : type == BFLOAT16 ? 2 : 0; }
+
+// Queues a send or receive of the group in progress (a call outside a group is a group of one).
+int queue_chunk(std::vector<Chunk>& queue, void* ptr, size_t count, int type, int peer, void* comm, void* stream, const char* what) {
+    auto* c = static_cast<Comm*>(comm);
+    if (!c) return fail(INVALID_ARGUMENT, strprintf("%s on a null communicator", what));
+    if (stream) return fail(INVALID_USAGE, strprintf("%s on a created stream; the emulator runs collectives on the null stream only", what));
+    if (!type_bytes(type)) return fail(INVALID_USAGE, strprintf("%s of type %d: only f32 and bf16 are emulated", what, type));
+    if (peer < 0 || peer >= c->group->ranks) return fail(INVALID_ARGUMENT, strprintf("%s to peer %d of %d ranks", what, peer, c->group->ranks));
+    if (!motley_emu_in_allocation(ptr, count * type_bytes(type)))
+        return fail(INVALID_ARGUMENT, strprintf("%s of %zu elements at %p: not inside a device allocation", what, count, ptr));
+    if (group_comm && group_comm != c) return fail(INVALID_USAGE, "a group of sends and receives over two communicators is not emulated");
+    group_comm = c;
+    queue.push_back(Chunk{ptr, count, type, peer});
+    return SUCCESS;
+}
+
+int ncclGroupEnd();
+
+EXPORT int ncclSend(const void* buf, size_t count, int type, int peer, void* comm, void* stream) {
+    int r = queue_chunk(queued_sends, const_cast<void*>(buf), count, type, peer, comm, stream, "send");
+    return r != SUCCESS || group_depth ? r : ncclGroupEnd();
+}
+
+EXPORT int ncclRecv(void* buf, size_t count, int type, int peer, void* comm, void* stream) {
+    int r = queue_chunk(queued_recvs, buf, count, type, peer, comm, stream, "receive");
+    return r != SUCCESS || group_depth ? r : ncclGroupEnd();
+}
+
+// Runs the group's sends and receives: every rank of the communicator posts its sends, then
+// takes, for each receive from a peer, that peer's next send to it (same count and type).
+EXPORT int ncclGroupEnd() {
+    if (group_depth > 0) group_depth--;
+    if (group_depth > 0 || !group_comm) return SUCCESS;
+    Comm* c = group_comm;
+    std::vector<Chunk> sends, recvs;
+    sends.swap(queued_sends);
+    recvs.swap(queued_recvs);
+    group_comm = nullptr;
+    Group& g = *c->group;
+    std::unique_lock<std::mutex> lock(g.mu);
+    g.sends[c->rank] = sends;
+    g.barrier(lock);  // every rank's sends are posted
+    std::vector<std::vector<Chunk>> posted = g.sends;
+    lock.unlock();
+    std::vector<size_t> next(g.ranks, 0);  // where each peer's next send to this rank is sought
+    int result = SUCCESS;
+    for (const Chunk& r : recvs) {
+        const std::vector<Chunk>& from = posted[r.peer];
+        size_t& i = next[r.peer];
+        while (i < from.size() && from[i].peer != c->rank) i++;
+        if (i == from.size()) {
+            result = fail(INVALID_USAGE, strprintf("rank %d receives more chunks from rank %d than it sends", c->rank, r.peer));
+            break;
+        }
+        const Chunk& s = from[i++];
+        if (s.count != r.count || s.type != r.type) {
+            result = fail(INVALID_USAGE, strprintf("rank %d receives %zu elements of type %d from rank %d, which sends %zu of type %d", c->rank, r.count, r.type, r.peer, s.count, s.type));
+            break;
+        }
+        memcpy(r.ptr, s.ptr, r.count * type_bytes(r.type));
+    }
+    for (int p = 0; p < g.ranks && result == SUCCESS; p++)
+        for (size_t i = next[p]; i < posted[p].size(); i++)
+            if (posted[p][i].peer == c->rank) {
+                result = fail(INVALID_USAGE, strprintf("rank %d sends rank %d more chunks than it receives", p, c->rank));
+                break;
+            }
+    lock.lock();
+    g.barrier(lock);  // every rank has read every send buffer
+    return result;
 }
 
 }  // extern "C"
