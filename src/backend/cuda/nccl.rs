@@ -25,12 +25,19 @@ pub struct Nccl {
     version: String,
 }
 
+/// What to do when NCCL fails.
+const HOST_PATH: &str = "set parallel.nccl = false to move gradients and expert-parallel rows through host memory";
+
 /// What NCCL said about a failure: its last error text where it has one, else the code.
 fn nccl_error(what: &str, e: result::NcclError) -> Error {
-    // SAFETY: returns a static or library-owned C string (null comm: the last error of any).
-    let text = unsafe { std::ffi::CStr::from_ptr(sys::ncclGetLastError(std::ptr::null_mut())) }.to_string_lossy().into_owned();
+    // SAFETY: ncclGetLastError (null comm: the last error of any) returns null or a
+    // NUL-terminated string NCCL owns, read here at once.
+    let text = unsafe {
+        let last = sys::ncclGetLastError(std::ptr::null_mut());
+        if last.is_null() { String::new() } else { std::ffi::CStr::from_ptr(last).to_string_lossy().into_owned() }
+    };
     let text = if text.is_empty() { format!("{:?}", e.0) } else { text };
-    Error::Invalid(format!("NCCL {what}: {text}; set parallel.nccl = false to sum gradients through host memory"))
+    Error::Invalid(format!("NCCL {what}: {text}; {HOST_PATH}"))
 }
 
 /// Opens NCCL over `group` (more than one rank) where every rank can, else says why not.
@@ -61,7 +68,7 @@ pub fn open(be: &CudaBackend, group: &dyn Communicator) -> Result<GroupOnDevice<
     }
     group.broadcast(&mut id, 0)?;
     if id[0] == 0.0 {
-        return Err(Error::Invalid("NCCL: rank 0 could not make a unique id; set parallel.nccl = false to sum gradients through host memory".into()));
+        return Err(Error::Invalid(format!("NCCL: rank 0 could not make a unique id; {HOST_PATH}")));
     }
     let mut internal = [0 as std::ffi::c_char; 128];
     for (c, &v) in internal.iter_mut().zip(&id[1..]) {
