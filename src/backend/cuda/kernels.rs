@@ -2,15 +2,15 @@
 //! host-side helpers whose output the kernels consume.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, DeviceRepr};
+use cudarc::nvrtc::Ptx;
 
 use super::attention::{head_dims, Pass, MAX_HEAD_DIM};
 use super::experts::{self, Fused};
-use super::nvrtc::{arch_for, cached_ptx, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
+use super::nvrtc::{arch_for, cached_ptx_all, include_dirs_from_env, KernelFile, Storage, KERNEL_FILES};
 use crate::backend::AdamW;
 use crate::{Error, Result};
 
@@ -69,9 +69,8 @@ pub struct Kernels {
 
 type Functions = HashMap<&'static str, CudaFunction>;
 
-/// Loads `file` compiled for `storage` (from the PTX cache when it is there).
-fn load_file(ctx: &Arc<CudaContext>, file: &KernelFile, arch: &str, includes: &[PathBuf], storage: Storage) -> Result<Functions> {
-    let ptx = cached_ptx(file, arch, includes, storage).map_err(Error::Invalid)?;
+/// Loads `file`'s module from `ptx`, compiled for `storage`.
+fn load_file(ctx: &Arc<CudaContext>, file: &KernelFile, arch: &str, ptx: Ptx, storage: Storage) -> Result<Functions> {
     let module = ctx.load_module(ptx).map_err(|e| Error::Invalid(format!("loading kernels/{}.cu ({storage:?}): {e:?}", file.name)))?;
     file.entry_points(arch)
         .map(|name| {
@@ -99,10 +98,17 @@ impl Kernels {
     /// limit raised.
     pub fn load(ctx: &Arc<CudaContext>, major: i32, minor: i32, storage: Storage) -> Result<Self> {
         let arch = arch_for(major, minor);
-        let includes = include_dirs_from_env();
+        // Every file in `storage`; with bf16 storage, the elementwise kernels in f32 too (for
+        // gradients), last.
+        let elementwise_file = KERNEL_FILES.iter().find(|k| k.name == "elementwise").expect("elementwise.cu is a kernel file");
+        let mut jobs: Vec<(&KernelFile, Storage)> = KERNEL_FILES.iter().map(|file| (file, storage)).collect();
+        if storage == Storage::Bf16 {
+            jobs.push((elementwise_file, Storage::F32));
+        }
+        let mut ptx = cached_ptx_all(&jobs, &arch, &include_dirs_from_env()).map_err(Error::Invalid)?.into_iter();
         let mut f: Functions = HashMap::new();
-        for file in KERNEL_FILES {
-            f.extend(load_file(ctx, file, &arch, &includes, storage)?);
+        for (file, ptx) in KERNEL_FILES.iter().zip(ptx.by_ref()) {
+            f.extend(load_file(ctx, file, &arch, ptx, storage)?);
         }
         // Each attention kernel may use the shared memory its head_dim needs, up to what the GPU
         // allows a block (less than head_dim 128 needs before Hopper; launches check each shape).
@@ -136,10 +142,7 @@ impl Kernels {
         let act = elementwise(&f);
         let f32 = match storage {
             Storage::F32 => elementwise(&f),
-            Storage::Bf16 => {
-                let file = KERNEL_FILES.iter().find(|k| k.name == "elementwise").expect("elementwise.cu is a kernel file");
-                elementwise(&load_file(ctx, file, &arch, &includes, Storage::F32)?)
-            }
+            Storage::Bf16 => elementwise(&load_file(ctx, elementwise_file, &arch, ptx.next().expect("the f32 elementwise job"), Storage::F32)?),
         };
         // Every name below is listed in KERNEL_FILES and was inserted above.
         let mut take = |name: &str| f.remove(name).expect("kernel listed in KERNEL_FILES");
