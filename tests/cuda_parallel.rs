@@ -1,7 +1,8 @@
 //! Data and expert parallelism with every rank on the CUDA backend, against one rank: on the
 //! emulated device in CI (two emulated GPUs, NCCL emulated), on a GPU machine where
-//! `MOTLEY_PARITY_DEVICE` says so (see tests/cuda_parity.rs). A test binary of its own, since
-//! it links the whole trainer, which the GPU session need not carry with the parity tests.
+//! `MOTLEY_PARITY_DEVICE` says so (see tests/cuda_parity.rs); and the emulated NCCL's checks.
+//! A test binary of its own, since it links the whole trainer, which the GPU session need not
+//! carry with the parity tests.
 #![cfg(feature = "cuda")]
 
 #[path = "cuda_emu/build.rs"]
@@ -93,5 +94,39 @@ fn data_and_expert_parallel_match_one_rank() {
         let bits = |(l, p): &(Vec<f64>, Vec<f32>)| (l.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         assert!(bits(&runs[0]) == bits(&runs[1]), "DP=2: NCCL's sums and the host's differ");
         assert!(bits(&runs[2]) == bits(&runs[3]), "EP=2: NCCL's exchanges and sums and the host's differ");
+    }
+}
+
+/// The emulated NCCL reports misuse on every rank instead of hanging or summing garbage: ranks
+/// passing different lengths to an all-reduce, and a receive longer than the matching send.
+/// The error names NCCL's complaint and the remedy.
+#[test]
+fn nccl_misuse_fails_on_every_rank() {
+    use motley::backend::cuda::{CudaBackend, Storage};
+    use motley::backend::{Backend, GroupOnDevice};
+    use motley::parallel::comm::LocalGroup;
+    if emu_build::device("cuda_parallel") != Some("emulator") {
+        return;
+    }
+    let results = LocalGroup::run(2, |comm| {
+        let r = motley::parallel::comm::Communicator::rank(&comm);
+        let be = CudaBackend::for_local_rank(r, Storage::Bf16).unwrap();
+        let GroupOnDevice::Opened(group) = be.device_group(&comm).unwrap() else { panic!("two emulated GPUs open NCCL") };
+        let mut sums = be.alloc_f32(8);
+        let reduce = group.all_reduce_sum(CudaBackend::view_mut(&mut sums, 0..4 + r)).map_err(|e| e.to_string());
+        let rows = be.alloc(8);
+        let mut got = be.alloc(8);
+        let exchange = group.exchange(CudaBackend::full(&rows), &[(1 - r, 0..4)], CudaBackend::full_mut(&mut got), &[(1 - r, 0..4 + r)]).map_err(|e| e.to_string());
+        Ok::<_, motley::Error>((reduce, exchange))
+    })
+    .unwrap();
+    for (r, res) in results.into_iter().enumerate() {
+        let (reduce, exchange) = res.unwrap();
+        let e = reduce.expect_err("different lengths");
+        assert!(e.contains("every rank must pass the same") && e.contains("parallel.nccl = false"), "rank {r}: {e}");
+        if r == 1 {
+            let e = exchange.expect_err("a receive longer than its send");
+            assert!(e.contains("receives 5 elements"), "rank {r}: {e}");
+        }
     }
 }
