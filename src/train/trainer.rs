@@ -190,9 +190,12 @@ pub fn train(config: &Config, opts: &TrainOptions, dp: &dyn Communicator) -> Res
     }
     #[cfg(feature = "cuda")]
     {
-        // One GPU per rank on a node: OpenMPI's local rank picks it; ranks on threads of one
-        // process (tests) by their rank.
-        let local_rank = std::env::var("OMPI_COMM_WORLD_LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(dp.rank());
+        // One GPU per rank on a node: the launcher's node-local rank picks it (OpenMPI, MPICH,
+        // MVAPICH, Slurm's srun); ranks on threads of one process (tests) by their rank.
+        let local_rank = ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"]
+            .iter()
+            .find_map(|name| std::env::var(name).ok()?.parse().ok())
+            .unwrap_or(dp.rank());
         match crate::backend::cuda::CudaBackend::for_local_rank(local_rank, crate::backend::cuda::Storage::Bf16) {
             Ok(gpu) => {
                 let gpu = with_kernels(gpu, config, dp.rank() == 0)?;
