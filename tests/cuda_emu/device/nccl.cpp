@@ -98,6 +98,13 @@ int fail(int code, const std::string& why) {
     return code;
 }
 
+// The checks every call makes of its communicator and stream (`what` names the call).
+int check_call(Comm* c, void* stream, const char* what) {
+    if (!c) return fail(INVALID_ARGUMENT, strprintf("%s on a null communicator", what));
+    if (stream) return fail(INVALID_USAGE, strprintf("%s on a created stream; the emulator runs collectives on the null stream only", what));
+    return SUCCESS;
+}
+
 }  // namespace
 
 extern "C" {
@@ -151,8 +158,7 @@ EXPORT int ncclCommDestroy(void* comm) {
 
 EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, void* comm, void* stream) {
     auto* c = static_cast<Comm*>(comm);
-    if (!c) return fail(INVALID_ARGUMENT, "all-reduce on a null communicator");
-    if (stream) return fail(INVALID_USAGE, "all-reduce on a created stream; the emulator runs collectives on the null stream only");
+    if (int r = check_call(c, stream, "all-reduce")) return r;
     if (type != FLOAT32 || op != SUM) return fail(INVALID_USAGE, strprintf("all-reduce of type %d, operation %d: only f32 sums are emulated", type, op));
     size_t bytes = count * sizeof(float);
     if (!motley_emu_in_allocation(send, bytes) || !motley_emu_in_allocation(recv, bytes))
@@ -189,8 +195,7 @@ size_t type_bytes(int type) { return type == FLOAT32 ? 4 : type == BFLOAT16 ? 2 
 // Queues a send or receive of the group in progress (a call outside a group is a group of one).
 int queue_chunk(std::vector<Chunk>& queue, void* ptr, size_t count, int type, int peer, void* comm, void* stream, const char* what) {
     auto* c = static_cast<Comm*>(comm);
-    if (!c) return fail(INVALID_ARGUMENT, strprintf("%s on a null communicator", what));
-    if (stream) return fail(INVALID_USAGE, strprintf("%s on a created stream; the emulator runs collectives on the null stream only", what));
+    if (int r = check_call(c, stream, what)) return r;
     if (!type_bytes(type)) return fail(INVALID_USAGE, strprintf("%s of type %d: only f32 and bf16 are emulated", what, type));
     if (peer < 0 || peer >= c->group->ranks) return fail(INVALID_ARGUMENT, strprintf("%s to peer %d of %d ranks", what, peer, c->group->ranks));
     if (!motley_emu_in_allocation(ptr, count * type_bytes(type)))
