@@ -20,9 +20,10 @@ mod common;
 use std::time::Instant;
 
 use motley::backend::cpu::Cpu;
-use motley::backend::{Backend, TokenSlots};
+use motley::backend::Backend;
 use motley::model::config::{MoeConfig, Routing as Kind};
 use motley::model::router;
+use motley::model::routing::Capped;
 use motley::rng::Rng;
 use serde_json::json;
 
@@ -51,6 +52,7 @@ fn main() {
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, moe) in [("top-2", moe(e, Kind::TopK)), ("top-p 0.6", moe(e, Kind::TopP))] {
         let routing = router::select(&probs, n, e, &moe);
+        let dropless = Capped::dropless(routing.clone());
         let dgate: Vec<f32> = (0..routing.n_slots()).map(|s| (s % 7) as f32 * 0.1 - 0.3).collect();
         let ms = |f: &mut (dyn FnMut() + Send)| be.host_work("bench", || 1e3 * time_per_call(min_seconds, f));
         let select = ms(&mut || {
@@ -63,15 +65,15 @@ fn main() {
             std::hint::black_box(routing.by_token());
         });
         let bwd_args = ms(&mut || {
-            std::hint::black_box(router::BackwardArgs::new(&routing, &moe));
+            std::hint::black_box(router::BackwardArgs::new(&dropless, &moe));
         });
-        let (offsets, slots) = routing.by_token();
-        let bwd = router::BackwardArgs::new(&routing, &moe);
+        let bwd = router::BackwardArgs::new(&dropless, &moe);
         let mut dlogits = vec![0f32; n * e];
-        let cpu_bwd = 1e3 * time_per_call(min_seconds, &mut || be.router_bwd(&mut dlogits, &dgate, &probs, &logits, bwd.grad(&routing, TokenSlots { offsets: &offsets, slots: &slots })));
+        let cpu_bwd = 1e3 * time_per_call(min_seconds, &mut || be.router_bwd(&mut dlogits, &dgate, &probs, &logits, bwd.grad()));
         // The forward selects, evaluates the aux losses and forms the incidence (for the
-        // combine); the backward forms the incidence again and the op's arguments.
-        let layer = select + aux + 2.0 * by_token + bwd_args;
+        // combine); the backward forms the op's arguments, the incidence among them (its
+        // combine shares it where nothing was dropped).
+        let layer = select + aux + by_token + bwd_args;
         println!("| {name} | {select:.3} | {aux:.3} | {by_token:.3} | {bwd_args:.3} | {layer:.3} | {cpu_bwd:.3} |");
         args.append_json(&json!({"bench": "routing", "routing": name, "tokens": n, "experts": e, "threads": be.threads(), "select_ms": select, "aux_ms": aux, "by_token_ms": by_token, "backward_args_ms": bwd_args, "layer_ms": layer, "cpu_router_bwd_ms": cpu_bwd}));
     }

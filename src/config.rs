@@ -16,6 +16,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::model::config::{ModelConfig, MoeConfig, Routing, WidthLayout};
+use crate::parallel::dispatch::{DispatchMode, DropPolicy};
 use crate::{Error, Result};
 
 /// The default config (`configs/tiny.toml`), used when no file is given.
@@ -29,6 +30,11 @@ pub struct Config {
     pub model: ModelConfig,
     /// Expert widths are always explicit here, whichever way the file gave them.
     pub moe: MoeConfig,
+    /// The MoE layers' token dispatch: dropless, or with `moe.capacity_factor`. Not part of the
+    /// model's shape: a checkpoint trained either way resumes either way. Written into `[moe]`
+    /// by [`Config::to_toml`].
+    #[serde(skip)]
+    pub dispatch: DispatchMode,
     pub train: TrainConfig,
     pub data: DataConfig,
     pub checkpoint: CheckpointConfig,
@@ -54,6 +60,11 @@ pub struct MoeSection {
     pub p_penalty: f32,
     pub entropy: f32,
     pub z_loss: f32,
+    /// Optional: each expert runs at most `ceil(k·N/E · factor)` of a step's N tokens per rank
+    /// (the rest are dropped: the residual carries them); absent, routing is dropless.
+    pub capacity_factor: Option<f64>,
+    /// With `capacity_factor`: which tokens an over-full expert keeps (default "probs").
+    pub drop_policy: Option<DropPolicy>,
 }
 
 /// Learning-rate schedule after warmup.
@@ -353,7 +364,8 @@ impl Config {
             None => CudaConfig::default(),
             some => parse_section("cuda", some)?,
         };
-        Ok(Self { device, model, moe: moe.resolve()?, train, data, checkpoint, memory, parallel, cuda })
+        let dispatch = moe.dispatch()?;
+        Ok(Self { device, model, moe: moe.resolve()?, dispatch, train, data, checkpoint, memory, parallel, cuda })
     }
 
     /// Checks every field and the relations between fields; errors name field, value and what is allowed.
@@ -443,7 +455,13 @@ impl Config {
 
     /// The resolved config as TOML (explicit expert widths); loading it gives back an equal `Config`.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).map_err(|e| Error::Invalid(format!("cannot write config as TOML: {e}")))
+        let bad = |e: &dyn std::fmt::Display| Error::Invalid(format!("cannot write config as TOML: {e}"));
+        let mut table = toml::Table::try_from(self).map_err(|e| bad(&e))?;
+        if let (DispatchMode::Capacity { factor, policy }, Some(toml::Value::Table(moe))) = (self.dispatch, table.get_mut("moe")) {
+            moe.insert("capacity_factor".into(), toml::Value::Float(factor));
+            moe.insert("drop_policy".into(), toml::Value::try_from(policy).map_err(|e| bad(&e))?);
+        }
+        toml::to_string(&table).map_err(|e| bad(&e))
     }
 
     /// A stable 16-hex-digit hash of the parts that shape the parameters and their meaning
@@ -455,6 +473,16 @@ impl Config {
 }
 
 impl MoeSection {
+    /// The token dispatch `capacity_factor` and `drop_policy` ask for.
+    pub fn dispatch(&self) -> Result<DispatchMode> {
+        match (self.capacity_factor, self.drop_policy) {
+            (None, None) => Ok(DispatchMode::Dropless),
+            (None, Some(p)) => Err(Error::config("moe.drop_policy", format!("{p:?}"), "given only with moe.capacity_factor (dropless routing drops nothing)")),
+            (Some(f), _) if !(f.is_finite() && f > 0.0) => Err(Error::config("moe.capacity_factor", f, "a finite number above 0 (leave it out for dropless routing)")),
+            (Some(factor), policy) => Ok(DispatchMode::Capacity { factor, policy: policy.unwrap_or(DropPolicy::Probs) }),
+        }
+    }
+
     /// The model's `MoeConfig`, with widths generated from the layout when no list is given.
     pub fn resolve(self) -> Result<MoeConfig> {
         let layout_given = self.layout.is_some() || self.n_experts.is_some() || self.total_width.is_some();
@@ -669,6 +697,30 @@ mod tests {
         assert!(err(&["cuda.hopper=true"]).contains("cuda.hopper"), "{}", err(&["cuda.hopper=true"]));
         assert!(err(&["cuda.hopper_experts=1"]).contains("cuda.hopper_experts"));
         assert_eq!(c.config_hash(), h.config_hash(), "the kernels do not change what a checkpoint holds");
+    }
+
+    /// `moe.capacity_factor` (and `moe.drop_policy`) choose the dispatch, round-trip through a
+    /// run's written config, leave the checkpoint hash alone, and are checked.
+    #[test]
+    fn the_expert_capacity_is_optional_and_checked() {
+        let c = with(&[]).unwrap();
+        assert_eq!(c.dispatch, DispatchMode::Dropless);
+        let cap = with(&["moe.capacity_factor=1.25"]).unwrap();
+        assert_eq!(cap.dispatch, DispatchMode::Capacity { factor: 1.25, policy: DropPolicy::Probs });
+        let pos = with(&["moe.capacity_factor=2", "moe.drop_policy=\"position\""]).unwrap();
+        assert_eq!(pos.dispatch, DispatchMode::Capacity { factor: 2.0, policy: DropPolicy::Position });
+        for written in [&cap, &pos] {
+            assert_eq!(&Config::from_toml_str(&written.to_toml().unwrap(), "written", &[]).unwrap(), written);
+        }
+        assert_eq!(c.config_hash(), cap.config_hash(), "dropping tokens does not change what a checkpoint holds");
+        for bad in ["0", "-1", "nan", "inf"] {
+            let e = err(&[&format!("moe.capacity_factor={bad}")]);
+            assert!(e.contains("moe.capacity_factor") && e.contains("dropless"), "{e}");
+        }
+        let e = err(&["moe.drop_policy=\"position\""]);
+        assert!(e.contains("moe.drop_policy") && e.contains("capacity_factor"), "{e}");
+        let e = err(&["moe.capacity_factor=1.0", "moe.drop_policy=\"random\""]);
+        assert!(e.contains("moe.drop_policy") && e.contains("position"), "{e}");
     }
 
     #[test]

@@ -87,6 +87,7 @@ use motley::backend::cuda::nvrtc::{Storage, KERNEL_FILES};
 use motley::backend::cuda::{group_positions, AdamWArgs};
 use motley::backend::{AdamW, AttnShape, Backend, Gemm, Pick, TokenSlots};
 use motley::rng::Rng;
+use motley::parallel::dispatch::{apply_capacity, DispatchMode, DropPolicy};
 use primitive_cases::{Arg as CaseArg, Case};
 
 const F32_TOL: f64 = 2e-6;
@@ -741,19 +742,22 @@ fn router_bwd(s: Storage) {
         z_loss: 1e-3 * weights,
     };
     let mut ch = Checks::new("router_bwd", s);
-    for (name, moe) in [("top-p, every aux loss", moe(Kind::TopP, 1.0)), ("top-k, no aux loss", moe(Kind::TopK, 0.0))] {
-        let routing = router::select(&p, n, e, &moe);
-        let (offsets, slots) = routing.by_token();
+    // The last with an expert capacity: gate gradients for the kept slots only.
+    let capacity = DispatchMode::Capacity { factor: 0.8, policy: DropPolicy::Probs };
+    let cases = [("top-p, every aux loss", moe(Kind::TopP, 1.0), DispatchMode::Dropless), ("top-k, no aux loss", moe(Kind::TopK, 0.0), DispatchMode::Dropless), ("top-k, capacity 0.8", moe(Kind::TopK, 1.0), capacity)];
+    for (name, moe, mode) in cases {
+        let routing = apply_capacity(router::select(&p, n, e, &moe), &p, mode).unwrap();
+        assert_eq!(routing.n_dropped() > 0, mode != DispatchMode::Dropless, "{name}");
         let args = router::BackwardArgs::new(&routing, &moe);
-        let grad = args.grad(&routing, TokenSlots { offsets: &offsets, slots: &slots });
-        let dgate = data(32, routing.n_slots());
+        let grad = args.grad();
+        let dgate = data(32, routing.kept.n_slots());
         let Some(got) = emulate(s, |g| {
             let (dg, pb, zb) = (g.f32("dgate", &dgate), g.f32("probs", &p), g.f32("logits", &z));
             let (off, sl, ex) = (g.u32("offsets", grad.by_token.offsets), g.u32("slots", grad.by_token.slots), g.u32("slot_expert", grad.slot_expert));
             let (gate, aux) = (g.f32("gate", grad.gate), g.f32("aux", &[grad.load_balance, grad.p_penalty].concat()));
             let dz = g.nan("dlogits", g.act_elem(), n * e);
             let buffers = [&dz, &dg, &pb, &zb, &off, &sl, &ex, &gate, &aux].map(|b| b.arg());
-            let scalars = [Arg::F32(grad.entropy), Arg::F32(grad.z_loss), Arg::I32(n as i32), Arg::I32(e as i32)];
+            let scalars = [Arg::F32(grad.entropy), Arg::F32(grad.z_loss), Arg::I32(n as i32), Arg::I32(e as i32), Arg::I32(dgate.len() as i32)];
             g.run("router_bwd", g.grid_stride(n), &buffers.into_iter().chain(scalars).collect::<Vec<_>>());
             vec![dz]
         }) else {

@@ -45,6 +45,7 @@ use motley::memory::store::LayerPolicy;
 use motley::config::GateUp;
 use motley::model::config::Routing;
 use motley::model::Model;
+use motley::parallel::dispatch::{DispatchMode, DropPolicy};
 use motley::rng::Rng;
 use primitive_cases::Arg as PrimArg;
 use motley::train::optim::{AdamWConfig, Optimizer};
@@ -296,21 +297,28 @@ case!(SoftmaxRows, |be| {
 
 case!(RouterBackward, |be| {
     // A Top-P routing of 600 tokens over 6 experts with every aux loss on, on the CPU's
-    // probabilities (the selection is host code).
+    // probabilities (the selection is host code): dropless, and with an expert capacity that
+    // drops slots (gate gradients for the kept ones only).
     use motley::model::config::MoeConfig;
     use motley::model::router;
+    use motley::parallel::dispatch::apply_capacity;
     let (n, e) = (600, 6);
     let z: Vec<f32> = data(31, n * e).iter().map(|v| 2.0 * v).collect();
     let mut p = vec![0.0; n * e];
     Cpu::new(1).softmax_rows(&mut p, &z, n, e);
     let moe = MoeConfig { expert_widths: vec![16, 32, 48, 64, 80, 96], routing: Routing::TopP, top_k: 2, top_p: 0.7, load_balance: 0.01, p_penalty: 0.1, entropy: 0.03, z_loss: 1e-3 };
-    let routing = router::select(&p, n, e, &moe);
-    let (offsets, slots) = routing.by_token();
-    let args = router::BackwardArgs::new(&routing, &moe);
-    let (dgate, pb, zb) = (up_f32(be, &data(32, routing.n_slots())), up_f32(be, &p), up_f32(be, &z));
-    let mut dz = be.alloc(n * e);
-    be.router_bwd(B::full_mut(&mut dz), B::full(&dgate), B::full(&pb), B::full(&zb), args.grad(&routing, TokenSlots { offsets: &offsets, slots: &slots }));
-    vec![down(be, &dz)]
+    let (pb, zb) = (up_f32(be, &p), up_f32(be, &z));
+    [DispatchMode::Dropless, DispatchMode::Capacity { factor: 0.7, policy: DropPolicy::Position }]
+        .map(|mode| {
+            let routing = apply_capacity(router::select(&p, n, e, &moe), &p, mode).unwrap();
+            assert_eq!(routing.n_dropped() > 0, mode != DispatchMode::Dropless, "{mode:?}");
+            let args = router::BackwardArgs::new(&routing, &moe);
+            let dgate = up_f32(be, &data(32, routing.kept.n_slots()));
+            let mut dz = be.alloc(n * e);
+            be.router_bwd(B::full_mut(&mut dz), B::full(&dgate), B::full(&pb), B::full(&zb), args.grad());
+            down(be, &dz)
+        })
+        .to_vec()
 });
 
 case!(Permute, |be| {
@@ -409,20 +417,25 @@ const HOST_BYTES: u64 = 1 << 30;
 
 /// The 2-layer model `train` builds: 4 heads of 16 (2 kv heads) or 2 heads of 64 (1 kv head,
 /// the Hopper attention's shape); experts of `tiny_model`'s widths (8 to 40), or of whole
-/// 128-column tiles (the Hopper expert kernels' shapes) run in chunks of 100 rows.
+/// 128-column tiles (the Hopper expert kernels' shapes) run in chunks of 100 rows; tokens
+/// dispatched dropless or under an expert capacity.
 #[derive(Clone, Copy, Debug)]
 struct Net {
     head_dim: usize,
     tile_widths: bool,
+    dispatch: DispatchMode,
 }
-const SMALL: Net = Net { head_dim: 16, tile_widths: false };
-const HEADS_OF_64: Net = Net { head_dim: 64, tile_widths: false };
-const TILE_EXPERTS: Net = Net { head_dim: 64, tile_widths: true };
+const SMALL: Net = Net { head_dim: 16, tile_widths: false, dispatch: DispatchMode::Dropless };
+const HEADS_OF_64: Net = Net { head_dim: 64, tile_widths: false, dispatch: DispatchMode::Dropless };
+const TILE_EXPERTS: Net = Net { head_dim: 64, tile_widths: true, dispatch: DispatchMode::Dropless };
+/// Each expert keeps the earlier half of its tokens: with every token routed to every expert,
+/// which ones is fixed by position, whatever the rounding.
+const HALF_CAPACITY: Net = Net { head_dim: 16, tile_widths: false, dispatch: DispatchMode::Capacity { factor: 0.5, policy: DropPolicy::Position } };
 
 /// Per-step losses and the final gradients and master weights of `steps` AdamW steps of `net`
 /// under `policy`. Every token goes to every expert (top-k = all), so rounding differences
-/// cannot flip a routing decision and move a token's gradient between experts; the routing
-/// itself is host code, the same for both.
+/// cannot flip a routing decision (or, under `HALF_CAPACITY`, a drop) and move a token's
+/// gradient between experts.
 fn train<B: Backend>(be: &B, policy: LayerPolicy, steps: usize, net: Net) -> (Vec<f64>, Vec<f32>, Vec<f32>) {
     train_with(be, policy, GateUp::Save, steps, net)
 }
@@ -441,7 +454,7 @@ fn train_with<B: Backend>(be: &B, policy: LayerPolicy, gate_up: GateUp, steps: u
     let (b, t) = (3, cfg.seq_len);
     // Whole-tile experts run in chunks of 100 rows, so a chunk starts inside an expert's rows
     // and partway through the slots (as long sequences run them).
-    let mut model = Model::new(be, cfg.clone(), moe, 4).unwrap();
+    let mut model = Model::new(be, cfg.clone(), moe, 4).unwrap().with_dispatch(net.dispatch).unwrap();
     if net.tile_widths {
         model = model.with_expert_chunk_rows(100);
     }
@@ -454,6 +467,7 @@ fn train_with<B: Backend>(be: &B, policy: LayerPolicy, gate_up: GateUp, steps: u
         let stream: Vec<u32> = (0..b * t + 1).map(|_| rng.below(cfg.vocab_size) as u32).collect();
         model.zero_grads(be);
         let stats = model.forward_backward(be, &mut store, &stream[..b * t], &stream[1..], b, t).unwrap();
+        assert_eq!(stats.dropped > 0, net.dispatch != DispatchMode::Dropless, "{net:?}: {} slots dropped", stats.dropped);
         losses.push(stats.loss);
         opt.update(be, &model.layout, &mut model.params, &model.grads, 3e-3);
     }
@@ -496,6 +510,19 @@ fn model_step_f32() {
 fn model_step_bf16() {
     let Some(cuda) = gpu(Storage::Bf16) else { return };
     model_parity(&cuda, SMALL, 1e-2, 5e-2, 2e-2);
+}
+
+/// Whole steps under an expert capacity (half of every expert's tokens dropped), as
+/// `model_step_bf16`; and MEMO's recompute gives keep-all's loss.
+#[test]
+fn model_step_with_expert_capacity() {
+    let Some(cuda) = gpu(Storage::Bf16) else { return };
+    model_parity(&cuda, HALF_CAPACITY, 1e-2, 5e-2, 2e-2);
+    let (keep_l, keep_g, _) = train(&cuda, LayerPolicy::Keep, 1, HALF_CAPACITY);
+    let (l, g, _) = train(&cuda, LayerPolicy::Offload { alpha: 0.5 }, 1, HALF_CAPACITY);
+    assert_eq!(l[0].to_bits(), keep_l[0].to_bits(), "capacity, offload α = 0.5: forward loss differs from keep-all");
+    let err = error(&keep_g, &g);
+    assert!(err <= 1e-2, "capacity, offload α = 0.5: gradients normalised max error {err:.3e} > 1e-2");
 }
 
 /// Whole steps with attention on the Hopper kernels (2 heads of 64), as `model_step_bf16` (the

@@ -11,6 +11,7 @@ use motley::backend::{AttnShape, Backend, TokenSlots};
 use motley::model::config::Routing as Kind;
 use motley::model::router;
 use motley::rng::Rng;
+use motley::parallel::dispatch::{apply_capacity, DispatchMode, DropPolicy};
 
 const TOL: f64 = 1e-2;
 
@@ -250,10 +251,12 @@ fn classifier_gradients_and_loss() {
     check_directions("classifier dw", &mut |w| mean(loss(&x, w)), &w, &dw, 1e-2, TOL, 28);
 }
 
-/// Router: softmax → Top-K / Top-P selection → renormalised gates, plus weighted aux losses.
-/// `L = Σ_s r_s gate_s + aux`, differentiated with respect to the logits; logits are spread
-/// wide so that no perturbation crosses a selection boundary (checked).
-fn router_case(kind: Kind, seed: u64) {
+/// Router: softmax → Top-K / Top-P selection → renormalised gates → the experts' capacity (under
+/// `mode`), plus weighted aux losses. `L = Σ_{s kept} r_s gate_s + aux`, differentiated with
+/// respect to the logits; logits are spread wide so that no perturbation crosses a selection or
+/// capacity boundary (checked). A dropped slot's gate still shares its token's normaliser, so its
+/// probability gets a gradient through the kept gates.
+fn router_case(kind: Kind, mode: DispatchMode, seed: u64) {
     let be = cpu();
     let (_, mut moe) = tiny_model(kind);
     moe.entropy = 0.03;
@@ -265,28 +268,41 @@ fn router_case(kind: Kind, seed: u64) {
         be.softmax_rows(&mut p, z, n, e);
         p
     };
-    let base = router::select(&probs_of(&logits), n, e, &moe);
-    let r = randn(&mut rng, base.n_slots(), 1.0);
+    let route = |p: &[f32]| apply_capacity(router::select(p, n, e, &moe), p, mode).unwrap();
+    let base = route(&probs_of(&logits));
+    if mode != DispatchMode::Dropless {
+        assert!(base.n_dropped() > 0, "{mode:?} dropped nothing");
+    }
+    let r = randn(&mut rng, base.kept.n_slots(), 1.0);
     let mut f = |z: &[f32]| {
         let p = probs_of(z);
-        let routing = router::select(&p, n, e, &moe);
-        assert_eq!((&routing.token, &routing.offsets), (&base.token, &base.offsets), "perturbation changed the routing");
-        dot64(&r, &routing.gate) + router::aux_losses(&p, z, &routing, &moe).weighted(&moe) as f64
+        let routing = route(&p);
+        for (got, want) in [(&routing.kept, &base.kept), (&routing.dropped, &base.dropped)] {
+            assert_eq!((&got.token, &got.offsets), (&want.token, &want.offsets), "perturbation changed the routing");
+        }
+        let chosen = router::select(&p, n, e, &moe);
+        dot64(&r, &routing.kept.gate) + router::aux_losses(&p, z, &chosen, &moe).weighted(&moe) as f64
     };
     let p = probs_of(&logits);
-    let (offsets, slots) = base.by_token();
     let args = router::BackwardArgs::new(&base, &moe);
     let mut dlogits = vec![0.0; n * e];
-    be.router_bwd(&mut dlogits, &r, &p, &logits, args.grad(&base, TokenSlots { offsets: &offsets, slots: &slots }));
-    check_directions("router", &mut f, &logits, &dlogits, 1e-3, TOL, seed + 1);
+    be.router_bwd(&mut dlogits, &r, &p, &logits, args.grad());
+    check_directions(&format!("router {mode:?}"), &mut f, &logits, &dlogits, 1e-3, TOL, seed + 1);
 }
 
 #[test]
 fn router_top_k_gradient() {
-    router_case(Kind::TopK, 30);
+    router_case(Kind::TopK, DispatchMode::Dropless, 30);
 }
 
 #[test]
 fn router_top_p_gradient() {
-    router_case(Kind::TopP, 31);
+    router_case(Kind::TopP, DispatchMode::Dropless, 31);
+}
+
+/// Capacity factors low enough to drop, by either policy.
+#[test]
+fn router_gradient_with_dropped_slots() {
+    router_case(Kind::TopK, DispatchMode::Capacity { factor: 0.75, policy: DropPolicy::Probs }, 32);
+    router_case(Kind::TopP, DispatchMode::Capacity { factor: 0.6, policy: DropPolicy::Position }, 33);
 }

@@ -12,6 +12,7 @@ use motley::memory::store::LayerPolicy;
 use motley::memory::transients::EXPERT_CHUNK_ROWS;
 use motley::model::config::Routing as Kind;
 use motley::model::Model;
+use motley::parallel::dispatch::{DispatchMode, DropPolicy};
 use motley::rng::Rng;
 
 const HOST: u64 = 1 << 30;
@@ -22,15 +23,18 @@ fn batch(seed: u64, vocab: usize, n: usize) -> (Vec<u32>, Vec<u32>) {
     (stream[..n].to_vec(), stream[1..].to_vec())
 }
 
-/// Loss bits, gradient bits and per-layer (kept, offloaded, recomputed) bytes of one step.
-fn step(kind: Kind, seed: u64, policy: LayerPolicy, gate_up: GateUp, b: usize, t: usize, chunk_rows: usize) -> (u64, Vec<u32>, Vec<(u64, u64, u64)>) {
+/// Loss bits, gradient bits and per-layer (kept, offloaded, recomputed) bytes of one step, with
+/// experts dispatched by `mode`.
+#[allow(clippy::too_many_arguments)]
+fn step(kind: Kind, seed: u64, policy: LayerPolicy, gate_up: GateUp, b: usize, t: usize, chunk_rows: usize, mode: DispatchMode) -> (u64, Vec<u32>, Vec<(u64, u64, u64)>) {
     let be = Cpu::new(2);
     let (cfg, moe) = tiny_model(kind);
     let (inputs, targets) = batch(seed + 100, cfg.vocab_size, b * t);
-    let mut model = Model::new(&be, cfg.clone(), moe, seed).unwrap().with_expert_chunk_rows(chunk_rows);
+    let mut model = Model::new(&be, cfg.clone(), moe, seed).unwrap().with_expert_chunk_rows(chunk_rows).with_dispatch(mode).unwrap();
     let mut store = model.new_store_with(vec![policy; cfg.n_layers], HOST, gate_up).unwrap();
     model.zero_grads(&be);
     let stats = model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
+    assert_eq!(stats.dropped > 0, mode != DispatchMode::Dropless, "{mode:?}: {} slots dropped", stats.dropped);
     let traffic = (0..cfg.n_layers).map(|l| store.traffic(l)).map(|x| (x.kept, x.offloaded, x.recomputed)).collect();
     (stats.loss.to_bits(), model.grads.iter().map(|g| g.to_bits()).collect(), traffic)
 }
@@ -47,15 +51,15 @@ fn every_policy_gives_bitwise_identical_loss_and_gradients() {
         for seed in [1, 2, 3] {
             // 3 × 11 tokens: α = 0.25 splits inside the first sequence, 0.5 inside the second.
             let (b, t) = (3, 11);
-            let (loss, grads, keep_all) = step(kind, seed, LayerPolicy::Keep, GateUp::Save, b, t, EXPERT_CHUNK_ROWS);
+            let (loss, grads, keep_all) = step(kind, seed, LayerPolicy::Keep, GateUp::Save, b, t, EXPERT_CHUNK_ROWS, DispatchMode::Dropless);
             for gate_up in [GateUp::Save, GateUp::Recompute] {
-            let (_, _, keep) = step(kind, seed, LayerPolicy::Keep, gate_up, b, t, EXPERT_CHUNK_ROWS);
+            let (_, _, keep) = step(kind, seed, LayerPolicy::Keep, gate_up, b, t, EXPERT_CHUNK_ROWS, DispatchMode::Dropless);
             assert!(keep.iter().all(|&(k, o, r)| k > 0 && o == 0 && r == 0));
             if gate_up == GateUp::Recompute {
                 assert!(keep.iter().zip(&keep_all).all(|(a, b)| a.0 < b.0), "an unsaved gate/up product keeps fewer bytes");
             }
             for policy in std::iter::once(LayerPolicy::Keep).chain(policies()) {
-                let (l, g, traffic) = step(kind, seed, policy, gate_up, b, t, EXPERT_CHUNK_ROWS);
+                let (l, g, traffic) = step(kind, seed, policy, gate_up, b, t, EXPERT_CHUNK_ROWS, DispatchMode::Dropless);
                 assert_eq!(l, loss, "{kind:?} seed {seed} {policy:?} {gate_up:?}: loss differs from keep-all");
                 let first = g.iter().zip(&grads).position(|(x, y)| x != y);
                 assert_eq!(first, None, "{kind:?} seed {seed} {policy:?} {gate_up:?}: gradient element {first:?} differs from keep-all");
@@ -69,6 +73,27 @@ fn every_policy_gives_bitwise_identical_loss_and_gradients() {
                     }
                 }
             }
+            }
+        }
+    }
+}
+
+/// Under an expert capacity, every policy still matches keep-all bitwise: the recompute runs the
+/// kept slots of the dropped tokens again, and the router's backward sees the dropped slots.
+#[test]
+fn every_policy_matches_keep_all_under_an_expert_capacity() {
+    let modes = [(Kind::TopK, DispatchMode::Capacity { factor: 0.9, policy: DropPolicy::Probs }), (Kind::TopP, DispatchMode::Capacity { factor: 0.8, policy: DropPolicy::Position })];
+    for (kind, mode) in modes {
+        let (b, t) = (3, 11);
+        let (loss, grads, _) = step(kind, 5, LayerPolicy::Keep, GateUp::Save, b, t, EXPERT_CHUNK_ROWS, mode);
+        let (dropless, ..) = step(kind, 5, LayerPolicy::Keep, GateUp::Save, b, t, EXPERT_CHUNK_ROWS, DispatchMode::Dropless);
+        assert_ne!(loss, dropless, "{mode:?}: dropping changed nothing");
+        for gate_up in [GateUp::Save, GateUp::Recompute] {
+            for policy in policies() {
+                let (l, g, _) = step(kind, 5, policy, gate_up, b, t, EXPERT_CHUNK_ROWS, mode);
+                assert_eq!(l, loss, "{mode:?} {policy:?} {gate_up:?}: loss differs from keep-all");
+                let first = g.iter().zip(&grads).position(|(x, y)| x != y);
+                assert_eq!(first, None, "{mode:?} {policy:?} {gate_up:?}: gradient element {first:?} differs from keep-all");
             }
         }
     }
@@ -121,13 +146,13 @@ fn a_full_host_tier_is_an_error_not_a_panic() {
 fn chunked_experts_match_keep_all_bitwise_and_one_chunk_closely() {
     for kind in [Kind::TopK, Kind::TopP] {
         let (b, t) = (3, 11);
-        let (loss, grads, _) = step(kind, 4, LayerPolicy::Keep, GateUp::Save, b, t, 7);
+        let (loss, grads, _) = step(kind, 4, LayerPolicy::Keep, GateUp::Save, b, t, 7, DispatchMode::Dropless);
         for (policy, gate_up) in policies().into_iter().flat_map(|p| [(p, GateUp::Save), (p, GateUp::Recompute)]).chain([(LayerPolicy::Keep, GateUp::Recompute)]) {
-            let (l, g, _) = step(kind, 4, policy, gate_up, b, t, 7);
+            let (l, g, _) = step(kind, 4, policy, gate_up, b, t, 7, DispatchMode::Dropless);
             assert_eq!(l, loss, "{kind:?} {policy:?} {gate_up:?}: loss differs from keep-all");
             assert_eq!(g, grads, "{kind:?} {policy:?} {gate_up:?}: gradients differ from keep-all");
         }
-        let (whole_loss, whole_grads, _) = step(kind, 4, LayerPolicy::Keep, GateUp::Save, b, t, EXPERT_CHUNK_ROWS);
+        let (whole_loss, whole_grads, _) = step(kind, 4, LayerPolicy::Keep, GateUp::Save, b, t, EXPERT_CHUNK_ROWS, DispatchMode::Dropless);
         assert_eq!(loss, whole_loss, "{kind:?}: the forward must not depend on the chunk size");
         let (g, w): (Vec<f32>, Vec<f32>) = grads.iter().zip(&whole_grads).map(|(&a, &b)| (f32::from_bits(a), f32::from_bits(b))).unzip();
         let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));

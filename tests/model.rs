@@ -7,8 +7,10 @@ use common::*;
 use motley::backend::cpu::Cpu;
 use motley::backend::Backend;
 use motley::model::config::Routing as Kind;
+use motley::memory::store::ActivationStore;
 use motley::model::Model;
 use motley::rng::Rng;
+use motley::parallel::dispatch::{DispatchMode, DropPolicy};
 use motley::train::optim::{AdamWConfig, Optimizer};
 
 fn batch(seed: u64, vocab: usize, batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
@@ -70,23 +72,34 @@ fn a_second_backward_adds_to_the_gradients() {
 /// Directional finite differences of the full training loss (LM + weighted aux losses) with
 /// respect to every parameter tensor. Tolerance: |fd − an| / max(|an|, 1e-2) < 2e-2. The floor
 /// is there because an f32 forward leaves ~1e-4 of noise in a central difference at h = 2e-3.
-fn model_gradients(kind: Kind) {
+/// A difference counts where neither step changed which slots the experts ran or dropped (under
+/// an expert capacity, `mode`, where some must be dropped).
+fn model_gradients(kind: Kind, mode: DispatchMode) {
     let be = Cpu::new(2);
     let (cfg, moe) = tiny_model(kind);
     let (b, t) = (2, 12);
     let (inputs, targets) = batch(7, cfg.vocab_size, b, t);
-    let mut model = Model::new(&be, cfg.clone(), moe.clone(), 3).unwrap();
+    let mut model = Model::new(&be, cfg.clone(), moe.clone(), 3).unwrap().with_dispatch(mode).unwrap();
     let mut store = model.new_store();
     model.zero_grads(&be);
     let base = model.forward_backward(&be, &mut store, &inputs, &targets, b, t).unwrap();
+    assert_eq!(base.dropped > 0, mode != DispatchMode::Dropless, "{mode:?}: {} slots dropped", base.dropped);
     let params = model.params.master().clone();
     let grads = model.grads.clone();
     let layout = model.layout.clone();
-    let eval = |p: &[f32]| {
-        let m = Model::from_values(&be, cfg.clone(), moe.clone(), p).unwrap();
-        m.evaluate(&be, &inputs, &targets, b, t).unwrap()
+    // The loss, and each layer's kept and dropped slots' tokens.
+    let slots_of = |store: &ActivationStore<Cpu>| {
+        let r = |l| store.routed(l);
+        (0..cfg.n_layers).map(|l| [&r(l).kept, &r(l).dropped].map(|x| (x.token.clone(), x.offsets.clone()))).collect::<Vec<_>>()
     };
-    assert_eq!(eval(&params).loss.to_bits(), base.loss.to_bits(), "evaluate and train forward differ");
+    let eval = |p: &[f32]| {
+        let m = Model::from_values(&be, cfg.clone(), moe.clone(), p).unwrap().with_dispatch(mode).unwrap();
+        let mut store = m.new_store();
+        m.forward_saving(&be, &mut store, &inputs, b, t).unwrap();
+        (m.evaluate(&be, &inputs, &targets, b, t).unwrap().loss, slots_of(&store))
+    };
+    let (loss, base_slots) = eval(&params);
+    assert_eq!(loss.to_bits(), base.loss.to_bits(), "evaluate and train forward differ");
     let mut rng = Rng::new(11);
     // Dense directions first; where a step crosses a routing boundary, smaller steps along
     // sparser directions (16 coordinates).
@@ -105,11 +118,11 @@ fn model_gradients(kind: Kind) {
             }
             let plus: Vec<f32> = params.iter().zip(&dir).map(|(p, d)| p + h * d).collect();
             let minus: Vec<f32> = params.iter().zip(&dir).map(|(p, d)| p - h * d).collect();
-            let (sp, sm) = (eval(&plus), eval(&minus));
-            if sp.counts != base.counts || sm.counts != base.counts {
+            let ((lp, slots_p), (lm, slots_m)) = (eval(&plus), eval(&minus));
+            if slots_p != base_slots || slots_m != base_slots {
                 continue; // the step crossed a routing boundary: finite differences do not apply
             }
-            let fd = (sp.loss - sm.loss) / (2.0 * h as f64);
+            let fd = (lp - lm) / (2.0 * h as f64);
             let an = dot64(&grads, &dir);
             let err = rel_err(fd, an, 1e-2);
             assert!(err < 2e-2, "{kind:?} {}: finite difference {fd:.6e} vs analytic {an:.6e} (relative error {err:.2e}, h {h})", spec.name);
@@ -122,12 +135,18 @@ fn model_gradients(kind: Kind) {
 
 #[test]
 fn model_gradients_top_k() {
-    model_gradients(Kind::TopK);
+    model_gradients(Kind::TopK, DispatchMode::Dropless);
 }
 
 #[test]
 fn model_gradients_top_p() {
-    model_gradients(Kind::TopP);
+    model_gradients(Kind::TopP, DispatchMode::Dropless);
+}
+
+#[test]
+fn model_gradients_with_expert_capacity() {
+    model_gradients(Kind::TopK, DispatchMode::Capacity { factor: 0.9, policy: DropPolicy::Probs });
+    model_gradients(Kind::TopP, DispatchMode::Capacity { factor: 0.8, policy: DropPolicy::Position });
 }
 
 fn train_losses(threads: usize, steps: usize, kind: Kind, seed: u64) -> Vec<u64> {

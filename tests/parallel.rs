@@ -115,6 +115,17 @@ fn expert_and_data_parallel_match_one_rank() {
         let d = max_rel_diff(&dp_losses, &records(&out, "train", "loss"));
         assert!(d < 1e-5, "{name}, aux on: loss differs from 4 data-parallel ranks by {d:e} (relative)");
     }
+
+    // With an expert capacity, each rank caps its own tokens before the exchange: expert
+    // parallelism drops what data parallelism drops.
+    let cap = ["moe.capacity_factor=1.0"];
+    let dp4 = run("dp4-cap", 4, 1, true, &cache, &cap);
+    assert!(records(&dp4, "train", "dropped_slots").iter().all(|&d| d > 0.0), "a capacity of 1.0 drops slots");
+    let out = run("dp2-ep2-cap", 4, 2, true, &cache, &cap);
+    let d = max_rel_diff(&records(&dp4, "train", "loss"), &records(&out, "train", "loss"));
+    assert!(d < 1e-5, "dp2-ep2 with capacity: loss differs from 4 data-parallel ranks by {d:e} (relative)");
+    let d = max_rel_diff(&dp_losses, &records(&dp4, "train", "loss"));
+    assert!(d > 1e-4, "dropping slots changed the loss by only {d:e}");
 }
 
 #[test]

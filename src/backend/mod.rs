@@ -581,7 +581,8 @@ pub trait Backend: Send + Sync {
     fn softmax_rows(&self, out: Self::ViewMut<'_>, logits: Self::View<'_>, rows: usize, cols: usize);
     /// The router's backward through its softmax: overwrites `dlogits (N, E)`, activation
     /// storage (the GEMMs into dx and dW_router read it), from the slot gates' gradient
-    /// `dgate (S)`, the saved `probs` and `logits` (f32) and the routing in `grad`, in f32. Per token, with `g_s = P_e(s) / Σ_{s' ∈ slots(t)} P_e(s')`, `lse = ln Σ exp z`:
+    /// `dgate` of the first slots (the ones the experts ran; slots past `dgate`'s length were
+    /// chosen but dropped by the experts' capacity, so their gate gradient is 0), the saved `probs` and `logits` (f32) and the routing in `grad`, in f32. Per token, with `g_s = P_e(s) / Σ_{s' ∈ slots(t)} P_e(s')`, `lse = ln Σ exp z`:
     /// `dP_i = Σ_{s: e(s) = i} (dgate_s − Σ_s' dgate_s' g_s') / Σ_s' P_e(s') + lb_i + pp_i
     ///  − entropy · (ln P_i + 1) / N` (the entropy term only where `P_i > 0`), then
     /// `dlogits = P ⊙ (dP − ⟨dP, P⟩) + z_loss · 2 · lse · P / N`. Runs on the device, so the

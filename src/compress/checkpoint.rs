@@ -186,7 +186,7 @@ pub fn load_compressed_model(dir: &Path, be: &Cpu) -> Result<(Model<Cpu>, Config
     }
     let layout = ParamLayout::new(&config.model, &config.moe);
     let values = decompress_to_values(&file, &layout).map_err(|e| Error::bad_file(&path, e.to_string()))?;
-    let model = Model::from_values(be, config.model.clone(), config.moe.clone(), &values)?;
+    let model = Model::from_values(be, config.model.clone(), config.moe.clone(), &values)?.with_dispatch(config.dispatch)?;
     Ok((model, config))
 }
 

@@ -20,7 +20,7 @@ use super::arena::Arena;
 use super::host::{HostSeg, HostTier};
 use crate::backend::{Backend, Precision};
 use crate::model::config::{ModelConfig, MoeConfig};
-use crate::model::routing::Routing;
+use crate::model::routing::{Capped, Routing};
 use crate::{Error, Result};
 
 /// Row width of a saved tensor, named by what it is a width of.
@@ -227,7 +227,8 @@ struct LayerSlots<B: Backend> {
     lens: Vec<usize>,
     /// Host segment of each offloaded tensor (whole, or its kept rows run after run).
     host: Vec<Option<HostSeg>>,
-    routing: Option<Routing>,
+    /// The layer's routing: the slots its experts ran, and any its capacity dropped.
+    routing: Option<Capped>,
     /// With expert parallelism: rows each local expert received from each EP rank.
     received: Option<Vec<usize>>,
     /// Set by `seal` when rows were dropped: the first dropped token.
@@ -362,11 +363,17 @@ impl<B: Backend> ActivationStore<B> {
         buf
     }
 
-    pub fn save_routing(&mut self, layer: usize, routing: Routing) {
+    pub fn save_routing(&mut self, layer: usize, routing: Capped) {
         self.layers[layer].routing = Some(routing);
     }
 
+    /// The slots the layer's experts ran.
     pub fn routing(&self, layer: usize) -> &Routing {
+        &self.routed(layer).kept
+    }
+
+    /// The layer's routing with the slots its capacity dropped.
+    pub fn routed(&self, layer: usize) -> &Capped {
         self.layers[layer].routing.as_ref().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"))
     }
 
@@ -408,7 +415,7 @@ impl<B: Backend> ActivationStore<B> {
                 }
                 (_, Class::Whole, _) => (vec![(0, self.layers[layer].lens[i])], 0),
                 (_, Class::TokenSplit, Some(a)) => {
-                    let runs = row_runs(spec, dims, &routing, a);
+                    let runs = row_runs(spec, dims, &routing.kept, a);
                     let kept: Vec<(usize, usize)> = runs.iter().map(|r| (r.start, r.kept * r.width)).filter(|&(_, n)| n > 0).collect();
                     let dropped = runs.iter().map(|r| ((r.rows - r.kept) * r.width) as u64).sum::<u64>() * elem;
                     (kept, dropped)
@@ -535,7 +542,7 @@ impl<B: Backend> ActivationStore<B> {
                     self.track(B::buf_bytes(&buf), 0);
                     if let (Some(rows), Some(a)) = (rows, split) {
                         let mut at = 0;
-                        for r in row_runs(spec, dims, &routing, a) {
+                        for r in row_runs(spec, dims, &routing.kept, a) {
                             let n = r.kept * r.width;
                             be.copy(B::view_mut(&mut buf, r.start..r.start + n), B::view(&rows, at..at + n));
                             at += n;

@@ -9,7 +9,7 @@ use super::config::{ModelConfig, MoeConfig};
 use super::grads::Grads;
 use super::params::BlockParams;
 use super::router::{self, AuxLosses};
-use super::routing::Routing;
+use super::routing::{Capped, Routing};
 use crate::backend::{AttnShape, Backend, DeviceGroup, Gemm, Pick, Precision, SwiGluBwdGemm, SwiGluGemm, TokenSlots};
 use crate::config::GateUp;
 use crate::memory::arena::Arena;
@@ -17,7 +17,7 @@ use crate::memory::plan::Phase;
 use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
 use crate::memory::transients::{block_phases, bwd, expert_act_elements, fwd, BackendTransients};
 use crate::parallel::comm::Communicator;
-use crate::parallel::dispatch::{expert_shard, plan_slots, DispatchMode, SlotPlan, TokenDispatcher};
+use crate::parallel::dispatch::{apply_capacity, expert_shard, plan_slots, DispatchMode, DropPolicy, SlotPlan, TokenDispatcher};
 use crate::Result;
 
 /// The skeletal activations of a block: what its backward reads.
@@ -65,12 +65,17 @@ pub struct BlockCtx<'a, B: Backend> {
     pub ep_device: Option<&'a dyn DeviceGroup<B>>,
     /// Most routed rows the experts run on at once (see `transients::EXPERT_CHUNK_ROWS`).
     pub chunk_rows: usize,
+    /// Dropless, or each expert's capacity on this rank's tokens (`moe.capacity_factor`).
+    pub dispatch: DispatchMode,
 }
 
 /// What one block's forward reports.
 #[derive(Clone, Debug, Default)]
 pub struct BlockStats {
+    /// Tokens each expert ran.
     pub counts: Vec<usize>,
+    /// Chosen slots past their expert's capacity.
+    pub dropped: usize,
     pub aux: AuxLosses,
     /// Weighted aux loss that entered the training loss.
     pub aux_weighted: f32,
@@ -145,7 +150,8 @@ fn chunk_local_gate_up(chunk: &[Segment]) -> Vec<Segment> {
     chunk.iter().map(|s| Segment { gu: 2 * s.act, ..*s }).collect()
 }
 
-/// The rows the expert-parallel exchange moves: every routed slot (training is dropless).
+/// The rows the expert-parallel exchange moves: every slot the experts run (the capacity, if
+/// any, has already dropped the others).
 fn dropless_plan(routing: &Routing) -> Result<SlotPlan> {
     plan_slots(routing, &[], DispatchMode::Dropless)
 }
@@ -227,6 +233,17 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// ([`Self::fused_gather`]), else `gathered`, the copy made of them.
     fn routed<'a>(&self, x: B::View<'a>, tokens: &'a [u32], gates: Option<&'a [f32]>, gathered: B::View<'a>) -> (B::View<'a>, Option<Pick<'a>>) {
         if self.fused_gather() { (x, Some(Pick { rows: tokens, scale: gates })) } else { (gathered, None) }
+    }
+
+    /// `routing` under the dispatch mode: the slots past each expert's capacity (on this rank's
+    /// tokens) dropped, ranked by the router probabilities `probs` (read back for it) under the
+    /// `probs` policy.
+    fn cap(&self, routing: Routing, probs: &B::Buf) -> Result<Capped> {
+        let probs = match self.dispatch {
+            DispatchMode::Capacity { policy: DropPolicy::Probs, .. } => self.be.download(B::full(probs)),
+            _ => Vec::new(),
+        };
+        apply_capacity(routing, &probs, self.dispatch)
     }
 
     /// The dispatcher over the expert-parallel group, if experts are sharded.
@@ -319,7 +336,9 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.matmul(B::full_mut(&mut logits), B::full(&xn2), self.w(p.router, e * c), n, c, e, false, true, false);
         let mut probs = stat(n * e);
         be.softmax_rows(B::full_mut(&mut probs), B::full(&logits), n, e);
-        let (routing, aux) = router::route(be, B::full(&probs), B::full(&logits), n, e, self.moe, tx);
+        let (chosen, aux) = router::route(be, B::full(&probs), B::full(&logits), n, e, self.moe, tx);
+        let capped = self.cap(chosen, &probs)?;
+        let routing = &capped.kept;
 
         let widths = &self.moe.expert_widths;
         let sc = routing.n_slots() * c;
@@ -329,7 +348,7 @@ impl<B: Backend> BlockCtx<'_, B> {
             Some((st, _)) if st.declares(GATE_UP) => GateUp::Save,
             _ => GateUp::Recompute,
         };
-        let (forward, backward) = self.phases(&routing, gate_up);
+        let (forward, backward) = self.phases(routing, gate_up);
         if store.is_some() {
             // Training: room for this routing's backward now, so a step allocates once.
             tx.reserve(be, &backward.requests);
@@ -367,7 +386,7 @@ impl<B: Backend> BlockCtx<'_, B> {
             Some(d) => {
                 // Rows travel to their experts' ranks, the local experts run on what arrived
                 // (expert-major), and the outputs travel back into the same slot layout.
-                let plan = dropless_plan(&routing)?;
+                let plan = dropless_plan(routing)?;
                 let recv = d.receive_counts(&plan)?;
                 let local = d.local_experts();
                 let counts: Vec<usize> = d.local_spans(&recv).iter().map(|s| s.len()).collect();
@@ -398,6 +417,7 @@ impl<B: Backend> BlockCtx<'_, B> {
             aux,
             expert_params_per_token: expert_params / n as f64,
             counts,
+            dropped: capped.n_dropped(),
         };
         if let Some((store, l)) = store {
             if let Some(gu) = gu {
@@ -419,7 +439,7 @@ impl<B: Backend> BlockCtx<'_, B> {
             ] {
                 store.save(l, name, buf);
             }
-            store.save_routing(l, routing);
+            store.save_routing(l, capped);
             if let Some(recv) = received {
                 store.save_received(l, recv);
             }
@@ -509,9 +529,15 @@ impl<B: Backend> BlockCtx<'_, B> {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         let (wq, a, e) = (s.qkv_width(), s.out_width(), self.moe.n_experts());
         let saved = |name: &str| B::full(store.load(layer, name));
-        let routing = store.routing(layer);
-        let (tok_off, tok_slots) = routing.by_token();
-        let by_token = TokenSlots { offsets: &tok_off, slots: &tok_slots };
+        let (routed, routing) = (store.routed(layer), store.routing(layer));
+        // The router's backward takes every chosen slot; the combines the kept ones, the same
+        // incidence where nothing was dropped.
+        let router_args = router::BackwardArgs::new(routed, self.moe);
+        let kept_incidence = (routed.n_dropped() > 0).then(|| routing.by_token());
+        let by_token = match &kept_incidence {
+            Some((offsets, slots)) => TokenSlots { offsets, slots },
+            None => router_args.grad().by_token,
+        };
         let widths = &self.moe.expert_widths;
         let sc = routing.n_slots() * c;
         let saved_gu = store.declares(GATE_UP).then(|| store.load(layer, GATE_UP));
@@ -597,9 +623,9 @@ impl<B: Backend> BlockCtx<'_, B> {
 
         // Router: gate path and aux losses → dlogits (through the softmax, + z-loss) → dxn2, dWr.
         {
-            let args = router::BackwardArgs::new(routing, self.moe);
+            // Over every chosen slot: those the capacity dropped got no gate gradient.
             let [dgate, mut dxn2, mut dlogits] = tx.views(be, [(bwd::DGATE, routing.n_slots()), (bwd::DXN2, n * c), (bwd::DLOGITS, n * e)]);
-            be.router_bwd(rw(&mut dlogits), ro(&dgate), saved("router_probs"), saved("router_logits"), args.grad(routing, by_token));
+            be.router_bwd(rw(&mut dlogits), ro(&dgate), saved("router_probs"), saved("router_logits"), router_args.grad());
             be.matmul(rw(&mut dxn2), ro(&dlogits), self.w(p.router, e * c), n, e, c, false, false, true);
             let (dwr, add) = grads.product(p.router, e * c);
             be.matmul(dwr, ro(&dlogits), saved("ffn_norm_out"), e, n, c, true, false, add);

@@ -22,6 +22,7 @@ use crate::memory::arena::Arena;
 use crate::memory::store::{ActivationStore, BlockDims, LayerPolicy};
 use crate::memory::transients::{head_phase, EXPERT_CHUNK_ROWS};
 use crate::parallel::comm::Communicator;
+use crate::parallel::dispatch::DispatchMode;
 use crate::{Error, Result};
 
 /// What one forward (and backward) reports.
@@ -36,8 +37,10 @@ pub struct StepStats {
     pub aux_loss: f64,
     /// `lm_loss + aux_loss`, the trained objective.
     pub loss: f64,
-    /// Tokens per expert, per layer.
+    /// Tokens each expert ran, per layer.
     pub counts: Vec<Vec<usize>>,
+    /// Chosen slots the experts' capacity dropped, over all layers.
+    pub dropped: usize,
     /// Mean parameters activated per token (all but the embedding table).
     pub activated_params: f64,
     /// Matmul + attention FLOPs of a training step on these tokens (3× forward, routed counts).
@@ -63,6 +66,8 @@ pub struct Model<B: Backend> {
     ep_device: Option<Box<dyn DeviceGroup<B>>>,
     /// Most routed rows the experts run on at once.
     expert_chunk_rows: usize,
+    /// Dropless, or each expert's capacity on this rank's tokens.
+    dispatch: DispatchMode,
 }
 
 fn rope_table(m: &ModelConfig) -> Vec<f32> {
@@ -122,7 +127,7 @@ impl<B: Backend> Model<B> {
         let mut rope = be.alloc_f32(config.seq_len * config.head_dim());
         be.upload(B::full_mut(&mut rope), &rope_table(&config));
         let ledger = GradLedger::new(&layout);
-        Ok(Model { config, moe, layout, params, grads, ledger, rope, ep: None, ep_device: None, expert_chunk_rows: EXPERT_CHUNK_ROWS })
+        Ok(Model { config, moe, layout, params, grads, ledger, rope, ep: None, ep_device: None, expert_chunk_rows: EXPERT_CHUNK_ROWS, dispatch: DispatchMode::Dropless })
     }
 
     /// Runs the experts on at most `rows` routed rows at a time (default
@@ -132,6 +137,23 @@ impl<B: Backend> Model<B> {
     pub fn with_expert_chunk_rows(mut self, rows: usize) -> Self {
         self.expert_chunk_rows = rows.max(1);
         self
+    }
+
+    /// Limits each expert to `Capacity`'s share of a step's routed slots (per rank, before the
+    /// expert-parallel exchange; the default is dropless): in every forward, training or not.
+    /// Pad-to-capacity is refused (see `dispatch::apply_capacity`).
+    pub fn with_dispatch(mut self, mode: DispatchMode) -> Result<Self> {
+        match mode {
+            DispatchMode::Dropless => {}
+            DispatchMode::Capacity { factor, .. } if factor.is_finite() && factor > 0.0 => {}
+            other => return Err(Error::config("moe.capacity_factor", format!("{other:?}"), "a finite number above 0 (or none: dropless)")),
+        }
+        self.dispatch = mode;
+        Ok(self)
+    }
+
+    pub fn dispatch(&self) -> DispatchMode {
+        self.dispatch
     }
 
     pub fn n_params(&self) -> usize {
@@ -177,7 +199,7 @@ impl<B: Backend> Model<B> {
     }
 
     fn block_ctx<'a>(&'a self, be: &'a B, shape: AttnShape) -> BlockCtx<'a, B> {
-        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), ep_device: self.ep_device.as_deref(), chunk_rows: self.expert_chunk_rows }
+        BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), ep_device: self.ep_device.as_deref(), chunk_rows: self.expert_chunk_rows, dispatch: self.dispatch }
     }
 
     fn shape(&self, batch: usize, seq: usize) -> Result<AttnShape> {
@@ -214,6 +236,7 @@ impl<B: Backend> Model<B> {
             stats.aux_loss += s.aux_weighted as f64;
             stats.activated_params += s.expert_params_per_token;
             stats.counts.push(s.counts);
+            stats.dropped += s.dropped;
             x = out;
         }
         Ok(x)
@@ -288,7 +311,7 @@ impl<B: Backend> Model<B> {
         be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), B::full(&rstd), None, n, c);
         // Not needed by the blocks' backward: three activations less beside the layers'.
         drop((x, xf, dxf, rstd));
-        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), ep_device: self.ep_device.as_deref(), chunk_rows: self.expert_chunk_rows };
+        let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), ep_device: self.ep_device.as_deref(), chunk_rows: self.expert_chunk_rows, dispatch: self.dispatch };
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
             if let Some(from) = store.restore(be, l, &dims) {

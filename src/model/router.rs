@@ -18,7 +18,7 @@ use crate::memory::arena::Arena;
 use crate::memory::transients::router_phase;
 
 use super::config::{MoeConfig, Routing as RoutingKind};
-use super::routing::{ExpertLists, Routing};
+use super::routing::{Capped, ExpertLists, RouterSlots, Routing};
 
 /// Tokens per parallel task; fixed so that sums do not depend on the thread count.
 const TOKEN_CHUNK: usize = 1024;
@@ -203,11 +203,12 @@ pub fn route_on_host<B: Backend>(be: &B, probs: B::View<'_>, logits: B::View<'_>
     })
 }
 
-/// The host data of one layer's `Backend::router_bwd`: each slot's expert and the per-expert
-/// gradients of the load-balance and P-Penalty losses. With the counts (`T_i`) held fixed both
+/// The host data of one layer's `Backend::router_bwd`: every chosen slot (the experts' capacity
+/// may have dropped some, see [`Capped::router_slots`]) and the per-expert gradients of the
+/// load-balance and P-Penalty losses. With the counts (`T_i`, before dropping) held fixed both
 /// losses are linear in the mean probabilities, so their gradient is the same for every token.
 pub struct BackwardArgs {
-    slot_expert: Vec<u32>,
+    slots: RouterSlots,
     load_balance: Vec<f32>,
     p_penalty: Vec<f32>,
     entropy: f32,
@@ -215,12 +216,12 @@ pub struct BackwardArgs {
 }
 
 impl BackwardArgs {
-    pub fn new(routing: &Routing, moe: &MoeConfig) -> Self {
-        let (n, e) = (routing.n_tokens as f32, routing.n_experts);
-        let shares = token_shares(routing);
+    pub fn new(routing: &Capped, moe: &MoeConfig) -> Self {
+        let (n, e) = (routing.kept.n_tokens as f32, routing.kept.n_experts);
+        let shares: Vec<f32> = routing.chosen_counts().iter().map(|&c| c as f32 / n).collect();
         let sizes = moe.relative_sizes();
         BackwardArgs {
-            slot_expert: routing.expert_of_slots(),
+            slots: routing.router_slots(),
             load_balance: (0..e).map(|i| moe.load_balance * e as f32 * shares[i] / n).collect(),
             p_penalty: (0..e).map(|i| moe.p_penalty * e as f32 * shares[i] * sizes[i] / n).collect(),
             entropy: moe.entropy,
@@ -228,12 +229,12 @@ impl BackwardArgs {
         }
     }
 
-    /// The op's argument, with `by_token` the routing's incidence ([`Routing::by_token`]).
-    pub fn grad<'a>(&'a self, routing: &'a Routing, by_token: TokenSlots<'a>) -> RouterGrad<'a> {
+    /// The op's argument.
+    pub fn grad(&self) -> RouterGrad<'_> {
         RouterGrad {
-            by_token,
-            slot_expert: &self.slot_expert,
-            gate: &routing.gate,
+            by_token: TokenSlots { offsets: &self.slots.offsets, slots: &self.slots.slots },
+            slot_expert: &self.slots.expert,
+            gate: &self.slots.gate,
             load_balance: &self.load_balance,
             p_penalty: &self.p_penalty,
             entropy: self.entropy,

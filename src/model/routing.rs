@@ -82,20 +82,7 @@ impl Routing {
     /// Slots of each token in ascending slot order, as CSR: token `t` owns
     /// `slots[offsets[t]..offsets[t + 1]]`.
     pub fn by_token(&self) -> (Vec<u32>, Vec<u32>) {
-        let mut offsets = vec![0u32; self.n_tokens + 1];
-        for &t in &self.token {
-            offsets[t as usize + 1] += 1;
-        }
-        for t in 0..self.n_tokens {
-            offsets[t + 1] += offsets[t];
-        }
-        let mut next: Vec<u32> = offsets[..self.n_tokens].to_vec();
-        let mut slots = vec![0u32; self.n_slots()];
-        for (s, &t) in self.token.iter().enumerate() {
-            slots[next[t as usize] as usize] = s as u32;
-            next[t as usize] += 1;
-        }
-        (offsets, slots)
+        incidence(self.n_tokens, self.token.iter().copied(), self.token.iter().enumerate().map(|(s, &t)| (t, s as u32)))
     }
 
     /// Expert of each slot.
@@ -106,6 +93,87 @@ impl Routing {
     /// Slot range of expert `e`.
     pub fn slots_of(&self, e: usize) -> std::ops::Range<usize> {
         self.offsets[e]..self.offsets[e + 1]
+    }
+}
+
+/// `(token, slot)` pairs as CSR by token, each token's slots in the order given; `tokens` are
+/// the pairs' tokens in any order.
+fn incidence(n_tokens: usize, tokens: impl Iterator<Item = u32>, pairs: impl Iterator<Item = (u32, u32)>) -> (Vec<u32>, Vec<u32>) {
+    let mut offsets = vec![0u32; n_tokens + 1];
+    for t in tokens {
+        offsets[t as usize + 1] += 1;
+    }
+    for t in 0..n_tokens {
+        offsets[t + 1] += offsets[t];
+    }
+    let mut next: Vec<u32> = offsets[..n_tokens].to_vec();
+    let mut slots = vec![0u32; offsets[n_tokens] as usize];
+    for (t, s) in pairs {
+        slots[next[t as usize] as usize] = s;
+        next[t as usize] += 1;
+    }
+    (offsets, slots)
+}
+
+/// A layer's routing after its experts' capacity (`parallel::dispatch::apply_capacity`): `kept`
+/// holds the slots the experts run, `dropped` the chosen ones past their expert's capacity (both
+/// expert-major, ascending tokens). A dropped slot adds nothing to the output, but its gate was
+/// normalised together with its token's kept ones, so the router's backward still takes it (with
+/// a zero gate gradient), and the aux losses count it (counts before dropping, as Megatron's).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Capped {
+    pub kept: Routing,
+    pub dropped: Routing,
+}
+
+/// The slots [`crate::backend::Backend::router_bwd`] runs over (see [`Capped::router_slots`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouterSlots {
+    /// Each token's slots in expert order, as CSR ([`Routing::by_token`]).
+    pub offsets: Vec<u32>,
+    pub slots: Vec<u32>,
+    /// Expert and gate of each slot.
+    pub expert: Vec<u32>,
+    pub gate: Vec<f32>,
+}
+
+impl Capped {
+    /// Every slot kept (dropless routing).
+    pub fn dropless(kept: Routing) -> Self {
+        let dropped = Routing { n_tokens: kept.n_tokens, n_experts: kept.n_experts, offsets: vec![0; kept.n_experts + 1], ..Routing::default() };
+        Capped { kept, dropped }
+    }
+
+    /// Tokens routed to each expert before dropping.
+    pub fn chosen_counts(&self) -> Vec<usize> {
+        self.kept.counts().iter().zip(self.dropped.counts()).map(|(k, d)| k + d).collect()
+    }
+
+    pub fn n_dropped(&self) -> usize {
+        self.dropped.n_slots()
+    }
+
+    /// Every chosen slot: the kept ones `0..K` in `kept`'s order (the slots gate gradients are
+    /// formed for), then the dropped ones `K..K + D` in `dropped`'s, each token's in expert order.
+    /// Without drops, exactly `kept`'s slots and incidence.
+    pub fn router_slots(&self) -> RouterSlots {
+        let (kept, dropped, k) = (&self.kept, &self.dropped, self.kept.n_slots() as u32);
+        if dropped.n_slots() == 0 {
+            let (offsets, slots) = kept.by_token();
+            return RouterSlots { offsets, slots, expert: kept.expert_of_slots(), gate: kept.gate.clone() };
+        }
+        // Visiting expert by expert puts each token's slots in expert order.
+        let pairs = (0..kept.n_experts).flat_map(|e| {
+            let kept_slots = kept.slots_of(e).map(|s| (kept.token[s], s as u32));
+            kept_slots.chain(dropped.slots_of(e).map(move |s| (dropped.token[s], k + s as u32)))
+        });
+        let (offsets, slots) = incidence(kept.n_tokens, kept.token.iter().chain(&dropped.token).copied(), pairs);
+        RouterSlots {
+            offsets,
+            slots,
+            expert: [kept.expert_of_slots(), dropped.expert_of_slots()].concat(),
+            gate: [&kept.gate[..], &dropped.gate[..]].concat(),
+        }
     }
 }
 
@@ -124,5 +192,25 @@ mod tests {
         assert_eq!(off, vec![0, 2, 4, 6]);
         assert_eq!(slots, vec![0, 3, 2, 4, 1, 5]);
         assert_eq!(r.expert_of_slots(), vec![0, 0, 1, 2, 2, 2]);
+    }
+
+    /// The router's slots put each token's kept and dropped slots together in expert order; the
+    /// dropped ones numbered after every kept one.
+    #[test]
+    fn router_slots_join_kept_and_dropped_in_expert_order() {
+        let c = |token, expert, gate| Choice { token, expert, gate };
+        let kept = Routing::from_choices(3, 3, &[c(0, 0, 0.6), c(1, 0, 0.5), c(1, 2, 0.5), c(2, 2, 0.7)]);
+        let dropped = Routing::from_choices(3, 3, &[c(0, 1, 0.4), c(2, 1, 0.3)]);
+        let capped = Capped { kept: kept.clone(), dropped };
+        assert_eq!(capped.chosen_counts(), vec![2, 2, 2]);
+        let r = capped.router_slots();
+        // Kept slots: 0 (t0 e0), 1 (t1 e0), 2 (t1 e2), 3 (t2 e2); dropped: 4 (t0 e1), 5 (t2 e1).
+        assert_eq!(r.offsets, vec![0, 2, 4, 6]);
+        assert_eq!(r.slots, vec![0, 4, 1, 2, 5, 3]);
+        assert_eq!(r.expert, vec![0, 0, 2, 2, 1, 1]);
+        assert_eq!(r.gate, vec![0.6, 0.5, 0.5, 0.7, 0.4, 0.3]);
+        let none = Capped::dropless(kept.clone()).router_slots();
+        assert_eq!((none.offsets, none.slots), kept.by_token());
+        assert_eq!((none.expert, none.gate), (kept.expert_of_slots(), kept.gate));
     }
 }

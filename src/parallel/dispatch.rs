@@ -22,13 +22,16 @@
 
 use std::ops::Range;
 
+use serde::{Deserialize, Serialize};
+
 use crate::backend::PeerChunk;
-use crate::model::routing::Routing;
+use crate::model::routing::{Capped, Routing};
 use crate::parallel::comm::Communicator;
 use crate::{Error, Result};
 
 /// Which tokens an over-full expert keeps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DropPolicy {
     /// The highest router probabilities for that expert; ties keep the lower token index.
     Probs,
@@ -166,6 +169,33 @@ pub fn plan_slots(routing: &Routing, probs: &[f32], mode: DispatchMode) -> Resul
         offsets.push(source.len());
     }
     Ok(SlotPlan { offsets, source, capacity: Some(cap) })
+}
+
+/// The capacity limit of a model's MoE layer, on one rank or before the expert-parallel
+/// exchange: `routing`'s slots split into those the experts run and those past capacity, by
+/// `mode` (the capacity computed on this rank's tokens; `probs` as [`plan_slots`] takes them).
+/// Dropless keeps every slot. Pad-to-capacity is refused: its padding rows only buy static
+/// shapes, which motley's backends do not need, at the price of running them.
+pub fn apply_capacity(routing: Routing, probs: &[f32], mode: DispatchMode) -> Result<Capped> {
+    if let DispatchMode::PadToCapacity { .. } = mode {
+        return Err(Error::config("dispatch mode", "pad to capacity", "dropless or capacity (padding rows would run for nothing)"));
+    }
+    let plan = plan_slots(&routing, probs, mode)?;
+    if plan.n_rows() == routing.n_slots() {
+        return Ok(Capped::dropless(routing));
+    }
+    let mut kept = vec![false; routing.n_slots()];
+    plan.source.iter().flatten().for_each(|&s| kept[s] = true);
+    let (mut keep, mut drop) = (vec![(Vec::new(), Vec::new()); routing.n_experts], vec![(Vec::new(), Vec::new()); routing.n_experts]);
+    for e in 0..routing.n_experts {
+        for s in routing.slots_of(e) {
+            let (tokens, gates) = if kept[s] { &mut keep[e] } else { &mut drop[e] };
+            tokens.push(routing.token[s]);
+            gates.push(routing.gate[s]);
+        }
+    }
+    let (n, e) = (routing.n_tokens, routing.n_experts);
+    Ok(Capped { kept: Routing::from_expert_lists(n, e, &[keep]), dropped: Routing::from_expert_lists(n, e, &[drop]) })
 }
 
 fn check_factor(factor: f64) -> Result<()> {
@@ -635,6 +665,33 @@ mod tests {
         let d = TokenDispatcher::new(&SingleProcess, 2, 1, mode).unwrap();
         let (out, _) = d.forward(&x, &routing, &probs, |_, rows, _| Ok(rows.to_vec())).unwrap();
         assert_eq!(out, vec![1.0, 0.0, 3.0, 0.0, 5.0, 6.0]);
+    }
+
+    /// The training path's split: the kept slots are the plan's, the dropped ones the rest, both
+    /// laid out as routings (expert-major, ascending tokens, gates carried along).
+    #[test]
+    fn apply_capacity_splits_the_routing_as_the_plan_does() {
+        let mut rng = Rng::new(8);
+        let (n, e) = (30, 4);
+        let (routing, probs) = random_routing(&mut rng, n, e, 2, None);
+        for policy in [DropPolicy::Probs, DropPolicy::Position] {
+            let mode = DispatchMode::Capacity { factor: 0.75, policy };
+            let plan = plan_slots(&routing, &probs, mode).unwrap();
+            let capped = apply_capacity(routing.clone(), &probs, mode).unwrap();
+            let kept: Vec<usize> = plan.source.iter().map(|s| s.unwrap()).collect();
+            assert!(!capped.dropped.token.is_empty(), "{policy:?}: nothing dropped");
+            assert_eq!(capped.kept.counts(), plan.rows_per_expert(), "{policy:?}");
+            assert_eq!(capped.kept.token, kept.iter().map(|&s| routing.token[s]).collect::<Vec<_>>());
+            assert_eq!(capped.kept.gate, kept.iter().map(|&s| routing.gate[s]).collect::<Vec<_>>());
+            let dropped: Vec<usize> = (0..routing.n_slots()).filter(|s| !kept.contains(s)).collect();
+            assert_eq!(capped.dropped.token, dropped.iter().map(|&s| routing.token[s]).collect::<Vec<_>>());
+            assert_eq!(capped.dropped.gate, dropped.iter().map(|&s| routing.gate[s]).collect::<Vec<_>>());
+            assert_eq!(capped.chosen_counts(), routing.counts());
+        }
+        let all = apply_capacity(routing.clone(), &[], DispatchMode::Dropless).unwrap();
+        assert_eq!((all.kept, all.dropped.n_slots()), (routing.clone(), 0));
+        let e = apply_capacity(routing, &probs, DispatchMode::PadToCapacity { factor: 1.0, policy: DropPolicy::Probs }).unwrap_err();
+        assert!(e.to_string().contains("pad to capacity"), "{e}");
     }
 
     #[test]

@@ -261,9 +261,9 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
             return Err(Error::config("parallel.ep", config.parallel.ep, format!("a divisor of the number of ranks ({ranks}); launch with `mpirun -np N`, N a multiple of {}", config.parallel.ep)));
         }
         let groups = ExpertGroups::new(dp, config.parallel.ep)?;
-        (Model::new_expert_parallel(be, config.model.clone(), config.moe.clone(), t.seed, groups.ep)?, Some(groups.edp))
+        (Model::new_expert_parallel(be, config.model.clone(), config.moe.clone(), t.seed, groups.ep)?.with_dispatch(config.dispatch)?, Some(groups.edp))
     } else {
-        (Model::new(be, config.model.clone(), config.moe.clone(), t.seed)?, None)
+        (Model::new(be, config.model.clone(), config.moe.clone(), t.seed)?.with_dispatch(config.dispatch)?, None)
     };
     let mut buckets = GradBuckets::new(&model.layout);
     let collectives = match ranks {
@@ -394,6 +394,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         extra.insert("entropy".into(), json!(stats.aux.entropy));
         extra.insert("z_loss".into(), json!(stats.aux.z_loss));
         extra.insert("expert_counts".into(), Value::from(stats.counts.clone()));
+        extra.insert("dropped_slots".into(), json!(stats.dropped));
         // The FLOP budget ends the run after the step that reaches it (overshoot < one step).
         let done = step + 1 == t.steps || (t.max_flops > 0.0 && flops >= t.max_flops);
         let checkpoint_now = (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || done;
@@ -442,7 +443,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     let want_sample = !opts.sample_prompt.is_empty() && opts.sample_tokens > 0;
     // An expert-parallel model samples on rank 0 from the gathered whole model.
     let gathered = match (want_sample, model.expert_parallel()) {
-        (true, Some(_)) => full_values(be, &model, &full_layout, model.params.master())?.map(|v| Model::from_values(be, config.model.clone(), config.moe.clone(), &v)).transpose()?,
+        (true, Some(_)) => full_values(be, &model, &full_layout, model.params.master())?.map(|v| Model::from_values(be, config.model.clone(), config.moe.clone(), &v)?.with_dispatch(config.dispatch)).transpose()?,
         _ => None,
     };
     if !leader {
@@ -507,7 +508,7 @@ pub fn load_checkpoint<B: Backend>(path: &Path, be: &B) -> Result<(Model<B>, Con
     let config = Config::from_toml_str(&state.config_toml, &state_path.display().to_string(), &[])?;
     let ck = checkpoint::load(&dir, &config.config_hash())?;
     let layout = ParamLayout::new(&config.model, &config.moe);
-    let model = Model::from_values(be, config.model.clone(), config.moe.clone(), &restore(&layout, &ck.model, "")?)?;
+    let model = Model::from_values(be, config.model.clone(), config.moe.clone(), &restore(&layout, &ck.model, "")?)?.with_dispatch(config.dispatch)?;
     let tokenizer = Tokenizer::from_json(state.tokenizer.as_deref(), &state_path)?;
     Ok((model, config, tokenizer, dir))
 }

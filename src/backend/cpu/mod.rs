@@ -272,7 +272,7 @@ impl Backend for Cpu {
     fn router_bwd(&self, dlogits: &mut [f32], dgate: &[f32], probs: &[f32], logits: &[f32], grad: RouterGrad<'_>) {
         let (n, e) = (grad.tokens(), grad.experts());
         assert!(dlogits.len() == n * e && probs.len() == n * e && logits.len() == n * e, "router_bwd: dlogits, probs and logits must be (N = {n}, E = {e})");
-        assert!(dgate.len() == grad.gate.len() && grad.slot_expert.len() == grad.gate.len() && grad.p_penalty.len() == e, "router_bwd: slot and expert lengths");
+        assert!(dgate.len() <= grad.gate.len() && grad.slot_expert.len() == grad.gate.len() && grad.p_penalty.len() == e, "router_bwd: slot and expert lengths");
         self.run("router_bwd", || router::backward(dlogits, dgate, probs, logits, grad))
     }
 

@@ -31,10 +31,12 @@ pub fn backward(dlogits: &mut [f32], dgate: &[f32], probs: &[f32], logits: &[f32
             // dP_i = (dg_i − Σ_j dg_j g_j) / S.
             dz.fill(0.0);
             let mine = &by_token.slots[by_token.offsets[t] as usize..by_token.offsets[t + 1] as usize];
+            // Slots past dgate were dropped by the experts' capacity: no gate gradient.
+            let dg = |s: u32| dgate.get(s as usize).copied().unwrap_or(0.0);
             let sum: f32 = mine.iter().map(|&s| p[slot_expert[s as usize] as usize]).sum();
-            let dot: f32 = mine.iter().map(|&s| dgate[s as usize] * gate[s as usize]).sum();
+            let dot: f32 = mine.iter().map(|&s| dg(s) * gate[s as usize]).sum();
             for &s in mine {
-                dz[slot_expert[s as usize] as usize] += (dgate[s as usize] - dot) / sum;
+                dz[slot_expert[s as usize] as usize] += (dg(s) - dot) / sum;
             }
             let lse = if entropy > 0.0 || z_loss > 0.0 { logsumexp(z, p) } else { 0.0 };
             for i in 0..e {

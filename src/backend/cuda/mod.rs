@@ -1025,7 +1025,7 @@ impl Backend for CudaBackend {
         }
         assert!(dlogits.len() == n * e && probs.len() == n * e && logits.len() == n * e, "router_bwd: dlogits, probs and logits must be (N = {n}, E = {e})");
         let s = grad.gate.len();
-        assert!(dgate.len() == s && grad.slot_expert.len() == s && grad.by_token.slots.len() == s && grad.p_penalty.len() == e, "router_bwd: slot and expert lengths");
+        assert!(dgate.len() <= s && grad.slot_expert.len() == s && grad.by_token.slots.len() == s && grad.p_penalty.len() == e, "router_bwd: slot and expert lengths");
         expect("router_bwd", "dlogits", dlogits.storage, self.storage());
         for (arg, st) in [("dgate", dgate.storage), ("probs", probs.storage), ("logits", logits.storage)] {
             expect("router_bwd", arg, st, Storage::F32);
@@ -1036,10 +1036,12 @@ impl Backend for CudaBackend {
         let (ni, ei) = (n as i32, e as i32);
         let mut l = self.stream.launch_builder(&self.k.router_bwd);
         l.arg(&dlogits.ptr).arg(&dgate.ptr).arg(&probs.ptr).arg(&logits.ptr).arg(&offsets.ptr).arg(&slots.ptr).arg(&slot_expert.ptr).arg(&gate.ptr).arg(&aux.ptr);
-        l.arg(&grad.entropy).arg(&grad.z_loss).arg(&ni).arg(&ei);
+        let ran = dgate.len() as u32;
+        l.arg(&grad.entropy).arg(&grad.z_loss).arg(&ni).arg(&ei).arg(&ran);
         // SAFETY: `router_bwd(act_t*, const float*, const float*, const float*, const unsigned*,
-        // const unsigned*, const unsigned*, const float*, const float*, float, float, int, int)`;
-        // lengths asserted above (offsets has n + 1 entries, every slot index < s).
+        // const unsigned*, const unsigned*, const float*, const float*, float, float, int, int,
+        // unsigned)`; lengths asserted above (offsets has n + 1 entries, every slot index < s,
+        // dgate read below `ran`).
         ok(unsafe { l.launch(grid_stride(n)) }, "router_bwd");
     }
 

@@ -17,15 +17,18 @@ extern "C" __global__ void softmax_rows_fwd(float* out, const float* logits, int
 
 // The router's backward through its softmax (Backend::router_bwd), one thread per token t (experts
 // are few), in the CPU backend's order of operations (src/backend/cpu/router.rs): dP, then
-// through the softmax, then the z-loss. dlogits is activation storage (the GEMMs it feeds read
+// through the softmax, then the z-loss. dgate holds the first `ran` slots' gradients: later slots
+// were dropped by the experts' capacity (gate gradient 0). dlogits is activation storage (the GEMMs it feeds read
 // it), so dP is formed twice per expert in f32 (for ⟨dP, P⟩, then for the output) instead of in
 // the output row: each sum in the CPU's order, so the f32 values are the CPU's. Token t's slots
 // are slots[offsets[t]..offsets[t+1]], ascending; aux holds E load-balance then E P-Penalty
 // gradients. Grid-stride over tokens.
 extern "C" __global__ void router_bwd(act_t* dlogits, const float* dgate, const float* probs, const float* logits,
                                       const unsigned* offsets, const unsigned* slots, const unsigned* slot_expert,
-                                      const float* gate, const float* aux, float entropy, float z_loss, int n, int e) {
+                                      const float* gate, const float* aux, float entropy, float z_loss, int n, int e,
+                                      unsigned ran) {
     const float nf = (float)n;
+    auto dg = [&](unsigned s) { return s < ran ? dgate[s] : 0.0f; };
     for (size_t t = blockIdx.x * (size_t)blockDim.x + threadIdx.x; t < (size_t)n; t += (size_t)gridDim.x * blockDim.x) {
         const float* p = probs + t * e;
         const float* z = logits + t * e;
@@ -33,7 +36,7 @@ extern "C" __global__ void router_bwd(act_t* dlogits, const float* dgate, const 
         const unsigned a = offsets[t], b = offsets[t + 1];
         float sum = 0.0f, dot = 0.0f;
         for (unsigned k = a; k < b; k++) sum += p[slot_expert[slots[k]]];
-        for (unsigned k = a; k < b; k++) dot += dgate[slots[k]] * gate[slots[k]];
+        for (unsigned k = a; k < b; k++) dot += dg(slots[k]) * gate[slots[k]];
         // lse = z_j − ln P_j at the most probable expert.
         float lse = 0.0f;
         if (entropy > 0.0f || z_loss > 0.0f) {
@@ -44,7 +47,7 @@ extern "C" __global__ void router_bwd(act_t* dlogits, const float* dgate, const 
         auto dp = [&](int i) {
             float d = 0.0f;
             for (unsigned k = a; k < b; k++)
-                if (slot_expert[slots[k]] == (unsigned)i) d += (dgate[slots[k]] - dot) / sum;
+                if (slot_expert[slots[k]] == (unsigned)i) d += (dg(slots[k]) - dot) / sum;
             d = d + aux[i];
             d += aux[e + i];
             // ∂(−P ln P)/∂P = −(ln P + 1), ln P_i = z_i − lse.
