@@ -17,7 +17,8 @@ mod emu_build;
 /// parameters within 1e-3. On the emulator the gradients are summed (and EP's rows exchanged)
 /// by (emulated) NCCL on the devices, and with `parallel.nccl = false` through host memory: the
 /// same bits, since both add the ranks in order and moving rows changes none; 4 ranks on its 2
-/// devices fall back to host memory.
+/// devices fall back to host memory. EP=2 recomputing every layer before its backward (the rows
+/// exchanged again) gives EP=2's bits.
 #[test]
 fn data_and_expert_parallel_match_one_rank() {
     use motley::config::Config;
@@ -34,7 +35,7 @@ fn data_and_expert_parallel_match_one_rank() {
     };
     let cache = temp("data");
     // The run's directory and how its collectives ran.
-    let run = |name: &str, ranks: usize, ep: usize, nccl: bool| {
+    let run = |name: &str, ranks: usize, ep: usize, nccl: bool, extra: &[&str]| {
         let set: Vec<String> = [
             "device=\"cuda\"", "model.vocab_size=256", "data.tokenizer=\"byte\"", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
             "model.n_kv_heads=4", "moe.expert_widths=[32,64,96,128]", "train.batch_size=4", "train.seq_len=32", "model.seq_len=32",
@@ -44,6 +45,7 @@ fn data_and_expert_parallel_match_one_rank() {
         .iter()
         .map(|s| s.to_string())
         .chain([format!("train.steps={STEPS}"), format!("parallel.ep={ep}"), format!("parallel.nccl={nccl}")])
+        .chain(extra.iter().map(|s| s.to_string()))
         .collect();
         let cfg = Config::default_with(&set).unwrap();
         let out = temp(name);
@@ -65,12 +67,14 @@ fn data_and_expert_parallel_match_one_rank() {
         let layout = motley::model::params::ParamLayout::new(&cfg.model, &cfg.moe);
         layout.specs.iter().flat_map(|s| ck.model.get(&s.name, &s.shape).unwrap().to_vec()).collect()
     };
-    let (one, _) = run("one", 1, 1, true);
+    let (one, _) = run("one", 1, 1, true, &[]);
     let (base, base_params) = (losses(&one), params(&one));
     assert_eq!(base.len(), STEPS as usize);
     let mut runs = Vec::new();
-    for (name, ep, nccl) in [("dp2", 1, true), ("dp2-host", 1, false), ("ep2", 2, true), ("ep2-host", 2, false)] {
-        let (out, collectives) = run(name, 2, ep, nccl);
+    // The last recomputes every layer before its backward, exchanging the rows again.
+    let recompute: &[&str] = &["memory.policy=\"recompute\"", "memory.gate_up=\"recompute\""];
+    for (name, ep, nccl, extra) in [("dp2", 1, true, &[][..]), ("dp2-host", 1, false, &[]), ("ep2", 2, true, &[]), ("ep2-host", 2, false, &[]), ("ep2-recompute", 2, true, recompute)] {
+        let (out, collectives) = run(name, 2, ep, nccl, extra);
         let (got, got_params) = (losses(&out), params(&out));
         let d = base.iter().zip(&got).map(|(a, b)| (a - b).abs() / a.abs()).fold(0.0, f64::max);
         let p = base_params.iter().zip(&got_params).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -89,11 +93,12 @@ fn data_and_expert_parallel_match_one_rank() {
     }
     if emulated {
         // 4 ranks on the emulator's 2 devices: NCCL cannot take them, every rank says so.
-        let (_, collectives) = run("dp4-shared", 4, 1, true);
+        let (_, collectives) = run("dp4-shared", 4, 1, true, &[]);
         assert!(collectives.contains("through host memory") && collectives.contains("share a GPU"), "4 ranks on 2 devices: {collectives}");
         let bits = |(l, p): &(Vec<f64>, Vec<f32>)| (l.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         assert!(bits(&runs[0]) == bits(&runs[1]), "DP=2: NCCL's sums and the host's differ");
         assert!(bits(&runs[2]) == bits(&runs[3]), "EP=2: NCCL's exchanges and sums and the host's differ");
+        assert!(bits(&runs[2]) == bits(&runs[4]), "EP=2: recomputing (rows exchanged again) differs from keeping");
     }
 }
 

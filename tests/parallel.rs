@@ -96,9 +96,19 @@ fn expert_and_data_parallel_match_one_rank() {
     let one = run("one", 1, 1, false, &cache, &[]);
     let base = records(&one, "train", "lm_loss");
     assert_eq!(base.len(), STEPS as usize);
-    // The last also recomputes the experts' gate/up product in the backward, on each rank's
-    // exchanged rows.
-    for (name, ep, extra) in [("dp4", 1, &[][..]), ("dp2-ep2", 2, &[]), ("ep4", 4, &[]), ("ep2-gate-up", 2, &["memory.gate_up=\"recompute\""])] {
+    // The last three also recompute the experts' gate/up product in the backward, on each
+    // rank's exchanged rows; two of them recompute (all, or half of each layer's tokens) before
+    // the backward, exchanging the recomputed tokens' rows again.
+    let gate_up = "memory.gate_up=\"recompute\"";
+    let runs: [(&str, usize, &[&str]); 6] = [
+        ("dp4", 1, &[]),
+        ("dp2-ep2", 2, &[]),
+        ("ep4", 4, &[]),
+        ("ep2-gate-up", 2, &[gate_up]),
+        ("ep2-recompute", 2, &[gate_up, "memory.policy=\"recompute\""]),
+        ("ep4-recompute", 4, &[gate_up, "memory.policy=\"recompute\""]),
+    ];
+    for (name, ep, extra) in runs {
         let out = run(name, 4, ep, false, &cache, extra);
         let d = max_rel_diff(&base, &records(&out, "train", "lm_loss"));
         assert!(d < 1e-5, "{name}, aux off: train loss differs from 1 rank by {d:e} (relative)");
@@ -107,6 +117,16 @@ fn expert_and_data_parallel_match_one_rank() {
         let p = max_param_diff(&one, &out);
         assert!(p < 1e-4, "{name}: final parameters differ from 1 rank by {p:e}");
     }
+
+    // Offloading half of each token-split tensor recomputes the later half of the tokens: each
+    // rank exchanges only those rows (the first of three layers offloads; the last two keep).
+    let three = "model.n_layers=3";
+    let one = run("one-3", 1, 1, false, &cache, &[three]);
+    let out = run("ep2-offload-3", 4, 2, false, &cache, &[three, gate_up, "memory.policy=\"offload\"", "memory.alpha=0.5"]);
+    let d = max_rel_diff(&records(&one, "train", "lm_loss"), &records(&out, "train", "lm_loss"));
+    assert!(d < 1e-5, "ep2 offloading α = 0.5: train loss differs from 1 rank by {d:e} (relative)");
+    let p = max_param_diff(&one, &out);
+    assert!(p < 1e-4, "ep2 offloading α = 0.5: final parameters differ from 1 rank by {p:e}");
 
     let dp4 = run("dp4-aux", 4, 1, true, &cache, &[]);
     let dp_losses = records(&dp4, "train", "loss");
@@ -138,7 +158,7 @@ fn expert_parallel_sizes_are_checked() {
     // 3 does not divide 4 experts.
     let e = Config::default_with(&["moe.expert_widths=[32,64,96,128]".into(), "parallel.ep=3".into()]).unwrap_err().to_string();
     assert!(e.contains("parallel.ep") && e.contains("divisor"), "{e}");
-    // Expert parallelism keeps every activation.
+    // Expert parallelism offloads and recomputes with the gate/up product recomputed.
     let e = Config::default_with(&["moe.expert_widths=[32,64,96,128]".into(), "parallel.ep=2".into(), "memory.policy=\"recompute\"".into()]).unwrap_err().to_string();
-    assert!(e.contains("parallel.ep") && e.contains("keep"), "{e}");
+    assert!(e.contains("memory.gate_up") && e.contains("parallel.ep"), "{e}");
 }

@@ -454,10 +454,10 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// The routing stays in the store (host index data needed for the kept tokens' slots and the
     /// aux losses over all tokens); each expert's dropped slots are the tail of its slot range
     /// because slots are in ascending token order within an expert.
-    pub fn recompute(&self, p: &BlockParams, store: &mut ActivationStore<B>, layer: usize, from: usize, tx: &mut Arena<B>) {
+    pub fn recompute(&self, p: &BlockParams, store: &mut ActivationStore<B>, layer: usize, from: usize, tx: &mut Arena<B>) -> Result<()> {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         if from >= n {
-            return;
+            return Ok(());
         }
         let (wq, a, e, m) = (s.qkv_width(), s.out_width(), self.moe.n_experts(), n - from);
         let eps = self.model.norm_eps;
@@ -480,11 +480,10 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.softmax_rows(tail_mut::<B>(probs, from, n, e), tail::<B>(logits, from, n, e), m, e);
 
         let routing = store.routing(layer);
-        assert!(self.ep.is_none(), "recomputing dropped expert rows needs the expert-parallel exchange; expert parallelism keeps every activation");
         // Each expert's dropped slots are the tail of its slot range: gather them into one
         // block of rows and run the experts grouped, writing into the saved gu and y in place.
         let widths = &self.moe.expert_widths;
-        let (mut segs, mut tokens, mut gu_base) = (Vec::new(), Vec::new(), 0);
+        let (mut segs, mut tokens, mut tail_offsets, mut gu_base) = (Vec::new(), Vec::new(), vec![0], 0);
         for (ex, &h) in widths.iter().enumerate() {
             let sl = routing.slots_of(ex);
             let kept = routing.token[sl.clone()].partition_point(|&tok| (tok as usize) < from);
@@ -493,6 +492,7 @@ impl<B: Backend> BlockCtx<'_, B> {
                 segs.push(Segment { ex, rows, x_row: tokens.len(), y_row: sl.start + kept, gu: gu_base + kept * 2 * h, act: 0 });
                 tokens.extend_from_slice(&routing.token[sl.start + kept..sl.end]);
             }
+            tail_offsets.push(tokens.len());
             gu_base += sl.len() * 2 * h;
         }
         tx.begin(be, self.phases(routing, gate_up).1.requests);
@@ -501,23 +501,55 @@ impl<B: Backend> BlockCtx<'_, B> {
             let [mut xe] = tx.views(be, [(bwd::XE, xe_len)]);
             be.gather_rows(B::reborrow_mut(&mut xe), B::full(xn2), &tokens, c);
         }
-        let act_len = expert_act_elements(&routing.counts(), widths, self.chunk_rows) as usize;
-        for chunk in chunked(&segs, self.chunk_rows, widths) {
-            match saved_gu.as_deref_mut() {
-                Some(gu) => {
-                    let [xe, act] = tx.views(be, [(bwd::XE, xe_len), (bwd::ACT, act_len)]);
-                    self.experts_forward(p, &chunk, self.routed(B::full(xn2), &tokens, None, B::as_view(&xe)), B::full_mut(gu), act, B::full_mut(y));
+        match self.dispatcher()? {
+            None => {
+                let act_len = expert_act_elements(&routing.counts(), widths, self.chunk_rows) as usize;
+                for chunk in chunked(&segs, self.chunk_rows, widths) {
+                    match saved_gu.as_deref_mut() {
+                        Some(gu) => {
+                            let [xe, act] = tx.views(be, [(bwd::XE, xe_len), (bwd::ACT, act_len)]);
+                            self.experts_forward(p, &chunk, self.routed(B::full(xn2), &tokens, None, B::as_view(&xe)), B::full_mut(gu), act, B::full_mut(y));
+                        }
+                        None => {
+                            // Only expert_out's rows are wanted; gu is the chunk's transient.
+                            let [xe, act, gu] = tx.views(be, [(bwd::XE, xe_len), (bwd::ACT, act_len), (bwd::GU, 2 * act_len)]);
+                            self.experts_forward(p, &chunk_local_gate_up(&chunk), self.routed(B::full(xn2), &tokens, None, B::as_view(&xe)), gu, act, B::full_mut(y));
+                        }
+                    }
                 }
-                None => {
-                    // Only expert_out's rows are wanted; gu is the chunk's transient.
-                    let [xe, act, gu] = tx.views(be, [(bwd::XE, xe_len), (bwd::ACT, act_len), (bwd::GU, 2 * act_len)]);
-                    self.experts_forward(p, &chunk_local_gate_up(&chunk), self.routed(B::full(xn2), &tokens, None, B::as_view(&xe)), gu, act, B::full_mut(y));
+            }
+            Some(d) => {
+                // The tails travel to their experts' ranks, run there and come back, as in the
+                // forward: a collective, which every EP rank reaches for this layer (the same
+                // policies and shapes split every rank's tokens at the same place).
+                assert!(saved_gu.is_none(), "expert parallelism recomputes with memory.gate_up = \"recompute\" (the config refuses a saved gate/up product)");
+                let plan = SlotPlan { offsets: tail_offsets, source: (0..tokens.len()).map(Some).collect(), capacity: None };
+                let recv = d.receive_counts(&plan)?;
+                let local = d.local_experts();
+                let counts: Vec<usize> = d.local_spans(&recv).iter().map(|s| s.len()).collect();
+                let (local_segs, _) = segments(local.start, &counts, widths);
+                let act_len = expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize;
+                let scratch = |len| be.alloc_scratch(len, Precision::Activation);
+                let xg = {
+                    let [xe] = tx.views(be, [(bwd::XE, xe_len)]);
+                    self.send_to_experts(&d, B::as_view(&xe), &plan, &recv)?
+                };
+                let (mut gu, mut act, mut yg) = (scratch(2 * act_len), scratch(act_len), scratch(B::len(&xg)));
+                for chunk in chunked(&local_segs, self.chunk_rows, widths) {
+                    self.experts_forward(p, &chunk_local_gate_up(&chunk), (B::full(&xg), None), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
+                }
+                let mut back = scratch(tokens.len() * c);
+                self.return_from_experts(&d, B::full(&yg), &plan, &recv, B::full_mut(&mut back))?;
+                // Back in the tails' order: each expert's rows after its kept ones in y.
+                for s in &segs {
+                    be.copy(B::view_mut(y, s.y_row * c..(s.y_row + s.rows) * c), B::view(&back, s.x_row * c..(s.x_row + s.rows) * c));
                 }
             }
         }
         for (name, buf) in names.iter().zip(t) {
             store.save(layer, name, buf);
         }
+        Ok(())
     }
 
     /// Backward of one block: `dx` (overwritten) from `dout`, parameter gradients into `grads`

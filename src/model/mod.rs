@@ -283,8 +283,8 @@ impl<B: Backend> Model<B> {
     #[allow(clippy::too_many_arguments)]
     fn forward_backward_in(&mut self, be: &B, store: &mut ActivationStore<B>, tx: &mut Arena<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
         let shape = self.shape(batch, seq)?;
-        if self.ep.is_some() && store.policies().iter().any(|p| *p != LayerPolicy::Keep) {
-            return Err(Error::Invalid("expert parallelism keeps every activation: set memory.policy = \"keep\" (offload and recompute do not run with parallel.ep > 1 yet)".into()));
+        if self.ep.is_some() && store.declares(block::GATE_UP) && store.policies().iter().any(|p| *p != LayerPolicy::Keep) {
+            return Err(Error::Invalid("expert parallelism offloads or recomputes with the experts' gate/up product recomputed: set memory.gate_up = \"recompute\" (its saved rows lie in the exchanged layout, which the policies do not split yet)".into()));
         }
         self.check_tokens(inputs, "input")?;
         self.check_tokens(targets, "target")?;
@@ -315,7 +315,7 @@ impl<B: Backend> Model<B> {
         let dims = BlockDims::new(&self.config, &self.moe, batch, seq);
         for (l, bp) in self.layout.blocks.iter().enumerate().rev() {
             if let Some(from) = store.restore(be, l, &dims) {
-                ctx.recompute(bp, store, l, from, tx);
+                ctx.recompute(bp, store, l, from, tx)?;
             }
             let mut dprev = be.alloc_scratch(n * c, Precision::Activation); // the block writes it whole
             ctx.backward(bp, &mut Grads { buf: &mut self.grads, ledger: &mut self.ledger }, store, l, &dx, &mut dprev, tx)?;
