@@ -63,14 +63,16 @@ fn lm_losses(out: &Path) -> Vec<f64> {
 }
 
 fn run_dp(np: usize, aux: bool) -> Vec<f64> {
-    run_parallel(np, 1, aux)
+    run_parallel(np, 1, aux, ("", &[]))
 }
 
-/// 20 steps on `np` ranks with `ep`-way expert parallelism; the train LM losses.
-fn run_parallel(np: usize, ep: usize, aux: bool) -> Vec<f64> {
-    let out = temp(&format!("np{np}-ep{ep}-aux{aux}"));
+/// 20 steps on `np` ranks with `ep`-way expert parallelism and the overrides `extra` (named by
+/// its tag); the train LM losses.
+fn run_parallel(np: usize, ep: usize, aux: bool, extra: (&str, &[&str])) -> Vec<f64> {
+    let out = temp(&format!("np{np}-ep{ep}-aux{aux}{}", extra.0));
     let mut a = args(&out, 20, aux);
     a.extend(["--set".into(), format!("parallel.ep={ep}")]);
+    a.extend(extra.1.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
     let status = if np == 1 {
         Command::new(env!("CARGO_BIN_EXE_motley")).args(a).stdout(Stdio::null()).status()
     } else {
@@ -102,8 +104,11 @@ fn data_parallel_matches_one_rank() {
 #[test]
 fn expert_parallel_matches_one_rank() {
     let one = run_dp(1, false);
-    let d = max_rel_diff(&one, &run_parallel(4, 2, false));
+    let d = max_rel_diff(&one, &run_parallel(4, 2, false, ("", &[])));
     assert!(d < 1e-5, "DP=2×EP=2, aux off: relative loss difference {d:e}");
+    // Recomputing every layer exchanges the rows again between the processes.
+    let d = max_rel_diff(&one, &run_parallel(4, 2, false, ("-recompute", &["memory.policy=\"recompute\"", "memory.gate_up=\"recompute\""])));
+    assert!(d < 1e-5, "DP=2×EP=2 recomputing, aux off: relative loss difference {d:e}");
 }
 
 #[test]
