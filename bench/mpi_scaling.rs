@@ -3,7 +3,9 @@
 //! batch. Each case is a real `motley train` run (under `mpirun` for more than one rank); the
 //! figure is the median tokens/s of steps 6–30 from its `metrics.jsonl`.
 //!
-//! Run: `cargo bench --features mpi --bench mpi_scaling [-- --steps 30]` (needs OpenMPI).
+//! Run: `cargo bench --features mpi --bench mpi_scaling [-- --steps 30 --set KEY=VALUE ...]`
+//! (needs OpenMPI); each `--set` overrides the config of every case, e.g. `--set
+//! memory.policy='"recompute"' --set memory.gate_up='"recompute"'` for MEMO's recompute.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -28,6 +30,7 @@ fn median_tokens_per_s(out: &Path) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let steps = arg(&args, "--steps", 30);
+    let overrides: Vec<&String> = args.windows(2).filter(|w| w[0] == "--set").map(|w| &w[1]).collect();
     let tokens_per_step = 16.0 * 128.0; // configs/tiny.toml: batch 16 × seq 128
     println!("| ranks | EP | EDP | threads per rank | tokens/s | ms per step |");
     println!("|---|---|---|---|---|---|");
@@ -43,8 +46,8 @@ fn main() {
             c
         };
         cmd.args(["train", "--prompt", "", "--steps", &steps.to_string(), "--out", out.to_str().expect("utf-8 path")]);
-        for set in ["train.eval_every=0".to_string(), format!("train.threads={threads}"), format!("parallel.ep={ep}")] {
-            cmd.args(["--set", &set]);
+        for set in ["train.eval_every=0".to_string(), format!("train.threads={threads}"), format!("parallel.ep={ep}")].iter().chain(overrides.iter().copied()) {
+            cmd.args(["--set", set]);
         }
         let status = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().expect("run motley");
         assert!(status.success(), "{ranks} ranks, EP {ep}: the run failed");
