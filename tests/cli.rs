@@ -183,6 +183,22 @@ fn generate_and_eval_read_a_checkpoint() {
     assert_fails_with(&motley(&["eval", "--checkpoint", "/nonexistent/run"]), &["/nonexistent/run"]);
 }
 
+/// An expert capacity: the evaluation lines say what share of the routed slots it dropped,
+/// and the checkpoint's model, loaded for `eval` and `generate`, drops as training did.
+#[test]
+fn an_expert_capacity_reports_its_drops_and_stays_with_the_checkpoint() {
+    use motley::parallel::dispatch::{DispatchMode, DropPolicy};
+    let out = temp("capacity");
+    let o = train(&out, &["train.steps=2", "train.eval_every=1", "moe.capacity_factor=0.5", "moe.drop_policy=\"position\""]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let line = err.lines().find(|l| l.starts_with("step 2: validation loss")).unwrap_or_else(|| panic!("no evaluation line in:\n{err}"));
+    assert!(line.contains("% of routed slots dropped by the experts' capacity"), "{line}");
+    let (model, ..) = motley::train::trainer::load_checkpoint(&out, &motley::backend::cpu::Cpu::new(1)).unwrap();
+    assert_eq!(model.dispatch(), DispatchMode::Capacity { factor: 0.5, policy: DropPolicy::Position });
+    assert!(!stderr(&train(&temp("dropless"), &["train.steps=1", "train.eval_every=1"])).contains("dropped"));
+}
+
 /// `memory.policy = "auto"` plans within `memory.device_gib` (on the CPU, which has no device
 /// memory of its own, only where it is set): halfway between what keeping and recomputing every
 /// layer need, it trains on a mix of both and says so; where no plan fits, it fails before the

@@ -27,6 +27,7 @@ use crate::data::tokenizer::Tokenizer;
 use crate::model::block::GATE_UP;
 use crate::model::params::ParamLayout;
 use crate::parallel::comm::{Communicator, SingleProcess};
+use crate::parallel::dispatch::DispatchMode;
 use crate::parallel::sharding::{gather_full, ExpertGroups, GradBuckets};
 use crate::model::Model;
 use crate::rng::Rng;
@@ -287,6 +288,8 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     let metrics_path = out.join("metrics.jsonl");
 
     let mut flops = 0.0;
+    // (dropped, chosen) routed slots since the last evaluation, under an expert capacity.
+    let mut drops = (0usize, 0usize);
     if let (Some(dir), true) = (&existing, opts.resume) {
         let ck = checkpoint::load(dir, &hash)?;
         model.params.set(be, &restore(&model.layout, &ck.model, "")?);
@@ -395,6 +398,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         extra.insert("z_loss".into(), json!(stats.aux.z_loss));
         extra.insert("expert_counts".into(), Value::from(stats.counts.clone()));
         extra.insert("dropped_slots".into(), json!(stats.dropped));
+        drops = (drops.0 + stats.dropped, drops.1 + stats.dropped + stats.counts.iter().flatten().sum::<usize>());
         // The FLOP budget ends the run after the step that reaches it (overshoot < one step).
         let done = step + 1 == t.steps || (t.max_flops > 0.0 && flops >= t.max_flops);
         let checkpoint_now = (config.checkpoint.every > 0 && (step + 1) % config.checkpoint.every == 0) || done;
@@ -425,8 +429,13 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
             }
             if let Some(p) = &progress {
                 let per_source: String = sources.iter().map(|(n, l)| format!(", {n} {l:.4}")).collect();
-                p.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2}){per_source}", step + 1, v.exp()));
+                let dropped = match model.dispatch() {
+                    DispatchMode::Dropless => String::new(),
+                    _ => format!("; {:.1} % of routed slots dropped by the experts' capacity", 100.0 * drops.0 as f64 / drops.1.max(1) as f64),
+                };
+                p.note(&format!("step {}: validation loss {v:.4} (perplexity {:.2}){per_source}{dropped}", step + 1, v.exp()));
             }
+            drops = (0, 0);
             val_loss = Some(v);
             val_sources = sources;
         }
