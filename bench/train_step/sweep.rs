@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use motley::backend::cpu::Cpu;
 use motley::config::{Config, GateUp, MemoryPolicy};
 use motley::memory::report::{plan_policies, plan_report, PlanTarget};
+use motley::parallel::dispatch::DispatchMode;
 use motley::model::block::GATE_UP;
 
 use super::one_shape::{json_line, Case};
@@ -158,7 +159,7 @@ fn child_on<B: BenchBackend>(be: &B, case: &Case) {
     let mut run = Run::new(be, &case.shape, case.batch, case.seq, &case.memory, case.device.name()).unwrap_or_else(|e| fail(&format!("{e}")));
     println!("policy {}", run.policy_label());
     let (model, moe) = (&run.model.config, &run.model.moe);
-    let target = PlanTarget { model, moe, memory: &case.memory, device: case.device.name(), fused_gather: be.fuses_expert_gather(model.d_model, &moe.expert_widths), expert_parallel: false };
+    let target = PlanTarget { model, moe, memory: &case.memory, device: case.device.name(), fused_gather: be.fuses_expert_gather(model.d_model, &moe.expert_widths), expert_parallel: false, dispatch: DispatchMode::Dropless };
     let gate_up = if run.store.declares(GATE_UP) { GateUp::Save } else { GateUp::Recompute };
     let host = (case.memory.host_gib * (1u64 << 30) as f64) as u64;
     if let Ok(plan) = plan_policies(&target, case.batch, case.seq, run.store.policies(), gate_up, host) {

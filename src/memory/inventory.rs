@@ -11,7 +11,7 @@ use super::store::{BlockDims, Class, TensorSpec};
 use crate::config::GateUp;
 use crate::model::block;
 use crate::model::config::{ModelConfig, MoeConfig, Routing};
-use crate::parallel::dispatch::expert_capacity;
+use crate::parallel::dispatch::{expert_capacity, DispatchMode};
 
 /// How many slots each expert receives.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,6 +25,9 @@ pub enum Slots {
     /// Top-P routing `k` is `top_k` here, an estimate of the mean experts per token — measure for
     /// a real number.
     Expected,
+    /// The expectation under an expert capacity of this factor: `Expected`, at most
+    /// `Capacity`'s bound per expert.
+    ExpectedWithin(f64),
 }
 
 impl Slots {
@@ -39,6 +42,15 @@ impl Slots {
             Slots::Measured(c) => c.clone(),
             Slots::Capacity(f) => vec![expert_capacity(tokens * k, e, *f); e],
             Slots::Expected => vec![(tokens * k).div_ceil(e); e],
+            Slots::ExpectedWithin(f) => vec![(tokens * k).div_ceil(e).min(expert_capacity(tokens * k, e, *f)); e],
+        }
+    }
+
+    /// The expectation a plan sizes routed tensors by under `dispatch`.
+    pub fn expected(dispatch: DispatchMode) -> Self {
+        match dispatch {
+            DispatchMode::Capacity { factor, .. } | DispatchMode::PadToCapacity { factor, .. } => Slots::ExpectedWithin(factor),
+            DispatchMode::Dropless => Slots::Expected,
         }
     }
 }
@@ -124,5 +136,10 @@ mod tests {
         let cap = Slots::Capacity(4.0).per_expert(&moe, 24);
         assert!(stats.counts.iter().all(|c| c.iter().zip(&cap).all(|(a, b)| a <= b)));
         assert_eq!(Slots::Expected.per_expert(&moe, 24), vec![12; 4]);
+        // An expert capacity below the even spread bounds it; one above leaves it.
+        let policy = crate::parallel::dispatch::DropPolicy::Probs;
+        assert_eq!(Slots::expected(DispatchMode::Capacity { factor: 0.5, policy }).per_expert(&moe, 24), vec![6; 4]);
+        assert_eq!(Slots::expected(DispatchMode::Capacity { factor: 1.5, policy }).per_expert(&moe, 24), vec![12; 4]);
+        assert_eq!(Slots::expected(DispatchMode::Dropless), Slots::Expected);
     }
 }

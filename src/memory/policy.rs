@@ -52,6 +52,12 @@ impl Profile {
         Profile { activation_bytes: bytes, ..self }
     }
 
+    /// The same profile with every block's routed slots by `slots` (e.g. under an expert
+    /// capacity, [`Slots::expected`]).
+    pub fn with_slots(self, slots: Slots) -> Self {
+        Profile { slots: vec![slots; self.t_fwd.len()], ..self }
+    }
+
     /// The same profile for blocks that save the gate/up product or not (`memory.gate_up`).
     pub fn with_gate_up(self, gate_up: GateUp) -> Self {
         Profile { gate_up, ..self }

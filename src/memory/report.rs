@@ -12,7 +12,8 @@
 //! 2·N·d_model) or the turn between forward and backward (the final hidden state, its norm and
 //! their gradients, 4·N·d_model), reported as boundary and backend bytes (the backend's are
 //! cuBLASLt's workspace, the reductions' scratch and the ring the ops' uploads go through).
-//! Skeletal sizes use the dropless expected routed counts (see [`Slots::Expected`]). With that
+//! Skeletal sizes use the expected routed counts, dropless or within an expert capacity (see
+//! [`Slots::expected`]). With dropless
 //! routing the skeletal peak and the arena are exactly what a CPU step holds (tests/memo.rs);
 //! on the emulated CUDA device the whole is within [−3 %, +1 %] of the measured device peak
 //! (tests/cuda_memory.rs, which the GPU session runs on the GPU).
@@ -37,6 +38,7 @@ use crate::model::config::{ModelConfig, MoeConfig};
 use crate::model::block::GATE_UP;
 use crate::model::params::ParamLayout;
 use crate::model::router;
+use crate::parallel::dispatch::DispatchMode;
 use crate::{Error, Result};
 
 /// Bytes per activation element on `device`: `cuda` trains in bf16 mixed precision.
@@ -130,19 +132,21 @@ pub struct PlanTarget<'a> {
     /// Experts sharded over ranks: a layer that offloads or recomputes recomputes the gate/up
     /// product too (its saved rows would lie in the exchanged layout).
     pub expert_parallel: bool,
+    /// Dropless, or an expert capacity that bounds the routed tensors ([`Slots::expected`]).
+    pub dispatch: DispatchMode,
 }
 
 impl<'a> PlanTarget<'a> {
     pub fn of(config: &'a Config) -> Self {
         let (m, moe) = (&config.model, &config.moe);
         let fused_gather = config.device == "cuda" && config.cuda.hopper_experts && config.parallel.ep == 1 && cuda_scratch::expert_kernels_gather(m.d_model, &moe.expert_widths);
-        PlanTarget { model: m, moe, memory: &config.memory, device: &config.device, fused_gather, expert_parallel: config.parallel.ep > 1 }
+        PlanTarget { model: m, moe, memory: &config.memory, device: &config.device, fused_gather, expert_parallel: config.parallel.ep > 1, dispatch: config.dispatch }
     }
 
     /// MEMO's cost model of this target's layers at `batch × seq`, with the gate/up product saved
     /// or not.
     pub fn profile(&self, batch: usize, seq: usize, link: HostLink, gate_up: GateUp) -> Result<Profile> {
-        Ok(Profile::cost_model(self.model, self.moe, batch, seq, assumed_flops_per_s(self.device), link)?.with_activation_bytes(activation_bytes(self.device)).with_gate_up(gate_up))
+        Ok(Profile::cost_model(self.model, self.moe, batch, seq, assumed_flops_per_s(self.device), link)?.with_activation_bytes(activation_bytes(self.device)).with_gate_up(gate_up).with_slots(Slots::expected(self.dispatch)))
     }
 }
 
@@ -185,7 +189,7 @@ pub(super) fn report_for(target: &PlanTarget, batch: usize, seq: usize, policies
     let (m, moe) = (target.model, target.moe);
     let tokens = batch * seq;
     let act_bytes = activation_bytes(target.device);
-    let slots = Slots::Expected.per_expert(moe, tokens);
+    let slots = Slots::expected(target.dispatch).per_expert(moe, tokens);
     let inventory = block_inventory(m, moe, batch, seq, &slots, act_bytes, gate_up);
     let skeletal = Skeletal::of(&inventory);
 
@@ -424,6 +428,21 @@ mod tests {
         let err = plan_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes - 1, 1 << 30, 1e10).unwrap().check_fits().unwrap_err();
         assert!(err.to_string().contains("does not fit"), "{err}");
         assert!(plan_report(&config(MemoryPolicy::Keep, Alpha::Auto), seq, 2, keep.device_bytes, 1 << 30, 1e10).unwrap().check_fits().is_ok());
+    }
+
+    /// An expert capacity below the even spread bounds the routed tensors: fewer skeletal and
+    /// transient bytes than dropless; above it, the same plan.
+    #[test]
+    fn an_expert_capacity_bounds_the_routed_tensors() {
+        let plan = |dispatch| {
+            let mut c = config(MemoryPolicy::Keep, Alpha::Auto);
+            c.dispatch = dispatch;
+            plan_report(&c, 64, 2, u64::MAX, 1 << 30, 1e10).unwrap()
+        };
+        let policy = crate::parallel::dispatch::DropPolicy::Probs;
+        let (dropless, half, loose) = (plan(DispatchMode::Dropless), plan(DispatchMode::Capacity { factor: 0.5, policy }), plan(DispatchMode::Capacity { factor: 2.0, policy }));
+        assert!(half.skeletal_device_bytes < dropless.skeletal_device_bytes && half.arena_bytes < dropless.arena_bytes, "{half}");
+        assert_eq!((loose.skeletal_device_bytes, loose.arena_bytes), (dropless.skeletal_device_bytes, dropless.arena_bytes));
     }
 
     /// On CUDA the attention backward's scratch is a transient of the block's backward: live with

@@ -177,8 +177,10 @@ pub fn plan_slots(routing: &Routing, probs: &[f32], mode: DispatchMode) -> Resul
 /// Dropless keeps every slot. Pad-to-capacity is refused: its padding rows only buy static
 /// shapes, which motley's backends do not need, at the price of running them.
 pub fn apply_capacity(routing: Routing, probs: &[f32], mode: DispatchMode) -> Result<Capped> {
-    if let DispatchMode::PadToCapacity { .. } = mode {
-        return Err(Error::config("dispatch mode", "pad to capacity", "dropless or capacity (padding rows would run for nothing)"));
+    match mode {
+        DispatchMode::Dropless => return Ok(Capped::dropless(routing)),
+        DispatchMode::PadToCapacity { .. } => return Err(Error::config("dispatch mode", "pad to capacity", "dropless or capacity (padding rows would run for nothing)")),
+        DispatchMode::Capacity { .. } => {}
     }
     let plan = plan_slots(&routing, probs, mode)?;
     if plan.n_rows() == routing.n_slots() {

@@ -17,6 +17,7 @@ use crate::backend::Backend;
 use crate::config::{Config, MemoryConfig, MemoryPolicy};
 use crate::memory::alpha::HostLink;
 use crate::memory::auto;
+use crate::memory::inventory::Slots;
 use crate::memory::policy::{build_policy, Profile};
 use crate::memory::report::{assumed_flops_per_s, PlanTarget};
 use crate::memory::store::{policy_label, ActivationStore, LayerPolicy};
@@ -494,11 +495,11 @@ pub fn activation_store<B: Backend>(be: &B, model: &Model<B>, memory: &MemoryCon
     if memory.policy == MemoryPolicy::Auto {
         let budget = if memory.device_gib > 0.0 { Some((memory.device_gib * (1u64 << 30) as f64) as u64) } else { be.memory_budget()? };
         let fused_gather = be.fuses_expert_gather(model.config.d_model, &model.moe.expert_widths);
-        let target = PlanTarget { model: &model.config, moe: &model.moe, memory, device, fused_gather, expert_parallel: model.expert_parallel().is_some() };
+        let target = PlanTarget { model: &model.config, moe: &model.moe, memory, device, fused_gather, expert_parallel: model.expert_parallel().is_some(), dispatch: model.dispatch() };
         let choice = auto::choose(&target, batch, seq, budget.unwrap_or(u64::MAX), link)?;
         return model.new_store_with(choice.policies, link.m_host, choice.gate_up);
     }
-    let profile = Profile::cost_model(&model.config, &model.moe, batch, seq, assumed_flops_per_s(device), link)?.with_activation_bytes(be.activation_bytes()).with_gate_up(memory.gate_up);
+    let profile = Profile::cost_model(&model.config, &model.moe, batch, seq, assumed_flops_per_s(device), link)?.with_activation_bytes(be.activation_bytes()).with_gate_up(memory.gate_up).with_slots(Slots::expected(model.dispatch()));
     let policies = build_policy(memory, &model.config, &model.moe, batch, seq, &profile)?;
     model.new_store_with(policies, link.m_host, memory.gate_up)
 }
