@@ -452,8 +452,10 @@ impl<B: Backend> BlockCtx<'_, B> {
     /// the way is per row and bitwise independent of how many rows it is given (matmul's row
     /// stability, see `Backend::matmul`), so the rows come out exactly as the forward wrote them.
     /// The routing stays in the store (host index data needed for the kept tokens' slots and the
-    /// aux losses over all tokens); each expert's dropped slots are the tail of its slot range
-    /// because slots are in ascending token order within an expert.
+    /// aux losses over all tokens; the experts' capacity is not applied again); each expert's
+    /// slots of tokens `from..N` are the tail of its slot range because slots are in ascending
+    /// token order within an expert. With expert parallelism those rows run on their experts'
+    /// ranks: a collective over the EP group.
     pub fn recompute(&self, p: &BlockParams, store: &mut ActivationStore<B>, layer: usize, from: usize, tx: &mut Arena<B>) -> Result<()> {
         let (be, s, n, c) = (self.be, self.shape, self.n(), self.c());
         if from >= n {
@@ -480,7 +482,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.softmax_rows(tail_mut::<B>(probs, from, n, e), tail::<B>(logits, from, n, e), m, e);
 
         let routing = store.routing(layer);
-        // Each expert's dropped slots are the tail of its slot range: gather them into one
+        // Each expert's slots to recompute are the tail of its slot range: gather them into one
         // block of rows and run the experts grouped, writing into the saved gu and y in place.
         let widths = &self.moe.expert_widths;
         let (mut segs, mut tokens, mut tail_offsets, mut gu_base) = (Vec::new(), Vec::new(), vec![0], 0);
