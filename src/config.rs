@@ -447,9 +447,6 @@ impl Config {
         if p.ep == 0 || !experts.is_multiple_of(p.ep) {
             return Err(Error::config("parallel.ep", p.ep, format!("a divisor of the number of experts ({experts})")));
         }
-        if p.ep > 1 && matches!(self.memory.policy, MemoryPolicy::Offload | MemoryPolicy::Recompute) && self.memory.gate_up == GateUp::Save {
-            return Err(Error::config("memory.gate_up", "\"save\"", "\"recompute\" with parallel.ep > 1 and memory.policy = \"offload\" or \"recompute\" (the saved gate/up rows lie in the exchanged layout, which the policies do not split yet)"));
-        }
         Ok(())
     }
 

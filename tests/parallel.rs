@@ -96,17 +96,19 @@ fn expert_and_data_parallel_match_one_rank() {
     let one = run("one", 1, 1, false, &cache, &[]);
     let base = records(&one, "train", "lm_loss");
     assert_eq!(base.len(), STEPS as usize);
-    // The last three also recompute the experts' gate/up product in the backward, on each
-    // rank's exchanged rows; two of them recompute (all, or half of each layer's tokens) before
-    // the backward, exchanging the recomputed tokens' rows again.
+    // "gate-up" runs recompute the experts' gate/up product in the backward, on each rank's
+    // exchanged rows; "recompute" runs recompute every layer before its backward, exchanging
+    // the rows again (and, with the gate/up product saved, writing it into the exchanged layout).
     let gate_up = "memory.gate_up=\"recompute\"";
-    let runs: [(&str, usize, &[&str]); 6] = [
+    let recompute = "memory.policy=\"recompute\"";
+    let runs: [(&str, usize, &[&str]); 7] = [
         ("dp4", 1, &[]),
         ("dp2-ep2", 2, &[]),
         ("ep4", 4, &[]),
         ("ep2-gate-up", 2, &[gate_up]),
-        ("ep2-recompute", 2, &[gate_up, "memory.policy=\"recompute\""]),
-        ("ep4-recompute", 4, &[gate_up, "memory.policy=\"recompute\""]),
+        ("ep2-gate-up-recompute", 2, &[gate_up, recompute]),
+        ("ep2-recompute", 2, &[recompute]),
+        ("ep4-recompute", 4, &[recompute]),
     ];
     for (name, ep, extra) in runs {
         let out = run(name, 4, ep, false, &cache, extra);
@@ -119,14 +121,18 @@ fn expert_and_data_parallel_match_one_rank() {
     }
 
     // Offloading half of each token-split tensor recomputes the later half of the tokens: each
-    // rank exchanges only those rows (the first of three layers offloads; the last two keep).
+    // rank exchanges only those rows, and a saved gate/up product is split chunk by chunk of
+    // the exchanged layout (the first of three layers offloads; the last two keep).
     let three = "model.n_layers=3";
     let one = run("one-3", 1, 1, false, &cache, &[three]);
-    let out = run("ep2-offload-3", 4, 2, false, &cache, &[three, gate_up, "memory.policy=\"offload\"", "memory.alpha=0.5"]);
-    let d = max_rel_diff(&records(&one, "train", "lm_loss"), &records(&out, "train", "lm_loss"));
-    assert!(d < 1e-5, "ep2 offloading α = 0.5: train loss differs from 1 rank by {d:e} (relative)");
-    let p = max_param_diff(&one, &out);
-    assert!(p < 1e-4, "ep2 offloading α = 0.5: final parameters differ from 1 rank by {p:e}");
+    for (name, extra) in [("ep2-offload-3", &[][..]), ("ep2-offload-3-gate-up", &[gate_up])] {
+        let set: Vec<&str> = [three, "memory.policy=\"offload\"", "memory.alpha=0.5"].into_iter().chain(extra.iter().copied()).collect();
+        let out = run(name, 4, 2, false, &cache, &set);
+        let d = max_rel_diff(&records(&one, "train", "lm_loss"), &records(&out, "train", "lm_loss"));
+        assert!(d < 1e-5, "{name}: train loss differs from 1 rank by {d:e} (relative)");
+        let p = max_param_diff(&one, &out);
+        assert!(p < 1e-4, "{name}: final parameters differ from 1 rank by {p:e}");
+    }
 
     let dp4 = run("dp4-aux", 4, 1, true, &cache, &[]);
     let dp_losses = records(&dp4, "train", "loss");
@@ -158,7 +164,4 @@ fn expert_parallel_sizes_are_checked() {
     // 3 does not divide 4 experts.
     let e = Config::default_with(&["moe.expert_widths=[32,64,96,128]".into(), "parallel.ep=3".into()]).unwrap_err().to_string();
     assert!(e.contains("parallel.ep") && e.contains("divisor"), "{e}");
-    // Expert parallelism offloads and recomputes with the gate/up product recomputed.
-    let e = Config::default_with(&["moe.expert_widths=[32,64,96,128]".into(), "parallel.ep=2".into(), "memory.policy=\"recompute\"".into()]).unwrap_err().to_string();
-    assert!(e.contains("memory.gate_up") && e.contains("parallel.ep"), "{e}");
 }

@@ -159,7 +159,7 @@ fn child_on<B: BenchBackend>(be: &B, case: &Case) {
     let mut run = Run::new(be, &case.shape, case.batch, case.seq, &case.memory, case.device.name()).unwrap_or_else(|e| fail(&format!("{e}")));
     println!("policy {}", run.policy_label());
     let (model, moe) = (&run.model.config, &run.model.moe);
-    let target = PlanTarget { model, moe, memory: &case.memory, device: case.device.name(), fused_gather: be.fuses_expert_gather(model.d_model, &moe.expert_widths), expert_parallel: false, dispatch: DispatchMode::Dropless };
+    let target = PlanTarget { model, moe, memory: &case.memory, device: case.device.name(), fused_gather: be.fuses_expert_gather(model.d_model, &moe.expert_widths), dispatch: DispatchMode::Dropless };
     let gate_up = if run.store.declares(GATE_UP) { GateUp::Save } else { GateUp::Recompute };
     let host = (case.memory.host_gib * (1u64 << 30) as f64) as u64;
     if let Ok(plan) = plan_policies(&target, case.batch, case.seq, run.store.policies(), gate_up, host) {

@@ -64,9 +64,6 @@ pub fn choose(target: &PlanTarget, batch: usize, seq: usize, device_mem: u64, li
             candidates.push(head);
         }
         for policies in candidates {
-            if target.expert_parallel && gate_up == GateUp::Save && policies.iter().any(|p| *p != LayerPolicy::Keep) {
-                continue; // see PlanTarget::expert_parallel
-            }
             let report = report_for(target, batch, seq, &policies, gate_up, device_mem, link.m_host, Strategy::Heuristic)?;
             if leanest.is_none_or(|(d, _)| report.device_bytes < d) {
                 leanest = Some((report.device_bytes, report.host_bytes));
@@ -160,24 +157,6 @@ mod tests {
         want[0] = LayerPolicy::Offload { alpha: 1.0 };
         assert_eq!((choice.policies, choice.gate_up, choice.repeated_flops), (want, GateUp::Save, 0.0));
         assert!(choice.device_bytes < keep);
-    }
-
-    /// With experts sharded over ranks, a plan that offloads or recomputes recomputes the gate/up
-    /// product: just short of keeping everything, where a single rank offloads the first layer
-    /// with it saved, expert parallelism recomputes it (here keeping every layer with it
-    /// recomputed repeats the least).
-    #[test]
-    fn expert_parallelism_recomputes_the_gate_up_product_where_it_does_not_keep() {
-        let c = config();
-        let keep = keep_bytes(&c);
-        let budget = ((keep - 1) as f64 / (1.0 - HEADROOM)) as u64;
-        let target = PlanTarget { expert_parallel: true, ..PlanTarget::of(&c) };
-        assert_eq!(choose(&target, BATCH, SEQ, u64::MAX, FAST).unwrap().gate_up, GateUp::Save, "keeping everything saves it");
-        let single = choose_within(&c, budget, FAST).unwrap();
-        assert!(single.gate_up == GateUp::Save && single.policies[0] != LayerPolicy::Keep, "{single:?}");
-        let choice = choose(&target, BATCH, SEQ, budget, FAST).unwrap();
-        assert_eq!(choice.gate_up, GateUp::Recompute, "{choice:?}");
-        assert!(choice.device_bytes as f64 <= budget as f64 * (1.0 - HEADROOM) && choice.repeated_flops > single.repeated_flops, "{choice:?}");
     }
 
     /// As the device shrinks from what keeping takes to the leanest plan, the chosen plan always

@@ -129,9 +129,6 @@ pub struct PlanTarget<'a> {
     pub device: &'a str,
     /// The Hopper expert kernels read the routed rows in place (no gathered copies to plan).
     pub fused_gather: bool,
-    /// Experts sharded over ranks: a layer that offloads or recomputes recomputes the gate/up
-    /// product too (its saved rows would lie in the exchanged layout).
-    pub expert_parallel: bool,
     /// Dropless, or an expert capacity that bounds the routed tensors ([`Slots::expected`]).
     pub dispatch: DispatchMode,
 }
@@ -140,7 +137,7 @@ impl<'a> PlanTarget<'a> {
     pub fn of(config: &'a Config) -> Self {
         let (m, moe) = (&config.model, &config.moe);
         let fused_gather = config.device == "cuda" && config.cuda.hopper_experts && config.parallel.ep == 1 && cuda_scratch::expert_kernels_gather(m.d_model, &moe.expert_widths);
-        PlanTarget { model: m, moe, memory: &config.memory, device: &config.device, fused_gather, expert_parallel: config.parallel.ep > 1, dispatch: config.dispatch }
+        PlanTarget { model: m, moe, memory: &config.memory, device: &config.device, fused_gather, dispatch: config.dispatch }
     }
 
     /// MEMO's cost model of this target's layers at `batch × seq`, with the gate/up product saved

@@ -132,8 +132,15 @@ pub struct RowRun {
     pub kept: usize,
 }
 
-/// The row runs of a `TokenSplit` tensor for a split at token `split` (tokens `< split` kept).
-pub fn row_runs(spec: &TensorSpec, dims: &BlockDims, routing: &Routing, split: usize) -> Vec<RowRun> {
+/// Where expert parallelism put a layer's gate/up rows: on the experts' rank, one chunk per
+/// (local expert, source rank), expert-major, each chunk's rows in its source's token order.
+/// Each chunk is `(rows, kept, width)`: its rows, how many of them belong to tokens below the
+/// layer's split on their source, and the row width (2h of its expert).
+pub type ExchangedRows = Vec<(usize, usize, usize)>;
+
+/// The row runs of a `TokenSplit` tensor for a split at token `split` (tokens `< split` kept);
+/// the gate/up product's in the `exchanged` layout where the rows were exchanged.
+pub fn row_runs(spec: &TensorSpec, dims: &BlockDims, routing: &Routing, split: usize, exchanged: Option<&ExchangedRows>) -> Vec<RowRun> {
     let per_expert = |row_width: &dyn Fn(usize) -> usize| {
         let mut start = 0;
         (0..routing.n_experts)
@@ -150,7 +157,19 @@ pub fn row_runs(spec: &TensorSpec, dims: &BlockDims, routing: &Routing, split: u
         Extent::PerToken(w) => vec![RowRun { start: 0, rows: dims.tokens(), width: dims.width(w), kept: split.min(dims.tokens()) }],
         Extent::PerHeadToken => vec![RowRun { start: 0, rows: dims.tokens() * dims.n_heads, width: 1, kept: dims.tokens() * dims.n_heads }],
         Extent::PerSlot(w) => per_expert(&|_| dims.width(w)),
-        Extent::PerSlotExpertWidth(k) => per_expert(&|e| k * dims.expert_widths[e]),
+        Extent::PerSlotExpertWidth(k) => match exchanged {
+            None => per_expert(&|e| k * dims.expert_widths[e]),
+            Some(chunks) => {
+                let mut start = 0;
+                chunks
+                    .iter()
+                    .map(|&(rows, kept, width)| {
+                        start += rows * width;
+                        RowRun { start: start - rows * width, rows, width, kept }
+                    })
+                    .collect()
+            }
+        },
     }
 }
 
@@ -231,6 +250,8 @@ struct LayerSlots<B: Backend> {
     routing: Option<Capped>,
     /// With expert parallelism: rows each local expert received from each EP rank.
     received: Option<Vec<usize>>,
+    /// With expert parallelism, a saved gate/up product and a split: its rows' layout.
+    exchanged: Option<ExchangedRows>,
     /// Set by `seal` when rows were dropped: the first dropped token.
     split: Option<usize>,
     traffic: LayerTraffic,
@@ -272,6 +293,7 @@ impl<B: Backend> ActivationStore<B> {
                 host: vec![None; inventory.len()],
                 routing: None,
                 received: None,
+                exchanged: None,
                 split: None,
                 traffic: LayerTraffic::default(),
             })
@@ -377,9 +399,17 @@ impl<B: Backend> ActivationStore<B> {
         self.layers[layer].routing.as_ref().unwrap_or_else(|| panic!("routing of layer {layer} was not saved"))
     }
 
-    /// Saves the row counts of the expert-parallel exchange (the backward exchanges the same rows).
-    pub fn save_received(&mut self, layer: usize, recv_rows: Vec<usize>) {
+    /// Saves the row counts of the expert-parallel exchange (the backward exchanges the same rows)
+    /// and, where the layer saves the gate/up product and splits its tokens, that product's row
+    /// layout (the policy splits it there, not by the local routing).
+    pub fn save_received(&mut self, layer: usize, recv_rows: Vec<usize>, exchanged: Option<ExchangedRows>) {
         self.layers[layer].received = Some(recv_rows);
+        self.layers[layer].exchanged = exchanged;
+    }
+
+    /// The gate/up product's exchanged row layout, where [`Self::save_received`] got one.
+    pub fn exchanged(&self, layer: usize) -> Option<&ExchangedRows> {
+        self.layers[layer].exchanged.as_ref()
     }
 
     pub fn received(&self, layer: usize) -> &[usize] {
@@ -415,7 +445,7 @@ impl<B: Backend> ActivationStore<B> {
                 }
                 (_, Class::Whole, _) => (vec![(0, self.layers[layer].lens[i])], 0),
                 (_, Class::TokenSplit, Some(a)) => {
-                    let runs = row_runs(spec, dims, &routing.kept, a);
+                    let runs = row_runs(spec, dims, &routing.kept, a, self.layers[layer].exchanged.as_ref());
                     let kept: Vec<(usize, usize)> = runs.iter().map(|r| (r.start, r.kept * r.width)).filter(|&(_, n)| n > 0).collect();
                     let dropped = runs.iter().map(|r| ((r.rows - r.kept) * r.width) as u64).sum::<u64>() * elem;
                     (kept, dropped)
@@ -542,7 +572,7 @@ impl<B: Backend> ActivationStore<B> {
                     self.track(B::buf_bytes(&buf), 0);
                     if let (Some(rows), Some(a)) = (rows, split) {
                         let mut at = 0;
-                        for r in row_runs(spec, dims, &routing.kept, a) {
+                        for r in row_runs(spec, dims, &routing.kept, a, self.layers[layer].exchanged.as_ref()) {
                             let n = r.kept * r.width;
                             be.copy(B::view_mut(&mut buf, r.start..r.start + n), B::view(&rows, at..at + n));
                             at += n;
@@ -573,6 +603,7 @@ impl<B: Backend> ActivationStore<B> {
         let slots = &mut self.layers[layer];
         slots.routing = None;
         slots.received = None;
+        slots.exchanged = None;
         slots.split = None;
     }
 
@@ -612,6 +643,24 @@ mod tests {
     use crate::backend::cpu::Cpu;
     use crate::model::config::Routing as Kind;
     use crate::model::Model;
+
+    /// Where the rows were exchanged, the gate/up product's runs are the exchanged chunks, one
+    /// after another; every other tensor's follow the local routing.
+    #[test]
+    fn exchanged_gate_up_rows_run_chunk_by_chunk() {
+        let m = ModelConfig { vocab_size: 64, d_model: 8, n_layers: 1, n_heads: 2, n_kv_heads: 2, seq_len: 4, rope_theta: 1e4, norm_eps: 1e-5, init_std: 0.1 };
+        let moe = MoeConfig { expert_widths: vec![2, 4], routing: Kind::TopK, top_k: 1, top_p: 1.0, load_balance: 0.0, p_penalty: 0.0, entropy: 0.0, z_loss: 0.0 };
+        let dims = BlockDims::new(&m, &moe, 1, 4);
+        let c = |token, expert| crate::model::routing::Choice { token, expert, gate: 1.0 };
+        let routing = Routing::from_choices(4, 2, &[c(0, 1), c(1, 0), c(2, 1), c(3, 1)]);
+        let spec = |name| *crate::model::block::INVENTORY.iter().find(|s| s.name == name).unwrap();
+        let exchanged: ExchangedRows = vec![(3, 1, 4), (0, 0, 4), (2, 2, 8)];
+        let runs = row_runs(&spec(crate::model::block::GATE_UP), &dims, &routing, 2, Some(&exchanged));
+        assert_eq!(runs, vec![RowRun { start: 0, rows: 3, width: 4, kept: 1 }, RowRun { start: 12, rows: 0, width: 4, kept: 0 }, RowRun { start: 12, rows: 2, width: 8, kept: 2 }]);
+        // expert_out (per slot, on this rank) by the local routing: expert 0 has token 1, expert 1 tokens 0, 2, 3.
+        let runs = row_runs(&spec("expert_out"), &dims, &routing, 2, Some(&exchanged));
+        assert_eq!(runs, vec![RowRun { start: 0, rows: 1, width: 8, kept: 1 }, RowRun { start: 8, rows: 3, width: 8, kept: 1 }]);
+    }
 
     /// Restoring a layer starts bringing back the one before it, and restoring that one takes
     /// the prefetched buffers (the values are checked bitwise by tests/memo.rs).

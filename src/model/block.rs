@@ -5,6 +5,8 @@
 //! Shapes: N tokens, C = d_model, W = (H + 2·Hkv)·D (fused qkv), A = H·D, E experts,
 //! S routed slots, h_e the width of expert e.
 
+use std::ops::Range;
+
 use super::config::{ModelConfig, MoeConfig};
 use super::grads::Grads;
 use super::params::BlockParams;
@@ -14,7 +16,7 @@ use crate::backend::{AttnShape, Backend, DeviceGroup, Gemm, Pick, Precision, Swi
 use crate::config::GateUp;
 use crate::memory::arena::Arena;
 use crate::memory::plan::Phase;
-use crate::memory::store::{ActivationStore, Class, Extent, TensorSpec, Width};
+use crate::memory::store::{ActivationStore, Class, ExchangedRows, Extent, TensorSpec, Width};
 use crate::memory::transients::{block_phases, bwd, expert_act_elements, fwd, BackendTransients};
 use crate::parallel::comm::Communicator;
 use crate::parallel::dispatch::{apply_capacity, expert_shard, plan_slots, DispatchMode, DropPolicy, SlotPlan, TokenDispatcher};
@@ -148,6 +150,19 @@ fn chunked(segs: &[Segment], max_rows: usize, widths: &[usize]) -> Vec<Vec<Segme
 /// twice as wide) instead of the layer's saved one: where the gate/up product is a transient.
 fn chunk_local_gate_up(chunk: &[Segment]) -> Vec<Segment> {
     chunk.iter().map(|s| Segment { gu: 2 * s.act, ..*s }).collect()
+}
+
+/// Each expert's slots of tokens below `split`: the head of its slot range (slots ascend by
+/// token within an expert).
+fn kept_per_expert(routing: &Routing, split: usize) -> Vec<usize> {
+    (0..routing.n_experts).map(|e| routing.token[routing.slots_of(e)].partition_point(|&t| (t as usize) < split)).collect()
+}
+
+/// The gate/up rows' layout on the experts' rank (`memory::store::ExchangedRows`): chunks
+/// `[local expert][source]` of `recv[src·L + le]` rows, `kept[src·L + le]` of them below the split.
+fn exchanged_rows(recv: &[usize], kept: &[usize], local: Range<usize>, widths: &[usize]) -> ExchangedRows {
+    let l = local.len();
+    local.enumerate().flat_map(|(le, ex)| (0..recv.len() / l).map(move |src| (src * l + le, 2 * widths[ex]))).map(|(k, width)| (recv[k], kept[k], width)).collect()
 }
 
 /// The rows the expert-parallel exchange moves: every slot the experts run (the capacity, if
@@ -348,6 +363,9 @@ impl<B: Backend> BlockCtx<'_, B> {
             Some((st, _)) if st.declares(GATE_UP) => GateUp::Save,
             _ => GateUp::Recompute,
         };
+        // Where this layer's policy splits its tokens (MEMO), and the gate/up product is saved
+        // on the experts' ranks, the split travels with the rows (`ExchangedRows`).
+        let split = store.as_ref().and_then(|(st, l)| st.policies()[*l].split_token(n));
         let (forward, backward) = self.phases(routing, gate_up);
         if store.is_some() {
             // Training: room for this routing's backward now, so a step allocates once.
@@ -391,7 +409,7 @@ impl<B: Backend> BlockCtx<'_, B> {
                 let local = d.local_experts();
                 let counts: Vec<usize> = d.local_spans(&recv).iter().map(|s| s.len()).collect();
                 let (segs, gu_len) = segments(local.start, &counts, widths);
-                let act_len = expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize;
+                let act_len = expert_act_elements(&counts, &widths[local.clone()], self.chunk_rows) as usize;
                 // Beside the arena (the exchanged rows' counts are not the plan's): the saved gu
                 // whole, or a chunk's.
                 let mut gu = scratch(if gate_up == GateUp::Save { gu_len } else { 2 * act_len });
@@ -404,7 +422,11 @@ impl<B: Backend> BlockCtx<'_, B> {
                     self.experts_forward(p, &chunk, (B::full(&xg), None), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
                 }
                 self.return_from_experts(&d, B::full(&yg), &plan, &recv, B::full_mut(&mut y))?;
-                ((gate_up == GateUp::Save).then_some(gu), Some(recv))
+                let exchanged = match (gate_up, split) {
+                    (GateUp::Save, Some(a)) => Some(exchanged_rows(&recv, &d.counts_from_sources(&kept_per_expert(routing, a))?, local, widths)),
+                    _ => None,
+                };
+                ((gate_up == GateUp::Save).then_some(gu), Some((recv, exchanged)))
             }
         };
         let (tok_off, tok_slots) = routing.by_token();
@@ -440,8 +462,8 @@ impl<B: Backend> BlockCtx<'_, B> {
                 store.save(l, name, buf);
             }
             store.save_routing(l, capped);
-            if let Some(recv) = received {
-                store.save_received(l, recv);
+            if let Some((recv, exchanged)) = received {
+                store.save_received(l, recv, exchanged);
             }
         }
         Ok(stats)
@@ -481,6 +503,7 @@ impl<B: Backend> BlockCtx<'_, B> {
         be.matmul(tail_mut::<B>(logits, from, n, e), tail::<B>(xn2, from, n, c), self.w(p.router, e * c), m, c, e, false, true, false);
         be.softmax_rows(tail_mut::<B>(probs, from, n, e), tail::<B>(logits, from, n, e), m, e);
 
+        let exchanged = store.exchanged(layer).cloned();
         let routing = store.routing(layer);
         // Each expert's slots to recompute are the tail of its slot range: gather them into one
         // block of rows and run the experts grouped, writing into the saved gu and y in place.
@@ -524,21 +547,42 @@ impl<B: Backend> BlockCtx<'_, B> {
                 // The tails travel to their experts' ranks, run there and come back, as in the
                 // forward: a collective, which every EP rank reaches for this layer (the same
                 // policies and shapes split every rank's tokens at the same place).
-                assert!(saved_gu.is_none(), "expert parallelism recomputes with memory.gate_up = \"recompute\" (the config refuses a saved gate/up product)");
                 let plan = SlotPlan { offsets: tail_offsets, source: (0..tokens.len()).map(Some).collect(), capacity: None };
                 let recv = d.receive_counts(&plan)?;
                 let local = d.local_experts();
                 let counts: Vec<usize> = d.local_spans(&recv).iter().map(|s| s.len()).collect();
-                let (local_segs, _) = segments(local.start, &counts, widths);
-                let act_len = expert_act_elements(&counts, &widths[local], self.chunk_rows) as usize;
+                let act_len = expert_act_elements(&counts, &widths[local.clone()], self.chunk_rows) as usize;
+                // A saved gate/up product lies in the forward's exchanged layout: one segment
+                // per (local expert, source) chunk, its rows after the chunk's kept ones.
+                let local_segs = match (&saved_gu, &exchanged) {
+                    (Some(_), Some(chunks)) => {
+                        let (mut segs, mut x_row, mut gu_at, sources) = (Vec::new(), 0, 0, recv.len() / local.len());
+                        for (i, &(rows, kept, width)) in chunks.iter().enumerate() {
+                            let (le, src) = (i / sources, i % sources);
+                            assert_eq!(rows - kept, recv[src * local.len() + le], "layer {layer}: rank {src}'s recomputed rows of expert {} are not the rows its forward split off", local.start + le);
+                            if rows > kept {
+                                segs.push(Segment { ex: local.start + le, rows: rows - kept, x_row, y_row: x_row, gu: gu_at + kept * width, act: 0 });
+                            }
+                            (x_row, gu_at) = (x_row + rows - kept, gu_at + rows * width);
+                        }
+                        segs
+                    }
+                    (Some(_), None) => unreachable!("the forward saves the gate/up rows' layout where the layer splits its tokens"),
+                    (None, _) => segments(local.start, &counts, widths).0,
+                };
                 let scratch = |len| be.alloc_scratch(len, Precision::Activation);
                 let xg = {
                     let [xe] = tx.views(be, [(bwd::XE, xe_len)]);
                     self.send_to_experts(&d, B::as_view(&xe), &plan, &recv)?
                 };
-                let (mut gu, mut act, mut yg) = (scratch(2 * act_len), scratch(act_len), scratch(B::len(&xg)));
+                let (mut act, mut yg) = (scratch(act_len), scratch(B::len(&xg)));
+                let mut chunk_gu = saved_gu.is_none().then(|| scratch(2 * act_len));
                 for chunk in chunked(&local_segs, self.chunk_rows, widths) {
-                    self.experts_forward(p, &chunk_local_gate_up(&chunk), (B::full(&xg), None), B::full_mut(&mut gu), B::full_mut(&mut act), B::full_mut(&mut yg));
+                    match (saved_gu.as_deref_mut(), chunk_gu.as_mut()) {
+                        (Some(gu), _) => self.experts_forward(p, &chunk, (B::full(&xg), None), B::full_mut(gu), B::full_mut(&mut act), B::full_mut(&mut yg)),
+                        (None, Some(gu)) => self.experts_forward(p, &chunk_local_gate_up(&chunk), (B::full(&xg), None), B::full_mut(gu), B::full_mut(&mut act), B::full_mut(&mut yg)),
+                        (None, None) => unreachable!("allocated where gu is not saved"),
+                    }
                 }
                 let mut back = scratch(tokens.len() * c);
                 self.return_from_experts(&d, B::full(&yg), &plan, &recv, B::full_mut(&mut back))?;

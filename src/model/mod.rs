@@ -283,9 +283,6 @@ impl<B: Backend> Model<B> {
     #[allow(clippy::too_many_arguments)]
     fn forward_backward_in(&mut self, be: &B, store: &mut ActivationStore<B>, tx: &mut Arena<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
         let shape = self.shape(batch, seq)?;
-        if self.ep.is_some() && store.declares(block::GATE_UP) && store.policies().iter().any(|p| *p != LayerPolicy::Keep) {
-            return Err(Error::Invalid("expert parallelism offloads or recomputes with the experts' gate/up product recomputed: set memory.gate_up = \"recompute\" (its saved rows lie in the exchanged layout, which the policies do not split yet)".into()));
-        }
         self.check_tokens(inputs, "input")?;
         self.check_tokens(targets, "target")?;
         let (n, c, v) = (shape.tokens(), self.config.d_model, self.config.vocab_size);

@@ -355,7 +355,13 @@ impl<'a> TokenDispatcher<'a> {
     /// this rank sends under `plan` (one count exchange per layer; the forward and the backward
     /// reuse it).
     pub fn receive_counts(&self, plan: &SlotPlan) -> Result<Vec<usize>> {
-        self.ep.all_to_all_counts(&plan.rows_per_expert())
+        self.counts_from_sources(&plan.rows_per_expert())
+    }
+
+    /// Per-expert counts of this rank's (`per_expert[e]`, E of them) as this rank's local
+    /// experts receive them from every EP rank, `[src·L + le]`.
+    pub fn counts_from_sources(&self, per_expert: &[usize]) -> Result<Vec<usize>> {
+        self.ep.all_to_all_counts(per_expert)
     }
 
     /// Row ranges of each local expert in the expert-major layout [`Self::to_experts`] returns.

@@ -495,7 +495,7 @@ pub fn activation_store<B: Backend>(be: &B, model: &Model<B>, memory: &MemoryCon
     if memory.policy == MemoryPolicy::Auto {
         let budget = if memory.device_gib > 0.0 { Some((memory.device_gib * (1u64 << 30) as f64) as u64) } else { be.memory_budget()? };
         let fused_gather = be.fuses_expert_gather(model.config.d_model, &model.moe.expert_widths);
-        let target = PlanTarget { model: &model.config, moe: &model.moe, memory, device, fused_gather, expert_parallel: model.expert_parallel().is_some(), dispatch: model.dispatch() };
+        let target = PlanTarget { model: &model.config, moe: &model.moe, memory, device, fused_gather, dispatch: model.dispatch() };
         let choice = auto::choose(&target, batch, seq, budget.unwrap_or(u64::MAX), link)?;
         return model.new_store_with(choice.policies, link.m_host, choice.gate_up);
     }
