@@ -143,11 +143,11 @@ pub type ExchangedRows = Vec<(usize, usize, usize)>;
 pub fn row_runs(spec: &TensorSpec, dims: &BlockDims, routing: &Routing, split: usize, exchanged: Option<&ExchangedRows>) -> Vec<RowRun> {
     let per_expert = |row_width: &dyn Fn(usize) -> usize| {
         let mut start = 0;
+        let below = routing.slots_below(split);
         (0..routing.n_experts)
             .map(|e| {
                 let slots = routing.slots_of(e);
-                let kept = routing.token[slots.clone()].partition_point(|&t| (t as usize) < split);
-                let run = RowRun { start, rows: slots.len(), width: row_width(e), kept };
+                let run = RowRun { start, rows: slots.len(), width: row_width(e), kept: below[e] };
                 start += slots.len() * run.width;
                 run
             })

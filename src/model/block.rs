@@ -152,12 +152,6 @@ fn chunk_local_gate_up(chunk: &[Segment]) -> Vec<Segment> {
     chunk.iter().map(|s| Segment { gu: 2 * s.act, ..*s }).collect()
 }
 
-/// Each expert's slots of tokens below `split`: the head of its slot range (slots ascend by
-/// token within an expert).
-fn kept_per_expert(routing: &Routing, split: usize) -> Vec<usize> {
-    (0..routing.n_experts).map(|e| routing.token[routing.slots_of(e)].partition_point(|&t| (t as usize) < split)).collect()
-}
-
 /// The gate/up rows' layout on the experts' rank (`memory::store::ExchangedRows`): chunks
 /// `[local expert][source]` of `recv[src·L + le]` rows, `kept[src·L + le]` of them below the split.
 fn exchanged_rows(recv: &[usize], kept: &[usize], local: Range<usize>, widths: &[usize]) -> ExchangedRows {
@@ -423,7 +417,7 @@ impl<B: Backend> BlockCtx<'_, B> {
                 }
                 self.return_from_experts(&d, B::full(&yg), &plan, &recv, B::full_mut(&mut y))?;
                 let exchanged = match (gate_up, split) {
-                    (GateUp::Save, Some(a)) => Some(exchanged_rows(&recv, &d.counts_from_sources(&kept_per_expert(routing, a))?, local, widths)),
+                    (GateUp::Save, Some(a)) => Some(exchanged_rows(&recv, &d.counts_from_sources(&routing.slots_below(a))?, local, widths)),
                     _ => None,
                 };
                 ((gate_up == GateUp::Save).then_some(gu), Some((recv, exchanged)))
@@ -509,9 +503,8 @@ impl<B: Backend> BlockCtx<'_, B> {
         // block of rows and run the experts grouped, writing into the saved gu and y in place.
         let widths = &self.moe.expert_widths;
         let (mut segs, mut tokens, mut tail_offsets, mut gu_base) = (Vec::new(), Vec::new(), vec![0], 0);
-        for (ex, &h) in widths.iter().enumerate() {
+        for ((ex, &h), kept) in widths.iter().enumerate().zip(routing.slots_below(from)) {
             let sl = routing.slots_of(ex);
-            let kept = routing.token[sl.clone()].partition_point(|&tok| (tok as usize) < from);
             let rows = sl.len() - kept;
             if rows > 0 {
                 segs.push(Segment { ex, rows, x_row: tokens.len(), y_row: sl.start + kept, gu: gu_base + kept * 2 * h, act: 0 });

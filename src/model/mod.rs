@@ -143,11 +143,7 @@ impl<B: Backend> Model<B> {
     /// expert-parallel exchange; the default is dropless): in every forward, training or not.
     /// Pad-to-capacity is refused (see `dispatch::apply_capacity`).
     pub fn with_dispatch(mut self, mode: DispatchMode) -> Result<Self> {
-        match mode {
-            DispatchMode::Dropless => {}
-            DispatchMode::Capacity { factor, .. } if factor.is_finite() && factor > 0.0 => {}
-            other => return Err(Error::config("moe.capacity_factor", format!("{other:?}"), "a finite number above 0 (or none: dropless)")),
-        }
+        crate::parallel::dispatch::check_model_mode(mode)?;
         self.dispatch = mode;
         Ok(self)
     }

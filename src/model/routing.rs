@@ -90,6 +90,12 @@ impl Routing {
         (0..self.n_experts).flat_map(|e| std::iter::repeat_n(e as u32, self.offsets[e + 1] - self.offsets[e])).collect()
     }
 
+    /// Each expert's slots of tokens below `split`: the head of its slot range (slots ascend by
+    /// token within an expert), what a token split (MEMO) keeps of it.
+    pub fn slots_below(&self, split: usize) -> Vec<usize> {
+        (0..self.n_experts).map(|e| self.token[self.slots_of(e)].partition_point(|&t| (t as usize) < split)).collect()
+    }
+
     /// Slot range of expert `e`.
     pub fn slots_of(&self, e: usize) -> std::ops::Range<usize> {
         self.offsets[e]..self.offsets[e + 1]

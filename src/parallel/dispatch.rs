@@ -177,10 +177,9 @@ pub fn plan_slots(routing: &Routing, probs: &[f32], mode: DispatchMode) -> Resul
 /// Dropless keeps every slot. Pad-to-capacity is refused: its padding rows only buy static
 /// shapes, which motley's backends do not need, at the price of running them.
 pub fn apply_capacity(routing: Routing, probs: &[f32], mode: DispatchMode) -> Result<Capped> {
-    match mode {
-        DispatchMode::Dropless => return Ok(Capped::dropless(routing)),
-        DispatchMode::PadToCapacity { .. } => return Err(Error::config("dispatch mode", "pad to capacity", "dropless or capacity (padding rows would run for nothing)")),
-        DispatchMode::Capacity { .. } => {}
+    check_model_mode(mode)?;
+    if mode == DispatchMode::Dropless {
+        return Ok(Capped::dropless(routing));
     }
     let plan = plan_slots(&routing, probs, mode)?;
     if plan.n_rows() == routing.n_slots() {
@@ -198,6 +197,16 @@ pub fn apply_capacity(routing: Routing, probs: &[f32], mode: DispatchMode) -> Re
     }
     let (n, e) = (routing.n_tokens, routing.n_experts);
     Ok(Capped { kept: Routing::from_expert_lists(n, e, &[keep]), dropped: Routing::from_expert_lists(n, e, &[drop]) })
+}
+
+/// Whether a model's MoE layers can run under `mode` ([`apply_capacity`]): dropless, or a
+/// capacity with a finite factor above 0.
+pub fn check_model_mode(mode: DispatchMode) -> Result<()> {
+    match mode {
+        DispatchMode::Dropless => Ok(()),
+        DispatchMode::Capacity { factor, .. } => check_factor(factor),
+        DispatchMode::PadToCapacity { .. } => Err(Error::config("dispatch mode", "pad to capacity", "dropless or capacity (padding rows would run for nothing)")),
+    }
 }
 
 fn check_factor(factor: f64) -> Result<()> {
