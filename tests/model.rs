@@ -50,6 +50,40 @@ fn gradients_do_not_depend_on_the_stale_buffer() {
     assert!(diff <= 1e-5 * scale, "chunked weight gradients differ from one chunk's by {diff} (scale {scale})");
 }
 
+/// The backward hands each range of the gradients over (to be summed over ranks while it goes
+/// on) only once nothing later in the step writes it: what each range held when handed over is
+/// bitwise what the step ends with (a stale NaN buffer, experts split over chunks and one
+/// without tokens, whose zeros must come before the hand-over). The ranges tile the buffer in
+/// the backward's order: head and final norm, the blocks last first, the embedding.
+#[test]
+fn gradients_are_final_when_handed_over() {
+    let be = Cpu::new(2);
+    let (cfg, mut moe) = tiny_model(Kind::TopK);
+    moe.top_k = 1;
+    let (b, t) = (1, 8);
+    let (inputs, targets) = batch(5, cfg.vocab_size, b, t);
+    let mut model = Model::new(&be, cfg, moe, 3).unwrap().with_expert_chunk_rows(2);
+    let mut store = model.new_store();
+    be.fill(Cpu::full_mut(&mut model.grads), f32::NAN);
+    model.zero_grads(&be);
+    let mut handed: Vec<(std::ops::Range<usize>, Vec<u32>)> = Vec::new();
+    let stats = model
+        .forward_backward_with(&be, &mut store, &inputs, &targets, b, t, &mut |grads: &mut Vec<f32>, r| {
+            handed.push((r.clone(), grads[r].iter().map(|g| g.to_bits()).collect()));
+            Ok(())
+        })
+        .unwrap();
+    assert!(stats.counts.iter().flatten().any(|&k| k == 0), "an expert receives no token: {:?}", stats.counts);
+    let layout = &model.layout;
+    let blocks = (0..layout.blocks.len()).rev().map(|l| layout.block_range(l));
+    let order: Vec<std::ops::Range<usize>> = std::iter::once(layout.final_norm..layout.total).chain(blocks).chain(std::iter::once(0..layout.block_range(0).start)).collect();
+    assert_eq!(handed.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(), order);
+    for (r, bits) in &handed {
+        let last: Vec<u32> = model.grads[r.clone()].iter().map(|g| g.to_bits()).collect();
+        assert!(*bits == last, "gradients {r:?} changed after they were handed over");
+    }
+}
+
 /// Without `zero_grads` between them, a second forward/backward adds to the first's gradients
 /// (every product adds once the step has written its gradient).
 #[test]

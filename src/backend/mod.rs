@@ -332,8 +332,12 @@ pub type PeerChunk = (usize, Range<usize>);
 /// Collectives over the ranks of a group on device buffers, without the host (NCCL on GPUs).
 /// Every rank of the group makes the same calls in the same order.
 pub trait DeviceGroup<B: Backend> {
-    /// `buf` (f32) ← Σ over the group's ranks of `buf`; every rank passes the same length.
+    /// Queues `buf` (f32) ← Σ over the group's ranks of `buf` (every rank passes the same
+    /// length) after every op queued so far, beside the ops queued after it: nothing may
+    /// touch `buf` until [`DeviceGroup::join`].
     fn all_reduce_sum(&self, buf: B::ViewMut<'_>) -> crate::Result<()>;
+    /// Makes the ops queued from now on wait for every sum queued before.
+    fn join(&self) -> crate::Result<()>;
     /// Sends each `(peer, range)` of `sends` (elements of `src`) to `peer`, and receives each
     /// `(peer, range)` of `recvs` from `peer` into that range of `dst`, `src` and `dst` of one
     /// element type; the k-th chunk a rank sends a peer is the k-th that peer receives from it,

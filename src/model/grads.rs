@@ -46,11 +46,19 @@ impl GradLedger {
         std::mem::replace(&mut self.written[i], true)
     }
 
-    /// Ends a step's backward: the gradients no product wrote, which the caller must zero; from
-    /// now on every gradient counts as written.
-    pub fn finish(&mut self) -> Vec<Range<usize>> {
-        let unwritten = self.products.iter().zip(&self.written).filter(|(_, w)| !**w).map(|(&(off, len), _)| off..off + len).collect();
-        self.written.fill(true);
+    /// Ends the step's products into gradients within `range` (a block whose backward has
+    /// run): returns those no product wrote, which the caller must zero; they count as written
+    /// from now on, as every gradient does once each block is closed.
+    pub fn close(&mut self, range: Range<usize>) -> Vec<Range<usize>> {
+        let first = self.products.partition_point(|p| p.0 < range.start);
+        let last = self.products.partition_point(|p| p.0 < range.end);
+        let mut unwritten = Vec::new();
+        for (&(off, len), written) in self.products[first..last].iter().zip(&mut self.written[first..last]) {
+            assert!(off + len <= range.end, "a gradient at {off} straddles the closed range {range:?}");
+            if !std::mem::replace(written, true) {
+                unwritten.push(off..off + len);
+            }
+        }
         unwritten
     }
 }
@@ -114,9 +122,15 @@ mod tests {
         }
         assert!(!ledger.accumulates(b.wo), "the first product writes");
         assert!(ledger.accumulates(b.wo), "later ones add");
-        let unwritten = ledger.finish();
+        let mut unwritten = Vec::new();
+        for l in (0..layout.blocks.len()).rev() {
+            let block = layout.block_range(l);
+            let closed = ledger.close(block.clone());
+            assert!(closed.iter().all(|r| block.start <= r.start && r.end <= block.end), "block {l} closes its own gradients only");
+            unwritten.extend(closed);
+        }
         assert_eq!(unwritten.len(), ledger.products.len() - 1);
         assert!(!unwritten.iter().any(|r| r.start == b.wo));
-        assert!(ledger.finish().is_empty());
+        assert!((0..layout.blocks.len()).all(|l| ledger.close(layout.block_range(l)).is_empty()), "closed gradients count as written");
     }
 }

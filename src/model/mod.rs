@@ -47,6 +47,13 @@ pub struct StepStats {
     pub train_flops: f64,
 }
 
+/// What [`Model::forward_backward_with`] calls with a range of the gradient buffer as soon as
+/// the backward has finished it (no later op of the step touches it), so that a caller can
+/// start summing it over ranks while the backward goes on: the final norm and the head at the
+/// turn, each block after its backward (the last first), the embedding at the end. The
+/// ranges tile the buffer, once each a step.
+pub type GradsReady<'a, B> = dyn FnMut(&mut <B as Backend>::Buf, std::ops::Range<usize>) -> Result<()> + 'a;
+
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
     pub moe: MoeConfig,
@@ -270,14 +277,21 @@ impl<B: Backend> Model<B> {
     /// product into a block matrix's gradient writes it, see [`grads::GradLedger`]); transients
     /// live in the store's arena.
     pub fn forward_backward(&mut self, be: &B, store: &mut ActivationStore<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
+        self.forward_backward_with(be, store, inputs, targets, batch, seq, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::forward_backward`], handing `ready` each range of the gradients as soon as the
+    /// backward has finished it (see [`GradsReady`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_with(&mut self, be: &B, store: &mut ActivationStore<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize, ready: &mut GradsReady<'_, B>) -> Result<StepStats> {
         let mut tx = store.take_arena();
-        let stats = self.forward_backward_in(be, store, &mut tx, inputs, targets, batch, seq);
+        let stats = self.forward_backward_in(be, store, &mut tx, inputs, targets, batch, seq, ready);
         store.set_arena(tx);
         stats
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn forward_backward_in(&mut self, be: &B, store: &mut ActivationStore<B>, tx: &mut Arena<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize) -> Result<StepStats> {
+    fn forward_backward_in(&mut self, be: &B, store: &mut ActivationStore<B>, tx: &mut Arena<B>, inputs: &[u32], targets: &[u32], batch: usize, seq: usize, ready: &mut GradsReady<'_, B>) -> Result<StepStats> {
         let shape = self.shape(batch, seq)?;
         self.check_tokens(inputs, "input")?;
         self.check_tokens(targets, "target")?;
@@ -302,6 +316,7 @@ impl<B: Backend> Model<B> {
 
         let mut dx = be.alloc_scratch(n * c, Precision::Activation);
         be.rmsnorm_bwd(B::full_mut(&mut dx), B::view_mut(&mut self.grads, fnorm..fnorm + c), B::full(&dxf), B::full(&x), B::view(self.params.compute(), fnorm..fnorm + c), B::full(&rstd), None, n, c);
+        ready(&mut self.grads, fnorm..self.layout.total)?; // the final norm and the head
         // Not needed by the blocks' backward: three activations less beside the layers'.
         drop((x, xf, dxf, rstd));
         let ctx = BlockCtx { be, model: &self.config, moe: &self.moe, shape, params: self.params.compute(), rope: &self.rope, ep: self.ep.as_deref(), ep_device: self.ep_device.as_deref(), chunk_rows: self.expert_chunk_rows, dispatch: self.dispatch };
@@ -314,12 +329,15 @@ impl<B: Backend> Model<B> {
             ctx.backward(bp, &mut Grads { buf: &mut self.grads, ledger: &mut self.ledger }, store, l, &dx, &mut dprev, tx)?;
             store.release(l);
             dx = dprev;
+            let block = self.layout.block_range(l);
+            for r in self.ledger.close(block.clone()) {
+                be.fill(B::view_mut(&mut self.grads, r), 0.0); // matrices no product wrote (an expert without tokens)
+            }
+            ready(&mut self.grads, block)?;
         }
         let emb = self.layout.embedding;
         be.embedding_bwd(B::view_mut(&mut self.grads, emb..emb + v * c), B::full(&dx), inputs, c);
-        for r in self.ledger.finish() {
-            be.fill(B::view_mut(&mut self.grads, r), 0.0); // matrices no product wrote (an expert without tokens)
-        }
+        ready(&mut self.grads, emb..self.layout.block_range(0).start)?;
         Ok(stats)
     }
 

@@ -112,6 +112,12 @@ impl ParamLayout {
         ParamLayout { specs, total, embedding, blocks, final_norm, lm_head, local_experts: local }
     }
 
+    /// Block `l`'s tensors: they lie back to back, from its attention norm to the next block's
+    /// (or the final norm).
+    pub fn block_range(&self, l: usize) -> std::ops::Range<usize> {
+        self.blocks[l].attn_norm..self.blocks.get(l + 1).map_or(self.final_norm, |b| b.attn_norm)
+    }
+
     pub fn get(&self, name: &str) -> Option<&ParamSpec> {
         self.specs.iter().find(|s| s.name == name)
     }

@@ -36,6 +36,9 @@ impl ExpertGroups {
 /// A device reducer over one group, or `None`: through host memory.
 type OnDevice<B> = Option<Box<dyn DeviceGroup<B>>>;
 
+/// Ranges of the gradients to sum over a group, and the group's device reducer (if any).
+type Reduction<'a, B> = (Vec<Range<usize>>, &'a dyn Communicator, &'a OnDevice<B>);
+
 /// Contiguous element ranges of the dense and of the expert tensors of a layout, and what sums
 /// them over the ranks.
 pub struct GradBuckets<B: Backend> {
@@ -94,29 +97,46 @@ impl<B: Backend> GradBuckets<B> {
         Ok(said.join("; the experts' "))
     }
 
-    /// Averages gradients over the ranks of `dp` (every rank's loss is a mean over its own
-    /// tokens): dense tensors summed over `dp`, expert tensors over `edp` (`None`: experts are
-    /// not sharded, so everything is summed over `dp` at once), then scaled by 1/|dp|. A group
-    /// of one rank has nothing to sum.
-    pub fn average(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<()> {
-        let whole = 0..B::len(grads);
+    /// The reductions of `range` (a range the backward has finished, see
+    /// [`crate::model::GradsReady`]): its dense part over `dp`, its expert part over `edp`
+    /// (`None`: experts are not sharded, so all of it over `dp`). A group of one rank has
+    /// nothing to sum.
+    fn groups<'a>(&'a self, range: Range<usize>, dp: &'a dyn Communicator, edp: Option<&'a dyn Communicator>) -> Vec<Reduction<'a, B>> {
+        let within = |ranges: &[Range<usize>]| -> Vec<Range<usize>> { ranges.iter().map(|r| r.start.max(range.start)..r.end.min(range.end)).filter(|r| !r.is_empty()).collect() };
         let [on_dp, on_edp] = &self.on_device;
         let groups = match edp {
-            None => vec![(std::slice::from_ref(&whole), dp, on_dp)],
-            Some(edp) => vec![(&self.dense[..], dp, on_dp), (&self.expert[..], edp, on_edp)],
+            None => vec![(vec![range.clone()], dp, on_dp)],
+            Some(edp) => vec![(within(&self.dense), dp, on_dp), (within(&self.expert), edp, on_edp)],
         };
-        for (ranges, comm, on_device) in groups {
-            if comm.size() == 1 {
-                continue;
+        groups.into_iter().filter(|(ranges, comm, _)| comm.size() > 1 && !ranges.is_empty()).collect()
+    }
+
+    /// Starts summing `range` of the gradients over the ranks where the devices sum (each
+    /// range as the backward finishes it, so the sums overlap the rest of the backward); the
+    /// host path sums everything in [`GradBuckets::average`] instead, since a host collective
+    /// would stop the computing thread.
+    pub fn reduce_ready(&self, grads: &mut B::Buf, range: Range<usize>, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<()> {
+        for (ranges, _, on_device) in self.groups(range, dp, edp) {
+            if let Some(device) = on_device {
+                ranges.iter().try_for_each(|r| device.all_reduce_sum(B::view_mut(grads, r.clone())))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Averages gradients over the ranks of `dp` (every rank's loss is a mean over its own
+    /// tokens), after [`GradBuckets::reduce_ready`] has been given every range: waits for the
+    /// devices' sums, sums the rest through host memory, then scales by 1/|dp|.
+    pub fn average(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<()> {
+        for (ranges, comm, on_device) in self.groups(0..B::len(grads), dp, edp) {
             match (on_device, B::host_mut(grads)) {
-                (Some(device), _) => ranges.iter().try_for_each(|r| device.all_reduce_sum(B::view_mut(grads, r.clone())))?,
+                (Some(device), _) => device.join()?,
                 // Host memory: reduce each range in place.
                 (None, Some(host)) => ranges.iter().try_for_each(|r| comm.all_reduce_sum(&mut host[r.clone()]))?,
                 (None, None) => {
-                    let mut packed = pack(be, grads, ranges);
+                    let mut packed = pack(be, grads, &ranges);
                     comm.all_reduce_sum(&mut packed)?;
-                    unpack(be, grads, ranges, &packed);
+                    unpack(be, grads, &ranges, &packed);
                 }
             }
         }

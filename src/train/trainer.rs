@@ -360,7 +360,8 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         let batch = loader.next_batch();
         let rows = rank * local_batch * t.seq_len..(rank + 1) * local_batch * t.seq_len;
         model.zero_grads(be);
-        let mut stats = model.forward_backward(be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], local_batch, t.seq_len)?;
+        let mut reduce_ready = |grads: &mut B::Buf, range| if ranks > 1 { buckets.reduce_ready(grads, range, dp, edp.as_deref()) } else { Ok(()) };
+        let mut stats = model.forward_backward_with(be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], local_batch, t.seq_len, &mut reduce_ready)?;
         if ranks > 1 {
             buckets.average(be, &mut model.grads, dp, edp.as_deref())?;
             // Losses are averaged over the ranks; FLOPs (from each rank's routed counts) summed, so

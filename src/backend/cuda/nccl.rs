@@ -1,13 +1,18 @@
-//! Collectives over GPUs on NCCL, on the compute stream: gradients summed in place, and the
-//! token dispatcher's expert-parallel rows exchanged, instead of downloaded, moved by MPI in host
-//! memory and uploaded again (two PCIe crossings each: for H100-ref's 3.8 GB of f32 gradients
-//! alone ~140 ms a step at 55 GB/s, derived).
+//! Collectives over GPUs on NCCL: gradients summed in place, and the token dispatcher's
+//! expert-parallel rows exchanged, instead of downloaded, moved by MPI in host memory and
+//! uploaded again (two PCIe crossings each: for H100-ref's 3.8 GB of f32 gradients alone
+//! ~140 ms a step at 55 GB/s, derived). Exchanges queue on the compute stream (the experts wait
+//! for their rows); sums on a stream of their own, so that a layer's gradients are summed
+//! while the backward of the layers before it runs.
 //!
 //! NCCL takes one GPU a rank and must load on every rank, so [`open`] first gathers, over the
 //! host communicator, whether each rank loads libnccl and which GPU it holds (its UUID, unique
 //! across nodes); where any rank cannot, every rank keeps the host path and says why. Rank 0's
 //! unique id travels by the same communicator.
 
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
 use cudarc::nccl::{result, sys};
 
 use super::{offset, CudaBackend, DevView, DevViewMut, Storage};
@@ -15,11 +20,12 @@ use crate::backend::{DeviceGroup, GroupOnDevice, PeerChunk};
 use crate::parallel::comm::Communicator;
 use crate::{Error, Result};
 
-/// A NCCL communicator over a group's GPUs, queuing on the backend's compute stream: the
-/// gradients' sums and the token dispatcher's exchanges of expert-parallel rows.
+/// A NCCL communicator over a group's GPUs: the token dispatcher's exchanges of
+/// expert-parallel rows on the backend's compute stream, the gradients' sums on `reductions`.
 pub struct Nccl {
     comm: sys::ncclComm_t,
-    stream: sys::cudaStream_t,
+    compute: Arc<CudaStream>,
+    reductions: Arc<CudaStream>,
     ranks: usize,
     /// " 2.27.3", or empty where the library names no release.
     version: String,
@@ -86,7 +92,8 @@ pub fn open(be: &CudaBackend, group: &dyn Communicator) -> Result<GroupOnDevice<
         0 => String::new(),
         v => format!(" {}.{}.{}", v / 10000, v / 100 % 100, v % 100),
     };
-    Ok(GroupOnDevice::Opened(Box::new(Nccl { comm, stream: be.stream.cu_stream() as sys::cudaStream_t, ranks: group.size(), version })))
+    let reductions = be.stream.context().new_stream().map_err(|e| Error::Invalid(format!("CUDA stream for NCCL's sums: {e:?}")))?;
+    Ok(GroupOnDevice::Opened(Box::new(Nccl { comm, compute: be.stream.clone(), reductions, ranks: group.size(), version })))
 }
 
 /// NCCL's type of a storage's elements.
@@ -94,6 +101,12 @@ fn nccl_type(storage: Storage) -> sys::ncclDataType_t {
     match storage {
         Storage::F32 => sys::ncclDataType_t::ncclFloat32,
         Storage::Bf16 => sys::ncclDataType_t::ncclBfloat16,
+    }
+}
+
+impl Nccl {
+    fn compute_stream(&self) -> sys::cudaStream_t {
+        self.compute.cu_stream() as sys::cudaStream_t
     }
 }
 
@@ -107,13 +120,13 @@ impl DeviceGroup<CudaBackend> for Nccl {
                 assert!(r.end <= src.len, "send {r:?} past a view of {}", src.len);
                 let at = offset(src.ptr, r.start, src.storage) as *const std::ffi::c_void;
                 // SAFETY: a live device range of the view; queued in stream order.
-                unsafe { result::send(at, r.len(), ty, *peer as i32, self.comm, self.stream) }?;
+                unsafe { result::send(at, r.len(), ty, *peer as i32, self.comm, self.compute_stream()) }?;
             }
             for (peer, r) in recvs.iter().filter(|(_, r)| !r.is_empty()) {
                 assert!(r.end <= dst.len, "receive {r:?} past a view of {}", dst.len);
                 let at = offset(dst.ptr, r.start, dst.storage) as *mut std::ffi::c_void;
                 // SAFETY: as above; the ranges of `recvs` are disjoint parts of a writable view.
-                unsafe { result::recv(at, r.len(), ty, *peer as i32, self.comm, self.stream) }?;
+                unsafe { result::recv(at, r.len(), ty, *peer as i32, self.comm, self.compute_stream()) }?;
             }
             Ok(())
         };
@@ -126,12 +139,20 @@ impl DeviceGroup<CudaBackend> for Nccl {
 
     fn all_reduce_sum(&self, buf: DevViewMut<'_>) -> Result<()> {
         assert_eq!(buf.storage, Storage::F32, "NCCL sums f32 gradients");
+        let written = self.compute.record_event(None).map_err(|e| Error::Invalid(format!("CUDA event before a NCCL sum: {e:?}")))?;
+        self.reductions.wait(&written).map_err(|e| Error::Invalid(format!("CUDA wait before a NCCL sum: {e:?}")))?;
         let ptr = buf.ptr as *mut std::ffi::c_void;
-        // SAFETY: `buf` is a live device range of `len` f32 elements, summed in place in stream
-        // order (everything that wrote it was queued before, everything reading it after).
-        unsafe { result::all_reduce(ptr, ptr, buf.len, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, self.comm, self.stream) }
+        // SAFETY: `buf` is a live device range of `len` f32 elements (the gradients, which live
+        // as long as the model), summed in place after everything the compute stream had queued
+        // (which wrote it); the caller neither writes nor reads it before `join`.
+        unsafe { result::all_reduce(ptr, ptr, buf.len, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, self.comm, self.reductions.cu_stream() as sys::cudaStream_t) }
             .map(|_| ())
             .map_err(|e| nccl_error("all-reduce", e))
+    }
+
+    fn join(&self) -> Result<()> {
+        let summed = self.reductions.record_event(None).map_err(|e| Error::Invalid(format!("CUDA event after NCCL's sums: {e:?}")))?;
+        self.compute.wait(&summed).map_err(|e| Error::Invalid(format!("CUDA wait for NCCL's sums: {e:?}")))
     }
 
     fn describe(&self) -> String {
@@ -141,8 +162,9 @@ impl DeviceGroup<CudaBackend> for Nccl {
 
 impl Drop for Nccl {
     fn drop(&mut self) {
-        // SAFETY: the communicator is ours and used by nothing after this; destroy waits for
-        // its queued operations.
+        // SAFETY: the communicator is ours and used by nothing after this, once its queued
+        // sums have run.
+        let _ = self.reductions.synchronize();
         let _ = unsafe { result::comm_destroy(self.comm) };
     }
 }

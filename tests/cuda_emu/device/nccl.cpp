@@ -8,8 +8,13 @@
 // Stricter than NCCL where it is cheap: buffers must lie inside one live device allocation,
 // every rank must pass the same count, type and operation, and a second rank claiming the same
 // place in a communicator fails. Ranks in other processes (mpirun) cannot join: the init says
-// so after 20 s. Only the compute (null) stream is emulated: it runs each
-// operation when queued, so everything queued before the collective has run.
+// so after 20 s. Sends and receives run on the compute (null) stream only, which runs each
+// operation when queued, so everything queued before them has run. An all-reduce may queue on
+// a created stream (the backend sums gradients there while the backward goes on): the ranks
+// read their buffers at the call, when everything the compute stream queued before has run,
+// and the sum lands in the receive buffer in that stream's order, which the emulated driver
+// runs as late as it may (at a wait on one of its events): a backend that reads the sums
+// without waiting for them reads the unsummed gradients.
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -99,10 +104,22 @@ int fail(int code, const std::string& why) {
 }
 
 // The checks every call makes of its communicator and stream (`what` names the call).
-int check_call(Comm* c, void* stream, const char* what) {
+int check_call(Comm* c, void* stream, const char* what, bool created_stream_allowed) {
     if (!c) return fail(INVALID_ARGUMENT, strprintf("%s on a null communicator", what));
-    if (stream) return fail(INVALID_USAGE, strprintf("%s on a created stream; the emulator runs collectives on the null stream only", what));
+    if (stream && !created_stream_allowed) return fail(INVALID_USAGE, strprintf("%s on a created stream; the emulator runs sends and receives on the null stream only", what));
     return SUCCESS;
+}
+
+// A sum waiting for its turn on a stream.
+struct Landing {
+    void* recv;
+    std::vector<float> sum;
+};
+
+void land(void* data) {
+    auto* l = static_cast<Landing*>(data);
+    memcpy(l->recv, l->sum.data(), l->sum.size() * sizeof(float));
+    delete l;
 }
 
 }  // namespace
@@ -158,7 +175,7 @@ EXPORT int ncclCommDestroy(void* comm) {
 
 EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, void* comm, void* stream) {
     auto* c = static_cast<Comm*>(comm);
-    if (int r = check_call(c, stream, "all-reduce")) return r;
+    if (int r = check_call(c, stream, "all-reduce", true)) return r;
     if (type != FLOAT32 || op != SUM) return fail(INVALID_USAGE, strprintf("all-reduce of type %d, operation %d: only f32 sums are emulated", type, op));
     size_t bytes = count * sizeof(float);
     if (!motley_emu_in_allocation(send, bytes) || !motley_emu_in_allocation(recv, bytes))
@@ -181,7 +198,7 @@ EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int type, i
     lock.lock();
     g.barrier(lock);  // every rank has read every send buffer (which may be its recv buffer)
     lock.unlock();
-    memcpy(recv, sum.data(), bytes);
+    motley_emu_enqueue(stream, land, new Landing{recv, std::move(sum)});
     return SUCCESS;
 }
 
@@ -195,7 +212,7 @@ size_t type_bytes(int type) { return type == FLOAT32 ? 4 : type == BFLOAT16 ? 2 
 // Queues a send or receive of the group in progress (a call outside a group is a group of one).
 int queue_chunk(std::vector<Chunk>& queue, void* ptr, size_t count, int type, int peer, void* comm, void* stream, const char* what) {
     auto* c = static_cast<Comm*>(comm);
-    if (int r = check_call(c, stream, what)) return r;
+    if (int r = check_call(c, stream, what, false)) return r;
     if (!type_bytes(type)) return fail(INVALID_USAGE, strprintf("%s of type %d: only f32 and bf16 are emulated", what, type));
     if (peer < 0 || peer >= c->group->ranks) return fail(INVALID_ARGUMENT, strprintf("%s to peer %d of %d ranks", what, peer, c->group->ranks));
     if (!motley_emu_in_allocation(ptr, count * type_bytes(type)))
