@@ -15,6 +15,10 @@ EXPORT std::string strprintf(const char* fmt, ...) __attribute__((format(printf,
 
 // Whether [p, p + bytes) lies inside one live device allocation.
 EXPORT bool motley_emu_in_allocation(const void* p, size_t bytes);
+// Whether `stream` (a CUstream) runs after every operation this thread queued on the null stream
+// so far: the null stream itself, or a created stream that has waited for an event recorded
+// after them.
+EXPORT bool motley_emu_after_compute(void* stream);
 // Runs op(data) in `stream`'s order (a CUstream; null: the null stream).
 EXPORT void motley_emu_enqueue(void* stream, void (*op)(void*), void* data);
 // Prints why a call of an emulated library fails.

@@ -16,7 +16,7 @@
 //   of its events, a synchronisation or the stream's destruction. A copy the backend forgot to
 //   order therefore reads freed (poisoned) memory or lands after its reader: a wrong result.
 // What it does not check: the hardware's timing, memory limits, or cross-stream races on
-// anything but the copy stream.
+// anything but the copy stream and NCCL's sums (nccl.cpp).
 #include <dlfcn.h>
 
 #include <chrono>
@@ -141,13 +141,18 @@ struct Stream {
     bool deferred;  // a created stream: runs its work as late as allowed
     std::deque<std::function<void()>> queue;
     uint64_t queued = 0, done = 0;
+    uint64_t compute_waited = 0;  // how many of the null-stream operations it has waited for
 };
 Stream null_stream{false};
+// The null-stream operations this thread queued: each emulated GPU's ranks are threads sharing
+// the null stream, whose own work is queued from its thread.
+thread_local uint64_t compute_ops = 0;
 std::set<Stream*> streams;
 
 struct Event {
     Stream* stream = nullptr;  // where it was recorded; null: never recorded
     uint64_t seq = 0;          // complete once stream->done reaches it
+    uint64_t compute_ops = 0;  // recorded on the null stream: this thread's operations before
     double ms = 0;             // host time when it completed
 };
 std::set<Event*> events;
@@ -189,6 +194,7 @@ void run_all() {
 void enqueue(Stream* s, std::function<void()> op) {
     if (!s->deferred) {
         op();
+        compute_ops++;
         return;
     }
     s->queue.push_back(std::move(op));
@@ -249,6 +255,12 @@ EXPORT bool motley_emu_in_allocation(const void* p, size_t bytes) {
     std::lock_guard<std::recursive_mutex> g(mu);
     const Allocation* a = find(reinterpret_cast<uintptr_t>(p), bytes);
     return a && a->device;
+}
+
+EXPORT bool motley_emu_after_compute(void* stream) {
+    std::lock_guard<std::recursive_mutex> g(mu);
+    Stream* s = stream_of(stream);
+    return s && (!s->deferred || s->compute_waited == compute_ops);
 }
 
 EXPORT void motley_emu_enqueue(void* stream, void (*op)(void*), void* data) {
@@ -565,6 +577,7 @@ EXPORT int cuEventRecord(void* event, void* stream) {
     if (!events.count(e) || !s) return fail(INVALID_HANDLE, "cuEventRecord of an unknown event or on an unknown stream");
     e->stream = s;
     if (!s->deferred) {
+        e->compute_ops = compute_ops;
         e->seq = 0;
         e->ms = now_ms();
         return SUCCESS;
@@ -589,6 +602,7 @@ EXPORT int cuStreamWaitEvent(void* stream, void* event, unsigned) {
     Stream* s = stream_of(stream);
     auto* e = static_cast<Event*>(event);
     if (!s || !events.count(e)) return fail(INVALID_HANDLE, "cuStreamWaitEvent with an unknown stream or event");
+    if (e->stream == &null_stream) s->compute_waited = std::max(s->compute_waited, e->compute_ops);
     if (complete(e)) return SUCCESS;
     Stream* other = e->stream;
     uint64_t seq = e->seq;

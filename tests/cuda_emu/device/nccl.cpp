@@ -14,7 +14,9 @@
 // read their buffers at the call, when everything the compute stream queued before has run,
 // and the sum lands in the receive buffer in that stream's order, which the emulated driver
 // runs as late as it may (at a wait on one of its events): a backend that reads the sums
-// without waiting for them reads the unsummed gradients.
+// without waiting for them reads the unsummed gradients. Such a stream must have waited for an
+// event recorded after the compute stream's latest operation, else the call fails (on a GPU
+// the sum could run before the backward wrote its buffer).
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -176,6 +178,8 @@ EXPORT int ncclCommDestroy(void* comm) {
 EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, void* comm, void* stream) {
     auto* c = static_cast<Comm*>(comm);
     if (int r = check_call(c, stream, "all-reduce", true)) return r;
+    if (!motley_emu_after_compute(stream))
+        return fail(INVALID_USAGE, "all-reduce on a created stream that has not waited for the compute stream's latest operations (an event recorded after them), which may still write its buffer");
     if (type != FLOAT32 || op != SUM) return fail(INVALID_USAGE, strprintf("all-reduce of type %d, operation %d: only f32 sums are emulated", type, op));
     size_t bytes = count * sizeof(float);
     if (!motley_emu_in_allocation(send, bytes) || !motley_emu_in_allocation(recv, bytes))
