@@ -82,7 +82,13 @@ pub enum Schedule {
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub seed: u64,
+    /// Sequences per optimizer step, over all data-parallel ranks.
     pub batch_size: usize,
+    /// Optional: sequences each rank runs through one forward and backward; a step adds up the
+    /// gradients of its share of `batch_size` (which this must divide) one micro-batch at a
+    /// time, so activations take a micro-batch's memory. Left out: the whole share at once.
+    #[serde(default)]
+    pub micro_batch_size: Option<usize>,
     /// Tokens per training sequence; at most `model.seq_len`.
     pub seq_len: usize,
     pub steps: u64,
@@ -383,6 +389,11 @@ impl Config {
         for (field, v) in [("train.batch_size", t.batch_size as u64), ("train.seq_len", t.seq_len as u64), ("train.steps", t.steps), ("train.eval_batches", t.eval_batches as u64)] {
             if v == 0 {
                 return Err(Error::config(field, v, "a positive integer"));
+            }
+        }
+        if let Some(micro) = t.micro_batch_size {
+            if micro == 0 || !t.batch_size.is_multiple_of(micro) {
+                return Err(Error::config("train.micro_batch_size", micro, format!("a positive divisor of train.batch_size = {} (leave it out to run each rank's share at once)", t.batch_size)));
             }
         }
         if t.seq_len > self.model.seq_len {
@@ -775,6 +786,15 @@ mod tests {
         assert!(err(&["data.corpus=embedded:austen+shakespeare"]).contains("shakespeare"));
         assert!(err(&["data.corpus=embedded:austen+austen"]).contains("twice"));
         assert!(err(&["train.max_flops=-1.0"]).contains("train.max_flops"));
+        assert_eq!(with(&[]).unwrap().train.micro_batch_size, None);
+        let micro = with(&["train.micro_batch_size=4"]).unwrap();
+        assert_eq!(micro.train.micro_batch_size, Some(4));
+        assert_eq!(Config::from_toml_str(&micro.to_toml().unwrap(), "written", &[]).unwrap(), micro);
+        assert_eq!(micro.config_hash(), with(&[]).unwrap().config_hash(), "micro-batches do not change what a checkpoint holds");
+        for bad in ["train.micro_batch_size=0", "train.micro_batch_size=5"] {
+            let e = err(&[bad]);
+            assert!(e.contains("train.micro_batch_size") && e.contains("divisor of train.batch_size = 16"), "{bad}: {e}");
+        }
         assert_eq!(with(&["train.max_flops=2e9"]).unwrap().train.max_flops, 2e9);
         assert_eq!(with(&["train.max_flops=5"]).unwrap().train.max_flops, 5.0);
         assert!(err(&["data.tokenizer=bpe", "model.vocab_size=256"]).contains("model.vocab_size"));

@@ -18,7 +18,8 @@ mod emu_build;
 /// by (emulated) NCCL on the devices, and with `parallel.nccl = false` through host memory: the
 /// same bits, since both add the ranks in order and moving rows changes none; 4 ranks on its 2
 /// devices fall back to host memory. EP=2 recomputing every layer before its backward (the rows
-/// exchanged again; the gate/up product saved or recomputed) gives EP=2's bits.
+/// exchanged again; the gate/up product saved or recomputed) gives EP=2's bits. DP=2 adding up
+/// two micro-batches a rank (NCCL summing only the last one's ranges) gives the host path's.
 #[test]
 fn data_and_expert_parallel_match_one_rank() {
     use motley::config::Config;
@@ -75,7 +76,19 @@ fn data_and_expert_parallel_match_one_rank() {
     // the gate/up product saved (in the exchanged layout) or recomputed too.
     let recompute: &[&str] = &["memory.policy=\"recompute\""];
     let recompute_gate_up: &[&str] = &["memory.policy=\"recompute\"", "memory.gate_up=\"recompute\""];
-    let cases = [("dp2", 1, true, &[][..]), ("dp2-host", 1, false, &[]), ("ep2", 2, true, &[]), ("ep2-host", 2, false, &[]), ("ep2-recompute", 2, true, recompute), ("ep2-recompute-gate-up", 2, true, recompute_gate_up)];
+    // The last two add up two micro-batches of one sequence a step on each rank (NCCL sums
+    // each range as the second one's backward finishes it).
+    let micro: &[&str] = &["train.micro_batch_size=1"];
+    let cases = [
+        ("dp2", 1, true, &[][..]),
+        ("dp2-host", 1, false, &[]),
+        ("ep2", 2, true, &[]),
+        ("ep2-host", 2, false, &[]),
+        ("ep2-recompute", 2, true, recompute),
+        ("ep2-recompute-gate-up", 2, true, recompute_gate_up),
+        ("dp2-micro", 1, true, micro),
+        ("dp2-micro-host", 1, false, micro),
+    ];
     for (name, ep, nccl, extra) in cases {
         let (out, collectives) = run(name, 2, ep, nccl, extra);
         let (got, got_params) = (losses(&out), params(&out));
@@ -101,6 +114,7 @@ fn data_and_expert_parallel_match_one_rank() {
         let bits = |(l, p): &(Vec<f64>, Vec<f32>)| (l.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), p.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         assert!(bits(&runs[0]) == bits(&runs[1]), "DP=2: NCCL's sums and the host's differ");
         assert!(bits(&runs[2]) == bits(&runs[3]), "EP=2: NCCL's exchanges and sums and the host's differ");
+        assert!(bits(&runs[6]) == bits(&runs[7]), "DP=2 with micro-batches: NCCL's sums and the host's differ");
         for (run, how) in [(&runs[4], "recomputing"), (&runs[5], "recomputing the gate/up product too")] {
             assert!(bits(&runs[2]) == bits(run), "EP=2: {how} (rows exchanged again) differs from keeping");
         }

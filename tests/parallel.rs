@@ -154,6 +154,38 @@ fn expert_and_data_parallel_match_one_rank() {
     assert!(d > 1e-4, "dropping slots changed the loss by only {d:e}");
 }
 
+/// Micro-batches are data-parallel ranks in time: 1 rank adding up 4 micro-batches of 2
+/// sequences runs the partition of the batch that 4 data-parallel ranks of 2 run, aux losses
+/// (each micro-batch's own routing) and expert capacity (each forward's own tokens) included,
+/// so it trains the same curve within 1e-5 (only the f32 order of the sums differs); so do 2
+/// ranks as EP=2 adding up 2 micro-batches each.
+#[test]
+fn micro_batches_match_data_parallel_ranks() {
+    let cache = temp("data-micro");
+    let micro = "train.micro_batch_size=2";
+    for (what, extra) in [("aux", &[][..]), ("cap", &["moe.capacity_factor=1.0"][..])] {
+        let dp4 = run(&format!("dp4-{what}"), 4, 1, true, &cache, extra);
+        let with_micro: Vec<&str> = extra.iter().copied().chain([micro]).collect();
+        let mut runs = vec![(format!("one-micro-{what}"), run(&format!("one-micro-{what}"), 1, 1, true, &cache, &with_micro))];
+        if what == "aux" {
+            runs.push(("ep2-micro-aux".into(), run("ep2-micro-aux", 2, 2, true, &cache, &with_micro)));
+        }
+        for (name, out) in runs {
+            for (kind, field) in [("train", "loss"), ("train", "aux_loss"), ("train", "p_penalty"), ("train", "grad_norm"), ("train", "dropped_slots"), ("eval", "val_loss")] {
+                let d = max_rel_diff(&records(&dp4, kind, field), &records(&out, kind, field));
+                assert!(d < 1e-5, "{name}: {field} differs from 4 data-parallel ranks by {d:e} (relative)");
+            }
+            let counts = |out: &Path| std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|r| r["kind"] == "train").map(|r| r["expert_counts"].clone()).collect::<Vec<_>>();
+            assert_eq!(counts(&dp4), counts(&out), "{name}: the batch's expert counts");
+        }
+    }
+    // Each rank's share must split into whole micro-batches.
+    let opts = TrainOptions { out: temp("micro-4-of-2"), resume: false, sample_prompt: String::new(), sample_tokens: 0, data_cache: Some(cache.clone()) };
+    let results = LocalGroup::run(4, |comm| train(&config(1, false, &["train.micro_batch_size=4"]), &opts, &comm).map(|s| s.steps)).unwrap();
+    let e = results[0].as_ref().expect_err("an error").to_string();
+    assert!(e.contains("train.micro_batch_size") && e.contains("8 / 4 ranks = 2"), "{e}");
+}
+
 #[test]
 fn expert_parallel_sizes_are_checked() {
     let cache = temp("data-check");

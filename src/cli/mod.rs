@@ -137,7 +137,8 @@ enum Command {
         /// Sequence length (default: train.seq_len).
         #[arg(long)]
         seq: Option<usize>,
-        /// Sequences per step (default: train.batch_size).
+        /// Sequences through one forward and backward (default: train.micro_batch_size where
+        /// set, else train.batch_size: one rank).
         #[arg(long)]
         batch: Option<usize>,
         /// Device memory (default: memory.device_gib where set, else 80GiB).
@@ -268,7 +269,7 @@ pub fn run() -> Result<()> {
         Command::PlanMemory { config, set, seq, batch, device_mem, host_mem, bandwidth, json } => {
             let config = Config::load(config.as_deref(), &set)?;
             let seq = seq.unwrap_or(config.train.seq_len);
-            let batch = batch.unwrap_or(config.train.batch_size);
+            let batch = batch.or(config.train.micro_batch_size).unwrap_or(config.train.batch_size);
             let device_mem = match device_mem {
                 Some(text) => parse_size("--device-mem", &text)?,
                 None if config.memory.device_gib > 0.0 => (config.memory.device_gib * (1u64 << 30) as f64) as u64,

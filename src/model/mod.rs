@@ -54,6 +54,35 @@ pub struct StepStats {
 /// ranges tile the buffer, once each a step.
 pub type GradsReady<'a, B> = dyn FnMut(&mut <B as Backend>::Buf, std::ops::Range<usize>) -> Result<()> + 'a;
 
+impl StepStats {
+    /// A step's statistics from those of its micro-batches (each a mean over as many tokens):
+    /// losses and activated parameters averaged; tokens, counts, drops and FLOPs added.
+    pub fn of_micro_batches(parts: Vec<StepStats>) -> StepStats {
+        let m = parts.len();
+        let mut parts = parts.into_iter();
+        let mut s = parts.next().expect("a step runs at least one micro-batch");
+        for p in parts {
+            s.tokens += p.tokens;
+            s.lm_loss += p.lm_loss;
+            s.aux.add(&p.aux);
+            s.aux_loss += p.aux_loss;
+            s.loss += p.loss;
+            for (layer, more) in s.counts.iter_mut().zip(&p.counts) {
+                layer.iter_mut().zip(more).for_each(|(k, more)| *k += more);
+            }
+            s.dropped += p.dropped;
+            s.activated_params += p.activated_params;
+            s.train_flops += p.train_flops;
+        }
+        if m > 1 {
+            let mean = |v: &mut f64| *v /= m as f64;
+            [&mut s.lm_loss, &mut s.aux_loss, &mut s.loss, &mut s.activated_params].into_iter().for_each(mean);
+            s.aux.scale(1.0 / m as f32);
+        }
+        s
+    }
+}
+
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
     pub moe: MoeConfig,

@@ -106,6 +106,12 @@ impl AuxLosses {
         self.entropy += o.entropy;
         self.z_loss += o.z_loss;
     }
+
+    pub fn scale(&mut self, f: f32) {
+        for v in [&mut self.load_balance, &mut self.p_penalty, &mut self.entropy, &mut self.z_loss] {
+            *v *= f;
+        }
+    }
 }
 
 /// Share of tokens that activate each expert, `T_i = count_i / N` (Σ T_i = mean experts/token).

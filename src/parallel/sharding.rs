@@ -124,10 +124,11 @@ impl<B: Backend> GradBuckets<B> {
         Ok(())
     }
 
-    /// Averages gradients over the ranks of `dp` (every rank's loss is a mean over its own
-    /// tokens), after [`GradBuckets::reduce_ready`] has been given every range: waits for the
-    /// devices' sums, sums the rest through host memory, then scales by 1/|dp|.
-    pub fn average(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: Option<&dyn Communicator>) -> Result<()> {
+    /// Averages gradients over the ranks of `dp` and the `micro_batches` each added up (every
+    /// micro-batch's loss is a mean over its own tokens), after [`GradBuckets::reduce_ready`]
+    /// has been given every range: waits for the devices' sums, sums the rest through host
+    /// memory, then scales by 1/(|dp| · micro_batches).
+    pub fn average(&self, be: &B, grads: &mut B::Buf, dp: &dyn Communicator, edp: Option<&dyn Communicator>, micro_batches: usize) -> Result<()> {
         for (ranges, comm, on_device) in self.groups(0..B::len(grads), dp, edp) {
             match (on_device, B::host_mut(grads)) {
                 (Some(device), _) => device.join()?,
@@ -140,7 +141,7 @@ impl<B: Backend> GradBuckets<B> {
                 }
             }
         }
-        be.scale(B::full_mut(grads), 1.0 / dp.size() as f32);
+        be.scale(B::full_mut(grads), 1.0 / (dp.size() * micro_batches) as f32);
         Ok(())
     }
 
@@ -282,7 +283,7 @@ mod tests {
             let g = ExpertGroups::new(&w, 2).unwrap();
             let local = ParamLayout::sharded(&m, &moe, 2 * g.ep.rank()..2 * g.ep.rank() + 2);
             let mut buf = vec![(w.rank() + 1) as f32; local.total];
-            GradBuckets::new(&local).average(&Cpu::new(1), &mut buf, &w, Some(g.edp.as_ref())).unwrap();
+            GradBuckets::new(&local).average(&Cpu::new(1), &mut buf, &w, Some(g.edp.as_ref()), 1).unwrap();
             (local, buf)
         })
         .unwrap();

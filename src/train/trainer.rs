@@ -30,7 +30,7 @@ use crate::model::params::ParamLayout;
 use crate::parallel::comm::{Communicator, SingleProcess};
 use crate::parallel::dispatch::DispatchMode;
 use crate::parallel::sharding::{gather_full, ExpertGroups, GradBuckets};
-use crate::model::Model;
+use crate::model::{Model, StepStats};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -75,20 +75,26 @@ fn adamw_config(c: &Config) -> AdamWConfig {
 
 /// Mean validation loss over up to `batches` fixed batches of the validation shard.
 pub fn validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Path, batch: usize, seq: usize, batches: usize) -> Result<f64> {
-    data_parallel_validation_loss(be, model, val, batch, seq, batches, &SingleProcess)
+    data_parallel_validation_loss(be, model, val, (batch, None), seq, batches, &SingleProcess)
 }
 
 /// [`validation_loss`] with each batch's rows split over the ranks of `dp` (a collective; every
-/// rank gets the mean of the whole batches).
-fn data_parallel_validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Path, batch: usize, seq: usize, batches: usize, dp: &dyn Communicator) -> Result<f64> {
+/// rank gets the mean of the whole batches), each rank's run `micro` rows at a time (`None`:
+/// all at once), as training runs them.
+fn data_parallel_validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Path, (batch, micro): (usize, Option<usize>), seq: usize, batches: usize, dp: &dyn Communicator) -> Result<f64> {
     let mut loader = Loader::new(Shard::open(val)?, batch, seq, VAL_SEED)?;
     let n = batches.min(loader.sequences_per_epoch() / batch).max(1);
     let local = batch / dp.size();
-    let rows = dp.rank() * local * seq..(dp.rank() + 1) * local * seq;
+    let micro = micro.unwrap_or(local);
     let mut total = 0.0;
     for _ in 0..n {
         let b = loader.next_batch();
-        total += model.evaluate(be, &b.inputs[rows.clone()], &b.targets[rows.clone()], local, seq)?.lm_loss;
+        let mut parts = 0.0;
+        for row in (dp.rank() * local..(dp.rank() + 1) * local).step_by(micro) {
+            let rows = row * seq..(row + micro) * seq;
+            parts += model.evaluate(be, &b.inputs[rows.clone()], &b.targets[rows], micro, seq)?.lm_loss;
+        }
+        total += parts / (local / micro) as f64;
     }
     if dp.size() == 1 {
         return Ok(total / n as f64);
@@ -101,10 +107,10 @@ fn data_parallel_validation_loss<B: Backend>(be: &B, model: &Model<B>, val: &Pat
 /// Validation loss on the combined split and on each source's split (same fixed batches
 /// every time); the per-source losses are also put into `extra` as `val_<name>`.
 fn evaluate_all<B: Backend>(be: &B, model: &Model<B>, data: &Prepared, t: &crate::config::TrainConfig, dp: &dyn Communicator, extra: &mut Map<String, Value>) -> Result<(f64, Vec<(String, f64)>)> {
-    let combined = data_parallel_validation_loss(be, model, &data.val, t.batch_size, t.seq_len, t.eval_batches, dp)?;
+    let combined = data_parallel_validation_loss(be, model, &data.val, (t.batch_size, t.micro_batch_size), t.seq_len, t.eval_batches, dp)?;
     let mut per_source = Vec::with_capacity(data.val_sources.len());
     for (name, path) in &data.val_sources {
-        let v = data_parallel_validation_loss(be, model, path, t.batch_size, t.seq_len, t.eval_batches, dp)?;
+        let v = data_parallel_validation_loss(be, model, path, (t.batch_size, t.micro_batch_size), t.seq_len, t.eval_batches, dp)?;
         extra.insert(format!("val_{name}"), json!(v));
         per_source.push((name.clone(), v));
     }
@@ -242,6 +248,11 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
         return Err(Error::config("train.batch_size", config.train.batch_size, format!("a multiple of the number of data-parallel ranks ({ranks})")));
     }
     let local_batch = config.train.batch_size / ranks;
+    let micro = config.train.micro_batch_size.unwrap_or(local_batch);
+    if !local_batch.is_multiple_of(micro) {
+        return Err(Error::config("train.micro_batch_size", micro, format!("a divisor of each rank's share of train.batch_size ({} / {ranks} ranks = {local_batch})", config.train.batch_size)));
+    }
+    let micro_batches = local_batch / micro;
     let out = &opts.out;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let existing = checkpoint::latest(out)?;
@@ -319,7 +330,7 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
             t.max_flops
         )));
     }
-    let mut store = activation_store(be, &model, &config.memory, &config.device, local_batch, t.seq_len)?;
+    let mut store = activation_store(be, &model, &config.memory, &config.device, micro, t.seq_len)?;
     if leader && config.memory.policy == MemoryPolicy::Auto {
         let gate_up = if store.declares(GATE_UP) { "" } else { ", gate/up recomputed" };
         eprintln!("memory.policy = \"auto\": {}{gate_up}", policy_label(store.policies()));
@@ -358,19 +369,36 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     for step in first..t.steps {
         let step_start = Instant::now();
         let batch = loader.next_batch();
-        let rows = rank * local_batch * t.seq_len..(rank + 1) * local_batch * t.seq_len;
         model.zero_grads(be);
-        let mut reduce_ready = |grads: &mut B::Buf, range| if ranks > 1 { buckets.reduce_ready(grads, range, dp, edp.as_deref()) } else { Ok(()) };
-        let mut stats = model.forward_backward_with(be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], local_batch, t.seq_len, &mut reduce_ready)?;
+        let mut parts = Vec::with_capacity(micro_batches);
+        for m in 0..micro_batches {
+            let row = rank * local_batch + m * micro;
+            let rows = row * t.seq_len..(row + micro) * t.seq_len;
+            // The last micro-batch's backward finishes each range of the gradients: the ranks
+            // start summing it then.
+            let finishing = m + 1 == micro_batches;
+            let mut reduce_ready = |grads: &mut B::Buf, range| if ranks > 1 && finishing { buckets.reduce_ready(grads, range, dp, edp.as_deref()) } else { Ok(()) };
+            parts.push(model.forward_backward_with(be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], micro, t.seq_len, &mut reduce_ready)?);
+        }
+        let mut stats = StepStats::of_micro_batches(parts);
+        if ranks > 1 || micro_batches > 1 {
+            buckets.average(be, &mut model.grads, dp, edp.as_deref(), micro_batches)?;
+        }
         if ranks > 1 {
-            buckets.average(be, &mut model.grads, dp, edp.as_deref())?;
             // Losses are averaged over the ranks; FLOPs (from each rank's routed counts) summed, so
-            // every rank sees the same budget and stops on the same step.
-            let mut sums = [stats.lm_loss as f32, stats.aux_loss as f32, stats.train_flops as f32];
+            // every rank sees the same budget and stops on the same step; routed and dropped
+            // slots summed, so the metrics count the whole batch's.
+            let a = &mut stats.aux;
+            let mut sums = vec![stats.lm_loss as f32, stats.aux_loss as f32, a.load_balance, a.p_penalty, a.entropy, a.z_loss, stats.train_flops as f32, stats.dropped as f32];
+            sums.extend(stats.counts.iter().flatten().map(|&k| k as f32));
             dp.all_reduce_sum(&mut sums)?;
+            let mean = |sum: f32| sum / ranks as f32;
             stats.lm_loss = sums[0] as f64 / ranks as f64;
             stats.aux_loss = sums[1] as f64 / ranks as f64;
-            stats.train_flops = sums[2] as f64;
+            [a.load_balance, a.p_penalty, a.entropy, a.z_loss] = [mean(sums[2]), mean(sums[3]), mean(sums[4]), mean(sums[5])];
+            stats.train_flops = sums[6] as f64;
+            stats.dropped = sums[7] as usize;
+            stats.counts.iter_mut().flatten().zip(&sums[8..]).for_each(|(k, &sum)| *k = sum as usize);
             stats.loss = stats.lm_loss + stats.aux_loss;
             stats.tokens *= ranks;
         }

@@ -16,7 +16,10 @@
 // runs as late as it may (at a wait on one of its events): a backend that reads the sums
 // without waiting for them reads the unsummed gradients. Such a stream must have waited for an
 // event recorded after the compute stream's latest operation, else the call fails (on a GPU
-// the sum could run before the backward wrote its buffer).
+// the sum could run before the backward wrote its buffer); so does a sum of a buffer whose
+// earlier sum has not landed (the compute stream may have written it meanwhile).
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -47,6 +50,7 @@ struct Post {
     void* recv = nullptr;
     size_t count = 0;
     int type = -1, op = -1;
+    const char* misordered = nullptr;  // why the call is out of order with the compute stream
 };
 
 // A point-to-point chunk: a send's source, or a receive's destination.
@@ -116,12 +120,33 @@ int check_call(Comm* c, void* stream, const char* what, bool created_stream_allo
 struct Landing {
     void* recv;
     std::vector<float> sum;
+    std::shared_ptr<std::atomic<bool>> landed;
 };
 
 void land(void* data) {
     auto* l = static_cast<Landing*>(data);
     memcpy(l->recv, l->sum.data(), l->sum.size() * sizeof(float));
+    l->landed->store(true);
     delete l;
+}
+
+// This rank's sums queued on created streams: (receive buffer, bytes, landed yet).
+struct Pending {
+    const char* recv;
+    size_t bytes;
+    std::shared_ptr<std::atomic<bool>> landed;
+};
+thread_local std::vector<Pending> pending;
+
+// Whether [recv, recv + bytes) overlaps a sum of this rank that has not landed: summing it
+// again before the compute stream waited for the first (which lands it) means the compute
+// stream may have written the buffer while that sum was in flight.
+bool overlaps_pending(const void* recv, size_t bytes) {
+    const char* p = static_cast<const char*>(recv);
+    pending.erase(std::remove_if(pending.begin(), pending.end(), [](const Pending& q) { return q.landed->load(); }), pending.end());
+    for (const Pending& q : pending)
+        if (p < q.recv + q.bytes && q.recv < p + bytes) return true;
+    return false;
 }
 
 }  // namespace
@@ -178,18 +203,23 @@ EXPORT int ncclCommDestroy(void* comm) {
 EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, void* comm, void* stream) {
     auto* c = static_cast<Comm*>(comm);
     if (int r = check_call(c, stream, "all-reduce", true)) return r;
-    if (!motley_emu_after_compute(stream))
-        return fail(INVALID_USAGE, "all-reduce on a created stream that has not waited for the compute stream's latest operations (an event recorded after them), which may still write its buffer");
+    // Misordered against the compute stream: reported on every rank after the barrier (a rank
+    // that returned before it would leave the others waiting there).
+    const char* misordered = !motley_emu_after_compute(stream)           ? "all-reduce on a created stream that has not waited for the compute stream's latest operations (an event recorded after them), which may still write its buffer"
+                             : overlaps_pending(recv, count * sizeof(float)) ? "all-reduce of a buffer whose earlier sum the compute stream has not waited for: it may have written the buffer while that sum ran"
+                                                                             : nullptr;
     if (type != FLOAT32 || op != SUM) return fail(INVALID_USAGE, strprintf("all-reduce of type %d, operation %d: only f32 sums are emulated", type, op));
     size_t bytes = count * sizeof(float);
     if (!motley_emu_in_allocation(send, bytes) || !motley_emu_in_allocation(recv, bytes))
         return fail(INVALID_ARGUMENT, strprintf("all-reduce of %zu floats at %p → %p: not inside a device allocation", count, send, recv));
     Group& g = *c->group;
     std::unique_lock<std::mutex> lock(g.mu);
-    g.posts[c->rank] = Post{send, recv, count, type, op};
+    g.posts[c->rank] = Post{send, recv, count, type, op, misordered};
     g.barrier(lock);  // every rank's buffers are known and ready
     std::vector<Post> posts = g.posts;
     lock.unlock();
+    for (int r = 0; r < g.ranks; r++)
+        if (posts[r].misordered) return fail(INVALID_USAGE, strprintf("rank %d: %s", r, posts[r].misordered));
     for (int r = 0; r < g.ranks; r++)
         if (posts[r].count != count || posts[r].type != type || posts[r].op != op)
             return fail(INVALID_USAGE, strprintf("rank %d sums %zu floats, rank %d %zu (every rank must pass the same)", c->rank, count, r, posts[r].count));
@@ -202,7 +232,9 @@ EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int type, i
     lock.lock();
     g.barrier(lock);  // every rank has read every send buffer (which may be its recv buffer)
     lock.unlock();
-    motley_emu_enqueue(stream, land, new Landing{recv, std::move(sum)});
+    auto landed = std::make_shared<std::atomic<bool>>(false);
+    if (stream) pending.push_back(Pending{static_cast<const char*>(recv), bytes, landed});
+    motley_emu_enqueue(stream, land, new Landing{recv, std::move(sum), landed});
     return SUCCESS;
 }
 
