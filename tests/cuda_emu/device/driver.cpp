@@ -12,8 +12,9 @@
 //   a kernel writing past a buffer stops the device (a sticky error, as a GPU fault);
 // - copies and cuBLAS operands must lie inside one live allocation;
 // - the compute stream (the null stream) runs each operation when it is queued, while a created
-//   stream (MEMO's copy stream) runs its operations as late as the API allows: at a wait on one
-//   of its events, a synchronisation or the stream's destruction. A copy the backend forgot to
+//   stream (MEMO's copy stream, NCCL's sums) runs its operations as late as the API allows: at a
+//   wait on one of its events, a synchronisation or the stream's destruction, by the rank
+//   (thread) that created it. A copy the backend forgot to
 //   order therefore reads freed (poisoned) memory or lands after its reader: a wrong result.
 // What it does not check: the hardware's timing, memory limits, or cross-stream races on
 // anything but the copy stream and NCCL's sums (nccl.cpp).
@@ -32,6 +33,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../tensor_map.h"
@@ -142,6 +144,7 @@ struct Stream {
     std::deque<std::function<void()>> queue;
     uint64_t queued = 0, done = 0;
     uint64_t compute_waited = 0;  // how many of the null-stream operations it has waited for
+    std::thread::id owner = std::this_thread::get_id();  // the rank (thread) that created it
 };
 Stream null_stream{false};
 // The null-stream operations this thread queued: each emulated GPU's ranks are threads sharing
@@ -185,8 +188,11 @@ void release_quarantine() {
     quarantine.clear();
 }
 
+// Runs the calling thread's streams (a rank's own: another rank's work runs when that rank
+// asks, so one rank's synchronisation cannot hide another's missing wait).
 void run_all() {
-    for (Stream* s : streams) run_until(s, s->queued);
+    for (Stream* s : streams)
+        if (s->owner == std::this_thread::get_id()) run_until(s, s->queued);
     release_quarantine();
 }
 
