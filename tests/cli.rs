@@ -199,6 +199,25 @@ fn an_expert_capacity_reports_its_drops_and_stays_with_the_checkpoint() {
     assert!(!stderr(&train(&temp("dropless"), &["train.steps=1", "train.eval_every=1"])).contains("dropped"));
 }
 
+/// `train.micro_batch_size`: the run says how it splits each step, `plan-memory` plans one
+/// micro-batch by default, and a size that does not divide the batch is named.
+#[test]
+fn micro_batches_are_said_and_planned() {
+    let o = train(&temp("micro"), &["train.steps=1", "train.batch_size=4", "train.micro_batch_size=2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("each step adds up 2 micro-batches of 2 sequences on each of 1 rank(s)"), "{}", stderr(&o));
+    let planned = |extra: &[&str]| {
+        let args: Vec<&str> = ["plan-memory", "--set", "train.batch_size=4"].into_iter().chain(extra.iter().flat_map(|s| ["--set", *s])).collect();
+        let o = motley(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.lines().find(|l| l.starts_with("device:")).unwrap_or_else(|| panic!("no device line in:\n{out}")).to_string()
+    };
+    let (whole, half) = (planned(&[]), planned(&["train.micro_batch_size=2"]));
+    assert!(whole != half && whole == planned(&["train.micro_batch_size=4"]), "whole batch: {whole}; micro-batch of 2: {half}");
+    assert_fails_with(&train(&temp("micro_bad"), &["train.batch_size=4", "train.micro_batch_size=3"]), &["train.micro_batch_size", "divisor"]);
+}
+
 /// `memory.policy = "auto"` plans within `memory.device_gib` (on the CPU, which has no device
 /// memory of its own, only where it is set): halfway between what keeping and recomputing every
 /// layer need, it trains on a mix of both and says so; where no plan fits, it fails before the

@@ -293,6 +293,9 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
     if leader && ranks > 1 {
         eprintln!("{collectives}");
     }
+    if leader && micro_batches > 1 {
+        eprintln!("each step adds up {micro_batches} micro-batches of {micro} sequences on each of {ranks} rank(s) (train.micro_batch_size)");
+    }
     let full_layout = ParamLayout::new(&config.model, &config.moe);
     let mut opt = Optimizer::new(be, adamw_config(config), model.n_params());
     let mut loader = Loader::new(Shard::open(&data.train)?, t.batch_size, t.seq_len, t.seed)?;
