@@ -164,7 +164,8 @@ fn micro_batches_match_data_parallel_ranks() {
     let cache = temp("data-micro");
     let micro = "train.micro_batch_size=2";
     for (what, extra) in [("aux", &[][..]), ("cap", &["moe.capacity_factor=1.0"][..])] {
-        let dp4 = run(&format!("dp4-{what}"), 4, 1, true, &cache, extra);
+        // Run names unique to this test: tests run at once in one process, and a name is a directory.
+        let dp4 = run(&format!("micro-dp4-{what}"), 4, 1, true, &cache, extra);
         let with_micro: Vec<&str> = extra.iter().copied().chain([micro]).collect();
         let mut runs = vec![(format!("one-micro-{what}"), run(&format!("one-micro-{what}"), 1, 1, true, &cache, &with_micro))];
         if what == "aux" {

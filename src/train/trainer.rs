@@ -378,9 +378,9 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
             let row = rank * local_batch + m * micro;
             let rows = row * t.seq_len..(row + micro) * t.seq_len;
             // The last micro-batch's backward finishes each range of the gradients: the ranks
-            // start summing it then.
+            // start summing it then (one rank has nothing to sum: `reduce_ready` skips it).
             let finishing = m + 1 == micro_batches;
-            let mut reduce_ready = |grads: &mut B::Buf, range| if ranks > 1 && finishing { buckets.reduce_ready(grads, range, dp, edp.as_deref()) } else { Ok(()) };
+            let mut reduce_ready = |grads: &mut B::Buf, range| if finishing { buckets.reduce_ready(grads, range, dp, edp.as_deref()) } else { Ok(()) };
             parts.push(model.forward_backward_with(be, &mut store, &batch.inputs[rows.clone()], &batch.targets[rows], micro, t.seq_len, &mut reduce_ready)?);
         }
         let mut stats = StepStats::of_micro_batches(parts);
