@@ -22,7 +22,8 @@
 //!   block waiting on one that has not started, as a fault); cp.async copies land at their wait
 //!   in the first and at once in the second, so a copy into a buffer still being read shows
 //!   (for wgmma operands, as a fault); and so does a
-//!   third run with grid-stride grids capped at 2 blocks (the backend's grid past 2²⁴ elements);
+//!   third run with grid-stride grids capped at 2 blocks (the backend's grid past 2²⁴ elements)
+//!   and the expert kernels' persistent grid at 1 block (3 in the other two);
 //! - no write lands outside a buffer (guards of signalling NaNs around each, which arithmetic
 //!   changes) or outside shared memory, and outputs the op overwrites start as NaN, so an element
 //!   left unwritten shows, as does a read of unwritten shared memory (poisoned with NaN); a
@@ -382,6 +383,11 @@ impl Gpu {
         }
         cfg
     }
+    /// The expert kernels' persistent grid on a device of 3 multiprocessors (a block takes
+    /// several tiles, from several segments); capped, of 1 (one block takes them all).
+    fn persistent(&self, call: &expert_launch::Call) -> LaunchConfig {
+        call.kernel.config(call, if self.capped { 1 } else { 3 })
+    }
     fn run(&self, kernel: &str, cfg: LaunchConfig, args: &[Arg]) {
         if let Err(e) = self.emu.launch(kernel, cfg, args, self.schedule) {
             panic!("{:?} storage: {e}", self.storage);
@@ -395,7 +401,7 @@ impl Gpu {
 fn emulate(storage: Storage, case: impl Fn(&Gpu) -> Vec<Buf>) -> Option<Vec<Vec<f64>>> {
     let emu = emulator(storage)?;
     let asc = case(&Gpu { emu, storage, schedule: 0, capped: false });
-    for (other, why) in [(Gpu { emu, storage, schedule: 1, capped: false }, "the descending schedule (a race: a missing barrier?)"), (Gpu { emu, storage, schedule: 0, capped: true }, "a 2-block grid-stride grid")] {
+    for (other, why) in [(Gpu { emu, storage, schedule: 1, capped: false }, "the descending schedule (a race: a missing barrier?)"), (Gpu { emu, storage, schedule: 0, capped: true }, "a 2-block grid-stride grid (the expert kernels: a 1-block grid)")] {
         for (a, o) in asc.iter().zip(&case(&other)) {
             if let Some(i) = a.bytes().chunks(a.elem.bytes()).zip(o.bytes().chunks(o.elem.bytes())).position(|(x, y)| x != y) {
                 panic!("{storage:?}: `{}` differs under {why} at element {i}: {} instead of {}", a.name, o.values()[i], a.values()[i]);
@@ -1148,8 +1154,8 @@ fn experts(s: Storage) {
             let call = call.expect("the backend takes these products");
             let table = Buf::new("segments", Elem::U32, call.segments.len() * std::mem::size_of::<expert_launch::Segment>() / 4);
             table.write(call.segments.iter().map(bytes_of));
-            let args = [table.arg(), Arg::I32(call.segments.len() as i32)];
-            let cfg = call.kernel.config(&call);
+            let args = [table.arg(), Arg::I32(call.segments.len() as i32), Arg::I32(call.tiles as i32)];
+            let cfg = g.persistent(&call);
             match call.kernel {
                 Fused::Up => g.run("expert_up_wgmma", cfg, &args),
                 Fused::Dact => g.run("expert_dact_wgmma", cfg, &args),

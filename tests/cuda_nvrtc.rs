@@ -7,7 +7,7 @@
 //! registers, or a register array the compiler could not index statically) fails, as does one
 //! whose wgmmas ptxas serializes. With `MOTLEY_NVDISASM` naming NVIDIA's `nvdisasm` as well, the
 //! Hopper kernels' SASS is checked for the order their loops were written in
-//! (`waits_follow_exponentials`, `products_precede_copies`).
+//! (`waits_follow_exponentials` for attention's, `products_precede_copies`).
 //!
 //! Needs libnvrtc on the library path and the CUDA headers (cuda_bf16.h, mma.h) in
 //! `MOTLEY_CUDA_INCLUDE`, or a Python venv with NVIDIA's wheels in `MOTLEY_CUDA_HOME`;
@@ -64,7 +64,11 @@ fn every_kernel_compiles_for_sm90a() {
                                 assembled.frames.iter().filter(|(_, bytes)| *bytes > 0).map(|(f, bytes)| format!("{} (Bf16) {f}: {bytes} bytes of stack frame (local memory), expected none", file.name)),
                             );
                             if let Some(sass) = &assembled.sass {
-                                failures.extend(file.hopper.iter().filter_map(|k| waits_follow_exponentials(sass, k).err()));
+                                // The expert kernels' exponentials are their epilogues' (SwiGLU), which
+                                // read the finished product: only attention's overlap a product.
+                                if file.name == "attention" {
+                                    failures.extend(file.hopper.iter().filter_map(|k| waits_follow_exponentials(sass, k).err()));
+                                }
                                 failures.extend(file.hopper.iter().filter_map(|k| products_precede_copies(sass, k).err()));
                             }
                         }
@@ -172,7 +176,7 @@ fn kernel_loops<'a>(sass: &'a str, kernel: &str) -> Result<KernelSass<'a>, Strin
     Ok(KernelSass { body, loops })
 }
 
-/// In `kernel`'s largest loop, no wait for every wgmma group (`WARPGROUP.DEPBAR.LE gsb0, 0x0`)
+/// In an attention kernel's largest loop, no wait for every wgmma group (`WARPGROUP.DEPBAR.LE gsb0, 0x0`)
 /// before the loop's last exponential (`MUFU.EX2`): a softmax written to run while a product is
 /// in flight must not wait for it first. ptxas is free to hoist such a wait (it did so in the
 /// Hopper attention forward, to the top of the softmax: the tile's exponentials then ran after

@@ -4,8 +4,10 @@
 Where no GPU is lent the kernels cannot be timed; what can be counted is what they issue: a
 loop's instructions a warp against the tensor clocks its products take (each SM sub-partition
 issues one instruction a clock). For each kernel asked for: its static instruction count, its
-loops (a branch back to an earlier label: the instructions between them, the largest first)
-and the commonest opcodes of its largest loop.
+loops (a branch back to an earlier label: the instructions between them, the largest first),
+its step loops (the innermost of the loops that issue wgmma: a K step of the expert kernels, whose
+persistent tile loop holds it and the epilogue; a tile of attention's) and the commonest
+opcodes of its largest step loop (of its largest loop where none multiplies).
 
 Usage: sass.py LISTING [KERNEL ...]   (LISTING: `nvdisasm -c` of one cubin)
 """
@@ -50,6 +52,12 @@ def loops(lines):
     return sorted(spans, reverse=True)
 
 
+def step_loops(lines, spans):
+    """The spans that issue wgmma (HGMMA) and hold no other span that does, largest first."""
+    products = [s for s in spans if any("HGMMA" in l for l in lines[s[1] : s[2] + 1])]
+    return [s for s in products if not any(o != s and s[1] <= o[1] and o[2] <= s[2] for o in products)]
+
+
 def opcodes(lines):
     return Counter(m.group(1) for m in map(INSTRUCTION.match, lines) if m)
 
@@ -63,18 +71,18 @@ def main():
     missing = [k for k in wanted if k not in found]
     if missing:
         sys.exit(f"sass.py: no kernel {', '.join(missing)} in {sys.argv[1]}; it has {', '.join(sorted(found))}")
-    print("| kernel | instructions | loops (instructions a warp, largest first) | largest loop's commonest opcodes |")
-    print("|---|---|---|---|")
+    print("| kernel | instructions | loops (instructions a warp, largest first) | step loops | largest step loop's commonest opcodes |")
+    print("|---|---|---|---|---|")
     for k in wanted:
         lines = found[k]
         spans = loops(lines)
-        top = ", ".join(str(c) for c, _, _ in spans[:4]) or "none"
+        steps = step_loops(lines, spans)
+        sizes = lambda found, shown=4: ", ".join(str(c) for c, _, _ in found[:shown]) or "none"
         common = ""
         if spans:
-            _, a, b = spans[0]
+            _, a, b = (steps or spans)[0]
             common = ", ".join(f"{op} {n}" for op, n in opcodes(lines[a : b + 1]).most_common(8))
-        print(f"| `{k}` | {sum(opcodes(lines).values())} | {top} | {common} |")
-
+        print(f"| `{k}` | {sum(opcodes(lines).values())} | {sizes(spans)} | {sizes(steps, len(steps))} | {common} |")
 
 if __name__ == "__main__":
     main()

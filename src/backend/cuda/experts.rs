@@ -62,9 +62,12 @@ impl Fused {
         k_ok && p.n.is_multiple_of(COL_STEP)
     }
 
-    /// One block of 256 threads per tile of the call.
-    pub fn config(self, call: &Call) -> LaunchConfig {
-        LaunchConfig { grid_dim: (call.tiles as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 }
+    /// A persistent grid of 256-thread blocks, one an SM (the shared memory holds one) up to one
+    /// a tile: each block takes every grid's-worth tile and loads a tile's first steps while the
+    /// one before it ends. `sms`: the device's multiprocessors.
+    pub fn config(self, call: &Call, sms: usize) -> LaunchConfig {
+        let blocks = call.tiles.min(sms).max(1);
+        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 }
     }
 }
 
@@ -251,6 +254,15 @@ mod tests {
             let plain = gemm_call(Operands { act: 0, ..OPS }, &gemms, tb).expect("taken");
             assert_eq!((plain.kernel, plain.tiles, plain.segments[1].k), (kernel, 2 + 1, 192));
         }
+    }
+
+    /// A block an SM, none idle: the blocks of a call with fewer tiles than SMs take one each.
+    #[test]
+    fn the_grid_is_a_block_an_sm_up_to_a_block_a_tile() {
+        let call = up_call(OPS, &[glu(300, 128, 0), glu(1, 192, 300)], false).expect("taken");
+        assert_eq!(call.tiles, 5);
+        let grid = |sms| call.kernel.config(&call, sms).grid_dim;
+        assert_eq!((grid(132), grid(3)), ((5, 1, 1), (3, 1, 1)));
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct CudaBackend {
     hopper_experts: bool,
     /// Whether a product the expert kernels do not take has been reported.
     fallback_said: std::sync::atomic::AtomicBool,
+    /// The device's multiprocessors: the expert kernels' persistent grid (`experts::Fused::config`).
+    sms: usize,
     k: Kernels,
     device: String,
     /// GPU time per op, when asked for ([`CudaBackend::with_profile`]).
@@ -234,6 +236,7 @@ impl CudaBackend {
         // an offloaded buffer alive until a later `copy_wait`.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| Error::Invalid(format!("GPU {ordinal}: {e:?}")))? as usize;
         let k = Kernels::load(&ctx, major, minor, storage)?;
         let stream = ctx.default_stream();
         let blas = blas::Lt::new(stream.clone()).map_err(Error::Invalid)?;
@@ -242,7 +245,7 @@ impl CudaBackend {
         let staging = staging::Staging::new(stream.clone());
         let readback = staging::Readback::new(stream.clone());
         let reduction = uninit_buffer(&stream, cuda_scratch::REDUCTION_BYTES / 4, Storage::F32);
-        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, reduction, hopper_attention: false, hopper_experts: false, fallback_said: Default::default(), k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
+        let be = CudaBackend { stream, blas, grouped, offload, staging, readback, reduction, hopper_attention: false, hopper_experts: false, fallback_said: Default::default(), sms, k, device: format!("{name} (sm_{major}{minor}, {storage:?} activations)"), profile: None };
         be.keep_freed_memory()?;
         super::keep_freed_host_memory();
         Ok(be)
@@ -330,7 +333,8 @@ impl CudaBackend {
         })
     }
 
-    /// Launches the expert kernel of `call` over its tiles, its segments' table uploaded first.
+    /// Launches the expert kernel of `call` over its tiles on a persistent grid, its segments'
+    /// table uploaded first.
     fn launch_fused(&self, call: &experts::Call) {
         if call.tiles == 0 {
             return;
@@ -338,10 +342,11 @@ impl CudaBackend {
         let f = &self.k.experts.as_ref().expect("with_hopper_experts checked the kernels")[call.kernel as usize];
         let table = self.staging.upload(&call.segments, "expert segment upload");
         let count = call.segments.len() as i32;
-        // SAFETY: every kernel of experts.cu is `(const Segment*, int count)`; every segment's
-        // operands lie inside the views (checked by the caller), aligned and whole tiles
-        // (`experts::up_call`, `dact_call`, `gemm_call`); one block per tile.
-        ok(unsafe { self.stream.launch_builder(f).arg(&table.ptr).arg(&count).launch(call.kernel.config(call)) }, call.kernel.function());
+        let tiles = call.tiles as i32;
+        // SAFETY: every kernel of experts.cu is `(const Segment*, int count, int tiles)`; every
+        // segment's operands lie inside the views (checked by the caller), aligned and whole
+        // tiles (`experts::up_call`, `dact_call`, `gemm_call`); the blocks loop over the tiles.
+        ok(unsafe { self.stream.launch_builder(f).arg(&table.ptr).arg(&count).arg(&tiles).launch(call.kernel.config(call, self.sms)) }, call.kernel.function());
     }
 
     /// Records the GPU time of every op (see [`CudaBackend::take_profile`]).

@@ -326,6 +326,7 @@ EXPORT int cuDeviceGetName(char* name, int len, int) {
 }
 EXPORT int cuDeviceGetAttribute(int* v, int attr, int) {
     switch (attr) {
+        case 16: *v = 4; return SUCCESS;                // multiprocessors: a persistent grid loops
         case 75: *v = 9; return SUCCESS;                // compute capability major
         case 76: *v = 0; return SUCCESS;                // minor
         case 97: *v = MAX_SMEM_OPTIN; return SUCCESS;   // shared memory per block, opt-in

@@ -1,6 +1,7 @@
 // The experts' grouped GEMMs on Hopper (sm_90a), SwiGLU fused into the ones around it. One
-// launch covers every expert (a segment of rows), nothing padded to the widest: a block per tile
-// of 128 rows × 256 columns of one product, found in a table of segments.
+// launch covers every expert (a segment of rows), nothing padded to the widest: tiles of 128 rows
+// × 256 columns of one product, found in a table of segments, a persistent grid's blocks each
+// taking every gridDim.x-th tile (tile_loop).
 // - expert_up_wgmma: gu = a · Wᵀ (rows × 2h: gate | up, saved for the backward) and
 //   act = SwiGLU(gu) (rows × h), a's rows picked where the segment picks them (below: the
 //   routed tokens' rows, the gather into xe fused into the operand load). A tile is 128 hidden
@@ -32,7 +33,8 @@
 // products; operands in the 128-byte swizzled layout (as in attention.cu), both from shared
 // memory (W read K-major, or MN-major by the instruction's transpose: then as four 64-column
 // strips, EXPERT_STRIP_BYTES apart, the descriptor's leading offset), each step's products
-// committed as one group that stays in flight while the next step's are issued. A tile of
+// committed as one group that stays in flight while the next step's are issued; the steps of a
+// block's next tile load while this one's last run and its epilogue stores. A tile of
 // 128 × 256 reads 85 FLOPs' worth of operands per byte it stages (128 × 128: 64), and a
 // wgmma reads 51 FLOPs' worth of shared memory per byte (N = 64: 32, the shared memory's rate
 // at full tensor rate). A product whose columns are not whole tiles ends in a tile half used
@@ -43,9 +45,10 @@
 // a GPU.
 
 // `experts::Segment` of experts.rs: one product's operands, its shape and the tiles of the
-// segments before it. Every kernel takes (segs, count): `count` segments (rows > 0, tiles in
-// order), every k a multiple of 64 and every n of 128 (the up projection's: 64 hidden columns),
-// every operand 16-byte aligned; shared memory `experts::SMEM_BYTES`.
+// segments before it. Every kernel takes (segs, count, tiles): `count` segments (rows > 0,
+// tiles in order, `tiles` in all), every k a multiple of 64 and every n of 128 (the up
+// projection's: 64 hidden columns), every operand 16-byte aligned; shared memory
+// `experts::SMEM_BYTES`.
 struct Segment {
     const act_t* a;  // rows × k: xe (up), dy (dact), the product's A; k × rows for the gradients
     const unsigned* a_index;  // null, or row r of a (of the product; of k for the gradients) is
@@ -69,58 +72,107 @@ struct Segment {
 #define EXPERT_B_BYTES (EXPERT_COLS * 128)  // B's: 256 rows of 64 (K-major) or 4 strips
 #define EXPERT_STRIP_BYTES (64 * 128)       // one MN-major strip: 64 rows of k, 64 columns
 
-// The block's segment and tile: rows m0.., columns j0.. of the product (up: hidden columns),
-// COLS of them a tile (row tiles fastest: consecutive blocks share W's columns and walk the
-// expert's rows).
+// A tile: rows m0.. and columns j0.. of a segment's product (up: hidden columns), COLS of them
+// a tile. Tiles are numbered segment by segment, row tiles fastest (consecutive tiles share W's
+// columns and walk the expert's rows).
 struct Tile {
     Segment seg;
     int m0, j0;
 };
 template <int COLS>
-__device__ __forceinline__ Tile find_tile(const Segment* segs, int count) {
+__device__ __forceinline__ Tile find_tile(const Segment* segs, int count, int tile) {
     int s = 0;
-    while (s + 1 < count && (int)blockIdx.x >= segs[s + 1].first_tile) s++;
+    while (s + 1 < count && tile >= segs[s + 1].first_tile) s++;
     const Segment seg = segs[s];
-    const int tile = blockIdx.x - seg.first_tile, m_tiles = (seg.rows + EXPERT_ROWS - 1) / EXPERT_ROWS;
-    return {seg, tile % m_tiles * EXPERT_ROWS, tile / m_tiles * COLS};
+    const int at = tile - seg.first_tile, m_tiles = (seg.rows + EXPERT_ROWS - 1) / EXPERT_ROWS;
+    return {seg, at % m_tiles * EXPERT_ROWS, at / m_tiles * COLS};
 }
 
-// The first of the 1024-byte aligned dynamic shared memory (the swizzle repeats every 1024
+// A tile's steps of 64 along k (the gradients' k, the expert's routed rows, is any number, 0
+// included; the products' a multiple of 64).
+__device__ __forceinline__ int k_steps(const Segment& s) { return (s.k + 63) / 64; }
+
+// The first 1024-byte aligned byte of the dynamic shared memory (the swizzle repeats every 1024
 // bytes of shared address: tiles start on such a boundary).
 __device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) { return raw + (1024 - __cvta_generic_to_shared(raw) % 1024) % 1024; }
 
-// The K loop of every kernel: step t's tiles are loaded by load(t) into buffer
-// t % EXPERT_STAGES (an A tile, then a B tile), EXPERT_AHEAD steps ahead, and product(t, buffer)
-// queues its wgmmas. With PREPARED, prepare(t, buffer) rewrites step t's tiles in shared memory
-// once every thread's copies have landed, before the products read them (a template parameter:
-// each kernel's loop without it is as it was, not a branch around it).
-template <bool PREPARED, class Load, class Product, class Prepare>
-__device__ __forceinline__ void k_loop(unsigned char* base, int steps, Load load, Product product, Prepare prepare) {
-    auto buffer = [&](int t) { return base + (t % EXPERT_STAGES) * (EXPERT_A_BYTES + EXPERT_B_BYTES); };
-    for (int t = 0; t < EXPERT_AHEAD; t++) {
-        if (t < steps) load(t, buffer(t));
-        cp_async_commit();
-    }
-    for (int t = 0; t < steps; t++) {
-        // Step t has arrived (for every thread, and fenced for wgmma), and both warpgroups have
-        // finished step t − 2 (waited at the end of step t − 1), whose buffer step t + AHEAD
-        // refills: after step t's products are queued, so that the tensor cores hold two
-        // steps' work while the copies are issued.
-        cp_async_wait_pending<EXPERT_AHEAD - 1>();
-        if constexpr (PREPARED) {
-            __syncthreads();
-            prepare(t, buffer(t));
+// Every kernel's loop. The grid is persistent (experts.rs: at most a block an SM): the block
+// takes tiles blockIdx.x, then gridDim.x further on, up to `tiles`. Its loads are one stream of
+// steps over those tiles: load(tile, step, buffer) stages a step's A and B tiles into shared
+// buffer g % EXPERT_STAGES, g counting the block's steps, EXPERT_AHEAD steps ahead of the
+// products, so a tile's first steps arrive while the tile before it ends and its epilogue runs:
+// only the block's first tile waits for its operands. For each tile: begin(tile), then a step at
+// a time product(tile, step, buffer) queues its wgmmas into acc (overwriting it on step 0), and
+// once the products are done finish(tile, acc) stores acc (which a tile without steps, k = 0,
+// leaves as it was: only the gradients have such tiles, and store zeros for them). With
+// PREPARED, prepare(tile, step, buffer) rewrites a step's tiles in shared memory once every
+// thread's copies have landed, before the products read them (a template parameter: the loops
+// without it have no branch around it).
+template <int COLS, bool PREPARED, class Load, class Begin, class Product, class Prepare, class Finish>
+__device__ __forceinline__ void tile_loop(unsigned char* base, const Segment* segs, int count, int tiles, float (&acc)[128], Load load, Begin begin, Product product, Prepare prepare, Finish finish) {
+    auto buffer = [&](int g) { return base + (g % EXPERT_STAGES) * (EXPERT_A_BYTES + EXPERT_B_BYTES); };
+    // A tile's first EXPERT_AHEAD steps (all, if it has fewer) are loaded before it starts, by
+    // this cursor: `step` of tile `next` (lt), of which it loads `first`; none left once
+    // next ≥ tiles. Its later steps are loaded from the tile's own loop, whose addressing then
+    // stays the same from step to step.
+    int next = blockIdx.x, step = 0, first = 0;
+    Tile lt;
+    auto seek = [&] {  // the first tile with steps from `next` on
+        for (; next < tiles; next += gridDim.x) {
+            lt = find_tile<COLS>(segs, count, next);
+            if ((first = min(k_steps(lt.seg), EXPERT_AHEAD)) > 0) return;
         }
-        fence_proxy_async();
-        __syncthreads();
-        wgmma_fence();
-        product(t, buffer(t));
-        wgmma_commit();
-        if (t + EXPERT_AHEAD < steps) load(t + EXPERT_AHEAD, buffer(t + EXPERT_AHEAD));
-        cp_async_commit();
-        wgmma_wait<1>();
+    };
+    auto load_ahead = [&](int g) {
+        if (next < tiles) {
+            load(lt, step, buffer(g));
+            if (++step == first) {
+                step = 0;
+                next += gridDim.x;
+                seek();
+            }
+        }
+        cp_async_commit();  // a group a step, empty past the last: the waits count groups
+    };
+    seek();
+    for (int g = 0; g < EXPERT_AHEAD; g++) load_ahead(g);
+    int g = 0;
+    for (int at = blockIdx.x; at < tiles; at += gridDim.x) {
+        const Tile t = find_tile<COLS>(segs, count, at);
+        const int n = k_steps(t.seg);
+        begin(t);
+        // Step g has arrived (for every thread, and fenced for wgmma), and both warpgroups have
+        // finished step g − 2 (waited at the end of step g − 1, or of the tile before), whose
+        // buffer step g + AHEAD refills: after step g's products are queued, so that the tensor
+        // cores hold two steps' work while the copies are issued.
+        auto products = [&](int s) {
+            cp_async_wait_pending<EXPERT_AHEAD - 1>();
+            if constexpr (PREPARED) {
+                __syncthreads();
+                prepare(t, s, buffer(g));
+            }
+            fence_proxy_async();
+            __syncthreads();
+            wgmma_fence();
+            product(t, s, buffer(g));
+            wgmma_commit();
+        };
+        int s = 0;
+        for (; s < n - EXPERT_AHEAD; s++, g++) {
+            products(s);
+            load(t, s + EXPERT_AHEAD, buffer(g + EXPERT_AHEAD));
+            cp_async_commit();
+            wgmma_wait<1>();
+        }
+        for (; s < n; s++, g++) {  // the last steps load the next tiles' first
+            products(s);
+            load_ahead(g + EXPERT_AHEAD);
+            wgmma_wait<1>();
+        }
+        wgmma_wait<0>();
+        fence_operands(acc);
+        finish(t, acc);
     }
-    wgmma_wait<0>();
 }
 
 // Multiplies each 128-byte line of a staged tile (a row of 64 bf16; the swizzle moves chunks
@@ -140,8 +192,9 @@ __device__ __forceinline__ void scale_lines(unsigned char* tile, Weight weight) 
 }
 
 // How a product reads an operand's rows: as they lie, picked through the segment's index, or
-// picked and weighted. A template parameter of the K loops, so that each loop is one path (the
-// kernels choose theirs from the segment, the same for every thread).
+// picked and weighted. A template parameter of the loops, so that each loop is one path: the
+// kernels choose theirs from the first segment, since every segment of a call picks alike
+// (experts.rs, Call::place_pick).
 enum Rows { PLAIN, PICKED, WEIGHTED };
 
 // Step `step`'s A tile of a product with a K-major A (rows × k): the tile's 128 rows, 64
@@ -157,25 +210,27 @@ __device__ __forceinline__ void load_a_tile(unsigned char* at, const Tile& t, in
     }
 }
 
-// The K loop of a product with a K-major A read as R says: load_b(step, tile) stages B,
-// product(step, tile) queues the wgmmas. Weighted rows are the same every step (the tile's):
-// the thread's four weights are read once.
-template <Rows R, class LoadB, class Product>
-__device__ __forceinline__ void k_loop_a(unsigned char* base, const Tile& t, LoadB load_b, Product product) {
-    const Segment& s = t.seg;
+// The loop of a product with a K-major A read as R says: load_b(tile, step, b_tile) stages B,
+// product(step, buffer) queues the wgmmas, finish(tile, acc) stores. Weighted rows are the same every
+// step of a tile: the thread's four weights are read as it begins.
+template <int COLS, Rows R, class LoadB, class Product, class Finish>
+__device__ __forceinline__ void a_loop(unsigned char* base, const Segment* segs, int count, int tiles, float (&acc)[128], LoadB load_b, Product product, Finish finish) {
     float w[4];
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-        const int r = t.m0 + threadIdx.x / 8 + 32 * j;
-        w[j] = R == WEIGHTED && r < s.rows ? s.a_weight[r] : 1.0f;
-    }
-    k_loop<R == WEIGHTED>(
-        base, s.k / 64,
-        [&](int step, unsigned char* at) {
+    tile_loop<COLS, R == WEIGHTED>(
+        base, segs, count, tiles, acc,
+        [&](const Tile& t, int step, unsigned char* at) {
             load_a_tile<R>(at, t, step);
-            load_b(step, at + EXPERT_A_BYTES);
+            load_b(t, step, at + EXPERT_A_BYTES);
         },
-        product, [&](int, unsigned char* at) { scale_lines<EXPERT_ROWS / 32>(at, [&](int j) { return w[j]; }); });
+        [&](const Tile& t) {
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int r = t.m0 + threadIdx.x / 8 + 32 * j;
+                w[j] = R == WEIGHTED && r < t.seg.rows ? t.seg.a_weight[r] : 1.0f;
+            }
+        },
+        [&](const Tile&, int step, unsigned char* at) { product(step, at); },
+        [&](const Tile&, int, unsigned char* at) { scale_lines<EXPERT_ROWS / 32>(at, [&](int j) { return w[j]; }); }, finish);
 }
 
 // Calls f(r, c0, dc, j) for each pair of accumulator registers j, j + 1 of a warpgroup's
@@ -200,56 +255,59 @@ __device__ __forceinline__ void for_each_pair(const Tile& t, int cols, F f) {
     }
 }
 
-// The K loop and accumulators of out = a · Wᵀ with the tile's 256 rows of W K-major like a,
-// staged by load_b(step, tile) (up, grouped_nt_wgmma), a's rows read as R says.
-template <Rows R, class LoadB>
-__device__ __forceinline__ void product_nt(unsigned char* base, const Tile& t, float (&acc)[128], LoadB load_b) {
+// The tiles of out = a · Wᵀ with the tile's 256 rows of W K-major like a, staged by
+// load_b(tile, step, b_tile) (up, grouped_nt_wgmma), a's rows read as R says; finish(tile, acc) stores.
+template <int COLS, Rows R, class LoadB, class Finish>
+__device__ __forceinline__ void nt_tiles(unsigned char* base, const Segment* segs, int count, int tiles, float (&acc)[128], LoadB load_b, Finish finish) {
     const int wg = threadIdx.x / 128;
-    k_loop_a<R>(base, t, load_b, [&](int step, unsigned char* at) {
-        const auto a = sw128_desc(at + 64 * 128 * wg, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024);
+    a_loop<COLS, R>(
+        base, segs, count, tiles, acc, load_b,
+        [&](int step, unsigned char* at) {
+            const auto a = sw128_desc(at + 64 * 128 * wg, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024);
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<0>(acc, desc_plus(a, 32 * kk), desc_plus(b, 32 * kk), step > 0 || kk > 0);
-    });
-    fence_operands(acc);
+            for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<0>(acc, desc_plus(a, 32 * kk), desc_plus(b, 32 * kk), step > 0 || kk > 0);
+        },
+        finish);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segment* segs, int count) {
+extern "C" __global__ void __launch_bounds__(256, 1) expert_up_wgmma(const Segment* segs, int count, int tiles) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<EXPERT_COLS / 2>(segs, count);
-    const Segment& s = t.seg;
-    const int h = s.n / 2;
     float acc[128];  // columns 0..127 the gate, 128..255 the up projection of hidden j0..j0 + 127
-    auto load_b = [&](int step, unsigned char* bt) {
+    auto load_b = [&](const Tile& t, int step, unsigned char* bt) {
+        const Segment& s = t.seg;
+        const int h = s.n / 2;
         load_rows<64, 128, 256>(swizzled(bt), s.w, 0, t.j0, h, s.k, 64 * step);
         load_rows<64, 128, 256>(swizzled(bt + EXPERT_B_BYTES / 2), s.w, h, t.j0, h, s.k, 64 * step);
     };
-    unsigned char* base = aligned_smem(raw);
-    if (s.a_weight) product_nt<WEIGHTED>(base, t, acc, load_b);
-    else if (s.a_index) product_nt<PICKED>(base, t, acc, load_b);
-    else product_nt<PLAIN>(base, t, acc, load_b);
-
     // j < 64 a gate column, j + 64 the up column of the same hidden unit.
-    for_each_pair<64>(t, h, [&](int r, int c0, int dc, int j) {
-        const float g0 = stored(acc[j]), g1 = stored(acc[j + 1]), u0 = stored(acc[j + 64]), u1 = stored(acc[j + 65]);
-        act_t* gate = s.out + (size_t)r * 2 * h + c0;
-        store_pair(gate + dc, g0, g1);
-        store_pair(gate + h + dc, u0, u1);
-        store_pair(s.act + (size_t)r * h + c0 + dc, swiglu(g0, u0), swiglu(g1, u1));
-    });
+    auto finish = [&](const Tile& t, const float (&acc)[128]) {
+        const Segment& s = t.seg;
+        const int h = s.n / 2;
+        for_each_pair<64>(t, h, [&](int r, int c0, int dc, int j) {
+            const float g0 = stored(acc[j]), g1 = stored(acc[j + 1]), u0 = stored(acc[j + 64]), u1 = stored(acc[j + 65]);
+            act_t* gate = s.out + (size_t)r * 2 * h + c0;
+            store_pair(gate + dc, g0, g1);
+            store_pair(gate + h + dc, u0, u1);
+            store_pair(s.act + (size_t)r * h + c0 + dc, swiglu(g0, u0), swiglu(g1, u1));
+        });
+    };
+    unsigned char* base = aligned_smem(raw);
+    if (segs[0].a_weight) nt_tiles<EXPERT_COLS / 2, WEIGHTED>(base, segs, count, tiles, acc, load_b, finish);
+    else if (segs[0].a_index) nt_tiles<EXPERT_COLS / 2, PICKED>(base, segs, count, tiles, acc, load_b, finish);
+    else nt_tiles<EXPERT_COLS / 2, PLAIN>(base, segs, count, tiles, acc, load_b, finish);
 }
 
-// The K loop and accumulators of out = a · W with W (k × n) read MN-major (dact,
-// grouped_nn_wgmma): B's 64 rows of k a step as four swizzled 64-column strips (those past n
-// zero-filled: their products are not stored, but stale bytes there could be NaN), one wgmma
-// m64n256k16 a k16 step with the instruction's transpose, the strips EXPERT_STRIP_BYTES apart
-// (the descriptor's leading offset).
-template <Rows R>
-__device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, float (&acc)[128]) {
-    const Segment& s = t.seg;
+// The tiles of out = a · W with W (k × n) read MN-major (dact, grouped_nn_wgmma): B's 64 rows of
+// k a step as four swizzled 64-column strips (those past n zero-filled: their products are not
+// stored, but stale bytes there could be NaN), one wgmma m64n256k16 a k16 step with the
+// instruction's transpose, the strips EXPERT_STRIP_BYTES apart (the descriptor's leading offset).
+template <Rows R, class Finish>
+__device__ __forceinline__ void nn_tiles(unsigned char* base, const Segment* segs, int count, int tiles, float (&acc)[128], Finish finish) {
     const int wg = threadIdx.x / 128;
-    k_loop_a<R>(
-        base, t,
-        [&](int step, unsigned char* bt) {
+    a_loop<EXPERT_COLS, R>(
+        base, segs, count, tiles, acc,
+        [&](const Tile& t, int step, unsigned char* bt) {
+            const Segment& s = t.seg;
 #pragma unroll
             for (int strip = 0; strip < EXPERT_COLS / 64; strip++) {
                 const int col = t.j0 + 64 * strip, rows = col < s.n ? s.k : 0;  // rows 0: a zero fill
@@ -261,8 +319,8 @@ __device__ __forceinline__ void product_nn(unsigned char* base, const Tile& t, f
             const auto a = sw128_desc(at + 64 * 128 * wg, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024, EXPERT_STRIP_BYTES);
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<1>(acc, desc_plus(a, 32 * kk), desc_plus(b, 16 * 128 * kk), step > 0 || kk > 0);
-        });
-    fence_operands(acc);
+        },
+        finish);
 }
 
 // Step `step`'s 64 rows of k of a gradient's operand (k × ld at p, its rows read as R says) as
@@ -291,122 +349,121 @@ __device__ __forceinline__ float2 k_weights(const float* weight, int k, int step
     return make_float2(r < k ? weight[r] : 1.0f, r + 32 < k ? weight[r + 32] : 1.0f);
 }
 
-// The K loop of out = aᵀ · b (below) with a's rows read as RA says and b's as RB. Weighted rows
-// change every step: the thread's two weights are read a step ahead of the scaling.
-template <Rows RA, Rows RB>
-__device__ __forceinline__ void tn_loop(unsigned char* base, const Tile& t, float (&acc)[128]) {
-    const Segment& s = t.seg;
+// The tiles of out = aᵀ · b (the weight gradients): a (k × rows) and b (k × n, in the segment's
+// `w`) both have the k rows summed over as their rows, so a step's 64 rows of k stage as
+// MN-major strips of 64 columns, two of a (one a warpgroup: its 64 rows of the product) and four
+// of b, those past rows or n zero-filled, as are the rows past k (k need not be a multiple of
+// 64; with no rows of k at all a tile has no steps); a's rows read as RA says, b's as RB (not
+// both picked). One wgmma m64n256k16 a k16 step, both operands transposed by the instruction.
+// Weighted rows change every step: the thread's two weights are read a step ahead of the scaling.
+template <Rows RA, Rows RB, class Finish>
+__device__ __forceinline__ void tn_tiles(unsigned char* base, const Segment* segs, int count, int tiles, float (&acc)[128], Finish finish) {
     const int wg = threadIdx.x / 128;
-    float2 wa = RA == WEIGHTED ? k_weights(s.a_weight, s.k, 0) : make_float2(1.0f, 1.0f);
-    float2 wb = RB == WEIGHTED ? k_weights(s.w_weight, s.k, 0) : make_float2(1.0f, 1.0f);
-    k_loop<RA == WEIGHTED || RB == WEIGHTED>(
-        base, (s.k + 63) / 64,
-        [&](int step, unsigned char* at) {
+    float2 wa, wb;
+    tile_loop<EXPERT_COLS, RA == WEIGHTED || RB == WEIGHTED>(
+        base, segs, count, tiles, acc,
+        [&](const Tile& t, int step, unsigned char* at) {
+            const Segment& s = t.seg;
             load_k_strips<RA, EXPERT_ROWS / 64>(at, s.a, s.a_index, s.rows, s.rows, t.m0, s.k, step);
             load_k_strips<RB, EXPERT_COLS / 64>(at + EXPERT_A_BYTES, s.w, s.w_index, s.n, s.n, t.j0, s.k, step);
         },
-        [&](int step, unsigned char* at) {
+        [&](const Tile& t) {
+            if constexpr (RA == WEIGHTED) wa = k_weights(t.seg.a_weight, t.seg.k, 0);
+            if constexpr (RB == WEIGHTED) wb = k_weights(t.seg.w_weight, t.seg.k, 0);
+        },
+        [&](const Tile&, int step, unsigned char* at) {
             const auto a = sw128_desc(at + wg * EXPERT_STRIP_BYTES, 1024), b = sw128_desc(at + EXPERT_A_BYTES, 1024, EXPERT_STRIP_BYTES);
 #pragma unroll
             for (int kk = 0; kk < 4; kk++) wgmma_m64n256k16_ss<1, 1>(acc, desc_plus(a, 16 * 128 * kk), desc_plus(b, 16 * 128 * kk), step > 0 || kk > 0);
         },
-        [&](int step, unsigned char* at) {
+        [&](const Tile& t, int step, unsigned char* at) {
             // Line j of the thread holds row threadIdx.x / 8 + 32 j of k modulo the strip's 64.
             if constexpr (RA == WEIGHTED) {
                 scale_lines<EXPERT_ROWS / 32>(at, [&](int j) { return j % 2 ? wa.y : wa.x; });
-                wa = k_weights(s.a_weight, s.k, step + 1);
+                wa = k_weights(t.seg.a_weight, t.seg.k, step + 1);
             }
             if constexpr (RB == WEIGHTED) {
                 scale_lines<EXPERT_COLS / 32>(at + EXPERT_A_BYTES, [&](int j) { return j % 2 ? wb.y : wb.x; });
-                wb = k_weights(s.w_weight, s.k, step + 1);
+                wb = k_weights(t.seg.w_weight, t.seg.k, step + 1);
             }
-        });
-}
-
-// The K loop and accumulators of out = aᵀ · b (the weight gradients): a (k × rows) and b
-// (k × n, in the segment's `w`) both have the k rows summed over as their rows, so a step's
-// 64 rows of k stage as MN-major strips of 64 columns, two of a (one a warpgroup: its 64 rows
-// of the product) and four of b, those past rows or n zero-filled, as are the rows past k (k
-// need not be a multiple of 64); at most one of them picked. One wgmma m64n256k16 a k16 step,
-// both operands transposed by the instruction. No rows of k at all leaves the product zero.
-__device__ __forceinline__ void product_tn(unsigned char* base, const Tile& t, float (&acc)[128]) {
-    const Segment& s = t.seg;
-    if (s.k == 0) {
-#pragma unroll
-        for (int i = 0; i < 128; i++) acc[i] = 0.0f;
-        return;
-    }
-    if (s.w_weight) tn_loop<PLAIN, WEIGHTED>(base, t, acc);
-    else if (s.w_index) tn_loop<PLAIN, PICKED>(base, t, acc);
-    else if (s.a_weight) tn_loop<WEIGHTED, PLAIN>(base, t, acc);
-    else if (s.a_index) tn_loop<PICKED, PLAIN>(base, t, acc);
-    else tn_loop<PLAIN, PLAIN>(base, t, acc);
-    fence_operands(acc);
+        },
+        finish);
 }
 
 // a = dy, w = W_down (k × h), gu read; dgu (out) and act written.
-extern "C" __global__ void __launch_bounds__(256, 1) expert_dact_wgmma(const Segment* segs, int count) {
+extern "C" __global__ void __launch_bounds__(256, 1) expert_dact_wgmma(const Segment* segs, int count, int tiles) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<EXPERT_COLS>(segs, count);
-    const Segment& s = t.seg;
-    const int h = s.n;
     float acc[128];  // dact of hidden j0..j0 + 255
+    auto finish = [&](const Tile& t, const float (&acc)[128]) {
+        const Segment& s = t.seg;
+        const int h = s.n;
+        for_each_pair<128>(t, h, [&](int r, int c0, int dc, int j) {
+            const size_t at = (size_t)r * 2 * h + c0;
+            const act_t *gate = s.gu + at, *up = gate + h;
+            act_t *dgate = s.out + at, *dup = dgate + h;
+            const float2 g = load_pair(gate + dc), u = load_pair(up + dc);
+            float dg0, du0, dg1, du1;
+            swiglu_grad(g.x, u.x, stored(acc[j]), dg0, du0);
+            swiglu_grad(g.y, u.y, stored(acc[j + 1]), dg1, du1);
+            store_pair(dgate + dc, dg0, dg1);
+            store_pair(dup + dc, du0, du1);
+            store_pair(s.act + (size_t)r * h + c0 + dc, swiglu(g.x, u.x), swiglu(g.y, u.y));
+        });
+    };
     unsigned char* base = aligned_smem(raw);
-    if (s.a_weight) product_nn<WEIGHTED>(base, t, acc);
-    else if (s.a_index) product_nn<PICKED>(base, t, acc);
-    else product_nn<PLAIN>(base, t, acc);
-    for_each_pair<128>(t, h, [&](int r, int c0, int dc, int j) {
-        const size_t at = (size_t)r * 2 * h + c0;
-        const act_t *gate = s.gu + at, *up = gate + h;
-        act_t *dgate = s.out + at, *dup = dgate + h;
-        const float2 g = load_pair(gate + dc), u = load_pair(up + dc);
-        float dg0, du0, dg1, du1;
-        swiglu_grad(g.x, u.x, stored(acc[j]), dg0, du0);
-        swiglu_grad(g.y, u.y, stored(acc[j + 1]), dg1, du1);
-        store_pair(dgate + dc, dg0, dg1);
-        store_pair(dup + dc, du0, du1);
-        store_pair(s.act + (size_t)r * h + c0 + dc, swiglu(g.x, u.x), swiglu(g.y, u.y));
-    });
+    if (segs[0].a_weight) nn_tiles<WEIGHTED>(base, segs, count, tiles, acc, finish);
+    else if (segs[0].a_index) nn_tiles<PICKED>(base, segs, count, tiles, acc, finish);
+    else nn_tiles<PLAIN>(base, segs, count, tiles, acc, finish);
+}
+
+// Stores a plain product's tile as it lies (rows × n).
+__device__ __forceinline__ void store_tile(const Tile& t, const float (&acc)[128]) {
+    const Segment& s = t.seg;
+    for_each_pair<128>(t, s.n, [&](int r, int c0, int dc, int j) { store_pair(s.out + (size_t)r * s.n + c0 + dc, acc[j], acc[j + 1]); });
 }
 
 // out = a · W with W (k × n) as it lies (MN-major).
-extern "C" __global__ void __launch_bounds__(256, 1) grouped_nn_wgmma(const Segment* segs, int count) {
+extern "C" __global__ void __launch_bounds__(256, 1) grouped_nn_wgmma(const Segment* segs, int count, int tiles) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<EXPERT_COLS>(segs, count);
     float acc[128];
-    product_nn<PLAIN>(aligned_smem(raw), t, acc);
-    for_each_pair<128>(t, t.seg.n, [&](int r, int c0, int dc, int j) { store_pair(t.seg.out + (size_t)r * t.seg.n + c0 + dc, acc[j], acc[j + 1]); });
+    nn_tiles<PLAIN>(aligned_smem(raw), segs, count, tiles, acc, [](const Tile& t, const float (&acc)[128]) { store_tile(t, acc); });
 }
 
 // out = a · Wᵀ with W (n × k), K-major like a.
-extern "C" __global__ void __launch_bounds__(256, 1) grouped_nt_wgmma(const Segment* segs, int count) {
+extern "C" __global__ void __launch_bounds__(256, 1) grouped_nt_wgmma(const Segment* segs, int count, int tiles) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<EXPERT_COLS>(segs, count);
-    const Segment& s = t.seg;
     float acc[128];
-    product_nt<PLAIN>(aligned_smem(raw), t, acc, [&](int step, unsigned char* bt) { load_rows<64, EXPERT_COLS, 256>(swizzled(bt), s.w, 0, t.j0, s.n, s.k, 64 * step); });
-    for_each_pair<128>(t, s.n, [&](int r, int c0, int dc, int j) { store_pair(s.out + (size_t)r * s.n + c0 + dc, acc[j], acc[j + 1]); });
+    auto load_b = [&](const Tile& t, int step, unsigned char* bt) { load_rows<64, EXPERT_COLS, 256>(swizzled(bt), t.seg.w, 0, t.j0, t.seg.n, t.seg.k, 64 * step); };
+    nt_tiles<EXPERT_COLS, PLAIN>(aligned_smem(raw), segs, count, tiles, acc, load_b, [](const Tile& t, const float (&acc)[128]) { store_tile(t, acc); });
 }
 
 // out (f32, rows × n) = aᵀ · b, or += with ADD (the gradient's earlier part).
 template <bool ADD>
-__device__ __forceinline__ void grouped_tn(const Segment* segs, int count) {
+__device__ __forceinline__ void grouped_tn(const Segment* segs, int count, int tiles) {
     DYNAMIC_SMEM(raw);
-    const Tile t = find_tile<EXPERT_COLS>(segs, count);
-    const Segment& s = t.seg;
     float acc[128];
-    product_tn(aligned_smem(raw), t, acc);
-    float* out = (float*)s.out;
-    for_each_pair<128>(t, s.n, [&](int r, int c0, int dc, int j) {
-        float2* o = (float2*)(out + (size_t)r * s.n + c0 + dc);
-        float2 v = make_float2(acc[j], acc[j + 1]);
-        if (ADD) {
-            const float2 old = *o;
-            v = make_float2(old.x + v.x, old.y + v.y);
-        }
-        *o = v;
-    });
+    auto finish = [&](const Tile& t, const float (&acc)[128]) {
+        const Segment& s = t.seg;
+        float* out = (float*)s.out;
+        const bool empty = s.k == 0;  // no rows of k: the product is zero
+        for_each_pair<128>(t, s.n, [&](int r, int c0, int dc, int j) {
+            float2* o = (float2*)(out + (size_t)r * s.n + c0 + dc);
+            float2 v = empty ? make_float2(0.0f, 0.0f) : make_float2(acc[j], acc[j + 1]);
+            if (ADD) {
+                const float2 old = *o;
+                v = make_float2(old.x + v.x, old.y + v.y);
+            }
+            *o = v;
+        });
+    };
+    unsigned char* base = aligned_smem(raw);
+    const Segment& s = segs[0];
+    if (s.w_weight) tn_tiles<PLAIN, WEIGHTED>(base, segs, count, tiles, acc, finish);
+    else if (s.w_index) tn_tiles<PLAIN, PICKED>(base, segs, count, tiles, acc, finish);
+    else if (s.a_weight) tn_tiles<WEIGHTED, PLAIN>(base, segs, count, tiles, acc, finish);
+    else if (s.a_index) tn_tiles<PICKED, PLAIN>(base, segs, count, tiles, acc, finish);
+    else tn_tiles<PLAIN, PLAIN>(base, segs, count, tiles, acc, finish);
 }
-extern "C" __global__ void __launch_bounds__(256, 1) grouped_tn_wgmma(const Segment* segs, int count) { grouped_tn<false>(segs, count); }
-extern "C" __global__ void __launch_bounds__(256, 1) grouped_tn_add_wgmma(const Segment* segs, int count) { grouped_tn<true>(segs, count); }
+extern "C" __global__ void __launch_bounds__(256, 1) grouped_tn_wgmma(const Segment* segs, int count, int tiles) { grouped_tn<false>(segs, count, tiles); }
+extern "C" __global__ void __launch_bounds__(256, 1) grouped_tn_add_wgmma(const Segment* segs, int count, int tiles) { grouped_tn<true>(segs, count, tiles); }
 #endif
