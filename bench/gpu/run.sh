@@ -127,6 +127,9 @@ run_limited() {
     esac
     record "$label" "$result" $((SECONDS - t0))
     log "$label: $result"
+    # A failure's own words, here too: the log may not come back (a rehearsal in CI), and the
+    # summary line holds only its last line. Its first panics (a test's message), then its end.
+    [ "$rc" -eq 0 ] || { echo "--- ${logf#"$OUT"/}:"; grep -m 5 -A 1 'panicked at' "$logf"; echo "..."; grep -v -e '^\s*$' "$logf" | tail -n 15; echo "---"; } >&2
     return "$rc"
 }
 
