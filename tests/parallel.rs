@@ -172,7 +172,7 @@ fn micro_batches_match_data_parallel_ranks() {
             runs.push(("ep2-micro-aux".into(), run("ep2-micro-aux", 2, 2, true, &cache, &with_micro)));
         }
         for (name, out) in runs {
-            for (kind, field) in [("train", "loss"), ("train", "aux_loss"), ("train", "p_penalty"), ("train", "grad_norm"), ("train", "dropped_slots"), ("eval", "val_loss")] {
+            for (kind, field) in [("train", "loss"), ("train", "aux_loss"), ("train", "p_penalty"), ("train", "grad_norm"), ("train", "dropped_slots"), ("train", "activated_params"), ("eval", "val_loss")] {
                 let d = max_rel_diff(&records(&dp4, kind, field), &records(&out, kind, field));
                 assert!(d < 1e-5, "{name}: {field} differs from 4 data-parallel ranks by {d:e} (relative)");
             }

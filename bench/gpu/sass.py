@@ -84,5 +84,6 @@ def main():
             common = ", ".join(f"{op} {n}" for op, n in opcodes(lines[a : b + 1]).most_common(8))
         print(f"| `{k}` | {sum(opcodes(lines).values())} | {sizes(spans)} | {sizes(steps, len(steps))} | {common} |")
 
+
 if __name__ == "__main__":
     main()

@@ -388,20 +388,22 @@ fn train_on<B: Backend>(be: &B, config: &Config, opts: &TrainOptions, dp: &dyn C
             buckets.average(be, &mut model.grads, dp, edp.as_deref(), micro_batches)?;
         }
         if ranks > 1 {
-            // Losses are averaged over the ranks; FLOPs (from each rank's routed counts) summed, so
-            // every rank sees the same budget and stops on the same step; routed and dropped
-            // slots summed, so the metrics count the whole batch's.
+            // Losses and activated parameters (means over each rank's tokens) are averaged over
+            // the ranks; FLOPs (from each rank's routed counts) summed, so every rank sees the
+            // same budget and stops on the same step; routed and dropped slots summed, so the
+            // metrics count the whole batch's (in f32: exact up to 2²⁴ slots an expert a step).
             let a = &mut stats.aux;
-            let mut sums = vec![stats.lm_loss as f32, stats.aux_loss as f32, a.load_balance, a.p_penalty, a.entropy, a.z_loss, stats.train_flops as f32, stats.dropped as f32];
+            let mut sums = vec![stats.lm_loss as f32, stats.aux_loss as f32, a.load_balance, a.p_penalty, a.entropy, a.z_loss, stats.activated_params as f32, stats.train_flops as f32, stats.dropped as f32];
             sums.extend(stats.counts.iter().flatten().map(|&k| k as f32));
             dp.all_reduce_sum(&mut sums)?;
             let mean = |sum: f32| sum / ranks as f32;
             stats.lm_loss = sums[0] as f64 / ranks as f64;
             stats.aux_loss = sums[1] as f64 / ranks as f64;
             [a.load_balance, a.p_penalty, a.entropy, a.z_loss] = [mean(sums[2]), mean(sums[3]), mean(sums[4]), mean(sums[5])];
-            stats.train_flops = sums[6] as f64;
-            stats.dropped = sums[7] as usize;
-            stats.counts.iter_mut().flatten().zip(&sums[8..]).for_each(|(k, &sum)| *k = sum as usize);
+            stats.activated_params = sums[6] as f64 / ranks as f64;
+            stats.train_flops = sums[7] as f64;
+            stats.dropped = sums[8] as usize;
+            stats.counts.iter_mut().flatten().zip(&sums[9..]).for_each(|(k, &sum)| *k = sum as usize);
             stats.loss = stats.lm_loss + stats.aux_loss;
             stats.tokens *= ranks;
         }
